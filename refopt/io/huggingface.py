@@ -1,0 +1,108 @@
+"""transformers' OPT state dict <-> refopt's parameter dict.
+
+transformers stores linear weights ``[out, in]`` (refopt: ``[in, out]``), names the MLP's LayerNorm
+``final_layer_norm`` inside each layer, and keeps ``max_position_embeddings + 2`` position rows
+(positions are offset by 2).  refopt drops the two offset rows on load and keeps them aside as
+``position_prefix`` so saving writes the same checkpoint back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.errors import CheckpointError
+
+POSITION_OFFSET = 2
+_PREFIXES = ("model.decoder.", "decoder.", "")
+
+
+def name_map(cfg: OPTConfig) -> dict[str, tuple[str, bool]]:
+    """refopt name -> (transformers name, transposed?) for every parameter but the positions."""
+    out = {"embed_tokens": ("model.decoder.embed_tokens.weight", False)}
+    if cfg.has_projection:
+        out["project_in.kernel"] = ("model.decoder.project_in.weight", True)
+        out["project_out.kernel"] = ("model.decoder.project_out.weight", True)
+    norms = {"self_attn_layer_norm": "self_attn_layer_norm", "mlp_layer_norm": "final_layer_norm"}
+    dense = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+             "out_proj": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2"}
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"model.decoder.layers.{i}."
+        if cfg.layer_norm_elementwise_affine:
+            for a, b in norms.items():
+                out[f"{ours}{a}.gamma"] = (f"{theirs}{b}.weight", False)
+                out[f"{ours}{a}.beta"] = (f"{theirs}{b}.bias", False)
+        for a, b in dense.items():
+            out[f"{ours}{a}.kernel"] = (f"{theirs}{b}.weight", True)
+            if cfg.enable_bias:
+                out[f"{ours}{a}.bias"] = (f"{theirs}{b}.bias", False)
+    if cfg.has_final_layer_norm and cfg.layer_norm_elementwise_affine:
+        out["final_layer_norm.gamma"] = ("model.decoder.final_layer_norm.weight", False)
+        out["final_layer_norm.beta"] = ("model.decoder.final_layer_norm.bias", False)
+    return out
+
+
+POSITIONS_NAME = "model.decoder.embed_positions.weight"
+
+
+def _canonical(name: str) -> str:
+    """Accept checkpoints saved from OPTModel (``decoder.``) as well as OPTForCausalLM."""
+    if name.startswith("model.decoder.") or name == "lm_head.weight":
+        return name
+    if name.startswith("decoder."):
+        return "model." + name
+    return name
+
+
+def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = "checkpoint"):
+    """refopt parameters (views where no transpose is needed) and the two position prefix rows."""
+    state = {_canonical(k): v for k, v in state.items()}
+    mapping = name_map(cfg)
+    expected = {theirs for theirs, _ in mapping.values()} | {POSITIONS_NAME}
+    tied_head = state.pop("lm_head.weight", None)
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                              "for this config")
+    from refopt.model import param_shapes
+
+    shapes = param_shapes(cfg)
+    params = {}
+    for ours, (theirs, transposed) in mapping.items():
+        arr = state[theirs]
+        want = shapes[ours][::-1] if transposed else shapes[ours]
+        if tuple(arr.shape) != tuple(want):
+            raise CheckpointError(f"{source}: tensor {theirs} has shape {list(arr.shape)}, "
+                                  f"expected {list(want)} for this config")
+        params[ours] = arr.T if transposed else arr
+    pos = state[POSITIONS_NAME]
+    want = (cfg.max_sequence_length + POSITION_OFFSET, cfg.hidden_dim)
+    if tuple(pos.shape) != want:
+        raise CheckpointError(f"{source}: tensor {POSITIONS_NAME} has shape {list(pos.shape)}, "
+                              f"expected {list(want)} (max_position_embeddings + 2 rows)")
+    params["embed_positions"] = pos[POSITION_OFFSET:]
+    if tied_head is not None and tied_head.shape != params["embed_tokens"].shape:
+        raise CheckpointError(f"{source}: lm_head.weight has shape {list(tied_head.shape)}, expected "
+                              f"{list(params['embed_tokens'].shape)} (tied to the token embedding)")
+    return params, pos[:POSITION_OFFSET]
+
+
+def to_state_dict(params: dict[str, np.ndarray], cfg: OPTConfig, position_prefix=None):
+    """transformers' state dict (without the tied ``lm_head.weight``, as ``save_pretrained`` writes)."""
+    out = {}
+    for ours, (theirs, transposed) in name_map(cfg).items():
+        out[theirs] = np.ascontiguousarray(params[ours].T if transposed else params[ours])
+    pos = params["embed_positions"]
+    if position_prefix is None:
+        position_prefix = np.zeros((POSITION_OFFSET, pos.shape[1]), pos.dtype)
+    out[POSITIONS_NAME] = np.concatenate([np.asarray(position_prefix, pos.dtype), pos], axis=0)
+    return out
+
+
+def grads_to_huggingface(grads: dict[str, np.ndarray], cfg: OPTConfig) -> dict[str, np.ndarray]:
+    """Gradients keyed and shaped like transformers' parameters (the offset rows get zero)."""
+    return to_state_dict(grads, cfg, position_prefix=np.zeros((POSITION_OFFSET, cfg.hidden_dim),
+                                                             grads["embed_positions"].dtype))
