@@ -1,0 +1,150 @@
+"""KerasHub's ``model.weights.h5`` for ``OPTBackbone`` <-> refopt's parameter dict.
+
+Keras 3 saves a functional model's weights as ``layers/<snake_case class name>[_n]/.../vars/<i>``,
+numbering layers of the same class in order.  For OPTBackbone that gives::
+
+    layers/token_and_position_embedding/token_embedding/vars/0      [V, D]
+    layers/token_and_position_embedding/position_embedding/vars/0   [P, D]
+    layers/transformer_decoder[_i]/_self_attention_layer/{query,key,value}_dense/vars/{0,1}
+                                                                    kernel [D, H, K], bias [H, K]
+    layers/transformer_decoder[_i]/_self_attention_layer/output_dense/vars/{0,1}
+                                                                    kernel [H, K, D], bias [D]
+    layers/transformer_decoder[_i]/_self_attention_layer_norm/vars/{0,1}   gamma, beta
+    layers/transformer_decoder[_i]/_feedforward_layer_norm/vars/{0,1}      gamma, beta
+    layers/transformer_decoder[_i]/_feedforward_intermediate_dense/vars/{0,1}  [D, F], [F]
+    layers/transformer_decoder[_i]/_feedforward_output_dense/vars/{0,1}        [F, D], [D]
+    layers/layer_normalization/vars/{0,1}                           final LayerNorm
+
+Groups without weights (inputs, dropouts, softmax) are written too, as Keras writes them.
+KerasHub's OPTBackbone has no ``project_in``/``project_out``; refopt stores them for OPT-350m-style
+models under ``layers/refopt_project_in`` / ``layers/refopt_project_out`` (KerasHub cannot build
+such a model anyway, and its config says so).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.errors import CheckpointError
+
+_ATTN = "_self_attention_layer"
+_DENSE = {"q_proj": ("query_dense", "query"), "k_proj": ("key_dense", "key"),
+          "v_proj": ("value_dense", "value"), "out_proj": ("output_dense", "attention_output")}
+_NORMS = {"self_attn_layer_norm": ("_self_attention_layer_norm", "self_attention_layer_norm"),
+          "mlp_layer_norm": ("_feedforward_layer_norm", "feedforward_layer_norm")}
+_MLP = {"fc1": ("_feedforward_intermediate_dense", "feedforward_intermediate_dense"),
+        "fc2": ("_feedforward_output_dense", "feedforward_output_dense")}
+
+
+def _decoder_group(i: int) -> str:
+    return "layers/transformer_decoder" + ("" if i == 0 else f"_{i}")
+
+
+def layout(cfg: OPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """refopt name -> (h5 dataset path, shape stored in the h5 file)."""
+    D, H, K = cfg.hidden_dim, cfg.num_heads, cfg.head_dim
+    out = {"embed_tokens": ("layers/token_and_position_embedding/token_embedding/vars/0",
+                            (cfg.vocabulary_size, cfg.word_embed_proj_dim)),
+           "embed_positions": ("layers/token_and_position_embedding/position_embedding/vars/0",
+                               (cfg.max_sequence_length, D))}
+    if cfg.has_projection:
+        out["project_in.kernel"] = ("layers/refopt_project_in/vars/0", (cfg.word_embed_proj_dim, D))
+        out["project_out.kernel"] = ("layers/refopt_project_out/vars/0", (D, cfg.word_embed_proj_dim))
+    for i in range(cfg.num_layers):
+        g, p = _decoder_group(i), f"layers.{i}."
+        for ours, (theirs, _) in _DENSE.items():
+            kshape = (H, K, D) if ours == "out_proj" else (D, H, K)
+            out[p + ours + ".kernel"] = (f"{g}/{_ATTN}/{theirs}/vars/0", kshape)
+            if cfg.enable_bias:
+                out[p + ours + ".bias"] = (f"{g}/{_ATTN}/{theirs}/vars/1", (D,) if ours == "out_proj" else (H, K))
+        if cfg.layer_norm_elementwise_affine:
+            for ours, (theirs, _) in _NORMS.items():
+                out[p + ours + ".gamma"] = (f"{g}/{theirs}/vars/0", (D,))
+                out[p + ours + ".beta"] = (f"{g}/{theirs}/vars/1", (D,))
+        for ours, (theirs, _) in _MLP.items():
+            shape = (D, cfg.intermediate_dim) if ours == "fc1" else (cfg.intermediate_dim, D)
+            out[p + ours + ".kernel"] = (f"{g}/{theirs}/vars/0", shape)
+            if cfg.enable_bias:
+                out[p + ours + ".bias"] = (f"{g}/{theirs}/vars/1", (shape[1],))
+    if cfg.has_final_layer_norm and cfg.layer_norm_elementwise_affine:
+        out["final_layer_norm.gamma"] = ("layers/layer_normalization/vars/0", (D,))
+        out["final_layer_norm.beta"] = ("layers/layer_normalization/vars/1", (D,))
+    return out
+
+
+def load(path, cfg: OPTConfig) -> dict[str, np.ndarray]:
+    """Read every parameter of ``cfg`` from a KerasHub ``model.weights.h5``."""
+    import h5py
+
+    path = os.fspath(path)
+    from refopt.model import param_shapes
+
+    shapes = param_shapes(cfg)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable HDF5 weights file ({e}); the file is truncated "
+                              "or corrupted") from None
+    params = {}
+    with f:
+        expected = layout(cfg)
+        for ours, (where, stored) in expected.items():
+            if where not in f:
+                raise CheckpointError(f"{path}: missing tensor {where} (refopt parameter {ours})")
+            ds = f[where]
+            if tuple(ds.shape) != stored:
+                raise CheckpointError(f"{path}: tensor {where} has shape {list(ds.shape)}, expected "
+                                      f"{list(stored)} for this config")
+            try:
+                params[ours] = np.asarray(ds[()]).reshape(shapes[ours])
+            except OSError as e:
+                raise CheckpointError(f"{path}: tensor {where} cannot be read ({e}): the file is "
+                                      "truncated or corrupted") from None
+        wanted = {where for where, _ in expected.values()}
+        extra = []
+        f.visititems(lambda name, obj: extra.append(name)
+                     if isinstance(obj, h5py.Dataset) and name not in wanted else None)
+        if extra:
+            raise CheckpointError(f"{path}: unexpected tensors {extra[:5]} for this config")
+    return params
+
+
+def save(params: dict[str, np.ndarray], cfg: OPTConfig, path) -> None:
+    """Write ``params`` in the layout KerasHub writes (empty groups included)."""
+    import h5py
+
+    with h5py.File(os.fspath(path), "w") as f:
+        def group(name, var_name):
+            g = f.require_group(name)
+            v = g.require_group("vars")
+            v.attrs["name"] = var_name
+            return v
+
+        group("layers/input_layer", "token_ids")
+        group("layers/input_layer_1", "padding_mask")
+        group("layers/token_and_position_embedding", "embeddings")
+        group("layers/token_and_position_embedding/token_embedding", "token_embedding")
+        group("layers/token_and_position_embedding/position_embedding", "position_embedding")
+        if cfg.has_projection:
+            group("layers/refopt_project_in", "project_in")
+            group("layers/refopt_project_out", "project_out")
+        for i in range(cfg.num_layers):
+            g = _decoder_group(i)
+            group(g, f"transformer_layer_{i}")
+            group(f"{g}/{_ATTN}", "self_attention")
+            suffix = "" if i == 0 else f"_{i}"
+            group(f"{g}/{_ATTN}/_dropout_layer", "dropout" + suffix)
+            group(f"{g}/{_ATTN}/_softmax", "softmax" + suffix)
+            for theirs, var_name in _DENSE.values():
+                group(f"{g}/{_ATTN}/{theirs}", var_name)
+            for theirs, var_name in list(_NORMS.values()) + list(_MLP.values()):
+                group(f"{g}/{theirs}", var_name)
+            group(f"{g}/_self_attention_dropout", "self_attention_dropout")
+            group(f"{g}/_feedforward_dropout", "feedforward_dropout")
+        group("layers/layer_normalization", "layer_norm")
+        f.require_group("vars").attrs["name"] = "opt_backbone"
+        for ours, (where, stored) in layout(cfg).items():
+            f.create_dataset(where, data=np.ascontiguousarray(params[ours]).reshape(stored))

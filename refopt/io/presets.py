@@ -1,0 +1,204 @@
+"""Finding, reading and writing presets: KerasHub preset directories, transformers checkpoint
+directories, built-in names looked up under ``REFOPT_HOME``, and hub handles.
+
+A *preset* is any of
+
+* a KerasHub preset directory (``config.json`` with ``class_name: OPTBackbone``,
+  ``model.weights.h5``, optional tokenizer/preprocessor files);
+* a transformers checkpoint directory (``config.json`` with ``model_type: opt`` and
+  ``model.safetensors`` or a sharded ``model.safetensors.index.json``);
+* a built-in name (``opt_125m_en``, ``opt_350m_en``, ``opt_1.3b_en`` ... ``opt_66b_en``), looked up as
+  ``$REFOPT_HOME/<name>`` (default ``~/.cache/refopt/<name>``) holding either of the above;
+* ``hf://owner/name`` or ``kaggle://owner/model/framework/variant``: downloaded only when the hub
+  client is installed and the hub is reachable; otherwise a clear error says so.
+
+Pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) are refused, never unpickled.
+Writing happens in a temporary sibling directory renamed into place, so a failure leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
+from refopt.errors import CheckpointError, ConfigError, PresetNotFoundError
+from refopt.io import huggingface, keras_h5, safetensors_io
+
+HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
+BUILTIN_NAMES = tuple(HF_REPOS)
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5",
+            "flax_model.msgpack")
+
+
+def refopt_home() -> Path:
+    return Path(os.environ.get("REFOPT_HOME", Path.home() / ".cache" / "refopt")).expanduser()
+
+
+def bundled_preset_dir() -> Path:
+    """The default model shipped with refopt (``data/`` in the source tree, ``refopt/_data`` in a
+    wheel)."""
+    for candidate in (Path(__file__).resolve().parents[2] / "data" / "refopt_shakespeare",
+                      Path(__file__).resolve().parents[1] / "_data" / "refopt_shakespeare"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise PresetNotFoundError("the bundled default preset is not installed (data/refopt_shakespeare); "
+                              "pass a preset path or name")
+
+
+def _missing_builtin(name: str, where: Path) -> PresetNotFoundError:
+    repo = HF_REPOS[name]
+    lines = [f"preset {name!r} is not on this machine: expected a KerasHub preset or a transformers "
+             f"checkpoint directory at {where}. To obtain it:"]
+    if name in KERAS_PRESETS:
+        lines.append(f"  - KerasHub: download the Kaggle model keras/opt/keras/{name} and unpack it "
+                     f"into {where}")
+    lines.append(f"  - transformers: `huggingface-cli download {repo} config.json model.safetensors "
+                 f"vocab.json merges.txt --local-dir {where}` (on a machine with network access; "
+                 "copy the folder here)")
+    lines.append("  Set REFOPT_HOME to use another presets directory.")
+    return PresetNotFoundError("\n".join(lines))
+
+
+def _download(handle: str) -> Path:
+    scheme, _, rest = handle.partition("://")
+    try:
+        if scheme == "hf":
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(rest, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        if scheme == "kaggle":
+            import kagglehub
+
+            return Path(kagglehub.model_download(rest))
+    except ImportError:
+        client = "huggingface_hub" if scheme == "hf" else "kagglehub"
+        raise PresetNotFoundError(f"preset {handle!r} is not available offline: install {client} and "
+                                  "connect to the hub, or download it elsewhere and pass its "
+                                  "directory") from None
+    except Exception as e:  # network errors come in many types; all mean the same here
+        raise PresetNotFoundError(f"preset {handle!r} is not available offline: the hub could not be "
+                                  f"reached ({type(e).__name__}); download it elsewhere and pass its "
+                                  "directory") from None
+    raise PresetNotFoundError(f"preset {handle!r}: unknown handle scheme {scheme!r} (hf:// or kaggle://)")
+
+
+def resolve(preset) -> Path:
+    """The directory a preset argument names (see the module docstring)."""
+    if preset is None:
+        return bundled_preset_dir()
+    if isinstance(preset, os.PathLike):
+        preset = os.fspath(preset)
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset must be a path or a name, got {type(preset).__name__}")
+    if "://" in preset:
+        return _download(preset)
+    path = Path(preset).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
+        return path
+    if preset in HF_REPOS:
+        where = refopt_home() / preset
+        if (where / "config.json").exists():
+            return where
+        raise _missing_builtin(preset, where)
+    raise PresetNotFoundError(f"preset {preset!r} is neither an existing directory nor a built-in name "
+                              f"({', '.join(BUILTIN_NAMES)})")
+
+
+def detect_format(path: Path) -> str:
+    """``"keras"`` or ``"huggingface"``; refuses pickles and anything else with a clear error."""
+    cfg_file = path / "config.json"
+    pickles = [p for p in _PICKLES if (path / p).exists()]
+    has_safetensors = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint (no "
+                              "config.json)")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and ("class_name" in data or "vocabulary_size" in data):
+        if not (path / "model.weights.h5").exists():
+            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
+        return "keras"
+    if isinstance(data, dict) and "model_type" in data:
+        if has_safetensors:
+            return "huggingface"
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only a pickled checkpoint ({', '.join(pickles)}) is here. refopt never unpickles "
+                "files (unpickling runs arbitrary code). Convert it once with transformers on a trusted "
+                "machine: `OPTForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`, "
+                "which writes model.safetensors")
+        raise CheckpointError(f"{path}: transformers config.json but no model.safetensors or "
+                              "model.safetensors.index.json")
+    raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint "
+                          "(config.json has neither 'class_name' nor 'model_type')")
+
+
+def read_config(path: Path) -> OPTConfig:
+    return OPTConfig.from_file(path / "config.json")
+
+
+def _hf_state(path: Path) -> dict[str, np.ndarray]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = path / shard
+            if not shard_path.exists():
+                raise CheckpointError(f"{index}: shard {shard} is missing")
+            names = {k for k, v in weight_map.items() if v == shard}
+            tensors = safetensors_io.load(shard_path, names)
+            missing = names - set(tensors)
+            if missing:
+                raise CheckpointError(f"{shard_path}: tensors {sorted(missing)[:5]} listed in the index "
+                                      "are missing")
+            state.update(tensors)
+        return state
+    return safetensors_io.load(path / "model.safetensors")
+
+
+def load_weights(path: Path, cfg: OPTConfig, fmt: str):
+    """(params in their stored dtype, position prefix rows or None)."""
+    if fmt == "keras":
+        return keras_h5.load(path / "model.weights.h5", cfg), None
+    return huggingface.from_state_dict(_hf_state(path), cfg, source=str(path))
+
+
+@contextlib.contextmanager
+def atomic_directory(target):
+    """Yield a temporary sibling directory; on success it replaces ``target``, on failure it is
+    removed and ``target`` is untouched."""
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if target.exists():
+        backup = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")

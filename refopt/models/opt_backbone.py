@@ -1,0 +1,216 @@
+"""``OPTBackbone``: KerasHub's class, over refopt's NumPy decoder (:mod:`refopt.model`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from refopt import model as _model
+from refopt.config import OPTConfig
+from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
+from refopt.io import huggingface, keras_h5, presets, safetensors_io
+
+_FORMATS = ("keras", "huggingface")
+
+
+def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
+    """``{"token_ids", "padding_mask"}`` (or a bare id array) -> (ids int64 [B, S], mask bool [B, S]).
+
+    Raises InputTypeError / InputError naming the offending argument."""
+    if isinstance(inputs, dict):
+        unknown = set(inputs) - {"token_ids", "padding_mask"}
+        if unknown:
+            raise InputError(f"inputs: unknown keys {sorted(unknown)}; expected 'token_ids' and 'padding_mask'")
+        if "token_ids" not in inputs:
+            raise InputError("inputs: missing 'token_ids'")
+        ids, mask = inputs["token_ids"], inputs.get("padding_mask")
+    else:
+        ids, mask = inputs, None
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
+        raise InputTypeError("token_ids: got strings; tokenize them first or attach a preprocessor")
+    try:
+        ids = np.asarray(ids)
+    except ValueError:
+        raise InputError("token_ids: rows of different lengths; pad them and pass a padding_mask") from None
+    if ids.dtype == object or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise InputTypeError(f"token_ids: expected integers, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None, :]
+        mask = None if mask is None else np.asarray(mask)[None, :]
+    if ids.ndim != 2:
+        raise InputError(f"token_ids: expected shape (batch, sequence), got {ids.shape}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocabulary_size):
+        bad = ids[(ids < 0) | (ids >= cfg.vocabulary_size)][0]
+        raise InputError(f"token_ids: id {bad} is out of range [0, {cfg.vocabulary_size})")
+    if mask is None:
+        mask = np.ones(ids.shape, bool)
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"padding_mask: shape {mask.shape} differs from token_ids' {ids.shape}")
+        if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)) or (
+                mask.dtype != bool and mask.size and not np.isin(mask, (0, 1)).all()):
+            raise InputError("padding_mask: expected booleans or 0/1 integers")
+        mask = mask.astype(bool)
+    length = ids.shape[1] if total_length is None else total_length
+    if length > cfg.max_sequence_length:
+        raise InputError(f"token_ids: sequence length {length} exceeds max_sequence_length "
+                         f"{cfg.max_sequence_length}")
+    return ids, mask
+
+
+class OPTBackbone:
+    """The OPT decoder network with KerasHub's arguments and defaults.
+
+    Called on ``{"token_ids", "padding_mask"}`` it returns hidden states ``(batch, seq, hidden)``:
+    the output of the final LayerNorm (pre-LN models) or of the last layer (post-LN models), mapped
+    by ``project_out`` when the embedding is narrower than the decoder (then the last axis is
+    ``word_embed_proj_dim``, the width the tied LM head reads, as transformers' ``OPTModel``).
+
+    Arguments beyond KerasHub cover released checkpoints KerasHub cannot represent:
+    ``do_layer_norm_before`` (False for OPT-350m), ``word_embed_proj_dim``, ``enable_bias``,
+    ``layer_norm_elementwise_affine``, ``remove_final_layer_norm``, ``layer_norm_epsilon``.
+    ``dtype`` is the compute dtype: ``"float32"`` (default) or ``"float64"`` (the oracle's).
+    Weights are random (normal, std 0.02; ``seed``) until loaded.
+    """
+
+    def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
+                 dropout=0.1, max_sequence_length=2048, dtype=None, *, do_layer_norm_before=True,
+                 word_embed_proj_dim=None, enable_bias=True, layer_norm_elementwise_affine=True,
+                 remove_final_layer_norm=False, layer_norm_epsilon=1e-5, pad_token_id=1,
+                 bos_token_id=2, eos_token_id=2, seed=0, name="opt_backbone", **kwargs):
+        kwargs.pop("trainable", None)
+        if kwargs:
+            raise ConfigError(f"OPTBackbone: unknown arguments {sorted(kwargs)}")
+        self.name = name
+        self.config = OPTConfig(
+            vocabulary_size=vocabulary_size, num_layers=num_layers, num_heads=num_heads,
+            hidden_dim=hidden_dim, intermediate_dim=intermediate_dim, dropout=dropout,
+            max_sequence_length=max_sequence_length, dtype=dtype,
+            do_layer_norm_before=do_layer_norm_before, word_embed_proj_dim=word_embed_proj_dim,
+            enable_bias=enable_bias, layer_norm_elementwise_affine=layer_norm_elementwise_affine,
+            remove_final_layer_norm=remove_final_layer_norm, layer_norm_epsilon=layer_norm_epsilon,
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        self.params = _model.init_params(self.config, seed=seed)
+        # transformers keeps two position rows before position 0; kept here for exact round trips.
+        self.position_prefix = None
+
+    # ------------------------------------------------------------------ KerasHub-style accessors
+    def __getattr__(self, name):
+        # vocabulary_size, num_layers, hidden_dim, ... read through to the config
+        config = self.__dict__.get("config")
+        if config is not None and name in {f.name for f in dataclasses.fields(config)}:
+            return getattr(config, name)
+        raise AttributeError(f"'OPTBackbone' object has no attribute {name!r}")
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.config.compute_dtype
+
+    @property
+    def token_embedding(self) -> np.ndarray:
+        return self.params["embed_tokens"]
+
+    def count_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def get_config(self) -> dict:
+        return self.config.backbone_kwargs()
+
+    @classmethod
+    def from_config(cls, config: dict) -> "OPTBackbone":
+        return cls(**config)
+
+    @classmethod
+    def from_opt_config(cls, cfg: OPTConfig, params=None, position_prefix=None) -> "OPTBackbone":
+        """A backbone for ``cfg``; ``params`` (optional) are checked and cast to the compute dtype."""
+        self = cls.__new__(cls)
+        self.name = "opt_backbone"
+        self.config = cfg
+        self.position_prefix = position_prefix
+        if params is None:
+            self.params = _model.init_params(cfg)
+        else:
+            self.set_params(params)
+        return self
+
+    def set_params(self, params: dict, source: str = "params") -> None:
+        """Replace the weights, checking names and shapes, casting to the compute dtype (no copy
+        when the dtype already matches, so memory-mapped weights stay mapped)."""
+        shapes = _model.param_shapes(self.config)
+        missing = sorted(set(shapes) - set(params))
+        extra = sorted(set(params) - set(shapes))
+        if missing:
+            raise CheckpointError(f"{source}: missing tensors {missing[:5]}")
+        if extra:
+            raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}")
+        dtype = np.dtype(self.config.compute_dtype)
+        out = {}
+        for name, shape in shapes.items():
+            arr = np.asarray(params[name])
+            if tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"{source}: tensor {name} has shape {list(arr.shape)}, expected {list(shape)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise CheckpointError(f"{source}: tensor {name} has dtype {arr.dtype}, expected floats")
+            out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+        self.params = out
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, inputs, *, tape=None):
+        ids, mask = validate_inputs(self.config, inputs)
+        return _model.forward(self.params, self.config, ids, mask, tape=tape)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, preset=None, load_weights=True, dtype=None, **kwargs) -> "OPTBackbone":
+        """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
+        under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
+        compute dtype (``"float64"`` for the oracle); weights stored as float16 / bfloat16 are
+        widened."""
+        if kwargs:
+            raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
+        path = presets.resolve(preset)
+        fmt = presets.detect_format(path)
+        cfg = presets.read_config(path)
+        if dtype is not None:
+            if dtype not in ("float32", "float64", "float16", "bfloat16"):
+                raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
+            cfg = dataclasses.replace(cfg, dtype=dtype)
+        if not load_weights:
+            return cls.from_opt_config(cfg)
+        params, prefix = presets.load_weights(path, cfg, fmt)
+        return cls.from_opt_config(cfg, params, prefix)
+
+    def save_to_preset(self, preset_dir, format="keras") -> None:
+        """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
+        layout, atomically."""
+        with presets.atomic_directory(preset_dir) as tmp:
+            self._write(tmp, format)
+
+    def _write(self, directory: Path, format: str) -> None:
+        if format not in _FORMATS:
+            raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
+        if format == "keras":
+            presets.write_json(directory / "config.json", self.config.to_keras())
+            keras_h5.save(self.params, self.config, directory / "model.weights.h5")
+            presets.write_json(directory / "metadata.json", {
+                "keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
+                "parameter_count": self.count_params(), "tasks": []})
+        else:
+            presets.write_json(directory / "config.json", self.config.to_huggingface())
+            state = huggingface.to_state_dict(self.params, self.config, self.position_prefix)
+            safetensors_io.save(state, directory / "model.safetensors", metadata={"format": "pt"})
+            presets.write_json(directory / "generation_config.json", {
+                "bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
+                "pad_token_id": self.config.pad_token_id})
+
+
+def _version() -> str:
+    from refopt import __version__
+
+    return __version__
