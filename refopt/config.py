@@ -55,6 +55,8 @@ class OPTConfig:
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_dim
+        if self.dtype == "float32":  # the default compute dtype; one spelling keeps configs comparable
+            self.dtype = None
         self.validate()
 
     # ------------------------------------------------------------------ derived quantities
@@ -118,7 +120,7 @@ class OPTConfig:
         kwargs.pop("dtype")
         cfg = {"name": "opt_backbone", "trainable": True,
                "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                         "config": {"name": self.dtype or "float32"}, "registered_name": None},
+                         "config": {"name": self.compute_dtype}, "registered_name": None},
                **kwargs}
         return {"module": "keras_hub.src.models.opt.opt_backbone", "class_name": "OPTBackbone",
                 "config": cfg, "registered_name": "keras_hub>OPTBackbone"}
@@ -167,7 +169,7 @@ class OPTConfig:
             "bos_token_id": self.bos_token_id,
             "do_layer_norm_before": self.do_layer_norm_before,
             "dropout": self.dropout,
-            "dtype": self.dtype or "float32",
+            "dtype": self.compute_dtype,
             "enable_bias": self.enable_bias,
             "eos_token_id": self.eos_token_id,
             "ffn_dim": self.intermediate_dim,

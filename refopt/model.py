@@ -129,6 +129,7 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
 
     # embeddings
     positions = positions_from_mask(key_mask)[:, cache_index:end]            # [B, S]
+    rec("token_ids", token_ids)
     rec("positions", positions)
     x = embedding_forward(params["embed_tokens"], token_ids)                  # [B, S, E]
     if cfg.has_projection:

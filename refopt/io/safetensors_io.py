@@ -100,8 +100,15 @@ def load(path, names=None) -> dict[str, np.ndarray]:
 
 
 def save(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors with the safetensors package (contiguous copies, the path written whole)."""
+    """Write tensors with the safetensors package into a temporary file renamed over ``path``: a
+    failure leaves nothing half-written, and arrays still mapped from an old ``path`` stay valid."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path),
-              metadata=metadata)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -42,3 +42,26 @@ def attention_forward(q, k, v, mask):
     scores = np.where(mask, scores, np.finfo(scores.dtype).min)      # masked -> most negative finite
     probs = softmax(scores, axis=-1)                                  # [B, H, S, T]
     return probs @ v, probs
+
+
+# split_heads and merge_heads are reshapes, each the other's inverse: the backward of split_heads is
+# merge_heads and the backward of merge_heads is split_heads.
+
+
+def softmax_backward(d_probs, probs, axis=-1):
+    # d_probs, probs [...] -> d_x [...]: the Jacobian-vector product of softmax,
+    # d_x = probs * (d_probs - sum(d_probs * probs))
+    return probs * (d_probs - (d_probs * probs).sum(axis=axis, keepdims=True))
+
+
+def attention_backward(d_out, q, k, v, probs, mask):
+    # d_out [B, H, S, K], q [B, H, S, K] (scaled), k, v [B, H, T, K], probs [B, H, S, T] from the
+    # forward, mask [B, 1, S, T] bool -> d_q [B, H, S, K], d_k [B, H, T, K], d_v [B, H, T, K]
+    d_probs = d_out @ v.transpose(0, 1, 3, 2)                         # [B, H, S, T]
+    d_v = probs.transpose(0, 1, 3, 2) @ d_out                         # [B, H, T, K]
+    d_scores = softmax_backward(d_probs, probs)                       # [B, H, S, T]
+    # a masked score was replaced by a constant, so nothing flows back through it
+    d_scores = np.where(mask, d_scores, 0)
+    d_q = d_scores @ k                                                # [B, H, S, K]
+    d_k = d_scores.transpose(0, 1, 3, 2) @ q                          # [B, H, T, K]
+    return d_q, d_k, d_v
