@@ -1,0 +1,31 @@
+"""Samplers: how ``generate`` turns the model's distribution into tokens (KerasHub's family).
+
+``GreedySampler``, ``RandomSampler``, ``TopKSampler`` (the default of ``compile``), ``TopPSampler``,
+``BeamSampler``, ``ContrastiveSampler``, ``SpeculativeSampler`` -- KerasHub's arguments and
+behaviour -- and, as transformers offers them, ``MinPSampler``, ``TypicalSampler`` and the logits
+processors ``RepetitionPenaltyProcessor`` / ``NoRepeatNGramProcessor`` (also reachable as the
+``repetition_penalty=`` / ``no_repeat_ngram_size=`` arguments of every sampler).
+
+Random choices use the counter-based Philox generator of :mod:`refopt.random`, keyed by
+``(seed, batch row, position)``: the same seed gives the same tokens across runs and batch
+compositions.
+"""
+
+from refopt.samplers.beam_sampler import BeamSampler
+from refopt.samplers.contrastive_sampler import ContrastiveSampler
+from refopt.samplers.greedy_sampler import GreedySampler
+from refopt.samplers.logits_processors import NoRepeatNGramProcessor, RepetitionPenaltyProcessor
+from refopt.samplers.min_p_sampler import MinPSampler
+from refopt.samplers.random_sampler import RandomSampler
+from refopt.samplers.sampler import Sampler, Step
+from refopt.samplers.serialization import deserialize, get, serialize
+from refopt.samplers.speculative_sampler import SpeculativeSampler
+from refopt.samplers.top_k_sampler import TopKSampler
+from refopt.samplers.top_p_sampler import TopPSampler
+from refopt.samplers.typical_sampler import TypicalSampler
+
+__all__ = [
+    "Sampler", "Step", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
+    "ContrastiveSampler", "SpeculativeSampler", "MinPSampler", "TypicalSampler",
+    "RepetitionPenaltyProcessor", "NoRepeatNGramProcessor", "get", "serialize", "deserialize",
+]
