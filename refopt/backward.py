@@ -14,6 +14,11 @@ The LM head is tied to ``embed_tokens``; its share of that table's gradient come
 ``lm_head_backward`` and is added by the caller (``refopt.training.loss_and_gradients``), since the
 head sits after ``forward``'s output.
 
+The token embedding's gradient covers every id that was looked up, the pad id included, as
+Keras's ``Embedding`` (KerasHub) computes it; transformers builds ``embed_tokens`` with
+``padding_idx=pad_token_id``, so torch leaves the pad row's lookup out.  The two agree whenever the
+pad id appears only at padding positions (zero sample weight, masked as a key), as in real batches.
+
 Only a cache-free forward (``cache=None, cache_index=0``, the training forward) can be walked back.
 """
 
