@@ -1,0 +1,91 @@
+"""KerasHub loads what refopt writes, and refopt loads what KerasHub writes (needs the `keras`
+extra). KerasHub runs in a subprocess with its TensorFlow backend, so TensorFlow and torch never
+share a process."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from refopt.models import OPTBackbone, OPTCausalLM
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None,
+                                reason="needs keras-hub (pip install -e '.[keras]')")
+
+KERAS_SCRIPT = r"""
+import os, sys, json
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import keras_hub
+mode, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "load":
+    ids = np.load(out + ".in.npz")
+    lm = keras_hub.models.OPTCausalLM.from_preset(path)
+    logits = np.asarray(lm.predict({"token_ids": ids["token_ids"], "padding_mask": ids["padding_mask"]}, verbose=0))
+    tok = lm.preprocessor.tokenizer("The quick brown fox") if lm.preprocessor is not None else None
+    np.savez(out, logits=logits, tok=np.asarray(tok if tok is not None else []))
+else:  # write a random KerasHub preset
+    import keras
+    keras.utils.set_random_seed(7)
+    backbone = keras_hub.models.OPTBackbone(vocabulary_size=53, num_layers=2, num_heads=2, hidden_dim=8,
+                                            intermediate_dim=12, max_sequence_length=16, dropout=0.0)
+    for w in backbone.weights:
+        w.assign(np.random.default_rng(len(w.path)).standard_normal(w.shape).astype("float32") * 0.3)
+    ids = np.load(out + ".in.npz")
+    logits = np.asarray(backbone.token_embedding(backbone({"token_ids": ids["token_ids"],
+                                                            "padding_mask": ids["padding_mask"]}),
+                                                  reverse=True))
+    backbone.save_to_preset(path)
+    np.savez(out, logits=logits)
+"""
+
+
+def run_keras(mode, path, tmp_path, ids, mask):
+    out = str(tmp_path / f"{mode}_out")
+    np.savez(out + ".in.npz", token_ids=ids, padding_mask=mask)
+    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, mode, str(path), out],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out + ".npz")
+
+
+IDS = np.array([[2, 5, 9, 11, 3, 7], [2, 4, 6, 1, 1, 1]])
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+
+
+def test_keras_hub_loads_refopt_preset(tmp_path, shared):
+    # the fixture preset, loaded and written back by refopt, with its tokenizer and preprocessor
+    lm = OPTCausalLM.from_preset(shared("fixtures", "keras", "opt_tiny_keras"))
+    lm.save_to_preset(tmp_path / "ours")
+    theirs = run_keras("load", tmp_path / "ours", tmp_path, IDS, MASK)
+    ours = lm.predict({"token_ids": IDS, "padding_mask": MASK})
+    real = MASK.astype(bool)
+    assert np.abs(ours - theirs["logits"])[real].max() <= 1e-4
+    if lm.preprocessor is not None:
+        assert list(theirs["tok"]) == list(lm.preprocessor.tokenizer("The quick brown fox"))
+
+
+def test_keras_hub_loads_random_refopt_model(tmp_path):
+    bb = OPTBackbone(vocabulary_size=53, num_layers=3, num_heads=2, hidden_dim=8, intermediate_dim=12,
+                     max_sequence_length=16, dropout=0.0)
+    rng = np.random.default_rng(1)
+    bb.params = {k: (rng.standard_normal(v.shape) * 0.3).astype(np.float32) for k, v in bb.params.items()}
+    lm = OPTCausalLM(bb)
+    lm.save_to_preset(tmp_path / "rand")
+    theirs = run_keras("load", tmp_path / "rand", tmp_path, IDS, MASK)
+    real = MASK.astype(bool)
+    assert np.abs(lm.predict({"token_ids": IDS, "padding_mask": MASK}) - theirs["logits"])[real].max() <= 1e-4
+
+
+def test_refopt_loads_keras_hub_written_preset(tmp_path):
+    theirs = run_keras("write", tmp_path / "kh", tmp_path, IDS, MASK)
+    lm = OPTCausalLM.from_preset(tmp_path / "kh", preprocessor=None)
+    ours = lm.predict({"token_ids": IDS, "padding_mask": MASK})
+    real = MASK.astype(bool)
+    assert np.abs(ours - theirs["logits"])[real].max() <= 1e-4
