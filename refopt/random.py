@@ -26,7 +26,8 @@ How refopt keys it
 ================  ===========================================================================
 key               ``(seed mod 2**32, seed >> 32)`` for a seed ``0 <= seed < 2**64``
 counter word c0   the step: the absolute index in the sequence of the token being decided
-counter word c1   the batch row
+counter word c1   the batch row: its index in the batch ``generate`` decodes, so the text of
+                  row r depends on its prompt, the seed and r, never on the other rows
 counter word c2   the stream (:data:`STREAM_TOKEN` for an ordinary sampled token; speculative
                   decoding uses :data:`STREAM_DRAFT`, :data:`STREAM_ACCEPT`, :data:`STREAM_RESIDUAL`)
 counter word c3   0
