@@ -60,8 +60,8 @@ class BeamSampler(Sampler):
             scores = np.take_along_axis(candidates, best, axis=-1).reshape(-1)
             source = (np.arange(B)[:, None] * nb + best // V).reshape(-1)      # beam each came from
             prompt = prompt[source]
-            if cache is not None:
-                cache = cache[source]
+            if cache is not None:                  # only positions < index are filled so far
+                cache[:, :, :, :index] = cache[source, :, :, :index]
             token = (best % V).reshape(-1).astype(prompt.dtype)
             prompt[:, index] = np.where(mask[:, index], prompt[:, index], token)
             index += 1

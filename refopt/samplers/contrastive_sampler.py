@@ -72,7 +72,8 @@ class ContrastiveSampler(Sampler):
             prompt_beams = np.repeat(prompt, kk, axis=0)
             mask_beams = np.repeat(mask, kk, axis=0)
             hidden_beams = np.repeat(hidden_states, kk, axis=0)                # [B*k, T, E]
-            cache_beams = None if cache is None else np.repeat(cache, kk, axis=0)
+            # the candidates share positions < index; copy only the filled part of the cache
+            cache_beams = None if cache is None else np.repeat(cache[:, :, :, :index + 1], kk, axis=0)
             token = candidates.reshape(-1).astype(prompt.dtype)
             prompt_beams[:, index] = np.where(mask_beams[:, index], prompt_beams[:, index], token)
 
@@ -85,7 +86,8 @@ class ContrastiveSampler(Sampler):
             chosen = rows * kk + best
 
             prompt = prompt_beams[chosen]
-            cache = None if cache_beams is None else cache_beams[chosen]
+            if cache is not None:
+                cache[:, :, :, index] = cache_beams[chosen, :, :, index]
             hidden_states[:, index] = next_hidden[chosen]
             lp = None
             if log_probs:
