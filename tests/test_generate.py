@@ -428,3 +428,28 @@ def test_bad_arguments_with_preprocessor():
         lm.generate(5)
     with pytest.raises(InputError, match="preprocessor"):
         generation.stream(tiny_lm(), "ab").__next__()
+
+
+def test_logits_processors_in_generation():
+    x = pad_batch([[2, 5], [2, 6, 7]], 14)
+    plain = tiny_lm(seed=3).generate(x, stop_token_ids=None)["token_ids"]
+    assert any(len(set(zip(r[:-1], r[1:]))) < len(r) - 1 for r in plain.tolist())  # it repeats
+    for sampler in (samplers.GreedySampler(no_repeat_ngram_size=2),
+                    samplers.TopKSampler(k=3, seed=1, no_repeat_ngram_size=2),
+                    samplers.BeamSampler(num_beams=2, no_repeat_ngram_size=2),
+                    samplers.ContrastiveSampler(k=3, no_repeat_ngram_size=2)):
+        out = tiny_lm(seed=3, sampler=sampler).generate(x, stop_token_ids=None)["token_ids"]
+        for row in out.tolist():
+            bigrams = list(zip(row[:-1], row[1:]))
+            assert len(set(bigrams)) == len(bigrams), (sampler, row)
+    penalised = tiny_lm(seed=3, sampler=samplers.GreedySampler(repetition_penalty=50.0)).generate(
+        x, stop_token_ids=None)["token_ids"]
+    for b, prompt in enumerate([[2, 5], [2, 6, 7]]):
+        seq = list(prompt)                               # the penalty written out, no cache
+        while len(seq) < 14:
+            logits = full_logits(tiny_lm(seed=3), [seq])[0, -1].copy()
+            for t in set(seq):
+                logits[t] = logits[t] * 50.0 if logits[t] < 0 else logits[t] / 50.0
+            seq.append(int(np.argmax(logits)))
+        assert penalised[b].tolist() == seq
+    assert (penalised != plain).any()
