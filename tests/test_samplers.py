@@ -109,9 +109,10 @@ def test_bad_arguments(make, match):
 
 
 # ---------------------------------------------------------------------------------- supports
-probability_rows = st.lists(
-    st.lists(st.floats(-6, 6), min_size=2, max_size=30).map(np.array), min_size=1, max_size=4
-).map(lambda rows: [r for r in rows]).filter(lambda rows: len({len(r) for r in rows}) == 1)
+# 1 to 4 rows of logits over a vocabulary of 2 to 30 tokens (ties are likely: few distinct values)
+probability_rows = st.integers(2, 30).flatmap(lambda v: st.lists(
+    st.lists(st.sampled_from([-6.0, -2.0, -0.5, 0.0, 0.5, 1.0, 3.0]) | st.floats(-6, 6),
+             min_size=v, max_size=v).map(np.array), min_size=1, max_size=4))
 
 
 def _probs(logits_rows, temperature=1.0):
