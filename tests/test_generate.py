@@ -179,6 +179,21 @@ def test_transformers_realvocab_greedy_batched():
         assert out["token_ids"][b, :len(want)].tolist() == want
 
 
+def test_transformers_realvocab_greedy_text():
+    try:
+        from refopt.models.opt_causal_lm_preprocessor import OPTCausalLMPreprocessor  # noqa: F401
+    except ImportError:
+        pytest.skip("needs refopt.models.OPTCausalLMPreprocessor (the tokenizer work), not there yet")
+    path = shared_path("fixtures", "hf", "opt-tiny-realvocab")
+    expected = json.loads((path / "expected_generate.json").read_text())
+    lm = OPTCausalLM.from_preset(path)
+    assert lm.preprocessor is not None
+    lm.compile(sampler="greedy")
+    for text, case in expected.items():
+        out = lm.generate(text, max_length=len(case["greedy_ids"]), stop_token_ids=None)
+        assert out == case["greedy_text"]
+
+
 # ---------------------------------------------------------------------------------- decoding
 def test_cached_decode_equals_full_recompute():
     lm = tiny_lm(seed=1)
