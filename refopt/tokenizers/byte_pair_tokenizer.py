@@ -1,0 +1,603 @@
+"""``BytePairTokenizer``: GPT-2's byte-level BPE with KerasHub's API.
+
+Encoding is byte-exact with OpenAI's ``encoder.py``, tiktoken and ``tokenizers``: GPT-2's split
+pattern, the byte-to-character table, merges applied lowest rank first (see
+:mod:`refopt.tokenizers.byte_level` and :mod:`refopt.tokenizers.bpe`).  The work runs in a
+compiled kernel (:mod:`refopt.tokenizers._kernels`) when Numba is available and in plain Python
+otherwise; both give the same ids.
+
+Decoding joins the tokens' bytes and decodes them as UTF-8 with ``errors="replace"``: ids whose
+bytes are not valid UTF-8 on their own (half of a multi-byte character, say) give U+FFFD
+replacement characters, as transformers' and ``tokenizers``' decoders do.  For streaming, use
+:class:`refopt.tokenizers.IncrementalDetokenizer`, which holds incomplete characters back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from refopt.errors import ConfigError, InputTypeError, TokenizerError
+from refopt.tokenizers import preset_files as pf
+from refopt.tokenizers.bpe import build_tables, bpe_merge, write_merges
+from refopt.tokenizers.byte_level import byte_symbols, char_class_table, pretokenize
+
+_DTYPES = ("int32", "int64", "string")
+_CONFIG_KEYS = {"name", "trainable", "dtype", "config_file", "sequence_length", "add_prefix_space",
+                "unsplittable_tokens", "special_tokens_in_strings"}
+_SMALL_OUT = 1 << 16  # keep an output buffer of this many ids between calls
+_PY_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class BytePairTokenizer:
+    """Byte-level byte-pair encoding tokenizer, GPT-2's algorithm (KerasHub's ``BytePairTokenizer``).
+
+    Args:
+        vocabulary: path to a JSON file, or a dict, mapping token strings to integer ids.
+        merges: path to a ``merges.txt`` file, or a list of merge rules (``"a b"`` strings or
+            ``(a, b)`` pairs), lowest rank first.
+        sequence_length: if set, outputs are truncated or padded (with ``pad_token_id``, else 0)
+            to this length and returned as NumPy arrays.
+        add_prefix_space: add a space before each text that does not start with one (and before
+            each piece of text between unsplittable tokens), so that the first word is tokenized
+            like the others.  This is the rule of ``tokenizers``' ByteLevel pre-tokenizer, which
+            KerasHub uses.
+        unsplittable_tokens: strings that, where they appear in the input text, are never split
+            and map to their own id.  They must be in the vocabulary.  ``None``: the tokenizer's
+            special tokens when ``special_tokens_in_strings`` is true, else none.
+        special_tokens_in_strings: whether special tokens written in the input text (``"</s>"``)
+            map to their ids (True, KerasHub's behaviour) or are tokenized as ordinary text
+            (False, what transformers does with ``split_special_tokens=True``).  Only consulted
+            when ``unsplittable_tokens`` is None.
+        dtype: ``"int32"`` (default) or ``"int64"`` ids, or ``"string"`` for token strings.
+        name: the layer name recorded in the config.
+        compiled: use the compiled (Numba) encoder; ``None`` uses it when Numba is installed.
+            Both give the same ids; the pure-Python path is the readable one.
+
+    Calling the tokenizer on a string returns a list of ids (a 1-D array if ``sequence_length``
+    is set); on a list of strings, a list of such lists (a ``[batch, sequence_length]`` array).
+    """
+
+    keras_module = "keras_hub.src.tokenizers.byte_pair_tokenizer"
+    keras_class_name = "BytePairTokenizer"
+    default_name = "byte_pair_tokenizer"
+    # (attribute, token) pairs of the special tokens a subclass requires.
+    special_token_spec: tuple = ()
+
+    def __init__(self, vocabulary=None, merges=None, sequence_length=None, add_prefix_space=False,
+                 unsplittable_tokens=None, special_tokens_in_strings=True, dtype="int32",
+                 name=None, config_file=pf.TOKENIZER_CONFIG_FILE, compiled=None, **kwargs):
+        kwargs.pop("trainable", None)
+        if kwargs:
+            raise ConfigError(f"{type(self).__name__} got unknown argument(s) "
+                              f"{sorted(kwargs)}")
+        dtype = pf.dtype_name(dtype)
+        if dtype not in _DTYPES:
+            raise ConfigError(f"`dtype` must be one of {_DTYPES}; got {dtype!r}")
+        if sequence_length is not None and (isinstance(sequence_length, bool)
+                                            or not isinstance(sequence_length, (int, np.integer))
+                                            or sequence_length < 0):
+            raise ConfigError(f"`sequence_length` must be None or an integer >= 0; got "
+                              f"{sequence_length!r}")
+        self.name = name or self.default_name
+        self.dtype = dtype
+        self.config_file = config_file
+        self.sequence_length = None if sequence_length is None else int(sequence_length)
+        self.add_prefix_space = bool(add_prefix_space)
+        self.special_tokens_in_strings = bool(special_tokens_in_strings)
+        for attr, token in self.special_token_spec:
+            setattr(self, attr, token)
+            setattr(self, attr + "_id", None)
+        if unsplittable_tokens is None:
+            unsplittable_tokens = self.special_tokens if special_tokens_in_strings else []
+        if isinstance(unsplittable_tokens, str) or not all(
+                isinstance(t, str) and t for t in unsplittable_tokens):
+            raise ConfigError("`unsplittable_tokens` must be a list of non-empty strings; got "
+                              f"{unsplittable_tokens!r}")
+        self.unsplittable_tokens = list(unsplittable_tokens)
+        if compiled is None:
+            compiled = _numba_available()
+        elif compiled and not _numba_available():
+            raise ConfigError("`compiled=True` needs Numba, which is not installed")
+        self.compiled = bool(compiled)
+        self.set_vocabulary_and_merges(vocabulary, merges)
+
+    # -- vocabulary ------------------------------------------------------------------------------
+
+    def set_vocabulary_and_merges(self, vocabulary, merges):
+        """Set (or, with both None, clear) the vocabulary and merge rules, from data or files."""
+        self._reset_encoders()
+        if vocabulary is None and merges is None:
+            self._tables = None
+            return
+        if vocabulary is None or merges is None:
+            raise ConfigError("`vocabulary` and `merges` must be given together; got "
+                              f"vocabulary={'None' if vocabulary is None else '...'}, "
+                              f"merges={'None' if merges is None else '...'}")
+        self._tables = build_tables(vocabulary, merges)
+        vocab = self._tables.vocabulary
+        for attr, token in self.special_token_spec:
+            if token not in vocab:
+                raise TokenizerError(f"special token {token!r} ({attr}) of "
+                                     f"{type(self).__name__} is not in the vocabulary")
+            setattr(self, attr + "_id", vocab[token])
+        for token in self.unsplittable_tokens:
+            if token not in vocab:
+                raise TokenizerError(f"unsplittable token {token!r} is not in the vocabulary")
+        self._missing_bytes = bool((self._tables.byte_ids >= self._tables.num_ids).any())
+
+    def _reset_encoders(self):
+        self._packed = None  # compiled tables
+        self._state = None  # compiled word cache
+        self._out = None  # reusable output buffer
+        self._encode_one = None  # the compiled kernel, once tables are packed
+        self._word_cache = {}  # pure-Python word cache
+        self._py_byte_ids = None
+        self._split_regex = None
+
+    def _require_vocabulary(self):
+        if self._tables is None:
+            raise TokenizerError(f"no vocabulary has been set for {type(self).__name__}; pass "
+                                 "`vocabulary` and `merges` or call set_vocabulary_and_merges()")
+        return self._tables
+
+    @property
+    def vocabulary(self) -> dict:
+        """The token -> id dict (None before a vocabulary is set)."""
+        return None if self._tables is None else self._tables.vocabulary
+
+    @property
+    def merges(self) -> list:
+        """The merge rules, ``"a b"`` strings, lowest rank first."""
+        return None if self._tables is None else self._tables.merges
+
+    def vocabulary_size(self) -> int:
+        """The number of tokens in the vocabulary."""
+        return len(self._require_vocabulary().vocabulary)
+
+    def get_vocabulary(self) -> list:
+        """The tokens, in id order."""
+        return [t for t in self._require_vocabulary().id_to_token if t is not None]
+
+    def id_to_token(self, id) -> str:
+        """The token string of ``id``."""
+        tables = self._require_vocabulary()
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
+            raise InputTypeError(f"`id` must be an integer; got {type(id).__name__}")
+        if not 0 <= id < tables.num_ids or tables.id_to_token[id] is None:
+            raise TokenizerError(f"id {id} is not in the vocabulary (ids run from 0 to "
+                                 f"{tables.num_ids - 1})")
+        return tables.id_to_token[id]
+
+    def token_to_id(self, token) -> int:
+        """The id of ``token``."""
+        tables = self._require_vocabulary()
+        if not isinstance(token, str):
+            raise InputTypeError(f"`token` must be a string; got {type(token).__name__}")
+        try:
+            return tables.vocabulary[token]
+        except KeyError:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary") from None
+
+    @property
+    def special_tokens(self) -> list:
+        """The special token strings (each once), in the order the class declares them."""
+        out = []
+        for attr, _ in self.special_token_spec:
+            token = getattr(self, attr)
+            if token not in out:
+                out.append(token)
+        return out
+
+    @property
+    def special_token_ids(self) -> list:
+        """The ids of :attr:`special_tokens`."""
+        self._require_vocabulary()
+        return [self._tables.vocabulary[t] for t in self.special_tokens]
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def tokenize(self, inputs):
+        """Token ids of a string (a list) or of a list of strings (a list of lists).
+
+        With ``sequence_length`` set the result is a NumPy array, truncated or padded with
+        ``pad_token_id`` (0 when the tokenizer has none).  Raises :class:`InputTypeError` for
+        anything but strings and :class:`TokenizerError` for text that cannot be UTF-8 encoded
+        (lone surrogates).
+        """
+        if type(inputs) is str and self._encode_one is not None and self.sequence_length is None \
+                and not self.add_prefix_space and self._plain_ids:
+            # The common case in few steps: a short text costs about 1 us.
+            for token in self.unsplittable_tokens:
+                if token in inputs:
+                    break
+            else:
+                try:
+                    data = inputs.encode("utf-8")
+                except UnicodeEncodeError:
+                    data = None  # the general path reports it
+                if data is not None:
+                    out = self._out
+                    if len(out) < len(data):
+                        out = np.empty(max(len(data), _SMALL_OUT), dtype=np.int32)
+                        if len(out) == _SMALL_OUT:
+                            self._out = out
+                    n = self._encode_one(data, self._packed, self._state, out)
+                    return out[:n].tolist()
+        self._require_vocabulary()
+        texts, batched = _canonical_texts(inputs)
+        ids = self._encode_texts(texts)
+        if self.dtype == "string":
+            id_to_token = self._tables.id_to_token
+            ids = [[id_to_token[i] for i in seq] for seq in ids]
+        if self.sequence_length is not None:
+            length = self.sequence_length
+            if self.dtype == "string":
+                pad, dtype = "", object
+            else:
+                pad, dtype = getattr(self, "pad_token_id", None), self.dtype
+                pad = 0 if pad is None else pad
+            array = np.full((len(ids), length), pad, dtype=dtype)
+            for row, seq in zip(array, ids):
+                seq = seq[:length]
+                row[:len(seq)] = seq
+            return array if batched else array[0]
+        return ids if batched else ids[0]
+
+    __call__ = tokenize
+
+    @property
+    def _plain_ids(self):
+        return self.dtype != "string" and not self._missing_bytes
+
+    def _segments(self, texts):
+        """Split texts around unsplittable tokens and apply add_prefix_space.
+
+        Returns ``(segments, plans)``: the pieces of plain text to encode and, per input text, a
+        list whose items are either an index into ``segments`` or ``("id", token_id)``.  ``None``
+        plans mean "the text is segment i" (the common case, kept cheap).
+        """
+        tokens = self.unsplittable_tokens
+        present = bool(tokens) and any(t in text for text in texts for t in tokens)
+        if not present and not self.add_prefix_space:
+            return texts, None
+        if present and self._split_regex is None:
+            import regex
+            ordered = sorted(tokens, key=len, reverse=True)  # longest first at one position
+            self._split_regex = regex.compile("|".join(regex.escape(t) for t in ordered))
+        vocab = self._tables.vocabulary
+        segments, plans = [], []
+        for text in texts:
+            plan = []
+            pieces = self._split_regex.splititer(text) if present else [text]
+            matches = self._split_regex.finditer(text) if present else iter(())
+            for piece in pieces:
+                if piece:
+                    if self.add_prefix_space and not piece.startswith(" "):
+                        piece = " " + piece
+                    plan.append(len(segments))
+                    segments.append(piece)
+                match = next(matches, None)
+                if match is not None:
+                    plan.append(("id", vocab[match.group()]))
+            plans.append(plan)
+        return segments, plans
+
+    def _encode_texts(self, texts) -> list:
+        segments, plans = self._segments(texts)
+        encoded = []
+        for i, text in enumerate(segments):
+            try:
+                encoded.append(text.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise TokenizerError(
+                    f"input text cannot be encoded as UTF-8: character {text[e.start]!r} at "
+                    f"index {e.start} ({e.reason}); lone surrogates have no UTF-8 form") from None
+        if self.compiled:
+            seg_ids = self._encode_compiled(encoded)
+        else:
+            seg_ids = [self._encode_python(text) for text in segments]
+        if self._missing_bytes:
+            self._check_bytes(seg_ids, encoded)
+        if plans is None:
+            return seg_ids
+        out = []
+        for plan in plans:
+            ids = []
+            for item in plan:
+                if isinstance(item, tuple):
+                    ids.append(item[1])
+                else:
+                    ids.extend(seg_ids[item])
+            out.append(ids)
+        return out
+
+    def _compiled_tables(self):
+        if self._packed is None:
+            from refopt.tokenizers import _kernels
+            t = self._tables
+            index, blocks = char_class_table()
+            self._packed = _kernels.pack_tables(t.byte_ids, index, blocks, t.pair_keys,
+                                                t.pair_ranks, t.pair_new)
+            self._state = _kernels.new_state()
+            self._out = np.empty(256, dtype=np.int32)
+            self._encode_one = _kernels.encode_one
+        return self._packed
+
+    def _encode_compiled(self, encoded: list) -> list:
+        from refopt.tokenizers import _kernels
+        tables = self._compiled_tables()
+        if len(encoded) == 1:
+            data = encoded[0]
+            out = self._out
+            if len(out) < len(data):
+                out = np.empty(len(data), dtype=np.int32)
+                if len(data) <= _SMALL_OUT:
+                    self._out = out
+            n = _kernels.encode_one(data, tables, self._state, out)
+            return [out[:n].tolist()]
+        if not encoded:
+            return []
+        data = b"".join(encoded)
+        bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=bounds[1:])
+        out = np.empty(len(data), dtype=np.int32)
+        ends = np.empty(len(encoded), dtype=np.int64)
+        _kernels.encode_many(data, bounds, tables, self._state, out, ends)
+        flat = out[:ends[-1]].tolist()
+        starts = [0] + ends[:-1].tolist()
+        return [flat[s:e] for s, e in zip(starts, ends.tolist())]
+
+    def _encode_python(self, text: str) -> list:
+        """The readable path: split with the regex, merge each word (cached)."""
+        t = self._tables
+        if self._py_byte_ids is None:
+            self._py_byte_ids = t.byte_ids.tolist()
+        byte_ids, cache = self._py_byte_ids, self._word_cache
+        ids = []
+        for word in pretokenize(text):
+            merged = cache.get(word)
+            if merged is None:
+                merged = bpe_merge([byte_ids[b] for b in word.encode("utf-8")], t.pair_dict)
+                if len(cache) >= _PY_CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = merged
+            ids.extend(merged)
+        return ids
+
+    def _check_bytes(self, seg_ids, encoded):
+        """Raise if a byte the vocabulary lacks is left unmerged in the output."""
+        num_ids = self._tables.num_ids
+        for ids, data in zip(seg_ids, encoded):
+            bad = [i for i in ids if i >= num_ids]
+            if bad:
+                byte = bad[0] - num_ids
+                raise TokenizerError(
+                    f"byte 0x{byte:02x} of the input (byte-level symbol "
+                    f"{byte_symbols()[byte]!r}) has no token in the vocabulary and no merge "
+                    "absorbs it")
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def detokenize(self, inputs):
+        """Text of ids: an int or a 1-D sequence gives a string, a 2-D one a list of strings.
+
+        Bytes that do not form valid UTF-8 become U+FFFD.  Ids outside the vocabulary raise
+        :class:`TokenizerError`; non-integer input raises :class:`InputTypeError`.
+        """
+        tables = self._require_vocabulary()
+        seqs, batched = _canonical_ids(inputs)
+        id_to_bytes = tables.id_to_bytes
+        texts = []
+        for seq in seqs:
+            if len(seq):
+                low, high = int(seq.min()), int(seq.max())
+                if low < 0 or high >= tables.num_ids:
+                    bad = low if low < 0 else high
+                    raise TokenizerError(f"id {bad} is out of range for detokenize; the "
+                                         f"vocabulary's ids run from 0 to {tables.num_ids - 1}")
+            try:
+                data = b"".join([id_to_bytes[i] for i in seq.tolist()])
+            except TypeError:
+                bad = next(i for i in seq.tolist() if id_to_bytes[i] is None)
+                raise TokenizerError(f"id {bad} is not in the vocabulary") from None
+            texts.append(data.decode("utf-8", errors="replace"))
+        return texts if batched else texts[0]
+
+    def id_bytes(self, id) -> bytes:
+        """The raw bytes token ``id`` stands for (used by streaming detokenization)."""
+        tables = self._require_vocabulary()
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
+            raise InputTypeError(f"token id must be an integer; got {type(id).__name__}")
+        if not 0 <= id < tables.num_ids or tables.id_to_bytes[id] is None:
+            raise TokenizerError(f"id {id} is out of range for detokenize; the vocabulary's ids "
+                                 f"run from 0 to {tables.num_ids - 1}")
+        return tables.id_to_bytes[id]
+
+    # -- configs and presets ---------------------------------------------------------------------
+
+    def get_config(self) -> dict:
+        """KerasHub's config (no vocabulary: that is saved as assets)."""
+        return {"name": self.name, "trainable": True, "dtype": pf.keras_dtype_policy(self.dtype),
+                "config_file": self.config_file, "sequence_length": self.sequence_length,
+                "add_prefix_space": self.add_prefix_space,
+                "unsplittable_tokens": list(self.unsplittable_tokens)}
+
+    @classmethod
+    def from_config(cls, config, vocabulary=None, merges=None):
+        """A tokenizer from :meth:`get_config`'s dict (vocabulary and merges given apart)."""
+        config = dict(config)
+        config.setdefault("vocabulary", vocabulary)
+        config.setdefault("merges", merges)
+        return cls(**config)
+
+    def serialize(self) -> dict:
+        """The object KerasHub writes to ``tokenizer.json``."""
+        return {"module": self.keras_module, "class_name": self.keras_class_name,
+                "config": self.get_config(),
+                "registered_name": f"keras_hub>{self.keras_class_name}"}
+
+    def save_assets(self, dir_path) -> None:
+        """Write ``vocabulary.json`` (ASCII-escaped, as KerasHub does) and ``merges.txt``."""
+        tables = self._require_vocabulary()
+        os.makedirs(dir_path, exist_ok=True)
+        pf.atomic_write_text(os.path.join(dir_path, pf.KERAS_VOCABULARY_FILE),
+                             json.dumps(tables.vocabulary))
+        pf.atomic_write_text(os.path.join(dir_path, pf.KERAS_MERGES_FILE),
+                             _merges_text(tables.merges))
+
+    def load_assets(self, dir_path) -> None:
+        self.set_vocabulary_and_merges(os.path.join(dir_path, pf.KERAS_VOCABULARY_FILE),
+                                       os.path.join(dir_path, pf.KERAS_MERGES_FILE))
+
+    def save_to_preset(self, preset_dir) -> None:
+        """Write ``tokenizer.json`` and ``assets/tokenizer/`` in KerasHub's layout.
+
+        Each file is written to a temporary name and renamed, so none is ever half written.
+        """
+        self._require_vocabulary()
+        os.makedirs(preset_dir, exist_ok=True)
+        pf.atomic_write_text(os.path.join(preset_dir, self.config_file),
+                             json.dumps(self.serialize(), indent=4))
+        self.save_assets(os.path.join(preset_dir, pf.TOKENIZER_ASSET_DIR))
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Load from a KerasHub preset directory or a transformers checkpoint directory.
+
+        ``kwargs`` override the saved settings (``sequence_length=...``).  From a transformers
+        directory, a plain ``BytePairTokenizer`` treats the special tokens its
+        ``tokenizer_config.json`` names as unsplittable (unless ``special_tokens_in_strings`` is
+        False); an ``OPTTokenizer`` has its own special tokens.
+        """
+        found = pf.find_tokenizer_files(preset)
+        config = {k: v for k, v in found["config"].items() if k in _CONFIG_KEYS}
+        config.update(kwargs)
+        config.setdefault("vocabulary", found["vocabulary"])
+        config.setdefault("merges", found["merges"])
+        tokenizer = cls(**config)
+        if found["layout"] == "transformers" and not cls.special_token_spec \
+                and "unsplittable_tokens" not in kwargs \
+                and kwargs.get("special_tokens_in_strings", True):
+            tokenizer.unsplittable_tokens = [t for t in found["special_tokens"]
+                                             if t in tokenizer.vocabulary]
+        return tokenizer
+
+    def transformers_tokenizer_config(self) -> dict:
+        """The ``tokenizer_config.json`` transformers reads for this tokenizer."""
+        return {"add_prefix_space": self.add_prefix_space, "errors": "replace",
+                "model_max_length": 1000000000000000019884624838656,
+                "tokenizer_class": "GPT2Tokenizer"}
+
+    def export_to_transformers(self, path) -> None:
+        """Write a transformers tokenizer directory: ``vocab.json``, ``merges.txt``,
+        ``tokenizer_config.json`` (``GPT2Tokenizer``) and ``special_tokens_map.json``."""
+        save_transformers_tokenizer(self, path)
+
+    def __repr__(self):
+        size = None if self._tables is None else self.vocabulary_size()
+        return (f"{type(self).__name__}(vocabulary_size={size}, sequence_length="
+                f"{self.sequence_length}, add_prefix_space={self.add_prefix_space})")
+
+
+def _merges_text(merges) -> str:
+    return "#version: 0.2\n" + "".join(rule + "\n" for rule in merges)
+
+
+def save_transformers_tokenizer(tokenizer, path) -> None:
+    """Write ``tokenizer`` in transformers' layout (``GPT2Tokenizer`` files) to ``path``.
+
+    ``vocab.json`` (UTF-8), ``merges.txt``, ``tokenizer_config.json`` and
+    ``special_tokens_map.json``; each file is written to a temporary name and renamed.
+    """
+    tables = tokenizer._require_vocabulary()
+    os.makedirs(path, exist_ok=True)
+    config = tokenizer.transformers_tokenizer_config()
+    pf.atomic_write_text(os.path.join(path, pf.HF_VOCABULARY_FILE),
+                         json.dumps(tables.vocabulary, ensure_ascii=False))
+    pf.atomic_write_text(os.path.join(path, pf.HF_MERGES_FILE), _merges_text(tables.merges))
+    pf.atomic_write_text(os.path.join(path, pf.HF_TOKENIZER_CONFIG_FILE),
+                         json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if k in config}
+    pf.atomic_write_text(os.path.join(path, pf.HF_SPECIAL_TOKENS_MAP_FILE),
+                         json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+
+
+def _canonical_texts(inputs):
+    """(list of str, batched?) from a str, a list/tuple of str or a NumPy array of str."""
+    if isinstance(inputs, str):
+        return [inputs], False
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype.kind not in "UO" or inputs.ndim > 1:
+            raise InputTypeError("tokenize() takes a string, a list of strings or a 0-/1-D "
+                                 f"array of strings; got an array of dtype {inputs.dtype} and "
+                                 f"shape {inputs.shape}")
+        if inputs.ndim == 0:
+            return _canonical_texts(inputs.item())
+        inputs = inputs.tolist()
+    if isinstance(inputs, (list, tuple)):
+        for i, text in enumerate(inputs):
+            if not isinstance(text, str):
+                raise InputTypeError(f"tokenize() input {i} is a {type(text).__name__}; "
+                                     "expected a string")
+        return [str(t) for t in inputs], True
+    raise InputTypeError(f"tokenize() takes a string or a list of strings; got "
+                         f"{type(inputs).__name__}")
+
+
+def _as_id_array(seq, where):
+    array = np.asarray(seq)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
+        raise InputTypeError(f"detokenize() {where} holds {array.dtype} values; expected "
+                             "integer token ids")
+    return array.astype(np.int64, copy=False)
+
+
+def _canonical_ids(inputs):
+    """(list of 1-D int64 arrays, batched?) from an int, a (nested) list or an array."""
+    if isinstance(inputs, bool):
+        raise InputTypeError("detokenize() got a bool; expected integer token ids")
+    if isinstance(inputs, (int, np.integer)):
+        return [np.array([inputs], dtype=np.int64)], False
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 0:
+            return [_as_id_array(inputs.reshape(1), "input")], False
+        if inputs.ndim == 1:
+            return [_as_id_array(inputs, "input")], False
+        if inputs.ndim == 2:
+            return [_as_id_array(row, f"row {i}") for i, row in enumerate(inputs)], True
+        raise InputTypeError(f"detokenize() takes 0-, 1- or 2-D ids; got shape {inputs.shape}")
+    if isinstance(inputs, (list, tuple)):
+        if not inputs or not isinstance(inputs[0], (list, tuple, np.ndarray)):
+            for i, x in enumerate(inputs):
+                if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                    raise InputTypeError(f"detokenize() input {i} is {x!r}; expected an integer "
+                                         "token id")
+            return [np.asarray(inputs, dtype=np.int64)], False
+        seqs = []
+        for i, row in enumerate(inputs):
+            if not isinstance(row, (list, tuple, np.ndarray)):
+                raise InputTypeError(f"detokenize() row {i} is {type(row).__name__}; expected a "
+                                     "sequence of integer token ids")
+            if isinstance(row, (list, tuple)):
+                for j, x in enumerate(row):
+                    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                        raise InputTypeError(f"detokenize() row {i} item {j} is {x!r}; expected "
+                                             "an integer token id")
+            seqs.append(_as_id_array(row, f"row {i}"))
+        return seqs, True
+    raise InputTypeError(f"detokenize() takes integer ids (an int, a list, a list of lists or an "
+                         f"array); got {type(inputs).__name__}")
