@@ -5,6 +5,7 @@ it, and a conformance oracle (``refopt.testing``).  The public API mirrors Keras
 """
 
 from refopt import errors  # noqa: F401
+from refopt.backend import get_backend, set_backend, use_backend  # noqa: F401
 from refopt.config import OPTConfig  # noqa: F401
 
 __version__ = "0.1.0"

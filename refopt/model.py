@@ -31,12 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refopt import backend
 from refopt.config import OPTConfig
-from refopt.ops.activation import relu_forward
-from refopt.ops.attention import attention_forward, attention_mask, merge_heads, split_heads
-from refopt.ops.embedding import embedding_forward, lm_head_forward
-from refopt.ops.layernorm import layernorm_forward
-from refopt.ops.linear import linear_forward
 
 
 # ---------------------------------------------------------------------------------- parameters
@@ -99,7 +95,7 @@ def positions_from_mask(padding_mask):
 
 # ---------------------------------------------------------------------------------- forward
 def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cache_index: int = 0,
-            tape: dict | None = None, dropout_rng: np.random.Generator | None = None):
+            tape: dict | None = None, dropout_rng: np.random.Generator | None = None, ops=None):
     """Hidden states ``[B, S, E]`` (after the final norm and ``project_out``) for ``token_ids``.
 
     token_ids     [B, S] int, placed at indices ``cache_index .. cache_index+S`` of the sequence
@@ -111,7 +107,11 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
                   oracle's divergence locator)
     dropout_rng   when given and ``cfg.dropout > 0``: training mode, inverted dropout on both
                   residual branches (after ``out_proj`` and after ``fc2``), masks kept in ``tape``
+    ops           the ops namespace to run (:mod:`refopt.ops`, the NumPy reference, or a backend's
+                  kernels with the same names, :func:`refopt.backend.ops`); default: the current
+                  backend's
     """
+    ops = backend.ops() if ops is None else ops
     B, S = token_ids.shape
     end = cache_index + S
     key_mask = np.asarray(padding_mask)[:, :end].astype(bool)                 # [B, T=end]
@@ -131,14 +131,14 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
     positions = positions_from_mask(key_mask)[:, cache_index:end]            # [B, S]
     rec("token_ids", token_ids)
     rec("positions", positions)
-    x = embedding_forward(params["embed_tokens"], token_ids)                  # [B, S, E]
+    x = ops.embedding_forward(params["embed_tokens"], token_ids)                  # [B, S, E]
     if cfg.has_projection:
         rec("project_in.input", x)
-        x = linear_forward(x, params["project_in.kernel"])                   # [B, S, D]
-    x = x + embedding_forward(params["embed_positions"], positions)          # [B, S, D]
+        x = ops.linear_forward(x, params["project_in.kernel"])                   # [B, S, D]
+    x = x + ops.embedding_forward(params["embed_positions"], positions)          # [B, S, D]
     rec("embeddings", x)
 
-    mask = attention_mask(key_mask, np.arange(cache_index, end))              # [B, 1, S, T]
+    mask = ops.attention_mask(key_mask, np.arange(cache_index, end))              # [B, 1, S, T]
     rec("attention_mask", mask)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
@@ -146,60 +146,64 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
         residual = x                                                           # [B, S, D]
         rec(p + "input", x)
         if cfg.do_layer_norm_before:
-            x = layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
+            x = ops.layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
                                   get(p + "self_attn_layer_norm.beta"), eps)
         rec(p + "attention_input", x)
-        q = linear_forward(x, params[p + "q_proj.kernel"], get(p + "q_proj.bias")) * scale
-        k = linear_forward(x, params[p + "k_proj.kernel"], get(p + "k_proj.bias"))
-        v = linear_forward(x, params[p + "v_proj.kernel"], get(p + "v_proj.bias"))  # [B, S, D]
-        q, k, v = split_heads(q, H), split_heads(k, H), split_heads(v, H)     # [B, H, S, K]
+        q = ops.linear_forward(x, params[p + "q_proj.kernel"], get(p + "q_proj.bias")) * scale
+        k = ops.linear_forward(x, params[p + "k_proj.kernel"], get(p + "k_proj.bias"))
+        v = ops.linear_forward(x, params[p + "v_proj.kernel"], get(p + "v_proj.bias"))  # [B, S, D]
+        q, k, v = ops.split_heads(q, H), ops.split_heads(k, H), ops.split_heads(v, H)     # [B, H, S, K]
         if cache is not None:
             cache[:, i, 0, cache_index:end] = k.transpose(0, 2, 1, 3)          # [B, S, H, K]
             cache[:, i, 1, cache_index:end] = v.transpose(0, 2, 1, 3)
             k = cache[:, i, 0, :end].transpose(0, 2, 1, 3)                     # [B, H, T, K]
             v = cache[:, i, 1, :end].transpose(0, 2, 1, 3)
         rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-        ctx, probs = attention_forward(q, k, v, mask)                          # [B, H, S, K]
+        ctx, probs = ops.attention_forward(q, k, v, mask)                          # [B, H, S, K]
         rec(p + "attention_probs", probs)
-        ctx = merge_heads(ctx)                                                 # [B, S, D]
+        ctx = ops.merge_heads(ctx)                                                 # [B, S, D]
         rec(p + "attention_context", ctx)
-        x = linear_forward(ctx, params[p + "out_proj.kernel"], get(p + "out_proj.bias"))
+        x = ops.linear_forward(ctx, params[p + "out_proj.kernel"], get(p + "out_proj.bias"))
         x = dropout(x, p + "attention_dropout_mask")
         rec(p + "attention_output", x)
         x = residual + x
         if not cfg.do_layer_norm_before:
             rec(p + "attention_residual", x)
-            x = layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
+            x = ops.layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
                                   get(p + "self_attn_layer_norm.beta"), eps)
         # --- MLP block
         residual = x
         rec(p + "mlp_block_input", x)
         if cfg.do_layer_norm_before:
-            x = layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
+            x = ops.layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
         rec(p + "mlp_input", x)
-        h = linear_forward(x, params[p + "fc1.kernel"], get(p + "fc1.bias"))   # [B, S, F]
-        rec(p + "fc1_output", h)
-        h = relu_forward(h)
-        x = linear_forward(h, params[p + "fc2.kernel"], get(p + "fc2.bias"))   # [B, S, D]
+        if tape is not None:   # training keeps the pre-activation for ReLU's backward
+            h = ops.linear_forward(x, params[p + "fc1.kernel"], get(p + "fc1.bias"))   # [B, S, F]
+            rec(p + "fc1_output", h)
+            h = ops.relu_forward(h)
+        else:                  # inference: bias and ReLU fused into the product's epilogue
+            h = ops.linear_relu_forward(x, params[p + "fc1.kernel"], get(p + "fc1.bias"))
+        x = ops.linear_forward(h, params[p + "fc2.kernel"], get(p + "fc2.bias"))   # [B, S, D]
         x = dropout(x, p + "mlp_dropout_mask")
         rec(p + "mlp_output", x)
         x = residual + x
         if not cfg.do_layer_norm_before:
             rec(p + "mlp_residual", x)
-            x = layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
+            x = ops.layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
         rec(p + "output", x)
 
     if cfg.has_final_layer_norm:
         rec("final_norm_input", x)
-        x = layernorm_forward(x, get("final_layer_norm.gamma"), get("final_layer_norm.beta"), eps)
+        x = ops.layernorm_forward(x, get("final_layer_norm.gamma"), get("final_layer_norm.beta"), eps)
     rec("final_norm", x)
     if cfg.has_projection:
-        x = linear_forward(x, params["project_out.kernel"])                  # [B, S, E]
+        x = ops.linear_forward(x, params["project_out.kernel"])                  # [B, S, E]
     rec("hidden", x)
     return x
 
 
-def logits_forward(params, cfg: OPTConfig, token_ids, padding_mask, **kwargs):
+def logits_forward(params, cfg: OPTConfig, token_ids, padding_mask, *, ops=None, **kwargs):
     """Logits ``[B, S, V]``: :func:`forward` followed by the tied LM head."""
-    hidden = forward(params, cfg, token_ids, padding_mask, **kwargs)
-    return lm_head_forward(hidden, params["embed_tokens"])
+    ops = backend.ops() if ops is None else ops
+    hidden = forward(params, cfg, token_ids, padding_mask, ops=ops, **kwargs)
+    return ops.lm_head_forward(hidden, params["embed_tokens"])

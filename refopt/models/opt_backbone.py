@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refopt import backend as _backend
 from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
@@ -99,6 +100,8 @@ class OPTBackbone:
         self.params = _model.init_params(self.config, seed=seed)
         # transformers keeps two position rows before position 0; kept here for exact round trips.
         self.position_prefix = None
+        self.backend = None          # None: the current backend (refopt.backend); or a name
+        self.weights_dtype = "float32"
 
     # ------------------------------------------------------------------ KerasHub-style accessors
     def __getattr__(self, name):
@@ -133,6 +136,8 @@ class OPTBackbone:
         self.name = "opt_backbone"
         self.config = cfg
         self.position_prefix = position_prefix
+        self.backend = None
+        self.weights_dtype = "float32"
         if params is None:
             self.params = _model.init_params(cfg)
         else:
@@ -161,17 +166,38 @@ class OPTBackbone:
         self.params = out
 
     # ------------------------------------------------------------------ forward
+    @property
+    def ops(self):
+        """The ops namespace this backbone runs on (see :mod:`refopt.backend`)."""
+        return _backend.ops(self.backend)
+
+    def quantize(self, weights_dtype: str) -> None:
+        """Store every matrix as ``"bfloat16"``, ``"float16"`` or ``"int8"`` (per-output-channel
+        scales), or back to ``"float32"``: decoding then reads 2 or 1 bytes per weight instead of 4
+        (:mod:`refopt.quant`).  LayerNorm parameters, biases and positions stay float32."""
+        from refopt.quant import QuantizedMatrix, quantize_params
+
+        if self.config.compute_dtype != "float32":
+            raise ConfigError("quantize: weights_dtype needs the float32 compute dtype")
+        params = {k: np.asarray(v, np.float32) if isinstance(v, QuantizedMatrix) else v
+                  for k, v in self.params.items()}
+        self.params = quantize_params(params, weights_dtype)
+        self.weights_dtype = weights_dtype or "float32"
+
     def __call__(self, inputs, *, tape=None):
         ids, mask = validate_inputs(self.config, inputs)
-        return _model.forward(self.params, self.config, ids, mask, tape=tape)
+        return _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self.ops)
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_preset(cls, preset=None, load_weights=True, dtype=None, **kwargs) -> "OPTBackbone":
+    def from_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
+                    **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
         compute dtype (``"float64"`` for the oracle); weights stored as float16 / bfloat16 are
-        widened."""
+        widened, unless ``weights_dtype`` (``"bfloat16"``, ``"float16"``, ``"int8"``) keeps them
+        small for fast decoding (:meth:`quantize`).  ``backend`` pins this model to ``"numpy"``,
+        ``"numba"`` or ``"cuda"`` (default: the current backend)."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
         path = presets.resolve(preset)
@@ -181,10 +207,17 @@ class OPTBackbone:
             if dtype not in ("float32", "float64", "float16", "bfloat16"):
                 raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
             cfg = dataclasses.replace(cfg, dtype=dtype)
+        if backend is not None:
+            _backend.resolve(backend)          # an unknown or unavailable backend fails here
         if not load_weights:
-            return cls.from_opt_config(cfg)
-        params, prefix = presets.load_weights(path, cfg, fmt)
-        return cls.from_opt_config(cfg, params, prefix)
+            self = cls.from_opt_config(cfg)
+        else:
+            params, prefix = presets.load_weights(path, cfg, fmt)
+            self = cls.from_opt_config(cfg, params, prefix)
+        self.backend = backend
+        if weights_dtype not in (None, "float32"):
+            self.quantize(weights_dtype)
+        return self
 
     def save_to_preset(self, preset_dir, format="keras") -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'

@@ -10,7 +10,6 @@ from refopt import model as _model
 from refopt.errors import ConfigError, InputTypeError
 from refopt.io import presets
 from refopt.models.opt_backbone import OPTBackbone, validate_inputs
-from refopt.ops.embedding import lm_head_forward
 
 _AUTO = "auto"
 
@@ -73,9 +72,22 @@ class OPTCausalLM:
                 "name": self.name}
 
     # ------------------------------------------------------------------ forward
+    @property
+    def backend(self):
+        """The backend this model runs on (None: the current one; see :mod:`refopt.backend`)."""
+        return self.backbone.backend
+
+    @backend.setter
+    def backend(self, name):
+        from refopt import backend as _backend
+
+        if name is not None:
+            _backend.resolve(name)
+        self.backbone.backend = name
+
     def __call__(self, inputs, *, tape=None):
         hidden = self.backbone(inputs, tape=tape)
-        return lm_head_forward(hidden, self.backbone.params["embed_tokens"])
+        return self.backbone.ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"])
 
     def predict(self, x, batch_size=None, verbose=None):
         """Logits ``(batch, seq, vocab)`` for a dict of ``token_ids`` / ``padding_mask`` (or strings,
@@ -109,9 +121,10 @@ class OPTCausalLM:
         end = cache_update_index + token_ids.shape[1]
         if padding_mask is None:
             padding_mask = np.ones((token_ids.shape[0], end), bool)
+        ops = self.backbone.ops
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
-                                cache=cache, cache_index=cache_update_index)
-        return lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache
+                                cache=cache, cache_index=cache_update_index, ops=ops)
+        return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache
 
     # ------------------------------------------------------------------ generation
     def generate(self, inputs, max_length=None, stop_token_ids=_AUTO, strip_prompt=False):

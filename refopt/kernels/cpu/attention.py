@@ -1,0 +1,56 @@
+"""Attention with the softmax fused: one pass per (batch, head, query) row computes the masked
+scores, their maximum, the exponentials and the weighted sum of values.  Same contract as
+:func:`refopt.ops.attention.attention_forward`: masked scores are replaced by the dtype's most
+negative finite number, so a fully masked row is uniform and finite.  Serves prefill (S queries)
+and one-token decode against the cache (S = 1, keys and values read in place through strided
+views of the cache)."""
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _attention(q, k, v, mask, out, probs, lowest):
+    # q [B, H, S, K], k, v [B, H, T, K], mask [B, 1, S, T] bool -> out [B, H, S, K], probs [B, H, S, T]
+    B, H, S, K = q.shape
+    T = k.shape[2]
+    for row in prange(B * H * S):
+        b = row // (H * S)
+        h = (row // S) % H
+        s = row % S
+        p = probs[b, h, s]
+        top = lowest
+        for t in range(T):
+            if mask[b, 0, s, t]:
+                acc = q.dtype.type(0)
+                for d in range(K):
+                    acc += q[b, h, s, d] * k[b, h, t, d]
+                p[t] = acc
+            else:
+                p[t] = lowest
+            top = max(top, p[t])
+        total = q.dtype.type(0)
+        for t in range(T):
+            p[t] = np.exp(p[t] - top)
+            total += p[t]
+        for t in range(T):
+            p[t] /= total
+        o = out[b, h, s]
+        for d in range(K):
+            o[d] = 0
+        for t in range(T):
+            w = p[t]
+            if w != 0:
+                for d in range(K):
+                    o[d] += w * v[b, h, t, d]
+
+
+def attention_forward(q, k, v, mask):
+    # q [B, H, S, K] (scaled), k, v [B, H, T, K], mask [B, 1, S, T] -> out [B, H, S, K], probs [B, H, S, T]
+    B, H, S, K = q.shape
+    T = k.shape[2]
+    out = np.empty((B, H, S, K), q.dtype)
+    probs = np.empty((B, H, S, T), q.dtype)
+    _attention(q, k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False),
+               np.ascontiguousarray(mask, dtype=np.bool_), out, probs, np.finfo(q.dtype).min)
+    return out, probs

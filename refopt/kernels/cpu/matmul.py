@@ -1,0 +1,146 @@
+"""Matrix products for decode-sized batches, and for weights stored in float16, bfloat16 or int8.
+
+Large products (prefill, training) go to BLAS through NumPy: they are compute-bound and BLAS is the
+fastest there is.  A decode step multiplies a handful of rows by every weight matrix: that is
+memory-bound, and a simple parallel loop streaming each weight once beats a general GEMV and lets
+the weights be read in two bytes (float16, bfloat16) or one (int8, with a float32 scale per output
+row).  Accumulation is in the activations' dtype (float32 or float64).
+
+Two layouts:
+* ``kio``: a float kernel ``w [I, O]`` as refopt stores it; threads take blocks of 256 outputs and
+  stream the rows of ``w`` once, accumulating all ``M`` rows of ``x``;
+* ``oi``: one contiguous row per output (``data [O, I]``: a :class:`refopt.quant.QuantizedMatrix`,
+  or the token table for the tied head), one dot product per output and row of ``x``.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
+_BLOCK = 256         # outputs per thread block in the kio kernel
+_ROWS = 64           # outputs per task in the oi kernels
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_kio(x, w, out):
+    # x [M, I], w [I, O] -> out [M, O] = x @ w
+    M, I = x.shape
+    O = w.shape[1]
+    for blk in prange((O + _BLOCK - 1) // _BLOCK):
+        o0 = blk * _BLOCK
+        o1 = min(O, o0 + _BLOCK)
+        acc = np.zeros((M, o1 - o0), out.dtype)
+        for i in range(I):
+            for m in range(M):
+                xv = x[m, i]
+                for o in range(o0, o1):
+                    acc[m, o - o0] += xv * w[i, o]
+        out[:, o0:o1] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_oi(x, data, out):
+    # x [M, I], data [O, I] float -> out [M, O] = x @ data.T
+    M, I = x.shape
+    O = data.shape[0]
+    for o in prange(O):
+        for m in range(M):
+            acc = out.dtype.type(0)
+            for i in range(I):
+                acc += x[m, i] * data[o, i]
+            out[m, o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_oi_bf16(x, data, out):
+    # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each task widens 64 rows into a
+    # float32 buffer (bfloat16 is the top half of a float32) and dots them with every row of x
+    M, I = x.shape
+    O = data.shape[0]
+    for task in prange((O + _ROWS - 1) // _ROWS):
+        buf = np.empty(I, np.uint32)
+        f = buf.view(np.float32)
+        for o in range(task * _ROWS, min(O, (task + 1) * _ROWS)):
+            for i in range(I):
+                buf[i] = np.uint32(data[o, i]) << np.uint32(16)
+            for m in range(M):
+                acc = out.dtype.type(0)
+                for i in range(I):
+                    acc += x[m, i] * f[i]
+                out[m, o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_oi_f16(x, data, table, out):
+    # x [M, I], data [O, I] uint16 float16 bits, table [65536] float32 (every float16 value) -> out
+    M, I = x.shape
+    O = data.shape[0]
+    for task in prange((O + _ROWS - 1) // _ROWS):
+        f = np.empty(I, np.float32)
+        for o in range(task * _ROWS, min(O, (task + 1) * _ROWS)):
+            for i in range(I):
+                f[i] = table[data[o, i]]
+            for m in range(M):
+                acc = out.dtype.type(0)
+                for i in range(I):
+                    acc += x[m, i] * f[i]
+                out[m, o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_oi_int8(x, data, scale, out):
+    # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = (x @ data.T) * scale
+    M, I = x.shape
+    O = data.shape[0]
+    for o in prange(O):
+        s = scale[o]
+        for m in range(M):
+            acc = out.dtype.type(0)
+            for i in range(I):
+                acc += x[m, i] * data[o, i]
+            out[m, o] = acc * s
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def bias_act(y, b, relu):
+    # y [M, O] in place: y += b (when b has O entries), then max(y, 0) when relu
+    M, O = y.shape
+    has_bias = b.shape[0] == O
+    for m in prange(M):
+        for o in range(O):
+            v = y[m, o] + b[o] if has_bias else y[m, o]
+            y[m, o] = max(v, 0.0) if relu else v
+
+
+FLOAT16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def matmul_rows(x2, w, transpose_dense: bool):
+    """``x2 [M, I] @ A`` for ``A`` a float matrix (``[I, O]``, or ``[O, I]`` when
+    ``transpose_dense``, i.e. ``x2 @ w.T``) or a QuantizedMatrix; returns ``[M, O]``."""
+    from refopt.quant import QuantizedMatrix
+
+    M = x2.shape[0]
+    if isinstance(w, QuantizedMatrix):
+        data = w.data
+        out = np.empty((M, data.shape[0]), x2.dtype)
+        if M > SMALL_M:                       # compute-bound: widen once, then BLAS
+            return x2 @ w.rows_float32().astype(x2.dtype, copy=False).T
+        x2 = np.ascontiguousarray(x2)
+        if w.kind == "bfloat16":
+            matmul_oi_bf16(x2, data, out)
+        elif w.kind == "float16":
+            matmul_oi_f16(x2, data.view(np.uint16), FLOAT16_TABLE, out)
+        else:
+            matmul_oi_int8(x2, data, w.scale, out)
+        return out
+    if M > SMALL_M or w.dtype != x2.dtype:
+        return x2 @ (w.T if transpose_dense else w)
+    x2 = np.ascontiguousarray(x2)
+    if transpose_dense:
+        out = np.empty((M, w.shape[0]), x2.dtype)
+        matmul_oi(x2, w, out)
+    else:
+        out = np.empty((M, w.shape[1]), x2.dtype)
+        matmul_kio(x2, w, out)
+    return out

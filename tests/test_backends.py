@@ -1,0 +1,96 @@
+"""Backend selection, and whole-model agreement of the Numba backend with the NumPy reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import refopt
+from conftest import shared_path
+from refopt import backend
+from refopt.errors import BackendError, ConfigError
+from refopt.model import init_params, logits_forward, new_cache
+from refopt.models import OPTCausalLM
+from tests_support import random_config
+
+NUMPY, NUMBA = backend.ops("numpy"), backend.ops("numba")
+
+
+def test_selection_order(monkeypatch):
+    monkeypatch.delenv("REFOPT_BACKEND", raising=False)
+    assert backend.get_backend() == "numba"                 # auto: the fastest available
+    monkeypatch.setenv("REFOPT_BACKEND", "numpy")
+    assert backend.get_backend() == "numpy"
+    refopt.set_backend("numba")
+    try:
+        assert backend.get_backend() == "numba"             # set_backend beats the environment
+        with refopt.use_backend("numpy"):
+            assert backend.get_backend() == "numpy"         # the context manager beats both
+            assert backend.resolve("numba") == "numba"      # a model's own choice beats everything
+        assert backend.get_backend() == "numba"
+    finally:
+        refopt.set_backend("auto")
+    assert backend.ops("numpy") is refopt.ops
+
+
+def test_unknown_backend_errors(monkeypatch):
+    with pytest.raises(BackendError, match="backend 'tpu'"):
+        refopt.set_backend("tpu")
+    with pytest.raises(BackendError, match="backend 'gpu'"):
+        with refopt.use_backend("gpu"):
+            pass
+    monkeypatch.setenv("REFOPT_BACKEND", "fortran")
+    with pytest.raises(BackendError, match="backend 'fortran'"):
+        backend.get_backend()
+    with pytest.raises(BackendError):
+        OPTCausalLM.from_preset(shared_path("fixtures", "hf", "opt-tiny-preln"), backend="tpu")
+
+
+@pytest.mark.parametrize("name", ["opt-tiny-preln", "opt-tiny-postln-proj"])
+def test_fixture_logits_agree(name):
+    e = np.load(shared_path("fixtures", "hf", name, "expected.npz"))
+    x = {"token_ids": e["token_ids"], "padding_mask": e["left_padding_mask"]}
+    out = {}
+    for b in ("numpy", "numba"):
+        lm = OPTCausalLM.from_preset(shared_path("fixtures", "hf", name), dtype="float64", backend=b)
+        out[b] = lm.predict(x)
+    real = x["padding_mask"].astype(bool)
+    assert np.abs(out["numba"] - e["left_logits_f64"])[real].max() <= 1e-10
+    rel = np.abs(out["numba"] - out["numpy"])[real].max() / np.abs(out["numpy"][real]).max()
+    assert rel <= 1e-12
+
+
+@settings(max_examples=25)
+@given(cfg=random_config(dtype="float64"), data=st.data())
+def test_decode_with_cache_agrees(cfg, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    params = init_params(cfg, seed=1, std=0.5)
+    B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 10))
+    ids = rng.integers(0, cfg.vocabulary_size, (B, T))
+    mask = np.ones((B, T), bool)
+    mask[0, : data.draw(st.integers(0, T - 1))] = False                   # left padding in row 0
+    outs = {}
+    for name, ops in (("numpy", NUMPY), ("numba", NUMBA)):
+        cache = new_cache(cfg, B, T, np.float64)
+        steps = [logits_forward(params, cfg, ids[:, :1], mask, cache=cache, cache_index=0, ops=ops)]
+        for t in range(1, T):
+            steps.append(logits_forward(params, cfg, ids[:, t:t + 1], mask, cache=cache, cache_index=t, ops=ops))
+        outs[name] = np.concatenate(steps, axis=1)
+    scale = np.abs(outs["numpy"]).max()
+    assert np.abs(outs["numba"] - outs["numpy"]).max() <= 1e-12 * scale
+
+
+def test_weights_dtype_logits_error_and_greedy_text():
+    path = shared_path("fixtures", "hf", "opt-tiny-realvocab")
+    ref = OPTCausalLM.from_preset(path, preprocessor=None)
+    ids = np.array([[2, 31414, 232, 6, 38, 524, 10]])
+    base = ref.predict({"token_ids": ids})
+    for weights_dtype, bound in (("bfloat16", 0.05), ("float16", 0.01), ("int8", 0.05)):
+        lm = OPTCausalLM.from_preset(path, preprocessor=None, weights_dtype=weights_dtype)
+        assert lm.backbone.weights_dtype == weights_dtype
+        err = np.abs(lm.predict({"token_ids": ids}) - base).max() / np.abs(base).max()
+        assert err <= bound, (weights_dtype, err)
+        # the NumPy reference computes with the dequantised weights: same logits as the kernels
+        with refopt.use_backend("numpy"):
+            assert np.abs(lm.predict({"token_ids": ids}) - base).max() / np.abs(base).max() <= bound
+    with pytest.raises(ConfigError, match="weights_dtype='int4'"):
+        OPTCausalLM.from_preset(path, preprocessor=None, weights_dtype="int4")

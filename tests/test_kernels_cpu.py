@@ -1,0 +1,177 @@
+"""Every Numba CPU kernel against the NumPy reference op of the same name (hypothesis): float64
+within 1e-12 relative, float32 within 1e-5, sampler choices identical."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import refopt.kernels.cpu as nb
+import refopt.ops as ref
+from refopt import random as prandom
+from refopt.quant import QuantizedMatrix
+from refopt.samplers.sampler import top_k_mask as ref_top_k_mask
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+def close(a, b, dtype, what, scale=None):
+    """max|a - b| relative to ``scale`` (default max|b|: pass the natural scale of the terms where
+    the result is a cancellation, e.g. LayerNorm's input gradient)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(initial=0.0) if scale is None else scale, 1e-30)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    err = np.abs(a - b).max(initial=0.0) / scale
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def arrays(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@settings(max_examples=40)
+@given(dtype=DTYPES, B=st.integers(1, 3), H=st.integers(1, 3), S=st.integers(1, 7), extra=st.integers(0, 5),
+       K=st.integers(1, 9), seed=st.integers(0, 2**16), left=st.booleans())
+def test_attention(dtype, B, H, S, extra, K, seed, left):
+    rng = np.random.default_rng(seed)
+    T = S + extra                                              # queries are the last S of T keys
+    q, k, v = arrays(rng, (B, H, S, K), dtype), arrays(rng, (B, H, T, K), dtype), arrays(rng, (B, H, T, K), dtype)
+    lengths = rng.integers(0, T + 1, B)                        # 0: a row of padding only
+    cols = np.arange(T)
+    key_mask = np.stack([(cols >= T - n) if left else (cols < n) for n in lengths])
+    mask = ref.attention_mask(key_mask, np.arange(extra, T))
+    out, probs = nb.attention_forward(q, k, v, mask)
+    r_out, r_probs = ref.attention_forward(q, k, v, mask)
+    assert np.isfinite(out).all()
+    close(probs, r_probs, dtype, "probs")
+    close(out, r_out, dtype, "out")
+    # strided key/value views (how decode reads the cache) give the same result
+    kt = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    close(nb.attention_forward(q, kt, v, mask)[0], r_out, dtype, "strided out")
+
+
+@settings(max_examples=40)
+@given(dtype=DTYPES, N=st.integers(1, 9), D=st.integers(1, 33), affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_layernorm_forward_backward(dtype, N, D, affine, seed):
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (N, 2, D), dtype, 3.0) + 1.0
+    gamma = arrays(rng, (D,), dtype) if affine else None
+    beta = arrays(rng, (D,), dtype) if affine else None
+    close(nb.layernorm_forward(x, gamma, beta, 1e-5), ref.layernorm_forward(x, gamma, beta, 1e-5), dtype, "y")
+    d_y = arrays(rng, x.shape, dtype)
+    ours, theirs = nb.layernorm_backward(d_y, x, gamma, 1e-5), ref.layernorm_backward(d_y, x, gamma, 1e-5)
+    # d_x = rstd * (g - mean(g) - xhat * mean(g * xhat)) cancels (exactly, for D <= 2): measure
+    # it against the size of its terms, rstd * |g|
+    x64 = x.astype(np.float64)
+    rstd = 1 / np.sqrt(x64.var(axis=-1) + 1e-5)
+    g = np.abs(d_y * (gamma if affine else 1)).max()
+    scales = (rstd.max() * g, None, None)
+    for a, b, what, scale in zip(ours, theirs, ("d_x", "d_gamma", "d_beta"), scales):
+        assert (a is None) == (b is None)
+        if a is not None:
+            close(a, b, dtype, what, scale)
+
+
+@settings(max_examples=30)
+@given(dtype=DTYPES, B=st.integers(1, 3), S=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16))
+def test_cross_entropy(dtype, B, S, V, seed):
+    rng = np.random.default_rng(seed)
+    logits = arrays(rng, (B, S, V), dtype, 4.0)
+    targets = rng.integers(0, V, (B, S))
+    ce, probs = nb.cross_entropy_forward(logits, targets)
+    r_ce, r_probs = ref.cross_entropy_forward(logits, targets)
+    close(ce, r_ce, dtype, "ce")
+    close(probs, r_probs, dtype, "probs")
+    d_ce = arrays(rng, (B, S), dtype)
+    close(nb.cross_entropy_backward(d_ce, probs, targets), ref.cross_entropy_backward(d_ce, r_probs, targets),
+          dtype, "d_logits")
+
+
+@settings(max_examples=30)
+@given(dtype=DTYPES, V=st.integers(1, 40), E=st.integers(1, 70), N=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_embedding_gather_scatter(dtype, V, E, N, seed):
+    rng = np.random.default_rng(seed)
+    table = arrays(rng, (V, E), dtype)
+    ids = rng.integers(0, V, (2, N))
+    assert np.array_equal(nb.embedding_forward(table, ids), ref.embedding_forward(table, ids))
+    d_out = arrays(rng, (2, N, E), dtype)
+    close(nb.embedding_backward(d_out, ids, V), ref.embedding_backward(d_out, ids, V), dtype, "d_table")
+
+
+@settings(max_examples=40)
+@given(dtype=DTYPES, M=st.integers(1, 20), I=st.integers(1, 70), O=st.integers(1, 600), bias=st.booleans(),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_and_head(dtype, M, I, O, bias, relu, seed):
+    rng = np.random.default_rng(seed)
+    x, w = arrays(rng, (M, I), dtype), arrays(rng, (I, O), dtype)
+    b = arrays(rng, (O,), dtype) if bias else None
+    fn, rfn = (nb.linear_relu_forward, ref.linear_relu_forward) if relu else (nb.linear_forward, ref.linear_forward)
+    close(fn(x, w, b), rfn(x, w, b), dtype, "linear")
+    table = arrays(rng, (O, I), dtype)
+    close(nb.lm_head_forward(x[None], table), ref.lm_head_forward(x[None], table), dtype, "head")
+
+
+@settings(max_examples=40)
+@given(kind=st.sampled_from(["bfloat16", "float16", "int8"]), M=st.integers(1, 20), I=st.integers(1, 70),
+       O=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_quantized_products(kind, M, I, O, seed):
+    # the kernels read the stored bytes; the reference multiplies by the dequantised float32 matrix
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (M, I), np.float32)
+    kernel = QuantizedMatrix.quantize(arrays(rng, (I, O), np.float32), kind, transposed=True)
+    b = arrays(rng, (O,), np.float32)
+    close(nb.linear_forward(x, kernel, b), ref.linear_forward(x, np.asarray(kernel), b), np.float32, "linear")
+    table = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind, transposed=False)
+    close(nb.lm_head_forward(x[None], table), x[None] @ np.asarray(table).T, np.float32, "head")
+    ids = rng.integers(0, O, (1, 5))
+    assert np.array_equal(nb.embedding_forward(table, ids), np.asarray(table)[ids])
+
+
+def test_quantization_error_is_small():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 96)).astype(np.float32)
+    for kind, bound in (("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)):
+        err = np.abs(np.asarray(QuantizedMatrix.quantize(a, kind, True)) - a).max() / np.abs(a).max()
+        assert err <= bound, (kind, err)
+
+
+# ---------------------------------------------------------------------------------- sampling
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
+       rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
+def test_philox_uniforms(seed, step, stream, rows):
+    assert np.array_equal(nb.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+
+
+def _probabilities(rng, B, V, ties):
+    logits = rng.standard_normal((B, V)) * 2
+    if ties:
+        logits = np.round(logits)                       # many exact ties
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@settings(max_examples=50)
+@given(B=st.integers(1, 4), V=st.integers(1, 200), ties=st.booleans(), seed=st.integers(0, 2**16),
+       k=st.integers(1, 250), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
+def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
+    from refopt.samplers import MinPSampler, TopPSampler
+
+    rng = np.random.default_rng(seed)
+    p = _probabilities(rng, B, V, ties)
+    assert np.array_equal(nb.top_k_mask(p, k), ref_top_k_mask(p, k))
+    for kk in (None, k):
+        assert np.array_equal(nb.top_p_distribution(p, top_p, kk),
+                              TopPSampler(p=top_p, k=kk).next_token_distribution(p))
+    assert np.array_equal(nb.min_p_distribution(p, min_p, keep),
+                          MinPSampler(min_p=min_p, min_tokens_to_keep=keep).next_token_distribution(p))
+    u = rng.random(B)
+    w = np.where(nb.top_k_mask(p, k), p, 0.0)
+    assert np.array_equal(nb.choose(w, u), prandom.choose(w, u))
+    assert np.array_equal(nb.choose(p, np.zeros(B)), prandom.choose(p, np.zeros(B)))
+
+
+def test_choose_rejects_bad_weights():
+    from refopt.errors import SamplerError
+
+    with pytest.raises(SamplerError, match="row 1"):
+        nb.choose(np.array([[0.5, 0.5], [np.nan, 1.0]]), np.array([0.1, 0.2]))
