@@ -198,7 +198,7 @@ class Optimizer:
             for k in self._names:
                 if self._use_weight_decay(k):
                     var = params[k]
-                    params[k] = var - var * var.dtype.type(self.weight_decay) * var.dtype.type(lr)
+                    params[k] = var - var * var.dtype.type(self.weight_decay * lr)
         for k in self._names:
             params[k] = self.update_step(grads[k].astype(params[k].dtype, copy=False), params[k], lr,
                                          self._slots[k])
@@ -248,7 +248,11 @@ class Adam(Optimizer):
         if self.amsgrad:
             np.maximum(slots["v_hat"], v, out=slots["v_hat"])
             v = slots["v_hat"]
-        return var - (m * dt(alpha)) / (np.sqrt(v) + dt(self.epsilon))
+        denom = np.sqrt(v)
+        denom += dt(self.epsilon)
+        step = m * dt(alpha)
+        step /= denom
+        return var - step                                       # m * alpha / (sqrt(v) + epsilon)
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,

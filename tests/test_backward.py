@@ -7,6 +7,8 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from conftest import shared_path
+from refopt import backend
+from refopt.backend import BACKENDS
 from refopt.backward import backward
 from refopt.config import OPTConfig
 from refopt.errors import InputError, InputTypeError
@@ -22,7 +24,10 @@ from refopt.ops.linear import linear_backward, linear_forward
 from refopt.ops.loss import cross_entropy_backward, cross_entropy_forward
 from refopt.training import loss_and_gradients
 
+import refopt.ops as reference  # the NumPy ops: finite differences check the reference backward
+
 RTOL = 1e-6  # finite differences (five-point stencil, float64)
+BACKENDS = [name for name in BACKENDS if backend.available(name) and name != "cuda"]
 
 
 def five_point(f, x, direction, h=1e-4):
@@ -166,7 +171,8 @@ def loss_and_kinks(params, cfg, x, y, sw, dropout_seed):
     every ReLU input (finite differences are only valid when it does not change)."""
     tape = {}
     rng = np.random.default_rng(dropout_seed) if dropout_seed is not None else None
-    hidden = forward(params, cfg, x["token_ids"], x["padding_mask"], tape=tape, dropout_rng=rng)
+    hidden = forward(params, cfg, x["token_ids"], x["padding_mask"], tape=tape, dropout_rng=rng,
+                     ops=reference)
     logits = hidden @ params["embed_tokens"].T
     m = logits.max(-1, keepdims=True)
     lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
@@ -183,7 +189,7 @@ def test_model_gradients_match_finite_differences(cfg, seed, B, S):
     x, y, sw = random_batch(rng, cfg, B, S)
     dropout_seed = seed if cfg.dropout else None
     _, base_signs = loss_and_kinks(params, cfg, x, y, sw, dropout_seed)
-    loss, grads = loss_and_gradients(params, cfg, x, y, sw,
+    loss, grads = loss_and_gradients(params, cfg, x, y, sw, ops=reference,
                                      dropout_rng=np.random.default_rng(seed) if cfg.dropout else None)
     assert set(grads) == set(params)
     assert np.isclose(loss, loss_and_kinks(params, cfg, x, y, sw, dropout_seed)[0], rtol=1e-13)
@@ -226,6 +232,22 @@ def test_dropout_is_reproducible_and_changes_the_gradient():
     assert a[0] == b[0] and all((a[1][k] == b[1][k]).all() for k in params)
     assert a[0] != c[0]
     assert c[0] == loss_and_gradients(params, cfg, x, y, sw)[0]
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs a second backend (numba) to compare with NumPy")
+@settings(max_examples=10)
+@given(cfg=tiny_configs(), seed=st.integers(0, 2**16), B=st.integers(1, 3), S=st.integers(1, 8))
+def test_backends_give_the_same_gradients(cfg, seed, B, S):
+    params = random_params(cfg, seed)
+    x, y, sw = random_batch(np.random.default_rng(seed), cfg, B, S)
+    drop = (lambda: np.random.default_rng(seed)) if cfg.dropout else (lambda: None)
+    ref_loss, ref = loss_and_gradients(params, cfg, x, y, sw, dropout_rng=drop(), ops=reference)
+    for name in BACKENDS[1:]:
+        loss, grads = loss_and_gradients(params, cfg, x, y, sw, dropout_rng=drop(), ops=backend.ops(name))
+        assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+        largest = max(np.abs(g).max() for g in ref.values())
+        for k in ref:
+            assert np.abs(grads[k] - ref[k]).max() <= 1e-10 * max(np.abs(ref[k]).max(), 1e-3 * largest), k
 
 
 def test_float32_gradients_follow_float64():
@@ -317,10 +339,11 @@ def _assert_matches_fixture_gradients(grads_hf, e, tol=1e-9):
         assert err <= tol, f"{name}: relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("name", HF_MODELS)
-def test_fixture_loss_and_gradients(name):
+def test_fixture_loss_and_gradients(name, backend_name):
     cfg, params, e, x, y, sw = _fixture(name)
-    loss, grads = loss_and_gradients(params, cfg, x, y, sw)
+    loss, grads = loss_and_gradients(params, cfg, x, y, sw, ops=backend.ops(backend_name))
     assert abs(loss - float(e["loss_f64"])) <= 1e-9 * abs(float(e["loss_f64"]))
     hf = grads_to_huggingface(grads, cfg)
     # the two offset position rows of transformers' table never receive gradient

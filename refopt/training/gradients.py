@@ -23,12 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from refopt import backend
 from refopt.backward import backward
 from refopt.config import OPTConfig
-from refopt.errors import InputError, InputTypeError
+from refopt.errors import InputError, InputTypeError, TrainingError
 from refopt.model import forward
-from refopt.ops.embedding import lm_head_backward, lm_head_forward
-from refopt.ops.loss import cross_entropy_backward, cross_entropy_forward
 
 REDUCTIONS = ("mean_with_sample_weight", "sum_over_batch_size", "sum")
 
@@ -111,18 +110,29 @@ def check_batch(cfg: OPTConfig, x, y, sample_weight=None, dtype=np.float32) -> B
     return Batch(ids, mask.astype(bool), y, sw)
 
 
+def check_trainable(params, what="params"):
+    """Raise :class:`TrainingError` unless every parameter is a floating-point NumPy array (a
+    quantised model, :meth:`OPTBackbone.quantize`, can run but not be differentiated)."""
+    for name, p in params.items():
+        if not isinstance(p, np.ndarray) or not np.issubdtype(p.dtype, np.floating):
+            raise TrainingError(f"{what}[{name!r}] is a {type(p).__name__}, not a float array: a "
+                                "quantised model cannot be trained; quantize('float32') first")
+
+
 def forward_backward(params, cfg: OPTConfig, batch: Batch, *, dropout_rng=None,
-                     reduction: str = "mean_with_sample_weight") -> StepResult:
-    """One forward and backward pass over a checked :class:`Batch` (see :func:`check_batch`)."""
+                     reduction: str = "mean_with_sample_weight", ops=None) -> StepResult:
+    """One forward and backward pass over a checked :class:`Batch` (see :func:`check_batch`), on
+    the ops namespace ``ops`` (default: the current backend's, as :func:`refopt.model.forward`)."""
     if reduction not in REDUCTIONS:
         raise InputError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
+    ops = backend.ops() if ops is None else ops
     dtype = params["embed_tokens"].dtype
     sw = batch.sample_weight.astype(dtype, copy=False)                        # [B, S]
     tape: dict = {}
     hidden = forward(params, cfg, batch.token_ids, batch.padding_mask, tape=tape,
-                     dropout_rng=dropout_rng)                                 # [B, S, E]
-    logits = lm_head_forward(hidden, params["embed_tokens"])                  # [B, S, V]
-    ce, probs = cross_entropy_forward(logits, batch.y)                        # [B, S], [B, S, V]
+                     dropout_rng=dropout_rng, ops=ops)                        # [B, S, E]
+    logits = ops.lm_head_forward(hidden, params["embed_tokens"])              # [B, S, V]
+    ce, probs = ops.cross_entropy_forward(logits, batch.y)                    # [B, S], [B, S, V]
     if reduction == "mean_with_sample_weight":
         divisor = float(sw.sum())
     elif reduction == "sum_over_batch_size":
@@ -132,17 +142,18 @@ def forward_backward(params, cfg: OPTConfig, batch: Batch, *, dropout_rng=None,
     if divisor == 0.0:  # no position counts: Keras's divide_no_nan gives 0, and so does the gradient
         return StepResult(0.0, {k: np.zeros_like(v) for k, v in params.items()}, logits, batch)
     loss = float((sw * ce).sum(dtype=np.float64) / divisor)                  # accumulated in float64
-    d_logits = cross_entropy_backward((sw / dtype.type(divisor)).astype(dtype), probs, batch.y)
+    d_logits = ops.cross_entropy_backward((sw / dtype.type(divisor)).astype(dtype), probs, batch.y)
     del probs
-    d_hidden, d_head = lm_head_backward(d_logits, hidden, params["embed_tokens"])  # tied head
+    d_hidden, d_head = ops.lm_head_backward(d_logits, hidden, params["embed_tokens"])  # tied head
     del d_logits
-    grads = backward(params, cfg, tape, d_hidden)
-    grads["embed_tokens"] = grads["embed_tokens"] + d_head.astype(dtype, copy=False)
+    # the embedding lookup's gradient is added into the head's: embed_tokens gets both
+    grads = backward(params, cfg, tape, d_hidden, d_embed_tokens=d_head.astype(dtype, copy=False),
+                     ops=ops)
     return StepResult(loss, grads, logits, batch)
 
 
 def loss_and_gradients(params, cfg: OPTConfig, x, y, sample_weight=None, dropout_rng=None, *,
-                       reduction: str = "mean_with_sample_weight"):
+                       reduction: str = "mean_with_sample_weight", ops=None):
     """``(loss, grads)`` for one batch.
 
     params         refopt's flat parameter dict (float32 or float64; the computation runs in the
@@ -153,11 +164,14 @@ def loss_and_gradients(params, cfg: OPTConfig, x, y, sample_weight=None, dropout
     dropout_rng    a ``numpy.random.Generator``: training mode, dropout active (``cfg.dropout``);
                    None: inference mode, deterministic
     reduction      see the module docstring; the default is ``sum(w * CE) / sum(w)``
+    ops            the ops namespace (``refopt.ops`` for the NumPy reference, or a backend's);
+                   default: the current backend's (:mod:`refopt.backend`)
 
     ``grads`` is keyed by refopt's names, with the params' shapes; the tied LM head's gradient is
     inside ``grads["embed_tokens"]``.  ``refopt.io.huggingface.grads_to_huggingface`` renames them.
     """
+    check_trainable(params)
     dtype = params["embed_tokens"].dtype
     batch = check_batch(cfg, x, y, sample_weight, dtype)
-    result = forward_backward(params, cfg, batch, dropout_rng=dropout_rng, reduction=reduction)
+    result = forward_backward(params, cfg, batch, dropout_rng=dropout_rng, reduction=reduction, ops=ops)
     return result.loss, result.grads

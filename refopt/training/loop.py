@@ -34,10 +34,11 @@ import warnings
 
 import numpy as np
 
+from refopt import backend
 from refopt.errors import InputError, InputTypeError, TrainingError
 from refopt.model import logits_forward
-from refopt.ops.loss import accuracy, cross_entropy_forward
-from refopt.training.gradients import Batch, check_batch, forward_backward
+from refopt.ops.loss import accuracy
+from refopt.training.gradients import Batch, check_batch, check_trainable, forward_backward
 from refopt.training.history import History
 
 DEFAULT_BATCH_SIZE = 32  # Keras's default when batch_size is None
@@ -105,11 +106,13 @@ def _unpack_validation(validation_data):
 
 
 def _model_parts(model):
+    """``(params, config, ops)``: ops is the namespace of the model's backend (``backbone.ops``)."""
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(backbone, "params") or not hasattr(backbone, "config"):
         raise InputTypeError(f"expected an OPTCausalLM (with .backbone.params and .backbone.config), "
                              f"got {type(model).__name__}")
-    return backbone.params, backbone.config
+    ops = getattr(backbone, "ops", None) or backend.ops()
+    return backbone.params, backbone.config, ops
 
 
 def _optimizer(model):
@@ -172,13 +175,13 @@ def _format(logs):
 
 
 # ------------------------------------------------------------------------------- loops
-def _evaluate_batches(params, cfg, batch: Batch, batch_size, progress=None) -> _Trackers:
+def _evaluate_batches(params, cfg, ops, batch: Batch, batch_size, progress=None) -> _Trackers:
     trackers = _Trackers()
     n = batch.y.shape[0]
     for start in range(0, n, batch_size):
         b = _slice(batch, slice(start, start + batch_size))
-        logits = logits_forward(params, cfg, b.token_ids, b.padding_mask)
-        ce, _ = cross_entropy_forward(logits, b.y)
+        logits = logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops)
+        ce, _ = ops.cross_entropy_forward(logits, b.y)
         loss = float((b.sample_weight.astype(np.float64) * ce).sum() / ce.size)  # sum_over_batch_size
         trackers.update(loss, logits, b)
         if progress is not None:
@@ -209,7 +212,8 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
     those before that step.  The optimizer is ``model.optimizer``; the parameters in
     ``model.backbone.params`` are replaced by their updated arrays after every step.
     """
-    params, cfg = _model_parts(model)
+    params, cfg, ops = _model_parts(model)
+    check_trainable(params, "model.backbone.params")
     batch_size = _check_batch_size(batch_size)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise InputError(f"epochs={epochs!r}: expected an integer >= 1")
@@ -245,7 +249,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
             for step in range(steps):
                 b = _slice(data, order[step * batch_size:(step + 1) * batch_size])
                 res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
-                                       reduction="sum_over_batch_size")
+                                       reduction="sum_over_batch_size", ops=ops)
                 if not math.isfinite(res.loss):
                     raise TrainingError(
                         f"non-finite loss ({res.loss}) at epoch {epoch + 1}, step {step + 1} of "
@@ -258,7 +262,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
                     progress.set_postfix(trackers.logs(), refresh=False)
             logs = trackers.logs()
             if val is not None:
-                logs.update(_evaluate_batches(model.backbone.params, cfg, val, batch_size).logs("val_"))
+                logs.update(_evaluate_batches(model.backbone.params, cfg, ops, val, batch_size).logs("val_"))
             if progress is not None:
                 progress.set_postfix(logs, refresh=True)
         finally:
@@ -274,7 +278,7 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
              return_dict=False):
     """Loss and accuracy of ``model`` on ``x`` (evaluation mode), reduced as :func:`fit` reports
     them: ``[loss, sparse_categorical_accuracy]``, or a dict with ``return_dict=True`` (Keras)."""
-    params, cfg = _model_parts(model)
+    params, cfg, ops = _model_parts(model)
     batch_size = _check_batch_size(batch_size)
     verbose = _verbosity(verbose)
     x, y, sample_weight = _preprocess(model, x, y, sample_weight)
@@ -286,7 +290,7 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
 
         progress = tqdm(total=steps, desc="Evaluate", unit="step", file=sys.stdout, leave=True)
     try:
-        logs = _evaluate_batches(params, cfg, data, batch_size, progress).logs()
+        logs = _evaluate_batches(params, cfg, ops, data, batch_size, progress).logs()
     finally:
         if progress is not None:
             progress.close()
@@ -298,7 +302,7 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
 def predict(model, x, batch_size=None, verbose="auto"):
     """Logits ``[N, S, V]`` (the model's dtype) for ``x``: strings (through the preprocessor, whose
     ``y`` and ``sample_weight`` are dropped) or ``{"token_ids", "padding_mask"}``; evaluation mode."""
-    params, cfg = _model_parts(model)
+    params, cfg, ops = _model_parts(model)
     batch_size = _check_batch_size(batch_size)
     verbose = _verbosity(verbose)
     x, _, _ = _preprocess(model, x, None, None)
@@ -315,7 +319,7 @@ def predict(model, x, batch_size=None, verbose="auto"):
     try:
         for start in range(0, n, batch_size):
             b = _slice(data, slice(start, start + batch_size))
-            out.append(logits_forward(params, cfg, b.token_ids, b.padding_mask))
+            out.append(logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops))
             if progress is not None:
                 progress.update(1)
     finally:
@@ -337,9 +341,9 @@ def loss_and_gradients_for_model(model, x, y=None, sample_weight=None, naming="r
 
     if naming not in ("refopt", "huggingface"):
         raise InputError(f"naming={naming!r}: expected 'refopt' or 'huggingface'")
-    params, cfg = _model_parts(model)
+    params, cfg, ops = _model_parts(model)
     x, y, sample_weight = _preprocess(model, x, y, sample_weight)
-    loss, grads = loss_and_gradients(params, cfg, x, y, sample_weight)
+    loss, grads = loss_and_gradients(params, cfg, x, y, sample_weight, ops=ops)
     if naming == "huggingface":
         grads = grads_to_huggingface(grads, cfg)
     return loss, grads
