@@ -379,57 +379,79 @@ def _class_at(data, p, tables):
 
 
 @njit(cache=True, inline="always")
+def _word_end(data, p, stop, tables):
+    """End of the word that starts at data[p], as GPT-2's pattern cuts it."""
+    b0 = data[p]
+    if b0 == 39 and p + 1 < stop:  # "'": 's 't 'm 'd 're 've 'll (lower case only)
+        b1 = data[p + 1]
+        if b1 == 115 or b1 == 116 or b1 == 109 or b1 == 100:
+            return p + 2
+        if p + 2 < stop:
+            b2 = data[p + 2]
+            if (b2 == 101 and (b1 == 114 or b1 == 118)) or (b1 == 108 and b2 == 108):
+                return p + 3
+    if b0 == 32 and p + 1 < stop:  # " ?" then a run of one class
+        c1, w = _class_at(data, p + 1, tables)
+        if c1 != SPACE:
+            q = p + 1 + w
+            while q < stop:
+                c, w = _class_at(data, q, tables)
+                if c != c1:
+                    break
+                q += w
+            return q
+    c0, w = _class_at(data, p, tables)
+    q = p + w
+    if c0 != SPACE:  # a run of letters, numbers or others
+        while q < stop:
+            c, w = _class_at(data, q, tables)
+            if c != c0:
+                break
+            q += w
+        return q
+    last = p  # whitespace: the run, less its last character when text follows
+    while q < stop:
+        c, w = _class_at(data, q, tables)
+        if c != SPACE:
+            break
+        last = q
+        q += w
+    if q < stop and last > p:
+        return last
+    return q
+
+
+@njit(cache=True)
 def _encode_range(data, start, stop, tables, state, out, o):
     """Split data[start:stop] as GPT-2's pattern does and encode each word; returns new o."""
     p = start
     while p < stop:
-        b0 = data[p]
-        q = -1
-        if b0 == 39 and p + 1 < stop:  # "'": 's 't 'm 'd 're 've 'll (lower case only)
-            b1 = data[p + 1]
-            if b1 == 115 or b1 == 116 or b1 == 109 or b1 == 100:
-                q = p + 2
-            elif p + 2 < stop:
-                b2 = data[p + 2]
-                if (b2 == 101 and (b1 == 114 or b1 == 118)) or (b1 == 108 and b2 == 108):
-                    q = p + 3
-        if q < 0 and b0 == 32 and p + 1 < stop:  # " ?" then a run of one class
-            c1, w = _class_at(data, p + 1, tables)
-            if c1 != SPACE:
-                q = p + 1 + w
-                while q < stop:
-                    c, w = _class_at(data, q, tables)
-                    if c != c1:
-                        break
-                    q += w
-        if q < 0:
-            c0, w = _class_at(data, p, tables)
-            q = p + w
-            if c0 != SPACE:  # a run of letters, numbers or others
-                while q < stop:
-                    c, w = _class_at(data, q, tables)
-                    if c != c0:
-                        break
-                    q += w
-            else:  # whitespace: the run, less its last character when text follows
-                last = p
-                while q < stop:
-                    c, w = _class_at(data, q, tables)
-                    if c != SPACE:
-                        break
-                    last = q
-                    q += w
-                if q < stop and last > p:
-                    q = last
+        q = _word_end(data, p, stop, tables)
         o = _emit_word(data, p, q, tables, state, out, o)
         p = q
     return o
 
 
 @njit(cache=True)
+def split_words(data, tables):
+    """Byte offsets where the words of the UTF-8 text start (and its length, last): the scanner
+    alone, for tests against the regex."""
+    bounds = np.empty(len(data) + 1, dtype=np.int64)
+    n = 0
+    p = 0
+    while p < len(data):
+        bounds[n] = p
+        n += 1
+        p = _word_end(data, p, len(data), tables)
+    bounds[n] = len(data)
+    return bounds[:n + 1].copy()
+
+
+@njit(cache=True)
 def encode_one(data, tables, state, out):
     """Encode one UTF-8 text into out (len(out) >= len(data)); returns the number of ids."""
-    return _encode_range(data, 0, len(data), tables, state, out, 0)
+    zero = np.int64(0)
+    return _encode_range(data, zero, np.int64(len(data)), tables, state, out, zero)
 
 
 @njit(cache=True)
@@ -438,7 +460,7 @@ def encode_many(data, bounds, tables, state, out, ends):
 
     ``ends[i]`` receives the end of segment i's ids in ``out``; returns the number of ids.
     """
-    o = 0
+    o = np.int64(0)
     for g in range(len(bounds) - 1):
         o = _encode_range(data, bounds[g], bounds[g + 1], tables, state, out, o)
         ends[g] = o

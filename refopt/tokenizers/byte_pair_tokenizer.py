@@ -504,6 +504,13 @@ class BytePairTokenizer:
         ``tokenizer_config.json`` (``GPT2Tokenizer``) and ``special_tokens_map.json``."""
         save_transformers_tokenizer(self, path)
 
+    save_to_huggingface = export_to_transformers
+
+    def incremental_detokenizer(self, skip_special_tokens: bool = False):
+        """A :class:`refopt.tokenizers.IncrementalDetokenizer` over this tokenizer."""
+        from refopt.tokenizers.incremental import IncrementalDetokenizer
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
     def __repr__(self):
         size = None if self._tables is None else self.vocabulary_size()
         return (f"{type(self).__name__}(vocabulary_size={size}, sequence_length="
