@@ -434,7 +434,7 @@ def test_bad_inputs():
             tokenizer(bad)
     with pytest.raises(TokenizerError, match="UTF-8"):
         tokenizer("abc\ud800def")
-    with pytest.raises(TokenizerError, match="UTF-8"):
+    with pytest.raises(TokenizerError, match="input 1 .*UTF-8.*index 0"):
         opt(compiled=False)(["fine", "\udfff"])
     with pytest.raises(TokenizerError, match="50265"):
         tokenizer.detokenize([31414, 50265])

@@ -27,8 +27,9 @@ array ``state`` (layouts below, built by :func:`pack_tables` and :func:`new_stat
 
 ``state``::
 
-    [0:8]              header: words cached, overflow ids used, slot count, overflow size
-    scratch            3 x SCRATCH int64 for the merge loop of one word
+    [0:8]              header: words cached, overflow ids used, slot count, overflow size,
+                       where the slots and the overflow start
+    scratch            2 x SCRATCH int64 for the merge loop of one word (symbols, pair entries)
     slots              4 int64 per cached word: its bytes (up to 16, little-endian, zero padded)
                        in two words, n | m << 8 | first id << 16 (0: empty slot), then the
                        second id or, for words of more than two ids, where they start in overflow
@@ -83,10 +84,10 @@ def pack_tables(byte_ids, index, blocks, pair_keys, pair_ranks, pair_new, long_w
 
 def new_state(slots=1 << 16, overflow=1 << 16):
     """Scratch space and an empty word cache (``slots`` a power of two); 2.6 MB by default."""
-    state = np.zeros(HEADER + 3 * SCRATCH + 4 * slots + overflow, dtype=np.int64)
+    state = np.zeros(HEADER + 2 * SCRATCH + 4 * slots + overflow, dtype=np.int64)
     state[S_SLOTS], state[S_OVERFLOW_SIZE] = slots, overflow
-    state[S_SLOTS_AT] = HEADER + 3 * SCRATCH
-    state[S_OVERFLOW_AT] = HEADER + 3 * SCRATCH + 4 * slots
+    state[S_SLOTS_AT] = HEADER + 2 * SCRATCH
+    state[S_OVERFLOW_AT] = HEADER + 2 * SCRATCH + 4 * slots
     return state
 
 

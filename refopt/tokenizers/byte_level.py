@@ -1,4 +1,4 @@
-"""Byte-level pre-tokenization as GPT-2 defines it (OpenAI's ``encoder.py``, tiktoken, transformers).
+"""Byte-level pre-tokenization as GPT-2 defines it (OpenAI's ``encoder.py``, tiktoken, HF).
 
 Two steps turn text into the "words" that byte-pair merging works on:
 

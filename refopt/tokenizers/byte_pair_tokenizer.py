@@ -21,13 +21,12 @@ import numpy as np
 
 from refopt.errors import ConfigError, InputTypeError, TokenizerError
 from refopt.tokenizers import preset_files as pf
-from refopt.tokenizers.bpe import build_tables, bpe_merge, write_merges
+from refopt.tokenizers.bpe import build_tables, bpe_merge
 from refopt.tokenizers.byte_level import byte_symbols, char_class_table, pretokenize
 
 _DTYPES = ("int32", "int64", "string")
 _CONFIG_KEYS = {"name", "trainable", "dtype", "config_file", "sequence_length", "add_prefix_space",
                 "unsplittable_tokens", "special_tokens_in_strings"}
-_SMALL_OUT = 1 << 16  # keep an output buffer of this many ids between calls
 _PY_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
 
 
@@ -40,7 +39,7 @@ def _numba_available() -> bool:
 
 
 class BytePairTokenizer:
-    """Byte-level byte-pair encoding tokenizer, GPT-2's algorithm (KerasHub's ``BytePairTokenizer``).
+    """Byte-level BPE tokenizer, GPT-2's algorithm (KerasHub's ``BytePairTokenizer``).
 
     Args:
         vocabulary: path to a JSON file, or a dict, mapping token strings to integer ids.
@@ -139,7 +138,6 @@ class BytePairTokenizer:
     def _reset_encoders(self):
         self._packed = None  # compiled tables
         self._state = None  # compiled word cache
-        self._out = None  # reusable output buffer
         self._encode_one = None  # the compiled kernel, once tables are packed
         self._word_cache = {}  # pure-Python word cache
         self._py_byte_ids = None
@@ -227,11 +225,7 @@ class BytePairTokenizer:
                 except UnicodeEncodeError:
                     data = None  # the general path reports it
                 if data is not None:
-                    out = self._out
-                    if len(out) < len(data):
-                        out = np.empty(max(len(data), _SMALL_OUT), dtype=np.int32)
-                        if len(out) == _SMALL_OUT:
-                            self._out = out
+                    out = np.empty(len(data) + 1, dtype=np.int32)  # per call: thread-safe
                     n = self._encode_one(data, self._packed, self._state, out)
                     return out[:n].tolist()
         self._require_vocabulary()
@@ -271,16 +265,18 @@ class BytePairTokenizer:
         present = bool(tokens) and any(t in text for text in texts for t in tokens)
         if not present and not self.add_prefix_space:
             return texts, None
-        if present and self._split_regex is None:
+        if present and (self._split_regex is None or self._split_regex[0] != tokens):
             import regex
             ordered = sorted(tokens, key=len, reverse=True)  # longest first at one position
-            self._split_regex = regex.compile("|".join(regex.escape(t) for t in ordered))
+            self._split_regex = (list(tokens),
+                                 regex.compile("|".join(regex.escape(t) for t in ordered)))
+        split = self._split_regex[1] if present else None
         vocab = self._tables.vocabulary
         segments, plans = [], []
         for text in texts:
             plan = []
-            pieces = self._split_regex.splititer(text) if present else [text]
-            matches = self._split_regex.finditer(text) if present else iter(())
+            pieces = split.splititer(text) if present else [text]
+            matches = split.finditer(text) if present else iter(())
             for piece in pieces:
                 if piece:
                     if self.add_prefix_space and not piece.startswith(" "):
@@ -295,14 +291,17 @@ class BytePairTokenizer:
 
     def _encode_texts(self, texts) -> list:
         segments, plans = self._segments(texts)
-        encoded = []
-        for i, text in enumerate(segments):
-            try:
-                encoded.append(text.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                raise TokenizerError(
-                    f"input text cannot be encoded as UTF-8: character {text[e.start]!r} at "
-                    f"index {e.start} ({e.reason}); lone surrogates have no UTF-8 form") from None
+        try:
+            encoded = [text.encode("utf-8") for text in segments]
+        except UnicodeEncodeError:
+            for i, text in enumerate(texts):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise TokenizerError(
+                        f"input {i} cannot be encoded as UTF-8: character {text[e.start]!r} at "
+                        f"index {e.start} is a lone surrogate, which has no UTF-8 form") from None
+            raise
         if self.compiled:
             seg_ids = self._encode_compiled(encoded)
         else:
@@ -330,7 +329,6 @@ class BytePairTokenizer:
             self._packed = _kernels.pack_tables(t.byte_ids, index, blocks, t.pair_keys,
                                                 t.pair_ranks, t.pair_new)
             self._state = _kernels.new_state()
-            self._out = np.empty(256, dtype=np.int32)
             self._encode_one = _kernels.encode_one
         return self._packed
 
@@ -339,11 +337,7 @@ class BytePairTokenizer:
         tables = self._compiled_tables()
         if len(encoded) == 1:
             data = encoded[0]
-            out = self._out
-            if len(out) < len(data):
-                out = np.empty(len(data), dtype=np.int32)
-                if len(data) <= _SMALL_OUT:
-                    self._out = out
+            out = np.empty(len(data) + 1, dtype=np.int32)
             n = _kernels.encode_one(data, tables, self._state, out)
             return [out[:n].tolist()]
         if not encoded:

@@ -35,7 +35,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
-        self.skip_ids = frozenset(tokenizer.special_token_ids) if skip_special_tokens else frozenset()
+        self.skip_ids = frozenset(tokenizer.special_token_ids if skip_special_tokens else ())
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id) -> str:
