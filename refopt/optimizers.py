@@ -30,6 +30,11 @@ Numbers: hyperparameters are Python floats, used at full precision (Keras keeps 
 rate variable; here the learning rate is not rounded); the update is computed in each parameter's
 dtype; moments have the parameter's dtype.
 
+Memory: parameters are updated in place, but only in arrays this optimizer allocated: on its first
+update a parameter is copied into an array of its own (so memory-mapped checkpoint weights, views
+and arrays shared with another model are never written to), and the dict entry is replaced by
+that copy.  The Adam step reuses two scratch buffers instead of allocating temporaries.
+
 Learning rate: a positive float (constant), a :class:`LearningRateSchedule`
 (:class:`schedules.CosineDecay`, called with the raw call count, as Keras), or a callable taking no
 arguments.  ``iterations`` counts parameter updates (calls divided by the accumulation steps).
@@ -104,6 +109,8 @@ class Optimizer:
         self._names: tuple[str, ...] | None = None
         self._accumulators: dict[str, np.ndarray] = {}
         self._slots: dict[str, dict[str, np.ndarray]] = {}
+        self._owned: dict[str, np.ndarray] = {}   # the parameter arrays this optimizer allocated
+        self._scratch: dict[tuple, np.ndarray] = {}
 
     # ---------------------------------------------------------------- state
     @property
@@ -155,8 +162,25 @@ class Optimizer:
         raise NotImplementedError
 
     def update_step(self, grad, var, lr: float, slots: dict) -> np.ndarray:
-        """The new value of ``var``; updates ``slots`` in place."""
+        """The new value of ``var``: ``var`` (an array this optimizer owns) and ``slots`` are updated
+        in place and ``var`` is returned."""
         raise NotImplementedError
+
+    def scratch(self, like: np.ndarray, index: int = 0) -> np.ndarray:
+        """A reusable buffer shaped like ``like`` (views of one allocation per dtype and index)."""
+        key = (like.dtype, index)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < like.size:
+            buf = self._scratch[key] = np.empty(like.size, like.dtype)
+        return buf[:like.size].reshape(like.shape)
+
+    def _own(self, params: dict, name: str) -> np.ndarray:
+        """``params[name]`` as an array this optimizer allocated (copied on first use)."""
+        var = params[name]
+        if self._owned.get(name) is not var:
+            var = np.array(var, copy=True, order="C")
+            self._owned[name] = params[name] = var
+        return var
 
     # ---------------------------------------------------------------- the update
     def _clip(self, grads: dict) -> dict:
@@ -169,9 +193,9 @@ class Optimizer:
         return grads
 
     def apply(self, grads: dict, params: dict) -> dict:
-        """Update ``params`` (a dict name -> array) with ``grads`` (same keys and shapes).  The dict is
-        updated in place with new arrays (the old arrays are not written to, so read-only or shared
-        arrays are safe); it is also returned."""
+        """Update ``params`` (a dict name -> array) with ``grads`` (same keys and shapes), in place
+        (see the module docstring: arrays the optimizer did not allocate are copied first, and the
+        dict then holds the copies); the dict is also returned."""
         if self._names is None:
             self.build(params)
         if set(grads) != set(self._names) or set(params) != set(self._names):
@@ -194,11 +218,11 @@ class Optimizer:
             grads = {k: (g + self._accumulators[k]) / g.dtype.type(steps) for k, g in grads.items()}
         grads = self._clip(grads)
         lr = self.learning_rate
-        if self.weight_decay:
-            for k in self._names:
-                if self._use_weight_decay(k):
-                    var = params[k]
-                    params[k] = var - var * var.dtype.type(self.weight_decay * lr)
+        for k in self._names:
+            var = self._own(params, k)
+            if self.weight_decay and self._use_weight_decay(k):
+                decay = np.multiply(var, var.dtype.type(self.weight_decay * lr), out=self.scratch(var))
+                var -= decay                                    # var - var * weight_decay * lr
         for k in self._names:
             params[k] = self.update_step(grads[k].astype(params[k].dtype, copy=False), params[k], lr,
                                          self._slots[k])
@@ -243,16 +267,23 @@ class Adam(Optimizer):
         alpha = lr * math.sqrt(1.0 - self.beta_2 ** t) / (1.0 - self.beta_1 ** t)
         dt = var.dtype.type
         m, v = slots["m"], slots["v"]
-        m += (grad - m) * dt(1.0 - self.beta_1)                 # first moment
-        v += (np.square(grad) - v) * dt(1.0 - self.beta_2)      # second moment
+        a, b = self.scratch(var, 0), self.scratch(var, 1)
+        np.subtract(grad, m, out=a)
+        a *= dt(1.0 - self.beta_1)
+        m += a                                                  # m + (g - m) * (1 - beta_1)
+        np.square(grad, out=a)
+        a -= v
+        a *= dt(1.0 - self.beta_2)
+        v += a                                                  # v + (g*g - v) * (1 - beta_2)
         if self.amsgrad:
             np.maximum(slots["v_hat"], v, out=slots["v_hat"])
             v = slots["v_hat"]
-        denom = np.sqrt(v)
-        denom += dt(self.epsilon)
-        step = m * dt(alpha)
-        step /= denom
-        return var - step                                       # m * alpha / (sqrt(v) + epsilon)
+        np.sqrt(v, out=a)
+        a += dt(self.epsilon)                                   # sqrt(v) + epsilon
+        np.multiply(m, dt(alpha), out=b)
+        b /= a
+        var -= b                                                # var - m * alpha / (sqrt(v) + eps)
+        return var
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,

@@ -231,9 +231,19 @@ def test_bad_schedule_and_names():
         opt.apply({"a": np.ones(3)}, {"a": np.ones(2)})
 
 
-def test_read_only_parameters_are_replaced_not_written():
+def test_only_arrays_the_optimizer_allocated_are_written():
     w = np.ones(3)
-    w.setflags(write=False)
-    params = {"w": w}
-    AdamW().apply({"w": np.ones(3)}, params)
+    w.setflags(write=False)                  # e.g. a memory-mapped checkpoint tensor
+    shared = np.ones(2)                      # e.g. an array another model also holds
+    params = {"w": w, "s": shared}
+    opt = AdamW()
+    opt.apply({"w": np.ones(3), "s": np.ones(2)}, params)
     assert params["w"] is not w and (w == 1).all() and (params["w"] < 1).all()
+    assert params["s"] is not shared and (shared == 1).all()
+    owned = params["w"]
+    opt.apply({"w": np.ones(3), "s": np.ones(2)}, params)
+    assert params["w"] is owned              # from then on, updated in place
+    params["w"] = np.ones(3)                 # replaced from outside: copied again, not written
+    outside = params["w"]
+    opt.apply({"w": np.ones(3), "s": np.ones(2)}, params)
+    assert params["w"] is not outside and (outside == 1).all()
