@@ -2,7 +2,8 @@
 installed), in one run.
 
     python benchmarks/bench_generate.py [--layers 12] [--prompt 8] [--new 64] [--batch 1 8]
-                                        [--repeats 2] [--threads N]
+                                        [--repeats 2] [--threads N] [--backend numpy [numba ...]]
+                                        [--keras-python PATH]
 
 Writes a random float32 OPT-125m-shaped checkpoint (12 layers, 768 wide, 3072 MLP, vocabulary
 50,272; transformers layout) to a temporary directory and loads it into both libraries.  For each
@@ -13,17 +14,69 @@ prefill of a ``--prompt``-token prompt, then ``--new`` tokens decoded one by one
 (batch x new / time), the refopt / transformers ratio, and whether both produced the same ids.
 NumPy's BLAS and torch use the same thread count (``--threads``, default ``OMP_NUM_THREADS`` or
 all cores); set ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` before starting to pin BLAS.
+``--backend`` picks refopt's backends to time (default ``numpy``, the NumPy reference), one row
+each.  KerasHub, when its interpreter (``--keras-python``, default this one) has ``keras_hub``, is
+timed in a subprocess on the same weights (saved as a KerasHub preset): ``OPTCausalLM.generate``
+with ``sampler="greedy"``, no preprocessor, ``stop_token_ids=None``, on its configured backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+
+KERAS_CHILD = r"""
+import json, os, sys, time
+import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras, keras_hub
+path, prompt_len, total, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
+batches = [int(b) for b in sys.argv[6].split(",")]
+if keras.config.backend() == "tensorflow":
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+lm = keras_hub.models.OPTCausalLM.from_preset(path, preprocessor=None)
+lm.compile(sampler="greedy")
+out = {"backend": keras.config.backend(), "version": keras_hub.__version__, "rows": {}}
+rng = np.random.default_rng(0)
+for batch in batches:
+    prompt = rng.integers(3, 50272, (batch, prompt_len))
+    ids = np.ones((batch, total), "int32")
+    ids[:, :prompt_len] = prompt
+    mask = np.zeros((batch, total), bool)
+    mask[:, :prompt_len] = True
+    x = {"token_ids": ids, "padding_mask": mask}
+    res = lm.generate(x, stop_token_ids=None)
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = lm.generate(x, stop_token_ids=None)
+        best = min(best or 1e9, time.perf_counter() - t0)
+    out["rows"][str(batch)] = {"seconds": best, "token_ids": np.asarray(res["token_ids"]).tolist()}
+print(json.dumps(out))
+"""
+
+
+def keras_hub_rates(python, path, args):
+    """KerasHub's greedy generate timed in a subprocess; None when keras_hub is not installed there."""
+    probe = subprocess.run([python, "-c", "import keras_hub"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    res = subprocess.run([python, "-c", KERAS_CHILD, path, str(args.prompt), str(args.prompt + args.new),
+                          str(args.repeats), str(args.threads), ",".join(map(str, args.batch))],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"KerasHub run failed:\n{res.stderr[-1500:]}")
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def best_time(fn, repeats):
@@ -44,6 +97,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--backend", nargs="+", default=["numpy"])
+    ap.add_argument("--keras-python", default=sys.executable,
+                    help="interpreter with keras_hub installed (default: this one)")
     args = ap.parse_args(argv)
 
     from refopt.config import released_config
@@ -54,16 +110,15 @@ def main(argv=None):
         import transformers
     except ImportError:
         torch = transformers = None
-    try:
-        import keras_hub  # noqa: F401
-    except ImportError:
-        keras_hub = None
-
     total = args.prompt + args.new
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "opt125m")
         cfg = released_config("125m", num_layers=args.layers, dropout=0.0)
-        OPTBackbone.from_opt_config(cfg).save_to_preset(path, format="huggingface")
+        backbone = OPTBackbone.from_opt_config(cfg)
+        backbone.save_to_preset(path, format="huggingface")
+        keras_path = os.path.join(tmp, "opt125m_keras")
+        OPTCausalLM(backbone).save_to_preset(keras_path, format="keras")
+        keras = keras_hub_rates(args.keras_python, keras_path, args)
         lm = OPTCausalLM.from_preset(path, preprocessor=None)
         lm.compile(sampler="greedy")
         hf = None
@@ -75,8 +130,10 @@ def main(argv=None):
               f"50272), float32, prompt {args.prompt} + {args.new} new tokens, {args.threads} threads")
         print(f"python {sys.version.split()[0]}, numpy {np.__version__}"
               + (f", torch {torch.__version__}, transformers {transformers.__version__}" if hf else "")
-              + ("" if keras_hub else "; KerasHub not installed (not measured)"))
-        print(f"{'batch':>6s}{'refopt tok/s':>15s}{'transformers tok/s':>21s}{'ratio':>8s}{'same ids':>10s}")
+              + (f", keras-hub {keras['version']} ({keras['backend']} backend)" if keras
+                 else "; KerasHub not installed (not measured)"))
+        print(f"{'batch':>6s}{'backend':>9s}{'refopt tok/s':>15s}{'transformers tok/s':>21s}"
+              f"{'ratio':>8s}{'same ids':>10s}")
         rng = np.random.default_rng(0)
         for batch in args.batch:
             prompt = rng.integers(3, cfg.vocabulary_size, (batch, args.prompt))
@@ -84,10 +141,7 @@ def main(argv=None):
             ids[:, :args.prompt] = prompt
             mask = np.zeros((batch, total), bool)
             mask[:, :args.prompt] = True
-            t_ours, ours = best_time(lambda: lm.generate({"token_ids": ids, "padding_mask": mask},
-                                                         stop_token_ids=None), args.repeats)
-            ours_rate = batch * args.new / t_ours
-            theirs_rate, same = None, ""
+            theirs_rate, theirs = None, None
             if hf is not None:
                 tids = torch.tensor(prompt)
 
@@ -98,10 +152,26 @@ def main(argv=None):
                                            min_new_tokens=args.new, pad_token_id=1)
                 t_theirs, theirs = best_time(run, args.repeats)
                 theirs_rate = batch * args.new / t_theirs
-                same = "yes" if np.array_equal(theirs.numpy(), ours["token_ids"]) else "no"
-            ratio = "" if theirs_rate is None else f"{ours_rate / theirs_rate:.2f}x"
-            print(f"{batch:>6d}{ours_rate:>15.1f}"
-                  f"{'' if theirs_rate is None else f'{theirs_rate:.1f}':>21s}{ratio:>8s}{same:>10s}")
+            for backend in args.backend:
+                if hasattr(lm, "backend"):
+                    lm.backend = backend
+                elif backend != "numpy":
+                    print(f"{batch:>6d}{backend:>9s}  (this refopt has no backends)")
+                    continue
+                t_ours, ours = best_time(lambda: lm.generate({"token_ids": ids, "padding_mask": mask},
+                                                             stop_token_ids=None), args.repeats)
+                ours_rate = batch * args.new / t_ours
+                same = "" if theirs is None else (
+                    "yes" if np.array_equal(theirs.numpy(), ours["token_ids"]) else "no")
+                ratio = "" if theirs_rate is None else f"{ours_rate / theirs_rate:.2f}x"
+                print(f"{batch:>6d}{backend:>9s}{ours_rate:>15.1f}"
+                      f"{'' if theirs_rate is None else f'{theirs_rate:.1f}':>21s}{ratio:>8s}{same:>10s}")
+                if keras:
+                    k = keras["rows"][str(batch)]
+                    k_rate = batch * args.new / k["seconds"]
+                    k_same = "yes" if np.array_equal(np.asarray(k["token_ids"]), ours["token_ids"]) else "no"
+                    print(f"{'':>6s}{'':>9s}{'':>15s}{'KerasHub ' + f'{k_rate:.1f}':>21s}"
+                          f"{f'{ours_rate / k_rate:.2f}x':>8s}{k_same:>10s}")
 
 
 if __name__ == "__main__":
