@@ -33,7 +33,9 @@ dtype; moments have the parameter's dtype.
 Memory: parameters are updated in place, but only in arrays this optimizer allocated: on its first
 update a parameter is copied into an array of its own (so memory-mapped checkpoint weights, views
 and arrays shared with another model are never written to), and the dict entry is replaced by
-that copy.  The Adam step reuses two scratch buffers instead of allocating temporaries.
+that copy.  The Adam step reuses two scratch buffers instead of allocating temporaries; with the
+Numba backend active (:mod:`refopt.backend`), weight decay and the Adam step run as one compiled
+parallel pass (:mod:`refopt.kernels.cpu.optim`), the same arithmetic in the same order, bit for bit.
 
 Learning rate: a positive float (constant), a :class:`LearningRateSchedule`
 (:class:`schedules.CosineDecay`, called with the raw call count, as Keras), or a callable taking no
@@ -166,6 +168,24 @@ class Optimizer:
         in place and ``var`` is returned."""
         raise NotImplementedError
 
+    def _fused_kernel(self):
+        """The compiled update of :mod:`refopt.kernels.cpu.optim` when the current backend is Numba
+        and this optimizer has one (:meth:`fused_update`), else None (the NumPy reference)."""
+        if type(self).fused_update is Optimizer.fused_update:
+            return None
+        from refopt import backend
+
+        if backend.resolve() != "numba":
+            return None
+        from refopt.kernels.cpu import optim
+
+        return optim
+
+    def fused_update(self, kernels, grad, var, lr, decay, slots):
+        """Weight decay and :meth:`update_step` in one compiled pass; subclasses that have one
+        override this (it must compute exactly what the NumPy path computes)."""
+        raise NotImplementedError
+
     def scratch(self, like: np.ndarray, index: int = 0) -> np.ndarray:
         """A reusable buffer shaped like ``like`` (views of one allocation per dtype and index)."""
         key = (like.dtype, index)
@@ -218,14 +238,18 @@ class Optimizer:
             grads = {k: (g + self._accumulators[k]) / g.dtype.type(steps) for k, g in grads.items()}
         grads = self._clip(grads)
         lr = self.learning_rate
+        fused = self._fused_kernel()
         for k in self._names:
             var = self._own(params, k)
-            if self.weight_decay and self._use_weight_decay(k):
-                decay = np.multiply(var, var.dtype.type(self.weight_decay * lr), out=self.scratch(var))
-                var -= decay                                    # var - var * weight_decay * lr
-        for k in self._names:
-            params[k] = self.update_step(grads[k].astype(params[k].dtype, copy=False), params[k], lr,
-                                         self._slots[k])
+            decay = self.weight_decay * lr if self.weight_decay and self._use_weight_decay(k) else 0.0
+            grad = grads[k].astype(var.dtype, copy=False)
+            if fused is not None:  # the same arithmetic in one compiled pass (Numba backend)
+                params[k] = self.fused_update(fused, grad, var, lr, decay, self._slots[k])
+                continue
+            if decay:
+                decay_term = np.multiply(var, var.dtype.type(decay), out=self.scratch(var))
+                var -= decay_term                               # var - var * weight_decay * lr
+            params[k] = self.update_step(grad, var, lr, self._slots[k])
         if steps:
             for acc in self._accumulators.values():
                 acc[...] = 0
@@ -262,9 +286,17 @@ class Adam(Optimizer):
             slots["v_hat"] = np.zeros_like(var)
         return slots
 
-    def update_step(self, grad, var, lr, slots):
+    def _alpha(self, lr):
         t = self.iterations + 1
-        alpha = lr * math.sqrt(1.0 - self.beta_2 ** t) / (1.0 - self.beta_1 ** t)
+        return lr * math.sqrt(1.0 - self.beta_2 ** t) / (1.0 - self.beta_1 ** t)
+
+    def fused_update(self, kernels, grad, var, lr, decay, slots):
+        kernels.adam_update(var, grad, slots["m"], slots["v"], slots.get("v_hat"), decay,
+                            self.beta_1, self.beta_2, self._alpha(lr), self.epsilon)
+        return var
+
+    def update_step(self, grad, var, lr, slots):
+        alpha = self._alpha(lr)
         dt = var.dtype.type
         m, v = slots["m"], slots["v"]
         a, b = self.scratch(var, 0), self.scratch(var, 1)

@@ -247,3 +247,27 @@ def test_only_arrays_the_optimizer_allocated_are_written():
     outside = params["w"]
     opt.apply({"w": np.ones(3), "s": np.ones(2)}, params)
     assert params["w"] is not outside and (outside == 1).all()
+
+
+@pytest.mark.skipif(not __import__("refopt.backend").backend.available("numba"), reason="needs numba")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_numba_update_equals_the_numpy_reference_bit_for_bit(dtype, amsgrad):
+    from refopt.backend import use_backend
+
+    rng = np.random.default_rng(3)
+    start = {"w": rng.standard_normal((33, 7)).astype(dtype), "exclude.b": rng.standard_normal(5).astype(dtype)}
+    grads = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()} for _ in range(4)]
+    out = {}
+    for name in ("numpy", "numba"):
+        opt = AdamW(learning_rate=CosineDecay(0.0, 6, warmup_target=0.1, warmup_steps=2), weight_decay=0.1,
+                    amsgrad=amsgrad, global_clipnorm=3.0)
+        opt.exclude_from_weight_decay(var_names=["exclude"])
+        params = {k: v.copy() for k, v in start.items()}
+        with use_backend(name):
+            for g in grads:
+                opt.apply(g, params)
+        out[name] = params
+    for k in start:
+        assert out["numba"][k].dtype == dtype
+        np.testing.assert_array_equal(out["numba"][k], out["numpy"][k])
