@@ -171,8 +171,9 @@ class Optimizer:
     def _fused_kernel(self):
         """The compiled update of :mod:`refopt.kernels.cpu.optim` when the current backend is Numba
         and this optimizer has one (:meth:`fused_update`), else None (the NumPy reference)."""
-        if type(self).fused_update is Optimizer.fused_update:
-            return None
+        owner = next(c for c in type(self).__mro__ if "fused_update" in c.__dict__)
+        if owner is Optimizer or type(self).update_step is not owner.update_step:
+            return None  # no fused form, or a subclass changed update_step: run that
         from refopt import backend
 
         if backend.resolve() != "numba":
