@@ -68,9 +68,9 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
         return d_x
 
     def dense_backward(d_y, x, prefix):
-        # d_y [..., O], x [..., I] -> d_x [..., I]; records the kernel/bias gradients
-        d_x, d_w, d_b = ops.linear_backward(d_y, x, params[prefix + ".kernel"], prefix + ".bias" in params)
-        grads[prefix + ".kernel"] = d_w
+        # d_y [..., O], x [..., I] -> d_x [..., I]; records the weight/bias gradients
+        d_x, d_w, d_b = ops.linear_backward(d_y, x, params[prefix + ".weight"], prefix + ".bias" in params)
+        grads[prefix + ".weight"] = d_w
         if d_b is not None:
             grads[prefix + ".bias"] = d_b
         return d_x

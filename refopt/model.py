@@ -7,16 +7,17 @@
 Pre-LayerNorm models (OPT-125m, 1.3b, ...) normalise *before* each block and once more at the end;
 post-LayerNorm models (OPT-350m) normalise *after* each residual sum and have no final norm.
 
-Parameters (``x @ kernel + bias`` convention, kernels stored ``[in, out]``):
+Parameters (``x @ weight.T + bias``: weights stored ``[out, in]``, as transformers and PyTorch store
+them, so each output's weights are one contiguous row -- what a memory-bound decode step streams):
 
     embed_tokens                        [V, E]   also the LM head (tied)
     embed_positions                     [P, D]   row p is position p (KerasHub's layout)
-    project_in.kernel / project_out.kernel   [E, D] / [D, E]   only when E != D
+    project_in.weight / project_out.weight   [D, E] / [E, D]   only when E != D
     layers.{i}.self_attn_layer_norm.{gamma,beta}   [D]
-    layers.{i}.{q,k,v,out}_proj.{kernel,bias}     [D, D], [D]
+    layers.{i}.{q,k,v,out}_proj.{weight,bias}     [D, D], [D]
     layers.{i}.mlp_layer_norm.{gamma,beta}         [D]
-    layers.{i}.fc1.{kernel,bias}   [D, F], [F]
-    layers.{i}.fc2.{kernel,bias}   [F, D], [D]
+    layers.{i}.fc1.{weight,bias}   [F, D], [F]
+    layers.{i}.fc2.{weight,bias}   [D, F], [D]
     final_layer_norm.{gamma,beta}  [D]        only when config.has_final_layer_norm
 
 Positions are derived from the padding mask: ``cumsum(mask) - 1`` (clipped at 0 on padding), so a
@@ -41,8 +42,8 @@ def param_shapes(cfg: OPTConfig) -> dict[str, tuple[int, ...]]:
     D, E, F, V = cfg.hidden_dim, cfg.word_embed_proj_dim, cfg.intermediate_dim, cfg.vocabulary_size
     shapes = {"embed_tokens": (V, E), "embed_positions": (cfg.max_sequence_length, D)}
     if cfg.has_projection:
-        shapes["project_in.kernel"] = (E, D)
-        shapes["project_out.kernel"] = (D, E)
+        shapes["project_in.weight"] = (D, E)
+        shapes["project_out.weight"] = (E, D)
 
     def norm(prefix):
         if cfg.layer_norm_elementwise_affine:
@@ -50,7 +51,7 @@ def param_shapes(cfg: OPTConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{prefix}.beta"] = (D,)
 
     def dense(prefix, i, o):
-        shapes[f"{prefix}.kernel"] = (i, o)
+        shapes[f"{prefix}.weight"] = (o, i)
         if cfg.enable_bias:
             shapes[f"{prefix}.bias"] = (o,)
 
@@ -134,7 +135,7 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
     x = ops.embedding_forward(params["embed_tokens"], token_ids)                  # [B, S, E]
     if cfg.has_projection:
         rec("project_in.input", x)
-        x = ops.linear_forward(x, params["project_in.kernel"])                   # [B, S, D]
+        x = ops.linear_forward(x, params["project_in.weight"])                   # [B, S, D]
     x = x + ops.embedding_forward(params["embed_positions"], positions)          # [B, S, D]
     rec("embeddings", x)
 
@@ -149,9 +150,9 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
             x = ops.layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
                                   get(p + "self_attn_layer_norm.beta"), eps)
         rec(p + "attention_input", x)
-        q = ops.linear_forward(x, params[p + "q_proj.kernel"], get(p + "q_proj.bias")) * scale
-        k = ops.linear_forward(x, params[p + "k_proj.kernel"], get(p + "k_proj.bias"))
-        v = ops.linear_forward(x, params[p + "v_proj.kernel"], get(p + "v_proj.bias"))  # [B, S, D]
+        q = ops.linear_forward(x, params[p + "q_proj.weight"], get(p + "q_proj.bias")) * scale
+        k = ops.linear_forward(x, params[p + "k_proj.weight"], get(p + "k_proj.bias"))
+        v = ops.linear_forward(x, params[p + "v_proj.weight"], get(p + "v_proj.bias"))  # [B, S, D]
         q, k, v = ops.split_heads(q, H), ops.split_heads(k, H), ops.split_heads(v, H)     # [B, H, S, K]
         if cache is not None:
             cache[:, i, 0, cache_index:end] = k.transpose(0, 2, 1, 3)          # [B, S, H, K]
@@ -163,7 +164,7 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
         rec(p + "attention_probs", probs)
         ctx = ops.merge_heads(ctx)                                                 # [B, S, D]
         rec(p + "attention_context", ctx)
-        x = ops.linear_forward(ctx, params[p + "out_proj.kernel"], get(p + "out_proj.bias"))
+        x = ops.linear_forward(ctx, params[p + "out_proj.weight"], get(p + "out_proj.bias"))
         x = dropout(x, p + "attention_dropout_mask")
         rec(p + "attention_output", x)
         x = residual + x
@@ -178,12 +179,12 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
             x = ops.layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
         rec(p + "mlp_input", x)
         if tape is not None:   # training keeps the pre-activation for ReLU's backward
-            h = ops.linear_forward(x, params[p + "fc1.kernel"], get(p + "fc1.bias"))   # [B, S, F]
+            h = ops.linear_forward(x, params[p + "fc1.weight"], get(p + "fc1.bias"))   # [B, S, F]
             rec(p + "fc1_output", h)
             h = ops.relu_forward(h)
         else:                  # inference: bias and ReLU fused into the product's epilogue
-            h = ops.linear_relu_forward(x, params[p + "fc1.kernel"], get(p + "fc1.bias"))
-        x = ops.linear_forward(h, params[p + "fc2.kernel"], get(p + "fc2.bias"))   # [B, S, D]
+            h = ops.linear_relu_forward(x, params[p + "fc1.weight"], get(p + "fc1.bias"))
+        x = ops.linear_forward(h, params[p + "fc2.weight"], get(p + "fc2.bias"))   # [B, S, D]
         x = dropout(x, p + "mlp_dropout_mask")
         rec(p + "mlp_output", x)
         x = residual + x
@@ -197,7 +198,7 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
         x = ops.layernorm_forward(x, get("final_layer_norm.gamma"), get("final_layer_norm.beta"), eps)
     rec("final_norm", x)
     if cfg.has_projection:
-        x = ops.linear_forward(x, params["project_out.kernel"])                  # [B, S, E]
+        x = ops.linear_forward(x, params["project_out.weight"])                  # [B, S, E]
     rec("hidden", x)
     return x
 

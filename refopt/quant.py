@@ -3,13 +3,10 @@
 Decoding one token reads every weight once, so its speed is bounded by memory bandwidth: weights in
 two bytes (bfloat16, float16) or one (int8) make it up to two or four times faster.
 
-A :class:`QuantizedMatrix` stands for a logical float32 matrix ``A`` (a kernel ``[in, out]`` or the
-token table ``[V, E]``) stored *row per output*: ``data[o]`` holds everything output ``o`` reads, so
-``x @ A`` is one dot product per output over a contiguous row.
-
-* kernels ``[in, out]`` are stored transposed, ``data = A.T`` (``[out, in]``);
-* the token table ``[V, E]`` is stored as is: row ``v`` is both the embedding of token ``v`` and the
-  LM head's output channel ``v``.
+A :class:`QuantizedMatrix` stands for a float32 matrix ``A [out, in]`` -- a weight, or the token
+table ``[V, E]`` -- stored row by row: ``data[o]`` holds everything output ``o`` reads, so
+``x @ A.T`` is one dot product per output over a contiguous row.  Row ``v`` of the token table is
+both the embedding of token ``v`` and the tied LM head's output channel ``v``.
 
 int8 uses symmetric per-row quantisation: ``scale[o] = max|A_o| / 127``, ``data = round(A_o /
 scale[o])`` in ``[-127, 127]``; the value represented is ``data * scale``.  bfloat16 rounds to
@@ -33,25 +30,23 @@ WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
 class QuantizedMatrix:
     """A float32 matrix stored in ``kind`` (``"float16"``, ``"bfloat16"`` or ``"int8"``)."""
 
-    def __init__(self, data, kind, transposed, scale=None):
-        self.data = data              # [rows stored, cols stored]: uint16 (bf16 bits), float16 or int8
+    def __init__(self, data, kind, scale=None):
+        self.data = data              # [out, in]: uint16 (bfloat16 bits), float16 or int8
         self.kind = kind
-        self.transposed = transposed  # True: data is A.T
-        self.scale = scale            # [rows stored] float32 for int8, else None
+        self.scale = scale            # [out] float32 for int8, else None
 
     @classmethod
-    def quantize(cls, a, kind: str, transposed: bool) -> "QuantizedMatrix":
-        a = np.asarray(a, dtype=np.float32)
-        rows = np.ascontiguousarray(a.T if transposed else a)
+    def quantize(cls, a, kind: str) -> "QuantizedMatrix":
+        rows = np.ascontiguousarray(a, dtype=np.float32)
         if kind == "bfloat16":
-            return cls(float32_to_bfloat16(rows), kind, transposed)
+            return cls(float32_to_bfloat16(rows), kind)
         if kind == "float16":
-            return cls(rows.astype(np.float16), kind, transposed)
+            return cls(rows.astype(np.float16), kind)
         if kind == "int8":
             scale = np.abs(rows).max(axis=1) / 127.0
             scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
             q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
-            return cls(q, kind, transposed, scale)
+            return cls(q, kind, scale)
         raise ConfigError(f"weights_dtype={kind!r}: expected one of {WEIGHT_DTYPES}")
 
     # ------------------------------------------------------------------ the logical matrix
@@ -66,12 +61,11 @@ class QuantizedMatrix:
 
     def __array__(self, dtype=None, copy=None):
         a = self.rows_float32()
-        a = a.T if self.transposed else a
         return a if dtype is None else a.astype(dtype)
 
     @property
     def shape(self):
-        return self.data.shape[::-1] if self.transposed else self.data.shape
+        return self.data.shape
 
     @property
     def dtype(self):
@@ -90,9 +84,7 @@ class QuantizedMatrix:
         return np.asarray(self).T
 
     def __getitem__(self, index):
-        if self.transposed:
-            return np.asarray(self)[index]
-        return self.rows_float32(index)         # token rows: embedding lookup
+        return self.rows_float32(index)         # rows: the embedding lookup of token ids
 
     def __matmul__(self, other):
         return np.asarray(self) @ other
@@ -101,14 +93,10 @@ class QuantizedMatrix:
         return other @ np.asarray(self)
 
 
-def quantizable(name: str) -> bool | None:
-    """Whether a parameter is stored quantised, and if so transposed (kernels) or not (the token
-    table).  LayerNorm parameters, biases and positions stay float32: they are small."""
-    if name == "embed_tokens":
-        return False
-    if name.endswith(".kernel"):
-        return True
-    return None
+def quantizable(name: str) -> bool:
+    """Whether a parameter is stored quantised: the weights and the token table.  LayerNorm
+    parameters, biases and positions stay float32: they are small."""
+    return name == "embed_tokens" or name.endswith(".weight")
 
 
 def quantize_params(params: dict, weights_dtype: str) -> dict:
@@ -117,8 +105,5 @@ def quantize_params(params: dict, weights_dtype: str) -> dict:
         return params
     if weights_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weights_dtype={weights_dtype!r}: expected one of {WEIGHT_DTYPES}")
-    out = {}
-    for name, value in params.items():
-        transposed = quantizable(name)
-        out[name] = value if transposed is None else QuantizedMatrix.quantize(value, weights_dtype, transposed)
-    return out
+    return {name: QuantizedMatrix.quantize(value, weights_dtype) if quantizable(name) else value
+            for name, value in params.items()}

@@ -60,7 +60,7 @@ def check_op(f, inputs, grads, rng):
 # ------------------------------------------------------------------------------ ops
 def test_linear_backward():
     rng = np.random.default_rng(0)
-    x, w, b, c = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 5)), rng.standard_normal(5), \
+    x, w, b, c = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5), \
         rng.standard_normal((2, 3, 5))
     d_x, d_w, d_b = linear_backward(c, x, w)
     check_op(lambda x, w, b: (linear_forward(x, w, b) * c).sum(), [x, w, b], [d_x, d_w, d_b], rng)

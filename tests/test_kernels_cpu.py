@@ -102,7 +102,7 @@ def test_embedding_gather_scatter(dtype, V, E, N, seed):
        relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_and_head(dtype, M, I, O, bias, relu, seed):
     rng = np.random.default_rng(seed)
-    x, w = arrays(rng, (M, I), dtype), arrays(rng, (I, O), dtype)
+    x, w = arrays(rng, (M, I), dtype), arrays(rng, (O, I), dtype)
     b = arrays(rng, (O,), dtype) if bias else None
     fn, rfn = (nb.linear_relu_forward, ref.linear_relu_forward) if relu else (nb.linear_forward, ref.linear_forward)
     close(fn(x, w, b), rfn(x, w, b), dtype, "linear")
@@ -117,10 +117,10 @@ def test_quantized_products(kind, M, I, O, seed):
     # the kernels read the stored bytes; the reference multiplies by the dequantised float32 matrix
     rng = np.random.default_rng(seed)
     x = arrays(rng, (M, I), np.float32)
-    kernel = QuantizedMatrix.quantize(arrays(rng, (I, O), np.float32), kind, transposed=True)
+    kernel = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind)
     b = arrays(rng, (O,), np.float32)
     close(nb.linear_forward(x, kernel, b), ref.linear_forward(x, np.asarray(kernel), b), np.float32, "linear")
-    table = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind, transposed=False)
+    table = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind)
     close(nb.lm_head_forward(x[None], table), x[None] @ np.asarray(table).T, np.float32, "head")
     ids = rng.integers(0, O, (1, 5))
     assert np.array_equal(nb.embedding_forward(table, ids), np.asarray(table)[ids])
@@ -130,7 +130,7 @@ def test_quantization_error_is_small():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 96)).astype(np.float32)
     for kind, bound in (("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)):
-        err = np.abs(np.asarray(QuantizedMatrix.quantize(a, kind, True)) - a).max() / np.abs(a).max()
+        err = np.abs(np.asarray(QuantizedMatrix.quantize(a, kind)) - a).max() / np.abs(a).max()
         assert err <= bound, (kind, err)
 
 

@@ -1,6 +1,7 @@
 """transformers' OPT state dict <-> refopt's parameter dict.
 
-transformers stores linear weights ``[out, in]`` (refopt: ``[in, out]``), names the MLP's LayerNorm
+transformers stores linear weights ``[out, in]``, as refopt does (so loading maps the file without a
+copy), names the MLP's LayerNorm
 ``final_layer_norm`` inside each layer, and keeps ``max_position_embeddings + 2`` position rows
 (positions are offset by 2).  refopt drops the two offset rows on load and keeps them aside as
 ``position_prefix`` so saving writes the same checkpoint back.
@@ -17,12 +18,12 @@ POSITION_OFFSET = 2
 _PREFIXES = ("model.decoder.", "decoder.", "")
 
 
-def name_map(cfg: OPTConfig) -> dict[str, tuple[str, bool]]:
-    """refopt name -> (transformers name, transposed?) for every parameter but the positions."""
-    out = {"embed_tokens": ("model.decoder.embed_tokens.weight", False)}
+def name_map(cfg: OPTConfig) -> dict[str, str]:
+    """refopt name -> transformers name, for every parameter but the positions."""
+    out = {"embed_tokens": "model.decoder.embed_tokens.weight"}
     if cfg.has_projection:
-        out["project_in.kernel"] = ("model.decoder.project_in.weight", True)
-        out["project_out.kernel"] = ("model.decoder.project_out.weight", True)
+        out["project_in.weight"] = "model.decoder.project_in.weight"
+        out["project_out.weight"] = "model.decoder.project_out.weight"
     norms = {"self_attn_layer_norm": "self_attn_layer_norm", "mlp_layer_norm": "final_layer_norm"}
     dense = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
              "out_proj": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2"}
@@ -30,15 +31,15 @@ def name_map(cfg: OPTConfig) -> dict[str, tuple[str, bool]]:
         ours, theirs = f"layers.{i}.", f"model.decoder.layers.{i}."
         if cfg.layer_norm_elementwise_affine:
             for a, b in norms.items():
-                out[f"{ours}{a}.gamma"] = (f"{theirs}{b}.weight", False)
-                out[f"{ours}{a}.beta"] = (f"{theirs}{b}.bias", False)
+                out[f"{ours}{a}.gamma"] = f"{theirs}{b}.weight"
+                out[f"{ours}{a}.beta"] = f"{theirs}{b}.bias"
         for a, b in dense.items():
-            out[f"{ours}{a}.kernel"] = (f"{theirs}{b}.weight", True)
+            out[f"{ours}{a}.weight"] = f"{theirs}{b}.weight"
             if cfg.enable_bias:
-                out[f"{ours}{a}.bias"] = (f"{theirs}{b}.bias", False)
+                out[f"{ours}{a}.bias"] = f"{theirs}{b}.bias"
     if cfg.has_final_layer_norm and cfg.layer_norm_elementwise_affine:
-        out["final_layer_norm.gamma"] = ("model.decoder.final_layer_norm.weight", False)
-        out["final_layer_norm.beta"] = ("model.decoder.final_layer_norm.bias", False)
+        out["final_layer_norm.gamma"] = "model.decoder.final_layer_norm.weight"
+        out["final_layer_norm.beta"] = "model.decoder.final_layer_norm.bias"
     return out
 
 
@@ -58,7 +59,7 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = 
     """refopt parameters (views where no transpose is needed) and the two position prefix rows."""
     state = {_canonical(k): v for k, v in state.items()}
     mapping = name_map(cfg)
-    expected = {theirs for theirs, _ in mapping.values()} | {POSITIONS_NAME}
+    expected = set(mapping.values()) | {POSITIONS_NAME}
     tied_head = state.pop("lm_head.weight", None)
     missing = sorted(expected - set(state))
     if missing:
@@ -71,13 +72,13 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = 
 
     shapes = param_shapes(cfg)
     params = {}
-    for ours, (theirs, transposed) in mapping.items():
+    for ours, theirs in mapping.items():
         arr = state[theirs]
-        want = shapes[ours][::-1] if transposed else shapes[ours]
+        want = shapes[ours]
         if tuple(arr.shape) != tuple(want):
             raise CheckpointError(f"{source}: tensor {theirs} has shape {list(arr.shape)}, "
                                   f"expected {list(want)} for this config")
-        params[ours] = arr.T if transposed else arr
+        params[ours] = arr
     pos = state[POSITIONS_NAME]
     want = (cfg.max_sequence_length + POSITION_OFFSET, cfg.hidden_dim)
     if tuple(pos.shape) != want:
@@ -93,8 +94,8 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = 
 def to_state_dict(params: dict[str, np.ndarray], cfg: OPTConfig, position_prefix=None):
     """transformers' state dict (without the tied ``lm_head.weight``, as ``save_pretrained`` writes)."""
     out = {}
-    for ours, (theirs, transposed) in name_map(cfg).items():
-        out[theirs] = np.ascontiguousarray(params[ours].T if transposed else params[ours])
+    for ours, theirs in name_map(cfg).items():
+        out[theirs] = np.ascontiguousarray(params[ours])
     pos = params["embed_positions"]
     if position_prefix is None:
         position_prefix = np.zeros((POSITION_OFFSET, pos.shape[1]), pos.dtype)

@@ -44,20 +44,21 @@ def _decoder_group(i: int) -> str:
 
 
 def layout(cfg: OPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """refopt name -> (h5 dataset path, shape stored in the h5 file)."""
+    """refopt name -> (h5 dataset path, shape stored in the h5 file).  Keras stores dense kernels
+    ``[in, out]`` (reshaped per head); refopt's weights are their transpose (:func:`to_keras`)."""
     D, H, K = cfg.hidden_dim, cfg.num_heads, cfg.head_dim
     out = {"embed_tokens": ("layers/token_and_position_embedding/token_embedding/vars/0",
                             (cfg.vocabulary_size, cfg.word_embed_proj_dim)),
            "embed_positions": ("layers/token_and_position_embedding/position_embedding/vars/0",
                                (cfg.max_sequence_length, D))}
     if cfg.has_projection:
-        out["project_in.kernel"] = ("layers/refopt_project_in/vars/0", (cfg.word_embed_proj_dim, D))
-        out["project_out.kernel"] = ("layers/refopt_project_out/vars/0", (D, cfg.word_embed_proj_dim))
+        out["project_in.weight"] = ("layers/refopt_project_in/vars/0", (cfg.word_embed_proj_dim, D))
+        out["project_out.weight"] = ("layers/refopt_project_out/vars/0", (D, cfg.word_embed_proj_dim))
     for i in range(cfg.num_layers):
         g, p = _decoder_group(i), f"layers.{i}."
         for ours, (theirs, _) in _DENSE.items():
             kshape = (H, K, D) if ours == "out_proj" else (D, H, K)
-            out[p + ours + ".kernel"] = (f"{g}/{_ATTN}/{theirs}/vars/0", kshape)
+            out[p + ours + ".weight"] = (f"{g}/{_ATTN}/{theirs}/vars/0", kshape)
             if cfg.enable_bias:
                 out[p + ours + ".bias"] = (f"{g}/{_ATTN}/{theirs}/vars/1", (D,) if ours == "out_proj" else (H, K))
         if cfg.layer_norm_elementwise_affine:
@@ -66,13 +67,27 @@ def layout(cfg: OPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
                 out[p + ours + ".beta"] = (f"{g}/{theirs}/vars/1", (D,))
         for ours, (theirs, _) in _MLP.items():
             shape = (D, cfg.intermediate_dim) if ours == "fc1" else (cfg.intermediate_dim, D)
-            out[p + ours + ".kernel"] = (f"{g}/{theirs}/vars/0", shape)
+            out[p + ours + ".weight"] = (f"{g}/{theirs}/vars/0", shape)
             if cfg.enable_bias:
                 out[p + ours + ".bias"] = (f"{g}/{theirs}/vars/1", (shape[1],))
     if cfg.has_final_layer_norm and cfg.layer_norm_elementwise_affine:
         out["final_layer_norm.gamma"] = ("layers/layer_normalization/vars/0", (D,))
         out["final_layer_norm.beta"] = ("layers/layer_normalization/vars/1", (D,))
     return out
+
+
+def from_keras(name, stored, shape):
+    """A Keras array (kernels ``[in, out]``, per-head reshaped) -> refopt's ``shape``."""
+    if name.endswith(".weight"):
+        return np.ascontiguousarray(stored.reshape(shape[::-1]).T)
+    return stored.reshape(shape)
+
+
+def to_keras(name, value, stored):
+    """refopt's array -> the shape Keras stores."""
+    if name.endswith(".weight"):
+        value = value.T
+    return np.ascontiguousarray(value).reshape(stored)
 
 
 def load(path, cfg: OPTConfig) -> dict[str, np.ndarray]:
@@ -99,7 +114,7 @@ def load(path, cfg: OPTConfig) -> dict[str, np.ndarray]:
                 raise CheckpointError(f"{path}: tensor {where} has shape {list(ds.shape)}, expected "
                                       f"{list(stored)} for this config")
             try:
-                params[ours] = np.asarray(ds[()]).reshape(shapes[ours])
+                params[ours] = from_keras(ours, np.asarray(ds[()]), shapes[ours])
             except OSError as e:
                 raise CheckpointError(f"{path}: tensor {where} cannot be read ({e}): the file is "
                                       "truncated or corrupted") from None
@@ -147,4 +162,4 @@ def save(params: dict[str, np.ndarray], cfg: OPTConfig, path) -> None:
         group("layers/layer_normalization", "layer_norm")
         f.require_group("vars").attrs["name"] = "opt_backbone"
         for ours, (where, stored) in layout(cfg).items():
-            f.create_dataset(where, data=np.ascontiguousarray(params[ours]).reshape(stored))
+            f.create_dataset(where, data=to_keras(ours, np.asarray(params[ours]), stored))

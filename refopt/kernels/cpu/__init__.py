@@ -26,12 +26,8 @@ NAME = "numba"
 
 
 def _linear(x, w, b, relu):
-    from refopt.quant import QuantizedMatrix
-
-    if isinstance(w, QuantizedMatrix) and not w.transposed:
-        raise ValueError("linear_forward: a quantised kernel must be stored transposed ([out, in])")
     I = x.shape[-1]
-    y = matmul_rows(x.reshape(-1, I), w, transpose_dense=False)           # [N, O]
+    y = matmul_rows(x.reshape(-1, I), w)                                   # [N, O]
     if not y.flags.c_contiguous or not y.flags.writeable:
         y = np.ascontiguousarray(y)
     bias_act(y, np.zeros(0, y.dtype) if b is None else np.asarray(b, y.dtype), relu)
@@ -39,17 +35,17 @@ def _linear(x, w, b, relu):
 
 
 def linear_forward(x, w, b=None):
-    # x [..., I], w [I, O] (float or QuantizedMatrix), b [O] | None -> [..., O]
+    # x [..., I], w [O, I] (float or QuantizedMatrix), b [O] | None -> [..., O]
     return _linear(x, w, b, False)
 
 
 def linear_relu_forward(x, w, b=None):
-    # relu(x @ w + b) with the bias and ReLU fused into the product's epilogue
+    # relu(x @ w.T + b) with the bias and ReLU fused into the product's epilogue
     return _linear(x, w, b, True)
 
 
 def lm_head_forward(x, table):
     # x [B, S, E], table [V, E] (float or QuantizedMatrix) -> logits [B, S, V]
     E = x.shape[-1]
-    y = matmul_rows(x.reshape(-1, E), table, transpose_dense=True)
+    y = matmul_rows(x.reshape(-1, E), table)
     return y.reshape(x.shape[:-1] + (y.shape[-1],))

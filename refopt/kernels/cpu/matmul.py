@@ -6,36 +6,16 @@ memory-bound, and a simple parallel loop streaming each weight once beats a gene
 the weights be read in two bytes (float16, bfloat16) or one (int8, with a float32 scale per output
 row).  Accumulation is in the activations' dtype (float32 or float64).
 
-Two layouts:
-* ``kio``: a float kernel ``w [I, O]`` as refopt stores it; threads take blocks of 256 outputs and
-  stream the rows of ``w`` once, accumulating all ``M`` rows of ``x``;
-* ``oi``: one contiguous row per output (``data [O, I]``: a :class:`refopt.quant.QuantizedMatrix`,
-  or the token table for the tied head), one dot product per output and row of ``x``.
+Weights are ``[O, I]``, one contiguous row per output (refopt's float weights, the token table of
+the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data): each task takes outputs, streams
+their rows once and dots each with every row of ``x``.
 """
 
 import numpy as np
 from numba import njit, prange
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
-_BLOCK = 256         # outputs per thread block in the kio kernel
 _ROWS = 64           # outputs per task in the oi kernels
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_kio(x, w, out):
-    # x [M, I], w [I, O] -> out [M, O] = x @ w
-    M, I = x.shape
-    O = w.shape[1]
-    for blk in prange((O + _BLOCK - 1) // _BLOCK):
-        o0 = blk * _BLOCK
-        o1 = min(O, o0 + _BLOCK)
-        acc = np.zeros((M, o1 - o0), out.dtype)
-        for i in range(I):
-            for m in range(M):
-                xv = x[m, i]
-                for o in range(o0, o1):
-                    acc[m, o - o0] += xv * w[i, o]
-        out[:, o0:o1] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -115,9 +95,8 @@ def bias_act(y, b, relu):
 FLOAT16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-def matmul_rows(x2, w, transpose_dense: bool):
-    """``x2 [M, I] @ A`` for ``A`` a float matrix (``[I, O]``, or ``[O, I]`` when
-    ``transpose_dense``, i.e. ``x2 @ w.T``) or a QuantizedMatrix; returns ``[M, O]``."""
+def matmul_rows(x2, w):
+    """``x2 [M, I] @ w.T`` for ``w [O, I]`` a float matrix or a QuantizedMatrix -> ``[M, O]``."""
     from refopt.quant import QuantizedMatrix
 
     M = x2.shape[0]
@@ -134,13 +113,9 @@ def matmul_rows(x2, w, transpose_dense: bool):
         else:
             matmul_oi_int8(x2, data, w.scale, out)
         return out
-    if M > SMALL_M or w.dtype != x2.dtype:
-        return x2 @ (w.T if transpose_dense else w)
+    if M > SMALL_M or w.dtype != x2.dtype or not w.flags.c_contiguous:
+        return x2 @ w.T
     x2 = np.ascontiguousarray(x2)
-    if transpose_dense:
-        out = np.empty((M, w.shape[0]), x2.dtype)
-        matmul_oi(x2, w, out)
-    else:
-        out = np.empty((M, w.shape[1]), x2.dtype)
-        matmul_kio(x2, w, out)
+    out = np.empty((M, w.shape[0]), x2.dtype)
+    matmul_oi(x2, w, out)
     return out
