@@ -1,0 +1,57 @@
+"""The ``refopt`` command.
+
+    refopt generate "prompt" [--preset P] [--sampler greedy|top_k|...] [--max-length N] ...
+    refopt info PRESET
+    refopt convert SRC DST --format keras|huggingface
+    refopt train TEXT_FILE [--out DIR] ...
+    refopt bench [forward|generate|train|tokenizer|cpu|gpu]
+    refopt conform --against transformers|keras-hub|module:Adapter [PRESET] [--json]
+
+Each subcommand lives in ``refopt/commands/<name>.py`` with ``add_parser(subparsers)`` and
+``run(args) -> int``.  Errors a user can cause (``refopt.errors``) print as one line on stderr and
+exit with status 2; ``--help`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from refopt.errors import RefoptError
+
+COMMANDS = ("generate", "info", "convert", "train", "bench", "conform")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refopt", description="OPT as plain arrays: generate, "
+                                     "inspect, convert, train, benchmark and check conformance.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"refopt.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"refopt.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except RefoptError as e:
+        print(f"refopt {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        for line in str(e).splitlines()[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

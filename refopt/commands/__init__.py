@@ -1,0 +1,1 @@
+"""Subcommands of the ``refopt`` command (see :mod:`refopt.cli`)."""
