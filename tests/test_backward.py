@@ -213,7 +213,7 @@ def test_model_gradients_match_finite_differences(cfg, seed, B, S):
         for d, h in ((rng.standard_normal(p.shape), 2e-5), (e, 1e-4)):
             num, ana = five_point(f, p, d, h), float((g * d).sum())
             # Some gradients are exactly zero: k_proj.bias always (a constant added to every key
-            # shifts all of a query's scores alike, which softmax ignores), q/k kernels when each
+            # shifts all of a query's scores alike, which softmax ignores), q/k weights when each
             # query sees a single key.  There the stencil returns only its rounding noise, at most
             # (1 + 8 + 8 + 1) / 12 * eps * |loss| / h; below 100x that, a difference is not resolved.
             resolution = 100 * 1.5 * np.finfo(np.float64).eps * abs(loss) / h
