@@ -18,7 +18,7 @@ from refopt.kernels.cpu.attention import attention_forward  # noqa: F401
 from refopt.kernels.cpu.embedding import embedding_backward, embedding_forward  # noqa: F401
 from refopt.kernels.cpu.layernorm import layernorm_backward, layernorm_forward  # noqa: F401
 from refopt.kernels.cpu.loss import cross_entropy_backward, cross_entropy_forward  # noqa: F401
-from refopt.kernels.cpu.matmul import bias_act, matmul_rows
+from refopt.kernels.cpu.matmul import matmul_rows
 from refopt.kernels.cpu.sampling import (  # noqa: F401
     choose, min_p_distribution, top_k_mask, top_p_distribution, uniform)
 
@@ -27,10 +27,7 @@ NAME = "numba"
 
 def _linear(x, w, b, relu):
     I = x.shape[-1]
-    y = matmul_rows(x.reshape(-1, I), w)                                   # [N, O]
-    if not y.flags.c_contiguous or not y.flags.writeable:
-        y = np.ascontiguousarray(y)
-    bias_act(y, np.zeros(0, y.dtype) if b is None else np.asarray(b, y.dtype), relu)
+    y = matmul_rows(x.reshape(-1, I), w, b, relu)                          # [N, O]
     return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 

@@ -5,6 +5,9 @@ import numpy as np
 from numba import njit, prange
 
 
+_PARALLEL_ROWS = 256  # below this many rows, waking the thread pool costs more than it saves
+
+
 @njit(parallel=True, cache=True)
 def _gather(table, ids, out):
     # table [V, E], ids [N] -> out [N, E]
@@ -30,8 +33,8 @@ def embedding_forward(table, ids):
     from refopt.quant import QuantizedMatrix
 
     ids = np.asarray(ids)
-    if isinstance(table, QuantizedMatrix):
-        return table[ids]
+    if isinstance(table, QuantizedMatrix) or ids.size < _PARALLEL_ROWS:
+        return table[ids]                  # a few rows: NumPy's take costs less than a parallel launch
     flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
     out = np.empty((flat.shape[0], table.shape[1]), table.dtype)
     _gather(table, flat, out)

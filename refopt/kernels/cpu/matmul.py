@@ -18,9 +18,19 @@ SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
 _ROWS = 64           # outputs per task in the oi kernels
 
 
+@njit(inline="always")
+def _epilogue(acc, bias, o, relu):
+    # bias (empty when there is none) and ReLU applied to one output
+    if bias.shape[0] > 0:
+        acc += bias[o]
+    if relu and acc < 0:
+        acc = acc * 0
+    return acc
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi(x, data, out):
-    # x [M, I], data [O, I] float -> out [M, O] = x @ data.T
+def matmul_oi(x, data, bias, relu, out):
+    # x [M, I], data [O, I] float -> out [M, O] = epilogue(x @ data.T + bias)
     M, I = x.shape
     O = data.shape[0]
     for o in prange(O):
@@ -28,11 +38,11 @@ def matmul_oi(x, data, out):
             acc = out.dtype.type(0)
             for i in range(I):
                 acc += x[m, i] * data[o, i]
-            out[m, o] = acc
+            out[m, o] = _epilogue(acc, bias, o, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_bf16(x, data, out):
+def matmul_oi_bf16(x, data, bias, relu, out):
     # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each task widens 64 rows into a
     # float32 buffer (bfloat16 is the top half of a float32) and dots them with every row of x
     M, I = x.shape
@@ -47,11 +57,11 @@ def matmul_oi_bf16(x, data, out):
                 acc = out.dtype.type(0)
                 for i in range(I):
                     acc += x[m, i] * f[i]
-                out[m, o] = acc
+                out[m, o] = _epilogue(acc, bias, o, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_f16(x, data, table, out):
+def matmul_oi_f16(x, data, table, bias, relu, out):
     # x [M, I], data [O, I] uint16 float16 bits, table [65536] float32 (every float16 value) -> out
     M, I = x.shape
     O = data.shape[0]
@@ -64,12 +74,12 @@ def matmul_oi_f16(x, data, table, out):
                 acc = out.dtype.type(0)
                 for i in range(I):
                     acc += x[m, i] * f[i]
-                out[m, o] = acc
+                out[m, o] = _epilogue(acc, bias, o, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_int8(x, data, scale, out):
-    # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = (x @ data.T) * scale
+def matmul_oi_int8(x, data, scale, bias, relu, out):
+    # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = epilogue((x @ data.T) * scale)
     M, I = x.shape
     O = data.shape[0]
     for o in prange(O):
@@ -78,44 +88,36 @@ def matmul_oi_int8(x, data, scale, out):
             acc = out.dtype.type(0)
             for i in range(I):
                 acc += x[m, i] * data[o, i]
-            out[m, o] = acc * s
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def bias_act(y, b, relu):
-    # y [M, O] in place: y += b (when b has O entries), then max(y, 0) when relu
-    M, O = y.shape
-    has_bias = b.shape[0] == O
-    for m in prange(M):
-        for o in range(O):
-            v = y[m, o] + b[o] if has_bias else y[m, o]
-            y[m, o] = max(v, 0.0) if relu else v
+            out[m, o] = _epilogue(acc * s, bias, o, relu)
 
 
 FLOAT16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-def matmul_rows(x2, w):
-    """``x2 [M, I] @ w.T`` for ``w [O, I]`` a float matrix or a QuantizedMatrix -> ``[M, O]``."""
+def matmul_rows(x2, w, bias=None, relu=False):
+    """``epilogue(x2 [M, I] @ w.T + bias)`` for ``w [O, I]`` a float matrix or a QuantizedMatrix
+    -> ``[M, O]``; the epilogue adds ``bias`` and applies ReLU when ``relu``."""
     from refopt.quant import QuantizedMatrix
 
     M = x2.shape[0]
-    if isinstance(w, QuantizedMatrix):
-        data = w.data
-        out = np.empty((M, data.shape[0]), x2.dtype)
-        if M > SMALL_M:                       # compute-bound: widen once, then BLAS
-            return x2 @ w.rows_float32().astype(x2.dtype, copy=False).T
-        x2 = np.ascontiguousarray(x2)
-        if w.kind == "bfloat16":
-            matmul_oi_bf16(x2, data, out)
-        elif w.kind == "float16":
-            matmul_oi_f16(x2, data.view(np.uint16), FLOAT16_TABLE, out)
-        else:
-            matmul_oi_int8(x2, data, w.scale, out)
-        return out
-    if M > SMALL_M or w.dtype != x2.dtype or not w.flags.c_contiguous:
-        return x2 @ w.T
+    if M > SMALL_M or (not isinstance(w, QuantizedMatrix) and (w.dtype != x2.dtype or not w.flags.c_contiguous)):
+        # compute-bound (or an unusual operand): BLAS, then the epilogue in place
+        dense = w.rows_float32().astype(x2.dtype, copy=False) if isinstance(w, QuantizedMatrix) else w
+        y = x2 @ dense.T
+        if bias is not None:
+            y += bias
+        if relu:
+            np.maximum(y, 0, out=y)
+        return y
     x2 = np.ascontiguousarray(x2)
+    b = np.zeros(0, x2.dtype) if bias is None else np.asarray(bias, x2.dtype)
     out = np.empty((M, w.shape[0]), x2.dtype)
-    matmul_oi(x2, w, out)
+    if not isinstance(w, QuantizedMatrix):
+        matmul_oi(x2, w, b, relu, out)
+    elif w.kind == "bfloat16":
+        matmul_oi_bf16(x2, w.data, b, relu, out)
+    elif w.kind == "float16":
+        matmul_oi_f16(x2, w.data.view(np.uint16), FLOAT16_TABLE, b, relu, out)
+    else:
+        matmul_oi_int8(x2, w.data, w.scale, b, relu, out)
     return out
