@@ -94,3 +94,29 @@ def test_weights_dtype_logits_error_and_greedy_text():
             assert np.abs(lm.predict({"token_ids": ids}) - base).max() / np.abs(base).max() <= bound
     with pytest.raises(ConfigError, match="weights_dtype='int4'"):
         OPTCausalLM.from_preset(path, preprocessor=None, weights_dtype="int4")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: refopt.samplers.TopKSampler(k=4, seed=11),
+    lambda: refopt.samplers.TopPSampler(p=0.7, seed=12),
+    lambda: refopt.samplers.TopPSampler(p=0.5, k=3, seed=13),
+    lambda: refopt.samplers.MinPSampler(min_p=0.1, seed=14),
+    lambda: refopt.samplers.RandomSampler(seed=15),
+    lambda: refopt.samplers.GreedySampler(),
+])
+def test_seeded_generation_identical_across_backends(make):
+    from refopt.config import OPTConfig
+    from refopt.models import OPTBackbone
+
+    cfg = OPTConfig(vocabulary_size=37, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16,
+                    max_sequence_length=24, dropout=0.0, dtype="float64")
+    ids = np.array([[2, 5, 7, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                    [2, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    mask = ids != 1
+    out = {}
+    for b in ("numpy", "numba"):
+        lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=3, std=0.4)))
+        lm.backend = b
+        lm.compile(sampler=make())
+        out[b] = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(out["numba"], out["numpy"])

@@ -9,7 +9,7 @@ import refopt.kernels.cpu as nb
 import refopt.ops as ref
 from refopt import random as prandom
 from refopt.quant import QuantizedMatrix
-from refopt.samplers.sampler import top_k_mask as ref_top_k_mask
+from refopt.ops.sampling import top_k_mask as ref_top_k_mask
 
 DTYPES = st.sampled_from([np.float32, np.float64])
 

@@ -132,14 +132,23 @@ class OPTCausalLM:
         ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile``."""
         from refopt import generation
 
-        return generation.generate(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids,
-                                   strip_prompt=strip_prompt)
+        with self._backend_scope():       # the samplers' selection steps run on the model's backend
+            return generation.generate(self, inputs, max_length=max_length,
+                                       stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
 
     def stream(self, prompt, max_length=None, **kwargs):
         """Yield text pieces as tokens are produced (see :func:`refopt.generation.stream`)."""
         from refopt import generation
 
-        return generation.stream(self, prompt, max_length=max_length, **kwargs)
+        with self._backend_scope():
+            yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
+
+    def _backend_scope(self):
+        import contextlib
+
+        from refopt import backend as _backend
+
+        return contextlib.nullcontext() if self.backend is None else _backend.use_backend(self.backend)
 
     # ------------------------------------------------------------------ training
     def loss_and_gradients(self, x, y, sample_weight=None, naming="refopt"):

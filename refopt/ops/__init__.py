@@ -19,3 +19,5 @@ from refopt.ops.embedding import (  # noqa: E402,F401
 from refopt.ops.layernorm import layernorm_backward, layernorm_forward  # noqa: E402,F401
 from refopt.ops.linear import linear_backward, linear_forward, linear_relu_forward  # noqa: E402,F401
 from refopt.ops.loss import accuracy, cross_entropy_backward, cross_entropy_forward, log_softmax  # noqa: E402,F401
+from refopt.ops.sampling import (  # noqa: E402,F401
+    choose, descending_order, min_p_distribution, top_k_mask, top_p_distribution, uniform)

@@ -4,7 +4,8 @@
 import numpy as np
 
 from refopt import random as prandom
-from refopt.samplers.sampler import Sampler, check_float, check_positive_int, top_k_mask
+from refopt import backend
+from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
 
 class MinPSampler(Sampler):
@@ -31,9 +32,7 @@ class MinPSampler(Sampler):
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        threshold = self.min_p * p.max(axis=-1, keepdims=True)                 # [B, 1]
-        keep = (p >= threshold) | top_k_mask(p, self.min_tokens_to_keep)
-        return np.where(keep, p, 0.0)
+        return backend.ops().min_p_distribution(p, self.min_p, self.min_tokens_to_keep)
 
     def get_config(self):
         return {**super().get_config(), "min_p": self.min_p,

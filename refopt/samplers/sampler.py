@@ -42,8 +42,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from refopt import backend
 from refopt import random as prandom
 from refopt.errors import SamplerError
+from refopt.ops.sampling import descending_order, top_k_mask  # noqa: F401  (re-exported)
 
 
 class Step(NamedTuple):
@@ -91,27 +93,10 @@ def log_softmax(x):
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def descending_order(x):
-    # x [B, V] -> indices [B, V] sorting each row by value, largest first; ties: lower index first
-    return np.argsort(-np.asarray(x), axis=-1, kind="stable")
-
-
 def top_k_indices(x, k: int):
     # x [B, N] -> indices [B, k] of the k largest, largest first; ties: lower index first
     # (what jax.lax.top_k returns, the backend KerasHub's fixtures were made with)
     return descending_order(x)[:, :k]
-
-
-def top_k_mask(p, k: int):
-    # p [B, V] -> bool [B, V], True on exactly min(k, V) entries per row: the largest values, ties
-    # broken towards the lower token id.  O(V) (a partition, no sort).
-    B, V = p.shape
-    k = min(k, V)
-    kth = -np.partition(-p, k - 1, axis=-1)[:, k - 1:k]                    # [B, 1] k-th largest
-    above = p > kth                                                        # [B, V]
-    tied = p == kth
-    room = k - above.sum(axis=-1, keepdims=True)                           # tied entries to keep
-    return above | (tied & (np.cumsum(tied, axis=-1) <= room))
 
 
 def one_hot_argmax(p):
@@ -197,7 +182,7 @@ class Sampler:
         :meth:`next_token_distribution` with the uniform of ``(seed, row, index)``."""
         probabilities = np.asarray(probabilities)
         weights = self.next_token_distribution(probabilities)
-        return prandom.choose(weights, self.uniforms(probabilities.shape[0]))
+        return backend.ops().choose(weights, self.uniforms(probabilities.shape[0]))
 
     # ------------------------------------------------------------------ randomness
     def begin(self):
@@ -215,7 +200,8 @@ class Sampler:
             self._seed_in_use = self.seed if self.seed is not None else prandom.draw_seed()
             self.last_seed = self._seed_in_use
         rows = np.arange(batch) if rows is None else rows
-        return prandom.uniform(self._seed_in_use, rows, self._index if index is None else index, stream)
+        return backend.ops().uniform(self._seed_in_use, rows, self._index if index is None else index,
+                                     stream)
 
     # ------------------------------------------------------------------ the loop
     def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,

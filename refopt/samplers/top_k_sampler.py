@@ -3,7 +3,8 @@
 import numpy as np
 
 from refopt import random as prandom
-from refopt.samplers.sampler import Sampler, check_positive_int, top_k_mask
+from refopt import backend
+from refopt.samplers.sampler import Sampler, check_positive_int
 
 
 class TopKSampler(Sampler):
@@ -25,7 +26,7 @@ class TopKSampler(Sampler):
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        return np.where(top_k_mask(p, self.k), p, 0.0)
+        return np.where(backend.ops().top_k_mask(p, self.k), p, 0.0)
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "seed": self.seed}

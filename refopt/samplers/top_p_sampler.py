@@ -3,7 +3,8 @@
 import numpy as np
 
 from refopt import random as prandom
-from refopt.samplers.sampler import Sampler, check_float, check_positive_int, descending_order
+from refopt import backend
+from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
 
 class TopPSampler(Sampler):
@@ -31,17 +32,7 @@ class TopPSampler(Sampler):
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        B, V = p.shape
-        cutoff = V if self.k is None else min(self.k, V)
-        order = descending_order(p)[:, :cutoff]                                # [B, cutoff]
-        sorted_p = np.take_along_axis(p, order, axis=-1)
-        cumulative = np.cumsum(sorted_p, axis=-1)                              # sequential, float64
-        before = np.concatenate([np.zeros((B, 1)), cumulative[:, :-1]], axis=-1)  # sum of earlier ones
-        keep = before <= self.p
-        keep[:, 0] = True
-        out = np.zeros_like(p)
-        np.put_along_axis(out, order, np.where(keep, sorted_p, 0.0), axis=-1)
-        return out
+        return backend.ops().top_p_distribution(p, self.p, self.k)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p, "k": self.k, "seed": self.seed}

@@ -11,7 +11,7 @@ scatter-add (:mod:`.embedding`), and the samplers' selection steps (:mod:`.sampl
 import numpy as np
 
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
-    accuracy, attention_backward, attention_mask, dropout_backward, dropout_forward, dropout_mask,
+    accuracy, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
     lm_head_backward, linear_backward, log_softmax, merge_heads, relu_backward, relu_forward, softmax,
     softmax_backward, split_heads)
 from refopt.kernels.cpu.attention import attention_forward  # noqa: F401
