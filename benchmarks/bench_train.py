@@ -5,8 +5,9 @@
 
 A training step is, for both: forward in training mode (dropout on), the cross-entropy of the
 logits against the next tokens, the backward pass, and one AdamW update of every parameter
-(float32).  refopt runs once per backend in ``--backends`` (``numpy``: the reference ops; ``numba``:
-the compiled CPU kernels where they exist).  Each one runs in its own fresh subprocess with the same thread count
+(float32).  refopt runs once per backend in ``--backends`` (``numpy``: the reference ops and the
+NumPy optimizer update; ``numba``: the compiled CPU kernels where they exist and the fused AdamW
+update).  Each one runs in its own fresh subprocess with the same thread count
 (``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS``, and ``torch.set_num_threads``
 for torch) on a randomly initialised model of OPT-125m's shape (12 layers, hidden 768, MLP 3072,
 vocabulary 50,272, 2,048 positions).  Reported per framework:
@@ -119,6 +120,8 @@ def child(which, args):
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[key] = str(args.threads)
+    if which != "transformers":
+        env["REFOPT_BACKEND"] = which  # the optimizer's fused update follows the backend too
     cmd = [sys.executable, "-c", CHILD, which, str(args.batch), str(args.seq), str(args.layers),
            str(args.repeats), str(args.threads), str(args.dropout)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
