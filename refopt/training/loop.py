@@ -18,12 +18,15 @@ What is reported (Keras 3 semantics, which KerasHub's ``CausalLM.compile`` defau
   ``sample_weight = batch size`` (``keras/src/backend/jax/trainer.py``: ``_loss_tracker.update_state(
   loss, sample_weight=<batch size>)``): ``sum_i(B_i * loss_i) / sum_i(B_i)``;
 * ``sparse_categorical_accuracy`` is a weighted ``Mean`` over the epoch: with ``[B, S]`` weights,
-  Keras's ``reduce_to_samplewise_values`` reduces values and weights by a mean over the sequence
-  axis, so the epoch's value is ``sum(w * hit) / sum(w)`` over every batch so far;
+  Keras's ``reduce_to_samplewise_values`` (``keras/src/metrics/reduction_metrics.py``) reduces
+  values and weights by a mean over the sequence axis, so the epoch's value is
+  ``sum(w * hit) / sum(w)`` over every batch so far;
 * ``val_loss`` / ``val_sparse_categorical_accuracy``: the same on ``validation_data`` at the end of
   each epoch (evaluation mode: no dropout).
 
 Both trackers accumulate in float64.  The progress bar (verbose=1, tqdm) shows these running values.
+``tests/test_training_keras.py`` checks these numbers, and the parameters after AdamW steps, against
+Keras 3.15 itself.
 """
 
 from __future__ import annotations
@@ -210,7 +213,8 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
     Dropout (``config.dropout``) is active in these steps only.  A non-finite loss stops training
     with a :class:`refopt.errors.TrainingError` naming the epoch and step; the parameters are then
     those before that step.  The optimizer is ``model.optimizer``; the parameters in
-    ``model.backbone.params`` are replaced by their updated arrays after every step.
+    ``model.backbone.params`` are updated in place after every step (on its first update each
+    entry is replaced by the optimizer's own copy, see :mod:`refopt.optimizers`).
     """
     params, cfg, ops = _model_parts(model)
     check_trainable(params, "model.backbone.params")
