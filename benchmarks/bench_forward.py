@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import best_time, write_random_checkpoint  # noqa: E402
+
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
@@ -61,12 +64,7 @@ print(json.dumps({"load_s": load, "first_s": first, "base_mib": base, "after_loa
 
 
 def write_checkpoint(path, layers):
-    from refopt.config import released_config
-    from refopt.models import OPTBackbone
-
-    cfg = released_config("125m", num_layers=layers, dropout=0.0)
-    bb = OPTBackbone.from_opt_config(cfg)
-    bb.save_to_preset(path, format="huggingface")
+    write_random_checkpoint(path, layers)
     return os.path.getsize(os.path.join(path, "model.safetensors"))
 
 
@@ -77,14 +75,8 @@ def child(which, path):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def best(fn, repeats):
+    return best_time(fn, repeats)[0]
 
 
 def main(argv=None):
@@ -130,7 +122,7 @@ def main(argv=None):
         ids = rng.integers(0, 50272, (args.batch, args.seq))
         mask = np.ones_like(ids)
         tokens = args.batch * args.seq
-        t_ours = best_time(lambda: lm.predict({"token_ids": ids, "padding_mask": mask}), args.repeats)
+        t_ours = best(lambda: lm.predict({"token_ids": ids, "padding_mask": mask}), args.repeats)
         t_theirs = None
         if transformers is not None:
             threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
@@ -142,7 +134,7 @@ def main(argv=None):
                 with torch.no_grad():
                     model(input_ids=tids, attention_mask=tmask)
 
-            t_theirs = best_time(run, args.repeats)
+            t_theirs = best(run, args.repeats)
         row(f"forward {args.batch}x{args.seq} tok/s", tokens / t_ours, t_theirs and tokens / t_theirs,
             "{:.0f}", better="higher")
 

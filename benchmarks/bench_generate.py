@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import best_time  # noqa: E402
+
 
 KERAS_CHILD = r"""
 import json, os, sys, time
@@ -77,16 +80,6 @@ def keras_hub_rates(python, path, args):
         print(f"KerasHub run failed:\n{res.stderr[-1500:]}")
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def best_time(fn, repeats):
-    out = fn()                                                                 # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def main(argv=None):

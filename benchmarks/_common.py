@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_OPT = ROOT.parent / "shared" / "data" / "opt"
+
+
+def best_time(fn, repeats):
+    """``(seconds, output)``: the best of ``repeats`` timed calls after one warm-up call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def write_random_checkpoint(path, layers=12, size="125m", tokenizer_files=False):
+    """A random OPT checkpoint of a released shape (normal(0, 0.02) weights) in transformers' layout;
+    with ``tokenizer_files`` and ../shared present, the real OPT vocabulary files beside it (read
+    from ../shared, written only into ``path``, a temporary directory).  Returns the config."""
+    from refopt.config import released_config
+    from refopt.models import OPTBackbone
+
+    cfg = released_config(size, num_layers=layers, dropout=0.0)
+    OPTBackbone.from_opt_config(cfg).save_to_preset(path, format="huggingface")
+    if tokenizer_files and (SHARED_OPT / "vocab.json").exists():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(SHARED_OPT / name, Path(path) / name)
+        (Path(path) / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>",
+             "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True}))
+    return cfg
