@@ -1,0 +1,96 @@
+"""``refopt conform``: check another OPT implementation against refopt's float64 reference.
+
+    refopt conform --against transformers [PRESET ...] [--json]
+    refopt conform --against keras-hub [PRESET ...]
+    refopt conform --against my_package.module:MyAdapter [PRESET ...]
+
+Prints a table of checks (logits, activations, gradients, generation, tokenizer, samplers) with
+their figures and pass/fail; exit status 1 when any check fails.  Checks the adapter cannot run
+(no torch, no KerasHub, no gradients, no tokenizer files) are listed as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from refopt.errors import ConfigError
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "conform", help="check another OPT implementation against refopt's float64 reference",
+        description="Run refopt's conformance suite against an adapter: logits, named activations "
+                    "(the first diverging one is located), gradients, greedy generation, the "
+                    "tokenizer and sampler decisions.  Exit status 1 when a check fails.")
+    p.add_argument("--against", required=True, metavar="ADAPTER",
+                   help="'transformers', 'keras-hub', 'refopt[:numpy|numba|cuda[:float32|float64]]' or "
+                        "'package.module:AdapterClass'")
+    p.add_argument("presets", nargs="*", metavar="PRESET",
+                   help="preset directories (KerasHub or transformers layout) whose models are "
+                        "checked; default: the bundled preset when installed")
+    p.add_argument("--random-configs", type=int, default=3, metavar="N",
+                   help="also check N random configs and weights (default 3)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a directory with vocab.json and merges.txt for the tokenizer checks "
+                        "(default: the first preset that has them)")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                   help="compute dtype for the built-in transformers / refopt adapters (default float32)")
+    p.add_argument("--no-samplers", action="store_true", help="skip the sampler checks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and configs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--fail-on-skip", action="store_true",
+                   help="exit with status 1 when a check was skipped, too")
+    p.set_defaults(run=run)
+    return p
+
+
+def _adapter(spec: str, dtype: str | None):
+    from refopt.testing.adapter import load_adapter
+
+    if dtype is None:
+        return load_adapter(spec)
+    if spec == "transformers":
+        from refopt.testing.adapters.transformers import TransformersAdapter
+
+        return TransformersAdapter(dtype=dtype)
+    if spec in ("refopt", "refopt:numpy", "refopt:numba", "refopt:cuda"):
+        return load_adapter(f"{spec if ':' in spec else 'refopt:numpy'}:{dtype}")
+    raise ConfigError(f"--dtype applies to the built-in transformers and refopt adapters, not {spec!r} "
+                      "(set the dtype in your adapter)")
+
+
+def run(args) -> int:
+    from refopt.io import presets as _presets
+    from refopt.testing import checks
+    from refopt.testing.adapter import NotSupported, Unavailable
+
+    if args.random_configs < 0:
+        raise ConfigError(f"--random-configs={args.random_configs}: expected a number >= 0")
+    preset_dirs = [_presets.resolve(p) for p in args.presets]
+    if not preset_dirs:
+        try:
+            preset_dirs = [_presets.bundled_preset_dir()]
+        except Exception:   # no bundled model in this installation: random configs only
+            preset_dirs = []
+    try:
+        adapter = _adapter(args.against, args.dtype)
+    except NotSupported as e:
+        adapter = Unavailable(args.against, str(e))
+
+    def progress(result):
+        if not args.json:
+            print(f"  {result.status:<4} {result.name}", file=sys.stderr, flush=True)
+
+    report = checks.run_conformance(adapter, presets=preset_dirs, random_configs=args.random_configs,
+                                    tokenizer=args.tokenizer, samplers=not args.no_samplers,
+                                    seed=args.seed, progress=progress)
+    adapter.close()
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table())
+    if report.failed:
+        return 1
+    if args.fail_on_skip and any(r.status == checks.SKIP for r in report.results):
+        return 1
+    return 0

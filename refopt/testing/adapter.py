@@ -1,0 +1,302 @@
+"""The adapter protocol: what a backend implements so refopt's oracle can check it.
+
+Subclass :class:`Adapter` and override what your backend can do.  Only :meth:`Adapter.load` and
+:meth:`Adapter.logits` are required; every other method raises :class:`NotSupported` by default,
+and the oracle reports the checks that need it as *skipped*, with the reason, never as passed.
+
+Arrays are NumPy arrays.  Weights use refopt's names and layout (:mod:`refopt.model`): linear
+weights ``[out, in]`` (``y = x @ W.T + b``, PyTorch's layout), ``embed_positions`` row ``p`` for
+position ``p`` (no offset: transformers' two spare rows are not there), LayerNorm ``gamma``/``beta``.
+:func:`refopt.io.huggingface.to_state_dict` and :func:`refopt.io.keras_h5.to_keras` translate them.
+
+Conventions every method follows:
+
+* ``token_ids [B, S]`` int64, ``padding_mask [B, S]`` bool, True on real tokens.  Right padding
+  unless the adapter sets ``supports_left_padding`` (then the oracle also sends left-padded rows,
+  whose positions count from each row's first real token, as transformers computes them).
+* Only real positions are compared; what a port puts at padding positions is its own business.
+* Prompt ids (:meth:`Adapter.encode`) start with ``</s>`` (id 2), as OPT's published tokenizer
+  and KerasHub's ``OPTCausalLMPreprocessor.generate_preprocess`` make them.
+* A sampler step (:meth:`Adapter.sample`) receives the model's probabilities and one uniform number
+  in ``[0, 1)`` per row; the port applies its temperature and filters (top-k, top-p) and picks the
+  token with the common selection rule :func:`refopt.random.choose` (inverse CDF over token ids),
+  so the choice depends only on the filtering, which is what is being checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import NamedTuple
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.errors import ConfigError
+
+
+class NotSupported(Exception):
+    """Raised by an adapter method the backend does not implement; the message says why."""
+
+
+class SamplerSpec(NamedTuple):
+    """One sampler configuration: ``name`` is ``"greedy"``, ``"random"``, ``"top_k"`` or ``"top_p"``
+    (KerasHub's names; ``top_p`` with ``k`` set is KerasHub's ``TopPSampler(p, k)`` and
+    transformers' ``top_k`` + ``top_p``)."""
+
+    name: str
+    k: int | None = None
+    p: float | None = None
+    temperature: float = 1.0
+
+    def describe(self) -> str:
+        args = []
+        if self.k is not None:
+            args.append(f"k={self.k}")
+        if self.p is not None:
+            args.append(f"p={self.p:g}")
+        if self.temperature != 1.0:
+            args.append(f"T={self.temperature:g}")
+        return f"{self.name}({', '.join(args)})"
+
+
+class Adapter:
+    """Base class of backend adapters (see the module docstring for the conventions).
+
+    Attributes a subclass may set:
+
+    ``name``                   shown in reports
+    ``dtype``                  the compute dtype of the port's forward and backward (``"float32"``,
+                               ``"float64"``, ``"bfloat16"``, ``"float16"``): it picks the tolerance
+    ``supports_left_padding``  whether :meth:`logits` handles left-padded rows
+    ``sampler_convention``     ``"keras_hub"`` (refopt's and KerasHub's rules) or ``"transformers"``
+                               (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+                               ``TopPLogitsWarper``): the two differ only at exact ties (see
+                               :func:`refopt.testing.reference.sampler_distribution`)
+    """
+
+    name = "adapter"
+    dtype = "float32"
+    supports_left_padding = False
+    sampler_convention = "keras_hub"
+
+    config: OPTConfig | None = None
+
+    # ------------------------------------------------------------------ the model
+    def load(self, config: OPTConfig, params: dict[str, np.ndarray]) -> None:
+        """Build the port's model for ``config`` with refopt's ``params`` (float64 arrays; cast them
+        to your dtype).  Required."""
+        raise NotImplementedError(f"{type(self).__name__}.load(config, params) is required")
+
+    def load_preset(self, path) -> None:
+        """Load a checkpoint directory with the port's own loader (optional: otherwise the oracle
+        reads it with refopt and calls :meth:`load`).  Set ``self.config`` to its config."""
+        raise NotSupported(f"{self.name} has no preset loader of its own")
+
+    def logits(self, token_ids: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
+        """Logits ``[B, S, V]``.  Required."""
+        raise NotImplementedError(f"{type(self).__name__}.logits(token_ids, padding_mask) is required")
+
+    def activations(self, token_ids, padding_mask, names: list[str]) -> dict[str, np.ndarray]:
+        """The named intermediates (:func:`refopt.testing.reference.activation_names`) the port can
+        produce, each ``[B, S, width]``; names it cannot produce are left out."""
+        raise NotSupported(f"{self.name} does not expose intermediate activations")
+
+    def loss_and_gradients(self, token_ids, padding_mask) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss ``sum(sw * CE) / sum(sw)`` (:func:`refopt.testing.reference.loss_targets`) and
+        its gradient for every parameter, keyed by refopt's names with refopt's shapes (the tied
+        head's share inside ``embed_tokens``)."""
+        raise NotSupported(f"{self.name} does not compute gradients")
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The ``max_new_tokens`` ids greedy decoding appends to one prompt (no stop token)."""
+        raise NotSupported(f"{self.name} does not generate")
+
+    # ------------------------------------------------------------------ the tokenizer
+    def load_tokenizer(self, vocabulary_path, merges_path) -> None:
+        """Build the port's tokenizer from a ``vocab.json`` and a ``merges.txt``."""
+        raise NotSupported(f"{self.name} has no tokenizer")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Prompt ids of each text: ``</s>`` then the byte-level BPE ids; special tokens written in
+        the text (``<pad>``, ``</s>``) map to their ids."""
+        raise NotSupported(f"{self.name} has no tokenizer")
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Text of each id list, special tokens (``<s>``, ``<pad>``, ``</s>``, ``<unk>``) left out."""
+        raise NotSupported(f"{self.name} has no tokenizer")
+
+    # ------------------------------------------------------------------ the samplers
+    def sample(self, spec: SamplerSpec, probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Token ids ``[B]`` for ``probabilities [B, V]`` (the model's softmax, before temperature)
+        and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.random.choose`
+        (greedy ignores the uniforms)."""
+        raise NotSupported(f"{self.name} has no samplers")
+
+    def close(self) -> None:
+        """Release resources (subprocesses, devices)."""
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name} ({self.dtype})>"
+
+
+# ---------------------------------------------------------------------------------- refopt itself
+class RefoptAdapter(Adapter):
+    """refopt as a port: its own model on one backend (``"numpy"``, ``"numba"``, ``"cuda"``) and
+    dtype.  ``RefoptAdapter("numpy", "float64")`` is the oracle's reference; the others check
+    refopt's compiled backends against it."""
+
+    supports_left_padding = True
+
+    def __init__(self, backend: str = "numpy", dtype: str = "float32"):
+        from refopt import backend as _backend
+
+        if dtype not in ("float32", "float64"):
+            raise ConfigError(f"RefoptAdapter: dtype={dtype!r}; refopt computes in float32 or float64")
+        self.backend = backend
+        self.dtype = dtype
+        self.name = f"refopt[{backend}, {dtype}]"
+        self._ops = _backend.ops(backend)
+        self.params = None
+        self.tokenizer = None
+
+    # model
+    def load(self, config, params):
+        self.config = dataclasses.replace(config, dtype=self.dtype)
+        self.params = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
+
+    def _decoder(self, token_ids, padding_mask, tape):
+        # token_ids [B, S], padding_mask [B, S] -> hidden [B, S, E] (tape filled when given)
+        from refopt import model as _model
+
+        ids = np.asarray(token_ids, np.int64)
+        mask = np.asarray(padding_mask).astype(bool)
+        return _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self._ops)
+
+    def _head(self, hidden):
+        # hidden [B, S, E] -> logits [B, S, V]: the LM head, tied to the token embedding
+        return self._ops.lm_head_forward(hidden, self.params["embed_tokens"])
+
+    def _forward(self, token_ids, padding_mask, tape=None):
+        return self._head(self._decoder(token_ids, padding_mask, tape))
+
+    def logits(self, token_ids, padding_mask):
+        return self._forward(token_ids, padding_mask)
+
+    def activations(self, token_ids, padding_mask, names):
+        # the tape's keys are the oracle's names (refopt.testing.reference.activation_names)
+        tape: dict = {}
+        tape["logits"] = self._forward(token_ids, padding_mask, tape)
+        return {n: tape[n] for n in names if n in tape}
+
+    def loss_and_gradients(self, token_ids, padding_mask):
+        from refopt.testing.reference import loss_targets
+        from refopt.training.gradients import loss_and_gradients
+
+        y, sw = loss_targets(token_ids, padding_mask, self.config.pad_token_id)
+        x = {"token_ids": np.asarray(token_ids, np.int64), "padding_mask": np.asarray(padding_mask, bool)}
+        return loss_and_gradients(self.params, self.config, x, y, sw, ops=self._ops)
+
+    def greedy(self, prompt_ids, max_new_tokens):
+        from refopt.models import OPTBackbone, OPTCausalLM
+
+        backbone = OPTBackbone.from_opt_config(self.config, self.params)
+        backbone.backend = self.backend
+        lm = OPTCausalLM(backbone)
+        lm.compile(sampler="greedy")
+        n = len(prompt_ids)
+        ids = np.zeros((1, n + max_new_tokens), np.int64)
+        ids[0, :n] = prompt_ids
+        mask = np.zeros(ids.shape, bool)
+        mask[0, :n] = True
+        out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+        return [int(t) for t in out["token_ids"][0, n:]]
+
+    # tokenizer
+    def load_tokenizer(self, vocabulary_path, merges_path):
+        from refopt.models import OPTTokenizer
+
+        self.tokenizer = OPTTokenizer(vocabulary=str(vocabulary_path), merges=str(merges_path))
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise NotSupported("no tokenizer loaded")
+        return self.tokenizer
+
+    def encode(self, texts):
+        tok = self._tok()
+        return [[tok.start_token_id] + [int(i) for i in ids] for ids in tok(list(texts))]
+
+    def decode(self, ids):
+        tok = self._tok()
+        special = set(tok.special_token_ids) | {tok.token_to_id(t) for t in ("<s>", "<unk>")
+                                                if t in tok.vocabulary}
+        return [tok.detokenize([int(i) for i in row if int(i) not in special]) for row in ids]
+
+    # samplers
+    def sample(self, spec, probabilities, uniforms):
+        from refopt.random import choose
+        from refopt.testing.reference import sampler_distribution
+
+        weights = sampler_distribution(spec, probabilities, "keras_hub", backend=self.backend)
+        return choose(weights, uniforms)
+
+
+class Unavailable(Adapter):
+    """Stands in for an adapter that cannot be built here (its library is not installed): every
+    check it would take part in is reported as skipped, with ``reason``."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def _skip(self, *args, **kwargs):
+        raise NotSupported(self.reason)
+
+    load = load_preset = logits = activations = loss_and_gradients = greedy = _skip
+    load_tokenizer = encode = decode = sample = _skip
+
+
+# ---------------------------------------------------------------------------------- by name
+BUILTIN = {
+    "transformers": "refopt.testing.adapters.transformers:TransformersAdapter",
+    "keras-hub": "refopt.testing.adapters.keras_hub:KerasHubAdapter",
+    "keras_hub": "refopt.testing.adapters.keras_hub:KerasHubAdapter",
+}
+
+
+def load_adapter(spec) -> Adapter:
+    """An adapter from a command-line spec: ``"transformers"``, ``"keras-hub"``, ``"refopt"``
+    (``"refopt:numba"``, ``"refopt:numpy:float64"``), ``"package.module:Class"`` (a class or a
+    factory called with no arguments), or an :class:`Adapter` instance (returned as is)."""
+    if isinstance(spec, Adapter):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"adapter {spec!r}: expected 'transformers', 'keras-hub', 'refopt[:backend]' "
+                          "or 'module:Class'")
+    if spec == "refopt" or spec.startswith("refopt:"):
+        parts = spec.split(":")[1:]
+        return RefoptAdapter(*(parts or ["numba" if _has_numba() else "numpy"]))
+    target = BUILTIN.get(spec, spec)
+    if ":" not in target:
+        raise ConfigError(f"adapter {spec!r}: expected 'transformers', 'keras-hub', 'refopt[:backend]' "
+                          "or 'module:Class' (a colon between the module and the class)")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"adapter {spec!r}: cannot import {module_name!r} ({e})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"adapter {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    adapter = obj() if callable(obj) and not isinstance(obj, Adapter) else obj
+    if not isinstance(adapter, Adapter):
+        raise ConfigError(f"adapter {spec!r}: {attr} gave a {type(adapter).__name__}, not a "
+                          "refopt.testing.Adapter")
+    return adapter
+
+
+def _has_numba() -> bool:
+    return importlib.util.find_spec("numba") is not None

@@ -1,0 +1,231 @@
+"""``TransformersAdapter``: Hugging Face transformers' ``OPTForCausalLM`` (PyTorch) as a port.
+
+Named intermediates come from forward hooks on transformers' own modules (see
+:mod:`refopt.testing.reference` for the definitions)::
+
+    embeddings                   the input of decoder layer 0
+    layers.{i}.attention_input   the input of layers[i].self_attn.q_proj
+    layers.{i}.attention_output  the output of layers[i].self_attn.out_proj
+    layers.{i}.mlp_input         the input of layers[i].fc1   (transformers flattens it to [B*S, D])
+    layers.{i}.mlp_output        the output of layers[i].fc2
+    layers.{i}.output            the output of layers[i]
+    final_norm                   the output of decoder.final_layer_norm
+    hidden                       the output of decoder.project_out
+
+Gradients come from autograd on the fixtures' loss; ``greedy`` from ``model.generate`` (its KV
+cache); the tokenizer from ``AutoTokenizer`` when the directory holds a transformers tokenizer
+config, else ``GPT2Tokenizer`` with OPT's special tokens; a sampler step runs transformers' own
+logits warpers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``) and then the
+common selection rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.io import huggingface
+from refopt.testing.adapter import Adapter, NotSupported
+
+
+def _imports():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise NotSupported(f"the transformers adapter needs torch and transformers, which are not "
+                           f"installed ({e.name} is missing; pip install 'refopt[peers]')") from None
+    return torch, transformers
+
+
+class TransformersAdapter(Adapter):
+    """transformers' ``OPTForCausalLM`` in ``dtype`` (``"float32"`` or ``"float64"``), its default
+    ("sdpa") attention."""
+
+    supports_left_padding = True
+    sampler_convention = "transformers"
+
+    def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa"):
+        self.torch, self.transformers = _imports()
+        if dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"TransformersAdapter: dtype={dtype!r}")
+        self.dtype = dtype
+        self.name = f"transformers {self.transformers.__version__} (torch {self.torch.__version__.split('+')[0]})"
+        self.attn_implementation = attn_implementation
+        self.model = None
+        self.tokenizer = None
+
+    @property
+    def torch_dtype(self):
+        return getattr(self.torch, self.dtype)
+
+    # ------------------------------------------------------------------ the model
+    def _hf_config(self, cfg: OPTConfig):
+        data = {k: v for k, v in cfg.to_huggingface().items() if k not in ("architectures", "model_type", "dtype")}
+        data["dropout"] = 0.0
+        return self.transformers.OPTConfig(**data)
+
+    def load(self, config, params):
+        torch = self.torch
+        self.config = config
+        model = self.transformers.OPTForCausalLM(self._hf_config(config))
+        state = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in
+                 huggingface.to_state_dict(params, config).items()}
+        state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True)
+        self._set_model(model)
+
+    def load_preset(self, path):
+        path = Path(path)
+        try:
+            data = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            raise NotSupported(f"{path} has no readable config.json") from None
+        if data.get("model_type") != "opt":
+            raise NotSupported(f"{path} is not a transformers checkpoint (transformers reads only its "
+                               "own layout; the oracle passes refopt's reading of it instead)")
+        model = self.transformers.OPTForCausalLM.from_pretrained(
+            path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation)
+        self.config = OPTConfig.from_huggingface(data, str(path / "config.json"))
+        self._set_model(model)
+
+    def _set_model(self, model):
+        model.config._attn_implementation = self.attn_implementation
+        self.model = model.to(self.torch_dtype).eval()
+
+    def _inputs(self, token_ids, padding_mask):
+        torch = self.torch
+        return (torch.tensor(np.asarray(token_ids, np.int64)),
+                torch.tensor(np.asarray(padding_mask).astype(np.int64)))
+
+    def logits(self, token_ids, padding_mask):
+        ids, mask = self._inputs(token_ids, padding_mask)
+        with self.torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask)
+        return out.logits.double().numpy()
+
+    def activations(self, token_ids, padding_mask, names):
+        torch = self.torch
+        ids, mask = self._inputs(token_ids, padding_mask)
+        B, S = ids.shape
+        decoder = self.model.model.decoder
+        got: dict = {}
+        handles = []
+
+        def keep(name, value):
+            if isinstance(value, (tuple, list)):
+                value = value[0]
+            got[name] = value.detach().double().reshape(B, S, -1).numpy()
+
+        def on_input(name):
+            def hook(module, args, kwargs):
+                keep(name, args[0] if args else kwargs["hidden_states"])
+            return hook
+
+        def on_output(name):
+            def hook(module, args, output):
+                keep(name, output)
+            return hook
+
+        try:
+            if decoder.layers:
+                handles.append(decoder.layers[0].register_forward_pre_hook(on_input("embeddings"),
+                                                                             with_kwargs=True))
+            for i, layer in enumerate(decoder.layers):
+                p = f"layers.{i}."
+                handles += [
+                    layer.self_attn.q_proj.register_forward_pre_hook(on_input(p + "attention_input"),
+                                                                     with_kwargs=True),
+                    layer.self_attn.out_proj.register_forward_hook(on_output(p + "attention_output")),
+                    layer.fc1.register_forward_pre_hook(on_input(p + "mlp_input"), with_kwargs=True),
+                    layer.fc2.register_forward_hook(on_output(p + "mlp_output")),
+                    layer.register_forward_hook(on_output(p + "output"))]
+            if decoder.final_layer_norm is not None:
+                handles.append(decoder.final_layer_norm.register_forward_hook(on_output("final_norm")))
+            if decoder.project_out is not None:
+                handles.append(decoder.project_out.register_forward_hook(on_output("hidden")))
+            with torch.no_grad():
+                got["logits"] = self.model(input_ids=ids, attention_mask=mask).logits.double().numpy()
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: got[n] for n in names if n in got}
+
+    def loss_and_gradients(self, token_ids, padding_mask):
+        from refopt.testing.reference import loss_targets
+
+        torch = self.torch
+        ids, mask = self._inputs(token_ids, padding_mask)
+        y, sw = loss_targets(token_ids, padding_mask, self.config.pad_token_id)
+        self.model.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               torch.tensor(y).reshape(-1), reduction="none")
+        w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
+        loss = (w * ce).sum() / w.sum()
+        loss.backward()
+        theirs = {name: p.grad.double().numpy() if p.grad is not None else np.zeros(tuple(p.shape))
+                  for name, p in self.model.named_parameters()}
+        self.model.zero_grad(set_to_none=True)
+        grads = {ours: theirs[hf] for ours, hf in huggingface.name_map(self.config).items() if hf in theirs}
+        pos = theirs.get(huggingface.POSITIONS_NAME)
+        if pos is not None:
+            grads["embed_positions"] = pos[huggingface.POSITION_OFFSET:]
+        return float(loss.detach()), grads
+
+    def greedy(self, prompt_ids, max_new_tokens):
+        torch = self.torch
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        gen = self.transformers.GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                                                 min_new_tokens=0, eos_token_id=None,
+                                                 pad_token_id=self.config.pad_token_id,
+                                                 bos_token_id=self.config.bos_token_id)
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        return [int(t) for t in out[0, len(prompt_ids):]]
+
+    # ------------------------------------------------------------------ the tokenizer
+    def load_tokenizer(self, vocabulary_path, merges_path):
+        folder = Path(vocabulary_path).parent
+        if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+            self.tokenizer = self.transformers.AutoTokenizer.from_pretrained(str(folder))
+        else:
+            self.tokenizer = self.transformers.GPT2Tokenizer(
+                vocab_file=str(vocabulary_path), merges_file=str(merges_path), bos_token="</s>",
+                eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True)
+
+    def encode(self, texts):
+        if self.tokenizer is None:
+            raise NotSupported("no tokenizer loaded")
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+    def decode(self, ids):
+        if self.tokenizer is None:
+            raise NotSupported("no tokenizer loaded")
+        return [self.tokenizer.decode([int(i) for i in row], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False) for row in ids]
+
+    # ------------------------------------------------------------------ the samplers
+    def sample(self, spec, probabilities, uniforms):
+        from refopt.random import choose
+
+        torch, lp = self.torch, self.transformers.generation.logits_process
+        p = torch.tensor(np.asarray(probabilities), dtype=self.torch_dtype)
+        scores = torch.log(p)
+        if spec.name == "greedy":
+            return torch.argmax(scores, dim=-1).numpy()
+        warpers = []
+        if spec.temperature != 1.0:
+            warpers.append(lp.TemperatureLogitsWarper(spec.temperature))
+        if spec.k is not None and spec.name in ("top_k", "top_p"):
+            warpers.append(lp.TopKLogitsWarper(spec.k))
+        if spec.name == "top_p":
+            warpers.append(lp.TopPLogitsWarper(spec.p))
+        dummy = torch.zeros((p.shape[0], 1), dtype=torch.long)
+        for warper in warpers:
+            scores = warper(dummy, scores)
+        weights = torch.softmax(scores.double(), dim=-1).numpy()
+        return choose(weights, uniforms)

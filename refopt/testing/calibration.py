@@ -1,0 +1,176 @@
+"""Measure how rounding error grows with depth: the data behind :mod:`refopt.testing.tolerances`.
+
+    python -m refopt.testing.calibration [--quick] [--json out.json]
+
+For random OPT configs (widths 64 and 256, 1 to 24 layers, pre- and post-LayerNorm, weight scales
+0.5, 1 and 2 over sqrt(width), LayerNorm gains and biases perturbed, random right padding), it runs
+refopt's forward and backward in
+
+* float64 against ``np.longdouble`` (x87 extended precision, 64-bit mantissa) -> the float64 row;
+* float32 against float64 -> the float32 row;
+* "float16" and "bfloat16" against float64: weights rounded to that format and every op's output
+  rounded to it (float32 arithmetic inside each op, as mixed-precision kernels accumulate; the
+  residual sums stay float32, so real half-precision ports that store the residual stream in half
+  precision sit somewhat above this envelope -- the safety factor covers it).
+
+For each dtype and depth it prints the largest ``scaled`` error and ``nmse`` seen over every named
+intermediate of that depth and every example, in units of the dtype's unit roundoff ``u``, and the
+line ``u * (a + b * depth)`` (``u * (c + e * depth)`` for ``sqrt(nmse)``) that bounds them, which
+is what :data:`refopt.testing.tolerances.MEASURED` holds.  Gradients (depth = number of layers) and
+the loss are measured the same way and reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.model import param_shapes
+from refopt.testing import reference as R
+from refopt.testing.tolerances import GRADIENT_FLOOR, UNIT_ROUNDOFF, error_figures
+
+def random_params(cfg: OPTConfig, gain: float, seed: int) -> dict[str, np.ndarray]:
+    """float64 parameters: matrices normal(0, gain / sqrt(fan_in)), embeddings normal(0, 1) scaled
+    like the matrices' outputs, LayerNorm gains 1 + 0.3 N(0,1), betas and biases 0.3 N(0,1) * gain."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".gamma"):
+            out[name] = 1.0 + 0.3 * rng.standard_normal(shape)
+        elif name.endswith((".beta", ".bias")):
+            out[name] = 0.3 * gain * rng.standard_normal(shape)
+        elif name in ("embed_tokens", "embed_positions"):
+            out[name] = gain * rng.standard_normal(shape) / np.sqrt(shape[-1]) * 4.0
+        else:
+            out[name] = gain * rng.standard_normal(shape) / np.sqrt(shape[-1])
+    return out
+
+
+def _batch(cfg, seed, B=2, S=16):
+    rng = np.random.default_rng(seed + 1000)
+    ids = rng.integers(3, cfg.vocabulary_size, (B, S))
+    lengths = rng.integers(S // 2, S + 1, B)
+    lengths[0] = S
+    mask = (np.arange(S)[None, :] < lengths[:, None])
+    ids = np.where(mask, ids, cfg.pad_token_id)
+    return ids, mask
+
+
+def measure_example(cfg, params, ids, mask, dtypes):
+    """{dtype: {"act": {depth: (scaled, nmse)}, "grad": (scaled, nmse), "loss": rel}} for one example."""
+    real = mask.astype(bool)
+    ref64 = R.run_forward(params, cfg, ids, mask, "float64")
+    loss64, grads64 = R.run_gradients(params, cfg, ids, mask, "float64")
+    results = {}
+    for dtype in dtypes:
+        if dtype == "float64":
+            ref = R.run_forward(params, cfg, ids, mask, np.longdouble)
+            loss_ref, grads_ref = R.run_gradients(params, cfg, ids, mask, np.longdouble)
+            cand, cand_loss, cand_grads = ref64, loss64, grads64
+        else:
+            ref, loss_ref, grads_ref = ref64, loss64, grads64
+            if dtype == "float32":
+                p, ops = params, R.numpy_ops()
+            else:
+                p = {k: R.round_to(v, dtype) for k, v in params.items()}
+                ops = R.emulated_ops(dtype)
+            cand = R.run_forward(p, cfg, ids, mask, "float32", ops=ops)
+            cand_loss, cand_grads = R.run_gradients(p, cfg, ids, mask, "float32", ops=ops)
+        act = {}
+        for name, value in cand.items():
+            f = error_figures(value[real], np.asarray(ref[name][real], np.float64))
+            d = R.depth_of(name, cfg)
+            s, n = act.get(d, (0.0, 0.0))
+            act[d] = (max(s, f.scaled), max(n, f.nmse))
+        gs, gn = 0.0, 0.0
+        floor = GRADIENT_FLOOR * max(float(np.max(np.abs(np.asarray(g, np.float64)))) for g in grads_ref.values())
+        for name, g in cand_grads.items():
+            f = error_figures(g, np.asarray(grads_ref[name], np.float64), floor)
+            gs, gn = max(gs, f.scaled), max(gn, f.nmse)
+        loss_rel = abs(float(cand_loss) - float(loss_ref)) / abs(float(loss_ref))
+        results[dtype] = {"act": act, "grad": (gs, gn), "loss": loss_rel}
+    return results
+
+
+def fit_line(points: dict[int, float]) -> tuple[float, float]:
+    """(a, b) with a + b * d >= value for every (d, value), a from the shallowest point and b the
+    smallest slope that then bounds the rest."""
+    ds = sorted(points)
+    a = max(points[d] for d in ds if d <= ds[0])
+    b = max([(points[d] - a) / d for d in ds if d > 0] + [0.0])
+    return a, b
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer configs (a smoke run)")
+    parser.add_argument("--json", help="write the envelopes here")
+    parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    widths = [(64, 4)] if args.quick else [(64, 4), (256, 8)]
+    depths = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 24]
+    gains = [1.0] if args.quick else [0.5, 1.0, 2.0]
+    seeds = [0] if args.quick else [0, 1]
+    env = {d: {"act": {}, "grad": {}, "loss": {}} for d in dtypes}
+    t0 = time.perf_counter()
+    for D, H in widths:
+        for L in depths:
+            for gain in gains:
+                for preln in (True, False):
+                    for seed in seeds:
+                        cfg = OPTConfig(vocabulary_size=512, num_layers=L, num_heads=H, hidden_dim=D,
+                                        intermediate_dim=4 * D, max_sequence_length=32, dropout=0.0,
+                                        do_layer_norm_before=preln, dtype="float64")
+                        params = random_params(cfg, gain, seed + 17 * L)
+                        ids, mask = _batch(cfg, seed)
+                        res = measure_example(cfg, params, ids, mask, dtypes)
+                        for dtype, r in res.items():
+                            u = UNIT_ROUNDOFF[dtype]
+                            e = env[dtype]
+                            for d, (s, n) in r["act"].items():
+                                old = e["act"].get(d, (0.0, 0.0))
+                                e["act"][d] = (max(old[0], s / u), max(old[1], np.sqrt(n) / u))
+                            old = e["grad"].get(L, (0.0, 0.0))
+                            e["grad"][L] = (max(old[0], r["grad"][0] / u), max(old[1], np.sqrt(r["grad"][1]) / u))
+                            e["loss"][L] = max(e["loss"].get(L, 0.0), r["loss"] / u)
+                print(f"  width {D} depth {L}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\nLargest error per depth, in units of the dtype's unit roundoff u "
+          "(scaled = max|Δ|/max|ref|; rms = sqrt(NMSE)):")
+    summary = {}
+    for dtype in dtypes:
+        e = env[dtype]
+        print(f"\n{dtype} (u = {UNIT_ROUNDOFF[dtype]:.3g})")
+        print(f"  {'depth':>5}  {'act scaled/u':>13}  {'act rms/u':>10}  {'grad scaled/u':>14}  "
+              f"{'grad rms/u':>11}  {'loss rel/u':>10}")
+        for d in sorted(e["act"]):
+            g = e["grad"].get(d)
+            gs = f"{g[0]:14.2f}  {g[1]:11.3f}" if g else f"{'':>14}  {'':>11}"
+            ls = f"{e['loss'][d]:10.2f}" if d in e["loss"] else ""
+            print(f"  {d:>5}  {e['act'][d][0]:13.2f}  {e['act'][d][1]:10.3f}  {gs}  {ls}")
+        pts_s = {d: v[0] for d, v in e["act"].items()}
+        pts_n = {d: v[1] for d, v in e["act"].items()}
+        for d, v in e["loss"].items():   # the loss is judged like an activation at depth L
+            pts_s[d] = max(pts_s.get(d, 0.0), v)
+        fits = {"activations": fit_line(pts_s) + fit_line(pts_n),
+                "gradients": (fit_line({d: v[0] for d, v in e["grad"].items()})
+                              + fit_line({d: v[1] for d, v in e["grad"].items()}))}
+        for kind, (a, b, c, f) in fits.items():
+            print(f"  {kind} fit: scaled <= u * ({a:.2f} + {b:.2f} * depth);  "
+                  f"sqrt(nmse) <= u * ({c:.3f} + {f:.3f} * depth)")
+        summary[dtype] = {"fit": fits,
+                          "act": {str(d): v for d, v in sorted(e["act"].items())},
+                          "grad": {str(d): v for d, v in sorted(e["grad"].items())},
+                          "loss": {str(d): v for d, v in sorted(e["loss"].items())}}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The divergence locator: where, layer by layer, two implementations of OPT part ways.
+
+Given a reference and a candidate adapter loaded with the same model, and one input, it compares
+their named intermediates (:func:`refopt.testing.reference.activation_names`) in forward order and
+reports the first one whose difference exceeds the tolerance, with its figures::
+
+    first divergence: layers.0.attention_output: max|Δ| 0.41, max rel 3.2, scaled 0.35 (tol 2.4e-06),
+    NMSE 0.12 (tol 1.4e-13)
+
+Everything before it agreed, so the bug sits between the last tensor that agreed and that one --
+in the example, inside layer 0's attention (the LayerNorm before it produced
+``layers.0.attention_input`` correctly).  Gradients are located the same way, in backward order
+(:func:`refopt.testing.reference.gradient_order`): the first diverging gradient is the one nearest
+the loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refopt.testing import reference as R
+from refopt.testing.tolerances import GRADIENT_FLOOR, Comparison, compare
+
+
+class Divergence(NamedTuple):
+    """The result of locating: ``first`` is the first comparison that failed (None: none did)."""
+
+    first: Comparison | None
+    compared: list            # every Comparison made, in order
+    missing: list             # names the candidate did not produce
+
+    @property
+    def name(self) -> str | None:
+        return None if self.first is None else self.first.name.split(" ")[0]
+
+    @property
+    def worst(self) -> Comparison | None:
+        """The comparison with the largest ``scaled`` error relative to its tolerance."""
+        if not self.compared:
+            return None
+        return max(self.compared, key=lambda c: c.figures.scaled / max(c.tolerance.scaled, 1e-300))
+
+    def describe(self) -> str:
+        if self.first is None:
+            worst = self.worst
+            text = f"all {len(self.compared)} tensors within tolerance"
+            if worst is not None:
+                text += f"; closest to its bound: {worst.describe()}"
+            return text
+        return f"first divergence: {self.first.describe()}"
+
+
+def real_positions(padding_mask) -> np.ndarray:
+    return np.asarray(padding_mask).astype(bool)
+
+
+def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, padding_mask,
+                        reference_same_dtype: dict | None = None, stop_at_first: bool = False,
+                        names: list | None = None) -> Divergence:
+    """Compare named intermediates at real positions, in forward order."""
+    real = real_positions(padding_mask)
+    compared, missing, first = [], [], None
+    for name in names or R.activation_names(cfg):
+        if name not in reference64:
+            continue
+        if name not in candidate:
+            missing.append(name)
+            continue
+        cand = np.asarray(candidate[name])
+        ref = np.asarray(reference64[name])
+        same = None if reference_same_dtype is None else np.asarray(reference_same_dtype[name])[real]
+        if cand.shape[:2] != ref.shape[:2]:
+            c = compare(name, cand, ref, dtype, R.depth_of(name, cfg))
+        else:
+            c = compare(name, cand[real], ref[real], dtype, R.depth_of(name, cfg), same)
+        compared.append(c)
+        if not c.passed and first is None:
+            first = c
+            if stop_at_first:
+                break
+    return Divergence(first, compared, missing)
+
+
+def compare_gradients(cfg, candidate: dict, reference64: dict, dtype: str,
+                      reference_same_dtype: dict | None = None) -> Divergence:
+    """Compare gradients in backward order (nearest the loss first), each judged against at least
+    ``GRADIENT_FLOOR`` times the largest reference gradient."""
+    floor = GRADIENT_FLOOR * max(float(np.max(np.abs(np.asarray(g, np.float64))))
+                                 for g in reference64.values())
+    compared, missing, first = [], [], None
+    for name in R.gradient_order(cfg):
+        if name not in candidate:
+            missing.append(name)
+            continue
+        same = None if reference_same_dtype is None else reference_same_dtype[name]
+        c = compare(name, candidate[name], reference64[name], dtype, cfg.num_layers, same,
+                    scale_floor=floor, kind="gradients")
+        compared.append(c)
+        if not c.passed and first is None:
+            first = c
+    return Divergence(first, compared, missing)
+
+
+def locate_divergence(reference, candidate, token_ids, padding_mask) -> Divergence:
+    """The first named intermediate where ``candidate`` leaves ``reference`` (two adapters loaded
+    with the same model) on one input, judged with the candidate's dtype tolerance.
+
+    When ``reference`` is refopt's own adapter in float64, the float64 tie-break uses refopt's
+    result in the candidate's dtype.  Raises :class:`refopt.testing.NotSupported` when either
+    adapter cannot produce intermediates."""
+    from refopt.testing.adapter import RefoptAdapter
+
+    cfg = reference.config
+    names = R.activation_names(cfg)
+    ref = reference.activations(token_ids, padding_mask, names)
+    cand = candidate.activations(token_ids, padding_mask, names)
+    same = None
+    if isinstance(reference, RefoptAdapter) and reference.dtype == "float64" and candidate.dtype != "float64":
+        same = R.run_forward_as(reference.params, cfg, token_ids, padding_mask, candidate.dtype)
+    return compare_activations(cfg, cand, ref, candidate.dtype, padding_mask, same)

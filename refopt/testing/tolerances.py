@@ -1,0 +1,187 @@
+"""How close is close enough: error figures per tensor, and the tolerance model per dtype and depth.
+
+Figures (:func:`error_figures`), for a candidate tensor ``x`` against the float64 reference ``r``
+(both restricted to the positions that count, real tokens only):
+
+``max_abs``     ``max |x - r|``
+``max_rel``     ``max |x - r| / max(|r|, 1e-6 * max|r|)``: the largest elementwise relative error
+                (entries a million times smaller than the tensor's largest are judged against
+                that floor, so an exact zero in ``r`` does not make the figure infinite)
+``scaled``      ``max |x - r| / max |r|``: the error in units of the tensor's own magnitude, the
+                figure the tolerance bounds
+``nmse``        ``sum (x - r)^2 / sum r^2``: the normalised mean squared error, as llama.cpp's
+                ``test-backend-ops`` reports it (its ``nmse(a, b)`` with ``a`` the reference)
+
+A tensor passes when ``scaled <= tol.scaled`` and ``nmse <= tol.nmse``, where ``tol`` comes from
+:func:`tolerance` for the candidate's compute dtype and the tensor's *depth*: 0 for the embeddings,
+``i + 1`` for anything inside decoder layer ``i``, the number of layers for what follows the last
+layer (final norm, ``project_out``, logits) and for gradients.
+
+The float64 tie-break (as PyTorch's OpInfo tests use it): a tensor that misses the tolerance still
+passes when it is no farther from refopt's float64 result than refopt's own result in the same
+dtype is -- both ``scaled`` and ``nmse`` no larger than those of refopt's float32 run.  Such a
+result says "the input is ill-conditioned", not "the port is wrong".
+
+The tolerance model
+-------------------
+Rounding errors of a transformer forward grow with depth: each layer adds its own rounding and
+passes on (and may amplify) what came in.  ``python -m refopt.testing.calibration`` measures that
+growth: random OPT configs of 1 to 24 layers, widths 64 and 256, three weight scales, random
+padding, refopt's float32 forward (and float32 storage emulations of bfloat16 and float16: weights
+and every op's output rounded, float32 accumulation) against its float64 forward, and float64
+against an extended-precision (``np.longdouble``) forward.  It records, per depth, the largest
+``scaled`` error and ``nmse`` over every tensor of that depth and every example, and fits
+
+    scaled(d) <= u * (a + b * d)           nmse(d) <= u^2 * (c + e * d)^2
+
+to the envelope (``u`` the dtype's unit roundoff).  :data:`MODEL` holds the fitted ``a, b, c, e``
+per dtype multiplied by the safety factor :data:`SAFETY`; ``docs/ORACLE.md`` shows the measured
+table.  The safety factor leaves room for other summation orders (BLAS blocking, fused kernels,
+GPU reductions) than refopt's: a correct port typically sits well inside, a wrong one (a missing
+scale, a shifted position, a LayerNorm epsilon off by seven orders) misses by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+#: unit roundoff of each compute dtype (half the machine epsilon)
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11,
+                 "bfloat16": 2.0 ** -8}
+
+#: multiplies the measured envelope (see the module docstring)
+SAFETY = 8.0
+
+#: (a, b, c, e) per dtype and kind, fitted by ``python -m refopt.testing.calibration`` (before
+#: SAFETY): scaled(d) <= u * (a + b * d), sqrt(nmse(d)) <= u * (c + e * d).  "activations" covers
+#: the named intermediates, the logits and the loss; "gradients" the parameter gradients (judged at
+#: depth = number of layers, against at least GRADIENT_FLOOR times the largest gradient).
+MEASURED = {
+    "float64": {"activations": (4.0, 4.0, 1.0, 1.0), "gradients": (4.0, 4.0, 1.0, 1.0)},
+    "float32": {"activations": (4.0, 4.0, 1.0, 1.0), "gradients": (4.0, 4.0, 1.0, 1.0)},
+    "float16": {"activations": (4.0, 4.0, 1.0, 1.0), "gradients": (4.0, 4.0, 1.0, 1.0)},
+    "bfloat16": {"activations": (4.0, 4.0, 1.0, 1.0), "gradients": (4.0, 4.0, 1.0, 1.0)},
+}
+
+#: gradients are measured against at least this fraction of the model's largest gradient
+GRADIENT_FLOOR = 1e-2
+
+
+class Tolerance(NamedTuple):
+    """Bounds for one tensor: ``scaled`` (max error over max magnitude) and ``nmse``."""
+
+    scaled: float
+    nmse: float
+
+
+def tolerance(dtype: str, depth: int, kind: str = "activations") -> Tolerance:
+    """The tolerance for a tensor ``depth`` layers deep computed in ``dtype``; ``kind`` is
+    ``"activations"`` (intermediates, logits, loss) or ``"gradients"``."""
+    dtype = canonical_dtype(dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    a, b, c, e = MEASURED[dtype][kind]
+    depth = max(int(depth), 0)
+    return Tolerance(SAFETY * u * (a + b * depth), (SAFETY * u * (c + e * depth)) ** 2)
+
+
+def canonical_dtype(dtype) -> str:
+    name = str(np.dtype(dtype)) if not isinstance(dtype, str) or dtype not in UNIT_ROUNDOFF else dtype
+    if name not in UNIT_ROUNDOFF:
+        raise ValueError(f"dtype {dtype!r}: the oracle has tolerances for {sorted(UNIT_ROUNDOFF)}")
+    return name
+
+
+class Figures(NamedTuple):
+    """Error figures of one tensor against the float64 reference (see the module docstring)."""
+
+    max_abs: float
+    max_rel: float
+    scaled: float
+    nmse: float
+
+    def within(self, tol: Tolerance) -> bool:
+        return self.scaled <= tol.scaled and self.nmse <= tol.nmse
+
+    def no_worse_than(self, other: "Figures") -> bool:
+        return self.scaled <= other.scaled and self.nmse <= other.nmse
+
+
+def error_figures(candidate, reference, scale_floor: float = 0.0) -> Figures:
+    """:class:`Figures` of ``candidate`` against ``reference`` (same shape; computed in float64).
+
+    ``scale_floor``: the smallest magnitude the errors are measured against -- ``scaled`` divides by
+    ``max(max|r|, scale_floor)`` and ``nmse`` by ``max(sum r^2, scale_floor^2 * size)``.  Gradients
+    use a floor of :data:`GRADIENT_FLOOR` times the model's largest gradient: some gradients are
+    zero in exact arithmetic (a key projection's bias: softmax ignores a constant added to every
+    score), and their rounding noise must not be judged against their own vanishing size.
+    A NaN or infinity in the candidate (where the reference is finite) gives infinite figures."""
+    x = np.asarray(candidate, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if x.shape != r.shape:
+        raise ValueError(f"shapes differ: candidate {list(x.shape)}, reference {list(r.shape)}")
+    if r.size == 0:
+        return Figures(0.0, 0.0, 0.0, 0.0)
+    if not np.all(np.isfinite(x)):
+        return Figures(math.inf, math.inf, math.inf, math.inf)
+    diff = np.abs(x - r)
+    scale = max(float(np.max(np.abs(r))), scale_floor)
+    max_abs = float(diff.max())
+    floor = max(scale * 1e-6, np.finfo(np.float64).tiny)
+    max_rel = float(np.max(diff / np.maximum(np.abs(r), floor)))
+    energy = max(float(np.sum(r * r)), scale_floor ** 2 * r.size)
+    if scale == 0.0:
+        scaled = 0.0 if max_abs == 0.0 else math.inf
+        nmse = 0.0 if max_abs == 0.0 else math.inf
+    else:
+        scaled = max_abs / scale
+        nmse = float(np.sum(diff * diff)) / energy
+    return Figures(max_abs, max_rel, scaled, nmse)
+
+
+class Comparison(NamedTuple):
+    """The verdict on one named tensor."""
+
+    name: str
+    figures: Figures
+    tolerance: Tolerance
+    passed: bool
+    tie_break: bool            # passed only through the float64 tie-break
+    reference_figures: Figures | None   # refopt's own same-dtype result against float64
+
+    def describe(self) -> str:
+        f, t = self.figures, self.tolerance
+        text = (f"{self.name}: max|Δ| {f.max_abs:.3g}, max rel {f.max_rel:.3g}, scaled {f.scaled:.3g} "
+                f"(tol {t.scaled:.3g}), NMSE {f.nmse:.3g} (tol {t.nmse:.3g})")
+        if self.reference_figures is not None and (self.tie_break or not self.passed):
+            r = self.reference_figures
+            text += f"; refopt's own result in this dtype: scaled {r.scaled:.3g}, NMSE {r.nmse:.3g}"
+        if self.tie_break:
+            text += " (passes by the float64 tie-break)"
+        return text
+
+
+def compare(name: str, candidate, reference64, dtype: str, depth: int,
+            reference_same_dtype=None, scale_floor: float = 0.0, kind: str = "activations") -> Comparison:
+    """Judge ``candidate`` (computed in ``dtype``) against the float64 reference.
+
+    ``reference_same_dtype``: refopt's own result computed in ``dtype`` (for the tie-break; None
+    skips it).  Shapes must agree; a shape mismatch is a failure with infinite figures."""
+    tol = tolerance(dtype, depth, kind)
+    cand = np.asarray(candidate)
+    ref = np.asarray(reference64)
+    if cand.shape != ref.shape:
+        inf = Figures(math.inf, math.inf, math.inf, math.inf)
+        return Comparison(f"{name} (shape {list(cand.shape)}, expected {list(ref.shape)})", inf, tol,
+                          False, False, None)
+    figures = error_figures(cand, ref, scale_floor)
+    if figures.within(tol):
+        return Comparison(name, figures, tol, True, False, None)
+    ref_fig = None
+    if reference_same_dtype is not None:
+        ref_fig = error_figures(reference_same_dtype, ref, scale_floor)
+        if figures.no_worse_than(ref_fig):
+            return Comparison(name, figures, tol, True, True, ref_fig)
+    return Comparison(name, figures, tol, False, False, ref_fig)
