@@ -74,12 +74,16 @@ class Adapter:
                                (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
                                ``TopPLogitsWarper``): the two differ only at exact ties (see
                                :func:`refopt.testing.reference.sampler_distribution`)
+    ``config_family``          ``"opt"`` (every OPT variant: post-LN, projections, no biases, ...)
+                               or ``"keras_hub"`` (what KerasHub's OPTBackbone can build): the
+                               random configs the suite draws for this adapter
     """
 
     name = "adapter"
     dtype = "float32"
     supports_left_padding = False
     sampler_convention = "keras_hub"
+    config_family = "opt"
 
     config: OPTConfig | None = None
 

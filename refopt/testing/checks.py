@@ -187,11 +187,17 @@ def case_from_preset(path, name: str | None = None, seed: int = 0, batch: int = 
     return ModelCase(name or path.name, cfg, backbone.params, ids, right, ids_left, left, preset=path)
 
 
-def random_config(rng: np.random.Generator) -> OPTConfig:
+def random_config(rng: np.random.Generator, family: str = "opt") -> OPTConfig:
     """A small random OPT config covering the architecture's switches (pre/post-LN, projection,
-    biases, affine LayerNorms, the final LayerNorm removed), as the hypothesis strategy does."""
+    biases, affine LayerNorms, the final LayerNorm removed), as the hypothesis strategy does;
+    ``family="keras_hub"`` keeps to what KerasHub's OPTBackbone builds (pre-LN, biases, affine
+    LayerNorms, final LayerNorm, no projection)."""
     heads = int(rng.integers(1, 4))
     hidden = heads * int(rng.integers(2, 7))
+    if family == "keras_hub":
+        return OPTConfig(vocabulary_size=int(rng.integers(20, 80)), num_layers=int(rng.integers(1, 4)),
+                         num_heads=heads, hidden_dim=hidden, intermediate_dim=int(rng.integers(4, 25)),
+                         max_sequence_length=int(rng.integers(12, 24)), dropout=0.0, dtype="float64")
     proj = bool(rng.integers(0, 2))
     return OPTConfig(vocabulary_size=int(rng.integers(20, 80)), num_layers=int(rng.integers(1, 4)),
                      num_heads=heads, hidden_dim=hidden, intermediate_dim=int(rng.integers(4, 25)),
@@ -221,10 +227,11 @@ def random_weights(cfg: OPTConfig, rng: np.random.Generator, std: float | None =
     return out
 
 
-def random_case(seed: int, name: str | None = None) -> ModelCase:
-    """A random config, random weights and a random batch, all from ``seed``."""
+def random_case(seed: int, name: str | None = None, family: str = "opt") -> ModelCase:
+    """A random config (of ``family``, see :func:`random_config`), random weights and a random
+    batch, all from ``seed``."""
     rng = np.random.default_rng(seed)
-    cfg = random_config(rng)
+    cfg = random_config(rng, family)
     params = random_weights(cfg, rng)
     ids, right, ids_left, left = make_inputs(cfg, rng, int(rng.integers(1, 4)),
                                              int(rng.integers(2, cfg.max_sequence_length + 1)))
@@ -710,7 +717,8 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
 
     adapter = load_adapter(adapter)
     cases = [case_from_preset(p, seed=seed) for p in presets]
-    cases += [random_case(seed + i) for i in range(random_configs)]
+    family = getattr(adapter, "config_family", "opt")
+    cases += [random_case(seed + i, family=family) for i in range(random_configs)]
     tok_case, reason = None, ""
     sources = [tokenizer] if tokenizer is not None else list(presets)
     for src in sources:

@@ -87,8 +87,15 @@ class TransformersAdapter(Adapter):
         if data.get("model_type") != "opt":
             raise NotSupported(f"{path} is not a transformers checkpoint (transformers reads only its "
                                "own layout; the oracle passes refopt's reading of it instead)")
-        model = self.transformers.OPTForCausalLM.from_pretrained(
-            path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation)
+        logging = self.transformers.utils.logging
+        bar = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()                    # no "Loading weights" bar in reports
+        try:
+            model = self.transformers.OPTForCausalLM.from_pretrained(
+                path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation)
+        finally:
+            if bar:
+                logging.enable_progress_bar()
         self.config = OPTConfig.from_huggingface(data, str(path / "config.json"))
         self._set_model(model)
 

@@ -1,0 +1,97 @@
+"""`refopt conform`: the table, --json, exit status, located divergences, skips with reasons."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, shared_path
+from refopt.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(["conform", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_refopt_itself_passes_with_a_table(capsys):
+    preset = shared_path("fixtures", "hf", "opt-tiny-realvocab")
+    code, out, _ = _run(capsys, "--against", "refopt:numpy", str(preset), "--random-configs", "1")
+    assert code == 0, out
+    for row in ("opt-tiny-realvocab/logits", "opt-tiny-realvocab/activations", "opt-tiny-realvocab/gradients",
+                "opt-tiny-realvocab/generation", "random-0/logits", "tokenizer.encode", "samplers.top_p_tie"):
+        assert row in out
+    assert "max|Δ|" in out and "NMSE" in out and " 0 failed" in out
+
+
+def test_mutant_fails_with_the_located_divergence(capsys):
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:UnscaledAttention",
+                        "--random-configs", "1", "--no-samplers")
+    assert code == 1
+    assert "FAIL" in out and "first divergence: layers.0.attention_output" in out
+
+
+def test_json_report(capsys):
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:TopPTieStrict",
+                        "--random-configs", "0", "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["passed"] is False
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert status["samplers.top_p_tie"] == "FAIL" and status["samplers.top_p"] == "pass"
+    assert status["tokenizer.encode"] == "skip"
+    skip = next(c for c in report["checks"] if c["name"] == "tokenizer.encode")
+    assert "no tokenizer files" in skip["detail"]
+
+
+def test_bad_adapter_spec_is_a_user_error(capsys):
+    code, _, err = _run(capsys, "--against", "no_such_module_xyz:Adapter")
+    assert code == 2 and "no_such_module_xyz" in err
+    code, _, err = _run(capsys, "--against", "refopt.testing.mutants:NoSuchClass")
+    assert code == 2 and "NoSuchClass" in err
+
+
+def test_transformers_passes_on_the_fixtures_and_random_configs(capsys):
+    pytest.importorskip("torch", reason="needs torch (pip install -e '.[peers]')")
+    pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[peers]')")
+    fixtures = [shared_path("fixtures", "hf", n) for n in ("opt-tiny-preln", "opt-tiny-postln-proj",
+                                                           "opt-tiny-realvocab")]
+    code, out, _ = _run(capsys, "--against", "transformers", *map(str, fixtures), "--random-configs", "2")
+    assert code == 0, out
+    assert "transformers" in out.splitlines()[0] and " 0 failed" in out
+
+
+_NO_TORCH = """
+import sys
+sys.modules["torch"] = None          # `import torch` raises ImportError, as on a machine without it
+from refopt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_torch_every_check_is_skipped_with_the_reason():
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "conform", "--against", "transformers",
+                           "--random-configs", "1", "--no-samplers"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 passed, 0 failed" in proc.stdout
+    assert "torch" in proc.stdout and "pip install 'refopt[peers]'" in proc.stdout
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "conform", "--against", "transformers",
+                           "--random-configs", "1", "--no-samplers", "--fail-on-skip"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1
+
+
+def test_without_keras_hub_every_check_is_skipped_with_the_reason():
+    if importlib.util.find_spec("keras_hub") is not None:
+        pytest.skip("keras_hub is installed here: nothing to skip")
+    env = {k: v for k, v in os.environ.items() if k != "REFOPT_KERAS_PYTHON"}
+    proc = subprocess.run([sys.executable, "-m", "refopt", "conform", "--against", "keras-hub",
+                           "--random-configs", "1", "--no-samplers"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "keras_hub is not installed" in proc.stdout and "REFOPT_KERAS_PYTHON" in proc.stdout

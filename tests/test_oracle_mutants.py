@@ -1,0 +1,88 @@
+"""Evidence that the oracle catches real bugs: every mutant adapter (refopt.testing.mutants) fails,
+first at the check it should, and the divergence locator names the right tensor; the correct
+adapters pass the same checks."""
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from refopt.config import OPTConfig
+from refopt.testing import checks as C
+from refopt.testing.adapter import RefoptAdapter
+from refopt.testing.mutants import MUTANTS
+
+# the shapes of the transformers fixtures (../shared/fixtures/hf): a pre-LN model and an
+# OPT-350m-style post-LN model with project_in/out, random weights of the fixtures' scale
+PRELN = OPTConfig(vocabulary_size=96, num_layers=2, num_heads=4, hidden_dim=16, intermediate_dim=37,
+                  max_sequence_length=64, dropout=0.0)
+POSTLN_PROJ = OPTConfig(vocabulary_size=96, num_layers=3, num_heads=3, hidden_dim=24, intermediate_dim=40,
+                        max_sequence_length=64, dropout=0.0, do_layer_norm_before=False,
+                        word_embed_proj_dim=8)
+
+
+def _case(name, cfg, seed):
+    rng = np.random.default_rng(seed)
+    params = C.random_weights(cfg, rng, 0.2)
+    ids, right, ids_left, left = C.make_inputs(cfg, rng, 3, 11)
+    return C.ModelCase(name, cfg, params, ids, right, ids_left, left)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {"preln": _case("preln", PRELN, 1), "postln_proj": _case("postln_proj", POSTLN_PROJ, 2)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_case():
+    opt = shared_path("data", "opt")
+    return C.TokenizerCase(opt / "vocab.json", opt / "merges.txt")
+
+
+def _suite(adapter, kind, cases, request):
+    if kind in ("preln", "postln_proj"):
+        return C.model_checks(adapter, cases[kind])
+    if kind == "tokenizer":
+        return C.tokenizer_checks(adapter, request.getfixturevalue("tokenizer_case"))
+    return C.sampler_checks(adapter)
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.cls.__name__ for m in MUTANTS])
+def test_mutant_fails_at_the_right_place(mutant, cases, request):
+    results = [c.run() for c in _suite(mutant.cls(), mutant.model, cases, request)]
+    failed = [r for r in results if r.status == C.FAIL]
+    assert failed, f"{mutant.cls.__name__} passed every check: {[(r.name, r.status) for r in results]}"
+    first = failed[0]
+    assert first.name.endswith(mutant.check), (first.name, first.detail)
+    if mutant.location is not None:
+        assert first.data.get("first_divergence") == mutant.location, first.detail
+        assert "first divergence" in first.detail and mutant.location in first.detail
+    # every check before the first failure ran and passed (none was silently skipped)
+    before = results[:results.index(first)]
+    assert all(r.status == C.PASS for r in before), [(r.name, r.status, r.detail) for r in before]
+
+
+@pytest.mark.parametrize("backend,dtype", [("numpy", "float32"), ("numpy", "float64"), ("numba", "float32")])
+def test_correct_adapters_pass(backend, dtype, cases, request):
+    adapter = RefoptAdapter(backend, dtype)
+    for kind in ("preln", "postln_proj", "samplers"):
+        for result in (c.run() for c in _suite(adapter, kind, cases, request)):
+            assert result.status == C.PASS, (result.name, result.detail)
+
+
+def test_correct_tokenizer_passes(tokenizer_case):
+    for result in (c.run() for c in C.tokenizer_checks(RefoptAdapter("numpy"), tokenizer_case)):
+        assert result.status == C.PASS, (result.name, result.detail)
+
+
+def test_model_mutants_also_fail_on_a_random_config():
+    # the bugs are not artefacts of the two shapes above: a fresh pre-LN config catches them too
+    cfg = OPTConfig(vocabulary_size=40, num_layers=3, num_heads=2, hidden_dim=12, intermediate_dim=20,
+                    max_sequence_length=24, dropout=0.0)
+    case = _case("other", cfg, 7)
+    for m in MUTANTS:
+        if m.model != "preln":
+            continue
+        result = (C.check_gradients if m.check == "gradients" else C.check_logits)(m.cls(), case)
+        assert result.status == C.FAIL, m.cls.__name__
+        expected = m.location if m.check != "gradients" else "layers.1.fc2.weight"
+        assert expected in result.detail, (m.cls.__name__, result.detail)

@@ -1,0 +1,96 @@
+"""transformers' OPT through the oracle's TransformersAdapter (needs the `peers` extra): it conforms
+on the fixtures' models and on hypothesis-drawn configs, in float32 and float64."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+pytest.importorskip("torch", reason="needs torch (pip install -e '.[peers]')")
+pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[peers]')")
+
+from conftest import shared_path  # noqa: E402
+from refopt.testing import checks as C  # noqa: E402
+from refopt.testing import strategies as rst  # noqa: E402
+from refopt.testing.adapter import RefoptAdapter  # noqa: E402
+from refopt.testing.adapters.transformers import TransformersAdapter  # noqa: E402
+from refopt.testing.locator import locate_divergence  # noqa: E402
+
+FIXTURES = [("hf", "opt-tiny-preln"), ("hf", "opt-tiny-postln-proj"), ("hf", "opt-tiny-realvocab"),
+            ("keras", "opt_tiny_keras")]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return TransformersAdapter()
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f[1] for f in FIXTURES])
+def test_fixture_models_conform(adapter, fixture):
+    case = C.case_from_preset(shared_path("fixtures", *fixture))
+    for check in C.model_checks(adapter, case):
+        result = check.run()
+        assert result.status == C.PASS, (result.name, result.detail)
+
+
+def test_tokenizer_and_samplers_conform(adapter):
+    folder = shared_path("fixtures", "hf", "opt-tiny-realvocab")
+    tok = C.TokenizerCase(*C.find_tokenizer_files(folder))
+    for check in C.tokenizer_checks(adapter, tok) + C.sampler_checks(adapter):
+        result = check.run()
+        assert result.status == C.PASS, (result.name, result.detail)
+
+
+def test_sampler_conventions_really_differ_at_ties(adapter):
+    # judged by KerasHub's rule, transformers' samplers fail exactly the tie cases (and the
+    # un-renormalised top-k + top-p): the tie checks are sensitive, and the conventions are real
+    class AsKerasHub(TransformersAdapter):
+        sampler_convention = "keras_hub"
+
+    failed = {c.name for c in C.sampler_checks(AsKerasHub()) if c.run().status == C.FAIL}
+    assert {"samplers.top_k_tie", "samplers.top_p_tie"} <= failed
+    assert failed <= {"samplers.top_k_tie", "samplers.top_p_tie", "samplers.top_k_top_p",
+                      "samplers.temperature"}
+
+
+@settings(max_examples=6)
+@given(case=rst.model_cases())
+def test_random_configs_conform(adapter, case):
+    for fn in (C.check_logits, C.check_activations, C.check_gradients):
+        result = fn(adapter, case)
+        assert result.status == C.PASS, (fn.__name__, case.config, result.detail)
+
+
+def test_float64_transformers_meets_the_float64_tolerance():
+    adapter = TransformersAdapter("float64")
+    case = C.case_from_preset(shared_path("fixtures", "hf", "opt-tiny-postln-proj"))
+    for fn in (C.check_logits, C.check_activations, C.check_gradients):
+        result = fn(adapter, case)
+        assert result.status == C.PASS, (fn.__name__, result.detail)
+
+
+def test_locator_between_two_backends_finds_nothing(adapter):
+    case = C.case_from_preset(shared_path("fixtures", "hf", "opt-tiny-preln"))
+    reference = RefoptAdapter("numpy", "float64")
+    reference.load(case.config, case.params)
+    adapter.load(case.config, case.params)
+    div = locate_divergence(reference, adapter, case.token_ids, case.padding_mask)
+    assert div.first is None and not div.missing, div.describe()
+    assert len(div.compared) == len(C.R.activation_names(case.config))
+
+
+def test_locator_names_a_broken_transformers_module():
+    # a bug planted in transformers itself (layer 1's fc1 bias zeroed after loading): the locator
+    # names layer 1's MLP output, everything before it agrees
+    import torch
+
+    case = C.case_from_preset(shared_path("fixtures", "hf", "opt-tiny-preln"))
+    broken = TransformersAdapter()
+    broken.load(case.config, case.params)
+    with torch.no_grad():
+        broken.model.model.decoder.layers[1].fc1.bias.zero_()
+    reference = RefoptAdapter("numpy", "float64")
+    reference.load(case.config, case.params)
+    div = locate_divergence(reference, broken, case.token_ids, case.padding_mask)
+    assert div.name == "layers.1.mlp_output"
+    assert all(c.passed for c in div.compared[:div.compared.index(div.first)])
+    assert np.isfinite(div.first.figures.scaled)
