@@ -26,7 +26,8 @@ mode, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
 if mode == "load":
     ids = np.load(out + ".in.npz")
     lm = keras_hub.models.OPTCausalLM.from_preset(path)
-    logits = np.asarray(lm.predict({"token_ids": ids["token_ids"], "padding_mask": ids["padding_mask"]}, verbose=0))
+    # call the model itself: predict() would run the attached preprocessor on the dict
+    logits = np.asarray(lm({"token_ids": ids["token_ids"], "padding_mask": ids["padding_mask"]}))
     tok = lm.preprocessor.tokenizer("The quick brown fox") if lm.preprocessor is not None else None
     np.savez(out, logits=logits, tok=np.asarray(tok if tok is not None else []))
 else:  # write a random KerasHub preset
