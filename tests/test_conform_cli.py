@@ -29,14 +29,16 @@ def test_refopt_itself_passes_with_a_table(capsys):
 
 
 def test_mutant_fails_with_the_located_divergence(capsys):
-    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:UnscaledAttention",
+    preset = shared_path("fixtures", "hf", "opt-tiny-preln")
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:UnscaledAttention", str(preset),
                         "--random-configs", "1", "--no-samplers")
     assert code == 1
     assert "FAIL" in out and "first divergence: layers.0.attention_output" in out
 
 
 def test_json_report(capsys):
-    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:TopPTieStrict",
+    preset = shared_path("fixtures", "hf", "opt-tiny-preln")              # no tokenizer files
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:TopPTieStrict", str(preset),
                         "--random-configs", "0", "--json")
     assert code == 1
     report = json.loads(out)
@@ -45,7 +47,18 @@ def test_json_report(capsys):
     assert status["samplers.top_p_tie"] == "FAIL" and status["samplers.top_p"] == "pass"
     assert status["tokenizer.encode"] == "skip"
     skip = next(c for c in report["checks"] if c["name"] == "tokenizer.encode")
-    assert "no tokenizer files" in skip["detail"]
+    assert "no vocab.json/merges.txt in" in skip["detail"] and "opt-tiny-preln" in skip["detail"]
+
+
+def test_streaming_mode(capsys):
+    preset = shared_path("fixtures", "hf", "opt-tiny-preln")
+    code, out, _ = _run(capsys, "--against", "refopt:numpy", "--streaming", str(preset),
+                        "--random-configs", "0", "--no-samplers")
+    assert code == 0, out
+    assert "opt-tiny-preln/activations" in out and "streaming mode computes the forward pass only" in out
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:PositionsWithoutOffset", "--streaming",
+                        str(preset), "--random-configs", "0", "--no-samplers")
+    assert code == 1 and "first divergence: embeddings" in out and "loaded with own loader" in out
 
 
 def test_bad_adapter_spec_is_a_user_error(capsys):

@@ -35,6 +35,10 @@ def add_parser(subparsers):
                         "(default: the first preset that has them)")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                    help="compute dtype for the built-in transformers / refopt adapters (default float32)")
+    p.add_argument("--streaming", action="store_true",
+                   help="for checkpoints larger than memory: the float64 reference runs one decoder "
+                        "layer at a time from the memory-mapped files; the adapter loads the preset "
+                        "itself; gradients and generation are skipped")
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler checks")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and configs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -83,7 +87,7 @@ def run(args) -> int:
 
     report = checks.run_conformance(adapter, presets=preset_dirs, random_configs=args.random_configs,
                                     tokenizer=args.tokenizer, samplers=not args.no_samplers,
-                                    seed=args.seed, progress=progress)
+                                    seed=args.seed, progress=progress, streaming=args.streaming)
     adapter.close()
     if args.json:
         print(report.to_json())

@@ -170,6 +170,13 @@ class RefoptAdapter(Adapter):
         self.config = dataclasses.replace(config, dtype=self.dtype)
         self.params = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
 
+    def load_preset(self, path):
+        # refopt's own loader (KerasHub or transformers layout); float32 weights stay memory-mapped
+        from refopt.models import OPTBackbone
+
+        backbone = OPTBackbone.from_preset(path, dtype=self.dtype, backend=self.backend)
+        self.load(backbone.config, backbone.params)
+
     def _decoder(self, token_ids, padding_mask, tape):
         # token_ids [B, S], padding_mask [B, S] -> hidden [B, S, E] (tape filled when given)
         from refopt import model as _model

@@ -15,9 +15,14 @@ refopt's forward and backward in
 
 For each dtype and depth it prints the largest ``scaled`` error and ``nmse`` seen over every named
 intermediate of that depth and every example, in units of the dtype's unit roundoff ``u``, and the
-line ``u * (a + b * depth)`` (``u * (c + e * depth)`` for ``sqrt(nmse)``) that bounds them, which
-is what :data:`refopt.testing.tolerances.MEASURED` holds.  Gradients (depth = number of layers) and
-the loss are measured the same way and reported apart.
+curve ``u * (a + b * log2(1 + depth))`` (``u * (c + e * log2(1 + depth))`` for ``sqrt(nmse)``) that
+bounds them, which is what :data:`refopt.testing.tolerances.MEASURED` holds.  Gradients (depth =
+number of layers) and the loss are measured the same way, the gradients fitted apart.
+
+The fit leaves out the examples whose float64 loss is :data:`SATURATED_LOSS` nats or more (some
+weight-gain-2 models: saturated softmaxes), printed apart: there float32 gradients are
+ill-conditioned (errors of 1e-2 relative, refopt's own float32 included), which is what the float64
+tie-break is for, not what a tolerance should absorb.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def measure_example(cfg, params, ids, mask, dtypes):
     real = mask.astype(bool)
     ref64 = R.run_forward(params, cfg, ids, mask, "float64")
     loss64, grads64 = R.run_gradients(params, cfg, ids, mask, "float64")
-    results = {}
+    results = {"loss64": float(loss64)}
     for dtype in dtypes:
         if dtype == "float64":
             ref = R.run_forward(params, cfg, ids, mask, np.longdouble)
@@ -96,27 +101,102 @@ def measure_example(cfg, params, ids, mask, dtypes):
     return results
 
 
-def fit_line(points: dict[int, float]) -> tuple[float, float]:
-    """(a, b) with a + b * d >= value for every (d, value), a from the shallowest point and b the
-    smallest slope that then bounds the rest."""
-    ds = sorted(points)
-    a = max(points[d] for d in ds if d <= ds[0])
-    b = max([(points[d] - a) / d for d in ds if d > 0] + [0.0])
-    return a, b
+def fit_log(points: dict[int, float]) -> tuple[float, float]:
+    """(a, b) with ``a + b * log2(1 + d) >= value`` for every (d, value): ``a`` is the value at
+    depth 0 (0 when depth 0 was not measured) and ``b`` the smallest slope that then bounds the
+    rest."""
+    a = points.get(0, 0.0)
+    b = max([(v - a) / np.log2(1 + d) for d, v in points.items() if d > 0] + [0.0])
+    return float(a), float(b)
+
+
+def envelope(records, dtype, keep):
+    """Per-depth maxima (in units of u) over the records ``keep(record)`` accepts:
+    ``{"act": {d: (scaled, rms)}, "grad": {L: (scaled, rms)}, "loss": {L: rel}}``."""
+    u = UNIT_ROUNDOFF[dtype]
+    e = {"act": {}, "grad": {}, "loss": {}}
+    for rec in records:
+        if not keep(rec):
+            continue
+        r = rec["results"][dtype]
+        L = rec["layers"]
+        for d, (sc, n) in r["act"].items():
+            d = int(d)
+            old = e["act"].get(d, (0.0, 0.0))
+            e["act"][d] = (max(old[0], sc / u), max(old[1], np.sqrt(n) / u))
+        old = e["grad"].get(L, (0.0, 0.0))
+        e["grad"][L] = (max(old[0], r["grad"][0] / u), max(old[1], np.sqrt(r["grad"][1]) / u))
+        e["loss"][L] = max(e["loss"].get(L, 0.0), r["loss"] / u)
+    return e
+
+
+def fits(e):
+    """The tolerance model's constants for one envelope (see :data:`tolerances.MEASURED`)."""
+    pts_s = {d: v[0] for d, v in e["act"].items()}
+    pts_n = {d: v[1] for d, v in e["act"].items()}
+    for d, v in e["loss"].items():   # the loss is judged like an activation at depth L
+        pts_s[d] = max(pts_s.get(d, 0.0), v)
+    return {"activations": fit_log(pts_s) + fit_log(pts_n),
+            "gradients": (fit_log({d: v[0] for d, v in e["grad"].items()})
+                          + fit_log({d: v[1] for d, v in e["grad"].items()}))}
+
+
+def print_envelope(dtype, e, title):
+    print(f"\n{dtype} (u = {UNIT_ROUNDOFF[dtype]:.3g}), {title}")
+    print(f"  {'depth':>5}  {'act scaled/u':>13}  {'act rms/u':>10}  {'grad scaled/u':>14}  "
+          f"{'grad rms/u':>11}  {'loss rel/u':>10}")
+    for d in sorted(e["act"]):
+        g = e["grad"].get(d)
+        gs = f"{g[0]:14.1f}  {g[1]:11.1f}" if g else f"{'':>14}  {'':>11}"
+        ls = f"{e['loss'][d]:10.2f}" if d in e["loss"] else ""
+        print(f"  {d:>5}  {e['act'][d][0]:13.2f}  {e['act'][d][1]:10.2f}  {gs}  {ls}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer configs (a smoke run)")
-    parser.add_argument("--json", help="write the envelopes here")
+    parser.add_argument("--records", help="write every example's figures here (JSON)")
+    parser.add_argument("--from-records", help="re-fit from a --records file instead of measuring")
     parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
-    widths = [(64, 4)] if args.quick else [(64, 4), (256, 8)]
-    depths = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 24]
-    gains = [1.0] if args.quick else [0.5, 1.0, 2.0]
-    seeds = [0] if args.quick else [0, 1]
-    env = {d: {"act": {}, "grad": {}, "loss": {}} for d in dtypes}
+    if args.from_records:
+        with open(args.from_records) as fh:
+            records = json.load(fh)
+    else:
+        records = measure(dtypes, args.quick)
+        if args.records:
+            with open(args.records, "w") as fh:
+                json.dump(records, fh)
+    print("\nLargest error per depth, in units of the dtype's unit roundoff u "
+          "(scaled = max|Δ|/max|ref|; rms = sqrt(NMSE)):")
+    for dtype in dtypes:
+        fitted = envelope(records, dtype, lambda r: r["loss"] < SATURATED_LOSS)
+        print_envelope(dtype, fitted, f"{sum(r['loss'] < SATURATED_LOSS for r in records)} examples "
+                                      f"with loss < {SATURATED_LOSS} (the fit)")
+        for kind, (a, b, c, f) in fits(fitted).items():
+            print(f"  {kind} fit: scaled <= u * ({a:.2f} + {b:.2f} * log2(1 + depth));  "
+                  f"sqrt(nmse) <= u * ({c:.2f} + {f:.2f} * log2(1 + depth))")
+        stress = envelope(records, dtype, lambda r: r["loss"] >= SATURATED_LOSS)
+        if stress["act"]:
+            print_envelope(dtype, stress, f"{sum(r['loss'] >= SATURATED_LOSS for r in records)} examples "
+                                          f"with loss >= {SATURATED_LOSS}: saturated softmaxes, "
+                                          "ill-conditioned, not fitted (the float64 tie-break's territory)")
+    return 0
+
+
+#: examples whose float64 loss reaches this many nats have saturated softmaxes (the target token's
+#: logit ~20 below the largest) and ill-conditioned float32 gradients; they are measured and
+#: printed, but the tolerance is fitted to the others
+SATURATED_LOSS = 20.0
+
+
+def measure(dtypes, quick=False) -> list:
+    widths = [(64, 4)] if quick else [(64, 4), (256, 8)]
+    depths = [1, 2, 4] if quick else [1, 2, 4, 8, 16, 24]
+    gains = [1.0, 2.0] if quick else [0.5, 1.0, 2.0]
+    seeds = [0] if quick else [0, 1]
+    records = []
     t0 = time.perf_counter()
     for D, H in widths:
         for L in depths:
@@ -129,47 +209,13 @@ def main(argv=None) -> int:
                         params = random_params(cfg, gain, seed + 17 * L)
                         ids, mask = _batch(cfg, seed)
                         res = measure_example(cfg, params, ids, mask, dtypes)
-                        for dtype, r in res.items():
-                            u = UNIT_ROUNDOFF[dtype]
-                            e = env[dtype]
-                            for d, (s, n) in r["act"].items():
-                                old = e["act"].get(d, (0.0, 0.0))
-                                e["act"][d] = (max(old[0], s / u), max(old[1], np.sqrt(n) / u))
-                            old = e["grad"].get(L, (0.0, 0.0))
-                            e["grad"][L] = (max(old[0], r["grad"][0] / u), max(old[1], np.sqrt(r["grad"][1]) / u))
-                            e["loss"][L] = max(e["loss"].get(L, 0.0), r["loss"] / u)
-                print(f"  width {D} depth {L}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print("\nLargest error per depth, in units of the dtype's unit roundoff u "
-          "(scaled = max|Δ|/max|ref|; rms = sqrt(NMSE)):")
-    summary = {}
-    for dtype in dtypes:
-        e = env[dtype]
-        print(f"\n{dtype} (u = {UNIT_ROUNDOFF[dtype]:.3g})")
-        print(f"  {'depth':>5}  {'act scaled/u':>13}  {'act rms/u':>10}  {'grad scaled/u':>14}  "
-              f"{'grad rms/u':>11}  {'loss rel/u':>10}")
-        for d in sorted(e["act"]):
-            g = e["grad"].get(d)
-            gs = f"{g[0]:14.2f}  {g[1]:11.3f}" if g else f"{'':>14}  {'':>11}"
-            ls = f"{e['loss'][d]:10.2f}" if d in e["loss"] else ""
-            print(f"  {d:>5}  {e['act'][d][0]:13.2f}  {e['act'][d][1]:10.3f}  {gs}  {ls}")
-        pts_s = {d: v[0] for d, v in e["act"].items()}
-        pts_n = {d: v[1] for d, v in e["act"].items()}
-        for d, v in e["loss"].items():   # the loss is judged like an activation at depth L
-            pts_s[d] = max(pts_s.get(d, 0.0), v)
-        fits = {"activations": fit_line(pts_s) + fit_line(pts_n),
-                "gradients": (fit_line({d: v[0] for d, v in e["grad"].items()})
-                              + fit_line({d: v[1] for d, v in e["grad"].items()}))}
-        for kind, (a, b, c, f) in fits.items():
-            print(f"  {kind} fit: scaled <= u * ({a:.2f} + {b:.2f} * depth);  "
-                  f"sqrt(nmse) <= u * ({c:.3f} + {f:.3f} * depth)")
-        summary[dtype] = {"fit": fits,
-                          "act": {str(d): v for d, v in sorted(e["act"].items())},
-                          "grad": {str(d): v for d, v in sorted(e["grad"].items())},
-                          "loss": {str(d): v for d, v in sorted(e["loss"].items())}}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=1)
-    return 0
+                        loss64 = res.pop("loss64")
+                        for r in res.values():
+                            r["act"] = {str(d): v for d, v in r["act"].items()}
+                        records.append({"width": D, "layers": L, "gain": gain, "preln": preln,
+                                        "seed": seed, "loss": loss64, "results": res})
+            print(f"  width {D} depth {L}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return records
 
 
 if __name__ == "__main__":

@@ -26,19 +26,22 @@ The tolerance model
 -------------------
 Rounding errors of a transformer forward grow with depth: each layer adds its own rounding and
 passes on (and may amplify) what came in.  ``python -m refopt.testing.calibration`` measures that
-growth: random OPT configs of 1 to 24 layers, widths 64 and 256, three weight scales, random
-padding, refopt's float32 forward (and float32 storage emulations of bfloat16 and float16: weights
-and every op's output rounded, float32 accumulation) against its float64 forward, and float64
-against an extended-precision (``np.longdouble``) forward.  It records, per depth, the largest
-``scaled`` error and ``nmse`` over every tensor of that depth and every example, and fits
+growth: random OPT configs of 1 to 24 layers, widths 64 and 256, three weight scales, pre- and
+post-LayerNorm, random padding; refopt's float32 forward and backward (and float32-arithmetic
+emulations of bfloat16 and float16: weights and every op's output rounded) against its float64
+ones, and float64 against an extended-precision (``np.longdouble``) run.  It records, per depth,
+the largest ``scaled`` error and ``sqrt(nmse)`` over every tensor of that depth and every example.
+The measured growth is fast over the first layers and then flattens (the LayerNorms rescale what
+each layer passes on), so the envelope is fitted with a logarithm of the depth::
 
-    scaled(d) <= u * (a + b * d)           nmse(d) <= u^2 * (c + e * d)^2
+    scaled(d) <= u * (a + b * log2(1 + d))       sqrt(nmse(d)) <= u * (c + e * log2(1 + d))
 
-to the envelope (``u`` the dtype's unit roundoff).  :data:`MODEL` holds the fitted ``a, b, c, e``
-per dtype multiplied by the safety factor :data:`SAFETY`; ``docs/ORACLE.md`` shows the measured
-table.  The safety factor leaves room for other summation orders (BLAS blocking, fused kernels,
-GPU reductions) than refopt's: a correct port typically sits well inside, a wrong one (a missing
-scale, a shifted position, a LayerNorm epsilon off by seven orders) misses by orders of magnitude.
+(``u`` the dtype's unit roundoff; ``a``, ``c`` the depth-0 values, ``b``, ``e`` the smallest slopes
+bounding every measured depth).  :data:`MEASURED` holds ``(a, b, c, e)`` per dtype, for
+activations and for gradients; :func:`tolerance` multiplies them by :data:`SAFETY`, room for other
+summation orders than refopt's (BLAS blocking, fused kernels, GPU reductions).  ``docs/ORACLE.md``
+shows the measured tables.  A correct port sits well inside; a wrong one (a missing scale, a
+position off by one, a LayerNorm epsilon off by seven orders) misses by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 **
 SAFETY = 8.0
 
 #: (a, b, c, e) per dtype and kind, fitted by ``python -m refopt.testing.calibration`` (before
-#: SAFETY): scaled(d) <= u * (a + b * d), sqrt(nmse(d)) <= u * (c + e * d).  "activations" covers
+#: SAFETY): scaled(d) <= u * (a + b * log2(1 + d)), sqrt(nmse(d)) <= u * (c + e * log2(1 + d)).
+#: "activations" covers
 #: the named intermediates, the logits and the loss; "gradients" the parameter gradients (judged at
 #: depth = number of layers, against at least GRADIENT_FLOOR times the largest gradient).
 MEASURED = {
@@ -83,8 +87,8 @@ def tolerance(dtype: str, depth: int, kind: str = "activations") -> Tolerance:
     dtype = canonical_dtype(dtype)
     u = UNIT_ROUNDOFF[dtype]
     a, b, c, e = MEASURED[dtype][kind]
-    depth = max(int(depth), 0)
-    return Tolerance(SAFETY * u * (a + b * depth), (SAFETY * u * (c + e * depth)) ** 2)
+    grow = math.log2(1 + max(int(depth), 0))
+    return Tolerance(SAFETY * u * (a + b * grow), (SAFETY * u * (c + e * grow)) ** 2)
 
 
 def canonical_dtype(dtype) -> str:

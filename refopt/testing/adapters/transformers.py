@@ -21,6 +21,7 @@ common selection rule.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -200,9 +201,17 @@ class TransformersAdapter(Adapter):
         if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
             self.tokenizer = self.transformers.AutoTokenizer.from_pretrained(str(folder))
         else:
-            self.tokenizer = self.transformers.GPT2Tokenizer(
-                vocab_file=str(vocabulary_path), merges_file=str(merges_path), bos_token="</s>",
-                eos_token="</s>", unk_token="</s>", pad_token="<pad>", add_bos_token=True)
+            special = dict(bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>",
+                           add_bos_token=True)
+            cls = self.transformers.GPT2Tokenizer
+            if "vocab" in inspect.signature(cls.__init__).parameters:     # transformers >= 5
+                vocab = json.loads(Path(vocabulary_path).read_text(encoding="utf-8"))
+                with open(merges_path, encoding="utf-8") as f:
+                    merges = [tuple(line.rstrip("\n").split(" ")) for line in f
+                              if line.strip() and not line.startswith("#version")]
+                self.tokenizer = cls(vocab=vocab, merges=merges, **special)
+            else:
+                self.tokenizer = cls(vocab_file=str(vocabulary_path), merges_file=str(merges_path), **special)
 
     def encode(self, texts):
         if self.tokenizer is None:
