@@ -12,10 +12,11 @@ their rows once and dots each with every row of ``x``.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
-_ROWS = 64           # outputs per task in the oi kernels
 
 
 @njit(inline="always")
@@ -41,40 +42,53 @@ def matmul_oi(x, data, bias, relu, out):
             out[m, o] = _epilogue(acc, bias, o, relu)
 
 
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    # uint16 bfloat16 bits -> float32: the bits become the top half of a float32 (a bitcast, free)
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16_to_f32(typingctx, bits):
+    # uint16 float16 bits -> float32 (LLVM's fpext: one vcvtph2ps on x86 with F16C)
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_oi_bf16(x, data, bias, relu, out):
-    # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each task widens 64 rows into a
-    # float32 buffer (bfloat16 is the top half of a float32) and dots them with every row of x
+    # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each weight is widened in the loop
     M, I = x.shape
     O = data.shape[0]
-    for task in prange((O + _ROWS - 1) // _ROWS):
-        buf = np.empty(I, np.uint32)
-        f = buf.view(np.float32)
-        for o in range(task * _ROWS, min(O, (task + 1) * _ROWS)):
+    for o in prange(O):
+        for m in range(M):
+            acc = out.dtype.type(0)
             for i in range(I):
-                buf[i] = np.uint32(data[o, i]) << np.uint32(16)
-            for m in range(M):
-                acc = out.dtype.type(0)
-                for i in range(I):
-                    acc += x[m, i] * f[i]
-                out[m, o] = _epilogue(acc, bias, o, relu)
+                acc += x[m, i] * _bf16_to_f32(data[o, i])
+            out[m, o] = _epilogue(acc, bias, o, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_f16(x, data, table, bias, relu, out):
-    # x [M, I], data [O, I] uint16 float16 bits, table [65536] float32 (every float16 value) -> out
+def matmul_oi_f16(x, data, bias, relu, out):
+    # x [M, I], data [O, I] uint16 float16 bits -> out [M, O]
     M, I = x.shape
     O = data.shape[0]
-    for task in prange((O + _ROWS - 1) // _ROWS):
-        f = np.empty(I, np.float32)
-        for o in range(task * _ROWS, min(O, (task + 1) * _ROWS)):
+    for o in prange(O):
+        for m in range(M):
+            acc = out.dtype.type(0)
             for i in range(I):
-                f[i] = table[data[o, i]]
-            for m in range(M):
-                acc = out.dtype.type(0)
-                for i in range(I):
-                    acc += x[m, i] * f[i]
-                out[m, o] = _epilogue(acc, bias, o, relu)
+                acc += x[m, i] * _f16_to_f32(data[o, i])
+            out[m, o] = _epilogue(acc, bias, o, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -89,9 +103,6 @@ def matmul_oi_int8(x, data, scale, bias, relu, out):
             for i in range(I):
                 acc += x[m, i] * data[o, i]
             out[m, o] = _epilogue(acc * s, bias, o, relu)
-
-
-FLOAT16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def matmul_rows(x2, w, bias=None, relu=False):
@@ -117,7 +128,7 @@ def matmul_rows(x2, w, bias=None, relu=False):
     elif w.kind == "bfloat16":
         matmul_oi_bf16(x2, w.data, b, relu, out)
     elif w.kind == "float16":
-        matmul_oi_f16(x2, w.data.view(np.uint16), FLOAT16_TABLE, b, relu, out)
+        matmul_oi_f16(x2, w.data.view(np.uint16), b, relu, out)
     else:
         matmul_oi_int8(x2, w.data, w.scale, b, relu, out)
     return out
