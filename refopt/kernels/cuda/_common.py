@@ -1,0 +1,93 @@
+"""What every CUDA kernel module shares: whether we run on Numba's CUDA simulator, the dtype map,
+launch helpers, and the host <-> device transfers of the ops namespace.
+
+The simulator (``NUMBA_ENABLE_CUDASIM=1``) runs each CUDA thread as a Python thread: it checks
+the kernels' logic on any machine, slowly, and it has no warp shuffles and no multi-block grid
+synchronisation.  Kernels here therefore reduce through shared memory, and the persistent decode
+kernel (:mod:`.decode`) runs with one block there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import config, cuda, float32, float64
+
+SIM = bool(config.ENABLE_CUDASIM)
+#: ``alignment=`` of shared arrays read with 16-byte loads (the simulator takes none).
+ALIGN = None if SIM else 16
+
+#: NumPy dtype -> Numba scalar type of the kernels.
+NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
+
+
+def nbtype(dtype):
+    """The Numba scalar type for a float32 / float64 NumPy dtype."""
+    try:
+        return NB_TYPES[np.dtype(dtype)]
+    except KeyError:
+        from refopt.errors import BackendError
+
+        raise BackendError(f"cuda backend: dtype {np.dtype(dtype)} is not supported (float32 or "
+                           "float64 compute dtypes)") from None
+
+
+def kernel(launch_bounds=None, **kwargs):
+    """``cuda.jit`` for a kernel; options the simulator does not take are dropped there."""
+    if SIM:
+        return cuda.jit(**kwargs)
+    if launch_bounds is not None:
+        kwargs["launch_bounds"] = launch_bounds
+    return cuda.jit(**kwargs)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_device(a) -> bool:
+    return cuda.is_cuda_array(a) if not SIM else hasattr(a, "copy_to_host")
+
+
+def to_device(a, dtype=None):
+    """``a`` on the device (a device array is returned as it is), C-contiguous, in ``dtype``."""
+    if is_device(a):
+        return a
+    a = np.asarray(a)
+    if dtype is not None:
+        a = a.astype(dtype, copy=False)
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def empty(shape, dtype):
+    return cuda.device_array(shape, dtype=np.dtype(dtype))
+
+
+def zeros(shape, dtype):
+    out = cuda.device_array(shape, dtype=np.dtype(dtype))
+    fill(out.reshape(-1) if out.size else out, 0)
+    return out
+
+
+def host(a):
+    """``a`` as a NumPy array (copied back from the device)."""
+    return a.copy_to_host() if is_device(a) else np.asarray(a)
+
+
+@cuda.jit
+def _fill(a, value):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] = value
+
+
+def fill(flat, value):
+    """Set every element of a 1-D device array to ``value``."""
+    n = flat.shape[0]
+    if n:
+        _fill[cdiv(n, 256), 256](flat, flat.dtype.type(value))
+
+
+def grid1(n: int, threads: int = 256):
+    """``(blocks, threads)`` covering ``n`` elements with one thread each."""
+    return max(1, cdiv(int(n), threads)), threads
+

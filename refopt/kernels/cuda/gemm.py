@@ -1,0 +1,232 @@
+"""Tiled matrix products ``C = op(A) @ op(B)`` with a fused epilogue, in shared memory with
+register blocking and double buffering.
+
+    C[m, n] = relu?( sum_k A[m, k] * B[n, k]  + bias[n] )  (+ C[m, n] when accumulating)
+
+Operands keep the layouts refopt stores them in, so nothing is transposed in memory:
+
+==========  ===================  ===================  ==========================================
+name        A stored             B stored             used for
+==========  ===================  ===================  ==========================================
+``"nt"``    ``[M, K]``           ``[N, K]``           ``x @ W.T`` (linear, tied LM head, scores)
+``"nn"``    ``[M, K]``           ``[K, N]``           ``d_y @ W`` (input gradients), ``P @ V``
+``"tn"``    ``[K, M]``           ``[K, N]``           ``d_y.T @ x`` (weight gradients)
+==========  ===================  ===================  ==========================================
+
+One block computes a ``BM x BN`` tile of C; each of its ``(BM/TM) * (BN/TN)`` threads owns a
+``TM x TN`` register tile (accumulators never leave registers).  Every ``BK`` slice of A and B
+is staged in shared memory, k-major (``As[k][m]``, ``Bs[k][n]``), so a thread reads its four
+consecutive rows / columns as one 16-byte load; the next slice is fetched from global memory into
+registers while the current one is multiplied (two shared buffers, one barrier per slice).  A
+thread's rows are ``4*ty + i`` and ``BM/2 + 4*ty + i`` (columns likewise): contiguous fours that
+keep the 16-byte shared loads conflict-free while a warp's columns span 64 consecutive floats.
+
+Indices are masked non-negative (``& mask``) so that the compiler drops Numba's negative-index
+wrap-around and can vectorise the shared loads; constants are typed in the kernel's dtype so
+float32 code never widens to float64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import cuda, int32
+
+from refopt.kernels.cuda._common import ALIGN, SIM, cdiv, empty, kernel, nbtype
+
+LAYOUTS = ("nt", "nn", "tn")
+
+#: Tile configurations (BM, BN, BK, TM, TN).  ``"large"`` is the compute-bound one (256 threads,
+#: 8x8 per thread); the smaller ones suit short products, ``"tiny"`` Numba's simulator.
+CONFIGS = {
+    "large": (128, 128, 8, 8, 8),
+    "wide": (64, 128, 8, 8, 8),
+    "medium": (64, 64, 8, 4, 4),
+    "small": (32, 32, 8, 4, 4),
+    "tiny": (16, 16, 8, 4, 4),
+}
+PAD = 4   # shared rows padded by 16 bytes: the transposed stores of K-contiguous tiles avoid conflicts
+
+
+@functools.lru_cache(maxsize=None)
+def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: bool = False,
+              accumulate: bool = False):
+    """The kernel ``gemm(A, B, C, bias, M, N, K)`` for one dtype, layout, tile configuration and
+    epilogue (compiled on first launch; the epilogue flags are compile-time constants, so the
+    unrolled epilogue keeps the accumulators in registers)."""
+    BM, BN, BK, TM, TN = CONFIGS[config]
+    DT = nbtype(dtype)
+    NTX, NTY = BN // TN, BM // TM            # threads along n and m
+    NT = NTX * NTY
+    GM, GN = TM // 4, TN // 4                # groups of four rows / columns per thread
+    LA, LB = BM * BK // NT, BN * BK // NT    # elements of each slice a thread loads
+    HM, HN = BM // GM, BN // GN              # distance between a thread's row / column groups
+    a_km = layout == "tn"                    # A stored [K, M]
+    b_kn = layout in ("nn", "tn")            # B stored [K, N]
+    SA, SB = BM + PAD, BN + PAD
+    assert NT * LA == BM * BK and NT * LB == BN * BK and HM == NTY * 4 and HN == NTX * 4
+
+    @kernel(launch_bounds=NT)
+    def gemm(A, B, C, bias, M, N, K):
+        As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)
+        Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)
+        acc = cuda.local.array((TM, TN), DT)
+        ra = cuda.local.array(LA, DT)
+        rb = cuda.local.array(LB, DT)
+        av = cuda.local.array(TM, DT)
+        bv = cuda.local.array(TN, DT)
+        tid = cuda.threadIdx.x & 1023
+        tx = tid % NTX
+        ty = tid // NTX
+        m0 = (cuda.blockIdx.y & 0x7FFFFFFF) * BM
+        n0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BN
+        z = cuda.blockIdx.z & 0xFFFF
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = DT(0)
+        ntiles = (K + BK - 1) // BK
+
+        # -- fetch slice 0 into registers, then into shared buffer 0
+        for p in range(LA):
+            e = tid + p * NT
+            if a_km:
+                kk, mm = e // BM, e % BM
+                ra[p] = A[z, kk, m0 + mm] if (kk < K and m0 + mm < M) else DT(0)
+            else:
+                mm, kk = e // BK, e % BK
+                ra[p] = A[z, m0 + mm, kk] if (kk < K and m0 + mm < M) else DT(0)
+        for p in range(LB):
+            e = tid + p * NT
+            if b_kn:
+                kk, nn = e // BN, e % BN
+                rb[p] = B[z, kk, n0 + nn] if (kk < K and n0 + nn < N) else DT(0)
+            else:
+                nn, kk = e // BK, e % BK
+                rb[p] = B[z, n0 + nn, kk] if (kk < K and n0 + nn < N) else DT(0)
+        for p in range(LA):
+            e = tid + p * NT
+            if a_km:
+                As[0, e // BM, e % BM] = ra[p]
+            else:
+                As[0, e % BK, e // BK] = ra[p]
+        for p in range(LB):
+            e = tid + p * NT
+            if b_kn:
+                Bs[0, e // BN, e % BN] = rb[p]
+            else:
+                Bs[0, e % BK, e // BK] = rb[p]
+        cuda.syncthreads()
+
+        for kt in range(ntiles):
+            cur = kt & 1
+            k0 = (kt + 1) * BK
+            more = kt + 1 < ntiles
+            if more:                                     # next slice: global -> registers
+                for p in range(LA):
+                    e = tid + p * NT
+                    if a_km:
+                        kk, mm = e // BM, e % BM
+                        ra[p] = A[z, k0 + kk, m0 + mm] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                    else:
+                        mm, kk = e // BK, e % BK
+                        ra[p] = A[z, m0 + mm, k0 + kk] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                for p in range(LB):
+                    e = tid + p * NT
+                    if b_kn:
+                        kk, nn = e // BN, e % BN
+                        rb[p] = B[z, k0 + kk, n0 + nn] if (k0 + kk < K and n0 + nn < N) else DT(0)
+                    else:
+                        nn, kk = e // BK, e % BK
+                        rb[p] = B[z, n0 + nn, k0 + kk] if (k0 + kk < K and n0 + nn < N) else DT(0)
+            for k in range(BK):                          # the current slice, from shared memory
+                for g in range(GM):
+                    for i in range(4):
+                        av[g * 4 + i] = As[cur, k, g * HM + ty * 4 + i]
+                for g in range(GN):
+                    for j in range(4):
+                        bv[g * 4 + j] = Bs[cur, k, g * HN + tx * 4 + j]
+                for i in range(TM):
+                    for j in range(TN):
+                        acc[i, j] += av[i] * bv[j]
+            if more:                                     # registers -> the other shared buffer
+                nxt = cur ^ 1
+                for p in range(LA):
+                    e = tid + p * NT
+                    if a_km:
+                        As[nxt, e // BM, e % BM] = ra[p]
+                    else:
+                        As[nxt, e % BK, e // BK] = ra[p]
+                for p in range(LB):
+                    e = tid + p * NT
+                    if b_kn:
+                        Bs[nxt, e // BN, e % BN] = rb[p]
+                    else:
+                        Bs[nxt, e % BK, e // BK] = rb[p]
+            cuda.syncthreads()
+
+        # -- epilogue: bias, ReLU, accumulate, guarded stores
+        for i in range(TM):
+            m = m0 + (i // 4) * HM + ty * 4 + (i % 4)
+            for j in range(TN):
+                n = n0 + (j // 4) * HN + tx * 4 + (j % 4)
+                if m < M and n < N:
+                    v = acc[i, j]
+                    if has_bias:
+                        v += bias[n]
+                    if relu:
+                        v = max(v, DT(0))
+                    if accumulate:
+                        v += C[z, m, n]
+                    C[z, m, n] = v
+
+    gemm.threads = NT
+    gemm.tile = (BM, BN)
+    return gemm
+
+
+def default_config(M: int, N: int) -> str:
+    """The tile configuration for an ``M x N`` product: the large tile when it gives the GPU enough
+    blocks, smaller ones for short products; the small tile under the simulator."""
+    if SIM:
+        return "tiny"
+    if M * N >= 128 * 128 * 264:
+        return "large"
+    if M * N >= 64 * 128 * 132:
+        return "wide"
+    if M * N >= 64 * 64 * 132:
+        return "medium"
+    return "small"
+
+
+def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
+         config: str | None = None, stream=0):
+    """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
+    see the module docstring for the layouts.  2-D operands give ``[M, N]``; 3-D operands (a batch
+    of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated when
+    None)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
+    batched = a.ndim == 3
+    a3 = a if batched else a.reshape((1,) + a.shape)
+    b3 = b if b.ndim == 3 else b.reshape((1,) + b.shape)
+    Z = a3.shape[0]
+    if b3.shape[0] != Z:
+        raise ValueError(f"gemm: batch sizes differ ({a.shape} and {b.shape})")
+    K, M = a3.shape[1:] if layout == "tn" else a3.shape[:0:-1]
+    N, Kb = (b3.shape[2], b3.shape[1]) if layout in ("nn", "tn") else (b3.shape[1], b3.shape[2])
+    if Kb != K:
+        raise ValueError(f"gemm {layout}: inner dimensions differ ({a.shape} and {b.shape})")
+    dtype = np.dtype(a.dtype)
+    if out is None:
+        out = empty((Z, M, N) if batched else (M, N), dtype)
+    out3 = out if out.ndim == 3 else out.reshape((1, M, N))
+    if M == 0 or N == 0 or Z == 0:
+        return out
+    has_bias = bias is not None
+    kernel = make_gemm(dtype, layout, config or default_config(M * Z, N), has_bias, bool(relu),
+                       bool(accumulate))
+    BM, BN = kernel.tile
+    kernel[(cdiv(N, BN), cdiv(M, BM), Z), kernel.threads, stream](
+        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], int32(M), int32(N), int32(K))
+    return out

@@ -1,0 +1,471 @@
+"""Row-wise and element-wise kernels: LayerNorm forward and backward, softmax, cross-entropy forward
+and backward, embedding gather and scatter-add, ReLU, the fused Adam(W) update.
+
+A row kernel runs one block per row (``THREADS`` threads, fewer under the simulator) and reduces
+through shared memory (:func:`block_sum`, :func:`block_max`: a tree over the block, every thread
+calls them).  The arithmetic follows the NumPy reference op for op: LayerNorm's mean and variance
+in two passes, the softmax's maximum subtracted before the exponentials, the scatter-add summing
+each table row's gradients in token order (as ``np.add.at``), Adam's update in the reference's
+order of operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+
+from refopt.kernels.cuda._common import SIM, cdiv, empty, kernel, nbtype
+
+THREADS = 32 if SIM else 256
+
+
+@cuda.jit(device=True)
+def block_sum(value, buf):
+    """Sum of ``value`` over the block (``blockDim.x`` a power of two, ``buf`` shared of that size
+    or more); every thread gets the total."""
+    tid = cuda.threadIdx.x
+    n = cuda.blockDim.x
+    cuda.syncthreads()
+    buf[tid] = value
+    cuda.syncthreads()
+    w = n // 2
+    while w > 0:
+        if tid < w:
+            buf[tid] += buf[tid + w]
+        cuda.syncthreads()
+        w //= 2
+    return buf[0]
+
+
+@cuda.jit(device=True)
+def block_max(value, buf):
+    """Maximum of ``value`` over the block (see :func:`block_sum`)."""
+    tid = cuda.threadIdx.x
+    n = cuda.blockDim.x
+    cuda.syncthreads()
+    buf[tid] = value
+    cuda.syncthreads()
+    w = n // 2
+    while w > 0:
+        if tid < w:
+            buf[tid] = max(buf[tid], buf[tid + w])
+        cuda.syncthreads()
+        w //= 2
+    return buf[0]
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+@functools.lru_cache(maxsize=None)
+def _layernorm(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def layernorm(x, gamma, beta, has_gamma, has_beta, eps, y, mean_out, rstd_out):
+        # x [N, D] -> y [N, D]; mean_out / rstd_out [N] (when non-empty) keep the statistics
+        n = cuda.blockIdx.x
+        D = x.shape[1]
+        buf = cuda.shared.array(1024, DT)
+        part = DT(0)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            part += x[n, d]
+        mean = block_sum(part, buf) / DT(D)
+        part = DT(0)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            c = x[n, d] - mean
+            part += c * c
+        var = block_sum(part, buf) / DT(D)
+        rstd = DT(1) / math.sqrt(var + eps)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            v = (x[n, d] - mean) * rstd
+            if has_gamma:
+                v = v * gamma[d]
+            if has_beta:
+                v = v + beta[d]
+            y[n, d] = v
+        if cuda.threadIdx.x == 0 and mean_out.shape[0] > 0:
+            mean_out[n] = mean
+            rstd_out[n] = rstd
+    return layernorm
+
+
+def layernorm(x2, gamma, beta, eps, y=None, stats=None, stream=0):
+    """LayerNorm of the rows of the device array ``x2 [N, D]`` -> ``y`` (allocated when None);
+    ``stats``: a pair of ``[N]`` arrays receiving each row's mean and 1/std."""
+    N, D = x2.shape
+    dtype = np.dtype(x2.dtype)
+    y = empty((N, D), dtype) if y is None else y
+    dummy = y.reshape(-1)[:1]
+    mean, rstd = stats if stats is not None else (dummy[:0], dummy[:0])
+    if N:
+        _layernorm(dtype)[N, THREADS, stream](x2, dummy if gamma is None else gamma,
+                                             dummy if beta is None else beta, gamma is not None,
+                                             beta is not None, dtype.type(eps), y, mean, rstd)
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _layernorm_backward(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def rows(d_y, x, gamma, has_gamma, eps, d_x, mean_out, rstd_out):
+        # d_x = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = d_y * gamma
+        n = cuda.blockIdx.x
+        D = x.shape[1]
+        buf = cuda.shared.array(1024, DT)
+        part = DT(0)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            part += x[n, d]
+        mean = block_sum(part, buf) / DT(D)
+        part = DT(0)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            c = x[n, d] - mean
+            part += c * c
+        var = block_sum(part, buf) / DT(D)
+        rstd = DT(1) / math.sqrt(var + eps)
+        p1 = DT(0)
+        p2 = DT(0)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            g = d_y[n, d] * gamma[d] if has_gamma else d_y[n, d]
+            p1 += g
+            p2 += g * ((x[n, d] - mean) * rstd)
+        m1 = block_sum(p1, buf) / DT(D)
+        m2 = block_sum(p2, buf) / DT(D)
+        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+            g = d_y[n, d] * gamma[d] if has_gamma else d_y[n, d]
+            xhat = (x[n, d] - mean) * rstd
+            d_x[n, d] = rstd * (g - m1 - xhat * m2)
+        if cuda.threadIdx.x == 0:
+            mean_out[n] = mean
+            rstd_out[n] = rstd
+
+    @kernel()
+    def columns(d_y, x, mean, rstd, d_gamma_part, d_beta_part, rows_per_chunk):
+        # per chunk of rows: partial column sums of d_y and d_y * xhat -> [chunks, D]
+        d = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        c = cuda.blockIdx.y
+        N, D = x.shape
+        if d < D:
+            sg = DT(0)
+            sb = DT(0)
+            for n in range(c * rows_per_chunk, min(N, (c + 1) * rows_per_chunk)):
+                g = d_y[n, d]
+                sb += g
+                sg += g * ((x[n, d] - mean[n]) * rstd[n])
+            d_gamma_part[c, d] = sg
+            d_beta_part[c, d] = sb
+    return rows, columns
+
+
+def column_chunks(N: int) -> int:
+    return max(1, min(N, 64))
+
+
+def layernorm_backward(d_y2, x2, gamma, eps, stream=0):
+    """Device ``d_y2, x2 [N, D]`` -> ``d_x [N, D]``, ``d_gamma [D]`` (None without gamma),
+    ``d_beta [D]``."""
+    N, D = x2.shape
+    dtype = np.dtype(x2.dtype)
+    rows, columns = _layernorm_backward(dtype)
+    d_x = empty((N, D), dtype)
+    mean, rstd = empty(max(N, 1), dtype), empty(max(N, 1), dtype)
+    if N:
+        rows[N, THREADS, stream](d_y2, x2, d_x[0] if gamma is None else gamma, gamma is not None,
+                                 dtype.type(eps), d_x, mean, rstd)
+    chunks = column_chunks(N)
+    per = cdiv(max(N, 1), chunks)
+    d_gamma, d_beta = empty((chunks, D), dtype), empty((chunks, D), dtype)
+    columns[(cdiv(D, 128), chunks), 128, stream](d_y2, x2, mean, rstd, d_gamma, d_beta, per)
+    return d_x, (sum_rows(d_gamma, stream) if gamma is not None else None), sum_rows(d_beta, stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_rows(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def sum_rows(a, out, rows_per_chunk, chunk_out):
+        # a [N, D] -> out [chunks, D]: column sums over chunks of rows (in row order)
+        d = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        c = cuda.blockIdx.y
+        N, D = a.shape
+        if d < D:
+            s = DT(0)
+            for n in range(c * rows_per_chunk, min(N, (c + 1) * rows_per_chunk)):
+                s += a[n, d]
+            out[c, d] = s
+    return sum_rows
+
+
+def sum_rows(a2, stream=0):
+    """Column sums of the device array ``a2 [N, D]`` -> ``[D]`` (chunks of rows, then the chunks)."""
+    N, D = a2.shape
+    dtype = np.dtype(a2.dtype)
+    fn = _sum_rows(dtype)
+    while N > 1:
+        chunks = column_chunks(N) if N > 64 else 1
+        per = cdiv(N, chunks)
+        out = empty((chunks, D), dtype)
+        fn[(cdiv(D, 128), chunks), 128, stream](a2, out, per, 0)
+        a2, N = out, chunks
+    if N == 0:
+        out = empty((1, D), dtype)
+        from refopt.kernels.cuda._common import fill
+        fill(out.reshape(-1), 0)
+        a2 = out
+    return a2.reshape(D)
+
+
+# ----------------------------------------------------------------------------- softmax, loss
+@functools.lru_cache(maxsize=None)
+def _softmax(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def softmax(x, inv_temperature, y):
+        # y[n] = exp(x[n] * inv_t - max) / sum, as refopt's softmax of (logits / temperature)
+        n = cuda.blockIdx.x
+        V = x.shape[1]
+        buf = cuda.shared.array(1024, DT)
+        top = DT(-math.inf)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            top = max(top, x[n, j] * inv_temperature)
+        top = block_max(top, buf)
+        part = DT(0)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            e = math.exp(x[n, j] * inv_temperature - top)
+            y[n, j] = e
+            part += e
+        total = block_sum(part, buf)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            y[n, j] = y[n, j] / total
+    return softmax
+
+
+def softmax(x2, temperature=1.0, out=None, stream=0):
+    """Row softmax of ``x2 [N, V] / temperature`` on the device (multiplying by ``1/t``: exact for
+    ``t = 1``)."""
+    N, V = x2.shape
+    dtype = np.dtype(x2.dtype)
+    out = empty((N, V), dtype) if out is None else out
+    if N:
+        _softmax(dtype)[N, THREADS, stream](x2, dtype.type(1.0 / temperature), out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cross_entropy(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def forward(logits, targets, ce, probs):
+        # logits [N, V], targets [N] -> ce [N], probs [N, V]
+        n = cuda.blockIdx.x
+        V = logits.shape[1]
+        buf = cuda.shared.array(1024, DT)
+        top = DT(-math.inf)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            top = max(top, logits[n, j])
+        top = block_max(top, buf)
+        part = DT(0)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            e = math.exp(logits[n, j] - top)
+            probs[n, j] = e
+            part += e
+        total = block_sum(part, buf)
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            probs[n, j] = probs[n, j] / total
+        if cuda.threadIdx.x == 0:
+            ce[n] = math.log(total) - (logits[n, targets[n]] - top)
+
+    @kernel()
+    def backward(d_ce, probs, targets, d_logits):
+        # d_logits[n] = d_ce[n] * (probs[n] - onehot(targets[n]))
+        n = cuda.blockIdx.x
+        V = probs.shape[1]
+        w = d_ce[n]
+        t = targets[n]
+        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+            g = probs[n, j] * w
+            if j == t:
+                g -= w
+            d_logits[n, j] = g
+    return forward, backward
+
+
+def cross_entropy(logits2, targets, stream=0):
+    """Device ``logits2 [N, V]``, ``targets [N]`` int64 -> ``ce [N]``, ``probs [N, V]``."""
+    N, V = logits2.shape
+    dtype = np.dtype(logits2.dtype)
+    ce, probs = empty(max(N, 1), dtype)[:N], empty((N, V), dtype)
+    if N:
+        _cross_entropy(dtype)[0][N, THREADS, stream](logits2, targets, ce, probs)
+    return ce, probs
+
+
+def cross_entropy_backward(d_ce, probs2, targets, out=None, stream=0):
+    N, V = probs2.shape
+    dtype = np.dtype(probs2.dtype)
+    out = empty((N, V), dtype) if out is None else out
+    if N:
+        _cross_entropy(dtype)[1][N, THREADS, stream](d_ce, probs2, targets, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- embeddings
+@functools.lru_cache(maxsize=None)
+def _gather(dtype):
+    @kernel()
+    def gather(table, ids, out):
+        # out[n] = table[ids[n]]
+        n = cuda.blockIdx.x
+        r = ids[n]
+        for e in range(cuda.threadIdx.x, table.shape[1], cuda.blockDim.x):
+            out[n, e] = table[r, e]
+    return gather
+
+
+def gather(table, ids, stream=0):
+    """Rows ``table[ids]`` of a device table for device int64 ``ids [N]`` -> ``[N, E]``."""
+    N = ids.shape[0]
+    out = empty((N, table.shape[1]), table.dtype)
+    if N:
+        _gather(np.dtype(table.dtype))[N, THREADS, stream](table, ids, out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _segment_sum(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def segment_sum(d_out, order, starts, rows, d_table):
+        # d_table[rows[g]] += sum of d_out[order[starts[g] .. starts[g+1]]], in that (token) order
+        g = cuda.blockIdx.x
+        r = rows[g]
+        for e in range(cuda.threadIdx.x, d_out.shape[1], cuda.blockDim.x):
+            s = d_table[r, e]
+            for p in range(starts[g], starts[g + 1]):
+                s += d_out[order[p], e]
+            d_table[r, e] = s
+    return segment_sum
+
+
+def scatter_add(d_out2, ids, d_table, stream=0):
+    """``d_table[ids[n]] += d_out2[n]`` in token order per row (``np.add.at``'s order); ``ids`` a
+    host int array (the positions are sorted on the host), ``d_out2 [N, E]`` and ``d_table`` on
+    the device."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if ids.size == 0:
+        return d_table
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    rows = sorted_ids[starts]
+    starts = np.r_[starts, ids.size].astype(np.int64)
+    _segment_sum(np.dtype(d_out2.dtype))[rows.size, THREADS, stream](
+        d_out2, cuda.to_device(order), cuda.to_device(starts), cuda.to_device(rows), d_table)
+    return d_table
+
+
+# ----------------------------------------------------------------------------- element-wise
+@functools.lru_cache(maxsize=None)
+def _elementwise(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def add(a, b, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = a[i] + b[i]
+
+    @kernel()
+    def scale(a, s, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = a[i] * s
+
+    @kernel()
+    def relu_backward(d_y, x, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = d_y[i] if x[i] > DT(0) else DT(0)
+
+    @kernel()
+    def relu(x, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = max(x[i], DT(0))
+    return add, scale, relu_backward, relu
+
+
+def _flat_launch(fn, n, *args, stream=0):
+    if n:
+        fn[cdiv(n, 256), 256, stream](*args)
+
+
+def add(a, b, out=None, stream=0):
+    """``a + b`` of same-shaped device arrays (``out`` may be ``a``)."""
+    out = empty(a.shape, a.dtype) if out is None else out
+    _flat_launch(_elementwise(np.dtype(a.dtype))[0], a.size, a.reshape(-1), b.reshape(-1),
+                 out.reshape(-1), stream=stream)
+    return out
+
+
+def scale(a, s, out=None, stream=0):
+    out = empty(a.shape, a.dtype) if out is None else out
+    _flat_launch(_elementwise(np.dtype(a.dtype))[1], a.size, a.reshape(-1), np.dtype(a.dtype).type(s),
+                 out.reshape(-1), stream=stream)
+    return out
+
+
+def relu_backward(d_y, x, stream=0):
+    out = empty(x.shape, x.dtype)
+    _flat_launch(_elementwise(np.dtype(x.dtype))[2], x.size, d_y.reshape(-1), x.reshape(-1),
+                 out.reshape(-1), stream=stream)
+    return out
+
+
+def relu(x, stream=0):
+    out = empty(x.shape, x.dtype)
+    _flat_launch(_elementwise(np.dtype(x.dtype))[3], x.size, x.reshape(-1), out.reshape(-1),
+                 stream=stream)
+    return out
+
+
+# ----------------------------------------------------------------------------- Adam(W)
+@functools.lru_cache(maxsize=None)
+def _adam(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alpha, epsilon,
+             amsgrad):
+        # the reference's update (refopt.optimizers.Adam.update_step), element by element
+        i = cuda.grid(1)
+        if i < var.shape[0]:
+            x = var[i]
+            x = x - x * decay
+            g = grad[i]
+            mi = m[i] + (g - m[i]) * one_minus_beta_1
+            vi = v[i] + (g * g - v[i]) * one_minus_beta_2
+            m[i] = mi
+            v[i] = vi
+            if amsgrad:
+                vi = max(v_hat[i], vi)
+                v_hat[i] = vi
+            var[i] = x - (mi * alpha) / (math.sqrt(vi) + epsilon)
+    return adam
+
+
+def adam_device(var, grad, m, v, v_hat, decay, beta_1, beta_2, alpha, epsilon, stream=0):
+    """The fused Adam(W) update on flat device arrays (``v_hat`` None without AMSGrad)."""
+    dtype = np.dtype(var.dtype)
+    dt = dtype.type
+    amsgrad = v_hat is not None
+    _flat_launch(_adam(dtype), var.shape[0], var, grad, m, v, v_hat if amsgrad else var[:0], dt(decay),
+                 dt(1.0 - beta_1), dt(1.0 - beta_2), dt(alpha), dt(epsilon), amsgrad, stream=stream)
+

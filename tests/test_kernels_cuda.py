@@ -1,0 +1,394 @@
+"""The CUDA backend against the NumPy reference: every kernel (hypothesis), the ops namespace through
+the whole model and its gradients, and the device-resident decode loop against ``generate``.
+
+Runs on a GPU at full size, and in CI under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)
+on small shapes and few examples (each simulated thread is a Python thread).  Tolerances: float64
+within 1e-12 relative, float32 within 1e-5 (relative to the natural scale of the terms: for a
+product, ``|a| @ |b|``); sampler choices identical.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refopt import backend
+from refopt import random as prandom
+
+if not backend.available("cuda"):
+    pytest.skip("the cuda backend is not available here: needs numba.cuda with a CUDA GPU, or "
+                "NUMBA_ENABLE_CUDASIM=1 for Numba's simulator", allow_module_level=True)
+
+import refopt.kernels.cuda as gpu  # noqa: E402
+import refopt.ops as ref  # noqa: E402
+from numba import cuda  # noqa: E402
+from refopt.kernels.cuda import attention as gattn  # noqa: E402
+from refopt.kernels.cuda import gemm as ggemm  # noqa: E402
+from refopt.kernels.cuda._common import SIM  # noqa: E402
+
+FULL = not SIM                    # a real GPU: full sizes and more examples
+EX = 40 if FULL else 4            # hypothesis examples per test
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator():
+    # the simulator's scheduler polls its threads; a short GIL switch interval makes it ~8x faster
+    old = sys.getswitchinterval()
+    if SIM:
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def close(a, b, dtype, what, scale=None):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(initial=0.0) if scale is None else scale, 1e-30)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    err = np.abs(a - b).max(initial=0.0) / scale
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+    assert np.isfinite(a).all(), f"{what}: not finite"
+
+
+def arrays(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def big(n):
+    return n * 8 if FULL else n
+
+
+# ---------------------------------------------------------------------------------- products
+@settings(max_examples=EX)
+@given(dtype=DTYPES, layout=st.sampled_from(ggemm.LAYOUTS), Z=st.integers(1, 2), M=st.integers(1, big(40)),
+       N=st.integers(1, big(40)), K=st.integers(1, big(20)), bias=st.booleans(), relu=st.booleans(),
+       accumulate=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemm(dtype, layout, Z, M, N, K, bias, relu, accumulate, seed):
+    rng = np.random.default_rng(seed)
+    A = arrays(rng, (Z, K, M) if layout == "tn" else (Z, M, K), dtype)
+    B = arrays(rng, (Z, N, K) if layout == "nt" else (Z, K, N), dtype)
+    b = arrays(rng, (N,), dtype)
+    C0 = arrays(rng, (Z, M, N), dtype)
+    a = A.transpose(0, 2, 1) if layout == "tn" else A
+    bb = B.transpose(0, 2, 1) if layout == "nt" else B
+    want = a @ bb + (b if bias else 0)
+    want = np.maximum(want, 0) if relu else want
+    want = want + C0 if accumulate else want
+    out = cuda.to_device(C0)
+    ggemm.gemm(cuda.to_device(A), cuda.to_device(B), layout, bias=cuda.to_device(b) if bias else None,
+               relu=relu, out=out, accumulate=accumulate)
+    scale = (np.abs(a) @ np.abs(bb)).max() + np.abs(C0).max()
+    close(out.copy_to_host(), want, dtype, f"gemm {layout}", scale)
+
+
+@pytest.mark.parametrize("config", list(ggemm.CONFIGS))
+def test_gemm_every_tile_configuration(config):
+    # each tile shape on a product that is not a multiple of it
+    rng = np.random.default_rng(1)
+    M, N, K = (300, 260, 37) if FULL else (21, 19, 11)
+    for layout in ggemm.LAYOUTS:
+        A = arrays(rng, (K, M) if layout == "tn" else (M, K), np.float32)
+        B = arrays(rng, (N, K) if layout == "nt" else (K, N), np.float32)
+        a = A.T if layout == "tn" else A
+        b = B.T if layout == "nt" else B
+        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), layout, config=config).copy_to_host()
+        close(out, a @ b, np.float32, f"{config} {layout}", (np.abs(a) @ np.abs(b)).max())
+
+
+@settings(max_examples=EX)
+@given(dtype=DTYPES, M=st.integers(1, big(9)), I=st.integers(1, big(30)), O=st.integers(1, big(40)),
+       bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_namespace(dtype, M, I, O, bias, relu, seed):
+    rng = np.random.default_rng(seed)
+    x, w = arrays(rng, (2, M, I), dtype), arrays(rng, (O, I), dtype)
+    b = arrays(rng, (O,), dtype) if bias else None
+    fn, rfn = (gpu.linear_relu_forward, ref.linear_relu_forward) if relu else (gpu.linear_forward, ref.linear_forward)
+    scale = (np.abs(x) @ np.abs(w).T).max() + 1
+    close(fn(x, w, b), rfn(x, w, b), dtype, "linear", scale)
+    close(gpu.lm_head_forward(x, w), ref.lm_head_forward(x, w), dtype, "head", scale)
+    d_y = arrays(rng, (2, M, O), dtype)
+    for got, want, what in zip(gpu.linear_backward(d_y, x, w, bias), ref.linear_backward(d_y, x, w, bias),
+                               ("d_x", "d_w", "d_b")):
+        assert (got is None) == (want is None)
+        if got is not None:
+            close(got, want, dtype, what, np.abs(want).max() + np.abs(d_y).max() * max(I, O, M))
+
+
+# ---------------------------------------------------------------------------------- attention
+@settings(max_examples=EX)
+@given(dtype=DTYPES, B=st.integers(1, 2), H=st.integers(1, 2), S=st.integers(1, big(9)),
+       extra=st.integers(0, big(6)), K=st.sampled_from([1, 5, 8, 64, 80, 128]), seed=st.integers(0, 2**16),
+       left=st.booleans())
+def test_attention_namespace(dtype, B, H, S, extra, K, seed, left):
+    # the dense-mask path of the ops namespace, its rebuilt probabilities and the backward
+    rng = np.random.default_rng(seed)
+    T = S + extra
+    q, k, v = arrays(rng, (B, H, S, K), dtype), arrays(rng, (B, H, T, K), dtype), arrays(rng, (B, H, T, K), dtype)
+    lengths = rng.integers(0, T + 1, B)
+    cols = np.arange(T)
+    key_mask = np.stack([(cols >= T - n) if left else (cols < n) for n in lengths])
+    mask = ref.attention_mask(key_mask, np.arange(extra, T))
+    out, probs = gpu.attention_forward(q, k, v, mask)
+    r_out, r_probs = ref.attention_forward(q, k, v, mask)
+    close(out, r_out, dtype, "out")
+    close(np.asarray(probs), r_probs, dtype, "probs")
+    d_out = arrays(rng, q.shape, dtype)
+    for got, want, what in zip(gpu.attention_backward(d_out, q, k, v, probs, mask),
+                               ref.attention_backward(d_out, q, k, v, r_probs, mask), ("d_q", "d_k", "d_v")):
+        close(got, want, dtype, what, np.abs(want).max() + np.abs(d_out).max())
+
+
+@settings(max_examples=EX)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), S=st.integers(1, big(12)), extra=st.integers(0, big(20)),
+       K=st.sampled_from([4, 16, 64, 100]), seed=st.integers(0, 2**16), left=st.booleans())
+def test_flash_causal_structured(B, H, S, extra, K, seed, left):
+    # the structured path (key padding + causal, tiles above the diagonal skipped, q scaled on load)
+    rng = np.random.default_rng(seed)
+    T = S + extra
+    dt = np.float32
+    q, k, v = arrays(rng, (B, H, S, K), dt), arrays(rng, (B, H, T, K), dt), arrays(rng, (B, H, T, K), dt)
+    lengths = rng.integers(0, T + 1, B)
+    cols = np.arange(T)
+    key_mask = np.stack([(cols >= T - n) if left else (cols < n) for n in lengths])
+    mask = ref.attention_mask(key_mask, np.arange(extra, T))
+    scale = np.float32(K ** -0.5)
+    r_out, _ = ref.attention_forward(q * scale, k, v, mask)
+    out = cuda.device_array(q.size, dt)
+    gattn.flash_attention(cuda.to_device(q.ravel()), cuda.to_device(k.ravel()), cuda.to_device(v.ravel()), out,
+                          (H * S * K, S * K, K), (H * T * K, T * K, K), (H * T * K, T * K, K),
+                          (H * S * K, S * K, K), B, H, S, T, K,
+                          key_mask=cuda.to_device(key_mask.astype(np.uint8)), causal=True, q_offset=extra,
+                          scale=float(scale))
+    close(out.copy_to_host().reshape(q.shape), r_out, dt, "flash causal")
+
+
+# ---------------------------------------------------------------------------------- rows
+@settings(max_examples=EX)
+@given(dtype=DTYPES, N=st.integers(1, big(5)), D=st.integers(1, big(40)), affine=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_layernorm(dtype, N, D, affine, seed):
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (N, 2, D), dtype, 3.0) + 1.0
+    gamma = arrays(rng, (D,), dtype) if affine else None
+    beta = arrays(rng, (D,), dtype) if affine else None
+    close(gpu.layernorm_forward(x, gamma, beta, 1e-5), ref.layernorm_forward(x, gamma, beta, 1e-5), dtype, "y")
+    d_y = arrays(rng, x.shape, dtype)
+    x64 = x.astype(np.float64)
+    rstd = 1 / np.sqrt(x64.var(axis=-1) + 1e-5)
+    g = np.abs(d_y * (gamma if affine else 1)).max()
+    scales = (rstd.max() * g, None, None)
+    for a, b, what, scale in zip(gpu.layernorm_backward(d_y, x, gamma, 1e-5),
+                                 ref.layernorm_backward(d_y, x, gamma, 1e-5), ("d_x", "d_gamma", "d_beta"), scales):
+        assert (a is None) == (b is None)
+        if a is not None:
+            close(a, b, dtype, what, scale)
+
+
+@settings(max_examples=EX)
+@given(dtype=DTYPES, B=st.integers(1, 2), S=st.integers(1, 3), V=st.integers(2, big(60)),
+       seed=st.integers(0, 2**16))
+def test_cross_entropy(dtype, B, S, V, seed):
+    rng = np.random.default_rng(seed)
+    logits = arrays(rng, (B, S, V), dtype, 4.0)
+    targets = rng.integers(0, V, (B, S))
+    ce, probs = gpu.cross_entropy_forward(logits, targets)
+    r_ce, r_probs = ref.cross_entropy_forward(logits, targets)
+    close(ce, r_ce, dtype, "ce")
+    close(probs, r_probs, dtype, "probs")
+    d_ce = arrays(rng, (B, S), dtype)
+    close(gpu.cross_entropy_backward(d_ce, probs, targets), ref.cross_entropy_backward(d_ce, r_probs, targets),
+          dtype, "d_logits")
+
+
+@settings(max_examples=EX)
+@given(dtype=DTYPES, V=st.integers(1, big(20)), E=st.integers(1, big(30)), N=st.integers(1, big(9)),
+       seed=st.integers(0, 2**16))
+def test_embedding_gather_scatter(dtype, V, E, N, seed):
+    rng = np.random.default_rng(seed)
+    table = arrays(rng, (V, E), dtype)
+    ids = rng.integers(0, V, (2, N))
+    assert np.array_equal(gpu.embedding_forward(table, ids), ref.embedding_forward(table, ids))
+    d_out = arrays(rng, (2, N, E), dtype)
+    # each row summed in token order, as np.add.at: the same additions, so the same bits
+    assert np.array_equal(gpu.embedding_backward(d_out, ids, V), ref.embedding_backward(d_out, ids, V))
+
+
+@settings(max_examples=EX)
+@given(dtype=DTYPES, n=st.integers(1, big(50)), decay=st.sampled_from([0.0, 1e-3]), amsgrad=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_adam_update(dtype, n, decay, amsgrad, seed):
+    from refopt.kernels.cpu import optim
+
+    rng = np.random.default_rng(seed)
+    var, grad = arrays(rng, (n, 2), dtype), arrays(rng, (n, 2), dtype)
+    m, v = arrays(rng, (n, 2), dtype), np.abs(arrays(rng, (n, 2), dtype))
+    vh = np.abs(arrays(rng, (n, 2), dtype)) if amsgrad else None
+    mine = [a.copy() if a is not None else None for a in (var, m, v, vh)]
+    want = [a.copy() if a is not None else None for a in (var, m, v, vh)]
+    gpu.adam_update(mine[0], grad, mine[1], mine[2], mine[3], decay, 0.9, 0.999, 1e-3, 1e-7)
+    optim.adam_update(want[0], grad, want[1], want[2], want[3], decay, 0.9, 0.999, 1e-3, 1e-7)
+    for a, b, what in zip(mine, want, ("var", "m", "v", "v_hat")):
+        if a is not None:
+            close(a, b, dtype, what)
+
+
+# ---------------------------------------------------------------------------------- sampling
+@settings(max_examples=EX)
+@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
+       rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
+def test_philox_uniforms(seed, step, stream, rows):
+    assert np.array_equal(gpu.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+
+
+def _probabilities(rng, B, V, ties):
+    logits = rng.standard_normal((B, V)) * 2
+    if ties:
+        logits = np.round(logits)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@settings(max_examples=EX)
+@given(B=st.integers(1, 2), V=st.integers(1, big(40)), ties=st.booleans(), seed=st.integers(0, 2**16),
+       k=st.integers(1, big(50)), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
+def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
+    from refopt.samplers import MinPSampler, TopPSampler
+
+    rng = np.random.default_rng(seed)
+    p = _probabilities(rng, B, V, ties)
+    assert np.array_equal(gpu.top_k_mask(p, k), ref.top_k_mask(p, k))
+    with backend.use_backend("numpy"):
+        want_p = TopPSampler(p=top_p, k=k).next_token_distribution(p)
+        want_m = MinPSampler(min_p=min_p, min_tokens_to_keep=keep).next_token_distribution(p)
+    assert np.array_equal(gpu.top_p_distribution(p, top_p, k), want_p)
+    assert np.array_equal(gpu.min_p_distribution(p, min_p, keep), want_m)
+    u = rng.random(B)
+    w = np.where(ref.top_k_mask(p, k), p, 0.0)
+    assert np.array_equal(gpu.choose(w, u), prandom.choose(w, u))
+    assert np.array_equal(gpu.choose(p, u), prandom.choose(p, u))
+
+
+def test_choose_rejects_bad_weights():
+    from refopt.errors import SamplerError
+
+    with pytest.raises(SamplerError, match="row 1"):
+        gpu.choose(np.array([[0.5, 0.5], [np.nan, 1.0]]), np.array([0.1, 0.2]))
+
+
+# ---------------------------------------------------------------------------------- the model
+def _config(pre_ln=True, proj=False, dtype=None, layers=2):
+    from refopt.config import OPTConfig
+
+    return OPTConfig(vocabulary_size=big(23), num_layers=layers, num_heads=2, hidden_dim=big(6),
+                     intermediate_dim=big(7), max_sequence_length=16, dropout=0.0,
+                     do_layer_norm_before=pre_ln, word_embed_proj_dim=5 if proj else None, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_model_logits_and_gradients(dtype):
+    from refopt.model import init_params, logits_forward
+    from refopt.training.gradients import loss_and_gradients
+
+    cfg = _config(pre_ln=dtype == "float32", proj=dtype == "float64", dtype=dtype, layers=2 if FULL else 1)
+    params = init_params(cfg, seed=3, std=0.3)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocabulary_size, (2, 5))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    dt = np.dtype(dtype)
+    want = logits_forward(params, cfg, ids, mask, ops=ref)
+    close(logits_forward(params, cfg, ids, mask, ops=gpu), want, dt, "logits")
+    y = np.roll(ids, -1, axis=1)
+    loss, grads = loss_and_gradients(params, cfg, {"token_ids": ids, "padding_mask": mask}, y, ops=gpu)
+    r_loss, r_grads = loss_and_gradients(params, cfg, {"token_ids": ids, "padding_mask": mask}, y, ops=ref)
+    assert abs(loss - r_loss) <= (1e-12 if dtype == "float64" else 1e-5) * abs(r_loss)
+    # some gradients are exactly zero in exact arithmetic (k_proj's bias: the softmax ignores a
+    # constant shift), so each is measured against the largest gradient of the model as well
+    top = max(np.abs(g).max() for g in r_grads.values())
+    for name, g in r_grads.items():
+        close(grads[name], g, dt, name, max(np.abs(g).max(), 0.01 * top))
+
+
+def test_fit_runs_on_cuda():
+    from refopt.models import OPTBackbone, OPTCausalLM
+    from refopt.optimizers import AdamW
+
+    cfg = _config(layers=1)
+    lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg))
+    lm.backend = "cuda"
+    lm.compile(optimizer=AdamW(learning_rate=0.05))
+    ids = np.random.default_rng(0).integers(0, cfg.vocabulary_size, (2, 4))
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    history = lm.fit(x, np.roll(ids, -1, 1), batch_size=2, epochs=2, verbose=0, shuffle=False)
+    assert history.history["loss"][1] < history.history["loss"][0]
+
+
+# ---------------------------------------------------------------------------------- decoding
+def _lm(pre_ln, proj, seed=1):
+    from refopt.model import init_params
+    from refopt.models import OPTBackbone, OPTCausalLM
+
+    cfg = _config(pre_ln=pre_ln, proj=proj)
+    return OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=seed, std=0.6)))
+
+
+def _samplers():
+    from refopt.samplers import GreedySampler, MinPSampler, RandomSampler, TopKSampler, TopPSampler
+
+    return [GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7), RandomSampler(seed=7),
+            TopPSampler(p=0.5, seed=3), MinPSampler(min_p=0.2, min_tokens_to_keep=2, seed=9)]
+
+
+@pytest.mark.parametrize("pre_ln,proj", [(True, False), (False, True)])
+def test_device_decode_matches_generate(pre_ln, proj):
+    # the device loop (one persistent kernel per step) against the host loop on the NumPy ops:
+    # the same tokens for every sampler (the probabilities agree to rounding; the rules exactly)
+    lm = _lm(pre_ln, proj)
+    B, T = 2, 9
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.zeros((B, T), bool)
+    mask[0, :3] = True
+    mask[1, :5] = True
+    x = {"token_ids": ids, "padding_mask": mask}
+    samplers = _samplers() if FULL else _samplers()[:2] if pre_ln else _samplers()[2:4]
+    for sampler in samplers:
+        lm.compile(sampler=sampler)
+        lm.backend = "numpy"
+        want = lm.generate(x, stop_token_ids=None)
+        lm.backend = "cuda"
+        got = lm.generate(x, stop_token_ids=None)
+        assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
+        assert np.array_equal(got["padding_mask"], want["padding_mask"])
+
+
+def test_device_decode_stops_and_streams():
+    from refopt.kernels.cuda import decode
+    from refopt.samplers import GreedySampler
+
+    lm = _lm(True, False, seed=4)
+    B, T = 2, 8
+    ids = np.random.default_rng(2).integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.zeros((B, T), bool)
+    mask[:, :3] = True
+    lm.compile(sampler="greedy")
+    lm.backend = "numpy"
+    free = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)["token_ids"]
+    stop = (int(free[0, 4]), int(free[1, 3]))          # a token each row produces
+    want = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=stop)
+    lm.backend = "cuda"
+    got = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=stop)
+    assert np.array_equal(got["token_ids"], want["token_ids"])
+    assert np.array_equal(got["padding_mask"], want["padding_mask"])
+    # streaming: one Step per decided position, the same tokens
+    steps = decode.steps(lm, ids, mask, None, GreedySampler())
+    seen = {step.start: step.token_ids[:, 0] for step in steps}
+    assert sorted(seen) == list(range(3, T))
+    assert np.array_equal(np.stack([seen[i] for i in range(3, T)], 1), free[:, 3:])
+
+
+def test_backend_selection_with_cuda(monkeypatch):
+    monkeypatch.delenv("REFOPT_BACKEND", raising=False)
+    assert backend.available("cuda")
+    assert backend.get_backend() == "numba"       # "auto" never picks the GPU
+    assert backend.ops("cuda") is gpu
