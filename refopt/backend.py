@@ -1,6 +1,7 @@
 """Which implementation of the ops runs: ``"numpy"`` (the readable reference, always available),
 ``"numba"`` (compiled CPU kernels, :mod:`refopt.kernels.cpu`) or ``"cuda"`` (``numba.cuda``
-kernels, :mod:`refopt.kernels.cuda`, when a GPU is present).
+kernels, :mod:`refopt.kernels.cuda`, when a GPU is present -- or Numba's CUDA simulator, with
+``NUMBA_ENABLE_CUDASIM=1``, which runs them on the CPU for testing).
 
 The choice, from the most specific to the least:
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import importlib.util
 import os
 
 from refopt.errors import BackendError
@@ -38,6 +38,19 @@ def _check(name) -> str:
     return name
 
 
+_cuda_ok: bool | None = None
+
+
+def _probe_cuda() -> None:
+    global _cuda_ok
+    _cuda_ok = False
+    from numba import config, cuda
+
+    if config.ENABLE_CUDASIM or cuda.is_available():
+        importlib.import_module("refopt.kernels.cuda")
+        _cuda_ok = True
+
+
 def available(name: str) -> bool:
     """Whether backend ``name`` can run here."""
     _check(name)
@@ -47,9 +60,12 @@ def available(name: str) -> bool:
         if name == "numba":
             importlib.import_module("numba")
             return True
-        from numba import cuda
-
-        return bool(cuda.is_available()) and importlib.util.find_spec("refopt.kernels.cuda.ops") is not None
+        # "cuda": numba.cuda imports and either a CUDA GPU with a working driver is present, or
+        # Numba's CUDA simulator is switched on (NUMBA_ENABLE_CUDASIM=1): the simulator runs the
+        # same kernels on the CPU, slowly, which is how CI tests them; "auto" never picks "cuda".
+        if _cuda_ok is None:
+            _probe_cuda()
+        return bool(_cuda_ok)
     except Exception:  # a broken numba or CUDA installation means "not available"
         return False
 
@@ -67,6 +83,21 @@ def resolve(name: str | None = None) -> str:
                 return candidate
             break
     return "numba" if available("numba") else "numpy"
+
+
+_weights_epoch = 0
+
+
+def weights_changed() -> None:
+    """Note that some model's parameters were updated in place (the optimizers call this), so
+    copies kept on a device (:mod:`refopt.kernels.cuda.decode`) are stale."""
+    global _weights_epoch
+    _weights_epoch += 1
+
+
+def weights_epoch() -> int:
+    """How many in-place parameter updates :func:`weights_changed` has seen."""
+    return _weights_epoch
 
 
 def set_backend(name: str) -> None:

@@ -169,6 +169,19 @@ def _start(model, token_ids, padding_mask, sampler):
     return sampler, index, cache, hidden_states
 
 
+def _on_cuda(model) -> bool:
+    """Whether ``model`` runs on the cuda backend (its own choice, else the current one)."""
+    from refopt import backend
+
+    return backend.resolve(getattr(model, "backend", None)) == "cuda"
+
+
+def _device_loop(model):
+    from refopt.kernels.cuda import decode
+
+    return decode
+
+
 def _model_sampler(model):
     from refopt.samplers import get
 
@@ -182,6 +195,11 @@ def generate_step(model, inputs, stop_token_ids=None, sampler=None):
     ``BeamSampler(return_all_beams=True)`` both are ``[B, num_beams, T]`` and ``"log_probs"``
     ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first."""
     token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+    if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
+        out = _device_loop(model).generate_step(model, token_ids, padding_mask, stop_token_ids,
+                                                sampler or _model_sampler(model))
+        if out is not None:
+            return out
     sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     out = sampler(next=make_next(model), prompt=token_ids, cache=cache, index=index,
                   mask=padding_mask, stop_token_ids=stop_token_ids, hidden_states=hidden_states,
@@ -336,16 +354,24 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     max_length = _check_max_length(model, max_length)
     token_ids, padding_mask, _ = _preprocess(model, prompt, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
-    sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
+    steps = None
+    if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
+        steps = _device_loop(model).steps(model, token_ids, padding_mask, stop_token_ids,
+                                          sampler or _model_sampler(model))
+    if steps is None:
+        sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
+    else:
+        sampler = sampler or _model_sampler(model)
     if not hasattr(sampler, "steps"):
         raise SamplerError(f"stream: sampler {sampler!r} has no steps() generator; use a refopt "
                            "Sampler")
     detok = _detokenizer(preprocessor)
     special = set(int(i) for i in getattr(preprocessor.tokenizer, "special_token_ids", ()) or ())
     stop = set(stop_token_ids or ())
-    steps = sampler.steps(make_next(model), token_ids, cache=cache, index=index, mask=padding_mask,
-                          stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=model,
-                          log_probs=return_logprobs)
+    if steps is None:
+        steps = sampler.steps(make_next(model), token_ids, cache=cache, index=index, mask=padding_mask,
+                              stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=model,
+                              log_probs=return_logprobs)
     prompt_length = int(padding_mask[0].sum())
     stopped = False
     try:

@@ -49,6 +49,7 @@ import re
 
 import numpy as np
 
+from refopt import backend
 from refopt.errors import TrainingError
 from refopt.training import schedules  # noqa: F401  (refopt.optimizers.schedules.CosineDecay)
 from refopt.training.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
@@ -169,18 +170,22 @@ class Optimizer:
         raise NotImplementedError
 
     def _fused_kernel(self):
-        """The compiled update of :mod:`refopt.kernels.cpu.optim` when the current backend is Numba
-        and this optimizer has one (:meth:`fused_update`), else None (the NumPy reference)."""
+        """The compiled update of :mod:`refopt.kernels.cpu.optim` (Numba backend) or of
+        :mod:`refopt.kernels.cuda` (CUDA backend) when this optimizer has one
+        (:meth:`fused_update`), else None (the NumPy reference)."""
         owner = next(c for c in type(self).__mro__ if "fused_update" in c.__dict__)
         if owner is Optimizer or type(self).update_step is not owner.update_step:
             return None  # no fused form, or a subclass changed update_step: run that
-        from refopt import backend
+        name = backend.resolve()
+        if name == "numba":
+            from refopt.kernels.cpu import optim
 
-        if backend.resolve() != "numba":
-            return None
-        from refopt.kernels.cpu import optim
+            return optim
+        if name == "cuda":
+            from refopt.kernels import cuda
 
-        return optim
+            return cuda
+        return None
 
     def fused_update(self, kernels, grad, var, lr, decay, slots):
         """Weight decay and :meth:`update_step` in one compiled pass; subclasses that have one
@@ -255,6 +260,7 @@ class Optimizer:
             for acc in self._accumulators.values():
                 acc[...] = 0
         self._iterations += 1
+        backend.weights_changed()        # device copies of these weights (cuda decoding) are stale
         return params
 
     def get_config(self) -> dict:
