@@ -356,3 +356,15 @@ def test_commands_import_lightly():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_generate_into_a_closed_pipe(tiny):
+    # `refopt generate ... | head -c 5`: the reader leaves early; no traceback, status 0
+    path, _ = tiny
+    proc = subprocess.Popen([sys.executable, "-m", "refopt", "generate", "All:", "--preset", str(path),
+                             "--max-length", "48", "--seed", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.read(3) == b"All"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err

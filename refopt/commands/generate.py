@@ -8,6 +8,7 @@ directory or a built-in name (``opt_125m_en`` ... under ``REFOPT_HOME``).
 
 from __future__ import annotations
 
+import os
 import sys
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p", "typical", "beam", "contrastive")
@@ -89,12 +90,15 @@ def run(args) -> int:
                           "or KerasHub's tokenizer assets), so text cannot be generated")
     lm.compile(sampler=sampler)
     out = sys.stdout
-    if not args.no_echo:
-        out.write(args.prompt)
+    try:
+        if not args.no_echo:
+            out.write(args.prompt)
+            out.flush()
+        for piece in lm.stream(args.prompt, max_length=args.max_length):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         out.flush()
-    for piece in lm.stream(args.prompt, max_length=args.max_length):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
+    except BrokenPipeError:          # `refopt generate ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -110,6 +110,7 @@ def run(args) -> int:
         lines.append("tokenizer   none (token ids only)")
     lines.append("config")
     width = max(len(k) for k in cfg)
-    lines += [f"  {k.ljust(width)}  {v}" for k, v in cfg.items()]
+    lines += [f"  {k.ljust(width)}  {'float32 (default)' if k == 'dtype' and v is None else v}"
+              for k, v in cfg.items()]
     print("\n".join(lines))
     return 0

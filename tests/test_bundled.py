@@ -1,0 +1,182 @@
+"""The bundled default model, data/refopt_shakespeare: shipped, small, loadable with no argument,
+documented by numbers that can be recomputed, reproducible in its tokenizer and baselines, and
+loadable by KerasHub with the same logits."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import refopt
+from refopt import cli
+from refopt.commands import train
+from refopt.io import presets
+from refopt.models import OPTCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "refopt_shakespeare"
+CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((BUNDLED / "refopt_training.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return OPTCausalLM.from_preset()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    if not CORPUS.exists():
+        pytest.skip(f"needs {CORPUS} (the project's ../shared data), which is absent")
+    return CORPUS.read_text(encoding="utf-8")
+
+
+def test_bundled_preset_is_the_default():
+    assert presets.bundled_preset_dir() == BUNDLED
+    for name in ("config.json", "model.weights.h5", "tokenizer.json", "preprocessor.json", "task.json",
+                 "metadata.json", "assets/tokenizer/vocabulary.json", "assets/tokenizer/merges.txt",
+                 "MODEL_CARD.md", "refopt_training.json"):
+        assert (BUNDLED / name).is_file(), name
+
+
+def test_bundled_preset_is_at_most_25_mb():
+    size = sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file())
+    assert size <= 25_000_000, f"{size:,} bytes"
+
+
+def test_loads_with_no_argument(lm, report):
+    cfg = lm.backbone.config
+    recipe = report["recipe"]
+    assert (cfg.vocabulary_size, cfg.num_layers, cfg.num_heads, cfg.hidden_dim, cfg.intermediate_dim,
+            cfg.max_sequence_length) == (8192, recipe["num_layers"], recipe["num_heads"],
+                                         recipe["hidden_dim"], recipe["intermediate_dim"],
+                                         recipe["max_sequence_length"])
+    assert cfg.do_layer_norm_before and not cfg.has_projection and cfg.keras_compatible()
+    assert lm.backbone.count_params() == report["parameters"]
+    assert lm.preprocessor is not None and lm.preprocessor.tokenizer.vocabulary_size() == 8192
+    tok = lm.preprocessor.tokenizer
+    assert (tok.token_to_id("<pad>"), tok.token_to_id("</s>")) == (1, 2)
+
+
+def test_model_card_states_the_recorded_numbers(report):
+    card = (BUNDLED / "MODEL_CARD.md").read_text(encoding="utf-8")
+    v = report["validation"]
+    assert f"| this model | {v['loss']:.4f} | {v['perplexity']:.2f} |" in card
+    for key in ("unigram_add_one", "bigram_add_one", "bigram_witten_bell"):
+        assert f"{report['baselines'][key]['loss']:.4f} | {report['baselines'][key]['perplexity']:.2f} |" in card
+    assert "python scripts/train_bundled.py --out data/refopt_shakespeare" in card
+    assert f"{report['parameters']:,}" in card
+    assert v["perplexity"] == pytest.approx(math.exp(v["loss"]))
+    # the model beats both bigrams on held-out text
+    assert v["loss"] < report["baselines"]["bigram_witten_bell"]["loss"] < report["baselines"]["unigram_add_one"]["loss"]
+
+
+def test_tokenizer_is_reproduced_by_the_trainer(lm, corpus, report):
+    train_text, _ = train.split_text(corpus, report["recipe"]["validation_fraction"])
+    vocab, merges = refopt.tokenizers.train_bpe([train_text], vocab_size=8192)
+    tok = lm.preprocessor.tokenizer
+    assert tok.vocabulary == vocab
+    assert list(tok.merges) == merges
+
+
+def test_numbers_recomputed(lm, corpus, report):
+    train_text, val_text = train.split_text(corpus, report["recipe"]["validation_fraction"])
+    tok = lm.preprocessor.tokenizer
+    train_ids, val_ids = np.asarray(tok(train_text)), np.asarray(tok(val_text))
+    assert (len(train_ids), len(val_ids)) == (report["train_tokens"], report["validation_tokens"])
+    S = report["recipe"]["sequence_length"]
+    baselines = train.ngram_baselines(train_ids, val_ids, 8192, S, 2)
+    for key, value in baselines.items():
+        assert value["loss"] == pytest.approx(report["baselines"][key]["loss"], rel=1e-12)
+    loss = train.validation_loss(lm, val_ids, S)
+    assert loss == pytest.approx(report["validation"]["loss"], abs=2e-4)
+
+
+def test_generates_shakespeare_like_text(lm):
+    lm.compile(sampler="greedy")
+    text = lm.generate("ROMEO:", max_length=64, strip_prompt=True)
+    assert len(text) > 40
+    words = [w.strip(".,;:!?'").lower() for w in text.split()]
+    assert len([w for w in words if w]) >= 8
+    assert sum(w in {"the", "and", "i", "to", "of", "my", "you", "a", "that", "thou", "thy", "me",
+                     "is", "in", "not", "with", "be", "your", "his", "it", "for", "what", "this"}
+               for w in words) >= 3, text
+
+
+def test_cli_default_model(capsys):
+    assert cli.main(["generate", "JULIET:", "--sampler", "greedy", "--max-length", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("JULIET:") and len(out) > len("JULIET:") + 10
+    assert cli.main(["info"]) == 0
+    assert "8,192 tokens" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ KerasHub
+KERAS_SCRIPT = r"""
+import json, os, sys
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import keras_hub
+path, out = sys.argv[1], sys.argv[2]
+x = np.load(out + ".in.npz")
+lm = keras_hub.models.OPTCausalLM.from_preset(path)
+preprocessor = lm.preprocessor
+lm.preprocessor = None                      # predict() on token ids
+logits = np.asarray(lm.predict({"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}, verbose=0))
+lm.preprocessor = preprocessor
+ids = [int(i) for i in np.asarray(lm.preprocessor.tokenizer("ROMEO:\nBut soft, what light? Naïve!"))]
+lm.compile(sampler="greedy")
+text = lm.generate("ROMEO:", max_length=32)
+np.savez(out, logits=logits)
+json.dump({"ids": ids, "text": str(text), "class": type(lm).__name__}, open(out + ".json", "w"))
+"""
+
+
+def keras_python():
+    """An interpreter with keras_hub: $REFOPT_KERAS_PYTHON, else this one if it has keras_hub."""
+    exe = os.environ.get("REFOPT_KERAS_PYTHON")
+    if exe:
+        if not shutil.which(exe) and not Path(exe).exists():
+            pytest.fail(f"REFOPT_KERAS_PYTHON={exe} does not exist")
+        return exe
+    if importlib.util.find_spec("keras_hub") is None:
+        pytest.skip("needs keras-hub (pip install -e '.[keras]', or REFOPT_KERAS_PYTHON=<python with keras_hub>)")
+    return sys.executable
+
+
+def test_keras_hub_loads_the_bundled_preset_with_the_same_logits(lm, tmp_path):
+    exe = keras_python()
+    tok = lm.preprocessor.tokenizer
+    rows = [[2] + tok("ROMEO:\nBut soft, what light through yonder window breaks?"),
+            [2] + tok("First Citizen:\nBefore we proceed")]
+    T = max(len(r) for r in rows)
+    ids = np.ones((2, T), np.int32)
+    mask = np.zeros((2, T), bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, True
+    out = str(tmp_path / "keras")
+    np.savez(out + ".in.npz", token_ids=ids, padding_mask=mask)
+    proc = subprocess.run([exe, "-c", KERAS_SCRIPT, str(BUNDLED), out], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = np.load(out + ".npz")["logits"]
+    meta = json.loads(Path(out + ".json").read_text())
+    ours = lm.predict({"token_ids": ids, "padding_mask": mask})
+    assert meta["class"] == "OPTCausalLM"
+    assert np.abs(ours - theirs)[mask].max() <= 1e-4
+    assert (ours.argmax(-1) == theirs.argmax(-1))[mask].all()
+    assert meta["ids"] == tok("ROMEO:\nBut soft, what light? Naïve!")
+    lm.compile(sampler="greedy")
+    assert meta["text"] == lm.generate("ROMEO:", max_length=32)
