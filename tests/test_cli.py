@@ -368,3 +368,22 @@ def test_generate_into_a_closed_pipe(tiny):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_generate_on_a_fresh_install_compiles_nothing(tiny, tmp_path):
+    # an empty Numba cache (a fresh install): the run says so, uses NumPy, and gives the same text
+    path, _ = tiny
+    env = {k: v for k, v in os.environ.items() if k != "REFOPT_BACKEND"}
+    argv = [sys.executable, "-m", "refopt", "generate", "All:", "--preset", str(path), "--sampler",
+            "greedy", "--max-length", "30"]
+    cold = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path / "nbc")})
+    assert cold.returncode == 0, cold.stderr
+    assert "not compiled on this machine yet" in cold.stderr and "NumPy backend" in cold.stderr
+    assert not any((tmp_path / "nbc").rglob("*.nbi"))          # nothing was compiled
+    lm = OPTCausalLM.from_preset(path)
+    lm.compile(sampler="greedy")
+    assert cold.stdout == "All:" + lm.generate("All:", max_length=30, strip_prompt=True) + "\n"
+    pinned = subprocess.run(argv + ["--backend", "numpy"], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path / "nbc")})
+    assert pinned.returncode == 0 and pinned.stderr == "" and pinned.stdout == cold.stdout
