@@ -62,7 +62,7 @@ def test_loads_with_no_argument(lm, report):
             cfg.max_sequence_length) == (8192, recipe["num_layers"], recipe["num_heads"],
                                          recipe["hidden_dim"], recipe["intermediate_dim"],
                                          recipe["max_sequence_length"])
-    assert cfg.do_layer_norm_before and not cfg.has_projection and cfg.keras_compatible()
+    assert cfg.do_layer_norm_before and not cfg.has_projection and cfg.keras_compatible
     assert lm.backbone.count_params() == report["parameters"]
     assert lm.preprocessor is not None and lm.preprocessor.tokenizer.vocabulary_size() == 8192
     tok = lm.preprocessor.tokenizer
