@@ -86,3 +86,12 @@ def test_model_mutants_also_fail_on_a_random_config():
         assert result.status == C.FAIL, m.cls.__name__
         expected = m.location if m.check != "gradients" else "layers.1.fc2.weight"
         assert expected in result.detail, (m.cls.__name__, result.detail)
+
+
+def test_gradient_mutant_is_located_in_a_post_ln_model(cases):
+    # post-LN: the layer below the broken block is wrong from its last LayerNorm on (backward order)
+    from refopt.testing.mutants import GradientMissingResidual
+
+    result = C.check_gradients(GradientMissingResidual(), cases["postln_proj"])
+    assert result.status == C.FAIL
+    assert result.data["first_divergence"] == "layers.1.mlp_layer_norm.gamma", result.detail

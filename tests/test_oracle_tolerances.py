@@ -41,7 +41,7 @@ def test_tolerance_grows_with_depth_and_unit_roundoff():
             tols = [tolerance(dtype, d, kind) for d in range(0, 30, 3)]
             assert all(a.scaled <= b.scaled and a.nmse <= b.nmse for a, b in zip(tols, tols[1:]))
             a, b, c, e = MEASURED[dtype][kind]
-            assert tolerance(dtype, 5, kind).scaled == pytest.approx(SAFETY * UNIT_ROUNDOFF[dtype] * (a + b * math.log2(6)))
+            assert tolerance(dtype, 5, kind).scaled == pytest.approx(SAFETY[dtype] * UNIT_ROUNDOFF[dtype] * (a + b * math.log2(6)))
     order = ["float64", "float32", "float16", "bfloat16"]
     scaled = [tolerance(d, 4).scaled for d in order]
     assert scaled == sorted(scaled)
@@ -70,7 +70,7 @@ def test_gradient_floor():
 
 
 @settings(max_examples=12)
-@given(case=rst.model_cases(max_layers=4))
+@given(case=rst.model_cases(max_layers=4, min_length=2))
 def test_refopt_float32_sits_inside_the_tolerance(case):
     # the model is calibrated on refopt's own float32 error: on new random models every tensor and
     # gradient of refopt's float32 run is within it without any tie-break
@@ -79,8 +79,9 @@ def test_refopt_float32_sits_inside_the_tolerance(case):
     div = compare_activations(case.config, f32, ref, "float32", case.padding_mask)
     assert div.first is None, div.describe()
     assert not any(c.tie_break for c in div.compared)
-    loss64, g64 = case.gradients()
-    _, g32 = case.gradients("float32")
+    ids, _ = case.gradient_batch("float32")            # no ReLU input within rounding of its kink
+    loss64, g64 = case.gradients("float64", ids)
+    _, g32 = case.gradients("float32", ids)
     gdiv = compare_gradients(case.config, g32, g64, "float32")
     assert gdiv.first is None, gdiv.describe()
 

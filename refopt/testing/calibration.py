@@ -3,8 +3,9 @@
     python -m refopt.testing.calibration [--quick] [--json out.json]
 
 For random OPT configs (widths 64 and 256, 1 to 24 layers, pre- and post-LayerNorm, weight scales
-0.5, 1 and 2 over sqrt(width), LayerNorm gains and biases perturbed, random right padding), it runs
-refopt's forward and backward in
+0.5, 1 and 2 over sqrt(width), LayerNorm gains and biases perturbed, random right padding; plus
+one-layer OPT-350m-style models whose embedding goes through ``project_in``), it runs refopt's
+forward and backward in
 
 * float64 against ``np.longdouble`` (x87 extended precision, 64-bit mantissa) -> the float64 row;
 * float32 against float64 -> the float32 row;
@@ -19,10 +20,12 @@ curve ``u * (a + b * log2(1 + depth))`` (``u * (c + e * log2(1 + depth))`` for `
 bounds them, which is what :data:`refopt.testing.tolerances.MEASURED` holds.  Gradients (depth =
 number of layers) and the loss are measured the same way, the gradients fitted apart.
 
-The fit leaves out the examples whose float64 loss is :data:`SATURATED_LOSS` nats or more (some
-weight-gain-2 models: saturated softmaxes), printed apart: there float32 gradients are
-ill-conditioned (errors of 1e-2 relative, refopt's own float32 included), which is what the float64
-tie-break is for, not what a tolerance should absorb.
+Every batch keeps its ReLU inputs at least :data:`KINK_MARGIN` (relative) away from zero, redrawn
+until it does (:func:`clean_batch`): a pre-activation within rounding of the kink may land on either
+side, and the gradient of that unit's ``fc1`` row then changes by a whole token's share (errors of
+5e-2 relative were measured in float32 before this rule) -- a legitimate difference between two
+correct implementations that the gradient checks avoid the same way
+(:meth:`refopt.testing.checks.ModelCase.gradient_batch`), not rounding growth.
 """
 
 from __future__ import annotations
@@ -63,6 +66,26 @@ def _batch(cfg, seed, B=2, S=16):
     mask = (np.arange(S)[None, :] < lengths[:, None])
     ids = np.where(mask, ids, cfg.pad_token_id)
     return ids, mask
+
+
+#: calibration batches keep every fc1 pre-activation at least this far (relative to its scale)
+#: from ReLU's kink: nearer, float32 rounding may put it on the other side and change a gradient row
+#: by a whole token's share (:func:`refopt.testing.reference.relu_kink_distance`)
+KINK_MARGIN = 1e-6
+
+
+def clean_batch(cfg, params, seed, attempts: int = 50):
+    """``(ids, mask, attempt)``: the first of :func:`_batch`'s draws (seed, seed + 7919, ...) with no
+    ReLU input within :data:`KINK_MARGIN` of zero (the first draw is kept when it is clean)."""
+    best = None
+    for attempt in range(attempts):
+        ids, mask = _batch(cfg, seed + 7919 * attempt)
+        distance = float(R.relu_kink_distance(params, cfg, ids, mask).min(initial=np.inf))
+        if distance >= KINK_MARGIN:
+            return ids, mask, attempt
+        if best is None or distance > best[0]:
+            best = (distance, ids, mask, attempt)
+    return best[1], best[2], best[3]
 
 
 def measure_example(cfg, params, ids, mask, dtypes):
@@ -171,24 +194,28 @@ def main(argv=None) -> int:
     print("\nLargest error per depth, in units of the dtype's unit roundoff u "
           "(scaled = max|Δ|/max|ref|; rms = sqrt(NMSE)):")
     for dtype in dtypes:
-        fitted = envelope(records, dtype, lambda r: r["loss"] < SATURATED_LOSS)
-        print_envelope(dtype, fitted, f"{sum(r['loss'] < SATURATED_LOSS for r in records)} examples "
-                                      f"with loss < {SATURATED_LOSS} (the fit)")
+        fitted = envelope(records, dtype, lambda r: True)
+        print_envelope(dtype, fitted, f"{len(records)} examples")
         for kind, (a, b, c, f) in fits(fitted).items():
             print(f"  {kind} fit: scaled <= u * ({a:.2f} + {b:.2f} * log2(1 + depth));  "
                   f"sqrt(nmse) <= u * ({c:.2f} + {f:.2f} * log2(1 + depth))")
-        stress = envelope(records, dtype, lambda r: r["loss"] >= SATURATED_LOSS)
-        if stress["act"]:
-            print_envelope(dtype, stress, f"{sum(r['loss'] >= SATURATED_LOSS for r in records)} examples "
-                                          f"with loss >= {SATURATED_LOSS}: saturated softmaxes, "
-                                          "ill-conditioned, not fitted (the float64 tie-break's territory)")
     return 0
 
 
-#: examples whose float64 loss reaches this many nats have saturated softmaxes (the target token's
-#: logit ~20 below the largest) and ill-conditioned float32 gradients; they are measured and
-#: printed, but the tolerance is fitted to the others
-SATURATED_LOSS = 20.0
+def measure_record(D, H, L, gain, preln, seed, dtypes, proj=None) -> dict:
+    """One example: a config (``proj``: a word_embed_proj_dim, OPT-350m style), its weights, a
+    kink-free batch, every dtype's figures."""
+    cfg = OPTConfig(vocabulary_size=512, num_layers=L, num_heads=H, hidden_dim=D, intermediate_dim=4 * D,
+                    max_sequence_length=32, dropout=0.0, do_layer_norm_before=preln,
+                    word_embed_proj_dim=proj, dtype="float64")
+    params = random_params(cfg, gain, seed + 17 * L)
+    ids, mask, attempt = clean_batch(cfg, params, seed)
+    res = measure_example(cfg, params, ids, mask, dtypes)
+    loss64 = res.pop("loss64")
+    for r in res.values():
+        r["act"] = {str(d): v for d, v in r["act"].items()}
+    return {"width": D, "heads": H, "layers": L, "gain": gain, "preln": preln, "seed": seed,
+            "proj": proj, "batch_attempt": attempt, "loss": loss64, "results": res}
 
 
 def measure(dtypes, quick=False) -> list:
@@ -206,15 +233,15 @@ def measure(dtypes, quick=False) -> list:
                         cfg = OPTConfig(vocabulary_size=512, num_layers=L, num_heads=H, hidden_dim=D,
                                         intermediate_dim=4 * D, max_sequence_length=32, dropout=0.0,
                                         do_layer_norm_before=preln, dtype="float64")
-                        params = random_params(cfg, gain, seed + 17 * L)
-                        ids, mask = _batch(cfg, seed)
-                        res = measure_example(cfg, params, ids, mask, dtypes)
-                        loss64 = res.pop("loss64")
-                        for r in res.values():
-                            r["act"] = {str(d): v for d, v in r["act"].items()}
-                        records.append({"width": D, "layers": L, "gain": gain, "preln": preln,
-                                        "seed": seed, "loss": loss64, "results": res})
+                        records.append(measure_record(D, H, L, gain, preln, seed, dtypes))
             print(f"  width {D} depth {L}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # OPT-350m's shape: the embeddings (depth 0) go through project_in, a product the configs
+    # above do not have; one-layer post-LN models with a half-width embedding cover it
+    for D, H in widths:
+        for gain in gains:
+            for seed in seeds:
+                records.append(measure_record(D, H, 1, gain, False, seed, dtypes, proj=D // 2))
+    print(f"  projected embeddings: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     return records
 
 

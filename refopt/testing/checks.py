@@ -31,9 +31,11 @@ built exactly and always judged).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import traceback
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -43,9 +45,10 @@ from refopt.config import OPTConfig
 from refopt.testing import reference as R
 from refopt.testing.adapter import Adapter, NotSupported, RefoptAdapter, SamplerSpec
 from refopt.testing.locator import compare_activations, compare_gradients
-from refopt.testing.tolerances import compare, tolerance
+from refopt.testing.tolerances import SAFETY, compare, tolerance
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
+_SERIALS = itertools.count()
 
 
 @dataclasses.dataclass
@@ -117,10 +120,12 @@ class ModelCase:
         self.left_padding_mask = None if left_padding_mask is None else np.asarray(left_padding_mask, bool)
         self.preset = preset
         self._cache: dict = {}
+        self._serial = next(_SERIALS)
 
     @property
     def key(self):
-        return (self.name, id(self))
+        # unique for the process's lifetime (an id() may be reused once a case is collected)
+        return (self.name, self._serial)
 
     def cached(self, key, fn):
         if key not in self._cache:
@@ -140,9 +145,36 @@ class ModelCase:
         return self.cached(("act", left, dtype), lambda: R.run_forward_as(
             self.params, self.config, ids, mask, dtype))
 
-    def gradients(self, dtype="float64"):
-        return self.cached(("grad", dtype), lambda: R.run_gradients_as(
-            self.params, self.config, self.token_ids, self.padding_mask, dtype))
+    def gradient_batch(self, dtype: str):
+        """``(token_ids, attempt)`` for the gradient checks of a port computing in ``dtype``: the
+        right-padded batch, or the first redraw of its real tokens (same padding) on which every
+        fc1 pre-activation is farther from ReLU's kink (relative to its scale) than ``dtype``'s
+        measured rounding envelope, the tolerance without its safety factor
+        (:func:`refopt.testing.reference.relu_kink_distance`).  Nearer, a correct port may round it
+        to the other side, and the gradient row of that unit changes by a whole token's share.
+        After 32 draws the one farthest from a kink is used."""
+        def find():
+            margin = tolerance(dtype, self.config.num_layers).scaled / SAFETY[dtype]
+            rng = np.random.default_rng(zlib.crc32(self.name.encode()))
+            pool = np.array([i for i in range(self.config.vocabulary_size) if i != self.config.pad_token_id])
+            ids, best = self.token_ids, None
+            for attempt in range(32):
+                if attempt:
+                    fresh = pool[rng.integers(0, len(pool), self.token_ids.shape)]
+                    ids = np.where(self.padding_mask, fresh, self.config.pad_token_id)
+                distance = float(R.relu_kink_distance(self.params, self.config, ids,
+                                                      self.padding_mask).min(initial=np.inf))
+                if distance >= margin:
+                    return ids, attempt
+                if best is None or distance > best[0]:
+                    best = (distance, ids, attempt)
+            return best[1], best[2]
+        return self.cached(("gradient_batch", dtype), find)
+
+    def gradients(self, dtype="float64", token_ids=None):
+        ids = self.token_ids if token_ids is None else token_ids
+        return self.cached(("grad", dtype, ids.tobytes()), lambda: R.run_gradients_as(
+            self.params, self.config, ids, self.padding_mask, dtype))
 
     def prompts(self, n_new: int = 6, max_prompt: int = 5) -> list[list[int]]:
         out = []
@@ -215,9 +247,11 @@ class StreamingCase(ModelCase):
             return tape
         return self.cached(("act", left, dtype), run)
 
-    def gradients(self, dtype="float64"):
+    def gradient_batch(self, dtype):
         raise NotSupported("streaming mode computes the forward pass only (gradients need the whole "
                            "model in memory)")
+
+    gradients = gradient_batch
 
     def reference_adapter(self):
         raise NotSupported("streaming mode computes the forward pass only (generation needs the "
@@ -230,7 +264,7 @@ def random_config(rng: np.random.Generator, family: str = "opt") -> OPTConfig:
     ``family="keras_hub"`` keeps to what KerasHub's OPTBackbone builds (pre-LN, biases, affine
     LayerNorms, final LayerNorm, no projection)."""
     heads = int(rng.integers(1, 4))
-    hidden = heads * int(rng.integers(2, 7))
+    hidden = heads * int(rng.integers(-(-4 // heads), 7))          # >= 4 features per LayerNorm
     if family == "keras_hub":
         return OPTConfig(vocabulary_size=int(rng.integers(20, 80)), num_layers=int(rng.integers(1, 4)),
                          num_heads=heads, hidden_dim=hidden, intermediate_dim=int(rng.integers(4, 25)),
@@ -366,10 +400,13 @@ def check_activations(adapter, case: ModelCase) -> CheckResult:
 
 
 def check_gradients(adapter, case: ModelCase) -> CheckResult:
+    if not case.padding_mask[:, 1:].any():
+        raise NotSupported("the batch has no position with a next token to predict (one token per row)")
     ensure_loaded(adapter, case)
-    loss, grads = adapter.loss_and_gradients(case.token_ids, case.padding_mask)
-    loss64, grads64 = case.gradients()
-    same_loss, same_grads = (case.gradients(adapter.dtype) if adapter.dtype != "float64" else (None, None))
+    ids, redraws = case.gradient_batch(adapter.dtype)
+    loss, grads = adapter.loss_and_gradients(ids, case.padding_mask)
+    loss64, grads64 = case.gradients("float64", ids)
+    same_loss, same_grads = (case.gradients(adapter.dtype, ids) if adapter.dtype != "float64" else (None, None))
     cl = compare("loss", np.array([float(loss)]), np.array([loss64]), adapter.dtype,
                  case.config.num_layers, None if same_loss is None else np.array([same_loss]))
     grads = {k: np.asarray(v) for k, v in grads.items()}
@@ -389,6 +426,9 @@ def check_gradients(adapter, case: ModelCase) -> CheckResult:
         detail = f"no gradient for {', '.join(div.missing[:6])}"
     else:
         detail = div.describe()
+    if redraws:
+        detail += (f" (token ids redrawn {redraws} times to keep every ReLU input away from its kink "
+                   "by more than the rounding envelope)")
     return CheckResult("gradients", "", FAIL if failed else PASS, figures, detail,
                        {"loss": float(loss), "loss_reference": float(loss64),
                         "first_divergence": div.name, "missing": div.missing})

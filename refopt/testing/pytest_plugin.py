@@ -17,7 +17,8 @@ plugin does nothing.
 Options: ``--refopt-preset DIR`` (repeatable: models to check), ``--refopt-tokenizer DIR``
 (``vocab.json`` + ``merges.txt``; default: the first preset that has them), ``--refopt-random-configs
 N`` (default 3), ``--refopt-examples N`` (hypothesis examples of the ``hypothesis/model`` item,
-default 10; 0 leaves it out), ``--refopt-seed S``.
+default 10; 0 leaves it out), ``--refopt-seed S``, ``--refopt-streaming`` (the presets' reference
+computed one decoder layer at a time, for checkpoints larger than memory).
 
 Parallel runs: every item is independent, so ``pytest -n auto`` (pytest-xdist) spreads them over
 workers; each worker builds its own adapter and references.  The random configs come from fixed
@@ -47,6 +48,9 @@ def pytest_addoption(parser):
                     help="hypothesis examples of the hypothesis/model item (default 10, 0: none)")
     group.addoption("--refopt-seed", metavar="S", type=int, default=0,
                     help="seed of the random configs and inputs (default 0)")
+    group.addoption("--refopt-streaming", action="store_true", default=False,
+                    help="reference the presets one decoder layer at a time (checkpoints larger than "
+                         "memory; the adapter loads them itself; no gradient or generation checks)")
 
 
 class ConformanceFailure(Exception):
@@ -97,7 +101,9 @@ def _suite(config):
         adapter = Unavailable(spec, str(e))
     seed = config.getoption("--refopt-seed")
     presets = config.getoption("--refopt-preset")
-    cases = [checks.case_from_preset(p, seed=seed) for p in presets]
+    streaming = config.getoption("--refopt-streaming")
+    cases = [checks.StreamingCase(p, seed=seed) if streaming else checks.case_from_preset(p, seed=seed)
+             for p in presets]
     family = getattr(adapter, "config_family", "opt")
     cases += [checks.random_case(seed + i, family=family)
               for i in range(config.getoption("--refopt-random-configs"))]
@@ -130,7 +136,7 @@ def _hypothesis_model(adapter, examples: int, family: str):
     @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(case=strategies.model_cases(family))
+    @given(case=strategies.model_cases(family, min_length=2))
     def run(case):
         outcome["examples"] += 1
         for fn in (checks.check_logits, checks.check_activations, checks.check_gradients):

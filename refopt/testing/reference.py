@@ -308,3 +308,28 @@ def fragile_rows(spec, probabilities, convention: str = "keras_hub", margin: flo
         before = (np.cumsum(kept, axis=-1) - kept)[:, 1:]      # the first token is always kept
         fragile |= (np.abs(before - spec.p) <= margin).any(axis=-1)
     return fragile
+
+
+# ---------------------------------------------------------------------------------- ReLU kinks
+def relu_kink_distance(params, cfg: OPTConfig, token_ids, padding_mask) -> np.ndarray:
+    """``[num_layers]``: per layer, the smallest relative distance of an fc1 pre-activation (at a
+    real position) from ReLU's kink, ``|h| / (|x| @ |W|.T + |b|)`` in float64.
+
+    ReLU's derivative jumps at 0, so a pre-activation within rounding of 0 may fall on either side
+    in a correct port, and the gradient then differs by a whole token's share in that unit's row
+    of ``fc1`` -- a legitimate difference no tolerance should absorb.  Gradient checks run on a
+    batch without such units (see :func:`refopt.testing.checks.ModelCase.gradient_batch`)."""
+    p = cast_params(params, "float64")
+    tape: dict = {}
+    mask = np.asarray(padding_mask).astype(bool)
+    _model.forward(p, cfg, np.asarray(token_ids, np.int64), mask, tape=tape, ops=numpy_ops())
+    out = np.full(cfg.num_layers, np.inf)
+    for i in range(cfg.num_layers):
+        x = tape[f"layers.{i}.mlp_input"][mask]                                  # [N, D]
+        h = tape[f"layers.{i}.fc1_output"][mask]                                 # [N, F]
+        w = np.abs(p[f"layers.{i}.fc1.weight"])                                  # [F, D]
+        b = p.get(f"layers.{i}.fc1.bias")
+        scale = np.abs(x) @ w.T + (0.0 if b is None else np.abs(b))              # [N, F]
+        if h.size:
+            out[i] = float(np.min(np.abs(h) / np.maximum(scale, np.finfo(np.float64).tiny)))
+    return out
