@@ -61,11 +61,16 @@ def test_random_configs_conform(adapter, case):
 
 
 def test_float64_transformers_meets_the_float64_tolerance():
+    # a checkpoint read by transformers' loader, and float64 parameters handed over (which must not
+    # pass through float32 on the way in)
     adapter = TransformersAdapter("float64")
-    case = C.case_from_preset(shared_path("fixtures", "hf", "opt-tiny-postln-proj"))
-    for fn in (C.check_logits, C.check_activations, C.check_gradients):
-        result = fn(adapter, case)
-        assert result.status == C.PASS, (fn.__name__, result.detail)
+    for case in (C.case_from_preset(shared_path("fixtures", "hf", "opt-tiny-postln-proj")), C.random_case(0)):
+        for fn in (C.check_logits, C.check_activations, C.check_gradients):
+            result = fn(adapter, case)
+            assert result.status == C.PASS, (case.name, fn.__name__, result.detail)
+    for check in C.sampler_checks(adapter):
+        result = check.run()
+        assert result.status == C.PASS, (result.name, result.detail)
 
 
 def test_locator_between_two_backends_finds_nothing(adapter):

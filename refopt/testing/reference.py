@@ -228,7 +228,8 @@ def _tempered_probabilities(p, temperature):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def sampler_distribution(spec, probabilities, convention: str = "keras_hub", backend: str = "numpy"):
+def sampler_distribution(spec, probabilities, convention: str = "keras_hub", backend: str = "numpy",
+                         tie_kept: bool = False):
     """The weights ``[B, V]`` (float64, zero outside the support) a correct port draws from.
 
     ``probabilities [B, V]``: the model's softmax before temperature.  Conventions:
@@ -246,7 +247,12 @@ def sampler_distribution(spec, probabilities, convention: str = "keras_hub", bac
 
     The two agree except at exact ties: a cumulative sum equal to ``p`` (keras_hub keeps one token
     more), equal probabilities at the k-th place, and top-k followed by top-p (keras_hub does not
-    renormalise in between)."""
+    renormalise in between).
+
+    ``tie_kept`` (transformers only): keep the token whose preceding mass equals ``p`` exactly.
+    transformers applies its rule to ``softmax(log p)``, whose rounding decides such a tie either
+    way (float32 keeps ``[.5, .25, .125, .125]`` exact at ``p = .75``, float64 does not), so the tie
+    checks accept both outcomes for that convention."""
     from refopt import backend as _backend
     from refopt.samplers.sampler import one_hot_argmax
 
@@ -280,7 +286,8 @@ def sampler_distribution(spec, probabilities, convention: str = "keras_hub", bac
     if name == "top_p":
         order = np.argsort(q, axis=-1, kind="stable")                         # ascending
         s = np.take_along_axis(q, order, axis=-1)
-        remove = np.cumsum(s, axis=-1) <= 1.0 - float(top_p)
+        cumulative = np.cumsum(s, axis=-1)
+        remove = (cumulative < 1.0 - float(top_p)) if tie_kept else (cumulative <= 1.0 - float(top_p))
         remove[:, -1] = False                                                  # min_tokens_to_keep=1
         np.put_along_axis(q, order, np.where(remove, 0.0, s), axis=-1)
         q = q / q.sum(axis=-1, keepdims=True)

@@ -72,7 +72,9 @@ class TransformersAdapter(Adapter):
     def load(self, config, params):
         torch = self.torch
         self.config = config
-        model = self.transformers.OPTForCausalLM(self._hf_config(config))
+        # built in the compute dtype first: loading float64 values into float32 parameters would
+        # round them before a later .to(float64)
+        model = self.transformers.OPTForCausalLM(self._hf_config(config)).to(self.torch_dtype)
         state = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in
                  huggingface.to_state_dict(params, config).items()}
         state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
