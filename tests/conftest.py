@@ -28,22 +28,3 @@ def shared_path(*parts) -> Path:
 def shared():
     return shared_path
 
-
-# The oracle's float32 gradient tolerances (refopt.testing.tolerances) are not calibrated yet: these
-# checks of *correct* float32 peers miss them narrowly (e.g. a zero-gradient k_proj.bias at 6e-6
-# scaled against 4.9e-6).  They stay skipped, with this reason, until issue 9's calibration lands.
-_UNCALIBRATED = {
-    "tests/test_oracle_tolerances.py::test_refopt_float32_sits_inside_the_tolerance",
-    "tests/test_oracle_transformers.py::test_fixture_models_conform",
-    "tests/test_oracle_transformers.py::test_random_configs_conform",
-    "tests/test_conform_cli.py::test_transformers_passes_on_the_fixtures_and_random_configs",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    import pytest
-
-    for item in items:
-        if item.nodeid.split("[")[0] in _UNCALIBRATED:
-            item.add_marker(pytest.mark.skip(reason="oracle float32 gradient tolerance not yet "
-                                                    "calibrated (issue 9 open)"))
