@@ -3,18 +3,28 @@ launch helpers, and the host <-> device transfers of the ops namespace.
 
 The simulator (``NUMBA_ENABLE_CUDASIM=1``) runs each CUDA thread as a Python thread: it checks
 the kernels' logic on any machine, slowly, and it has no warp shuffles and no multi-block grid
-synchronisation.  Kernels here therefore reduce through shared memory, and the persistent decode
-kernel (:mod:`.decode`) runs with one block there.
+synchronisation.  Under it (``SIM``) the kernels take simulator-friendly variants: reductions
+through shared memory instead of shuffles, small tiles and blocks, one block for the persistent
+decode kernel.
+
+``REFOPT_CUDASIM_GPU_PATHS=1`` (with the simulator on) keeps the GPU's variants instead -- warp
+shuffles (emulated here through shared state and barriers), full tiles, 32-lane warps -- so that
+the code the GPU runs is checked on a machine without one (slower still).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import config, cuda, float32, float64
 
-SIM = bool(config.ENABLE_CUDASIM)
+#: Numba's CUDA simulator is on (its API lacks some options and intrinsics).
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+#: The kernels take their simulator-friendly variants (see the module docstring).
+SIM = SIMULATOR and not os.environ.get("REFOPT_CUDASIM_GPU_PATHS")
 #: ``alignment=`` of shared arrays read with 16-byte loads (the simulator takes none).
-ALIGN = None if SIM else 16
+ALIGN = None if SIMULATOR else 16
 
 #: NumPy dtype -> Numba scalar type of the kernels.
 NB_TYPES = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
@@ -33,7 +43,7 @@ def nbtype(dtype):
 
 def kernel(launch_bounds=None, **kwargs):
     """``cuda.jit`` for a kernel; options the simulator does not take are dropped there."""
-    if SIM:
+    if SIMULATOR:
         return cuda.jit(**kwargs)
     if launch_bounds is not None:
         kwargs["launch_bounds"] = launch_bounds
@@ -45,7 +55,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def is_device(a) -> bool:
-    return cuda.is_cuda_array(a) if not SIM else hasattr(a, "copy_to_host")
+    return cuda.is_cuda_array(a) if not SIMULATOR else hasattr(a, "copy_to_host")
 
 
 def to_device(a, dtype=None):
@@ -91,3 +101,29 @@ def grid1(n: int, threads: int = 256):
     """``(blocks, threads)`` covering ``n`` elements with one thread each."""
     return max(1, cdiv(int(n), threads)), threads
 
+
+
+def _emulate_shuffles():
+    """Give the simulator's in-kernel ``cuda`` module a ``shfl_xor_sync``: every thread of the
+    block posts its value, waits at a barrier, reads its partner's (a warp-synchronous exchange;
+    the kernels call shuffles uniformly across their blocks)."""
+    from numba.cuda.simulator import kernelapi
+
+    if hasattr(kernelapi.FakeCUDAModule, "shfl_xor_sync"):
+        return
+
+    def shfl_xor_sync(self, mask, value, offset):
+        tid = self.threadIdx.x + self.blockDim.x * (self.threadIdx.y + self.blockDim.y * self.threadIdx.z)
+        board = self.__dict__.setdefault("_shfl_board", {})
+        self.syncthreads()
+        board[tid] = value
+        self.syncthreads()
+        out = board[tid ^ offset]
+        self.syncthreads()
+        return out
+
+    kernelapi.FakeCUDAModule.shfl_xor_sync = shfl_xor_sync
+
+
+if SIMULATOR and not SIM:
+    _emulate_shuffles()

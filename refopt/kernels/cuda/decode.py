@@ -49,11 +49,11 @@ from numba import cuda, float32, float64, int32, int64
 from refopt.kernels.cuda import attention as _attn
 from refopt.kernels.cuda import gemm as _gemm
 from refopt.kernels.cuda import rows as _rows
-from refopt.kernels.cuda._common import SIM, cdiv, empty, kernel
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
 from refopt.kernels.cuda.sampling import (
     SCAN, philox_uniform, pow2, row_argmax, row_choose, row_top_k, row_top_p)
 
-THREADS = 8 if SIM else 256           # threads per block of the persistent kernel
+THREADS = 8 if SIM else 32 if SIMULATOR else 256    # threads per block of the persistent kernel
 WL = min(32, THREADS)                 # lanes of a warp (the simulator's blocks are narrower)
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p")
 CHUNK = 1024                          # attention scores kept in shared memory per pass
@@ -156,35 +156,39 @@ def reduction_source(RB: int) -> list[str]:
     return lines
 
 
-def _make_warp_dot(RB: int):
+def _make_warp_dot(RB: int, width: int = 0):
     """``warp_dot(W, base, I, X, xrow0, B, lane, red, warp)``: the dot products of ``W[base:base+I]``
     with rows ``xrow0 .. xrow0+B-1`` of ``X`` (``B <= RB``), summed over the warp; lane ``b``
     returns row ``b``'s.  On the GPU the function is generated with ``RB`` scalar accumulators
-    (registers, whatever the compiler unrolls); under the simulator it reduces through shared
-    memory."""
+    (registers, whatever the compiler unrolls) and the row width ``width`` written in as a
+    constant (a known trip count: the loop unrolls and a lane's loads are all in flight at once);
+    under the simulator it reduces through shared memory."""
     if not SIM:
+        assert width > 0
+        I = width
+        full = I // (4 * WL)                  # passes in which every lane has four inputs
         body = ["def warp_dot(W, base, I, X, xrow0, B, lane, red, warp):"]
         body += [f"    a{r} = float32(0)" for r in range(RB)]
-        body += ["    i0 = lane * 4",
-                 "    while i0 + 3 < I:",
-                 "        w0 = W[base + i0]", "        w1 = W[base + i0 + 1]",
-                 "        w2 = W[base + i0 + 2]", "        w3 = W[base + i0 + 3]",
-                 "        xb = xrow0 * I + i0"]
-        for r in range(RB):
-            body += [f"        if {r} < B:",
-                     f"            a{r} += w0 * X[xb] + w1 * X[xb + 1] + w2 * X[xb + 2] + w3 * X[xb + 3]",
-                     "        xb += I"]
-        body += ["        i0 += 4 * WL",
-                 "    while i0 < I and i0 < lane * 4 + 4 * ((I + 4 * WL - 1) // (4 * WL)) * WL:",
-                 "        pass",
-                 "        break",
-                 "    e = 0",
-                 "    while e < 4 and i0 + e < I:",
-                 "        w = W[base + i0 + e]",
-                 "        xb = xrow0 * I + i0 + e"]
-        for r in range(RB):
-            body += [f"        if {r} < B:", f"            a{r} += w * X[xb]", "        xb += I"]
-        body += ["        e += 1"]
+
+        def four(indent):
+            out = [f"{indent}w0 = W[base + i0]", f"{indent}w1 = W[base + i0 + 1]",
+                   f"{indent}w2 = W[base + i0 + 2]", f"{indent}w3 = W[base + i0 + 3]",
+                   f"{indent}xb = xrow0 * {I} + i0"]
+            for r in range(RB):
+                out += [f"{indent}if {r} < B:",
+                        f"{indent}    a{r} += w0 * X[xb] + w1 * X[xb + 1] + w2 * X[xb + 2] + w3 * X[xb + 3]",
+                        f"{indent}xb += {I}"]
+            return out
+        body += [f"    for it in range({full}):", f"        i0 = lane * 4 + it * {4 * WL}"]
+        body += four("        ")
+        body += [f"    i0 = lane * 4 + {full * 4 * WL}"]
+        if I % (4 * WL):                      # the last, partial pass
+            body += [f"    if i0 + 3 < {I}:"] + four("        ") + [f"        i0 += {4 * WL}",
+                     "    e = 0", f"    while e < 4 and i0 + e < {I}:",
+                     "        w = W[base + i0 + e]", f"        xb = xrow0 * {I} + i0 + e"]
+            for r in range(RB):
+                body += [f"        if {r} < B:", f"            a{r} += w * X[xb]", f"        xb += {I}"]
+            body += ["        e += 1"]
         body += ["    " + line for line in reduction_source(RB)]
         body += ["    return a0"]
         scope = {"cuda": cuda, "float32": float32, "WL": WL}
@@ -242,7 +246,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     NT = THREADS
     NW = NT // WL
     scale = float32(K ** -0.5)
-    warp_dot = _make_warp_dot(RB)
+    dot_d, dot_e, dot_f = _make_warp_dot(RB, D), _make_warp_dot(RB, E), _make_warp_dot(RB, F)
     greedy = sampler == "greedy"
     top_k = sampler in ("top_k", "min_p")
     top_p = sampler == "top_p"
@@ -314,7 +318,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < D else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, g_pin + oo * E, E, xe, c0, min(RB, B - c0), lane, red, warp)
+                        s = dot_e(Wt, g_pin + oo * E, E, xe, c0, min(RB, B - c0), lane, red, warp)
                         bl = c0 + lane
                         if o < D and lane < RB and bl < B:
                             x[bl * D + o] = s + Wt[g_pos + pos * D + o]
@@ -339,7 +343,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < 3 * D else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, base + o_wqkv + oo * D, D, src, c0, min(RB, B - c0), lane,
+                        s = dot_d(Wt, base + o_wqkv + oo * D, D, src, c0, min(RB, B - c0), lane,
                                      red, warp)
                         bl = c0 + lane
                         if o < 3 * D and lane < RB and bl < B:
@@ -407,7 +411,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < D else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, base + o_wo + oo * D, D, ctx, c0, min(RB, B - c0), lane, red,
+                        s = dot_d(Wt, base + o_wo + oo * D, D, ctx, c0, min(RB, B - c0), lane, red,
                                      warp)
                         bl = c0 + lane
                         if o < D and lane < RB and bl < B:
@@ -428,7 +432,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < F else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, base + o_w1 + oo * D, D, src, c0, min(RB, B - c0), lane, red,
+                        s = dot_d(Wt, base + o_w1 + oo * D, D, src, c0, min(RB, B - c0), lane, red,
                                      warp)
                         bl = c0 + lane
                         if o < F and lane < RB and bl < B:
@@ -439,7 +443,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < D else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, base + o_w2 + oo * F, F, hb, c0, min(RB, B - c0), lane, red,
+                        s = dot_f(Wt, base + o_w2 + oo * F, F, hb, c0, min(RB, B - c0), lane, red,
                                      warp)
                         bl = c0 + lane
                         if o < D and lane < RB and bl < B:
@@ -462,7 +466,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     o = r * nwarps + gwarp
                     oo = o if o < E else 0
                     for c0 in range(0, B, RB):
-                        s = warp_dot(Wt, g_pout + oo * D, D, hsrc, c0, min(RB, B - c0), lane, red,
+                        s = dot_d(Wt, g_pout + oo * D, D, hsrc, c0, min(RB, B - c0), lane, red,
                                      warp)
                         bl = c0 + lane
                         if o < E and lane < RB and bl < B:
@@ -474,7 +478,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 o = r * nwarps + gwarp
                 oo = o if o < V else 0
                 for c0 in range(0, B, RB):
-                    s = warp_dot(Wt, g_embed + oo * E, E, hsrc, c0, min(RB, B - c0), lane, red, warp)
+                    s = dot_e(Wt, g_embed + oo * E, E, hsrc, c0, min(RB, B - c0), lane, red, warp)
                     bl = c0 + lane
                     if o < V and lane < RB and bl < B:
                         logits[bl * V + o] = s
@@ -707,7 +711,7 @@ class DeviceModel:
         stop_dev = cuda.to_device(stop if stop.size else np.zeros(0, np.int64))
         args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, qb, ctx, hb, xe, logits,
                 probs, wts, cidx, cval, keep, svals, sidx, params_f, params_i, int32(B))
-        grid = 1 if SIM else grid_blocks(step, args + (int32(1),), THREADS)
+        grid = 1 if SIMULATOR else grid_blocks(step, args + (int32(1),), THREADS)
         while True:
             start = int(state[0])
             if start >= T or state[2]:

@@ -67,7 +67,8 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
     SA, SB = BM + PAD, BN + PAD
     assert NT * LA == BM * BK and NT * LB == BN * BK and HM == NTY * 4 and HN == NTX * 4
 
-    @kernel(launch_bounds=NT)
+    # two resident blocks per multiprocessor: registers capped at 65536 / (2 * NT)
+    @kernel(launch_bounds=(NT, 2))
     def gemm(A, B, C, bias, M, N, K):
         As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)
         Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)

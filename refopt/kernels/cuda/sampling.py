@@ -31,9 +31,9 @@ import math
 import numpy as np
 from numba import cuda, float64, int64, uint64
 
-from refopt.kernels.cuda._common import SIM, cdiv, empty, kernel
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
 
-THREADS = 16 if SIM else 256
+THREADS = 16 if SIM else 32 if SIMULATOR else 256
 SCAN = 1024                      # shared scan buffers hold one entry per thread (<= 1024 threads)
 
 _M0 = 0xD2511F53
@@ -42,7 +42,7 @@ _W0 = 0x9E3779B9
 _W1 = 0xBB67AE85
 _MASK = 0xFFFFFFFF
 
-if SIM:
+if SIMULATOR:
     @cuda.jit(device=True)
     def f64_bits(x):
         # the IEEE-754 bit pattern of a float64 as an int64
