@@ -49,7 +49,7 @@ from numba import cuda, float32, float64, int32, int64
 from refopt.kernels.cuda import attention as _attn
 from refopt.kernels.cuda import gemm as _gemm
 from refopt.kernels.cuda import rows as _rows
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
+from refopt.kernels.cuda._common import SIM, SIMULATOR, empty, kernel
 from refopt.kernels.cuda.sampling import (
     SCAN, philox_uniform, pow2, row_argmax, row_choose, row_top_k, row_top_p)
 

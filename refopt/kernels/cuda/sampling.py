@@ -25,7 +25,6 @@ ops namespace below and inside the persistent decode kernel (:mod:`.decode`):
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
