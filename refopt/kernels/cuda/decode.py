@@ -27,10 +27,13 @@ sample                one block per row: softmax(logits / temperature), then the
                       mask is set, stop tokens counted
 ====================  ========================================================================
 
-A warp's product: each lane takes four consecutive inputs of every 128, multiplies the weight
-row by each of the batch's rows (``RB`` accumulators, ``RB`` the batch rounded up to a power of
-two, at most 32 rows a pass), and the warp reduces the ``RB`` sums so that lane ``b`` ends with
-row ``b``'s output (a transposing butterfly of shuffles; shared memory under the simulator).
+A warp's product: lane ``j`` takes inputs ``j, j + 32, j + 64, ...``, so each load of the warp
+reads one contiguous 128-byte run of the weight row and of every activation row (one L1
+wavefront; four consecutive inputs per lane, an earlier layout, spread each load over four and
+made batch-32 decode bound by L1 traffic).  It multiplies the weight row by each of the batch's
+rows (``RB`` accumulators, ``RB`` the batch rounded up to a power of two, at most 32 rows a pass),
+and the warp reduces the ``RB`` sums so that lane ``b`` ends with row ``b``'s output (a
+transposing butterfly of shuffles; shared memory under the simulator).
 
 The prompt is prefilled with the general kernels (tiled products, flash attention) before the
 first step.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a
@@ -171,24 +174,26 @@ def _make_warp_dot(RB: int, width: int = 0):
         body += [f"    a{r} = float32(0)" for r in range(RB)]
 
         def four(indent):
-            out = [f"{indent}w0 = W[base + i0]", f"{indent}w1 = W[base + i0 + 1]",
-                   f"{indent}w2 = W[base + i0 + 2]", f"{indent}w3 = W[base + i0 + 3]",
-                   f"{indent}xb = xrow0 * {I} + i0"]
+            # inputs i0, i0 + WL, i0 + 2 WL, i0 + 3 WL: each load of the warp reads one
+            # contiguous run of 128 bytes (one L1 wavefront), of the weights and of every x row
+            out = [f"{indent}w{e} = W[base + i0 + {e * WL}]" for e in range(4)]
+            out += [f"{indent}xb = xrow0 * {I} + i0"]
             for r in range(RB):
                 out += [f"{indent}if {r} < B:",
-                        f"{indent}    a{r} += w0 * X[xb] + w1 * X[xb + 1] + w2 * X[xb + 2] + w3 * X[xb + 3]",
+                        f"{indent}    a{r} += (w0 * X[xb] + w1 * X[xb + {WL}] + w2 * X[xb + {2 * WL}]"
+                        f" + w3 * X[xb + {3 * WL}])",
                         f"{indent}xb += {I}"]
             return out
-        body += [f"    for it in range({full}):", f"        i0 = lane * 4 + it * {4 * WL}"]
+        body += [f"    for it in range({full}):", f"        i0 = lane + it * {4 * WL}"]
         body += four("        ")
-        body += [f"    i0 = lane * 4 + {full * 4 * WL}"]
         if I % (4 * WL):                      # the last, partial pass
-            body += [f"    if i0 + 3 < {I}:"] + four("        ") + [f"        i0 += {4 * WL}",
-                     "    e = 0", f"    while e < 4 and i0 + e < {I}:",
-                     "        w = W[base + i0 + e]", f"        xb = xrow0 * {I} + i0 + e"]
+            body += [f"    i0 = lane + {full * 4 * WL}", "    for e in range(4):",
+                     f"        if i0 < {I}:", "            w = W[base + i0]",
+                     f"            xb = xrow0 * {I} + i0"]
             for r in range(RB):
-                body += [f"        if {r} < B:", f"            a{r} += w * X[xb]", f"        xb += {I}"]
-            body += ["        e += 1"]
+                body += [f"            if {r} < B:", "                a%d += w * X[xb]" % r,
+                         f"            xb += {I}"]
+            body += [f"        i0 += {WL}"]
         body += ["    " + line for line in reduction_source(RB)]
         body += ["    return a0"]
         scope = {"cuda": cuda, "float32": float32, "WL": WL}
@@ -200,24 +205,13 @@ def _make_warp_dot(RB: int, width: int = 0):
         acc = cuda.local.array(RB, float32)
         for r in range(RB):
             acc[r] = float32(0)
-        i0 = lane * 4
-        while i0 + 3 < I:                 # four inputs of every 4 * WL (128) per lane
-            w0 = W[base + i0]
-            w1 = W[base + i0 + 1]
-            w2 = W[base + i0 + 2]
-            w3 = W[base + i0 + 3]
+        i0 = lane
+        while i0 < I:                     # inputs lane, lane + WL, lane + 2 WL, ...
+            w = W[base + i0]
             for r in range(RB):
                 if r < B:
-                    xb = (xrow0 + r) * I + i0
-                    acc[r] += w0 * X[xb] + w1 * X[xb + 1] + w2 * X[xb + 2] + w3 * X[xb + 3]
-            i0 += 4 * WL
-        e = 0
-        while e < 4 and i0 + e < I:       # a row whose width is not a multiple of four
-            w = W[base + i0 + e]
-            for r in range(RB):
-                if r < B:
-                    acc[r] += w * X[(xrow0 + r) * I + i0 + e]
-            e += 1
+                    acc[r] += w * X[(xrow0 + r) * I + i0]
+            i0 += WL
         # shared-memory reduction (the simulator has no shuffles): lane b sums everyone's acc[b]
         cuda.syncthreads()
         for r in range(RB):
