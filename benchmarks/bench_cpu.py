@@ -11,7 +11,7 @@ thread count everywhere (``--threads``, default all cores):
   of the whole ``generate`` call, best of ``--repeats`` after a warm-up): refopt NumPy float32,
   refopt Numba float32 / bfloat16 / int8 weights, transformers + PyTorch float32, CTranslate2
   float32 and int8 (when installed);
-* the memory-bandwidth bound of decode: a streaming read of a 1 GiB array measured in this run
+* the memory-bandwidth bound of decode: a streaming read of an array the size of the float32 weights, measured in this run
   (Numba parallel sum), divided by the bytes of weights one token reads; each batch-1 figure is
   also given as a percentage of that bound;
 * prefill tokens/s (batch 4 x 128) and one training step (batch 2 x 128, forward + backward +
@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import refopt  # noqa: F401  (before NumPy: sets OpenBLAS's thread timeout, see refopt/__init__)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,12 +68,12 @@ def weight_bytes(params):
 COLD = r"""
 import sys, time
 t0 = time.perf_counter()
-import numpy as np
 from refopt.models import OPTCausalLM
+import numpy as np
 lm = OPTCausalLM.from_preset(sys.argv[1], preprocessor=None, backend="numba")
 lm.compile(sampler="greedy")
-lm.generate({"token_ids": np.array([[2, 100, 200, 300]]), "padding_mask": np.ones((1, 4), bool)},
-            max_length=5, stop_token_ids=None)
+lm.generate({"token_ids": np.array([[2, 100, 200, 300, 1]]),       # room for one new token
+             "padding_mask": np.array([[1, 1, 1, 1, 0]], bool)}, stop_token_ids=None)
 print(time.perf_counter() - t0)
 """
 
@@ -112,7 +113,9 @@ def main(argv=None):
     try:
         path = os.path.join(tmp, "opt125m")
         cfg = write_random_checkpoint(path, args.layers, tokenizer_files=True)
-        bw = stream_bandwidth()
+        # a read of as many bytes as decode streams per float32 token (the L3 cache, 32 MiB on
+        # some machines here, keeps a few percent of them between tokens: a figure can pass 100%)
+        bw = stream_bandwidth(4 * cfg.parameter_count())
         rng = np.random.default_rng(0)
         total_len = args.prompt + args.new
 

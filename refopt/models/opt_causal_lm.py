@@ -104,6 +104,8 @@ class OPTCausalLM:
             raise ConfigError(f"predict: batch_size={batch_size!r}; expected a positive integer")
         parts = [self({"token_ids": ids[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
                  for i in range(0, ids.shape[0], batch_size)]
+        if len(parts) == 1:
+            return parts[0]                                 # no copy of the (B, S, V) logits
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, ids.shape[1],
                                                                      self.backbone.vocabulary_size))
 

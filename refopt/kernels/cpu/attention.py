@@ -1,5 +1,7 @@
-"""Attention with the softmax fused: one pass per (batch, head, query) row computes the masked
-scores, their maximum, the exponentials and the weighted sum of values.  Same contract as
+"""Attention for the Numba backend.  Decode-sized queries (a few per row): the softmax fused, one
+pass per (batch, head, query) row computing the masked scores, their maximum, the exponentials and
+the weighted sum of values.  Prefill-sized queries: the two products on BLAS (NumPy's batched
+``matmul``) around a fused mask-and-softmax kernel over the score rows.  Same contract as
 :func:`refopt.ops.attention.attention_forward`: masked scores are replaced by the dtype's most
 negative finite number, so a fully masked row is uniform and finite.  Serves prefill (S queries)
 and one-token decode against the cache (S = 1, keys and values read in place through strided
@@ -45,12 +47,42 @@ def _attention(q, k, v, mask, out, probs, lowest):
                     o[d] += w * v[b, h, t, d]
 
 
+@njit(parallel=True, fastmath=False, cache=True)
+def _masked_softmax(scores, mask, lowest):
+    # in place: scores [B, H, S, T] -> softmax over T, masked entries scored ``lowest``
+    B, H, S, T = scores.shape
+    for row in prange(B * H * S):
+        b = row // (H * S)
+        h = (row // S) % H
+        s = row % S
+        p = scores[b, h, s]
+        top = lowest
+        for t in range(T):
+            if not mask[b, 0, s, t]:
+                p[t] = lowest
+            top = max(top, p[t])
+        total = p.dtype.type(0)
+        for t in range(T):
+            p[t] = np.exp(p[t] - top)
+            total += p[t]
+        for t in range(T):
+            p[t] /= total
+
+
+BLAS_QUERIES = 8     # from this many queries per row, the products go to BLAS
+
+
 def attention_forward(q, k, v, mask):
     # q [B, H, S, K] (scaled), k, v [B, H, T, K], mask [B, 1, S, T] -> out [B, H, S, K], probs [B, H, S, T]
     B, H, S, K = q.shape
     T = k.shape[2]
+    k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
+    mask = np.ascontiguousarray(np.broadcast_to(mask, (B, 1, S, T)), dtype=np.bool_)
+    if S >= BLAS_QUERIES:
+        probs = q @ k.swapaxes(-1, -2)                                    # [B, H, S, T] scores
+        _masked_softmax(probs, mask, np.finfo(q.dtype).min)
+        return probs @ v, probs
     out = np.empty((B, H, S, K), q.dtype)
     probs = np.empty((B, H, S, T), q.dtype)
-    _attention(q, k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False),
-               np.ascontiguousarray(mask, dtype=np.bool_), out, probs, np.finfo(q.dtype).min)
+    _attention(q, k, v, mask, out, probs, np.finfo(q.dtype).min)
     return out, probs

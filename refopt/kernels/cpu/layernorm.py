@@ -4,7 +4,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _layernorm(x, gamma, beta, has_gamma, has_beta, eps, y):
     # x [N, D] -> y [N, D]
     N, D = x.shape
