@@ -6,11 +6,16 @@ it, and a conformance oracle (``refopt.testing``).  The public API mirrors Keras
 
 import os
 
+import sys
+
 # OpenBLAS's worker threads spin for a long while after each product (2^28 cycles by default).
 # The Numba backend's parallel kernels run between products on the same cores, and against
 # spinning workers they run several times slower (LayerNorm after a product: 1.8 ms instead of
-# 0.2 ms, median, on a 2-core machine).  Have them sleep soon instead; takes effect only when
-# NumPy is first imported after this line, and never overrides the user's own setting.
+# 0.2 ms, median, on a 2-core machine).  Have them sleep soon instead.  That takes effect only when
+# NumPy is first imported after this line (never overriding the user's own setting); when NumPy
+# came first, the Numba kernels that follow products run on one thread instead
+# (:mod:`refopt.kernels.cpu._threads`).
+OPENBLAS_SPINS = "numpy" in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from refopt import errors  # noqa: E402, F401

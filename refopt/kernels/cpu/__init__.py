@@ -14,15 +14,39 @@ from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
     accuracy, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
     lm_head_backward, linear_backward, log_softmax, merge_heads, relu_backward, relu_forward, softmax,
     softmax_backward, split_heads)
-from refopt.kernels.cpu.attention import attention_forward  # noqa: F401
-from refopt.kernels.cpu.embedding import embedding_backward, embedding_forward  # noqa: F401
-from refopt.kernels.cpu.layernorm import layernorm_backward, layernorm_forward  # noqa: F401
-from refopt.kernels.cpu.loss import cross_entropy_backward, cross_entropy_forward  # noqa: F401
+import functools
+
+from refopt.kernels.cpu import attention as _attention, embedding as _embedding, layernorm as _layernorm
+from refopt.kernels.cpu import loss as _loss
+from refopt.kernels.cpu._threads import beside_blas
+from refopt.kernels.cpu.embedding import embedding_forward  # noqa: F401
 from refopt.kernels.cpu.matmul import matmul_rows
 from refopt.kernels.cpu.sampling import (  # noqa: F401
     choose, min_p_distribution, top_k_mask, top_p_distribution, uniform)
 
 NAME = "numba"
+
+
+def _rows_of(a):
+    return a.size // max(a.shape[-1], 1)
+
+
+def _beside_blas(fn, rows):
+    # ``fn`` on one thread when its input is prefill- or training-sized and OpenBLAS's workers
+    # may be spinning (see :mod:`refopt.kernels.cpu._threads`)
+    @functools.wraps(fn)
+    def run(*args):
+        with beside_blas(rows(*args)):
+            return fn(*args)
+    return run
+
+
+layernorm_forward = _beside_blas(_layernorm.layernorm_forward, lambda x, *_: _rows_of(x))
+layernorm_backward = _beside_blas(_layernorm.layernorm_backward, lambda d_y, *_: _rows_of(d_y))
+cross_entropy_forward = _beside_blas(_loss.cross_entropy_forward, lambda logits, *_: _rows_of(logits))
+cross_entropy_backward = _beside_blas(_loss.cross_entropy_backward, lambda d_ce, probs, *_: _rows_of(probs))
+attention_forward = _beside_blas(_attention.attention_forward, lambda q, *_: q.shape[0] * q.shape[2])
+embedding_backward = _beside_blas(_embedding.embedding_backward, lambda d_out, *_: _rows_of(d_out))
 
 
 def _linear(x, w, b, relu):

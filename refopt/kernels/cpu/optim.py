@@ -8,6 +8,8 @@ parameter's dtype (no fast-math, so no fused multiply-adds), so the two agree bi
 import numpy as np
 from numba import njit, prange
 
+from refopt.kernels.cpu._threads import beside_blas
+
 
 @njit(parallel=True, cache=True)
 def _adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alpha, epsilon,
@@ -33,6 +35,7 @@ def adam_update(var, grad, m, v, v_hat, decay, beta_1, beta_2, alpha, epsilon):
     dt = var.dtype.type
     flat = var.reshape(-1)
     amsgrad = v_hat is not None
-    _adam(flat, np.ascontiguousarray(grad, dtype=var.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
-          v_hat.reshape(-1) if amsgrad else flat[:0], dt(decay), dt(1.0 - beta_1), dt(1.0 - beta_2),
-          dt(alpha), dt(epsilon), amsgrad)
+    with beside_blas(flat.shape[0]):          # the update follows the backward pass's products
+        _adam(flat, np.ascontiguousarray(grad, dtype=var.dtype).reshape(-1), m.reshape(-1),
+              v.reshape(-1), v_hat.reshape(-1) if amsgrad else flat[:0], dt(decay), dt(1.0 - beta_1),
+              dt(1.0 - beta_2), dt(alpha), dt(epsilon), amsgrad)
