@@ -11,6 +11,17 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always")
+def _exp_normalise(p, top):
+    # in place: p <- exp(p - top) / sum(exp(p - top)), ``top`` the row's maximum
+    total = p.dtype.type(0)
+    for t in range(p.shape[0]):
+        p[t] = np.exp(p[t] - top)
+        total += p[t]
+    for t in range(p.shape[0]):
+        p[t] /= total
+
+
 @njit(parallel=True, fastmath=False, cache=True)
 def _attention(q, k, v, mask, out, probs, lowest):
     # q [B, H, S, K], k, v [B, H, T, K], mask [B, 1, S, T] bool -> out [B, H, S, K], probs [B, H, S, T]
@@ -31,12 +42,7 @@ def _attention(q, k, v, mask, out, probs, lowest):
             else:
                 p[t] = lowest
             top = max(top, p[t])
-        total = q.dtype.type(0)
-        for t in range(T):
-            p[t] = np.exp(p[t] - top)
-            total += p[t]
-        for t in range(T):
-            p[t] /= total
+        _exp_normalise(p, top)
         o = out[b, h, s]
         for d in range(K):
             o[d] = 0
@@ -61,12 +67,7 @@ def _masked_softmax(scores, mask, lowest):
             if not mask[b, 0, s, t]:
                 p[t] = lowest
             top = max(top, p[t])
-        total = p.dtype.type(0)
-        for t in range(T):
-            p[t] = np.exp(p[t] - top)
-            total += p[t]
-        for t in range(T):
-            p[t] /= total
+        _exp_normalise(p, top)
 
 
 BLAS_QUERIES = 8     # from this many queries per row, the products go to BLAS
