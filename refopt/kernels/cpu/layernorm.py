@@ -4,27 +4,45 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always")
+def _row_stats(x, n, eps):
+    # mean and 1 / sqrt(var + eps) of row n of x [N, D], two passes as the reference
+    D = x.shape[1]
+    mean = x.dtype.type(0)
+    for d in range(D):
+        mean += x[n, d]
+    mean /= D
+    var = x.dtype.type(0)
+    for d in range(D):
+        var += (x[n, d] - mean) ** 2
+    var /= D
+    return mean, 1.0 / np.sqrt(var + eps)
+
+
+@njit(inline="always")
+def _normalise_row(x, n, gamma, beta, has_gamma, has_beta, eps, y):
+    mean, rstd = _row_stats(x, n, eps)
+    for d in range(x.shape[1]):
+        v = (x[n, d] - mean) * rstd
+        if has_gamma:
+            v = v * gamma[d]
+        if has_beta:
+            v = v + beta[d]
+        y[n, d] = v
+
+
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
 def _layernorm(x, gamma, beta, has_gamma, has_beta, eps, y):
-    # x [N, D] -> y [N, D]
-    N, D = x.shape
-    for n in prange(N):
-        mean = x.dtype.type(0)
-        for d in range(D):
-            mean += x[n, d]
-        mean /= D
-        var = x.dtype.type(0)
-        for d in range(D):
-            var += (x[n, d] - mean) ** 2
-        var /= D
-        rstd = 1.0 / np.sqrt(var + eps)
-        for d in range(D):
-            v = (x[n, d] - mean) * rstd
-            if has_gamma:
-                v = v * gamma[d]
-            if has_beta:
-                v = v + beta[d]
-            y[n, d] = v
+    # x [N, D] -> y [N, D], one row per task
+    for n in prange(x.shape[0]):
+        _normalise_row(x, n, gamma, beta, has_gamma, has_beta, eps, y)
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _layernorm_serial(x, gamma, beta, has_gamma, has_beta, eps, y):
+    # the same on the calling thread: a decode step's few rows cost less than waking the pool
+    for n in range(x.shape[0]):
+        _normalise_row(x, n, gamma, beta, has_gamma, has_beta, eps, y)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -36,15 +54,7 @@ def _layernorm_backward(d_y, x, gamma, has_gamma, eps, d_x, d_gamma_rows, d_beta
         xhat = np.empty(D, x.dtype)
         g = np.empty(D, x.dtype)
         for n in range(c * per, min(N, (c + 1) * per)):
-            mean = x.dtype.type(0)
-            for d in range(D):
-                mean += x[n, d]
-            mean /= D
-            var = x.dtype.type(0)
-            for d in range(D):
-                var += (x[n, d] - mean) ** 2
-            var /= D
-            rstd = 1.0 / np.sqrt(var + eps)
+            mean, rstd = _row_stats(x, n, eps)
             m1 = x.dtype.type(0)
             m2 = x.dtype.type(0)
             for d in range(D):
@@ -64,20 +74,17 @@ def _vec(p, D, dtype):
     return np.zeros(D, dtype) if p is None else np.asarray(p, dtype)
 
 
-_PARALLEL_ROWS = 32  # below this many rows (decode), the NumPy op beats waking the thread pool
+_PARALLEL_ROWS = 32  # below this many rows (decode), one thread beats waking the thread pool
 
 
 def layernorm_forward(x, gamma, beta, eps):
     # x [..., D] -> y [..., D]
     D = x.shape[-1]
-    if x.size // max(D, 1) < _PARALLEL_ROWS:
-        from refopt.ops.layernorm import layernorm_forward as reference
-
-        return reference(x, gamma, beta, eps)
     x2 = np.ascontiguousarray(x).reshape(-1, D)
     y = np.empty_like(x2)
-    _layernorm(x2, _vec(gamma, D, x.dtype), _vec(beta, D, x.dtype), gamma is not None, beta is not None,
-               eps, y)
+    kernel = _layernorm_serial if x2.shape[0] < _PARALLEL_ROWS else _layernorm
+    kernel(x2, _vec(gamma, D, x.dtype), _vec(beta, D, x.dtype), gamma is not None, beta is not None,
+           eps, y)
     return y.reshape(x.shape)
 
 
