@@ -11,22 +11,7 @@ from refopt import random as prandom
 from refopt.kernels.cpu.attention import BLAS_QUERIES
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
-
-DTYPES = st.sampled_from([np.float32, np.float64])
-
-
-def close(a, b, dtype, what, scale=None):
-    """max|a - b| relative to ``scale`` (default max|b|: pass the natural scale of the terms where
-    the result is a cancellation, e.g. LayerNorm's input gradient)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.abs(b).max(initial=0.0) if scale is None else scale, 1e-30)
-    tol = 1e-12 if dtype == np.float64 else 1e-5
-    err = np.abs(a - b).max(initial=0.0) / scale
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
-
-
-def arrays(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+from tests_support import DTYPES, arrays, close
 
 
 @settings(max_examples=40)

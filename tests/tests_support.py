@@ -1,5 +1,6 @@
 """Hypothesis strategies shared by the tests."""
 
+import numpy as np
 from hypothesis import strategies as st
 
 from refopt.config import OPTConfig
@@ -16,3 +17,24 @@ def random_config(draw, dtype="float64", max_len=24):
                      word_embed_proj_dim=draw(st.integers(1, 7)) if proj else None,
                      enable_bias=draw(st.booleans()), layer_norm_elementwise_affine=draw(st.booleans()),
                      remove_final_layer_norm=draw(st.booleans()), dtype=dtype)
+
+
+# ----------------------------------------------------------------- kernels against the NumPy ops
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+def close(a, b, dtype, what, scale=None):
+    """max|a - b| relative to ``scale`` (default max|b|: pass the natural scale of the terms where
+    the result is a cancellation, e.g. LayerNorm's input gradient) within 1e-12 for float64 and
+    1e-5 for float32; ``a`` finite."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(initial=0.0) if scale is None else scale, 1e-30)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    err = np.abs(a - b).max(initial=0.0) / scale
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+    assert np.isfinite(a).all(), f"{what}: not finite"
+
+
+def arrays(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+

@@ -78,7 +78,9 @@ def attention_forward(q, k, v, mask):
     B, H, S, K = q.shape
     T = k.shape[2]
     k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
-    mask = np.ascontiguousarray(np.broadcast_to(mask, (B, 1, S, T)), dtype=np.bool_)
+    if mask.shape != (B, 1, S, T):                  # the kernels index every dimension
+        mask = np.broadcast_to(mask, (B, 1, S, T))
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
     if S >= BLAS_QUERIES:
         probs = q @ k.swapaxes(-1, -2)                                    # [B, H, S, T] scores
         _masked_softmax(probs, mask, np.finfo(q.dtype).min)
