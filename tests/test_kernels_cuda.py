@@ -352,6 +352,31 @@ def test_device_decode_matches_generate(pre_ln, proj):
         assert np.array_equal(got["padding_mask"], want["padding_mask"])
 
 
+@pytest.mark.parametrize("B", [6, 35] if FULL else [6])
+def test_device_decode_tiled_batches(B):
+    # batches of 8 rows or more take the tiled, split-K products (and 35 rows, two row passes);
+    # rows of different prompt lengths
+    from refopt.kernels.cuda import decode
+    from refopt.samplers import GreedySampler, TopKSampler
+
+    lm = _lm(True, False, seed=2)
+    assert decode.DeviceModel(lm.backbone.params, lm.backbone.config).plan(B).tiled
+    T = 7
+    rng = np.random.default_rng(B)
+    ids = rng.integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.zeros((B, T), bool)
+    for b in range(B):
+        mask[b, :3 + b % 3] = True
+    x = {"token_ids": ids, "padding_mask": mask}
+    for sampler in (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)):
+        lm.compile(sampler=sampler)
+        lm.backend = "numpy"
+        want = lm.generate(x, stop_token_ids=None)
+        lm.backend = "cuda"
+        got = lm.generate(x, stop_token_ids=None)
+        assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
+
+
 def test_device_decode_stops_and_streams():
     from refopt.kernels.cuda import decode
     from refopt.samplers import GreedySampler

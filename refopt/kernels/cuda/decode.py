@@ -14,34 +14,47 @@ Stages (each a loop over its work, spread over every warp or block of the grid):
 
 ====================  ========================================================================
 embed                 ``x[b] = embed[token] (@ project_in) + positions[index - 1]``
-norm                  one block per row: LayerNorm -> ``xn`` (or in place, post-LN models)
-q/k/v                 one warp per output feature, all rows at once (weights ``[out, in]``, one
-                      contiguous row per output, streamed once): ``q`` scaled, ``k`` and ``v``
-                      written straight into the cache ``[B, L, 2, T, H, K]``
-attention             one block per (row, head): scores against the cached keys in shared
-                      memory, softmax, weighted sum of the cached values
-out / fc1 / fc2       warp-per-output products with fused bias, ReLU and residual epilogues
-LM head               warp per vocabulary row (the tied token table), logits ``[B, V]``
-sample                one block per row: softmax(logits / temperature), then the sampler's
-                      rule (:mod:`.sampling`), the prompt's own token kept where the prompt
-                      mask is set, stop tokens counted
+norm                  one block per row: the pending products' partial sums and bias join the
+                      residual ``x``, then LayerNorm -> ``xn`` (or in place, post-LN models)
+q/k/v                 the product ``xn @ Wqkv^T`` (below), partial sums ``[S, B, 3D]``
+attention             one block per (row, head): adds its head's q/k/v sums and biases, stores
+                      k and v in the cache ``[B, L, 2, T, H, K]`` at the position, then scores
+                      against the cached keys (a warp per position) in shared memory, softmax,
+                      weighted sum of the cached values
+out / fc1 / fc2       products; fc1's bias and ReLU are applied where fc2 reads its sums, the
+                      residual additions in the norm stages after out and fc2
+LM head               the tied token table, logits ``[B, V]``
+softmax               ``softmax(logits / temperature)`` over the whole grid: each row in slices,
+                      a block per slice (slice maxima, then slice sums, then normalisation and,
+                      for greedy, the slices' first maxima), partials combined in slice order
+sample                one block per row: the sampler's rule (:mod:`.sampling`), the prompt's own
+                      token kept where the prompt mask is set, stop tokens counted
 ====================  ========================================================================
 
-A warp's product: lane ``j`` takes inputs ``j, j + 32, j + 64, ...``, so each load of the warp
-reads one contiguous 128-byte run of the weight row and of every activation row.  It multiplies
-the weight row by each of the batch's rows (``RB`` accumulators, ``RB`` the batch rounded up to a
-power of two, at most 32 rows a pass), and the warp reduces the ``RB`` sums so that lane ``b``
-ends with row ``b``'s output (a transposing butterfly of shuffles; shared memory under the
-simulator).
+Two kinds of product, chosen by the batch pass ``RB`` (the batch rounded up to a power of two,
+at most 32 rows a pass):
 
-Measured limit (H100): a step costs about 1.5 ms at batch 1, 3.1 ms at 8 and 8.2 ms at 32, far
-above what the products' arithmetic or memory traffic would take.  Nsight Compute on the batch-32
-step: 199 registers per thread (246 at batch 1) and 25 KB of static shared memory leave one
-256-thread block per SM (132 blocks, 12.5% occupancy, 2 warps per scheduler); the kernel is
-latency-bound (7.4 cycles between a warp's instructions, 42% of them waiting on L1) with DRAM at
-2% and the SMs 34% busy.  Capping registers at 128 (``max_registers``) gained some 15-25% in one
-trial.  The fix is occupancy: fewer registers (the sampler's code sets the kernel's count) and
-less shared memory, so that two or more blocks fit per SM.
+* ``RB < 8``, **warp products**: one warp per output feature, all rows at once (weights
+  ``[out, in]``, one contiguous row per output, streamed once).  Lane ``j`` takes inputs
+  ``j, j + 32, ...``, so each load of the warp reads one contiguous 128-byte run of the weight
+  row and of every activation row; ``RB`` accumulators, reduced over the warp so that lane ``b``
+  ends with row ``b``'s output (a transposing butterfly of shuffles; shared memory under the
+  simulator).
+* ``RB >= 8``, **tiled products** (:func:`make_tile_stage`): a block computes a tile of ``RB``
+  rows by ``TN`` outputs, staging 32 inputs of the rows and of the weights at a time through
+  shared memory, with the next chunk's loads in flight during the current chunk's products; a
+  product with fewer tiles than the grid has blocks is split over its inputs (split-K, the
+  :class:`Plan`), and the stage that reads it adds the partial sums in a fixed order (so the
+  result does not depend on timing).  Per-output warps at batch 32 re-read every activation row
+  for every weight row and were bound by those loads.
+
+Measured (H100, float32, 125m-shaped, 2026-11-25, several runs): a step takes 1.5-1.7 ms at
+batch 1 and 3.9-4.3 ms at batch 32 (7,500-8,200 tok/s; 8.2 ms with warp products at batch 32).  Per-stage
+SM clocks (``PROFILE``, :func:`stage_times`) at batch 32: fc1 and fc2 about 20% each, head 18%,
+q/k/v 15%, attention 12%; at batch 1: attention 18%, the products 55%, the norm stages 20%
+(one block's work behind a grid synchronisation of about 2 us).  The kernel takes 231-255
+registers per thread (the samplers' code sets the count), so one 256-thread block per SM;
+capping registers through the launch bounds (``MIN_BLOCKS`` 2 or 4) spilled and was slower.
 
 The prompt is prefilled with the general kernels (tiled products, flash attention) before the
 first step.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a
@@ -60,14 +73,37 @@ from numba import cuda, float32, float64, int32, int64
 from refopt.kernels.cuda import attention as _attn
 from refopt.kernels.cuda import gemm as _gemm
 from refopt.kernels.cuda import rows as _rows
-from refopt.kernels.cuda._common import SIM, SIMULATOR, empty, kernel
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
 from refopt.kernels.cuda.sampling import (
-    SCAN, philox_uniform, pow2, row_argmax, row_choose, row_top_k, row_top_p)
+    philox_uniform, pow2, row_argmax, row_choose, row_top_k, row_top_p)
+
+if SIMULATOR:
+    clock64 = None                    # (profiling is off under the simulator)
+else:
+    from llvmlite import ir as _ir
+    from numba.cuda import cgutils as _cgutils
+    from numba.cuda import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+    from numba.cuda.typing import signature as _signature
+
+    @_intrinsic
+    def clock64(typingctx):
+        """The SM's cycle counter (PTX ``%clock64``)."""
+        def codegen(context, builder, sig, args):
+            fnty = _ir.FunctionType(_ir.IntType(64), [])
+            fn = _cgutils.get_or_insert_function(builder.module, fnty, "llvm.nvvm.read.ptx.sreg.clock64")
+            return builder.call(fn, [])
+        return _signature(_types.int64), codegen
 
 THREADS = 8 if SIM else 32 if SIMULATOR else 256    # threads per block of the persistent kernel
 WL = min(32, THREADS)                 # lanes of a warp (the simulator's blocks are narrower)
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p")
 CHUNK = 1024                          # attention scores kept in shared memory per pass
+MIN_BLOCKS = 1                        # blocks per SM the step kernel's registers must allow
+PROFILE = False                       # record stage times (see make_step_kernel)
+UNROLL = 8                            # inputs per pass of a tiled product's loop (8: fastest of
+                                      # 1, 8, 32 at batch 32 on an H100)
+BLOCKS_PER_SM = 2                     # most resident blocks per SM the cooperative grid takes
 
 
 def _align4(n: int) -> int:
@@ -235,12 +271,152 @@ def _make_warp_dot(RB: int, width: int = 0):
     return warp_dot
 
 
+# ----------------------------------------------------------------------------- tiled products
+KC = 4 if SIM else 32                 # inputs staged through shared memory per pass of a tile
+TILED_FROM = 8                        # batch passes of at least this many rows take tiled products
+
+
+def tile_shape(RB: int):
+    """``(TM, TN, TY, TX, RM, CN)`` of a tiled product for a batch pass of ``RB`` rows: a tile is
+    ``TM = RB`` rows by ``TN`` outputs; thread ``(tx, ty)`` of the block (``TX * TY`` threads)
+    computes rows ``ty + i * TY`` (``i < RM``) and outputs ``tx + j * TX`` (``j < CN = 2``)."""
+    TY = max(1, min(RB // 2, THREADS // 2))
+    TX = THREADS // TY
+    return RB, 2 * TX, TY, TX, RB // TY, 2
+
+
+class Plan(tuple):
+    """How the step's products split their inputs: ``(tiled, qkv, out, fc1, fc2)``, each product's
+    ``(S, CPS)``: ``S`` partial sums over ``CPS`` chunks of ``KC`` inputs each (``S = 1``: whole
+    sums).  Split-K keeps every block busy when a product has fewer output tiles than the grid has
+    blocks; the partial sums are added, in a fixed order, by the stage that reads them."""
+
+    __slots__ = ()
+
+    def __new__(cls, tiled, qkv, out, fc1, fc2):
+        return super().__new__(cls, (tiled, qkv, out, fc1, fc2))
+
+    tiled = property(lambda self: self[0])
+    qkv = property(lambda self: self[1])
+    out = property(lambda self: self[2])
+    fc1 = property(lambda self: self[3])
+    fc2 = property(lambda self: self[4])
+
+
+def split_target() -> int:
+    """Work items a split product aims for: two per SM (a few under the simulator, so that its
+    tests split)."""
+    if SIMULATOR:
+        return 8
+    return 2 * cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+def product_plan(D: int, F: int, RB: int, target: int) -> Plan:
+    """The :class:`Plan` of a batch pass of ``RB`` rows (warp products below :data:`TILED_FROM`
+    rows, whole sums)."""
+    if RB < TILED_FROM:
+        return Plan(False, (1, 1), (1, 1), (1, 1), (1, 1))
+    TN = tile_shape(RB)[1]
+
+    def split(N, I):
+        tiles, chunks = cdiv(N, TN), cdiv(I, KC)
+        per = cdiv(chunks, max(1, min(chunks, cdiv(target, tiles))))
+        return cdiv(chunks, per), per
+    return Plan(True, split(3 * D, D), split(D, D), split(F, D), split(D, F))
+
+
+@functools.lru_cache(maxsize=None)
+def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int, U: int = 1):
+    """``tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws)``: one stage of the persistent kernel,
+    ``dst[s, b, n] = sum over split s's inputs k of X[b, k] * W[n, k]`` for every row ``b < B``,
+    output ``n < N`` and split ``s < S``, with ``W = Wt[wbase:]`` as ``[N, I]`` (one contiguous row
+    per output).  Each work item (batch pass, tile of ``TN`` outputs, split) is one block's: it
+    stages ``TM x KC`` inputs and ``TN x KC`` weights at a time through shared memory (``Xs``,
+    ``Ws``; rows padded to ``KC + 1`` against bank conflicts, every global load a contiguous run)
+    and keeps ``RM x CN`` sums in registers (the chunk's products unrolled, at constant offsets);
+    the next chunk's loads are issued into registers before the current chunk's products, so their
+    latency overlaps the arithmetic.  The inputs ``X[b, k]`` are themselves the sum of ``XS``
+    partial sums (``X`` as ``[XS, B, I]``), plus ``Wt[xbias + k]`` and a ReLU when
+    ``XACT`` (fc2 reading fc1's split sums).  ``U``: inputs per pass of the product loop (unrolled).
+    Generated with the shapes written in as constants."""
+    TM, TN, TY, TX, RM, CN = tile_shape(RB)
+    NCH, TILES, NT, KP = cdiv(I, KC), cdiv(N, TN), THREADS, KC + 1
+    assert NT % KC == 0
+    U = math.gcd(U, KC)
+    RS = NT // KC                     # staging: thread tid fills column tid % KC of rows tid // KC + RS m
+    NXE, NWE = cdiv(TM, RS), cdiv(TN, RS)
+
+    def fetch(ind):
+        # chunk c's inputs and weights into registers px*, pw* (issued a chunk ahead)
+        out = [f"{ind}k = c * {KC} + tcol"]
+        for m in range(NXE):
+            out += [f"{ind}px{m} = float32(0)", f"{ind}b = r0 + trow + {m * RS}",
+                    f"{ind}if trow + {m * RS} < {TM} and b < B and k < {I}:",
+                    f"{ind}    px{m} = X[b * {I} + k]"]
+            out += [f"{ind}    px{m} += X[({q} * B + b) * {I} + k]" for q in range(1, XS)]
+            if XACT:
+                out += [f"{ind}    px{m} = max(px{m} + Wt[xbias + k], float32(0))"]
+        for m in range(NWE):
+            out += [f"{ind}pw{m} = float32(0)", f"{ind}n = n0 + trow + {m * RS}",
+                    f"{ind}if trow + {m * RS} < {TN} and n < {N} and k < {I}:",
+                    f"{ind}    pw{m} = Wt[wbase + n * {I} + k]"]
+        return out
+
+    src = ["def tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws):",
+           "    tid = cuda.threadIdx.x",
+           f"    tx = tid % {TX}",
+           f"    ty = tid // {TX}",
+           f"    tcol = tid % {KC}",
+           f"    trow = tid // {KC}",
+           f"    tslot = trow * {KP} + tcol",
+           f"    items = ((B + {TM - 1}) // {TM}) * {TILES * S}",
+           "    item = cuda.blockIdx.x",
+           "    while item < items:",
+           f"        s = item % {S}",
+           f"        t = item // {S}",
+           f"        n0 = (t % {TILES}) * {TN}",
+           f"        r0 = (t // {TILES}) * {TM}"]
+    src += [f"        a{i}_{j} = float32(0)" for i in range(RM) for j in range(CN)]
+    src += [f"        c = s * {CPS}", f"        c_end = min(c + {CPS}, {NCH})"]
+    src += fetch("        ")
+    src += ["        while c < c_end:"]
+    for m in range(NXE):
+        src += [f"            if trow + {m * RS} < {TM}:", f"                Xs[tslot + {m * RS * KP}] = px{m}"]
+    for m in range(NWE):
+        src += [f"            if trow + {m * RS} < {TN}:", f"                Ws[tslot + {m * RS * KP}] = pw{m}"]
+    src += ["            cuda.syncthreads()",
+            "            c += 1",
+            "            if c < c_end:"]
+    src += fetch("                ")
+    src += [f"            for kb in range(0, {KC}, {U}):"]
+    for u in range(U):                        # U inputs a pass, at constant offsets
+        src += [f"                x{i} = Xs[(ty + {i * TY}) * {KP} + kb + {u}]" for i in range(RM)]
+        src += [f"                w{j} = Ws[(tx + {j * TX}) * {KP} + kb + {u}]" for j in range(CN)]
+        src += [f"                a{i}_{j} += x{i} * w{j}" for i in range(RM) for j in range(CN)]
+    src += ["            cuda.syncthreads()"]
+    for i in range(RM):
+        for j in range(CN):
+            src += [f"        b = r0 + ty + {i * TY}",
+                    f"        n = n0 + tx + {j * TX}",
+                    f"        if b < B and n < {N}:",
+                    f"            dst[(s * B + b) * {N} + n] = a{i}_{j}"]
+    src += ["        item += cuda.gridDim.x"]
+    scope = {"cuda": cuda, "float32": float32}
+    exec("\n".join(src), scope)                              # noqa: S102  (generated, no input)
+    return cuda.jit(device=True)(scope["tile_stage"])
+
+
 # ----------------------------------------------------------------------------- the step kernel
 @functools.lru_cache(maxsize=None)
 def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, sampler, eps,
-                     layer_stride, layer_offsets, glob_offsets):
-    """The persistent decode kernel for one model shape, cache length ``T``, batch pass ``RB``
-    and sampler kind (everything the loops and offsets depend on is a compile-time constant)."""
+                     layer_stride, layer_offsets, glob_offsets, plan, min_blocks=1, profile=False,
+                     unroll=1):
+    """The persistent decode kernel for one model shape, cache length ``T``, batch pass ``RB``,
+    sampler kind and product :class:`Plan` (everything the loops and offsets depend on is a
+    compile-time constant).  ``min_blocks``: blocks per SM the compiler must leave room for (its
+    register budget, through the launch bounds); ``profile``: record the SM clock of block 0 after
+    every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`);
+    ``unroll``: the tiled products' ``U``."""
     K = D // H
     LS = layer_stride
     o_ln1g, o_ln1b, o_wqkv, o_bqkv, o_wo, o_bo, o_ln2g, o_ln2b, o_w1, o_b1, o_w2, o_b2 = layer_offsets
@@ -248,6 +424,22 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     NT = THREADS
     NW = NT // WL
     scale = float32(K ** -0.5)
+    GV = max(1, NT // K)                # thread groups of the attention's weighted sum
+    tiled = plan.tiled
+    Sq, So, S1, S2 = plan.qkv[0], plan.out[0], plan.fc1[0], plan.fc2[0]
+    if tiled:
+        TM, TN = tile_shape(RB)[:2]
+        XSH, WSH = TM * (KC + 1), TN * (KC + 1)
+        prod_qkv = make_tile_stage(D, 3 * D, *plan.qkv, 1, False, RB, unroll)
+        prod_out = make_tile_stage(D, D, *plan.out, 1, False, RB, unroll)
+        prod_fc1 = make_tile_stage(D, F, *plan.fc1, 1, False, RB, unroll)
+        prod_fc2 = make_tile_stage(F, D, *plan.fc2, S1, True, RB, unroll)
+        prod_head = make_tile_stage(E, V, 1, cdiv(E, KC), 1, False, RB, unroll)
+        prod_pin = make_tile_stage(E, D, 1, cdiv(E, KC), 1, False, RB, unroll)
+        prod_pout = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, unroll)
+    else:
+        XSH = WSH = 1
+        prod_qkv = prod_out = prod_fc1 = prod_fc2 = prod_head = prod_pin = prod_pout = None
     dot_d, dot_e, dot_f = _make_warp_dot(RB, D), _make_warp_dot(RB, E), _make_warp_dot(RB, F)
     greedy = sampler == "greedy"
     top_k = sampler in ("top_k", "min_p")
@@ -261,36 +453,61 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         cuda.cg.this_grid().sync()
 
     @cuda.jit(device=True)
-    def layernorm_rows(src, dst, gamma_off, beta_off, Wt, B, fbuf):
-        # dst[b] = LayerNorm(src[b]) for the rows of this block (two passes, as the reference)
+    def mark(prof, ps, stage):
+        # profiling (``profile``): block 0 records the SM clock and the stage after a grid sync
+        if profile:
+            if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and ps < prof.shape[0]:
+                prof[ps, 0] = clock64()
+                prof[ps, 1] = stage
+        return ps + 1
+
+    @cuda.jit(device=True)
+    def finish_rows(x, part, nparts, bias_off, ln, gamma_off, beta_off, dst, Wt, B, fbuf):
+        # for the rows of this block: x[b] += (sum of the nparts partial sums part[s, b] + bias)
+        # (nothing when nparts is 0), then dst[b] = LayerNorm(x[b]) when ln (two passes, as the
+        # reference; dst may be x)
         b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
         while b < B:
-            part = float32(0)
-            for d in range(cuda.threadIdx.x, D, NT):
-                part += src[b * D + d]
-            mean = _rows.block_sum(part, fbuf) / float32(D)
-            part = float32(0)
-            for d in range(cuda.threadIdx.x, D, NT):
-                c = src[b * D + d] - mean
-                part += c * c
-            var = _rows.block_sum(part, fbuf) / float32(D)
-            rstd = float32(1) / math.sqrt(var + EPS)
-            cuda.syncthreads()
-            for d in range(cuda.threadIdx.x, D, NT):
-                dst[b * D + d] = (src[b * D + d] - mean) * rstd * Wt[gamma_off + d] + Wt[beta_off + d]
+            if nparts > 0:
+                for d in range(tid, D, NT):
+                    v = float32(0)
+                    for s in range(nparts):
+                        v += part[(s * B + b) * D + d]
+                    x[b * D + d] = x[b * D + d] + (v + Wt[bias_off + d])
+            if ln:
+                acc = float32(0)
+                for d in range(tid, D, NT):
+                    acc += x[b * D + d]
+                mean = _rows.block_sum(acc, fbuf) / float32(D)
+                acc = float32(0)
+                for d in range(tid, D, NT):
+                    c = x[b * D + d] - mean
+                    acc += c * c
+                var = _rows.block_sum(acc, fbuf) / float32(D)
+                rstd = float32(1) / math.sqrt(var + EPS)
+                cuda.syncthreads()
+                for d in range(tid, D, NT):
+                    dst[b * D + d] = (x[b * D + d] - mean) * rstd * Wt[gamma_off + d] + Wt[beta_off + d]
             cuda.syncthreads()
             b += cuda.gridDim.x
 
-    @kernel(launch_bounds=NT)
-    def step(Wt, cache, tokens, pmask, stop_ids, state_i, x, xn, qb, ctx, hb, xe, logits, probs,
-             wts, cidx, cval, keep, svals, sidx, params_f, params_i, B, nsteps):
-        # state_i: [0] index (next position to decide), [1] rows finished, [2] stop flag
+    @kernel(launch_bounds=(NT, min_blocks) if min_blocks > 1 else NT)
+    def step(Wt, cache, tokens, pmask, stop_ids, state_i, x, xn, part, part1, ctx, xe, logits, probs,
+             wts, cidx, cval, keep, svals, sidx, gpart, gidx, params_f, params_i, prof, B, nsteps):
+        # state_i: [0] index (next position to decide), [1] rows finished, [2] stop flag,
+        # [3] 1 + a row whose distribution could not be sampled, [4:] row b has stopped
+        # part: products' partial sums [S, B, N]; part1: fc1's; gpart, gidx: the softmax's
+        # per-slice maxima, sums and first maxima (3 x B x nsl; B x nsl), nsl <= grid / B
         red = cuda.shared.array(RED, float32)
-        fbuf = cuda.shared.array(1024, float32)
-        dbuf = cuda.shared.array(SCAN, float64)
-        ibuf = cuda.shared.array(SCAN, int64)
+        Xs = cuda.shared.array(XSH, float32)
+        Ws = cuda.shared.array(WSH, float32)
+        fbuf = cuda.shared.array(NT, float32)
+        dbuf = cuda.shared.array(NT, float64)
+        ibuf = cuda.shared.array(NT, int64)
         sc = cuda.shared.array(CHUNK, float32)
         qs = cuda.shared.array(128, float32)
+        pv = cuda.shared.array(NT, float32)
         tid = cuda.threadIdx.x
         lane = tid % WL
         warp = tid // WL
@@ -302,6 +519,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         k_value = params_i[0]
         seed_lo = params_i[1]
         seed_hi = params_i[2]
+        ps = mark(prof, 0, 13)
 
         for _step in range(nsteps):
             index = state_i[0]
@@ -315,71 +533,103 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     e = idx % E
                     xe[idx] = Wt[g_embed + tokens[b, pos] * E + e]
                 grid_sync()
-                rounds = (D + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < D else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_e(Wt, g_pin + oo * E, E, xe, c0, min(RB, B - c0), lane, red, warp)
-                        bl = c0 + lane
-                        if o < D and lane < RB and bl < B:
-                            x[bl * D + o] = s + Wt[g_pos + pos * D + o]
+                ps = mark(prof, ps, 0)
+                if tiled:
+                    prod_pin(Wt, g_pin, xe, 0, B, part, Xs, Ws)
+                    grid_sync()
+                    ps = mark(prof, ps, 0)
+                    for idx in range(cuda.blockIdx.x * NT + tid, B * D, cuda.gridDim.x * NT):
+                        x[idx] = part[idx] + Wt[g_pos + pos * D + idx % D]
+                else:
+                    rounds = (D + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < D else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_e(Wt, g_pin + oo * E, E, xe, c0, min(RB, B - c0), lane, red, warp)
+                            bl = c0 + lane
+                            if o < D and lane < RB and bl < B:
+                                x[bl * D + o] = s + Wt[g_pos + pos * D + o]
             else:
                 for idx in range(cuda.blockIdx.x * NT + tid, B * D, cuda.gridDim.x * NT):
                     b = idx // D
                     d = idx % D
                     x[idx] = Wt[g_embed + tokens[b, pos] * E + d] + Wt[g_pos + pos * D + d]
             grid_sync()
+            ps = mark(prof, ps, 0)
 
             for l in range(L):
                 base = l * LS
                 # ------------------------------------------------------------ attention block
                 if pre_ln:
-                    layernorm_rows(x, xn, base + o_ln1g, base + o_ln1b, Wt, B, fbuf)
+                    # the previous layer's fc2 sums join the residual here (none before layer 0)
+                    finish_rows(x, part, S2 if l > 0 else 0, base - LS + o_b2, True, base + o_ln1g,
+                                base + o_ln1b, xn, Wt, B, fbuf)
+                    grid_sync()
+                    ps = mark(prof, ps, 1)
                     src = xn
                 else:
                     src = x
+                if tiled:
+                    prod_qkv(Wt, base + o_wqkv, src, 0, B, part, Xs, Ws)
+                else:
+                    rounds = (3 * D + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < 3 * D else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_d(Wt, base + o_wqkv + oo * D, D, src, c0, min(RB, B - c0), lane,
+                                      red, warp)
+                            bl = c0 + lane
+                            if o < 3 * D and lane < RB and bl < B:
+                                part[bl * 3 * D + o] = s
                 grid_sync()
-                rounds = (3 * D + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < 3 * D else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_d(Wt, base + o_wqkv + oo * D, D, src, c0, min(RB, B - c0), lane,
-                                     red, warp)
-                        bl = c0 + lane
-                        if o < 3 * D and lane < RB and bl < B:
-                            v = s + Wt[base + o_bqkv + o]
-                            if o < D:
-                                qb[bl * D + o] = v * scale
-                            else:
-                                kv = (o - D) // D
-                                f = (o - D) % D
-                                hh = f // K
-                                dd = f % K
-                                cache[((((bl * L + l) * 2 + kv) * T + pos) * H + hh) * K + dd] = v
-                grid_sync()
-                # attention of each (row, head) over cache positions 0 .. pos
+                ps = mark(prof, ps, 2)
+                # attention of each (row, head) over cache positions 0 .. pos; the block first
+                # adds up its head's q, k, v (partial sums + bias), stores k and v at pos
                 item = cuda.blockIdx.x
                 while item < B * H:
                     b = item // H
                     hh = item % H
-                    for d in range(tid, K, NT):
-                        qs[d] = qb[b * D + hh * K + d]
-                    cuda.syncthreads()
                     kbase = (b * L + l) * 2 * T * H * K
                     vbase = kbase + T * H * K
+                    for d in range(tid, K, NT):
+                        f = hh * K + d
+                        qv = float32(0)
+                        kv = float32(0)
+                        vv = float32(0)
+                        for s_ in range(Sq):
+                            pb = (s_ * B + b) * 3 * D
+                            qv += part[pb + f]
+                            kv += part[pb + D + f]
+                            vv += part[pb + 2 * D + f]
+                        qs[d] = (qv + Wt[base + o_bqkv + f]) * scale
+                        cache[kbase + (pos * H + hh) * K + d] = kv + Wt[base + o_bqkv + D + f]
+                        cache[vbase + (pos * H + hh) * K + d] = vv + Wt[base + o_bqkv + 2 * D + f]
+                    cuda.syncthreads()
                     top = float32(-math.inf)
                     total = float32(0)
                     acc_d = float32(0)                         # thread tid < K: output column tid
                     for t0 in range(0, index, CHUNK):
                         t1 = min(index, t0 + CHUNK)
-                        for t in range(t0 + tid, t1, NT):
-                            s = float32(0)
-                            kp = kbase + (t * H + hh) * K
-                            for d in range(K):
-                                s += qs[d] * cache[kp + d]
-                            sc[t - t0] = s
+                        if SIM:
+                            for t in range(t0 + tid, t1, NT):
+                                s = float32(0)
+                                kp = kbase + (t * H + hh) * K
+                                for d in range(K):
+                                    s += qs[d] * cache[kp + d]
+                                sc[t - t0] = s
+                        else:
+                            # a warp per position, its lanes across the head (coalesced rows)
+                            for t in range(t0 + warp, t1, NW):
+                                s = float32(0)
+                                kp = kbase + (t * H + hh) * K
+                                for d in range(lane, K, WL):
+                                    s += qs[d] * cache[kp + d]
+                                for w in (16, 8, 4, 2, 1):
+                                    s += cuda.shfl_xor_sync(0xFFFFFFFF, s, w)
+                                if lane == 0:
+                                    sc[t - t0] = s
                         cuda.syncthreads()
                         m = float32(-math.inf)
                         for t in range(t0 + tid, t1, NT):
@@ -387,19 +637,29 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                         m = _rows.block_max(m, fbuf)
                         m_new = max(top, m)
                         alpha = math.exp(top - m_new)
-                        part = float32(0)
+                        psum = float32(0)
                         for t in range(t0 + tid, t1, NT):
                             e = math.exp(sc[t - t0] - m_new)
                             sc[t - t0] = e
-                            part += e
-                        part = _rows.block_sum(part, fbuf)
-                        total = total * alpha + part
+                            psum += e
+                        psum = _rows.block_sum(psum, fbuf)
+                        total = total * alpha + psum
                         top = m_new
+                        cuda.syncthreads()
+                        # weighted values: GV groups of K threads each take every GV-th position,
+                        # then thread d < K adds its column's group sums in order
+                        if tid < GV * K:
+                            g = tid // K
+                            d = tid % K
+                            a = float32(0)
+                            for t in range(t0 + g, t1, GV):
+                                a += sc[t - t0] * cache[vbase + (t * H + hh) * K + d]
+                            pv[tid] = a
                         cuda.syncthreads()
                         if tid < K:
                             a = acc_d * alpha
-                            for t in range(t0, t1):
-                                a += sc[t - t0] * cache[vbase + (t * H + hh) * K + tid]
+                            for g in range(GV):
+                                a += pv[g * K + tid]
                             acc_d = a
                         cuda.syncthreads()
                     if tid < K:
@@ -407,105 +667,182 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     cuda.syncthreads()
                     item += cuda.gridDim.x
                 grid_sync()
-                # out projection + residual
-                rounds = (D + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < D else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_d(Wt, base + o_wo + oo * D, D, ctx, c0, min(RB, B - c0), lane, red,
-                                     warp)
-                        bl = c0 + lane
-                        if o < D and lane < RB and bl < B:
-                            x[bl * D + o] = x[bl * D + o] + (s + Wt[base + o_bo + o])
-                grid_sync()
-                if not pre_ln:
-                    layernorm_rows(x, x, base + o_ln1g, base + o_ln1b, Wt, B, fbuf)
-                    grid_sync()
-                # ------------------------------------------------------------ MLP block
-                if pre_ln:
-                    layernorm_rows(x, xn, base + o_ln2g, base + o_ln2b, Wt, B, fbuf)
-                    src = xn
-                    grid_sync()
+                ps = mark(prof, ps, 3)
+                # out projection (its sums join the residual in the norm stage after it)
+                if tiled:
+                    prod_out(Wt, base + o_wo, ctx, 0, B, part, Xs, Ws)
                 else:
-                    src = x
-                rounds = (F + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < F else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_d(Wt, base + o_w1 + oo * D, D, src, c0, min(RB, B - c0), lane, red,
-                                     warp)
-                        bl = c0 + lane
-                        if o < F and lane < RB and bl < B:
-                            hb[bl * F + o] = max(s + Wt[base + o_b1 + o], float32(0))
+                    rounds = (D + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < D else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_d(Wt, base + o_wo + oo * D, D, ctx, c0, min(RB, B - c0), lane,
+                                      red, warp)
+                            bl = c0 + lane
+                            if o < D and lane < RB and bl < B:
+                                part[bl * D + o] = s
                 grid_sync()
-                rounds = (D + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < D else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_f(Wt, base + o_w2 + oo * F, F, hb, c0, min(RB, B - c0), lane, red,
-                                     warp)
-                        bl = c0 + lane
-                        if o < D and lane < RB and bl < B:
-                            x[bl * D + o] = x[bl * D + o] + (s + Wt[base + o_b2 + o])
+                ps = mark(prof, ps, 4)
+                if pre_ln:
+                    finish_rows(x, part, So, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn,
+                                Wt, B, fbuf)
+                else:
+                    finish_rows(x, part, So, base + o_bo, True, base + o_ln1g, base + o_ln1b, x,
+                                Wt, B, fbuf)
                 grid_sync()
+                ps = mark(prof, ps, 5)
+                # ------------------------------------------------------------ MLP block
+                if tiled:
+                    prod_fc1(Wt, base + o_w1, src, 0, B, part1, Xs, Ws)
+                else:
+                    rounds = (F + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < F else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_d(Wt, base + o_w1 + oo * D, D, src, c0, min(RB, B - c0), lane,
+                                      red, warp)
+                            bl = c0 + lane
+                            if o < F and lane < RB and bl < B:
+                                part1[bl * F + o] = max(s + Wt[base + o_b1 + o], float32(0))
+                grid_sync()
+                ps = mark(prof, ps, 6)
+                if tiled:
+                    # fc2 reads fc1's partial sums, adding them with fc1's bias and the ReLU
+                    prod_fc2(Wt, base + o_w2, part1, base + o_b1, B, part, Xs, Ws)
+                else:
+                    rounds = (D + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < D else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_f(Wt, base + o_w2 + oo * F, F, part1, c0, min(RB, B - c0), lane,
+                                      red, warp)
+                            bl = c0 + lane
+                            if o < D and lane < RB and bl < B:
+                                part[bl * D + o] = s
+                grid_sync()
+                ps = mark(prof, ps, 7)
                 if not pre_ln:
-                    layernorm_rows(x, x, base + o_ln2g, base + o_ln2b, Wt, B, fbuf)
+                    finish_rows(x, part, S2, base + o_b2, True, base + o_ln2g, base + o_ln2b, x,
+                                Wt, B, fbuf)
                     grid_sync()
+                    ps = mark(prof, ps, 8)
 
             # ---------------------------------------------------------------- head
-            if final_ln:
-                layernorm_rows(x, xn, g_lnfg, g_lnfb, Wt, B, fbuf)
-                hsrc = xn
+            if pre_ln or final_ln:
+                finish_rows(x, part, S2 if pre_ln else 0, (L - 1) * LS + o_b2, final_ln, g_lnfg,
+                            g_lnfb, xn, Wt, B, fbuf)
                 grid_sync()
-            else:
-                hsrc = x
+                ps = mark(prof, ps, 9)
+            hsrc = xn if final_ln else x
             if projection:
-                rounds = (E + nwarps - 1) // nwarps
+                if tiled:
+                    prod_pout(Wt, g_pout, hsrc, 0, B, part, Xs, Ws)
+                else:
+                    rounds = (E + nwarps - 1) // nwarps
+                    for r in range(rounds):
+                        o = r * nwarps + gwarp
+                        oo = o if o < E else 0
+                        for c0 in range(0, B, RB):
+                            s = dot_d(Wt, g_pout + oo * D, D, hsrc, c0, min(RB, B - c0), lane, red,
+                                      warp)
+                            bl = c0 + lane
+                            if o < E and lane < RB and bl < B:
+                                part[bl * E + o] = s
+                grid_sync()
+                ps = mark(prof, ps, 10)
+                hsrc = part
+            if tiled:
+                prod_head(Wt, g_embed, hsrc, 0, B, logits, Xs, Ws)
+            else:
+                rounds = (V + nwarps - 1) // nwarps
                 for r in range(rounds):
                     o = r * nwarps + gwarp
-                    oo = o if o < E else 0
+                    oo = o if o < V else 0
                     for c0 in range(0, B, RB):
-                        s = dot_d(Wt, g_pout + oo * D, D, hsrc, c0, min(RB, B - c0), lane, red,
-                                     warp)
+                        s = dot_e(Wt, g_embed + oo * E, E, hsrc, c0, min(RB, B - c0), lane, red, warp)
                         bl = c0 + lane
-                        if o < E and lane < RB and bl < B:
-                            xe[bl * E + o] = s
-                grid_sync()
-                hsrc = xe
-            rounds = (V + nwarps - 1) // nwarps
-            for r in range(rounds):
-                o = r * nwarps + gwarp
-                oo = o if o < V else 0
-                for c0 in range(0, B, RB):
-                    s = dot_e(Wt, g_embed + oo * E, E, hsrc, c0, min(RB, B - c0), lane, red, warp)
-                    bl = c0 + lane
-                    if o < V and lane < RB and bl < B:
-                        logits[bl * V + o] = s
+                        if o < V and lane < RB and bl < B:
+                            logits[bl * V + o] = s
             grid_sync()
+            ps = mark(prof, ps, 11)
+
+            # ---------------------------------------------------------------- softmax
+            # probs = softmax(logits / temperature) over the whole grid: each row's vocabulary
+            # in nsl slices, one block each; slice maxima, then slice sums of the exponentials,
+            # then every slice divides by its row's total (partials combined in slice order)
+            nsl = max(1, min(cuda.gridDim.x // B, (V + NT - 1) // NT))
+            sl = (V + nsl - 1) // nsl
+            gsz = B * nsl
+            item = cuda.blockIdx.x
+            while item < gsz:
+                b = item // nsl
+                lo = (item % nsl) * sl
+                hi = min(V, lo + sl)
+                top = float32(-math.inf)
+                for j in range(lo + tid, hi, NT):
+                    top = max(top, logits[b * V + j] / temperature)
+                top = _rows.block_max(top, fbuf)
+                if tid == 0:
+                    gpart[item] = top
+                item += cuda.gridDim.x
+            grid_sync()
+            item = cuda.blockIdx.x
+            while item < gsz:
+                b = item // nsl
+                lo = (item % nsl) * sl
+                hi = min(V, lo + sl)
+                top = float32(-math.inf)
+                for jj in range(nsl):
+                    top = max(top, gpart[b * nsl + jj])
+                esum = float32(0)
+                for j in range(lo + tid, hi, NT):
+                    e = math.exp(logits[b * V + j] / temperature - top)
+                    probs[b * V + j] = e
+                    esum += e
+                esum = _rows.block_sum(esum, fbuf)
+                if tid == 0:
+                    gpart[gsz + item] = esum
+                item += cuda.gridDim.x
+            grid_sync()
+            item = cuda.blockIdx.x
+            while item < gsz:
+                b = item // nsl
+                lo = (item % nsl) * sl
+                hi = min(V, lo + sl)
+                total = float32(0)
+                for jj in range(nsl):
+                    total += gpart[gsz + b * nsl + jj]
+                for j in range(lo + tid, hi, NT):
+                    probs[b * V + j] = probs[b * V + j] / total
+                if greedy:
+                    cuda.syncthreads()
+                    if hi > lo:
+                        at = row_argmax(probs[b * V + lo:b * V + hi], hi - lo, dbuf, ibuf)
+                        if tid == 0:
+                            gidx[item] = lo + at
+                            gpart[2 * gsz + item] = probs[b * V + lo + at]
+                    elif tid == 0:                             # an empty slice (V < nsl * sl)
+                        gidx[item] = 0
+                        gpart[2 * gsz + item] = float32(-math.inf)
+                item += cuda.gridDim.x
+            grid_sync()
+            ps = mark(prof, ps, 14)
 
             # ---------------------------------------------------------------- sample
             b = cuda.blockIdx.x
             while b < B:
-                lrow = logits[b * V:(b + 1) * V]
                 prow = probs[b * V:(b + 1) * V]
-                top = float32(-math.inf)
-                for j in range(tid, V, NT):
-                    top = max(top, lrow[j] / temperature)
-                top = _rows.block_max(top, fbuf)
-                part = float32(0)
-                for j in range(tid, V, NT):
-                    e = math.exp(lrow[j] / temperature - top)
-                    prow[j] = e
-                    part += e
-                total = _rows.block_sum(part, fbuf)
-                for j in range(tid, V, NT):
-                    prow[j] = prow[j] / total
-                cuda.syncthreads()
                 if greedy:
-                    token = row_argmax(prow, V, dbuf, ibuf)
+                    # the first maximum: the slices' first maxima, in slice order
+                    token = gidx[b * nsl]
+                    best = gpart[2 * gsz + b * nsl]
+                    for jj in range(1, nsl):
+                        if gpart[2 * gsz + b * nsl + jj] > best:
+                            best = gpart[2 * gsz + b * nsl + jj]
+                            token = gidx[b * nsl + jj]
                 else:
                     wrow = wts[b]
                     if top_p:
@@ -541,11 +878,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 cuda.syncthreads()
                 b += cuda.gridDim.x
             grid_sync()
+            ps = mark(prof, ps, 12)
             if cuda.blockIdx.x == 0 and tid == 0:
                 state_i[0] = index + 1
                 if stop_ids.shape[0] > 0 and state_i[1] >= B:
                     state_i[2] = 1
             grid_sync()
+            ps = mark(prof, ps, 13)
 
     return step
 
@@ -648,6 +987,10 @@ class DeviceModel:
         return cache
 
     # ------------------------------------------------------------------ decode
+    def plan(self, B):
+        """The products' :class:`Plan` for a batch of ``B`` rows."""
+        return product_plan(self.lay.D, self.lay.F, min(32, pow2(B)), split_target())
+
     def step_kernel(self, T, B, sampler):
         lay, cfg = self.lay, self.cfg
         RB = min(32, pow2(B))
@@ -658,7 +1001,8 @@ class DeviceModel:
             float(cfg.layer_norm_epsilon), lay.layer_stride,
             tuple(o[n] for n in ("ln1_g", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_g", "ln2_b", "w1",
                                  "b1", "w2", "b2")),
-            tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")))
+            tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
+            self.plan(B), MIN_BLOCKS, PROFILE and not SIMULATOR, UNROLL)
 
     def decode(self, token_ids, prompt_mask, index, sampler_kind="greedy", **kwargs):
         """Decode ``token_ids [B, T]`` (host ints, prompt tokens where ``prompt_mask``) from
@@ -695,9 +1039,11 @@ class DeviceModel:
         step = self.step_kernel(T, B, sampler_kind)
         D, E, F, V = lay.D, lay.E, lay.F, lay.V
         f32 = np.float32
-        x, xn, qb, ctx = (empty(B * D, f32), empty(B * max(D, E), f32), empty(B * D, f32),
-                          empty(B * D, f32))
-        hb, xe = empty(B * F, f32), empty(B * max(D, E), f32)
+        plan = self.plan(B)
+        x, xn, ctx, xe = (empty(B * D, f32), empty(B * max(D, E), f32), empty(B * D, f32),
+                          empty(B * max(D, E), f32))
+        part = empty(B * max(plan.qkv[0] * 3 * D, plan.out[0] * D, plan.fc2[0] * D, E), f32)
+        part1 = empty(B * plan.fc1[0] * F, f32)
         logits, probs = empty(B * V, f32), empty(B * V, f32)
         Vw = V if sampler_kind != "greedy" else 1
         P2 = pow2(V) if sampler_kind == "top_p" else 1
@@ -711,8 +1057,13 @@ class DeviceModel:
         params_f = cuda.to_device(np.array([temperature, p, min_p], np.float64))
         params_i = cuda.to_device(np.array([k, seed & 0xFFFFFFFF, seed >> 32], np.int64))
         stop_dev = cuda.to_device(stop if stop.size else np.zeros(0, np.int64))
-        args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, qb, ctx, hb, xe, logits,
-                probs, wts, cidx, cval, keep, svals, sidx, params_f, params_i, int32(B))
+        prof = cuda.to_device(np.zeros((8192 if PROFILE else 1, 2), np.int64))
+        args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, part, part1, ctx, xe, logits,
+                probs, wts, cidx, cval, keep, svals, sidx)
+        tail = (params_f, params_i, prof, int32(B))
+        gmax = 1 if SIMULATOR else BLOCKS_PER_SM * cuda.get_current_device().MULTIPROCESSOR_COUNT
+        gpart, gidx = empty(3 * max(B, gmax), f32), empty(max(B, gmax), np.int64)
+        args = args + (gpart, gidx) + tail
         grid = 1 if SIMULATOR else grid_blocks(step, args + (int32(1),), THREADS)
         while True:
             start = int(state[0])
@@ -721,6 +1072,8 @@ class DeviceModel:
             n = min(int(steps_per_launch), T - start)
             step[grid, THREADS](*args, int32(n))
             state = state_dev.copy_to_host()
+            if PROFILE:
+                self.profile = prof.copy_to_host()
             if state[3]:
                 raise SamplerError(f"cannot sample row {int(state[3]) - 1}: its weights must be finite, "
                                    "non-negative and not all zero; are the logits NaN?")
@@ -729,12 +1082,27 @@ class DeviceModel:
         return tokens.copy_to_host()
 
 
+STAGES = ("embed", "norm 1", "q k v", "attention", "out", "norm 2", "fc1", "fc2", "norm 2 (post)",
+          "final norm", "projection out", "head", "sample", "next", "softmax")
+
+
+def stage_times(profile) -> dict:
+    """SM clock cycles per stage, summed over the marks of one launch with ``PROFILE`` on (each
+    interval between two marks is the stage that the later mark closes)."""
+    rows = profile[profile[:, 0] != 0]
+    out = {}
+    for (t0, _), (t1, code) in zip(rows[:-1], rows[1:]):
+        out[STAGES[code]] = out.get(STAGES[code], 0) + int(t1 - t0)
+    return out
+
+
 def grid_blocks(step, args, threads):
-    """Blocks of the cooperative grid: as many as can be resident at once (capped at 2 per SM)."""
+    """Blocks of the cooperative grid: as many as can be resident at once, at most
+    :data:`BLOCKS_PER_SM` per SM."""
     kern = step._compile_for_args(*args)
     most = kern.max_cooperative_grid_blocks(threads)
     sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    return max(1, min(most, 2 * sms))
+    return max(1, min(most, BLOCKS_PER_SM * sms))
 
 
 
