@@ -48,8 +48,9 @@ at most 32 rows a pass):
   result does not depend on timing).  Per-output warps at batch 32 re-read every activation row
   for every weight row and were bound by those loads.
 
-Measured (H100, float32, 125m-shaped, 2026-11-25, several runs): a step takes 1.5-1.7 ms at
-batch 1 and 3.9-4.3 ms at batch 32 (7,500-8,200 tok/s; 8.2 ms with warp products at batch 32).  Per-stage
+Measured (H100, float32, 125m-shaped, 2026-11-25, ``benchmarks/profile_decode.py`` and
+``bench_gpu.py``, several runs): a step takes 1.35-1.7 ms at batch 1 and 3.9-4.3 ms at batch 32
+(7,500-8,200 tok/s; 8.2 ms with warp products at batch 32).  Per-stage
 SM clocks (``PROFILE``, :func:`stage_times`) at batch 32: fc1 and fc2 about 20% each, head 18%,
 q/k/v 15%, attention 12%; at batch 1: attention 18%, the products 55%, the norm stages 20%
 (one block's work behind a grid synchronisation of about 2 us).  The kernel takes 231-255
