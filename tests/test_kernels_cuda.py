@@ -329,6 +329,19 @@ def _samplers():
             TopPSampler(p=0.5, seed=3), MinPSampler(min_p=0.2, min_tokens_to_keep=2, seed=9)]
 
 
+def _generate_as_numpy(lm, x, samplers):
+    # the device loop (cuda) against the host loop on the NumPy ops: the same tokens and output
+    # mask for every sampler (the probabilities agree to rounding; the rules exactly)
+    for sampler in samplers:
+        lm.compile(sampler=sampler)
+        lm.backend = "numpy"
+        want = lm.generate(x, stop_token_ids=None)
+        lm.backend = "cuda"
+        got = lm.generate(x, stop_token_ids=None)
+        assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
+        assert np.array_equal(got["padding_mask"], want["padding_mask"])
+
+
 @pytest.mark.parametrize("pre_ln,proj", [(True, False), (False, True)])
 def test_device_decode_matches_generate(pre_ln, proj):
     # the device loop (one persistent kernel per step) against the host loop on the NumPy ops:
@@ -340,16 +353,8 @@ def test_device_decode_matches_generate(pre_ln, proj):
     mask = np.zeros((B, T), bool)
     mask[0, :3] = True
     mask[1, :5] = True
-    x = {"token_ids": ids, "padding_mask": mask}
     samplers = _samplers() if FULL else _samplers()[:2] if pre_ln else _samplers()[2:4]
-    for sampler in samplers:
-        lm.compile(sampler=sampler)
-        lm.backend = "numpy"
-        want = lm.generate(x, stop_token_ids=None)
-        lm.backend = "cuda"
-        got = lm.generate(x, stop_token_ids=None)
-        assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
-        assert np.array_equal(got["padding_mask"], want["padding_mask"])
+    _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask}, samplers)
 
 
 @pytest.mark.parametrize("B", [6, 35] if FULL else [6])
@@ -367,14 +372,8 @@ def test_device_decode_tiled_batches(B):
     mask = np.zeros((B, T), bool)
     for b in range(B):
         mask[b, :3 + b % 3] = True
-    x = {"token_ids": ids, "padding_mask": mask}
-    for sampler in (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)):
-        lm.compile(sampler=sampler)
-        lm.backend = "numpy"
-        want = lm.generate(x, stop_token_ids=None)
-        lm.backend = "cuda"
-        got = lm.generate(x, stop_token_ids=None)
-        assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
+    _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask},
+                       (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)))
 
 
 def test_device_decode_stops_and_streams():

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, float64, int32, int64
@@ -204,6 +205,7 @@ def reduction_source(RB: int) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=None)
 def _make_warp_dot(RB: int, width: int = 0):
     """``warp_dot(W, base, I, X, xrow0, B, lane, red, warp)``: the dot products of ``W[base:base+I]``
     with rows ``xrow0 .. xrow0+B-1`` of ``X`` (``B <= RB``), summed over the warp; lane ``b``
@@ -272,6 +274,42 @@ def _make_warp_dot(RB: int, width: int = 0):
     return warp_dot
 
 
+@functools.lru_cache(maxsize=None)
+def make_warp_stage(RB: int, I: int, N: int, epilogue: str = "store"):
+    """``warp_stage(Wt, wbase, X, eoff, B, dst, Xs, Ws, red)``: one stage of the persistent kernel with
+    warp products (batch passes below :data:`TILED_FROM` rows): output ``o < N`` of every row
+    ``b < B`` is ``X[b] . W[o]`` with ``W = Wt[wbase:]`` as ``[N, I]``, one warp per output; it
+    goes to ``dst[b, o]`` as it is (``"store"``), plus ``Wt[eoff + o]`` (``"add"``), or plus that
+    bias through a ReLU (``"bias_relu"``).  ``Xs, Ws`` are unused: the signature is
+    :func:`make_tile_stage`'s, so that the kernel calls either kind alike."""
+    assert epilogue in ("store", "add", "bias_relu")
+    dot = _make_warp_dot(RB, I)
+    NW = THREADS // WL
+    add = epilogue != "store"
+    relu = epilogue == "bias_relu"
+
+    @cuda.jit(device=True)
+    def warp_stage(Wt, wbase, X, eoff, B, dst, Xs, Ws, red):
+        tid = cuda.threadIdx.x
+        lane = tid % WL
+        warp = tid // WL
+        gwarp = cuda.blockIdx.x * NW + warp
+        nwarps = cuda.gridDim.x * NW
+        for r in range((N + nwarps - 1) // nwarps):
+            o = r * nwarps + gwarp
+            oo = o if o < N else 0               # every warp takes part in the shuffles
+            for c0 in range(0, B, RB):
+                s = dot(Wt, wbase + oo * I, I, X, c0, min(RB, B - c0), lane, red, warp)
+                bl = c0 + lane
+                if o < N and lane < RB and bl < B:
+                    if add:
+                        s = s + Wt[eoff + o]
+                    if relu:
+                        s = max(s, float32(0))
+                    dst[bl * N + o] = s
+    return warp_stage
+
+
 # ----------------------------------------------------------------------------- tiled products
 KC = 4 if SIM else 32                 # inputs staged through shared memory per pass of a tile
 TILED_FROM = 8                        # batch passes of at least this many rows take tiled products
@@ -286,22 +324,17 @@ def tile_shape(RB: int):
     return RB, 2 * TX, TY, TX, RB // TY, 2
 
 
-class Plan(tuple):
-    """How the step's products split their inputs: ``(tiled, qkv, out, fc1, fc2)``, each product's
-    ``(S, CPS)``: ``S`` partial sums over ``CPS`` chunks of ``KC`` inputs each (``S = 1``: whole
-    sums).  Split-K keeps every block busy when a product has fewer output tiles than the grid has
-    blocks; the partial sums are added, in a fixed order, by the stage that reads them."""
+class Plan(NamedTuple):
+    """How the step's products split their inputs: for each product ``(S, CPS)``, ``S`` partial
+    sums over ``CPS`` chunks of ``KC`` inputs each (``S = 1``: whole sums).  Split-K keeps every
+    block busy when a product has fewer output tiles than the grid has blocks; the partial sums
+    are added, in a fixed order, by the stage that reads them."""
 
-    __slots__ = ()
-
-    def __new__(cls, tiled, qkv, out, fc1, fc2):
-        return super().__new__(cls, (tiled, qkv, out, fc1, fc2))
-
-    tiled = property(lambda self: self[0])
-    qkv = property(lambda self: self[1])
-    out = property(lambda self: self[2])
-    fc1 = property(lambda self: self[3])
-    fc2 = property(lambda self: self[4])
+    tiled: bool
+    qkv: tuple
+    out: tuple
+    fc1: tuple
+    fc2: tuple
 
 
 def split_target() -> int:
@@ -328,7 +361,7 @@ def product_plan(D: int, F: int, RB: int, target: int) -> Plan:
 
 @functools.lru_cache(maxsize=None)
 def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int, U: int = 1):
-    """``tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws)``: one stage of the persistent kernel,
+    """``tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws, red)``: one stage of the persistent kernel,
     ``dst[s, b, n] = sum over split s's inputs k of X[b, k] * W[n, k]`` for every row ``b < B``,
     output ``n < N`` and split ``s < S``, with ``W = Wt[wbase:]`` as ``[N, I]`` (one contiguous row
     per output).  Each work item (batch pass, tile of ``TN`` outputs, split) is one block's: it
@@ -363,7 +396,7 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
                     f"{ind}    pw{m} = Wt[wbase + n * {I} + k]"]
         return out
 
-    src = ["def tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws):",
+    src = ["def tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws, red):     # red: unused",
            "    tid = cuda.threadIdx.x",
            f"    tx = tid % {TX}",
            f"    ty = tid // {TX}",
@@ -440,8 +473,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         prod_pout = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, unroll)
     else:
         XSH = WSH = 1
-        prod_qkv = prod_out = prod_fc1 = prod_fc2 = prod_head = prod_pin = prod_pout = None
-    dot_d, dot_e, dot_f = _make_warp_dot(RB, D), _make_warp_dot(RB, E), _make_warp_dot(RB, F)
+        prod_qkv = make_warp_stage(RB, D, 3 * D)
+        prod_out = make_warp_stage(RB, D, D)
+        prod_fc1 = make_warp_stage(RB, D, F, "bias_relu")     # fc2 then reads activations
+        prod_fc2 = make_warp_stage(RB, F, D)
+        prod_head = make_warp_stage(RB, E, V)
+        prod_pin = make_warp_stage(RB, E, D, "add")           # + the position embedding
+        prod_pout = make_warp_stage(RB, D, E)
     greedy = sampler == "greedy"
     top_k = sampler in ("top_k", "min_p")
     top_p = sampler == "top_p"
@@ -512,8 +550,6 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         tid = cuda.threadIdx.x
         lane = tid % WL
         warp = tid // WL
-        gwarp = cuda.blockIdx.x * NW + warp
-        nwarps = cuda.gridDim.x * NW
         temperature = float32(params_f[0])
         top_p_value = params_f[1]
         min_p_value = params_f[2]
@@ -536,21 +572,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 grid_sync()
                 ps = mark(prof, ps, 0)
                 if tiled:
-                    prod_pin(Wt, g_pin, xe, 0, B, part, Xs, Ws)
+                    prod_pin(Wt, g_pin, xe, 0, B, part, Xs, Ws, red)
                     grid_sync()
                     ps = mark(prof, ps, 0)
                     for idx in range(cuda.blockIdx.x * NT + tid, B * D, cuda.gridDim.x * NT):
                         x[idx] = part[idx] + Wt[g_pos + pos * D + idx % D]
                 else:
-                    rounds = (D + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < D else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_e(Wt, g_pin + oo * E, E, xe, c0, min(RB, B - c0), lane, red, warp)
-                            bl = c0 + lane
-                            if o < D and lane < RB and bl < B:
-                                x[bl * D + o] = s + Wt[g_pos + pos * D + o]
+                    prod_pin(Wt, g_pin, xe, g_pos + pos * D, B, x, Xs, Ws, red)
             else:
                 for idx in range(cuda.blockIdx.x * NT + tid, B * D, cuda.gridDim.x * NT):
                     b = idx // D
@@ -571,19 +599,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     src = xn
                 else:
                     src = x
-                if tiled:
-                    prod_qkv(Wt, base + o_wqkv, src, 0, B, part, Xs, Ws)
-                else:
-                    rounds = (3 * D + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < 3 * D else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_d(Wt, base + o_wqkv + oo * D, D, src, c0, min(RB, B - c0), lane,
-                                      red, warp)
-                            bl = c0 + lane
-                            if o < 3 * D and lane < RB and bl < B:
-                                part[bl * 3 * D + o] = s
+                prod_qkv(Wt, base + o_wqkv, src, 0, B, part, Xs, Ws, red)
                 grid_sync()
                 ps = mark(prof, ps, 2)
                 # attention of each (row, head) over cache positions 0 .. pos; the block first
@@ -670,19 +686,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 grid_sync()
                 ps = mark(prof, ps, 3)
                 # out projection (its sums join the residual in the norm stage after it)
-                if tiled:
-                    prod_out(Wt, base + o_wo, ctx, 0, B, part, Xs, Ws)
-                else:
-                    rounds = (D + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < D else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_d(Wt, base + o_wo + oo * D, D, ctx, c0, min(RB, B - c0), lane,
-                                      red, warp)
-                            bl = c0 + lane
-                            if o < D and lane < RB and bl < B:
-                                part[bl * D + o] = s
+                prod_out(Wt, base + o_wo, ctx, 0, B, part, Xs, Ws, red)
                 grid_sync()
                 ps = mark(prof, ps, 4)
                 if pre_ln:
@@ -694,35 +698,11 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 grid_sync()
                 ps = mark(prof, ps, 5)
                 # ------------------------------------------------------------ MLP block
-                if tiled:
-                    prod_fc1(Wt, base + o_w1, src, 0, B, part1, Xs, Ws)
-                else:
-                    rounds = (F + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < F else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_d(Wt, base + o_w1 + oo * D, D, src, c0, min(RB, B - c0), lane,
-                                      red, warp)
-                            bl = c0 + lane
-                            if o < F and lane < RB and bl < B:
-                                part1[bl * F + o] = max(s + Wt[base + o_b1 + o], float32(0))
+                # (fc1's bias and ReLU: in its warp stage, or where the tiled fc2 reads its sums)
+                prod_fc1(Wt, base + o_w1, src, base + o_b1, B, part1, Xs, Ws, red)
                 grid_sync()
                 ps = mark(prof, ps, 6)
-                if tiled:
-                    # fc2 reads fc1's partial sums, adding them with fc1's bias and the ReLU
-                    prod_fc2(Wt, base + o_w2, part1, base + o_b1, B, part, Xs, Ws)
-                else:
-                    rounds = (D + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < D else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_f(Wt, base + o_w2 + oo * F, F, part1, c0, min(RB, B - c0), lane,
-                                      red, warp)
-                            bl = c0 + lane
-                            if o < D and lane < RB and bl < B:
-                                part[bl * D + o] = s
+                prod_fc2(Wt, base + o_w2, part1, base + o_b1, B, part, Xs, Ws, red)
                 grid_sync()
                 ps = mark(prof, ps, 7)
                 if not pre_ln:
@@ -739,34 +719,11 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 ps = mark(prof, ps, 9)
             hsrc = xn if final_ln else x
             if projection:
-                if tiled:
-                    prod_pout(Wt, g_pout, hsrc, 0, B, part, Xs, Ws)
-                else:
-                    rounds = (E + nwarps - 1) // nwarps
-                    for r in range(rounds):
-                        o = r * nwarps + gwarp
-                        oo = o if o < E else 0
-                        for c0 in range(0, B, RB):
-                            s = dot_d(Wt, g_pout + oo * D, D, hsrc, c0, min(RB, B - c0), lane, red,
-                                      warp)
-                            bl = c0 + lane
-                            if o < E and lane < RB and bl < B:
-                                part[bl * E + o] = s
+                prod_pout(Wt, g_pout, hsrc, 0, B, part, Xs, Ws, red)
                 grid_sync()
                 ps = mark(prof, ps, 10)
                 hsrc = part
-            if tiled:
-                prod_head(Wt, g_embed, hsrc, 0, B, logits, Xs, Ws)
-            else:
-                rounds = (V + nwarps - 1) // nwarps
-                for r in range(rounds):
-                    o = r * nwarps + gwarp
-                    oo = o if o < V else 0
-                    for c0 in range(0, B, RB):
-                        s = dot_e(Wt, g_embed + oo * E, E, hsrc, c0, min(RB, B - c0), lane, red, warp)
-                        bl = c0 + lane
-                        if o < V and lane < RB and bl < B:
-                            logits[bl * V + o] = s
+            prod_head(Wt, g_embed, hsrc, 0, B, logits, Xs, Ws, red)
             grid_sync()
             ps = mark(prof, ps, 11)
 
@@ -1062,7 +1019,7 @@ class DeviceModel:
         args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, part, part1, ctx, xe, logits,
                 probs, wts, cidx, cval, keep, svals, sidx)
         tail = (params_f, params_i, prof, int32(B))
-        gmax = 1 if SIMULATOR else BLOCKS_PER_SM * cuda.get_current_device().MULTIPROCESSOR_COUNT
+        gmax = 1 if SIMULATOR else max_grid()
         gpart, gidx = empty(3 * max(B, gmax), f32), empty(max(B, gmax), np.int64)
         args = args + (gpart, gidx) + tail
         grid = 1 if SIMULATOR else grid_blocks(step, args + (int32(1),), THREADS)
@@ -1101,9 +1058,12 @@ def grid_blocks(step, args, threads):
     """Blocks of the cooperative grid: as many as can be resident at once, at most
     :data:`BLOCKS_PER_SM` per SM."""
     kern = step._compile_for_args(*args)
-    most = kern.max_cooperative_grid_blocks(threads)
-    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    return max(1, min(most, BLOCKS_PER_SM * sms))
+    return max(1, min(kern.max_cooperative_grid_blocks(threads), max_grid()))
+
+
+def max_grid() -> int:
+    """The most blocks a cooperative grid takes: :data:`BLOCKS_PER_SM` per SM."""
+    return BLOCKS_PER_SM * cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
 
