@@ -15,7 +15,6 @@ from refopt.config import OPTConfig
 from refopt.errors import CheckpointError
 
 POSITION_OFFSET = 2
-_PREFIXES = ("model.decoder.", "decoder.", "")
 
 
 def name_map(cfg: OPTConfig) -> dict[str, str]:
@@ -46,7 +45,7 @@ def name_map(cfg: OPTConfig) -> dict[str, str]:
 POSITIONS_NAME = "model.decoder.embed_positions.weight"
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Accept checkpoints saved from OPTModel (``decoder.``) as well as OPTForCausalLM."""
     if name.startswith("model.decoder.") or name == "lm_head.weight":
         return name
@@ -57,7 +56,7 @@ def _canonical(name: str) -> str:
 
 def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = "checkpoint"):
     """refopt parameters (views where no transpose is needed) and the two position prefix rows."""
-    state = {_canonical(k): v for k, v in state.items()}
+    state = {canonical_name(k): v for k, v in state.items()}
     mapping = name_map(cfg)
     expected = set(mapping.values()) | {POSITIONS_NAME}
     tied_head = state.pop("lm_head.weight", None)

@@ -13,29 +13,22 @@ A *preset* is any of
   client is installed and the hub is reachable; otherwise a clear error says so.
 
 Pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) are refused, never unpickled.
-Writing happens in a temporary sibling directory renamed into place, so a failure leaves nothing
-half-written.
+Reading goes through :mod:`refopt.io.checkpoint` (validated, lazy); writing through
+:mod:`refopt.io.saving` (never loses a file).  :func:`resolve` completes a save that was
+interrupted after its commit before anything reads the directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
-from refopt.errors import CheckpointError, ConfigError, PresetNotFoundError
-from refopt.io import huggingface, keras_h5, safetensors_io
+from refopt.errors import CheckpointError, ConfigError, InputTypeError, PresetNotFoundError
+from refopt.io import files, saving
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
-_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5",
-            "flax_model.msgpack")
 
 
 def refopt_home() -> Path:
@@ -97,108 +90,67 @@ def resolve(preset) -> Path:
     if isinstance(preset, os.PathLike):
         preset = os.fspath(preset)
     if not isinstance(preset, str):
-        raise ConfigError(f"preset must be a path or a name, got {type(preset).__name__}")
+        raise InputTypeError(f"preset must be a path or a name, got {type(preset).__name__}")
+    if "\0" in preset:
+        raise PresetNotFoundError(f"preset {preset!r}: a path cannot hold a NUL character")
     if "://" in preset:
         return _download(preset)
     path = Path(preset).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
+        saving.recover(path)
         return path
     if preset in HF_REPOS:
         where = refopt_home() / preset
         if (where / "config.json").exists():
+            saving.recover(where)
             return where
         raise _missing_builtin(preset, where)
     raise PresetNotFoundError(f"preset {preset!r} is neither an existing directory nor a built-in name "
                               f"({', '.join(BUILTIN_NAMES)})")
 
 
-def detect_format(path: Path) -> str:
-    """``"keras"`` or ``"huggingface"``; refuses pickles and anything else with a clear error."""
-    cfg_file = path / "config.json"
-    pickles = [p for p in _PICKLES if (path / p).exists()]
-    has_safetensors = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint (no "
-                              "config.json)")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and ("class_name" in data or "vocabulary_size" in data):
-        if not (path / "model.weights.h5").exists():
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
-        return "keras"
-    if isinstance(data, dict) and "model_type" in data:
-        if has_safetensors:
-            return "huggingface"
-        if pickles:
-            raise CheckpointError(
-                f"{path}: only a pickled checkpoint ({', '.join(pickles)}) is here. refopt never unpickles "
-                "files (unpickling runs arbitrary code). Convert it once with transformers on a trusted "
-                "machine: `OPTForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`, "
-                "which writes model.safetensors")
-        raise CheckpointError(f"{path}: transformers config.json but no model.safetensors or "
-                              "model.safetensors.index.json")
-    raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint "
-                          "(config.json has neither 'class_name' nor 'model_type')")
+def read_config_json(path) -> dict:
+    """The content of a ``config.json`` (a regular file of at most 64 MiB, strict JSON)."""
+    return files.read_json(path, ConfigError, "config file")
 
 
 def read_config(path: Path) -> OPTConfig:
-    return OPTConfig.from_file(path / "config.json")
+    """The validated :class:`OPTConfig` of a preset directory."""
+    path = Path(path)
+    return OPTConfig.from_json_dict(read_config_json(path / "config.json"), str(path / "config.json"))
 
 
-def _hf_state(path: Path) -> dict[str, np.ndarray]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
-        state = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = path / shard
-            if not shard_path.exists():
-                raise CheckpointError(f"{index}: shard {shard} is missing")
-            names = {k for k, v in weight_map.items() if v == shard}
-            tensors = safetensors_io.load(shard_path, names)
-            missing = names - set(tensors)
-            if missing:
-                raise CheckpointError(f"{shard_path}: tensors {sorted(missing)[:5]} listed in the index "
-                                      "are missing")
-            state.update(tensors)
-        return state
-    return safetensors_io.load(path / "model.safetensors")
+def detect_format(path: Path) -> str:
+    """``"keras"`` or ``"huggingface"`` (see :data:`refopt.io.checkpoint.FORMATS`); refuses
+    pickles and anything else with a clear error."""
+    from refopt.io import checkpoint
+
+    return checkpoint.detect(Path(path))[0].name
 
 
-def load_weights(path: Path, cfg: OPTConfig, fmt: str):
-    """(params in their stored dtype, position prefix rows or None)."""
+def load_weights(path: Path, cfg: OPTConfig = None, fmt: str = None, allow_nonfinite: bool = False):
+    """(params in their stored dtype, transformers' position prefix rows or None), validated."""
+    from refopt.io.checkpoint import open_checkpoint
+
+    with open_checkpoint(path, allow_nonfinite=allow_nonfinite) as ckpt:
+        if cfg is not None and cfg != ckpt.config:
+            ckpt.config = cfg          # a dtype override: the architecture is the checkpoint's
+        return ckpt.params(), ckpt.position_prefix()
+
+
+def layout_label(cfg: OPTConfig, fmt: str) -> str:
+    """What a preset of ``cfg`` in layout ``fmt`` is, for the user: ``"KerasHub preset"``,
+    ``"transformers checkpoint"``, or -- when the peer cannot represent the model -- saying so."""
     if fmt == "keras":
-        return keras_h5.load(path / "model.weights.h5", cfg), None
-    return huggingface.from_state_dict(_hf_state(path), cfg, source=str(path))
-
-
-@contextlib.contextmanager
-def atomic_directory(target):
-    """Yield a temporary sibling directory; on success it replaces ``target``, on failure it is
-    removed and ``target`` is untouched."""
-    target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if target.exists():
-        backup = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+        reasons = cfg.keras_incompatibilities()
+        if reasons:
+            return "refopt preset in KerasHub's layout; KerasHub cannot load it: " + "; ".join(reasons)
+        return "KerasHub preset"
+    if fmt == "huggingface":
+        reasons = cfg.huggingface_incompatibilities()
+        if reasons:
+            return "transformers checkpoint; transformers would compute another model: " + "; ".join(reasons)
+        return "transformers checkpoint"
+    return fmt
