@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refopt.config import OPTConfig
-from refopt.errors import CheckpointError, ConfigError
+from refopt.errors import CheckpointError
 from refopt.io import files, huggingface, keras_h5, safetensors_io
 
 _CHUNK = 1 << 22
@@ -238,14 +238,17 @@ class HuggingFaceFormat(Format):
         source = _SafetensorsSource(path, path / self.INDEX if os.path.lexists(path / self.INDEX)
                                     else None)
         try:
-            entries = self._entries(path, cfg, source, param_shapes(cfg))
+            entries = self.entries(path, cfg, source, param_shapes(cfg))
         except BaseException:
             source.close()
             raise
         return source, entries
 
     @staticmethod
-    def _entries(path, cfg, source, shapes):
+    def entries(path, cfg, source, shapes) -> dict:
+        """``{refopt name: Entry}`` for a transformers state in ``source`` (checked: every
+        tensor of ``cfg`` there, with its shape and a float dtype, nothing else but a tied
+        ``lm_head.weight``)."""
         mapping = huggingface.name_map(cfg)
         expected = {theirs: tuple(shapes[ours]) for ours, theirs in mapping.items()}
         expected[huggingface.POSITIONS_NAME] = (cfg.max_sequence_length + huggingface.POSITION_OFFSET,
@@ -325,6 +328,31 @@ def _read_index(index: Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: tensor {name!r} is in shard {shard!r}; shards must be "
                                   "file names in the checkpoint directory")
     return weight_map
+
+
+class DictSource:
+    """A tensor source over a dict of arrays (a state dict in memory)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = {k: np.asarray(v) for k, v in tensors.items()}
+
+    def keys(self):
+        return list(self.tensors)
+
+    def dtype(self, key):
+        return self.tensors[key].dtype.name
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def array(self, key):
+        return self.tensors[key]
+
+    def rows(self, key, index):
+        return self.tensors[key][index]
+
+    def close(self):
+        pass
 
 
 class _SafetensorsSource:
@@ -422,17 +450,3 @@ def open_checkpoint(preset=None, *, allow_nonfinite: bool = False) -> Checkpoint
     config = OPTConfig.from_json_dict(data, str(path / "config.json"))
     source, entries = fmt.open(path, config)
     return Checkpoint(path, fmt, config, source, entries, allow_nonfinite)
-
-
-def format_of(preset) -> str:
-    """``"keras"`` or ``"huggingface"`` (or a later format's name) for a preset directory."""
-    from refopt.io import presets
-
-    return detect(presets.resolve(preset))[0].name
-
-
-def format_by_name(name: str) -> Format:
-    for fmt in FORMATS:
-        if fmt.name == name:
-            return fmt
-    raise ConfigError(f"unknown preset format {name!r}; expected one of {[f.name for f in FORMATS]}")

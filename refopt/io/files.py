@@ -74,7 +74,7 @@ def read_fd(fd: int, count: int, path, what: str = "file") -> bytes:
     chunks, left = [], count
     try:
         while left > 0:
-            chunk = os.read(fd, min(left, 64 * MiB))
+            chunk = os.read(fd, min(left, 16 * MiB))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -94,7 +94,7 @@ def read_bytes(path, max_bytes: int, error, what: str = "file") -> bytes:
         if size > max_bytes:
             raise error(f"{os.fspath(path)}: {what} is {size:,} bytes; refopt reads at most "
                         f"{max_bytes:,} bytes from a {what}")
-        data = read_fd(fd, max_bytes + 1, path, what)
+        data = read_fd(fd, min(size, max_bytes) + 1, path, what)
     finally:
         os.close(fd)
     if len(data) > max_bytes:                 # it grew while being read

@@ -347,13 +347,6 @@ class SafetensorsFile:
         self.close()
 
 
-def read_header(path) -> tuple[dict, int]:
-    """``({name: {"dtype", "shape", "data_offsets"}}, data start)`` of a validated file."""
-    with SafetensorsFile(path) as f:
-        return ({k: {"dtype": d, "shape": list(s), "data_offsets": list(o)}
-                 for k, (d, s, o) in f.tensors.items()}, f.data_start)
-
-
 def load(path, names=None) -> dict[str, np.ndarray]:
     """Every tensor of a validated file (or those in ``names``), memory-mapped; bfloat16 as
     float32."""

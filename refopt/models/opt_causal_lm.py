@@ -8,6 +8,7 @@ import numpy as np
 from refopt import model as _model
 from refopt.errors import ConfigError, InputTypeError
 from refopt.io import presets, saving
+from refopt.limits import check_allocation
 from refopt.models.opt_backbone import OPTBackbone, validate_inputs
 from refopt.tokenizers import preset_files
 
@@ -95,8 +96,11 @@ class OPTCausalLM:
         ids, mask = validate_inputs(self.backbone.config, x)
         if batch_size is None:
             batch_size = ids.shape[0] or 1
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"predict: batch_size={batch_size!r}; expected a positive integer")
+        check_allocation(ids.size * self.backbone.vocabulary_size
+                         * np.dtype(self.backbone.compute_dtype).itemsize * 2,
+                         f"predict: logits for {ids.shape[0]} x {ids.shape[1]} tokens")
         parts = [self({"token_ids": ids[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
                  for i in range(0, ids.shape[0], batch_size)]
         if len(parts) == 1:
@@ -106,7 +110,11 @@ class OPTCausalLM:
 
     def new_cache(self, batch: int, length: int) -> np.ndarray:
         """A zero KV cache ``[batch, num_layers, 2, length, num_heads, head_dim]``."""
-        return _model.new_cache(self.backbone.config, batch, length, self.backbone.compute_dtype)
+        cfg = self.backbone.config
+        check_allocation(int(batch) * int(length) * 2 * cfg.num_layers * cfg.hidden_dim
+                         * np.dtype(self.backbone.compute_dtype).itemsize,
+                         f"a KV cache for {batch} rows of {length} positions")
+        return _model.new_cache(cfg, batch, length, self.backbone.compute_dtype)
 
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refopt.errors import SamplerError
+from refopt.limits import check_allocation
 from refopt.samplers.sampler import Sampler, Step, check_positive_int, stop_mask, top_k_indices
 
 
@@ -39,6 +41,8 @@ class BeamSampler(Sampler):
         start = index = int(index)
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
+        check_allocation(((0 if cache is None else np.asarray(cache).nbytes) + 2 * prompt.nbytes) * nb,
+                         f"BeamSampler(num_beams={nb}) over {B} prompts of length {T}", SamplerError)
         prompt = np.repeat(prompt, nb, axis=0)                                 # [B*nb, T]
         mask = np.repeat(mask, nb, axis=0)
         if cache is not None:

@@ -30,6 +30,7 @@ from refopt.tokenizers.byte_level import byte_symbols, token_to_bytes, unicode_t
 
 MERGES_HEADER = "#version: 0.2"
 _MAX_ID = 2**31 - 2
+MAX_IDS = 2**24          # an id table of 2**24 entries (refopt.config's vocabulary_size limit)
 
 
 def _read_file(source: str, what: str) -> str:
@@ -234,6 +235,9 @@ def build_tables(vocabulary, merges) -> BPETables:
     vocabulary = read_vocabulary(vocabulary)
     rules, lefts, rights, where = read_merges(merges)
     num_ids = max(vocabulary.values(), default=-1) + 1
+    if num_ids > MAX_IDS:
+        raise TokenizerError(f"vocabulary: the largest id is {num_ids - 1:,}; refopt's tables hold "
+                             f"ids up to {MAX_IDS - 1:,} (as its models' vocabulary_size)")
     get = vocabulary.get
     ia = list(map(get, lefts))
     ib = list(map(get, rights))

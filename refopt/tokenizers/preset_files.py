@@ -191,11 +191,11 @@ def _from_tokenizers_file(path, config, special):
     if "add_prefix_space" in pre:
         config.setdefault("add_prefix_space", _bool(pre["add_prefix_space"], path,
                                                     "pre_tokenizer.add_prefix_space"))
-    vocabulary = dict(_object(model.get("vocab") or {}, path, "model.vocab"))
-    merges = model.get("merges") or []
+    vocabulary = dict(_object(model.get("vocab", {}), path, "model.vocab"))
+    merges = model.get("merges", [])
     if not isinstance(merges, list):
         raise TokenizerError(f"{path}: model.merges is {type(merges).__name__}, expected a list")
-    added_tokens = data.get("added_tokens") or []
+    added_tokens = data.get("added_tokens", [])
     if not isinstance(added_tokens, list):
         raise TokenizerError(f"{path}: added_tokens is {type(added_tokens).__name__}, expected a list")
     for i, added in enumerate(added_tokens):
