@@ -26,16 +26,19 @@ def add_parser(subparsers):
 
 
 def _tokenizer(path):
-    from refopt.tokenizers import bpe
+    """The tokenizer's size and vocabulary file, read and checked as ``from_preset`` reads it
+    (with the preprocessor)."""
+    from refopt.models import OPTCausalLMPreprocessor
     from refopt.tokenizers import preset_files as pf
 
     if not pf.has_tokenizer(path):
         return None
     found = pf.find_tokenizer_files(path)
+    tokenizer = OPTCausalLMPreprocessor.from_preset(path, compiled=False).tokenizer
     vocabulary = found["vocabulary"]
     where = (os.path.relpath(vocabulary, path) if isinstance(vocabulary, (str, os.PathLike))
              else pf.HF_TOKENIZERS_FILE)
-    return {"vocabulary": where, "tokens": len(bpe.read_vocabulary(vocabulary))}
+    return {"vocabulary": where, "tokens": tokenizer.vocabulary_size()}
 
 
 def describe(preset) -> dict:

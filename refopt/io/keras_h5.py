@@ -31,12 +31,12 @@ from refopt.config import OPTConfig
 from refopt.errors import CheckpointError
 from refopt.io import files
 
-_ATTN = "_self_attention_layer"
-_DENSE = {"q_proj": ("query_dense", "query"), "k_proj": ("key_dense", "key"),
+ATTN = "_self_attention_layer"
+DENSE = {"q_proj": ("query_dense", "query"), "k_proj": ("key_dense", "key"),
           "v_proj": ("value_dense", "value"), "out_proj": ("output_dense", "attention_output")}
-_NORMS = {"self_attn_layer_norm": ("_self_attention_layer_norm", "self_attention_layer_norm"),
+NORMS = {"self_attn_layer_norm": ("_self_attention_layer_norm", "self_attention_layer_norm"),
           "mlp_layer_norm": ("_feedforward_layer_norm", "feedforward_layer_norm")}
-_MLP = {"fc1": ("_feedforward_intermediate_dense", "feedforward_intermediate_dense"),
+MLP = {"fc1": ("_feedforward_intermediate_dense", "feedforward_intermediate_dense"),
         "fc2": ("_feedforward_output_dense", "feedforward_output_dense")}
 
 
@@ -57,16 +57,16 @@ def layout(cfg: OPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
         out["project_out.weight"] = ("layers/refopt_project_out/vars/0", (D, cfg.word_embed_proj_dim))
     for i in range(cfg.num_layers):
         g, p = _decoder_group(i), f"layers.{i}."
-        for ours, (theirs, _) in _DENSE.items():
+        for ours, (theirs, _) in DENSE.items():
             kshape = (H, K, D) if ours == "out_proj" else (D, H, K)
-            out[p + ours + ".weight"] = (f"{g}/{_ATTN}/{theirs}/vars/0", kshape)
+            out[p + ours + ".weight"] = (f"{g}/{ATTN}/{theirs}/vars/0", kshape)
             if cfg.enable_bias:
-                out[p + ours + ".bias"] = (f"{g}/{_ATTN}/{theirs}/vars/1", (D,) if ours == "out_proj" else (H, K))
+                out[p + ours + ".bias"] = (f"{g}/{ATTN}/{theirs}/vars/1", (D,) if ours == "out_proj" else (H, K))
         if cfg.layer_norm_elementwise_affine:
-            for ours, (theirs, _) in _NORMS.items():
+            for ours, (theirs, _) in NORMS.items():
                 out[p + ours + ".gamma"] = (f"{g}/{theirs}/vars/0", (D,))
                 out[p + ours + ".beta"] = (f"{g}/{theirs}/vars/1", (D,))
-        for ours, (theirs, _) in _MLP.items():
+        for ours, (theirs, _) in MLP.items():
             shape = (D, cfg.intermediate_dim) if ours == "fc1" else (cfg.intermediate_dim, D)
             out[p + ours + ".weight"] = (f"{g}/{theirs}/vars/0", shape)
             if cfg.enable_bias:
@@ -217,13 +217,13 @@ def write(out, params: dict[str, np.ndarray], cfg: OPTConfig) -> None:
         for i in range(cfg.num_layers):
             g = _decoder_group(i)
             group(g, f"transformer_layer_{i}")
-            group(f"{g}/{_ATTN}", "self_attention")
+            group(f"{g}/{ATTN}", "self_attention")
             suffix = "" if i == 0 else f"_{i}"
-            group(f"{g}/{_ATTN}/_dropout_layer", "dropout" + suffix)
-            group(f"{g}/{_ATTN}/_softmax", "softmax" + suffix)
-            for theirs, var_name in _DENSE.values():
-                group(f"{g}/{_ATTN}/{theirs}", var_name)
-            for theirs, var_name in list(_NORMS.values()) + list(_MLP.values()):
+            group(f"{g}/{ATTN}/_dropout_layer", "dropout" + suffix)
+            group(f"{g}/{ATTN}/_softmax", "softmax" + suffix)
+            for theirs, var_name in DENSE.values():
+                group(f"{g}/{ATTN}/{theirs}", var_name)
+            for theirs, var_name in list(NORMS.values()) + list(MLP.values()):
                 group(f"{g}/{theirs}", var_name)
             group(f"{g}/_self_attention_dropout", "self_attention_dropout")
             group(f"{g}/_feedforward_dropout", "feedforward_dropout")

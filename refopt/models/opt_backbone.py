@@ -41,6 +41,9 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
         mask = None if mask is None else np.asarray(mask)[None, :]
     if ids.ndim != 2:
         raise InputError(f"token_ids: expected shape (batch, sequence), got {ids.shape}")
+    if ids.shape[0] and not ids.shape[1]:
+        raise InputError(f"token_ids: shape {ids.shape} holds no token; expected at least one "
+                         "per row")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocabulary_size):
         bad = ids[(ids < 0) | (ids >= cfg.vocabulary_size)][0]

@@ -538,7 +538,8 @@ class BytePairTokenizer:
         (``preprocessor``: a preprocessor's settings to keep beside it)."""
         tables = self._require_vocabulary()
         config = self.transformers_tokenizer_config()
-        config[pf.REFOPT_KEY] = {"tokenizer": self.get_config()}
+        config[pf.REFOPT_KEY] = {"tokenizer": {k: v for k, v in self.get_config().items()
+                                               if k not in config}}
         if preprocessor is not None:
             config[pf.REFOPT_KEY]["preprocessor"] = preprocessor
         pf.write_transformers_tokenizer(staging, tables.vocabulary, tables.merges, config)

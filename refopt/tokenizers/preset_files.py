@@ -151,7 +151,8 @@ def find_tokenizer_files(directory) -> dict:
     cfg_path = os.path.join(directory, HF_TOKENIZER_CONFIG_FILE)
     if os.path.lexists(cfg_path):
         hf = _object(read_json(cfg_path), cfg_path, "the file")
-        if "add_prefix_space" in hf:
+        config.update(_refopt_settings(hf, cfg_path).get("tokenizer", {}))
+        if "add_prefix_space" in hf:               # transformers' own key wins over refopt's copy
             config["add_prefix_space"] = _bool(hf["add_prefix_space"], cfg_path, "add_prefix_space")
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             token = _token_content(hf.get(key))
@@ -163,7 +164,6 @@ def find_tokenizer_files(directory) -> dict:
             if isinstance(entry, dict) and entry.get("special") is True and isinstance(token, str) \
                     and token not in special:
                 special.append(token)
-        config.update(_refopt_settings(hf, cfg_path).get("tokenizer", {}))
     vocab_path = os.path.join(directory, HF_VOCABULARY_FILE)
     merges_path = os.path.join(directory, HF_MERGES_FILE)
     if os.path.lexists(vocab_path) and os.path.lexists(merges_path):
