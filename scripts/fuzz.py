@@ -605,7 +605,7 @@ def case_api(rng, fx: Fixtures):
 
     lm = fx.model
     V = lm.backbone.vocabulary_size
-    what = rng.randrange(6)
+    what = rng.randrange(7)
     try:
         if what == 0:
             ids = _random_ids(rng, V)
@@ -651,6 +651,19 @@ def case_api(rng, fx: Fixtures):
                          merges=rng.choice([MERGES, ["a"], [("a", "b")], [1], None]),
                          sequence_length=rng.choice([None, 4, -1, 2**40, "4"]),
                          add_prefix_space=rng.choice([True, False, "false", 1]))
+        elif what == 6:                                    # odd preset and save arguments
+            from refopt.models import OPTCausalLM
+            odd = rng.choice([5, b"x", None, "x" * 5000, "a\0b", "hf://x/y", "kaggle://x",
+                              "opt_999m_en", fx.root / "nope", "", ".", ["p"]])
+            if rng.random() < 0.5:
+                OPTCausalLM.from_preset(odd)
+            else:                                          # saves land in scratch space only
+                where = fx.scratch()
+                target = where / odd if isinstance(odd, str) and odd not in ("", ".") else (
+                    where / "x" if odd in (None, "", ".") else odd)
+                lm.backbone.save_to_preset(target,
+                                           format=rng.choice(["keras", "huggingface", "onnx", 1]),
+                                           overwrite=rng.choice([False, True, "yes", 1]))
         else:
             from refopt.models import OPTBackbone
             args = dict(fx.cfg_args)

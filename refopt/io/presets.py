@@ -96,7 +96,11 @@ def resolve(preset) -> Path:
     if "://" in preset:
         return _download(preset)
     path = Path(preset).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:                       # a name too long, a loop of symbolic links
+        raise PresetNotFoundError(f"preset {preset!r}: {e.strerror or e}") from None
+    if exists:
         if not path.is_dir():
             raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
         saving.recover(path)

@@ -252,6 +252,10 @@ def check_destination(target, overwrite: bool = False, what: str = "preset") -> 
     if not isinstance(target, str):
         raise InputTypeError(f"save_to_preset: the path must be a string or a path, got "
                              f"{type(target).__name__}")
+    if not isinstance(overwrite, bool):
+        raise InputTypeError(f"save_to_preset: overwrite={overwrite!r}; expected True or False")
+    if "\0" in target:
+        raise DestinationError(f"save_to_preset: the path {target!r} holds a NUL character")
     if target == "":
         if not overwrite:
             raise DestinationError("save_to_preset: the path is empty (''), which names the current "
@@ -259,6 +263,14 @@ def check_destination(target, overwrite: bool = False, what: str = "preset") -> 
                                    "to write the preset files into the current directory)")
         target = "."
     path = Path(target).expanduser()
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != _errno.ELOOP:
+            raise DestinationError(f"{path}: cannot be a preset directory ({e.strerror or e})") \
+                from None
     if os.path.islink(path) and not path.exists():
         raise DestinationError(f"{path} is a broken symbolic link; refopt will not replace it")
     if path.exists() and not path.is_dir():
@@ -568,6 +580,9 @@ class PresetSave:
                                        "a file")
             for parent in Path(rel).parents[:-1]:
                 p = self.target / parent
+                if os.path.islink(p):
+                    raise DestinationError(f"{p} is a symbolic link; refopt writes preset files "
+                                           "only inside the preset directory")
                 if os.path.lexists(p) and not p.is_dir():
                     raise DestinationError(f"{p} is a file where the preset needs a directory; "
                                            "refopt will not replace it")
