@@ -232,10 +232,14 @@ def check_file(path, blob):
             try:
                 mine = ours.array(k)
             except CheckpointError:
-                assert array is None, f"refopt cannot read tensor {k!r}, the package can"
+                # refopt reads no float8/float6/float4 tensors (the package does when ml_dtypes
+                # is installed); for the dtypes it reads, it must read what the package reads
+                assert array is None or dtype not in sio.NUMPY, \
+                    f"refopt cannot read tensor {k!r}, the package can"
                 continue
             if array is not None:
-                assert mine.dtype == array.dtype and mine.shape == array.shape, k
+                assert mine.shape == array.shape, k
+                assert dtype == "BF16" or mine.dtype == array.dtype, k   # BF16: raw uint16 bits
                 assert mine.tobytes() == array.tobytes(), k
     return "accepted"
 

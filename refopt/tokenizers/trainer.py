@@ -25,6 +25,7 @@ pre-tokenizer) and in transformers' ``GPT2Tokenizer``, and all three tokenize te
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 from collections import Counter, defaultdict
@@ -46,6 +47,9 @@ def read_training_text(path) -> str:
     try:
         return files.read_text(path, MAX_TEXT_BYTES, TrainingError, "training file")
     except FileReadError as e:
+        if e.errno == errno.ENOENT:
+            raise TrainingError(f"training file {os.fspath(path)!r} does not exist: no such "
+                                "file") from None
         raise TrainingError(str(e)) from None
 
 
