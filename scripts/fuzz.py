@@ -269,11 +269,52 @@ def expected_h5(path: Path, cfg):
         return None
 
 
+def write_text_damaged(rng, path: Path, text: str, preset: Path) -> None:
+    """Write ``text`` (a few flipped bytes, one time in twenty); sometimes run ``refopt info``."""
+    path.write_bytes(text.encode("utf-8", "surrogatepass") if rng.random() < 0.95
+                     else flip_bytes(rng, text.encode(), 2))
+    if rng.random() < 0.1:
+        cli_one_line(["info", str(preset)])
+
+
+def compare_load(preset: Path, expected, oracle: str) -> str:
+    """Load ``preset``; it must succeed exactly when ``expected`` (the oracle's parameters) is not
+    None, and then give those parameters."""
+    from refopt.models import OPTBackbone
+
+    try:
+        got = OPTBackbone.from_preset(preset)
+    except RefoptError:
+        if expected is not None:
+            raise Wrong(f"refused a checkpoint that {oracle} reads as a valid model") from None
+        return "refused"
+    if expected is None:
+        raise Wrong(f"accepted a checkpoint that {oracle} refuses or that is not a valid model")
+    if not same_params(got.params, expected):
+        raise Wrong(f"loaded tensors differ from {oracle}'s")
+    return "accepted"
+
+
+def make_special(path: Path, kind: str) -> None:
+    """Replace ``path`` by a FIFO, a link to /dev/zero, a directory, an empty file or a symlink
+    loop."""
+    if os.path.lexists(path):
+        os.remove(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "loop":
+        os.symlink(path, path)
+    else:
+        path.touch()
+
+
 # ------------------------------------------------------------------------------------ case kinds
 def case_safetensors(rng, fx: Fixtures):
     """A mutated model.safetensors in a transformers preset."""
-    from refopt.models import OPTBackbone
-
     d = fx.copy("huggingface")
     path = d / "model.safetensors"
     blob = path.read_bytes()
@@ -342,18 +383,7 @@ def case_safetensors(rng, fx: Fixtures):
     expected = expected_hf(official_state(path), fx.model.backbone.config)
     if rng.random() < 0.1:
         cli_one_line(["info", str(d)])
-    try:
-        got = OPTBackbone.from_preset(d)
-    except RefoptError:
-        if expected is not None:
-            raise Wrong("refused a checkpoint the official reader accepts as a valid model") from None
-        return "refused"
-    if expected is None:
-        raise Wrong("accepted a checkpoint the official package (or the spec) refuses, or one that "
-                    "is not a valid model")
-    if not same_params(got.params, expected):
-        raise Wrong("loaded tensors differ from the official package's")
-    return "accepted"
+    return compare_load(d, expected, "the official safetensors package")
 
 
 def case_h5(rng, fx: Fixtures):
@@ -361,7 +391,6 @@ def case_h5(rng, fx: Fixtures):
     import h5py
 
     from refopt.io import keras_h5
-    from refopt.models import OPTBackbone
 
     d = fx.copy("keras")
     path = d / "model.weights.h5"
@@ -398,18 +427,7 @@ def case_h5(rng, fx: Fixtures):
                 f[where][...] = flat.reshape(data.shape)
             else:
                 f[where].attrs["note"] = "harmless"
-    expected = expected_h5(path, cfg)
-    try:
-        got = OPTBackbone.from_preset(d)
-    except RefoptError:
-        if expected is not None:
-            raise Wrong("refused a KerasHub weights file h5py reads as a valid model") from None
-        return "refused"
-    if expected is None:
-        raise Wrong("accepted a KerasHub weights file that is not a valid model")
-    if not same_params(got.params, expected):
-        raise Wrong("loaded tensors differ from h5py's")
-    return "accepted"
+    return compare_load(d, expected_h5(path, cfg), "h5py")
 
 
 # config.json keys -> (refopt field, type) in either dialect
@@ -461,10 +479,7 @@ def case_config(rng, fx: Fixtures):
     text = json.dumps(data)
     if how == 5:
         text = raw_edits(rng, text)
-    path.write_bytes(text.encode("utf-8", "surrogatepass") if rng.random() < 0.95
-                     else flip_bytes(rng, text.encode(), 2))
-    if rng.random() < 0.1:
-        cli_one_line(["info", str(d)])
+    write_text_damaged(rng, path, text, d)
     try:
         got = OPTBackbone.from_preset(d)
     except RefoptError:
@@ -522,10 +537,7 @@ def case_tokenizer(rng, fx: Fixtures):
         text = json.dumps(data)
         if how >= 4:
             text = raw_edits(rng, text)
-    path.write_bytes(text.encode("utf-8", "surrogatepass") if rng.random() < 0.95
-                     else flip_bytes(rng, text.encode(), 2))
-    if rng.random() < 0.1:
-        cli_one_line(["info", str(d)])
+    write_text_damaged(rng, path, text, d)
     try:
         pre = OPTCausalLMPreprocessor.from_preset(d, compiled=False)
     except RefoptError:
@@ -560,19 +572,8 @@ def case_special(rng, fx: Fixtures):
     d = fx.copy(fmt)
     names = [str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()]
     name = rng.choice(names)
-    path = d / name
-    os.remove(path)
     kind = rng.choice(["fifo", "dev-zero", "directory", "empty", "loop"])
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        os.symlink("/dev/zero", path)
-    elif kind == "directory":
-        os.mkdir(path)
-    elif kind == "loop":
-        os.symlink(path, path)
-    else:
-        path.touch()
+    make_special(d / name, kind)
     try:
         OPTCausalLM.from_preset(d, preprocessor="auto")
     except RefoptError:
