@@ -1,7 +1,8 @@
-"""Loading a checkpoint: refopt's validated load, the same load without the non-finite check, and
-the official ``safetensors`` reader, at released OPT shapes.
+"""What validating a checkpoint costs: refopt's validated load, the same load without the
+non-finite check, and the official ``safetensors`` reader, at released OPT shapes.  (The general
+loading benchmark measures sizes, dtypes, memory and decode speed.)
 
-    python benchmarks/bench_load.py [--sizes 125m,1.3b] [--repeat 5] [--dtype float32|float16]
+    python benchmarks/bench_load_check.py [--sizes 125m,1.3b] [--repeat 5] [--dtype float32|float16]
                                     [--keep DIR]
 
 For each size a random checkpoint (normal(0, 0.02) weights) is written in transformers' sharded
