@@ -207,20 +207,31 @@ class KerasFormat(Format):
 
 
 class HuggingFaceFormat(Format):
+    """transformers' layout.  :attr:`WEIGHTS` lists the weight files it reads, in order of
+    preference, each with the tensor source that reads it (a reader of another file kind --
+    ``pytorch_model.bin``, ``tf_model.h5`` -- is one more entry)."""
+
     name, label = "huggingface", "transformers checkpoint"
-    INDEX = "model.safetensors.index.json"
+    WEIGHTS = [("model.safetensors.index.json", lambda path, file: _SafetensorsSource(path, file)),
+               ("model.safetensors", lambda path, file: _SafetensorsSource(path, None))]
 
     def claims(self, path, config):
         return "model_type" in config
 
+    def _weights(self, path):
+        for name, source in self.WEIGHTS:
+            if os.path.lexists(path / name):
+                return path / name, source
+        return None, None
+
     def weight_files(self, path):
-        index = path / self.INDEX
-        if os.path.lexists(index):
-            return [path / shard for shard in sorted(set(_read_index(index).values()))]
-        return [path / "model.safetensors"]
+        file, _ = self._weights(path)
+        if file is not None and file.name.endswith(".index.json"):
+            return [path / shard for shard in sorted(set(_read_index(file).values()))]
+        return [] if file is None else [file]
 
     def check_files(self, path):
-        if os.path.lexists(path / "model.safetensors") or os.path.lexists(path / self.INDEX):
+        if self._weights(path)[0] is not None:
             return
         pickles = [p for p in PICKLES if os.path.lexists(path / p)]
         if pickles:
@@ -235,8 +246,8 @@ class HuggingFaceFormat(Format):
     def open(self, path, cfg):
         from refopt.model import param_shapes
 
-        source = _SafetensorsSource(path, path / self.INDEX if os.path.lexists(path / self.INDEX)
-                                    else None)
+        file, make_source = self._weights(path)
+        source = make_source(path, file)
         try:
             entries = self.entries(path, cfg, source, param_shapes(cfg))
         except BaseException:
