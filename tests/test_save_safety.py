@@ -257,9 +257,9 @@ def test_files_get_the_users_umask(tmp_path, umask):
         os.umask(old)
     for d in ("p", "h"):
         for dirpath, dirnames, filenames in os.walk(tmp_path / d):
-            assert saving.mode_of(dirpath) == 0o777 & ~umask, dirpath
+            assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o777 & ~umask, dirpath
             for f in filenames:
-                assert saving.mode_of(os.path.join(dirpath, f)) == 0o666 & ~umask, f
+                assert stat.S_IMODE(os.stat(os.path.join(dirpath, f)).st_mode) == 0o666 & ~umask, f
 
 
 # ------------------------------------------------------------------------------ destinations

@@ -499,10 +499,6 @@ class PresetSave:
         kwargs.setdefault("indent", 4)
         self.write_text(rel, json.dumps(data, **kwargs) + ("\n" if newline else ""))
 
-    def read_json(self, rel: str):
-        """A JSON file written earlier in this save."""
-        return json.loads((self.directory / rel).read_text(encoding="utf-8"))
-
     # -- the protocol
     def __enter__(self) -> "PresetSave":
         try:
@@ -666,8 +662,3 @@ def write_file_atomically(path, writer) -> None:
         if isinstance(e, OSError) and not isinstance(e, (SaveError, DestinationError)):
             raise _save_error(e, path, "writing the file failed") from None
         raise
-
-
-def mode_of(path) -> int:
-    """The permission bits of ``path`` (for tests and ``refopt info``)."""
-    return stat.S_IMODE(os.stat(path).st_mode)
