@@ -39,7 +39,6 @@ import json
 import os
 import re
 import secrets
-import stat
 import time
 from pathlib import Path
 
