@@ -323,3 +323,28 @@ def test_info_uses_the_validated_loader(tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "model.safetensors" in err
+
+
+def test_a_compressed_h5_cannot_make_refopt_allocate_without_bound(tmp_path):
+    """Datasets of the right shapes that HDF5 stores as unwritten chunks (a tiny file describing a
+    32 GiB model): refused before any weight is read."""
+    import h5py
+
+    from refopt.config import OPTConfig
+    from refopt.io import keras_h5
+
+    cfg = OPTConfig(vocabulary_size=2**20, num_layers=1, num_heads=1, hidden_dim=2**13,
+                    intermediate_dim=8, max_sequence_length=8)
+    d = tmp_path / "bomb"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg.to_keras()))
+    with h5py.File(d / "model.weights.h5", "w") as f:
+        for where, shape in keras_h5.layout(cfg).values():
+            f.create_dataset(where, shape=shape, dtype="f4", chunks=tuple(min(s, 64) for s in shape),
+                             compression="gzip")
+    assert os.path.getsize(d / "model.weights.h5") < 1 << 20
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match="GiB"):
+        OPTBackbone.from_preset(d)
+    assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    tracemalloc.stop()

@@ -133,6 +133,17 @@ class Checkpoint:
         """Every parameter (:meth:`read`)."""
         return {name: self.read(name, dtype) for name in self.entries}
 
+    def bytes_to_copy(self, dtype) -> int:
+        """Bytes a load into ``dtype`` copies into memory (what is not used in place from a
+        memory map: every tensor of an HDF5 file, every tensor stored in another dtype)."""
+        itemsize = np.dtype(dtype).itemsize
+        total = 0
+        for name in self.entries:
+            in_place = self.format == "huggingface" and self.stored_dtype(name) == np.dtype(dtype).name
+            if not in_place:
+                total += int(np.prod(self.shape(name), dtype=np.int64)) * itemsize
+        return total
+
     def position_prefix(self):
         """transformers' two position rows before position 0 (None for other formats)."""
         key = self.entries["embed_positions"].key

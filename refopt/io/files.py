@@ -20,8 +20,8 @@ import stat
 from refopt.errors import FileReadError
 
 MiB = 2**20
-MAX_CONFIG_BYTES = 64 * MiB          # config.json, tokenizer/preprocessor configs, shard indexes
-MAX_TOKENIZER_BYTES = 1024 * MiB     # vocabulary.json / vocab.json, merges.txt, tokenizer.json
+MAX_CONFIG_BYTES = 16 * MiB          # config.json, tokenizer/preprocessor configs, shard indexes
+MAX_TOKENIZER_BYTES = 256 * MiB      # vocabulary.json / vocab.json, merges.txt, tokenizer.json
 MAX_JSON_DEPTH = 64                  # configs and tokenizer files nest 5 deep at most
 
 

@@ -116,7 +116,7 @@ def resolve(preset) -> Path:
 
 
 def read_config_json(path) -> dict:
-    """The content of a ``config.json`` (a regular file of at most 64 MiB, strict JSON)."""
+    """The content of a ``config.json`` (a regular file of at most 16 MiB, strict JSON)."""
     return files.read_json(path, ConfigError, "config file")
 
 

@@ -226,6 +226,10 @@ class OPTBackbone:
             if not load_weights:
                 self = cls.from_opt_config(cfg)
             else:
+                from refopt.limits import check_allocation
+
+                check_allocation(ckpt.bytes_to_copy(cfg.compute_dtype),
+                                 f"{ckpt.path}: loading the weights", CheckpointError)
                 self = cls.from_opt_config(cfg, ckpt.params(), ckpt.position_prefix())
         self.backend = backend
         if weights_dtype not in (None, "float32"):

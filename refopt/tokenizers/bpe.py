@@ -34,7 +34,7 @@ MAX_IDS = 2**24          # an id table of 2**24 entries (refopt.config's vocabul
 
 
 def _read_file(source: str, what: str) -> str:
-    """A tokenizer file's text: a regular file (never blocking), at most 1 GiB, UTF-8."""
+    """A tokenizer file's text: a regular file (never blocking), at most 256 MiB, UTF-8."""
     from refopt.errors import FileReadError
     from refopt.io import files
 

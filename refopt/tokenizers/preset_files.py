@@ -61,7 +61,7 @@ def dtype_name(dtype) -> str:
 
 
 def read_json(path):
-    """A tokenizer or preprocessor JSON file (up to 1 GiB), strictly."""
+    """A tokenizer or preprocessor JSON file (up to 256 MiB), strictly."""
     return files.read_json(path, TokenizerError, "tokenizer file", max_bytes=files.MAX_TOKENIZER_BYTES)
 
 
