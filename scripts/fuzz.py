@@ -553,6 +553,11 @@ def case_tokenizer(rng, fx: Fixtures):
             ids = tok(text)
         except RefoptError:
             continue
+        if tok.sequence_length is not None:              # padded to a length: ids in range only
+            ids = np.asarray(ids).tolist()
+            if any(not 0 <= i < tok.vocabulary_size() + 64 for i in ids):
+                raise Wrong(f"ids {ids} outside the vocabulary")
+            continue
         if any(not 0 <= i < tok.vocabulary_size() + 64 for i in ids):
             raise Wrong(f"ids {ids} outside the vocabulary")
         back = tok.detokenize(ids) if ids else ""

@@ -103,8 +103,11 @@ class KerasWeightsFile:
         self.path = os.fspath(path)
         fd = files.open_regular(self.path, "KerasHub weights file")
         self._raw = os.fdopen(fd, "rb")
+        # HDF5 opens the very file checked above (through /proc/self/fd where there is one), with
+        # its own driver, as h5py and Keras open a path
+        by_fd = f"/proc/self/fd/{fd}"
         try:
-            self.file = h5py.File(self._raw, "r")
+            self.file = h5py.File(by_fd if os.path.exists(by_fd) else self.path, "r")
         except Exception as e:          # h5py raises OSError, ValueError, RuntimeError ... here
             self._raw.close()
             raise CheckpointError(f"{self.path}: not a readable HDF5 weights file "
