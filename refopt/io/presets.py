@@ -162,18 +162,19 @@ def _hf_state(path: Path) -> dict[str, np.ndarray]:
             if not shard_path.exists():
                 raise CheckpointError(f"{index}: shard {shard} is missing")
             names = {k for k, v in weight_map.items() if v == shard}
-            tensors = safetensors_io.load(shard_path, names)
+            tensors = safetensors_io.load(shard_path, names, raw_bfloat16=True)
             missing = names - set(tensors)
             if missing:
                 raise CheckpointError(f"{shard_path}: tensors {sorted(missing)[:5]} listed in the index "
                                       "are missing")
             state.update(tensors)
         return state
-    return safetensors_io.load(path / "model.safetensors")
+    return safetensors_io.load(path / "model.safetensors", raw_bfloat16=True)
 
 
 def load_weights(path: Path, cfg: OPTConfig, fmt: str):
-    """(params in their stored dtype, position prefix rows or None)."""
+    """(params in their stored dtype -- views of the mapped files where possible, bfloat16 as
+    :data:`refopt.io.stored.BFLOAT16` --, position prefix rows or None)."""
     if fmt == "keras":
         return keras_h5.load(path / "model.weights.h5", cfg), None
     return huggingface.from_state_dict(_hf_state(path), cfg, source=str(path))
