@@ -185,7 +185,7 @@ def load_params(params: dict, compute_dtype: str, weights_dtype: str, source: st
             out[name] = QuantizedMatrix.quantize(value, weights_dtype)
             kept = out[name].data
         else:
-            out[name] = kept = stored.widen(value, dtype)
+            out[name] = kept = np.ascontiguousarray(stored.widen(value, dtype))
         if not np.may_share_memory(kept, value):
             stored.release(value)
     return out

@@ -12,7 +12,10 @@ A *preset* is any of
 * ``hf://owner/name`` or ``kaggle://owner/model/framework/variant``: downloaded only when the hub
   client is installed and the hub is reachable; otherwise a clear error says so.
 
-Pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) are refused, never unpickled.
+A transformers directory may hold its weights as ``model.safetensors`` (single or sharded), as the
+PyTorch checkpoint ``pytorch_model.bin`` (single or sharded), read by
+:mod:`refopt.io.torch_pickle` without ever unpickling it, or as ``tf_model.h5`` (TensorFlow Keras
+weights, :mod:`refopt.io.tf_keras_h5`); safetensors are preferred when several are present.
 Writing happens in a temporary sibling directory renamed into place, so a failure leaves nothing
 half-written.
 """
@@ -30,12 +33,13 @@ import numpy as np
 
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
 from refopt.errors import CheckpointError, ConfigError, PresetNotFoundError
-from refopt.io import huggingface, keras_h5, safetensors_io
+from refopt.io import flax_msgpack, huggingface, keras_h5, safetensors_io, tf_keras_h5, torch_pickle
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
-_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5",
-            "flax_model.msgpack")
+# weight files of a transformers directory, in order of preference
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+              "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 
 
 def refopt_home() -> Path:
@@ -115,10 +119,8 @@ def resolve(preset) -> Path:
 
 
 def detect_format(path: Path) -> str:
-    """``"keras"`` or ``"huggingface"``; refuses pickles and anything else with a clear error."""
+    """``"keras"`` or ``"huggingface"``; anything else is refused with a clear error."""
     cfg_file = path / "config.json"
-    pickles = [p for p in _PICKLES if (path / p).exists()]
-    has_safetensors = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint (no "
                               "config.json)")
@@ -131,18 +133,20 @@ def detect_format(path: Path) -> str:
             raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
         return "keras"
     if isinstance(data, dict) and "model_type" in data:
-        if has_safetensors:
-            return "huggingface"
-        if pickles:
-            raise CheckpointError(
-                f"{path}: only a pickled checkpoint ({', '.join(pickles)}) is here. refopt never unpickles "
-                "files (unpickling runs arbitrary code). Convert it once with transformers on a trusted "
-                "machine: `OPTForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`, "
-                "which writes model.safetensors")
-        raise CheckpointError(f"{path}: transformers config.json but no model.safetensors or "
-                              "model.safetensors.index.json")
+        hf_weights_file(path)
+        return "huggingface"
     raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint "
                           "(config.json has neither 'class_name' nor 'model_type')")
+
+
+def hf_weights_file(path: Path) -> Path:
+    """The weights file of a transformers checkpoint directory (:data:`HF_WEIGHTS`, first found)."""
+    for name in HF_WEIGHTS:
+        if (path / name).exists():
+            return path / name
+    others = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".ckpt", ".pth", ".bin"))
+    raise CheckpointError(f"{path}: transformers config.json but no weights file (expected one of "
+                          f"{', '.join(HF_WEIGHTS)}{'; found ' + ', '.join(others) if others else ''})")
 
 
 def read_config(path: Path) -> OPTConfig:
@@ -150,6 +154,15 @@ def read_config(path: Path) -> OPTConfig:
 
 
 def _hf_state(path: Path) -> dict[str, np.ndarray]:
+    weights = hf_weights_file(path)
+    if weights.name == "pytorch_model.bin.index.json":
+        return torch_pickle.load_sharded(weights)
+    if weights.name == "pytorch_model.bin":
+        return torch_pickle.load(weights)
+    if weights.name == "tf_model.h5":
+        return tf_keras_h5.load(weights)
+    if weights.name == "flax_model.msgpack":
+        return flax_msgpack.load(weights)
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:

@@ -1,0 +1,67 @@
+"""Write the TensorFlow and Flax fixtures of tests/data/tf_opt_*: ``tf_model.h5`` saved by
+transformers 4.x's ``TFOPTForCausalLM.save_pretrained`` and ``flax_model.msgpack`` saved by
+``FlaxOPTForCausalLM.save_pretrained``, beside their safetensors twin (``model.safetensors`` saved by
+``OPTForCausalLM.save_pretrained`` from the same weights) and their ``config.json``.
+
+transformers 5 dropped TensorFlow and Flax, so this runs in a separate environment, e.g.::
+
+    python -m venv /tmp/tfvenv
+    /tmp/tfvenv/bin/pip install "transformers>=4.44,<5" "tf-keras~=2.21.0" tensorflow torch==2.13.0 \
+        "jax[cpu]" flax
+    /tmp/tfvenv/bin/python scripts/make_tf_fixture.py tests/data
+
+Two tiny random models (seed 0): ``tf_opt_tiny`` (pre-LayerNorm, like OPT-125m and the large ones)
+and ``tf_opt_350m_like`` (post-LayerNorm with project_in/project_out, like OPT-350m).
+"""
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import FlaxOPTForCausalLM, OPTConfig, OPTForCausalLM, TFOPTForCausalLM  # noqa: E402
+
+SHAPES = {
+    "tf_opt_tiny": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                        num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16),
+    "tf_opt_350m_like": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                             num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=8,
+                             do_layer_norm_before=False),
+}
+
+
+def main(out):
+    assert transformers.__version__ < "5", "TensorFlow models need transformers 4.x"
+    for name, shape in SHAPES.items():
+        torch.manual_seed(0)
+        cfg = OPTConfig(**shape, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        pt = OPTForCausalLM(cfg).eval()
+        with torch.no_grad():                      # random LayerNorms and biases, not 1 and 0
+            for p in pt.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        where = os.path.join(out, name)
+        pt.save_pretrained(where, safe_serialization=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            pt.save_pretrained(tmp, safe_serialization=False)
+            tf_model = TFOPTForCausalLM.from_pretrained(tmp, from_pt=True)
+            flax_model = FlaxOPTForCausalLM.from_pretrained(tmp, from_pt=True)
+        tf_model.save_pretrained(where)            # writes tf_model.h5 (and config.json again)
+        flax_model.save_pretrained(where)          # writes flax_model.msgpack
+        for extra in ("generation_config.json",):
+            if os.path.exists(os.path.join(where, extra)):
+                os.remove(os.path.join(where, extra))
+        ids = np.array([[2, 5, 9, 33, 7, 1]])
+        tf_logits = tf_model(ids).logits.numpy()
+        pt_logits = pt(torch.tensor(ids)).logits.detach().numpy()
+        flax_logits = np.asarray(flax_model(ids).logits)
+        print(name, "tf vs torch max |diff|", float(np.abs(tf_logits - pt_logits).max()),
+              "flax vs torch", float(np.abs(flax_logits - pt_logits).max()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/data")
