@@ -158,6 +158,8 @@ def _global(module, name):
         raise UnsafePickleError("a global named by non-strings")
     if module == "torch" and name in STORAGE_DTYPES:
         return StorageType(name)
+    if module == "torch" and name.endswith("Tensor") and name[:-6] + "Storage" in STORAGE_DTYPES:
+        return _Call(f"torch.{name}", _refuse_call(f"torch.{name}"))   # the tar format's type tag
     fn = ALLOWED_GLOBALS.get((module, name))
     if fn is None:
         shown = f"{module}.{name}"
@@ -385,7 +387,12 @@ def unpickle(data, persistent_load, source):
     """Interpret one pickle (``data`` bytes-like) with the allowlist; returns the value and the
     number of bytes it used."""
     m = PickleMachine(data, persistent_load, source)
-    value = m.run()
+    try:
+        value = m.run()
+    except CheckpointError as e:
+        if str(e).startswith(source):
+            raise
+        raise type(e)(f"{source}: {e} (pickle byte {m.pos})") from None
     return value, m.pos
 
 
