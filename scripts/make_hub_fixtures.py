@@ -1,17 +1,20 @@
-"""Write the TensorFlow and Flax fixtures of tests/data/tf_opt_*: ``tf_model.h5`` saved by
-transformers 4.x's ``TFOPTForCausalLM.save_pretrained`` and ``flax_model.msgpack`` saved by
-``FlaxOPTForCausalLM.save_pretrained``, beside their safetensors twin (``model.safetensors`` saved by
-``OPTForCausalLM.save_pretrained`` from the same weights) and their ``config.json``.
+"""Write the fixtures of tests/data/hub_opt_*: ``tf_model.h5`` saved by transformers 4.x's
+``TFOPTForCausalLM.save_pretrained``, ``flax_model.msgpack`` saved by
+``FlaxOPTForCausalLM.save_pretrained`` and ``pytorch_model.bin`` saved by
+``OPTForCausalLM.save_pretrained(safe_serialization=False)`` (also sharded, in ``<name>_sharded``),
+beside their safetensors twin (``model.safetensors``, ``save_pretrained`` from the same weights)
+and their ``config.json``.
 
-transformers 5 dropped TensorFlow and Flax, so this runs in a separate environment, e.g.::
+transformers 5 dropped TensorFlow, Flax and pickled saves, so this runs in a separate environment,
+e.g.::
 
     python -m venv /tmp/tfvenv
     /tmp/tfvenv/bin/pip install "transformers>=4.44,<5" "tf-keras~=2.21.0" tensorflow torch==2.13.0 \
         "jax[cpu]" flax
-    /tmp/tfvenv/bin/python scripts/make_tf_fixture.py tests/data
+    /tmp/tfvenv/bin/python scripts/make_hub_fixtures.py tests/data
 
-Two tiny random models (seed 0): ``tf_opt_tiny`` (pre-LayerNorm, like OPT-125m and the large ones)
-and ``tf_opt_350m_like`` (post-LayerNorm with project_in/project_out, like OPT-350m).
+Two tiny random models (seed 0): ``hub_opt_tiny`` (pre-LayerNorm, like OPT-125m and the large ones)
+and ``hub_opt_350m_like`` (post-LayerNorm with project_in/project_out, like OPT-350m).
 """
 
 import os
@@ -27,9 +30,9 @@ import transformers  # noqa: E402
 from transformers import FlaxOPTForCausalLM, OPTConfig, OPTForCausalLM, TFOPTForCausalLM  # noqa: E402
 
 SHAPES = {
-    "tf_opt_tiny": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+    "hub_opt_tiny": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                         num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16),
-    "tf_opt_350m_like": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+    "hub_opt_350m_like": dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                              num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=8,
                              do_layer_norm_before=False),
 }
@@ -46,15 +49,17 @@ def main(out):
                 p.add_(torch.randn_like(p) * 0.05)
         where = os.path.join(out, name)
         pt.save_pretrained(where, safe_serialization=True)
+        pt.save_pretrained(where, safe_serialization=False)      # pytorch_model.bin
+        pt.save_pretrained(where + "_sharded", safe_serialization=False, max_shard_size="20KB")
         with tempfile.TemporaryDirectory() as tmp:
             pt.save_pretrained(tmp, safe_serialization=False)
             tf_model = TFOPTForCausalLM.from_pretrained(tmp, from_pt=True)
             flax_model = FlaxOPTForCausalLM.from_pretrained(tmp, from_pt=True)
         tf_model.save_pretrained(where)            # writes tf_model.h5 (and config.json again)
         flax_model.save_pretrained(where)          # writes flax_model.msgpack
-        for extra in ("generation_config.json",):
-            if os.path.exists(os.path.join(where, extra)):
-                os.remove(os.path.join(where, extra))
+        for folder in (where, where + "_sharded"):
+            if os.path.exists(os.path.join(folder, "generation_config.json")):
+                os.remove(os.path.join(folder, "generation_config.json"))
         ids = np.array([[2, 5, 9, 33, 7, 1]])
         tf_logits = tf_model(ids).logits.numpy()
         pt_logits = pt(torch.tensor(ids)).logits.detach().numpy()
