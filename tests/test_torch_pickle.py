@@ -357,3 +357,23 @@ def test_fuzz_mutated_object_pickle(tmp_path, edits):
         for name, data in records.items():
             zf.writestr(name, _mutate(data, edits) if name.endswith("data.pkl") else data)
     _check_outcome(path)
+
+
+FLAX = (Path(__file__).parent / "data" / "hub_opt_tiny" / "flax_model.msgpack").read_bytes()
+
+
+@settings(max_examples=int(os.environ.get("REFOPT_FUZZ_EXAMPLES", 150)), deadline=2000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)),
+                      min_size=1, max_size=4))
+def test_fuzz_mutated_flax_msgpack(tmp_path, edits):
+    """The MessagePack decoder of flax_model.msgpack: only named errors or loads."""
+    from refopt.io import flax_msgpack
+
+    path = tmp_path / "flax_model.msgpack"
+    path.write_bytes(_mutate(FLAX, edits))
+    try:
+        got = flax_msgpack.load(path)
+    except CheckpointError:
+        return
+    assert all(isinstance(v, np.ndarray) for v in got.values())

@@ -469,7 +469,7 @@ def _read_zip(path, buf):
     source = str(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise CheckpointError(f"{source}: not a readable zip archive ({e})") from None
     with zf:
         infos = zf.infolist()
@@ -549,7 +549,7 @@ def _member_bytes(zf, info, buf, source, limit):
     try:
         with zf.open(info) as f:
             data = f.read(limit + 1)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError) as e:
         raise CheckpointError(f"{source}: archive member {info.filename!r} cannot be inflated ({e})") from None
     if len(data) > limit:
         raise CheckpointError(f"{source}: archive member {info.filename!r} inflates past {limit} bytes")
