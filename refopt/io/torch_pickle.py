@@ -418,6 +418,19 @@ def _storage_id(pid, source, legacy):
     return StorageRef(key, stype.dtype, numel)
 
 
+def _storage_ids(source, legacy):
+    """``(refs, persistent_load)``: the storages the object pickle names, filled in as it runs."""
+    refs = {}
+
+    def persistent_load(pid):
+        ref = _storage_id(pid, source, legacy)
+        if refs.setdefault(ref.key, ref).dtype != ref.dtype:
+            raise CheckpointError(f"{source}: storage {ref.key!r} is used with two dtypes")
+        return refs[ref.key]
+
+    return refs, persistent_load
+
+
 def _to_array(rec: TensorRecord, storages: dict, source: str, name: str) -> np.ndarray:
     base = storages.get(rec.storage.key)
     if base is None:
@@ -498,14 +511,7 @@ def _read_zip(path, buf):
         order = root + "byteorder"
         if order in members and _member_bytes(zf, members[order], buf, source, 16) not in (b"little",):
             raise CheckpointError(f"{source}: big-endian checkpoints are not supported")
-        refs = {}
-
-        def persistent_load(pid):
-            ref = _storage_id(pid, source, legacy=False)
-            if refs.setdefault(ref.key, ref).dtype != ref.dtype:
-                raise CheckpointError(f"{source}: storage {ref.key!r} is used with two dtypes")
-            return refs[ref.key]
-
+        refs, persistent_load = _storage_ids(source, legacy=False)
         data = _member_bytes(zf, members[pickles[0]], buf, source, MAX_PICKLE_BYTES)
         obj, _ = unpickle(data, persistent_load, f"{source}:{pickles[0]}")
         storages = {}
@@ -576,14 +582,7 @@ def _read_legacy(path, buf):
         raise CheckpointError(f"{source}: unsupported PyTorch legacy protocol {protocol!r}")
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
         raise CheckpointError(f"{source}: big-endian or unlabelled checkpoints are not supported")
-    refs = {}
-
-    def persistent_load(pid):
-        ref = _storage_id(pid, source, legacy=True)
-        if refs.setdefault(ref.key, ref).dtype != ref.dtype:
-            raise CheckpointError(f"{source}: storage {ref.key!r} is used with two dtypes")
-        return refs[ref.key]
-
+    refs, persistent_load = _storage_ids(source, legacy=True)
     obj, used = unpickle(data[pos:pos + MAX_PICKLE_BYTES], persistent_load, source)
     pos += used
     keys, used = unpickle(data[pos:pos + MAX_PICKLE_BYTES], refuse, f"{source} (storage keys)")
