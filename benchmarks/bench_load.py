@@ -20,7 +20,9 @@ tensor to a temporary directory (deleted at the end).  Each configuration below 
 refopt configurations: ``weights_dtype="auto"`` (the float16 file used in place, memory-mapped),
 ``"bfloat16"`` and ``"int8"`` (converted tensor by tensor), and the default float32 (widened) where
 it fits in memory; transformers + PyTorch: ``dtype=torch.float16`` and ``torch.float32`` where it
-fits.  Figures are the median of the runs, with their range.
+fits.  Figures are the median of the runs, with their range.  With the OPT tokenizer files of
+../shared/data/opt present, each size's ``auto`` run also generates text from a prompt (random
+weights: the text is gibberish, but it is decoded text), printed under the table.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def write_float16_checkpoint(path: Path, size: str, seed: int = 0):
     return cfg, (path / "model.safetensors").stat().st_size + len(head)
 
 
+def copy_tokenizer(path: Path):
+    """The real OPT tokenizer files beside the weights, when ../shared has them."""
+    shared = ROOT.parent / "shared" / "data" / "opt"
+    if (shared / "vocab.json").exists() and (shared / "merges.txt").exists():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(shared / name, path / name)
+
+
 # ---------------------------------------------------------------------------- one measurement
 def _memory():
     out = {}
@@ -112,11 +122,12 @@ def worker(spec):
         numba.set_num_threads(threads)
         rss0, _ = _memory()
         t0 = time.perf_counter()
-        lm = OPTCausalLM.from_preset(path, preprocessor=None, backend="numba",
+        lm = OPTCausalLM.from_preset(path, backend="numba",
                                      weights_dtype=None if dtype == "float32" else dtype)
         t_open = time.perf_counter() - t0
         rss_open, hwm_open = _memory()
         lm.compile(sampler="greedy")
+        preprocessor, lm.preprocessor = lm.preprocessor, None      # timed calls pass token ids
         params = lm.backbone.params
         weight_bytes = sum(getattr(v, "nbytes", 0) for k, v in params.items() if k != "embed_positions")
 
@@ -153,7 +164,11 @@ def worker(spec):
             best = min(best, time.perf_counter() - t)
         times[n] = best
     _, hwm = _memory()
-    print(json.dumps({"open_s": t_open, "rss_before": rss0, "rss_open": rss_open, "hwm_open": hwm_open,
+    text = None
+    if engine == "refopt" and dtype == "auto" and preprocessor is not None:
+        lm.preprocessor = preprocessor
+        text = lm.generate("Checkpoints at real sizes", max_length=16)
+    print(json.dumps({"text": text, "open_s": t_open, "rss_before": rss0, "rss_open": rss_open, "hwm_open": hwm_open,
                       "hwm": hwm, "weight_bytes": weight_bytes,
                       "tok_s": (new - 1) / max(times[new] - times[1], 1e-9)}))
 
@@ -206,7 +221,7 @@ def main(argv=None):
     import numpy as np
 
     bw, bw_low = stream_bandwidth(args.bw_gib, args.threads)
-    print(f"streaming read {bw / 1e9:.1f} GB/s (worst of 5: {bw_low / 1e9:.1f}), {args.threads} threads; "
+    print(f"streaming read {bw / 1e9:.1f} GB/s (worst of 3: {bw_low / 1e9:.1f}), {args.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f}; MemAvailable {_available() / 1e9:.1f} GB", flush=True)
     cols = (f"{'size':6s} {'engine':14s} {'weights':9s} {'open s':>14s} {'RSS open':>9s} {'peak':>7s} "
             f"{'+load':>7s} {'/result':>8s} {'file':>7s} {'decode tok/s':>17s} {'% bound':>8s}")
@@ -217,6 +232,7 @@ def main(argv=None):
             where = tmp / f"opt-{size}-f16"
             t = time.perf_counter()
             cfg, file_bytes = write_float16_checkpoint(where, size)
+            copy_tokenizer(where)
             print(f"# wrote {where} ({file_bytes / 1e9:.2f} GB float16) in {time.perf_counter() - t:.0f} s",
                   flush=True)
             n_params = cfg.parameter_count()
@@ -254,6 +270,9 @@ def main(argv=None):
                       f"{med('hwm') / 1e9:6.2f}G {np.median(load) / 1e9:6.2f}G "
                       f"{np.median(load) / med('weight_bytes'):7.2f}x {file_bytes / 1e9:6.2f}G "
                       f"{rng('tok_s', fmt='{:.2f}'):>17s} {100 * med('tok_s') / bound:7.0f}%", flush=True)
+                texts = [r.get("text") for r in runs if r.get("text")]
+                if texts:
+                    print(f"#   {size} generated: {texts[0]!r}", flush=True)
             shutil.rmtree(where, ignore_errors=True)
     finally:
         if not args.dir:
