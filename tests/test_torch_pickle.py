@@ -180,6 +180,15 @@ OPCODE_TRICKS = {
         b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x0b\x00\x00\x00../../x/y/zX\x03\x00\x00\x00cpuK\x01tQ.",
         "outside the archive"),
     "dict key that is a list": (b"\x80\x02}]K\x01s.", "dict key"),
+    "dict key 300,000 tuples deep (hash() would overflow the C stack)": (
+        b"\x80\x02})" + b"\x85" * 300_000 + b"K\x01s.", "dict key"),
+    "storage key 300,000 tuples deep (repr() would recurse)": (
+        b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\n)" + b"\x85" * 300_000
+        + b"X\x03\x00\x00\x00cpuK\x01tQ.", "not a plain record name"),
+    "a tensor of 2**80 elements": (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00\x8a\x0b" + (1 << 80).to_bytes(11, "little")
+        + b"\x85K\x01\x85\x89)tR.", "2**62"),
 }
 
 

@@ -107,6 +107,8 @@ def _rebuild_tensor(storage, offset, size, stride, *rest):
         raise UnsafePickleError("_rebuild_tensor: storage offset is not an integer")
     size = _ints(size, "_rebuild_tensor: size")
     stride = _ints(stride, "_rebuild_tensor: stride", len(size))
+    if len(size) > 64 or any(abs(v) >= 1 << 62 for v in size + stride) or abs(offset) >= 1 << 62:
+        raise UnsafePickleError("_rebuild_tensor: more than 64 axes, or a size, stride or offset past 2**62")
     return TensorRecord(storage, offset, size, stride)
 
 
@@ -169,13 +171,16 @@ def _global(module, name):
 
 
 def _key(k):
-    try:
-        hash(k)
-    except TypeError:
-        raise UnsafePickleError(f"a dict key of type {type(k).__name__}") from None
-    if isinstance(k, (_Call, StorageType, StorageRef, TensorRecord)):
+    """A dict key: only scalars (hashing a nested tuple recurses in C without a depth check, so a
+    deep one from a hostile pickle could crash the interpreter)."""
+    if k is not None and type(k) not in (str, int, float, bool, bytes):
         raise UnsafePickleError(f"a dict key of type {type(k).__name__}")
     return k
+
+
+def _shown(value) -> str:
+    """``value`` for an error message, without recursing into a hostile structure."""
+    return repr(value[:80]) if isinstance(value, str) else type(value).__name__
 
 
 # ---------------------------------------------------------------------------- the opcode interpreter
@@ -400,7 +405,7 @@ def unpickle(data, persistent_load, source):
 def _storage_id(pid, source, legacy):
     if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
         raise UnsafePickleError(f"{source}: persistent id {type(pid).__name__} "
-                                f"{pid[0] if isinstance(pid, tuple) and pid else ''!r} is not a storage")
+                                f"{_shown(pid[0]) if isinstance(pid, tuple) and pid else ''} is not a storage")
     n = 6 if legacy else 5
     if len(pid) not in (5, 6) or (legacy and len(pid) != 6):
         raise UnsafePickleError(f"{source}: malformed storage id of {len(pid)} fields (expected {n})")
@@ -409,7 +414,7 @@ def _storage_id(pid, source, legacy):
     if not isinstance(stype, StorageType):
         raise UnsafePickleError(f"{source}: storage id without a storage type")
     if not isinstance(key, str) or not key or not key.isalnum() or len(key) > 64:
-        raise UnsafePickleError(f"{source}: storage key {str(key)[:80]!r} is not a plain record name "
+        raise UnsafePickleError(f"{source}: storage key {_shown(key)} is not a plain record name "
                                 "(it would point outside the archive)")
     if not isinstance(location, str) or type(numel) is not int or numel < 0:
         raise UnsafePickleError(f"{source}: malformed storage id for key {key!r}")
@@ -642,6 +647,8 @@ def _read_tar(path, buf):
         pos += used
         if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[2], StorageType)):
             raise UnsafePickleError(f"{source}: malformed storage entry")
+        if type(entry[0]) not in (str, int):
+            raise UnsafePickleError(f"{source}: malformed storage key")
         key = str(entry[0])
         if pos + 8 > st.shape[0]:
             raise CheckpointError(f"{source}: truncated storage {key!r}")
@@ -663,6 +670,8 @@ def _read_tar(path, buf):
         pos += used
         if not (isinstance(entry, tuple) and len(entry) == 3):
             raise UnsafePickleError(f"{source}: malformed tensor entry")
+        if type(entry[0]) not in (str, int) or type(entry[1]) not in (str, int):
+            raise UnsafePickleError(f"{source}: malformed tensor entry")
         key, skey = str(entry[0]), str(entry[1])
         if pos + 8 > ts.shape[0]:
             raise CheckpointError(f"{source}: truncated tensor {key!r}")
@@ -682,7 +691,7 @@ def _read_tar(path, buf):
     def persistent_load(pid):
         if isinstance(pid, str) and pid in tensors:
             return tensors[pid]
-        raise UnsafePickleError(f"{source}: persistent id {str(pid)[:80]!r} names no tensor of the archive")
+        raise UnsafePickleError(f"{source}: persistent id {_shown(pid)} names no tensor of the archive")
 
     obj, _ = unpickle(members["pickle"], persistent_load, f"{source} (pickle)")
     return _tensors(obj, arrays, source)
