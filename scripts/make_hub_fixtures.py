@@ -38,6 +38,18 @@ SHAPES = {
 }
 
 
+def flax_chunked(out):
+    """tests/data/flax_chunked.msgpack: Flax's chunked form of large arrays, at a 64-byte chunk size."""
+    import flax.serialization as fs
+
+    fs.MAX_CHUNK_SIZE = 64
+    tree = {"model": {"decoder": {
+        "embed_tokens": {"embedding": np.arange(60, dtype=np.float32).reshape(6, 10)},
+        "final_layer_norm": {"scale": np.ones(3, np.float16), "bias": np.zeros(3, np.float16)}}}}
+    with open(os.path.join(out, "flax_chunked.msgpack"), "wb") as f:
+        f.write(fs.msgpack_serialize(tree))
+
+
 def main(out):
     assert transformers.__version__ < "5", "TensorFlow models need transformers 4.x"
     for name, shape in SHAPES.items():
@@ -70,3 +82,4 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "tests/data")
+    flax_chunked(sys.argv[1] if len(sys.argv) > 1 else "tests/data")

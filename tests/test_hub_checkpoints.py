@@ -72,6 +72,17 @@ def test_save_pretrained_pickles_single_and_sharded(tmp_path, model):
     np.testing.assert_array_equal(_logits(sharded, dtype="float64"), expected)
 
 
+def test_flax_chunked_arrays():
+    """Arrays over Flax's chunk size are stored as flat chunks (written by flax.serialization with a
+    64-byte chunk size: scripts/make_hub_fixtures.py's environment)."""
+    from refopt.io import flax_msgpack
+
+    got = flax_msgpack.load(DATA / "flax_chunked.msgpack")
+    np.testing.assert_array_equal(got["model.decoder.embed_tokens.weight"],
+                                  np.arange(60, dtype=np.float32).reshape(6, 10))
+    assert got["model.decoder.final_layer_norm.weight"].dtype == np.float16
+
+
 def test_pickle_and_others_no_longer_refused_by_name(tmp_path):
     d = _only(DATA / "hub_opt_tiny", tmp_path / "x")
     with pytest.raises(CheckpointError, match="no weights file") as e:

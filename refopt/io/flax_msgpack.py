@@ -4,7 +4,8 @@ MessagePack decoder of its own.
 Flax serialises a nested dict of arrays with MessagePack (``flax.serialization.to_bytes``): maps of
 string keys, each array an extension of type 1 whose payload is itself MessagePack of ``[shape,
 dtype name, raw bytes]``; arrays over Flax's chunk size are split into a map
-``{"__msgpack_chunked_array__": true, "shape": ..., "chunks": {"0": array, ...}}`` of flat pieces.
+``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": array, ...}}`` of
+flat pieces.
 The decoder accepts only maps, arrays, strings, binary, integers, floats, booleans, nil and those
 extensions, with bounded nesting; raw array bytes are memory-mapped from the file.  Names are mapped
 to transformers' PyTorch names (``kernel`` ``[in, out]`` -> ``weight`` transposed, ``scale`` ->
@@ -162,9 +163,11 @@ def _flatten(tree, buf, source, prefix=(), out=None):
         path = prefix + (str(key),)
         name = "/".join(path)
         if isinstance(v, dict) and v.get(_CHUNKED) is True:
-            chunks = v.get("chunks")
-            shape = v.get("shape")
-            if not (isinstance(chunks, dict) and isinstance(shape, list)):
+            chunks, shape = v.get("chunks"), v.get("shape")      # {"0": ..., "1": ...} as Flax writes tuples
+            if isinstance(shape, dict):
+                shape = [shape.get(str(i)) for i in range(len(shape))]
+            if not (isinstance(chunks, dict) and isinstance(shape, list)
+                    and all(type(d) is int and d >= 0 for d in shape)):
                 raise CheckpointError(f"{source}: chunked array {name} is malformed")
             parts = [_array(buf, chunks[k], source, name) if isinstance(chunks[k], _Ext) else None
                      for k in sorted(chunks, key=lambda k: int(k) if str(k).isdigit() else -1)]
