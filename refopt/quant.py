@@ -56,13 +56,16 @@ class QuantizedMatrix:
         if a_dtype == kind and a.ndim == 2 and a.flags.c_contiguous:
             return cls(stored.bits(a) if kind == "bfloat16" else a, kind)
         if getattr(a, "ndim", 0) != 2 or a.shape[0] * a.shape[1] * 4 <= _BLOCK_BYTES:
-            return cls._quantize_rows(stored.widen(a if isinstance(a, np.ndarray) else np.asarray(a)), kind)
+            a = a if isinstance(a, np.ndarray) else np.asarray(a)
+            wide = stored.widen(a)
+            return cls._quantize_rows(wide, kind, scratch=wide is not a)
         data = np.empty(a.shape, _STORAGE[kind])
         scale = np.empty(a.shape[0], np.float32) if kind == "int8" else None
         step = max(1, _BLOCK_BYTES // (4 * a.shape[1]))
         for i in range(0, a.shape[0], step):
             block = a[i:i + step]
-            q = cls._quantize_rows(stored.widen(block), kind)
+            wide = stored.widen(block)
+            q = cls._quantize_rows(wide, kind, scratch=wide is not block)
             data[i:i + step] = q.data
             if scale is not None:
                 scale[i:i + step] = q.scale
@@ -70,17 +73,21 @@ class QuantizedMatrix:
         return cls(data, kind, scale)
 
     @classmethod
-    def _quantize_rows(cls, a, kind):
+    def _quantize_rows(cls, a, kind, scratch=False):
+        # ``scratch``: ``a`` is a temporary this call may overwrite
         rows = np.ascontiguousarray(a, dtype=np.float32)
         if kind == "bfloat16":
             return cls(float32_to_bfloat16(rows), kind)
         if kind == "float16":
             return cls(rows.astype(np.float16), kind)
         if kind == "int8":
-            scale = np.abs(rows).max(axis=1) / 127.0
+            scale = np.maximum(rows.max(axis=1), -rows.min(axis=1)) / 127.0        # max |row| / 127
             scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
-            return cls(q, kind, scale)
+            work = rows if scratch or not np.may_share_memory(rows, a) else rows.copy()
+            np.divide(work, scale[:, None], out=work)          # in place: one block of temporaries
+            np.rint(work, out=work)
+            np.clip(work, -127, 127, out=work)
+            return cls(work.astype(np.int8), kind, scale)
         raise ConfigError(f"weights_dtype={kind!r}: expected one of {WEIGHT_DTYPES}")  # pragma: no cover
 
     # ------------------------------------------------------------------ the logical matrix
