@@ -331,10 +331,17 @@ def _mutate(data, edits):
 
 
 def _check_outcome(path):
+    import tracemalloc
+
+    tracemalloc.start()
     try:
         got = torch_pickle.load(path)
     except CheckpointError:
         return "error"
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 32 << 20, f"reading a {path.stat().st_size}-byte file allocated {peak} bytes"
     assert isinstance(got, dict)
     for v in got.values():                   # loads must give arrays readable end to end
         assert isinstance(v, np.ndarray)
