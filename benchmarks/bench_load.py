@@ -1,6 +1,6 @@
 """Opening real-sized OPT checkpoints: load time, peak memory and decode speed, beside transformers.
 
-    flock /tmp/refopt-heavy.lock python benchmarks/bench_scale.py [--sizes 125m 1.3b 6.7b]
+    flock /tmp/refopt-heavy.lock python benchmarks/bench_load.py [--sizes 125m 1.3b 6.7b]
         [--runs 2] [--repeats 2] [--skip-peers] [--dir /tmp/refopt-load]
 
 For each size a random float16 checkpoint of the released shape (transformers layout,
