@@ -111,11 +111,6 @@ def choose_backend(requested):
     return None, False
 
 
-def _has_tokenizer(path) -> bool:
-    return ((path / "tokenizer.json").exists() or (path / "preprocessor.json").exists()
-            or ((path / "vocab.json").exists() and (path / "merges.txt").exists()))
-
-
 def run(args) -> int:
     import contextlib
 
@@ -123,6 +118,7 @@ def run(args) -> int:
     from refopt.errors import ConfigError
     from refopt.io import presets
     from refopt.models import OPTCausalLM, OPTCausalLMPreprocessor
+    from refopt.tokenizers import preset_files
 
     sampler = make_sampler(args.sampler, args.temperature, args.top_k, args.top_p, args.seed,
                            args.num_beams)
@@ -135,7 +131,7 @@ def run(args) -> int:
               "and caches them", file=sys.stderr, flush=True)
         path = presets.resolve(args.preset)
         preprocessor = (OPTCausalLMPreprocessor.from_preset(path, compiled=False)
-                        if _has_tokenizer(path) else None)
+                        if preset_files.has_tokenizer(path) else None)
     lm = OPTCausalLM.from_preset(args.preset, dtype=args.dtype, backend=backend,
                                  preprocessor=preprocessor,
                                  weights_dtype=(None if args.dtype == "float64" and args.weights_dtype == "auto"

@@ -85,16 +85,10 @@ class Recipe:
 def read_text(path) -> str:
     """The UTF-8 text of ``path``; a clear :class:`refopt.errors.TrainingError` otherwise."""
     from refopt.errors import TrainingError
+    from refopt.tokenizers.trainer import read_training_text
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TrainingError(f"{path}: is a directory; expected a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise TrainingError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_training_text(path)
     if not text.strip():
         raise TrainingError(f"{path}: the file is empty")
     return text
@@ -222,13 +216,14 @@ class _Progress:
 
 
 def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, log_every: int = 50,
-          command: str | None = None, card: dict | None = None) -> dict:
+          command: str | None = None, card: dict | None = None, overwrite: bool = False) -> dict:
     """Run ``recipe`` on the UTF-8 file ``text_path``, write the preset to ``out`` and return the
     report (also written as ``refopt_training.json``).  ``card`` holds optional ``summary``,
-    ``limits`` and ``usage`` paragraphs for ``MODEL_CARD.md`` (see :func:`model_card`)."""
+    ``limits`` and ``usage`` paragraphs for ``MODEL_CARD.md`` (see :func:`model_card`).  ``out``
+    must not exist (or be empty) unless ``overwrite``; it is checked before training starts."""
     from refopt import backend as _backend
-    from refopt.errors import TrainingError
-    from refopt.io import presets
+    from refopt.errors import DestinationError, TrainingError
+    from refopt.io import saving
     from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
     from refopt.optimizers import AdamW
     from refopt.tokenizers import train_bpe
@@ -236,6 +231,10 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, log_every:
     from refopt.training.schedules import CosineDecay
 
     recipe.check()
+    if not overwrite and os.path.isdir(out) and os.listdir(out):
+        raise DestinationError(f"{out} already exists; pass --force (overwrite=True) to replace "
+                               "the preset there (other files are kept)")
+    saving.check_destination(out, overwrite, "preset")
     started = time.time()
     text = read_text(text_path)
     train_text, val_text = split_text(text, recipe.validation_fraction)
@@ -348,13 +347,13 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, log_every:
         "validation": {"loss": val, "perplexity": math.exp(val)},
         "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
     }
-    with presets.atomic_directory(out) as tmp:
-        lm.save_to_preset(tmp)
-        presets.write_json(tmp / "refopt_training.json", report)
-        (tmp / "MODEL_CARD.md").write_text(model_card(report, tmp, Path(out).name,
-                                                       **(card or {})),
-                                           encoding="utf-8")
+    with saving.PresetSave(out, overwrite=overwrite) as staging:
+        lm.write_preset_files(staging)
+        staging.write_json("refopt_training.json", report)
+        staging.write_text("MODEL_CARD.md", model_card(report, staging.directory, Path(out).name,
+                                                       **(card or {})))
     return report
+
 
 
 def _version():
@@ -468,6 +467,8 @@ def add_parser(subparsers):
                     "progress, and write a KerasHub preset with a model card at the end.")
     p.add_argument("text_file", help="a UTF-8 text file")
     p.add_argument("--out", default="refopt_model", help="output preset directory (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the preset files in --out if it exists (other files are kept)")
     p.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None,
                    help="compute backend (default: REFOPT_BACKEND or the fastest available)")
     p.add_argument("--log-every", type=int, default=50, metavar="N",
@@ -488,7 +489,7 @@ def run(args) -> int:
     backend = None if args.backend in (None, "auto") else args.backend
     command = "refopt train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None
     report = train(args.text_file, args.out, recipe, backend=backend, log_every=args.log_every,
-                   command=command)
+                   command=command, overwrite=args.force)
     v, b = report["validation"], report["baselines"]
     print(f"wrote {args.out}: {report['parameters']:,} parameters, {report['steps']} steps in "
           f"{report['train_seconds']:.0f} s; validation loss {v['loss']:.4f} nats/token (perplexity "

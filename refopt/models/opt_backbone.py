@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +10,7 @@ from refopt import backend as _backend
 from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
-from refopt.io import huggingface, keras_h5, presets, safetensors_io
+from refopt.io import checkpoint, huggingface, keras_h5, safetensors_io, saving
 
 _FORMATS = ("keras", "huggingface")
 
@@ -44,6 +41,9 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
         mask = None if mask is None else np.asarray(mask)[None, :]
     if ids.ndim != 2:
         raise InputError(f"token_ids: expected shape (batch, sequence), got {ids.shape}")
+    if ids.shape[0] and not ids.shape[1]:
+        raise InputError(f"token_ids: shape {ids.shape} holds no token; expected at least one "
+                         "per row")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocabulary_size):
         bad = ids[(ids < 0) | (ids >= cfg.vocabulary_size)][0]
@@ -63,6 +63,15 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
         raise InputError(f"token_ids: sequence length {length} exceeds max_sequence_length "
                          f"{cfg.max_sequence_length}")
     return ids, mask
+
+
+def _check_params_fit(cfg: OPTConfig) -> None:
+    """Refuse a config whose random weights would not fit in memory (before making them)."""
+    from refopt.limits import check_allocation
+
+    itemsize = np.dtype(cfg.compute_dtype).itemsize
+    check_allocation(cfg.parameter_count() * itemsize * 2,
+                     f"the weights of this config ({cfg.parameter_count():,} parameters)", ConfigError)
 
 
 class OPTBackbone:
@@ -97,6 +106,7 @@ class OPTBackbone:
             enable_bias=enable_bias, layer_norm_elementwise_affine=layer_norm_elementwise_affine,
             remove_final_layer_norm=remove_final_layer_norm, layer_norm_epsilon=layer_norm_epsilon,
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        _check_params_fit(self.config)
         self.params = _model.init_params(self.config, seed=seed)
         # transformers keeps two position rows before position 0; kept here for exact round trips.
         self.position_prefix = None
@@ -141,6 +151,7 @@ class OPTBackbone:
         self.backend = None
         self.weights_dtype = "float32"
         if params is None:
+            _check_params_fit(cfg)
             self.params = _model.init_params(cfg)
         else:
             self.set_params(params, weights_dtype=weights_dtype)
@@ -198,7 +209,7 @@ class OPTBackbone:
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
-                    **kwargs) -> "OPTBackbone":
+                    allow_nonfinite=False, **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
         compute dtype (``"float64"`` for the oracle).
@@ -206,57 +217,79 @@ class OPTBackbone:
         ``weights_dtype`` chooses how the matrices are held: ``None`` (default) widens every weight
         to the compute dtype; ``"auto"`` keeps them in the dtype the checkpoint stores them in
         (like transformers' ``torch_dtype="auto"``): a float16 or bfloat16 safetensors or PyTorch
-        checkpoint is then memory-mapped and used without a copy, so opening it costs no time and
-        no memory beyond the file; ``"float16"``, ``"bfloat16"`` or ``"int8"`` convert them tensor
-        by tensor (the peak is the result plus one block of rows).  Two- and one-byte weights make
-        decoding up to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this
-        model to ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend)."""
+        checkpoint is then memory-mapped and used without a copy, so opening it costs no memory
+        beyond the file; ``"float16"``, ``"bfloat16"`` or ``"int8"`` convert them tensor by tensor
+        (the peak is the result plus one block of rows).  Two- and one-byte weights make decoding up
+        to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this model to
+        ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend).  The checkpoint is
+        validated before anything is allocated (:mod:`refopt.io.checkpoint`); weights that are NaN
+        or infinite are refused unless ``allow_nonfinite=True``."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
-        path = presets.resolve(preset)
-        fmt = presets.detect_format(path)
-        cfg = presets.read_config(path)
-        if dtype is not None:
-            if dtype not in ("float32", "float64", "float16", "bfloat16"):
-                raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
-            cfg = dataclasses.replace(cfg, dtype=dtype)
+        if dtype is not None and dtype not in ("float32", "float64", "float16", "bfloat16"):
+            raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
+        if not isinstance(allow_nonfinite, bool):
+            raise ConfigError(f"from_preset: allow_nonfinite={allow_nonfinite!r}; expected True or False")
         if backend is not None:
             _backend.resolve(backend)          # an unknown or unavailable backend fails here
         from refopt.quant import resolve_weights_dtype
 
-        resolve_weights_dtype(weights_dtype, {}, cfg.compute_dtype)   # a bad value fails before reading
-        if not load_weights:
-            self = cls.from_opt_config(cfg)
-            if weights_dtype not in (None, "float32", "auto"):
-                self.quantize(weights_dtype)
-        else:
-            params, prefix = presets.load_weights(path, cfg, fmt)
-            self = cls.from_opt_config(cfg, params, prefix, weights_dtype=weights_dtype)
+        resolve_weights_dtype(weights_dtype, {}, "float64" if dtype == "float64" else "float32")
+        with checkpoint.open_checkpoint(preset, allow_nonfinite=allow_nonfinite) as ckpt:
+            cfg = ckpt.config
+            if dtype is not None:
+                cfg = dataclasses.replace(cfg, dtype=dtype)
+            if not load_weights:
+                self = cls.from_opt_config(cfg)
+                if weights_dtype not in (None, "float32", "auto"):
+                    self.quantize(weights_dtype)
+            else:
+                from refopt.limits import check_allocation
+
+                check_allocation(ckpt.bytes_to_copy(cfg.compute_dtype, weights_dtype),
+                                 f"{ckpt.path}: loading the weights", CheckpointError)
+                self = cls.from_opt_config(cfg, ckpt.params(stored=True), ckpt.position_prefix(),
+                                           weights_dtype=weights_dtype)
         self.backend = backend
         return self
 
-    def save_to_preset(self, preset_dir, format="keras") -> None:
+    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
-        layout, atomically."""
-        with presets.atomic_directory(preset_dir) as tmp:
-            self._write(tmp, format)
+        layout.  Only preset files are written; see :mod:`refopt.io.saving` for where a save may
+        write (``overwrite=True`` to write into a directory holding other files) and why a kill at
+        any instant never loses the old preset."""
+        _check_format(format)
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.MODEL_FILES,
+                               what="backbone") as staging:
+            self.write_preset_files(staging, format)
 
-    def _write(self, directory: Path, format: str) -> None:
-        if format not in _FORMATS:
-            raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
+    def write_preset_files(self, staging, format: str = "keras", tasks=()) -> None:
+        """Write ``config.json`` and the weights into a :class:`refopt.io.saving.PresetSave`
+        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``)."""
+        _check_format(format)
         if format == "keras":
-            presets.write_json(directory / "config.json", self.config.to_keras())
-            keras_h5.save(self.params, self.config, directory / "model.weights.h5")
-            presets.write_json(directory / "metadata.json", {
-                "keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
-                "parameter_count": self.count_params(), "tasks": []})
+            staging.write_json("config.json", self.config.to_keras())
+            with staging.open("model.weights.h5") as f:
+                keras_h5.write(f, self.params, self.config)
+            meta = {"keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
+                    "parameter_count": self.count_params(), "tasks": list(tasks)}
+            if not self.config.keras_compatible:
+                meta["refopt_only"] = ("KerasHub's OPTBackbone cannot build this model: "
+                                       + "; ".join(self.config.keras_incompatibilities()))
+            staging.write_json("metadata.json", meta)
         else:
-            presets.write_json(directory / "config.json", self.config.to_huggingface())
+            staging.write_json("config.json", self.config.to_huggingface())
             state = huggingface.to_state_dict(self.params, self.config, self.position_prefix)
-            safetensors_io.save(state, directory / "model.safetensors", metadata={"format": "pt"})
-            presets.write_json(directory / "generation_config.json", {
+            with staging.open("model.safetensors") as f:
+                safetensors_io.write(f, state, metadata={"format": "pt"})
+            staging.write_json("generation_config.json", {
                 "bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                 "pad_token_id": self.config.pad_token_id})
+
+
+def _check_format(format):
+    if format not in _FORMATS:
+        raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
 
 
 def _version() -> str:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from refopt import model as _model
 from refopt.errors import ConfigError, InputTypeError
-from refopt.io import presets
+from refopt.io import presets, saving
+from refopt.limits import check_allocation
 from refopt.models.opt_backbone import OPTBackbone, validate_inputs
+from refopt.tokenizers import preset_files
 
 _AUTO = "auto"
-
-
-def _has_tokenizer_files(path: Path) -> bool:
-    return ((path / "tokenizer.json").exists() or (path / "preprocessor.json").exists()
-            or ((path / "vocab.json").exists() and (path / "merges.txt").exists()))
 
 
 class OPTCausalLM:
@@ -100,8 +96,11 @@ class OPTCausalLM:
         ids, mask = validate_inputs(self.backbone.config, x)
         if batch_size is None:
             batch_size = ids.shape[0] or 1
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"predict: batch_size={batch_size!r}; expected a positive integer")
+        check_allocation(ids.size * self.backbone.vocabulary_size
+                         * np.dtype(self.backbone.compute_dtype).itemsize * 2,
+                         f"predict: logits for {ids.shape[0]} x {ids.shape[1]} tokens")
         parts = [self({"token_ids": ids[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
                  for i in range(0, ids.shape[0], batch_size)]
         if len(parts) == 1:
@@ -111,7 +110,11 @@ class OPTCausalLM:
 
     def new_cache(self, batch: int, length: int) -> np.ndarray:
         """A zero KV cache ``[batch, num_layers, 2, length, num_heads, head_dim]``."""
-        return _model.new_cache(self.backbone.config, batch, length, self.backbone.compute_dtype)
+        cfg = self.backbone.config
+        check_allocation(int(batch) * int(length) * 2 * cfg.num_layers * cfg.hidden_dim
+                         * np.dtype(self.backbone.compute_dtype).itemsize,
+                         f"a KV cache for {batch} rows of {length} positions")
+        return _model.new_cache(cfg, batch, length, self.backbone.compute_dtype)
 
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.
@@ -179,40 +182,43 @@ class OPTCausalLM:
     def from_preset(cls, preset=None, load_weights=True, dtype=None, preprocessor=_AUTO, **kwargs):
         """Load a KerasHub preset, a transformers checkpoint directory, a built-in name or (no
         argument) the bundled model, with its tokenizer and preprocessor when the preset has them
-        (``preprocessor=None`` to skip, or pass one)."""
+        (``preprocessor=None`` to skip, or pass one).  ``allow_nonfinite=True`` accepts NaN or
+        infinite weights (refused by default)."""
         backbone = OPTBackbone.from_preset(preset, load_weights=load_weights, dtype=dtype, **kwargs)
         if isinstance(preprocessor, str) and preprocessor == _AUTO:
             path = presets.resolve(preset)
             preprocessor = None
-            if _has_tokenizer_files(path):
+            if preset_files.has_tokenizer(path):
                 from refopt.models.opt_causal_lm_preprocessor import OPTCausalLMPreprocessor
 
                 preprocessor = OPTCausalLMPreprocessor.from_preset(path)
         return cls(backbone, preprocessor=preprocessor)
 
-    def save_to_preset(self, preset_dir, format="keras") -> None:
+    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
         """Write a KerasHub preset (``config.json``, ``model.weights.h5``, ``metadata.json``,
         ``task.json`` and the tokenizer/preprocessor files when attached) or, with
-        ``format="huggingface"``, a transformers checkpoint directory; atomically."""
-        with presets.atomic_directory(preset_dir) as tmp:
-            self.backbone._write(tmp, format)
-            if format == "keras":
-                task = {"module": "keras_hub.src.models.opt.opt_causal_lm", "class_name": "OPTCausalLM",
-                        "config": {"backbone": self.backbone.config.to_keras(),
-                                   "preprocessor": None, "name": self.name},
-                        "registered_name": "keras_hub>OPTCausalLM"}
-                if self.preprocessor is not None:
-                    self.preprocessor.save_to_preset(tmp)
-                    task["config"]["preprocessor"] = _read_json(tmp / "preprocessor.json")
-                presets.write_json(tmp / "task.json", task)
-                meta = _read_json(tmp / "metadata.json")
-                meta["tasks"] = ["CausalLM"]
-                presets.write_json(tmp / "metadata.json", meta)
-            elif self.preprocessor is not None:
-                self.preprocessor.tokenizer.save_to_huggingface(tmp)
+        ``format="huggingface"``, a transformers checkpoint directory.  The directory then holds
+        exactly this preset (old preset files it does not rewrite are removed; other files are
+        never touched, and a directory holding any needs ``overwrite=True``); a kill at any
+        instant leaves the old preset or the new one (:mod:`refopt.io.saving`)."""
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.WHOLE_PRESET,
+                               what="preset") as staging:
+            self.write_preset_files(staging, format)
 
-
-def _read_json(path):
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    def write_preset_files(self, staging, format: str = "keras") -> None:
+        """Write every file of this model's preset into a :class:`refopt.io.saving.PresetSave`."""
+        self.backbone.write_preset_files(staging, format, tasks=["CausalLM"])
+        if format == "keras":
+            backbone_config = self.backbone.config.to_keras()
+            task = {"module": "keras_hub.src.models.opt.opt_causal_lm", "class_name": "OPTCausalLM",
+                    "config": {"backbone": backbone_config, "preprocessor": None, "name": self.name},
+                    "registered_name": "keras_hub>OPTCausalLM"}
+            if not self.backbone.config.keras_compatible:
+                task.update(module="refopt.models.opt_causal_lm",
+                            registered_name="refopt>OPTCausalLM")
+            if self.preprocessor is not None:
+                self.preprocessor.write_preset_files(staging)
+                task["config"]["preprocessor"] = self.preprocessor.serialize()
+            staging.write_json("task.json", task)
+        elif self.preprocessor is not None:
+            self.preprocessor.write_transformers_files(staging)

@@ -13,14 +13,13 @@ Truncation keeps the end token: with ``add_end_token`` the sequence is cut to le
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 from refopt.errors import ConfigError, InputError, InputTypeError
+from refopt.limits import check_allocation
 from refopt.models.opt_tokenizer import OPTTokenizer
 from refopt.tokenizers import preset_files as pf
+from refopt.tokenizers.byte_pair_tokenizer import MAX_SEQUENCE_LENGTH
 
 
 def pack_start_end(sequences, sequence_length, start_value=None, end_value=None, pad_value=0,
@@ -33,6 +32,8 @@ def pack_start_end(sequences, sequence_length, start_value=None, end_value=None,
     sequence_length])``; the mask is True on every position not filled with padding.
     """
     batch = len(sequences)
+    check_allocation(batch * sequence_length * 5, f"packing {batch} sequences of length "
+                     f"{sequence_length:,}")
     token_ids = np.full((batch, sequence_length), pad_value, dtype=np.int32)
     padding_mask = np.zeros((batch, sequence_length), dtype=bool)
     for row, seq in enumerate(sequences):
@@ -82,6 +83,12 @@ class OPTCausalLMPreprocessor:
         if not hasattr(tokenizer, "tokenize") or not hasattr(tokenizer, "start_token_id"):
             raise InputTypeError("`tokenizer` must be an OPTTokenizer (or another tokenizer with "
                                  f"start, end and pad tokens); got {type(tokenizer).__name__}")
+        for key, value in (("add_start_token", add_start_token), ("add_end_token", add_end_token)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"`{key}` must be True or False; got {value!r}")
+        for key, value in (("name", name), ("config_file", config_file)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"`{key}` must be a string; got {value!r}")
         self.tokenizer = tokenizer
         self.sequence_length = _check_length(sequence_length, "sequence_length")
         self.add_start_token = bool(add_start_token)
@@ -173,38 +180,53 @@ class OPTCausalLMPreprocessor:
                 "config": self.get_config(),
                 "registered_name": f"keras_hub>{self.keras_class_name}"}
 
-    def save_to_preset(self, preset_dir) -> None:
-        """Write ``preprocessor.json`` and the tokenizer (``tokenizer.json``, assets) in
-        KerasHub's layout; each file through a temporary name and a rename."""
-        os.makedirs(preset_dir, exist_ok=True)
-        pf.atomic_write_text(os.path.join(preset_dir, self.config_file),
-                             json.dumps(self.serialize(), indent=4))
-        self.tokenizer.save_to_preset(preset_dir)
+    def save_to_preset(self, preset_dir, overwrite=False) -> None:
+        """Write ``preprocessor.json`` and the tokenizer (``tokenizer.json``, assets) in KerasHub's
+        layout.  Other preset files there (a model's) are kept; see :mod:`refopt.io.saving`."""
+        from refopt.io import saving
+
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.PREPROCESSOR_FILES,
+                               what="preprocessor") as staging:
+            self.write_preset_files(staging)
+
+    def write_preset_files(self, staging) -> None:
+        """Write ``preprocessor.json`` and the tokenizer's files into a
+        :class:`refopt.io.saving.PresetSave`."""
+        staging.write_json(self.config_file, self.serialize(), newline=False)
+        self.tokenizer.write_preset_files(staging)
+
+    def write_transformers_files(self, staging) -> None:
+        """The tokenizer in transformers' layout, this preprocessor's settings kept beside it."""
+        settings = {k: v for k, v in self.get_config().items()
+                    if k in ("name", "sequence_length", "add_start_token", "add_end_token")}
+        self.tokenizer.write_transformers_files(staging, preprocessor=settings)
 
     @classmethod
     def from_preset(cls, preset, **kwargs):
         """Load from a KerasHub preset directory (``preprocessor.json`` + tokenizer) or a
-        transformers checkpoint directory (tokenizer files; ``sequence_length`` defaults to
-        1024).  ``kwargs`` override saved settings (``sequence_length=...``)."""
+        transformers checkpoint directory (tokenizer files; the settings refopt saved there, else
+        ``sequence_length`` 1024).  ``kwargs`` override saved settings (``sequence_length=...``)."""
         directory = pf.preset_directory(preset)
-        settings = {}
-        path = os.path.join(directory, pf.PREPROCESSOR_CONFIG_FILE)
-        if os.path.isfile(path):
-            saved = pf.read_json(path)
-            saved = saved.get("config", saved) if isinstance(saved, dict) else {}
-            settings = {k: saved[k] for k in ("name", "config_file", "sequence_length",
-                                              "add_start_token", "add_end_token") if k in saved}
+        settings = pf.read_preprocessor_settings(directory)
         tokenizer_kwargs = {k: kwargs.pop(k) for k in list(kwargs)
                             if k in ("add_prefix_space", "unsplittable_tokens",
                                      "special_tokens_in_strings", "compiled")}
         tokenizer = kwargs.pop("tokenizer", None) or cls.tokenizer_cls.from_preset(
             directory, **tokenizer_kwargs)
         settings.update(kwargs)
-        return cls(tokenizer=tokenizer, **settings)
+        try:
+            return cls(tokenizer=tokenizer, **settings)
+        except ConfigError as e:
+            raise ConfigError(f"{directory}: the saved preprocessor settings are invalid: {e}") \
+                from None
 
-    def export_to_transformers(self, path) -> None:
-        """Write the tokenizer in transformers' layout (see ``OPTTokenizer``)."""
-        self.tokenizer.export_to_transformers(path)
+    def export_to_transformers(self, path, overwrite=False) -> None:
+        """Write the tokenizer in transformers' layout, with this preprocessor's settings."""
+        from refopt.io import saving
+
+        with saving.PresetSave(path, overwrite=overwrite, replaces=saving.HF_TOKENIZER,
+                               what="tokenizer") as staging:
+            self.write_transformers_files(staging)
 
     def __repr__(self):
         return (f"OPTCausalLMPreprocessor(sequence_length={self.sequence_length}, "
@@ -212,6 +234,8 @@ class OPTCausalLMPreprocessor:
 
 
 def _check_length(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"`{name}` must be a positive integer; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not \
+            1 <= value <= MAX_SEQUENCE_LENGTH:
+        raise ConfigError(f"`{name}` must be an integer from 1 to {MAX_SEQUENCE_LENGTH:,}; got "
+                          f"{value!r}")
     return int(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refopt.limits import check_allocation
 from refopt.samplers.sampler import (Sampler, Step, check_float, check_positive_int, stop_mask,
                                      top_k_indices)
 
@@ -57,6 +58,8 @@ class ContrastiveSampler(Sampler):
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
         hidden_states = np.array(hidden_states, copy=True)                     # [B, T, E]
+        check_allocation((hidden_states.nbytes + (0 if cache is None else np.asarray(cache).nbytes))
+                         * k, f"ContrastiveSampler(k={k}) over {B} prompts", SamplerError)
         logits, _, cache = next(prompt, cache, index)                           # [B, V] for `index`
         rows = np.arange(B)
         while index < T:

@@ -83,9 +83,12 @@ class TransformersAdapter(Adapter):
 
     def load_preset(self, path):
         path = Path(path)
+        from refopt.errors import RefoptError
+        from refopt.io import presets
+
         try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
+            data = presets.read_config_json(path / "config.json")
+        except RefoptError:
             raise NotSupported(f"{path} has no readable config.json") from None
         if data.get("model_type") != "opt":
             raise NotSupported(f"{path} is not a transformers checkpoint (transformers reads only its "
