@@ -171,7 +171,8 @@ class Checkpoint:
                           target if weights_dtype == "auto" else weights_dtype)
             in_place = self.format == "huggingface" and stored_as == target
             if not in_place:
-                total += int(np.prod(self.shape(name), dtype=np.int64)) * widths.get(target, np.dtype(target).itemsize)
+                width = widths[target] if target in widths else np.dtype(target).itemsize
+                total += int(np.prod(self.shape(name), dtype=np.int64)) * width
         return total
 
     def position_prefix(self):
