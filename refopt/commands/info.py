@@ -41,6 +41,22 @@ def _tokenizer(path):
     return {"vocabulary": where, "tokens": tokenizer.vocabulary_size()}
 
 
+def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict[str, str]:
+    """What ``from_preset`` will do with these weights, per ``weights_dtype`` choice."""
+    n = parameters
+    mappable = weights_file.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+    plan = {"default": f"widened to float32, tensor by tensor: {_human(4 * n)} in memory"}
+    if stored in ("float16", "bfloat16") and mappable:
+        plan["auto"] = (f"{stored} matrices memory-mapped from the file and used in place: no copy, "
+                        f"{_human(2 * n)} of the file read as decoding needs it")
+    elif stored in ("float16", "bfloat16"):
+        plan["auto"] = f"{stored} matrices read into memory: {_human(2 * n)}"
+    else:
+        plan["auto"] = f"stored {stored}: as the default"
+    plan["int8"] = f"quantised tensor by tensor: {_human(n)} in memory"
+    return plan
+
+
 def describe(preset) -> dict:
     """The facts ``refopt info`` prints, as a dict."""
     from refopt.io import checkpoint, presets, saving
@@ -50,6 +66,7 @@ def describe(preset) -> dict:
         cfg = ckpt.config
         dtypes = ckpt.stored_dtypes()
         fmt = ckpt.format
+        weights = [p.name for p in ckpt.weight_files]
     ours, _ = saving.list_preset_files(path)
     sizes = [os.stat(path / rel).st_size for rel in ours]
     return {
@@ -59,6 +76,9 @@ def describe(preset) -> dict:
         "parameters": cfg.parameter_count(),
         "stored_dtype": max(dtypes, key=dtypes.get) if dtypes else None,
         "stored_dtypes": dtypes,
+        "weights_file": weights[0] if len(weights) == 1 else f"{len(weights)} shards",
+        "loading": loading_plan(cfg.parameter_count(), max(dtypes, key=dtypes.get) if dtypes else None,
+                                weights[0]),
         "tokenizer": _tokenizer(path),
         "files": len(sizes),
         "size_bytes": sum(sizes),
@@ -86,6 +106,10 @@ def run(args) -> int:
              + ("" if len(info["stored_dtypes"]) < 2 else
                 "; " + ", ".join(f"{n} tensors {d}" for d, n in info["stored_dtypes"].items())),
              f"size        {_human(info['size_bytes'])} on disk ({info['files']} files)"]
+    lines.append(f"weights     {info['weights_file']}")
+    for choice, what in info["loading"].items():
+        label = "weights_dtype=None" if choice == "default" else f"weights_dtype={choice!r}"
+        lines.append(f"  {label:26s}{what}")
     if info["tokenizer"]:
         lines.append(f"tokenizer   {info['tokenizer']['tokens']:,} tokens ({info['tokenizer']['vocabulary']})")
     else:

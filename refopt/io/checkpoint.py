@@ -7,7 +7,8 @@
         params, prefix = ckpt.params(), ckpt.position_prefix()
 
 ``from_preset``, ``refopt info``, the streaming reference and the oracle read checkpoints through
-this class.  Opening one reads ``config.json`` and the weight files' headers (or HDF5 tree) only,
+this class.  Opening one reads ``config.json`` and the weight files' headers (or HDF5 tree, or the
+object pickle of a PyTorch checkpoint, :mod:`refopt.io.torch_pickle`) only,
 and checks before anything is allocated that every tensor the config implies is there with the
 right shape and a float dtype, and that nothing else is: a missing tensor is never taken for an
 absent one (only the config says a model has no bias, LayerNorm affine or projection).  Reading a
@@ -15,9 +16,12 @@ tensor refuses non-finite values, naming the tensor (``allow_nonfinite=True`` to
 
 A **format** (:class:`Format`) knows one layout: how to recognise it, which files hold the weights,
 and how its tensors map to refopt's names.  :data:`FORMATS` lists them in detection order; a new
-reader (a pickle-free PyTorch reader, ``tf_model.h5``) is one more subclass appended there.  A
-format opens a **tensor source** -- ``keys()``, ``dtype(key)``, ``shape(key)``, ``array(key)``,
-``rows(key, index)``, ``close()`` -- over its files.
+reader is one more subclass appended there.  A format opens a **tensor source** -- ``keys()``,
+``dtype(key)``, ``shape(key)``, ``array(key)`` (bfloat16 widened), ``stored(key)`` (as stored:
+bfloat16 as :data:`refopt.io.stored.BFLOAT16`, a view of the file where possible),
+``rows(key, index)``, ``close()`` -- over its files.  A transformers directory's weights may be
+``model.safetensors`` (single or sharded), ``pytorch_model.bin`` (single or sharded),
+``tf_model.h5`` or ``flax_model.msgpack`` (:data:`HF_WEIGHTS`, in order of preference).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError
-from refopt.io import files, huggingface, keras_h5, safetensors_io
+from refopt.io import files, huggingface, keras_h5, safetensors_io, stored
 
 _CHUNK = 1 << 22
 
@@ -39,7 +43,15 @@ def first_nonfinite(arr: np.ndarray):
     """The index of the first NaN or infinity in ``arr`` (a float array), or None.
 
     One fast pass first (a sum is finite only if every term is); only when it is not (a real
-    NaN/Inf, or an overflowing sum) a chunked exact search."""
+    NaN/Inf, or an overflowing sum) a chunked exact search.  bfloat16 (:data:`stored.BFLOAT16`) is
+    searched by its exponent bits, in chunks."""
+    if stored.is_bfloat16(arr):
+        flat = stored.bits(arr).reshape(-1)
+        for start in range(0, flat.size, _CHUNK):
+            bad = np.flatnonzero((flat[start:start + _CHUNK] & 0x7F80) == 0x7F80)
+            if bad.size:
+                return np.unravel_index(start + int(bad[0]), arr.shape)
+        return None
     if arr.dtype.kind != "f" or arr.size == 0:
         return None
     with np.errstate(all="ignore"):
@@ -101,7 +113,7 @@ class Checkpoint:
         if not self.allow_nonfinite:
             bad = first_nonfinite(arr)
             if bad is not None:
-                value = arr[bad]
+                value = stored.widen(arr[bad]) if stored.is_bfloat16(arr) else arr[bad]
                 raise CheckpointError(
                     f"{self.path}: tensor {self.entries[name].key} (refopt parameter {name}) holds "
                     f"{value} at index {list(int(i) for i in bad)}; refopt refuses non-finite "
@@ -129,19 +141,38 @@ class Checkpoint:
             block = block.astype(dtype, copy=False)
         return block[inverse].reshape(np.shape(index) + block.shape[1:])
 
-    def params(self, dtype=None) -> dict[str, np.ndarray]:
-        """Every parameter (:meth:`read`)."""
+    def read_stored(self, name) -> np.ndarray:
+        """Parameter ``name`` in refopt's layout and its stored dtype, without a copy where the
+        file allows (bfloat16 as :data:`refopt.io.stored.BFLOAT16`): what
+        :func:`refopt.quant.load_params` converts tensor by tensor."""
+        entry = self.entries[name]
+        arr = self._checked(name, self.source.stored(entry.key))
+        return arr if entry.to_refopt is None else entry.to_refopt(arr)
+
+    def params(self, dtype=None, stored=False) -> dict[str, np.ndarray]:
+        """Every parameter (:meth:`read`, or with ``stored`` :meth:`read_stored`)."""
+        if stored:
+            return {name: self.read_stored(name) for name in self.entries}
         return {name: self.read(name, dtype) for name in self.entries}
 
-    def bytes_to_copy(self, dtype) -> int:
+    def bytes_to_copy(self, dtype, weights_dtype=None) -> int:
         """Bytes a load into ``dtype`` copies into memory (what is not used in place from a
-        memory map: every tensor of an HDF5 file, every tensor stored in another dtype)."""
-        itemsize = np.dtype(dtype).itemsize
+        memory map: every tensor of an HDF5 file, every tensor stored in another dtype).  With
+        ``weights_dtype`` (:func:`refopt.quant.load_params`), matrices are held in that dtype
+        (``"auto"``: float16 and bfloat16 as stored)."""
+        from refopt.quant import quantizable
+
+        widths = {"float16": 2, "bfloat16": 2, "int8": 1}
         total = 0
         for name in self.entries:
-            in_place = self.format == "huggingface" and self.stored_dtype(name) == np.dtype(dtype).name
+            stored_as, target = self.stored_dtype(name), np.dtype(dtype).name
+            if quantizable(name) and weights_dtype not in (None, "float32"):
+                target = (stored_as if weights_dtype == "auto" and stored_as in widths else
+                          target if weights_dtype == "auto" else weights_dtype)
+            in_place = self.format == "huggingface" and stored_as == target
             if not in_place:
-                total += int(np.prod(self.shape(name), dtype=np.int64)) * itemsize
+                width = widths[target] if target in widths else np.dtype(target).itemsize
+                total += int(np.prod(self.shape(name), dtype=np.int64)) * width
         return total
 
     def position_prefix(self):
@@ -224,7 +255,11 @@ class HuggingFaceFormat(Format):
 
     name, label = "huggingface", "transformers checkpoint"
     WEIGHTS = [("model.safetensors.index.json", lambda path, file: _SafetensorsSource(path, file)),
-               ("model.safetensors", lambda path, file: _SafetensorsSource(path, None))]
+               ("model.safetensors", lambda path, file: _SafetensorsSource(path, None)),
+               ("pytorch_model.bin.index.json", lambda path, file: _reader_source(file)),
+               ("pytorch_model.bin", lambda path, file: _reader_source(file)),
+               ("tf_model.h5", lambda path, file: _reader_source(file)),
+               ("flax_model.msgpack", lambda path, file: _reader_source(file))]
 
     def claims(self, path, config):
         return "model_type" in config
@@ -244,15 +279,10 @@ class HuggingFaceFormat(Format):
     def check_files(self, path):
         if self._weights(path)[0] is not None:
             return
-        pickles = [p for p in PICKLES if os.path.lexists(path / p)]
-        if pickles:
-            raise CheckpointError(
-                f"{path}: only a pickled checkpoint ({', '.join(pickles)}) is here. refopt never "
-                "unpickles files (unpickling runs arbitrary code). Convert it once with "
-                "transformers on a trusted machine: `OPTForCausalLM.from_pretrained(dir)"
-                ".save_pretrained(dir, safe_serialization=True)`, which writes model.safetensors")
-        raise CheckpointError(f"{path}: transformers config.json but no model.safetensors or "
-                              "model.safetensors.index.json")
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".ckpt", ".pth", ".bin"))
+        raise CheckpointError(f"{path}: transformers config.json but no weights file (expected one of "
+                              f"{', '.join(n for n, _ in self.WEIGHTS)}"
+                              f"{'; found ' + ', '.join(others) if others else ''})")
 
     def open(self, path, cfg):
         from refopt.model import param_shapes
@@ -286,6 +316,11 @@ class HuggingFaceFormat(Format):
                                   f"{' ...' if len(extra) > 5 else ''} for this config")
         if "lm_head.weight" in present:
             expected["lm_head.weight"] = expected[mapping["embed_tokens"]]
+            tied = source.shape("lm_head.weight") == expected["lm_head.weight"]
+            if tied and not huggingface.same_tensor(source.stored("lm_head.weight"),
+                                                     source.stored(mapping["embed_tokens"])):
+                raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; refopt's "
+                                      "OPT ties the LM head to it (as every released OPT does)")
         for key, want in expected.items():
             got = source.shape(key)
             if got != want:
@@ -309,8 +344,9 @@ class HuggingFaceFormat(Format):
         return entries
 
 
-PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt",
-           "tf_model.h5", "flax_model.msgpack")
+# weight files of a transformers directory, in order of preference
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+              "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 FORMATS: list[Format] = [KerasFormat(), HuggingFaceFormat()]
 
 
@@ -331,11 +367,30 @@ class _KerasSource:
     def array(self, key):
         return self.file.array(key)
 
+    stored = array
+
     def rows(self, key, index):
         return self.file.array(key, index)
 
     def close(self):
         self.file.close()
+
+
+def _reader_source(weights: Path) -> DictSource:
+    """A :class:`DictSource` over a pickled (:mod:`~refopt.io.torch_pickle`), TensorFlow
+    (:mod:`~refopt.io.tf_keras_h5`) or Flax (:mod:`~refopt.io.flax_msgpack`) checkpoint, under
+    transformers' canonical names."""
+    from refopt.io import flax_msgpack, tf_keras_h5, torch_pickle
+
+    readers = {"pytorch_model.bin.index.json": torch_pickle.load_sharded, "pytorch_model.bin": torch_pickle.load,
+               "tf_model.h5": tf_keras_h5.load, "flax_model.msgpack": flax_msgpack.load}
+    src = DictSource({})
+    for name, value in readers[weights.name](weights).items():
+        canonical = huggingface.canonical_name(name)
+        if canonical in src.tensors:
+            raise CheckpointError(f"{weights}: tensor {name!r} is stored twice")
+        src.tensors[canonical] = value
+    return src
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -353,25 +408,31 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 class DictSource:
-    """A tensor source over a dict of arrays (a state dict in memory)."""
+    """A tensor source over a dict of arrays (a state dict in memory, or the mapped tensors one of
+    the readers of pickled, TensorFlow or Flax checkpoints returns)."""
 
     def __init__(self, tensors: dict):
-        self.tensors = {k: np.asarray(v) for k, v in tensors.items()}
+        self.tensors = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in tensors.items()}
 
     def keys(self):
         return list(self.tensors)
 
     def dtype(self, key):
-        return self.tensors[key].dtype.name
+        return stored.stored_dtype_name(self.tensors[key])
 
     def shape(self, key):
         return tuple(self.tensors[key].shape)
 
     def array(self, key):
+        arr = self.tensors[key]
+        return stored.widen(arr) if stored.is_bfloat16(arr) else arr
+
+    def stored(self, key):
         return self.tensors[key]
 
     def rows(self, key, index):
-        return self.tensors[key][index]
+        arr = self.tensors[key][index]
+        return stored.widen(arr) if stored.is_bfloat16(arr) else np.array(arr)
 
     def close(self):
         pass
@@ -434,6 +495,11 @@ class _SafetensorsSource:
     def array(self, key):
         f, name = self.where[key]
         return f.tensor(name)
+
+    def stored(self, key):
+        f, name = self.where[key]
+        arr = f.array(name)
+        return arr.view(stored.BFLOAT16) if f.dtype(name) == "BF16" else arr
 
     def rows(self, key, index):
         f, name = self.where[key]

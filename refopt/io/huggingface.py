@@ -72,6 +72,17 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = 
     return params, src.array(POSITIONS_NAME)[:POSITION_OFFSET]
 
 
+def same_tensor(a, b) -> bool:
+    """Whether two stored tensors hold the same values (views of one storage, as PyTorch's tied
+    weights are, are the same without reading them)."""
+    if (a.dtype == b.dtype and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
+        return True
+    if a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(a.view(np.uint16) if a.dtype.fields else a, b.view(np.uint16) if b.dtype.fields else b))
+
+
 def to_state_dict(params: dict[str, np.ndarray], cfg: OPTConfig, position_prefix=None):
     """transformers' state dict (without the tied ``lm_head.weight``, as ``save_pretrained`` writes)."""
     out = {}

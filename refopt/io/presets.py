@@ -5,14 +5,18 @@ A *preset* is any of
 
 * a KerasHub preset directory (``config.json`` with ``class_name: OPTBackbone``,
   ``model.weights.h5``, optional tokenizer/preprocessor files);
-* a transformers checkpoint directory (``config.json`` with ``model_type: opt`` and
-  ``model.safetensors`` or a sharded ``model.safetensors.index.json``);
+* a transformers checkpoint directory (``config.json`` with ``model_type: opt`` and the weights as
+  the hub ships them: ``model.safetensors`` (single or sharded), ``pytorch_model.bin`` (single or
+  sharded, read by :mod:`refopt.io.torch_pickle` without ever unpickling it), ``tf_model.h5`` or
+  ``flax_model.msgpack``; safetensors preferred when several are present);
 * a built-in name (``opt_125m_en``, ``opt_350m_en``, ``opt_1.3b_en`` ... ``opt_66b_en``), looked up as
-  ``$REFOPT_HOME/<name>`` (default ``~/.cache/refopt/<name>``) holding either of the above;
-* ``hf://owner/name`` or ``kaggle://owner/model/framework/variant``: downloaded only when the hub
-  client is installed and the hub is reachable; otherwise a clear error says so.
+  ``$REFOPT_HOME/<name>`` (default ``~/.cache/refopt/<name>``), then in the Kaggle cache (KerasHub's
+  ``keras/opt/keras/<name>``), then in the Hugging Face cache (``facebook/opt-<size>``);
+* a hub repository ``owner/name`` (``facebook/opt-125m``) found in the local Hugging Face cache, or
+  ``hf://owner/name`` / ``kaggle://owner/model/framework/variant[/version]``: the local caches first
+  (:mod:`refopt.io.hub_cache`, no client needed), then a download when the hub client is installed
+  and the hub is reachable; otherwise a clear error says so.
 
-Pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) are refused, never unpickled.
 Reading goes through :mod:`refopt.io.checkpoint` (validated, lazy); writing through
 :mod:`refopt.io.saving` (never loses a file).  :func:`resolve` completes a save that was
 interrupted after its commit before anything reads the directory.
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputTypeError, PresetNotFoundError
-from refopt.io import files, saving
+from refopt.io import files, hub_cache, saving
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
@@ -53,20 +57,26 @@ def _missing_builtin(name: str, where: Path) -> PresetNotFoundError:
     if name in KERAS_PRESETS:
         lines.append(f"  - KerasHub: download the Kaggle model keras/opt/keras/{name} and unpack it "
                      f"into {where}")
-    lines.append(f"  - transformers: `huggingface-cli download {repo} config.json model.safetensors "
-                 f"vocab.json merges.txt --local-dir {where}` (on a machine with network access; "
-                 "copy the folder here)")
-    lines.append("  Set REFOPT_HOME to use another presets directory.")
+    lines.append(f"  - transformers: `hf download {repo}` (on a machine with network access; copy "
+                 f"{hub_cache.hf_cache_dir()} here, or add `--local-dir {where}`)")
+    lines.append("  Set REFOPT_HOME to use another presets directory, HF_HUB_CACHE or KAGGLEHUB_CACHE "
+                 "for the hub caches.")
     return PresetNotFoundError("\n".join(lines))
 
 
 def _download(handle: str) -> Path:
     scheme, _, rest = handle.partition("://")
+    cached = (hub_cache.find_hf(*_repo_revision(rest)) if scheme == "hf"
+              else hub_cache.find_kaggle(rest) if scheme == "kaggle" else None)
+    if cached is not None:
+        return cached
     try:
         if scheme == "hf":
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(rest, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+            repo, revision = _repo_revision(rest)
+            return Path(snapshot_download(repo, revision=revision,
+                                          allow_patterns=["*.json", "*.safetensors", "*.txt"]))
         if scheme == "kaggle":
             import kagglehub
 
@@ -81,6 +91,22 @@ def _download(handle: str) -> Path:
                                   f"reached ({type(e).__name__}); download it elsewhere and pass its "
                                   "directory") from None
     raise PresetNotFoundError(f"preset {handle!r}: unknown handle scheme {scheme!r} (hf:// or kaggle://)")
+
+
+def _repo_revision(rest: str) -> tuple[str, str]:
+    """``owner/name[@revision]`` -> (``owner/name``, revision or ``"main"``)."""
+    repo, _, revision = rest.partition("@")
+    return repo, revision or "main"
+
+
+def _cached_builtin(name: str) -> Path | None:
+    """A built-in name in the Kaggle cache (KerasHub's handle) or the Hugging Face cache."""
+    if name in KERAS_PRESETS:
+        found = hub_cache.find_kaggle(f"keras/opt/keras/{name}")
+        if found is not None and (found / "config.json").exists():
+            return found
+    found = hub_cache.find_hf(HF_REPOS[name])
+    return found if found is not None and (found / "config.json").exists() else None
 
 
 def resolve(preset) -> Path:
@@ -110,7 +136,19 @@ def resolve(preset) -> Path:
         if (where / "config.json").exists():
             saving.recover(where)
             return where
+        cached = _cached_builtin(preset)
+        if cached is not None:
+            return cached
         raise _missing_builtin(preset, where)
+    if preset.count("/") == 1 and not preset.startswith((".", "/", "~")):
+        repo, revision = _repo_revision(preset)
+        cached = hub_cache.find_hf(repo, revision)
+        if cached is not None:
+            return cached
+        raise PresetNotFoundError(
+            f"preset {preset!r} is neither an existing directory nor a repository in the Hugging Face "
+            f"cache ({hub_cache.hf_cache_dir()}); download it with `hf download {repo}` on a machine "
+            "with network access (set HF_HUB_CACHE to point at a copied cache)")
     raise PresetNotFoundError(f"preset {preset!r} is neither an existing directory nor a built-in name "
                               f"({', '.join(BUILTIN_NAMES)})")
 

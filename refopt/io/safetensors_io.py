@@ -58,10 +58,12 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even (NaN kept NaN)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(x, np.float32))
-    return np.where(nan, np.uint16(0x7FC0), rounded).astype(np.uint16)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    # in 32 bits: the sum wraps only for bit patterns above 0xFFFF7FFF, which are NaNs (set below)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(x)] = 0x7FC0
+    return rounded
 
 
 # ----------------------------------------------------------------------------------- header
