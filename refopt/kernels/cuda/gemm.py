@@ -3,6 +3,13 @@ register blocking and double buffering.
 
     C[m, n] = relu?( sum_k A[m, k] * B[n, k]  + bias[n] )  (+ C[m, n] when accumulating)
 
+and, for training, three more epilogue terms (each optional, each a compile-time flag):
+
+    C[m, n] = gate?( keep?( ... ) ) + R[m, n]
+    gate:  zero where G[m, n] <= 0   (ReLU's backward: G holds the forward's post-ReLU output)
+    keep:  times P[m, n]             (the dropout multiplier, 0 or 1 / (1 - rate))
+    R:     a residual added last     (the decoder's ``x = residual + x``)
+
 Operands keep the layouts refopt stores them in, so nothing is transposed in memory:
 
 ==========  ===================  ===================  ==========================================
@@ -51,10 +58,11 @@ PAD = 4   # shared rows padded by 16 bytes: the transposed stores of K-contiguou
 
 @functools.lru_cache(maxsize=None)
 def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: bool = False,
-              accumulate: bool = False):
-    """The kernel ``gemm(A, B, C, bias, M, N, K)`` for one dtype, layout, tile configuration and
-    epilogue (compiled on first launch; the epilogue flags are compile-time constants, so the
-    unrolled epilogue keeps the accumulators in registers)."""
+              accumulate: bool = False, residual: bool = False, gate: bool = False,
+              keep: bool = False):
+    """The kernel ``gemm(A, B, C, bias, R, G, P, M, N, K)`` for one dtype, layout, tile
+    configuration and epilogue (compiled on first launch; the epilogue flags are compile-time
+    constants, so the unrolled epilogue keeps the accumulators in registers)."""
     BM, BN, BK, TM, TN = CONFIGS[config]
     DT = nbtype(dtype)
     NTX, NTY = BN // TN, BM // TM            # threads along n and m
@@ -69,7 +77,7 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
 
     # two resident blocks per multiprocessor: registers capped at 65536 / (2 * NT)
     @kernel(launch_bounds=(NT, 2))
-    def gemm(A, B, C, bias, M, N, K):
+    def gemm(A, B, C, bias, R, G, P, M, N, K):
         As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)
         Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), DT)
@@ -177,8 +185,15 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
                         v += bias[n]
                     if relu:
                         v = max(v, DT(0))
+                    if keep:
+                        v = v * P[z, m, n]
+                    if gate:
+                        if G[z, m, n] <= DT(0):
+                            v = DT(0)
                     if accumulate:
                         v += C[z, m, n]
+                    if residual:
+                        v = R[z, m, n] + v
                     C[z, m, n] = v
 
     gemm.threads = NT
@@ -201,11 +216,12 @@ def default_config(M: int, N: int) -> str:
 
 
 def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
-         config: str | None = None, stream=0):
+         config: str | None = None, stream=0, residual=None, gate=None, keep=None):
     """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
-    see the module docstring for the layouts.  2-D operands give ``[M, N]``; 3-D operands (a batch
-    of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated when
-    None)."""
+    see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
+    ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
+    (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
+    when None)."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -226,8 +242,13 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
         return out
     has_bias = bias is not None
     kernel = make_gemm(dtype, layout, config or default_config(M * Z, N), has_bias, bool(relu),
-                       bool(accumulate))
+                       bool(accumulate), residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
+
+    def like_out(x):
+        return out3 if x is None else (x if x.ndim == 3 else x.reshape((1, M, N)))
+
     kernel[(cdiv(N, BN), cdiv(M, BM), Z), kernel.threads, stream](
-        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], int32(M), int32(N), int32(K))
+        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], like_out(residual), like_out(gate),
+        like_out(keep), int32(M), int32(N), int32(K))
     return out

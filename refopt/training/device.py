@@ -1,0 +1,537 @@
+"""Training on the GPU with everything resident: :class:`DeviceTrainer` owns, for the length of a
+``fit`` (or ``evaluate`` / ``predict``), the device copy of a model's parameters, their gradients,
+the Adam(W) moments, the activations the backward reads and the batch.  A step uploads the batch
+(two copies: integers and weights), launches the forward, the loss, the backward, the clipping and
+the update, and copies back three float64 numbers (the weighted loss sum, the weighted hits of the
+accuracy metric, the weight sum).  The host arrays are written back by :meth:`DeviceTrainer.download`.
+
+The step is :func:`refopt.training.gradients.forward_backward` followed by
+:meth:`refopt.optimizers.Optimizer.apply`, op for op, on device buffers:
+
+    forward, per layer i (pre-LayerNorm):
+        A[i]   = LN1(X[i])                            (mean, 1/std kept)
+        QKV[i] = A[i] @ Wqkv.T + bqkv                 q, k, v weights adjacent: one product
+        CTX[i] = flash attention(QKV[i])              (row max m and sum l kept)
+        R1[i]  = X[i] + keep1 * (CTX[i] @ Wo.T + bo)  residual and dropout in the epilogue
+        MM[i]  = LN2(R1[i])
+        H[i]   = relu(MM[i] @ W1.T + b1)
+        X[i+1] = R1[i] + keep2 * (H[i] @ W2.T + b2)
+    Y = LNf(X[L]);  logits = Y @ E.T;  cross-entropy, accuracy hits, d_logits in place
+    backward: the same lines bottom to top (each product's input and weight gradients, the bias
+    gradients as column sums, LayerNorm's backward from the kept statistics with the residual
+    gradient added, the flash backward recomputing the probabilities), then the embeddings'
+    scatter-adds (the token table's added to the tied head's gradient)
+    update: gradient accumulation, the clipping factors from float64 sums of squares, decoupled
+    weight decay and the Adam step in one pass over the flat buffers
+
+The learning rate and Adam's bias correction are computed on the host from the optimizer's
+schedule and step count and passed as kernel arguments (a scalar, no transfer).  Dropout masks
+come from :func:`refopt.random.uniform`'s Philox stream keyed by the fit's seed (row = element,
+step = optimizer step, stream = 2 * layer + site), so they differ from the NumPy path's
+``Generator`` draws: with dropout the device and NumPy runs are each reproducible, not equal.
+
+What runs here (:func:`blocker` says why not otherwise): pre-LayerNorm decoders with LayerNorm
+gains and biases, biased linear maps and no embedding projection (OPT-125m, 1.3b, ... and
+KerasHub's presets), float32 or float64, optimized by :class:`refopt.optimizers.Adam` or
+``AdamW`` (any clipping, AMSGrad, accumulation, weight-decay exclusions, schedules).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from refopt.config import OPTConfig
+from refopt.model import positions_from_mask
+
+LAYER_WEIGHTS = ("self_attn_layer_norm.gamma", "self_attn_layer_norm.beta",
+                 "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                 "q_proj.bias", "k_proj.bias", "v_proj.bias",
+                 "out_proj.weight", "out_proj.bias",
+                 "mlp_layer_norm.gamma", "mlp_layer_norm.beta",
+                 "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+CHUNK = 8192          # elements per optimizer chunk (a chunk never straddles two parameters)
+ALIGN = 32            # parameters start at multiples of 32 elements
+
+
+def blocker(cfg: OPTConfig, optimizer=None) -> str:
+    """Why this model / optimizer cannot train device-resident ('' when it can)."""
+    from refopt.optimizers import Adam
+
+    if not cfg.do_layer_norm_before:
+        return "post-LayerNorm models (do_layer_norm_before=False)"
+    if cfg.has_projection:
+        return "models with an embedding projection (word_embed_proj_dim != hidden_dim)"
+    if not cfg.layer_norm_elementwise_affine or not cfg.enable_bias:
+        return "models without LayerNorm gains or linear biases"
+    if not cfg.has_final_layer_norm:
+        return "models without a final LayerNorm"
+    if np.dtype(cfg.compute_dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return f"compute dtype {cfg.compute_dtype}"
+    if optimizer is not None and (not isinstance(optimizer, Adam)
+                                  or type(optimizer).update_step is not Adam.update_step):
+        return f"optimizer {type(optimizer).__name__} (Adam and AdamW run on the device)"
+    return ""
+
+
+class Layout:
+    """Where each parameter lives in one flat buffer: layer by layer, q/k/v weights (and biases)
+    adjacent so that ``[3D, D]`` and ``[3D]`` views of them exist."""
+
+    def __init__(self, cfg: OPTConfig):
+        from refopt.model import param_shapes
+
+        shapes = param_shapes(cfg)
+        names = ["embed_tokens", "embed_positions"]
+        for i in range(cfg.num_layers):
+            names += [f"layers.{i}.{n}" for n in LAYER_WEIGHTS]
+        names += ["final_layer_norm.gamma", "final_layer_norm.beta"]
+        assert set(names) == set(shapes), sorted(set(names) ^ set(shapes))
+        self.names, self.shapes, self.offsets = names, shapes, {}
+        off = 0
+        for n in names:
+            if not n.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+                off = -(-off // ALIGN) * ALIGN          # q/k/v stay adjacent
+            self.offsets[n] = off
+            off += int(np.prod(shapes[n]))
+        self.size = off
+        # optimizer chunks: (start, parameter index), parameter k covering chunks seg[k]..seg[k+1]
+        starts, seg_of, seg = [], [], [0]
+        for k, n in enumerate(names):
+            a, size = self.offsets[n], int(np.prod(shapes[n]))
+            for c in range(a, a + size, CHUNK):
+                starts.append(c)
+                seg_of.append(k)
+            seg.append(len(starts))
+        ends = starts[1:] + [self.size]
+        # a chunk ends where its parameter does (the gaps left by alignment are never touched)
+        for j, k in enumerate(seg_of):
+            n = names[k]
+            ends[j] = min(ends[j], self.offsets[n] + int(np.prod(shapes[n])))
+        self.chunk_bounds = np.array(list(zip(starts, ends)), np.int64)     # [C, 2]
+        self.chunk_param = np.array(seg_of, np.int32)
+        self.param_chunks = np.array(seg, np.int32)
+
+    def view(self, flat, name):
+        a = self.offsets[name]
+        return flat[a:a + int(np.prod(self.shapes[name]))].reshape(self.shapes[name])
+
+    def span(self, flat, first, rows_shape):
+        """A view of ``rows_shape`` starting where parameter ``first`` starts (q/k/v together)."""
+        a = self.offsets[first]
+        return flat[a:a + int(np.prod(rows_shape))].reshape(rows_shape)
+
+
+class StepSums(NamedTuple):
+    """What a step copies back: ``sum(w * ce)``, ``sum(w * hit)``, ``sum(w)`` (float64)."""
+
+    loss_sum: float
+    hit_sum: float
+    weight_sum: float
+
+
+class _Buffers:
+    """Activations and work arrays for batches of up to ``rows`` sequences of length ``S``."""
+
+    def __init__(self, cfg: OPTConfig, rows: int, S: int, dtype, train: bool):
+        from refopt.kernels.cuda._common import empty
+        from refopt.kernels.cuda.fused import CHUNKS
+
+        L, D, F, V, H = cfg.num_layers, cfg.hidden_dim, cfg.intermediate_dim, cfg.vocabulary_size, cfg.num_heads
+        N = rows * S
+        self.rows, self.S, self.train = rows, S, train
+        keep = L if train else 1                 # evaluation reuses one layer's activations
+        self.X = empty((L + 1 if train else 2, N, D), dtype)
+        self.A = empty((keep, N, D), dtype)
+        self.QKV = empty((keep, N, 3 * D), dtype)
+        self.CTX = empty((keep, N, D), dtype)
+        self.R1 = empty((keep, N, D), dtype)
+        self.MM = empty((keep, N, D), dtype)
+        self.H = empty((keep, N, F), dtype)
+        self.stats = empty((keep, 6, max(N, rows * H * S)), dtype)   # LN1 mean/rstd, LN2, m, l
+        self.Y = empty((N, D), dtype)
+        self.final_stats = empty((2, N), dtype)
+        self.logits = empty((N, V), dtype)
+        self.ce = empty(N, dtype)
+        self.hit = empty(N, dtype)
+        self.sums = empty(3, np.float64)
+        self.ints = empty(9 * N + 2, np.int32)   # ids, pos, targets, 2 x (order, starts, rows)
+        self.floats = empty(2 * N, dtype)         # the loss weights d_ce, the sample weights
+        self.key_mask = empty((rows, S), np.uint8)
+        if train:
+            self.keep = empty((L, 2, N * D), dtype) if cfg.dropout > 0 else None
+            self.dX = empty((2, N, D), dtype)
+            self.dM = empty((N, D), dtype)
+            self.dF = empty((N, D), dtype)
+            self.dH = empty((N, F), dtype)
+            self.dQKV = empty((N, 3 * D), dtype)
+            self.dlt = empty(rows * H * S, dtype)
+            self.part = empty((2, CHUNKS, max(3 * D, F)), dtype)
+
+
+class DeviceTrainer:
+    """The device side of ``fit`` / ``evaluate`` / ``predict`` for one model (see the module
+    docstring).  ``params`` are uploaded at construction (with ``optimizer``'s moments when it has
+    any); :meth:`download` writes parameters and optimizer state back to the host."""
+
+    def __init__(self, params: dict, cfg: OPTConfig, optimizer=None, *, seed=None):
+        from refopt.errors import TrainingError
+        from refopt.kernels.cuda._common import to_device, zeros
+
+        why = blocker(cfg, optimizer)
+        if why:
+            raise TrainingError(f"device-resident training does not support {why}")
+        self.cfg, self.opt = cfg, optimizer
+        self.dtype = np.dtype(params["embed_tokens"].dtype)
+        self.layout = lay = Layout(cfg)
+        host = np.zeros(lay.size, self.dtype)
+        for n in lay.names:
+            lay.view(host, n)[...] = params[n]
+        self.P = to_device(host)
+        self.G = zeros(lay.size, self.dtype)
+        self._bufs: dict = {}
+        self._views: dict = {}
+        self.step_count = 0
+        self.dropout_key = None
+        if cfg.dropout > 0:
+            from refopt.random import seed_to_key
+
+            seed = int(np.random.default_rng(seed).integers(2 ** 63))
+            self.dropout_key = tuple(int(k) for k in seed_to_key(seed))
+        if optimizer is not None:
+            self._upload_optimizer(optimizer, params)
+
+    # ------------------------------------------------------------------ optimizer state
+    def _upload_optimizer(self, opt, params):
+        from refopt.kernels.cuda._common import to_device, zeros
+
+        lay, dt = self.layout, self.dtype
+        built = opt._names is not None
+
+        def flat(slot):
+            host = np.zeros(lay.size, dt)
+            for n in lay.names:
+                lay.view(host, n)[...] = slot(n)
+            return to_device(host)
+
+        if built:
+            self.M = flat(lambda n: opt._slots[n]["m"])
+            self.V = flat(lambda n: opt._slots[n]["v"])
+            self.Vhat = flat(lambda n: opt._slots[n]["v_hat"]) if opt.amsgrad else None
+            self.ACC = flat(lambda n: opt._accumulators[n]) if opt.gradient_accumulation_steps else None
+        else:
+            self.M, self.V = zeros(lay.size, dt), zeros(lay.size, dt)
+            self.Vhat = zeros(lay.size, dt) if opt.amsgrad else None
+            self.ACC = zeros(lay.size, dt) if opt.gradient_accumulation_steps else None
+        self.chunk_bounds = to_device(lay.chunk_bounds)                  # [C, 2]: [start, end)
+        self.chunk_param = to_device(lay.chunk_param)
+        self.param_chunks = to_device(lay.param_chunks)
+        nparam = len(lay.names)
+        self.decay_flag = to_device(np.array([1 if opt._use_weight_decay(n) else 0 for n in lay.names],
+                                             np.uint8))
+        self.mul = to_device(np.ones(nparam, dt))
+        self.div = to_device(np.ones(nparam, dt))
+        self.chunk_sums = zeros(len(lay.chunk_param), np.float64)
+        self.param_sums = zeros(nparam, np.float64)
+        self.norm = zeros(1, np.float64)
+
+    def download(self, params: dict) -> None:
+        """Write the parameters (and the optimizer's state) back into host arrays: ``params[name]``
+        and the optimizer's slots are replaced by fresh arrays the optimizer owns."""
+        lay = self.layout
+        host = self.P.copy_to_host()
+        new = {n: np.array(lay.view(host, n), copy=True) for n in lay.names}
+        params.update(new)
+        opt = self.opt
+        if opt is None or not hasattr(self, "M"):
+            return
+        opt._names = tuple(params)
+        opt._owned = dict(new)
+        m, v = self.M.copy_to_host(), self.V.copy_to_host()
+        vh = self.Vhat.copy_to_host() if self.Vhat is not None else None
+        opt._slots = {}
+        for n in lay.names:
+            slots = {"m": np.array(lay.view(m, n)), "v": np.array(lay.view(v, n))}
+            if vh is not None:
+                slots["v_hat"] = np.array(lay.view(vh, n))
+            opt._slots[n] = slots
+        if self.ACC is not None:
+            acc = self.ACC.copy_to_host()
+            opt._accumulators = {n: np.array(lay.view(acc, n)) for n in lay.names}
+
+    # ------------------------------------------------------------------ batches
+    def _buffers(self, rows, S, train):
+        key = (S, train)
+        b = self._bufs.get(key)
+        if b is None or b.rows < rows:
+            if b is not None:
+                self._views = {k: v for k, v in self._views.items() if k[1:] != key}
+            b = self._bufs[key] = _Buffers(self.cfg, rows, S, self.dtype, train)
+        return b
+
+    def _upload(self, buf, batch, d_ce):
+        """Copy one batch (token ids, positions, targets, the embedding segments, weights, key
+        mask) into ``buf`` with two host-to-device copies; returns the segment counts."""
+        from refopt.kernels.cuda.fused import segments
+
+        ids = np.asarray(batch.token_ids)
+        B, S = ids.shape
+        N = B * S
+        mask = np.asarray(batch.padding_mask, bool)
+        pos = positions_from_mask(mask)
+        ints = np.zeros(9 * N + 2, np.int32)
+        ints[:N] = ids.reshape(-1)
+        ints[N:2 * N] = pos.reshape(-1)
+        ints[2 * N:3 * N] = np.asarray(batch.y).reshape(-1)
+        counts = []
+        o = 3 * N
+        for a in (ids, pos):
+            order, starts, rows = segments(a)
+            ints[o:o + N] = order
+            ints[o + N:o + N + len(starts)] = starts
+            ints[o + 2 * N + 1:o + 2 * N + 1 + len(rows)] = rows
+            counts.append(len(rows))
+            o += 2 * N + 1 + N
+        buf.ints[:len(ints)].copy_to_device(ints)
+        buf.floats[:2 * N].copy_to_device(np.concatenate(
+            [d_ce.reshape(-1), np.asarray(batch.sample_weight, self.dtype).reshape(-1)]))
+        buf.key_mask.reshape(-1)[:N].copy_to_device(mask.astype(np.uint8).reshape(-1))
+        return counts
+
+    def _batch_views(self, buf, B, S):
+        key = (B, S, buf.train)
+        v = self._views.get(key)
+        if v is not None:
+            return v
+        N = B * S
+        ints = buf.ints
+        o = 3 * N
+        seg = []
+        for _ in range(2):
+            seg.append((ints[o:o + N], ints[o + N:o + 2 * N + 1], ints[o + 2 * N + 1:o + 3 * N + 1]))
+            o += 3 * N + 1
+        d_ce, sw = buf.floats[:N], buf.floats[N:2 * N]
+        v = dict(ids=ints[:N], pos=ints[N:2 * N], targets=ints[2 * N:3 * N], tok_seg=seg[0],
+                 pos_seg=seg[1], d_ce=d_ce, sw=sw,
+                 key_mask=buf.key_mask.reshape(-1)[:N].reshape(B, S))
+        self._views[key] = v
+        return v
+
+    # ------------------------------------------------------------------ forward / backward
+    def _weights(self, flat, i):
+        lay, D = self.layout, self.cfg.hidden_dim
+        p = f"layers.{i}."
+        w = {n: lay.view(flat, p + n) for n in LAYER_WEIGHTS}
+        w["qkv.weight"] = lay.span(flat, p + "q_proj.weight", (3 * D, D))
+        w["qkv.bias"] = lay.span(flat, p + "q_proj.bias", (3 * D,))
+        return w
+
+    def _forward(self, buf, views, B, S, train):
+        from refopt.kernels.cuda import attention, fused, gemm, rows
+
+        cfg, lay, P = self.cfg, self.layout, self.P
+        N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
+        K = D // H
+        eps = cfg.layer_norm_epsilon
+        X = buf.X
+        fused.embed(lay.view(P, "embed_tokens"), lay.view(P, "embed_positions"), views["ids"],
+                    views["pos"], X[0, :N])
+        dropout = train and cfg.dropout > 0
+        for i in range(cfg.num_layers):
+            w = self._weights(P, i)
+            j = i if buf.train else 0
+            x_in, x_out = (X[i, :N], X[i + 1, :N]) if buf.train else (X[i % 2, :N], X[(i + 1) % 2, :N])
+            st = buf.stats[j]
+            a, qkv, ctx, r1, mm, h = (buf.A[j, :N], buf.QKV[j, :N], buf.CTX[j, :N], buf.R1[j, :N],
+                                      buf.MM[j, :N], buf.H[j, :N])
+            keep1 = keep2 = None
+            if dropout:
+                for site in range(2):
+                    fused.dropout_keep(buf.keep[i, site, :N * D], cfg.dropout, self.dropout_key,
+                                       self.step_count, 2 * i + site)
+                keep1 = buf.keep[i, 0, :N * D].reshape(N, D)
+                keep2 = buf.keep[i, 1, :N * D].reshape(N, D)
+            rows.layernorm(x_in, w["self_attn_layer_norm.gamma"], w["self_attn_layer_norm.beta"], eps,
+                           y=a, stats=(st[0, :N], st[1, :N]))
+            gemm.gemm(a, w["qkv.weight"], "nt", bias=w["qkv.bias"], out=qkv)
+            flat = qkv.reshape(-1)
+            s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
+            attention.flash_attention(flat, flat[D:], flat[2 * D:], ctx.reshape(-1), s3, s3, s3, s1,
+                                      B, H, S, S, K, key_mask=views["key_mask"], causal=True,
+                                      stats=(st[4, :B * H * S], st[5, :B * H * S]),
+                                      scale=cfg.head_dim ** -0.5)
+            gemm.gemm(ctx, w["out_proj.weight"], "nt", bias=w["out_proj.bias"], out=r1, residual=x_in,
+                      keep=keep1)
+            rows.layernorm(r1, w["mlp_layer_norm.gamma"], w["mlp_layer_norm.beta"], eps, y=mm,
+                           stats=(st[2, :N], st[3, :N]))
+            gemm.gemm(mm, w["fc1.weight"], "nt", bias=w["fc1.bias"], relu=True, out=h)
+            gemm.gemm(h, w["fc2.weight"], "nt", bias=w["fc2.bias"], out=x_out, residual=r1, keep=keep2)
+        x_last = X[cfg.num_layers, :N] if buf.train else X[cfg.num_layers % 2, :N]
+        rows.layernorm(x_last, lay.view(P, "final_layer_norm.gamma"),
+                       lay.view(P, "final_layer_norm.beta"), eps, y=buf.Y[:N],
+                       stats=(buf.final_stats[0, :N], buf.final_stats[1, :N]))
+        gemm.gemm(buf.Y[:N], lay.view(P, "embed_tokens"), "nt", out=buf.logits[:N])
+
+    def _backward(self, buf, views, B, S, counts, dropout):
+        from refopt.kernels.cuda import fused, gemm
+        from refopt.kernels.cuda._common import fill
+        from refopt.kernels.cuda.flash_backward import flash_backward
+
+        cfg, lay, P, G = self.cfg, self.layout, self.P, self.G
+        N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
+        K = D // H
+        logits, Y, X = buf.logits[:N], buf.Y[:N], buf.X
+        dA, dB = buf.dX[0, :N], buf.dX[1, :N]
+        part = buf.part
+        dE = lay.view(G, "embed_tokens")
+        gemm.gemm(logits, lay.view(P, "embed_tokens"), "nn", out=buf.dM[:N])          # d_Y
+        gemm.gemm(logits, Y, "tn", out=dE)                                            # head's share
+        fused.layernorm_backward(buf.dM[:N], X[cfg.num_layers, :N], buf.final_stats[0, :N],
+                                 buf.final_stats[1, :N], lay.view(P, "final_layer_norm.gamma"), dA,
+                                 lay.view(G, "final_layer_norm.gamma"),
+                                 lay.view(G, "final_layer_norm.beta"), part)
+        cur, nxt = dA, dB
+        dM, dF, dH, dQKV = buf.dM[:N], buf.dF[:N], buf.dH[:N], buf.dQKV[:N]
+        s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
+        strides = {"q": s3, "k": s3, "v": s3, "o": s1, "d_o": s1, "d_q": s3, "d_k": s3, "d_v": s3}
+        for i in reversed(range(cfg.num_layers)):
+            w, g = self._weights(P, i), self._weights(G, i)
+            st = buf.stats[i]
+            # --- MLP block: X[i+1] = R1 + keep2 * (H @ W2.T + b2), H = relu(MM @ W1.T + b1)
+            src = cur
+            if dropout:
+                fused.multiply(cur.reshape(-1), buf.keep[i, 1, :N * D], dF.reshape(-1))
+                src = dF
+            gemm.gemm(src, w["fc2.weight"], "nn", out=dH, gate=buf.H[i, :N])
+            gemm.gemm(src, buf.H[i, :N], "tn", out=g["fc2.weight"])
+            fused.column_sums(src, g["fc2.bias"], part[0])
+            gemm.gemm(dH, w["fc1.weight"], "nn", out=dM)
+            gemm.gemm(dH, buf.MM[i, :N], "tn", out=g["fc1.weight"])
+            fused.column_sums(dH, g["fc1.bias"], part[0])
+            fused.layernorm_backward(dM, buf.R1[i, :N], st[2, :N], st[3, :N], w["mlp_layer_norm.gamma"],
+                                     nxt, g["mlp_layer_norm.gamma"], g["mlp_layer_norm.beta"], part,
+                                     d_res=cur)
+            cur, nxt = nxt, cur
+            # --- attention block: R1 = X[i] + keep1 * (CTX @ Wo.T + bo), CTX = attention(QKV)
+            src = cur
+            if dropout:
+                fused.multiply(cur.reshape(-1), buf.keep[i, 0, :N * D], dF.reshape(-1))
+                src = dF
+            gemm.gemm(src, w["out_proj.weight"], "nn", out=dM)                        # d_CTX
+            gemm.gemm(src, buf.CTX[i, :N], "tn", out=g["out_proj.weight"])
+            fused.column_sums(src, g["out_proj.bias"], part[0])
+            qkv = buf.QKV[i, :N].reshape(-1)
+            dq = dQKV.reshape(-1)
+            flash_backward(qkv, qkv[D:], qkv[2 * D:], buf.CTX[i, :N].reshape(-1), dM.reshape(-1),
+                           st[4, :B * H * S], st[5, :B * H * S], views["key_mask"], dq, dq[D:],
+                           dq[2 * D:], buf.dlt[:B * H * S], strides, B, H, S, S, K, causal=True,
+                           scale=cfg.head_dim ** -0.5)
+            gemm.gemm(dQKV, w["qkv.weight"], "nn", out=dM)                             # d_A
+            gemm.gemm(dQKV, buf.A[i, :N], "tn", out=g["qkv.weight"])
+            fused.column_sums(dQKV, g["qkv.bias"], part[0])
+            fused.layernorm_backward(dM, X[i, :N], st[0, :N], st[1, :N], w["self_attn_layer_norm.gamma"],
+                                     nxt, g["self_attn_layer_norm.gamma"],
+                                     g["self_attn_layer_norm.beta"], part, d_res=cur)
+            cur, nxt = nxt, cur
+        # embeddings: positions' table from zero, the token table's share added to the head's
+        dP = lay.view(G, "embed_positions")
+        fill(dP.reshape(-1), 0)
+        fused.segment_sum(cur, *views["pos_seg"], counts[1], dP)
+        fused.segment_sum(cur, *views["tok_seg"], counts[0], dE)
+
+    def _update(self, buf):
+        from refopt.kernels.cuda import fused
+
+        opt = self.opt
+        steps = opt.gradient_accumulation_steps
+        lr = opt.learning_rate
+        if steps:
+            finish = (opt._iterations + 1) % steps == 0
+            fused.accumulate(self.ACC, self.G, steps, finish)
+            if not finish:
+                opt._iterations += 1
+                return
+        mode, clip = ((2, opt.clipnorm) if opt.clipnorm else (1, opt.global_clipnorm)
+                      if opt.global_clipnorm else (0, 0.0))
+        if mode:
+            fused.chunk_sumsq(self.G, self.chunk_bounds, self.chunk_sums)
+            fused.clip_factors(self.chunk_sums, self.param_chunks, self.param_sums, mode, clip,
+                               self.mul, self.div, self.norm)
+        decay = opt.weight_decay * lr if opt.weight_decay else 0.0
+        fused.adam_chunks(self.P, self.G, self.M, self.V, self.Vhat, self.chunk_bounds, self.chunk_param,
+                          self.mul, self.div, self.decay_flag, decay, opt.clipvalue, opt.beta_1,
+                          opt.beta_2, opt._alpha(lr), opt.epsilon, buf.sums)
+        opt._iterations += 1
+
+    # ------------------------------------------------------------------ public steps
+    def step(self, batch, divisor: float) -> StepSums:
+        """One training step on a checked :class:`~refopt.training.gradients.Batch`: the loss is
+        ``sum(w * ce) / divisor``; the parameters are updated unless it is not finite (the
+        optimizer's step count then stays as it was)."""
+        from refopt.kernels.cuda import fused
+
+        B, S = batch.token_ids.shape
+        buf = self._buffers(B, S, True)
+        d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
+        counts = self._upload(buf, batch, d_ce)
+        views = self._batch_views(buf, B, S)
+        self._forward(buf, views, B, S, True)
+        N = B * S
+        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
+                                 buf.hit[:N], write_grad=True)
+        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
+        self._backward(buf, views, B, S, counts, self.cfg.dropout > 0)
+        iterations = self.opt._iterations
+        self._update(buf)
+        sums = StepSums(*buf.sums.copy_to_host())
+        if not math.isfinite(sums.loss_sum):
+            self.opt._iterations = iterations
+        else:
+            self.step_count += 1
+        return sums
+
+    def evaluate(self, batch) -> StepSums:
+        """The forward of one batch in evaluation mode: the loss and accuracy sums."""
+        from refopt.kernels.cuda import fused
+
+        B, S = batch.token_ids.shape
+        buf = self._buffers(B, S, False)
+        self._upload(buf, batch, np.zeros(B * S, self.dtype))
+        views = self._batch_views(buf, B, S)
+        self._forward(buf, views, B, S, False)
+        N = B * S
+        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
+                                 buf.hit[:N], write_grad=False)
+        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
+        return StepSums(*buf.sums.copy_to_host())
+
+    def logits(self, batch) -> np.ndarray:
+        """Logits ``[B, S, V]`` of one batch (evaluation mode), copied to the host."""
+        B, S = batch.token_ids.shape
+        buf = self._buffers(B, S, False)
+        self._upload(buf, batch, np.zeros(B * S, self.dtype))
+        views = self._batch_views(buf, B, S)
+        self._forward(buf, views, B, S, False)
+        return buf.logits[:B * S].copy_to_host().reshape(B, S, -1)
+
+    def gradients(self, batch, divisor: float) -> tuple[float, dict]:
+        """``(loss, grads)`` of one batch without an update (evaluation mode, no dropout): the
+        device counterpart of :func:`refopt.training.gradients.forward_backward`, for tests."""
+        from refopt.kernels.cuda import fused
+
+        B, S = batch.token_ids.shape
+        buf = self._buffers(B, S, True)
+        d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
+        counts = self._upload(buf, batch, d_ce)
+        views = self._batch_views(buf, B, S)
+        self._forward(buf, views, B, S, False)
+        N = B * S
+        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
+                                 buf.hit[:N], write_grad=True)
+        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
+        self._backward(buf, views, B, S, counts, False)
+        host = self.G.copy_to_host()
+        sums = buf.sums.copy_to_host()
+        return float(sums[0] / divisor), {n: np.array(self.layout.view(host, n)) for n in self.layout.names}
