@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from refopt import cli
-from refopt.commands import bench, generate, train
+from refopt.commands import bench, generate
+from refopt.training import recipe as train
 from refopt.models import OPTCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ First, you know Caius Marcius is chief enemy to the people.
 
 TINY = ["--vocab-size", "300", "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
         "--intermediate-dim", "32", "--sequence-length", "16", "--max-sequence-length", "48",
-        "--epochs", "2", "--batch-size", "4", "--warmup-steps", "5", "--log-every", "1000"]
+        "--epochs", "2", "--batch-size", "4", "--warmup-steps", "5"]
 
 
 def run_cli(argv, capsys):

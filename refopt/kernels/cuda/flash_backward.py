@@ -37,7 +37,7 @@ from numba import cuda, int32, int64
 
 from refopt.kernels.cuda._common import SIM, cdiv, kernel, nbtype
 
-NT = 32 if SIM else 256       # threads per block
+NT = 8 if SIM else 256       # threads per block
 
 
 def tile_rows(KP: int, itemsize: int) -> int:

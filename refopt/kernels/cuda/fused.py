@@ -30,11 +30,12 @@ import math
 import numpy as np
 from numba import cuda, float64, int32
 
-from refopt.kernels.cuda._common import SIMULATOR, cdiv, kernel, nbtype
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, kernel, nbtype
 from refopt.kernels.cuda.rows import block_max, block_sum
 from refopt.kernels.cuda.sampling import philox_uniform
 
-THREADS = 32 if SIMULATOR else 256
+THREADS = 8 if SIM else 32 if SIMULATOR else 256
+COLS = 8 if SIM else 128  # threads of the column-sum and element-wise kernels
 CHUNKS = 64               # row chunks of the two-stage column sums
 
 
@@ -151,9 +152,9 @@ def layernorm_backward(d_y, x, mean, rstd, gamma, d_x, d_gamma, d_beta, part, d_
     per = cdiv(max(N, 1), CHUNKS)
     chunks = cdiv(max(N, 1), per)
     pg, pb = part[0, :chunks, :D], part[1, :chunks, :D]
-    columns[(cdiv(D, 128), chunks), 128, stream](d_y, x, mean, rstd, pg, pb, per)
-    _finish(dtype)[cdiv(D, 128), 128, stream](pg, d_gamma, chunks)
-    _finish(dtype)[cdiv(D, 128), 128, stream](pb, d_beta, chunks)
+    columns[(cdiv(D, COLS), chunks), COLS, stream](d_y, x, mean, rstd, pg, pb, per)
+    _finish(dtype)[cdiv(D, COLS), COLS, stream](pg, d_gamma, chunks)
+    _finish(dtype)[cdiv(D, COLS), COLS, stream](pb, d_beta, chunks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,8 +197,8 @@ def column_sums(a, out, part, stream=0):
     per = cdiv(max(N, 1), CHUNKS)
     chunks = cdiv(max(N, 1), per)
     p = part[:chunks, :D]
-    _column_partials(dtype)[(cdiv(D, 128), chunks), 128, stream](a, p, per)
-    _finish(dtype)[cdiv(D, 128), 128, stream](p, out, chunks)
+    _column_partials(dtype)[(cdiv(D, COLS), chunks), COLS, stream](a, p, per)
+    _finish(dtype)[cdiv(D, COLS), COLS, stream](p, out, chunks)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -322,7 +323,7 @@ def dropout_keep(out, rate, key, step, stream_id, stream=0):
     n = out.shape[0]
     dtype = np.dtype(out.dtype)
     if n:
-        _elementwise(dtype)[0][cdiv(n, 256), 256, stream](
+        _elementwise(dtype)[0][cdiv(n, COLS), COLS, stream](
             out, float64(rate), dtype.type(1.0 / (1.0 - rate)), np.uint64(key[0]), np.uint64(key[1]),
             np.int64(step), np.int64(stream_id))
 
@@ -330,7 +331,7 @@ def dropout_keep(out, rate, key, step, stream_id, stream=0):
 def multiply(a, b, out, stream=0):
     n = out.shape[0]
     if n:
-        _elementwise(np.dtype(out.dtype))[1][cdiv(n, 256), 256, stream](a, b, out)
+        _elementwise(np.dtype(out.dtype))[1][cdiv(n, COLS), COLS, stream](a, b, out)
 
 
 def accumulate(acc, g, steps, finish, stream=0):
@@ -338,7 +339,7 @@ def accumulate(acc, g, steps, finish, stream=0):
     n = g.shape[0]
     dtype = np.dtype(g.dtype)
     if n:
-        _elementwise(dtype)[2][cdiv(n, 256), 256, stream](acc, g, dtype.type(steps), bool(finish))
+        _elementwise(dtype)[2][cdiv(n, COLS), COLS, stream](acc, g, dtype.type(steps), bool(finish))
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -17,9 +17,9 @@ import math
 import numpy as np
 from numba import cuda
 
-from refopt.kernels.cuda._common import SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel, nbtype
 
-THREADS = 32 if SIMULATOR else 256
+THREADS = 8 if SIM else 32 if SIMULATOR else 256
 
 
 @cuda.jit(device=True)
