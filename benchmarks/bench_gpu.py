@@ -252,9 +252,11 @@ def bench_train(args, rows, tmp):
                             np.roll(ids, -1, 1))
         t_ours = median_time(lambda: trainer.step(batch, batch.y.size), args.repeats, sync)
         t_hf = median_time(_hf_step(hf, topt, torch.tensor(ids, device="cuda")), args.repeats, sync)
+        graphs = "CUDA graph" if trainer.use_graphs else f"no graph ({trainer.graph_error or 'off'})"
         rows.append({"what": f"training step 125m {B}x{S} (ms)", "ours": t_ours * 1e3,
                      "peer": t_hf * 1e3, "peer_name": "transformers eager + torch AdamW, TF32 off",
-                     "lower": True, "note": f"{B * S / t_ours:,.0f} vs {B * S / t_hf:,.0f} tokens/s"})
+                     "lower": True, "note": f"{B * S / t_ours:,.0f} vs {B * S / t_hf:,.0f} tokens/s; "
+                                            f"{graphs}"})
         print(f"  train {B}x{S}: {t_ours * 1e3:.1f} ms vs {t_hf * 1e3:.1f} ms", flush=True)
 
 

@@ -72,6 +72,17 @@ def test_gemm(dtype, layout, Z, M, N, K, bias, relu, accumulate, seed):
     close(out.copy_to_host(), want, dtype, f"gemm {layout}", scale)
 
 
+@pytest.mark.parametrize("splits", [2, 4])
+def test_gemm_split_k(splits):
+    # weight-gradient products ("tn") cut over K into partial products summed in order
+    rng = np.random.default_rng(splits)
+    K, M, N = (1024, 300, 200) if FULL else (16, 9, 7)
+    for dtype in (np.float32, np.float64):
+        A, B = arrays(rng, (K, M), dtype), arrays(rng, (K, N), dtype)
+        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), "tn", splits=splits).copy_to_host()
+        close(out, A.T @ B, dtype, f"split-K {splits}", (np.abs(A).T @ np.abs(B)).max())
+
+
 @pytest.mark.parametrize("config", list(ggemm.CONFIGS))
 def test_gemm_every_tile_configuration(config):
     # each tile shape on a product that is not a multiple of it

@@ -68,9 +68,9 @@ def test_flash_backward(dtype, B, H, S, K, left, seed):
 def test_dropout_keep_is_the_philox_stream():
     from refopt import random as prandom
 
-    key = tuple(int(x) for x in prandom.seed_to_key(1234))
+    scal = np.r_[7, prandom.seed_to_key(1234)].astype(np.uint32).view(np.int32)
     out = empty(big(50), np.float32)
-    fused.dropout_keep(out, 0.3, key, step=7, stream_id=5)
+    fused.dropout_keep(out, 0.3, cuda.to_device(scal), stream_id=5)
     u = prandom.uniform(1234, np.arange(out.shape[0]), 7, stream=5)
     want = np.where(u >= 0.3, np.float32(1 / 0.7), np.float32(0))
     assert np.array_equal(out.copy_to_host(), want)
@@ -78,7 +78,7 @@ def test_dropout_keep_is_the_philox_stream():
 
 def _config(dtype="float64", layers=1, dropout=0.0):
     return OPTConfig(vocabulary_size=big(19), num_layers=layers, num_heads=2, hidden_dim=big(4),
-                     intermediate_dim=big(5), max_sequence_length=16, dropout=dropout, dtype=dtype)
+                     intermediate_dim=big(5), max_sequence_length=big(16), dropout=dropout, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -104,6 +104,36 @@ def test_device_gradients_and_logits_match_numpy(dtype):
     for name, g in want.grads.items():
         close(grads[name], g, dt, name, max(np.abs(g).max(), 0.01 * top))
     close(trainer.logits(batch), logits_forward(params, cfg, ids, mask, ops=ref), dt, "logits")
+
+
+def test_device_dropout_gradients_match_numpy_with_the_same_masks():
+    # the NumPy forward draws its dropout masks from dropout_rng.random(shape): hand it the device's
+    # Philox uniforms (layer i: stream 2i after out_proj, 2i + 1 after fc2) and the two agree
+    from refopt import random as prandom
+
+    cfg = _config(layers=2, dropout=0.3)
+    params = init_params(cfg, seed=5, std=0.3)
+    ids = np.random.default_rng(1).integers(0, cfg.vocabulary_size, (2, big(3)))
+    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)},
+                        np.roll(ids, -1, 1), None, np.float64)
+    trainer = DeviceTrainer(params, cfg, seed=11)
+    seed = int(np.uint64(trainer.dropout_key[0]) | (np.uint64(trainer.dropout_key[1]) << np.uint64(32)))
+
+    class DeviceStream:
+        site = 0
+
+        def random(self, shape):
+            u = prandom.uniform(seed, np.arange(int(np.prod(shape))), 0, stream=self.site)
+            self.site += 1
+            return u.reshape(shape)
+
+    want = forward_backward(params, cfg, batch, dropout_rng=DeviceStream(),
+                            reduction="sum_over_batch_size", ops=ref)
+    loss, grads = trainer.gradients(batch, batch.y.size, dropout=True)
+    assert abs(loss - want.loss) <= 1e-12 * abs(want.loss)
+    top = max(np.abs(g).max() for g in want.grads.values())
+    for name, g in want.grads.items():
+        close(grads[name], g, np.float64, name, max(np.abs(g).max(), 0.01 * top))
 
 
 def test_device_gradients_match_the_transformers_fixture():

@@ -39,11 +39,14 @@ KerasHub's presets), float32 or float64, optimized by :class:`refopt.optimizers.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
+from numba import cuda
 
 from refopt.config import OPTConfig
+from refopt.kernels.cuda._common import SIMULATOR
 from refopt.model import positions_from_mask
 
 LAYER_WEIGHTS = ("self_attn_layer_norm.gamma", "self_attn_layer_norm.beta",
@@ -157,8 +160,10 @@ class _Buffers:
         self.ce = empty(N, dtype)
         self.hit = empty(N, dtype)
         self.sums = empty(3, np.float64)
-        self.ints = empty(9 * N + 2, np.int32)   # ids, pos, targets, 2 x (order, starts, rows)
-        self.floats = empty(2 * N, dtype)         # the loss weights d_ce, the sample weights
+        # ids, pos, targets, 2 x (order, starts, rows), then the dropout step and key words, the
+        # token and position row counts
+        self.ints = empty(9 * N + 7, np.int32)
+        self.floats = empty(2 * N + 2, dtype)     # loss weights d_ce, sample weights, [decay, alpha]
         self.key_mask = empty((rows, S), np.uint8)
         if train:
             self.keep = empty((L, 2, N * D), dtype) if cfg.dropout > 0 else None
@@ -177,9 +182,14 @@ class DeviceTrainer:
     any); :meth:`download` writes parameters and optimizer state back to the host."""
 
     def __init__(self, params: dict, cfg: OPTConfig, optimizer=None, *, seed=None):
+        from numba import config as numba_config
+
         from refopt.errors import TrainingError
         from refopt.kernels.cuda._common import to_device, zeros
 
+        # the small reduction grids of a step are deliberate: no warning per launch (its cost is
+        # part of every launch's Python overhead)
+        numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
         why = blocker(cfg, optimizer)
         if why:
             raise TrainingError(f"device-resident training does not support {why}")
@@ -193,15 +203,47 @@ class DeviceTrainer:
         self.G = zeros(lay.size, self.dtype)
         self._bufs: dict = {}
         self._views: dict = {}
+        self._graphs: dict = {}
+        self._held: list = []
+        self.use_graphs = not SIMULATOR and os.environ.get("REFOPT_CUDA_GRAPHS", "1") != "0"
+        self.graph_error = ""
+        self.stream = cuda.stream()
         self.step_count = 0
         self.dropout_key = None
-        if cfg.dropout > 0:
+        self.reseed(seed)
+        if optimizer is not None:
+            self._upload_optimizer(optimizer, params)
+        self._synced = self._key(params)
+
+    # ------------------------------------------------------------------ ownership
+    def _key(self, params):
+        from refopt import backend
+
+        return tuple(id(params.get(n)) for n in self.layout.names), backend.weights_epoch()
+
+    def holds(self, params: dict) -> bool:
+        """Whether the device parameters are these host arrays' values: the same arrays as at the
+        last upload or :meth:`download`, and no optimizer update since
+        (:func:`refopt.backend.weights_epoch`)."""
+        return self._key(params) == self._synced
+
+    def mark_synced(self, params: dict) -> None:
+        """Record ``params`` (after :meth:`download` and ``weights_changed``) as the host copy."""
+        self._synced = self._key(params)
+
+    def attach(self, optimizer, params) -> None:
+        """Use ``optimizer`` from now on (its moments uploaded when it is not the current one)."""
+        if optimizer is not None and optimizer is not self.opt:
+            self.opt = optimizer
+            self._upload_optimizer(optimizer, params)
+
+    def reseed(self, seed) -> None:
+        """Key the dropout masks from ``seed`` (see the module docstring)."""
+        if self.cfg.dropout > 0:
             from refopt.random import seed_to_key
 
             seed = int(np.random.default_rng(seed).integers(2 ** 63))
             self.dropout_key = tuple(int(k) for k in seed_to_key(seed))
-        if optimizer is not None:
-            self._upload_optimizer(optimizer, params)
 
     # ------------------------------------------------------------------ optimizer state
     def _upload_optimizer(self, opt, params):
@@ -271,9 +313,10 @@ class DeviceTrainer:
             b = self._bufs[key] = _Buffers(self.cfg, rows, S, self.dtype, train)
         return b
 
-    def _upload(self, buf, batch, d_ce):
+    def _upload(self, buf, batch, d_ce, hyper=(0.0, 0.0)):
         """Copy one batch (token ids, positions, targets, the embedding segments, weights, key
-        mask) into ``buf`` with two host-to-device copies; returns the segment counts."""
+        mask) and the step's scalars (dropout step, the update's ``[weight_decay * lr, alpha]``)
+        into ``buf``: three host-to-device copies on the trainer's stream."""
         from refopt.kernels.cuda.fused import segments
 
         ids = np.asarray(batch.token_ids)
@@ -281,7 +324,7 @@ class DeviceTrainer:
         N = B * S
         mask = np.asarray(batch.padding_mask, bool)
         pos = positions_from_mask(mask)
-        ints = np.zeros(9 * N + 2, np.int32)
+        ints = np.zeros(9 * N + 7, np.int32)
         ints[:N] = ids.reshape(-1)
         ints[N:2 * N] = pos.reshape(-1)
         ints[2 * N:3 * N] = np.asarray(batch.y).reshape(-1)
@@ -294,11 +337,15 @@ class DeviceTrainer:
             ints[o + 2 * N + 1:o + 2 * N + 1 + len(rows)] = rows
             counts.append(len(rows))
             o += 2 * N + 1 + N
-        buf.ints[:len(ints)].copy_to_device(ints)
-        buf.floats[:2 * N].copy_to_device(np.concatenate(
-            [d_ce.reshape(-1), np.asarray(batch.sample_weight, self.dtype).reshape(-1)]))
-        buf.key_mask.reshape(-1)[:N].copy_to_device(mask.astype(np.uint8).reshape(-1))
-        return counts
+        key = self.dropout_key or (0, 0)
+        ints[o:o + 5] = np.array([self.step_count, key[0], key[1], counts[0], counts[1]],
+                                 np.int64).astype(np.uint32).view(np.int32)
+        s = self.stream
+        buf.ints[:len(ints)].copy_to_device(ints, stream=s)
+        buf.floats[:2 * N + 2].copy_to_device(np.concatenate(
+            [d_ce.reshape(-1), np.asarray(batch.sample_weight, self.dtype).reshape(-1),
+             np.asarray(hyper, self.dtype)]), stream=s)
+        buf.key_mask.reshape(-1)[:N].copy_to_device(mask.astype(np.uint8).reshape(-1), stream=s)
 
     def _batch_views(self, buf, B, S):
         key = (B, S, buf.train)
@@ -314,7 +361,8 @@ class DeviceTrainer:
             o += 3 * N + 1
         d_ce, sw = buf.floats[:N], buf.floats[N:2 * N]
         v = dict(ids=ints[:N], pos=ints[N:2 * N], targets=ints[2 * N:3 * N], tok_seg=seg[0],
-                 pos_seg=seg[1], d_ce=d_ce, sw=sw,
+                 pos_seg=seg[1], d_ce=d_ce, sw=sw, hyper=buf.floats[2 * N:2 * N + 2],
+                 dropout=ints[o:o + 3], tok_count=ints[o + 3:o + 4], pos_count=ints[o + 4:o + 5],
                  key_mask=buf.key_mask.reshape(-1)[:N].reshape(B, S))
         self._views[key] = v
         return v
@@ -328,17 +376,17 @@ class DeviceTrainer:
         w["qkv.bias"] = lay.span(flat, p + "q_proj.bias", (3 * D,))
         return w
 
-    def _forward(self, buf, views, B, S, train):
+    def _forward(self, buf, views, B, S, dropout):
         from refopt.kernels.cuda import attention, fused, gemm, rows
 
-        cfg, lay, P = self.cfg, self.layout, self.P
+        cfg, lay, P, s = self.cfg, self.layout, self.P, self.stream
         N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
         K = D // H
         eps = cfg.layer_norm_epsilon
         X = buf.X
         fused.embed(lay.view(P, "embed_tokens"), lay.view(P, "embed_positions"), views["ids"],
-                    views["pos"], X[0, :N])
-        dropout = train and cfg.dropout > 0
+                    views["pos"], X[0, :N], stream=s)
+        s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
         for i in range(cfg.num_layers):
             w = self._weights(P, i)
             j = i if buf.train else 0
@@ -349,51 +397,57 @@ class DeviceTrainer:
             keep1 = keep2 = None
             if dropout:
                 for site in range(2):
-                    fused.dropout_keep(buf.keep[i, site, :N * D], cfg.dropout, self.dropout_key,
-                                       self.step_count, 2 * i + site)
+                    fused.dropout_keep(buf.keep[i, site, :N * D], cfg.dropout, views["dropout"],
+                                       2 * i + site, stream=s)
                 keep1 = buf.keep[i, 0, :N * D].reshape(N, D)
                 keep2 = buf.keep[i, 1, :N * D].reshape(N, D)
             rows.layernorm(x_in, w["self_attn_layer_norm.gamma"], w["self_attn_layer_norm.beta"], eps,
-                           y=a, stats=(st[0, :N], st[1, :N]))
-            gemm.gemm(a, w["qkv.weight"], "nt", bias=w["qkv.bias"], out=qkv)
+                           y=a, stats=(st[0, :N], st[1, :N]), stream=s)
+            gemm.gemm(a, w["qkv.weight"], "nt", bias=w["qkv.bias"], out=qkv, stream=s)
             flat = qkv.reshape(-1)
-            s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
             attention.flash_attention(flat, flat[D:], flat[2 * D:], ctx.reshape(-1), s3, s3, s3, s1,
                                       B, H, S, S, K, key_mask=views["key_mask"], causal=True,
                                       stats=(st[4, :B * H * S], st[5, :B * H * S]),
-                                      scale=cfg.head_dim ** -0.5)
+                                      scale=cfg.head_dim ** -0.5, stream=s)
             gemm.gemm(ctx, w["out_proj.weight"], "nt", bias=w["out_proj.bias"], out=r1, residual=x_in,
-                      keep=keep1)
+                      keep=keep1, stream=s)
             rows.layernorm(r1, w["mlp_layer_norm.gamma"], w["mlp_layer_norm.beta"], eps, y=mm,
-                           stats=(st[2, :N], st[3, :N]))
-            gemm.gemm(mm, w["fc1.weight"], "nt", bias=w["fc1.bias"], relu=True, out=h)
-            gemm.gemm(h, w["fc2.weight"], "nt", bias=w["fc2.bias"], out=x_out, residual=r1, keep=keep2)
+                           stats=(st[2, :N], st[3, :N]), stream=s)
+            gemm.gemm(mm, w["fc1.weight"], "nt", bias=w["fc1.bias"], relu=True, out=h, stream=s)
+            gemm.gemm(h, w["fc2.weight"], "nt", bias=w["fc2.bias"], out=x_out, residual=r1, keep=keep2,
+                      stream=s)
         x_last = X[cfg.num_layers, :N] if buf.train else X[cfg.num_layers % 2, :N]
         rows.layernorm(x_last, lay.view(P, "final_layer_norm.gamma"),
                        lay.view(P, "final_layer_norm.beta"), eps, y=buf.Y[:N],
-                       stats=(buf.final_stats[0, :N], buf.final_stats[1, :N]))
-        gemm.gemm(buf.Y[:N], lay.view(P, "embed_tokens"), "nt", out=buf.logits[:N])
+                       stats=(buf.final_stats[0, :N], buf.final_stats[1, :N]), stream=s)
+        gemm.gemm(buf.Y[:N], lay.view(P, "embed_tokens"), "nt", out=buf.logits[:N], stream=s)
 
-    def _backward(self, buf, views, B, S, counts, dropout):
+    def _loss(self, buf, views, N, write_grad):
+        from refopt.kernels.cuda import fused
+
+        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
+                                 buf.hit[:N], write_grad=write_grad, stream=self.stream)
+        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums, stream=self.stream)
+
+    def _backward(self, buf, views, B, S, dropout):
         from refopt.kernels.cuda import fused, gemm
         from refopt.kernels.cuda._common import fill
         from refopt.kernels.cuda.flash_backward import flash_backward
 
-        cfg, lay, P, G = self.cfg, self.layout, self.P, self.G
+        cfg, lay, P, G, s = self.cfg, self.layout, self.P, self.G, self.stream
         N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
         K = D // H
         logits, Y, X = buf.logits[:N], buf.Y[:N], buf.X
-        dA, dB = buf.dX[0, :N], buf.dX[1, :N]
         part = buf.part
         dE = lay.view(G, "embed_tokens")
-        gemm.gemm(logits, lay.view(P, "embed_tokens"), "nn", out=buf.dM[:N])          # d_Y
-        gemm.gemm(logits, Y, "tn", out=dE)                                            # head's share
-        fused.layernorm_backward(buf.dM[:N], X[cfg.num_layers, :N], buf.final_stats[0, :N],
-                                 buf.final_stats[1, :N], lay.view(P, "final_layer_norm.gamma"), dA,
-                                 lay.view(G, "final_layer_norm.gamma"),
-                                 lay.view(G, "final_layer_norm.beta"), part)
-        cur, nxt = dA, dB
         dM, dF, dH, dQKV = buf.dM[:N], buf.dF[:N], buf.dH[:N], buf.dQKV[:N]
+        gemm.gemm(logits, lay.view(P, "embed_tokens"), "nn", out=dM, stream=s)          # d_Y
+        gemm.gemm(logits, Y, "tn", out=dE, stream=s)                                    # head's share
+        cur, nxt = buf.dX[0, :N], buf.dX[1, :N]
+        fused.layernorm_backward(dM, X[cfg.num_layers, :N], buf.final_stats[0, :N],
+                                 buf.final_stats[1, :N], lay.view(P, "final_layer_norm.gamma"), cur,
+                                 lay.view(G, "final_layer_norm.gamma"),
+                                 lay.view(G, "final_layer_norm.beta"), part, stream=s)
         s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
         strides = {"q": s3, "k": s3, "v": s3, "o": s1, "d_o": s1, "d_q": s3, "d_k": s3, "d_v": s3}
         for i in reversed(range(cfg.num_layers)):
@@ -402,68 +456,91 @@ class DeviceTrainer:
             # --- MLP block: X[i+1] = R1 + keep2 * (H @ W2.T + b2), H = relu(MM @ W1.T + b1)
             src = cur
             if dropout:
-                fused.multiply(cur.reshape(-1), buf.keep[i, 1, :N * D], dF.reshape(-1))
+                fused.multiply(cur.reshape(-1), buf.keep[i, 1, :N * D], dF.reshape(-1), stream=s)
                 src = dF
-            gemm.gemm(src, w["fc2.weight"], "nn", out=dH, gate=buf.H[i, :N])
-            gemm.gemm(src, buf.H[i, :N], "tn", out=g["fc2.weight"])
-            fused.column_sums(src, g["fc2.bias"], part[0])
-            gemm.gemm(dH, w["fc1.weight"], "nn", out=dM)
-            gemm.gemm(dH, buf.MM[i, :N], "tn", out=g["fc1.weight"])
-            fused.column_sums(dH, g["fc1.bias"], part[0])
+            gemm.gemm(src, w["fc2.weight"], "nn", out=dH, gate=buf.H[i, :N], stream=s)
+            gemm.gemm(src, buf.H[i, :N], "tn", out=g["fc2.weight"], stream=s)
+            fused.column_sums(src, g["fc2.bias"], part[0], stream=s)
+            gemm.gemm(dH, w["fc1.weight"], "nn", out=dM, stream=s)
+            gemm.gemm(dH, buf.MM[i, :N], "tn", out=g["fc1.weight"], stream=s)
+            fused.column_sums(dH, g["fc1.bias"], part[0], stream=s)
             fused.layernorm_backward(dM, buf.R1[i, :N], st[2, :N], st[3, :N], w["mlp_layer_norm.gamma"],
                                      nxt, g["mlp_layer_norm.gamma"], g["mlp_layer_norm.beta"], part,
-                                     d_res=cur)
+                                     d_res=cur, stream=s)
             cur, nxt = nxt, cur
             # --- attention block: R1 = X[i] + keep1 * (CTX @ Wo.T + bo), CTX = attention(QKV)
             src = cur
             if dropout:
-                fused.multiply(cur.reshape(-1), buf.keep[i, 0, :N * D], dF.reshape(-1))
+                fused.multiply(cur.reshape(-1), buf.keep[i, 0, :N * D], dF.reshape(-1), stream=s)
                 src = dF
-            gemm.gemm(src, w["out_proj.weight"], "nn", out=dM)                        # d_CTX
-            gemm.gemm(src, buf.CTX[i, :N], "tn", out=g["out_proj.weight"])
-            fused.column_sums(src, g["out_proj.bias"], part[0])
+            gemm.gemm(src, w["out_proj.weight"], "nn", out=dM, stream=s)                 # d_CTX
+            gemm.gemm(src, buf.CTX[i, :N], "tn", out=g["out_proj.weight"], stream=s)
+            fused.column_sums(src, g["out_proj.bias"], part[0], stream=s)
             qkv = buf.QKV[i, :N].reshape(-1)
             dq = dQKV.reshape(-1)
             flash_backward(qkv, qkv[D:], qkv[2 * D:], buf.CTX[i, :N].reshape(-1), dM.reshape(-1),
                            st[4, :B * H * S], st[5, :B * H * S], views["key_mask"], dq, dq[D:],
                            dq[2 * D:], buf.dlt[:B * H * S], strides, B, H, S, S, K, causal=True,
-                           scale=cfg.head_dim ** -0.5)
-            gemm.gemm(dQKV, w["qkv.weight"], "nn", out=dM)                             # d_A
-            gemm.gemm(dQKV, buf.A[i, :N], "tn", out=g["qkv.weight"])
-            fused.column_sums(dQKV, g["qkv.bias"], part[0])
+                           scale=cfg.head_dim ** -0.5, stream=s)
+            gemm.gemm(dQKV, w["qkv.weight"], "nn", out=dM, stream=s)                      # d_A
+            gemm.gemm(dQKV, buf.A[i, :N], "tn", out=g["qkv.weight"], stream=s)
+            fused.column_sums(dQKV, g["qkv.bias"], part[0], stream=s)
             fused.layernorm_backward(dM, X[i, :N], st[0, :N], st[1, :N], w["self_attn_layer_norm.gamma"],
                                      nxt, g["self_attn_layer_norm.gamma"],
-                                     g["self_attn_layer_norm.beta"], part, d_res=cur)
+                                     g["self_attn_layer_norm.beta"], part, d_res=cur, stream=s)
             cur, nxt = nxt, cur
         # embeddings: positions' table from zero, the token table's share added to the head's
         dP = lay.view(G, "embed_positions")
-        fill(dP.reshape(-1), 0)
-        fused.segment_sum(cur, *views["pos_seg"], counts[1], dP)
-        fused.segment_sum(cur, *views["tok_seg"], counts[0], dE)
+        fill(dP.reshape(-1), 0, stream=s)
+        fused.segment_sum(cur, *views["pos_seg"], views["pos_count"], dP, stream=s)
+        fused.segment_sum(cur, *views["tok_seg"], views["tok_count"], dE, stream=s)
 
-    def _update(self, buf):
+    def _update(self, views):
+        """Clipping and the Adam(W) step (no gradient accumulation here: see :meth:`step`)."""
         from refopt.kernels.cuda import fused
 
-        opt = self.opt
-        steps = opt.gradient_accumulation_steps
-        lr = opt.learning_rate
-        if steps:
-            finish = (opt._iterations + 1) % steps == 0
-            fused.accumulate(self.ACC, self.G, steps, finish)
-            if not finish:
-                opt._iterations += 1
-                return
+        opt, s = self.opt, self.stream
         mode, clip = ((2, opt.clipnorm) if opt.clipnorm else (1, opt.global_clipnorm)
                       if opt.global_clipnorm else (0, 0.0))
         if mode:
-            fused.chunk_sumsq(self.G, self.chunk_bounds, self.chunk_sums)
+            fused.chunk_sumsq(self.G, self.chunk_bounds, self.chunk_sums, stream=s)
             fused.clip_factors(self.chunk_sums, self.param_chunks, self.param_sums, mode, clip,
-                               self.mul, self.div, self.norm)
-        decay = opt.weight_decay * lr if opt.weight_decay else 0.0
+                               self.mul, self.div, self.norm, stream=s)
         fused.adam_chunks(self.P, self.G, self.M, self.V, self.Vhat, self.chunk_bounds, self.chunk_param,
-                          self.mul, self.div, self.decay_flag, decay, opt.clipvalue, opt.beta_1,
-                          opt.beta_2, opt._alpha(lr), opt.epsilon, buf.sums)
-        opt._iterations += 1
+                          self.mul, self.div, self.decay_flag, views["hyper"], opt.clipvalue,
+                          opt.beta_1, opt.beta_2, opt.epsilon, self._buf_sums, stream=s)
+
+    def _train_launches(self, buf, views, B, S, update):
+        """Every launch of one step, on the trainer's stream (captured once into a graph)."""
+        dropout = self.cfg.dropout > 0
+        self._forward(buf, views, B, S, dropout)
+        self._loss(buf, views, B * S, True)
+        self._backward(buf, views, B, S, dropout)
+        if update:
+            self._buf_sums = buf.sums
+            self._update(views)
+
+    def _replay(self, key, launches):
+        """Run ``launches`` (a function issuing kernels on the trainer's stream): directly the first
+        time a batch shape is seen (compiling and loading every kernel), then captured into a CUDA
+        graph, replayed for every later batch of that shape.  Graph capture failing (an old driver
+        or binding) turns graphs off for this trainer and the launches run directly."""
+        graph = self._graphs.get(key)
+        if graph is None and self.use_graphs and key in self._graphs:
+            try:
+                from refopt.kernels.cuda import gemm
+
+                graph = self._graphs[key] = _capture(self.stream, launches)
+                # the graph holds the split-K workspaces' addresses: keep those buffers alive
+                self._held.extend(gemm._WORKSPACE.values())
+            except Exception as e:                    # noqa: BLE001 (any failure: run directly)
+                self.use_graphs = False
+                self.graph_error = f"{type(e).__name__}: {e}"
+        if graph is not None:
+            _launch_graph(graph, self.stream)
+            return
+        self._graphs.setdefault(key, None)
+        launches()
 
     # ------------------------------------------------------------------ public steps
     def step(self, batch, divisor: float) -> StepSums:
@@ -472,66 +549,93 @@ class DeviceTrainer:
         optimizer's step count then stays as it was)."""
         from refopt.kernels.cuda import fused
 
+        opt = self.opt
         B, S = batch.token_ids.shape
         buf = self._buffers(B, S, True)
         d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
-        counts = self._upload(buf, batch, d_ce)
+        steps = opt.gradient_accumulation_steps
+        finish = not steps or (opt._iterations + 1) % steps == 0
+        lr = opt.learning_rate
+        t_alpha = opt._alpha(lr) if finish else 0.0
+        self._upload(buf, batch, d_ce, (opt.weight_decay * lr if opt.weight_decay else 0.0, t_alpha))
         views = self._batch_views(buf, B, S)
-        self._forward(buf, views, B, S, True)
-        N = B * S
-        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
-                                 buf.hit[:N], write_grad=True)
-        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
-        self._backward(buf, views, B, S, counts, self.cfg.dropout > 0)
-        iterations = self.opt._iterations
-        self._update(buf)
-        sums = StepSums(*buf.sums.copy_to_host())
-        if not math.isfinite(sums.loss_sum):
-            self.opt._iterations = iterations
+        if steps:                                   # accumulation: launched directly, no graph
+            self._train_launches(buf, views, B, S, update=False)
+            fused.accumulate(self.ACC, self.G, steps, finish, stream=self.stream)
+            if finish:
+                self._buf_sums = buf.sums
+                self._update(views)
         else:
+            self._replay(("step", B, S), lambda: self._train_launches(buf, views, B, S, update=True))
+        sums = StepSums(*buf.sums.copy_to_host(stream=self.stream))
+        self.stream.synchronize()
+        if math.isfinite(sums.loss_sum):
+            opt._iterations += 1
             self.step_count += 1
         return sums
 
+    def _inference(self, batch, write_grad=False, divisor=1.0, dropout=False):
+        B, S = batch.token_ids.shape
+        buf = self._buffers(B, S, write_grad)
+        d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
+        self._upload(buf, batch, d_ce)
+        views = self._batch_views(buf, B, S)
+        self._forward(buf, views, B, S, dropout)
+        self._loss(buf, views, B * S, write_grad)
+        return buf, views
+
     def evaluate(self, batch) -> StepSums:
         """The forward of one batch in evaluation mode: the loss and accuracy sums."""
-        from refopt.kernels.cuda import fused
-
-        B, S = batch.token_ids.shape
-        buf = self._buffers(B, S, False)
-        self._upload(buf, batch, np.zeros(B * S, self.dtype))
-        views = self._batch_views(buf, B, S)
-        self._forward(buf, views, B, S, False)
-        N = B * S
-        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
-                                 buf.hit[:N], write_grad=False)
-        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
-        return StepSums(*buf.sums.copy_to_host())
+        buf, _ = self._inference(batch)
+        sums = StepSums(*buf.sums.copy_to_host(stream=self.stream))
+        self.stream.synchronize()
+        return sums
 
     def logits(self, batch) -> np.ndarray:
         """Logits ``[B, S, V]`` of one batch (evaluation mode), copied to the host."""
         B, S = batch.token_ids.shape
-        buf = self._buffers(B, S, False)
-        self._upload(buf, batch, np.zeros(B * S, self.dtype))
-        views = self._batch_views(buf, B, S)
-        self._forward(buf, views, B, S, False)
-        return buf.logits[:B * S].copy_to_host().reshape(B, S, -1)
+        buf, _ = self._inference(batch)
+        out = buf.logits[:B * S].copy_to_host(stream=self.stream)
+        self.stream.synchronize()
+        return out.reshape(B, S, -1)
 
-    def gradients(self, batch, divisor: float) -> tuple[float, dict]:
-        """``(loss, grads)`` of one batch without an update (evaluation mode, no dropout): the
-        device counterpart of :func:`refopt.training.gradients.forward_backward`, for tests."""
-        from refopt.kernels.cuda import fused
-
+    def gradients(self, batch, divisor: float, dropout: bool = False) -> tuple[float, dict]:
+        """``(loss, grads)`` of one batch without an update: the device counterpart of
+        :func:`refopt.training.gradients.forward_backward` (for tests), in evaluation mode or, with
+        ``dropout``, with this step's dropout masks."""
         B, S = batch.token_ids.shape
-        buf = self._buffers(B, S, True)
-        d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
-        counts = self._upload(buf, batch, d_ce)
-        views = self._batch_views(buf, B, S)
-        self._forward(buf, views, B, S, False)
-        N = B * S
-        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
-                                 buf.hit[:N], write_grad=True)
-        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums)
-        self._backward(buf, views, B, S, counts, False)
-        host = self.G.copy_to_host()
-        sums = buf.sums.copy_to_host()
+        buf, views = self._inference(batch, write_grad=True, divisor=divisor, dropout=dropout)
+        self._backward(buf, views, B, S, dropout)
+        host = self.G.copy_to_host(stream=self.stream)
+        sums = buf.sums.copy_to_host(stream=self.stream)
+        self.stream.synchronize()
         return float(sums[0] / divisor), {n: np.array(self.layout.view(host, n)) for n in self.layout.names}
+
+
+# ------------------------------------------------------------------------- CUDA graphs
+def _check(result):
+    from cuda.bindings import driver
+
+    err = result[0] if isinstance(result, tuple) else result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver call failed: {err}")
+    return result[1] if isinstance(result, tuple) and len(result) > 1 else None
+
+
+def _capture(stream, launches):
+    """The CUDA graph of ``launches()`` on ``stream`` (stream capture, relaxed mode), instantiated."""
+    from cuda.bindings import driver
+
+    handle = stream.handle
+    _check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED))
+    try:
+        launches()
+    finally:
+        graph = _check(driver.cuStreamEndCapture(handle))
+    return _check(driver.cuGraphInstantiate(graph, 0))
+
+
+def _launch_graph(graph, stream):
+    from cuda.bindings import driver
+
+    _check(driver.cuGraphLaunch(graph, stream.handle))

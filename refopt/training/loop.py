@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 
 import numpy as np
 
@@ -181,25 +182,37 @@ def _format(logs):
 
 
 # ------------------------------------------------------------------------------- loops
-def _device_trainer(params, cfg, ops, optimizer=None, seed=None):
-    """A :class:`refopt.training.device.DeviceTrainer` when the model runs on the cuda backend and
-    its architecture and optimizer run device-resident; else None (the step runs on the ops
+#: backbone -> its DeviceTrainer: the device copy of a model's weights (and optimizer state) lives
+#: as long as the backbone and is reused by the next fit / evaluate / predict while the host
+#: parameters are the ones it holds (DeviceTrainer.holds); otherwise a new one is uploaded
+_TRAINERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _device_trainer(model, optimizer=None, seed=None):
+    """The model's :class:`refopt.training.device.DeviceTrainer` when it runs on the cuda backend
+    and its architecture and optimizer run device-resident; else None (the step runs on the ops
     namespace, each op's operands copied to the device and back)."""
+    params, cfg, ops = _model_parts(model)
     if getattr(ops, "NAME", None) != "cuda":
         return None
     from refopt.training.device import DeviceTrainer, blocker
 
     if blocker(cfg, optimizer):
         return None
-    return DeviceTrainer(params, cfg, optimizer, seed=seed)
+    backbone = model.backbone
+    trainer = _TRAINERS.get(backbone)
+    if trainer is None or trainer.cfg is not cfg or not trainer.holds(params):
+        trainer = _TRAINERS[backbone] = DeviceTrainer(params, cfg, optimizer, seed=seed)
+    else:
+        trainer.attach(optimizer, params)
+        trainer.reseed(seed)
+    return trainer
 
 
 def _evaluate_batches(params, cfg, ops, batch: Batch, batch_size, progress=None,
                       trainer=None) -> _Trackers:
     trackers = _Trackers()
     n = batch.y.shape[0]
-    if trainer is None:
-        trainer = _device_trainer(params, cfg, ops)
     for start in range(0, n, batch_size):
         b = _slice(batch, slice(start, start + batch_size))
         if trainer is not None:
@@ -262,7 +275,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
     dropout_seed = int(rng.integers(2 ** 63)) if cfg.dropout > 0 else None
     dropout_rng = np.random.default_rng(dropout_seed) if cfg.dropout > 0 else None
     # on the cuda backend the whole step runs device-resident (refopt.training.device) when it can
-    trainer = _device_trainer(model.backbone.params, cfg, ops, opt, seed=dropout_seed)
+    trainer = _device_trainer(model, opt, seed=dropout_seed)
     n = data.y.shape[0]
     steps = math.ceil(n / batch_size)
     history = History(model=model, params={"verbose": verbose, "epochs": epochs, "steps": steps})
@@ -273,6 +286,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
         if trainer is not None:                     # the device's parameters and state, back home
             trainer.download(model.backbone.params)
             backend.weights_changed()
+            trainer.mark_synced(model.backbone.params)
     return history
 
 
@@ -341,7 +355,8 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
 
         progress = tqdm(total=steps, desc="Evaluate", unit="step", file=sys.stdout, leave=True)
     try:
-        logs = _evaluate_batches(params, cfg, ops, data, batch_size, progress).logs()
+        logs = _evaluate_batches(params, cfg, ops, data, batch_size, progress,
+                                 trainer=_device_trainer(model)).logs()
     finally:
         if progress is not None:
             progress.close()
@@ -367,7 +382,7 @@ def predict(model, x, batch_size=None, verbose="auto"):
 
         progress = tqdm(total=steps, desc="Predict", unit="step", file=sys.stdout, leave=True)
     out = []
-    trainer = _device_trainer(params, cfg, ops)
+    trainer = _device_trainer(model)
     try:
         for start in range(0, n, batch_size):
             b = _slice(data, slice(start, start + batch_size))

@@ -128,20 +128,16 @@ def evaluation_windows(ids: np.ndarray, sequence_length: int, start_id: int, pad
     return x, mask, y, w
 
 
-def validation_loss(lm, ids: np.ndarray, sequence_length: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy (nats per token, accumulated in float64) of ``lm`` over every token of
-    ``ids``, in windows of ``sequence_length`` each starting from ``</s>`` (no dropout)."""
+def validation_loss(lm, ids: np.ndarray, sequence_length: int, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats per token) of ``lm`` over every token of ``ids``, in windows of
+    ``sequence_length`` each starting from ``</s>`` (evaluation mode): ``lm.evaluate``'s loss,
+    ``sum(w * CE) / (windows * sequence_length)`` accumulated in float64, times the positions over
+    the tokens (the padding of the last window weighs 0)."""
     cfg = lm.backbone.config
     x, mask, y, w = evaluation_windows(ids, sequence_length, cfg.bos_token_id, cfg.pad_token_id)
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        logits = lm.predict({"token_ids": x[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
-        logits = logits.astype(np.float64)                                     # [b, S, V]
-        top = logits.max(-1, keepdims=True)
-        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]              # [b, S]
-        picked = np.take_along_axis(logits, y[i:i + batch_size, :, None], -1)[..., 0]
-        total += float(((logz - picked) * w[i:i + batch_size]).sum())
-    return total / len(ids)
+    loss, _ = lm.evaluate({"token_ids": x, "padding_mask": mask}, y, sample_weight=w,
+                          batch_size=batch_size, verbose=0)
+    return loss * x.size / len(ids)
 
 
 def ngram_baselines(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int,

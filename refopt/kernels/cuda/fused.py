@@ -63,9 +63,10 @@ def _segment_sum(dtype):
 
     @kernel()
     def segment_sum(d_out, order, starts, rows, d_table, count):
-        # d_table[rows[g]] += sum of d_out[order[starts[g] .. starts[g+1]]], in token order
+        # d_table[rows[g]] += sum of d_out[order[starts[g] .. starts[g+1]]], in token order, for
+        # the count[0] distinct rows (the grid may be larger)
         g = cuda.blockIdx.x
-        if g < count:
+        if g < count[0]:
             r = rows[g]
             for e in range(cuda.threadIdx.x, d_out.shape[1], cuda.blockDim.x):
                 s = DT(0)
@@ -77,10 +78,11 @@ def _segment_sum(dtype):
 
 def segment_sum(d_out, order, starts, rows, count, d_table, stream=0):
     """Add each row's gathered gradients (``order``/``starts``/``rows`` from :func:`segments`, on the
-    device; ``count`` distinct rows) into ``d_table``."""
-    if count:
-        _segment_sum(np.dtype(d_out.dtype))[count, THREADS, stream](d_out, order, starts, rows,
-                                                                    d_table, int32(count))
+    device; ``count`` a one-element device array holding the number of distinct rows, at most
+    ``len(order)``, the grid) into ``d_table``."""
+    if order.shape[0]:
+        _segment_sum(np.dtype(d_out.dtype))[order.shape[0], THREADS, stream](d_out, order, starts, rows,
+                                                                             d_table, count)
 
 
 def segments(ids):
@@ -292,10 +294,11 @@ def _elementwise(dtype):
     DT = nbtype(dtype)
 
     @kernel()
-    def keep(out, rate, scale, k0, k1, step, stream):
+    def keep(out, rate, scale, scal, stream):
+        # scal = [step, key word 0, key word 1] (int32 words, read on the device)
         i = cuda.grid(1)
         if i < out.shape[0]:
-            u = philox_uniform(k0, k1, i, step, stream)
+            u = philox_uniform(scal[1], scal[2], i, scal[0], stream)
             out[i] = scale if u >= rate else DT(0)
 
     @kernel()
@@ -317,15 +320,15 @@ def _elementwise(dtype):
     return keep, multiply, accumulate
 
 
-def dropout_keep(out, rate, key, step, stream_id, stream=0):
+def dropout_keep(out, rate, scal, stream_id, stream=0):
     """``out[i] = 1/(1 - rate)`` where ``uniform(key, row=i, step, stream_id) >= rate``, else 0
-    (the uniform of :func:`refopt.random.uniform`; ``key`` the pair of :func:`refopt.random.seed_to_key`)."""
+    (the uniform of :func:`refopt.random.uniform`); ``scal`` an int32 device array ``[step, k0, k1]``
+    with the key words of :func:`refopt.random.seed_to_key` (bit patterns)."""
     n = out.shape[0]
     dtype = np.dtype(out.dtype)
     if n:
         _elementwise(dtype)[0][cdiv(n, COLS), COLS, stream](
-            out, float64(rate), dtype.type(1.0 / (1.0 - rate)), np.uint64(key[0]), np.uint64(key[1]),
-            np.int64(step), np.int64(stream_id))
+            out, float64(rate), dtype.type(1.0 / (1.0 - rate)), scal, np.int64(stream_id))
 
 
 def multiply(a, b, out, stream=0):
@@ -394,11 +397,14 @@ def _optimizer(dtype):
                     mul[k] = DT(scale)
 
     @kernel()
-    def adam(var, grad, m, v, v_hat, bounds, chunk_seg, mul, div, decay_flag, decay, clipvalue,
-             one_minus_beta_1, one_minus_beta_2, alpha, epsilon, amsgrad, loss):
-        # one block per chunk: the reference's Optimizer.apply for one element at a time
+    def adam(var, grad, m, v, v_hat, bounds, chunk_seg, mul, div, decay_flag, hyper, clipvalue,
+             one_minus_beta_1, one_minus_beta_2, epsilon, amsgrad, loss):
+        # one block per chunk: the reference's Optimizer.apply for one element at a time;
+        # hyper = [weight_decay * lr, alpha] of this step (on the device: graph replays read it)
         if not math.isfinite(loss[0]):
             return
+        decay = hyper[0]
+        alpha = hyper[1]
         c = cuda.blockIdx.x
         k = chunk_seg[c]
         f_mul, f_div = mul[k], div[k]
@@ -437,10 +443,11 @@ def clip_factors(chunk_sums, seg_chunks, seg_sums, mode, clip, mul, div, norm, s
     kernels[2][1, 1, stream](seg_sums, int32(mode), float64(clip), mul, div, norm)
 
 
-def adam_chunks(var, grad, m, v, v_hat, bounds, chunk_seg, mul, div, decay_flag, decay, clipvalue,
-                beta_1, beta_2, alpha, epsilon, loss, stream=0):
+def adam_chunks(var, grad, m, v, v_hat, bounds, chunk_seg, mul, div, decay_flag, hyper, clipvalue,
+                beta_1, beta_2, epsilon, loss, stream=0):
     """Clip, decay and Adam-step every chunk of the flat ``var`` (``v_hat`` None without AMSGrad);
-    nothing is written when ``loss[0]`` is not finite."""
+    ``hyper`` a device array ``[weight_decay * lr, alpha]`` in ``var``'s dtype; nothing is written
+    when ``loss[0]`` is not finite."""
     dtype = np.dtype(var.dtype)
     dt = dtype.type
     n = chunk_seg.shape[0]
@@ -448,5 +455,4 @@ def adam_chunks(var, grad, m, v, v_hat, bounds, chunk_seg, mul, div, decay_flag,
     if n:
         _optimizer(dtype)[3][n, THREADS, stream](
             var, grad, m, v, v_hat if amsgrad else var[:1], bounds, chunk_seg, mul, div, decay_flag,
-            dt(decay), dt(clipvalue or 0.0), dt(1.0 - beta_1), dt(1.0 - beta_2), dt(alpha),
-            dt(epsilon), amsgrad, loss)
+            hyper, dt(clipvalue or 0.0), dt(1.0 - beta_1), dt(1.0 - beta_2), dt(epsilon), amsgrad, loss)

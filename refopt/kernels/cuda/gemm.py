@@ -40,7 +40,7 @@ import functools
 import numpy as np
 from numba import cuda, int32
 
-from refopt.kernels.cuda._common import ALIGN, SIM, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel, nbtype
 
 LAYOUTS = ("nt", "nn", "tn")
 
@@ -215,13 +215,69 @@ def default_config(M: int, N: int) -> str:
     return "small"
 
 
+#: blocks per multiprocessor a split-K product aims at; multiprocessors of the current device
+SPLIT_TARGET = 2
+_SMS: list = []
+_WORKSPACE: dict = {}
+
+
+def _multiprocessors() -> int:
+    if not _SMS:
+        _SMS.append(1 if SIMULATOR else cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    return _SMS[0]
+
+
+def split_count(M: int, N: int, K: int, config: str) -> int:
+    """How many slices of ``K`` a ``"tn"`` product (a weight gradient: small ``M x N``, ``K`` the
+    tokens) is cut into so that its tiles fill the GPU: a power of two dividing ``K``, each slice
+    at least 256 long, tiles x slices at most ``SPLIT_TARGET`` blocks per multiprocessor."""
+    BM, BN = CONFIGS[config][:2]
+    tiles = cdiv(M, BM) * cdiv(N, BN)
+    target = SPLIT_TARGET * _multiprocessors()
+    splits = 1
+    while (tiles * splits * 2 <= target and K % (splits * 2) == 0 and K // (splits * 2) >= 256):
+        splits *= 2
+    return splits
+
+
+def _workspace(n: int, dtype):
+    """A reusable device buffer of at least ``n`` elements (sized by the first, direct, launch of a
+    shape, so that a CUDA graph capture of the same launches allocates nothing)."""
+    key = np.dtype(dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = _WORKSPACE[key] = empty(n, key)
+    return buf[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def _make_sum_splits(dtype):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def sum_splits(parts, out):
+        # out[m, n] = sum over z of parts[z, m, n], in z order
+        i = cuda.grid(1)
+        Z, M, N = parts.shape
+        if i < M * N:
+            m = i // N
+            n = i % N
+            acc = DT(0)
+            for z in range(Z):
+                acc += parts[z, m, n]
+            out[m, n] = acc
+    return sum_splits
+
+
 def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
-         config: str | None = None, stream=0, residual=None, gate=None, keep=None):
+         config: str | None = None, stream=0, residual=None, gate=None, keep=None, splits=None):
     """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
     see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
     ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
     (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
-    when None)."""
+    when None).  A 2-D ``"tn"`` product without epilogue is split over ``K`` (:func:`split_count`,
+    or ``splits``) into partial products summed in a fixed order: the weight gradients of training,
+    whose outputs are too small to fill the GPU and whose ``K`` is the batch's tokens."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -241,7 +297,20 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if M == 0 or N == 0 or Z == 0:
         return out
     has_bias = bias is not None
-    kernel = make_gemm(dtype, layout, config or default_config(M * Z, N), has_bias, bool(relu),
+    plain = not (has_bias or relu or accumulate or residual is not None or gate is not None
+                 or keep is not None)
+    if layout == "tn" and not batched and plain:
+        if config is None:          # split products keep the large tile: the slices fill the GPU
+            config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
+        splits = split_count(M, N, K, config) if splits is None else splits
+        if splits > 1 and K % splits == 0:
+            parts = _workspace(splits * M * N, dtype).reshape(splits, M, N)
+            gemm(a.reshape(splits, K // splits, M), b.reshape(splits, K // splits, N), "tn",
+                 out=parts, config=config, stream=stream)
+            _make_sum_splits(dtype)[cdiv(M * N, 256), 256, stream](parts, out.reshape(M, N))
+            return out
+    config = config or default_config(M * Z, N)
+    kernel = make_gemm(dtype, layout, config, has_bias, bool(relu),
                        bool(accumulate), residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
 
