@@ -154,6 +154,38 @@ def bench_attention(args, rows):
                  "peer": flops / ms_torch / 1e9, "peer_name": "torch SDPA float32",
                  "note": f"rel err {err:.1e}; {ms:.2f} ms vs {ms_torch:.2f} ms"})
 
+    # forward + backward (the flash backward recomputes the probabilities), as training runs it
+    from refopt.kernels.cuda.flash_backward import flash_backward
+
+    m, l, dlt = (cuda.device_array(B * H * T, np.float32) for _ in range(3))
+    d_out = torch.randn(B, H, T, K, device="cuda", generator=g)
+    ddo = cuda.as_cuda_array(d_out.reshape(-1))
+    grads = [cuda.device_array(B * H * T * K, np.float32) for _ in range(3)]
+    km = cuda.to_device(np.ones((B, T), np.uint8))
+    st = dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), strides)
+
+    def ours_fb():
+        A.flash_attention(dq, dk, dv, out, strides, strides, strides, strides, B, H, T, T, K,
+                          key_mask=km, causal=True, scale=K ** -0.5, stats=(m, l))
+        flash_backward(dq, dk, dv, out, ddo, m, l, km, *grads, dlt, st, B, H, T, T, K, causal=True,
+                       scale=K ** -0.5)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def theirs_fb():
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        torch.autograd.grad(o, (qg, kg, vg), d_out)
+    ms_fb = event_time(ours_fb, args.repeats)
+    ms_fb_torch = torch_event_time(theirs_fb, args.repeats)
+    want_g = torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True),
+                                 (qg, kg, vg), d_out)
+    err_fb = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w.cpu().numpy())
+                 for gr, w in zip(grads, want_g))
+    flops_fb = 3.5 * flops                        # backward: five products to the forward's two
+    rows.append({"what": f"causal attention fwd+bwd {B}x{H}x{T}x{K} (TFLOP/s)",
+                 "ours": flops_fb / ms_fb / 1e9, "peer": flops_fb / ms_fb_torch / 1e9,
+                 "peer_name": "torch SDPA float32 + autograd",
+                 "note": f"rel err {err_fb:.1e}; {ms_fb:.2f} ms vs {ms_fb_torch:.2f} ms"})
+
 
 # ---------------------------------------------------------------------------------- decode
 def bench_decode(args, rows, tmp):

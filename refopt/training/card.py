@@ -56,6 +56,8 @@ $train_tokens tokens) trains the tokenizer and the model; the last $validation_s
 | --- | ---: | ---: | ---: | ---: |
 $curve
 
+$kept
+
 ## Validation
 Cross-entropy in nats per token, the mean over all $validation_tokens validation tokens, with
 the same tokenizer. The model predicts each token from the preceding tokens of its
@@ -128,4 +130,13 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         table="\n".join(f"| {n} | {m['loss']:.4f} | {m['perplexity']:.2f} |" for n, m in rows),
         nats_per_char=f"{report['validation']['loss'] * per_char:.4f}",
         bigram_per_char=f"{base['bigram_witten_bell']['loss'] * per_char:.4f}",
-        nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}")
+        nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report))
+
+
+def _kept(report) -> str:
+    epochs, kept = len(report["history"]), report.get("kept_epoch", len(report["history"]))
+    if not report["recipe"].get("keep_best"):
+        return f"The preset holds the parameters after the last epoch ({epochs})."
+    return (f"The preset holds the parameters of epoch {kept} of {epochs}, the one with the lowest "
+            "validation loss (as nanoGPT keeps its best checkpoint on the same split: the held-out "
+            "text chose the epoch, so the figure below is that of the selected epoch).")

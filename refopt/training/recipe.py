@@ -56,6 +56,7 @@ class Recipe:
     validation_fraction: float = 0.1
     seed: int = 0
     max_steps: int | None = None      # stop after this many steps (quick runs)
+    keep_best: int = 0                # 1: ship the epoch with the lowest validation loss
 
     def check(self):
         from refopt.errors import ConfigError
@@ -254,6 +255,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
 
     history = []
     step = 0
+    best = None                                                       # (val, epoch, params)
     t_train = time.perf_counter()
     for epoch, offset in enumerate(offsets):
         if step >= total:
@@ -272,6 +274,8 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         elapsed = time.perf_counter() - t_train
         history.append({"epoch": epoch + 1, "steps": step, "train_loss": h.history["loss"][0],
                         "val_loss": val, "elapsed_s": round(elapsed, 1)})
+        if recipe.keep_best and (best is None or val < best[0]):
+            best = (val, epoch + 1, {k: np.array(v, copy=True) for k, v in backbone.params.items()})
         if verbose:
             print(f"epoch {epoch + 1}: train loss {h.history['loss'][0]:.4f}, validation loss "
                   f"{val:.4f} (perplexity {math.exp(val):.2f}), {elapsed:.0f} s, "
@@ -279,6 +283,10 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     train_seconds = time.perf_counter() - t_train
 
     val = history[-1]["val_loss"]
+    kept_epoch = len(history)
+    if best is not None:
+        val, kept_epoch, params = best
+        backbone.set_params(params, source="the best epoch")
     report = {
         "refopt_version": _version(),
         "command": command,
@@ -302,6 +310,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         "machine": _machine(backend_name),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "history": history,
+        "kept_epoch": kept_epoch,
         "validation": {"loss": val, "perplexity": math.exp(val),
                        "nats_per_character": val * len(val_ids) / len(val_text)},
         "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
