@@ -72,15 +72,19 @@ def test_gemm(dtype, layout, Z, M, N, K, bias, relu, accumulate, seed):
     close(out.copy_to_host(), want, dtype, f"gemm {layout}", scale)
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-def test_gemm_split_k(splits):
-    # weight-gradient products ("tn") cut over K into partial products summed in order
+@pytest.mark.parametrize("layout", ggemm.LAYOUTS)
+@pytest.mark.parametrize("splits", [2, 3])
+def test_gemm_split_k(layout, splits):
+    # products cut over K into partial products summed in order (the last slice ragged)
     rng = np.random.default_rng(splits)
-    K, M, N = (1024, 300, 200) if FULL else (16, 9, 7)
+    K, M, N = (1000, 300, 200) if FULL else (19, 9, 7)
     for dtype in (np.float32, np.float64):
-        A, B = arrays(rng, (K, M), dtype), arrays(rng, (K, N), dtype)
-        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), "tn", splits=splits).copy_to_host()
-        close(out, A.T @ B, dtype, f"split-K {splits}", (np.abs(A).T @ np.abs(B)).max())
+        A = arrays(rng, (K, M) if layout == "tn" else (M, K), dtype)
+        B = arrays(rng, (N, K) if layout == "nt" else (K, N), dtype)
+        a = A.T if layout == "tn" else A
+        b = B.T if layout == "nt" else B
+        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), layout, splits=splits).copy_to_host()
+        close(out, a @ b, dtype, f"{layout} split-K {splits}", (np.abs(a) @ np.abs(b)).max())
 
 
 @pytest.mark.parametrize("config", list(ggemm.CONFIGS))

@@ -106,6 +106,24 @@ def test_device_gradients_and_logits_match_numpy(dtype):
     close(trainer.logits(batch), logits_forward(params, cfg, ids, mask, ops=ref), dt, "logits")
 
 
+@pytest.mark.skipif(SIM, reason="split-K shapes (K >= 512): on a GPU only")
+def test_device_gradients_with_split_products():
+    # enough tokens and vocabulary that the weight gradients and the head's input gradient are
+    # split over K (refopt.kernels.cuda.gemm.split_count)
+    cfg = OPTConfig(vocabulary_size=700, num_layers=1, num_heads=2, hidden_dim=64,
+                    intermediate_dim=96, max_sequence_length=320, dropout=0.0, dtype="float64")
+    params = init_params(cfg, seed=4, std=0.2)
+    ids = np.random.default_rng(2).integers(0, 700, (2, 300))
+    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)},
+                        np.roll(ids, -1, 1), None, np.float64)
+    want = forward_backward(params, cfg, batch, reduction="sum_over_batch_size", ops=ref)
+    loss, grads = DeviceTrainer(params, cfg).gradients(batch, batch.y.size)
+    assert abs(loss - want.loss) <= 1e-12 * abs(want.loss)
+    top = max(np.abs(g).max() for g in want.grads.values())
+    for name, g in want.grads.items():
+        close(grads[name], g, np.float64, name, max(np.abs(g).max(), 0.01 * top))
+
+
 def test_device_dropout_gradients_match_numpy_with_the_same_masks():
     # the NumPy forward draws its dropout masks from dropout_rng.random(shape): hand it the device's
     # Philox uniforms (layer i: stream 2i after out_proj, 2i + 1 after fc2) and the two agree

@@ -44,10 +44,13 @@ from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kern
 
 LAYOUTS = ("nt", "nn", "tn")
 
-#: Tile configurations (BM, BN, BK, TM, TN).  ``"large"`` is the compute-bound one (256 threads,
-#: 8x8 per thread); the smaller ones suit short products, ``"tiny"`` Numba's simulator.
+#: Tile configurations (BM, BN, BK, TM, TN[, resident blocks per multiprocessor, default 2]).
+#: ``"large"`` is the compute-bound one (256 threads, 8x8 per thread, registers capped at 128 for
+#: two resident blocks); ``"large1"`` the same tile uncapped (one block per multiprocessor); the
+#: smaller ones suit short products, ``"tiny"`` Numba's simulator.
 CONFIGS = {
     "large": (128, 128, 8, 8, 8),
+    "large1": (128, 128, 8, 8, 8, 1),
     "wide": (64, 128, 8, 8, 8),
     "medium": (64, 64, 8, 4, 4),
     "small": (32, 32, 8, 4, 4),
@@ -59,11 +62,14 @@ PAD = 4   # shared rows padded by 16 bytes: the transposed stores of K-contiguou
 @functools.lru_cache(maxsize=None)
 def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: bool = False,
               accumulate: bool = False, residual: bool = False, gate: bool = False,
-              keep: bool = False):
-    """The kernel ``gemm(A, B, C, bias, R, G, P, M, N, K)`` for one dtype, layout, tile
+              keep: bool = False, splitk: bool = False):
+    """The kernel ``gemm(A, B, C, bias, R, G, P, M, N, K, Kc)`` for one dtype, layout, tile
     configuration and epilogue (compiled on first launch; the epilogue flags are compile-time
-    constants, so the unrolled epilogue keeps the accumulators in registers)."""
-    BM, BN, BK, TM, TN = CONFIGS[config]
+    constants, so the unrolled epilogue keeps the accumulators in registers).  With ``splitk``
+    the grid's z index is a slice of ``K`` (``[z * Kc, (z + 1) * Kc)``) of one product, not a
+    product of a batch: ``C[z]`` receives that slice's partial product."""
+    BM, BN, BK, TM, TN = CONFIGS[config][:5]
+    MIN_BLOCKS = CONFIGS[config][5] if len(CONFIGS[config]) > 5 else 2
     DT = nbtype(dtype)
     NTX, NTY = BN // TN, BM // TM            # threads along n and m
     NT = NTX * NTY
@@ -75,9 +81,9 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
     SA, SB = BM + PAD, BN + PAD
     assert NT * LA == BM * BK and NT * LB == BN * BK and HM == NTY * 4 and HN == NTX * 4
 
-    # two resident blocks per multiprocessor: registers capped at 65536 / (2 * NT)
-    @kernel(launch_bounds=(NT, 2))
-    def gemm(A, B, C, bias, R, G, P, M, N, K):
+    # MIN_BLOCKS resident blocks per multiprocessor: registers capped at 65536 / (MIN_BLOCKS * NT)
+    @kernel(launch_bounds=(NT, MIN_BLOCKS))
+    def gemm(A, B, C, bias, R, G, P, M, N, K, Kc):
         As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)
         Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), DT)
@@ -94,25 +100,32 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = DT(0)
-        ntiles = (K + BK - 1) // BK
+        za = z                                   # the operands' batch index
+        kb = 0                                   # this block's slice of K: [kb, ke)
+        ke = K
+        if splitk:
+            za = 0
+            kb = z * Kc
+            ke = min(K, kb + Kc)
+        ntiles = (ke - kb + BK - 1) // BK
 
         # -- fetch slice 0 into registers, then into shared buffer 0
         for p in range(LA):
             e = tid + p * NT
             if a_km:
                 kk, mm = e // BM, e % BM
-                ra[p] = A[z, kk, m0 + mm] if (kk < K and m0 + mm < M) else DT(0)
+                ra[p] = A[za, kb + kk, m0 + mm] if (kb + kk < ke and m0 + mm < M) else DT(0)
             else:
                 mm, kk = e // BK, e % BK
-                ra[p] = A[z, m0 + mm, kk] if (kk < K and m0 + mm < M) else DT(0)
+                ra[p] = A[za, m0 + mm, kb + kk] if (kb + kk < ke and m0 + mm < M) else DT(0)
         for p in range(LB):
             e = tid + p * NT
             if b_kn:
                 kk, nn = e // BN, e % BN
-                rb[p] = B[z, kk, n0 + nn] if (kk < K and n0 + nn < N) else DT(0)
+                rb[p] = B[za, kb + kk, n0 + nn] if (kb + kk < ke and n0 + nn < N) else DT(0)
             else:
                 nn, kk = e // BK, e % BK
-                rb[p] = B[z, n0 + nn, kk] if (kk < K and n0 + nn < N) else DT(0)
+                rb[p] = B[za, n0 + nn, kb + kk] if (kb + kk < ke and n0 + nn < N) else DT(0)
         for p in range(LA):
             e = tid + p * NT
             if a_km:
@@ -129,25 +142,25 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
 
         for kt in range(ntiles):
             cur = kt & 1
-            k0 = (kt + 1) * BK
+            k0 = kb + (kt + 1) * BK
             more = kt + 1 < ntiles
             if more:                                     # next slice: global -> registers
                 for p in range(LA):
                     e = tid + p * NT
                     if a_km:
                         kk, mm = e // BM, e % BM
-                        ra[p] = A[z, k0 + kk, m0 + mm] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                        ra[p] = A[za, k0 + kk, m0 + mm] if (k0 + kk < ke and m0 + mm < M) else DT(0)
                     else:
                         mm, kk = e // BK, e % BK
-                        ra[p] = A[z, m0 + mm, k0 + kk] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                        ra[p] = A[za, m0 + mm, k0 + kk] if (k0 + kk < ke and m0 + mm < M) else DT(0)
                 for p in range(LB):
                     e = tid + p * NT
                     if b_kn:
                         kk, nn = e // BN, e % BN
-                        rb[p] = B[z, k0 + kk, n0 + nn] if (k0 + kk < K and n0 + nn < N) else DT(0)
+                        rb[p] = B[za, k0 + kk, n0 + nn] if (k0 + kk < ke and n0 + nn < N) else DT(0)
                     else:
                         nn, kk = e // BK, e % BK
-                        rb[p] = B[z, n0 + nn, k0 + kk] if (k0 + kk < K and n0 + nn < N) else DT(0)
+                        rb[p] = B[za, n0 + nn, k0 + kk] if (k0 + kk < ke and n0 + nn < N) else DT(0)
             for k in range(BK):                          # the current slice, from shared memory
                 for g in range(GM):
                     for i in range(4):
@@ -228,14 +241,14 @@ def _multiprocessors() -> int:
 
 
 def split_count(M: int, N: int, K: int, config: str) -> int:
-    """How many slices of ``K`` a ``"tn"`` product (a weight gradient: small ``M x N``, ``K`` the
-    tokens) is cut into so that its tiles fill the GPU: a power of two dividing ``K``, each slice
-    at least 256 long, tiles x slices at most ``SPLIT_TARGET`` blocks per multiprocessor."""
+    """How many slices of ``K`` a product whose output tiles are too few to fill the GPU (weight
+    gradients, the tied head's input gradient) is cut into: tiles x slices at most
+    ``SPLIT_TARGET`` blocks per multiprocessor, each slice at least 256 long."""
     BM, BN = CONFIGS[config][:2]
     tiles = cdiv(M, BM) * cdiv(N, BN)
     target = SPLIT_TARGET * _multiprocessors()
     splits = 1
-    while (tiles * splits * 2 <= target and K % (splits * 2) == 0 and K // (splits * 2) >= 256):
+    while tiles * splits * 2 <= target and K // (splits * 2) >= 256:
         splits *= 2
     return splits
 
@@ -275,9 +288,10 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
     ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
     (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
-    when None).  A 2-D ``"tn"`` product without epilogue is split over ``K`` (:func:`split_count`,
-    or ``splits``) into partial products summed in a fixed order: the weight gradients of training,
-    whose outputs are too small to fill the GPU and whose ``K`` is the batch's tokens."""
+    when None).  A 2-D product without epilogue whose output has too few tiles for the GPU is
+    split over ``K`` (:func:`split_count`, or ``splits``) into partial products summed in a fixed
+    order: the weight gradients of training (``K`` the batch's tokens) and the tied head's input
+    gradient (``K`` the vocabulary)."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -299,14 +313,20 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     has_bias = bias is not None
     plain = not (has_bias or relu or accumulate or residual is not None or gate is not None
                  or keep is not None)
-    if layout == "tn" and not batched and plain:
+    if not batched and plain:
         if config is None:          # split products keep the large tile: the slices fill the GPU
             config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
         splits = split_count(M, N, K, config) if splits is None else splits
-        if splits > 1 and K % splits == 0:
+        if splits > 1:
+            BK = CONFIGS[config][2]
+            Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
+            splits = cdiv(K, Kc)
             parts = _workspace(splits * M * N, dtype).reshape(splits, M, N)
-            gemm(a.reshape(splits, K // splits, M), b.reshape(splits, K // splits, N), "tn",
-                 out=parts, config=config, stream=stream)
+            k = make_gemm(dtype, layout, config, splitk=True)
+            BM, BN = k.tile
+            k[(cdiv(N, BN), cdiv(M, BM), splits), k.threads, stream](
+                a3, b3, parts, parts.reshape(-1)[:1], parts, parts, parts, int32(M), int32(N),
+                int32(K), int32(Kc))
             _make_sum_splits(dtype)[cdiv(M * N, 256), 256, stream](parts, out.reshape(M, N))
             return out
     config = config or default_config(M * Z, N)
@@ -319,5 +339,5 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
 
     kernel[(cdiv(N, BN), cdiv(M, BM), Z), kernel.threads, stream](
         a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], like_out(residual), like_out(gate),
-        like_out(keep), int32(M), int32(N), int32(K))
+        like_out(keep), int32(M), int32(N), int32(K), int32(K))
     return out
