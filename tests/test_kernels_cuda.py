@@ -392,7 +392,7 @@ def test_device_decode_tiled_batches(B):
 
 
 def test_device_decode_stops_and_streams():
-    from refopt.kernels.cuda import decode
+    from refopt import device_decoding
     from refopt.samplers import GreedySampler
 
     lm = _lm(True, False, seed=4)
@@ -410,10 +410,26 @@ def test_device_decode_stops_and_streams():
     assert np.array_equal(got["token_ids"], want["token_ids"])
     assert np.array_equal(got["padding_mask"], want["padding_mask"])
     # streaming: one Step per decided position, the same tokens
-    steps = decode.steps(lm, ids, mask, None, GreedySampler())
+    steps = device_decoding.steps(lm, ids, mask, None, GreedySampler())
     seen = {step.start: step.token_ids[:, 0] for step in steps}
     assert sorted(seen) == list(range(3, T))
     assert np.array_equal(np.stack([seen[i] for i in range(3, T)], 1), free[:, 3:])
+
+
+def test_samplers_describe_themselves_to_the_device_loop():
+    from refopt import samplers
+
+    assert samplers.TopPSampler(p=0.5, k=7, temperature=0.5).device_spec() == samplers.SamplerSpec(
+        "top_p", {"temperature": 0.5, "p": 0.5, "k": 7})
+    assert samplers.GreedySampler().device_spec().kind == "greedy"
+    # no device form: processors, subclasses (a rule may change), beam search
+    assert samplers.TopKSampler(k=2, repetition_penalty=1.2).device_spec() is None
+
+    class Mine(samplers.RandomSampler):
+        pass
+
+    assert Mine().device_spec() is None
+    assert samplers.BeamSampler(num_beams=2).device_spec() is None
 
 
 def test_backend_selection_with_cuda(monkeypatch):
