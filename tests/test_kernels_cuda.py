@@ -87,6 +87,35 @@ def test_gemm_split_k(layout, splits):
         close(out, a @ b, dtype, f"{layout} split-K {splits}", (np.abs(a) @ np.abs(b)).max())
 
 
+@settings(max_examples=EX)
+@given(dtype=DTYPES, layout=st.sampled_from(ggemm.LAYOUTS), splits=st.integers(2, 4),
+       M=st.integers(1, big(20)), N=st.integers(1, big(20)), K=st.integers(1, big(40)),
+       flags=st.lists(st.booleans(), min_size=6, max_size=6), seed=st.integers(0, 2**16))
+def test_gemm_split_k_epilogues(dtype, layout, splits, M, N, K, flags, seed):
+    # the split product's epilogue (bias, ReLU, dropout multiplier, ReLU gate, accumulate,
+    # residual) runs in the kernel that sums the slices, in the one-pass kernel's order
+    bias, relu, keep, gate, accumulate, residual = flags
+    rng = np.random.default_rng(seed)
+    A = arrays(rng, (K, M) if layout == "tn" else (M, K), dtype)
+    B = arrays(rng, (N, K) if layout == "nt" else (K, N), dtype)
+    b, P, G, R, C0 = (arrays(rng, shape, dtype) for shape in ((N,), (M, N), (M, N), (M, N), (M, N)))
+    a_ = A.T if layout == "tn" else A
+    b_ = B.T if layout == "nt" else B
+    want = a_ @ b_ + (b if bias else 0)
+    want = np.maximum(want, 0) if relu else want
+    want = want * P if keep else want
+    want = np.where(G <= 0, 0, want) if gate else want
+    want = want + C0 if accumulate else want
+    want = R + want if residual else want
+    out = cuda.to_device(C0)
+    dev = cuda.to_device
+    ggemm.gemm(dev(A), dev(B), layout, bias=dev(b) if bias else None, relu=relu, out=out,
+               accumulate=accumulate, residual=dev(R) if residual else None,
+               gate=dev(G) if gate else None, keep=dev(P) if keep else None, splits=splits)
+    scale = (np.abs(a_) @ np.abs(b_)).max() * np.abs(P).max() + np.abs(C0).max() + np.abs(R).max()
+    close(out.copy_to_host(), want, dtype, f"split {layout}", scale)
+
+
 @pytest.mark.parametrize("config", list(ggemm.CONFIGS))
 def test_gemm_every_tile_configuration(config):
     # each tile shape on a product that is not a multiple of it

@@ -228,8 +228,8 @@ def default_config(M: int, N: int) -> str:
     return "small"
 
 
-#: blocks per multiprocessor a split-K product aims at; multiprocessors of the current device
-SPLIT_TARGET = 2
+#: blocks per multiprocessor a split-K product aims at (two waves of two resident blocks)
+SPLIT_TARGET = 4
 _SMS: list = []
 _WORKSPACE: dict = {}
 
@@ -241,16 +241,17 @@ def _multiprocessors() -> int:
 
 
 def split_count(M: int, N: int, K: int, config: str) -> int:
-    """How many slices of ``K`` a product whose output tiles are too few to fill the GPU (weight
-    gradients, the tied head's input gradient) is cut into: tiles x slices at most
-    ``SPLIT_TARGET`` blocks per multiprocessor, each slice at least 256 long."""
+    """How many slices of ``K`` a product whose output tiles are too few to fill the GPU is cut
+    into (the training step's products: weight gradients with ``K`` the tokens, the tied head's
+    input gradient with ``K`` the vocabulary, the ``[tokens, hidden]`` outputs): about
+    ``SPLIT_TARGET`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the
+    tiles alone give two blocks per multiprocessor."""
     BM, BN = CONFIGS[config][:2]
     tiles = cdiv(M, BM) * cdiv(N, BN)
     target = SPLIT_TARGET * _multiprocessors()
-    splits = 1
-    while tiles * splits * 2 <= target and K // (splits * 2) >= 256:
-        splits *= 2
-    return splits
+    if tiles * 2 > target:
+        return 1
+    return max(1, min(target // tiles, K // 128))
 
 
 def _workspace(n: int, dtype):
@@ -264,21 +265,35 @@ def _workspace(n: int, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _make_sum_splits(dtype):
+def _make_sum_splits(dtype, has_bias=False, relu=False, accumulate=False, residual=False, gate=False,
+                     keep=False):
     DT = nbtype(dtype)
 
     @kernel()
-    def sum_splits(parts, out):
-        # out[m, n] = sum over z of parts[z, m, n], in z order
+    def sum_splits(parts, out, bias, R, G, P):
+        # out[m, n] = epilogue(sum over z of parts[z, m, n], in z order): the kernel's epilogue
         i = cuda.grid(1)
         Z, M, N = parts.shape
         if i < M * N:
             m = i // N
             n = i % N
-            acc = DT(0)
+            v = DT(0)
             for z in range(Z):
-                acc += parts[z, m, n]
-            out[m, n] = acc
+                v += parts[z, m, n]
+            if has_bias:
+                v += bias[n]
+            if relu:
+                v = max(v, DT(0))
+            if keep:
+                v = v * P[m, n]
+            if gate:
+                if G[m, n] <= DT(0):
+                    v = DT(0)
+            if accumulate:
+                v += out[m, n]
+            if residual:
+                v = R[m, n] + v
+            out[m, n] = v
     return sum_splits
 
 
@@ -288,10 +303,9 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
     ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
     (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
-    when None).  A 2-D product without epilogue whose output has too few tiles for the GPU is
-    split over ``K`` (:func:`split_count`, or ``splits``) into partial products summed in a fixed
-    order: the weight gradients of training (``K`` the batch's tokens) and the tied head's input
-    gradient (``K`` the vocabulary)."""
+    when None).  A 2-D product whose output has too few tiles for the GPU is split over ``K``
+    (:func:`split_count`, or ``splits``) into partial products, summed in a fixed order by a
+    second kernel that applies the epilogue."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -311,23 +325,26 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if M == 0 or N == 0 or Z == 0:
         return out
     has_bias = bias is not None
-    plain = not (has_bias or relu or accumulate or residual is not None or gate is not None
-                 or keep is not None)
-    if not batched and plain:
-        if config is None:          # split products keep the large tile: the slices fill the GPU
-            config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
-        splits = split_count(M, N, K, config) if splits is None else splits
+    if not batched:
+        split_config = config
+        if split_config is None:    # split products keep the large tile: the slices fill the GPU
+            split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
+        splits = split_count(M, N, K, split_config) if splits is None else splits
         if splits > 1:
-            BK = CONFIGS[config][2]
+            BK = CONFIGS[split_config][2]
             Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
             splits = cdiv(K, Kc)
             parts = _workspace(splits * M * N, dtype).reshape(splits, M, N)
-            k = make_gemm(dtype, layout, config, splitk=True)
+            k = make_gemm(dtype, layout, split_config, splitk=True)
             BM, BN = k.tile
             k[(cdiv(N, BN), cdiv(M, BM), splits), k.threads, stream](
                 a3, b3, parts, parts.reshape(-1)[:1], parts, parts, parts, int32(M), int32(N),
                 int32(K), int32(Kc))
-            _make_sum_splits(dtype)[cdiv(M * N, 256), 256, stream](parts, out.reshape(M, N))
+            o2 = out.reshape(M, N)
+            _make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate), residual is not None,
+                             gate is not None, keep is not None)[cdiv(M * N, 256), 256, stream](
+                parts, o2, bias if has_bias else o2.reshape(-1)[:1],
+                *(o2 if x is None else x.reshape(M, N) for x in (residual, gate, keep)))
             return out
     config = config or default_config(M * Z, N)
     kernel = make_gemm(dtype, layout, config, has_bias, bool(relu),
