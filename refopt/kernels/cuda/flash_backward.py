@@ -24,7 +24,9 @@ key-side kernel walks every query tile of a batch row whose first key is padding
   key tiles the queries can see.
 
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
-column across threads without bank conflicts).
+column across threads without bank conflicts) and block their outputs in registers
+(:func:`blocking`): a thread computes 2 x 2 of a pair's probabilities and 2 x 4 of a gradient tile,
+so each shared value it loads feeds two or four multiply-adds.
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ def tile_rows(KP: int, itemsize: int) -> int:
     return max(8, min(32, 32 * 256 // (KP * itemsize)))
 
 
+def blocking(BT: int, KP: int):
+    """Register blocking: each thread computes ``RI x RI`` of a tile pair's ``BT x BT``
+    probabilities (rows ``ti + r * TI``, columns ``tj + c * TI``) and ``RR x RD`` of a ``BT x KP``
+    gradient tile (rows ``tr + r * TR``, columns ``td + q * TD``, consecutive threads on
+    consecutive columns): fewer shared-memory loads per multiply-add than one output a thread."""
+    RI = {1: 1, 4: 2}.get(BT * BT // NT, 0) if BT * BT >= NT else 0
+    per = BT * KP // NT
+    RD = max(4, per // BT)
+    RR = per // RD
+    return RI, BT // max(RI, 1), RR, RD, BT // max(RR, 1), KP // RD
+
+
 @functools.lru_cache(maxsize=None)
 def make_flash_backward(dtype, KP: int, causal: bool):
     """``(dkdv, dq)`` kernels for head widths ``K <= KP``."""
@@ -54,37 +68,80 @@ def make_flash_backward(dtype, KP: int, causal: bool):
     BT = tile_rows(KP, np.dtype(dtype).itemsize)        # BQ = BKV = BT
     SQ = KP + 1
     SP = BT + 1
-    RK = BT * KP // NT                                  # dK / dV / dQ outputs per thread
+    RI, TI, RR, RD, TR, TD = blocking(BT, KP)
     LOWEST = float(np.finfo(dtype).min)
-    assert RK * NT == BT * KP
+    SIMPLE = RI == 0                                    # the simulator's tiny blocks: one at a time
+    assert SIMPLE or TI * TI == NT
+    assert RR * RD * NT == BT * KP and TR * TD == NT
+
+    @cuda.jit(device=True, inline=True)
+    def pair(Qs, Ks, dOs, Vs, Ms, Ls, Ds, key_mask, b, i, j, q0, t0, S, T, q_offset, score, dp):
+        # P and dS of query row i and key row j from their dot products
+        s = q0 + i
+        t = t0 + j
+        p = DT(0)
+        ds = DT(0)
+        if s < S and t < T:
+            allowed = key_mask[b, t] != 0
+            if causal:
+                allowed = allowed and t <= s + q_offset
+            if not allowed:
+                score = DT(LOWEST)
+            p = math.exp(score - Ms[i]) / Ls[i]
+            if allowed:
+                ds = p * (dp - Ds[i])
+        return p, ds
 
     @cuda.jit(device=True, inline=True)
     def probs_and_grads(Qs, Ks, dOs, Vs, Ms, Ls, Ds, Ps, dSs, key_mask, b, q0, t0, S, T, q_offset,
-                        tid):
+                        tid, sc, dpv):
         # P and dS of one (query tile, key tile) pair into shared memory
-        for idx in range(tid, BT * BT, NT):
-            i = idx // BT
-            j = idx % BT
-            s = q0 + i
-            t = t0 + j
-            p = DT(0)
-            ds = DT(0)
-            if s < S and t < T:
+        if SIMPLE:
+            for idx in range(tid, BT * BT, NT):
+                i = idx // BT
+                j = idx % BT
                 score = DT(0)
                 dp = DT(0)
                 for d in range(KP):
                     score += Qs[i, d] * Ks[j, d]
                     dp += dOs[i, d] * Vs[j, d]
-                allowed = key_mask[b, t] != 0
-                if causal:
-                    allowed = allowed and t <= s + q_offset
-                if not allowed:
-                    score = DT(LOWEST)
-                p = math.exp(score - Ms[i]) / Ls[i]
-                if allowed:
-                    ds = p * (dp - Ds[i])
-            Ps[i, j] = p
-            dSs[i, j] = ds
+                p, ds = pair(Qs, Ks, dOs, Vs, Ms, Ls, Ds, key_mask, b, i, j, q0, t0, S, T, q_offset,
+                             score, dp)
+                Ps[i, j] = p
+                dSs[i, j] = ds
+            return
+        ti = tid // TI
+        tj = tid % TI
+        for r in range(RI):
+            for c in range(RI):
+                sc[r, c] = DT(0)
+                dpv[r, c] = DT(0)
+        for d in range(KP):
+            for r in range(RI):
+                qd = Qs[ti + r * TI, d]
+                od = dOs[ti + r * TI, d]
+                for c in range(RI):
+                    sc[r, c] += qd * Ks[tj + c * TI, d]
+                    dpv[r, c] += od * Vs[tj + c * TI, d]
+        for r in range(RI):
+            for c in range(RI):
+                i = ti + r * TI
+                j = tj + c * TI
+                p, ds = pair(Qs, Ks, dOs, Vs, Ms, Ls, Ds, key_mask, b, i, j, q0, t0, S, T, q_offset,
+                             sc[r, c], dpv[r, c])
+                Ps[i, j] = p
+                dSs[i, j] = ds
+
+    @cuda.jit(device=True, inline=True)
+    def accumulate(acc, W, X, tid, transposed):
+        # acc[r, q] += sum_k W[k, row] * X[k, col]   (transposed: W[row, k], the dq kernel)
+        tr = tid // TD
+        td = tid % TD
+        for k in range(BT):
+            for r in range(RR):
+                w = W[tr + r * TR, k] if transposed else W[k, tr + r * TR]
+                for q in range(RD):
+                    acc[r, q] += w * X[k, td + q * TD]
 
     @cuda.jit(device=True, inline=True)
     def load_rows(dst, src, base, stride, r0, nrows, K, scale):
@@ -102,6 +159,17 @@ def make_flash_backward(dtype, KP: int, causal: bool):
             Ls[i] = l[row0 + s] if ok else DT(1)
             Ds[i] = dlt[row0 + s] if ok else DT(0)
 
+    @cuda.jit(device=True, inline=True)
+    def store(acc, out, base, stride, r0, nrows, K, scale, tid):
+        tr = tid // TD
+        td = tid % TD
+        for r in range(RR):
+            row = r0 + tr + r * TR
+            for q in range(RD):
+                d = td + q * TD
+                if row < nrows and d < K:
+                    out[base + row * stride + d] = acc[r, q] * scale
+
     @kernel(launch_bounds=NT)
     def dkdv(q, k, v, d_o, m, l, dlt, key_mask, d_k, d_v, qs, ks, vs, ds_, dks, dvs, H, S, T, K,
              q_offset, scale):
@@ -114,8 +182,10 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         Ms = cuda.shared.array(BT, DT)
         Ls = cuda.shared.array(BT, DT)
         Ds = cuda.shared.array(BT, DT)
-        acc_k = cuda.local.array(RK, DT)
-        acc_v = cuda.local.array(RK, DT)
+        acc_k = cuda.local.array((RR, RD), DT)
+        acc_v = cuda.local.array((RR, RD), DT)
+        sc = cuda.local.array((2, 2), DT)
+        dpv = cuda.local.array((2, 2), DT)
         tid = cuda.threadIdx.x & 1023
         t0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BT
         bh = cuda.blockIdx.y & 0x7FFFFFFF
@@ -123,9 +193,10 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         h = bh % H
         load_rows(Ks, k, b * ks[0] + h * ks[1], ks[2], t0, T, K, DT(1))
         load_rows(Vs, v, b * vs[0] + h * vs[1], vs[2], t0, T, K, DT(1))
-        for r in range(RK):
-            acc_k[r] = DT(0)
-            acc_v[r] = DT(0)
+        for r in range(RR):
+            for c in range(RD):
+                acc_k[r, c] = DT(0)
+                acc_v[r, c] = DT(0)
         q_start = 0
         if causal and key_mask[b, 0] != 0:          # no all-masked query rows: skip the tiles above
             q_start = max(0, t0 - q_offset) // BT
@@ -137,27 +208,12 @@ def make_flash_backward(dtype, KP: int, causal: bool):
             load_stats(Ms, Ls, Ds, m, l, dlt, bh * S, q0, S)
             cuda.syncthreads()
             probs_and_grads(Qs, Ks, dOs, Vs, Ms, Ls, Ds, Ps, dSs, key_mask, b, q0, t0, S, T,
-                            q_offset, tid)
+                            q_offset, tid, sc, dpv)
             cuda.syncthreads()
-            for r in range(RK):
-                idx = tid + r * NT
-                j = idx // KP
-                d = idx % KP
-                sv = DT(0)
-                sk = DT(0)
-                for i in range(BT):
-                    sv += Ps[i, j] * dOs[i, d]
-                    sk += dSs[i, j] * Qs[i, d]
-                acc_v[r] += sv
-                acc_k[r] += sk
-        for r in range(RK):
-            idx = tid + r * NT
-            j = idx // KP
-            d = idx % KP
-            t = t0 + j
-            if t < T and d < K:
-                d_k[b * dks[0] + h * dks[1] + t * dks[2] + d] = acc_k[r]
-                d_v[b * dvs[0] + h * dvs[1] + t * dvs[2] + d] = acc_v[r]
+            accumulate(acc_v, Ps, dOs, tid, False)      # dV[t] += sum_s P[s, t] dO[s]
+            accumulate(acc_k, dSs, Qs, tid, False)      # dK[t] += sum_s dS[s, t] q_s
+        store(acc_k, d_k, b * dks[0] + h * dks[1], dks[2], t0, T, K, DT(1), tid)
+        store(acc_v, d_v, b * dvs[0] + h * dvs[1], dvs[2], t0, T, K, DT(1), tid)
 
     @kernel(launch_bounds=NT)
     def dq(q, k, v, d_o, m, l, dlt, key_mask, d_q, qs, ks, vs, ds_, dqs, H, S, T, K, q_offset, scale):
@@ -170,7 +226,9 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         Ms = cuda.shared.array(BT, DT)
         Ls = cuda.shared.array(BT, DT)
         Ds = cuda.shared.array(BT, DT)
-        acc = cuda.local.array(RK, DT)
+        acc = cuda.local.array((RR, RD), DT)
+        sc = cuda.local.array((2, 2), DT)
+        dpv = cuda.local.array((2, 2), DT)
         tid = cuda.threadIdx.x & 1023
         q0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BT
         bh = cuda.blockIdx.y & 0x7FFFFFFF
@@ -179,8 +237,9 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         load_rows(Qs, q, b * qs[0] + h * qs[1], qs[2], q0, S, K, scale)
         load_rows(dOs, d_o, b * ds_[0] + h * ds_[1], ds_[2], q0, S, K, DT(1))
         load_stats(Ms, Ls, Ds, m, l, dlt, bh * S, q0, S)
-        for r in range(RK):
-            acc[r] = DT(0)
+        for r in range(RR):
+            for c in range(RD):
+                acc[r, c] = DT(0)
         t_end = T
         if causal:                                  # keys past the last row's diagonal: dS = 0
             t_end = min(T, q0 + BT + q_offset)
@@ -190,23 +249,10 @@ def make_flash_backward(dtype, KP: int, causal: bool):
             load_rows(Vs, v, b * vs[0] + h * vs[1], vs[2], t0, T, K, DT(1))
             cuda.syncthreads()
             probs_and_grads(Qs, Ks, dOs, Vs, Ms, Ls, Ds, Ps, dSs, key_mask, b, q0, t0, S, T,
-                            q_offset, tid)
+                            q_offset, tid, sc, dpv)
             cuda.syncthreads()
-            for r in range(RK):
-                idx = tid + r * NT
-                i = idx // KP
-                d = idx % KP
-                sq = DT(0)
-                for j in range(BT):
-                    sq += dSs[i, j] * Ks[j, d]
-                acc[r] += sq
-        for r in range(RK):
-            idx = tid + r * NT
-            i = idx // KP
-            d = idx % KP
-            s = q0 + i
-            if s < S and d < K:
-                d_q[b * dqs[0] + h * dqs[1] + s * dqs[2] + d] = acc[r] * scale
+            accumulate(acc, dSs, Ks, tid, True)         # dQ[s] += sum_t dS[s, t] k[t]
+        store(acc, d_q, b * dqs[0] + h * dqs[1], dqs[2], q0, S, K, scale, tid)
 
     dkdv.rows = dq.rows = BT
     return dkdv, dq
