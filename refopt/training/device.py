@@ -1,9 +1,13 @@
 """Training on the GPU with everything resident: :class:`DeviceTrainer` owns, for the length of a
 ``fit`` (or ``evaluate`` / ``predict``), the device copy of a model's parameters, their gradients,
-the Adam(W) moments, the activations the backward reads and the batch.  A step uploads the batch
-(two copies: integers and weights), launches the forward, the loss, the backward, the clipping and
-the update, and copies back three float64 numbers (the weighted loss sum, the weighted hits of the
-accuracy metric, the weight sum).  The host arrays are written back by :meth:`DeviceTrainer.download`.
+the Adam(W) moments, the activations the backward reads and the batch (and keeps them while the
+host parameters stay the ones it holds, so consecutive ``fit`` calls reuse it).  A step uploads
+the batch and its scalars (three copies: integers, weights, the key mask), launches the forward,
+the loss, the backward, the clipping and the update -- the first step of a batch shape directly,
+every later one as a replay of a CUDA graph captured from the second (:mod:`refopt.kernels.cuda.graphs`;
+``REFOPT_CUDA_GRAPHS=0`` turns graphs off) -- and copies back three float64 numbers (the weighted
+loss sum, the weighted hits of the accuracy metric, the weight sum).  The host arrays are written
+back by :meth:`DeviceTrainer.download`.
 
 The step is :func:`refopt.training.gradients.forward_backward` followed by
 :meth:`refopt.optimizers.Optimizer.apply`, op for op, on device buffers:
@@ -24,8 +28,9 @@ The step is :func:`refopt.training.gradients.forward_backward` followed by
     update: gradient accumulation, the clipping factors from float64 sums of squares, decoupled
     weight decay and the Adam step in one pass over the flat buffers
 
-The learning rate and Adam's bias correction are computed on the host from the optimizer's
-schedule and step count and passed as kernel arguments (a scalar, no transfer).  Dropout masks
+The schedule's learning rate and Adam's bias correction are computed on the host from the
+optimizer's step count and uploaded with the batch (``[weight_decay * lr, alpha]``), so a graph
+replay reads each step's values from device memory.  Dropout masks
 come from :func:`refopt.random.uniform`'s Philox stream keyed by the fit's seed (row = element,
 step = optimizer step, stream = 2 * layer + site), so they differ from the NumPy path's
 ``Generator`` draws: with dropout the device and NumPy runs are each reproducible, not equal.
