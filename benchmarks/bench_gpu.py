@@ -315,7 +315,7 @@ def bench_fit(args, rows, tmp):
 
     from refopt.models import OPTBackbone, OPTCausalLM
     from refopt.optimizers import AdamW
-    from refopt.training.recipe import Recipe
+    from refopt.recipe import Recipe
 
     r = Recipe()
     B, S, n = r.batch_size, r.sequence_length, r.batch_size * args.fit_steps

@@ -2,8 +2,8 @@
 
     python scripts/train_bundled.py --out data/refopt_shakespeare [--corpus PATH] [--backend numba]
 
-Runs :func:`refopt.training.recipe.train` (the recipe ``refopt train`` uses; every setting is the
-default of :class:`refopt.training.recipe.Recipe`, seed included) on
+Runs :func:`refopt.recipe.train` (the recipe ``refopt train`` uses; every setting is the
+default of :class:`refopt.recipe.Recipe`, seed included) on
 ``../shared/data/corpus/tinyshakespeare.txt``: a byte-level BPE of 8,192 tokens, then a 4-layer,
 256-wide OPT trained on the first 90% of the characters and validated on the last 10%.  The preset
 (KerasHub layout, tokenizer and preprocessor included), ``MODEL_CARD.md`` and
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=("numpy", "numba", "cuda"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))   # run from a source tree without installing
-    from refopt.training.recipe import Recipe, train
+    from refopt.recipe import Recipe, train
     from refopt.errors import RefoptError
 
     if not Path(args.corpus).exists():

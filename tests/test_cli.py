@@ -13,7 +13,7 @@ import pytest
 
 from refopt import cli
 from refopt.commands import bench, generate
-from refopt.training import recipe as train
+from refopt import recipe as train
 from refopt.models import OPTCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""``refopt train TEXT_FILE``: the bundled model's recipe (:mod:`refopt.training.recipe`) on any
+"""``refopt train TEXT_FILE``: the bundled model's recipe (:mod:`refopt.recipe`) on any
 UTF-8 text file; this module only parses the arguments."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(subparsers):
-    from refopt.training.recipe import Recipe
+    from refopt.recipe import Recipe
 
     d = Recipe()
     p = subparsers.add_parser(
@@ -33,7 +33,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from refopt.training.recipe import Recipe, train
+    from refopt.recipe import Recipe, train
 
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     backend = None if args.backend in (None, "auto") else args.backend

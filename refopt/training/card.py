@@ -1,4 +1,4 @@
-"""``MODEL_CARD.md`` of a preset trained by :func:`refopt.training.recipe.train`: one Markdown
+"""``MODEL_CARD.md`` of a preset trained by :func:`refopt.recipe.train`: one Markdown
 template (:data:`TEMPLATE`, ``string.Template`` placeholders) filled from the run's report."""
 
 from __future__ import annotations
