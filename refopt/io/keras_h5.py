@@ -132,6 +132,7 @@ class KerasWeightsFile:
 
         try:
             self.file.visititems_links(visit)
+            self.file.visititems(lambda name, obj: None)     # every object's header readable
         except Exception as e:
             raise CheckpointError(f"{self.path}: the HDF5 tree cannot be read ({_h5_reason(e)}); "
                                   "the file is truncated or corrupted") from None
