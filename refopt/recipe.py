@@ -16,7 +16,7 @@
    predicted from the preceding tokens of its window, and nats per character) beside a unigram and
    two bigram baselines estimated on the training tokens, and write a KerasHub preset (tokenizer
    and preprocessor included), ``MODEL_CARD.md`` (:mod:`refopt.training.card`) and
-   ``refopt_training.json`` into ``out``, atomically.
+   ``refopt_training.json`` into ``out`` (:mod:`refopt.io.saving`: never a lost file).
 """
 
 from __future__ import annotations
