@@ -15,7 +15,7 @@ runtime) gives the linked kernel whose ``cuobjdump -res-usage`` reports static s
 ``nvidia-cuda-cuobjdump`` wheel).  Numbers before and after a change of the kernel's code are in
 ``benchmarks/GPU.md``; a GPU session confirms them with ``profile_decode.py`` and ``bench_gpu.py``.
 
-Batch 1 takes the warp products, batch 32 the tiled ones (``decode.TILED_FROM``); the split-K plan
+Batch 1 takes the warp products, batch 32 the tiled ones (``decode_products.TILED_FROM``); the split-K plan
 is the one of a 132-multiprocessor GPU (H100 SXM, H200); ``T`` (cache positions) is 72, as in
 ``profile_decode.py``.
 """
