@@ -6,7 +6,8 @@ through shared memory (:func:`block_sum`, :func:`block_max`: a tree over the blo
 calls them).  The arithmetic follows the NumPy reference op for op: LayerNorm's mean and variance
 in two passes, the softmax's maximum subtracted before the exponentials, the scatter-add summing
 each table row's gradients in token order (as ``np.add.at``), Adam's update in the reference's
-order of operations.
+order of operations.  The LayerNorm and softmax formulas are device functions
+(:func:`row_functions`) that the persistent decode kernel's stages call too.
 """
 
 from __future__ import annotations
