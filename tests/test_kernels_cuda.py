@@ -236,6 +236,24 @@ def test_cross_entropy(dtype, B, S, V, seed):
 
 
 @settings(max_examples=EX)
+@given(dtype=DTYPES, N=st.integers(1, 3), V=st.integers(1, big(60)),
+       temperature=st.sampled_from([1.0, 0.7, 2.5]), seed=st.integers(0, 2**16))
+def test_softmax_rows(dtype, N, V, temperature, seed):
+    # the row softmax (rows.softmax: the formulas the decode kernel's softmax stage shares) against
+    # the reference's softmax(x / temperature); at temperature 1 the probabilities of the
+    # cross-entropy kernel, which runs the same steps, bit for bit
+    from refopt.kernels.cuda import rows
+
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (N, V), dtype, 4.0)
+    got = rows.softmax(cuda.to_device(x), temperature).copy_to_host()
+    close(got, ref.softmax(x / np.dtype(dtype).type(temperature)), dtype, "probs")
+    if temperature == 1.0:
+        _, probs = rows.cross_entropy(cuda.to_device(x), cuda.to_device(np.zeros(N, np.int64)))
+        assert np.array_equal(got, probs.copy_to_host())
+
+
+@settings(max_examples=EX)
 @given(dtype=DTYPES, V=st.integers(1, big(20)), E=st.integers(1, big(30)), N=st.integers(1, big(9)),
        seed=st.integers(0, 2**16))
 def test_embedding_gather_scatter(dtype, V, E, N, seed):

@@ -12,7 +12,8 @@ ops namespace below and inside the persistent decode kernel (:mod:`.decode`):
 * :func:`row_kth_largest` -- the k-th largest value by radix selection on the float64 bit
   patterns (non-negative floats order as their bits): 63 passes of block-wide counting.
 * :func:`row_top_k` -- the top-k mask: values above the k-th largest, then the tied values in
-  token order until k are kept (an ordered count of ties: a block-wide exclusive scan).
+  token order until k are kept (an ordered count of ties: a block-wide exclusive scan);
+  :func:`row_top_k_weights` and :func:`row_min_p` -- the top-k and min-p samplers' weights.
 * :func:`row_choose` -- the selection rule: the non-zero weights are compacted in token order (a
   block-wide scan), one thread accumulates them left to right in float64 (adding zeros changes no
   float sum, so this *is* the sequential cumulative sum over all ``V`` entries), and the block
@@ -213,6 +214,27 @@ def row_top_k(p, V, k, keep, ibuf):
         else:
             keep[j] = 0
     cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def row_top_k_weights(p, V, k, keep, out, ibuf):
+    """``out[0:V]`` (float64) = TopKSampler.next_token_distribution of ``p``: ``p`` where the top-k
+    mask (:func:`row_top_k`, into ``keep``) is set, else 0."""
+    row_top_k(p, V, k, keep, ibuf)
+    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        out[j] = float64(p[j]) if keep[j] != 0 else 0.0
+
+
+@cuda.jit(device=True)
+def row_min_p(p, V, min_p, min_keep, keep, out, fbuf, ibuf):
+    """``out[0:V]`` (float64) = MinPSampler.next_token_distribution of ``p``: entries of at least
+    ``min_p`` times the largest, and the top ``min_keep`` (:func:`row_top_k`, into ``keep``);
+    ``fbuf``: shared float64."""
+    row_top_k(p, V, min_keep, keep, ibuf)
+    threshold = min_p * float64(p[row_argmax(p, V, fbuf, ibuf)])
+    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        x = float64(p[j])
+        out[j] = x if (x >= threshold or keep[j] != 0) else 0.0
 
 
 @cuda.jit(device=True)
@@ -441,13 +463,7 @@ def _min_p_kernel(p, min_p, min_keep, keep, out):
     ibuf = cuda.shared.array(SCAN, int64)
     fbuf = cuda.shared.array(SCAN, float64)
     b = cuda.blockIdx.x
-    V = p.shape[1]
-    row_top_k(p[b], V, min_keep, keep[b], ibuf)
-    top = p[b, row_argmax(p[b], V, fbuf, ibuf)]
-    threshold = min_p * top
-    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-        x = p[b, j]
-        out[b, j] = x if (x >= threshold or keep[b, j] != 0) else 0.0
+    row_min_p(p[b], p.shape[1], min_p, min_keep, keep[b], out[b], fbuf, ibuf)
 
 
 def min_p_distribution(p, min_p, min_tokens_to_keep=1):
