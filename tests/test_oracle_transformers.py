@@ -14,6 +14,7 @@ from refopt.testing import strategies as rst  # noqa: E402
 from refopt.testing.adapter import RefoptAdapter  # noqa: E402
 from refopt.testing.adapters.transformers import TransformersAdapter  # noqa: E402
 from refopt.testing.locator import locate_divergence  # noqa: E402
+from refopt.testing.reference import activation_names  # noqa: E402
 
 FIXTURES = [("hf", "opt-tiny-preln"), ("hf", "opt-tiny-postln-proj"), ("hf", "opt-tiny-realvocab"),
             ("keras", "opt_tiny_keras")]
@@ -80,7 +81,7 @@ def test_locator_between_two_backends_finds_nothing(adapter):
     adapter.load(case.config, case.params)
     div = locate_divergence(reference, adapter, case.token_ids, case.padding_mask)
     assert div.first is None and not div.missing, div.describe()
-    assert len(div.compared) == len(C.R.activation_names(case.config))
+    assert len(div.compared) == len(activation_names(case.config))
 
 
 def test_locator_names_a_broken_transformers_module():

@@ -1,0 +1,63 @@
+"""The gradient check: the loss, then every parameter's gradient in backward order, against
+refopt's float64 gradients with the ReLU sides the port took (:mod:`refopt.testing.kinks`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refopt.testing.adapter import NotSupported
+from refopt.testing.checks.base import FAIL, PASS, CheckResult, ensure_loaded, figures, ratio
+from refopt.testing.locator import compare_gradients
+from refopt.testing.tolerances import compare, noise_bound, tolerance
+
+#: the kink margin is this many times the tolerance of what fc1 reads: a generous margin costs no
+#: strength (an ambiguous input's side is read from the port, not excused)
+KINK_MARGIN_FACTOR = 1.0
+
+
+def kink_tolerance(case, dtype: str):
+    """``tau(i)``: the relative error a correct port may have in layer ``i``'s ``mlp_input``."""
+    noise = case.noise(dtype)
+
+    def tau(i: int) -> float:
+        name = f"layers.{i}.mlp_input"
+        return KINK_MARGIN_FACTOR * noise_bound(tolerance(dtype, i + 1), noise.get(name)).scaled
+    return tau
+
+
+def check_gradients(adapter, case) -> CheckResult:
+    ids, mask = case.batch()
+    if not mask[:, 1:].any():
+        raise NotSupported("the batch has no position with a next token to predict (one token per row)")
+    ensure_loaded(adapter, case)
+    loss, grads = adapter.loss_and_gradients(ids, mask)
+    grads = {k: np.asarray(v) for k, v in grads.items()}
+    ref = case.gradients(adapter.dtype, grads, kink_tolerance(case, adapter.dtype))
+    L = case.config.num_layers
+    cl = compare("loss", np.array([float(loss)]), np.array([ref.loss]), adapter.dtype, L, noise=ref.loss_noise)
+    div = compare_gradients(case.config, grads, ref.grads, adapter.dtype, ref.scales, ref.noise)
+    worst = div.first or div.worst
+    text = f"loss rel {cl.figures.scaled:.2g} (tol {cl.tolerance.scaled:.2g}); {len(div.compared)} gradients"
+    if worst is not None:
+        text += f"; {'first' if div.first else 'worst'}: {worst.name}: {figures(worst)}"
+    failed = (not cl.passed) or div.first is not None or bool(div.missing)
+    if not cl.passed:
+        detail = f"loss {float(loss)!r}, expected {ref.loss!r}: {cl.describe()}"
+        if div.first is not None:
+            detail += f"; gradients: first divergence (backward order): {div.first.describe()}"
+    elif div.first is not None:
+        detail = f"first divergence (backward order): {div.first.describe()}"
+    elif div.missing:
+        detail = f"no gradient for {', '.join(div.missing[:6])}"
+    else:
+        detail = div.describe()
+    ambiguous, flipped, inputs = ref.kinks
+    if ambiguous:
+        detail += (f"; ReLU inputs within the kink margin: {ambiguous} of {inputs} "
+                   f"({100 * ambiguous / max(inputs, 1):.2g}%), {flipped} taken the other way than "
+                   "float64 (their side read from the port's fc1 gradients)")
+    return CheckResult("gradients", "", FAIL if failed else PASS, text, detail,
+                       {"loss": float(loss), "loss_reference": float(ref.loss),
+                        "first_divergence": div.name if cl.passed else "loss", "missing": div.missing,
+                        "ratio": ratio([cl] + div.compared),
+                        "kinks": {"ambiguous": ambiguous, "flipped": flipped, "inputs": inputs}})
