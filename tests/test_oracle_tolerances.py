@@ -96,12 +96,12 @@ def test_noise_model_sees_ill_conditioned_inputs():
     # a residual stream offset by 300 that LayerNorm subtracts away: a correct float32 port's error
     # grows with it, and so does the measured noise; on a normal input the noise stays below the
     # calibrated tolerance
-    from refopt.testing.cases import stress_specs
+    from refopt.testing.cases import CaseSpec
 
     normal = random_case(3, stress=0.0)
     for name, c in normal.noise("float32").items():
         assert c.scaled < tolerance("float32", R.depth_of(name, normal.config)).scaled, name
-    offset = stress_specs()["stress-offset"].build()
+    offset = CaseSpec.parse("v64l3h4d32f64p64-w31-s0.2.c300-i32-b3x24").build()
     loud = offset.noise("float32")
     assert loud["logits"].scaled > tolerance("float32", offset.config.num_layers).scaled
 
