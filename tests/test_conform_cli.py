@@ -71,11 +71,14 @@ def test_json_report(capsys):
 
 
 def test_streaming_mode(capsys):
+    # every model check runs on a streamed preset, gradients block by block
     preset = shared_path("fixtures", "hf", "opt-tiny-preln")
     code, out, _ = _run(capsys, "--against", "refopt:numpy", "--streaming", str(preset),
-                        "--random-configs", "0", "--no-samplers")
+                        "--random-configs", "0", "--no-samplers", "--no-stress")
     assert code == 0, out
-    assert "opt-tiny-preln/activations" in out and "streaming mode computes the forward pass only" in out
+    for check in ("activations", "gradients", "incremental.left_padding", "generation"):
+        assert f"opt-tiny-preln/{check}" in out
+    assert not [x for x in out.splitlines() if x.startswith("opt-tiny-preln/") and " skip " in x], out
     code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:PositionsWithoutOffset", "--streaming",
                         str(preset), "--random-configs", "0", "--no-samplers")
     assert code == 1 and "first divergence: embeddings" in out and "loaded with own loader" in out

@@ -46,10 +46,10 @@ def add_parser(subparsers):
                         "(default: the first preset that has them)")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                    help="compute dtype for the built-in transformers / refopt adapters (default float32)")
-    p.add_argument("--streaming", action="store_true",
-                   help="for checkpoints larger than memory: the float64 reference runs one decoder "
-                        "layer at a time from the memory-mapped files; the adapter loads the preset "
-                        "itself; gradients and generation are skipped")
+    p.add_argument("--streaming", action="store_true", default=None,
+                   help="the float64 reference runs one decoder layer at a time from the memory-mapped "
+                        "files, and the adapter must load the preset itself (the default for presets "
+                        "of more than 20M parameters, which an adapter without a loader then gets whole)")
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler checks")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random configs, inputs, texts and sampler draws (default 0)")

@@ -32,6 +32,18 @@ class Reference(NamedTuple):
     scales: dict
 
 
+class GradientVerdict(NamedTuple):
+    """The gradient comparison of one port: the float64 loss, the loss's comparison, the
+    gradients' (:class:`refopt.testing.locator.Divergence`), the ReLU inputs ambiguous / taken the
+    other way / in all, and whether the rounding noise was measured."""
+
+    loss: float
+    loss_comparison: object
+    divergence: object
+    kinks: tuple
+    noise_measured: bool
+
+
 class GradientReference(NamedTuple):
     """The float64 loss and gradients with the port's ReLU sides (:mod:`refopt.testing.kinks`), what
     each is measured against, the rounding noise of each, and how many ReLU inputs were
@@ -151,6 +163,17 @@ class ModelCase:
         return GradientReference(loss, grads, scales, noise, loss_noise["loss"],
                                  (resolver.ambiguous, resolver.flipped, resolver.inputs))
 
+    def compare_gradients(self, dtype: str, loss, port_grads: dict, tau) -> GradientVerdict:
+        """The port's loss and gradients against refopt's float64 ones (see :meth:`gradients`)."""
+        from refopt.testing.locator import compare_gradients
+        from refopt.testing.tolerances import compare
+
+        ref = self.gradients(dtype, port_grads, tau)
+        L = self.config.num_layers
+        cl = compare("loss", np.array([float(loss)]), np.array([ref.loss]), dtype, L, noise=ref.loss_noise)
+        div = compare_gradients(self.config, port_grads, ref.grads, dtype, ref.scales, ref.noise)
+        return GradientVerdict(ref.loss, cl, div, ref.kinks, True)
+
     # ------------------------------------------------------------------ generation
     def reference_adapter(self):
         """refopt itself (NumPy, float64) loaded with this case's model."""
@@ -173,6 +196,22 @@ class ModelCase:
         return out
 
 
+#: presets with more parameters than this are streamed (:class:`StreamingCase`) unless told otherwise
+STREAM_ABOVE = 20_000_000
+
+
+def preset_case(path, seed: int = 0, streaming: bool | None = None) -> ModelCase:
+    """A case for a preset: streamed when ``streaming`` says so, or (None) when it has more than
+    :data:`STREAM_ABOVE` parameters; else held in memory in float64."""
+    from refopt.io import presets
+
+    if streaming is None:
+        if presets.read_config(Path(path)).parameter_count() > STREAM_ABOVE:
+            return StreamingCase(path, seed=seed, forced=False)
+        streaming = False
+    return StreamingCase(path, seed=seed) if streaming else case_from_preset(path, seed=seed)
+
+
 def case_from_preset(path, name: str | None = None, seed: int = 0, batch: int = 3,
                      seq: int = 11) -> ModelCase:
     """A case for a preset directory (KerasHub or transformers layout), weights read by refopt."""
@@ -188,10 +227,10 @@ def case_from_preset(path, name: str | None = None, seed: int = 0, batch: int = 
 class StreamingCase(ModelCase):
     """A checkpoint too large to hold in float64: the reference runs over a
     :class:`refopt.testing.streaming.StreamingParams` mapping (one decoder layer resident at a
-    time), the adapter loads the checkpoint with its own loader, and the gradient and generation
-    checks are skipped (they need the whole model in memory)."""
+    time) -- forward, noise runs, generation -- and the gradients are compared block by block
+    (:mod:`refopt.testing.streamed`); the adapter loads the checkpoint with its own loader."""
 
-    def __init__(self, path, name=None, seed: int = 0, batch: int = 2, seq: int = 8):
+    def __init__(self, path, name=None, seed: int = 0, batch: int = 3, seq: int = 11, forced: bool = True):
         from refopt.testing.streaming import StreamingParams
 
         path = Path(path)
@@ -199,15 +238,28 @@ class StreamingCase(ModelCase):
         cfg = params.config
         ids, right, ids_left, left = make_inputs(cfg, np.random.default_rng(seed), batch, seq)
         super().__init__(name or path.name, cfg, params, ids, right, ids_left, left, preset=path)
+        self.forced = forced     # False: streamed because it is large; an adapter without a loader gets it whole
 
-    def gradients(self, dtype, port_grads, tau):
-        from refopt.testing.adapter import NotSupported
+    def compare_gradients(self, dtype: str, loss, port_grads: dict, tau) -> GradientVerdict:
+        """As :meth:`ModelCase.compare_gradients`, one block at a time (:mod:`refopt.testing.streamed`);
+        the calibrated tolerance (the rounding noise is not measured on streamed gradients)."""
+        from refopt.testing.kinks import KinkResolver
+        from refopt.testing.locator import Divergence
+        from refopt.testing.streamed import streamed_gradients
+        from refopt.testing.tolerances import compare
 
-        raise NotSupported("streaming mode computes the forward pass only (gradients need the whole "
-                           "model in memory)")
+        ids, mask = self.batch()
+        resolver = KinkResolver(self.params, self.config, self.reference().acts, mask, port_grads, dtype, tau)
+        loss64, comparisons = streamed_gradients(self.params, self.config, ids, mask, port_grads, dtype,
+                                                 resolver.relu_backward)
+        cl = compare("loss", np.array([float(loss)]), np.array([loss64]), dtype, self.config.num_layers)
+        first = next((c for c in comparisons if not c.passed), None)
+        compared = {c.name for c in comparisons}
+        missing = [n for n in R.gradient_order(self.config) if n not in compared]
+        return GradientVerdict(loss64, cl, Divergence(first, comparisons, missing),
+                               (resolver.ambiguous, resolver.flipped, resolver.inputs), False)
 
     def reference_adapter(self):
         from refopt.testing.adapter import NotSupported
 
-        raise NotSupported("streaming mode computes the forward pass only (generation needs the "
-                           "whole model in memory)")
+        raise NotSupported("streaming mode keeps one layer in memory: no in-memory reference model")

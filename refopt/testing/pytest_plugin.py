@@ -23,8 +23,8 @@ N`` (default 3), ``--refopt-no-stress`` (leave out the fixed stress cases),
 ``--refopt-examples N`` (hypothesis examples of the ``hypothesis/model`` item, default 10; 0 leaves
 it out), ``--refopt-seed S`` (the random configs, inputs, sampler draws, and the hypothesis
 examples), ``--refopt-case ID`` (one case or check, as ``refopt conform --case``),
-``--refopt-streaming`` (the presets' reference computed one decoder layer at a time, for
-checkpoints larger than memory).
+``--refopt-streaming`` (the presets' reference computed one decoder layer at a time, the default
+for checkpoints of more than 20M parameters).
 
 Parallel runs: every item is independent, so ``pytest -n auto`` (pytest-xdist) spreads them over
 workers; each worker builds its own adapter and references.  The random configs come from fixed
@@ -60,9 +60,9 @@ def pytest_addoption(parser):
                     help="seed of the random configs, inputs, sampler draws and hypothesis examples (default 0)")
     group.addoption("--refopt-case", metavar="ID", default=None,
                     help="only this case or check (a preset's name, random-N, stress-*, a case id, samplers, ...)")
-    group.addoption("--refopt-streaming", action="store_true", default=False,
-                    help="reference the presets one decoder layer at a time (checkpoints larger than "
-                         "memory; the adapter loads them itself; no gradient or generation checks)")
+    group.addoption("--refopt-streaming", action="store_true", default=None,
+                    help="reference the presets one decoder layer at a time, the adapter loading them "
+                         "itself (the default for presets of more than 20M parameters)")
 
 
 def pytest_configure(config):

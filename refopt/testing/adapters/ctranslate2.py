@@ -33,13 +33,15 @@ from refopt.testing.adapter import Adapter, NotSupported
 
 
 def _imports():
-    try:
-        import ctranslate2
-        import torch  # noqa: F401  (the converter reads the checkpoint through transformers)
-        import transformers  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+
+    # the converter reads checkpoints through transformers (and torch)
+    missing = [m for m in ("ctranslate2", "torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
         raise NotSupported(f"the ctranslate2 adapter needs ctranslate2, torch and transformers "
-                           f"({e.name} is missing; pip install 'refopt[bench,peers]')") from None
+                           f"({missing[0]} is missing; pip install 'refopt[ctranslate2]')")
+    import ctranslate2
+
     return ctranslate2
 
 

@@ -43,7 +43,7 @@ from refopt.testing.checks.model import check_activations, check_logits, locate
 from refopt.testing.checks.samplers import UNIFORMS_PER_ROW, check_sampler, sampler_cases, sampler_checks
 from refopt.testing.checks.tokenizer import (SPECIAL_TEXTS, TEXTS, TokenizerCase, byte_characters,
                                              byte_texts, find_tokenizer_files, tokenizer_checks)
-from refopt.testing.modelcase import ModelCase, StreamingCase, case_from_preset
+from refopt.testing.modelcase import ModelCase, StreamingCase, case_from_preset, preset_case
 from refopt.testing.report import Report, reproduce_command
 
 __all__ = [
@@ -144,7 +144,7 @@ class Plan(NamedTuple):
 
 
 def plan(adapter, presets=(), random_configs: int = 0, tokenizer=None, samplers: bool = True,
-         seed: int = 0, streaming: bool = False, stress: bool = True, case: str | None = None,
+         seed: int = 0, streaming: bool | None = None, stress: bool = True, case: str | None = None,
          spec: str | None = None) -> Plan:
     """The checks of a run (see :func:`run_conformance` for the arguments; ``spec``: how the
     reproduce lines name the adapter, default its spec string or ``module:Class``)."""
@@ -156,9 +156,9 @@ def plan(adapter, presets=(), random_configs: int = 0, tokenizer=None, samplers:
     except NotSupported as e:
         adapter = Unavailable(spec, str(e))
     family = getattr(adapter, "config_family", "opt")
-    cases = [StreamingCase(p, seed=seed) if streaming else case_from_preset(p, seed=seed) for p in presets]
+    cases = [preset_case(p, seed, streaming) for p in presets]
     cases += [random_case(seed + i, family=family) for i in range(random_configs)]
-    if stress and not streaming:
+    if stress:
         cases += [s.build(name) for name, s in stress_specs(family).items()]
     if case is not None and case.split("/")[0] not in {c.name for c in cases} \
             and not case.startswith(("samplers", "tokenizer")):
@@ -194,7 +194,7 @@ def run_check(check: Check, p: Plan) -> CheckResult:
 
 def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None, samplers: bool = True,
                     seed: int = 0, progress: Callable[[CheckResult], None] | None = None,
-                    streaming: bool = False, stress: bool = True, case: str | None = None) -> Report:
+                    streaming: bool | None = None, stress: bool = True, case: str | None = None) -> Report:
     """Run the whole suite.
 
     adapter         an :class:`Adapter` or a spec for :func:`refopt.testing.load_adapter`
@@ -204,7 +204,7 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
     stress          add the fixed stress cases (:func:`refopt.testing.cases.stress_specs`)
     tokenizer       a directory with ``vocab.json`` + ``merges.txt`` (or a KerasHub preset)
     streaming       reference the presets layer by layer (:class:`StreamingCase`), for checkpoints
-                    larger than memory
+                    larger than memory; None: for presets of more than 20M parameters
     case            run only this case (a preset's name, ``random-N``, ``stress-*``, a case id) or
                     these checks (``samplers``, ``tokenizer.bytes``, ``random-3/gradients``)
     """

@@ -97,7 +97,7 @@ def ensure_loaded(adapter, case) -> str:
             raise held[1]
         return held[1]
     try:
-        how = _load(adapter, case, isinstance(case, StreamingCase))
+        how = _load(adapter, case, isinstance(case, StreamingCase) and case.forced)
     except NotSupported as e:
         _LOADED[adapter] = (case.key, e)
         raise
@@ -118,7 +118,8 @@ def _load(adapter, case, streaming: bool) -> str:
             return "own loader"
         except NotSupported:
             pass
-    adapter.load(case.config, case.params)
+    params = case.params if isinstance(case.params, dict) else case.params.materialize()
+    adapter.load(case.config, params)
     return "parameters"
 
 

@@ -40,7 +40,9 @@ def sampler_cases(seed: int = 1234) -> dict[str, list[tuple[SamplerSpec, np.ndar
     """check name -> [(spec, probabilities [B, V], exact)]; ``exact`` cases are judged on every row."""
     P = _random_probabilities(np.random.default_rng(seed))
     return {
-        "samplers.greedy": [(SamplerSpec("greedy"), P, False)],
+        "samplers.greedy": [(SamplerSpec("greedy"), P, False),                 # ties: the lowest id
+                            (SamplerSpec("greedy"), _dyadic([[.125, .25, .25, .25, .125],
+                                                             [.5, .5]]), True)],
         "samplers.random": [(SamplerSpec("random"), P, False)],
         "samplers.top_k": [(SamplerSpec("top_k", k=1), P, False), (SamplerSpec("top_k", k=5), P, False)],
         "samplers.top_k_tie": [(SamplerSpec("top_k", k=2), _dyadic([[.25, .25, .25, .125, .125],
