@@ -239,7 +239,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if missing:
         terminalreporter.write_line(f"refopt conformance: not supported by {adapter.name}, its checks not "
                                     f"run: {', '.join(missing)}")
-    if getattr(config, "_refopt_compared", 0) == 0:
+    if getattr(config, "_refopt_compared", 0) == 0 and not config.option.collectonly:
         why = getattr(adapter, "reason", "") or "every conformance check was skipped (see the reasons above)"
         terminalreporter.write_line(f"refopt conformance: NOTHING WAS COMPARED: {why}", red=True)
 
@@ -247,7 +247,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     if config.getoption("--refopt-backend") and getattr(config, "_refopt_compared", 0) == 0 \
-            and exitstatus == 0 and not hasattr(config, "workerinput"):
+            and exitstatus == 0 and not hasattr(config, "workerinput") and not config.option.collectonly:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

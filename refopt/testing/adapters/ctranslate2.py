@@ -102,17 +102,9 @@ class CTranslate2Adapter(Adapter):
         self._convert(checkpoint, config, V)
 
     def load_preset(self, path):
-        from refopt.config import OPTConfig
+        from refopt.testing.adapters import transformers_config
 
-        path = Path(path)
-        try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise NotSupported(f"{path} has no readable config.json") from None
-        if data.get("model_type") != "opt":
-            raise NotSupported(f"{path} is not a transformers checkpoint (CTranslate2's converter reads "
-                               "only that layout; the oracle passes refopt's reading of it instead)")
-        config = OPTConfig.from_huggingface(data, str(path / "config.json"))
+        config = transformers_config(path, "CTranslate2's converter")
         self._buildable(config)
         if config.vocabulary_size % 8 or not config.layer_norm_elementwise_affine:
             raise NotSupported("this checkpoint needs the adapter's conversion quirks (a vocabulary not a "

@@ -91,14 +91,9 @@ class TransformersAdapter(Adapter):
         self._set_model(model)
 
     def load_preset(self, path):
-        path = Path(path)
-        try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise NotSupported(f"{path} has no readable config.json") from None
-        if data.get("model_type") != "opt":
-            raise NotSupported(f"{path} is not a transformers checkpoint (transformers reads only its "
-                               "own layout; the oracle passes refopt's reading of it instead)")
+        from refopt.testing.adapters import transformers_config
+
+        config = transformers_config(path, "transformers")
         logging = self.transformers.utils.logging
         bar = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()                    # no "Loading weights" bar in reports
@@ -109,7 +104,7 @@ class TransformersAdapter(Adapter):
         finally:
             if bar:
                 logging.enable_progress_bar()
-        self.config = OPTConfig.from_huggingface(data, str(path / "config.json"))
+        self.config = config
         self._set_model(model)
 
     def _set_model(self, model):
