@@ -207,8 +207,11 @@ class TransformersAdapter(Adapter):
         w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
         loss = (w * ce).sum() / w.sum()
         loss.backward()
-        theirs = {name: p.grad.double().numpy() if p.grad is not None else np.zeros(tuple(p.shape))
-                  for name, p in self.model.named_parameters()}
+        # the gradients as they are (float32 / float64 views, no copy: a 1.3b model's are 5 GB);
+        # half-precision ones widened to float32, which NumPy can hold
+        half = self.dtype in ("bfloat16", "float16")
+        theirs = {name: (p.grad.float() if half else p.grad).numpy() if p.grad is not None
+                  else np.zeros(tuple(p.shape)) for name, p in self.model.named_parameters()}
         self.model.zero_grad(set_to_none=True)
         grads = {ours: theirs[hf] for ours, hf in huggingface.name_map(self.config).items() if hf in theirs}
         pos = theirs.get(huggingface.POSITIONS_NAME)
