@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import pytest
 
-_STATE_KEY = "_refopt_conformance"
+# what the plugin keeps on pytest's config: the adapter, the plan of checks, how many compared
+_ADAPTER = pytest.StashKey[object]()
+_PLAN = pytest.StashKey[object]()
+_COMPARED = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser):
@@ -78,8 +81,8 @@ def pytest_configure(config):
         adapter = Unavailable(spec, str(e))
     except (RefoptError, ValueError, TypeError, ImportError) as e:
         raise pytest.UsageError(f"--refopt-backend {spec}: {e}") from None
-    config._refopt_adapter = adapter
-    config._refopt_compared = 0
+    config.stash[_ADAPTER] = adapter
+    config.stash[_COMPARED] = 0
 
 
 class ConformanceFailure(Exception):
@@ -141,12 +144,12 @@ class ConformanceCollector(pytest.Collector):
 
 
 def _suite(config):
-    state = getattr(config, _STATE_KEY, None)
+    state = config.stash.get(_PLAN, None)
     if state is not None:
         return state
     from refopt.testing import checks
 
-    adapter = config._refopt_adapter
+    adapter = config.stash[_ADAPTER]
     seed = config.getoption("--refopt-seed")
     case = config.getoption("--refopt-case")
     only_hypothesis = case in ("hypothesis", "hypothesis/model")
@@ -162,7 +165,7 @@ def _suite(config):
         family = getattr(p.adapter, "config_family", "opt")
         p.suite.append(checks.Check("hypothesis", "hypothesis/model",
                                     lambda: _hypothesis_model(p, examples, family)))
-    setattr(config, _STATE_KEY, p)
+    config.stash[_PLAN] = p
     return p
 
 
@@ -216,9 +219,9 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_runtest_logreport(report):
     # counted where the reports arrive (the controller under xdist): did anything compare?
     if report.nodeid.startswith("refopt-conformance::") and report.when == "call" and not report.skipped:
-        config = getattr(report, "config", None) or _CONFIG.get("config")
+        config = _CONFIG.get("config")
         if config is not None:
-            config._refopt_compared = getattr(config, "_refopt_compared", 0) + 1
+            config.stash[_COMPARED] = config.stash.get(_COMPARED, 0) + 1
 
 
 _CONFIG: dict = {}
@@ -230,7 +233,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    adapter = getattr(config, "_refopt_adapter", None)
+    adapter = config.stash.get(_ADAPTER, None)
     if adapter is None:
         return
     from refopt.testing.adapter import CAPABILITIES, capabilities_of
@@ -239,19 +242,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if missing:
         terminalreporter.write_line(f"refopt conformance: not supported by {adapter.name}, its checks not "
                                     f"run: {', '.join(missing)}")
-    if getattr(config, "_refopt_compared", 0) == 0 and not config.option.collectonly:
+    if config.stash.get(_COMPARED, 0) == 0 and not config.option.collectonly:
         why = getattr(adapter, "reason", "") or "every conformance check was skipped (see the reasons above)"
         terminalreporter.write_line(f"refopt conformance: NOTHING WAS COMPARED: {why}", red=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if config.getoption("--refopt-backend") and getattr(config, "_refopt_compared", 0) == 0 \
+    if config.getoption("--refopt-backend") and config.stash.get(_COMPARED, 0) == 0 \
             and exitstatus == 0 and not hasattr(config, "workerinput") and not config.option.collectonly:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config):
-    adapter = getattr(config, "_refopt_adapter", None)
+    adapter = config.stash.get(_ADAPTER, None)
     if adapter is not None:
         adapter.close()

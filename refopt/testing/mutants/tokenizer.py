@@ -12,10 +12,10 @@ class TokenizerMergesByFrequency(_Mutant):
     def load_tokenizer(self, vocabulary_path, merges_path):
         from refopt.models import OPTTokenizer
 
-        tok = OPTTokenizer(vocabulary=str(vocabulary_path), merges=str(merges_path), compiled=False)
-        tables = tok._tables
-        tables._pair_dict = {pair: (new, new) for pair, (rank, new) in tables.pair_dict.items()}
-        self.tokenizer = tok
+        tok = OPTTokenizer(vocabulary=str(vocabulary_path), merges=str(merges_path))
+        # the same merge rules, ranked by the id of the token each one makes
+        by_id = sorted(tok.merges, key=lambda rule: tok.vocabulary["".join(rule.split(" "))])
+        self.tokenizer = OPTTokenizer(vocabulary=tok.vocabulary, merges=by_id)
 
 
 class LeadingEosDropped(_Mutant):
@@ -46,11 +46,8 @@ class TokenizerDelByte(_Mutant):
     bug = ("a byte-to-symbol table whose printable range runs to 0x7F: DEL keeps itself as its "
            "symbol (GPT-2 maps it to 'ġ'), which the vocabulary lacks, so it becomes <unk>")
 
-    def load_tokenizer(self, vocabulary_path, merges_path):
-        from refopt.models import OPTTokenizer
-
-        tok = OPTTokenizer(vocabulary=str(vocabulary_path), merges=str(merges_path), compiled=False)
-        byte_ids = tok._tables.byte_ids.tolist()
-        byte_ids[0x7F] = tok.token_to_id("<unk>")
-        tok._py_byte_ids = byte_ids
-        self.tokenizer = tok
+    def encode(self, texts):
+        # what such a port produces: every token that holds DEL's symbol comes out as <unk>
+        tok = self._tok()
+        unk = tok.token_to_id("<unk>")
+        return [[unk if "ġ" in tok.id_to_token(i) else i for i in ids] for ids in super().encode(texts)]
