@@ -252,12 +252,31 @@ def print_envelope(dtype, e, title):
         print(f"  {d:>5}  {e['act'][d][0]:13.2f}  {e['act'][d][1]:10.2f}  {gs}  {ls}")
 
 
+def markdown_table(records, dtypes, depths=(0, 1, 2, 4, 8, 16, 24)) -> str:
+    """docs/ORACLE.md's table: the largest error at each depth, in units of ``u``, and the fits."""
+    head = "| dtype | depth | " + " | ".join(str(d) for d in depths) + " | fitted `(a, b)` / `(c, e)` |"
+    lines = [head, "| --- | --- | " + " | ".join("---" for _ in depths) + " | --- |"]
+    for dtype in dtypes:
+        e = envelope(records, dtype, lambda r: True)
+        fit = fits(e)
+        rows = [("activations scaled", e["act"], 0, fit["activations"][:2]),
+                ("activations rms", e["act"], 1, fit["activations"][2:]),
+                ("gradients scaled", e["grad"], 0, fit["gradients"][:2]),
+                ("gradients rms", e["grad"], 1, fit["gradients"][2:])]
+        for i, (what, points, k, ab) in enumerate(rows):
+            cells = [f"{points[d][k]:.{1 if points[d][k] < 100 else 0}f}" if d in points else "-" for d in depths]
+            lines.append(f"| {dtype if i == 0 else ''} | {what} | " + " | ".join(cells) +
+                         f" | ({ab[0]:.2f}, {ab[1]:.2f}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer configs (a smoke run)")
     parser.add_argument("--records", help="write every example's figures here (JSON)")
     parser.add_argument("--from-records", help="re-fit from a --records file instead of measuring")
     parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
+    parser.add_argument("--markdown", action="store_true", help="print docs/ORACLE.md's table instead")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     if args.from_records:
@@ -268,6 +287,9 @@ def main(argv=None) -> int:
         if args.records:
             with open(args.records, "w") as fh:
                 json.dump(records, fh)
+    if args.markdown:
+        print(markdown_table(records, dtypes))
+        return 0
     print("\nLargest error per depth, in units of the dtype's unit roundoff u "
           "(scaled = max|Δ|/max|ref|; rms = sqrt(NMSE)):")
     for dtype in dtypes:
