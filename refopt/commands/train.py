@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refopt.commands import warn_if_simulated
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -464,7 +466,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "train", help="train a small OPT and its tokenizer on a text file (the bundled recipe)",
         description="Train a byte-level BPE tokenizer and a small OPT on a UTF-8 text file with the "
-                    "recipe of the bundled model (first 90%% trains, last 10%% validates), show "
+                    "recipe of the bundled model (first 90% trains, last 10% validates), show "
                     "progress, and write a KerasHub preset with a model card at the end.")
     p.add_argument("text_file", help="a UTF-8 text file")
     p.add_argument("--out", default="refopt_model", help="output preset directory (default: %(default)s)")
@@ -486,6 +488,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     backend = None if args.backend in (None, "auto") else args.backend
+    warn_if_simulated("train", backend)
     command = "refopt train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None
     report = train(args.text_file, args.out, recipe, backend=backend, log_every=args.log_every,
                    command=command)

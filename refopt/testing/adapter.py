@@ -103,6 +103,7 @@ class Adapter:
 
     Attributes a subclass may set:
 
+    =========================  ===================================================================
     ``name``                   shown in reports
     ``dtype``                  the compute dtype of the port's forward and backward (``"float32"``,
                                ``"float64"``, ``"bfloat16"``, ``"float16"``): it picks the tolerance
@@ -110,7 +111,7 @@ class Adapter:
     ``sampler_convention``     ``"keras_hub"`` (refopt's and KerasHub's rules) or ``"transformers"``
                                (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
                                ``TopPLogitsWarper``): the two differ only at exact ties (see
-                               :func:`refopt.testing.reference.sampler_distribution`)
+                               :func:`refopt.testing.sampler_reference.sampler_distribution`)
     ``config_family``          ``"opt"`` (every OPT variant: post-LN, projections, no biases, ...)
                                or ``"keras_hub"`` (what KerasHub's OPTBackbone can build): the
                                random configs the suite draws for this adapter
@@ -119,6 +120,7 @@ class Adapter:
                                ``generation``, ``tokenizer``, ``samplers``); the checks that need
                                anything else are not run and are listed once in the report.  Left
                                as None, it is read off the methods the subclass overrides
+    =========================  ===================================================================
     """
 
     name = "adapter"

@@ -197,6 +197,7 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
                     streaming: bool | None = None, stress: bool = True, case: str | None = None) -> Report:
     """Run the whole suite.
 
+    ==============  ==============================================================================
     adapter         an :class:`Adapter` or a spec for :func:`refopt.testing.load_adapter`
     presets         preset directories (their models; the first one's tokenizer files are used
                     when ``tokenizer`` is None)
@@ -207,6 +208,7 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
                     larger than memory; None: for presets of more than 20M parameters
     case            run only this case (a preset's name, ``random-N``, ``stress-*``, a case id) or
                     these checks (``samplers``, ``tokenizer.bytes``, ``random-3/gradients``)
+    ==============  ==============================================================================
     """
     from refopt.testing.adapter import Unavailable
 
