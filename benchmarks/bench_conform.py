@@ -114,6 +114,10 @@ def main(argv=None) -> int:
             failed = [c["name"] for c in report.get("checks", []) if c["status"] == "FAIL"]
             rows.append(("conform", secs, peak, code, f"{statuses.count('pass')} passed, {len(failed)} failed "
                                                     f"{failed[:3]}, {statuses.count('skip')} skipped"))
+            grad = next((c for c in report.get("checks", []) if c["name"] == f"{ckpt.name}/gradients"), None)
+            if grad is not None and run == 0:
+                print(f"{grad['name']}: {grad['status']}; ReLU kinks {grad['data'].get('kinks')}; {grad['figures']}",
+                      flush=True)
             secs, peak, code, _ = measure([sys.executable, "-c", _PORT_ALONE, str(ckpt)], env)
             rows.append(("port alone", secs, peak, code, "load + forward + backward, 3x11 tokens"))
             print(f"run {run + 1}: " + "; ".join(f"{n} {s:.1f} s {m:.0f} MiB" for n, s, m, *_ in rows[-2:]),
