@@ -56,6 +56,19 @@ def real_positions(padding_mask) -> np.ndarray:
     return np.asarray(padding_mask).astype(bool)
 
 
+def _lazy(noise):
+    """``noise`` (None, a dict, or a function returning a dict) as a function called at most once."""
+    if not callable(noise):
+        return lambda: noise or {}
+    held = []
+
+    def get():
+        if not held:
+            held.append(noise() or {})
+        return held[0]
+    return get
+
+
 def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, padding_mask,
                         scales: dict | None = None, noise: dict | None = None,
                         stop_at_first: bool = False, names: list | None = None) -> Divergence:
@@ -63,10 +76,11 @@ def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, pad
 
     ``scales``: what each is measured against (:func:`refopt.testing.reference.activation_scales`;
     default: computed here); ``noise``: the rounding noise of each on this input
-    (:meth:`refopt.testing.modelcase.ModelCase.noise`), which raises its tolerance."""
+    (:meth:`refopt.testing.modelcase.ModelCase.noise`), which raises its tolerance, or a function
+    returning it (called only if a tensor exceeds its calibrated tolerance)."""
     real = real_positions(padding_mask)
     scales = R.activation_scales(reference64, cfg, padding_mask) if scales is None else scales
-    noise = noise or {}
+    noise = _lazy(noise)
     compared, missing, first = [], [], None
     for name in names or R.activation_names(cfg):
         if name not in reference64:
@@ -81,7 +95,7 @@ def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, pad
             c = compare(name, cand, ref, dtype, depth)
         else:
             c = compare(name, cand[real], ref[real], dtype, depth, scale=scales.get(name),
-                        noise=noise.get(name))
+                        noise=lambda name=name: noise().get(name))
         compared.append(c)
         if not c.passed and first is None:
             first = c
@@ -94,16 +108,16 @@ def compare_gradients(cfg, candidate: dict, reference64: dict, dtype: str, scale
                       noise: dict | None = None) -> Divergence:
     """Compare gradients in backward order (nearest the loss first), each against its block's
     magnitude (:func:`refopt.testing.reference.gradient_scales`) with the tolerance raised by its
-    rounding noise when ``noise`` is given."""
+    rounding noise when ``noise`` (a dict, or a function returning one) is given."""
     scales = R.gradient_scales(reference64) if scales is None else scales
-    noise = noise or {}
+    noise = _lazy(noise)
     compared, missing, first = [], [], None
     for name in R.gradient_order(cfg):
         if name not in candidate:
             missing.append(name)
             continue
         c = compare(name, candidate[name], reference64[name], dtype, cfg.num_layers, "gradients",
-                    scale=scales.get(name), noise=noise.get(name))
+                    scale=scales.get(name), noise=lambda name=name: noise().get(name))
         compared.append(c)
         if not c.passed and first is None:
             first = c
@@ -129,7 +143,8 @@ def locate_divergence(reference, candidate, token_ids, padding_mask) -> Divergen
     scales = R.activation_scales(ref, cfg, padding_mask)
     noise = None
     if isinstance(reference, RefoptAdapter) and reference.dtype == "float64":
-        runs = (R.run_forward(reference.params, cfg, token_ids, padding_mask,
-                              ops=noisy_ops(candidate.dtype, seed)) for seed in range(NOISE_SAMPLES))
-        noise = noise_figures(ref, scales, runs, real_positions(padding_mask))
+        def noise():
+            runs = (R.run_forward(reference.params, cfg, token_ids, padding_mask,
+                                  ops=noisy_ops(candidate.dtype, seed)) for seed in range(NOISE_SAMPLES))
+            return noise_figures(ref, scales, runs, real_positions(padding_mask))
     return compare_activations(cfg, cand, ref, candidate.dtype, padding_mask, scales, noise)

@@ -203,14 +203,19 @@ def compare(name: str, candidate, reference64, dtype: str, depth: int, kind: str
 
     ``scale``: what the errors are measured against (see :func:`error_figures`); ``noise``: the
     rounding noise of this input (:mod:`refopt.testing.noise`), the same figures of refopt's noisy
-    runs, which raises the tolerance (:func:`noise_bound`).  A shape mismatch fails with infinite
-    figures."""
+    runs, which raises the tolerance (:func:`noise_bound`) -- or a function returning them, called
+    only when the calibrated tolerance is exceeded (the noisy runs cost more than the comparison;
+    the verdict is the same).  A shape mismatch fails with infinite figures."""
     calibrated = tolerance(dtype, depth, kind)
-    tol = noise_bound(calibrated, noise)
     cand = np.asarray(candidate)
     ref = np.asarray(reference64)
     if cand.shape != ref.shape:
         return Comparison(f"{name} (shape {list(cand.shape)}, expected {list(ref.shape)})", INFINITE,
-                          tol, False, noise, calibrated)
+                          calibrated, False, None, calibrated)
     figures = error_figures(cand, ref, scale)
+    if figures.within(calibrated):
+        return Comparison(name, figures, calibrated, True, None, calibrated)
+    if callable(noise):
+        noise = noise()
+    tol = noise_bound(calibrated, noise)
     return Comparison(name, figures, tol, figures.within(tol), noise, calibrated)

@@ -22,7 +22,7 @@ def locate(adapter, case, left: bool = False):
         return None
     ref = case.reference(left)
     return compare_activations(case.config, acts, ref.acts, adapter.dtype, mask, ref.scales,
-                               case.noise(adapter.dtype, left))
+                               lambda: case.noise(adapter.dtype, left))
 
 
 def _side(left: bool) -> str:
@@ -44,7 +44,7 @@ def check_logits(adapter, case, left: bool = False) -> CheckResult:
                            f"logits have shape {list(logits.shape)}, expected {list(expected.shape)}")
     real = mask.astype(bool)
     c = compare("logits", logits[real], expected[real], adapter.dtype, case.config.num_layers,
-                scale=ref.scales["logits"], noise=case.noise(adapter.dtype, left)["logits"])
+                scale=ref.scales["logits"], noise=lambda: case.noise(adapter.dtype, left)["logits"])
     detail = f"loaded with {how}; {_side(left)} batch {list(ids.shape)}"
     data = {"figures": c.figures._asdict(), "tolerance": c.tolerance._asdict(), "widened": c.widened,
             "ratio": ratio([c])}
