@@ -94,6 +94,22 @@ class StreamingParams(Mapping):
         self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self._cache.values()))
         return value
 
+    def materialize(self) -> dict[str, np.ndarray]:
+        """Every tensor in float64, in memory (for an adapter that has no loader of its own)."""
+        out = {}
+        for name in self.shapes:
+            value = self[name]
+            out[name] = value[np.arange(value.shape[0])] if isinstance(value, _Rows) else value
+        self._cache.clear()
+        return out
+
+    def name_of(self, array) -> str:
+        """The name of a tensor this mapping handed out and still holds (by identity)."""
+        for name, value in self._cache.items():
+            if value is array:
+                return name
+        raise KeyError("not a tensor of this mapping held now")
+
     def table(self, name) -> _Rows:
         rows, width = self.shapes[name]
         return _Rows(self.checkpoint, name, rows, width)
