@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import refopt.kernels.cpu as nb
 import refopt.ops as ref
-from refopt import random as prandom
+from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
@@ -127,7 +127,7 @@ def test_quantization_error_is_small():
 @given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
        rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
 def test_philox_uniforms(seed, step, stream, rows):
-    assert np.array_equal(nb.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+    assert np.array_equal(nb.uniform(seed, rows, step, stream), philox.uniform(seed, rows, step, stream))
 
 
 def _probabilities(rng, B, V, ties):
@@ -154,8 +154,8 @@ def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
                           MinPSampler(min_p=min_p, min_tokens_to_keep=keep).next_token_distribution(p))
     u = rng.random(B)
     w = np.where(nb.top_k_mask(p, k), p, 0.0)
-    assert np.array_equal(nb.choose(w, u), prandom.choose(w, u))
-    assert np.array_equal(nb.choose(p, np.zeros(B)), prandom.choose(p, np.zeros(B)))
+    assert np.array_equal(nb.choose(w, u), philox.choose(w, u))
+    assert np.array_equal(nb.choose(p, np.zeros(B)), philox.choose(p, np.zeros(B)))
 
 
 def test_choose_rejects_bad_weights():

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refopt import backend
-from refopt import random as prandom
+from refopt import philox
 
 if not backend.available("cuda"):
     pytest.skip("the cuda backend is not available here: needs numba.cuda with a CUDA GPU, or "
@@ -228,7 +228,7 @@ def test_adam_update(dtype, n, decay, amsgrad, seed):
 @given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
        rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
 def test_philox_uniforms(seed, step, stream, rows):
-    assert np.array_equal(gpu.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+    assert np.array_equal(gpu.uniform(seed, rows, step, stream), philox.uniform(seed, rows, step, stream))
 
 
 def _probabilities(rng, B, V, ties):
@@ -255,8 +255,8 @@ def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
     assert np.array_equal(gpu.min_p_distribution(p, min_p, keep), want_m)
     u = rng.random(B)
     w = np.where(ref.top_k_mask(p, k), p, 0.0)
-    assert np.array_equal(gpu.choose(w, u), prandom.choose(w, u))
-    assert np.array_equal(gpu.choose(p, u), prandom.choose(p, u))
+    assert np.array_equal(gpu.choose(w, u), philox.choose(w, u))
+    assert np.array_equal(gpu.choose(p, u), philox.choose(p, u))
 
 
 def test_choose_rejects_bad_weights():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refopt import random as prandom
+from refopt import philox
 from refopt import samplers
 from refopt.errors import SamplerError
 from refopt.samplers import (BeamSampler, ContrastiveSampler, GreedySampler, MinPSampler,
@@ -346,4 +346,4 @@ def test_keras_hub_custom_sampler_protocol():
     assert out[0, 3] == 3
     with pytest.raises(NotImplementedError):
         samplers.Sampler().get_next_token(np.ones((1, 3)) / 3)
-    assert prandom.STREAM_TOKEN == 0
+    assert philox.STREAM_TOKEN == 0

@@ -6,7 +6,7 @@ behaviour -- and, as transformers offers them, ``MinPSampler``, ``TypicalSampler
 processors ``RepetitionPenaltyProcessor`` / ``NoRepeatNGramProcessor`` (also reachable as the
 ``repetition_penalty=`` / ``no_repeat_ngram_size=`` arguments of every sampler).
 
-Random choices use the counter-based Philox generator of :mod:`refopt.random`, keyed by
+Random choices use the counter-based Philox generator of :mod:`refopt.philox`, keyed by
 ``(seed, batch row, position)``: the same seed gives the same tokens across runs and batch
 compositions.
 """

@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt import backend
 from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
@@ -28,7 +28,7 @@ class MinPSampler(Sampler):
         self.min_p = check_float(min_p, "min_p", "MinPSampler", 0.0, 1.0, low_open=False)
         self.min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep",
                                                      "MinPSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seed(seed)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]

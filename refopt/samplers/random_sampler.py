@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.samplers.sampler import Sampler
 
 
@@ -11,7 +11,7 @@ class RandomSampler(Sampler):
 
     Args:
         seed: optional int in [0, 2**64); the draw at position ``i`` of batch row ``r`` uses the
-            Philox uniform of ``(seed, r, i)`` (see :mod:`refopt.random`).  Without a seed, each
+            Philox uniform of ``(seed, r, i)`` (see :mod:`refopt.philox`).  Without a seed, each
             generation draws one and keeps it in ``last_seed``.
         temperature, repetition_penalty, no_repeat_ngram_size, logits_processors: see ``Sampler``.
     """
@@ -20,7 +20,7 @@ class RandomSampler(Sampler):
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seed(seed)
 
     def next_token_distribution(self, probabilities):
         return np.asarray(probabilities, np.float64)

@@ -19,7 +19,7 @@ position that was not part of its prompt.  Where ``mask`` is True the prompt's o
 Subclasses override ``get_next_token(probabilities)`` (as in KerasHub) or, to be usable as the
 ``base_sampler`` of speculative decoding, ``next_token_distribution(probabilities)``: the
 distribution a token is drawn from (zero outside the sampler's support).  The base
-``get_next_token`` draws from that distribution with :func:`refopt.random.choose` and a Philox
+``get_next_token`` draws from that distribution with :func:`refopt.philox.choose` and a Philox
 uniform keyed by ``(seed, batch row, index)``, so a choice depends only on those and on the
 probabilities.
 
@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refopt import backend
-from refopt import random as prandom
+from refopt import philox
 from refopt.errors import SamplerError
 from refopt.ops.sampling import descending_order, top_k_mask  # noqa: F401  (re-exported)
 
@@ -188,16 +188,16 @@ class Sampler:
     def begin(self):
         """Fix the seed of one generation: ``seed``, or a fresh one (kept in ``last_seed``)."""
         if self.stochastic:
-            self._seed_in_use = self.seed if self.seed is not None else prandom.draw_seed()
+            self._seed_in_use = self.seed if self.seed is not None else philox.draw_seed()
             self.last_seed = self._seed_in_use
         return self._seed_in_use
 
-    def uniforms(self, batch: int, index: int | None = None, stream: int = prandom.STREAM_TOKEN,
+    def uniforms(self, batch: int, index: int | None = None, stream: int = philox.STREAM_TOKEN,
                  rows=None):
         """Philox uniforms ``[batch]`` for rows ``0 .. batch-1`` (or ``rows``) at ``index``
         (default: the position the loop is deciding)."""
         if self._seed_in_use is None:                                          # outside a loop
-            self._seed_in_use = self.seed if self.seed is not None else prandom.draw_seed()
+            self._seed_in_use = self.seed if self.seed is not None else philox.draw_seed()
             self.last_seed = self._seed_in_use
         rows = np.arange(batch) if rows is None else rows
         return backend.ops().uniform(self._seed_in_use, rows, self._index if index is None else index,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.errors import SamplerError
 from refopt.samplers.sampler import (Sampler, Step, check_positive_int, normalize, one_hot_argmax)
 
@@ -75,7 +75,7 @@ class SpeculativeSampler(Sampler):
                     "typical), not beam, contrastive or speculative")
             base_sampler.temperature = self.temperature
         self.base_sampler = base_sampler
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seed(seed)
         self.draft_model = draft_model
         if draft_model is not None:
             _check_draft(draft_model)
@@ -141,7 +141,7 @@ class SpeculativeSampler(Sampler):
                     d_logits, _, draft_cache = draft_next(current, draft_cache, p)
                 draft_valid = pos
                 q.append(self._distribution(d_logits, current, pos))
-                x = prandom.choose(q[-1], prandom.uniform(seed, rows, pos, prandom.STREAM_DRAFT))
+                x = philox.choose(q[-1], philox.uniform(seed, rows, pos, philox.STREAM_DRAFT))
                 current[:, pos] = np.where(mask[:, pos], prompt[:, pos], x)
             # 2. verify: the target's logits for positions index .. index + kk
             result = verify_next(current, cache, index, kk)
@@ -153,7 +153,7 @@ class SpeculativeSampler(Sampler):
                 x = current[:, index:index + kk]                               # [B, kk]
                 px = np.stack([p[j][rows, x[:, j]] for j in range(kk)], axis=1)
                 qx = np.stack([q[j][rows, x[:, j]] for j in range(kk)], axis=1)
-                u = np.stack([prandom.uniform(seed, rows, index + j, prandom.STREAM_ACCEPT)
+                u = np.stack([philox.uniform(seed, rows, index + j, philox.STREAM_ACCEPT)
                               for j in range(kk)], axis=1)
                 accepted = (u * qx < px) | mask[:, index:index + kk]
             n_accepted = np.cumprod(accepted, axis=1).sum(axis=1)              # [B]
@@ -164,11 +164,11 @@ class SpeculativeSampler(Sampler):
                 residual = np.maximum(p[m] - q[m], 0.0)
                 empty = residual.sum(axis=-1) <= 0
                 residual[empty] = p[m][empty]
-                fresh = prandom.choose(residual, prandom.uniform(seed, rows, pos,
-                                                                 prandom.STREAM_RESIDUAL))
+                fresh = philox.choose(residual, philox.uniform(seed, rows, pos,
+                                                                 philox.STREAM_RESIDUAL))
                 token = np.where(n_accepted > m, current[:, pos], fresh)
             else:
-                token = prandom.choose(p[kk], prandom.uniform(seed, rows, pos, prandom.STREAM_RESIDUAL))
+                token = philox.choose(p[kk], philox.uniform(seed, rows, pos, philox.STREAM_RESIDUAL))
             token = np.where(mask[:, pos], prompt[:, pos], token)
             prompt[:, index:pos] = current[:, index:pos]
             prompt[:, pos] = token

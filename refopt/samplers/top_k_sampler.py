@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt import backend
 from refopt.samplers.sampler import Sampler, check_positive_int
 
@@ -22,7 +22,7 @@ class TopKSampler(Sampler):
     def __init__(self, k=5, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.k = check_positive_int(k, "k", "TopKSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seed(seed)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]

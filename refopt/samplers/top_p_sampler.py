@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt import backend
 from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
@@ -28,7 +28,7 @@ class TopPSampler(Sampler):
         super().__init__(**kwargs)
         self.p = check_float(p, "p", "TopPSampler", 0.0, 1.0, low_open=True)
         self.k = None if k is None else check_positive_int(k, "k", "TopPSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seed(seed)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]

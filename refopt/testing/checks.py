@@ -680,7 +680,7 @@ def _support(weights_row):
 
 
 def check_sampler(adapter, cases) -> CheckResult:
-    from refopt.random import choose
+    from refopt.philox import choose
 
     grid = (np.arange(UNIFORMS_PER_ROW) + 0.5) / UNIFORMS_PER_ROW
     draws = skipped_rows = 0

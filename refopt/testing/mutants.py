@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refopt.random import choose
+from refopt.philox import choose
 from refopt.testing import reference as R
 from refopt.testing.adapter import NotSupported, RefoptAdapter
 

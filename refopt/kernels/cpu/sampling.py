@@ -1,7 +1,7 @@
 """The samplers' selection steps, compiled: the Philox-4x32-10 generator, the selection rule
-(:func:`refopt.random.choose`), top-k partial selection, and the top-p and min-p cut-offs.
+(:func:`refopt.philox.choose`), top-k partial selection, and the top-p and min-p cut-offs.
 
-Each follows the rule written in :mod:`refopt.random` and :mod:`refopt.samplers` exactly (same
+Each follows the rule written in :mod:`refopt.philox` and :mod:`refopt.samplers` exactly (same
 tie-breaking, same float64 accumulation order), so for the same seed and probabilities the choices
 are identical to the NumPy samplers'; the tests check that with hypothesis.
 """
@@ -42,7 +42,7 @@ def _uniforms(k0, k1, rows, step, stream, out):
 
 
 def uniform(seed, rows, step, stream=0):
-    """Philox uniforms ``[len(rows)]`` at ``step`` (same values as :func:`refopt.random.uniform`)."""
+    """Philox uniforms ``[len(rows)]`` at ``step`` (same values as :func:`refopt.philox.uniform`)."""
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
     out = np.empty(rows.shape[0], np.float64)
     _uniforms(np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32), rows, int(step), int(stream), out)
@@ -81,7 +81,7 @@ def _choose(w, u, out, bad):
 
 
 def choose(weights, u):
-    """:func:`refopt.random.choose`, compiled."""
+    """:func:`refopt.philox.choose`, compiled."""
     from refopt.errors import SamplerError
 
     w = np.ascontiguousarray(weights, dtype=np.float64)
