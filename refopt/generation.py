@@ -169,6 +169,16 @@ def _start(model, token_ids, padding_mask, sampler):
     return sampler, index, cache, hidden_states
 
 
+def _seed_kwargs(sampler, seed):
+    """``{"seed": seed}`` for a sampler that draws random numbers when a seed is given, else {}
+    (samplers that choose deterministically ignore seeds)."""
+    if seed is None or not getattr(sampler, "stochastic", False):
+        return {}
+    from refopt.philox import check_seeds
+
+    return {"seed": check_seeds(seed)}
+
+
 def _on_cuda(model) -> bool:
     """Whether ``model`` runs on the cuda backend (its own choice, else the current one)."""
     from refopt import backend
@@ -189,21 +199,23 @@ def _model_sampler(model):
     return get("top_k") if sampler is None else get(sampler)
 
 
-def generate_step(model, inputs, stop_token_ids=None, sampler=None):
+def generate_step(model, inputs, stop_token_ids=None, sampler=None, seed=None):
     """KerasHub's ``generate_step`` on one batch ``{"token_ids" [B, T], "padding_mask" [B, T]}``:
     returns ``{"token_ids", "padding_mask"}`` (int64 / bool ``[B, T]``).  With
     ``BeamSampler(return_all_beams=True)`` both are ``[B, num_beams, T]`` and ``"log_probs"``
-    ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first."""
+    ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first.  ``seed``: the
+    random samplers' seed for this call, an integer or one per row (see :func:`generate`)."""
     token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
+        chosen = sampler or _model_sampler(model)
         out = _device_loop(model).generate_step(model, token_ids, padding_mask, stop_token_ids,
-                                                sampler or _model_sampler(model))
+                                                chosen, **_seed_kwargs(chosen, seed))
         if out is not None:
             return out
     sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     out = sampler(next=make_next(model), prompt=token_ids, cache=cache, index=index,
                   mask=padding_mask, stop_token_ids=stop_token_ids, hidden_states=hidden_states,
-                  model=model)
+                  model=model, **_seed_kwargs(sampler, seed))
     if isinstance(out, tuple):                                                 # every beam
         beams, scores = out
         B, nb, T = beams.shape
@@ -263,7 +275,8 @@ def _preprocess(model, inputs, max_length):
     return ids, mask, scalar
 
 
-def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None):
+def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None,
+             seed=None):
     """KerasHub's ``CausalLM.generate``.
 
     Args:
@@ -277,6 +290,12 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
             None (generate to ``max_length``) or a tuple of ids, each of which stops a row.
         strip_prompt: return only the generated text / tokens.
         sampler: override ``model.sampler`` for this call.
+        seed: the random samplers' seed for this call (per request, as vLLM's): an integer for
+            every prompt, or a list with one integer (or None: a fresh seed) per prompt; default
+            the sampler's own ``seed``.  A prompt's text depends only on the model, the prompt, its
+            seed and the sampler's settings: the same prompt with the same seed gives the same
+            text in any row of any batch, on any backend where the probabilities agree.  Ignored by
+            samplers that make no random choice (greedy, beam, contrastive).
 
     Returns strings (one string for a string input) or ``{"token_ids", "padding_mask"}`` arrays.
     With ``BeamSampler(return_all_beams=True)``: a list of ``num_beams`` strings per prompt (best
@@ -289,7 +308,7 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
     token_ids, padding_mask, scalar = _preprocess(model, inputs, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     out = generate_step(model, {"token_ids": token_ids, "padding_mask": padding_mask},
-                        stop_token_ids=stop_token_ids, sampler=sampler)
+                        stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
     beams = out["token_ids"].ndim == 3
     if beams:
         B, nb, T = out["token_ids"].shape
@@ -334,7 +353,7 @@ def _detokenizer(preprocessor):
 
 
 def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=False,
-           sampler=None) -> Iterator:
+           sampler=None, seed=None) -> Iterator:
     """Generate from one string prompt, yielding the text as tokens are produced.
 
     Yields ``str`` pieces whose concatenation is the generated text (what ``generate(prompt,
@@ -343,6 +362,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     the detokenizer still holds text).  Stops after the first stop token (not shown, like the other
     special tokens) or at ``max_length``.  Samplers that only know their result at the end (beam
     search) yield everything then; their log-probabilities come from rescoring the result.
+    ``seed`` is :func:`generate`'s (one integer).
     """
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is None:
@@ -356,8 +376,9 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     steps = None
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
-        steps = _device_loop(model).steps(model, token_ids, padding_mask, stop_token_ids,
-                                          sampler or _model_sampler(model))
+        chosen = sampler or _model_sampler(model)
+        steps = _device_loop(model).steps(model, token_ids, padding_mask, stop_token_ids, chosen,
+                                          **_seed_kwargs(chosen, seed))
     if steps is None:
         sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     else:
@@ -371,7 +392,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     if steps is None:
         steps = sampler.steps(make_next(model), token_ids, cache=cache, index=index, mask=padding_mask,
                               stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=model,
-                              log_probs=return_logprobs)
+                              log_probs=return_logprobs, **_seed_kwargs(sampler, seed))
     prompt_length = int(padding_mask[0].sum())
     stopped = False
     try:

@@ -1,4 +1,4 @@
-"""refopt.philox: Philox-4x32-10 against Random123's known answers, the (seed, row, step) keying,
+"""refopt.philox: Philox-4x32-10 against Random123's known answers, the (row's seed, step) keying,
 the 53-bit uniforms and the documented selection rule."""
 
 import math
@@ -80,27 +80,45 @@ def test_vectorised_matches_scalar_reference():
 
 
 def test_uniform_layout_and_construction():
-    seed = 0x0123456789ABCDEF
-    u = philox.uniform(seed, rows=[0, 1, 2], step=17, stream=philox.STREAM_TOKEN)
-    for r in range(3):
-        words = philox_python([17, r, 0, 0], [seed & 0xFFFFFFFF, seed >> 32], 10, 32)
+    seeds = [0x0123456789ABCDEF, 5, 2**64 - 1]
+    u = philox.uniform(seeds, step=17, stream=philox.STREAM_TOKEN)
+    for r, seed in enumerate(seeds):
+        words = philox_python([17, 0, 0, 0], [seed & 0xFFFFFFFF, seed >> 32], 10, 32)
         expected = ((words[0] >> 5) * 2**26 + (words[1] >> 6)) / 2**53
         assert u[r] == expected
-    # a row's number does not depend on which other rows are drawn with it
-    alone = philox.uniform(seed, rows=[2], step=17)
-    assert alone[0] == u[2]
-    # streams, steps, rows and seeds all change the number
-    assert philox.uniform(seed, [0], 17, philox.STREAM_ACCEPT)[0] != u[0]
-    assert philox.uniform(seed, [0], 18)[0] != u[0]
-    assert philox.uniform(seed + 1, [0], 17)[0] != u[0]
+    # a row's number depends on its seed only: not on which rows are drawn with it, nor where
+    assert philox.uniform([seeds[2]], 17)[0] == u[2]
+    assert philox.uniform([seeds[2], seeds[0]], 17)[0] == u[2]
+    assert philox.uniform(seeds[0], 17) == u[0]                     # a scalar seed, a scalar
+    # streams, steps and seeds all change the number
+    assert philox.uniform(seeds[:1], 17, philox.STREAM_ACCEPT)[0] != u[0]
+    assert philox.uniform(seeds[:1], 18)[0] != u[0]
+    assert philox.uniform([seeds[0] + 1], 17)[0] != u[0]
 
 
 def test_uniforms_are_uniform():
-    u = philox.uniform(42, rows=np.arange(20000), step=3)
+    u = philox.uniform(np.arange(20000, dtype=np.uint64), step=3)     # 20000 seeds, one step
     assert ((u >= 0) & (u < 1)).all()
     counts = np.histogram(u, bins=20, range=(0, 1))[0]
     chi2 = ((counts - 1000.0) ** 2 / 1000.0).sum()
     assert chi2 < chi2_critical(19)
+    v = philox.uniform(np.full(20000, 42, np.uint64), step=np.arange(20000))   # one seed, 20000 steps
+    counts = np.histogram(v, bins=20, range=(0, 1))[0]
+    assert ((counts - 1000.0) ** 2 / 1000.0).sum() < chi2_critical(19)
+
+
+def test_row_seeds():
+    assert philox.row_seeds(7, 3).tolist() == [7, 7, 7]
+    assert philox.row_seeds([1, 2**64 - 1], 2).tolist() == [1, 2**64 - 1]
+    fresh = philox.row_seeds(None, 4)
+    assert fresh.dtype == np.uint64 and len(set(fresh.tolist())) == 4      # 64 random bits each
+    mixed = philox.row_seeds((5, None), 2)
+    assert mixed[0] == 5
+    for bad, match in (([1, 2, 3], "3 seeds for a batch of 2"), ([1, -1], "seed=-1"), ("x", "seed="),
+                       (True, "seed=True"), ([1.5, 2], "seed=1.5")):
+        with pytest.raises(SamplerError, match=match):
+            philox.row_seeds(bad, 2)
+    assert philox.check_seeds([3, None]) == (3, None) and philox.check_seeds(4) == 4
 
 
 def chi2_critical(df, z=3.09):
@@ -145,7 +163,7 @@ def test_choose_edges():
 def test_choose_frequencies():
     p = np.array([0.5, 0.0, 0.2, 0.25, 0.05])
     n = 20000
-    tokens = philox.choose(np.tile(p, (n, 1)), philox.uniform(7, np.arange(n), 0))
+    tokens = philox.choose(np.tile(p, (n, 1)), philox.uniform(np.arange(n, dtype=np.uint64), 0))
     counts = np.bincount(tokens, minlength=5)
     assert counts[1] == 0
     support = p > 0

@@ -306,7 +306,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, log_every:
                 if not math.isfinite(result.loss):
                     raise TrainingError(f"non-finite loss ({result.loss}) at epoch {epoch + 1}, step "
                                         f"{step + 1}; lower --learning-rate")
-                optimizer.apply(result.grads, backbone.params)
+                optimizer.apply(result.grads, backbone.params, ops=ops)
                 losses.append(result.loss)
                 step += 1
                 elapsed = time.perf_counter() - t_train

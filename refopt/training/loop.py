@@ -259,7 +259,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
                         f"non-finite loss ({res.loss}) at epoch {epoch + 1}, step {step + 1} of "
                         f"{steps} (optimizer update {opt.iterations + 1}); training stopped before "
                         "applying this step's update")
-                opt.apply(res.grads, model.backbone.params)
+                opt.apply(res.grads, model.backbone.params, ops=ops)
                 trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)

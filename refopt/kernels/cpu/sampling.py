@@ -9,6 +9,8 @@ are identical to the NumPy samplers'; the tests check that with hypothesis.
 import numpy as np
 from numba import njit, prange
 
+from refopt.philox import as_seeds
+
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)
 _W0 = np.uint32(0x9E3779B9)
@@ -31,21 +33,23 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @njit(cache=True)
-def _uniforms(k0, k1, rows, step, stream, out):
-    # counter (step, row, stream, 0) -> 53-bit uniform in [0, 1)
-    for n in range(rows.shape[0]):
-        x0, x1, _, _ = philox4x32_10(np.uint32(step), np.uint32(rows[n]), np.uint32(stream), np.uint32(0),
-                                     k0, k1)
+def _uniforms(seeds, step, stream, out):
+    # key: each row's seed; counter (step, 0, stream, 0) -> 53-bit uniform in [0, 1)
+    for n in range(seeds.shape[0]):
+        k0 = np.uint32(seeds[n] & np.uint64(0xFFFFFFFF))
+        k1 = np.uint32(seeds[n] >> np.uint64(32))
+        x0, x1, _, _ = philox4x32_10(np.uint32(step), np.uint32(0), np.uint32(stream), np.uint32(0), k0, k1)
         hi = np.float64(x0 >> np.uint32(5))
         lo = np.float64(x1 >> np.uint32(6))
         out[n] = (hi * 67108864.0 + lo) / 9007199254740992.0
 
 
-def uniform(seed, rows, step, stream=0):
-    """Philox uniforms ``[len(rows)]`` at ``step`` (same values as :func:`refopt.philox.uniform`)."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
-    out = np.empty(rows.shape[0], np.float64)
-    _uniforms(np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32), rows, int(step), int(stream), out)
+def uniform(seeds, step, stream=0):
+    """Philox uniforms ``[len(seeds)]``, one per row's seed, at ``step`` (same values as
+    :func:`refopt.philox.uniform`)."""
+    seeds = np.ascontiguousarray(as_seeds(seeds)).reshape(-1)
+    out = np.empty(seeds.shape[0], np.float64)
+    _uniforms(seeds, int(step), int(stream), out)
     return out
 
 

@@ -554,8 +554,6 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         top_p_value = params_f[1]
         min_p_value = params_f[2]
         k_value = params_i[0]
-        seed_lo = params_i[1]
-        seed_hi = params_i[2]
         ps = mark(prof, 0, 13)
 
         for _step in range(nsteps):
@@ -821,7 +819,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                         for j in range(tid, V, NT):
                             wrow[j] = float64(prow[j])
                     cuda.syncthreads()
-                    u = philox_uniform(seed_lo, seed_hi, b, index, 0)
+                    u = philox_uniform(params_i[1 + 2 * b], params_i[2 + 2 * b], 0, index, 0)
                     token = row_choose(wrow, V, u, cidx[b], cval[b], ibuf)
                 if tid == 0:
                     if token < 0:
@@ -974,12 +972,12 @@ class DeviceModel:
                 return done.value
 
     def decode_iter(self, token_ids, prompt_mask, index, sampler_kind="greedy", temperature=1.0, k=1,
-                    p=1.0, min_p=0.0, seed=0, stop_token_ids=None, steps_per_launch=1):
+                    p=1.0, min_p=0.0, seeds=None, stop_token_ids=None, steps_per_launch=1):
         """A generator: after every launch it yields ``(start, stop, tokens [B, stop - start])``,
         the positions just decided (the host's only synchronisation), and it returns the final
         token ids ``[B, T]``.  ``sampler_kind`` is one of :data:`SAMPLERS` with its parameters
-        (``k`` is top-k's k, top-p's cutoff or min-p's ``min_tokens_to_keep``; ``seed`` keys the
-        Philox uniforms by (seed, row, position)); ``steps_per_launch`` decode steps run in one
+        (``k`` is top-k's k, top-p's cutoff or min-p's ``min_tokens_to_keep``; ``seeds [B]``, each
+        row's seed, key the Philox uniforms by (row's seed, position); default 0); ``steps_per_launch`` decode steps run in one
         launch of the persistent kernel."""
         from refopt.errors import SamplerError
 
@@ -1013,7 +1011,9 @@ class DeviceModel:
         state[0] = index
         state_dev = cuda.to_device(state)
         params_f = cuda.to_device(np.array([temperature, p, min_p], np.float64))
-        params_i = cuda.to_device(np.array([k, seed & 0xFFFFFFFF, seed >> 32], np.int64))
+        seeds = np.zeros(B, np.uint64) if seeds is None else np.asarray(seeds, np.uint64)
+        words = np.stack([seeds & np.uint64(0xFFFFFFFF), seeds >> np.uint64(32)], 1).astype(np.int64)
+        params_i = cuda.to_device(np.concatenate([[k], words.reshape(-1)]).astype(np.int64))
         stop_dev = cuda.to_device(stop if stop.size else np.zeros(0, np.int64))
         prof = cuda.to_device(np.zeros((8192 if PROFILE else 1, 2), np.int64))
         args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, part, part1, ctx, xe, logits,
@@ -1078,17 +1078,15 @@ def _sampler_kinds():
 
 def resident(model) -> DeviceModel | None:
     """The model's weights on the device, uploaded on first use and kept on the backbone while its
-    parameter arrays are the same objects and no optimizer has updated them since
-    (:func:`refopt.backend.weights_epoch`); None when they cannot run here (not float32, or
+    parameter arrays are the same objects and no optimizer has updated them since (the version of
+    its :class:`refopt.model.Parameters`); None when they cannot run here (not float32, or
     quantised)."""
-    from refopt import backend
-
     backbone = model.backbone
     params = backbone.params
     if np.dtype(backbone.config.compute_dtype) != np.float32 or not all(
             isinstance(v, np.ndarray) for v in params.values()):
         return None
-    key = (tuple((name, id(v)) for name, v in params.items()), backend.weights_epoch())
+    key = (tuple((name, id(v)) for name, v in params.items()), id(params), getattr(params, "version", 0))
     held = getattr(backbone, "_cuda_resident", None)
     if held is None or held[0] != key:
         held = (key, DeviceModel(params, backbone.config))
@@ -1096,15 +1094,15 @@ def resident(model) -> DeviceModel | None:
     return held[1]
 
 
-def _plan(model, sampler):
+def _plan(model, sampler, batch, seed):
     kind = _sampler_kinds().get(type(sampler))        # exact types: a subclass may change the rule
     if kind is None or sampler.logits_processors:
         return None
     dm = resident(model)
     if dm is None:
         return None
-    seed = sampler.begin() or 0
-    kwargs = {"temperature": sampler.temperature, "seed": int(seed)}
+    seeds = sampler.begin(batch, model=model, seed=seed)
+    kwargs = {"temperature": sampler.temperature, "seeds": seeds}
     V = dm.lay.V
     if kind == "top_k":
         kwargs["k"] = sampler.k
@@ -1117,13 +1115,13 @@ def _plan(model, sampler):
     return dm, kind, kwargs
 
 
-def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler):
+def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler, seed=None):
     """KerasHub's ``generate_step`` on the device (see :func:`refopt.generation.generate_step`), or
     None when the sampler or the model needs the host loop (other samplers, logits processors,
     float64 or quantised weights)."""
     from refopt.generation import output_padding_mask
 
-    plan = _plan(model, sampler)
+    plan = _plan(model, sampler, len(token_ids), seed)
     if plan is None:
         return None
     dm, kind, kwargs = plan
@@ -1133,12 +1131,12 @@ def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler):
     return {"token_ids": out, "padding_mask": output_padding_mask(out, padding_mask, stop_token_ids)}
 
 
-def steps(model, token_ids, padding_mask, stop_token_ids, sampler):
+def steps(model, token_ids, padding_mask, stop_token_ids, sampler, seed=None):
     """The device loop as a generator of :class:`refopt.samplers.Step` (one per token, no
     log-probabilities), for streaming; None when the host loop is needed."""
     from refopt.samplers import Step
 
-    plan = _plan(model, sampler)
+    plan = _plan(model, sampler, len(token_ids), seed)
     if plan is None:
         return None
     dm, kind, kwargs = plan

@@ -57,7 +57,7 @@ else:
 @cuda.jit(device=True)
 def philox_uniform(k0, k1, row, step, stream):
     """The uniform of counter ``(step, row, stream, 0)`` under key ``(k0, k1)`` (uint64 holding
-    32-bit words): :func:`refopt.philox.uniform`."""
+    32-bit words): :func:`refopt.philox.uniform` with ``row`` 0 and the row's seed as the key."""
     mask = uint64(_MASK)
     c0 = uint64(step) & mask
     c1 = uint64(row) & mask
@@ -353,20 +353,22 @@ def row_top_p(p, V, top_p, cutoff, out, svals, sidx, P2, ibuf):
 
 # ----------------------------------------------------------------------------- ops kernels
 @kernel()
-def _uniform_kernel(k0, k1, rows, step, stream, out):
+def _uniform_kernel(seeds, step, stream, out):
     i = cuda.grid(1)
-    if i < rows.shape[0]:
-        out[i] = philox_uniform(k0, k1, rows[i], step, stream)
+    if i < seeds.shape[0]:
+        out[i] = philox_uniform(seeds[i] & uint64(_MASK), seeds[i] >> uint64(32), 0, step, stream)
 
 
-def uniform(seed, rows, step, stream=0):
-    """Philox uniforms ``[len(rows)]`` at ``step`` (:func:`refopt.philox.uniform`), on the device."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
-    out = empty(max(rows.size, 1), np.float64)
-    if rows.size:
-        _uniform_kernel[cdiv(rows.size, 128), 128](np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32),
-                                                   cuda.to_device(rows), int64(step), int64(stream), out)
-    return out.copy_to_host()[:rows.size]
+def uniform(seeds, step, stream=0):
+    """Philox uniforms ``[len(seeds)]``, one per row's seed, at ``step``
+    (:func:`refopt.philox.uniform`), on the device."""
+    from refopt.philox import as_seeds
+
+    seeds = np.ascontiguousarray(as_seeds(seeds)).reshape(-1)
+    out = empty(max(seeds.size, 1), np.float64)
+    if seeds.size:
+        _uniform_kernel[cdiv(seeds.size, 128), 128](cuda.to_device(seeds), int64(step), int64(stream), out)
+    return out.copy_to_host()[:seeds.size]
 
 
 @kernel()
