@@ -1,6 +1,8 @@
 """Every Numba CPU kernel against the NumPy reference op of the same name (hypothesis): float64
 within 1e-12 relative, float32 within 1e-5, sampler choices identical."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -11,7 +13,7 @@ from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
-from tests_support import DTYPES, arrays, close
+from tests_support import DTYPES, arrays, close, random_config
 
 
 @settings(max_examples=40)
@@ -142,16 +144,12 @@ def _probabilities(rng, B, V, ties):
 @given(B=st.integers(1, 4), V=st.integers(1, 200), ties=st.booleans(), seed=st.integers(0, 2**16),
        k=st.integers(1, 250), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
 def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
-    from refopt.samplers import MinPSampler, TopPSampler
-
     rng = np.random.default_rng(seed)
     p = _probabilities(rng, B, V, ties)
     assert np.array_equal(nb.top_k_mask(p, k), ref_top_k_mask(p, k))
     for kk in (None, k):
-        assert np.array_equal(nb.top_p_distribution(p, top_p, kk),
-                              TopPSampler(p=top_p, k=kk).next_token_distribution(p))
-    assert np.array_equal(nb.min_p_distribution(p, min_p, keep),
-                          MinPSampler(min_p=min_p, min_tokens_to_keep=keep).next_token_distribution(p))
+        assert np.array_equal(nb.top_p_distribution(p, top_p, kk), ref.top_p_distribution(p, top_p, kk))
+    assert np.array_equal(nb.min_p_distribution(p, min_p, keep), ref.min_p_distribution(p, min_p, keep))
     u = rng.random(B)
     w = np.where(nb.top_k_mask(p, k), p, 0.0)
     assert np.array_equal(nb.choose(w, u), philox.choose(w, u))
@@ -163,3 +161,39 @@ def test_choose_rejects_bad_weights():
 
     with pytest.raises(SamplerError, match="row 1"):
         nb.choose(np.array([[0.5, 0.5], [np.nan, 1.0]]), np.array([0.1, 0.2]))
+
+
+# ---------------------------------------------------------------------------------- decode step
+@settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))
+@given(cfg=random_config(max_len=12), dtype=DTYPES, kind=st.sampled_from([None, "bfloat16", "float16", "int8"]),
+       B=st.integers(1, 6), extra=st.integers(0, 6), padded=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, seed):
+    # the compiled step (every layer, final norm, LM head) against the reference forward + head
+    # with the KV cache; B up to 6 takes the blocks of four rows and the remainder; min_bytes 0
+    # sends every stage to the threads when threads == 2
+    from dataclasses import replace
+
+    from refopt.kernels.cpu.decode import decode_step
+    from refopt.model import init_params, logits_forward, new_cache
+    from refopt.quant import quantize_params
+
+    cfg = replace(cfg, dtype=np.dtype(dtype).name)
+    kind = kind if dtype == np.float32 else None
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed=seed, std=0.5)
+    if kind:
+        params = quantize_params(params, kind)
+    index = min(extra, cfg.max_sequence_length - 1)
+    mask = np.ones((B, index + 1), bool)
+    if padded:                                        # left padding: rows start later
+        for b in range(B):
+            mask[b, :rng.integers(0, index + 1)] = False
+    T = index + 1 + int(rng.integers(0, 3))
+    cache = arrays(rng, (B, cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim), dtype)
+    ids = rng.integers(0, cfg.vocabulary_size, (B, 1))
+    want_cache = cache.copy()
+    want = logits_forward(params, cfg, ids, mask, cache=want_cache, cache_index=index, ops=ref)
+    logits, hidden = decode_step(params, cfg, ids, mask, cache, index, threads=threads, min_bytes=0)
+    close(logits, want, dtype, "logits")
+    close(cache, want_cache, dtype, "cache")

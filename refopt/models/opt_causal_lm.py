@@ -124,6 +124,12 @@ class OPTCausalLM:
         if padding_mask is None:
             padding_mask = np.ones((token_ids.shape[0], end), bool)
         ops = self.backbone.ops
+        step = getattr(ops, "decode_step", None)      # a backend's compiled one-token step
+        if step is not None and cache is not None and token_ids.shape[1] == 1:
+            out = step(self.backbone.params, self.backbone.config, token_ids, padding_mask, cache,
+                       cache_update_index)
+            if out is not None:
+                return out[0], out[1], cache
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
                                 cache=cache, cache_index=cache_update_index, ops=ops)
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache

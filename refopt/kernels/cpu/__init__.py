@@ -18,7 +18,9 @@ import functools
 
 from refopt.kernels.cpu import attention as _attention, embedding as _embedding, layernorm as _layernorm
 from refopt.kernels.cpu import loss as _loss
+from refopt.kernels.cpu import _threads
 from refopt.kernels.cpu._threads import beside_blas
+from refopt.kernels.cpu.decode import decode_step  # noqa: F401
 from refopt.kernels.cpu.embedding import embedding_forward  # noqa: F401
 from refopt.kernels.cpu.matmul import matmul_rows
 from refopt.kernels.cpu.optim import adam_update  # noqa: F401
@@ -26,6 +28,7 @@ from refopt.kernels.cpu.sampling import (  # noqa: F401
     choose, min_p_distribution, top_k_mask, top_p_distribution, uniform)
 
 NAME = "numba"
+_threads.configure()
 
 
 def _rows_of(a):

@@ -14,7 +14,7 @@ their rows once and dots each with every row of ``x``.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
 
@@ -56,13 +56,68 @@ def _bf16_to_f32(typingctx, bits):
 
 @intrinsic
 def _f16_to_f32(typingctx, bits):
-    # uint16 float16 bits -> float32 (LLVM's fpext: one vcvtph2ps on x86 with F16C)
-    sig = types.float32(types.uint16)
+    # float16 bits (uint16 or int16) -> float32 (LLVM's fpext: one vcvtph2ps on x86 with F16C)
+    if bits not in (types.uint16, types.int16):
+        return None
+    sig = types.float32(bits)
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return sig, codegen
+
+
+def widen(v):
+    """A stored weight element as a float: float32/float64 as they are, bfloat16 bits (uint16),
+    float16 bits (int16: Numba has no float16 type on the CPU, so float16 weights travel as int16
+    and bfloat16 as uint16, which keeps the two apart at compile time), int8 (unscaled)."""
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: _f16_to_f32(v)
+    if v == types.int8:
+        return lambda v: np.float32(v)
+    return None
+
+
+@njit(inline="always", fastmath=True)
+def dot_one(x, m, w, o):
+    # x[m] . widen(w[o]), accumulated in x's dtype
+    acc = x.dtype.type(0)
+    for i in range(x.shape[1]):
+        acc += x[m, i] * widen(w[o, i])
+    return acc
+
+
+@njit(inline="always", fastmath=True)
+def dot_block(x, m, w, o):
+    # rows m..m+3 of x against outputs o, o+1 of w: each weight widened once and used four times,
+    # eight accumulators (LLVM vectorises the loop over i with one vector per accumulator) ->
+    # (x[m].w[o], x[m].w[o+1], x[m+1].w[o], ..., x[m+3].w[o+1])
+    z = x.dtype.type(0)
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
+    for i in range(x.shape[1]):
+        w0 = widen(w[o, i])
+        w1 = widen(w[o + 1, i])
+        x0 = x[m, i]
+        x1 = x[m + 1, i]
+        x2 = x[m + 2, i]
+        x3 = x[m + 3, i]
+        a00 += x0 * w0
+        a01 += x0 * w1
+        a10 += x1 * w0
+        a11 += x1 * w1
+        a20 += x2 * w0
+        a21 += x2 * w1
+        a30 += x3 * w0
+        a31 += x3 * w1
+    return (a00, a01, a10, a11, a20, a21, a30, a31)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
