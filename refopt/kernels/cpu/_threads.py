@@ -1,27 +1,28 @@
 """How many threads the Numba kernels use, and how their threads wait.
 
-Why decoding collapsed on a busy machine (measured on the 2-core development machine, load 7-11
-from other jobs): the bundled model decoded 7-11 tok/s on two threads against 828 on one, and a
-125m-shaped model 0.8-2 tok/s against 23.  A decode step is ~100 short parallel regions; GNU
-OpenMP (Numba's default threading layer here) lets an idle worker spin for ~300,000 iterations
-(milliseconds) before sleeping, so a spinning worker uses up its share of a busy core, the
-scheduler parks it, and the next region waits a whole time slice for it.  Waiting passively cured
-most of it (600 tok/s), one thread all of it; on a quiet machine two threads win, since they read
-the weights a little faster (one thread streams 32 GB/s here, two 37) and batches of 8 are
-compute-bound.  Hence three measures:
+Why decoding collapsed on a busy machine (the 2-core development machine, load 3-11 from other
+jobs): the bundled model decoded 7-11 tok/s on two threads against 828 on one, and a 125m-shaped
+model 0.8-2 tok/s against 23.  A decode step runs dozens of short parallel regions, and GNU OpenMP
+(Numba's threading layer here) lets a thread that waits -- a worker between regions, the caller at
+the end of one -- spin for up to 300,000 iterations before it sleeps.  On a loaded machine the
+spinning thread uses up its share of a core, the scheduler parks it, and the next region waits for
+it: 3,000 calls of a two-item parallel loop took, at load 3.1, p50 33 us but p90 8 ms and 8.4 s in
+all with the default spin, 3.3 s with GOMP_SPINCOUNT=20000, 0.24 s with OMP_WAIT_POLICY=passive
+(p99 97 us) and 0.21 s on one thread.  Hence three measures:
 
-1. **Short spins** -- :func:`configure` sets ``GOMP_SPINCOUNT`` (unless the user set it or
-   ``OMP_WAIT_POLICY``) before Numba loads its OpenMP runtime, so an idle worker spins for tens of
-   microseconds (enough to bridge the gaps between the stages of one step) and then sleeps.  The
-   runtime reads the variable once, when it is loaded; the variable is restored at once, so other
-   OpenMP runtimes loaded later (CTranslate2 bundles its own) keep their defaults.  PyTorch's
-   kernels share the system libgomp with Numba and therefore this setting.
+1. **Passive waiting** -- :func:`configure` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set
+   it or ``GOMP_SPINCOUNT``) just while Numba loads its OpenMP runtime, which reads it once then;
+   the variable is removed at once, so runtimes loaded later with a copy of their own
+   (CTranslate2 bundles one) keep their defaults.  PyTorch links the same system ``libgomp`` as
+   Numba, so when refopt's kernels load first it shares the setting.
 2. **Threads by work** -- the fused decode step (:mod:`.decode`) runs a stage on several threads
    only when it reads at least ``PARALLEL_BYTES``; the per-op kernels do the same by rows.
 3. **Threads by measurement** -- :class:`Governor` times every decode step and compares, now and
    then, one step on the other thread count (one thread or all of them): the faster one is kept,
-   so a step that starts being slowed by a busy core falls back to one thread, and goes back to
-   all of them when they are free again.  A comparison that loses makes the next one rarer.
+   so a step slowed by a busy core falls back to one thread, and goes back to all of them when
+   they are free again.  A comparison that loses makes the next one rarer.  One thread reads
+   memory almost as fast as two here (32 against 37 GB/s), so batch-1 decoding loses little on
+   one thread; batches of 8 are compute-bound and gain from two.
 
 OpenBLAS (NumPy's products) keeps threads of its own that spin after each product when NumPy was
 imported before refopt (see ``refopt/__init__.py``); Numba kernels that follow products run on one
@@ -39,18 +40,17 @@ import numba
 import refopt
 from refopt.kernels.cpu.matmul import SMALL_M
 
-SPIN_COUNT = "20000"    # GOMP_SPINCOUNT: tens of microseconds of spinning before a worker sleeps
 
 
 def configure() -> None:
-    """Load Numba's threading layer with short OpenMP spins (see the module docstring); once."""
+    """Load Numba's threading layer with passive OpenMP waiting (see the module docstring); once."""
     global _configured
     if _configured:
         return
     _configured = True
-    mine = "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+    mine = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     if mine:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         from numba.np.ufunc import parallel
 
@@ -59,7 +59,7 @@ def configure() -> None:
         pass
     finally:
         if mine:
-            del os.environ["GOMP_SPINCOUNT"]
+            del os.environ["OMP_WAIT_POLICY"]
 
 
 _configured = False
