@@ -1,14 +1,18 @@
-"""The backward pass of the OPT decoder: :func:`refopt.model.forward` read bottom to top.
+"""The backward pass of the OPT decoder: :func:`refopt.model.forward` read bottom to top, block by
+block.  Each ``*_backward`` here undoes the block of :mod:`refopt.model` of the same name, its
+lines in reverse; the comment above each step quotes the forward line it undoes.
 
-``forward(..., tape=tape)`` records every intermediate the backward needs; :func:`backward` walks
-that tape in reverse, calling each op's ``*_backward`` (kept beside its forward in ``refopt/ops``),
-and returns the gradient of every parameter:
+``forward(..., tape=tape)`` files every block's saved intermediates in the tape; :func:`backward`
+walks the blocks in reverse, calling each op's ``*_backward`` (kept beside its forward in
+``refopt/ops``), and returns the gradient of every parameter:
 
-    d_hidden -> (project_out) -> (final norm) -> for each layer, last first:
-        [post-LN: norm]  MLP block: dropout -> fc2 -> ReLU -> fc1 -> [pre-LN: norm] -> + residual
-        [post-LN: norm]  attention block: dropout -> out_proj -> attention -> q/k/v -> [pre-LN: norm]
-                         -> + residual
-    -> + positions -> (project_in) -> token embedding
+    d_hidden -> head_side_backward      (project_out) -> (final norm)
+             -> for each layer, last first:
+                    mlp_block_backward        [post-LN: norm] -> dropout -> fc2 -> ReLU -> fc1
+                                              -> [pre-LN: norm] -> + residual
+                    attention_block_backward  [post-LN: norm] -> dropout -> out_proj -> attention
+                                              -> q/k/v -> [pre-LN: norm] -> + residual
+             -> embed_backward          + positions -> (project_in) -> token embedding
 
 The LM head is tied to ``embed_tokens``; its share of that table's gradient comes from
 ``lm_head_backward`` in the caller (``refopt.training.loss_and_gradients``), since the head sits
@@ -29,6 +33,49 @@ import numpy as np
 from refopt import backend
 from refopt.config import OPTConfig
 from refopt.errors import InputError
+
+
+class Saved:
+    """One block's entries of the tape: ``saved["q"]`` reads ``tape["layers.3.q"]``."""
+
+    def __init__(self, tape: dict, prefix: str = ""):
+        self.tape, self.prefix = tape, prefix
+
+    def __getitem__(self, name):
+        return self.tape[self.prefix + name]
+
+    def __contains__(self, name):
+        return self.prefix + name in self.tape
+
+
+class Gradients:
+    """The parameter gradients, filled in as the blocks' backwards reach each parameter.
+
+    ``dense`` and ``norm`` undo :func:`refopt.model.dense` and :func:`refopt.model.norm`: they
+    return the gradient of the input and keep those of the parameters."""
+
+    def __init__(self, params, cfg: OPTConfig, ops):
+        self.params, self.cfg, self.ops = params, cfg, ops
+        self.grads: dict[str, np.ndarray] = {}
+
+    def dense(self, d_y, x, name):
+        # undoes  y = x @ W.T + b:  d_y [..., O], x [..., I] -> d_x [..., I]; keeps d_W, d_b
+        d_x, d_w, d_b = self.ops.linear_backward(d_y, x, self.params[name + ".weight"],
+                                                 name + ".bias" in self.params)
+        self.grads[name + ".weight"] = d_w
+        if d_b is not None:
+            self.grads[name + ".bias"] = d_b
+        return d_x
+
+    def norm(self, d_y, x, name):
+        # undoes  y = LayerNorm(x):  d_y, x [B, S, D] -> d_x [B, S, D]; keeps d_gamma, d_beta
+        d_x, d_gamma, d_beta = self.ops.layernorm_backward(
+            d_y, x, self.params.get(name + ".gamma"), self.cfg.layer_norm_epsilon)
+        if name + ".gamma" in self.params:
+            self.grads[name + ".gamma"] = d_gamma
+        if name + ".beta" in self.params:
+            self.grads[name + ".beta"] = d_beta
+        return d_x
 
 
 def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, *,
@@ -52,83 +99,106 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
     if cfg.num_layers and tape["layers.0.k"].shape[2] != S:
         raise InputError("backward: the tape comes from a forward with a KV cache; only a cache-free "
                          "forward (cache=None, cache_index=0) can be differentiated")
-    H, eps = cfg.num_heads, cfg.layer_norm_epsilon
-    scale = cfg.head_dim ** -0.5
-    get = params.get
-    grads: dict[str, np.ndarray] = {}
+    g = Gradients(params, cfg, ops)
     mask = tape["attention_mask"]                                              # [B, 1, S, S]
 
-    def norm_backward(d_y, x, prefix):
-        # d_y, x [B, S, D] -> d_x; records the norm's gamma/beta gradients
-        d_x, d_gamma, d_beta = ops.layernorm_backward(d_y, x, get(prefix + ".gamma"), eps)
-        if prefix + ".gamma" in params:
-            grads[prefix + ".gamma"] = d_gamma
-        if prefix + ".beta" in params:
-            grads[prefix + ".beta"] = d_beta
-        return d_x
-
-    def dense_backward(d_y, x, prefix):
-        # d_y [..., O], x [..., I] -> d_x [..., I]; records the weight/bias gradients
-        d_x, d_w, d_b = ops.linear_backward(d_y, x, params[prefix + ".weight"], prefix + ".bias" in params)
-        grads[prefix + ".weight"] = d_w
-        if d_b is not None:
-            grads[prefix + ".bias"] = d_b
-        return d_x
-
-    def dropout_back(d_y, name):
-        # the keep-mask is in the tape only when dropout was active in the forward
-        return ops.dropout_backward(d_y, tape[name]) if name in tape else d_y
-
-    # output side: project_out, final norm
-    d_x = d_hidden                                                             # [B, S, E]
-    if cfg.has_projection:
-        d_x = dense_backward(d_x, tape["final_norm"], "project_out")          # [B, S, D]
-    if cfg.has_final_layer_norm:
-        d_x = norm_backward(d_x, tape["final_norm_input"], "final_layer_norm")  # [B, S, D]
-
+    d_x = head_side_backward(d_hidden, Saved(tape), cfg, g)                    # [B, S, D]
     for i in reversed(range(cfg.num_layers)):
-        p = f"layers.{i}."
-        # --- MLP block, in reverse
-        if not cfg.do_layer_norm_before:
-            d_x = norm_backward(d_x, tape[p + "mlp_residual"], p + "mlp_layer_norm")
-        d_residual = d_x                                                       # [B, S, D]
-        d_m = dropout_back(d_x, p + "mlp_dropout_mask")                        # [B, S, D]
-        h = tape[p + "fc1_output"]                                             # [B, S, F]
-        d_h = dense_backward(d_m, ops.relu_forward(h), p + "fc2")                  # [B, S, F]
-        d_h = ops.relu_backward(d_h, h)
-        d_m = dense_backward(d_h, tape[p + "mlp_input"], p + "fc1")           # [B, S, D]
-        if cfg.do_layer_norm_before:
-            d_m = norm_backward(d_m, tape[p + "mlp_block_input"], p + "mlp_layer_norm")
-        d_x = d_residual + d_m                                                 # [B, S, D]
+        saved = Saved(tape, f"layers.{i}.")
+        d_x = mlp_block_backward(d_x, saved, f"layers.{i}.", cfg, ops, g)      # [B, S, D]
+        d_x = attention_block_backward(d_x, saved, f"layers.{i}.", cfg, ops, g, mask)  # [B, S, D]
+    embed_backward(d_x, Saved(tape), cfg, ops, g, d_embed_tokens)
 
-        # --- self-attention block, in reverse
-        if not cfg.do_layer_norm_before:
-            d_x = norm_backward(d_x, tape[p + "attention_residual"], p + "self_attn_layer_norm")
-        d_residual = d_x
-        d_a = dropout_back(d_x, p + "attention_dropout_mask")                  # [B, S, D]
-        d_ctx = dense_backward(d_a, tape[p + "attention_context"], p + "out_proj")  # [B, S, D]
-        d_q, d_k, d_v = ops.attention_backward(ops.split_heads(d_ctx, H), tape[p + "q"], tape[p + "k"],
-                                           tape[p + "v"], tape[p + "attention_probs"], mask)
-        a_in = tape[p + "attention_input"]                                     # [B, S, D]
-        d_a = dense_backward(ops.merge_heads(d_q) * scale, a_in, p + "q_proj")     # q was scaled
-        d_a = d_a + dense_backward(ops.merge_heads(d_k), a_in, p + "k_proj")
-        d_a = d_a + dense_backward(ops.merge_heads(d_v), a_in, p + "v_proj")
-        if cfg.do_layer_norm_before:
-            d_a = norm_backward(d_a, tape[p + "input"], p + "self_attn_layer_norm")
-        d_x = d_residual + d_a                                                 # [B, S, D]
-
-    # embeddings: x = (project_in(embed_tokens[ids])) + embed_positions[positions]
-    grads["embed_positions"] = ops.embedding_backward(d_x, tape["positions"],
-                                                  params["embed_positions"].shape[0])
-    if cfg.has_projection:
-        d_x = dense_backward(d_x, tape["project_in.input"], "project_in")     # [B, S, E]
-    d_tokens = ops.embedding_backward(d_x, tape["token_ids"], params["embed_tokens"].shape[0])
-    if d_embed_tokens is not None:
-        d_embed_tokens += d_tokens                                             # [V, E]
-        d_tokens = d_embed_tokens
-    grads["embed_tokens"] = d_tokens
-
+    grads = g.grads
     missing = set(params) - set(grads)
     if missing:  # a parameter the walk does not know: a bug here, never a user error
         raise AssertionError(f"backward: no gradient computed for {sorted(missing)}")
     return {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
+
+
+# ---------------------------------------------------------------------------------- blocks
+def head_side_backward(d_hidden, saved: Saved, cfg: OPTConfig, g: Gradients):
+    """Undoes :func:`refopt.model.head_side`: d_hidden [B, S, E] -> d_x [B, S, D]."""
+    d_x = d_hidden                                                             # [B, S, E]
+    if cfg.has_projection:
+        # x = dense(ops, params, "project_out", x)
+        d_x = g.dense(d_x, saved["final_norm"], "project_out")                 # [B, S, D]
+    if cfg.has_final_layer_norm:
+        # x = norm(ops, params, "final_layer_norm", x, cfg)
+        d_x = g.norm(d_x, saved["final_norm_input"], "final_layer_norm")       # [B, S, D]
+    return d_x
+
+
+def mlp_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradients):
+    """Undoes :func:`refopt.model.mlp_block`: d_y [B, S, D] -> d_x [B, S, D]."""
+    pre = cfg.do_layer_norm_before
+    if not pre:
+        # y = norm(ops, params, p + "mlp_layer_norm", y, cfg)
+        d_y = g.norm(d_y, saved["mlp_residual"], p + "mlp_layer_norm")         # [B, S, D]
+    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    d_out = d_y                                                                # [B, S, D]
+    if "mlp_dropout_mask" in saved:
+        # out = ops.dropout_forward(out, keep)
+        d_out = ops.dropout_backward(d_out, saved["mlp_dropout_mask"])         # [B, S, D]
+    pre_act = saved["fc1_output"]                                              # [B, S, F]
+    # out = dense(ops, params, p + "fc2", h)
+    d_h = g.dense(d_out, ops.relu_forward(pre_act), p + "fc2")                 # [B, S, F]
+    # h = ops.relu_forward(pre_act)
+    d_pre = ops.relu_backward(d_h, pre_act)                                    # [B, S, F]
+    # pre_act = dense(ops, params, p + "fc1", m)
+    d_m = g.dense(d_pre, saved["mlp_input"], p + "fc1")                        # [B, S, D]
+    if pre:
+        # m = norm(ops, params, p + "mlp_layer_norm", x, cfg)
+        d_m = g.norm(d_m, saved["mlp_block_input"], p + "mlp_layer_norm")      # [B, S, D]
+    # y = x + out                       (the residual: both paths reach x)
+    return d_y + d_m                                                           # [B, S, D]
+
+
+def attention_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradients, mask):
+    """Undoes :func:`refopt.model.attention_block` (cache-free): d_y [B, S, D] -> d_x [B, S, D];
+    mask [B, 1, S, S] the forward's."""
+    H, pre = cfg.num_heads, cfg.do_layer_norm_before
+    if not pre:
+        # y = norm(ops, params, p + "self_attn_layer_norm", y, cfg)
+        d_y = g.norm(d_y, saved["attention_residual"], p + "self_attn_layer_norm")  # [B, S, D]
+    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    d_out = d_y                                                                # [B, S, D]
+    if "attention_dropout_mask" in saved:
+        # out = ops.dropout_forward(out, keep)
+        d_out = ops.dropout_backward(d_out, saved["attention_dropout_mask"])   # [B, S, D]
+    # out = dense(ops, params, p + "out_proj", ctx)
+    d_ctx = g.dense(d_out, saved["attention_context"], p + "out_proj")         # [B, S, D]
+    # ctx = ops.merge_heads(ctx)        (undone by split_heads)
+    # ctx, probs = ops.attention_forward(q, k, v, mask)
+    d_q, d_k, d_v = ops.attention_backward(ops.split_heads(d_ctx, H), saved["q"], saved["k"],
+                                           saved["v"], saved["attention_probs"], mask)  # [B, H, S, K]
+    a = saved["attention_input"]                                               # [B, S, D]
+    # q = ops.split_heads(dense(ops, params, p + "q_proj", a) * cfg.head_dim ** -0.5, H)
+    d_a = g.dense(ops.merge_heads(d_q) * cfg.head_dim ** -0.5, a, p + "q_proj")  # [B, S, D]
+    # k = ops.split_heads(dense(ops, params, p + "k_proj", a), H)
+    d_a = d_a + g.dense(ops.merge_heads(d_k), a, p + "k_proj")
+    # v = ops.split_heads(dense(ops, params, p + "v_proj", a), H)
+    d_a = d_a + g.dense(ops.merge_heads(d_v), a, p + "v_proj")
+    if pre:
+        # a = norm(ops, params, p + "self_attn_layer_norm", x, cfg)
+        d_a = g.norm(d_a, saved["input"], p + "self_attn_layer_norm")          # [B, S, D]
+    # y = x + out                       (the residual: both paths reach x)
+    return d_y + d_a                                                           # [B, S, D]
+
+
+def embed_backward(d_x, saved: Saved, cfg: OPTConfig, ops, g: Gradients, d_embed_tokens=None):
+    """Undoes :func:`refopt.model.embed`: d_x [B, S, D] -> the tables' gradients (in ``g``);
+    ``d_embed_tokens`` [V, E] (the tied head's share), when given, receives the lookup's in place."""
+    params = g.params
+    # x = x + ops.embedding_forward(params["embed_positions"], positions)
+    g.grads["embed_positions"] = ops.embedding_backward(d_x, saved["positions"],
+                                                        params["embed_positions"].shape[0])
+    if cfg.has_projection:
+        # x = dense(ops, params, "project_in", e)
+        d_x = g.dense(d_x, saved["project_in.input"], "project_in")            # [B, S, E]
+    # e = ops.embedding_forward(params["embed_tokens"], token_ids)
+    d_tokens = ops.embedding_backward(d_x, saved["token_ids"], params["embed_tokens"].shape[0])
+    if d_embed_tokens is not None:
+        d_embed_tokens += d_tokens                                             # [V, E]
+        d_tokens = d_embed_tokens
+    g.grads["embed_tokens"] = d_tokens

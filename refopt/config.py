@@ -66,7 +66,7 @@ class OPTConfig:
 
     @property
     def has_projection(self) -> bool:
-        """True when the embedding is narrower than the decoder (OPT-350m): project_in/out exist."""
+        """True when the embedding is narrower than the decoder (OPT-350m), so project_in/out exist."""
         return self.word_embed_proj_dim != self.hidden_dim
 
     @property
@@ -76,7 +76,7 @@ class OPTConfig:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype activations are computed in: float64 on request, else float32."""
+        """The dtype activations are computed in (float64 on request, else float32)."""
         return "float64" if self.dtype == "float64" else "float32"
 
     def validate(self) -> None:

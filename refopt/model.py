@@ -1,8 +1,14 @@
-"""The OPT decoder over a flat dict of NumPy parameters, top to bottom in one function.
+"""The OPT decoder over a flat dict of NumPy parameters, read top to bottom in :func:`forward`:
 
-    embed -> (project_in) -> + positions
-    for each layer:  [norm] -> attention (with cache) -> residual -> [norm] -> MLP -> residual
-    (final norm) -> (project_out) -> tied LM head
+    x = embed(token_ids, positions)           # token embedding (-> project_in) + position
+    for each layer:
+        x = attention_block(x)                # x + attention(norm(x)), with the KV cache
+        x = mlp_block(x)                      # x + fc2(relu(fc1(norm(x))))
+    hidden = head_side(x)                     # (final norm) -> (project_out); the tied LM head follows
+
+Each block is a short function with a shape comment per line; it returns its output and the
+intermediates its backward needs, which ``forward`` files in the tape (:mod:`refopt.backward` walks
+the same blocks in reverse, each ``*_backward`` beside the forward it undoes).
 
 Pre-LayerNorm models (OPT-125m, 1.3b, ...) normalise *before* each block and once more at the end;
 post-LayerNorm models (OPT-350m) normalise *after* each residual sum and have no final norm.
@@ -126,6 +132,105 @@ def positions_from_mask(padding_mask):
     return np.maximum(np.cumsum(padding_mask.astype(np.int64), axis=1) - 1, 0)
 
 
+# ---------------------------------------------------------------------------------- pieces
+def dense(ops, params, name, x):
+    # x [..., I] -> x @ W.T + b [..., O], W = params[name.weight] [O, I], b = params[name.bias] | None
+    return ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+
+
+def norm(ops, params, name, x, cfg):
+    # x [..., D] -> LayerNorm(x) [..., D] with params[name.gamma], params[name.beta] (when affine)
+    return ops.layernorm_forward(x, params.get(name + ".gamma"), params.get(name + ".beta"),
+                                 cfg.layer_norm_epsilon)
+
+
+# ---------------------------------------------------------------------------------- blocks
+# Each block returns its output and ``saved``, the intermediates its backward reads
+# (:mod:`refopt.backward`, ``*_block_backward``); ``forward`` files them in the tape.
+def embed(params, cfg: OPTConfig, ops, token_ids, positions):
+    """token_ids, positions [B, S] -> x [B, S, D]: token embedding (through project_in) + position."""
+    e = ops.embedding_forward(params["embed_tokens"], token_ids)                   # [B, S, E]
+    x = dense(ops, params, "project_in", e) if cfg.has_projection else e           # [B, S, D]
+    x = x + ops.embedding_forward(params["embed_positions"], positions)            # [B, S, D]
+    return x, {"project_in.input": e if cfg.has_projection else None, "embeddings": x}
+
+
+def attention_block(x, params, p, cfg: OPTConfig, ops, mask, keep=None, layer_cache=None,
+                    cache_index=0):
+    """x [B, S, D] -> x + attention(norm(x)) [B, S, D] (pre-LN; post-LN: norm(x + attention(x))).
+
+    mask [B, 1, S, T] bool; keep: the dropout keep-mask [B, S, D] or None; layer_cache: this layer's
+    slice of the KV cache [B, 2, T, H, K] (keys and values of the new tokens go in at
+    ``cache_index``; attention reads ``0 .. cache_index + S``)."""
+    H, pre = cfg.num_heads, cfg.do_layer_norm_before
+    a = norm(ops, params, p + "self_attn_layer_norm", x, cfg) if pre else x        # [B, S, D]
+    q = ops.split_heads(dense(ops, params, p + "q_proj", a) * cfg.head_dim ** -0.5, H)  # [B, H, S, K]
+    k = ops.split_heads(dense(ops, params, p + "k_proj", a), H)                    # [B, H, S, K]
+    v = ops.split_heads(dense(ops, params, p + "v_proj", a), H)                    # [B, H, S, K]
+    if layer_cache is not None:
+        k, v = cache_keys_values(layer_cache, cache_index, k, v)                   # [B, H, T, K]
+    ctx, probs = ops.attention_forward(q, k, v, mask)                    # [B, H, S, K], [B, H, S, T]
+    ctx = ops.merge_heads(ctx)                                                     # [B, S, D]
+    out = dense(ops, params, p + "out_proj", ctx)                                  # [B, S, D]
+    if keep is not None:
+        out = ops.dropout_forward(out, keep)                                       # [B, S, D]
+    y = x + out                                                                    # [B, S, D]
+    saved = {"input": x, "attention_input": a, "q": q, "k": k, "v": v, "attention_probs": probs,
+             "attention_context": ctx, "attention_dropout_mask": keep, "attention_output": out}
+    if not pre:
+        saved["attention_residual"] = y
+        y = norm(ops, params, p + "self_attn_layer_norm", y, cfg)                 # [B, S, D]
+    return y, saved
+
+
+def mlp_block(x, params, p, cfg: OPTConfig, ops, keep=None, keep_preactivation=False):
+    """x [B, S, D] -> x + fc2(relu(fc1(norm(x)))) [B, S, D] (post-LN: norm(x + mlp(x))).
+
+    keep: the dropout keep-mask [B, S, D] or None; keep_preactivation: save fc1's output for ReLU's
+    backward (else bias and ReLU run fused into the product's epilogue)."""
+    pre = cfg.do_layer_norm_before
+    m = norm(ops, params, p + "mlp_layer_norm", x, cfg) if pre else x               # [B, S, D]
+    if keep_preactivation:
+        pre_act = dense(ops, params, p + "fc1", m)                                 # [B, S, F]
+        h = ops.relu_forward(pre_act)                                              # [B, S, F]
+    else:
+        pre_act = None
+        h = ops.linear_relu_forward(m, params[p + "fc1.weight"], params.get(p + "fc1.bias"))
+    out = dense(ops, params, p + "fc2", h)                                         # [B, S, D]
+    if keep is not None:
+        out = ops.dropout_forward(out, keep)                                       # [B, S, D]
+    y = x + out                                                                    # [B, S, D]
+    saved = {"mlp_block_input": x, "mlp_input": m, "fc1_output": pre_act,
+             "mlp_dropout_mask": keep, "mlp_output": out}
+    if not pre:
+        saved["mlp_residual"] = y
+        y = norm(ops, params, p + "mlp_layer_norm", y, cfg)                       # [B, S, D]
+    saved["output"] = y
+    return y, saved
+
+
+def head_side(x, params, cfg: OPTConfig, ops):
+    """x [B, S, D] -> hidden [B, S, E]: the final norm (pre-LN models) and project_out."""
+    saved = {"final_norm_input": x if cfg.has_final_layer_norm else None}
+    if cfg.has_final_layer_norm:
+        x = norm(ops, params, "final_layer_norm", x, cfg)                          # [B, S, D]
+    saved["final_norm"] = x
+    if cfg.has_projection:
+        x = dense(ops, params, "project_out", x)                                   # [B, S, E]
+    saved["hidden"] = x
+    return x, saved
+
+
+def cache_keys_values(layer_cache, cache_index, k, v):
+    """Write the new keys and values k, v [B, H, S, K] into layer_cache [B, 2, T, H, K] at
+    ``cache_index`` and return every key and value so far, [B, H, cache_index + S, K] each."""
+    end = cache_index + k.shape[2]
+    layer_cache[:, 0, cache_index:end] = k.transpose(0, 2, 1, 3)                   # [B, S, H, K]
+    layer_cache[:, 1, cache_index:end] = v.transpose(0, 2, 1, 3)
+    return (layer_cache[:, 0, :end].transpose(0, 2, 1, 3),                         # [B, H, T, K]
+            layer_cache[:, 1, :end].transpose(0, 2, 1, 3))
+
+
 # ---------------------------------------------------------------------------------- forward
 def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cache_index: int = 0,
             tape: dict | None = None, dropout_rng: np.random.Generator | None = None, ops=None):
@@ -147,92 +252,40 @@ def forward(params, cfg: OPTConfig, token_ids, padding_mask, *, cache=None, cach
     ops = backend.ops() if ops is None else ops
     B, S = token_ids.shape
     end = cache_index + S
-    key_mask = np.asarray(padding_mask)[:, :end].astype(bool)                 # [B, T=end]
-    H, eps = cfg.num_heads, cfg.layer_norm_epsilon
-    scale = cfg.head_dim ** -0.5
-    rec = tape.__setitem__ if tape is not None else (lambda name, value: None)
-    get = params.get
+    key_mask = np.asarray(padding_mask)[:, :end].astype(bool)                     # [B, T=end]
+    positions = positions_from_mask(key_mask)[:, cache_index:end]                  # [B, S]
+    mask = ops.attention_mask(key_mask, np.arange(cache_index, end))               # [B, 1, S, T]
+    record = _recorder(tape)
+    record("", {"token_ids": token_ids, "positions": positions, "attention_mask": mask})
 
-    def dropout(x, name):
-        if dropout_rng is None or cfg.dropout == 0:
-            return x
-        keep = (dropout_rng.random(x.shape) >= cfg.dropout) / (1.0 - cfg.dropout)
-        rec(name, keep.astype(x.dtype))
-        return x * keep.astype(x.dtype)
-
-    # embeddings
-    positions = positions_from_mask(key_mask)[:, cache_index:end]            # [B, S]
-    rec("token_ids", token_ids)
-    rec("positions", positions)
-    x = ops.embedding_forward(params["embed_tokens"], token_ids)                  # [B, S, E]
-    if cfg.has_projection:
-        rec("project_in.input", x)
-        x = ops.linear_forward(x, params["project_in.weight"])                   # [B, S, D]
-    x = x + ops.embedding_forward(params["embed_positions"], positions)          # [B, S, D]
-    rec("embeddings", x)
-
-    mask = ops.attention_mask(key_mask, np.arange(cache_index, end))              # [B, 1, S, T]
-    rec("attention_mask", mask)
+    x, saved = embed(params, cfg, ops, token_ids, positions)                       # [B, S, D]
+    record("", saved)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        # --- self-attention block
-        residual = x                                                           # [B, S, D]
-        rec(p + "input", x)
-        if cfg.do_layer_norm_before:
-            x = ops.layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
-                                  get(p + "self_attn_layer_norm.beta"), eps)
-        rec(p + "attention_input", x)
-        q = ops.linear_forward(x, params[p + "q_proj.weight"], get(p + "q_proj.bias")) * scale
-        k = ops.linear_forward(x, params[p + "k_proj.weight"], get(p + "k_proj.bias"))
-        v = ops.linear_forward(x, params[p + "v_proj.weight"], get(p + "v_proj.bias"))  # [B, S, D]
-        q, k, v = ops.split_heads(q, H), ops.split_heads(k, H), ops.split_heads(v, H)     # [B, H, S, K]
-        if cache is not None:
-            cache[:, i, 0, cache_index:end] = k.transpose(0, 2, 1, 3)          # [B, S, H, K]
-            cache[:, i, 1, cache_index:end] = v.transpose(0, 2, 1, 3)
-            k = cache[:, i, 0, :end].transpose(0, 2, 1, 3)                     # [B, H, T, K]
-            v = cache[:, i, 1, :end].transpose(0, 2, 1, 3)
-        rec(p + "q", q), rec(p + "k", k), rec(p + "v", v)
-        ctx, probs = ops.attention_forward(q, k, v, mask)                          # [B, H, S, K]
-        rec(p + "attention_probs", probs)
-        ctx = ops.merge_heads(ctx)                                                 # [B, S, D]
-        rec(p + "attention_context", ctx)
-        x = ops.linear_forward(ctx, params[p + "out_proj.weight"], get(p + "out_proj.bias"))
-        x = dropout(x, p + "attention_dropout_mask")
-        rec(p + "attention_output", x)
-        x = residual + x
-        if not cfg.do_layer_norm_before:
-            rec(p + "attention_residual", x)
-            x = ops.layernorm_forward(x, get(p + "self_attn_layer_norm.gamma"),
-                                  get(p + "self_attn_layer_norm.beta"), eps)
-        # --- MLP block
-        residual = x
-        rec(p + "mlp_block_input", x)
-        if cfg.do_layer_norm_before:
-            x = ops.layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
-        rec(p + "mlp_input", x)
-        if tape is not None:   # training keeps the pre-activation for ReLU's backward
-            h = ops.linear_forward(x, params[p + "fc1.weight"], get(p + "fc1.bias"))   # [B, S, F]
-            rec(p + "fc1_output", h)
-            h = ops.relu_forward(h)
-        else:                  # inference: bias and ReLU fused into the product's epilogue
-            h = ops.linear_relu_forward(x, params[p + "fc1.weight"], get(p + "fc1.bias"))
-        x = ops.linear_forward(h, params[p + "fc2.weight"], get(p + "fc2.bias"))   # [B, S, D]
-        x = dropout(x, p + "mlp_dropout_mask")
-        rec(p + "mlp_output", x)
-        x = residual + x
-        if not cfg.do_layer_norm_before:
-            rec(p + "mlp_residual", x)
-            x = ops.layernorm_forward(x, get(p + "mlp_layer_norm.gamma"), get(p + "mlp_layer_norm.beta"), eps)
-        rec(p + "output", x)
-
-    if cfg.has_final_layer_norm:
-        rec("final_norm_input", x)
-        x = ops.layernorm_forward(x, get("final_layer_norm.gamma"), get("final_layer_norm.beta"), eps)
-    rec("final_norm", x)
-    if cfg.has_projection:
-        x = ops.linear_forward(x, params["project_out.weight"])                  # [B, S, E]
-    rec("hidden", x)
+        keep_attention, keep_mlp = _dropout_masks(ops, cfg, dropout_rng, x)        # [B, S, D] | None
+        x, saved = attention_block(x, params, p, cfg, ops, mask, keep_attention,
+                                   None if cache is None else cache[:, i], cache_index)  # [B, S, D]
+        record(p, saved)
+        x, saved = mlp_block(x, params, p, cfg, ops, keep_mlp, tape is not None)   # [B, S, D]
+        record(p, saved)
+    x, saved = head_side(x, params, cfg, ops)                                      # [B, S, E]
+    record("", saved)
     return x
+
+
+def _recorder(tape):
+    # record(prefix, saved): file a block's intermediates in the tape as prefix + name (None: absent)
+    def record(prefix, saved):
+        tape.update({prefix + name: value for name, value in saved.items() if value is not None})
+    return record if tape is not None else (lambda prefix, saved: None)
+
+
+def _dropout_masks(ops, cfg, dropout_rng, x):
+    # training: a keep-mask [B, S, D] for each residual branch of a layer (attention's drawn first);
+    # inference: (None, None)
+    if dropout_rng is None or cfg.dropout == 0:
+        return None, None
+    return tuple(ops.dropout_mask(dropout_rng, x.shape, cfg.dropout, x.dtype) for _ in range(2))
 
 
 def logits_forward(params, cfg: OPTConfig, token_ids, padding_mask, *, ops=None, **kwargs):

@@ -37,7 +37,8 @@ How refopt keys it
 ================  ===========================================================================
 key               ``(seed mod 2**32, seed >> 32)`` for the row's seed ``0 <= seed < 2**64``
 counter word c0   the step: the absolute index in the sequence of the token being decided
-counter word c1   0 (the row is identified by its key, never by its index in the batch)
+counter word c1   0 for a sampler's draw (the row is identified by its key, never by its index in
+                  the batch); the element's index for the cuda training's dropout masks
 counter word c2   the stream (:data:`STREAM_TOKEN` for an ordinary sampled token; speculative
                   decoding uses :data:`STREAM_DRAFT`, :data:`STREAM_ACCEPT`, :data:`STREAM_RESIDUAL`)
 counter word c3   0
@@ -179,19 +180,23 @@ def bits_to_uniform(x0, x1) -> np.ndarray:
     return (hi * 67108864.0 + lo) / 9007199254740992.0                      # (hi * 2**26 + lo) / 2**53
 
 
-def uniform(seeds, step, stream: int = STREAM_TOKEN) -> np.ndarray:
+def uniform(seeds, step, stream: int = STREAM_TOKEN, index=0) -> np.ndarray:
     """Uniform floats in ``[0, 1)``, one per seed: ``seeds [...]`` (each row's seed, integers in
     ``[0, 2**64)``) at ``step`` (broadcast against ``seeds``).
 
-    Counter ``(step, 0, stream, 0)``, key from the row's seed: the value for one (seed, step,
-    stream) is the same whatever else is drawn."""
+    Counter ``(step, index, stream, 0)``, key from the row's seed: the value for one (seed, step,
+    stream, index) is the same whatever else is drawn.  Samplers leave ``index`` at 0 (see the
+    module docstring); a stream of many numbers under one seed (the cuda backend's dropout masks:
+    one per element) numbers them with ``index`` (broadcast too)."""
     seeds = as_seeds(seeds)
     step = np.asarray(step, dtype=np.int64)
-    if (step < 0).any() or (step >= 2 ** 32).any():
-        raise SamplerError("uniform: steps must lie in [0, 2**32)")
-    seeds, step = np.broadcast_arrays(seeds, step)
-    zeros = np.zeros(seeds.shape, np.uint32)
-    counter = np.stack([step.astype(np.uint32), zeros, np.full(seeds.shape, stream, np.uint32), zeros],
+    index = np.asarray(index, dtype=np.int64)
+    for name, v in (("steps", step), ("indices", index)):
+        if (v < 0).any() or (v >= 2 ** 32).any():
+            raise SamplerError(f"uniform: {name} must lie in [0, 2**32)")
+    seeds, step, index = np.broadcast_arrays(seeds, step, index)
+    counter = np.stack([step.astype(np.uint32), index.astype(np.uint32),
+                        np.full(seeds.shape, stream, np.uint32), np.zeros(seeds.shape, np.uint32)],
                        axis=-1)                                               # [..., 4]
     key = np.stack([(seeds & _MASK32).astype(np.uint32), (seeds >> np.uint64(32)).astype(np.uint32)],
                    axis=-1)                                                   # [..., 2]

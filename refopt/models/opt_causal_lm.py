@@ -74,7 +74,7 @@ class OPTCausalLM:
     # ------------------------------------------------------------------ forward
     @property
     def backend(self):
-        """The backend this model runs on (None: the current one; see :mod:`refopt.backend`)."""
+        """The backend this model runs on (None means the current one, see :mod:`refopt.backend`)."""
         return self.backbone.backend
 
     @backend.setter

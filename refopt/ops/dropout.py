@@ -1,8 +1,9 @@
 """Inverted dropout: in training, each element is kept with probability ``1 - rate`` and scaled by
 ``1 / (1 - rate)``, so the expectation is unchanged and inference needs no rescaling.
 
-``refopt.model.forward`` draws the keep-masks itself (when given a ``dropout_rng``) and records them
-in the tape; these two functions are the op and its backward, written against such a mask.
+``refopt.model.forward`` draws a layer's keep-masks with :func:`dropout_mask` (when given a
+``dropout_rng``) and records them in the tape; :func:`dropout_forward` applies one and
+:func:`dropout_backward` (in ``refopt.backward``) undoes it.
 """
 
 import numpy as np

@@ -29,6 +29,9 @@ class MinPSampler(Sampler):
                                                      "MinPSampler")
         self.seed = philox.check_seeds(seed)
 
+    def device_spec(self):
+        return self._spec(MinPSampler, "min_p", min_p=self.min_p, k=self.min_tokens_to_keep)
+
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
         return self.ops.min_p_distribution(p, self.min_p, self.min_tokens_to_keep)
