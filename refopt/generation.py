@@ -150,6 +150,34 @@ def make_next(model):
     return next
 
 
+def prepare(model):
+    """Get the kernels that generating with ``model`` needs ready without making the caller wait:
+    on a backend that compiles them (Numba), compile them -- or load them from Numba's on-disk
+    cache -- on a background thread, the NumPy ops serving this process meanwhile (see
+    :mod:`refopt.kernels.cpu.warmup`).  Returns the background job (``.running``, ``.wait()``),
+    or None when the model's backend has nothing to prepare."""
+    ops = model.backbone.ops
+    warm_up = getattr(ops, "warm_up", None)
+    if warm_up is None:
+        return None
+    cfg = model.backbone.config
+
+    def exercise():
+        # small calls of the types a generation makes: a one-token step (the compiled decode
+        # step), prompts of 2 and 9 tokens (per-op kernels; attention on BLAS from 8 queries), and
+        # the samplers' selection steps
+        for length in (1, 2, 9):
+            length = min(length, cfg.max_sequence_length)
+            model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
+        p = np.full((1, 4), 0.25)
+        ops.choose(p, ops.uniform(np.zeros(1, np.uint64), 0))
+        ops.top_k_mask(p, 2)
+        ops.top_p_distribution(p, 0.5)
+        ops.min_p_distribution(p, 0.1)
+
+    return warm_up(exercise)
+
+
 def output_padding_mask(token_ids, prompt_mask, stop_token_ids):
     """KerasHub's output mask: True through each row's first stop token outside the prompt, False
     after it; all True without stop tokens."""

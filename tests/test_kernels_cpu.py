@@ -197,3 +197,35 @@ def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, seed):
     logits, hidden = decode_step(params, cfg, ids, mask, cache, index, threads=threads, min_bytes=0)
     close(logits, want, dtype, "logits")
     close(cache, want_cache, dtype, "cache")
+
+
+def test_background_warm_up_serves_the_numpy_ops_meanwhile():
+    # while a warm-up compiles on its thread, every other thread gets the NumPy ops (and no
+    # compiled decode step), so nothing waits on Numba's compiler; its own thread gets the kernels
+    import threading
+
+    from refopt.kernels.cpu import warmup
+    from refopt.config import OPTConfig
+    from refopt.model import init_params, new_cache
+
+    gate, seen = threading.Event(), {}
+
+    def exercise():
+        seen["inside"] = warmup.busy()
+        gate.wait(10)
+
+    job = nb.warm_up(exercise)
+    try:
+        assert job.running and warmup.busy()
+        cfg = OPTConfig(vocabulary_size=11, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=4,
+                        max_sequence_length=4, dropout=0.0, dtype="float64")
+        params = init_params(cfg)
+        assert nb.decode_step(params, cfg, np.zeros((1, 1), np.int64), np.ones((1, 1), bool),
+                              new_cache(cfg, 1, 1, np.float64), 0) is None
+        x = np.random.default_rng(0).standard_normal((2, 3, 5))
+        np.testing.assert_array_equal(nb.layernorm_forward(x, None, None, 1e-5),
+                                      ref.layernorm_forward(x, None, None, 1e-5))
+    finally:
+        gate.set()
+    assert job.wait(10) and job.error is None
+    assert seen["inside"] is False and not warmup.busy()

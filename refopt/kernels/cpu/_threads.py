@@ -100,7 +100,7 @@ class Governor:
         st = self._state.get(key)
         if st is None or st["most"] != most:
             st = self._state[key] = {"most": most, "use": start, "recent": [], "wait": self.FIRST,
-                                     "interval": self.FIRST}
+                                     "interval": self.FIRST, "first": True}
         st["wait"] -= 1
         if st["wait"] <= 0 and len(st["recent"]) >= 3:
             st["wait"] = st["interval"]
@@ -110,6 +110,8 @@ class Governor:
     def record(self, key, threads: int, seconds: float) -> None:
         st = self._state.get(key)
         if st is None:
+            return
+        if st.pop("first", False):               # the first call compiles or warms caches
             return
         if threads == st["use"]:
             st["recent"] = (st["recent"] + [seconds])[-5:]

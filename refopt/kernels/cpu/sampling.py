@@ -100,13 +100,31 @@ def choose(weights, u):
     return out
 
 
+@njit(cache=True)
+def _kth_largest(row, k, top):
+    # the k-th largest of row [V] (NaN counts as the largest, as in np.partition), in one pass
+    # keeping the k largest seen so far in top [k], sorted descending
+    n = 0
+    for i in range(row.shape[0]):
+        v = row[i]
+        if n == k and not (v > top[k - 1] or (v != v and top[k - 1] == top[k - 1])):
+            continue
+        j = min(n, k - 1)                                 # insert v, dropping the smallest if full
+        while j > 0 and (v > top[j - 1] or (v != v and top[j - 1] == top[j - 1])):
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = v
+        n = min(n + 1, k)
+    return top[k - 1]
+
+
 @njit(parallel=True, cache=True)
 def _top_k_mask(p, k, out):
-    # out[b, i] True on the k largest of p[b] (ties towards the lower index): partial selection of
-    # the k-th largest value with np.partition, then one pass keeping "above" and the first ties
+    # out[b, i] True on the k largest of p[b] (ties towards the lower index): the k-th largest
+    # value, then one pass keeping "above" and the first ties
     B, V = p.shape
     for b in prange(B):
-        kth = -np.partition(-p[b], k - 1)[k - 1]
+        kth = _kth_largest(p[b], k, np.empty(k, p.dtype))
         above = 0
         for i in range(V):
             if p[b, i] > kth:
@@ -122,30 +140,70 @@ def _top_k_mask(p, k, out):
                 out[b, i] = False
 
 
+SMALL_K = 64          # up to this k, the one-pass selection; beyond it NumPy's partition
+
+
 def top_k_mask(p, k):
-    """:func:`refopt.samplers.sampler.top_k_mask`, compiled."""
+    """:func:`refopt.samplers.sampler.top_k_mask`, compiled (for k up to SMALL_K)."""
+    from refopt.ops.sampling import top_k_mask as reference
+
     p = np.ascontiguousarray(p)
     k = min(int(k), p.shape[1])
+    if k > SMALL_K:
+        return reference(p, k)
     out = np.empty(p.shape, np.bool_)
     _top_k_mask(p, k, out)
     return out
 
 
+@njit(inline="always")
+def _before(p, a, b):
+    # whether token a comes before token b in the stable descending order (NaN last)
+    pa, pb = p[a], p[b]
+    if pa > pb:
+        return True
+    if pa == pb or (pa != pa and pb != pb):
+        return a < b
+    return pb != pb and pa == pa
+
+
+@njit(inline="always")
+def _sift_down(p, heap, n, j):
+    while True:
+        first = j
+        for c in (2 * j + 1, 2 * j + 2):
+            if c < n and _before(p, heap[c], heap[first]):
+                first = c
+        if first == j:
+            return
+        heap[j], heap[first] = heap[first], heap[j]
+        j = first
+
+
 @njit(parallel=True, cache=True)
 def _top_p(p, top_p, cutoff, out):
-    # KerasHub's nucleus rule in float64: stable descending order, keep the first token and every
-    # token whose preceding cumulative sum is <= top_p, among the first `cutoff`
+    # KerasHub's nucleus rule in float64: in stable descending order, keep the first token and
+    # every token whose preceding cumulative sum is <= top_p, among the first `cutoff`.  Tokens
+    # come off a heap in that order, only as far as the rule keeps any (no full sort)
     B, V = p.shape
     for b in prange(B):
-        order = np.argsort(-p[b], kind="mergesort")
+        row = p[b]
+        heap = np.arange(V)
+        for j in range(V // 2 - 1, -1, -1):
+            _sift_down(row, heap, V, j)
         for i in range(V):
             out[b, i] = 0.0
         before = 0.0
+        n = V
         for j in range(cutoff):
-            i = order[j]
-            if j == 0 or before <= top_p:
-                out[b, i] = p[b, i]
-            before += p[b, i]
+            if j > 0 and not before <= top_p:
+                break
+            i = heap[0]
+            out[b, i] = row[i]
+            before += row[i]
+            n -= 1
+            heap[0] = heap[n]
+            _sift_down(row, heap, n, 0)
 
 
 def top_p_distribution(p, top_p, k=None):
