@@ -34,85 +34,14 @@ import numpy as np
 from numba import njit, prange
 
 from refopt.kernels.cpu._threads import governor
-from refopt.kernels.cpu.matmul import dot_block, dot_one
+from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, product_range, split, stored
 
 # ----------------------------------------------------------------------------- stages
 # Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
 # small parallel wrapper that splits the range across the threads; :func:`_layer` calls the wrapper
 # only when the stage reads at least ``min_bytes`` (PARALLEL_BYTES by default) and more than one
-# thread is allowed.
-PARALLEL_BYTES = 1 << 19
+# thread is allowed.  The products are :mod:`.matmul`'s.
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
-
-
-@njit(inline="always")
-def _epilogue(acc, scale, bias, o):
-    # int8's scale, then the bias (empty arrays when absent)
-    if scale.shape[0] > 0:
-        acc = acc * scale[o]
-    if bias.shape[0] > 0:
-        acc += bias[o]
-    return acc
-
-
-@njit(inline="always")
-def _store(out, m, o, y, mode, alpha):
-    # mode 0: out = y * alpha;  1: out = relu(y);  2: out += y (a residual sum)
-    if mode == 0:
-        out[m, o] = y * alpha
-    elif mode == 1:
-        out[m, o] = y if y > 0 else y * 0
-    else:
-        out[m, o] += y
-
-
-@njit(fastmath=True, cache=True)
-def _product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
-    # outputs o0..o1 (o0 even) of every row: out[:, col + o] <- epilogue(x @ widen(w[o])).  The raw
-    # dots of a pair of outputs go through a small buffer before the epilogue: with the stores
-    # written straight after dot_block, LLVM compiled its loop 6x slower (measured)
-    M = x.shape[0]
-    acc = np.empty((M, 2), x.dtype)
-    for o in range(o0, o1, 2):
-        n = min(2, o1 - o)
-        m = 0
-        if n == 2:
-            while m + 4 <= M:
-                r = dot_block(x, m, w, o)
-                for j in range(8):
-                    acc[m + j // 2, j % 2] = r[j]
-                m += 4
-        for mm in range(m, M):
-            for k in range(n):
-                acc[mm, k] = dot_one(x, mm, w, o + k)
-        for mm in range(M):
-            for k in range(n):
-                _store(out, mm, col + o + k, _epilogue(acc[mm, k], scale, bias, o + k), mode, alpha)
-
-
-@njit(inline="always")
-def _split(n, parts, c):
-    # the even-aligned range c of n items split into parts
-    per = ((n + parts - 1) // parts + 1) // 2 * 2
-    return min(n, c * per), min(n, (c + 1) * per)
-
-
-@njit(parallel=True, cache=True)
-def _product_parallel(x, w, scale, bias, out, col, mode, alpha, parts):
-    for c in prange(parts):
-        o0, o1 = _split(w.shape[0], parts, c)
-        _product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1)
-
-
-@njit(cache=True)
-def _product(x, w, scale, bias, out, col, mode, alpha, threads, min_bytes):
-    """out[:, col:col+O] <- x [M, I] @ widen(w [O, I]).T, int8-scaled, plus bias, stored by
-    ``mode`` (0: times ``alpha``, 1: ReLU, 2: added to ``out``); on ``threads`` threads when it
-    reads at least ``min_bytes`` of weights."""
-    if threads > 1 and w.nbytes >= min_bytes:
-        _product_parallel(x, w, scale, bias, out, col, mode, alpha, threads)
-    else:
-        _product_range(x, w, scale, bias, out, col, mode, alpha, col * 0, w.shape[0])
 
 
 @njit(fastmath=True, cache=True)
@@ -126,17 +55,17 @@ def _qkv_range(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, j0, j1):
         o1 = min(j1 - part * D, D)
         if o0 < o1:
             if part == 0:
-                _product_range(x, wq, sq, bq, out, o0 * 0, STORE, alpha, o0, o1)
+                product_range(x, wq, sq, bq, out, o0 * 0, STORE, alpha, o0, o1)
             elif part == 1:
-                _product_range(x, wk, sk, bk, out, o0 * 0 + D, STORE, one, o0, o1)
+                product_range(x, wk, sk, bk, out, o0 * 0 + D, STORE, one, o0, o1)
             else:
-                _product_range(x, wv, sv, bv, out, o0 * 0 + 2 * D, STORE, one, o0, o1)
+                product_range(x, wv, sv, bv, out, o0 * 0 + 2 * D, STORE, one, o0, o1)
 
 
 @njit(parallel=True, cache=True)
 def _qkv_parallel(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, parts):
     for c in prange(parts):
-        j0, j1 = _split(3 * wq.shape[0], parts, c)
+        j0, j1 = split(3 * wq.shape[0], parts, c)
         _qkv_range(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, j0, j1)
 
 
@@ -244,7 +173,7 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
         _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, threads)
     else:
         _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, ZERO, B * H)
-    _product(ctx, wo, so, bo, x, ZERO, ADD, one, threads, min_bytes)
+    product(ctx, wo, so, bo, x, ZERO, ADD, one, threads, min_bytes)
     if not pre_ln:
         _copy(x, xn)
         _layernorm_rows(xn, ln1_g, ln1_b, eps, x)
@@ -253,8 +182,8 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
         _layernorm_rows(x, ln2_g, ln2_b, eps, xn)
     else:
         _copy(x, xn)
-    _product(xn, w1, s1, b1, h, ZERO, RELU, one, threads, min_bytes)
-    _product(h, w2, s2, b2, x, ZERO, ADD, one, threads, min_bytes)
+    product(xn, w1, s1, b1, h, ZERO, RELU, one, threads, min_bytes)
+    product(h, w2, s2, b2, x, ZERO, ADD, one, threads, min_bytes)
     if not pre_ln:
         _copy(x, xn)
         _layernorm_rows(xn, ln2_g, ln2_b, eps, x)
@@ -272,10 +201,10 @@ def _head(x, final_g, final_b, has_final, w_out, s_out, table, s_table, hidden, 
     else:
         _copy(x, xn)
     if w_out.shape[0] > 0:
-        _product(xn, w_out, s_out, final_b[:0], hidden, ZERO, STORE, one, threads, min_bytes)
+        product(xn, w_out, s_out, final_b[:0], hidden, ZERO, STORE, one, threads, min_bytes)
     else:
         _copy(xn, hidden)
-    _product(hidden, table, s_table, final_b[:0], logits, ZERO, STORE, one, threads, min_bytes)
+    product(hidden, table, s_table, final_b[:0], logits, ZERO, STORE, one, threads, min_bytes)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -285,22 +214,14 @@ class _Plan:
     arrays), each matrix as its stored data."""
 
     def __init__(self, params, cfg):
-        from refopt.quant import QuantizedMatrix
-
         dtype = np.dtype(cfg.compute_dtype)
         D, L = cfg.hidden_dim, cfg.num_layers
         empty = np.zeros(0, dtype)
-        no_scale = np.zeros(0, np.float32)
         ones, zeros = np.ones(D, dtype), np.zeros(D, dtype)
         kinds = set()
 
         def matrix(name):
-            w = params[name]
-            if isinstance(w, QuantizedMatrix):
-                data = np.ascontiguousarray(w.data.view(np.int16) if w.kind == "float16" else w.data)
-                scale = w.scale if w.kind == "int8" else no_scale
-            else:
-                data, scale = np.ascontiguousarray(w, dtype=dtype), no_scale
+            data, scale = stored(params[name], dtype)
             kinds.add(data.dtype)
             return data, scale
 

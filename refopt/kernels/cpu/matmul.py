@@ -1,14 +1,20 @@
-"""Matrix products for decode-sized batches, and for weights stored in float16, bfloat16 or int8.
+"""Matrix products ``x [M, I] @ w.T`` for weights ``w [O, I]`` stored in float32/float64, bfloat16,
+float16 or int8 (with a float32 scale per output row), with a fused epilogue.
 
-Large products (prefill, training) go to BLAS through NumPy: they are compute-bound and BLAS is the
-fastest there is.  A decode step multiplies a handful of rows by every weight matrix: that is
-memory-bound, and a simple parallel loop streaming each weight once beats a general GEMV and lets
-the weights be read in two bytes (float16, bfloat16) or one (int8, with a float32 scale per output
-row).  Accumulation is in the activations' dtype (float32 or float64).
+A decode step multiplies a handful of rows by every weight matrix: memory-bound, and a loop that
+streams each weight row once and dots it with every row of ``x`` beats a general GEMV and reads the
+weights in the bytes they are stored in (two for bfloat16/float16, one for int8).  Rows come four
+at a time (:func:`dot_block`: two outputs by four rows, eight accumulators, so each weight is
+widened once and used four times): a batch of 8 spends its time in fused multiply-adds rather than
+in loads.  Accumulation is in the activations' dtype (float32 or float64).
 
 Weights are ``[O, I]``, one contiguous row per output (refopt's float weights, the token table of
-the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data): each task takes outputs, streams
-their rows once and dots each with every row of ``x``.
+the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data).  Float weights multiplied by more
+than :data:`SMALL_M` rows go to BLAS (compute-bound, and BLAS is the fastest there is); stored
+kinds never do, so their weights are never widened into a float copy.
+
+:func:`product` is the one kernel, called by the per-op path (:func:`matmul_rows`) and by the
+compiled decode step (:mod:`.decode`).
 """
 
 import numpy as np
@@ -16,30 +22,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
-
-
-@njit(inline="always")
-def _epilogue(acc, bias, o, relu):
-    # bias (empty when there is none) and ReLU applied to one output
-    if bias.shape[0] > 0:
-        acc += bias[o]
-    if relu and acc < 0:
-        acc = acc * 0
-    return acc
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi(x, data, bias, relu, out):
-    # x [M, I], data [O, I] float -> out [M, O] = epilogue(x @ data.T + bias)
-    M, I = x.shape
-    O = data.shape[0]
-    for o in prange(O):
-        for m in range(M):
-            acc = out.dtype.type(0)
-            for i in range(I):
-                acc += x[m, i] * data[o, i]
-            out[m, o] = _epilogue(acc, bias, o, relu)
+SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
+PARALLEL_BYTES = 1 << 19   # a product reading fewer weight bytes than this runs on one thread
+STORE, RELU, ADD = 0, 1, 2   # what the epilogue does with a result (see _store)
 
 
 @intrinsic
@@ -120,70 +105,115 @@ def dot_block(x, m, w, o):
     return (a00, a01, a10, a11, a20, a21, a30, a31)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_bf16(x, data, bias, relu, out):
-    # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each weight is widened in the loop
-    M, I = x.shape
-    O = data.shape[0]
-    for o in prange(O):
-        for m in range(M):
-            acc = out.dtype.type(0)
-            for i in range(I):
-                acc += x[m, i] * _bf16_to_f32(data[o, i])
-            out[m, o] = _epilogue(acc, bias, o, relu)
+@njit(inline="always")
+def _epilogue(acc, scale, bias, o):
+    # int8's scale, then the bias (empty arrays when absent)
+    if scale.shape[0] > 0:
+        acc = acc * scale[o]
+    if bias.shape[0] > 0:
+        acc += bias[o]
+    return acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_f16(x, data, bias, relu, out):
-    # x [M, I], data [O, I] uint16 float16 bits -> out [M, O]
-    M, I = x.shape
-    O = data.shape[0]
-    for o in prange(O):
-        for m in range(M):
-            acc = out.dtype.type(0)
-            for i in range(I):
-                acc += x[m, i] * _f16_to_f32(data[o, i])
-            out[m, o] = _epilogue(acc, bias, o, relu)
+@njit(inline="always")
+def _store(out, m, o, y, mode, alpha):
+    # mode STORE: out = y * alpha;  RELU: out = relu(y);  ADD: out += y (a residual sum)
+    if mode == 0:
+        out[m, o] = y * alpha
+    elif mode == 1:
+        out[m, o] = y if y > 0 else y * 0
+    else:
+        out[m, o] += y
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_int8(x, data, scale, bias, relu, out):
-    # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = epilogue((x @ data.T) * scale)
-    M, I = x.shape
-    O = data.shape[0]
-    for o in prange(O):
-        s = scale[o]
-        for m in range(M):
-            acc = out.dtype.type(0)
-            for i in range(I):
-                acc += x[m, i] * data[o, i]
-            out[m, o] = _epilogue(acc * s, bias, o, relu)
+@njit(fastmath=True, cache=True)
+def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @
+    widen(w[o]))``.  The raw dots of a pair of outputs go through a small buffer before the
+    epilogue: with the stores written straight after :func:`dot_block`, LLVM compiled its loop six
+    times slower (measured)."""
+    M = x.shape[0]
+    acc = np.empty((M, 2), x.dtype)
+    for o in range(o0, o1, 2):
+        n = min(2, o1 - o)
+        m = 0
+        if n == 2:
+            while m + 4 <= M:
+                r = dot_block(x, m, w, o)
+                for j in range(8):
+                    acc[m + j // 2, j % 2] = r[j]
+                m += 4
+        for mm in range(m, M):
+            for k in range(n):
+                acc[mm, k] = dot_one(x, mm, w, o + k)
+        for mm in range(M):
+            for k in range(n):
+                _store(out, mm, col + o + k, _epilogue(acc[mm, k], scale, bias, o + k), mode, alpha)
 
 
-def matmul_rows(x2, w, bias=None, relu=False):
+@njit(inline="always")
+def split(n, parts, c):
+    """The even-aligned range ``c`` of ``n`` items cut into ``parts``."""
+    per = ((n + parts - 1) // parts + 1) // 2 * 2
+    return min(n, c * per), min(n, (c + 1) * per)
+
+
+@njit(parallel=True, cache=True)
+def _product_parallel(x, w, scale, bias, out, col, mode, alpha, parts):
+    for c in prange(parts):
+        o0, o1 = split(w.shape[0], parts, c)
+        product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1)
+
+
+@njit(cache=True)
+def product(x, w, scale, bias, out, col, mode, alpha, threads, min_bytes):
+    """``out[:, col:col+O] <- x [M, I] @ widen(w [O, I]).T``, int8-scaled, plus ``bias``, stored
+    by ``mode`` (STORE: times ``alpha``, RELU, ADD: added to ``out``); split across ``threads``
+    threads when it reads at least ``min_bytes`` of weights (the caller sets Numba's count)."""
+    if threads > 1 and w.nbytes >= min_bytes:
+        _product_parallel(x, w, scale, bias, out, col, mode, alpha, threads)
+    else:
+        product_range(x, w, scale, bias, out, col, mode, alpha, col * 0, w.shape[0])
+
+
+def stored(w, dtype):
+    """``(data, scale)`` of a weight as :func:`product` reads it: a float matrix as ``dtype`` (no
+    copy when it is already), a QuantizedMatrix's data (float16 bits viewed as int16, see
+    :func:`widen`) and int8 scales (else an empty scale)."""
+    from refopt.quant import QuantizedMatrix
+
+    if isinstance(w, QuantizedMatrix):
+        data = w.data.view(np.int16) if w.kind == "float16" else w.data
+        return np.ascontiguousarray(data), (w.scale if w.kind == "int8" else _NO_SCALE)
+    return np.ascontiguousarray(w, dtype=dtype), _NO_SCALE
+
+
+_NO_SCALE = np.zeros(0, np.float32)
+
+
+def matmul_rows(x2, w, bias=None, relu=False, threads=None):
     """``epilogue(x2 [M, I] @ w.T + bias)`` for ``w [O, I]`` a float matrix or a QuantizedMatrix
-    -> ``[M, O]``; the epilogue adds ``bias`` and applies ReLU when ``relu``."""
+    -> ``[M, O]``; the epilogue adds ``bias`` and applies ReLU when ``relu``.  ``threads``:
+    default Numba's current count."""
     from refopt.quant import QuantizedMatrix
 
     M = x2.shape[0]
-    if M > SMALL_M or (not isinstance(w, QuantizedMatrix) and (w.dtype != x2.dtype or not w.flags.c_contiguous)):
+    if not isinstance(w, QuantizedMatrix) and (M > SMALL_M or w.dtype != x2.dtype
+                                                or not w.flags.c_contiguous):
         # compute-bound (or an unusual operand): BLAS, then the epilogue in place
-        dense = w.rows_float32().astype(x2.dtype, copy=False) if isinstance(w, QuantizedMatrix) else w
-        y = x2 @ dense.T
+        y = x2 @ w.T
         if bias is not None:
             y += bias
         if relu:
             np.maximum(y, 0, out=y)
         return y
+    import numba
+
     x2 = np.ascontiguousarray(x2)
-    b = np.zeros(0, x2.dtype) if bias is None else np.asarray(bias, x2.dtype)
+    dt = x2.dtype.type
+    data, scale = stored(w, x2.dtype)
+    b = np.zeros(0, x2.dtype) if bias is None else np.ascontiguousarray(bias, x2.dtype)
     out = np.empty((M, w.shape[0]), x2.dtype)
-    if not isinstance(w, QuantizedMatrix):
-        matmul_oi(x2, w, b, relu, out)
-    elif w.kind == "bfloat16":
-        matmul_oi_bf16(x2, w.data, b, relu, out)
-    elif w.kind == "float16":
-        matmul_oi_f16(x2, w.data.view(np.uint16), b, relu, out)
-    else:
-        matmul_oi_int8(x2, w.data, w.scale, b, relu, out)
+    product(x2, data, scale, b, out, 0, RELU if relu else STORE, dt(1),
+            numba.get_num_threads() if threads is None else threads, PARALLEL_BYTES)
     return out
