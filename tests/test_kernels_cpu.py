@@ -229,3 +229,27 @@ def test_background_warm_up_serves_the_numpy_ops_meanwhile():
         gate.set()
     assert job.wait(10) and job.error is None
     assert seen["inside"] is False and not warmup.busy()
+
+
+def test_governor_follows_the_faster_thread_count():
+    from refopt.kernels.cpu._threads import Governor
+
+    g = Governor()
+    speed = {1: 1.0, 2: 0.5}                      # seconds per call on each count: two threads win
+
+    def run(n_calls):
+        used = []
+        for _ in range(n_calls):
+            n = g.threads("k", 2, 1)
+            g.record("k", n, speed[n])
+            used.append(n)
+        return used
+
+    used = run(40)
+    assert used[0] == 1 and used[-5:] == [2] * 5  # started on one thread, moved to two
+    speed[2] = 5.0                                # a core got busy: two threads are slow now
+    used = run(60)
+    assert used[-5:] == [1] * 5
+    probes = run(300).count(2)                    # losing comparisons become rare
+    assert 1 <= probes <= 4
+    assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose
