@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from refopt.kernels.cpu._threads import governor
-from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, product_range, split, stored
+from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, stored
 
 # ----------------------------------------------------------------------------- stages
 # Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
@@ -42,31 +42,6 @@ from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, product_range, sp
 # only when the stage reads at least ``min_bytes`` (PARALLEL_BYTES by default) and more than one
 # thread is allowed.  The products are :mod:`.matmul`'s.
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
-
-
-@njit(fastmath=True, cache=True)
-def _qkv_range(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, j0, j1):
-    # jobs j0..j1 of the q/k/v products, 3 * D outputs in all -> out [M, 3D] = [q * alpha, k, v]
-    D = wq.shape[0]
-    one = x.dtype.type(1)
-    STORE = np.int64(0)
-    for part in range(3):
-        o0 = max(j0 - part * D, 0)
-        o1 = min(j1 - part * D, D)
-        if o0 < o1:
-            if part == 0:
-                product_range(x, wq, sq, bq, out, o0 * 0, STORE, alpha, o0, o1)
-            elif part == 1:
-                product_range(x, wk, sk, bk, out, o0 * 0 + D, STORE, one, o0, o1)
-            else:
-                product_range(x, wv, sv, bv, out, o0 * 0 + 2 * D, STORE, one, o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qkv_parallel(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, parts):
-    for c in prange(parts):
-        j0, j1 = split(3 * wq.shape[0], parts, c)
-        _qkv_range(x, wq, sq, bq, wk, sk, bk, wv, sv, bv, out, alpha, j0, j1)
 
 
 @njit(cache=True)
@@ -154,16 +129,13 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
     H, K = cache.shape[4], cache.shape[5]
     one = x.dtype.type(1)
     # typed ints, not literals: a literal argument would compile a stage once per value
-    ZERO, ADD, RELU = np.int64(0), np.int64(2), np.int64(1)
+    ZERO, STORE, RELU, ADD, THREE = np.int64(0), np.int64(0), np.int64(1), np.int64(2), np.int64(3)
     # --- attention block
     if pre_ln:
         _layernorm_rows(x, ln1_g, ln1_b, eps, xn)
     else:
         _copy(x, xn)
-    if threads > 1 and 3 * wq.nbytes >= min_bytes:
-        _qkv_parallel(xn, wq, sq, bq, wk, sk, bk, wv, sv, bv, qkv, alpha, threads)
-    else:
-        _qkv_range(xn, wq, sq, bq, wk, sk, bk, wv, sv, bv, qkv, alpha, ZERO, 3 * D)
+    products(xn, wq, sq, bq, wk, sk, bk, wv, sv, bv, THREE, qkv, STORE, alpha, threads, min_bytes)
     for b in range(B):
         for hd in range(H):
             for d in range(K):
@@ -173,7 +145,7 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
         _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, threads)
     else:
         _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, ZERO, B * H)
-    product(ctx, wo, so, bo, x, ZERO, ADD, one, threads, min_bytes)
+    product(ctx, wo, so, bo, x, ADD, one, threads, min_bytes)
     if not pre_ln:
         _copy(x, xn)
         _layernorm_rows(xn, ln1_g, ln1_b, eps, x)
@@ -182,8 +154,8 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
         _layernorm_rows(x, ln2_g, ln2_b, eps, xn)
     else:
         _copy(x, xn)
-    product(xn, w1, s1, b1, h, ZERO, RELU, one, threads, min_bytes)
-    product(h, w2, s2, b2, x, ZERO, ADD, one, threads, min_bytes)
+    product(xn, w1, s1, b1, h, RELU, one, threads, min_bytes)
+    product(h, w2, s2, b2, x, ADD, one, threads, min_bytes)
     if not pre_ln:
         _copy(x, xn)
         _layernorm_rows(xn, ln2_g, ln2_b, eps, x)
@@ -195,16 +167,16 @@ def _head(x, final_g, final_b, has_final, w_out, s_out, table, s_table, hidden, 
     """The final norm, project_out (``w_out [E, D]``, empty ``[0, D]`` without) and the tied LM head
     (``table [V, E]``): ``hidden [B, E]`` and ``logits [B, V]`` for ``x [B, D]``."""
     one = x.dtype.type(1)
-    ZERO, STORE = np.int64(0), np.int64(0)
+    STORE = np.int64(0)
     if has_final:
         _layernorm_rows(x, final_g, final_b, eps, xn)
     else:
         _copy(x, xn)
     if w_out.shape[0] > 0:
-        product(xn, w_out, s_out, final_b[:0], hidden, ZERO, STORE, one, threads, min_bytes)
+        product(xn, w_out, s_out, final_b[:0], hidden, STORE, one, threads, min_bytes)
     else:
         _copy(xn, hidden)
-    product(hidden, table, s_table, final_b[:0], logits, ZERO, STORE, one, threads, min_bytes)
+    product(hidden, table, s_table, final_b[:0], logits, STORE, one, threads, min_bytes)
 
 
 # ----------------------------------------------------------------------------- the op

@@ -13,8 +13,9 @@ the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data).  Float weights m
 than :data:`SMALL_M` rows go to BLAS (compute-bound, and BLAS is the fastest there is); stored
 kinds never do, so their weights are never widened into a float copy.
 
-:func:`product` is the one kernel, called by the per-op path (:func:`matmul_rows`) and by the
-compiled decode step (:mod:`.decode`).
+:func:`products` is the one kernel (one to three products of a shape at once: the decode step's
+queries, keys and values in one parallel stage), called by the per-op path (:func:`matmul_rows`)
+and by the compiled decode step (:mod:`.decode`).
 """
 
 import numpy as np
@@ -168,22 +169,52 @@ def split(n, parts, c):
     return min(n, c * per), min(n, (c + 1) * per)
 
 
+@njit(cache=True)
+def products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, j0, j1):
+    """Jobs ``j0..j1`` of ``count`` (1 to 3) products of ``x`` with weights of one shape ``[O, I]``
+    side by side: job ``j`` is output ``j % O`` of product ``j // O``, written at column ``j`` of
+    ``out [M, count * O]``.  Product 0 is stored by ``mode`` with ``alpha``; products 1 and 2 (the
+    keys and values beside the queries) are stored as they are."""
+    O = w0.shape[0]
+    one = x.dtype.type(1)          # alpha's type: a literal would compile product_range again
+    for part in range(count):
+        o0 = max(j0 - part * O, 0)
+        o1 = min(j1 - part * O, O)
+        if o0 < o1:
+            col = o0 * 0 + part * O
+            if part == 0:
+                product_range(x, w0, s0, b0, out, col, mode, alpha, o0, o1)
+            elif part == 1:
+                product_range(x, w1, s1, b1, out, col, mode * 0, one, o0, o1)
+            else:
+                product_range(x, w2, s2, b2, out, col, mode * 0, one, o0, o1)
+
+
 @njit(parallel=True, cache=True)
-def _product_parallel(x, w, scale, bias, out, col, mode, alpha, parts):
+def _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, parts):
     for c in prange(parts):
-        o0, o1 = split(w.shape[0], parts, c)
-        product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1)
+        j0, j1 = split(count * w0.shape[0], parts, c)
+        products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, j0, j1)
 
 
 @njit(cache=True)
-def product(x, w, scale, bias, out, col, mode, alpha, threads, min_bytes):
-    """``out[:, col:col+O] <- x [M, I] @ widen(w [O, I]).T``, int8-scaled, plus ``bias``, stored
-    by ``mode`` (STORE: times ``alpha``, RELU, ADD: added to ``out``); split across ``threads``
-    threads when it reads at least ``min_bytes`` of weights (the caller sets Numba's count)."""
-    if threads > 1 and w.nbytes >= min_bytes:
-        _product_parallel(x, w, scale, bias, out, col, mode, alpha, threads)
+def products(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads, min_bytes):
+    """:func:`products_range` over all the jobs, split across ``threads`` threads when the
+    products read at least ``min_bytes`` of weights (the caller sets Numba's count)."""
+    jobs = count * w0.shape[0]
+    if threads > 1 and count * w0.nbytes >= min_bytes:
+        _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads)
     else:
-        product_range(x, w, scale, bias, out, col, mode, alpha, col * 0, w.shape[0])
+        products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, jobs * 0, jobs)
+
+
+@njit(cache=True)
+def product(x, w, scale, bias, out, mode, alpha, threads, min_bytes):
+    """``out [M, O] <- x [M, I] @ widen(w [O, I]).T``, int8-scaled, plus ``bias``, stored by
+    ``mode`` (STORE: times ``alpha``, RELU, ADD: added to ``out``); split across ``threads``
+    threads when it reads at least ``min_bytes`` of weights."""
+    products(x, w, scale, bias, w, scale, bias, w, scale, bias, mode * 0 + 1, out, mode, alpha,
+             threads, min_bytes)
 
 
 def stored(w, dtype):
@@ -224,6 +255,6 @@ def matmul_rows(x2, w, bias=None, relu=False, threads=None):
     data, scale = stored(w, x2.dtype)
     b = np.zeros(0, x2.dtype) if bias is None else np.ascontiguousarray(bias, x2.dtype)
     out = np.empty((M, w.shape[0]), x2.dtype)
-    product(x2, data, scale, b, out, 0, RELU if relu else STORE, dt(1),
+    product(x2, data, scale, b, out, RELU if relu else STORE, dt(1),
             numba.get_num_threads() if threads is None else threads, PARALLEL_BYTES)
     return out
