@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from refopt.kernels.cpu._threads import governor
+from refopt.kernels.cpu.layernorm import layernorm_serial
 from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, stored
 
 # ----------------------------------------------------------------------------- stages
@@ -52,22 +53,12 @@ def _copy(src, dst):
             dst[m, d] = src[m, d]
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(inline="always")
 def _layernorm_rows(x, gamma, beta, eps, y):
-    # y [M, D] <- LayerNorm of each row of x [M, D] (two passes, as the reference)
-    M, D = x.shape
-    for m in range(M):
-        mean = x.dtype.type(0)
-        for d in range(D):
-            mean += x[m, d]
-        mean /= D
-        var = x.dtype.type(0)
-        for d in range(D):
-            var += (x[m, d] - mean) ** 2
-        var /= D
-        rstd = 1.0 / np.sqrt(var + eps)
-        for d in range(D):
-            y[m, d] = (x[m, d] - mean) * rstd * gamma[d] + beta[d]
+    # y [M, D] <- LayerNorm of each row of x [M, D] (:mod:`.layernorm`'s serial kernel; the flags
+    # are typed booleans, not literals, so it compiles once)
+    affine = x.shape[1] >= 0
+    layernorm_serial(x, gamma, beta, affine, affine, eps, y)
 
 
 @njit(fastmath=False, cache=True)
