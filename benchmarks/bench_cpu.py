@@ -47,7 +47,7 @@ import refopt  # noqa: F401  (before NumPy: sets OpenBLAS's thread timeout, see 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_time, write_random_checkpoint  # noqa: E402
+from _common import BusyCore, best_time, load_average, write_random_checkpoint  # noqa: E402
 
 
 def best(fn, repeats):
@@ -74,23 +74,6 @@ def weight_bytes(params):
     """Bytes of parameters one decode token reads: every matrix and vector once (the token table
     once, as the LM head; one position row, negligible, counted as the table)."""
     return sum(getattr(v, "nbytes", 0) for k, v in params.items() if k != "embed_positions")
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-class BusyCore:
-    """A competing process that keeps one core busy (a Python loop) while open."""
-
-    def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.kill()
-        self.proc.wait()
 
 
 # ----------------------------------------------------------------------------- engines
