@@ -2,13 +2,14 @@
 
     python benchmarks/bench_cpu.py [--runs 5] [--under-load] [--size 125m] [--layers 12]
                                    [--new 64] [--batch 1 8] [--repeats 2] [--threads N]
-                                   [--skip-cold] [--skip-train]
+                                   [--weights numpy f32 bf16 f16 int8] [--skip-cold] [--skip-train]
 
 A random float32 OPT checkpoint of a released shape (default 125m: 12 layers, 768 wide, 3072 MLP,
 vocabulary 50,272; ``--size 1.3b --layers 4`` for the products of a 1.3b-shaped layer) is written
 to a temporary directory in transformers' layout, with the real OPT tokenizer files from
 ../shared/data/opt when present so CTranslate2's converter can read it.  Every engine is loaded
-once, in this process: refopt NumPy float32, refopt Numba float32 / bfloat16 / int8 weights,
+once, in this process: refopt NumPy float32, refopt Numba float32 / bfloat16 / int8 weights
+(``--weights``; float16 too on request),
 transformers + PyTorch float32, CTranslate2 float32 and int8 (when installed), all on the same
 thread count (``--threads``, default all cores).  Then, ``--runs`` times:
 
@@ -77,15 +78,18 @@ def weight_bytes(params):
 
 
 # ----------------------------------------------------------------------------- engines
-def refopt_engines(path, threads):
-    """(label, generate(batch) -> seconds, bytes one token reads) for each refopt variant."""
+VARIANTS = {"numpy": ("refopt numpy f32", "numpy", None), "f32": ("refopt numba f32", "numba", None),
+            "bf16": ("refopt numba bf16", "numba", "bfloat16"),
+            "f16": ("refopt numba f16", "numba", "float16"), "int8": ("refopt numba int8", "numba", "int8")}
+
+
+def refopt_engines(path, names):
+    """(label, model, bytes one token reads) for each refopt variant named."""
     from refopt import generation
     from refopt.models import OPTCausalLM
 
     out = []
-    for label, backend, wdt in (("refopt numpy f32", "numpy", None), ("refopt numba f32", "numba", None),
-                                ("refopt numba bf16", "numba", "bfloat16"),
-                                ("refopt numba int8", "numba", "int8")):
+    for label, backend, wdt in (VARIANTS[n] for n in names):
         lm = OPTCausalLM.from_preset(path, preprocessor=None, backend=backend, weights_dtype=wdt)
         lm.compile(sampler="greedy")
         job = generation.prepare(lm)
@@ -237,6 +241,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--weights", nargs="+", choices=sorted(VARIANTS), default=["numpy", "f32", "bf16", "int8"],
+                    help="refopt variants to time (default: numpy f32 bf16 int8)")
     ap.add_argument("--under-load", action="store_true",
                     help="a competing busy process keeps one core busy during the decode runs")
     ap.add_argument("--skip-cold", action="store_true")
@@ -254,7 +260,7 @@ def main(argv=None):
         print(f"{args.size}-shaped random model ({args.layers} layers, {cfg.hidden_dim} wide), prompt "
               f"{args.prompt}, {args.new} new tokens, {args.threads} threads"
               + ("; a busy process on one core during decoding" if args.under_load else ""))
-        mine = refopt_engines(path, args.threads)
+        mine = refopt_engines(path, args.weights)
         hf = hf_engine(path, args.threads)
         ct2 = ct2_engines(path, tmp, args.threads)
         decode, ratios, bounds = {}, {}, {}
@@ -286,53 +292,54 @@ def main(argv=None):
         report(decode, ratios, bounds, args)
 
         # ---------------------------------------------------------------- prefill and training
-        lm = next(m[1] for m in mine if m[0] == "refopt numba f32")
-        ids = rng.integers(3, cfg.vocabulary_size, (4, 128))
-        x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-        t_ours = best(lambda: lm.predict(x), args.repeats)
-        line = f"{'prefill 4x128 tok/s':24s}{512 / t_ours:12.0f}"
-        if hf is not None:
-            import torch
-
-            tid = torch.tensor(ids)
-
-            def fwd():
-                with torch.no_grad():
-                    hf(input_ids=tid, attention_mask=torch.ones_like(tid))
-
-            t_hf = best(fwd, args.repeats)
-            line += f"{512 / t_hf:12.0f} (transformers)  ratio {t_hf / t_ours:.2f}x"
-        print(line)
-
-        if not args.skip_train:
-            from refopt import optimizers
-
-            ids = rng.integers(3, cfg.vocabulary_size, (2, 129))
-            xt = {"token_ids": ids[:, :-1], "padding_mask": np.ones((2, 128), bool)}
-            y, sw = ids[:, 1:], np.ones((2, 128))
-            lm.backbone.params = {k: np.array(v) for k, v in lm.backbone.params.items()}  # writable
-            opt = optimizers.Adam(learning_rate=1e-5)
-
-            def step():
-                _, grads = lm.loss_and_gradients(xt, y, sw)
-                opt.apply(grads, lm.backbone.params, ops=lm.backbone.ops)
-
-            t_ours = best(step, args.repeats)
-            line = f"{'train step 2x128 (s)':24s}{t_ours:12.3f}"
+        lm = next((m[1] for m in mine if m[0] == "refopt numba f32"), None)
+        if lm is not None:   # prefill and training: the float32 Numba model
+            ids = rng.integers(3, cfg.vocabulary_size, (4, 128))
+            x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+            t_ours = best(lambda: lm.predict(x), args.repeats)
+            line = f"{'prefill 4x128 tok/s':24s}{512 / t_ours:12.0f}"
             if hf is not None:
-                hf.train()
-                topt = torch.optim.Adam(hf.parameters(), lr=1e-5)
+                import torch
+
                 tid = torch.tensor(ids)
 
-                def tstep():
-                    topt.zero_grad()
-                    out = hf(input_ids=tid[:, :-1], labels=tid[:, :-1])
-                    out.loss.backward()
-                    topt.step()
+                def fwd():
+                    with torch.no_grad():
+                        hf(input_ids=tid, attention_mask=torch.ones_like(tid))
 
-                t_hf = best(tstep, args.repeats)
-                line += f"{t_hf:12.3f} (transformers)  ratio {t_hf / t_ours:.2f}x"
+                t_hf = best(fwd, args.repeats)
+                line += f"{512 / t_hf:12.0f} (transformers)  ratio {t_hf / t_ours:.2f}x"
             print(line)
+
+            if not args.skip_train:
+                from refopt import optimizers
+
+                ids = rng.integers(3, cfg.vocabulary_size, (2, 129))
+                xt = {"token_ids": ids[:, :-1], "padding_mask": np.ones((2, 128), bool)}
+                y, sw = ids[:, 1:], np.ones((2, 128))
+                lm.backbone.params = {k: np.array(v) for k, v in lm.backbone.params.items()}  # writable
+                opt = optimizers.Adam(learning_rate=1e-5)
+
+                def step():
+                    _, grads = lm.loss_and_gradients(xt, y, sw)
+                    opt.apply(grads, lm.backbone.params, ops=lm.backbone.ops)
+
+                t_ours = best(step, args.repeats)
+                line = f"{'train step 2x128 (s)':24s}{t_ours:12.3f}"
+                if hf is not None:
+                    hf.train()
+                    topt = torch.optim.Adam(hf.parameters(), lr=1e-5)
+                    tid = torch.tensor(ids)
+
+                    def tstep():
+                        topt.zero_grad()
+                        out = hf(input_ids=tid[:, :-1], labels=tid[:, :-1])
+                        out.loss.backward()
+                        topt.step()
+
+                    t_hf = best(tstep, args.repeats)
+                    line += f"{t_hf:12.3f} (transformers)  ratio {t_hf / t_ours:.2f}x"
+                print(line)
 
         if not args.skip_cold:
             (cold, cold_exit), (warm, warm_exit) = cold_start()
