@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("generate", "train", "conform"):   # the commands that may compile kernels
+        _announce_compiles()
     try:
         return int(args.run(args) or 0)
     except RefoptError as e:
@@ -51,6 +53,13 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _announce_compiles():
+    # a Numba compilation that keeps the command waiting more than a second says so on stderr
+    from refopt.commands import announce_slow_compiles
+
+    announce_slow_compiles(lambda message: print(message, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

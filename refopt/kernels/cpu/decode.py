@@ -1,5 +1,6 @@
 """One decode step of OPT compiled whole: every decoder layer, the final norm and the tied LM head
-for one new token per row, in a single call (the Numba backend's ``decode_step``).
+for one new token per row, in one Numba call per layer and one for the head (the Numba
+backend's ``decode_step``).
 
 Why a fused step: a decode step multiplies a few rows by every weight once.  Run op by op it is
 about 25 Python-level calls per layer and a parallel region per product; the Python costs as much

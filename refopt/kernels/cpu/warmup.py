@@ -72,3 +72,4 @@ def start(exercise) -> Warmup:
 def busy() -> bool:
     """Whether a background compilation runs and the calling thread is not one of its own."""
     return bool(_running) and threading.get_ident() not in _running
+
