@@ -41,8 +41,9 @@ from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, stored
 # ----------------------------------------------------------------------------- stages
 # Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
 # small parallel wrapper that splits the range across the threads; :func:`_layer` calls the wrapper
-# only when the stage reads at least ``min_bytes`` (PARALLEL_BYTES by default) and more than one
-# thread is allowed.  The products are :mod:`.matmul`'s.
+# only when more than one thread is allowed and the stage's bytes (a product: its weight bytes
+# times max(1, rows // 2); attention: the keys and values it reads) reach ``min_bytes``
+# (PARALLEL_BYTES by default).  The products are :mod:`.matmul`'s.
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
 
 
@@ -114,7 +115,7 @@ def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_
     s* are int8 scales (else empty), b* biases (empty without), gammas ones and betas zeros when
     the norms are not affine; this token's keys and values go to ``cache[:, layer, :, index]``
     ``[B, L, 2, T, H, K]``; ``key_mask [B, >= index + 1]`` says which cached positions each row may
-    attend to; ``threads``: how many threads a stage reading at least ``min_bytes`` is split
+    attend to; ``threads``: how many threads a stage of at least ``min_bytes`` is split
     across (the caller sets Numba's count); xn, qkv, ctx, h, probs are scratch ``[B, D]``,
     ``[B, 3D]``, ``[B, D]``, ``[B, F]``, ``[B * H, T]``."""
     B, D = x.shape
@@ -242,7 +243,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     1]`` at cache index ``index``; ``padding_mask [B, >= index + 1]``), with the KV cache updated in
     place: :func:`refopt.model.logits_forward` for that call, compiled.  ``threads``: the count
     to run on (default: the :class:`._threads.Governor`'s choice, at most Numba's current count);
-    a stage runs on them when it reads at least ``min_bytes``, else on the calling thread.
+    a stage runs on them when its bytes reach ``min_bytes`` (see the stages' comment), else on the
+    calling thread.
     None when this model cannot take the compiled step (weights of mixed storage kinds)."""
     plan = _plan_for(params, cfg)
     if not plan.ok:

@@ -24,7 +24,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
-PARALLEL_BYTES = 1 << 19   # a product reading fewer weight bytes than this runs on one thread
+# A product runs on several threads when its weight bytes times max(1, rows // 2) reach this: a
+# parallel region costs ~35 us here (Numba's OpenMP threads wait passively, see _threads), which a
+# memory-bound product of one row gains back from about 6 MB (one thread streams ~30 GB/s, two
+# ~36), and a compute-bound one of eight rows from ~1 MB of int8 weights
+PARALLEL_BYTES = 1 << 22
 STORE, RELU, ADD = 0, 1, 2   # what the epilogue does with a result (see _store)
 
 
@@ -229,9 +233,10 @@ def _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, 
 @njit(cache=True)
 def products(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads, min_bytes):
     """:func:`products_range` over all the jobs, split across ``threads`` threads when the
-    products read at least ``min_bytes`` of weights (the caller sets Numba's count)."""
+    products' weight bytes times max(1, rows // 2) reach ``min_bytes`` (the caller sets Numba's
+    count)."""
     jobs = count * w0.shape[0]
-    if threads > 1 and count * w0.nbytes >= min_bytes:
+    if threads > 1 and count * w0.nbytes * max(1, x.shape[0] // 2) >= min_bytes:
         _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads)
     else:
         products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, jobs * 0, jobs)
@@ -241,7 +246,7 @@ def products(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, thr
 def product(x, w, scale, bias, out, mode, alpha, threads, min_bytes):
     """``out [M, O] <- x [M, I] @ widen(w [O, I]).T``, int8-scaled, plus ``bias``, stored by
     ``mode`` (STORE: times ``alpha``, RELU, ADD: added to ``out``); split across ``threads``
-    threads when it reads at least ``min_bytes`` of weights."""
+    threads when its weight bytes times max(1, rows // 2) reach ``min_bytes``."""
     products(x, w, scale, bias, w, scale, bias, w, scale, bias, mode * 0 + 1, out, mode, alpha,
              threads, min_bytes)
 
