@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ``REFOPT_DEBUG=1``), 130 when interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("generate", "train", "conform"):   # the commands that may compile kernels
+        _announce_compiles()
     try:
         return int(args.run(args) or 0)
     except RefoptError as e:
@@ -73,6 +75,13 @@ def main(argv=None) -> int:
         _report(args.command, f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "this is a bug in refopt, please report it (REFOPT_DEBUG=1 shows the traceback)")
         return 1
+
+
+def _announce_compiles():
+    # a Numba compilation that keeps the command waiting more than a second says so on stderr
+    from refopt.commands import announce_slow_compiles
+
+    announce_slow_compiles(lambda message: print(message, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,16 @@ class OPTBackbone:
         raise AttributeError(f"'OPTBackbone' object has no attribute {name!r}")
 
     @property
+    def params(self) -> "_model.Parameters":
+        """The weights, name -> array (a :class:`refopt.model.Parameters`, which counts changes in
+        ``params.version``); assigning a plain dict wraps it."""
+        return self.__dict__["_params"]
+
+    @params.setter
+    def params(self, value) -> None:
+        self.__dict__["_params"] = value if isinstance(value, _model.Parameters) else _model.Parameters(value)
+
+    @property
     def compute_dtype(self) -> str:
         return self.config.compute_dtype
 

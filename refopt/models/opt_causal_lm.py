@@ -127,33 +127,32 @@ class OPTCausalLM:
         if padding_mask is None:
             padding_mask = np.ones((token_ids.shape[0], end), bool)
         ops = self.backbone.ops
+        step = getattr(ops, "decode_step", None)      # a backend's compiled one-token step
+        if step is not None and cache is not None and token_ids.shape[1] == 1:
+            out = step(self.backbone.params, self.backbone.config, token_ids, padding_mask, cache,
+                       cache_update_index)
+            if out is not None:
+                return out[0], out[1], cache
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
                                 cache=cache, cache_index=cache_update_index, ops=ops)
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache
 
     # ------------------------------------------------------------------ generation
-    def generate(self, inputs, max_length=None, stop_token_ids=_AUTO, strip_prompt=False):
+    def generate(self, inputs, max_length=None, stop_token_ids=_AUTO, strip_prompt=False, seed=None):
         """KerasHub's ``generate``: a string, a list of strings, or (without a preprocessor) a dict of
-        ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile``."""
+        ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile`` on this
+        model's ops (its sampler's selection steps too).  ``seed``: the random samplers' seed for
+        this call, one integer or one per prompt (see :func:`refopt.generation.generate`)."""
         from refopt import generation
 
-        with self._backend_scope():       # the samplers' selection steps run on the model's backend
-            return generation.generate(self, inputs, max_length=max_length,
-                                       stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+        return generation.generate(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids,
+                                   strip_prompt=strip_prompt, seed=seed)
 
     def stream(self, prompt, max_length=None, **kwargs):
         """Yield text pieces as tokens are produced (see :func:`refopt.generation.stream`)."""
         from refopt import generation
 
-        with self._backend_scope():
-            yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
-
-    def _backend_scope(self):
-        import contextlib
-
-        from refopt import backend as _backend
-
-        return contextlib.nullcontext() if self.backend is None else _backend.use_backend(self.backend)
+        yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
 
     # ------------------------------------------------------------------ training
     def loss_and_gradients(self, x, y, sample_weight=None, naming="refopt"):

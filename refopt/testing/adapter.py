@@ -21,7 +21,7 @@ Conventions every method follows:
   and KerasHub's ``OPTCausalLMPreprocessor.generate_preprocess`` make them.
 * A sampler step (:meth:`Adapter.sample`) receives the model's probabilities and one uniform number
   in ``[0, 1)`` per row; the port applies its temperature and filters (top-k, top-p) and picks the
-  token with the common selection rule :func:`refopt.random.choose` (inverse CDF over token ids),
+  token with the common selection rule :func:`refopt.philox.choose` (inverse CDF over token ids),
   so the choice depends only on the filtering, which is what is being checked.
 """
 
@@ -186,7 +186,7 @@ class Adapter:
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec: SamplerSpec, probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Token ids ``[B]`` for ``probabilities [B, V]`` (the model's softmax, before temperature)
-        and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.random.choose`
+        and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.philox.choose`
         (greedy ignores the uniforms)."""
         raise NotSupported(f"{self.name} has no samplers")
 
@@ -313,7 +313,7 @@ class RefoptAdapter(Adapter):
 
     # samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
+        from refopt.philox import choose
         from refopt.testing.sampler_reference import sampler_distribution
 
         weights = sampler_distribution(spec, probabilities, "keras_hub", backend=self.backend)

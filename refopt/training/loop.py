@@ -284,8 +284,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
                     initial_epoch, shuffle, steps, verbose, history)
     finally:
         if trainer is not None:                     # the device's parameters and state, back home
-            trainer.download(model.backbone.params)
-            backend.weights_changed()
+            trainer.download(model.backbone.params)     # new arrays: the version advances
             trainer.mark_synced(model.backbone.params)
     return history
 
@@ -320,7 +319,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                 if trainer is not None:
                     trackers.update_sums(loss, b, sums.hit_sum, sums.weight_sum)
                 else:
-                    opt.apply(res.grads, model.backbone.params)
+                    opt.apply(res.grads, model.backbone.params, ops=ops)
                     trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)

@@ -405,12 +405,13 @@ class DeviceModel:
                 return done.value
 
     def decode_iter(self, token_ids, prompt_mask, index, sampler_kind="greedy", temperature=1.0, k=1,
-                    p=1.0, min_p=0.0, seed=0, stop_token_ids=None, steps_per_launch=1):
+                    p=1.0, min_p=0.0, seeds=None, stop_token_ids=None, steps_per_launch=1):
         """A generator: after every launch it yields ``(start, stop, tokens [B, stop - start])``,
         the positions just decided (the host's only synchronisation), and it returns the final
         token ids ``[B, T]``.  ``sampler_kind`` is one of :data:`SAMPLERS` with its parameters
-        (``k`` is top-k's k, top-p's cutoff or min-p's ``min_tokens_to_keep``; ``seed`` keys the
-        Philox uniforms by (seed, row, position)); ``steps_per_launch`` decode steps run in one
+        (``k`` is top-k's k, top-p's cutoff or min-p's ``min_tokens_to_keep``; ``seeds [B]``, each
+        row's seed, key the Philox uniforms by (row's seed, position); default 0);
+        ``steps_per_launch`` decode steps run in one
         launch of the persistent kernel."""
         from refopt.errors import SamplerError
 
@@ -444,7 +445,9 @@ class DeviceModel:
         state[0] = index
         state_dev = cuda.to_device(state)
         params_f = cuda.to_device(np.array([temperature, p, min_p], np.float64))
-        params_i = cuda.to_device(np.array([k, seed & 0xFFFFFFFF, seed >> 32], np.int64))
+        seeds = np.zeros(B, np.uint64) if seeds is None else np.asarray(seeds, np.uint64)
+        words = np.stack([seeds & np.uint64(0xFFFFFFFF), seeds >> np.uint64(32)], 1).astype(np.int64)
+        params_i = cuda.to_device(np.concatenate([[k], words.reshape(-1)]).astype(np.int64))
         stop_dev = cuda.to_device(stop if stop.size else np.zeros(0, np.int64))
         prof = cuda.to_device(np.zeros((8192 if PROFILE else 1, 2), np.int64))
         args = (self.weights, cache, tokens, pmask, stop_dev, state_dev, x, xn, part, part1, ctx, xe, logits,

@@ -372,8 +372,9 @@ def make_sample(V: int, sampler: str) -> Sample:
 
     ``sampler``: ``"greedy"`` (the first maximum: the slices' first maxima from the softmax, in
     slice order), ``"random"``, ``"top_k"``, ``"top_p"``, ``"min_p"`` (their weights in float64,
-    ``wts[b]``, then :func:`.sampling.row_choose` with the Philox uniform of (seed, row,
-    position)).  ``params_f = (temperature, p, min_p)``, ``params_i = (k, seed low, seed high)``
+    ``wts[b]``, then :func:`.sampling.row_choose` with the Philox uniform of (the row's seed,
+    position)).  ``params_f = (temperature, p, min_p)``, ``params_i = (k, then each row's seed
+    as its low and high words)``
     (``k``: top-k's k, top-p's candidate cut, min-p's tokens to keep).  ``state_i``: ``[0]`` the
     position to decide, ``[1]`` rows finished, ``[2]`` stop flag, ``[3]`` 1 + a row whose weights
     could not be sampled, ``[4 + b]`` row ``b`` has stopped."""
@@ -405,7 +406,7 @@ def make_sample(V: int, sampler: str) -> Sample:
             for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
                 wrow[j] = float64(prow[j])
         cuda.syncthreads()
-        u = philox_uniform(params_i[1], params_i[2], b, index, 0)
+        u = philox_uniform(params_i[1 + 2 * b], params_i[2 + 2 * b], 0, index, 0)
         return row_choose(wrow, V, u, cidx, cval, ibuf)
 
     @cuda.jit(device=True)

@@ -202,7 +202,7 @@ class KerasHubAdapter(Adapter):
 
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
+        from refopt.philox import choose
 
         got = self._call("sampler_weights", {"spec": spec._asdict()},
                          arrays={"probabilities": np.asarray(probabilities, np.float64)})

@@ -267,7 +267,7 @@ class TransformersAdapter(Adapter):
 
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
+        from refopt.philox import choose
 
         torch, lp = self.torch, self.transformers.generation.logits_process
         p = torch.tensor(np.asarray(probabilities), dtype=self.torch_dtype)

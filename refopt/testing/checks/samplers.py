@@ -79,7 +79,7 @@ def draws(rows, rng, per_row: int = UNIFORMS_PER_ROW):
 
 
 def check_sampler(adapter, cases, seed: int = 0) -> CheckResult:
-    from refopt.random import choose
+    from refopt.philox import choose
 
     rng = np.random.default_rng(seed)
     total = skipped_rows = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt.random import choose
+from refopt.philox import choose
 from refopt.testing.adapter import RefoptAdapter
 from refopt.testing.mutants.base import _Mutant
 from refopt.testing.sampler_reference import sampler_distribution, tempered_probabilities
