@@ -1,5 +1,6 @@
 """Shared test fixtures: the path to ../shared and a skip when it is absent; hypothesis profiles;
-progress by file and the per-test time budget."""
+progress by file, the per-test time budget and where the CPU time went; the CUDA simulator's
+scheduler."""
 
 import json
 import os
@@ -183,3 +184,11 @@ def pytest_configure(config):
         config.pluginmanager.register(_Progress(config), "refopt-progress")
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         config.pluginmanager.register(_Accounting(), "refopt-accounting")   # where tests run
+
+
+# Numba's CUDA simulator with an event-driven block scheduler (tests/_cudasim.py: its polling one
+# took most of the CUDA tests' time)
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import _cudasim
+
+    _cudasim.install()
