@@ -144,10 +144,12 @@ class _Progress:
 
     def pytest_sessionstart(self, session):
         self.start = time.monotonic()
+        self.epoch = time.time()
 
     def pytest_runtest_logreport(self, report):
         spent = dict(report.user_properties).get("refopt_time", {})
         self.records.append({"test": report.nodeid, "when": report.when, "wall": round(report.duration, 3),
+                             "start": round(getattr(report, "start", 0) - self.epoch, 2),
                              "worker": getattr(report, "node", None) and report.node.gateway.id, **spent})
         if report.when in ("setup", "call") and report.duration > BUDGET_S:
             self.slow.append((report.duration, report.when, report.nodeid, spent))
