@@ -263,7 +263,8 @@ def _preprocess(model, inputs, max_length):
     return ids, mask, scalar
 
 
-def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None):
+def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None,
+             generate_function=None):
     """KerasHub's ``CausalLM.generate``.
 
     Args:
@@ -277,6 +278,8 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
             None (generate to ``max_length``) or a tuple of ids, each of which stops a row.
         strip_prompt: return only the generated text / tokens.
         sampler: override ``model.sampler`` for this call.
+        generate_function: ``(inputs, stop_token_ids=...) -> outputs`` run on the batch instead of
+            :func:`generate_step` (``CausalLM.generate`` passes ``make_generate_function()``).
 
     Returns strings (one string for a string input) or ``{"token_ids", "padding_mask"}`` arrays.
     With ``BeamSampler(return_all_beams=True)``: a list of ``num_beams`` strings per prompt (best
@@ -288,8 +291,11 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
         max_length = _check_max_length(model, max_length)
     token_ids, padding_mask, scalar = _preprocess(model, inputs, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
-    out = generate_step(model, {"token_ids": token_ids, "padding_mask": padding_mask},
-                        stop_token_ids=stop_token_ids, sampler=sampler)
+    batch = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if generate_function is not None and sampler is None:
+        out = generate_function(batch, stop_token_ids=stop_token_ids)
+    else:
+        out = generate_step(model, batch, stop_token_ids=stop_token_ids, sampler=sampler)
     beams = out["token_ids"].ndim == 3
     if beams:
         B, nb, T = out["token_ids"].shape

@@ -25,6 +25,7 @@ them, so each output's weights are one contiguous row -- what a memory-bound dec
     layers.{i}.fc1.{weight,bias}   [F, D], [F]
     layers.{i}.fc2.{weight,bias}   [D, F], [D]
     final_layer_norm.{gamma,beta}  [D]        only when config.has_final_layer_norm
+    <dense>.lora_a, <dense>.lora_b            LoRA adapters, only where enabled (refopt.models.lora)
 
 Positions are derived from the padding mask: ``cumsum(mask) - 1`` (clipped at 0 on padding), so a
 right-padded row gets KerasHub's absolute positions 0, 1, 2, ... and a left-padded row gets the
@@ -103,7 +104,11 @@ def positions_from_mask(padding_mask):
 # ---------------------------------------------------------------------------------- pieces
 def dense(ops, params, name, x):
     # x [..., I] -> x @ W.T + b [..., O], W = params[name.weight] [O, I], b = params[name.bias] | None
-    return ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+    y = ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+    a = params.get(name + ".lora_a")
+    if a is not None:                           # a LoRA adapter beside W (refopt.models.lora)
+        y = y + ops.lora_forward(x, a, params[name + ".lora_b"])                  # [..., O]
+    return y
 
 
 def norm(ops, params, name, x, cfg):

@@ -14,6 +14,8 @@ from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
 from refopt.io import huggingface, keras_h5, presets, safetensors_io
+from refopt.models.backbone import Backbone
+from refopt.models.opt_presets import backbone_presets
 
 _FORMATS = ("keras", "huggingface")
 
@@ -65,7 +67,7 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
     return ids, mask
 
 
-class OPTBackbone:
+class OPTBackbone(Backbone):
     """The OPT decoder network with KerasHub's arguments and defaults.
 
     Called on ``{"token_ids", "padding_mask"}`` it returns hidden states ``(batch, seq, hidden)``:
@@ -80,12 +82,17 @@ class OPTBackbone:
     Weights are random (normal, std 0.02; ``seed``) until loaded.
     """
 
+    backbone_presets = backbone_presets
+    keras_module = "keras_hub.src.models.opt.opt_backbone"
+
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
                  dropout=0.1, max_sequence_length=2048, dtype=None, *, do_layer_norm_before=True,
                  word_embed_proj_dim=None, enable_bias=True, layer_norm_elementwise_affine=True,
                  remove_final_layer_norm=False, layer_norm_epsilon=1e-5, pad_token_id=1,
                  bos_token_id=2, eos_token_id=2, seed=0, name="opt_backbone", **kwargs):
         kwargs.pop("trainable", None)
+        if isinstance(dtype, dict):          # a serialized Keras DTypePolicy (get_config's)
+            dtype = dtype.get("config", {}).get("name")
         if kwargs:
             raise ConfigError(f"OPTBackbone: unknown arguments {sorted(kwargs)}")
         self.name = name
@@ -115,19 +122,35 @@ class OPTBackbone:
     def compute_dtype(self) -> str:
         return self.config.compute_dtype
 
-    @property
-    def token_embedding(self) -> np.ndarray:
-        return self.params["embed_tokens"]
-
-    def count_params(self) -> int:
-        return int(sum(p.size for p in self.params.values()))
-
     def get_config(self) -> dict:
-        return self.config.backbone_kwargs()
+        """KerasHub's config: ``name``, ``trainable``, the serialized dtype policy and the
+        constructor's arguments (refopt's own only where they differ from their defaults);
+        ``OPTBackbone.from_config`` takes it back."""
+        kwargs = self.config.backbone_kwargs()
+        kwargs.pop("dtype")
+        return {"name": self.name, "trainable": True,
+                "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                          "config": {"name": self.config.dtype or "float32"}, "registered_name": None},
+                **kwargs}
 
-    @classmethod
-    def from_config(cls, config: dict) -> "OPTBackbone":
-        return cls(**config)
+    def lora_layer_table(self) -> list:
+        """``(keras_index, keras_layer_name, refopt_prefix, keras_kernel_shape)`` of every layer
+        LoRA can adapt.  ``keras_index`` is the layer's position among KerasHub's OPTBackbone
+        layers that have weights (Keras's traversal: the embeddings 0-2, then ten per decoder
+        layer, the attention projections last and in reverse), which KerasHub's ``.lora.h5`` files
+        use as the key."""
+        cfg = self.config
+        D, H, K, F = cfg.hidden_dim, cfg.num_heads, cfg.head_dim, cfg.intermediate_dim
+        table = []
+        for i in range(cfg.num_layers):
+            base, p = 3 + 10 * i, f"layers.{i}."
+            table += [(base + 2, "feedforward_output_dense", p + "fc2", (F, D)),
+                      (base + 3, "feedforward_intermediate_dense", p + "fc1", (D, F)),
+                      (base + 6, "attention_output", p + "out_proj", (H, K, D)),
+                      (base + 7, "value", p + "v_proj", (D, H, K)),
+                      (base + 8, "key", p + "k_proj", (D, H, K)),
+                      (base + 9, "query", p + "q_proj", (D, H, K))]
+        return table
 
     @classmethod
     def from_opt_config(cls, cfg: OPTConfig, params=None, position_prefix=None) -> "OPTBackbone":
@@ -146,7 +169,8 @@ class OPTBackbone:
 
     def set_params(self, params: dict, source: str = "params") -> None:
         """Replace the weights, checking names and shapes, casting to the compute dtype (no copy
-        when the dtype already matches, so memory-mapped weights stay mapped)."""
+        when the dtype already matches, so memory-mapped weights stay mapped).  LoRA adapters,
+        when enabled, are kept."""
         shapes = _model.param_shapes(self.config)
         missing = sorted(set(shapes) - set(params))
         extra = sorted(set(params) - set(shapes))
@@ -163,7 +187,8 @@ class OPTBackbone:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise CheckpointError(f"{source}: tensor {name} has dtype {arr.dtype}, expected floats")
             out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
-        self.params = out
+        adapters = {k: v for k, v in getattr(self, "params", {}).items() if k not in shapes}
+        self.params = {**out, **adapters}
 
     # ------------------------------------------------------------------ forward
     @property
@@ -179,6 +204,8 @@ class OPTBackbone:
 
         if self.config.compute_dtype != "float32":
             raise ConfigError("quantize: weights_dtype needs the float32 compute dtype")
+        if self.lora_enabled:
+            raise ConfigError("quantize: LoRA is enabled; merge_lora_weights() first")
         params = {k: np.asarray(v, np.float32) if isinstance(v, QuantizedMatrix) else v
                   for k, v in self.params.items()}
         self.params = quantize_params(params, weights_dtype)
@@ -190,8 +217,8 @@ class OPTBackbone:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
-                    **kwargs) -> "OPTBackbone":
+    def _load_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
+                     **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
         compute dtype (``"float64"`` for the oracle); weights stored as float16 / bfloat16 are
@@ -221,22 +248,24 @@ class OPTBackbone:
 
     def save_to_preset(self, preset_dir, format="keras") -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
-        layout, atomically."""
+        layout, atomically.  LoRA adapters are saved merged into their weights, as Keras saves
+        a LoRA layer's kernel (``save_lora_weights`` writes the adapters alone)."""
         with presets.atomic_directory(preset_dir) as tmp:
             self._write(tmp, format)
 
     def _write(self, directory: Path, format: str) -> None:
         if format not in _FORMATS:
             raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
+        params = self.base_params() if self.lora_enabled else self.params
         if format == "keras":
             presets.write_json(directory / "config.json", self.config.to_keras())
-            keras_h5.save(self.params, self.config, directory / "model.weights.h5")
+            keras_h5.save(params, self.config, directory / "model.weights.h5")
             presets.write_json(directory / "metadata.json", {
                 "keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
-                "parameter_count": self.count_params(), "tasks": []})
+                "parameter_count": int(sum(p.size for p in params.values())), "tasks": []})
         else:
             presets.write_json(directory / "config.json", self.config.to_huggingface())
-            state = huggingface.to_state_dict(self.params, self.config, self.position_prefix)
+            state = huggingface.to_state_dict(params, self.config, self.position_prefix)
             safetensors_io.save(state, directory / "model.safetensors", metadata={"format": "pt"})
             presets.write_json(directory / "generation_config.json", {
                 "bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,

@@ -1,117 +1,42 @@
-"""``OPTCausalLM``: KerasHub's task class (backbone + tied LM head + optional preprocessor)."""
+"""``OPTCausalLM``: KerasHub's OPT task class (backbone + tied LM head + optional preprocessor)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from refopt import model as _model
-from refopt.errors import ConfigError, InputTypeError
-from refopt.io import presets
-from refopt.models.opt_backbone import OPTBackbone, validate_inputs
-
-_AUTO = "auto"
+from refopt.models.causal_lm import CausalLM
+from refopt.models.opt_backbone import OPTBackbone
+from refopt.models.opt_causal_lm_preprocessor import OPTCausalLMPreprocessor
 
 
-def _has_tokenizer_files(path: Path) -> bool:
-    return ((path / "tokenizer.json").exists() or (path / "preprocessor.json").exists()
-            or ((path / "vocab.json").exists() and (path / "merges.txt").exists()))
-
-
-class OPTCausalLM:
+class OPTCausalLM(CausalLM):
     """An OPT model for next-token prediction, with KerasHub's API.
 
     ``predict`` returns logits ``(batch, seq, vocab)`` as a NumPy array; ``generate`` decodes with the
     KV cache and the sampler chosen in ``compile``; ``fit`` / ``evaluate`` train with refopt's
     hand-written backward pass.
+
+    Args:
+        backbone: an :class:`~refopt.models.OPTBackbone`.
+        preprocessor: an :class:`~refopt.models.OPTCausalLMPreprocessor` or None.
+        compile: compile with KerasHub's defaults now (``compile=False``: call ``compile()`` before
+            ``fit``, ``evaluate`` or ``generate``).
     """
 
-    def __init__(self, backbone: OPTBackbone, preprocessor=None, name="opt_causal_lm"):
-        if not isinstance(backbone, OPTBackbone):
-            raise InputTypeError(f"backbone: expected an OPTBackbone, got {type(backbone).__name__}")
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-        self.name = name
-        # KerasHub's defaults, as if compile() had been called with no arguments.
-        self._sampler = "top_k"
-        self._optimizer_spec = _AUTO
-        self.optimizer = None
-        self.compile_kwargs = {}
-
-    # ------------------------------------------------------------------ configuration
-    def compile(self, optimizer=_AUTO, loss=_AUTO, *, weighted_metrics=_AUTO, sampler="top_k", **kwargs):
-        """Choose the optimizer (``"auto"`` = Adam, learning rate 2e-5, as KerasHub) and the sampler
-        used by ``generate`` (KerasHub's default ``"top_k"``; a name or a sampler object)."""
-        from refopt import samplers
-
-        if loss not in (_AUTO, None, "sparse_categorical_crossentropy"):
-            raise ConfigError(f"compile: loss={loss!r}; refopt trains with the sparse categorical "
-                              "cross-entropy on logits only ('auto')")
-        if weighted_metrics not in (_AUTO, None, ["sparse_categorical_accuracy"]):
-            raise ConfigError(f"compile: weighted_metrics={weighted_metrics!r}; only 'auto' "
-                              "(sparse categorical accuracy) is supported")
-        self._sampler = samplers.get(sampler)
-        self._optimizer_spec = optimizer
-        self.optimizer = None  # built lazily by refopt.training (it needs the parameters)
-        self.compile_kwargs = kwargs
-        return None
-
-    @property
-    def sampler(self):
-        """The sampler ``generate`` uses (resolved from its name on first use)."""
-        if isinstance(self._sampler, str):
-            from refopt import samplers
-
-            self._sampler = samplers.get(self._sampler)
-        return self._sampler
-
-    def get_config(self) -> dict:
-        return {"backbone": self.backbone.get_config(),
-                "preprocessor": None if self.preprocessor is None else self.preprocessor.get_config(),
-                "name": self.name}
-
-    # ------------------------------------------------------------------ forward
-    @property
-    def backend(self):
-        """The backend this model runs on (None: the current one; see :mod:`refopt.backend`)."""
-        return self.backbone.backend
-
-    @backend.setter
-    def backend(self, name):
-        from refopt import backend as _backend
-
-        if name is not None:
-            _backend.resolve(name)
-        self.backbone.backend = name
+    backbone_cls = OPTBackbone
+    preprocessor_cls = OPTCausalLMPreprocessor
+    keras_module = "keras_hub.src.models.opt.opt_causal_lm"
+    keras_class_name = "OPTCausalLM"
+    default_name = "opt_causal_lm"
 
     def __call__(self, inputs, *, tape=None):
         hidden = self.backbone(inputs, tape=tape)
         return self.backbone.ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"])
 
-    def predict(self, x, batch_size=None, verbose=None):
-        """Logits ``(batch, seq, vocab)`` for a dict of ``token_ids`` / ``padding_mask`` (or strings,
-        through the preprocessor, as KerasHub)."""
-        if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)):
-            if self.preprocessor is None:
-                raise InputTypeError("predict: got strings but this model has no preprocessor; pass "
-                                     "{'token_ids', 'padding_mask'} or attach an OPTCausalLMPreprocessor")
-            x = self.preprocessor([x] if isinstance(x, str) else list(x))[0]
-        ids, mask = validate_inputs(self.backbone.config, x)
-        if batch_size is None:
-            batch_size = ids.shape[0] or 1
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"predict: batch_size={batch_size!r}; expected a positive integer")
-        parts = [self({"token_ids": ids[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
-                 for i in range(0, ids.shape[0], batch_size)]
-        if len(parts) == 1:
-            return parts[0]                                 # no copy of the (B, S, V) logits
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, ids.shape[1],
-                                                                     self.backbone.vocabulary_size))
-
     def new_cache(self, batch: int, length: int) -> np.ndarray:
         """A zero KV cache ``[batch, num_layers, 2, length, num_heads, head_dim]``."""
-        return _model.new_cache(self.backbone.config, batch, length, self.backbone.compute_dtype)
+        return _model.new_cache(self.backbone.config, batch, length, self.backbone.config.compute_dtype)
 
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.
@@ -127,92 +52,3 @@ class OPTCausalLM:
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
                                 cache=cache, cache_index=cache_update_index, ops=ops)
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache
-
-    # ------------------------------------------------------------------ generation
-    def generate(self, inputs, max_length=None, stop_token_ids=_AUTO, strip_prompt=False):
-        """KerasHub's ``generate``: a string, a list of strings, or (without a preprocessor) a dict of
-        ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile``."""
-        from refopt import generation
-
-        with self._backend_scope():       # the samplers' selection steps run on the model's backend
-            return generation.generate(self, inputs, max_length=max_length,
-                                       stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
-
-    def stream(self, prompt, max_length=None, **kwargs):
-        """Yield text pieces as tokens are produced (see :func:`refopt.generation.stream`)."""
-        from refopt import generation
-
-        with self._backend_scope():
-            yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
-
-    def _backend_scope(self):
-        import contextlib
-
-        from refopt import backend as _backend
-
-        return contextlib.nullcontext() if self.backend is None else _backend.use_backend(self.backend)
-
-    # ------------------------------------------------------------------ training
-    def loss_and_gradients(self, x, y, sample_weight=None, naming="refopt"):
-        """``(loss, grads)`` with loss = sum(sample_weight * CE) / sum(sample_weight); ``naming=
-        "huggingface"`` keys and shapes the gradients like transformers' state dict."""
-        from refopt import training
-
-        return training.loss_and_gradients_for_model(self, x, y, sample_weight, naming)
-
-    def fit(self, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, shuffle=True,
-            validation_data=None, verbose="auto", seed=None, **kwargs):
-        from refopt import training
-
-        return training.fit(self, x, y=y, sample_weight=sample_weight, batch_size=batch_size,
-                            epochs=epochs, shuffle=shuffle, validation_data=validation_data,
-                            verbose=verbose, seed=seed, **kwargs)
-
-    def evaluate(self, x=None, y=None, sample_weight=None, batch_size=None, verbose="auto", **kwargs):
-        from refopt import training
-
-        return training.evaluate(self, x, y=y, sample_weight=sample_weight, batch_size=batch_size,
-                                 verbose=verbose, **kwargs)
-
-    # ------------------------------------------------------------------ presets
-    @classmethod
-    def from_preset(cls, preset=None, load_weights=True, dtype=None, preprocessor=_AUTO, **kwargs):
-        """Load a KerasHub preset, a transformers checkpoint directory, a built-in name or (no
-        argument) the bundled model, with its tokenizer and preprocessor when the preset has them
-        (``preprocessor=None`` to skip, or pass one)."""
-        backbone = OPTBackbone.from_preset(preset, load_weights=load_weights, dtype=dtype, **kwargs)
-        if isinstance(preprocessor, str) and preprocessor == _AUTO:
-            path = presets.resolve(preset)
-            preprocessor = None
-            if _has_tokenizer_files(path):
-                from refopt.models.opt_causal_lm_preprocessor import OPTCausalLMPreprocessor
-
-                preprocessor = OPTCausalLMPreprocessor.from_preset(path)
-        return cls(backbone, preprocessor=preprocessor)
-
-    def save_to_preset(self, preset_dir, format="keras") -> None:
-        """Write a KerasHub preset (``config.json``, ``model.weights.h5``, ``metadata.json``,
-        ``task.json`` and the tokenizer/preprocessor files when attached) or, with
-        ``format="huggingface"``, a transformers checkpoint directory; atomically."""
-        with presets.atomic_directory(preset_dir) as tmp:
-            self.backbone._write(tmp, format)
-            if format == "keras":
-                task = {"module": "keras_hub.src.models.opt.opt_causal_lm", "class_name": "OPTCausalLM",
-                        "config": {"backbone": self.backbone.config.to_keras(),
-                                   "preprocessor": None, "name": self.name},
-                        "registered_name": "keras_hub>OPTCausalLM"}
-                if self.preprocessor is not None:
-                    self.preprocessor.save_to_preset(tmp)
-                    task["config"]["preprocessor"] = _read_json(tmp / "preprocessor.json")
-                presets.write_json(tmp / "task.json", task)
-                meta = _read_json(tmp / "metadata.json")
-                meta["tasks"] = ["CausalLM"]
-                presets.write_json(tmp / "metadata.json", meta)
-            elif self.preprocessor is not None:
-                self.preprocessor.tokenizer.save_to_huggingface(tmp)
-
-
-def _read_json(path):
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))

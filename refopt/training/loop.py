@@ -134,6 +134,16 @@ def _optimizer(model):
     return opt
 
 
+def _apply(opt, grads, params, trainable):
+    # the optimizer's update of the trainable parameters, in place in `params`
+    if trainable is None:
+        opt.apply(grads, params)
+        return
+    subset = {name: params[name] for name in trainable}
+    opt.apply(grads, subset)
+    params.update(subset)               # the optimizer may have replaced arrays by its own copies
+
+
 def _verbosity(verbose):
     if verbose == "auto":
         return 1
@@ -237,6 +247,8 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
 
     rng = np.random.default_rng(seed)
     dropout_rng = np.random.default_rng(rng.integers(2 ** 63)) if cfg.dropout > 0 else None
+    # LoRA (backbone.enable_lora): only the adapters train; every other weight stays as it is
+    trainable = getattr(model.backbone, "trainable_names", lambda: None)()
     n = data.y.shape[0]
     steps = math.ceil(n / batch_size)
     history = History(model=model, params={"verbose": verbose, "epochs": epochs, "steps": steps})
@@ -253,13 +265,13 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
             for step in range(steps):
                 b = _slice(data, order[step * batch_size:(step + 1) * batch_size])
                 res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
-                                       reduction="sum_over_batch_size", ops=ops)
+                                       reduction="sum_over_batch_size", ops=ops, trainable=trainable)
                 if not math.isfinite(res.loss):
                     raise TrainingError(
                         f"non-finite loss ({res.loss}) at epoch {epoch + 1}, step {step + 1} of "
                         f"{steps} (optimizer update {opt.iterations + 1}); training stopped before "
                         "applying this step's update")
-                opt.apply(res.grads, model.backbone.params)
+                _apply(opt, res.grads, model.backbone.params, trainable)
                 trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)

@@ -12,8 +12,8 @@ import numpy as np
 
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
     accuracy, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
-    lm_head_backward, linear_backward, log_softmax, merge_heads, relu_backward, relu_forward, softmax,
-    softmax_backward, split_heads)
+    lm_head_backward, linear_backward, linear_backward_input, log_softmax, lora_backward, lora_forward,
+    lora_merge, merge_heads, relu_backward, relu_forward, softmax, softmax_backward, split_heads)
 import functools
 
 from refopt.kernels.cpu import attention as _attention, embedding as _embedding, layernorm as _layernorm
