@@ -54,3 +54,37 @@ def opt_test_vocab(sort_specials):
         vocab = sorted(set(vocab))
         vocab += ["<pad>", "</s>"]
     return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def run_serialization_test(instance):
+    """KerasHub's ``run_serialization_test``: ``from_config(get_config())`` gives the same config
+    (as JSON) and an object with the same attributes."""
+    import json
+
+    cls = type(instance)
+    cfg = instance.get_config()
+    revived = cls.from_config(cfg)
+    assert json.dumps(revived.get_config(), sort_keys=True) == json.dumps(cfg, sort_keys=True)
+    assert set(dir(revived)) == set(dir(instance))
+    return revived
+
+
+def available_presets(cls):
+    """The built-in presets of ``cls`` present on this machine (under ``$REFOPT_HOME``)."""
+    from refopt.errors import PresetNotFoundError
+    from refopt.io import presets
+
+    found = []
+    for name in cls.presets:
+        try:
+            presets.resolve(name)
+        except PresetNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def require_preset(cls, name):
+    if name not in available_presets(cls):
+        pytest.skip(f"needs the {name} preset under $REFOPT_HOME (KerasHub's extra_large test "
+                    "downloads it; this machine has no network)")
