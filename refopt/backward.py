@@ -155,7 +155,7 @@ def mlp_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradie
     if not pre:
         # y = norm(ops, params, p + "mlp_layer_norm", y, cfg)
         d_y = g.norm(d_y, saved["mlp_residual"], p + "mlp_layer_norm")         # [B, S, D]
-    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    # y = ops.add(x, out)               (d_out = d_y; d_x gets d_y too, added at the end)
     d_out = d_y                                                                # [B, S, D]
     if "mlp_dropout_mask" in saved:
         # out = ops.dropout_forward(out, keep)
@@ -170,7 +170,7 @@ def mlp_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradie
     if pre:
         # m = norm(ops, params, p + "mlp_layer_norm", x, cfg)
         d_m = g.norm(d_m, saved["mlp_block_input"], p + "mlp_layer_norm")      # [B, S, D]
-    # y = x + out                       (the residual: both paths reach x)
+    # y = ops.add(x, out)               (the residual: both paths reach x)
     return d_y + d_m                                                           # [B, S, D]
 
 
@@ -181,7 +181,7 @@ def attention_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: 
     if not pre:
         # y = norm(ops, params, p + "self_attn_layer_norm", y, cfg)
         d_y = g.norm(d_y, saved["attention_residual"], p + "self_attn_layer_norm")  # [B, S, D]
-    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    # y = ops.add(x, out)               (d_out = d_y; d_x gets d_y too, added at the end)
     d_out = d_y                                                                # [B, S, D]
     if "attention_dropout_mask" in saved:
         # out = ops.dropout_forward(out, keep)
@@ -202,7 +202,7 @@ def attention_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: 
     if pre:
         # a = norm(ops, params, p + "self_attn_layer_norm", x, cfg)
         d_a = g.norm(d_a, saved["input"], p + "self_attn_layer_norm")          # [B, S, D]
-    # y = x + out                       (the residual: both paths reach x)
+    # y = ops.add(x, out)               (the residual: both paths reach x)
     return d_y + d_a                                                           # [B, S, D]
 
 
@@ -210,7 +210,7 @@ def embed_backward(d_x, saved: Saved, cfg: OPTConfig, ops, g: Gradients, d_embed
     """Undoes :func:`refopt.model.embed`: d_x [B, S, D] -> the tables' gradients (in ``g``);
     ``d_embed_tokens`` [V, E] (the tied head's share), when given, receives the lookup's in place."""
     params = g.params
-    # x = x + ops.embedding_forward(params["embed_positions"], positions)
+    # x = ops.add(x, ops.embedding_forward(params["embed_positions"], positions))
     if g.wants("embed_positions"):
         g.keep("embed_positions", ops.embedding_backward(d_x, saved["positions"],
                                                          params["embed_positions"].shape[0]))

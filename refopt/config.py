@@ -20,7 +20,8 @@ from typing import Any
 
 from refopt.errors import ConfigError
 
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
+# dtype policies (refopt.dtype_policies): KerasHub's, and float64 for the oracle
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -76,8 +77,16 @@ class OPTConfig:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype activations are computed in: float64 on request, else float32."""
+        """The NumPy dtype of refopt's arrays: float64 on request, else float32 (a half-precision
+        dtype policy computes in float32 and rounds where KerasHub rounds; see :attr:`policy`)."""
         return "float64" if self.dtype == "float64" else "float32"
+
+    @property
+    def policy(self):
+        """The dtype policy (:class:`refopt.dtype_policies.DTypePolicy`) ``dtype`` names."""
+        from refopt.dtype_policies import get
+
+        return get(self.dtype)
 
     def validate(self) -> None:
         for name in ("vocabulary_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
@@ -120,7 +129,7 @@ class OPTConfig:
         kwargs.pop("dtype")
         cfg = {"name": "opt_backbone", "trainable": True,
                "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                         "config": {"name": self.compute_dtype}, "registered_name": None},
+                         "config": {"name": self.dtype or "float32"}, "registered_name": None},
                **kwargs}
         return {"module": "keras_hub.src.models.opt.opt_backbone", "class_name": "OPTBackbone",
                 "config": cfg, "registered_name": "keras_hub>OPTBackbone"}
@@ -145,8 +154,6 @@ class OPTConfig:
             if key == "dtype":
                 if isinstance(value, dict):
                     value = value.get("config", {}).get("name")
-                # Keras mixed policies ("mixed_float16") compute in float32 here.
-                value = {"mixed_float16": "float32", "mixed_bfloat16": "float32"}.get(value, value)
             if key not in known:
                 raise ConfigError(f"{source}: unknown OPTBackbone config key {key!r}")
             kwargs[key] = value

@@ -170,10 +170,15 @@ def _start(model, token_ids, padding_mask, sampler):
 
 
 def _on_cuda(model) -> bool:
-    """Whether ``model`` runs on the cuda backend (its own choice, else the current one)."""
+    """Whether ``model`` runs on the cuda backend (its own choice, else the current one) and can
+    take its device-resident loop: that loop computes in float32 with the base weights, so a model
+    with a half-precision dtype policy or LoRA adapters decodes on the host loop instead."""
     from refopt import backend
 
-    return backend.resolve(getattr(model, "backend", None)) == "cuda"
+    if backend.resolve(getattr(model, "backend", None)) != "cuda":
+        return False
+    bb = getattr(model, "backbone", None)
+    return not (bb is not None and (bb.config.policy.reduced or getattr(bb, "lora_enabled", False)))
 
 
 def _device_loop(model):

@@ -107,7 +107,7 @@ def dense(ops, params, name, x):
     y = ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
     a = params.get(name + ".lora_a")
     if a is not None:                           # a LoRA adapter beside W (refopt.models.lora)
-        y = y + ops.lora_forward(x, a, params[name + ".lora_b"])                  # [..., O]
+        y = ops.add(y, ops.lora_forward(x, a, params[name + ".lora_b"]))          # [..., O]
     return y
 
 
@@ -124,7 +124,7 @@ def embed(params, cfg: OPTConfig, ops, token_ids, positions):
     """token_ids, positions [B, S] -> x [B, S, D]: token embedding (through project_in) + position."""
     e = ops.embedding_forward(params["embed_tokens"], token_ids)                   # [B, S, E]
     x = dense(ops, params, "project_in", e) if cfg.has_projection else e           # [B, S, D]
-    x = x + ops.embedding_forward(params["embed_positions"], positions)            # [B, S, D]
+    x = ops.add(x, ops.embedding_forward(params["embed_positions"], positions))   # [B, S, D]
     return x, {"project_in.input": e if cfg.has_projection else None, "embeddings": x}
 
 
@@ -147,7 +147,7 @@ def attention_block(x, params, p, cfg: OPTConfig, ops, mask, keep=None, layer_ca
     out = dense(ops, params, p + "out_proj", ctx)                                  # [B, S, D]
     if keep is not None:
         out = ops.dropout_forward(out, keep)                                       # [B, S, D]
-    y = x + out                                                                    # [B, S, D]
+    y = ops.add(x, out)                                                            # [B, S, D]
     saved = {"input": x, "attention_input": a, "q": q, "k": k, "v": v, "attention_probs": probs,
              "attention_context": ctx, "attention_dropout_mask": keep, "attention_output": out}
     if not pre:
@@ -172,7 +172,7 @@ def mlp_block(x, params, p, cfg: OPTConfig, ops, keep=None, keep_preactivation=F
     out = dense(ops, params, p + "fc2", h)                                         # [B, S, D]
     if keep is not None:
         out = ops.dropout_forward(out, keep)                                       # [B, S, D]
-    y = x + out                                                                    # [B, S, D]
+    y = ops.add(x, out)                                                            # [B, S, D]
     saved = {"mlp_block_input": x, "mlp_input": m, "fc1_output": pre_act,
              "mlp_dropout_mask": keep, "mlp_output": out}
     if not pre:

@@ -52,14 +52,19 @@ class ReversibleEmbedding:
             flat = hidden.reshape((1, -1, self.output_dim)).astype(self._backbone.config.compute_dtype,
                                                                     copy=False)
             logits = ops.lm_head_forward(flat, self.embeddings)
-            return logits.reshape(hidden.shape[:-1] + (self.input_dim,))
+            return self._public(logits.reshape(hidden.shape[:-1] + (self.input_dim,)))
         # inputs [...] int -> [..., E]
         ids = np.asarray(inputs)
         if ids.dtype == object or not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"token_embedding: expected integer ids, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.input_dim):
             raise InputError(f"token_embedding: ids must be in [0, {self.input_dim})")
-        return ops.embedding_forward(self.embeddings, ids.astype(np.int64))
+        return self._public(ops.embedding_forward(self.embeddings, ids.astype(np.int64)))
+
+    def _public(self, x):
+        from refopt.dtype_policies import to_public
+
+        return to_public(x, self._backbone.compute_dtype)
 
     def __repr__(self):
         return f"ReversibleEmbedding(input_dim={self.input_dim}, output_dim={self.output_dim})"

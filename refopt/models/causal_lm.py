@@ -160,10 +160,18 @@ class CausalLM(Task):
     def fit(self, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, shuffle=True,
             validation_data=None, verbose="auto", seed=None, **kwargs):
         """Train with the optimizer chosen in ``compile`` (see :func:`refopt.training.fit`); with
-        LoRA enabled on the backbone, only the adapters train."""
+        LoRA enabled on the backbone, only the adapters train.  Under a mixed policy the forward
+        pass rounds as KerasHub's does and the backward runs in float32."""
         from refopt import training
+        from refopt.dtype_policies import HALF
+        from refopt.errors import TrainingError
 
         self._require_compiled()
+        policy = self.backbone.config.policy
+        if policy.variable_dtype in HALF:
+            raise TrainingError(f"fit: the {policy.name!r} policy keeps the weights in "
+                                f"{policy.variable_dtype}; train with 'mixed_{policy.compute_dtype}' "
+                                "(float32 weights, the same computation), as Keras advises")
         return training.fit(self, x, y=y, sample_weight=sample_weight, batch_size=batch_size,
                             epochs=epochs, shuffle=shuffle, validation_data=validation_data,
                             verbose=verbose, seed=seed, **kwargs)

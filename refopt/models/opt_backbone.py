@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from refopt import backend as _backend
+from refopt import dtype_policies
 from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
@@ -78,7 +79,9 @@ class OPTBackbone(Backbone):
     Arguments beyond KerasHub cover released checkpoints KerasHub cannot represent:
     ``do_layer_norm_before`` (False for OPT-350m), ``word_embed_proj_dim``, ``enable_bias``,
     ``layer_norm_elementwise_affine``, ``remove_final_layer_norm``, ``layer_norm_epsilon``.
-    ``dtype`` is the compute dtype: ``"float32"`` (default) or ``"float64"`` (the oracle's).
+    ``dtype`` is a dtype policy (:mod:`refopt.dtype_policies`): ``"float32"`` (default),
+    ``"bfloat16"``, ``"float16"``, ``"mixed_bfloat16"``, ``"mixed_float16"`` (KerasHub's, the half
+    precisions emulated as KerasHub's layers round), or ``"float64"`` (the oracle's).
     Weights are random (normal, std 0.02; ``seed``) until loaded.
     """
 
@@ -91,8 +94,7 @@ class OPTBackbone(Backbone):
                  remove_final_layer_norm=False, layer_norm_epsilon=1e-5, pad_token_id=1,
                  bos_token_id=2, eos_token_id=2, seed=0, name="opt_backbone", **kwargs):
         kwargs.pop("trainable", None)
-        if isinstance(dtype, dict):          # a serialized Keras DTypePolicy (get_config's)
-            dtype = dtype.get("config", {}).get("name")
+        dtype = None if dtype is None else dtype_policies.get(dtype).name   # a name, dict or policy
         if kwargs:
             raise ConfigError(f"OPTBackbone: unknown arguments {sorted(kwargs)}")
         self.name = name
@@ -104,7 +106,7 @@ class OPTBackbone(Backbone):
             enable_bias=enable_bias, layer_norm_elementwise_affine=layer_norm_elementwise_affine,
             remove_final_layer_norm=remove_final_layer_norm, layer_norm_epsilon=layer_norm_epsilon,
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-        self.params = _model.init_params(self.config, seed=seed)
+        self.params = self._round_variables(_model.init_params(self.config, seed=seed))
         # transformers keeps two position rows before position 0; kept here for exact round trips.
         self.position_prefix = None
         self.backend = None          # None: the current backend (refopt.backend); or a name
@@ -119,8 +121,40 @@ class OPTBackbone(Backbone):
         raise AttributeError(f"'OPTBackbone' object has no attribute {name!r}")
 
     @property
+    def dtype_policy(self) -> dtype_policies.DTypePolicy:
+        """The dtype policy (Keras's ``DTypePolicy``: ``name``, ``compute_dtype``,
+        ``variable_dtype``)."""
+        return self.config.policy
+
+    @property
     def compute_dtype(self) -> str:
-        return self.config.compute_dtype
+        """The dtype activations are computed in (outputs come in it), Keras's meaning."""
+        return self.config.policy.compute_dtype
+
+    @property
+    def variable_dtype(self) -> str:
+        """The dtype the weights are kept in, Keras's meaning."""
+        return self.config.policy.variable_dtype
+
+    @property
+    def dtype(self) -> str:
+        """Keras's ``Layer.dtype``: the variable dtype."""
+        return self.variable_dtype
+
+    @property
+    def weights(self) -> list:
+        """The weights as arrays of the variable dtype (refopt stores half-precision variables as
+        float32 holding their values; ``params`` is the dict the model computes with)."""
+        dtype = self.variable_dtype
+        return [dtype_policies.to_public(np.asarray(v), dtype) if dtype in dtype_policies.HALF
+                else v for v in self.params.values()]
+
+    def _round_variables(self, params: dict) -> dict:
+        # a half-precision variable dtype ("bfloat16", "float16"): the values it can hold
+        policy = self.config.policy
+        if policy.variable_dtype not in dtype_policies.HALF:
+            return params
+        return {k: policy.round_variable(v) for k, v in params.items()}
 
     def get_config(self) -> dict:
         """KerasHub's config: ``name``, ``trainable``, the serialized dtype policy and the
@@ -162,7 +196,7 @@ class OPTBackbone(Backbone):
         self.backend = None
         self.weights_dtype = "float32"
         if params is None:
-            self.params = _model.init_params(cfg)
+            self.params = self._round_variables(_model.init_params(cfg))
         else:
             self.set_params(params)
         return self
@@ -188,13 +222,16 @@ class OPTBackbone(Backbone):
                 raise CheckpointError(f"{source}: tensor {name} has dtype {arr.dtype}, expected floats")
             out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
         adapters = {k: v for k, v in getattr(self, "params", {}).items() if k not in shapes}
-        self.params = {**out, **adapters}
+        self.params = {**self._round_variables(out), **adapters}
 
     # ------------------------------------------------------------------ forward
     @property
     def ops(self):
-        """The ops namespace this backbone runs on (see :mod:`refopt.backend`)."""
-        return _backend.ops(self.backend)
+        """The ops namespace this backbone runs on (see :mod:`refopt.backend`), rounding as its
+        dtype policy does (:func:`refopt.dtype_policies.ops_for`; KerasHub's attention path
+        depends on whether the model has dropout)."""
+        return dtype_policies.ops_for(self.config.policy, _backend.ops(self.backend),
+                                      fused_attention=self.config.dropout == 0)
 
     def quantize(self, weights_dtype: str) -> None:
         """Store every matrix as ``"bfloat16"``, ``"float16"`` or ``"int8"`` (per-output-channel
@@ -202,8 +239,8 @@ class OPTBackbone(Backbone):
         (:mod:`refopt.quant`).  LayerNorm parameters, biases and positions stay float32."""
         from refopt.quant import QuantizedMatrix, quantize_params
 
-        if self.config.compute_dtype != "float32":
-            raise ConfigError("quantize: weights_dtype needs the float32 compute dtype")
+        if self.config.dtype not in (None, "float32"):
+            raise ConfigError("quantize: weights_dtype needs the float32 dtype policy")
         if self.lora_enabled:
             raise ConfigError("quantize: LoRA is enabled; merge_lora_weights() first")
         params = {k: np.asarray(v, np.float32) if isinstance(v, QuantizedMatrix) else v
@@ -213,17 +250,20 @@ class OPTBackbone(Backbone):
 
     def __call__(self, inputs, *, tape=None):
         ids, mask = validate_inputs(self.config, inputs)
-        return _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self.ops)
+        hidden = _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self.ops)
+        return dtype_policies.to_public(hidden, self.compute_dtype)
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def _load_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
                      **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
-        under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
-        compute dtype (``"float64"`` for the oracle); weights stored as float16 / bfloat16 are
-        widened, unless ``weights_dtype`` (``"bfloat16"``, ``"float16"``, ``"int8"``) keeps them
-        small for fast decoding (:meth:`quantize`).  ``backend`` pins this model to ``"numpy"``,
+        under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` is the dtype
+        policy (:mod:`refopt.dtype_policies`; ``"float64"`` for the oracle); without it a preset
+        saved with a float policy loads as ``"float32"``, KerasHub's rule (a saved ``"float64"``
+        stays).  Weights stored as float16 / bfloat16 are widened, unless ``weights_dtype``
+        (``"bfloat16"``, ``"float16"``, ``"int8"``) keeps them small for fast decoding
+        (:meth:`quantize`).  ``backend`` pins this model to ``"numpy"``,
         ``"numba"`` or ``"cuda"`` (default: the current backend)."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
@@ -231,9 +271,9 @@ class OPTBackbone(Backbone):
         fmt = presets.detect_format(path)
         cfg = presets.read_config(path)
         if dtype is not None:
-            if dtype not in ("float32", "float64", "float16", "bfloat16"):
-                raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
-            cfg = dataclasses.replace(cfg, dtype=dtype)
+            cfg = dataclasses.replace(cfg, dtype=dtype_policies.get(dtype).name)
+        elif cfg.dtype not in (None, "float64"):
+            cfg = dataclasses.replace(cfg, dtype=None)
         if backend is not None:
             _backend.resolve(backend)          # an unknown or unavailable backend fails here
         if not load_weights:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refopt import dtype_policies
 from refopt import model as _model
 from refopt.models.causal_lm import CausalLM
 from refopt.models.opt_backbone import OPTBackbone
@@ -31,8 +32,15 @@ class OPTCausalLM(CausalLM):
     default_name = "opt_causal_lm"
 
     def __call__(self, inputs, *, tape=None):
-        hidden = self.backbone(inputs, tape=tape)
-        return self.backbone.ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"])
+        """Logits ``(batch, seq, vocab)`` in the compute dtype of the backbone's policy."""
+        from refopt.models.opt_backbone import validate_inputs
+
+        bb = self.backbone
+        ids, mask = validate_inputs(bb.config, inputs)
+        ops = bb.ops
+        hidden = _model.forward(bb.params, bb.config, ids, mask, tape=tape, ops=ops)
+        logits = ops.lm_head_forward(hidden, bb.params["embed_tokens"])
+        return dtype_policies.to_public(logits, bb.compute_dtype)
 
     def new_cache(self, batch: int, length: int) -> np.ndarray:
         """A zero KV cache ``[batch, num_layers, 2, length, num_heads, head_dim]``."""
@@ -42,6 +50,7 @@ class OPTCausalLM(CausalLM):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.
 
         Returns ``(logits [B, S, V], hidden_states [B, S, E], cache)``; the cache is updated in place.
+        Arrays are refopt's (float32 under a half-precision policy, holding its values).
         ``padding_mask`` covers indices ``0 .. cache_update_index + S`` (None: every token is real,
         the causal mask alone applies, as in KerasHub's generation)."""
         token_ids = np.asarray(token_ids)

@@ -11,7 +11,7 @@ scatter-add (:mod:`.embedding`), and the samplers' selection steps (:mod:`.sampl
 import numpy as np
 
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
-    accuracy, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
+    accuracy, add, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
     lm_head_backward, linear_backward, linear_backward_input, log_softmax, lora_backward, lora_forward,
     lora_merge, merge_heads, relu_backward, relu_forward, softmax, softmax_backward, split_heads)
 import functools
