@@ -88,3 +88,12 @@ def require_preset(cls, name):
     if name not in available_presets(cls):
         pytest.skip(f"needs the {name} preset under $REFOPT_HOME (KerasHub's extra_large test "
                     "downloads it; this machine has no network)")
+
+
+def presets_or_skip(cls):
+    """KerasHub's ``test_all_presets`` loop: the presets of ``cls`` on this machine, or a skip."""
+    found = available_presets(cls)
+    if not found:
+        pytest.skip(f"needs one of {sorted(cls.presets)} under $REFOPT_HOME (KerasHub downloads them; "
+                    "this machine has no network)")
+    return found

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from kh_support import documented_difference, require_preset, run_serialization_test
+from kh_support import documented_difference, presets_or_skip, require_preset, run_serialization_test
 from refopt.errors import RefoptError
 from refopt.models import OPTBackbone
 
@@ -100,11 +100,6 @@ def test_smallest_preset():
 
 
 def test_all_presets():
-    from kh_support import available_presets
-
-    presets = available_presets(OPTBackbone)
-    if not presets:
-        pytest.skip(f"needs one of {sorted(OPTBackbone.presets)} under $REFOPT_HOME (no network here)")
-    for preset in presets:
+    for preset in presets_or_skip(OPTBackbone):
         OPTBackbone.from_preset(preset)(INPUT_DATA)
         OPTBackbone.from_preset(preset, load_weights=False)(INPUT_DATA)

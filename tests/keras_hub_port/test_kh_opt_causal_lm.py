@@ -7,7 +7,7 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 
-from kh_support import available_presets, opt_test_vocab, run_serialization_test
+from kh_support import opt_test_vocab, presets_or_skip, run_serialization_test
 from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
 
 VOCAB, MERGES = opt_test_vocab(sort_specials=True)
@@ -116,9 +116,6 @@ def test_litert_export():
 
 
 def test_all_presets():
-    presets = available_presets(OPTCausalLM)
-    if not presets:
-        pytest.skip(f"needs one of {sorted(OPTCausalLM.presets)} under $REFOPT_HOME (no network here)")
-    for preset in presets:
+    for preset in presets_or_skip(OPTCausalLM):
         model = OPTCausalLM.from_preset(preset)
         model.predict(model.preprocessor(*TRAIN_DATA)[0])

@@ -2,9 +2,8 @@
 expected ids, masks, labels and weights."""
 
 import numpy as np
-import pytest
 
-from kh_support import available_presets, opt_test_vocab, run_serialization_test
+from kh_support import opt_test_vocab, presets_or_skip, run_serialization_test
 from refopt.models import OPTCausalLMPreprocessor, OPTTokenizer
 
 VOCAB, MERGES = opt_test_vocab(sort_specials=True)
@@ -58,9 +57,5 @@ def test_generate_postprocess():
 
 
 def test_all_presets():
-    presets = available_presets(OPTCausalLMPreprocessor)
-    if not presets:
-        pytest.skip(f"needs one of {sorted(OPTCausalLMPreprocessor.presets)} under $REFOPT_HOME "
-                    "(no network here)")
-    for preset in presets:
+    for preset in presets_or_skip(OPTCausalLMPreprocessor):
         OPTCausalLMPreprocessor.from_preset(preset)(INPUT_DATA)

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import shared_path
-from kh_support import available_presets, opt_test_vocab, run_serialization_test
+from kh_support import available_presets, opt_test_vocab, presets_or_skip, run_serialization_test
 from refopt.models import OPTTokenizer
 
 VOCAB, MERGES = opt_test_vocab(sort_specials=False)
@@ -38,8 +38,5 @@ def test_smallest_preset():
 
 
 def test_all_presets():
-    presets = available_presets(OPTTokenizer)
-    if not presets:
-        pytest.skip(f"needs one of {sorted(OPTTokenizer.presets)} under $REFOPT_HOME (no network here)")
-    for preset in presets:
+    for preset in presets_or_skip(OPTTokenizer):
         OPTTokenizer.from_preset(preset)(INPUT_DATA)
