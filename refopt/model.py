@@ -163,10 +163,10 @@ def mlp_block(x, params, p, cfg: OPTConfig, ops, keep=None, keep_preactivation=F
     backward (else bias and ReLU run fused into the product's epilogue)."""
     pre = cfg.do_layer_norm_before
     m = norm(ops, params, p + "mlp_layer_norm", x, cfg) if pre else x               # [B, S, D]
-    if keep_preactivation:
+    if keep_preactivation or p + "fc1.lora_a" in params:   # training, or an adapted fc1
         pre_act = dense(ops, params, p + "fc1", m)                                 # [B, S, F]
         h = ops.relu_forward(pre_act)                                              # [B, S, F]
-    else:
+    else:                         # inference: bias and ReLU fused into the product's epilogue
         pre_act = None
         h = ops.linear_relu_forward(m, params[p + "fc1.weight"], params.get(p + "fc1.bias"))
     out = dense(ops, params, p + "fc2", h)                                         # [B, S, D]

@@ -104,6 +104,26 @@ def test_enable_lora_keeps_the_outputs_and_adds_kerashubs_adapters():
         _backbone().enable_lora(2, ["query_dense"])
 
 
+@pytest.mark.parametrize("targets", [None, ["key", "attention_output", "feedforward_intermediate_dense",
+                                            "feedforward_output_dense"]])
+def test_every_adapted_layer_applies_in_inference_and_training(targets):
+    from refopt.model import forward
+
+    bb = _backbone("float64")
+    bb.enable_lora(2, targets, seed=0)
+    rng = np.random.default_rng(6)
+    for name in bb.lora_layers:
+        bb.params[name + ".lora_b"] = rng.standard_normal(bb.params[name + ".lora_b"].shape)
+    x, _, _ = _batch(bb.config)
+    ids, mask = x["token_ids"], x["padding_mask"]
+    inference = forward(bb.params, bb.config, ids, mask, ops=bb.ops)
+    training = forward(bb.params, bb.config, ids, mask, ops=bb.ops, tape={})
+    np.testing.assert_allclose(inference, training, rtol=1e-12, atol=1e-12)
+    merged = dict(bb.base_params())
+    np.testing.assert_allclose(forward(merged, bb.config, ids, mask, ops=bb.ops), inference,
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_model_adapter_gradients_match_finite_differences():
     bb = _backbone("float64")
     bb.enable_lora(2, seed=1)

@@ -79,17 +79,23 @@ class LoRAMixin:
         if target_layer_names is None:
             target_layer_names = self.default_lora_layer_names()
         rng = np.random.default_rng(seed)
+        dtype = self._lora_dtype()
         adapters = {}
         for _, keras_name, prefix, kernel_shape in self.lora_layer_table():
             if keras_name in target_layer_names:
-                adapters[prefix + A] = he_uniform(rng, tuple(kernel_shape[:-1]) + (int(rank),))
-                adapters[prefix + B] = np.zeros((int(rank), kernel_shape[-1]), np.float32)
+                adapters[prefix + A] = he_uniform(rng, tuple(kernel_shape[:-1]) + (int(rank),), dtype)
+                adapters[prefix + B] = np.zeros((int(rank), kernel_shape[-1]), dtype)
         if not adapters:
             raise ConfigError(f"enable_lora: no layer of this backbone is named in "
                               f"{list(target_layer_names)}; LoRA can adapt "
                               f"{sorted({name for _, name, _, _ in self.lora_layer_table()})}")
         self.params.update(adapters)
         self.lora_rank = int(rank)
+
+    def _lora_dtype(self):
+        # Keras keeps LoRA weights in float32 whatever the policy; refopt's float64 models (the
+        # oracle's) keep them in float64
+        return np.float64 if self.config.compute_dtype == "float64" else np.float32
 
     def trainable_names(self):
         """The parameters training updates: the adapters when LoRA is enabled, else all (None)."""
@@ -181,5 +187,5 @@ class LoRAMixin:
                                               f"expected {list(expected)}")
                     if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                         raise CheckpointError(f"{filepath}: {where} is not a finite float array")
-                    loaded[prefix + suffix] = value.astype(np.float32)
+                    loaded[prefix + suffix] = value.astype(self._lora_dtype())
         self.params.update(loaded)
