@@ -16,9 +16,13 @@
   ``cache_implementation="static"`` and ``torch.compile`` (unless ``--no-compile``).  Tokens/s =
   batch x new / wall time; "same" = the fraction of rows whose ids equal transformers' eager ones
   (random weights give near-ties, so rounding can flip a choice).
-* **One training step** (batch 8 x 128, forward + backward + AdamW): ``fit``'s step on the cuda
-  backend (the ops namespace: NumPy arrays in and out of every kernel) against transformers +
-  ``torch.optim.AdamW`` on the GPU.
+* **One training step** of a random 125m model (batch 8 x 128 and 32 x 512, forward + backward +
+  AdamW): the device-resident step (:class:`refopt.training.device.DeviceTrainer`, what ``fit``
+  runs on the cuda backend) against transformers + ``torch.optim.AdamW`` on the GPU, eager, TF32
+  off; milliseconds, the ratio is the peer's time over ours (above 1: refopt is faster).
+* **A whole fit epoch** with the bundled recipe's model and batch (random windows, ``--fit-steps``
+  steps): tokens/s of ``OPTCausalLM.fit`` on the cuda backend against a transformers model of the
+  same shape trained by a loop with ``torch.optim.AdamW`` and global-norm clipping.
 
 Every time is the median of ``--repeats`` runs after a warm-up, bracketed by device
 synchronisation (CUDA events for the single kernels).
@@ -109,7 +113,7 @@ def bench_gemm(args, rows):
     da, dw = cuda.as_cuda_array(a), cuda.as_cuda_array(w)
     out = cuda.device_array((n, n), np.float32)
     best = None
-    for config in ("large", "wide"):
+    for config in ("large", "large1", "wide"):
         ms = event_time(lambda: G.gemm(da, dw, "nt", out=out, config=config), args.repeats)
         err = rel_err(out.copy_to_host(), want.cpu().numpy())
         print(f"  gemm {config:6s} {ms:8.3f} ms  {2 * n**3 / ms / 1e9:6.1f} TFLOP/s  rel err {err:.1e}",
@@ -120,6 +124,21 @@ def bench_gemm(args, rows):
     rows.append({"what": f"GEMM {n}^3 float32 (TFLOP/s)", "ours": flops / best[1] / 1e9,
                  "peer": flops / ms_torch / 1e9, "peer_name": "cuBLAS (torch.matmul, TF32 off)",
                  "note": f"tile {best[0]}, rel err {best[2]:.1e}"})
+    # the training shapes: tokens x hidden x MLP, in the three layouts (our default tiles, split-K)
+    M, N, K = 1024, 768, 3072
+    for layout in ("nt", "nn", "tn"):
+        A = torch.randn(*((K, M) if layout == "tn" else (M, K)), device="cuda", generator=g)
+        B = torch.randn(*((N, K) if layout == "nt" else (K, N)), device="cuda", generator=g)
+        ta, tb = (A.T if layout == "tn" else A), (B.T if layout == "nt" else B)
+        ms_t = torch_event_time(lambda: torch.matmul(ta, tb), args.repeats)
+        dA, dB = cuda.as_cuda_array(A), cuda.as_cuda_array(B)
+        o = cuda.device_array((M, N), np.float32)
+        ms = event_time(lambda: G.gemm(dA, dB, layout, out=o), args.repeats)
+        err = rel_err(o.copy_to_host(), torch.matmul(ta, tb).cpu().numpy())
+        f = 2 * M * N * K
+        rows.append({"what": f"GEMM {layout} {M}x{N}x{K} (TFLOP/s)", "ours": f / ms / 1e9,
+                     "peer": f / ms_t / 1e9, "peer_name": "cuBLAS (torch.matmul, TF32 off)",
+                     "note": f"rel err {err:.1e}"})
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -149,6 +168,38 @@ def bench_attention(args, rows):
     rows.append({"what": f"causal attention {B}x{H}x{T}x{K} (TFLOP/s)", "ours": flops / ms / 1e9,
                  "peer": flops / ms_torch / 1e9, "peer_name": "torch SDPA float32",
                  "note": f"rel err {err:.1e}; {ms:.2f} ms vs {ms_torch:.2f} ms"})
+
+    # forward + backward (the flash backward recomputes the probabilities), as training runs it
+    from refopt.kernels.cuda.flash_backward import flash_backward
+
+    m, l, dlt = (cuda.device_array(B * H * T, np.float32) for _ in range(3))
+    d_out = torch.randn(B, H, T, K, device="cuda", generator=g)
+    ddo = cuda.as_cuda_array(d_out.reshape(-1))
+    grads = [cuda.device_array(B * H * T * K, np.float32) for _ in range(3)]
+    km = cuda.to_device(np.ones((B, T), np.uint8))
+    st = dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), strides)
+
+    def ours_fb():
+        A.flash_attention(dq, dk, dv, out, strides, strides, strides, strides, B, H, T, T, K,
+                          key_mask=km, causal=True, scale=K ** -0.5, stats=(m, l))
+        flash_backward(dq, dk, dv, out, ddo, m, l, km, *grads, dlt, st, B, H, T, T, K, causal=True,
+                       scale=K ** -0.5)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def theirs_fb():
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        torch.autograd.grad(o, (qg, kg, vg), d_out)
+    ms_fb = event_time(ours_fb, args.repeats)
+    ms_fb_torch = torch_event_time(theirs_fb, args.repeats)
+    want_g = torch.autograd.grad(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True),
+                                 (qg, kg, vg), d_out)
+    err_fb = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w.cpu().numpy())
+                 for gr, w in zip(grads, want_g))
+    flops_fb = 3.5 * flops                        # backward: five products to the forward's two
+    rows.append({"what": f"causal attention fwd+bwd {B}x{H}x{T}x{K} (TFLOP/s)",
+                 "ours": flops_fb / ms_fb / 1e9, "peer": flops_fb / ms_fb_torch / 1e9,
+                 "peer_name": "torch SDPA float32 + autograd",
+                 "note": f"rel err {err_fb:.1e}; {ms_fb:.2f} ms vs {ms_fb_torch:.2f} ms"})
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -211,52 +262,113 @@ def bench_decode(args, rows, tmp):
 
 
 # ---------------------------------------------------------------------------------- training
+def _hf_step(hf, topt, tids):
+    def step():
+        topt.zero_grad()
+        out = hf(input_ids=tids, labels=tids)
+        out.loss.backward()
+        topt.step()
+    return step
+
+
 def bench_train(args, rows, tmp):
+    """One optimizer step (forward, backward, AdamW) of a random 125m model, device-resident."""
     import torch
     import transformers
 
     from _common import write_random_checkpoint
     from refopt.models import OPTCausalLM
     from refopt.optimizers import AdamW
-    from refopt.training.gradients import check_batch, forward_backward
+    from refopt.training.device import DeviceTrainer
+    from refopt.training.gradients import check_batch
 
     path = os.path.join(tmp, "opt125m_train")
     write_random_checkpoint(path, layers=12)
-    lm = OPTCausalLM.from_preset(path, preprocessor=None, backend="cuda")
+    lm = OPTCausalLM.from_preset(path, preprocessor=None)
     cfg = lm.backbone.config
-    B, S = 8, 128
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.vocabulary_size, (B, S))
-    y = np.roll(ids, -1, 1)
-    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}, y)
-    opt = AdamW(learning_rate=1e-4)
-    ops = lm.backbone.ops
-
-    def ours():
-        from refopt import backend
-        with backend.use_backend("cuda"):
-            res = forward_backward(lm.backbone.params, cfg, batch, reduction="sum_over_batch_size", ops=ops)
-            opt.apply(res.grads, lm.backbone.params)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     sync = torch.cuda.synchronize
-    t_ours = median_time(ours, max(2, args.repeats // 2), sync)
     hf = transformers.OPTForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().train()
-    topt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    topt = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    trainer = DeviceTrainer(lm.backbone.params, cfg, AdamW(learning_rate=1e-5))
+    for B, S in args.train_shapes:
+        rng = np.random.default_rng(B * S)
+        ids = rng.integers(3, cfg.vocabulary_size, (B, S))
+        batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)},
+                            np.roll(ids, -1, 1))
+        t_ours = median_time(lambda: trainer.step(batch, batch.y.size), args.repeats, sync)
+        t_hf = median_time(_hf_step(hf, topt, torch.tensor(ids, device="cuda")), args.repeats, sync)
+        graphs = "CUDA graph" if trainer.use_graphs else f"no graph ({trainer.graph_error or 'off'})"
+        rows.append({"what": f"training step 125m {B}x{S} (ms)", "ours": t_ours * 1e3,
+                     "peer": t_hf * 1e3, "peer_name": "transformers eager + torch AdamW, TF32 off",
+                     "lower": True, "note": f"{B * S / t_ours:,.0f} vs {B * S / t_hf:,.0f} tokens/s; "
+                                            f"{graphs}"})
+        print(f"  train {B}x{S}: {t_ours * 1e3:.1f} ms vs {t_hf * 1e3:.1f} ms", flush=True)
+
+
+def bench_fit(args, rows, tmp):
+    """Tokens/s of a whole ``fit`` epoch with the bundled recipe's model, batch and schedule (random
+    windows), beside the same model in transformers trained by a loop with torch's AdamW."""
+    import torch
+    import transformers
+
+    from refopt.models import OPTBackbone, OPTCausalLM
+    from refopt.optimizers import AdamW
+    from refopt.recipe import Recipe
+
+    r = Recipe()
+    B, S, n = r.batch_size, r.sequence_length, r.batch_size * args.fit_steps
+    backbone = OPTBackbone(vocabulary_size=r.vocab_size, num_layers=r.num_layers, num_heads=r.num_heads,
+                           hidden_dim=r.hidden_dim, intermediate_dim=r.intermediate_dim,
+                           dropout=r.dropout, max_sequence_length=r.max_sequence_length, seed=0)
+    backbone.backend = "cuda"
+    lm = OPTCausalLM(backbone)
+    lm.compile(optimizer=AdamW(learning_rate=r.learning_rate, weight_decay=r.weight_decay,
+                               beta_2=r.beta_2, global_clipnorm=r.global_clipnorm))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, r.vocab_size, (n, S))
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    lm.fit({"token_ids": ids[:2 * B], "padding_mask": x["padding_mask"][:2 * B]},
+           np.roll(ids[:2 * B], -1, 1), batch_size=B, epochs=1, verbose=0)         # compile, warm up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    lm.fit(x, np.roll(ids, -1, 1), batch_size=B, epochs=1, verbose=0)
+    t_ours = time.perf_counter() - t0
+    cfg = transformers.OPTConfig(vocab_size=r.vocab_size, hidden_size=r.hidden_dim,
+                                 num_hidden_layers=r.num_layers, ffn_dim=r.intermediate_dim,
+                                 num_attention_heads=r.num_heads, max_position_embeddings=S,
+                                 dropout=r.dropout, word_embed_proj_dim=r.hidden_dim)
+    hf = transformers.OPTForCausalLM(cfg).cuda().train()
+    topt = torch.optim.AdamW(hf.parameters(), lr=r.learning_rate, weight_decay=r.weight_decay,
+                             betas=(r.beta_1, r.beta_2))
     tids = torch.tensor(ids, device="cuda")
 
-    def theirs():
-        topt.zero_grad()
-        out = hf(input_ids=tids, labels=tids)
-        out.loss.backward()
-        topt.step()
-    t_hf = median_time(theirs, args.repeats, sync)
-    rows.append({"what": f"training step 125m {B}x{S} (steps/s)", "ours": 1 / t_ours, "peer": 1 / t_hf,
-                 "peer_name": "transformers + torch AdamW",
-                 "note": f"{t_ours * 1e3:.0f} ms vs {t_hf * 1e3:.0f} ms; ops namespace, host<->device copies"})
+    def epoch(rows_):
+        for i in range(0, rows_, B):
+            topt.zero_grad()
+            loss = hf(input_ids=tids[i:i + B], labels=tids[i:i + B]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), r.global_clipnorm)
+            topt.step()
+        torch.cuda.synchronize()
+    epoch(2 * B)
+    t0 = time.perf_counter()
+    epoch(n)
+    t_hf = time.perf_counter() - t0
+    rows.append({"what": f"fit epoch, bundled recipe {B}x{S}, {args.fit_steps} steps (tokens/s)",
+                 "ours": n * S / t_ours, "peer": n * S / t_hf,
+                 "peer_name": "transformers + torch AdamW loop",
+                 "note": f"{r.num_layers}x{r.hidden_dim}, vocab {r.vocab_size}"})
+    print(f"  fit: {n * S / t_ours:,.0f} vs {n * S / t_hf:,.0f} tokens/s", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", default=["gemm", "attention", "decode", "train"])
+    ap.add_argument("--only", nargs="+", default=["gemm", "attention", "decode", "train", "fit"])
+    ap.add_argument("--train-shapes", type=lambda t: tuple(map(int, t.split("x"))), nargs="+",
+                    default=[(8, 128), (32, 512)], metavar="BxS")
+    ap.add_argument("--fit-steps", type=int, default=200)
     ap.add_argument("--gemm", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--prompt", type=int, default=8)
@@ -281,7 +393,8 @@ def main(argv=None):
             try:
                 {"gemm": lambda: bench_gemm(args, rows), "attention": lambda: bench_attention(args, rows),
                  "decode": lambda: bench_decode(args, rows, tmp),
-                 "train": lambda: bench_train(args, rows, tmp)}[part]()
+                 "train": lambda: bench_train(args, rows, tmp),
+                 "fit": lambda: bench_fit(args, rows, tmp)}[part]()
             except Exception as e:
                 import traceback
                 traceback.print_exc()
@@ -292,7 +405,7 @@ def main(argv=None):
     for r in rows:
         ours, peer, p2 = r.get("ours"), r.get("peer"), r.get("peer2")
         f = lambda x: "-" if x is None else f"{x:.1f}"                                   # noqa: E731
-        ratio = "-" if not (ours and peer) else f"{ours / peer:.2f}x"
+        ratio = "-" if not (ours and peer) else f"{(peer / ours if r.get('lower') else ours / peer):.2f}x"
         ratio2 = "-" if not (ours and p2) else f"{ours / p2:.2f}x"
         print(f"{r['what']:58s}{f(ours):>10s}{f(peer):>10s}{ratio:>8s}{f(p2):>10s}{ratio2:>8s}  "
               f"{r.get('peer_name', '')}{'; ' if r.get('note') else ''}{r.get('note', '')}")

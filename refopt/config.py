@@ -67,7 +67,7 @@ class OPTConfig:
 
     @property
     def has_projection(self) -> bool:
-        """True when the embedding is narrower than the decoder (OPT-350m): project_in/out exist."""
+        """True when the embedding is narrower than the decoder (OPT-350m), so project_in/out exist."""
         return self.word_embed_proj_dim != self.hidden_dim
 
     @property

@@ -181,12 +181,6 @@ def _on_cuda(model) -> bool:
     return not (bb is not None and (bb.config.policy.reduced or getattr(bb, "lora_enabled", False)))
 
 
-def _device_loop(model):
-    from refopt.kernels.cuda import decode
-
-    return decode
-
-
 def _model_sampler(model):
     from refopt.samplers import get
 
@@ -201,10 +195,11 @@ def generate_step(model, inputs, stop_token_ids=None, sampler=None):
     ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first."""
     token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
-        out = _device_loop(model).generate_step(model, token_ids, padding_mask, stop_token_ids,
-                                                sampler or _model_sampler(model))
-        if out is not None:
-            return out
+        from refopt import device_decoding
+
+        chosen = sampler or _model_sampler(model)
+        if device_decoding.supports(model, chosen):
+            return device_decoding.generate_step(model, token_ids, padding_mask, stop_token_ids, chosen)
     sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     out = sampler(next=make_next(model), prompt=token_ids, cache=cache, index=index,
                   mask=padding_mask, stop_token_ids=stop_token_ids, hidden_states=hidden_states,
@@ -367,8 +362,11 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     steps = None
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
-        steps = _device_loop(model).steps(model, token_ids, padding_mask, stop_token_ids,
-                                          sampler or _model_sampler(model))
+        from refopt import device_decoding
+
+        chosen = sampler or _model_sampler(model)
+        if device_decoding.supports(model, chosen):
+            steps = device_decoding.steps(model, token_ids, padding_mask, stop_token_ids, chosen)
     if steps is None:
         sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     else:

@@ -2,15 +2,15 @@
 
     python scripts/train_bundled.py --out data/refopt_shakespeare [--corpus PATH] [--backend numba]
 
-Runs :func:`refopt.commands.train.train` (the recipe ``refopt train`` uses; every setting is the
-default of :class:`refopt.commands.train.Recipe`, seed included) on
+Runs :func:`refopt.recipe.train` (the recipe ``refopt train`` uses; every setting is the
+default of :class:`refopt.recipe.Recipe`, seed included) on
 ``../shared/data/corpus/tinyshakespeare.txt``: a byte-level BPE of 8,192 tokens, then a 4-layer,
 256-wide OPT trained on the first 90% of the characters and validated on the last 10%.  The preset
 (KerasHub layout, tokenizer and preprocessor included), ``MODEL_CARD.md`` and
 ``refopt_training.json`` are written to ``--out`` atomically (nothing changes there until the run
 has finished).  The same seed gives the same model, up to the floating-point summation order of
-the BLAS and the Numba kernels across machines and thread counts.  Progress goes to stderr (a bar
-on a terminal, a line every ``--log-every`` steps otherwise).
+the BLAS and the kernels across machines and thread counts.  Progress: ``fit``'s bar on a
+terminal, a line per epoch otherwise.
 """
 
 from __future__ import annotations
@@ -46,17 +46,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "data" / "refopt_shakespeare"))
     ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--backend", default=None, choices=("numpy", "numba", "cuda"))
-    ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))   # run from a source tree without installing
-    from refopt.commands.train import Recipe, train
+    from refopt.recipe import Recipe, train
     from refopt.errors import RefoptError
 
     if not Path(args.corpus).exists():
         print(f"error: {args.corpus} is missing (the project's ../shared data)", file=sys.stderr)
         return 2
     try:
-        report = train(args.corpus, args.out, Recipe(), backend=args.backend, log_every=args.log_every,
+        report = train(args.corpus, args.out, Recipe(), backend=args.backend,
                        command="python scripts/train_bundled.py --out data/refopt_shakespeare",
                        card={"summary": SUMMARY, "limits": LIMITS, "usage": USAGE})
     except RefoptError as e:

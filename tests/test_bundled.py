@@ -16,7 +16,7 @@ import pytest
 
 import refopt
 from refopt import cli
-from refopt.commands import train
+from refopt import recipe as train
 from refopt.io import presets
 from refopt.models import OPTCausalLM
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from refopt import cli
-from refopt.commands import bench, generate, train
+from refopt.commands import bench, generate
+from refopt import recipe as train
 from refopt.models import OPTCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ First, you know Caius Marcius is chief enemy to the people.
 
 TINY = ["--vocab-size", "300", "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
         "--intermediate-dim", "32", "--sequence-length", "16", "--max-sequence-length", "48",
-        "--epochs", "2", "--batch-size", "4", "--warmup-steps", "5", "--log-every", "1000"]
+        "--epochs", "2", "--batch-size", "4", "--warmup-steps", "5"]
 
 
 def run_cli(argv, capsys):
@@ -61,12 +62,14 @@ def test_help_everywhere(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("generate", "info", "convert", "train", "bench"):
+    for name in ("generate", "info", "convert", "train", "bench", "conform"):
         assert name in out
         with pytest.raises(SystemExit) as e:
             cli.main([name, "--help"])
         assert e.value.code == 0
-        assert "usage: refopt " + name in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "usage: refopt " + name in text
+        assert "%%" not in text, f"refopt {name} --help prints a doubled percent sign"
 
 
 def test_entry_point_module():
@@ -233,15 +236,32 @@ def test_make_sampler_arguments():
     (["--max-length", "0"], "max_length"),
     (["--backend", "cuda"], "cuda"),
 ])
-def test_generate_errors_are_one_line(tiny, capsys, argv, needle):
+def test_generate_errors_are_one_line(tiny, capsys, monkeypatch, argv, needle):
     from refopt import backend
+
+    # a pinned backend: no "kernels not compiled yet" notice on stderr (a fresh clone's cache)
+    monkeypatch.setenv("REFOPT_BACKEND", "numpy")
 
     if argv[:2] == ["--backend", "cuda"] and backend.available("cuda"):
         pytest.skip("the cuda backend is available here (a GPU, or NUMBA_ENABLE_CUDASIM=1)")
     path, _ = tiny
     code, out, err = run_cli(["generate", "All:", "--preset", str(path), *argv], capsys)
     assert code == 2 and needle in err, err
+    assert out == "", "the prompt was echoed before the error"
     assert err.startswith("refopt generate: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_simulator_says_it_is_for_tests(capsys, monkeypatch):
+    from refopt import backend
+    from refopt.commands import warn_if_simulated
+
+    warn_if_simulated("generate", "numpy")
+    assert capsys.readouterr().err == ""
+    if not (backend.available("cuda") and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"):
+        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 and numba-cuda (the simulator)")
+    warn_if_simulated("generate", "cuda")
+    err = capsys.readouterr().err
+    assert "simulator" in err and "test the GPU kernels" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_missing_preset(tmp_path, capsys):

@@ -72,6 +72,50 @@ def test_gemm(dtype, layout, Z, M, N, K, bias, relu, accumulate, seed):
     close(out.copy_to_host(), want, dtype, f"gemm {layout}", scale)
 
 
+@pytest.mark.parametrize("layout", ggemm.LAYOUTS)
+@pytest.mark.parametrize("splits", [2, 3])
+def test_gemm_split_k(layout, splits):
+    # products cut over K into partial products summed in order (the last slice ragged)
+    rng = np.random.default_rng(splits)
+    K, M, N = (1000, 300, 200) if FULL else (19, 9, 7)
+    for dtype in (np.float32, np.float64):
+        A = arrays(rng, (K, M) if layout == "tn" else (M, K), dtype)
+        B = arrays(rng, (N, K) if layout == "nt" else (K, N), dtype)
+        a = A.T if layout == "tn" else A
+        b = B.T if layout == "nt" else B
+        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), layout, splits=splits).copy_to_host()
+        close(out, a @ b, dtype, f"{layout} split-K {splits}", (np.abs(a) @ np.abs(b)).max())
+
+
+@settings(max_examples=EX)
+@given(dtype=DTYPES, layout=st.sampled_from(ggemm.LAYOUTS), splits=st.integers(2, 4),
+       M=st.integers(1, big(20)), N=st.integers(1, big(20)), K=st.integers(1, big(40)),
+       flags=st.lists(st.booleans(), min_size=6, max_size=6), seed=st.integers(0, 2**16))
+def test_gemm_split_k_epilogues(dtype, layout, splits, M, N, K, flags, seed):
+    # the split product's epilogue (bias, ReLU, dropout multiplier, ReLU gate, accumulate,
+    # residual) runs in the kernel that sums the slices, in the one-pass kernel's order
+    bias, relu, keep, gate, accumulate, residual = flags
+    rng = np.random.default_rng(seed)
+    A = arrays(rng, (K, M) if layout == "tn" else (M, K), dtype)
+    B = arrays(rng, (N, K) if layout == "nt" else (K, N), dtype)
+    b, P, G, R, C0 = (arrays(rng, shape, dtype) for shape in ((N,), (M, N), (M, N), (M, N), (M, N)))
+    a_ = A.T if layout == "tn" else A
+    b_ = B.T if layout == "nt" else B
+    want = a_ @ b_ + (b if bias else 0)
+    want = np.maximum(want, 0) if relu else want
+    want = want * P if keep else want
+    want = np.where(G <= 0, 0, want) if gate else want
+    want = want + C0 if accumulate else want
+    want = R + want if residual else want
+    out = cuda.to_device(C0)
+    dev = cuda.to_device
+    ggemm.gemm(dev(A), dev(B), layout, bias=dev(b) if bias else None, relu=relu, out=out,
+               accumulate=accumulate, residual=dev(R) if residual else None,
+               gate=dev(G) if gate else None, keep=dev(P) if keep else None, splits=splits)
+    scale = (np.abs(a_) @ np.abs(b_)).max() * np.abs(P).max() + np.abs(C0).max() + np.abs(R).max()
+    close(out.copy_to_host(), want, dtype, f"split {layout}", scale)
+
+
 @pytest.mark.parametrize("config", list(ggemm.CONFIGS))
 def test_gemm_every_tile_configuration(config):
     # each tile shape on a product that is not a multiple of it
@@ -377,7 +421,7 @@ def test_device_decode_tiled_batches(B):
 
 
 def test_device_decode_stops_and_streams():
-    from refopt.kernels.cuda import decode
+    from refopt import device_decoding
     from refopt.samplers import GreedySampler
 
     lm = _lm(True, False, seed=4)
@@ -395,10 +439,26 @@ def test_device_decode_stops_and_streams():
     assert np.array_equal(got["token_ids"], want["token_ids"])
     assert np.array_equal(got["padding_mask"], want["padding_mask"])
     # streaming: one Step per decided position, the same tokens
-    steps = decode.steps(lm, ids, mask, None, GreedySampler())
+    steps = device_decoding.steps(lm, ids, mask, None, GreedySampler())
     seen = {step.start: step.token_ids[:, 0] for step in steps}
     assert sorted(seen) == list(range(3, T))
     assert np.array_equal(np.stack([seen[i] for i in range(3, T)], 1), free[:, 3:])
+
+
+def test_samplers_describe_themselves_to_the_device_loop():
+    from refopt import samplers
+
+    assert samplers.TopPSampler(p=0.5, k=7, temperature=0.5).device_spec() == samplers.SamplerSpec(
+        "top_p", {"temperature": 0.5, "p": 0.5, "k": 7})
+    assert samplers.GreedySampler().device_spec().kind == "greedy"
+    # no device form: processors, subclasses (a rule may change), beam search
+    assert samplers.TopKSampler(k=2, repetition_penalty=1.2).device_spec() is None
+
+    class Mine(samplers.RandomSampler):
+        pass
+
+    assert Mine().device_spec() is None
+    assert samplers.BeamSampler(num_beams=2).device_spec() is None
 
 
 def test_backend_selection_with_cuda(monkeypatch):

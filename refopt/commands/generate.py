@@ -15,6 +15,7 @@ preset, a transformers checkpoint directory or a built-in name (``opt_125m_en`` 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -47,7 +48,8 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the random samplers; the same seed gives the same text")
     p.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None,
-                   help="compute backend (default: REFOPT_BACKEND or the fastest available)")
+                   help="compute backend (default: REFOPT_BACKEND or the fastest available; cuda "
+                        "under NUMBA_ENABLE_CUDASIM=1 is a simulator, for tests only)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="compute dtype (default: the preset's)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text")
@@ -116,6 +118,7 @@ def run(args) -> int:
     import contextlib
 
     from refopt import backend as _backend
+    from refopt.commands import warn_if_simulated
     from refopt.errors import ConfigError
     from refopt.io import presets
     from refopt.models import OPTCausalLM, OPTCausalLMPreprocessor
@@ -123,6 +126,7 @@ def run(args) -> int:
     sampler = make_sampler(args.sampler, args.temperature, args.top_k, args.top_p, args.seed,
                            args.num_beams)
     backend, cold = choose_backend(args.backend)
+    warn_if_simulated("generate", backend)
     preprocessor = "auto"
     if cold:
         # no compiling at all this time: NumPy ops, NumPy samplers, the pure-Python tokenizer
@@ -144,11 +148,15 @@ def run(args) -> int:
 def _stream(lm, sampler, args) -> int:
     lm.compile(sampler=sampler)
     out = sys.stdout
+    pieces = lm.stream(args.prompt, max_length=args.max_length)
+    # the first piece is computed before the prompt is echoed, so a request the model refuses
+    # (--max-length past its positions, an empty prompt ...) prints its error and nothing else
+    first = next(pieces, "")
     try:
         if not args.no_echo:
             out.write(args.prompt)
             out.flush()
-        for piece in lm.stream(args.prompt, max_length=args.max_length):
+        for piece in itertools.chain([first], pieces):
             out.write(piece)
             out.flush()
         out.write("\n")

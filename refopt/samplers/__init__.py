@@ -17,7 +17,7 @@ from refopt.samplers.greedy_sampler import GreedySampler
 from refopt.samplers.logits_processors import NoRepeatNGramProcessor, RepetitionPenaltyProcessor
 from refopt.samplers.min_p_sampler import MinPSampler
 from refopt.samplers.random_sampler import RandomSampler
-from refopt.samplers.sampler import Sampler, Step
+from refopt.samplers.sampler import Sampler, SamplerSpec, Step
 from refopt.samplers.serialization import deserialize, get, serialize
 from refopt.samplers.speculative_sampler import SpeculativeSampler
 from refopt.samplers.top_k_sampler import TopKSampler
@@ -25,7 +25,7 @@ from refopt.samplers.top_p_sampler import TopPSampler
 from refopt.samplers.typical_sampler import TypicalSampler
 
 __all__ = [
-    "Sampler", "Step", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
+    "Sampler", "SamplerSpec", "Step", "GreedySampler", "RandomSampler", "TopKSampler", "TopPSampler", "BeamSampler",
     "ContrastiveSampler", "SpeculativeSampler", "MinPSampler", "TypicalSampler",
     "RepetitionPenaltyProcessor", "NoRepeatNGramProcessor", "get", "serialize", "deserialize",
 ]

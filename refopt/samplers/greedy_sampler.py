@@ -12,6 +12,9 @@ class GreedySampler(Sampler):
     is the one-hot vector of the arg-max.
     """
 
+    def device_spec(self):
+        return self._spec(GreedySampler, "greedy")
+
     def get_next_token(self, probabilities):
         return np.argmax(np.asarray(probabilities), axis=-1)
 

@@ -30,6 +30,9 @@ class MinPSampler(Sampler):
                                                      "MinPSampler")
         self.seed = prandom.check_seed(seed)
 
+    def device_spec(self):
+        return self._spec(MinPSampler, "min_p", min_p=self.min_p, k=self.min_tokens_to_keep)
+
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
         return backend.ops().min_p_distribution(p, self.min_p, self.min_tokens_to_keep)

@@ -22,6 +22,9 @@ class RandomSampler(Sampler):
         super().__init__(**kwargs)
         self.seed = prandom.check_seed(seed)
 
+    def device_spec(self):
+        return self._spec(RandomSampler, "random")
+
     def next_token_distribution(self, probabilities):
         return np.asarray(probabilities, np.float64)
 

@@ -48,6 +48,15 @@ from refopt.errors import SamplerError
 from refopt.ops.sampling import descending_order, top_k_mask  # noqa: F401  (re-exported)
 
 
+class SamplerSpec(NamedTuple):
+    """How a sampler describes its rule to a device loop (:meth:`Sampler.device_spec`): ``kind``
+    (``"greedy"``, ``"random"``, ``"top_k"``, ``"top_p"``, ``"min_p"``) and its parameters
+    (``temperature``, and ``k`` / ``p`` / ``min_p`` as the kind needs)."""
+
+    kind: str
+    params: dict
+
+
 class Step(NamedTuple):
     """Positions ``start .. stop`` of every row became final: ``token_ids [B, stop - start]`` and,
     when asked for, their log-probabilities ``log_probs [B, stop - start]`` (else None)."""
@@ -176,6 +185,17 @@ class Sampler:
         raise NotImplementedError(
             f"{type(self).__name__} does not define next_token_distribution(); it cannot be drawn "
             "from directly (nor serve as a speculative base_sampler)")
+
+    def device_spec(self) -> SamplerSpec | None:
+        """The rule as a :class:`SamplerSpec` for a device loop, or None when it has no device form
+        (this base class, subclasses that change a rule, samplers with logits processors)."""
+        return None
+
+    def _spec(self, cls, kind, **params) -> SamplerSpec | None:
+        # the spec of ``cls``'s rule, for exactly that class (a subclass may change the rule)
+        if type(self) is not cls or self.logits_processors:
+            return None
+        return SamplerSpec(kind, {"temperature": self.temperature, **params})
 
     def get_next_token(self, probabilities):
         """The next token ``[B]`` for ``probabilities [B, V]``: a draw from

@@ -104,15 +104,18 @@ class SpeculativeSampler(Sampler):
     def steps(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
               hidden_states=None, model=None, log_probs=False, draft_next=None, draft_cache=None,
               verify_next=None):
-        """Args beyond KerasHub's protocol (all optional):
-            draft_next(prompt, draft_cache, index) -> (logits [B, V], hidden, draft_cache): the
-                draft's distribution for ``index`` (feeding the token at ``index - 1``); built from
-                ``draft_model`` when absent.
-            draft_cache: the draft's KV cache when ``draft_next`` is given (valid up to ``index -
-                1``); built and filled with the prompt otherwise.
-            verify_next(prompt, cache, index, k) -> (logits [B, k+1, V], cache) or (logits, hidden,
-                cache): the target on positions ``index - 1 .. index + k - 1``; built from
-                ``model.call_with_cache`` when absent (falling back to ``k + 1`` calls of ``next``).
+        """KerasHub's sampler protocol, with three optional arguments of its own.
+
+        Args:
+            draft_next: ``draft_next(prompt, draft_cache, index) -> (logits [B, V], hidden,
+                draft_cache)``, the draft's distribution for ``index`` (feeding the token at
+                ``index - 1``); built from ``draft_model`` when absent.
+            draft_cache: the draft's KV cache when ``draft_next`` is given (valid up to
+                ``index - 1``); built and filled with the prompt otherwise.
+            verify_next: ``verify_next(prompt, cache, index, k) -> (logits [B, k+1, V], cache)``
+                or ``(logits, hidden, cache)``, the target on positions ``index - 1 .. index + k -
+                1``; built from ``model.call_with_cache`` when absent (falling back to ``k + 1``
+                calls of ``next``).
         """
         prompt = np.array(prompt, copy=True)                                   # [B, T]
         B, T = prompt.shape

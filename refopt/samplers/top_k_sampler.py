@@ -24,6 +24,9 @@ class TopKSampler(Sampler):
         self.k = check_positive_int(k, "k", "TopKSampler")
         self.seed = prandom.check_seed(seed)
 
+    def device_spec(self):
+        return self._spec(TopKSampler, "top_k", k=self.k)
+
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
         return np.where(backend.ops().top_k_mask(p, self.k), p, 0.0)

@@ -30,6 +30,9 @@ class TopPSampler(Sampler):
         self.k = None if k is None else check_positive_int(k, "k", "TopPSampler")
         self.seed = prandom.check_seed(seed)
 
+    def device_spec(self):
+        return self._spec(TopPSampler, "top_p", p=self.p, k=self.k)
+
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
         return backend.ops().top_p_distribution(p, self.p, self.k)

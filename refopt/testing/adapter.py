@@ -66,6 +66,7 @@ class Adapter:
 
     Attributes a subclass may set:
 
+    =========================  ===================================================================
     ``name``                   shown in reports
     ``dtype``                  the compute dtype of the port's forward and backward (``"float32"``,
                                ``"float64"``, ``"bfloat16"``, ``"float16"``): it picks the tolerance
@@ -77,6 +78,7 @@ class Adapter:
     ``config_family``          ``"opt"`` (every OPT variant: post-LN, projections, no biases, ...)
                                or ``"keras_hub"`` (what KerasHub's OPTBackbone can build): the
                                random configs the suite draws for this adapter
+    =========================  ===================================================================
     """
 
     name = "adapter"

@@ -797,6 +797,7 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
                     streaming: bool = False) -> Report:
     """Run the whole suite.
 
+    ==============  ==============================================================================
     adapter         an :class:`Adapter` or a spec for :func:`refopt.testing.load_adapter`
     presets         preset directories (their models; the first one's tokenizer files are used
                     when ``tokenizer`` is None)
@@ -804,6 +805,7 @@ def run_conformance(adapter, presets=(), random_configs: int = 0, tokenizer=None
     tokenizer       a directory with ``vocab.json`` + ``merges.txt`` (or a KerasHub preset)
     streaming       reference the presets layer by layer (:class:`StreamingCase`), for checkpoints
                     larger than memory
+    ==============  ==============================================================================
     """
     from refopt.testing.adapter import load_adapter
 

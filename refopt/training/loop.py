@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 
 import numpy as np
 
@@ -173,11 +174,14 @@ class _Trackers:
         self.loss, self.acc = _Mean(), _Mean()
 
     def update(self, loss, logits, batch: Batch):
-        B, S = batch.y.shape
-        self.loss.update(loss * B, B)                       # loss tracker: weight = batch size
         w = batch.sample_weight.astype(np.float64)
         hits = accuracy(logits, batch.y).astype(np.float64)
-        self.acc.update((w * hits).sum() / S, w.sum() / S)  # reduce_to_samplewise_values, mean over S
+        self.update_sums(loss, batch, (w * hits).sum(), w.sum())
+
+    def update_sums(self, loss, batch: Batch, hit_sum, weight_sum):
+        B, S = batch.y.shape
+        self.loss.update(loss * B, B)                       # loss tracker: weight = batch size
+        self.acc.update(hit_sum / S, weight_sum / S)        # reduce_to_samplewise_values, mean over S
 
     def logs(self, prefix=""):
         return {prefix + "loss": self.loss.result(), prefix + ACCURACY: self.acc.result()}
@@ -188,15 +192,47 @@ def _format(logs):
 
 
 # ------------------------------------------------------------------------------- loops
-def _evaluate_batches(params, cfg, ops, batch: Batch, batch_size, progress=None) -> _Trackers:
+#: backbone -> its DeviceTrainer: the device copy of a model's weights (and optimizer state) lives
+#: as long as the backbone and is reused by the next fit / evaluate / predict while the host
+#: parameters are the ones it holds (DeviceTrainer.holds); otherwise a new one is uploaded
+_TRAINERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _device_trainer(model, optimizer=None, seed=None):
+    """The model's :class:`refopt.training.device.DeviceTrainer` when it runs on the cuda backend
+    and its architecture and optimizer run device-resident; else None (the step runs on the ops
+    namespace, each op's operands copied to the device and back)."""
+    params, cfg, ops = _model_parts(model)
+    if getattr(ops, "NAME", None) != "cuda":
+        return None
+    from refopt.training.device import DeviceTrainer, blocker
+
+    if blocker(cfg, optimizer) or getattr(model.backbone, "lora_enabled", False):
+        return None                       # (LoRA: the device step trains every weight, not adapters)
+    backbone = model.backbone
+    trainer = _TRAINERS.get(backbone)
+    if trainer is None or trainer.cfg is not cfg or not trainer.holds(params):
+        trainer = _TRAINERS[backbone] = DeviceTrainer(params, cfg, optimizer, seed=seed)
+    else:
+        trainer.attach(optimizer, params)
+        trainer.reseed(seed)
+    return trainer
+
+
+def _evaluate_batches(params, cfg, ops, batch: Batch, batch_size, progress=None,
+                      trainer=None) -> _Trackers:
     trackers = _Trackers()
     n = batch.y.shape[0]
     for start in range(0, n, batch_size):
         b = _slice(batch, slice(start, start + batch_size))
-        logits = logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops)
-        ce, _ = ops.cross_entropy_forward(logits, b.y)
-        loss = float((b.sample_weight.astype(np.float64) * ce).sum() / ce.size)  # sum_over_batch_size
-        trackers.update(loss, logits, b)
+        if trainer is not None:
+            sums = trainer.evaluate(b)
+            trackers.update_sums(sums.loss_sum / b.y.size, b, sums.hit_sum, sums.weight_sum)
+        else:
+            logits = logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops)
+            ce, _ = ops.cross_entropy_forward(logits, b.y)
+            loss = float((b.sample_weight.astype(np.float64) * ce).sum() / ce.size)  # sum_over_batch_size
+            trackers.update(loss, logits, b)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(trackers.logs(), refresh=False)
@@ -246,12 +282,29 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
         val = check_batch(cfg, vx, vy, vsw, dtype)
 
     rng = np.random.default_rng(seed)
-    dropout_rng = np.random.default_rng(rng.integers(2 ** 63)) if cfg.dropout > 0 else None
-    # LoRA (backbone.enable_lora): only the adapters train; every other weight stays as it is
-    trainable = getattr(model.backbone, "trainable_names", lambda: None)()
+    dropout_seed = int(rng.integers(2 ** 63)) if cfg.dropout > 0 else None
+    dropout_rng = np.random.default_rng(dropout_seed) if cfg.dropout > 0 else None
+    # on the cuda backend the whole step runs device-resident (refopt.training.device) when it can
+    trainer = _device_trainer(model, opt, seed=dropout_seed)
     n = data.y.shape[0]
     steps = math.ceil(n / batch_size)
     history = History(model=model, params={"verbose": verbose, "epochs": epochs, "steps": steps})
+    try:
+        _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batch_size, epochs,
+                    initial_epoch, shuffle, steps, verbose, history)
+    finally:
+        if trainer is not None:                     # the device's parameters and state, back home
+            trainer.download(model.backbone.params)
+            backend.weights_changed()
+            trainer.mark_synced(model.backbone.params)
+    return history
+
+
+def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batch_size, epochs,
+                initial_epoch, shuffle, steps, verbose, history):
+    n = data.y.shape[0]
+    # LoRA (backbone.enable_lora): only the adapters train; every other weight stays as it is
+    trainable = getattr(model.backbone, "trainable_names", lambda: None)()
     for epoch in range(initial_epoch, epochs):
         order = rng.permutation(n) if shuffle else np.arange(n)
         trackers = _Trackers()
@@ -264,21 +317,30 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
         try:
             for step in range(steps):
                 b = _slice(data, order[step * batch_size:(step + 1) * batch_size])
-                res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
-                                       reduction="sum_over_batch_size", ops=ops, trainable=trainable)
-                if not math.isfinite(res.loss):
+                if trainer is not None:
+                    sums = trainer.step(b, b.y.size)        # the update is skipped on a bad loss
+                    loss = sums.loss_sum / b.y.size
+                else:
+                    res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
+                                           reduction="sum_over_batch_size", ops=ops, trainable=trainable)
+                    loss = res.loss
+                if not math.isfinite(loss):
                     raise TrainingError(
-                        f"non-finite loss ({res.loss}) at epoch {epoch + 1}, step {step + 1} of "
+                        f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of "
                         f"{steps} (optimizer update {opt.iterations + 1}); training stopped before "
                         "applying this step's update")
-                _apply(opt, res.grads, model.backbone.params, trainable)
-                trackers.update(res.loss, res.logits, b)
+                if trainer is not None:
+                    trackers.update_sums(loss, b, sums.hit_sum, sums.weight_sum)
+                else:
+                    _apply(opt, res.grads, model.backbone.params, trainable)
+                    trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(trackers.logs(), refresh=False)
             logs = trackers.logs()
             if val is not None:
-                logs.update(_evaluate_batches(model.backbone.params, cfg, ops, val, batch_size).logs("val_"))
+                logs.update(_evaluate_batches(model.backbone.params, cfg, ops, val, batch_size,
+                                              trainer=trainer).logs("val_"))
             if progress is not None:
                 progress.set_postfix(logs, refresh=True)
         finally:
@@ -287,7 +349,6 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
         if verbose == 2:
             print(f"Epoch {epoch + 1}/{epochs} - {steps} steps - {_format(logs)}", flush=True)
         history.append(epoch, logs)
-    return history
 
 
 def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose="auto",
@@ -306,7 +367,8 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
 
         progress = tqdm(total=steps, desc="Evaluate", unit="step", file=sys.stdout, leave=True)
     try:
-        logs = _evaluate_batches(params, cfg, ops, data, batch_size, progress).logs()
+        logs = _evaluate_batches(params, cfg, ops, data, batch_size, progress,
+                                 trainer=_device_trainer(model)).logs()
     finally:
         if progress is not None:
             progress.close()
@@ -332,10 +394,14 @@ def predict(model, x, batch_size=None, verbose="auto"):
 
         progress = tqdm(total=steps, desc="Predict", unit="step", file=sys.stdout, leave=True)
     out = []
+    trainer = _device_trainer(model)
     try:
         for start in range(0, n, batch_size):
             b = _slice(data, slice(start, start + batch_size))
-            out.append(logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops))
+            if trainer is not None:
+                out.append(trainer.logits(b))
+            else:
+                out.append(logits_forward(params, cfg, b.token_ids, b.padding_mask, ops=ops))
             if progress is not None:
                 progress.update(1)
     finally:

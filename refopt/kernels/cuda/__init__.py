@@ -3,16 +3,18 @@ kernels underneath, plus the device-resident decode loop (:mod:`.decode`).
 
 Every name here has the signature of the NumPy op of the same name and takes and returns NumPy
 arrays: each call copies its operands to the GPU, runs the kernels and copies the result back.
-That keeps :func:`refopt.model.forward`, :func:`refopt.backward.backward` and the training loop
-unchanged on this backend (``fit`` runs with every product, norm, attention, loss and embedding
--- forward and backward -- and the Adam(W) update on the GPU), at the price of the transfers.
-Generation with greedy, random, top-k, top-p and min-p sampling takes the device-resident path
-instead (:func:`refopt.kernels.cuda.decode.generate_step`): weights, cache and tokens stay on the
+That keeps :func:`refopt.model.forward` and :func:`refopt.backward.backward` unchanged on this
+backend, at the price of the transfers.  Two device-resident paths skip them: ``fit``,
+``evaluate`` and ``predict`` run :class:`refopt.training.device.DeviceTrainer` (parameters,
+gradients, Adam state and activations on the GPU, the step replayed as a CUDA graph), and
+generation with greedy, random, top-k, top-p and min-p sampling runs the persistent decode kernel
+(:mod:`.decode`, driven from :mod:`refopt.device_decoding`): weights, cache and tokens stay on the
 GPU.
 
-Kernels: tiled matrix products with bias/ReLU/accumulate epilogues (:mod:`.gemm`), flash
-attention and its backward (:mod:`.attention`), LayerNorm, softmax, cross-entropy, embeddings
-and Adam (:mod:`.rows`), the samplers' selection rules (:mod:`.sampling`).
+Kernels: tiled matrix products with bias/ReLU/residual/dropout epilogues and split-K (:mod:`.gemm`),
+flash attention (:mod:`.attention`) and its flash-style backward (:mod:`.flash_backward`),
+LayerNorm, softmax, cross-entropy, embeddings and Adam (:mod:`.rows`), the training step's fused
+kernels (:mod:`.fused`), the samplers' selection rules (:mod:`.sampling`).
 
 ``attention_forward`` returns the probabilities as a :class:`.attention.LazyProbs`: the flash
 kernel never forms them, and they are rebuilt from its row statistics when ``attention_backward``

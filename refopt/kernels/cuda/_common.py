@@ -90,11 +90,11 @@ def _fill(a, value):
         a[i] = value
 
 
-def fill(flat, value):
+def fill(flat, value, stream=0):
     """Set every element of a 1-D device array to ``value``."""
     n = flat.shape[0]
     if n:
-        _fill[cdiv(n, 256), 256](flat, flat.dtype.type(value))
+        _fill[cdiv(n, 256), 256, stream](flat, flat.dtype.type(value))
 
 
 def grid1(n: int, threads: int = 256):

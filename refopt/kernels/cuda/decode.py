@@ -48,14 +48,14 @@ at most 32 rows a pass):
   result does not depend on timing).  Per-output warps at batch 32 re-read every activation row
   for every weight row and were bound by those loads.
 
-Measured (H100, float32, 125m-shaped, 2026-11-25, ``benchmarks/profile_decode.py`` and
-``bench_gpu.py``, several runs): a step takes 1.35-1.7 ms at batch 1 and 3.9-4.3 ms at batch 32
-(7,500-8,200 tok/s; 8.2 ms with warp products at batch 32).  Per-stage
-SM clocks (``PROFILE``, :func:`stage_times`) at batch 32: fc1 and fc2 about 20% each, head 18%,
-q/k/v 15%, attention 12%; at batch 1: attention 18%, the products 55%, the norm stages 20%
-(one block's work behind a grid synchronisation of about 2 us).  The kernel takes 231-255
-registers per thread (the samplers' code sets the count), so one 256-thread block per SM;
-capping registers through the launch bounds (``MIN_BLOCKS`` 2 or 4) spilled and was slower.
+Where the time goes (step times, per-stage shares, what was tried) is measured by
+``benchmarks/profile_decode.py`` and recorded in ``benchmarks/GPU.md``.
+
+Short names (a legend): ``B`` rows of the batch, ``RB`` rows of one batch pass (a power of two,
+at most 32), ``T`` positions of the cache, ``D`` hidden width, ``E`` embedding width, ``F`` MLP
+width, ``V`` vocabulary, ``L`` layers, ``H`` heads, ``K`` head width, ``P`` position-table rows,
+``S`` split-K slices of a product, ``TN`` outputs of a tile, ``CPS`` input chunks per slice,
+``U`` unrolling of the tile loop, ``Wt`` the packed weights, ``xn`` the normalised rows.
 
 The prompt is prefilled with the general kernels (tiled products, flash attention) before the
 first step.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a
@@ -100,6 +100,13 @@ else:
 THREADS = 8 if SIM else 32 if SIMULATOR else 256    # threads per block of the persistent kernel
 WL = min(32, THREADS)                 # lanes of a warp (the simulator's blocks are narrower)
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p")
+
+#: The stages a step's profile marks (``PROFILE``, :func:`stage_times`), by name; each mark closes
+#: the interval since the previous one.
+STAGES = ("embed", "norm 1", "q k v", "attention", "out", "norm 2", "fc1", "fc2", "norm 2 (post)",
+          "final norm", "projection out", "head", "sample", "next", "softmax")
+(EMBED, NORM_1, QKV, ATTENTION, OUT, NORM_2, FC1, FC2, NORM_2_POST, FINAL_NORM, PROJECTION_OUT, HEAD,
+ SAMPLE, NEXT, SOFTMAX) = range(len(STAGES))
 CHUNK = 1024                          # attention scores kept in shared memory per pass
 MIN_BLOCKS = 1                        # blocks per SM the step kernel's registers must allow
 PROFILE = False                       # record stage times (see make_step_kernel)
@@ -556,7 +563,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         k_value = params_i[0]
         seed_lo = params_i[1]
         seed_hi = params_i[2]
-        ps = mark(prof, 0, 13)
+        ps = mark(prof, 0, NEXT)
 
         for _step in range(nsteps):
             index = state_i[0]
@@ -570,11 +577,11 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     e = idx % E
                     xe[idx] = Wt[g_embed + tokens[b, pos] * E + e]
                 grid_sync()
-                ps = mark(prof, ps, 0)
+                ps = mark(prof, ps, EMBED)
                 if tiled:
                     prod_pin(Wt, g_pin, xe, 0, B, part, Xs, Ws, red)
                     grid_sync()
-                    ps = mark(prof, ps, 0)
+                    ps = mark(prof, ps, EMBED)
                     for idx in range(cuda.blockIdx.x * NT + tid, B * D, cuda.gridDim.x * NT):
                         x[idx] = part[idx] + Wt[g_pos + pos * D + idx % D]
                 else:
@@ -585,7 +592,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     d = idx % D
                     x[idx] = Wt[g_embed + tokens[b, pos] * E + d] + Wt[g_pos + pos * D + d]
             grid_sync()
-            ps = mark(prof, ps, 0)
+            ps = mark(prof, ps, EMBED)
 
             for l in range(L):
                 base = l * LS
@@ -595,13 +602,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     finish_rows(x, part, S2 if l > 0 else 0, base - LS + o_b2, True, base + o_ln1g,
                                 base + o_ln1b, xn, Wt, B, fbuf)
                     grid_sync()
-                    ps = mark(prof, ps, 1)
+                    ps = mark(prof, ps, NORM_1)
                     src = xn
                 else:
                     src = x
                 prod_qkv(Wt, base + o_wqkv, src, 0, B, part, Xs, Ws, red)
                 grid_sync()
-                ps = mark(prof, ps, 2)
+                ps = mark(prof, ps, QKV)
                 # attention of each (row, head) over cache positions 0 .. pos; the block first
                 # adds up its head's q, k, v (partial sums + bias), stores k and v at pos
                 item = cuda.blockIdx.x
@@ -684,11 +691,11 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     cuda.syncthreads()
                     item += cuda.gridDim.x
                 grid_sync()
-                ps = mark(prof, ps, 3)
+                ps = mark(prof, ps, ATTENTION)
                 # out projection (its sums join the residual in the norm stage after it)
                 prod_out(Wt, base + o_wo, ctx, 0, B, part, Xs, Ws, red)
                 grid_sync()
-                ps = mark(prof, ps, 4)
+                ps = mark(prof, ps, OUT)
                 if pre_ln:
                     finish_rows(x, part, So, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn,
                                 Wt, B, fbuf)
@@ -696,36 +703,36 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     finish_rows(x, part, So, base + o_bo, True, base + o_ln1g, base + o_ln1b, x,
                                 Wt, B, fbuf)
                 grid_sync()
-                ps = mark(prof, ps, 5)
+                ps = mark(prof, ps, NORM_2)
                 # ------------------------------------------------------------ MLP block
                 # (fc1's bias and ReLU: in its warp stage, or where the tiled fc2 reads its sums)
                 prod_fc1(Wt, base + o_w1, src, base + o_b1, B, part1, Xs, Ws, red)
                 grid_sync()
-                ps = mark(prof, ps, 6)
+                ps = mark(prof, ps, FC1)
                 prod_fc2(Wt, base + o_w2, part1, base + o_b1, B, part, Xs, Ws, red)
                 grid_sync()
-                ps = mark(prof, ps, 7)
+                ps = mark(prof, ps, FC2)
                 if not pre_ln:
                     finish_rows(x, part, S2, base + o_b2, True, base + o_ln2g, base + o_ln2b, x,
                                 Wt, B, fbuf)
                     grid_sync()
-                    ps = mark(prof, ps, 8)
+                    ps = mark(prof, ps, NORM_2_POST)
 
             # ---------------------------------------------------------------- head
             if pre_ln or final_ln:
                 finish_rows(x, part, S2 if pre_ln else 0, (L - 1) * LS + o_b2, final_ln, g_lnfg,
                             g_lnfb, xn, Wt, B, fbuf)
                 grid_sync()
-                ps = mark(prof, ps, 9)
+                ps = mark(prof, ps, FINAL_NORM)
             hsrc = xn if final_ln else x
             if projection:
                 prod_pout(Wt, g_pout, hsrc, 0, B, part, Xs, Ws, red)
                 grid_sync()
-                ps = mark(prof, ps, 10)
+                ps = mark(prof, ps, PROJECTION_OUT)
                 hsrc = part
             prod_head(Wt, g_embed, hsrc, 0, B, logits, Xs, Ws, red)
             grid_sync()
-            ps = mark(prof, ps, 11)
+            ps = mark(prof, ps, HEAD)
 
             # ---------------------------------------------------------------- softmax
             # probs = softmax(logits / temperature) over the whole grid: each row's vocabulary
@@ -787,7 +794,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                         gpart[2 * gsz + item] = float32(-math.inf)
                 item += cuda.gridDim.x
             grid_sync()
-            ps = mark(prof, ps, 14)
+            ps = mark(prof, ps, SOFTMAX)
 
             # ---------------------------------------------------------------- sample
             b = cuda.blockIdx.x
@@ -836,13 +843,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 cuda.syncthreads()
                 b += cuda.gridDim.x
             grid_sync()
-            ps = mark(prof, ps, 12)
+            ps = mark(prof, ps, SAMPLE)
             if cuda.blockIdx.x == 0 and tid == 0:
                 state_i[0] = index + 1
                 if stop_ids.shape[0] > 0 and state_i[1] >= B:
                     state_i[2] = 1
             grid_sync()
-            ps = mark(prof, ps, 13)
+            ps = mark(prof, ps, NEXT)
 
     return step
 
@@ -1040,8 +1047,6 @@ class DeviceModel:
         return tokens.copy_to_host()
 
 
-STAGES = ("embed", "norm 1", "q k v", "attention", "out", "norm 2", "fc1", "fc2", "norm 2 (post)",
-          "final norm", "projection out", "head", "sample", "next", "softmax")
 
 
 def stage_times(profile) -> dict:
@@ -1064,94 +1069,3 @@ def grid_blocks(step, args, threads):
 def max_grid() -> int:
     """The most blocks a cooperative grid takes: :data:`BLOCKS_PER_SM` per SM."""
     return BLOCKS_PER_SM * cuda.get_current_device().MULTIPROCESSOR_COUNT
-
-
-
-# ----------------------------------------------------------------------------- generation hook
-def _sampler_kinds():
-    from refopt import samplers
-
-    return {samplers.GreedySampler: "greedy", samplers.RandomSampler: "random",
-            samplers.TopKSampler: "top_k", samplers.TopPSampler: "top_p",
-            samplers.MinPSampler: "min_p"}
-
-
-def resident(model) -> DeviceModel | None:
-    """The model's weights on the device, uploaded on first use and kept on the backbone while its
-    parameter arrays are the same objects and no optimizer has updated them since
-    (:func:`refopt.backend.weights_epoch`); None when they cannot run here (not float32, or
-    quantised)."""
-    from refopt import backend
-
-    backbone = model.backbone
-    params = backbone.params
-    if np.dtype(backbone.config.compute_dtype) != np.float32 or not all(
-            isinstance(v, np.ndarray) for v in params.values()):
-        return None
-    key = (tuple((name, id(v)) for name, v in params.items()), backend.weights_epoch())
-    held = getattr(backbone, "_cuda_resident", None)
-    if held is None or held[0] != key:
-        held = (key, DeviceModel(params, backbone.config))
-        backbone._cuda_resident = held
-    return held[1]
-
-
-def _plan(model, sampler):
-    kind = _sampler_kinds().get(type(sampler))        # exact types: a subclass may change the rule
-    if kind is None or sampler.logits_processors:
-        return None
-    dm = resident(model)
-    if dm is None:
-        return None
-    seed = sampler.begin() or 0
-    kwargs = {"temperature": sampler.temperature, "seed": int(seed)}
-    V = dm.lay.V
-    if kind == "top_k":
-        kwargs["k"] = sampler.k
-    elif kind == "top_p":
-        kwargs["p"] = sampler.p
-        kwargs["k"] = V if sampler.k is None else min(sampler.k, V)
-    elif kind == "min_p":
-        kwargs["min_p"] = sampler.min_p
-        kwargs["k"] = sampler.min_tokens_to_keep
-    return dm, kind, kwargs
-
-
-def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler):
-    """KerasHub's ``generate_step`` on the device (see :func:`refopt.generation.generate_step`), or
-    None when the sampler or the model needs the host loop (other samplers, logits processors,
-    float64 or quantised weights)."""
-    from refopt.generation import output_padding_mask
-
-    plan = _plan(model, sampler)
-    if plan is None:
-        return None
-    dm, kind, kwargs = plan
-    index = int(padding_mask.sum(axis=1).min())
-    out = dm.decode(token_ids, padding_mask, index, kind, stop_token_ids=stop_token_ids,
-                    steps_per_launch=16, **kwargs)
-    return {"token_ids": out, "padding_mask": output_padding_mask(out, padding_mask, stop_token_ids)}
-
-
-def steps(model, token_ids, padding_mask, stop_token_ids, sampler):
-    """The device loop as a generator of :class:`refopt.samplers.Step` (one per token, no
-    log-probabilities), for streaming; None when the host loop is needed."""
-    from refopt.samplers import Step
-
-    plan = _plan(model, sampler)
-    if plan is None:
-        return None
-    dm, kind, kwargs = plan
-    index = int(padding_mask.sum(axis=1).min())
-
-    def gen():
-        inner = dm.decode_iter(token_ids, padding_mask, index, kind, stop_token_ids=stop_token_ids,
-                               steps_per_launch=1, **kwargs)
-        while True:
-            try:
-                start, stop, toks = next(inner)
-            except StopIteration as done:
-                return done.value
-            for j, position in enumerate(range(start, stop)):
-                yield Step(position, position + 1, toks[:, j:j + 1], None)
-    return gen()

@@ -3,6 +3,13 @@ register blocking and double buffering.
 
     C[m, n] = relu?( sum_k A[m, k] * B[n, k]  + bias[n] )  (+ C[m, n] when accumulating)
 
+and, for training, three more epilogue terms (each optional, each a compile-time flag):
+
+    C[m, n] = gate?( keep?( ... ) ) + R[m, n]
+    gate:  zero where G[m, n] <= 0   (ReLU's backward: G holds the forward's post-ReLU output)
+    keep:  times P[m, n]             (the dropout multiplier, 0 or 1 / (1 - rate))
+    R:     a residual added last     (the decoder's ``x = residual + x``)
+
 Operands keep the layouts refopt stores them in, so nothing is transposed in memory:
 
 ==========  ===================  ===================  ==========================================
@@ -33,14 +40,17 @@ import functools
 import numpy as np
 from numba import cuda, int32
 
-from refopt.kernels.cuda._common import ALIGN, SIM, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel, nbtype
 
 LAYOUTS = ("nt", "nn", "tn")
 
-#: Tile configurations (BM, BN, BK, TM, TN).  ``"large"`` is the compute-bound one (256 threads,
-#: 8x8 per thread); the smaller ones suit short products, ``"tiny"`` Numba's simulator.
+#: Tile configurations (BM, BN, BK, TM, TN[, resident blocks per multiprocessor, default 2]).
+#: ``"large"`` is the compute-bound one (256 threads, 8x8 per thread, registers capped at 128 for
+#: two resident blocks); ``"large1"`` the same tile uncapped (one block per multiprocessor); the
+#: smaller ones suit short products, ``"tiny"`` Numba's simulator.
 CONFIGS = {
     "large": (128, 128, 8, 8, 8),
+    "large1": (128, 128, 8, 8, 8, 1),
     "wide": (64, 128, 8, 8, 8),
     "medium": (64, 64, 8, 4, 4),
     "small": (32, 32, 8, 4, 4),
@@ -51,11 +61,15 @@ PAD = 4   # shared rows padded by 16 bytes: the transposed stores of K-contiguou
 
 @functools.lru_cache(maxsize=None)
 def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: bool = False,
-              accumulate: bool = False):
-    """The kernel ``gemm(A, B, C, bias, M, N, K)`` for one dtype, layout, tile configuration and
-    epilogue (compiled on first launch; the epilogue flags are compile-time constants, so the
-    unrolled epilogue keeps the accumulators in registers)."""
-    BM, BN, BK, TM, TN = CONFIGS[config]
+              accumulate: bool = False, residual: bool = False, gate: bool = False,
+              keep: bool = False, splitk: bool = False):
+    """The kernel ``gemm(A, B, C, bias, R, G, P, M, N, K, Kc)`` for one dtype, layout, tile
+    configuration and epilogue (compiled on first launch; the epilogue flags are compile-time
+    constants, so the unrolled epilogue keeps the accumulators in registers).  With ``splitk``
+    the grid's z index is a slice of ``K`` (``[z * Kc, (z + 1) * Kc)``) of one product, not a
+    product of a batch: ``C[z]`` receives that slice's partial product."""
+    BM, BN, BK, TM, TN = CONFIGS[config][:5]
+    MIN_BLOCKS = CONFIGS[config][5] if len(CONFIGS[config]) > 5 else 2
     DT = nbtype(dtype)
     NTX, NTY = BN // TN, BM // TM            # threads along n and m
     NT = NTX * NTY
@@ -67,9 +81,9 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
     SA, SB = BM + PAD, BN + PAD
     assert NT * LA == BM * BK and NT * LB == BN * BK and HM == NTY * 4 and HN == NTX * 4
 
-    # two resident blocks per multiprocessor: registers capped at 65536 / (2 * NT)
-    @kernel(launch_bounds=(NT, 2))
-    def gemm(A, B, C, bias, M, N, K):
+    # MIN_BLOCKS resident blocks per multiprocessor: registers capped at 65536 / (MIN_BLOCKS * NT)
+    @kernel(launch_bounds=(NT, MIN_BLOCKS))
+    def gemm(A, B, C, bias, R, G, P, M, N, K, Kc):
         As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)
         Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)
         acc = cuda.local.array((TM, TN), DT)
@@ -86,25 +100,32 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = DT(0)
-        ntiles = (K + BK - 1) // BK
+        za = z                                   # the operands' batch index
+        kb = 0                                   # this block's slice of K: [kb, ke)
+        ke = K
+        if splitk:
+            za = 0
+            kb = z * Kc
+            ke = min(K, kb + Kc)
+        ntiles = (ke - kb + BK - 1) // BK
 
         # -- fetch slice 0 into registers, then into shared buffer 0
         for p in range(LA):
             e = tid + p * NT
             if a_km:
                 kk, mm = e // BM, e % BM
-                ra[p] = A[z, kk, m0 + mm] if (kk < K and m0 + mm < M) else DT(0)
+                ra[p] = A[za, kb + kk, m0 + mm] if (kb + kk < ke and m0 + mm < M) else DT(0)
             else:
                 mm, kk = e // BK, e % BK
-                ra[p] = A[z, m0 + mm, kk] if (kk < K and m0 + mm < M) else DT(0)
+                ra[p] = A[za, m0 + mm, kb + kk] if (kb + kk < ke and m0 + mm < M) else DT(0)
         for p in range(LB):
             e = tid + p * NT
             if b_kn:
                 kk, nn = e // BN, e % BN
-                rb[p] = B[z, kk, n0 + nn] if (kk < K and n0 + nn < N) else DT(0)
+                rb[p] = B[za, kb + kk, n0 + nn] if (kb + kk < ke and n0 + nn < N) else DT(0)
             else:
                 nn, kk = e // BK, e % BK
-                rb[p] = B[z, n0 + nn, kk] if (kk < K and n0 + nn < N) else DT(0)
+                rb[p] = B[za, n0 + nn, kb + kk] if (kb + kk < ke and n0 + nn < N) else DT(0)
         for p in range(LA):
             e = tid + p * NT
             if a_km:
@@ -121,25 +142,25 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
 
         for kt in range(ntiles):
             cur = kt & 1
-            k0 = (kt + 1) * BK
+            k0 = kb + (kt + 1) * BK
             more = kt + 1 < ntiles
             if more:                                     # next slice: global -> registers
                 for p in range(LA):
                     e = tid + p * NT
                     if a_km:
                         kk, mm = e // BM, e % BM
-                        ra[p] = A[z, k0 + kk, m0 + mm] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                        ra[p] = A[za, k0 + kk, m0 + mm] if (k0 + kk < ke and m0 + mm < M) else DT(0)
                     else:
                         mm, kk = e // BK, e % BK
-                        ra[p] = A[z, m0 + mm, k0 + kk] if (k0 + kk < K and m0 + mm < M) else DT(0)
+                        ra[p] = A[za, m0 + mm, k0 + kk] if (k0 + kk < ke and m0 + mm < M) else DT(0)
                 for p in range(LB):
                     e = tid + p * NT
                     if b_kn:
                         kk, nn = e // BN, e % BN
-                        rb[p] = B[z, k0 + kk, n0 + nn] if (k0 + kk < K and n0 + nn < N) else DT(0)
+                        rb[p] = B[za, k0 + kk, n0 + nn] if (k0 + kk < ke and n0 + nn < N) else DT(0)
                     else:
                         nn, kk = e // BK, e % BK
-                        rb[p] = B[z, n0 + nn, k0 + kk] if (k0 + kk < K and n0 + nn < N) else DT(0)
+                        rb[p] = B[za, n0 + nn, k0 + kk] if (k0 + kk < ke and n0 + nn < N) else DT(0)
             for k in range(BK):                          # the current slice, from shared memory
                 for g in range(GM):
                     for i in range(4):
@@ -177,8 +198,15 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
                         v += bias[n]
                     if relu:
                         v = max(v, DT(0))
+                    if keep:
+                        v = v * P[z, m, n]
+                    if gate:
+                        if G[z, m, n] <= DT(0):
+                            v = DT(0)
                     if accumulate:
                         v += C[z, m, n]
+                    if residual:
+                        v = R[z, m, n] + v
                     C[z, m, n] = v
 
     gemm.threads = NT
@@ -200,12 +228,84 @@ def default_config(M: int, N: int) -> str:
     return "small"
 
 
+#: blocks per multiprocessor a split-K product aims at (two waves of two resident blocks)
+SPLIT_TARGET = 4
+_SMS: list = []
+_WORKSPACE: dict = {}
+
+
+def _multiprocessors() -> int:
+    if not _SMS:
+        _SMS.append(1 if SIMULATOR else cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    return _SMS[0]
+
+
+def split_count(M: int, N: int, K: int, config: str) -> int:
+    """How many slices of ``K`` a product whose output tiles are too few to fill the GPU is cut
+    into (the training step's products: weight gradients with ``K`` the tokens, the tied head's
+    input gradient with ``K`` the vocabulary, the ``[tokens, hidden]`` outputs): about
+    ``SPLIT_TARGET`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the
+    tiles alone give two blocks per multiprocessor."""
+    BM, BN = CONFIGS[config][:2]
+    tiles = cdiv(M, BM) * cdiv(N, BN)
+    target = SPLIT_TARGET * _multiprocessors()
+    if tiles * 2 > target:
+        return 1
+    return max(1, min(target // tiles, K // 128))
+
+
+def _workspace(n: int, dtype):
+    """A reusable device buffer of at least ``n`` elements (sized by the first, direct, launch of a
+    shape, so that a CUDA graph capture of the same launches allocates nothing)."""
+    key = np.dtype(dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = _WORKSPACE[key] = empty(n, key)
+    return buf[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def _make_sum_splits(dtype, has_bias=False, relu=False, accumulate=False, residual=False, gate=False,
+                     keep=False):
+    DT = nbtype(dtype)
+
+    @kernel()
+    def sum_splits(parts, out, bias, R, G, P):
+        # out[m, n] = epilogue(sum over z of parts[z, m, n], in z order): the kernel's epilogue
+        i = cuda.grid(1)
+        Z, M, N = parts.shape
+        if i < M * N:
+            m = i // N
+            n = i % N
+            v = DT(0)
+            for z in range(Z):
+                v += parts[z, m, n]
+            if has_bias:
+                v += bias[n]
+            if relu:
+                v = max(v, DT(0))
+            if keep:
+                v = v * P[m, n]
+            if gate:
+                if G[m, n] <= DT(0):
+                    v = DT(0)
+            if accumulate:
+                v += out[m, n]
+            if residual:
+                v = R[m, n] + v
+            out[m, n] = v
+    return sum_splits
+
+
 def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
-         config: str | None = None, stream=0):
+         config: str | None = None, stream=0, residual=None, gate=None, keep=None, splits=None):
     """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
-    see the module docstring for the layouts.  2-D operands give ``[M, N]``; 3-D operands (a batch
-    of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated when
-    None)."""
+    see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
+    ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
+    (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
+    when None).  A 2-D product whose output has too few tiles for the GPU is split over ``K``
+    (:func:`split_count`, or ``splits``) into partial products, summed in a fixed order by a
+    second kernel that applies the epilogue."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -225,9 +325,36 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if M == 0 or N == 0 or Z == 0:
         return out
     has_bias = bias is not None
-    kernel = make_gemm(dtype, layout, config or default_config(M * Z, N), has_bias, bool(relu),
-                       bool(accumulate))
+    if not batched:
+        split_config = config
+        if split_config is None:    # split products keep the large tile: the slices fill the GPU
+            split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
+        splits = split_count(M, N, K, split_config) if splits is None else splits
+        if splits > 1:
+            BK = CONFIGS[split_config][2]
+            Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
+            splits = cdiv(K, Kc)
+            parts = _workspace(splits * M * N, dtype).reshape(splits, M, N)
+            k = make_gemm(dtype, layout, split_config, splitk=True)
+            BM, BN = k.tile
+            k[(cdiv(N, BN), cdiv(M, BM), splits), k.threads, stream](
+                a3, b3, parts, parts.reshape(-1)[:1], parts, parts, parts, int32(M), int32(N),
+                int32(K), int32(Kc))
+            o2 = out.reshape(M, N)
+            _make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate), residual is not None,
+                             gate is not None, keep is not None)[cdiv(M * N, 256), 256, stream](
+                parts, o2, bias if has_bias else o2.reshape(-1)[:1],
+                *(o2 if x is None else x.reshape(M, N) for x in (residual, gate, keep)))
+            return out
+    config = config or default_config(M * Z, N)
+    kernel = make_gemm(dtype, layout, config, has_bias, bool(relu),
+                       bool(accumulate), residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
+
+    def like_out(x):
+        return out3 if x is None else (x if x.ndim == 3 else x.reshape((1, M, N)))
+
     kernel[(cdiv(N, BN), cdiv(M, BM), Z), kernel.threads, stream](
-        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], int32(M), int32(N), int32(K))
+        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], like_out(residual), like_out(gate),
+        like_out(keep), int32(M), int32(N), int32(K), int32(K))
     return out

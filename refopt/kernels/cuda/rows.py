@@ -17,9 +17,9 @@ import math
 import numpy as np
 from numba import cuda
 
-from refopt.kernels.cuda._common import SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel, nbtype
 
-THREADS = 32 if SIMULATOR else 256
+THREADS = 8 if SIM else 32 if SIMULATOR else 256
 
 
 @cuda.jit(device=True)
@@ -106,117 +106,36 @@ def layernorm(x2, gamma, beta, eps, y=None, stats=None, stream=0):
     return y
 
 
-@functools.lru_cache(maxsize=None)
-def _layernorm_backward(dtype):
-    DT = nbtype(dtype)
-
-    @kernel()
-    def rows(d_y, x, gamma, has_gamma, eps, d_x, mean_out, rstd_out):
-        # d_x = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = d_y * gamma
-        n = cuda.blockIdx.x
-        D = x.shape[1]
-        buf = cuda.shared.array(1024, DT)
-        part = DT(0)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            part += x[n, d]
-        mean = block_sum(part, buf) / DT(D)
-        part = DT(0)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            c = x[n, d] - mean
-            part += c * c
-        var = block_sum(part, buf) / DT(D)
-        rstd = DT(1) / math.sqrt(var + eps)
-        p1 = DT(0)
-        p2 = DT(0)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            g = d_y[n, d] * gamma[d] if has_gamma else d_y[n, d]
-            p1 += g
-            p2 += g * ((x[n, d] - mean) * rstd)
-        m1 = block_sum(p1, buf) / DT(D)
-        m2 = block_sum(p2, buf) / DT(D)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            g = d_y[n, d] * gamma[d] if has_gamma else d_y[n, d]
-            xhat = (x[n, d] - mean) * rstd
-            d_x[n, d] = rstd * (g - m1 - xhat * m2)
-        if cuda.threadIdx.x == 0:
-            mean_out[n] = mean
-            rstd_out[n] = rstd
-
-    @kernel()
-    def columns(d_y, x, mean, rstd, d_gamma_part, d_beta_part, rows_per_chunk):
-        # per chunk of rows: partial column sums of d_y and d_y * xhat -> [chunks, D]
-        d = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        c = cuda.blockIdx.y
-        N, D = x.shape
-        if d < D:
-            sg = DT(0)
-            sb = DT(0)
-            for n in range(c * rows_per_chunk, min(N, (c + 1) * rows_per_chunk)):
-                g = d_y[n, d]
-                sb += g
-                sg += g * ((x[n, d] - mean[n]) * rstd[n])
-            d_gamma_part[c, d] = sg
-            d_beta_part[c, d] = sb
-    return rows, columns
-
-
-def column_chunks(N: int) -> int:
-    return max(1, min(N, 64))
-
-
 def layernorm_backward(d_y2, x2, gamma, eps, stream=0):
     """Device ``d_y2, x2 [N, D]`` -> ``d_x [N, D]``, ``d_gamma [D]`` (None without gamma),
-    ``d_beta [D]``."""
+    ``d_beta [D]``: the row statistics from the forward's kernel, then the training step's
+    backward (:func:`refopt.kernels.cuda.fused.layernorm_backward`)."""
+    from refopt.kernels.cuda import fused
+    from refopt.kernels.cuda._common import fill
+
     N, D = x2.shape
     dtype = np.dtype(x2.dtype)
-    rows, columns = _layernorm_backward(dtype)
-    d_x = empty((N, D), dtype)
     mean, rstd = empty(max(N, 1), dtype), empty(max(N, 1), dtype)
-    if N:
-        rows[N, THREADS, stream](d_y2, x2, d_x[0] if gamma is None else gamma, gamma is not None,
-                                 dtype.type(eps), d_x, mean, rstd)
-    chunks = column_chunks(N)
-    per = cdiv(max(N, 1), chunks)
-    d_gamma, d_beta = empty((chunks, D), dtype), empty((chunks, D), dtype)
-    columns[(cdiv(D, 128), chunks), 128, stream](d_y2, x2, mean, rstd, d_gamma, d_beta, per)
-    return d_x, (sum_rows(d_gamma, stream) if gamma is not None else None), sum_rows(d_beta, stream)
-
-
-@functools.lru_cache(maxsize=None)
-def _sum_rows(dtype):
-    DT = nbtype(dtype)
-
-    @kernel()
-    def sum_rows(a, out, rows_per_chunk, chunk_out):
-        # a [N, D] -> out [chunks, D]: column sums over chunks of rows (in row order)
-        d = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        c = cuda.blockIdx.y
-        N, D = a.shape
-        if d < D:
-            s = DT(0)
-            for n in range(c * rows_per_chunk, min(N, (c + 1) * rows_per_chunk)):
-                s += a[n, d]
-            out[c, d] = s
-    return sum_rows
+    layernorm(x2, None, None, eps, y=empty((N, D), dtype), stats=(mean[:N], rstd[:N]), stream=stream)
+    has_gamma = gamma is not None
+    if not has_gamma:
+        gamma = empty(D, dtype)
+        fill(gamma, 1, stream=stream)
+    d_x, d_gamma, d_beta = empty((N, D), dtype), empty(D, dtype), empty(D, dtype)
+    fused.layernorm_backward(d_y2, x2, mean, rstd, gamma, d_x, d_gamma, d_beta,
+                             empty((2, fused.CHUNKS, D), dtype), stream=stream)
+    return d_x, (d_gamma if has_gamma else None), d_beta
 
 
 def sum_rows(a2, stream=0):
-    """Column sums of the device array ``a2 [N, D]`` -> ``[D]`` (chunks of rows, then the chunks)."""
-    N, D = a2.shape
-    dtype = np.dtype(a2.dtype)
-    fn = _sum_rows(dtype)
-    while N > 1:
-        chunks = column_chunks(N) if N > 64 else 1
-        per = cdiv(N, chunks)
-        out = empty((chunks, D), dtype)
-        fn[(cdiv(D, 128), chunks), 128, stream](a2, out, per, 0)
-        a2, N = out, chunks
-    if N == 0:
-        out = empty((1, D), dtype)
-        from refopt.kernels.cuda._common import fill
-        fill(out.reshape(-1), 0)
-        a2 = out
-    return a2.reshape(D)
+    """Column sums of the device array ``a2 [N, D]`` -> ``[D]`` (chunks of rows, then the chunks:
+    :func:`refopt.kernels.cuda.fused.column_sums`)."""
+    from refopt.kernels.cuda import fused
+
+    D = a2.shape[1]
+    out = empty(D, a2.dtype)
+    fused.column_sums(a2, out, empty((fused.CHUNKS, D), a2.dtype), stream=stream)
+    return out
 
 
 # ----------------------------------------------------------------------------- softmax, loss

@@ -1,0 +1,339 @@
+"""The bundled model's recipe, on any UTF-8 text file (``refopt train``, ``scripts/train_bundled.py``).
+
+1. split the text by characters: the first ``1 - validation_fraction`` trains, the rest validates;
+2. learn a byte-level BPE vocabulary (``vocab_size`` tokens, OPT's special tokens ``<s> <pad> </s>
+   <unk>`` at ids 0-3) from the training part only (:func:`refopt.tokenizers.train_bpe`);
+3. cut the training tokens into windows of ``sequence_length`` targets; each window's input is
+   ``</s>`` followed by the first ``sequence_length - 1`` of its tokens (so a prompt, which the
+   preprocessor starts with ``</s>``, looks like a window start).  Every epoch starts the windows
+   at a fresh random offset and shuffles them;
+4. train a pre-LayerNorm OPT (KerasHub's ``OPTBackbone`` layout) through ``OPTCausalLM.fit`` (one
+   call per epoch: the one training loop, device-resident on the cuda backend) with AdamW
+   (decoupled weight decay on the matrices and embeddings, none on biases and LayerNorm
+   parameters), global-norm clipping, a linear warm-up then cosine decay of the learning rate, and
+   dropout, all seeded;
+5. measure the validation cross-entropy (nats per token, mean over every validation token, each
+   predicted from the preceding tokens of its window, and nats per character) beside a unigram and
+   two bigram baselines estimated on the training tokens, and write a KerasHub preset (tokenizer
+   and preprocessor included), ``MODEL_CARD.md`` (:mod:`refopt.training.card`) and
+   ``refopt_training.json`` into ``out``, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every setting of a training run (the defaults are the bundled model's)."""
+
+    vocab_size: int = 8192
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_dim: int = 256
+    intermediate_dim: int = 1024
+    max_sequence_length: int = 256
+    sequence_length: int = 256        # targets per training window
+    batch_size: int = 8               # windows per optimizer step
+    epochs: int = 4
+    learning_rate: float = 1e-3       # peak, after the warm-up
+    final_learning_rate_ratio: float = 0.1   # cosine decay ends at this fraction of the peak
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.95
+    global_clipnorm: float = 1.0
+    dropout: float = 0.1
+    validation_fraction: float = 0.1
+    seed: int = 0
+    max_steps: int | None = None      # stop after this many steps (quick runs)
+    keep_best: int = 0                # 1: ship the epoch with the lowest validation loss
+
+    def check(self):
+        from refopt.errors import ConfigError
+
+        for name in ("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
+                     "max_sequence_length", "sequence_length", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected a positive integer")
+        if self.sequence_length > self.max_sequence_length:
+            raise ConfigError(f"sequence_length={self.sequence_length} exceeds max_sequence_length="
+                              f"{self.max_sequence_length}")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"hidden_dim={self.hidden_dim} is not divisible by num_heads="
+                              f"{self.num_heads}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction={self.validation_fraction!r}: expected a number "
+                              "strictly between 0 and 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps!r}: expected a positive integer")
+        return self
+
+
+# ----------------------------------------------------------------------------------- data
+def read_text(path) -> str:
+    """The UTF-8 text of ``path``; a clear :class:`refopt.errors.TrainingError` otherwise."""
+    from refopt.errors import TrainingError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TrainingError(f"{path}: is a directory; expected a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise TrainingError(f"{path}: the file is empty")
+    return text
+
+
+def split_text(text: str, validation_fraction: float) -> tuple[str, str]:
+    """(train, validation): the first ``1 - validation_fraction`` of the characters, the rest."""
+    cut = int(len(text) * (1 - validation_fraction))
+    return text[:cut], text[cut:]
+
+
+def training_windows(ids: np.ndarray, sequence_length: int, offset: int, start_id: int):
+    """Complete windows of ``ids`` from ``offset``: inputs ``[N, S]`` (``start_id`` then the
+    window's first ``S - 1`` tokens) and targets ``[N, S]`` (the window's ``S`` tokens)."""
+    S = sequence_length
+    n = (len(ids) - offset) // S
+    y = ids[offset:offset + n * S].reshape(n, S)                                # [N, S]
+    x = np.concatenate([np.full((n, 1), start_id, ids.dtype), y[:, :-1]], axis=1)  # [N, S]
+    return x, y
+
+
+def evaluation_windows(ids: np.ndarray, sequence_length: int, start_id: int, pad_id: int):
+    """Windows covering every token of ``ids`` exactly once as a target: inputs ``[N, S]``,
+    padding mask, targets and weights (0 on the padding of the last, shorter window)."""
+    S = sequence_length
+    n = math.ceil(len(ids) / S)
+    y = np.full(n * S, pad_id, np.int64)
+    y[:len(ids)] = ids
+    y = y.reshape(n, S)                                                        # [N, S]
+    w = (np.arange(n * S) < len(ids)).reshape(n, S)                            # [N, S]
+    x = np.concatenate([np.full((n, 1), start_id, np.int64), y[:, :-1]], axis=1)
+    mask = np.concatenate([np.ones((n, 1), bool), w[:, :-1]], axis=1)          # input is real
+    return x, mask, y, w
+
+
+def validation_loss(lm, ids: np.ndarray, sequence_length: int, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats per token) of ``lm`` over every token of ``ids``, in windows of
+    ``sequence_length`` each starting from ``</s>`` (evaluation mode): ``lm.evaluate``'s loss,
+    ``sum(w * CE) / (windows * sequence_length)`` accumulated in float64, times the positions over
+    the tokens (the padding of the last window weighs 0)."""
+    cfg = lm.backbone.config
+    x, mask, y, w = evaluation_windows(ids, sequence_length, cfg.bos_token_id, cfg.pad_token_id)
+    loss, _ = lm.evaluate({"token_ids": x, "padding_mask": mask}, y, sample_weight=w,
+                          batch_size=batch_size, verbose=0)
+    return loss * x.size / len(ids)
+
+
+def ngram_baselines(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int,
+                    sequence_length: int, start_id: int) -> dict:
+    """Cross-entropy (nats per token) on ``val_ids`` of n-gram models counted on ``train_ids``.
+
+    * unigram, add-one: ``p(w) = (c(w) + 1) / (N + V)``;
+    * bigram, add-one: ``p(w | v) = (c(v, w) + 1) / (c(v) + V)``;
+    * bigram, Witten-Bell interpolation with the add-one unigram:
+      ``p(w | v) = (c(v, w) + T(v) p(w)) / (c(v) + T(v))``, ``T(v)`` the number of distinct tokens
+      seen after ``v``; a context never seen in training falls back to ``p(w)``.
+
+    The bigram's context of each validation token is the token the model sees just before it:
+    the previous token, or ``</s>`` at the start of each evaluation window (a context absent from
+    the training stream, so there the bigrams give the unigram's or the uniform probability).
+    """
+    V = vocab_size
+    N = len(train_ids)
+    uni = (np.bincount(train_ids, minlength=V) + 1.0) / (N + V)                # [V]
+    prev, nxt = train_ids[:-1].astype(np.int64), train_ids[1:].astype(np.int64)
+    keys, pair_counts = np.unique(prev * V + nxt, return_counts=True)
+    ctx_count = np.bincount(prev, minlength=V).astype(np.float64)              # c(v)
+    ctx_types = np.bincount(keys // V, minlength=V).astype(np.float64)         # T(v)
+
+    val = val_ids.astype(np.int64)
+    context = np.concatenate([[start_id], val[:-1]])
+    context[::sequence_length] = start_id                                      # window starts
+    pos = np.searchsorted(keys, context * V + val)
+    pos = np.minimum(pos, len(keys) - 1)
+    c_vw = np.where(keys[pos] == context * V + val, pair_counts[pos], 0).astype(np.float64)
+    c_v, t_v, p_w = ctx_count[context], ctx_types[context], uni[val]
+    add_one = (c_vw + 1.0) / (c_v + V)
+    seen = c_v > 0
+    witten_bell = np.where(seen, (c_vw + t_v * p_w) / np.where(seen, c_v + t_v, 1.0), p_w)
+    out = {}
+    for name, p in (("unigram_add_one", p_w), ("bigram_add_one", add_one),
+                    ("bigram_witten_bell", witten_bell)):
+        ce = float(-np.log(p).mean())
+        out[name] = {"loss": ce, "perplexity": math.exp(ce)}
+    return out
+
+
+# ----------------------------------------------------------------------------------- training
+def schedule_for(recipe: Recipe, total: int):
+    """The learning-rate schedule: a linear warm-up of ``min(warmup_steps, total // 5)`` steps to
+    the peak, then cosine decay to ``final_learning_rate_ratio`` of it at step ``total``."""
+    from refopt.training.schedules import CosineDecay
+
+    warmup = min(recipe.warmup_steps, total // 5)
+    peak = recipe.learning_rate
+    if warmup:
+        return warmup, CosineDecay(peak / warmup, decay_steps=max(total - warmup, 1),
+                                   alpha=recipe.final_learning_rate_ratio, warmup_target=peak,
+                                   warmup_steps=warmup)
+    return 0, CosineDecay(peak, decay_steps=total, alpha=recipe.final_learning_rate_ratio)
+
+
+def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: str | None = None,
+          card: dict | None = None, verbose=None) -> dict:
+    """Run ``recipe`` on the UTF-8 file ``text_path``, write the preset to ``out`` and return the
+    report (also written as ``refopt_training.json``).  ``card`` holds optional ``summary``,
+    ``limits`` and ``usage`` paragraphs for ``MODEL_CARD.md`` (:func:`refopt.training.card.model_card`);
+    ``verbose`` is ``fit``'s (default: a progress bar on a terminal, else a line per epoch)."""
+    from refopt import backend as _backend
+    from refopt.errors import TrainingError
+    from refopt.io import presets
+    from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
+    from refopt.optimizers import AdamW
+    from refopt.tokenizers import train_bpe
+    from refopt.training.card import model_card
+
+    recipe.check()
+    started = time.time()
+    text = read_text(text_path)
+    train_text, val_text = split_text(text, recipe.validation_fraction)
+    t0 = time.perf_counter()
+    vocabulary, merges = train_bpe([train_text], vocab_size=recipe.vocab_size)
+    tokenizer = OPTTokenizer(vocabulary=vocabulary, merges=merges)
+    tokenizer_seconds = time.perf_counter() - t0
+    train_ids = np.asarray(tokenizer(train_text), np.int64)
+    val_ids = np.asarray(tokenizer(val_text), np.int64)
+    S, B = recipe.sequence_length, recipe.batch_size
+    if len(train_ids) < S + 1:
+        raise TrainingError(f"{text_path}: the training part has {len(train_ids)} tokens, fewer "
+                            f"than one window of sequence_length={S}; use a longer text or a "
+                            "smaller --sequence-length")
+    if len(val_ids) == 0:
+        raise TrainingError(f"{text_path}: the validation part is empty; raise "
+                            "--validation-fraction or use a longer text")
+
+    vocab_rows = len(vocabulary)     # the trainer may stop short of vocab_size on a small text
+    backbone = OPTBackbone(vocabulary_size=vocab_rows, num_layers=recipe.num_layers,
+                           num_heads=recipe.num_heads, hidden_dim=recipe.hidden_dim,
+                           intermediate_dim=recipe.intermediate_dim, dropout=recipe.dropout,
+                           max_sequence_length=recipe.max_sequence_length, seed=recipe.seed)
+    backbone.backend = backend
+    preprocessor = OPTCausalLMPreprocessor(tokenizer, sequence_length=recipe.max_sequence_length)
+    lm = OPTCausalLM(backbone, preprocessor=preprocessor)
+    cfg = backbone.config
+    backend_name = _backend.resolve(backend)
+
+    rng = np.random.default_rng(recipe.seed)
+    offsets = [int(o) for o in rng.integers(0, S, size=recipe.epochs)]
+    per_epoch = [math.ceil(((len(train_ids) - o) // S) / B) for o in offsets]
+    total = sum(per_epoch) if recipe.max_steps is None else min(sum(per_epoch), recipe.max_steps)
+    warmup, schedule = schedule_for(recipe, total)
+    optimizer = AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay,
+                      beta_1=recipe.beta_1, beta_2=recipe.beta_2,
+                      global_clipnorm=recipe.global_clipnorm)
+    optimizer.exclude_from_weight_decay(["bias", "gamma", "beta"])
+    lm.compile(optimizer=optimizer)
+    if verbose is None:
+        verbose = 1 if sys.stderr.isatty() else 2
+
+    history = []
+    step = 0
+    best = None                                                       # (val, epoch, params)
+    t_train = time.perf_counter()
+    for epoch, offset in enumerate(offsets):
+        if step >= total:
+            break
+        x, y = training_windows(train_ids, S, offset, cfg.bos_token_id)
+        order = rng.permutation(len(x))[:(total - step) * B]          # this epoch's windows, shuffled
+        fit_seed = int(rng.integers(2 ** 63))                           # dropout masks
+        if verbose:
+            print(f"epoch {epoch + 1}/{recipe.epochs}: {math.ceil(len(order) / B)} steps", flush=True)
+        h = lm.fit({"token_ids": x[order], "padding_mask": np.ones((len(order), S), bool)}, y[order],
+                   batch_size=B, epochs=1, shuffle=False, verbose=verbose, seed=fit_seed)
+        if optimizer.iterations - step != math.ceil(len(order) / B):
+            raise TrainingError("the optimizer did not take one step per batch")  # a bug, not input
+        step = optimizer.iterations
+        val = validation_loss(lm, val_ids, S)
+        elapsed = time.perf_counter() - t_train
+        history.append({"epoch": epoch + 1, "steps": step, "train_loss": h.history["loss"][0],
+                        "val_loss": val, "elapsed_s": round(elapsed, 1)})
+        if recipe.keep_best and (best is None or val < best[0]):
+            best = (val, epoch + 1, {k: np.array(v, copy=True) for k, v in backbone.params.items()})
+        if verbose:
+            print(f"epoch {epoch + 1}: train loss {h.history['loss'][0]:.4f}, validation loss "
+                  f"{val:.4f} (perplexity {math.exp(val):.2f}), {elapsed:.0f} s, "
+                  f"{step * B * S / elapsed:,.0f} tokens/s", flush=True)
+    train_seconds = time.perf_counter() - t_train
+
+    val = history[-1]["val_loss"]
+    kept_epoch = len(history)
+    if best is not None:
+        val, kept_epoch, params = best
+        backbone.set_params(params, source="the best epoch")
+    report = {
+        "refopt_version": _version(),
+        "command": command,
+        "text": os.path.basename(str(text_path)),
+        "text_characters": len(text),
+        "train_characters": len(train_text),
+        "validation_characters": len(val_text),
+        "train_tokens": int(len(train_ids)),
+        "validation_tokens": int(len(val_ids)),
+        "recipe": dataclasses.asdict(recipe),
+        "vocabulary_size": vocab_rows,
+        "merges": len(merges),
+        "parameters": backbone.count_params(),
+        "backend": backend_name,
+        "steps": step,
+        "warmup_steps": warmup,
+        "tokens_seen": step * B * S,
+        "tokenizer_seconds": round(tokenizer_seconds, 2),
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": _machine(backend_name),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "history": history,
+        "kept_epoch": kept_epoch,
+        "validation": {"loss": val, "perplexity": math.exp(val),
+                       "nats_per_character": val * len(val_ids) / len(val_text)},
+        "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
+    }
+    with presets.atomic_directory(out) as tmp:
+        lm.save_to_preset(tmp)
+        presets.write_json(tmp / "refopt_training.json", report)
+        (tmp / "MODEL_CARD.md").write_text(model_card(report, tmp, Path(out).name, **(card or {})),
+                                           encoding="utf-8")
+    return report
+
+
+def _version():
+    from refopt import __version__
+
+    return __version__
+
+
+def _machine(backend_name: str) -> str:
+    cpu = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    if backend_name == "cuda":
+        from numba import cuda
+
+        name = cuda.get_current_device().name
+        return f"{name.decode() if isinstance(name, bytes) else name} ({cpu})"
+    return cpu

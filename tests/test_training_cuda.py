@@ -1,0 +1,253 @@
+"""Device-resident training (:mod:`refopt.training.device`) against the NumPy reference: the flash
+backward (hypothesis), whole-model gradients (random configs and the transformers fixture), the
+dropout stream, and ``fit`` / ``evaluate`` / ``predict`` giving the NumPy backend's losses and
+parameters.
+
+Under Numba's CUDA simulator (CI) every launch costs tens of milliseconds, so the shapes are tiny
+and ``fit`` takes two steps; on a GPU the same tests run at larger shapes.  Tolerances as in
+``tests/test_kernels_cuda.py``: float64 within 1e-12 relative, float32 within 1e-5.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refopt import backend
+
+if not backend.available("cuda"):
+    pytest.skip("the cuda backend is not available here: needs numba.cuda with a CUDA GPU, or "
+                "NUMBA_ENABLE_CUDASIM=1 for Numba's simulator", allow_module_level=True)
+
+import refopt.ops as ref  # noqa: E402
+from numba import cuda  # noqa: E402
+from refopt.config import OPTConfig  # noqa: E402
+from refopt.kernels.cuda import attention as gattn  # noqa: E402
+from refopt.kernels.cuda import flash_backward as gfb  # noqa: E402
+from refopt.kernels.cuda import fused  # noqa: E402
+from refopt.kernels.cuda._common import SIM, empty  # noqa: E402
+from refopt.model import init_params  # noqa: E402
+from refopt.training.device import DeviceTrainer, blocker  # noqa: E402
+from refopt.training.gradients import check_batch, forward_backward  # noqa: E402
+from tests_support import DTYPES, close  # noqa: E402
+
+FULL = not SIM
+EX = 10 if FULL else 3
+
+
+def big(n):
+    return n * 8 if FULL else n
+
+
+@settings(max_examples=EX, deadline=None)
+@given(dtype=DTYPES, B=st.integers(1, 2), H=st.integers(1, 2), S=st.integers(1, big(9)),
+       K=st.sampled_from([3, 8] + ([64, 100] if FULL else [])), left=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_flash_backward(dtype, B, H, S, K, left, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, d_out = (rng.standard_normal((B, H, S, K)).astype(dtype) for _ in range(4))
+    key = np.ones((B, S), bool)
+    key[0, :min(left, S)] = False                          # left padding: all-masked query rows
+    mask = ref.attention_mask(key, np.arange(S))
+    out, probs = ref.attention_forward(q, k, v, mask)
+    want = ref.attention_backward(d_out, q, k, v, probs, mask)
+    st_ = (H * S * K, S * K, K)
+    dev = [cuda.to_device(a.reshape(-1)) for a in (q, k, v, d_out)]
+    o, m, l = empty(q.size, dtype), empty(B * H * S, dtype), empty(B * H * S, dtype)
+    km = cuda.to_device(key.astype(np.uint8))
+    gattn.flash_attention(dev[0], dev[1], dev[2], o, st_, st_, st_, st_, B, H, S, S, K, key_mask=km,
+                          causal=True, stats=(m, l))
+    grads = [empty(q.size, dtype) for _ in range(3)]
+    gfb.flash_backward(dev[0], dev[1], dev[2], o, dev[3], m, l, km, *grads, empty(B * H * S, dtype),
+                       dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), st_),
+                       B, H, S, S, K, causal=True)
+    scale = np.abs(d_out).max() * (np.abs(q).max() + np.abs(k).max() + np.abs(v).max()) * S
+    for name, g, w in zip(("d_q", "d_k", "d_v"), grads, want):
+        close(g.copy_to_host().reshape(w.shape), w, dtype, name, scale)
+
+
+def test_dropout_keep_is_the_philox_stream():
+    from refopt import random as prandom
+
+    scal = np.r_[7, prandom.seed_to_key(1234)].astype(np.uint32).view(np.int32)
+    out = empty(big(50), np.float32)
+    fused.dropout_keep(out, 0.3, cuda.to_device(scal), stream_id=5)
+    u = prandom.uniform(1234, np.arange(out.shape[0]), 7, stream=5)
+    want = np.where(u >= 0.3, np.float32(1 / 0.7), np.float32(0))
+    assert np.array_equal(out.copy_to_host(), want)
+
+
+def _config(dtype="float64", layers=1, dropout=0.0):
+    return OPTConfig(vocabulary_size=big(19), num_layers=layers, num_heads=2, hidden_dim=big(4),
+                     intermediate_dim=big(5), max_sequence_length=big(16), dropout=dropout, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_device_gradients_and_logits_match_numpy(dtype):
+    from refopt.model import logits_forward
+
+    cfg = _config(dtype, layers=2 if FULL else 1)
+    params = init_params(cfg, seed=3, std=0.3)
+    rng = np.random.default_rng(0)
+    S = big(4)
+    ids = rng.integers(0, cfg.vocabulary_size, (2, S))
+    mask = np.ones((2, S), bool)
+    mask[1, :2] = False                                      # left padding
+    mask[0, -1] = False                                      # right padding
+    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": mask}, np.roll(ids, -1, 1),
+                        mask.astype(float), np.dtype(dtype))
+    want = forward_backward(params, cfg, batch, reduction="sum_over_batch_size", ops=ref)
+    trainer = DeviceTrainer(params, cfg)
+    loss, grads = trainer.gradients(batch, batch.y.size)
+    dt = np.dtype(dtype)
+    assert abs(loss - want.loss) <= (1e-12 if dtype == "float64" else 1e-5) * abs(want.loss)
+    top = max(np.abs(g).max() for g in want.grads.values())
+    for name, g in want.grads.items():
+        close(grads[name], g, dt, name, max(np.abs(g).max(), 0.01 * top))
+    close(trainer.logits(batch), logits_forward(params, cfg, ids, mask, ops=ref), dt, "logits")
+
+
+@pytest.mark.skipif(SIM, reason="split-K shapes (K >= 512): on a GPU only")
+def test_device_gradients_with_split_products():
+    # enough tokens and vocabulary that the weight gradients and the head's input gradient are
+    # split over K (refopt.kernels.cuda.gemm.split_count)
+    cfg = OPTConfig(vocabulary_size=700, num_layers=1, num_heads=2, hidden_dim=64,
+                    intermediate_dim=96, max_sequence_length=320, dropout=0.0, dtype="float64")
+    params = init_params(cfg, seed=4, std=0.2)
+    ids = np.random.default_rng(2).integers(0, 700, (2, 300))
+    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)},
+                        np.roll(ids, -1, 1), None, np.float64)
+    want = forward_backward(params, cfg, batch, reduction="sum_over_batch_size", ops=ref)
+    loss, grads = DeviceTrainer(params, cfg).gradients(batch, batch.y.size)
+    assert abs(loss - want.loss) <= 1e-12 * abs(want.loss)
+    top = max(np.abs(g).max() for g in want.grads.values())
+    for name, g in want.grads.items():
+        close(grads[name], g, np.float64, name, max(np.abs(g).max(), 0.01 * top))
+
+
+def test_device_dropout_gradients_match_numpy_with_the_same_masks():
+    # the NumPy forward draws its dropout masks from dropout_rng.random(shape): hand it the device's
+    # Philox uniforms (layer i: stream 2i after out_proj, 2i + 1 after fc2) and the two agree
+    from refopt import random as prandom
+
+    cfg = _config(layers=2, dropout=0.3)
+    params = init_params(cfg, seed=5, std=0.3)
+    ids = np.random.default_rng(1).integers(0, cfg.vocabulary_size, (2, big(3)))
+    batch = check_batch(cfg, {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)},
+                        np.roll(ids, -1, 1), None, np.float64)
+    trainer = DeviceTrainer(params, cfg, seed=11)
+    seed = int(np.uint64(trainer.dropout_key[0]) | (np.uint64(trainer.dropout_key[1]) << np.uint64(32)))
+
+    class DeviceStream:
+        site = 0
+
+        def random(self, shape):
+            u = prandom.uniform(seed, np.arange(int(np.prod(shape))), 0, stream=self.site)
+            self.site += 1
+            return u.reshape(shape)
+
+    want = forward_backward(params, cfg, batch, dropout_rng=DeviceStream(),
+                            reduction="sum_over_batch_size", ops=ref)
+    loss, grads = trainer.gradients(batch, batch.y.size, dropout=True)
+    assert abs(loss - want.loss) <= 1e-12 * abs(want.loss)
+    top = max(np.abs(g).max() for g in want.grads.values())
+    for name, g in want.grads.items():
+        close(grads[name], g, np.float64, name, max(np.abs(g).max(), 0.01 * top))
+
+
+@pytest.mark.skipif(SIM and not os.environ.get("REFOPT_SIM_SLOW"),
+                    reason="the fixture's vocabulary takes ~100 s in the simulator: on a GPU, or with "
+                           "REFOPT_SIM_SLOW=1")
+def test_device_gradients_match_the_transformers_fixture():
+    # transformers' float64 loss and gradients of the pre-LayerNorm fixture (padded rows included)
+    from conftest import shared_path
+    from refopt.io.huggingface import from_state_dict, grads_to_huggingface
+    from refopt.io.safetensors_io import load
+
+    d = shared_path("fixtures", "hf", "opt-tiny-preln")
+    cfg = OPTConfig.from_file(d / "config.json")
+    params, _ = from_state_dict(load(d / "model.safetensors"), cfg)
+    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    e = np.load(d / "expected.npz")
+    ids, mask = e["token_ids"], e["padding_mask"]
+    batch = check_batch(cfg, {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}, ids[:, 1:],
+                        mask[:, 1:], np.float64)
+    loss, grads = DeviceTrainer(params, cfg).gradients(batch, float(batch.sample_weight.sum()))
+    assert abs(loss - float(e["loss_f64"])) <= 1e-9 * abs(float(e["loss_f64"]))
+    ours = grads_to_huggingface(grads, cfg)
+    expected = {k[len("grad/"):]: e[k] for k in e.files if k.startswith("grad/")}
+    largest = max(np.abs(g).max() for g in expected.values())
+    for name, want in expected.items():
+        if name.endswith("k_proj.bias"):      # analytically zero: round-off on both sides
+            assert np.abs(ours[name]).max() <= 1e-12 * largest
+            continue
+        assert np.abs(ours[name] - want).max() <= 1e-9 * np.abs(want).max(), name
+
+
+def test_fit_on_the_device_matches_numpy():
+    from refopt.models import OPTBackbone, OPTCausalLM
+    from refopt.optimizers import AdamW
+
+    cfg = _config()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocabulary_size, (big(4), 3))
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    y = np.roll(ids, -1, 1)
+    out = {}
+    for name in ("numpy", "cuda"):
+        lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=1, std=0.3)))
+        lm.backend = name
+        opt = AdamW(learning_rate=0.05, global_clipnorm=0.5)
+        opt.exclude_from_weight_decay(["bias", "gamma", "beta"])
+        lm.compile(optimizer=opt)
+        history = lm.fit(x, y, batch_size=big(2), epochs=1, verbose=0, seed=3)
+        out[name] = history.history, lm.backbone.params, opt
+    (h_ref, p_ref, o_ref), (h, p, o) = out["numpy"], out["cuda"]
+    for key in h_ref:
+        np.testing.assert_allclose(h[key], h_ref[key], rtol=1e-12, atol=1e-15, err_msg=key)
+    assert o.iterations == o_ref.iterations == 2
+    for name in p_ref:
+        if name.endswith("k_proj.bias"):   # its gradient is analytically 0: Adam follows round-off
+            continue
+        close(p[name], p_ref[name], np.float64, name)
+        close(o._slots[name]["v"], o_ref._slots[name]["v"], np.float64, name + " v")
+
+
+@pytest.mark.skipif(SIM, reason="more optimizer settings: on a GPU only (each simulated step is slow)")
+@pytest.mark.parametrize("settings_", [dict(clipnorm=0.1, amsgrad=True, gradient_accumulation_steps=2),
+                                       dict(clipvalue=0.01, weight_decay=0.1)])
+def test_fit_optimizer_settings_on_the_device(settings_):
+    from refopt.models import OPTBackbone, OPTCausalLM
+    from refopt.optimizers import Adam
+
+    cfg = _config(layers=2)
+    ids = np.random.default_rng(1).integers(0, cfg.vocabulary_size, (8, 6))
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    result = {}
+    for name in ("numpy", "cuda"):
+        lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=2, std=0.3)))
+        lm.backend = name
+        lm.compile(optimizer=Adam(learning_rate=0.02, **settings_))
+        h = lm.fit(x, np.roll(ids, -1, 1), batch_size=2, epochs=2, verbose=0, seed=0,
+                   validation_data=(x, np.roll(ids, -1, 1)))
+        result[name] = h.history, lm.backbone.params
+    for key in result["numpy"][0]:
+        np.testing.assert_allclose(result["cuda"][0][key], result["numpy"][0][key], rtol=1e-11)
+    for name, want in result["numpy"][1].items():
+        if not name.endswith("k_proj.bias"):   # analytically zero gradient: Adam follows round-off
+            close(result["cuda"][1][name], want, np.float64, name)
+
+
+def test_blocker_names_what_runs_on_the_host_step():
+    from refopt.optimizers import Adam, Optimizer
+
+    assert blocker(_config(), Adam()) == ""
+    post = OPTConfig(vocabulary_size=9, num_layers=1, num_heads=1, hidden_dim=2, intermediate_dim=2,
+                     max_sequence_length=4, do_layer_norm_before=False)
+    assert "post-LayerNorm" in blocker(post)
+
+    class Custom(Optimizer):
+        pass
+
+    assert "Custom" in blocker(_config(), Custom(learning_rate=0.1))
