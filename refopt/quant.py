@@ -12,6 +12,12 @@ int8 uses symmetric per-row quantisation: ``scale[o] = max|A_o| / 127``, ``data 
 scale[o])`` in ``[-127, 127]``; the value represented is ``data * scale``.  bfloat16 rounds to
 nearest even; float16 uses NumPy's conversion.
 
+Loading converts a checkpoint tensor by tensor (:func:`load_params`): a matrix already stored in
+the requested dtype is wrapped without a copy (a memory-mapped float16 file stays mapped), any
+other is converted in blocks of rows and its file pages released before the next, so the peak is
+the result plus one block.  ``weights_dtype="auto"`` keeps each matrix in the dtype the checkpoint
+stores it in (transformers' ``torch_dtype="auto"``).
+
 The NumPy reference path sees a QuantizedMatrix through ``__array__`` (the dequantised float32
 matrix), ``.T`` and row indexing, so the reference ops need no change; the Numba kernels read
 ``data`` directly (:mod:`refopt.kernels.cpu.matmul`).
@@ -21,10 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt.errors import ConfigError
+from refopt.errors import CheckpointError, ConfigError
+from refopt.io import stored
 from refopt.io.safetensors_io import bfloat16_to_float32, float32_to_bfloat16
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
+AUTO = "auto"                 # each matrix in the dtype the checkpoint stores it in
+_BLOCK_BYTES = 16 << 20       # rows converted at a time (float32 bytes), bounding the extra memory
+_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 
 
 class QuantizedMatrix:
@@ -37,17 +47,48 @@ class QuantizedMatrix:
 
     @classmethod
     def quantize(cls, a, kind: str) -> "QuantizedMatrix":
+        """``a`` (float32 rows; or a stored checkpoint matrix, converted in blocks of rows so the
+        extra memory is one block) stored as ``kind``.  A contiguous matrix already stored as
+        ``kind`` is wrapped as it is, without a copy."""
+        if kind not in WEIGHT_DTYPES[1:]:
+            raise ConfigError(f"weights_dtype={kind!r}: expected one of {WEIGHT_DTYPES}")
+        a_dtype = stored.stored_dtype_name(a)
+        if a_dtype == kind and a.ndim == 2 and a.flags.c_contiguous:
+            return cls(stored.bits(a) if kind == "bfloat16" else a, kind)
+        if getattr(a, "ndim", 0) != 2 or a.shape[0] * a.shape[1] * 4 <= _BLOCK_BYTES:
+            a = a if isinstance(a, np.ndarray) else np.asarray(a)
+            wide = stored.widen(a)
+            return cls._quantize_rows(wide, kind, scratch=wide is not a)
+        data = np.empty(a.shape, _STORAGE[kind])
+        scale = np.empty(a.shape[0], np.float32) if kind == "int8" else None
+        step = max(1, _BLOCK_BYTES // (4 * a.shape[1]))
+        for i in range(0, a.shape[0], step):
+            block = a[i:i + step]
+            wide = stored.widen(block)
+            q = cls._quantize_rows(wide, kind, scratch=wide is not block)
+            data[i:i + step] = q.data
+            if scale is not None:
+                scale[i:i + step] = q.scale
+            stored.release(block)            # this block's file pages, if ``a`` is mapped
+        return cls(data, kind, scale)
+
+    @classmethod
+    def _quantize_rows(cls, a, kind, scratch=False):
+        # ``scratch``: ``a`` is a temporary this call may overwrite
         rows = np.ascontiguousarray(a, dtype=np.float32)
         if kind == "bfloat16":
             return cls(float32_to_bfloat16(rows), kind)
         if kind == "float16":
             return cls(rows.astype(np.float16), kind)
         if kind == "int8":
-            scale = np.abs(rows).max(axis=1) / 127.0
+            scale = np.maximum(rows.max(axis=1), -rows.min(axis=1)) / 127.0        # max |row| / 127
             scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
-            return cls(q, kind, scale)
-        raise ConfigError(f"weights_dtype={kind!r}: expected one of {WEIGHT_DTYPES}")
+            work = rows if scratch or not np.may_share_memory(rows, a) else rows.copy()
+            np.divide(work, scale[:, None], out=work)          # in place: one block of temporaries
+            np.rint(work, out=work)
+            np.clip(work, -127, 127, out=work)
+            return cls(work.astype(np.int8), kind, scale)
+        raise ConfigError(f"weights_dtype={kind!r}: expected one of {WEIGHT_DTYPES}")  # pragma: no cover
 
     # ------------------------------------------------------------------ the logical matrix
     def rows_float32(self, index=slice(None)) -> np.ndarray:
@@ -107,3 +148,51 @@ def quantize_params(params: dict, weights_dtype: str) -> dict:
         raise ConfigError(f"weights_dtype={weights_dtype!r}: expected one of {WEIGHT_DTYPES}")
     return {name: QuantizedMatrix.quantize(value, weights_dtype) if quantizable(name) else value
             for name, value in params.items()}
+
+
+def matrices_stored_dtype(params: dict) -> str:
+    """The dtype a checkpoint stores its matrices in (the most common one, by parameter count)."""
+    count: dict[str, int] = {}
+    for name, value in params.items():
+        if quantizable(name):
+            d = stored.stored_dtype_name(value)
+            count[d] = count.get(d, 0) + int(np.prod(value.shape))
+    return max(count, key=count.get) if count else "float32"
+
+
+def resolve_weights_dtype(weights_dtype, params: dict, compute_dtype: str) -> str:
+    """``weights_dtype`` as one of :data:`WEIGHT_DTYPES`: ``None`` is float32 (every weight widened
+    to the compute dtype), ``"auto"`` the dtype the checkpoint stores its matrices in (float16 and
+    bfloat16 kept, anything else float32)."""
+    if weights_dtype is None:
+        return "float32"
+    if weights_dtype == AUTO:
+        kind = matrices_stored_dtype(params)
+        kind = kind if kind in ("float16", "bfloat16") else "float32"
+        return "float32" if compute_dtype == "float64" and kind != "float32" else kind
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"weights_dtype={weights_dtype!r}: expected 'auto' or one of {WEIGHT_DTYPES}")
+    if weights_dtype != "float32" and compute_dtype != "float32":
+        raise ConfigError(f"weights_dtype={weights_dtype!r} needs the float32 compute dtype (got {compute_dtype})")
+    return weights_dtype
+
+
+def load_params(params: dict, compute_dtype: str, weights_dtype: str, source: str = "checkpoint") -> dict:
+    """Checkpoint tensors (in their stored dtypes, possibly mapped from a file) -> the model's
+    parameters, one tensor at a time: matrices as ``weights_dtype`` (float32: widened to the
+    compute dtype), everything else widened to the compute dtype.  A matrix stored in
+    ``weights_dtype`` is used in place; every other tensor's file pages are released once it is
+    converted, so the peak memory is the result plus one tensor (one block of rows)."""
+    dtype = np.dtype(compute_dtype)
+    out = {}
+    for name, value in params.items():
+        if not (stored.is_bfloat16(value) or np.issubdtype(value.dtype, np.floating)):
+            raise CheckpointError(f"{source}: tensor {name} has dtype {value.dtype}, expected floats")
+        if weights_dtype != "float32" and quantizable(name) and value.ndim == 2:
+            out[name] = QuantizedMatrix.quantize(value, weights_dtype)
+            kept = out[name].data
+        else:
+            out[name] = kept = np.ascontiguousarray(stored.widen(value, dtype))
+        if not np.may_share_memory(kept, value):
+            stored.release(value)
+    return out

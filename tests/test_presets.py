@@ -215,7 +215,7 @@ def test_pickle_checkpoint_refused_and_never_unpickled(tmp_path):
     d.mkdir()
     shutil.copy(shared_path("fixtures", "hf", "opt-tiny-preln", "config.json"), d / "config.json")
     (d / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(CheckpointError, match="never unpickles"):
+    with pytest.raises(CheckpointError, match="io.open"):      # refused by refopt's own interpreter
         OPTCausalLM.from_preset(d)
     assert not marker.exists()
 
@@ -227,7 +227,7 @@ def test_directory_in_neither_format(tmp_path):
     with pytest.raises(CheckpointError, match="neither a KerasHub preset nor a transformers checkpoint"):
         OPTBackbone.from_preset(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no weights file"):
         OPTBackbone.from_preset(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"class_name": "OPTBackbone"}))
     with pytest.raises(CheckpointError, match="without model.weights.h5"):

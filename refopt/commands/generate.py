@@ -52,6 +52,10 @@ def add_parser(subparsers):
                         "under NUMBA_ENABLE_CUDASIM=1 is a simulator, for tests only)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="compute dtype (default: the preset's)")
+    p.add_argument("--weights-dtype", choices=("auto", "float32", "float16", "bfloat16", "int8"),
+                   default="auto",
+                   help="how the weights are held (default auto: as the checkpoint stores them, a float16 "
+                        "file memory-mapped without a copy; int8 quarters float32's memory)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
     return p
@@ -137,7 +141,9 @@ def run(args) -> int:
         preprocessor = (OPTCausalLMPreprocessor.from_preset(path, compiled=False)
                         if _has_tokenizer(path) else None)
     lm = OPTCausalLM.from_preset(args.preset, dtype=args.dtype, backend=backend,
-                                 preprocessor=preprocessor)
+                                 preprocessor=preprocessor,
+                                 weights_dtype=(None if args.dtype == "float64" and args.weights_dtype == "auto"
+                                                else args.weights_dtype))
     if lm.preprocessor is None:
         raise ConfigError(f"preset {args.preset}: has no tokenizer files (vocab.json and merges.txt, "
                           "or KerasHub's tokenizer assets), so text cannot be generated")

@@ -40,8 +40,13 @@ def _stored_dtypes(path: Path, fmt: str) -> dict[str, int]:
         except OSError as e:
             raise CheckpointError(f"{path / 'model.weights.h5'}: not a readable HDF5 file ({e})") from None
         return counts
-    from refopt.io import safetensors_io
+    from refopt.io import presets, safetensors_io, stored
 
+    if not presets.hf_weights_file(path).name.startswith("model.safetensors"):
+        for value in presets._hf_state(path).values():      # mapped: no tensor data read
+            dtype = stored.stored_dtype_name(value)
+            counts[dtype] = counts.get(dtype, 0) + 1
+        return counts
     index = path / "model.safetensors.index.json"
     files = ([path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
              if index.exists() else [path / "model.safetensors"])
@@ -53,6 +58,22 @@ def _stored_dtypes(path: Path, fmt: str) -> dict[str, int]:
                 dtype = names.get(meta["dtype"], meta["dtype"])
                 counts[dtype] = counts.get(dtype, 0) + 1
     return counts
+
+
+def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict[str, str]:
+    """What ``from_preset`` will do with these weights, per ``weights_dtype`` choice."""
+    n = parameters
+    mappable = weights_file.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+    plan = {"default": f"widened to float32, tensor by tensor: {_human(4 * n)} in memory"}
+    if stored in ("float16", "bfloat16") and mappable:
+        plan["auto"] = (f"{stored} matrices memory-mapped from the file and used in place: no copy, "
+                        f"{_human(2 * n)} of the file read as decoding needs it")
+    elif stored in ("float16", "bfloat16"):
+        plan["auto"] = f"{stored} matrices read into memory: {_human(2 * n)}"
+    else:
+        plan["auto"] = f"stored {stored}: as the default"
+    plan["int8"] = f"quantised tensor by tensor: {_human(n)} in memory"
+    return plan
 
 
 def describe(preset) -> dict:
@@ -70,6 +91,7 @@ def describe(preset) -> dict:
                          "tokens": len(json.loads(vocab.read_text(encoding="utf-8")))}
             break
     dtypes = _stored_dtypes(path, fmt)
+    weights = presets.hf_weights_file(path).name if fmt == "huggingface" else "model.weights.h5"
     return {
         "path": str(path),
         "format": {"keras": "KerasHub preset", "huggingface": "transformers checkpoint"}[fmt],
@@ -77,6 +99,9 @@ def describe(preset) -> dict:
         "parameters": cfg.parameter_count(),
         "stored_dtype": max(dtypes, key=dtypes.get) if dtypes else None,
         "stored_dtypes": dtypes,
+        "weights_file": weights,
+        "loading": loading_plan(cfg.parameter_count(), max(dtypes, key=dtypes.get) if dtypes else None,
+                                weights),
         "tokenizer": tokenizer,
         "files": len(files),
         "size_bytes": sum(p.stat().st_size for p in files),
@@ -104,6 +129,10 @@ def run(args) -> int:
              + ("" if len(info["stored_dtypes"]) < 2 else
                 "; " + ", ".join(f"{n} tensors {d}" for d, n in info["stored_dtypes"].items())),
              f"size        {_human(info['size_bytes'])} on disk ({info['files']} files)"]
+    lines.append(f"weights     {info['weights_file']}")
+    for choice, what in info["loading"].items():
+        label = "weights_dtype=None" if choice == "default" else f"weights_dtype={choice!r}"
+        lines.append(f"  {label:26s}{what}")
     if info["tokenizer"]:
         lines.append(f"tokenizer   {info['tokenizer']['tokens']:,} tokens ({info['tokenizer']['vocabulary']})")
     else:

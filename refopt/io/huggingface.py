@@ -88,7 +88,21 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = 
     if tied_head is not None and tied_head.shape != params["embed_tokens"].shape:
         raise CheckpointError(f"{source}: lm_head.weight has shape {list(tied_head.shape)}, expected "
                               f"{list(params['embed_tokens'].shape)} (tied to the token embedding)")
+    if tied_head is not None and not _same_tensor(tied_head, params["embed_tokens"]):
+        raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding; refopt's OPT "
+                              "ties the LM head to it (as every released OPT does)")
     return params, pos[:POSITION_OFFSET]
+
+
+def _same_tensor(a, b) -> bool:
+    """Whether two stored tensors hold the same values (a view of one storage, as PyTorch's tied
+    weights are, is the same without reading it)."""
+    if (a.dtype == b.dtype and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
+        return True
+    if a.dtype != b.dtype:
+        return False
+    return bool(np.array_equal(a.view(np.uint8) if a.dtype.fields else a, b.view(np.uint8) if b.dtype.fields else b))
 
 
 def to_state_dict(params: dict[str, np.ndarray], cfg: OPTConfig, position_prefix=None):

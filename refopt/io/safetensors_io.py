@@ -19,6 +19,7 @@ import struct
 import numpy as np
 
 from refopt.errors import CheckpointError
+from refopt.io import stored
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -33,10 +34,12 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def float32_to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even (NaN kept NaN)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(x, np.float32))
-    return np.where(nan, np.uint16(0x7FC0), rounded).astype(np.uint16)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    # in 32 bits: the sum wraps only for bit patterns above 0xFFFF7FFF, which are NaNs (set below)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(x)] = 0x7FC0
+    return rounded
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -77,9 +80,10 @@ def read_header(path) -> tuple[dict, int]:
     return header, data_start
 
 
-def load(path, names=None) -> dict[str, np.ndarray]:
+def load(path, names=None, raw_bfloat16=False) -> dict[str, np.ndarray]:
     """Memory-mapped tensors of a safetensors file (all, or those in ``names``).  bfloat16 tensors
-    are returned as float32 (a copy); every other dtype as a read-only view of the file."""
+    are returned as float32 (a copy), or with ``raw_bfloat16`` as views of dtype
+    :data:`refopt.io.stored.BFLOAT16`; every other dtype as a read-only view of the file."""
     path = os.fspath(path)
     header, start = read_header(path)
     out = {}
@@ -94,7 +98,7 @@ def load(path, names=None) -> dict[str, np.ndarray]:
         raw = mm[start + begin:start + end]
         arr = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":
-            arr = bfloat16_to_float32(arr)
+            arr = arr.view(stored.BFLOAT16) if raw_bfloat16 else bfloat16_to_float32(arr)
         out[name] = arr
     return out
 

@@ -185,8 +185,10 @@ class OPTBackbone(Backbone):
         return table
 
     @classmethod
-    def from_opt_config(cls, cfg: OPTConfig, params=None, position_prefix=None) -> "OPTBackbone":
-        """A backbone for ``cfg``; ``params`` (optional) are checked and cast to the compute dtype."""
+    def from_opt_config(cls, cfg: OPTConfig, params=None, position_prefix=None,
+                        weights_dtype=None) -> "OPTBackbone":
+        """A backbone for ``cfg``; ``params`` (optional) are checked and converted as
+        :meth:`set_params` does."""
         self = cls.__new__(cls)
         self.name = "opt_backbone"
         self.config = cfg
@@ -196,13 +198,18 @@ class OPTBackbone(Backbone):
         if params is None:
             self.params = self._round_variables(_model.init_params(cfg))
         else:
-            self.set_params(params)
+            self.set_params(params, weights_dtype=weights_dtype)
         return self
 
-    def set_params(self, params: dict, source: str = "params") -> None:
-        """Replace the weights, checking names and shapes, casting to the compute dtype (no copy
-        when the dtype already matches, so memory-mapped weights stay mapped).  LoRA adapters,
-        when enabled, are kept."""
+    def set_params(self, params: dict, source: str = "params", weights_dtype=None) -> None:
+        """Replace the weights, checking names and shapes.  Matrices are stored as ``weights_dtype``
+        (:func:`refopt.quant.resolve_weights_dtype`: default float32, ``"auto"`` the dtype they
+        arrive in), everything else in the compute dtype.  Conversion goes tensor by tensor, and a
+        tensor already in its target dtype is used without a copy, so memory-mapped weights stay
+        mapped (:func:`refopt.quant.load_params`).  Under a half-precision variable dtype the
+        values are rounded to it; LoRA adapters, when enabled, are kept."""
+        from refopt import quant
+
         shapes = _model.param_shapes(self.config)
         missing = sorted(set(shapes) - set(params))
         extra = sorted(set(params) - set(shapes))
@@ -210,17 +217,23 @@ class OPTBackbone(Backbone):
             raise CheckpointError(f"{source}: missing tensors {missing[:5]}")
         if extra:
             raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}")
-        dtype = np.dtype(self.config.compute_dtype)
-        out = {}
+        arrays = {}
         for name, shape in shapes.items():
-            arr = np.asarray(params[name])
+            arr = params[name] if isinstance(params[name], np.ndarray) else np.asarray(params[name])
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{source}: tensor {name} has shape {list(arr.shape)}, expected {list(shape)}")
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise CheckpointError(f"{source}: tensor {name} has dtype {arr.dtype}, expected floats")
-            out[name] = arr if arr.dtype == dtype else arr.astype(dtype)
+            arrays[name] = arr
+        compute = self.config.compute_dtype
+        kind = quant.resolve_weights_dtype(weights_dtype, arrays, compute)
+        if kind != "float32" and self.config.dtype not in (None, "float32"):
+            if weights_dtype != "auto":       # a dtype policy rounds float32 weights itself
+                raise ConfigError(f"weights_dtype={kind!r} needs the float32 dtype policy (got "
+                                  f"{self.config.dtype!r})")
+            kind = "float32"
         adapters = {k: v for k, v in getattr(self, "params", {}).items() if k not in shapes}
-        self.params = {**self._round_variables(out), **adapters}
+        self.params = {**self._round_variables(quant.load_params(arrays, compute, kind, source)),
+                       **adapters}
+        self.weights_dtype = kind
 
     # ------------------------------------------------------------------ forward
     @property
@@ -259,10 +272,16 @@ class OPTBackbone(Backbone):
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` is the dtype
         policy (:mod:`refopt.dtype_policies`; ``"float64"`` for the oracle); without it a preset
         saved with a float policy loads as ``"float32"``, KerasHub's rule (a saved ``"float64"``
-        stays).  Weights stored as float16 / bfloat16 are widened, unless ``weights_dtype``
-        (``"bfloat16"``, ``"float16"``, ``"int8"``) keeps them small for fast decoding
-        (:meth:`quantize`).  ``backend`` pins this model to ``"numpy"``,
-        ``"numba"`` or ``"cuda"`` (default: the current backend)."""
+        stays).
+
+        ``weights_dtype`` chooses how the matrices are held: ``None`` (default) widens every weight
+        to the compute dtype; ``"auto"`` keeps them in the dtype the checkpoint stores them in
+        (like transformers' ``torch_dtype="auto"``): a float16 or bfloat16 safetensors or PyTorch
+        checkpoint is then memory-mapped and used without a copy, so opening it costs no time and
+        no memory beyond the file; ``"float16"``, ``"bfloat16"`` or ``"int8"`` convert them tensor
+        by tensor (the peak is the result plus one block of rows).  Two- and one-byte weights make
+        decoding up to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this
+        model to ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend)."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
         path = presets.resolve(preset)
@@ -274,14 +293,17 @@ class OPTBackbone(Backbone):
             cfg = dataclasses.replace(cfg, dtype=None)
         if backend is not None:
             _backend.resolve(backend)          # an unknown or unavailable backend fails here
+        from refopt.quant import resolve_weights_dtype
+
+        resolve_weights_dtype(weights_dtype, {}, cfg.compute_dtype)   # a bad value fails before reading
         if not load_weights:
             self = cls.from_opt_config(cfg)
+            if weights_dtype not in (None, "float32", "auto"):
+                self.quantize(weights_dtype)
         else:
             params, prefix = presets.load_weights(path, cfg, fmt)
-            self = cls.from_opt_config(cfg, params, prefix)
+            self = cls.from_opt_config(cfg, params, prefix, weights_dtype=weights_dtype)
         self.backend = backend
-        if weights_dtype not in (None, "float32"):
-            self.quantize(weights_dtype)
         return self
 
     def save_to_preset(self, preset_dir, format="keras") -> None:

@@ -65,17 +65,42 @@ def _f16_to_f32(typingctx, bits):
     return sig, codegen
 
 
+@njit(inline="always")
+def _store4(out, m, o, a0, a1, a2, a3, bias, relu):
+    # the epilogue of outputs o .. o+3 of row m (those below O: the last task may hold fewer)
+    O = out.shape[1]
+    out[m, o] = _epilogue(a0, bias, o, relu)
+    if o + 1 < O:
+        out[m, o + 1] = _epilogue(a1, bias, o + 1, relu)
+    if o + 2 < O:
+        out[m, o + 2] = _epilogue(a2, bias, o + 2, relu)
+    if o + 3 < O:
+        out[m, o + 3] = _epilogue(a3, bias, o + 3, relu)
+
+
+# The two- and one-byte kernels stream four weight rows at once (rows o .. o+3 of each task; past
+# the last row, the last row again, read and discarded): four concurrent streams keep more memory
+# requests in flight than one, which a decode step -- bound by memory bandwidth -- needs
+# (1.3b/6.7b-sized float16 products on one thread: 66-71% of a streaming read with one row, 78-83%
+# with four; benchmarks/bench_load.py).
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_oi_bf16(x, data, bias, relu, out):
     # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each weight is widened in the loop
     M, I = x.shape
     O = data.shape[0]
-    for o in prange(O):
+    for t in prange((O + 3) // 4):
+        o = 4 * t
+        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
         for m in range(M):
-            acc = out.dtype.type(0)
+            a0 = a1 = a2 = a3 = out.dtype.type(0)
             for i in range(I):
-                acc += x[m, i] * _bf16_to_f32(data[o, i])
-            out[m, o] = _epilogue(acc, bias, o, relu)
+                xv = x[m, i]
+                a0 += xv * _bf16_to_f32(data[o, i])
+                a1 += xv * _bf16_to_f32(data[r1, i])
+                a2 += xv * _bf16_to_f32(data[r2, i])
+                a3 += xv * _bf16_to_f32(data[r3, i])
+            _store4(out, m, o, a0, a1, a2, a3, bias, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -83,12 +108,18 @@ def matmul_oi_f16(x, data, bias, relu, out):
     # x [M, I], data [O, I] uint16 float16 bits -> out [M, O]
     M, I = x.shape
     O = data.shape[0]
-    for o in prange(O):
+    for t in prange((O + 3) // 4):
+        o = 4 * t
+        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
         for m in range(M):
-            acc = out.dtype.type(0)
+            a0 = a1 = a2 = a3 = out.dtype.type(0)
             for i in range(I):
-                acc += x[m, i] * _f16_to_f32(data[o, i])
-            out[m, o] = _epilogue(acc, bias, o, relu)
+                xv = x[m, i]
+                a0 += xv * _f16_to_f32(data[o, i])
+                a1 += xv * _f16_to_f32(data[r1, i])
+                a2 += xv * _f16_to_f32(data[r2, i])
+                a3 += xv * _f16_to_f32(data[r3, i])
+            _store4(out, m, o, a0, a1, a2, a3, bias, relu)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -96,13 +127,18 @@ def matmul_oi_int8(x, data, scale, bias, relu, out):
     # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = epilogue((x @ data.T) * scale)
     M, I = x.shape
     O = data.shape[0]
-    for o in prange(O):
-        s = scale[o]
+    for t in prange((O + 3) // 4):
+        o = 4 * t
+        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
         for m in range(M):
-            acc = out.dtype.type(0)
+            a0 = a1 = a2 = a3 = out.dtype.type(0)
             for i in range(I):
-                acc += x[m, i] * data[o, i]
-            out[m, o] = _epilogue(acc * s, bias, o, relu)
+                xv = x[m, i]
+                a0 += xv * data[o, i]
+                a1 += xv * data[r1, i]
+                a2 += xv * data[r2, i]
+                a3 += xv * data[r3, i]
+            _store4(out, m, o, a0 * scale[o], a1 * scale[r1], a2 * scale[r2], a3 * scale[r3], bias, relu)
 
 
 def matmul_rows(x2, w, bias=None, relu=False):
