@@ -10,8 +10,8 @@ on and the last 10% held out.  Token windows of ``--window`` + 1 (the bundled to
 ``--rank`` on KerasHub's default layers (each decoder layer's query and value projections), Adam.
 
 Printed: the trainable parameter count against the model's, the loss (nats per token, Keras's
-``evaluate``) on the training and held-out windows before and after, the time per epoch and
-tokens per second, that every base weight is bitwise unchanged, and that merging the adapters into
+``evaluate``) on the training and held-out windows before and after, the time per epoch (wall and
+this process's CPU seconds, which a shared machine's load disturbs less) and tokens per second, that every base weight is bitwise unchanged, and that merging the adapters into
 the weights gives the same logits.  ``--full`` trains every weight instead, the same way, for
 comparison.  A throwaway model trains one step first, so that compiling the backend's kernels is
 not timed.
@@ -90,11 +90,11 @@ def main(argv=None):
     before = losses()
     print(f"before: train loss {before[0]:.4f}, held-out loss {before[1]:.4f} (nats/token)")
     for epoch in range(args.epochs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         history = lm.fit(train[0], train[1], batch_size=args.batch, epochs=1, verbose=0, seed=epoch)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         after = losses()
-        print(f"epoch {epoch + 1}: {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s), fit loss "
+        print(f"epoch {epoch + 1}: {seconds:.1f} s wall, {cpu:.1f} s CPU ({tokens / seconds:,.0f} tokens/s), fit loss "
               f"{history.history['loss'][-1]:.4f}; train loss {after[0]:.4f}, held-out loss {after[1]:.4f}")
     if frozen:
         same = all(np.array_equal(lm.backbone.params[k], v) for k, v in frozen.items())
