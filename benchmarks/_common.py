@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,3 +41,21 @@ def write_random_checkpoint(path, layers=12, size="125m", tokenizer_files=False)
             {"tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>",
              "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True}))
     return cfg
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``uptime``'s)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class BusyCore:
+    """A competing process that keeps one core busy (a Python loop) while open."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()

@@ -1,12 +1,15 @@
 """Greedy decoding throughput of a 125m-shaped model, beside transformers (and KerasHub when
 installed), in one run.
 
-    python benchmarks/bench_generate.py [--layers 12] [--prompt 8] [--new 64] [--batch 1 8]
-                                        [--repeats 2] [--threads N] [--backend numpy [numba ...]]
+    python benchmarks/bench_generate.py [--model 125m|bundled] [--layers 12] [--prompt 8] [--new 64]
+                                        [--batch 1 8] [--repeats 2] [--threads N]
+                                        [--backend numpy [numba ...]] [--under-load]
                                         [--keras-python PATH]
 
 Writes a random float32 OPT-125m-shaped checkpoint (12 layers, 768 wide, 3072 MLP, vocabulary
-50,272; transformers layout) to a temporary directory and loads it into both libraries.  For each
+50,272; transformers layout), or with ``--model bundled`` the bundled model (4 layers, 256 wide,
+8,192 tokens), to a temporary directory and loads it into both libraries.  ``--under-load`` keeps
+one core busy with a competing process during the measurements.  For each
 batch size it times, best of ``--repeats`` after one warm-up, a whole greedy ``generate`` call:
 prefill of a ``--prompt``-token prompt, then ``--new`` tokens decoded one by one with the KV cache
 (refopt: ``OPTCausalLM.generate`` with ``sampler="greedy"``, ``stop_token_ids=None``; transformers:
@@ -23,6 +26,7 @@ with ``sampler="greedy"``, no preprocessor, ``stop_token_ids=None``, on its conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -33,7 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_time  # noqa: E402
+from _common import BusyCore, best_time, load_average  # noqa: E402
 
 
 KERAS_CHILD = r"""
@@ -84,6 +88,9 @@ def keras_hub_rates(python, path, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("125m", "bundled"), default="125m")
+    ap.add_argument("--under-load", action="store_true",
+                    help="a competing busy process keeps one core busy during the measurements")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
@@ -106,8 +113,12 @@ def main(argv=None):
     total = args.prompt + args.new
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "opt125m")
-        cfg = released_config("125m", num_layers=args.layers, dropout=0.0)
-        backbone = OPTBackbone.from_opt_config(cfg)
+        if args.model == "bundled":
+            backbone = OPTBackbone.from_preset()
+            cfg = backbone.config
+        else:
+            cfg = released_config("125m", num_layers=args.layers, dropout=0.0)
+            backbone = OPTBackbone.from_opt_config(cfg)
         backbone.save_to_preset(path, format="huggingface")
         keras_path = os.path.join(tmp, "opt125m_keras")
         OPTCausalLM(backbone).save_to_preset(keras_path, format="keras")
@@ -119,8 +130,11 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
             hf = transformers.OPTForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-        print(f"greedy decode, 125m-shaped random model ({args.layers} layers, 768/3072, vocab "
-              f"50272), float32, prompt {args.prompt} + {args.new} new tokens, {args.threads} threads")
+        what = ("the bundled model" if args.model == "bundled" else "125m-shaped random model")
+        print(f"greedy decode, {what} ({cfg.num_layers} layers, {cfg.hidden_dim}/{cfg.intermediate_dim}, "
+              f"vocab {cfg.vocabulary_size}), float32, prompt {args.prompt} + {args.new} new tokens, "
+              f"{args.threads} threads" + ("; a busy process on one core" if args.under_load else "")
+              + f"; load average {load_average()}")
         print(f"python {sys.version.split()[0]}, numpy {np.__version__}"
               + (f", torch {torch.__version__}, transformers {transformers.__version__}" if hf else "")
               + (f", keras-hub {keras['version']} ({keras['backend']} backend)" if keras
@@ -128,43 +142,44 @@ def main(argv=None):
         print(f"{'batch':>6s}{'backend':>9s}{'refopt tok/s':>15s}{'transformers tok/s':>21s}"
               f"{'ratio':>8s}{'same ids':>10s}")
         rng = np.random.default_rng(0)
-        for batch in args.batch:
-            prompt = rng.integers(3, cfg.vocabulary_size, (batch, args.prompt))
-            ids = np.ones((batch, total), np.int64)
-            ids[:, :args.prompt] = prompt
-            mask = np.zeros((batch, total), bool)
-            mask[:, :args.prompt] = True
-            theirs_rate, theirs = None, None
-            if hf is not None:
-                tids = torch.tensor(prompt)
+        with BusyCore() if args.under_load else contextlib.nullcontext():
+            for batch in args.batch:
+                prompt = rng.integers(3, cfg.vocabulary_size, (batch, args.prompt))
+                ids = np.ones((batch, total), np.int64)
+                ids[:, :args.prompt] = prompt
+                mask = np.zeros((batch, total), bool)
+                mask[:, :args.prompt] = True
+                theirs_rate, theirs = None, None
+                if hf is not None:
+                    tids = torch.tensor(prompt)
 
-                def run():
-                    with torch.no_grad():
-                        return hf.generate(input_ids=tids, attention_mask=torch.ones_like(tids),
-                                           do_sample=False, max_new_tokens=args.new,
-                                           min_new_tokens=args.new, pad_token_id=1)
-                t_theirs, theirs = best_time(run, args.repeats)
-                theirs_rate = batch * args.new / t_theirs
-            for backend in args.backend:
-                if hasattr(lm, "backend"):
-                    lm.backend = backend
-                elif backend != "numpy":
-                    print(f"{batch:>6d}{backend:>9s}  (this refopt has no backends)")
-                    continue
-                t_ours, ours = best_time(lambda: lm.generate({"token_ids": ids, "padding_mask": mask},
-                                                             stop_token_ids=None), args.repeats)
-                ours_rate = batch * args.new / t_ours
-                same = "" if theirs is None else (
-                    "yes" if np.array_equal(theirs.numpy(), ours["token_ids"]) else "no")
-                ratio = "" if theirs_rate is None else f"{ours_rate / theirs_rate:.2f}x"
-                print(f"{batch:>6d}{backend:>9s}{ours_rate:>15.1f}"
-                      f"{'' if theirs_rate is None else f'{theirs_rate:.1f}':>21s}{ratio:>8s}{same:>10s}")
-                if keras:
-                    k = keras["rows"][str(batch)]
-                    k_rate = batch * args.new / k["seconds"]
-                    k_same = "yes" if np.array_equal(np.asarray(k["token_ids"]), ours["token_ids"]) else "no"
-                    print(f"{'':>6s}{'':>9s}{'':>15s}{'KerasHub ' + f'{k_rate:.1f}':>21s}"
-                          f"{f'{ours_rate / k_rate:.2f}x':>8s}{k_same:>10s}")
+                    def run():
+                        with torch.no_grad():
+                            return hf.generate(input_ids=tids, attention_mask=torch.ones_like(tids),
+                                               do_sample=False, max_new_tokens=args.new,
+                                               min_new_tokens=args.new, pad_token_id=1)
+                    t_theirs, theirs = best_time(run, args.repeats)
+                    theirs_rate = batch * args.new / t_theirs
+                for backend in args.backend:
+                    if hasattr(lm, "backend"):
+                        lm.backend = backend
+                    elif backend != "numpy":
+                        print(f"{batch:>6d}{backend:>9s}  (this refopt has no backends)")
+                        continue
+                    t_ours, ours = best_time(lambda: lm.generate({"token_ids": ids, "padding_mask": mask},
+                                                                 stop_token_ids=None), args.repeats)
+                    ours_rate = batch * args.new / t_ours
+                    same = "" if theirs is None else (
+                        "yes" if np.array_equal(theirs.numpy(), ours["token_ids"]) else "no")
+                    ratio = "" if theirs_rate is None else f"{ours_rate / theirs_rate:.2f}x"
+                    print(f"{batch:>6d}{backend:>9s}{ours_rate:>15.1f}"
+                          f"{'' if theirs_rate is None else f'{theirs_rate:.1f}':>21s}{ratio:>8s}{same:>10s}")
+                    if keras:
+                        k = keras["rows"][str(batch)]
+                        k_rate = batch * args.new / k["seconds"]
+                        k_same = "yes" if np.array_equal(np.asarray(k["token_ids"]), ours["token_ids"]) else "no"
+                        print(f"{'':>6s}{'':>9s}{'':>15s}{'KerasHub ' + f'{k_rate:.1f}':>21s}"
+                              f"{f'{ours_rate / k_rate:.2f}x':>8s}{k_same:>10s}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ The choice, from the most specific to the least:
 4. the ``REFOPT_BACKEND`` environment variable;
 5. ``"auto"``: the fastest available, which is ``"numba"`` whenever Numba imports, else ``"numpy"``.
 
+The choice is read once, at the public entry points (``predict``, ``generate``, ``fit``, a direct
+call of a sampler or an optimizer), as an ops namespace (:func:`ops`), which then travels
+explicitly: to :func:`refopt.model.forward` (``ops=``), to the sampler's loop (the model's
+``backbone.ops``, through its ``model`` argument), to the optimizer (``apply(..., ops=)``).
+Nothing below those reads the ambient choice.
+
 Every backend computes the same function: the Numba kernels are property-tested against the NumPy
 ops (float64 within 1e-12 relative, float32 within 1e-5, sampler choices identical).
 """
@@ -83,21 +89,6 @@ def resolve(name: str | None = None) -> str:
                 return candidate
             break
     return "numba" if available("numba") else "numpy"
-
-
-_weights_epoch = 0
-
-
-def weights_changed() -> None:
-    """Note that some model's parameters were updated in place (the optimizers call this), so
-    copies kept on a device (:mod:`refopt.kernels.cuda.decode`) are stale."""
-    global _weights_epoch
-    _weights_epoch += 1
-
-
-def weights_epoch() -> int:
-    """How many in-place parameter updates :func:`weights_changed` has seen."""
-    return _weights_epoch
 
 
 def set_backend(name: str) -> None:

@@ -15,13 +15,38 @@ rows of a transformers checkpoint are kept aside so a round trip is bit-exact.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from typing import Any
 
 from refopt.errors import ConfigError
 
 # dtype policies (refopt.dtype_policies): KerasHub's, and float64 for the oracle
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+REFOPT_REGISTERED_NAME = "refopt>OPTBackbone"
+
+# Upper bounds of config values: far above any released model, low enough that nothing a config
+# asks for is allocated before the tensors it names are found in the files.
+LIMITS = {"vocabulary_size": 2**24, "num_layers": 1024, "num_heads": 1024, "hidden_dim": 2**17,
+          "intermediate_dim": 2**19, "max_sequence_length": 2**20, "word_embed_proj_dim": 2**17}
+MAX_PARAMETERS = 2**40
+
+
+def _is_real(value) -> bool:
+    """An int or float, not a bool, and finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _keras_dtype(value, source):
+    """The dtype name of a KerasHub config's ``dtype`` (a name or a serialized DTypePolicy)."""
+    if isinstance(value, dict):
+        inner = value.get("config")
+        value = inner.get("name") if isinstance(inner, dict) else None
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: 'dtype' is not a DTypePolicy with a name")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{source}: 'dtype' is {value!r}, expected a dtype name")
+    # mixed policies ("mixed_bfloat16") are dtype policies of their own (refopt.dtype_policies)
+    return value
 
 
 @dataclasses.dataclass
@@ -89,26 +114,35 @@ class OPTConfig:
         return get(self.dtype)
 
     def validate(self) -> None:
-        for name in ("vocabulary_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim",
-                     "max_sequence_length", "word_embed_proj_dim"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config value {name}={value!r}: expected a positive integer")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ConfigError(f"config value {name}={value!r}: expected an integer from 1 to "
+                                  f"{limit:,}")
         if self.hidden_dim % self.num_heads:
             raise ConfigError(
                 f"config value num_heads={self.num_heads} does not divide "
                 f"hidden_dim={self.hidden_dim}: each head needs hidden_dim / num_heads features")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"config value dropout={self.dropout!r}: expected a float in [0, 1)")
-        if self.dtype is not None and self.dtype not in _DTYPES:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+                raise ConfigError(f"config value {name}={value!r}: expected a token id (an "
+                                  "integer from 0 to 2**31 - 1)")
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"config value dropout={self.dropout!r}: expected a number in [0, 1)")
+        if self.dtype is not None and (not isinstance(self.dtype, str) or self.dtype not in _DTYPES):
             raise ConfigError(f"config value dtype={self.dtype!r}: expected one of {_DTYPES} or None")
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+        if not (_is_real(self.layer_norm_epsilon) and 0 < self.layer_norm_epsilon < 1):
             raise ConfigError(
-                f"config value layer_norm_epsilon={self.layer_norm_epsilon!r}: expected a positive float")
+                f"config value layer_norm_epsilon={self.layer_norm_epsilon!r}: expected a number "
+                "in (0, 1)")
         for name in ("do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine",
                      "remove_final_layer_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config value {name}={getattr(self, name)!r}: expected true or false")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ConfigError(f"config describes {self.parameter_count():,} parameters; refopt "
+                              f"handles models of up to {MAX_PARAMETERS:,}")
 
     # ------------------------------------------------------------------ dialects
     def backbone_kwargs(self) -> dict[str, Any]:
@@ -124,36 +158,71 @@ class OPTConfig:
 
     def to_keras(self) -> dict[str, Any]:
         """KerasHub's ``config.json`` for an ``OPTBackbone``.  Fields KerasHub does not know are only
-        written when they differ from its architecture (KerasHub cannot build such a model)."""
+        written when they differ from its architecture; such a config names refopt's class
+        (``refopt>OPTBackbone``), not KerasHub's, since KerasHub cannot build the model."""
         kwargs = self.backbone_kwargs()
         kwargs.pop("dtype")
         cfg = {"name": "opt_backbone", "trainable": True,
                "dtype": {"module": "keras", "class_name": "DTypePolicy",
                          "config": {"name": self.dtype or "float32"}, "registered_name": None},
                **kwargs}
-        return {"module": "keras_hub.src.models.opt.opt_backbone", "class_name": "OPTBackbone",
-                "config": cfg, "registered_name": "keras_hub>OPTBackbone"}
+        if self.keras_compatible:
+            return {"module": "keras_hub.src.models.opt.opt_backbone", "class_name": "OPTBackbone",
+                    "config": cfg, "registered_name": "keras_hub>OPTBackbone"}
+        return {"module": "refopt.models.opt_backbone", "class_name": "OPTBackbone", "config": cfg,
+                "registered_name": REFOPT_REGISTERED_NAME}
+
+    def keras_incompatibilities(self) -> list[str]:
+        """Why KerasHub's ``OPTBackbone`` cannot build this model (empty when it can)."""
+        out = []
+        if not self.do_layer_norm_before:
+            out.append("post-LayerNorm (do_layer_norm_before=false)")
+        if self.has_projection:
+            out.append(f"an embedding projection (word_embed_proj_dim={self.word_embed_proj_dim} "
+                       f"!= hidden_dim={self.hidden_dim})")
+        if not self.enable_bias:
+            out.append("no biases")
+        if not self.layer_norm_elementwise_affine:
+            out.append("LayerNorms without gain and bias")
+        if self.remove_final_layer_norm:
+            out.append("no final LayerNorm")
+        if self.layer_norm_epsilon != 1e-5:
+            out.append(f"layer_norm_epsilon={self.layer_norm_epsilon:g} (KerasHub uses 1e-5)")
+        for name, default in (("pad_token_id", 1), ("bos_token_id", 2), ("eos_token_id", 2)):
+            if getattr(self, name) != default:
+                out.append(f"{name}={getattr(self, name)} (KerasHub's OPT uses {default})")
+        return out
 
     @property
     def keras_compatible(self) -> bool:
         """KerasHub's OPTBackbone models pre-LN, biased, affine, final-LN, unprojected OPT only."""
-        return (self.do_layer_norm_before and self.enable_bias and self.layer_norm_elementwise_affine
-                and not self.remove_final_layer_norm and not self.has_projection
-                and self.layer_norm_epsilon == 1e-5)
+        return not self.keras_incompatibilities()
+
+    def huggingface_incompatibilities(self) -> list[str]:
+        """Why transformers' ``OPTForCausalLM`` would compute another model from this config."""
+        if self.layer_norm_epsilon != 1e-5:
+            return [f"layer_norm_epsilon={self.layer_norm_epsilon:g} (transformers' OPT uses 1e-5)"]
+        return []
 
     @classmethod
     def from_keras(cls, data: dict[str, Any], source: str = "config.json") -> "OPTConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
         cfg = data.get("config", data)
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: 'config' is {type(cfg).__name__}, expected an object")
         if data.get("class_name", "OPTBackbone") != "OPTBackbone":
             raise ConfigError(f"{source}: class_name {data.get('class_name')!r} is not OPTBackbone")
+        if data.get("registered_name") not in (None, "keras_hub>OPTBackbone", REFOPT_REGISTERED_NAME):
+            raise ConfigError(f"{source}: registered_name {data.get('registered_name')!r} is neither "
+                              "KerasHub's nor refopt's OPTBackbone")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in cfg.items():
             if key in ("name", "trainable", "registered_name"):
                 continue
             if key == "dtype":
-                if isinstance(value, dict):
-                    value = value.get("config", {}).get("name")
+                value = _keras_dtype(value, source)
             if key not in known:
                 raise ConfigError(f"{source}: unknown OPTBackbone config key {key!r}")
             kwargs[key] = value
@@ -167,8 +236,9 @@ class OPTConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_huggingface(self) -> dict[str, Any]:
-        """transformers' ``config.json`` for ``OPTForCausalLM``."""
-        return {
+        """transformers' ``config.json`` for ``OPTForCausalLM`` (plus ``layer_norm_epsilon`` when it
+        is not transformers' 1e-5: refopt reads it back, transformers ignores it)."""
+        out = {
             "_remove_final_layer_norm": self.remove_final_layer_norm,
             "activation_function": "relu",
             "architectures": ["OPTForCausalLM"],
@@ -176,7 +246,7 @@ class OPTConfig:
             "bos_token_id": self.bos_token_id,
             "do_layer_norm_before": self.do_layer_norm_before,
             "dropout": self.dropout,
-            "dtype": self.compute_dtype,
+            "dtype": self.dtype or "float32",
             "enable_bias": self.enable_bias,
             "eos_token_id": self.eos_token_id,
             "ffn_dim": self.intermediate_dim,
@@ -193,9 +263,14 @@ class OPTConfig:
             "vocab_size": self.vocabulary_size,
             "word_embed_proj_dim": self.word_embed_proj_dim,
         }
+        if self.layer_norm_epsilon != 1e-5:
+            out["layer_norm_epsilon"] = self.layer_norm_epsilon
+        return out
 
     @classmethod
     def from_huggingface(cls, data: dict[str, Any], source: str = "config.json") -> "OPTConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
         if data.get("model_type", "opt") != "opt":
             raise ConfigError(f"{source}: model_type {data.get('model_type')!r} is not 'opt'")
         act = data.get("activation_function", "relu")
@@ -211,13 +286,16 @@ class OPTConfig:
         if missing:
             raise ConfigError(f"{source}: missing transformers OPT config keys {missing}")
         kwargs = {ours: data[theirs] for theirs, ours in names.items()}
-        dtype = data.get("dtype", data.get("torch_dtype"))
         for key in ("do_layer_norm_before", "word_embed_proj_dim", "enable_bias",
                     "layer_norm_elementwise_affine", "dropout", "pad_token_id", "bos_token_id",
-                    "eos_token_id"):
+                    "eos_token_id", "layer_norm_epsilon"):
             if data.get(key) is not None:
                 kwargs[key] = data[key]
-        kwargs["remove_final_layer_norm"] = bool(data.get("_remove_final_layer_norm", False))
+        if data.get("_remove_final_layer_norm") is not None:
+            kwargs["remove_final_layer_norm"] = data["_remove_final_layer_norm"]
+        dtype = data.get("dtype", data.get("torch_dtype"))
+        if dtype is not None and not isinstance(dtype, str):
+            raise ConfigError(f"{source}: dtype {dtype!r} is not a dtype name")
         kwargs["dtype"] = dtype if dtype in _DTYPES else None
         try:
             return cls(**kwargs)
@@ -238,12 +316,10 @@ class OPTConfig:
 
     @classmethod
     def from_file(cls, path) -> "OPTConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_json_dict(data, str(path))
+        """Read a ``config.json`` (a regular file, strict JSON; see :mod:`refopt.io.files`)."""
+        from refopt.io import files
+
+        return cls.from_json_dict(files.read_json(path, ConfigError, "config file"), str(path))
 
     # ------------------------------------------------------------------ sizes
     def parameter_count(self, position_rows: int | None = None) -> int:

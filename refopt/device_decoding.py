@@ -8,8 +8,8 @@ itself with (:meth:`refopt.samplers.Sampler.device_spec`).
 
 The device copy of a model's weights is owned here, one per backbone (:data:`_RESIDENT`, a weak
 mapping: it lives as long as the backbone), and re-uploaded when the backbone's parameter arrays
-are no longer the ones it was made from or an optimizer has updated them since
-(:func:`refopt.backend.weights_epoch`).
+are no longer the ones it was made from or an optimizer has updated them since (the ``version``
+of the backbone's :class:`refopt.model.Parameters`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import weakref
 
 import numpy as np
 
-from refopt import backend
 
-#: backbone -> (parameters' identity and weights epoch, DeviceModel)
+#: backbone -> (parameters' identity and version, DeviceModel)
 _RESIDENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -44,41 +43,41 @@ def resident(model):
 
     backbone = model.backbone
     params = backbone.params
-    key = (tuple((name, id(v)) for name, v in params.items()), backend.weights_epoch())
+    key = (tuple((name, id(v)) for name, v in params.items()), id(params), getattr(params, "version", 0))
     held = _RESIDENT.get(backbone)
     if held is None or held[0] != key:
         held = _RESIDENT[backbone] = (key, DeviceModel(params, backbone.config))
     return held[1]
 
 
-def _launch_args(model, sampler):
+def _launch_args(model, sampler, batch, seed):
     spec = sampler.device_spec()
     dm = resident(model)
     kwargs = dict(spec.params)
-    kwargs["seed"] = int(sampler.begin() or 0)
+    kwargs["seeds"] = sampler.begin(batch, model=model, seed=seed)    # one per row (None: greedy)
     if spec.kind == "top_p":                  # top-p's candidate cut: all tokens when k is None
         kwargs["k"] = dm.lay.V if kwargs.get("k") is None else min(kwargs["k"], dm.lay.V)
     return dm, spec.kind, kwargs
 
 
-def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler):
+def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler, seed=None):
     """KerasHub's ``generate_step`` on the device (:func:`refopt.generation.generate_step`; call
-    only when :func:`supports`)."""
+    only when :func:`supports`); ``seed``: this call's seed(s), else the sampler's."""
     from refopt.generation import output_padding_mask
 
-    dm, kind, kwargs = _launch_args(model, sampler)
+    dm, kind, kwargs = _launch_args(model, sampler, len(token_ids), seed)
     index = int(padding_mask.sum(axis=1).min())
     out = dm.decode(token_ids, padding_mask, index, kind, stop_token_ids=stop_token_ids,
                     steps_per_launch=16, **kwargs)
     return {"token_ids": out, "padding_mask": output_padding_mask(out, padding_mask, stop_token_ids)}
 
 
-def steps(model, token_ids, padding_mask, stop_token_ids, sampler):
+def steps(model, token_ids, padding_mask, stop_token_ids, sampler, seed=None):
     """The device loop as a generator of :class:`refopt.samplers.Step` (one per token, no
     log-probabilities), for streaming (call only when :func:`supports`)."""
     from refopt.samplers import Step
 
-    dm, kind, kwargs = _launch_args(model, sampler)
+    dm, kind, kwargs = _launch_args(model, sampler, len(token_ids), seed)
     index = int(padding_mask.sum(axis=1).min())
     inner = dm.decode_iter(token_ids, padding_mask, index, kind, stop_token_ids=stop_token_ids,
                            steps_per_launch=1, **kwargs)

@@ -212,7 +212,9 @@ def _rounded_ops(base, dtype: str, fused_attention: bool):
             probs = np.where(mask, probs, np.float32(0))
         return R(probs @ v), probs
 
-    names = {name: getattr(base, name) for name in dir(base) if not name.startswith("_")}
+    # every op of ``base`` but its compiled decode step (float32 throughout, no rounding)
+    names = {name: getattr(base, name) for name in dir(base)
+             if not name.startswith("_") and name != "decode_step"}
     names.update(embedding_forward=embedding_forward, linear_forward=linear_forward,
                  linear_relu_forward=linear_relu_forward, layernorm_forward=layernorm_forward,
                  lm_head_forward=lm_head_forward, add=add, dropout_forward=dropout_forward,

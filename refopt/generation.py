@@ -150,6 +150,34 @@ def make_next(model):
     return next
 
 
+def prepare(model):
+    """Get the kernels that generating with ``model`` needs ready without making the caller wait:
+    on a backend that compiles them (Numba), compile them -- or load them from Numba's on-disk
+    cache -- on a background thread, the NumPy ops serving this process meanwhile (see
+    :mod:`refopt.kernels.cpu.warmup`).  Returns the background job (``.running``, ``.wait()``),
+    or None when the model's backend has nothing to prepare."""
+    ops = model.backbone.ops
+    warm_up = getattr(ops, "warm_up", None)
+    if warm_up is None:
+        return None
+    cfg = model.backbone.config
+
+    def exercise():
+        # small calls of the types a generation makes: a one-token step (the compiled decode
+        # step), prompts of 2 and 9 tokens (per-op kernels; attention on BLAS from 8 queries), and
+        # the samplers' selection steps
+        for length in (1, 2, 9):
+            length = min(length, cfg.max_sequence_length)
+            model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
+        p = np.full((1, 4), 0.25)
+        ops.choose(p, ops.uniform(np.zeros(1, np.uint64), 0))
+        ops.top_k_mask(p, 2)
+        ops.top_p_distribution(p, 0.5)
+        ops.min_p_distribution(p, 0.1)
+
+    return warm_up(exercise)
+
+
 def output_padding_mask(token_ids, prompt_mask, stop_token_ids):
     """KerasHub's output mask: True through each row's first stop token outside the prompt, False
     after it; all True without stop tokens."""
@@ -167,6 +195,16 @@ def _start(model, token_ids, padding_mask, sampler):
     index = int(padding_mask.sum(axis=1).min())
     cache, hidden_states = prefill(model, token_ids, index)
     return sampler, index, cache, hidden_states
+
+
+def _seed_kwargs(sampler, seed):
+    """``{"seed": seed}`` for a sampler that draws random numbers when a seed is given, else {}
+    (samplers that choose deterministically ignore seeds)."""
+    if seed is None or not getattr(sampler, "stochastic", False):
+        return {}
+    from refopt.philox import check_seeds
+
+    return {"seed": check_seeds(seed)}
 
 
 def _on_cuda(model) -> bool:
@@ -188,22 +226,24 @@ def _model_sampler(model):
     return get("top_k") if sampler is None else get(sampler)
 
 
-def generate_step(model, inputs, stop_token_ids=None, sampler=None):
+def generate_step(model, inputs, stop_token_ids=None, sampler=None, seed=None):
     """KerasHub's ``generate_step`` on one batch ``{"token_ids" [B, T], "padding_mask" [B, T]}``:
     returns ``{"token_ids", "padding_mask"}`` (int64 / bool ``[B, T]``).  With
     ``BeamSampler(return_all_beams=True)`` both are ``[B, num_beams, T]`` and ``"log_probs"``
-    ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first."""
+    ``[B, num_beams]`` (each beam's log-likelihood) is added, best beam first.  ``seed``: the
+    random samplers' seed for this call, an integer or one per row (see :func:`generate`)."""
     token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies
         from refopt import device_decoding
 
         chosen = sampler or _model_sampler(model)
         if device_decoding.supports(model, chosen):
-            return device_decoding.generate_step(model, token_ids, padding_mask, stop_token_ids, chosen)
+            return device_decoding.generate_step(model, token_ids, padding_mask, stop_token_ids, chosen,
+                                                 **_seed_kwargs(chosen, seed))
     sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     out = sampler(next=make_next(model), prompt=token_ids, cache=cache, index=index,
                   mask=padding_mask, stop_token_ids=stop_token_ids, hidden_states=hidden_states,
-                  model=model)
+                  model=model, **_seed_kwargs(sampler, seed))
     if isinstance(out, tuple):                                                 # every beam
         beams, scores = out
         B, nb, T = beams.shape
@@ -264,7 +304,7 @@ def _preprocess(model, inputs, max_length):
 
 
 def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None,
-             generate_function=None):
+             seed=None, generate_function=None):
     """KerasHub's ``CausalLM.generate``.
 
     Args:
@@ -278,8 +318,15 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
             None (generate to ``max_length``) or a tuple of ids, each of which stops a row.
         strip_prompt: return only the generated text / tokens.
         sampler: override ``model.sampler`` for this call.
-        generate_function: ``(inputs, stop_token_ids=...) -> outputs`` run on the batch instead of
-            :func:`generate_step` (``CausalLM.generate`` passes ``make_generate_function()``).
+        seed: the random samplers' seed for this call (per request, as vLLM's): an integer for
+            every prompt, or a list with one integer (or None: a fresh seed) per prompt; default
+            the sampler's own ``seed``.  A prompt's text depends only on the model, the prompt, its
+            seed and the sampler's settings: the same prompt with the same seed gives the same
+            text in any row of any batch, on any backend where the probabilities agree.  Ignored by
+            samplers that make no random choice (greedy, beam, contrastive).
+        generate_function: ``(inputs, stop_token_ids=...) -> outputs`` (and ``seed=`` when one is
+            given) run on the batch instead of :func:`generate_step` (``CausalLM.generate`` passes
+            ``make_generate_function()``).
 
     Returns strings (one string for a string input) or ``{"token_ids", "padding_mask"}`` arrays.
     With ``BeamSampler(return_all_beams=True)``: a list of ``num_beams`` strings per prompt (best
@@ -293,9 +340,11 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     batch = {"token_ids": token_ids, "padding_mask": padding_mask}
     if generate_function is not None and sampler is None:
-        out = generate_function(batch, stop_token_ids=stop_token_ids)
+        # KerasHub's signature (inputs, stop_token_ids); a seed only when one is asked for
+        out = generate_function(batch, stop_token_ids=stop_token_ids,
+                                **({} if seed is None else {"seed": seed}))
     else:
-        out = generate_step(model, batch, stop_token_ids=stop_token_ids, sampler=sampler)
+        out = generate_step(model, batch, stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
     beams = out["token_ids"].ndim == 3
     if beams:
         B, nb, T = out["token_ids"].shape
@@ -340,7 +389,7 @@ def _detokenizer(preprocessor):
 
 
 def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=False,
-           sampler=None) -> Iterator:
+           sampler=None, seed=None) -> Iterator:
     """Generate from one string prompt, yielding the text as tokens are produced.
 
     Yields ``str`` pieces whose concatenation is the generated text (what ``generate(prompt,
@@ -349,6 +398,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     the detokenizer still holds text).  Stops after the first stop token (not shown, like the other
     special tokens) or at ``max_length``.  Samplers that only know their result at the end (beam
     search) yield everything then; their log-probabilities come from rescoring the result.
+    ``seed`` is :func:`generate`'s (one integer).
     """
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is None:
@@ -366,7 +416,8 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
 
         chosen = sampler or _model_sampler(model)
         if device_decoding.supports(model, chosen):
-            steps = device_decoding.steps(model, token_ids, padding_mask, stop_token_ids, chosen)
+            steps = device_decoding.steps(model, token_ids, padding_mask, stop_token_ids, chosen,
+                                          **_seed_kwargs(chosen, seed))
     if steps is None:
         sampler, index, cache, hidden_states = _start(model, token_ids, padding_mask, sampler)
     else:
@@ -380,7 +431,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
     if steps is None:
         steps = sampler.steps(make_next(model), token_ids, cache=cache, index=index, mask=padding_mask,
                               stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=model,
-                              log_probs=return_logprobs)
+                              log_probs=return_logprobs, **_seed_kwargs(sampler, seed))
     prompt_length = int(padding_mask[0].sum())
     stopped = False
     try:

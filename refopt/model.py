@@ -44,6 +44,38 @@ from refopt.config import OPTConfig
 
 
 # ---------------------------------------------------------------------------------- parameters
+class Parameters(dict):
+    """A model's parameters: a dict name -> array that counts its changes in ``version``.
+
+    Assigning or removing an entry adds one; so does :meth:`touch`, which an optimizer calls after
+    updating arrays in place.  Copies of the weights kept elsewhere (the cuda backend's
+    device-resident weights) compare versions to know when they are stale."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.version = 0
+
+    def touch(self) -> None:
+        """Note an in-place change of some array."""
+        self.version += 1
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value)
+        self.version += 1
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        self.version += 1
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self.version += 1
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+
 def param_shapes(cfg: OPTConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of a model with this config."""
     D, E, F, V = cfg.hidden_dim, cfg.word_embed_proj_dim, cfg.intermediate_dim, cfg.vocabulary_size

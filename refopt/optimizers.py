@@ -2,7 +2,7 @@
 rules (``keras/src/optimizers/{base_optimizer,adam,adamw}.py``).
 
     opt = refopt.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.01, global_clipnorm=1.0)
-    opt.apply(grads, params)            # updates the dict `params` (new arrays under the same keys)
+    opt.apply(grads, params, ops=lm.backbone.ops)   # updates `params` (new arrays under the same keys)
     lm.compile(optimizer=opt)           # or "auto" (Adam, learning rate 2e-5, as KerasHub)
 
 One ``apply`` call, as Keras's ``BaseOptimizer.apply``:
@@ -33,9 +33,14 @@ dtype; moments have the parameter's dtype.
 Memory: parameters are updated in place, but only in arrays this optimizer allocated: on its first
 update a parameter is copied into an array of its own (so memory-mapped checkpoint weights, views
 and arrays shared with another model are never written to), and the dict entry is replaced by
-that copy.  The Adam step reuses two scratch buffers instead of allocating temporaries; with the
-Numba backend active (:mod:`refopt.backend`), weight decay and the Adam step run as one compiled
-parallel pass (:mod:`refopt.kernels.cpu.optim`), the same arithmetic in the same order, bit for bit.
+that copy.  A :class:`refopt.model.Parameters` dict (a model's ``backbone.params``) has its
+``version`` advanced by each update.
+
+Ops: the update runs on the ops namespace passed to ``apply`` (``fit`` passes the model's
+``backbone.ops``; default the current backend's): ``ops.adam_update`` is the NumPy reference
+(:mod:`refopt.ops.adam`) or a backend's fused pass (:mod:`refopt.kernels.cpu.optim`: weight
+decay and the Adam step in one compiled parallel pass), the same arithmetic in the same order, bit
+for bit.
 
 Learning rate: a positive float (constant), a :class:`LearningRateSchedule`
 (:class:`schedules.CosineDecay`, called with the raw call count, as Keras), or a callable taking no
@@ -48,6 +53,8 @@ import math
 import re
 
 import numpy as np
+
+import inspect
 
 from refopt import backend
 from refopt.errors import TrainingError
@@ -113,7 +120,7 @@ class Optimizer:
         self._accumulators: dict[str, np.ndarray] = {}
         self._slots: dict[str, dict[str, np.ndarray]] = {}
         self._owned: dict[str, np.ndarray] = {}   # the parameter arrays this optimizer allocated
-        self._scratch: dict[tuple, np.ndarray] = {}
+        self._ops = None                          # the ops namespace of the update in progress
 
     # ---------------------------------------------------------------- state
     @property
@@ -166,39 +173,16 @@ class Optimizer:
 
     def update_step(self, grad, var, lr: float, slots: dict) -> np.ndarray:
         """The new value of ``var``: ``var`` (an array this optimizer owns) and ``slots`` are updated
-        in place and ``var`` is returned."""
+        in place and ``var`` is returned.  An override may take a ``decay`` keyword (the weight
+        decay factor ``weight_decay * lr`` of this parameter, 0 for none) to apply the decay in its
+        own pass; otherwise ``apply`` applies it first.  The ops to run on are :attr:`ops`."""
         raise NotImplementedError
 
-    def _fused_kernel(self):
-        """The compiled update of :mod:`refopt.kernels.cpu.optim` (Numba backend) or of
-        :mod:`refopt.kernels.cuda` (CUDA backend) when this optimizer has one
-        (:meth:`fused_update`), else None (the NumPy reference)."""
-        owner = next(c for c in type(self).__mro__ if "fused_update" in c.__dict__)
-        if owner is Optimizer or type(self).update_step is not owner.update_step:
-            return None  # no fused form, or a subclass changed update_step: run that
-        name = backend.resolve()
-        if name == "numba":
-            from refopt.kernels.cpu import optim
-
-            return optim
-        if name == "cuda":
-            from refopt.kernels import cuda
-
-            return cuda
-        return None
-
-    def fused_update(self, kernels, grad, var, lr, decay, slots):
-        """Weight decay and :meth:`update_step` in one compiled pass; subclasses that have one
-        override this (it must compute exactly what the NumPy path computes)."""
-        raise NotImplementedError
-
-    def scratch(self, like: np.ndarray, index: int = 0) -> np.ndarray:
-        """A reusable buffer shaped like ``like`` (views of one allocation per dtype and index)."""
-        key = (like.dtype, index)
-        buf = self._scratch.get(key)
-        if buf is None or buf.size < like.size:
-            buf = self._scratch[key] = np.empty(like.size, like.dtype)
-        return buf[:like.size].reshape(like.shape)
+    @property
+    def ops(self):
+        """The ops namespace of the update in progress (``apply``'s ``ops``); outside an update,
+        the current backend's."""
+        return self._ops if self._ops is not None else backend.ops()
 
     def _own(self, params: dict, name: str) -> np.ndarray:
         """``params[name]`` as an array this optimizer allocated (copied on first use)."""
@@ -218,10 +202,11 @@ class Optimizer:
             return {k: clip_by_value(g, self.clipvalue) for k, g in grads.items()}
         return grads
 
-    def apply(self, grads: dict, params: dict) -> dict:
+    def apply(self, grads: dict, params: dict, ops=None) -> dict:
         """Update ``params`` (a dict name -> array) with ``grads`` (same keys and shapes), in place
         (see the module docstring: arrays the optimizer did not allocate are copied first, and the
-        dict then holds the copies); the dict is also returned."""
+        dict then holds the copies); the dict is also returned.  ``ops``: the ops namespace the
+        update runs on (a model's ``backbone.ops``; default the current backend's)."""
         if self._names is None:
             self.build(params)
         if set(grads) != set(self._names) or set(params) != set(self._names):
@@ -244,23 +229,27 @@ class Optimizer:
             grads = {k: (g + self._accumulators[k]) / g.dtype.type(steps) for k, g in grads.items()}
         grads = self._clip(grads)
         lr = self.learning_rate
-        fused = self._fused_kernel()
-        for k in self._names:
-            var = self._own(params, k)
-            decay = self.weight_decay * lr if self.weight_decay and self._use_weight_decay(k) else 0.0
-            grad = grads[k].astype(var.dtype, copy=False)
-            if fused is not None:  # the same arithmetic in one compiled pass (Numba backend)
-                params[k] = self.fused_update(fused, grad, var, lr, decay, self._slots[k])
-                continue
-            if decay:
-                decay_term = np.multiply(var, var.dtype.type(decay), out=self.scratch(var))
-                var -= decay_term                               # var - var * weight_decay * lr
-            params[k] = self.update_step(grad, var, lr, self._slots[k])
+        self._ops = backend.ops() if ops is None else ops
+        folds_decay = "decay" in inspect.signature(self.update_step).parameters
+        try:
+            for k in self._names:
+                var = self._own(params, k)
+                decay = self.weight_decay * lr if self.weight_decay and self._use_weight_decay(k) else 0.0
+                grad = grads[k].astype(var.dtype, copy=False)
+                if folds_decay:
+                    params[k] = self.update_step(grad, var, lr, self._slots[k], decay=decay)
+                    continue
+                if decay:
+                    var -= var * var.dtype.type(decay)                  # var - var * weight_decay * lr
+                params[k] = self.update_step(grad, var, lr, self._slots[k])
+        finally:
+            self._ops = None
         if steps:
             for acc in self._accumulators.values():
                 acc[...] = 0
         self._iterations += 1
-        backend.weights_changed()        # device copies of these weights (cuda decoding) are stale
+        if hasattr(params, "touch"):
+            params.touch()               # a model's Parameters: copies elsewhere are now stale
         return params
 
     def get_config(self) -> dict:
@@ -297,31 +286,10 @@ class Adam(Optimizer):
         t = self.iterations + 1
         return lr * math.sqrt(1.0 - self.beta_2 ** t) / (1.0 - self.beta_1 ** t)
 
-    def fused_update(self, kernels, grad, var, lr, decay, slots):
-        kernels.adam_update(var, grad, slots["m"], slots["v"], slots.get("v_hat"), decay,
-                            self.beta_1, self.beta_2, self._alpha(lr), self.epsilon)
-        return var
-
-    def update_step(self, grad, var, lr, slots):
-        alpha = self._alpha(lr)
-        dt = var.dtype.type
-        m, v = slots["m"], slots["v"]
-        a, b = self.scratch(var, 0), self.scratch(var, 1)
-        np.subtract(grad, m, out=a)
-        a *= dt(1.0 - self.beta_1)
-        m += a                                                  # m + (g - m) * (1 - beta_1)
-        np.square(grad, out=a)
-        a -= v
-        a *= dt(1.0 - self.beta_2)
-        v += a                                                  # v + (g*g - v) * (1 - beta_2)
-        if self.amsgrad:
-            np.maximum(slots["v_hat"], v, out=slots["v_hat"])
-            v = slots["v_hat"]
-        np.sqrt(v, out=a)
-        a += dt(self.epsilon)                                   # sqrt(v) + epsilon
-        np.multiply(m, dt(alpha), out=b)
-        b /= a
-        var -= b                                                # var - m * alpha / (sqrt(v) + eps)
+    def update_step(self, grad, var, lr, slots, decay=0.0):
+        # weight decay and the Adam step in one call of the ops' adam_update (refopt.ops.adam)
+        self.ops.adam_update(var, grad, slots["m"], slots["v"], slots.get("v_hat"), decay,
+                             self.beta_1, self.beta_2, self._alpha(lr), self.epsilon)
         return var
 
     def get_config(self):

@@ -16,7 +16,7 @@
    predicted from the preceding tokens of its window, and nats per character) beside a unigram and
    two bigram baselines estimated on the training tokens, and write a KerasHub preset (tokenizer
    and preprocessor included), ``MODEL_CARD.md`` (:mod:`refopt.training.card`) and
-   ``refopt_training.json`` into ``out``, atomically.
+   ``refopt_training.json`` into ``out`` (:mod:`refopt.io.saving`: never a lost file).
 """
 
 from __future__ import annotations
@@ -84,16 +84,10 @@ class Recipe:
 def read_text(path) -> str:
     """The UTF-8 text of ``path``; a clear :class:`refopt.errors.TrainingError` otherwise."""
     from refopt.errors import TrainingError
+    from refopt.tokenizers.trainer import read_training_text
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TrainingError(f"{path}: is a directory; expected a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise TrainingError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_training_text(path)          # a regular file (never blocking), UTF-8, bounded
     if not text.strip():
         raise TrainingError(f"{path}: the file is empty")
     return text
@@ -197,20 +191,26 @@ def schedule_for(recipe: Recipe, total: int):
 
 
 def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: str | None = None,
-          card: dict | None = None, verbose=None) -> dict:
+          card: dict | None = None, verbose=None, overwrite: bool = False) -> dict:
     """Run ``recipe`` on the UTF-8 file ``text_path``, write the preset to ``out`` and return the
     report (also written as ``refopt_training.json``).  ``card`` holds optional ``summary``,
     ``limits`` and ``usage`` paragraphs for ``MODEL_CARD.md`` (:func:`refopt.training.card.model_card`);
-    ``verbose`` is ``fit``'s (default: a progress bar on a terminal, else a line per epoch)."""
+    ``verbose`` is ``fit``'s (default: a progress bar on a terminal, else a line per epoch).
+    ``out`` must be missing or empty unless ``overwrite`` (then only its preset files are
+    replaced, :mod:`refopt.io.saving`); that is checked before training starts."""
     from refopt import backend as _backend
-    from refopt.errors import TrainingError
-    from refopt.io import presets
+    from refopt.errors import DestinationError, TrainingError
+    from refopt.io import saving
     from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
     from refopt.optimizers import AdamW
     from refopt.tokenizers import train_bpe
     from refopt.training.card import model_card
 
     recipe.check()
+    if not overwrite and os.path.isdir(out) and os.listdir(out):
+        raise DestinationError(f"{out} already exists; pass --force (overwrite=True) to replace "
+                               "the preset there (other files are kept)")
+    saving.check_destination(out, overwrite, "preset")
     started = time.time()
     text = read_text(text_path)
     train_text, val_text = split_text(text, recipe.validation_fraction)
@@ -315,11 +315,11 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
                        "nats_per_character": val * len(val_ids) / len(val_text)},
         "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
     }
-    with presets.atomic_directory(out) as tmp:
-        lm.save_to_preset(tmp)
-        presets.write_json(tmp / "refopt_training.json", report)
-        (tmp / "MODEL_CARD.md").write_text(model_card(report, tmp, Path(out).name, **(card or {})),
-                                           encoding="utf-8")
+    with saving.PresetSave(out, overwrite=overwrite) as staging:
+        lm.write_preset_files(staging)
+        staging.write_json("refopt_training.json", report)
+        staging.write_text("MODEL_CARD.md", model_card(report, staging.directory, Path(out).name,
+                                                       **(card or {})))
     return report
 
 

@@ -11,7 +11,7 @@ of each family; it is imported by name when first needed, so this module imports
 from __future__ import annotations
 
 import importlib
-import json
+import os
 
 from refopt.errors import ConfigError
 
@@ -45,12 +45,9 @@ def preset_config(preset):
     from refopt.io import presets
 
     path = presets.resolve(preset) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    data = presets.read_config_json(path)      # a regular file, bounded, strict JSON
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

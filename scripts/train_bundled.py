@@ -7,7 +7,7 @@ default of :class:`refopt.recipe.Recipe`, seed included) on
 ``../shared/data/corpus/tinyshakespeare.txt``: a byte-level BPE of 8,192 tokens, then a 4-layer,
 256-wide OPT trained on the first 90% of the characters and validated on the last 10%.  The preset
 (KerasHub layout, tokenizer and preprocessor included), ``MODEL_CARD.md`` and
-``refopt_training.json`` are written to ``--out`` atomically (nothing changes there until the run
+``refopt_training.json`` replace the preset files in ``--out`` (nothing changes there until the run
 has finished).  The same seed gives the same model, up to the floating-point summation order of
 the BLAS and the kernels across machines and thread counts.  Progress: ``fit``'s bar on a
 terminal, a line per epoch otherwise.
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print(f"error: {args.corpus} is missing (the project's ../shared data)", file=sys.stderr)
         return 2
     try:
-        report = train(args.corpus, args.out, Recipe(), backend=args.backend,
+        report = train(args.corpus, args.out, Recipe(), backend=args.backend, overwrite=True,
                        command="python scripts/train_bundled.py --out data/refopt_shakespeare",
                        card={"summary": SUMMARY, "limits": LIMITS, "usage": USAGE})
     except RefoptError as e:

@@ -120,3 +120,29 @@ def test_seeded_generation_identical_across_backends(make):
         lm.compile(sampler=make())
         out[b] = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)["token_ids"]
     np.testing.assert_array_equal(out["numba"], out["numpy"])
+
+
+def test_samplers_run_on_the_models_ops_not_the_ambient_backend(monkeypatch):
+    from refopt.config import OPTConfig
+    from refopt.models import OPTBackbone
+
+    cfg = OPTConfig(vocabulary_size=23, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=8,
+                    max_sequence_length=12, dropout=0.0, dtype="float64")
+    lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=1, std=0.4)))
+    lm.compile(sampler=refopt.samplers.TopKSampler(k=3, seed=2))
+    x = {"token_ids": np.array([[2, 5, 1, 1, 1]]), "padding_mask": np.array([[1, 1, 0, 0, 0]], bool)}
+
+    def ambient(*args):
+        raise AssertionError("a Numba selection step ran for a model pinned to NumPy")
+
+    monkeypatch.setattr(NUMBA, "top_k_mask", ambient)
+    monkeypatch.setattr(NUMBA, "choose", ambient)
+    lm.backend = "numpy"
+    with refopt.use_backend("numba"):
+        want = lm.generate(x, stop_token_ids=None)["token_ids"]          # the model's choice wins
+    lm.backend = "numba"
+    with refopt.use_backend("numpy"), pytest.raises(AssertionError, match="Numba selection step"):
+        lm.generate(x, stop_token_ids=None)                                # and reaches the sampler
+    monkeypatch.undo()
+    with refopt.use_backend("numpy"):
+        np.testing.assert_array_equal(lm.generate(x, stop_token_ids=None)["token_ids"], want)

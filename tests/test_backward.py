@@ -22,6 +22,7 @@ from refopt.ops.embedding import embedding_backward, embedding_forward, lm_head_
 from refopt.ops.layernorm import layernorm_backward, layernorm_forward
 from refopt.ops.linear import linear_backward, linear_forward
 from refopt.ops.loss import cross_entropy_backward, cross_entropy_forward
+from refopt.testing import strategies as rst
 from refopt.training import loss_and_gradients
 
 import refopt.ops as reference  # the NumPy ops: finite differences check the reference backward
@@ -105,19 +106,11 @@ def test_cross_entropy_backward():
 
 
 # ------------------------------------------------------------------------------ whole model
-@st.composite
-def tiny_configs(draw):
-    heads = draw(st.integers(1, 3))
-    hidden = heads * draw(st.integers(-(-8 // heads), 24 // heads))  # 8 .. 24, divisible by heads
-    return OPTConfig(vocabulary_size=draw(st.integers(20, 50)), num_layers=draw(st.integers(1, 3)),
-                     num_heads=heads, hidden_dim=hidden, intermediate_dim=draw(st.integers(4, 24)),
-                     max_sequence_length=draw(st.integers(8, 12)),
-                     dropout=draw(st.sampled_from([0.0, 0.3])),
-                     do_layer_norm_before=draw(st.booleans()),
-                     word_embed_proj_dim=draw(st.sampled_from([None, 4, 6])),
-                     enable_bias=draw(st.booleans()),
-                     layer_norm_elementwise_affine=draw(st.booleans()),
-                     remove_final_layer_norm=draw(st.booleans()), dtype="float64")
+def tiny_configs():
+    # the oracle's one config space (refopt.testing.cases.ConfigSpace), with dropout
+    return rst.configs(num_heads=(1, 3), hidden=(8, 24), vocabulary_size=(20, 50), num_layers=(1, 3),
+                       intermediate_dim=(4, 24), max_sequence_length=(8, 12), projection=(4, 6),
+                       dropout=(0.0, 0.3))
 
 
 def random_params(cfg, seed):

@@ -392,17 +392,20 @@ def test_generate_into_a_closed_pipe(tiny):
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
 
 
-def test_generate_on_a_fresh_install_compiles_nothing(tiny, tmp_path):
-    # an empty Numba cache (a fresh install): the run says so, uses NumPy, and gives the same text
+def test_generate_on_a_fresh_install_starts_at_once_and_compiles_in_the_background(tiny, tmp_path):
+    # an empty Numba cache (a fresh install): the NumPy ops serve while the kernels compile on a
+    # background thread; the text is the library's, stderr says at most that the compilation is
+    # being finished, and afterwards the compiled decode step is in the cache
     path, _ = tiny
     env = {k: v for k, v in os.environ.items() if k != "REFOPT_BACKEND"}
     argv = [sys.executable, "-m", "refopt", "generate", "All:", "--preset", str(path), "--sampler",
             "greedy", "--max-length", "30"]
-    cold = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+    cold = subprocess.run(argv, capture_output=True, text=True, timeout=600,
                           env={**env, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path / "nbc")})
     assert cold.returncode == 0, cold.stderr
-    assert "not compiled on this machine yet" in cold.stderr and "NumPy backend" in cold.stderr
-    assert not any((tmp_path / "nbc").rglob("*.nbi"))          # nothing was compiled
+    assert cold.stderr in ("", "refopt generate: finishing the compilation of the Numba kernels (once per "
+                               "install; later runs start at full speed; Ctrl-C skips it) ...\n"), cold.stderr
+    assert any("decode" in p.name for p in (tmp_path / "nbc").rglob("*.nbi"))
     lm = OPTCausalLM.from_preset(path)
     lm.compile(sampler="greedy")
     assert cold.stdout == "All:" + lm.generate("All:", max_length=30, strip_prompt=True) + "\n"

@@ -23,17 +23,37 @@ def test_refopt_itself_passes_with_a_table(capsys):
     code, out, _ = _run(capsys, "--against", "refopt:numpy", str(preset), "--random-configs", "1")
     assert code == 0, out
     for row in ("opt-tiny-realvocab/logits", "opt-tiny-realvocab/activations", "opt-tiny-realvocab/gradients",
-                "opt-tiny-realvocab/generation", "random-0/logits", "tokenizer.encode", "samplers.top_p_tie"):
+                "opt-tiny-realvocab/incremental.left_padding", "opt-tiny-realvocab/generation",
+                "random-0/logits", "stress-scores/logits", "stress-long/incremental", "tokenizer.encode",
+                "tokenizer.bytes", "samplers.top_p_tie"):
         assert row in out
-    assert "max|Δ|" in out and "NMSE" in out and " 0 failed" in out
+    assert "max|Δ|" in out and "NMSE" in out and " 0 failed" in out and "not supported" not in out
 
 
-def test_mutant_fails_with_the_located_divergence(capsys):
+def test_mutant_fails_with_the_located_divergence_and_a_reproduce_line(capsys):
     preset = shared_path("fixtures", "hf", "opt-tiny-preln")
     code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:UnscaledAttention", str(preset),
-                        "--random-configs", "1", "--no-samplers")
+                        "--random-configs", "1", "--no-samplers", "--no-stress", "--seed", "3")
     assert code == 1
     assert "FAIL" in out and "first divergence: layers.0.attention_output" in out
+    line = next(x for x in out.splitlines() if "reproduce:" in x).split("reproduce: ")[1]
+    assert line == (f"refopt conform --against refopt.testing.mutants:UnscaledAttention {preset} --seed 3 "
+                    "--case opt-tiny-preln/logits")
+    # the line runs that check alone, and fails the same way
+    code, again, _ = _run(capsys, *line.split()[2:])
+    assert code == 1 and "first divergence: layers.0.attention_output" in again
+    assert [x.split()[0] for x in again.splitlines() if x.endswith(("FAIL", "pass")) or " FAIL " in x] \
+        == ["opt-tiny-preln/logits"]
+
+
+def test_a_failing_random_case_reproduces_from_its_id(capsys):
+    # a case id rebuilds the exact model and batch (no preset, no seed of the run needed)
+    from refopt.testing.cases import random_case
+
+    case = random_case(5)
+    code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:LayerNormEpsilon", "--case", case.spec.id)
+    assert code == 1 and f"{case.spec.id}/logits" in out and "first divergence" in out
+    assert f"--case {case.spec.id}/logits" in out
 
 
 def test_json_report(capsys):
@@ -51,14 +71,35 @@ def test_json_report(capsys):
 
 
 def test_streaming_mode(capsys):
+    # every model check runs on a streamed preset, gradients block by block
     preset = shared_path("fixtures", "hf", "opt-tiny-preln")
     code, out, _ = _run(capsys, "--against", "refopt:numpy", "--streaming", str(preset),
-                        "--random-configs", "0", "--no-samplers")
+                        "--random-configs", "0", "--no-samplers", "--no-stress")
     assert code == 0, out
-    assert "opt-tiny-preln/activations" in out and "streaming mode computes the forward pass only" in out
+    for check in ("activations", "gradients", "incremental.left_padding", "generation"):
+        assert f"opt-tiny-preln/{check}" in out
+    assert not [x for x in out.splitlines() if x.startswith("opt-tiny-preln/") and " skip " in x], out
     code, out, _ = _run(capsys, "--against", "refopt.testing.mutants:PositionsWithoutOffset", "--streaming",
                         str(preset), "--random-configs", "0", "--no-samplers")
     assert code == 1 and "first divergence: embeddings" in out and "loaded with own loader" in out
+
+
+def test_an_adapter_without_capabilities_lists_them_once(capsys):
+    minimal = "tests_support:LogitsOnly"
+    code, out, _ = _run(capsys, "--against", minimal, "--random-configs", "1", "--no-stress")
+    assert code == 0, out
+    assert "random-1/logits.left_padding" not in out and "random-1/gradients" not in out
+    assert out.count("not supported by the adapter") == 1
+    for cap in ("left_padding (", "activations (", "gradients (", "incremental (", "generation (", "samplers (9 checks)"):
+        assert cap in out, out
+
+
+def test_a_config_the_adapter_does_not_build_is_one_row(capsys):
+    code, out, _ = _run(capsys, "--against", "tests_support:PreLayerNormOnly", "--random-configs", "0",
+                        "--case", "stress-post", "--no-samplers")
+    rows = [x for x in out.splitlines() if x.startswith("stress-post")]
+    assert len(rows) == 1 and rows[0].startswith("stress-post/*") and "skip" in rows[0], out
+    assert "pre-LayerNorm only" in out and code == 1          # nothing else ran: nothing compared
 
 
 def test_bad_adapter_spec_is_a_user_error(capsys):
@@ -73,7 +114,8 @@ def test_transformers_passes_on_the_fixtures_and_random_configs(capsys):
     pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[peers]')")
     fixtures = [shared_path("fixtures", "hf", n) for n in ("opt-tiny-preln", "opt-tiny-postln-proj",
                                                            "opt-tiny-realvocab")]
-    code, out, _ = _run(capsys, "--against", "transformers", *map(str, fixtures), "--random-configs", "2")
+    code, out, _ = _run(capsys, "--against", "transformers", *map(str, fixtures), "--random-configs", "2",
+                        "--no-stress")
     assert code == 0, out
     assert "transformers" in out.splitlines()[0] and " 0 failed" in out
 
@@ -86,17 +128,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_without_torch_every_check_is_skipped_with_the_reason():
+def test_without_torch_nothing_is_compared_and_the_run_fails_saying_why():
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "conform", "--against", "transformers",
                            "--random-configs", "1", "--no-samplers"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "0 passed, 0 failed" in proc.stdout
-    assert "torch" in proc.stdout and "pip install 'refopt[peers]'" in proc.stdout
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "conform", "--against", "transformers",
-                           "--random-configs", "1", "--no-samplers", "--fail-on-skip"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "0 passed, 0 failed" in proc.stdout and "NOTHING WAS COMPARED" in proc.stdout
+    assert "torch" in proc.stderr and "pip install 'refopt[peers]'" in proc.stderr
 
 
 def test_without_keras_hub_every_check_is_skipped_with_the_reason():
@@ -106,5 +144,5 @@ def test_without_keras_hub_every_check_is_skipped_with_the_reason():
     proc = subprocess.run([sys.executable, "-m", "refopt", "conform", "--against", "keras-hub",
                            "--random-configs", "1", "--no-samplers"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "keras_hub is not installed" in proc.stdout and "REFOPT_KERAS_PYTHON" in proc.stdout
+    assert proc.returncode == 1, proc.stderr
+    assert "keras_hub is not installed" in proc.stderr and "REFOPT_KERAS_PYTHON" in proc.stderr

@@ -1,5 +1,6 @@
 """The pytest plugin: `pytest --refopt-backend module:Adapter` runs the conformance suite, in
-parallel under pytest-xdist, with the same items and examples on every worker."""
+parallel under pytest-xdist, with the same items on every worker; errors are one-line usage errors,
+never INTERNALERROR; the seed option changes the hypothesis examples."""
 
 import importlib.metadata
 import subprocess
@@ -35,23 +36,60 @@ def test_plugin_is_inert_without_the_option(tmp_path):
 
 def test_conformance_items_pass_in_parallel(tmp_path):
     proc = _pytest(tmp_path, "--refopt-backend", "refopt:numpy", "--refopt-random-configs", "2",
-                   "--refopt-examples", "4", "-n", "2", "-rs")
+                   "--refopt-no-stress", "--refopt-examples", "3", "-n", "2", "-rs")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    # 2 configs x 5 checks + 9 sampler checks + 1 hypothesis item pass; 4 tokenizer checks skip
-    assert "20 passed, 4 skipped" in proc.stdout, proc.stdout[-2000:]
+    # 2 configs x 7 checks + 9 sampler checks + 1 hypothesis item pass; 5 tokenizer checks skip
+    assert "24 passed, 5 skipped" in proc.stdout, proc.stdout[-2000:]
     assert "no tokenizer files" in proc.stdout
 
 
-def test_a_mutant_fails_with_its_location(tmp_path):
+def test_a_mutant_fails_with_its_location_and_a_reproduce_line(tmp_path):
     proc = _pytest(tmp_path, "--refopt-backend", "refopt.testing.mutants:LayerNormEpsilon",
-                   "--refopt-random-configs", "1", "--refopt-examples", "2", "-n", "2")
+                   "--refopt-random-configs", "1", "--refopt-no-stress", "--refopt-examples", "2", "-n", "2")
     assert proc.returncode == 1
     assert "first divergence: layers.0." in proc.stdout, proc.stdout[-3000:]
     assert "FAILED refopt-conformance::random-0/activations" in proc.stdout
+    assert ("reproduce: refopt conform --against refopt.testing.mutants:LayerNormEpsilon --seed 0 "
+            "--case random-0/activations") in proc.stdout
 
 
 def test_items_are_the_same_on_every_run(tmp_path):
-    # what xdist relies on: collection is deterministic (fixed seeds, derandomized hypothesis)
+    # what xdist relies on: collection is deterministic (fixed seeds)
     runs = [[line for line in _pytest(tmp_path, "--refopt-backend", "refopt:numpy", "--collect-only")
              .stdout.splitlines() if line.startswith("refopt-conformance::")] for _ in range(2)]
     assert runs[0] == runs[1] and "refopt-conformance::samplers.top_p_tie" in runs[0]
+    assert "refopt-conformance::stress-scores/logits" in runs[0]
+
+
+def test_a_bad_backend_is_one_usage_error_under_n_auto(tmp_path):
+    proc = _pytest(tmp_path, "--refopt-backend", "no_such_module_xyz:Adapter", "-n", "auto")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "INTERNALERROR" not in out, out[-3000:]
+    assert "--refopt-backend no_such_module_xyz:Adapter" in out and "cannot import" in out
+
+
+def test_nothing_compared_fails_the_session(tmp_path):
+    # every check skipped (an adapter that builds no config): exit 1, and the summary says why
+    (tmp_path / "refuse.py").write_text(
+        "from refopt.testing import Adapter, NotSupported\n"
+        "class Refuse(Adapter):\n"
+        "    def load(self, config, params):\n"
+        "        raise NotSupported('builds nothing')\n"
+        "    def logits(self, token_ids, padding_mask):\n"
+        "        raise AssertionError\n")
+    proc = _pytest(tmp_path, "--refopt-backend", "refuse:Refuse", "--refopt-random-configs", "1",
+                   "--refopt-no-stress", "--refopt-examples", "0", "-n", "2", "-rs")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "NOTHING WAS COMPARED" in proc.stdout and "builds nothing" in proc.stdout
+
+
+def test_the_seed_changes_the_hypothesis_examples(tmp_path):
+    # a mutant caught only on some drawn models: the failing example's case id depends on the seed
+    ids = []
+    for seed in ("1", "2"):
+        proc = _pytest(tmp_path, "--refopt-backend", "refopt.testing.mutants:LayerNormEpsilon",
+                       "--refopt-random-configs", "0", "--refopt-no-stress", "--refopt-examples", "3",
+                       "--refopt-seed", seed, "--refopt-case", "hypothesis", "-p", "no:xdist")
+        line = next(x for x in proc.stdout.splitlines() if "ModelCase('" in x)
+        ids.append(line.split("ModelCase('")[1].split("'")[0])
+    assert ids[0] != ids[1]

@@ -339,6 +339,36 @@ def test_unseeded_sampling_exposes_its_seed():
     assert lm2.generate("ab", stop_token_ids=None) == first
 
 
+def test_per_request_seeds_make_a_prompts_text_independent_of_its_row():
+    lm = tiny_lm(seed=7, preprocessor=ToyPreprocessor(14), sampler=samplers.TopKSampler(k=4, seed=9))
+    a = lm.generate(["ab", "ab", "cd"], stop_token_ids=None)
+    assert a[0] == a[1]                                           # same prompt, same seed, any row
+    assert lm.generate(["cd", "ab"], stop_token_ids=None) == [a[2], a[0]]
+    # one seed per prompt: each row's text is what that prompt gives alone with that seed
+    mixed = lm.generate(["ab", "cd", "ab"], stop_token_ids=None, seed=[5, 6, 9])
+    assert mixed[2] == a[0]
+    assert mixed[0] == lm.generate("ab", stop_token_ids=None, seed=5)
+    assert [mixed[1]] == lm.generate(["cd"], stop_token_ids=None, seed=[6])
+    others = {lm.generate("ab", stop_token_ids=None, seed=s) for s in range(10, 16)}
+    assert len(others) > 1                                        # the seed does change the text
+    with pytest.raises(samplers.sampler.SamplerError, match="2 seeds for a batch of 3"):
+        lm.generate(["ab", "cd", "ef"], seed=[1, 2])
+    # the stream gives generate's text for the same seed
+    assert "".join(lm.stream("ab", stop_token_ids=None, seed=5)) == lm.generate(
+        "ab", stop_token_ids=None, seed=5, strip_prompt=True)
+    # greedy ignores seeds
+    greedy = tiny_lm(seed=7, preprocessor=ToyPreprocessor(14))
+    assert greedy.generate(["ab"], seed=[3]) == greedy.generate(["ab"])
+
+
+def test_unseeded_batches_draw_a_seed_per_row_and_expose_them():
+    lm = tiny_lm(seed=7, preprocessor=ToyPreprocessor(14), sampler="random")
+    texts = lm.generate(["ab"] * 6, stop_token_ids=None)
+    seeds = lm.sampler.last_seed
+    assert isinstance(seeds, list) and len(set(seeds)) == 6       # fresh per row: samples differ
+    assert lm.generate(["ab"] * 6, stop_token_ids=None, seed=seeds) == texts
+
+
 def test_top_k_one_generates_like_greedy():
     x = pad_batch([[2, 3, 4], [2, 8]], 11)
     greedy = tiny_lm(seed=8).generate(x, stop_token_ids=None)

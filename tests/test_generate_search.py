@@ -180,7 +180,9 @@ def test_speculative_sampling_keeps_the_target_distribution(make_base, temperatu
     sampler = samplers.SpeculativeSampler(draft_model=draft, num_speculative_tokens=2,
                                           base_sampler=make_base(), seed=2024, temperature=temperature)
     target.compile(sampler=sampler)
-    out = target.generate(pad_batch([prompt] * n, len(prompt) + new), stop_token_ids=None)["token_ids"]
+    # n rows of one prompt with n seeds (one per request): n independent samples
+    out = target.generate(pad_batch([prompt] * n, len(prompt) + new), stop_token_ids=None,
+                          seed=[2024 * n + r for r in range(n)])["token_ids"]
     observed = {}
     for row in out[:, len(prompt):]:
         observed[tuple(row)] = observed.get(tuple(row), 0) + 1

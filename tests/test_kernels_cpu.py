@@ -1,17 +1,19 @@
 """Every Numba CPU kernel against the NumPy reference op of the same name (hypothesis): float64
 within 1e-12 relative, float32 within 1e-5, sampler choices identical."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import refopt.kernels.cpu as nb
 import refopt.ops as ref
-from refopt import random as prandom
+from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
-from tests_support import DTYPES, arrays, close
+from tests_support import DTYPES, arrays, close, random_config
 
 
 @settings(max_examples=40)
@@ -124,10 +126,10 @@ def test_quantization_error_is_small():
 
 # ---------------------------------------------------------------------------------- sampling
 @settings(max_examples=40)
-@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
-       rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
-def test_philox_uniforms(seed, step, stream, rows):
-    assert np.array_equal(nb.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+@given(seeds=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=5), step=st.integers(0, 2**32 - 1),
+       stream=st.integers(0, 3))
+def test_philox_uniforms(seeds, step, stream):
+    assert np.array_equal(nb.uniform(seeds, step, stream), philox.uniform(seeds, step, stream))
 
 
 def _probabilities(rng, B, V, ties):
@@ -142,20 +144,16 @@ def _probabilities(rng, B, V, ties):
 @given(B=st.integers(1, 4), V=st.integers(1, 200), ties=st.booleans(), seed=st.integers(0, 2**16),
        k=st.integers(1, 250), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
 def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
-    from refopt.samplers import MinPSampler, TopPSampler
-
     rng = np.random.default_rng(seed)
     p = _probabilities(rng, B, V, ties)
     assert np.array_equal(nb.top_k_mask(p, k), ref_top_k_mask(p, k))
     for kk in (None, k):
-        assert np.array_equal(nb.top_p_distribution(p, top_p, kk),
-                              TopPSampler(p=top_p, k=kk).next_token_distribution(p))
-    assert np.array_equal(nb.min_p_distribution(p, min_p, keep),
-                          MinPSampler(min_p=min_p, min_tokens_to_keep=keep).next_token_distribution(p))
+        assert np.array_equal(nb.top_p_distribution(p, top_p, kk), ref.top_p_distribution(p, top_p, kk))
+    assert np.array_equal(nb.min_p_distribution(p, min_p, keep), ref.min_p_distribution(p, min_p, keep))
     u = rng.random(B)
     w = np.where(nb.top_k_mask(p, k), p, 0.0)
-    assert np.array_equal(nb.choose(w, u), prandom.choose(w, u))
-    assert np.array_equal(nb.choose(p, np.zeros(B)), prandom.choose(p, np.zeros(B)))
+    assert np.array_equal(nb.choose(w, u), philox.choose(w, u))
+    assert np.array_equal(nb.choose(p, np.zeros(B)), philox.choose(p, np.zeros(B)))
 
 
 def test_choose_rejects_bad_weights():
@@ -163,3 +161,95 @@ def test_choose_rejects_bad_weights():
 
     with pytest.raises(SamplerError, match="row 1"):
         nb.choose(np.array([[0.5, 0.5], [np.nan, 1.0]]), np.array([0.1, 0.2]))
+
+
+# ---------------------------------------------------------------------------------- decode step
+@settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))
+@given(cfg=random_config(max_len=12), dtype=DTYPES, kind=st.sampled_from([None, "bfloat16", "float16", "int8"]),
+       B=st.integers(1, 6), extra=st.integers(0, 6), padded=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, seed):
+    # the compiled step (every layer, final norm, LM head) against the reference forward + head
+    # with the KV cache; B up to 6 takes the blocks of four rows and the remainder; min_bytes 0
+    # sends every stage to the threads when threads == 2
+    from dataclasses import replace
+
+    from refopt.kernels.cpu.decode import decode_step
+    from refopt.model import init_params, logits_forward, new_cache
+    from refopt.quant import quantize_params
+
+    cfg = replace(cfg, dtype=np.dtype(dtype).name)
+    kind = kind if dtype == np.float32 else None
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed=seed, std=0.5)
+    if kind:
+        params = quantize_params(params, kind)
+    index = min(extra, cfg.max_sequence_length - 1)
+    mask = np.ones((B, index + 1), bool)
+    if padded:                                        # left padding: rows start later
+        for b in range(B):
+            mask[b, :rng.integers(0, index + 1)] = False
+    T = index + 1 + int(rng.integers(0, 3))
+    cache = arrays(rng, (B, cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim), dtype)
+    ids = rng.integers(0, cfg.vocabulary_size, (B, 1))
+    want_cache = cache.copy()
+    want = logits_forward(params, cfg, ids, mask, cache=want_cache, cache_index=index, ops=ref)
+    logits, hidden = decode_step(params, cfg, ids, mask, cache, index, threads=threads, min_bytes=0)
+    close(logits, want, dtype, "logits")
+    close(cache, want_cache, dtype, "cache")
+
+
+def test_background_warm_up_serves_the_numpy_ops_meanwhile():
+    # while a warm-up compiles on its thread, every other thread gets the NumPy ops (and no
+    # compiled decode step), so nothing waits on Numba's compiler; its own thread gets the kernels
+    import threading
+
+    from refopt.kernels.cpu import warmup
+    from refopt.config import OPTConfig
+    from refopt.model import init_params, new_cache
+
+    gate, seen = threading.Event(), {}
+
+    def exercise():
+        seen["inside"] = warmup.busy()
+        gate.wait(10)
+
+    job = nb.warm_up(exercise)
+    try:
+        assert job.running and warmup.busy()
+        cfg = OPTConfig(vocabulary_size=11, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=4,
+                        max_sequence_length=4, dropout=0.0, dtype="float64")
+        params = init_params(cfg)
+        assert nb.decode_step(params, cfg, np.zeros((1, 1), np.int64), np.ones((1, 1), bool),
+                              new_cache(cfg, 1, 1, np.float64), 0) is None
+        x = np.random.default_rng(0).standard_normal((2, 3, 5))
+        np.testing.assert_array_equal(nb.layernorm_forward(x, None, None, 1e-5),
+                                      ref.layernorm_forward(x, None, None, 1e-5))
+    finally:
+        gate.set()
+    assert job.wait(10) and job.error is None
+    assert seen["inside"] is False and not warmup.busy()
+
+
+def test_governor_follows_the_faster_thread_count():
+    from refopt.kernels.cpu._threads import Governor
+
+    g = Governor()
+    speed = {1: 1.0, 2: 0.5}                      # seconds per call on each count: two threads win
+
+    def run(n_calls):
+        used = []
+        for _ in range(n_calls):
+            n = g.threads("k", 2, 1)
+            g.record("k", n, speed[n])
+            used.append(n)
+        return used
+
+    used = run(40)
+    assert used[0] == 1 and used[-5:] == [2] * 5  # started on one thread, moved to two
+    speed[2] = 5.0                                # a core got busy: two threads are slow now
+    used = run(60)
+    assert used[-5:] == [1] * 5
+    probes = run(300).count(2)                    # losing comparisons become rare
+    assert 1 <= probes <= 4
+    assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose

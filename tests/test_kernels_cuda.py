@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refopt import backend
-from refopt import random as prandom
+from refopt import philox
 
 if not backend.available("cuda"):
     pytest.skip("the cuda backend is not available here: needs numba.cuda with a CUDA GPU, or "
@@ -236,6 +236,24 @@ def test_cross_entropy(dtype, B, S, V, seed):
 
 
 @settings(max_examples=EX)
+@given(dtype=DTYPES, N=st.integers(1, 3), V=st.integers(1, big(60)),
+       temperature=st.sampled_from([1.0, 0.7, 2.5]), seed=st.integers(0, 2**16))
+def test_softmax_rows(dtype, N, V, temperature, seed):
+    # the row softmax (rows.softmax: the formulas the decode kernel's softmax stage shares) against
+    # the reference's softmax(x / temperature); at temperature 1 the probabilities of the
+    # cross-entropy kernel, which runs the same steps, bit for bit
+    from refopt.kernels.cuda import rows
+
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (N, V), dtype, 4.0)
+    got = rows.softmax(cuda.to_device(x), temperature).copy_to_host()
+    close(got, ref.softmax(x / np.dtype(dtype).type(temperature)), dtype, "probs")
+    if temperature == 1.0:
+        _, probs = rows.cross_entropy(cuda.to_device(x), cuda.to_device(np.zeros(N, np.int64)))
+        assert np.array_equal(got, probs.copy_to_host())
+
+
+@settings(max_examples=EX)
 @given(dtype=DTYPES, V=st.integers(1, big(20)), E=st.integers(1, big(30)), N=st.integers(1, big(9)),
        seed=st.integers(0, 2**16))
 def test_embedding_gather_scatter(dtype, V, E, N, seed):
@@ -269,10 +287,10 @@ def test_adam_update(dtype, n, decay, amsgrad, seed):
 
 # ---------------------------------------------------------------------------------- sampling
 @settings(max_examples=EX)
-@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 2**32 - 1), stream=st.integers(0, 3),
-       rows=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5))
-def test_philox_uniforms(seed, step, stream, rows):
-    assert np.array_equal(gpu.uniform(seed, rows, step, stream), prandom.uniform(seed, rows, step, stream))
+@given(seeds=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=5), step=st.integers(0, 2**32 - 1),
+       stream=st.integers(0, 3))
+def test_philox_uniforms(seeds, step, stream):
+    assert np.array_equal(gpu.uniform(seeds, step, stream), philox.uniform(seeds, step, stream))
 
 
 def _probabilities(rng, B, V, ties):
@@ -299,8 +317,8 @@ def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
     assert np.array_equal(gpu.min_p_distribution(p, min_p, keep), want_m)
     u = rng.random(B)
     w = np.where(ref.top_k_mask(p, k), p, 0.0)
-    assert np.array_equal(gpu.choose(w, u), prandom.choose(w, u))
-    assert np.array_equal(gpu.choose(p, u), prandom.choose(p, u))
+    assert np.array_equal(gpu.choose(w, u), philox.choose(w, u))
+    assert np.array_equal(gpu.choose(p, u), philox.choose(p, u))
 
 
 def test_choose_rejects_bad_weights():
@@ -373,15 +391,15 @@ def _samplers():
             TopPSampler(p=0.5, seed=3), MinPSampler(min_p=0.2, min_tokens_to_keep=2, seed=9)]
 
 
-def _generate_as_numpy(lm, x, samplers):
+def _generate_as_numpy(lm, x, samplers, seed=None):
     # the device loop (cuda) against the host loop on the NumPy ops: the same tokens and output
     # mask for every sampler (the probabilities agree to rounding; the rules exactly)
     for sampler in samplers:
         lm.compile(sampler=sampler)
         lm.backend = "numpy"
-        want = lm.generate(x, stop_token_ids=None)
+        want = lm.generate(x, stop_token_ids=None, seed=seed)
         lm.backend = "cuda"
-        got = lm.generate(x, stop_token_ids=None)
+        got = lm.generate(x, stop_token_ids=None, seed=seed)
         assert np.array_equal(got["token_ids"], want["token_ids"]), type(sampler).__name__
         assert np.array_equal(got["padding_mask"], want["padding_mask"])
 
@@ -417,7 +435,8 @@ def test_device_decode_tiled_batches(B):
     for b in range(B):
         mask[b, :3 + b % 3] = True
     _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask},
-                       (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)))
+                       (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)),
+                       seed=[100 + b for b in range(B)])                # one seed per row
 
 
 def test_device_decode_stops_and_streams():

@@ -3,24 +3,12 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from refopt.config import OPTConfig
 from refopt.model import init_params, logits_forward, new_cache
+from tests_support import random_config
 
 
-@st.composite
-def configs(draw):
-    heads = draw(st.integers(1, 3))
-    head_dim = draw(st.integers(1, 5))
-    hidden = heads * head_dim
-    proj = draw(st.booleans())
-    return OPTConfig(vocabulary_size=draw(st.integers(5, 40)), num_layers=draw(st.integers(1, 3)),
-                     num_heads=heads, hidden_dim=hidden, intermediate_dim=draw(st.integers(1, 13)),
-                     max_sequence_length=24, dropout=0.0,
-                     do_layer_norm_before=draw(st.booleans()),
-                     word_embed_proj_dim=draw(st.integers(1, 7)) if proj else None,
-                     enable_bias=draw(st.booleans()),
-                     layer_norm_elementwise_affine=draw(st.booleans()),
-                     remove_final_layer_norm=draw(st.booleans()), dtype="float64")
+def configs():
+    return random_config()
 
 
 @settings(max_examples=60)

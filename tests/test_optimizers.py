@@ -253,7 +253,8 @@ def test_only_arrays_the_optimizer_allocated_are_written():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_fused_numba_update_equals_the_numpy_reference_bit_for_bit(dtype, amsgrad):
-    from refopt.backend import use_backend
+    from refopt import backend
+    from refopt.model import Parameters
 
     rng = np.random.default_rng(3)
     start = {"w": rng.standard_normal((33, 7)).astype(dtype), "exclude.b": rng.standard_normal(5).astype(dtype)}
@@ -263,11 +264,32 @@ def test_fused_numba_update_equals_the_numpy_reference_bit_for_bit(dtype, amsgra
         opt = AdamW(learning_rate=CosineDecay(0.0, 6, warmup_target=0.1, warmup_steps=2), weight_decay=0.1,
                     amsgrad=amsgrad, global_clipnorm=3.0)
         opt.exclude_from_weight_decay(var_names=["exclude"])
-        params = {k: v.copy() for k, v in start.items()}
-        with use_backend(name):
-            for g in grads:
-                opt.apply(g, params)
+        params = Parameters({k: v.copy() for k, v in start.items()})
+        version = params.version
+        for g in grads:
+            opt.apply(g, params, ops=backend.ops(name))             # the ops given, not the ambient ones
+        assert params.version > version                             # updates advance the version
         out[name] = params
     for k in start:
         assert out["numba"][k].dtype == dtype
         np.testing.assert_array_equal(out["numba"][k], out["numpy"][k])
+
+
+def test_ops_are_explicit_and_every_backend_has_adam_update():
+    from refopt import backend, ops as reference
+
+    calls = []
+
+    class Recording:
+        def adam_update(self, *args):
+            calls.append(args[0].shape)
+            return reference.adam_update(*args)
+
+    opt = Adam(learning_rate=0.1)
+    params = {"w": np.ones(3)}
+    with backend.use_backend("numpy"):
+        opt.apply({"w": np.ones(3)}, params, ops=Recording())
+    assert calls == [(3,)] and (params["w"] < 1).all()
+    for name in ("numpy", "numba"):
+        if backend.available(name):
+            assert callable(backend.ops(name).adam_update)

@@ -1,6 +1,6 @@
 """Evidence that the oracle catches real bugs: every mutant adapter (refopt.testing.mutants) fails,
-first at the check it should, and the divergence locator names the right tensor; the correct
-adapters pass the same checks."""
+first at the check it should, and the divergence locator names the right tensor (or position, or
+byte); the correct adapters pass the same checks."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,8 @@ from conftest import shared_path
 from refopt.config import OPTConfig
 from refopt.testing import checks as C
 from refopt.testing.adapter import RefoptAdapter
+from refopt.testing.cases import Magnitudes, make_inputs, random_weights, stress_specs
+from refopt.testing.modelcase import ModelCase
 from refopt.testing.mutants import MUTANTS
 
 # the shapes of the transformers fixtures (../shared/fixtures/hf): a pre-LN model and an
@@ -22,14 +24,17 @@ POSTLN_PROJ = OPTConfig(vocabulary_size=96, num_layers=3, num_heads=3, hidden_di
 
 def _case(name, cfg, seed):
     rng = np.random.default_rng(seed)
-    params = C.random_weights(cfg, rng, 0.2)
-    ids, right, ids_left, left = C.make_inputs(cfg, rng, 3, 11)
-    return C.ModelCase(name, cfg, params, ids, right, ids_left, left)
+    params = random_weights(cfg, rng, magnitudes=Magnitudes(0.2))
+    ids, right, ids_left, left = make_inputs(cfg, rng, 3, 11)
+    return ModelCase(name, cfg, params, ids, right, ids_left, left)
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return {"preln": _case("preln", PRELN, 1), "postln_proj": _case("postln_proj", POSTLN_PROJ, 2)}
+    out = {"preln": _case("preln", PRELN, 1), "postln_proj": _case("postln_proj", POSTLN_PROJ, 2)}
+    out.update({name: spec.build(name) for name, spec in stress_specs().items()
+                if name in ("stress-scores", "stress-outliers")})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +44,16 @@ def tokenizer_case():
 
 
 def _suite(adapter, kind, cases, request):
-    if kind in ("preln", "postln_proj"):
-        return C.model_checks(adapter, cases[kind])
     if kind == "tokenizer":
         return C.tokenizer_checks(adapter, request.getfixturevalue("tokenizer_case"))
-    return C.sampler_checks(adapter)
+    if kind == "samplers":
+        return C.sampler_checks(adapter)
+    return C.model_checks(adapter, cases[kind])
+
+
+def _location(result):
+    return result.data.get("first_divergence") or (
+        f"U+{result.data['codepoint']:04X}" if "codepoint" in result.data else None)
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.cls.__name__ for m in MUTANTS])
@@ -52,10 +62,10 @@ def test_mutant_fails_at_the_right_place(mutant, cases, request):
     failed = [r for r in results if r.status == C.FAIL]
     assert failed, f"{mutant.cls.__name__} passed every check: {[(r.name, r.status) for r in results]}"
     first = failed[0]
-    assert first.name.endswith(mutant.check), (first.name, first.detail)
+    assert first.name.endswith("/" + mutant.check) or first.name == mutant.check, (first.name, first.detail)
     if mutant.location is not None:
-        assert first.data.get("first_divergence") == mutant.location, first.detail
-        assert "first divergence" in first.detail and mutant.location in first.detail
+        assert _location(first) == mutant.location, first.detail
+        assert mutant.location in first.detail
     # every check before the first failure ran and passed (none was silently skipped)
     before = results[:results.index(first)]
     assert all(r.status == C.PASS for r in before), [(r.name, r.status, r.detail) for r in before]
@@ -64,7 +74,7 @@ def test_mutant_fails_at_the_right_place(mutant, cases, request):
 @pytest.mark.parametrize("backend,dtype", [("numpy", "float32"), ("numpy", "float64"), ("numba", "float32")])
 def test_correct_adapters_pass(backend, dtype, cases, request):
     adapter = RefoptAdapter(backend, dtype)
-    for kind in ("preln", "postln_proj", "samplers"):
+    for kind in ("preln", "postln_proj", "stress-scores", "stress-outliers", "samplers"):
         for result in (c.run() for c in _suite(adapter, kind, cases, request)):
             assert result.status == C.PASS, (result.name, result.detail)
 
@@ -82,10 +92,16 @@ def test_model_mutants_also_fail_on_a_random_config():
     for m in MUTANTS:
         if m.model != "preln":
             continue
-        result = (C.check_gradients if m.check == "gradients" else C.check_logits)(m.cls(), case)
+        check = {"gradients": C.check_gradients, "logits": C.check_logits,
+                 "logits.left_padding": lambda a, c: C.check_logits(a, c, left=True),
+                 "incremental": C.check_incremental,
+                 "incremental.left_padding": lambda a, c: C.check_incremental(a, c, left=True)}[m.check]
+        result = check(m.cls(), case)
         assert result.status == C.FAIL, m.cls.__name__
-        expected = m.location if m.check != "gradients" else "layers.1.fc2.weight"
-        assert expected in result.detail, (m.cls.__name__, result.detail)
+        expected = {"layers.0.fc2.weight": "layers.1.fc2.weight",
+                    "layers.1.q_proj.weight": "layers.2.q_proj.weight"}.get(m.location, m.location)
+        if not expected.startswith("position"):
+            assert expected in result.detail, (m.cls.__name__, result.detail)
 
 
 def test_gradient_mutant_is_located_in_a_post_ln_model(cases):

@@ -7,22 +7,16 @@ from hypothesis import given, settings, strategies as st
 torch = pytest.importorskip("torch", reason="needs torch (pip install -e '.[peers]')")
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[peers]')")
 
-from refopt.config import OPTConfig  # noqa: E402
 from refopt.models import OPTBackbone, OPTCausalLM  # noqa: E402
+from refopt.testing import strategies as rst  # noqa: E402
 
 
-@st.composite
-def configs(draw):
-    heads = draw(st.integers(1, 4))
-    hidden = heads * draw(st.integers(1, 6))
-    proj = draw(st.booleans())
-    return OPTConfig(vocabulary_size=draw(st.integers(8, 60)), num_layers=draw(st.integers(1, 3)),
-                     num_heads=heads, hidden_dim=hidden, intermediate_dim=draw(st.integers(1, 17)),
-                     max_sequence_length=draw(st.integers(12, 20)), dropout=0.0,
-                     do_layer_norm_before=draw(st.booleans()),
-                     word_embed_proj_dim=draw(st.integers(1, 9)) if proj else None,
-                     enable_bias=draw(st.booleans()), layer_norm_elementwise_affine=draw(st.booleans()),
-                     dtype="float64")
+def configs():
+    # the oracle's one config space (refopt.testing.cases.ConfigSpace); the final LayerNorm kept
+    return rst.configs(num_heads=(1, 4), head_dim=(1, 6), vocabulary_size=(8, 60), num_layers=(1, 3),
+                       intermediate_dim=(1, 17), max_sequence_length=(12, 20), projection=(1, 9),
+                       vary=("do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine",
+                             "word_embed_proj_dim"))
 
 
 def _masks(data, B, T):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refopt import random as prandom
+from refopt import philox
 from refopt import samplers
 from refopt.errors import SamplerError
 from refopt.samplers import (BeamSampler, ContrastiveSampler, GreedySampler, MinPSampler,
@@ -228,8 +228,8 @@ def _expected_filtered(name):
 @pytest.mark.parametrize("seed", [1, 2024])
 def test_sampled_frequencies_match_the_distribution(name, make, seed):
     n = 20000
-    sampler = make(seed)
-    tokens = sampler.get_next_token(np.tile(TARGET, (n, 1)))   # n rows: n independent draws
+    sampler = make([seed * n + r for r in range(n)])              # n rows, n seeds: n independent draws
+    tokens = sampler.get_next_token(np.tile(TARGET, (n, 1)))
     counts = np.bincount(tokens, minlength=len(TARGET))
     expected = n * _expected_filtered(name)
     assert (counts[expected == 0] == 0).all()
@@ -238,19 +238,24 @@ def test_sampled_frequencies_match_the_distribution(name, make, seed):
     assert chi2 < chi2_critical(support.sum() - 1)
 
 
-def test_draws_are_pure_functions_of_seed_row_and_step():
+def test_draws_are_pure_functions_of_the_row_seed_and_step():
     p = np.tile(TARGET, (6, 1))
-    a = RandomSampler(seed=11)
-    first = a.get_next_token(p)
-    assert (RandomSampler(seed=11).get_next_token(p) == first).all()
-    # a row's choice does not depend on the other rows
-    assert (RandomSampler(seed=11).get_next_token(p[:3]) == first[:3]).all()
-    assert not all((RandomSampler(seed=12).get_next_token(p) == first))
-    # without a seed one is drawn, kept in last_seed, and reproduces the draw
+    seeds = [11, 12, 13, 14, 15, 16]
+    first = RandomSampler(seed=seeds).get_next_token(p)
+    assert (RandomSampler(seed=seeds).get_next_token(p) == first).all()
+    # a row's choice depends on its seed, not on its place in the batch or on the other rows
+    assert (RandomSampler(seed=seeds[:3]).get_next_token(p[:3]) == first[:3]).all()
+    assert (RandomSampler(seed=seeds[::-1]).get_next_token(p) == first[::-1]).all()
+    assert (RandomSampler(seed=13).get_next_token(p) == first[2]).all()    # one seed: every row alike
+    assert not all((RandomSampler(seed=[s + 100 for s in seeds]).get_next_token(p) == first))
+    # without a seed one is drawn per row, kept in last_seed, and reproduces the draw
     s = RandomSampler()
     tokens = s.get_next_token(p)
-    assert s.seed is None and isinstance(s.last_seed, int)
+    assert s.seed is None and isinstance(s.last_seed, list) and len(set(s.last_seed)) == 6
     assert (RandomSampler(seed=s.last_seed).get_next_token(p) == tokens).all()
+    one = RandomSampler()
+    one.get_next_token(p[:1])
+    assert isinstance(one.last_seed, int)                         # one row: an int, as before
 
 
 # ---------------------------------------------------------------------------------- processors
@@ -346,4 +351,4 @@ def test_keras_hub_custom_sampler_protocol():
     assert out[0, 3] == 3
     with pytest.raises(NotImplementedError):
         samplers.Sampler().get_next_token(np.ones((1, 3)) / 3)
-    assert prandom.STREAM_TOKEN == 0
+    assert philox.STREAM_TOKEN == 0

@@ -44,9 +44,9 @@ class Frozen(Optimizer):
     def build_slots(self, var):
         return {}
 
-    def apply(self, grads, params):
+    def apply(self, grads, params, ops=None):
         self.seen.append({k: v.copy() for k, v in grads.items()})
-        return super().apply(grads, params)
+        return super().apply(grads, params, ops=ops)
 
     def update_step(self, grad, var, lr, slots):
         return var

@@ -68,12 +68,12 @@ def test_flash_backward(dtype, B, H, S, K, left, seed):
 
 
 def test_dropout_keep_is_the_philox_stream():
-    from refopt import random as prandom
+    from refopt import philox
 
-    scal = np.r_[7, prandom.seed_to_key(1234)].astype(np.uint32).view(np.int32)
+    scal = np.r_[7, philox.seed_to_key(1234)].astype(np.uint32).view(np.int32)
     out = empty(big(50), np.float32)
     fused.dropout_keep(out, 0.3, cuda.to_device(scal), stream_id=5)
-    u = prandom.uniform(1234, np.arange(out.shape[0]), 7, stream=5)
+    u = philox.uniform(1234, 7, stream=5, index=np.arange(out.shape[0]))
     want = np.where(u >= 0.3, np.float32(1 / 0.7), np.float32(0))
     assert np.array_equal(out.copy_to_host(), want)
 
@@ -129,7 +129,7 @@ def test_device_gradients_with_split_products():
 def test_device_dropout_gradients_match_numpy_with_the_same_masks():
     # the NumPy forward draws its dropout masks from dropout_rng.random(shape): hand it the device's
     # Philox uniforms (layer i: stream 2i after out_proj, 2i + 1 after fc2) and the two agree
-    from refopt import random as prandom
+    from refopt import philox
 
     cfg = _config(layers=2, dropout=0.3)
     params = init_params(cfg, seed=5, std=0.3)
@@ -143,7 +143,7 @@ def test_device_dropout_gradients_match_numpy_with_the_same_masks():
         site = 0
 
         def random(self, shape):
-            u = prandom.uniform(seed, np.arange(int(np.prod(shape))), 0, stream=self.site)
+            u = philox.uniform(seed, 0, stream=self.site, index=np.arange(int(np.prod(shape))))
             self.site += 1
             return u.reshape(shape)
 

@@ -3,20 +3,18 @@
 import numpy as np
 from hypothesis import strategies as st
 
-from refopt.config import OPTConfig
+from refopt.model import logits_forward
+from refopt.testing import strategies as rst
+from refopt.testing.adapter import Adapter, NotSupported, RefoptAdapter
+from refopt.testing.reference import numpy_ops
 
 
-@st.composite
-def random_config(draw, dtype="float64", max_len=24):
-    heads = draw(st.integers(1, 3))
-    hidden = heads * draw(st.integers(1, 5))
-    proj = draw(st.booleans())
-    return OPTConfig(vocabulary_size=draw(st.integers(5, 40)), num_layers=draw(st.integers(1, 3)),
-                     num_heads=heads, hidden_dim=hidden, intermediate_dim=draw(st.integers(1, 13)),
-                     max_sequence_length=max_len, dropout=0.0, do_layer_norm_before=draw(st.booleans()),
-                     word_embed_proj_dim=draw(st.integers(1, 7)) if proj else None,
-                     enable_bias=draw(st.booleans()), layer_norm_elementwise_affine=draw(st.booleans()),
-                     remove_final_layer_norm=draw(st.booleans()), dtype=dtype)
+def random_config(dtype="float64", max_len=24):
+    """Small random configs from the oracle's one config space (refopt.testing.cases.ConfigSpace),
+    down to one feature per head and one MLP unit."""
+    return rst.configs(num_heads=(1, 3), head_dim=(1, 5), vocabulary_size=(5, 40), num_layers=(1, 3),
+                       intermediate_dim=(1, 13), max_sequence_length=(max_len, max_len),
+                       projection=(1, 7), dtype=dtype)
 
 
 # ----------------------------------------------------------------- kernels against the NumPy ops
@@ -71,3 +69,26 @@ def check_op(f, inputs, grads, rng, rtol=1e-6):
             assert err <= rtol, f"input {i} ({what}): relative error {err:.3g}"
             worst = max(worst, err)
     return worst
+
+
+# ----------------------------------------------------------------- adapters for the oracle's tests
+class LogitsOnly(Adapter):
+    """The docs' minimal adapter (two methods): refopt's float32 forward, logits only."""
+
+    name, dtype = "logits-only", "float32"
+
+    def load(self, config, params):
+        self.config = config
+        self.params = {k: v.astype(np.float32) for k, v in params.items()}
+
+    def logits(self, token_ids, padding_mask):
+        return logits_forward(self.params, self.config, token_ids, padding_mask, ops=numpy_ops())
+
+
+class PreLayerNormOnly(RefoptAdapter):
+    """refopt's float32 port that refuses post-LayerNorm configs."""
+
+    def load(self, config, params):
+        if not config.do_layer_norm_before:
+            raise NotSupported("pre-LayerNorm only")
+        super().load(config, params)

@@ -3,10 +3,15 @@
     refopt conform --against transformers [PRESET ...] [--json]
     refopt conform --against keras-hub [PRESET ...]
     refopt conform --against my_package.module:MyAdapter [PRESET ...]
+    refopt conform --against my_package.module:MyAdapter --seed 0 --case stress-scores
 
-Prints a table of checks (logits, activations, gradients, generation, tokenizer, samplers) with
-their figures and pass/fail; exit status 1 when any check fails.  Checks the adapter cannot run
-(no torch, no KerasHub, no gradients, no tokenizer files) are listed as skipped, with the reason.
+Prints a table of checks (logits, activations, gradients, incremental decoding, generation,
+tokenizer, samplers) with their figures and pass/fail, and under each failure the command that runs
+it again; exit status 1 when any check fails, or when nothing at all was compared (no torch, an
+adapter that builds none of the models), with the reason.  Checks needing a capability the adapter
+does not declare are listed once; checks it could not run (a config it does not build, no tokenizer
+files) are listed as skipped, with the reason.  ``my_package`` is imported from the current
+directory when it is not installed.
 """
 
 from __future__ import annotations
@@ -23,24 +28,31 @@ def add_parser(subparsers):
                     "(the first diverging one is located), gradients, greedy generation, the "
                     "tokenizer and sampler decisions.  Exit status 1 when a check fails.")
     p.add_argument("--against", required=True, metavar="ADAPTER",
-                   help="'transformers', 'keras-hub', 'refopt[:numpy|numba|cuda[:float32|float64]]' or "
-                        "'package.module:AdapterClass'")
+                   help="'transformers', 'keras-hub', 'ctranslate2', 'refopt[:numpy|numba|cuda[:float32|float64]]' "
+                        "or 'package.module:AdapterClass' (imported from the current directory when it is "
+                        "not installed)")
     p.add_argument("presets", nargs="*", metavar="PRESET",
                    help="preset directories (KerasHub or transformers layout) whose models are "
                         "checked; default: the bundled preset when installed")
     p.add_argument("--random-configs", type=int, default=3, metavar="N",
-                   help="also check N random configs and weights (default 3)")
+                   help="also check N random configs and weights, random-SEED .. (default 3)")
+    p.add_argument("--no-stress", action="store_true",
+                   help="leave out the fixed stress cases (outliers, large scores, offsets, long sequences)")
+    p.add_argument("--case", metavar="ID",
+                   help="run only this case or check, as a failure's reproduce line names it: a preset's "
+                        "name, random-N, stress-*, a case id, samplers, tokenizer.bytes, random-3/gradients")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="a directory with vocab.json and merges.txt for the tokenizer checks "
                         "(default: the first preset that has them)")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                    help="compute dtype for the built-in transformers / refopt adapters (default float32)")
-    p.add_argument("--streaming", action="store_true",
-                   help="for checkpoints larger than memory: the float64 reference runs one decoder "
-                        "layer at a time from the memory-mapped files; the adapter loads the preset "
-                        "itself; gradients and generation are skipped")
+    p.add_argument("--streaming", action="store_true", default=None,
+                   help="the float64 reference runs one decoder layer at a time from the memory-mapped "
+                        "files, and the adapter must load the preset itself (the default for presets "
+                        "of more than 20M parameters, which an adapter without a loader then gets whole)")
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler checks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and configs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random configs, inputs, texts and sampler draws (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fail-on-skip", action="store_true",
                    help="exit with status 1 when a check was skipped, too")
@@ -71,7 +83,7 @@ def run(args) -> int:
     if args.random_configs < 0:
         raise ConfigError(f"--random-configs={args.random_configs}: expected a number >= 0")
     preset_dirs = [_presets.resolve(p) for p in args.presets]
-    if not preset_dirs:
+    if not preset_dirs and args.case is None:
         try:
             preset_dirs = [_presets.bundled_preset_dir()]
         except Exception:   # no bundled model in this installation: random configs only
@@ -85,14 +97,21 @@ def run(args) -> int:
         if not args.json:
             print(f"  {result.status:<4} {result.name}", file=sys.stderr, flush=True)
 
-    report = checks.run_conformance(adapter, presets=preset_dirs, random_configs=args.random_configs,
-                                    tokenizer=args.tokenizer, samplers=not args.no_samplers,
-                                    seed=args.seed, progress=progress, streaming=args.streaming)
-    adapter.close()
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report.table())
+    p = checks.plan(adapter, preset_dirs, 0 if args.case else args.random_configs, args.tokenizer,
+                    not args.no_samplers, args.seed, args.streaming, not args.no_stress, args.case)
+    p = p._replace(spec=args.against, extra=() if args.dtype is None else ("--dtype", args.dtype))
+    results = []
+    for check in p.suite:
+        results.append(checks.run_check(check, p))
+        progress(results[-1])
+    reason = p.adapter.reason if isinstance(p.adapter, Unavailable) else ""
+    report = checks.Report(p.adapter.name, p.adapter.dtype, results, p.suite.unsupported, reason, args.seed)
+    p.adapter.close()
+    print(report.to_json() if args.json else report.table())
+    why = report.nothing_compared()
+    if why:
+        print(f"refopt conform: nothing was compared: {why}", file=sys.stderr)
+        return 1
     if report.failed:
         return 1
     if args.fail_on_skip and any(r.status == checks.SKIP for r in report.results):

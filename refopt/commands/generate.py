@@ -3,10 +3,11 @@
 The prompt is printed, then each piece of text as soon as its tokens are decoded (a multi-byte
 character appears once its bytes are complete).
 
-Backend: ``--backend``, else ``REFOPT_BACKEND``, else the fastest available -- except that when
-the Numba kernels have not been compiled on this machine yet (a fresh install: compiling them takes
-a minute or more), an unpinned run uses the NumPy backend and says so on stderr, so the first text
-appears within seconds; ``--backend numba`` compiles and caches them once.
+Backend: ``--backend``, else ``REFOPT_BACKEND``, else the fastest available.  With Numba, the
+kernels compile (on a fresh install) or load from Numba's cache on a background thread while the
+NumPy ops produce the first tokens (:func:`refopt.generation.prepare`), so text appears at once;
+if the compilation outlasts the generation, the command says so on stderr and finishes it, so the
+next run starts at full speed.
 
 The default model is the bundled one (``data/refopt_shakespeare``); ``--preset`` takes a KerasHub
 preset, a transformers checkpoint directory or a built-in name (``opt_125m_en`` ... under
@@ -90,56 +91,24 @@ def make_sampler(name, temperature=1.0, top_k=None, top_p=None, seed=None, num_b
     return samplers.ContrastiveSampler(k=5 if top_k is None else top_k, **common)
 
 
-def numba_kernels_cached() -> bool:
-    """Whether the Numba kernels generation needs most are in Numba's on-disk cache (False on a
-    fresh install, where the first call would compile them)."""
-    try:
-        from refopt.kernels.cpu import attention, layernorm, matmul
-
-        kernels = (matmul.matmul_oi, attention._attention, layernorm._layernorm)
-        return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
-    except Exception:  # numba internals moved, or no cache: leave the choice to refopt.backend
-        return True
-
-
-def choose_backend(requested):
-    """(backend for ``from_preset``, whether to avoid Numba altogether for this run)."""
-    from refopt import backend as _backend
-
-    if requested not in (None, "auto") or os.environ.get("REFOPT_BACKEND"):
-        return (None if requested in (None, "auto") else requested), False
-    if _backend.resolve() == "numba" and not numba_kernels_cached():
-        return "numpy", True
-    return None, False
-
-
-def _has_tokenizer(path) -> bool:
-    return ((path / "tokenizer.json").exists() or (path / "preprocessor.json").exists()
-            or ((path / "vocab.json").exists() and (path / "merges.txt").exists()))
 
 
 def run(args) -> int:
-    import contextlib
-
-    from refopt import backend as _backend
+    from refopt import generation
     from refopt.commands import warn_if_simulated
     from refopt.errors import ConfigError
     from refopt.io import presets
     from refopt.models import OPTCausalLM, OPTCausalLMPreprocessor
+    from refopt.tokenizers import preset_files
 
     sampler = make_sampler(args.sampler, args.temperature, args.top_k, args.top_p, args.seed,
                            args.num_beams)
-    backend, cold = choose_backend(args.backend)
+    backend = None if args.backend in (None, "auto") else args.backend
     warn_if_simulated("generate", backend)
-    preprocessor = "auto"
-    if cold:
-        # no compiling at all this time: NumPy ops, NumPy samplers, the pure-Python tokenizer
-        print("refopt generate: the Numba kernels are not compiled on this machine yet (that takes "
-              "a minute or more), so this run uses the NumPy backend; `--backend numba` compiles "
-              "and caches them", file=sys.stderr, flush=True)
-        path = presets.resolve(args.preset)
-        preprocessor = (OPTCausalLMPreprocessor.from_preset(path, compiled=False)
-                        if _has_tokenizer(path) else None)
+    path = presets.resolve(args.preset)
+    # the pure-Python tokenizer: a prompt is short, and it compiles nothing
+    preprocessor = (OPTCausalLMPreprocessor.from_preset(path, compiled=False)
+                    if preset_files.has_tokenizer(path) else None)
     lm = OPTCausalLM.from_preset(args.preset, dtype=args.dtype, backend=backend,
                                  preprocessor=preprocessor,
                                  weights_dtype=(None if args.dtype == "float64" and args.weights_dtype == "auto"
@@ -147,8 +116,18 @@ def run(args) -> int:
     if lm.preprocessor is None:
         raise ConfigError(f"preset {args.preset}: has no tokenizer files (vocab.json and merges.txt, "
                           "or KerasHub's tokenizer assets), so text cannot be generated")
-    with _backend.use_backend("numpy") if cold else contextlib.nullcontext():
-        return _stream(lm, sampler, args)
+    # Numba's kernels compile (or load from its cache) in the background while the NumPy ops
+    # produce the first tokens
+    job = generation.prepare(lm)
+    status = _stream(lm, sampler, args)
+    if job is not None and not job.wait(0.5):
+        print("refopt generate: finishing the compilation of the Numba kernels (once per install; "
+              "later runs start at full speed; Ctrl-C skips it) ...", file=sys.stderr, flush=True)
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            pass
+    return status
 
 
 def _stream(lm, sampler, args) -> int:

@@ -2,12 +2,14 @@
 
 Prints the format, the architecture (config), the parameter count, the dtype the weights are
 stored in, the tokenizer, and the size on disk.  ``--json`` prints the same as one JSON object.
+Everything is read through the validated loader (:mod:`refopt.io.checkpoint`): a broken preset is
+an error naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 
 def add_parser(subparsers):
@@ -23,41 +25,20 @@ def add_parser(subparsers):
     return p
 
 
-def _stored_dtypes(path: Path, fmt: str) -> dict[str, int]:
-    """dtype name -> number of tensors stored in it (headers only, no tensor data read)."""
-    from refopt.errors import CheckpointError
+def _tokenizer(path):
+    """The tokenizer's size and vocabulary file, read and checked as ``from_preset`` reads it
+    (with the preprocessor)."""
+    from refopt.models import OPTCausalLMPreprocessor
+    from refopt.tokenizers import preset_files as pf
 
-    counts: dict[str, int] = {}
-    if fmt == "keras":
-        import h5py
-
-        try:
-            with h5py.File(path / "model.weights.h5", "r") as f:
-                def visit(_, obj):
-                    if isinstance(obj, h5py.Dataset):
-                        counts[str(obj.dtype)] = counts.get(str(obj.dtype), 0) + 1
-                f.visititems(visit)
-        except OSError as e:
-            raise CheckpointError(f"{path / 'model.weights.h5'}: not a readable HDF5 file ({e})") from None
-        return counts
-    from refopt.io import presets, safetensors_io, stored
-
-    if not presets.hf_weights_file(path).name.startswith("model.safetensors"):
-        for value in presets._hf_state(path).values():      # mapped: no tensor data read
-            dtype = stored.stored_dtype_name(value)
-            counts[dtype] = counts.get(dtype, 0) + 1
-        return counts
-    index = path / "model.safetensors.index.json"
-    files = ([path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-             if index.exists() else [path / "model.safetensors"])
-    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-    for file in files:
-        header, _ = safetensors_io.read_header(file)
-        for key, meta in header.items():
-            if key != "__metadata__":
-                dtype = names.get(meta["dtype"], meta["dtype"])
-                counts[dtype] = counts.get(dtype, 0) + 1
-    return counts
+    if not pf.has_tokenizer(path):
+        return None
+    found = pf.find_tokenizer_files(path)
+    tokenizer = OPTCausalLMPreprocessor.from_preset(path, compiled=False).tokenizer
+    vocabulary = found["vocabulary"]
+    where = (os.path.relpath(vocabulary, path) if isinstance(vocabulary, (str, os.PathLike))
+             else pf.HF_TOKENIZERS_FILE)
+    return {"vocabulary": where, "tokens": tokenizer.vocabulary_size()}
 
 
 def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict[str, str]:
@@ -78,33 +59,29 @@ def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict
 
 def describe(preset) -> dict:
     """The facts ``refopt info`` prints, as a dict."""
-    from refopt.io import presets
+    from refopt.io import checkpoint, presets, saving
 
     path = presets.bundled_preset_dir() if preset in (None, "bundled") else presets.resolve(preset)
-    fmt = presets.detect_format(path)
-    cfg = presets.read_config(path)
-    files = [p for p in path.rglob("*") if p.is_file()]
-    tokenizer = None
-    for vocab in (path / "vocab.json", path / "assets" / "tokenizer" / "vocabulary.json"):
-        if vocab.exists():
-            tokenizer = {"vocabulary": str(vocab.relative_to(path)),
-                         "tokens": len(json.loads(vocab.read_text(encoding="utf-8")))}
-            break
-    dtypes = _stored_dtypes(path, fmt)
-    weights = presets.hf_weights_file(path).name if fmt == "huggingface" else "model.weights.h5"
+    with checkpoint.open_checkpoint(path) as ckpt:
+        cfg = ckpt.config
+        dtypes = ckpt.stored_dtypes()
+        fmt = ckpt.format
+        weights = [p.name for p in ckpt.weight_files]
+    ours, _ = saving.list_preset_files(path)
+    sizes = [os.stat(path / rel).st_size for rel in ours]
     return {
         "path": str(path),
-        "format": {"keras": "KerasHub preset", "huggingface": "transformers checkpoint"}[fmt],
+        "format": presets.layout_label(cfg, fmt),
         "config": cfg.backbone_kwargs(),
         "parameters": cfg.parameter_count(),
         "stored_dtype": max(dtypes, key=dtypes.get) if dtypes else None,
         "stored_dtypes": dtypes,
-        "weights_file": weights,
+        "weights_file": weights[0] if len(weights) == 1 else f"{len(weights)} shards",
         "loading": loading_plan(cfg.parameter_count(), max(dtypes, key=dtypes.get) if dtypes else None,
-                                weights),
-        "tokenizer": tokenizer,
-        "files": len(files),
-        "size_bytes": sum(p.stat().st_size for p in files),
+                                weights[0]),
+        "tokenizer": _tokenizer(path),
+        "files": len(sizes),
+        "size_bytes": sum(sizes),
     }
 
 

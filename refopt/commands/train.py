@@ -20,6 +20,8 @@ def add_parser(subparsers):
                     "progress, and write a KerasHub preset with a model card at the end.")
     p.add_argument("text_file", help="a UTF-8 text file")
     p.add_argument("--out", default="refopt_model", help="output preset directory (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the preset files in --out if it exists (other files are kept)")
     p.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None,
                    help="compute backend (default: REFOPT_BACKEND or the fastest available; cuda "
                         "trains device-resident)")
@@ -41,7 +43,8 @@ def run(args) -> int:
     backend = None if args.backend in (None, "auto") else args.backend
     warn_if_simulated("train", backend)
     command = "refopt train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None
-    report = train(args.text_file, args.out, recipe, backend=backend, command=command)
+    report = train(args.text_file, args.out, recipe, backend=backend, command=command,
+                   overwrite=args.force)
     v, b = report["validation"], report["baselines"]
     print(f"wrote {args.out}: {report['parameters']:,} parameters, {report['steps']} steps in "
           f"{report['train_seconds']:.0f} s; validation loss {v['loss']:.4f} nats/token, "

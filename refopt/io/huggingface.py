@@ -15,7 +15,6 @@ from refopt.config import OPTConfig
 from refopt.errors import CheckpointError
 
 POSITION_OFFSET = 2
-_PREFIXES = ("model.decoder.", "decoder.", "")
 
 
 def name_map(cfg: OPTConfig) -> dict[str, str]:
@@ -46,7 +45,7 @@ def name_map(cfg: OPTConfig) -> dict[str, str]:
 POSITIONS_NAME = "model.decoder.embed_positions.weight"
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Accept checkpoints saved from OPTModel (``decoder.``) as well as OPTForCausalLM."""
     if name.startswith("model.decoder.") or name == "lm_head.weight":
         return name
@@ -56,53 +55,32 @@ def _canonical(name: str) -> str:
 
 
 def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = "checkpoint"):
-    """refopt parameters (views where no transpose is needed) and the two position prefix rows."""
-    state = {_canonical(k): v for k, v in state.items()}
-    mapping = name_map(cfg)
-    expected = set(mapping.values()) | {POSITIONS_NAME}
-    tied_head = state.pop("lm_head.weight", None)
-    missing = sorted(expected - set(state))
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    extra = sorted(set(state) - expected)
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                              "for this config")
+    """refopt parameters (views where no transpose is needed) and the two position prefix rows of
+    a transformers state dict, checked as a checkpoint file is (:mod:`refopt.io.checkpoint`)."""
+    from refopt.io.checkpoint import DictSource, HuggingFaceFormat
     from refopt.model import param_shapes
 
-    shapes = param_shapes(cfg)
-    params = {}
-    for ours, theirs in mapping.items():
-        arr = state[theirs]
-        want = shapes[ours]
-        if tuple(arr.shape) != tuple(want):
-            raise CheckpointError(f"{source}: tensor {theirs} has shape {list(arr.shape)}, "
-                                  f"expected {list(want)} for this config")
-        params[ours] = arr
-    pos = state[POSITIONS_NAME]
-    want = (cfg.max_sequence_length + POSITION_OFFSET, cfg.hidden_dim)
-    if tuple(pos.shape) != want:
-        raise CheckpointError(f"{source}: tensor {POSITIONS_NAME} has shape {list(pos.shape)}, "
-                              f"expected {list(want)} (max_position_embeddings + 2 rows)")
-    params["embed_positions"] = pos[POSITION_OFFSET:]
-    if tied_head is not None and tied_head.shape != params["embed_tokens"].shape:
-        raise CheckpointError(f"{source}: lm_head.weight has shape {list(tied_head.shape)}, expected "
-                              f"{list(params['embed_tokens'].shape)} (tied to the token embedding)")
-    if tied_head is not None and not _same_tensor(tied_head, params["embed_tokens"]):
-        raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding; refopt's OPT "
-                              "ties the LM head to it (as every released OPT does)")
-    return params, pos[:POSITION_OFFSET]
+    src = DictSource({})
+    for name, value in state.items():
+        canonical = canonical_name(name)
+        if canonical in src.tensors:
+            raise CheckpointError(f"{source}: tensor {name!r} is given twice")
+        src.tensors[canonical] = np.asarray(value)
+    entries = HuggingFaceFormat.entries(source, cfg, src, param_shapes(cfg))
+    params = {name: (e.to_refopt(src.array(e.key)) if e.to_refopt else src.array(e.key))
+              for name, e in entries.items()}
+    return params, src.array(POSITIONS_NAME)[:POSITION_OFFSET]
 
 
-def _same_tensor(a, b) -> bool:
-    """Whether two stored tensors hold the same values (a view of one storage, as PyTorch's tied
-    weights are, is the same without reading it)."""
+def same_tensor(a, b) -> bool:
+    """Whether two stored tensors hold the same values (views of one storage, as PyTorch's tied
+    weights are, are the same without reading them)."""
     if (a.dtype == b.dtype and a.strides == b.strides
             and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]):
         return True
     if a.dtype != b.dtype:
         return False
-    return bool(np.array_equal(a.view(np.uint8) if a.dtype.fields else a, b.view(np.uint8) if b.dtype.fields else b))
+    return bool(np.array_equal(a.view(np.uint16) if a.dtype.fields else a, b.view(np.uint16) if b.dtype.fields else b))
 
 
 def to_state_dict(params: dict[str, np.ndarray], cfg: OPTConfig, position_prefix=None):

@@ -5,8 +5,10 @@ A *preset* is any of
 
 * a KerasHub preset directory (``config.json`` with ``class_name: OPTBackbone``,
   ``model.weights.h5``, optional tokenizer/preprocessor files);
-* a transformers checkpoint directory (``config.json`` with ``model_type: opt`` and
-  ``model.safetensors`` or a sharded ``model.safetensors.index.json``);
+* a transformers checkpoint directory (``config.json`` with ``model_type: opt`` and the weights as
+  the hub ships them: ``model.safetensors`` (single or sharded), ``pytorch_model.bin`` (single or
+  sharded, read by :mod:`refopt.io.torch_pickle` without ever unpickling it), ``tf_model.h5`` or
+  ``flax_model.msgpack``; safetensors preferred when several are present);
 * a built-in name (``opt_125m_en``, ``opt_350m_en``, ``opt_1.3b_en`` ... ``opt_66b_en``), looked up as
   ``$REFOPT_HOME/<name>`` (default ``~/.cache/refopt/<name>``), then in the Kaggle cache (KerasHub's
   ``keras/opt/keras/<name>``), then in the Hugging Face cache (``facebook/opt-<size>``);
@@ -15,34 +17,22 @@ A *preset* is any of
   (:mod:`refopt.io.hub_cache`, no client needed), then a download when the hub client is installed
   and the hub is reachable; otherwise a clear error says so.
 
-A transformers directory may hold its weights as ``model.safetensors`` (single or sharded), as the
-PyTorch checkpoint ``pytorch_model.bin`` (single or sharded), read by
-:mod:`refopt.io.torch_pickle` without ever unpickling it, or as ``tf_model.h5`` (TensorFlow Keras
-weights, :mod:`refopt.io.tf_keras_h5`); safetensors are preferred when several are present.
-Writing happens in a temporary sibling directory renamed into place, so a failure leaves nothing
-half-written.
+Reading goes through :mod:`refopt.io.checkpoint` (validated, lazy); writing through
+:mod:`refopt.io.saving` (never loses a file).  :func:`resolve` completes a save that was
+interrupted after its commit before anything reads the directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
-from refopt.errors import CheckpointError, ConfigError, PresetNotFoundError
-from refopt.io import flax_msgpack, hub_cache, huggingface, keras_h5, safetensors_io, tf_keras_h5, torch_pickle
+from refopt.errors import CheckpointError, ConfigError, InputTypeError, PresetNotFoundError
+from refopt.io import files, hub_cache, saving
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
-# weight files of a transformers directory, in order of preference
-HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-              "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 
 
 def refopt_home() -> Path:
@@ -126,17 +116,25 @@ def resolve(preset) -> Path:
     if isinstance(preset, os.PathLike):
         preset = os.fspath(preset)
     if not isinstance(preset, str):
-        raise ConfigError(f"preset must be a path or a name, got {type(preset).__name__}")
+        raise InputTypeError(f"preset must be a path or a name, got {type(preset).__name__}")
+    if "\0" in preset:
+        raise PresetNotFoundError(f"preset {preset!r}: a path cannot hold a NUL character")
     if "://" in preset:
         return _download(preset)
     path = Path(preset).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:                       # a name too long, a loop of symbolic links
+        raise PresetNotFoundError(f"preset {preset!r}: {e.strerror or e}") from None
+    if exists:
         if not path.is_dir():
             raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
+        saving.recover(path)
         return path
     if preset in HF_REPOS:
         where = refopt_home() / preset
         if (where / "config.json").exists():
+            saving.recover(where)
             return where
         cached = _cached_builtin(preset)
         if cached is not None:
@@ -155,101 +153,46 @@ def resolve(preset) -> Path:
                               f"({', '.join(BUILTIN_NAMES)})")
 
 
-def detect_format(path: Path) -> str:
-    """``"keras"`` or ``"huggingface"``; anything else is refused with a clear error."""
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint (no "
-                              "config.json)")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and ("class_name" in data or "vocabulary_size" in data):
-        if not (path / "model.weights.h5").exists():
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
-        return "keras"
-    if isinstance(data, dict) and "model_type" in data:
-        hf_weights_file(path)
-        return "huggingface"
-    raise CheckpointError(f"{path}: neither a KerasHub preset nor a transformers checkpoint "
-                          "(config.json has neither 'class_name' nor 'model_type')")
-
-
-def hf_weights_file(path: Path) -> Path:
-    """The weights file of a transformers checkpoint directory (:data:`HF_WEIGHTS`, first found)."""
-    for name in HF_WEIGHTS:
-        if (path / name).exists():
-            return path / name
-    others = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".ckpt", ".pth", ".bin"))
-    raise CheckpointError(f"{path}: transformers config.json but no weights file (expected one of "
-                          f"{', '.join(HF_WEIGHTS)}{'; found ' + ', '.join(others) if others else ''})")
+def read_config_json(path) -> dict:
+    """The content of a ``config.json`` (a regular file of at most 16 MiB, strict JSON)."""
+    return files.read_json(path, ConfigError, "config file")
 
 
 def read_config(path: Path) -> OPTConfig:
-    return OPTConfig.from_file(path / "config.json")
+    """The validated :class:`OPTConfig` of a preset directory."""
+    path = Path(path)
+    return OPTConfig.from_json_dict(read_config_json(path / "config.json"), str(path / "config.json"))
 
 
-def _hf_state(path: Path) -> dict[str, np.ndarray]:
-    weights = hf_weights_file(path)
-    if weights.name == "pytorch_model.bin.index.json":
-        return torch_pickle.load_sharded(weights)
-    if weights.name == "pytorch_model.bin":
-        return torch_pickle.load(weights)
-    if weights.name == "tf_model.h5":
-        return tf_keras_h5.load(weights)
-    if weights.name == "flax_model.msgpack":
-        return flax_msgpack.load(weights)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
-        state = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = path / shard
-            if not shard_path.exists():
-                raise CheckpointError(f"{index}: shard {shard} is missing")
-            names = {k for k, v in weight_map.items() if v == shard}
-            tensors = safetensors_io.load(shard_path, names, raw_bfloat16=True)
-            missing = names - set(tensors)
-            if missing:
-                raise CheckpointError(f"{shard_path}: tensors {sorted(missing)[:5]} listed in the index "
-                                      "are missing")
-            state.update(tensors)
-        return state
-    return safetensors_io.load(path / "model.safetensors", raw_bfloat16=True)
+def detect_format(path: Path) -> str:
+    """``"keras"`` or ``"huggingface"`` (see :data:`refopt.io.checkpoint.FORMATS`); refuses
+    pickles and anything else with a clear error."""
+    from refopt.io import checkpoint
+
+    return checkpoint.detect(Path(path))[0].name
 
 
-def load_weights(path: Path, cfg: OPTConfig, fmt: str):
-    """(params in their stored dtype -- views of the mapped files where possible, bfloat16 as
-    :data:`refopt.io.stored.BFLOAT16` --, position prefix rows or None)."""
+def load_weights(path: Path, cfg: OPTConfig = None, fmt: str = None, allow_nonfinite: bool = False):
+    """(params in their stored dtype, transformers' position prefix rows or None), validated."""
+    from refopt.io.checkpoint import open_checkpoint
+
+    with open_checkpoint(path, allow_nonfinite=allow_nonfinite) as ckpt:
+        if cfg is not None and cfg != ckpt.config:
+            ckpt.config = cfg          # a dtype override: the architecture is the checkpoint's
+        return ckpt.params(), ckpt.position_prefix()
+
+
+def layout_label(cfg: OPTConfig, fmt: str) -> str:
+    """What a preset of ``cfg`` in layout ``fmt`` is, for the user: ``"KerasHub preset"``,
+    ``"transformers checkpoint"``, or -- when the peer cannot represent the model -- saying so."""
     if fmt == "keras":
-        return keras_h5.load(path / "model.weights.h5", cfg), None
-    return huggingface.from_state_dict(_hf_state(path), cfg, source=str(path))
-
-
-@contextlib.contextmanager
-def atomic_directory(target):
-    """Yield a temporary sibling directory; on success it replaces ``target``, on failure it is
-    removed and ``target`` is untouched."""
-    target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if target.exists():
-        backup = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+        reasons = cfg.keras_incompatibilities()
+        if reasons:
+            return "refopt preset in KerasHub's layout; KerasHub cannot load it: " + "; ".join(reasons)
+        return "KerasHub preset"
+    if fmt == "huggingface":
+        reasons = cfg.huggingface_incompatibilities()
+        if reasons:
+            return "transformers checkpoint; transformers would compute another model: " + "; ".join(reasons)
+        return "transformers checkpoint"
+    return fmt

@@ -16,6 +16,15 @@ from refopt.errors import ConfigError, InputError
 from refopt.models.lora import LoRAMixin
 
 
+SAVE_FORMATS = ("keras", "huggingface")
+
+
+def check_save_format(format) -> None:
+    """``save_to_preset``'s ``format``: KerasHub's layout or transformers'."""
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"save_to_preset: format={format!r}; expected one of {SAVE_FORMATS}")
+
+
 class ReversibleEmbedding:
     """KerasHub's ``ReversibleEmbedding`` over a backbone's token table: ``(ids)`` looks rows up,
     ``(hidden, reverse=True)`` gives logits with the same table transposed (the tied LM head),

@@ -12,19 +12,11 @@ jit anything, so the function is the task's ``generate_step``.
 
 from __future__ import annotations
 
-import contextlib
-import json
-from pathlib import Path
-
 import numpy as np
 
 from refopt.errors import ConfigError, InputTypeError
+from refopt.limits import check_allocation
 from refopt.models.task import AUTO, Task
-
-
-def _has_tokenizer_files(path: Path) -> bool:
-    return ((path / "tokenizer.json").exists() or (path / "preprocessor.json").exists()
-            or ((path / "vocab.json").exists() and (path / "merges.txt").exists()))
 
 
 class CausalLM(Task):
@@ -86,11 +78,6 @@ class CausalLM(Task):
             _backend.resolve(name)
         self.backbone.backend = name
 
-    def _backend_scope(self):
-        from refopt import backend as _backend
-
-        return contextlib.nullcontext() if self.backend is None else _backend.use_backend(self.backend)
-
     # ------------------------------------------------------------------ inference
     def predict(self, x, batch_size=None, verbose=None):
         """Logits ``(batch, seq, vocab)`` for a dict of ``token_ids`` / ``padding_mask`` (or strings,
@@ -105,8 +92,11 @@ class CausalLM(Task):
         ids, mask = validate_inputs(self.backbone.config, x)
         if batch_size is None:
             batch_size = ids.shape[0] or 1
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"predict: batch_size={batch_size!r}; expected a positive integer")
+        check_allocation(ids.size * self.backbone.vocabulary_size
+                         * np.dtype(self.backbone.config.compute_dtype).itemsize * 2,
+                         f"predict: logits for {ids.shape[0]} x {ids.shape[1]} tokens")
         parts = [self({"token_ids": ids[i:i + batch_size], "padding_mask": mask[i:i + batch_size]})
                  for i in range(0, ids.shape[0], batch_size)]
         if len(parts) == 1:
@@ -115,12 +105,12 @@ class CausalLM(Task):
                                                                      self.backbone.vocabulary_size))
 
     # ------------------------------------------------------------------ generation
-    def generate_step(self, inputs, stop_token_ids=None):
+    def generate_step(self, inputs, stop_token_ids=None, seed=None):
         """KerasHub's ``generate_step``: generation on one batch ``{"token_ids", "padding_mask"}``
-        (see :func:`refopt.generation.generate_step`)."""
+        (see :func:`refopt.generation.generate_step`; ``seed``: the random samplers' seed)."""
         from refopt import generation
 
-        return generation.generate_step(self, inputs, stop_token_ids=stop_token_ids)
+        return generation.generate_step(self, inputs, stop_token_ids=stop_token_ids, seed=seed)
 
     def make_generate_function(self):
         """The generation function ``generate`` calls, made once and kept in
@@ -129,25 +119,24 @@ class CausalLM(Task):
             self.generate_function = self.generate_step
         return self.generate_function
 
-    def generate(self, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False):
+    def generate(self, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, seed=None):
         """KerasHub's ``generate``: a string, a list of strings, or (without a preprocessor) a dict of
-        ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile``."""
+        ``token_ids`` / ``padding_mask``; decoded with the sampler chosen in ``compile`` on this
+        model's ops (its sampler's selection steps too).  ``seed``: the random samplers' seed for
+        this call, one integer or one per prompt (see :func:`refopt.generation.generate`)."""
         from refopt import generation
 
         self._require_compiled()
-        function = self.make_generate_function()
-        with self._backend_scope():       # the samplers' selection steps run on the model's backend
-            return generation.generate(self, inputs, max_length=max_length,
-                                       stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
-                                       generate_function=function)
+        return generation.generate(self, inputs, max_length=max_length, stop_token_ids=stop_token_ids,
+                                   strip_prompt=strip_prompt, seed=seed,
+                                   generate_function=self.make_generate_function())
 
     def stream(self, prompt, max_length=None, **kwargs):
         """Yield text pieces as tokens are produced (see :func:`refopt.generation.stream`)."""
         from refopt import generation
 
         self._require_compiled()
-        with self._backend_scope():
-            yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
+        yield from generation.stream(self, prompt, max_length=max_length, **kwargs)
 
     # ------------------------------------------------------------------ training
     def loss_and_gradients(self, x, y, sample_weight=None, naming="refopt"):
@@ -186,38 +175,47 @@ class CausalLM(Task):
     # ------------------------------------------------------------------ presets
     @classmethod
     def _load_preset(cls, preset=None, load_weights=True, dtype=None, preprocessor=AUTO, **kwargs):
-        """The backbone (``dtype``, ``backend``, ``weights_dtype`` go to it), with the preset's
-        preprocessor when it has tokenizer files (``preprocessor=None`` to skip, or pass one)."""
+        """The backbone (``dtype``, ``backend``, ``weights_dtype``, ``allow_nonfinite`` go to it),
+        with the preset's preprocessor when it has tokenizer files (``preprocessor=None`` to skip,
+        or pass one)."""
         from refopt.io import presets
+        from refopt.tokenizers import preset_files
 
         backbone = cls.backbone_cls.from_preset(preset, load_weights=load_weights, dtype=dtype, **kwargs)
         if isinstance(preprocessor, str) and preprocessor == AUTO:
             path = presets.resolve(preset)
             preprocessor = None
-            if _has_tokenizer_files(path):
+            if preset_files.has_tokenizer(path):
                 preprocessor = cls.preprocessor_cls.from_preset(path)
         return cls(backbone, preprocessor=preprocessor)
 
-    def save_to_preset(self, preset_dir, format="keras") -> None:
+    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
         """Write a KerasHub preset (``config.json``, ``model.weights.h5``, ``metadata.json``,
         ``task.json`` and the tokenizer/preprocessor files when attached) or, with
-        ``format="huggingface"``, a transformers checkpoint directory; atomically."""
-        from refopt.io import presets
+        ``format="huggingface"``, a transformers checkpoint directory.  The directory then holds
+        exactly this preset (old preset files it does not rewrite are removed; other files are
+        never touched, and a directory holding any needs ``overwrite=True``); a kill at any
+        instant leaves the old preset or the new one (:mod:`refopt.io.saving`)."""
+        from refopt.io import saving
+        from refopt.models.backbone import check_save_format
 
-        with presets.atomic_directory(preset_dir) as tmp:
-            self.backbone._write(tmp, format)
-            if format == "keras":
-                task = self.serialize()
-                task["config"]["backbone"] = self.backbone.config.to_keras()
-                if self.preprocessor is not None:
-                    self.preprocessor.save_to_preset(tmp)
-                presets.write_json(tmp / "task.json", task)
-                meta = _read_json(tmp / "metadata.json")
-                meta["tasks"] = ["CausalLM"]
-                presets.write_json(tmp / "metadata.json", meta)
-            elif self.preprocessor is not None:
-                self.preprocessor.tokenizer.save_to_huggingface(tmp)
+        check_save_format(format)
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.WHOLE_PRESET,
+                               what="preset") as staging:
+            self.write_preset_files(staging, format)
 
-
-def _read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    def write_preset_files(self, staging, format: str = "keras") -> None:
+        """Write every file of this model's preset into a :class:`refopt.io.saving.PresetSave`."""
+        self.backbone.write_preset_files(staging, format, tasks=["CausalLM"])
+        if format == "keras":
+            task = self.serialize()
+            task["config"]["backbone"] = self.backbone.config.to_keras()
+            if not self.backbone.config.keras_compatible:
+                # KerasHub cannot build this model: the task names refopt's class
+                task.update(module=type(self).__module__,
+                            registered_name=f"refopt>{self.keras_class_name}")
+            if self.preprocessor is not None:
+                self.preprocessor.write_preset_files(staging)
+            staging.write_json("task.json", task)
+        elif self.preprocessor is not None:
+            self.preprocessor.write_transformers_files(staging)

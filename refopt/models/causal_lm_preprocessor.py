@@ -14,13 +14,13 @@ Truncation keeps the end token: with ``add_end_token`` the sequence is cut to le
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from refopt.errors import ConfigError, InputError, InputTypeError
+from refopt.limits import check_allocation
 from refopt.models.preprocessor import Preprocessor
 from refopt.tokenizers import preset_files as pf
+from refopt.tokenizers.byte_pair_tokenizer import MAX_SEQUENCE_LENGTH
 
 
 def pack_start_end(sequences, sequence_length, start_value=None, end_value=None, pad_value=0,
@@ -33,6 +33,8 @@ def pack_start_end(sequences, sequence_length, start_value=None, end_value=None,
     sequence_length])``; the mask is True on every position not filled with padding.
     """
     batch = len(sequences)
+    check_allocation(batch * sequence_length * 5, f"packing {batch} sequences of length "
+                     f"{sequence_length:,}")
     token_ids = np.full((batch, sequence_length), pad_value, dtype=np.int32)
     padding_mask = np.zeros((batch, sequence_length), dtype=bool)
     for row, seq in enumerate(sequences):
@@ -80,6 +82,12 @@ class CausalLMPreprocessor(Preprocessor):
         if not hasattr(tokenizer, "tokenize") or not hasattr(tokenizer, "start_token_id"):
             raise InputTypeError("`tokenizer` must be a tokenizer with start, end and pad tokens "
                                  f"(an OPTTokenizer); got {type(tokenizer).__name__}")
+        for key, value in (("add_start_token", add_start_token), ("add_end_token", add_end_token)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"`{key}` must be True or False; got {value!r}")
+        for key, value in (("name", name), ("config_file", config_file)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"`{key}` must be a string; got {value!r}")
         self.tokenizer = tokenizer
         self.sequence_length = _check_length(sequence_length, "sequence_length")
         self.add_start_token = bool(add_start_token)
@@ -172,26 +180,34 @@ class CausalLMPreprocessor(Preprocessor):
     @classmethod
     def _load_preset(cls, directory, **kwargs):
         """Read a KerasHub preset directory (``preprocessor.json`` + tokenizer) or a transformers
-        checkpoint directory (tokenizer files; ``sequence_length`` defaults to 1024).  ``kwargs``
-        override saved settings (``sequence_length=...``)."""
-        settings = {}
-        path = os.path.join(directory, pf.PREPROCESSOR_CONFIG_FILE)
-        if os.path.isfile(path):
-            saved = pf.read_json(path)
-            saved = saved.get("config", saved) if isinstance(saved, dict) else {}
-            settings = {k: saved[k] for k in ("name", "config_file", "sequence_length",
-                                              "add_start_token", "add_end_token") if k in saved}
+        checkpoint directory (tokenizer files; the settings refopt saved there, else
+        ``sequence_length`` 1024).  ``kwargs`` override saved settings (``sequence_length=...``)."""
+        settings = pf.read_preprocessor_settings(directory)
         tokenizer_kwargs = {k: kwargs.pop(k) for k in list(kwargs)
                             if k in ("add_prefix_space", "unsplittable_tokens",
                                      "special_tokens_in_strings", "compiled")}
         tokenizer = kwargs.pop("tokenizer", None) or cls.tokenizer_cls.from_preset(
             directory, **tokenizer_kwargs)
         settings.update(kwargs)
-        return cls(tokenizer=tokenizer, **settings)
+        try:
+            return cls(tokenizer=tokenizer, **settings)
+        except ConfigError as e:
+            raise ConfigError(f"{directory}: the saved preprocessor settings are invalid: {e}") \
+                from None
 
-    def export_to_transformers(self, path) -> None:
-        """Write the tokenizer in transformers' layout (see ``OPTTokenizer``)."""
-        self.tokenizer.export_to_transformers(path)
+    def write_transformers_files(self, staging) -> None:
+        """The tokenizer in transformers' layout, this preprocessor's settings kept beside it."""
+        settings = {k: v for k, v in self.get_config().items()
+                    if k in ("name", "sequence_length", "add_start_token", "add_end_token")}
+        self.tokenizer.write_transformers_files(staging, preprocessor=settings)
+
+    def export_to_transformers(self, path, overwrite=False) -> None:
+        """Write the tokenizer in transformers' layout, with this preprocessor's settings."""
+        from refopt.io import saving
+
+        with saving.PresetSave(path, overwrite=overwrite, replaces=saving.HF_TOKENIZER,
+                               what="tokenizer") as staging:
+            self.write_transformers_files(staging)
 
     def __repr__(self):
         return (f"{type(self).__name__}(sequence_length={self.sequence_length}, "
@@ -199,6 +215,8 @@ class CausalLMPreprocessor(Preprocessor):
 
 
 def _check_length(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"`{name}` must be a positive integer; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not \
+            1 <= value <= MAX_SEQUENCE_LENGTH:
+        raise ConfigError(f"`{name}` must be an integer from 1 to {MAX_SEQUENCE_LENGTH:,}; got "
+                          f"{value!r}")
     return int(value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -12,12 +11,9 @@ from refopt import dtype_policies
 from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
-from refopt.io import huggingface, keras_h5, presets, safetensors_io
-from refopt.models.backbone import Backbone
+from refopt.io import checkpoint, huggingface, keras_h5, safetensors_io, saving
+from refopt.models.backbone import Backbone, check_save_format
 from refopt.models.opt_presets import backbone_presets
-
-_FORMATS = ("keras", "huggingface")
-
 
 def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
     """``{"token_ids", "padding_mask"}`` (or a bare id array) -> (ids int64 [B, S], mask bool [B, S]).
@@ -45,6 +41,9 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
         mask = None if mask is None else np.asarray(mask)[None, :]
     if ids.ndim != 2:
         raise InputError(f"token_ids: expected shape (batch, sequence), got {ids.shape}")
+    if ids.shape[0] and not ids.shape[1]:
+        raise InputError(f"token_ids: shape {ids.shape} holds no token; expected at least one "
+                         "per row")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocabulary_size):
         bad = ids[(ids < 0) | (ids >= cfg.vocabulary_size)][0]
@@ -64,6 +63,15 @@ def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
         raise InputError(f"token_ids: sequence length {length} exceeds max_sequence_length "
                          f"{cfg.max_sequence_length}")
     return ids, mask
+
+
+def _check_params_fit(cfg: OPTConfig) -> None:
+    """Refuse a config whose random weights would not fit in memory (before making them)."""
+    from refopt.limits import check_allocation
+
+    itemsize = np.dtype(cfg.compute_dtype).itemsize
+    check_allocation(cfg.parameter_count() * itemsize * 2,
+                     f"the weights of this config ({cfg.parameter_count():,} parameters)", ConfigError)
 
 
 class OPTBackbone(Backbone):
@@ -104,6 +112,7 @@ class OPTBackbone(Backbone):
             enable_bias=enable_bias, layer_norm_elementwise_affine=layer_norm_elementwise_affine,
             remove_final_layer_norm=remove_final_layer_norm, layer_norm_epsilon=layer_norm_epsilon,
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        _check_params_fit(self.config)
         self.params = self._round_variables(_model.init_params(self.config, seed=seed))
         # transformers keeps two position rows before position 0; kept here for exact round trips.
         self.position_prefix = None
@@ -123,6 +132,19 @@ class OPTBackbone(Backbone):
         """The dtype policy (Keras's ``DTypePolicy``: ``name``, ``compute_dtype``,
         ``variable_dtype``)."""
         return self.config.policy
+
+    @property
+    def params(self) -> "_model.Parameters":
+        """The weights, name -> array (a :class:`refopt.model.Parameters`, which counts changes in
+        ``params.version``); assigning a plain dict wraps it."""
+        try:
+            return self.__dict__["_params"]
+        except KeyError:
+            raise AttributeError("params") from None
+
+    @params.setter
+    def params(self, value) -> None:
+        self.__dict__["_params"] = value if isinstance(value, _model.Parameters) else _model.Parameters(value)
 
     @property
     def compute_dtype(self) -> str:
@@ -196,6 +218,7 @@ class OPTBackbone(Backbone):
         self.backend = None
         self.weights_dtype = "float32"
         if params is None:
+            _check_params_fit(cfg)
             self.params = self._round_variables(_model.init_params(cfg))
         else:
             self.set_params(params, weights_dtype=weights_dtype)
@@ -267,7 +290,7 @@ class OPTBackbone(Backbone):
     # ------------------------------------------------------------------ presets
     @classmethod
     def _load_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
-                     **kwargs) -> "OPTBackbone":
+                     allow_nonfinite=False, **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` is the dtype
         policy (:mod:`refopt.dtype_policies`; ``"float64"`` for the oracle); without it a preset
@@ -277,57 +300,78 @@ class OPTBackbone(Backbone):
         ``weights_dtype`` chooses how the matrices are held: ``None`` (default) widens every weight
         to the compute dtype; ``"auto"`` keeps them in the dtype the checkpoint stores them in
         (like transformers' ``torch_dtype="auto"``): a float16 or bfloat16 safetensors or PyTorch
-        checkpoint is then memory-mapped and used without a copy, so opening it costs no time and
-        no memory beyond the file; ``"float16"``, ``"bfloat16"`` or ``"int8"`` convert them tensor
-        by tensor (the peak is the result plus one block of rows).  Two- and one-byte weights make
-        decoding up to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this
-        model to ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend)."""
+        checkpoint is then memory-mapped and used without a copy, so opening it costs no memory
+        beyond the file; ``"float16"``, ``"bfloat16"`` or ``"int8"`` convert them tensor by tensor
+        (the peak is the result plus one block of rows).  Two- and one-byte weights make decoding up
+        to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this model to
+        ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend).  The checkpoint is
+        validated before anything is allocated (:mod:`refopt.io.checkpoint`); weights that are NaN
+        or infinite are refused unless ``allow_nonfinite=True``."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
-        path = presets.resolve(preset)
-        fmt = presets.detect_format(path)
-        cfg = presets.read_config(path)
         if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype_policies.get(dtype).name)
-        elif cfg.dtype not in (None, "float64"):
-            cfg = dataclasses.replace(cfg, dtype=None)
+            dtype = dtype_policies.get(dtype).name   # an unknown policy fails before reading
+        if not isinstance(allow_nonfinite, bool):
+            raise ConfigError(f"from_preset: allow_nonfinite={allow_nonfinite!r}; expected True or False")
         if backend is not None:
             _backend.resolve(backend)          # an unknown or unavailable backend fails here
         from refopt.quant import resolve_weights_dtype
 
-        resolve_weights_dtype(weights_dtype, {}, cfg.compute_dtype)   # a bad value fails before reading
-        if not load_weights:
-            self = cls.from_opt_config(cfg)
-            if weights_dtype not in (None, "float32", "auto"):
-                self.quantize(weights_dtype)
-        else:
-            params, prefix = presets.load_weights(path, cfg, fmt)
-            self = cls.from_opt_config(cfg, params, prefix, weights_dtype=weights_dtype)
+        resolve_weights_dtype(weights_dtype, {}, "float64" if dtype == "float64" else "float32")
+        with checkpoint.open_checkpoint(preset, allow_nonfinite=allow_nonfinite) as ckpt:
+            cfg = ckpt.config
+            if dtype is not None:
+                cfg = dataclasses.replace(cfg, dtype=dtype)
+            elif cfg.dtype not in (None, "float64"):
+                cfg = dataclasses.replace(cfg, dtype=None)
+            if not load_weights:
+                self = cls.from_opt_config(cfg)
+                if weights_dtype not in (None, "float32", "auto"):
+                    self.quantize(weights_dtype)
+            else:
+                from refopt.limits import check_allocation
+
+                check_allocation(ckpt.bytes_to_copy(cfg.compute_dtype, weights_dtype),
+                                 f"{ckpt.path}: loading the weights", CheckpointError)
+                self = cls.from_opt_config(cfg, ckpt.params(stored=True), ckpt.position_prefix(),
+                                           weights_dtype=weights_dtype)
         self.backend = backend
         return self
 
-    def save_to_preset(self, preset_dir, format="keras") -> None:
+    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
-        layout, atomically.  LoRA adapters are saved merged into their weights, as Keras saves
-        a LoRA layer's kernel (``save_lora_weights`` writes the adapters alone)."""
-        with presets.atomic_directory(preset_dir) as tmp:
-            self._write(tmp, format)
+        layout.  Only preset files are written; see :mod:`refopt.io.saving` for where a save may
+        write (``overwrite=True`` to write into a directory holding other files) and why a kill at
+        any instant never loses the old preset.  LoRA adapters are saved merged into their
+        weights, as Keras saves a LoRA layer's kernel (``save_lora_weights`` writes the adapters
+        alone)."""
+        check_save_format(format)
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.MODEL_FILES,
+                               what="backbone") as staging:
+            self.write_preset_files(staging, format)
 
-    def _write(self, directory: Path, format: str) -> None:
-        if format not in _FORMATS:
-            raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
+    def write_preset_files(self, staging, format: str = "keras", tasks=()) -> None:
+        """Write ``config.json`` and the weights into a :class:`refopt.io.saving.PresetSave`
+        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``)."""
+        check_save_format(format)
         params = self.base_params() if self.lora_enabled else self.params
         if format == "keras":
-            presets.write_json(directory / "config.json", self.config.to_keras())
-            keras_h5.save(params, self.config, directory / "model.weights.h5")
-            presets.write_json(directory / "metadata.json", {
-                "keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
-                "parameter_count": int(sum(p.size for p in params.values())), "tasks": []})
+            staging.write_json("config.json", self.config.to_keras())
+            with staging.open("model.weights.h5") as f:
+                keras_h5.write(f, params, self.config)
+            meta = {"keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
+                    "parameter_count": int(sum(p.size for p in params.values())),
+                    "tasks": list(tasks)}
+            if not self.config.keras_compatible:
+                meta["refopt_only"] = ("KerasHub's OPTBackbone cannot build this model: "
+                                       + "; ".join(self.config.keras_incompatibilities()))
+            staging.write_json("metadata.json", meta)
         else:
-            presets.write_json(directory / "config.json", self.config.to_huggingface())
+            staging.write_json("config.json", self.config.to_huggingface())
             state = huggingface.to_state_dict(params, self.config, self.position_prefix)
-            safetensors_io.save(state, directory / "model.safetensors", metadata={"format": "pt"})
-            presets.write_json(directory / "generation_config.json", {
+            with staging.open("model.safetensors") as f:
+                safetensors_io.write(f, state, metadata={"format": "pt"})
+            staging.write_json("generation_config.json", {
                 "bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                 "pad_token_id": self.config.pad_token_id})
 

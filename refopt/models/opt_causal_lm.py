@@ -6,6 +6,7 @@ import numpy as np
 
 from refopt import dtype_policies
 from refopt import model as _model
+from refopt.limits import check_allocation
 from refopt.models.causal_lm import CausalLM
 from refopt.models.opt_backbone import OPTBackbone
 from refopt.models.opt_causal_lm_preprocessor import OPTCausalLMPreprocessor
@@ -44,7 +45,11 @@ class OPTCausalLM(CausalLM):
 
     def new_cache(self, batch: int, length: int) -> np.ndarray:
         """A zero KV cache ``[batch, num_layers, 2, length, num_heads, head_dim]``."""
-        return _model.new_cache(self.backbone.config, batch, length, self.backbone.config.compute_dtype)
+        cfg = self.backbone.config
+        check_allocation(int(batch) * int(length) * 2 * cfg.num_layers * cfg.hidden_dim
+                         * np.dtype(cfg.compute_dtype).itemsize,
+                         f"a KV cache for {batch} rows of {length} positions")
+        return _model.new_cache(cfg, batch, length, cfg.compute_dtype)
 
     def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.
@@ -58,6 +63,14 @@ class OPTCausalLM(CausalLM):
         if padding_mask is None:
             padding_mask = np.ones((token_ids.shape[0], end), bool)
         ops = self.backbone.ops
+        # a backend's compiled one-token step: the base weights in float32, so not with adapters
+        # (a half-precision policy's ops have none: refopt.dtype_policies)
+        step = None if self.backbone.lora_enabled else getattr(ops, "decode_step", None)
+        if step is not None and cache is not None and token_ids.shape[1] == 1:
+            out = step(self.backbone.params, self.backbone.config, token_ids, padding_mask, cache,
+                       cache_update_index)
+            if out is not None:
+                return out[0], out[1], cache
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
                                 cache=cache, cache_index=cache_update_index, ops=ops)
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache

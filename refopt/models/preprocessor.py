@@ -9,9 +9,6 @@ class it builds the subclass made for the preset's backbone), ``presets``, ``ser
 
 from __future__ import annotations
 
-import json
-import os
-
 from refopt import registry
 from refopt.tokenizers import preset_files as pf
 
@@ -59,10 +56,17 @@ class Preprocessor:
                 "config": self.get_config(),
                 "registered_name": f"keras_hub>{self.keras_class_name}"}
 
-    def save_to_preset(self, preset_dir) -> None:
-        """Write ``preprocessor.json`` and the tokenizer (``tokenizer.json``, assets) in
-        KerasHub's layout; each file through a temporary name and a rename."""
-        os.makedirs(preset_dir, exist_ok=True)
-        pf.atomic_write_text(os.path.join(preset_dir, self.config_file),
-                             json.dumps(self.serialize(), indent=4))
-        self.tokenizer.save_to_preset(preset_dir)
+    def save_to_preset(self, preset_dir, overwrite=False) -> None:
+        """Write ``preprocessor.json`` and the tokenizer (``tokenizer.json``, assets) in KerasHub's
+        layout.  Other preset files there (a model's) are kept; see :mod:`refopt.io.saving`."""
+        from refopt.io import saving
+
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.PREPROCESSOR_FILES,
+                               what="preprocessor") as staging:
+            self.write_preset_files(staging)
+
+    def write_preset_files(self, staging) -> None:
+        """Write ``preprocessor.json`` and the tokenizer's files into a
+        :class:`refopt.io.saving.PresetSave`."""
+        staging.write_json(self.config_file, self.serialize(), newline=False)
+        self.tokenizer.write_preset_files(staging)

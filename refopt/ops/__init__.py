@@ -10,6 +10,7 @@ V vocabulary.
 # this one, so a backend (refopt.kernels.cpu for Numba) can swap in kernels with the same names and
 # signatures without touching the reference.
 from refopt.ops.activation import relu_backward, relu_forward  # noqa: E402,F401
+from refopt.ops.adam import adam_update  # noqa: E402,F401
 from refopt.ops.attention import (  # noqa: E402,F401
     attention_backward, attention_forward, attention_mask, merge_heads, softmax, softmax_backward,
     split_heads)

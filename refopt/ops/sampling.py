@@ -1,5 +1,5 @@
 """The samplers' selection steps in NumPy: the support of top-k, top-p and min-p sampling, and the
-draw itself (:func:`refopt.random.choose` with Philox uniforms, :func:`refopt.random.uniform`).
+draw itself (:func:`refopt.philox.choose` with Philox uniforms, :func:`refopt.philox.uniform`).
 
 The sampler classes (:mod:`refopt.samplers`) call these through the current backend's ops
 namespace, so the Numba backend's compiled versions (:mod:`refopt.kernels.cpu.sampling`), which
@@ -8,7 +8,7 @@ follow the same rules to the bit, run underneath.
 
 import numpy as np
 
-from refopt.random import choose, uniform  # noqa: F401  (part of the namespace)
+from refopt.philox import choose, uniform  # noqa: F401  (part of the namespace)
 
 
 def descending_order(x):

@@ -6,9 +6,10 @@ behaviour -- and, as transformers offers them, ``MinPSampler``, ``TypicalSampler
 processors ``RepetitionPenaltyProcessor`` / ``NoRepeatNGramProcessor`` (also reachable as the
 ``repetition_penalty=`` / ``no_repeat_ngram_size=`` arguments of every sampler).
 
-Random choices use the counter-based Philox generator of :mod:`refopt.random`, keyed by
-``(seed, batch row, position)``: the same seed gives the same tokens across runs and batch
-compositions.
+Random choices use the counter-based Philox generator of :mod:`refopt.philox`, keyed by
+``(the row's seed, position)``: seeds are per request (``generate(..., seed=[s0, s1])``, or the
+sampler's ``seed`` for every row), and a prompt's tokens depend on its seed, never on its row in
+the batch or on the other prompts.
 """
 
 from refopt.samplers.beam_sampler import BeamSampler

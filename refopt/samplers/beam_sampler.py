@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt.samplers.sampler import (Sampler, Step, check_positive_int, is_kv_cache, map_cache,
-                                     stop_mask, top_k_indices)
+from refopt.errors import SamplerError
+from refopt.limits import check_allocation
+from refopt.samplers.sampler import (Sampler, Step, cache_nbytes, check_positive_int, is_kv_cache,
+                                     map_cache, stop_mask, top_k_indices)
+
+MAX_BEAMS = 4096     # each beam is a row of every decode step: beyond this, work without end
 
 
 class BeamSampler(Sampler):
@@ -21,7 +25,7 @@ class BeamSampler(Sampler):
     keep accumulating after their stop token, as in KerasHub.
 
     Args:
-        num_beams: int >= 1, default 5.
+        num_beams: int from 1 to 4096, default 5.
         return_all_beams: when True the call returns ``(token_ids [B, num_beams, T],
             log_likelihoods [B, num_beams])`` sorted best first; otherwise the best beam
             ``[B, T]`` (the first of equal ones).
@@ -31,6 +35,9 @@ class BeamSampler(Sampler):
     def __init__(self, num_beams=5, return_all_beams=False, **kwargs):
         super().__init__(**kwargs)
         self.num_beams = check_positive_int(num_beams, "num_beams", "BeamSampler")
+        if self.num_beams > MAX_BEAMS:
+            raise SamplerError(f"BeamSampler: num_beams={self.num_beams}; refopt searches at most "
+                               f"{MAX_BEAMS} beams per prompt")
         self.return_all_beams = bool(return_all_beams)
 
     def steps(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
@@ -41,6 +48,8 @@ class BeamSampler(Sampler):
         start = index = int(index)
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
+        check_allocation((cache_nbytes(cache) + 2 * prompt.nbytes) * nb,
+                         f"BeamSampler(num_beams={nb}) over {B} prompts of length {T}", SamplerError)
         prompt = np.repeat(prompt, nb, axis=0)                                 # [B*nb, T]
         mask = np.repeat(mask, nb, axis=0)
         kv_cache = is_kv_cache(cache, model)

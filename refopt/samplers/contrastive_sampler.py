@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt.samplers.sampler import (Sampler, Step, check_float, check_positive_int, is_kv_cache,
-                                     map_cache, stop_mask, top_k_indices)
+from refopt.limits import check_allocation
+from refopt.samplers.sampler import (Sampler, Step, cache_nbytes, check_float, check_positive_int,
+                                     is_kv_cache, map_cache, stop_mask, top_k_indices)
 
 
 def cosine_similarity(h_prev, h_new):
@@ -58,6 +59,8 @@ class ContrastiveSampler(Sampler):
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
         hidden_states = np.array(hidden_states, copy=True)                     # [B, T, E]
+        check_allocation((hidden_states.nbytes + cache_nbytes(cache))
+                         * k, f"ContrastiveSampler(k={k}) over {B} prompts", SamplerError)
         logits, _, cache = next(prompt, cache, index)                           # [B, V] for `index`
         kv_cache = is_kv_cache(cache, model)
         rows = np.arange(B)

@@ -3,8 +3,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
-from refopt import backend
+from refopt import philox
 from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
 
@@ -28,14 +27,14 @@ class MinPSampler(Sampler):
         self.min_p = check_float(min_p, "min_p", "MinPSampler", 0.0, 1.0, low_open=False)
         self.min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep",
                                                      "MinPSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
 
     def device_spec(self):
         return self._spec(MinPSampler, "min_p", min_p=self.min_p, k=self.min_tokens_to_keep)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        return backend.ops().min_p_distribution(p, self.min_p, self.min_tokens_to_keep)
+        return self.ops.min_p_distribution(p, self.min_p, self.min_tokens_to_keep)
 
     def get_config(self):
         return {**super().get_config(), "min_p": self.min_p,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.samplers.sampler import Sampler
 
 
@@ -10,9 +10,10 @@ class RandomSampler(Sampler):
     """Random sampling: every token, with its probability.
 
     Args:
-        seed: optional int in [0, 2**64); the draw at position ``i`` of batch row ``r`` uses the
-            Philox uniform of ``(seed, r, i)`` (see :mod:`refopt.random`).  Without a seed, each
-            generation draws one and keeps it in ``last_seed``.
+        seed: optional int in [0, 2**64), the seed of every row, or a list of them, one per row;
+            the draw at position ``i`` of a row uses the Philox uniform of ``(row's seed, i)`` (see
+            :mod:`refopt.philox`), so a prompt's text depends on its seed, not on its row.  Without
+            a seed, each generation draws one per row and keeps them in ``last_seed``.
         temperature, repetition_penalty, no_repeat_ngram_size, logits_processors: see ``Sampler``.
     """
 
@@ -20,7 +21,7 @@ class RandomSampler(Sampler):
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
 
     def device_spec(self):
         return self._spec(RandomSampler, "random")

@@ -19,15 +19,27 @@ position that was not part of its prompt.  Where ``mask`` is True the prompt's o
 Subclasses override ``get_next_token(probabilities)`` (as in KerasHub) or, to be usable as the
 ``base_sampler`` of speculative decoding, ``next_token_distribution(probabilities)``: the
 distribution a token is drawn from (zero outside the sampler's support).  The base
-``get_next_token`` draws from that distribution with :func:`refopt.random.choose` and a Philox
-uniform keyed by ``(seed, batch row, index)``, so a choice depends only on those and on the
+``get_next_token`` draws from that distribution with :func:`refopt.philox.choose` and a Philox
+uniform keyed by ``(the row's seed, index)``, so a choice depends only on those and on the
 probabilities.
+
+Ops: the selection steps (top-k mask, top-p cut, the draw) run on the ops namespace of the model
+being decoded (``model.backbone.ops``, passed to the loop with ``model``), so a model pinned to a
+backend samples on it; outside a loop, on the current backend (:func:`refopt.backend.ops`).
+
+Seeds, per request (as vLLM's): every row has its own seed, and a row's tokens depend only on its
+prompt, its seed and the model -- not on its index in the batch or on the other rows.  The seed of
+a loop is ``seed=`` given to the loop (``generate(..., seed=...)``), else the sampler's ``seed``: an
+integer gives every row that seed (the same prompt twice in a batch gives the same text twice); a
+list gives one seed per row; None draws a fresh seed per row from ``os.urandom``.
 
 Differences from KerasHub, on purpose:
 
 * A seeded sampler gives the same output every call (KerasHub's seed generator advances between
-  calls).  Without a seed, each call draws a fresh one from ``os.urandom`` and leaves it in
-  ``sampler.last_seed``; ``Sampler(seed=sampler.last_seed)`` reproduces that call.
+  calls), and the same text for the same prompt in any row of any batch.  Without a seed, each
+  call draws fresh seeds and leaves them in ``sampler.last_seed`` (an integer when every row had
+  the same seed, else the list of row seeds); ``generate(..., seed=sampler.last_seed)`` or
+  ``Sampler(seed=sampler.last_seed)`` reproduces that call.
 * Probabilities are float32 as KerasHub's, except that float64 logits (the oracle's dtype) keep
   float64.
 * ``temperature <= 0`` raises :class:`refopt.errors.SamplerError`.
@@ -43,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refopt import backend
-from refopt import random as prandom
+from refopt import philox
 from refopt.errors import SamplerError
 from refopt.ops.sampling import descending_order, top_k_mask  # noqa: F401  (re-exported)
 
@@ -161,7 +173,8 @@ class Sampler:
         self.logits_processors = processors
         self.seed = None
         self.last_seed = None
-        self._seed_in_use = None
+        self._seeds = None           # uint64 [B]: each row's seed during a loop
+        self._ops = None             # the ops namespace of the model being decoded
         self._index = 0
 
     # ------------------------------------------------------------------ per-step pieces
@@ -199,29 +212,38 @@ class Sampler:
 
     def get_next_token(self, probabilities):
         """The next token ``[B]`` for ``probabilities [B, V]``: a draw from
-        :meth:`next_token_distribution` with the uniform of ``(seed, row, index)``."""
+        :meth:`next_token_distribution` with the uniform of ``(row's seed, index)``."""
         probabilities = np.asarray(probabilities)
         weights = self.next_token_distribution(probabilities)
-        return backend.ops().choose(weights, self.uniforms(probabilities.shape[0]))
+        return self.ops.choose(weights, self.uniforms(probabilities.shape[0]))
+
+    @property
+    def ops(self):
+        """The ops namespace the selection steps run on: the decoded model's during a loop, else
+        the current backend's."""
+        return self._ops if self._ops is not None else backend.ops()
 
     # ------------------------------------------------------------------ randomness
-    def begin(self):
-        """Fix the seed of one generation: ``seed``, or a fresh one (kept in ``last_seed``)."""
+    def begin(self, batch: int, model=None, seed=None):
+        """Start one generation of ``batch`` rows: run on ``model``'s ops and fix each row's seed
+        (``seed``, else the sampler's ``seed``; see the module docstring).  Returns the row seeds
+        (uint64 ``[batch]``), or None for a sampler that makes no random choice."""
+        self._ops = model_ops(model)
+        self._seeds = None
         if self.stochastic:
-            self._seed_in_use = self.seed if self.seed is not None else prandom.draw_seed()
-            self.last_seed = self._seed_in_use
-        return self._seed_in_use
+            self._seeds = philox.row_seeds(self.seed if seed is None else seed, batch)
+            first = int(self._seeds[0])
+            self.last_seed = first if (self._seeds == self._seeds[0]).all() else [int(s) for s in self._seeds]
+        return self._seeds
 
-    def uniforms(self, batch: int, index: int | None = None, stream: int = prandom.STREAM_TOKEN,
-                 rows=None):
-        """Philox uniforms ``[batch]`` for rows ``0 .. batch-1`` (or ``rows``) at ``index``
-        (default: the position the loop is deciding)."""
-        if self._seed_in_use is None:                                          # outside a loop
-            self._seed_in_use = self.seed if self.seed is not None else prandom.draw_seed()
-            self.last_seed = self._seed_in_use
-        rows = np.arange(batch) if rows is None else rows
-        return backend.ops().uniform(self._seed_in_use, rows, self._index if index is None else index,
-                                     stream)
+    def uniforms(self, batch: int, index: int | None = None, stream: int = philox.STREAM_TOKEN):
+        """Philox uniforms ``[batch]``, one per row's seed, at ``index`` (default: the position
+        the loop is deciding)."""
+        if self._seeds is None or len(self._seeds) != batch:                  # outside a loop
+            self._seeds = philox.row_seeds(self.seed, batch)
+            self.last_seed = int(self._seeds[0]) if (self._seeds == self._seeds[0]).all() else [
+                int(s) for s in self._seeds]
+        return self.ops.uniform(self._seeds, self._index if index is None else index, stream)
 
     # ------------------------------------------------------------------ the loop
     def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
@@ -232,9 +254,10 @@ class Sampler:
                                      model=model, **kwargs))
 
     def steps(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
-              hidden_states=None, model=None, log_probs=False):
+              hidden_states=None, model=None, log_probs=False, seed=None):
         """The decoding loop as a generator: yields a :class:`Step` per position decided and returns
-        the final token ids ``[B, T]`` (``StopIteration.value``)."""
+        the final token ids ``[B, T]`` (``StopIteration.value``).  ``seed``: this loop's seed(s),
+        overriding the sampler's (an integer, or one per row)."""
         prompt = np.array(prompt, copy=True)                                   # [B, T]
         B, T = prompt.shape
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -242,7 +265,7 @@ class Sampler:
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
         generated = np.arange(T)[None, :] >= mask.sum(axis=-1)[:, None]        # [B, T] past the prompt
         finished = np.zeros(B, bool)
-        self.begin()
+        self.begin(B, model=model, seed=seed)
         while index < T and not (stop is not None and finished.all()):
             logits, _, cache = next(prompt, cache, index)                       # [B, V]
             logits = self.process_logits(logits, prompt, index)
@@ -303,6 +326,13 @@ def map_cache(fn, cache):
     return fn(np.asarray(cache))
 
 
+def cache_nbytes(cache) -> int:
+    """The bytes of every array of a cache structure (see :func:`map_cache`)."""
+    total = []
+    map_cache(lambda x: total.append(x.nbytes), cache)
+    return int(sum(total))
+
+
 def is_kv_cache(cache, model) -> bool:
     """Whether ``cache`` is ``model``'s own KV cache ``[B, L, 2, T, H, K]`` (see
     :func:`refopt.model.new_cache`): the one layout whose sequence axis (3) a sampler may slice to
@@ -311,6 +341,14 @@ def is_kv_cache(cache, model) -> bool:
     return (cfg is not None and isinstance(cache, np.ndarray) and cache.ndim == 6
             and cache.shape[1:3] == (cfg.num_layers, 2)
             and cache.shape[4:] == (cfg.num_heads, cfg.head_dim))
+
+
+def model_ops(model):
+    """The ops namespace ``model`` runs on (``model.backbone.ops``); the current backend's when
+    there is no model."""
+    backbone = getattr(model, "backbone", None)
+    ops = getattr(backbone, "ops", None)
+    return ops if ops is not None else backend.ops()
 
 
 def run_to_end(steps):

@@ -7,16 +7,16 @@ KerasHub's arguments (``num_speculative_tokens=5``, ``base_sampler=None``, ``see
 1. **Draft** ``kk = min(num_speculative_tokens, T - 1 - i)`` tokens with the draft model, one at a
    time: token ``x_j`` (position ``i + j``) is drawn from the draft's distribution ``q_j`` (the
    ``base_sampler``'s distribution applied to the draft's probabilities; the arg-max when there is
-   no base sampler) with the Philox uniform of ``(seed, row, i + j, STREAM_DRAFT)``.
+   no base sampler) with the Philox uniform of ``(row's seed, i + j, STREAM_DRAFT)``.
 2. **Verify**: one target forward pass over positions ``i - 1 .. i + kk - 1`` gives the target's
    distributions ``p_0 .. p_kk`` (same construction as ``q``).
 3. **Accept** ``x_j`` when ``u_j * q_j(x_j) < p_j(x_j)`` with ``u_j`` the uniform of
-   ``(seed, row, i + j, STREAM_ACCEPT)`` -- probability ``min(1, p/q)``.  Positions the prompt fixes
+   ``(row's seed, i + j, STREAM_ACCEPT)`` -- probability ``min(1, p/q)``.  Positions the prompt fixes
    (``mask``) are always accepted.  ``m_b`` = the length of row ``b``'s accepted prefix.
 4. The batch advances by ``m = min_b m_b`` plus one token at position ``i + m``: row ``b``'s accepted
    draft token if ``m_b > m``; else a draw from the residual ``max(0, p_m - q_m)`` (renormalised;
    ``p_m`` if it is all zero) when ``m < kk``; else a draw from ``p_kk`` -- with the uniform of
-   ``(seed, row, i + m, STREAM_RESIDUAL)``.
+   ``(row's seed, i + m, STREAM_RESIDUAL)``.
 
 Every emitted token is therefore distributed exactly as the base sampler would draw it from the
 target (the rejection-sampling argument; cutting the batch at ``m`` depends only on other rows'
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.errors import SamplerError
 from refopt.samplers.sampler import (Sampler, Step, check_positive_int, normalize, one_hot_argmax)
 
@@ -52,7 +52,8 @@ class SpeculativeSampler(Sampler):
         num_speculative_tokens: int >= 1, default 5: tokens drafted per cycle.
         base_sampler: optional sampler (object, name or config) whose distribution both models
             draw from (stochastic acceptance); None = greedy acceptance.
-        seed: optional int; keys the Philox streams (``last_seed`` when drawn).
+        seed: optional int (every row) or list of ints (one per row); keys the Philox streams
+            (``last_seed`` when drawn).
         temperature, repetition_penalty, no_repeat_ngram_size, logits_processors: see ``Sampler``.
     """
 
@@ -75,7 +76,7 @@ class SpeculativeSampler(Sampler):
                     "typical), not beam, contrastive or speculative")
             base_sampler.temperature = self.temperature
         self.base_sampler = base_sampler
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
         self.draft_model = draft_model
         if draft_model is not None:
             _check_draft(draft_model)
@@ -102,9 +103,10 @@ class SpeculativeSampler(Sampler):
 
     # ------------------------------------------------------------------ the loop
     def steps(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
-              hidden_states=None, model=None, log_probs=False, draft_next=None, draft_cache=None,
-              verify_next=None):
-        """KerasHub's sampler protocol, with three optional arguments of its own.
+              hidden_states=None, model=None, log_probs=False, seed=None, draft_next=None,
+              draft_cache=None, verify_next=None):
+        """KerasHub's sampler protocol, with ``seed`` (this loop's seed(s), overriding the
+        sampler's) and three optional arguments of its own.
 
         Args:
             draft_next: ``draft_next(prompt, draft_cache, index) -> (logits [B, V], hidden,
@@ -125,7 +127,9 @@ class SpeculativeSampler(Sampler):
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
         generated = np.arange(T)[None, :] >= mask.sum(axis=-1)[:, None]
         finished = np.zeros(B, bool)
-        seed = self.begin()
+        seeds = self.begin(B, model=model, seed=seed)
+        if self.base_sampler is not None:
+            self.base_sampler.begin(B, model=model)                           # its ops: the model's
 
         if draft_next is None:
             draft_next, draft_cache = self._draft_from_model(prompt, index, T)
@@ -144,7 +148,7 @@ class SpeculativeSampler(Sampler):
                     d_logits, _, draft_cache = draft_next(current, draft_cache, p)
                 draft_valid = pos
                 q.append(self._distribution(d_logits, current, pos))
-                x = prandom.choose(q[-1], prandom.uniform(seed, rows, pos, prandom.STREAM_DRAFT))
+                x = philox.choose(q[-1], philox.uniform(seeds, pos, philox.STREAM_DRAFT))
                 current[:, pos] = np.where(mask[:, pos], prompt[:, pos], x)
             # 2. verify: the target's logits for positions index .. index + kk
             result = verify_next(current, cache, index, kk)
@@ -156,7 +160,7 @@ class SpeculativeSampler(Sampler):
                 x = current[:, index:index + kk]                               # [B, kk]
                 px = np.stack([p[j][rows, x[:, j]] for j in range(kk)], axis=1)
                 qx = np.stack([q[j][rows, x[:, j]] for j in range(kk)], axis=1)
-                u = np.stack([prandom.uniform(seed, rows, index + j, prandom.STREAM_ACCEPT)
+                u = np.stack([philox.uniform(seeds, index + j, philox.STREAM_ACCEPT)
                               for j in range(kk)], axis=1)
                 accepted = (u * qx < px) | mask[:, index:index + kk]
             n_accepted = np.cumprod(accepted, axis=1).sum(axis=1)              # [B]
@@ -167,11 +171,11 @@ class SpeculativeSampler(Sampler):
                 residual = np.maximum(p[m] - q[m], 0.0)
                 empty = residual.sum(axis=-1) <= 0
                 residual[empty] = p[m][empty]
-                fresh = prandom.choose(residual, prandom.uniform(seed, rows, pos,
-                                                                 prandom.STREAM_RESIDUAL))
+                fresh = philox.choose(residual, philox.uniform(seeds, pos,
+                                                                 philox.STREAM_RESIDUAL))
                 token = np.where(n_accepted > m, current[:, pos], fresh)
             else:
-                token = prandom.choose(p[kk], prandom.uniform(seed, rows, pos, prandom.STREAM_RESIDUAL))
+                token = philox.choose(p[kk], philox.uniform(seeds, pos, philox.STREAM_RESIDUAL))
             token = np.where(mask[:, pos], prompt[:, pos], token)
             prompt[:, index:pos] = current[:, index:pos]
             prompt[:, pos] = token

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
-from refopt import backend
+from refopt import philox
 from refopt.samplers.sampler import Sampler, check_positive_int
 
 
@@ -22,14 +21,14 @@ class TopKSampler(Sampler):
     def __init__(self, k=5, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.k = check_positive_int(k, "k", "TopKSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
 
     def device_spec(self):
         return self._spec(TopKSampler, "top_k", k=self.k)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        return np.where(backend.ops().top_k_mask(p, self.k), p, 0.0)
+        return np.where(self.ops.top_k_mask(p, self.k), p, 0.0)
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "seed": self.seed}

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
-from refopt import backend
+from refopt import philox
 from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
 
@@ -28,14 +27,14 @@ class TopPSampler(Sampler):
         super().__init__(**kwargs)
         self.p = check_float(p, "p", "TopPSampler", 0.0, 1.0, low_open=True)
         self.k = None if k is None else check_positive_int(k, "k", "TopPSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
 
     def device_spec(self):
         return self._spec(TopPSampler, "top_p", p=self.p, k=self.k)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]
-        return backend.ops().top_p_distribution(p, self.p, self.k)
+        return self.ops.top_p_distribution(p, self.p, self.k)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p, "k": self.k, "seed": self.seed}

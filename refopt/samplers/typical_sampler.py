@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.samplers.sampler import Sampler, check_float, check_positive_int
 
 
@@ -29,7 +29,7 @@ class TypicalSampler(Sampler):
         self.p = check_float(p, "p", "TypicalSampler", 0.0, 1.0, low_open=True)
         self.min_tokens_to_keep = check_positive_int(min_tokens_to_keep, "min_tokens_to_keep",
                                                      "TypicalSampler")
-        self.seed = prandom.check_seed(seed)
+        self.seed = philox.check_seeds(seed)
 
     def next_token_distribution(self, probabilities):
         p = np.asarray(probabilities, np.float64)                              # [B, V]

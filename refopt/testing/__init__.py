@@ -1,7 +1,7 @@
 """refopt's conformance oracle: check another OPT implementation against refopt's float64 reference.
 
 A backend author implements an :class:`Adapter` (load weights, return logits; optionally named
-activations, gradients, tokenizer and sampler steps) and runs::
+activations, gradients, incremental decoding, generation, tokenizer and sampler steps) and runs::
 
     refopt conform --against my_package.my_module:MyAdapter PRESET
     pytest --refopt-backend my_package.my_module:MyAdapter
@@ -15,14 +15,18 @@ or from Python::
 What is here:
 
 * :class:`Adapter`, :class:`NotSupported`, :class:`SamplerSpec`, :func:`load_adapter`,
-  :class:`RefoptAdapter` (refopt itself on any backend) -- the protocol (:mod:`.adapter`);
-  ``TransformersAdapter`` and ``KerasHubAdapter`` (:mod:`.adapters`) for the two established
-  implementations, imported only when used;
+  :data:`CAPABILITIES`, :class:`RefoptAdapter` (refopt itself on any backend) -- the protocol
+  (:mod:`.adapter`); ``TransformersAdapter``, ``KerasHubAdapter`` and ``CTranslate2Adapter``
+  (:mod:`.adapters`) for established implementations, imported only when used;
+* :mod:`.cases` -- the one random-config space, stress magnitudes, case ids; :mod:`.modelcase` --
+  a model, its batches and its float64 reference;
 * :func:`tolerance`, :func:`error_figures`, :func:`compare` -- the tolerance model per dtype and
-  depth, and max abs / max rel / NMSE figures with the float64 tie-break (:mod:`.tolerances`);
+  depth (:mod:`.tolerances`), raised by the rounding noise of the input (:mod:`.noise`); ReLU kinks
+  in gradients resolved from the port's own gradients (:mod:`.kinks`);
 * :func:`locate_divergence` -- the first named intermediate where two backends part (:mod:`.locator`);
-* :func:`run_conformance`, :func:`build_suite`, :class:`Report` -- the suite (:mod:`.checks`);
-* :mod:`.strategies` -- hypothesis strategies for configs, weights, masks, prompts and texts;
+* :func:`run_conformance`, :func:`build_suite`, :func:`check_case` -- the checks by family
+  (:mod:`.checks`) and :class:`Report` (:mod:`.report`);
+* :mod:`.strategies` -- hypothesis strategies for configs, cases, weights, masks, prompts and texts;
 * :mod:`.mutants` -- deliberately broken adapters that prove the checks catch real bugs;
 * :func:`streaming_logits` -- float64 reference logits for checkpoints larger than memory
   (:mod:`.streaming`);
@@ -31,17 +35,22 @@ What is here:
 See ``docs/ORACLE.md`` for the backend author's guide.
 """
 
-from refopt.testing.adapter import Adapter, NotSupported, RefoptAdapter, SamplerSpec, load_adapter
-from refopt.testing.checks import (CheckResult, ModelCase, Report, TokenizerCase, build_suite,
-                                   case_from_preset, random_case, run_conformance)
+from refopt.testing.adapter import (CAPABILITIES, Adapter, NotSupported, RefoptAdapter, SamplerSpec,
+                                    capabilities_of, load_adapter)
+from refopt.testing.cases import CaseSpec, ConfigSpace, Magnitudes, case_by_id, random_case, stress_specs
+from refopt.testing.checks import (CheckResult, Report, TokenizerCase, build_suite, check_case,
+                                   run_conformance)
 from refopt.testing.locator import Divergence, locate_divergence
-from refopt.testing.reference import activation_names, gradient_order, sampler_distribution
+from refopt.testing.modelcase import ModelCase, case_from_preset
+from refopt.testing.reference import activation_names, gradient_order
+from refopt.testing.sampler_reference import sampler_distribution
 from refopt.testing.tolerances import Figures, Tolerance, compare, error_figures, tolerance
 
 __all__ = [
-    "Adapter", "NotSupported", "RefoptAdapter", "SamplerSpec", "load_adapter",
-    "CheckResult", "ModelCase", "Report", "TokenizerCase", "build_suite", "case_from_preset",
-    "random_case", "run_conformance", "Divergence", "locate_divergence", "activation_names",
+    "CAPABILITIES", "Adapter", "NotSupported", "RefoptAdapter", "SamplerSpec", "capabilities_of",
+    "load_adapter", "CaseSpec", "ConfigSpace", "Magnitudes", "case_by_id", "random_case",
+    "stress_specs", "CheckResult", "ModelCase", "Report", "TokenizerCase", "build_suite", "check_case",
+    "case_from_preset", "run_conformance", "Divergence", "locate_divergence", "activation_names",
     "gradient_order", "sampler_distribution", "Figures", "Tolerance", "compare", "error_figures",
     "tolerance", "streaming_logits",
 ]

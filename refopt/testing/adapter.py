@@ -13,13 +13,15 @@ Conventions every method follows:
 
 * ``token_ids [B, S]`` int64, ``padding_mask [B, S]`` bool, True on real tokens.  Right padding
   unless the adapter sets ``supports_left_padding`` (then the oracle also sends left-padded rows,
-  whose positions count from each row's first real token, as transformers computes them).
+  whose positions count from each row's first real token, as transformers computes them).  The
+  length ``S`` is the batch's, at most the config's ``max_sequence_length``; rows shorter than ``S``
+  are padded (the oracle never sends a row without a real token).
 * Only real positions are compared; what a port puts at padding positions is its own business.
 * Prompt ids (:meth:`Adapter.encode`) start with ``</s>`` (id 2), as OPT's published tokenizer
   and KerasHub's ``OPTCausalLMPreprocessor.generate_preprocess`` make them.
 * A sampler step (:meth:`Adapter.sample`) receives the model's probabilities and one uniform number
   in ``[0, 1)`` per row; the port applies its temperature and filters (top-k, top-p) and picks the
-  token with the common selection rule :func:`refopt.random.choose` (inverse CDF over token ids),
+  token with the common selection rule :func:`refopt.philox.choose` (inverse CDF over token ids),
   so the choice depends only on the filtering, which is what is being checked.
 """
 
@@ -28,6 +30,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +42,39 @@ from refopt.errors import ConfigError
 
 
 class NotSupported(Exception):
-    """Raised by an adapter method the backend does not implement; the message says why."""
+    """Raised by an adapter method the backend does not implement, or for inputs (a config) it
+    does not handle; the message says why."""
+
+
+#: what an adapter may support; each check needs some of them (``refopt.testing.checks``)
+CAPABILITIES = ("logits", "left_padding", "activations", "gradients", "incremental", "generation",
+                "tokenizer", "samplers")
+
+# the method whose override implies each capability (adapters that do not declare ``capabilities``)
+_IMPLIED_BY = {"activations": "activations", "gradients": "loss_and_gradients",
+               "incremental": "incremental_logits", "generation": "greedy", "tokenizer": "encode",
+               "samplers": "sample"}
+
+
+def capabilities_of(adapter) -> frozenset:
+    """The capabilities an adapter declares (``capabilities``), or, when it declares none, those
+    implied by the methods it overrides (``logits`` always; ``left_padding`` from
+    ``supports_left_padding``)."""
+    declared = getattr(adapter, "capabilities", None)
+    if declared is not None:
+        caps = frozenset(declared)
+        unknown = caps - set(CAPABILITIES)
+        if unknown:
+            raise ConfigError(f"{type(adapter).__name__}.capabilities: unknown {sorted(unknown)}; "
+                              f"expected some of {list(CAPABILITIES)}")
+        return caps | ({"left_padding"} if getattr(adapter, "supports_left_padding", False) else set())
+    caps = {"logits"}
+    if getattr(adapter, "supports_left_padding", False):
+        caps.add("left_padding")
+    for cap, method in _IMPLIED_BY.items():
+        if getattr(type(adapter), method, None) is not getattr(Adapter, method):
+            caps.add(cap)
+    return frozenset(caps)
 
 
 class SamplerSpec(NamedTuple):
@@ -74,10 +111,15 @@ class Adapter:
     ``sampler_convention``     ``"keras_hub"`` (refopt's and KerasHub's rules) or ``"transformers"``
                                (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
                                ``TopPLogitsWarper``): the two differ only at exact ties (see
-                               :func:`refopt.testing.reference.sampler_distribution`)
+                               :func:`refopt.testing.sampler_reference.sampler_distribution`)
     ``config_family``          ``"opt"`` (every OPT variant: post-LN, projections, no biases, ...)
                                or ``"keras_hub"`` (what KerasHub's OPTBackbone can build): the
                                random configs the suite draws for this adapter
+    ``capabilities``           what the port supports, some of :data:`CAPABILITIES` (``logits``,
+                               ``left_padding``, ``activations``, ``gradients``, ``incremental``,
+                               ``generation``, ``tokenizer``, ``samplers``); the checks that need
+                               anything else are not run and are listed once in the report.  Left
+                               as None, it is read off the methods the subclass overrides
     =========================  ===================================================================
     """
 
@@ -86,6 +128,7 @@ class Adapter:
     supports_left_padding = False
     sampler_convention = "keras_hub"
     config_family = "opt"
+    capabilities: frozenset | None = None
 
     config: OPTConfig | None = None
 
@@ -115,6 +158,13 @@ class Adapter:
         head's share inside ``embed_tokens``)."""
         raise NotSupported(f"{self.name} does not compute gradients")
 
+    def incremental_logits(self, token_ids, padding_mask, prefill: int) -> np.ndarray:
+        """Logits ``[B, S, V]`` computed the way generation computes them: one call on the first
+        ``prefill`` columns (filling the port's KV cache), then one cached step per later column,
+        fed that column's token (``padding_mask`` covers the whole batch; on a left-padded batch
+        the prefill holds the padding)."""
+        raise NotSupported(f"{self.name} does not decode incrementally")
+
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """The ``max_new_tokens`` ids greedy decoding appends to one prompt (no stop token)."""
         raise NotSupported(f"{self.name} does not generate")
@@ -136,7 +186,7 @@ class Adapter:
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec: SamplerSpec, probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Token ids ``[B]`` for ``probabilities [B, V]`` (the model's softmax, before temperature)
-        and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.random.choose`
+        and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.philox.choose`
         (greedy ignores the uniforms)."""
         raise NotSupported(f"{self.name} has no samplers")
 
@@ -154,6 +204,7 @@ class RefoptAdapter(Adapter):
     refopt's compiled backends against it."""
 
     supports_left_padding = True
+    capabilities = frozenset(CAPABILITIES)
 
     def __init__(self, backend: str = "numpy", dtype: str = "float32"):
         from refopt import backend as _backend
@@ -211,6 +262,19 @@ class RefoptAdapter(Adapter):
         x = {"token_ids": np.asarray(token_ids, np.int64), "padding_mask": np.asarray(padding_mask, bool)}
         return loss_and_gradients(self.params, self.config, x, y, sw, ops=self._ops)
 
+    def incremental_logits(self, token_ids, padding_mask, prefill):
+        # refopt's forward with its KV cache: a prefill, then one token per call
+        from refopt import model as _model
+
+        ids = np.asarray(token_ids, np.int64)
+        mask = np.asarray(padding_mask).astype(bool)
+        B, S = ids.shape
+        cache = _model.new_cache(self.config, B, S, self.dtype)
+        steps = [(0, prefill)] + [(s, s + 1) for s in range(prefill, S)]
+        out = [self._head(_model.forward(self.params, self.config, ids[:, a:b], mask, cache=cache,
+                                         cache_index=a, ops=self._ops)) for a, b in steps]
+        return np.concatenate(out, axis=1)
+
     def greedy(self, prompt_ids, max_new_tokens):
         from refopt.models import OPTBackbone, OPTCausalLM
 
@@ -249,8 +313,8 @@ class RefoptAdapter(Adapter):
 
     # samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
-        from refopt.testing.reference import sampler_distribution
+        from refopt.philox import choose
+        from refopt.testing.sampler_reference import sampler_distribution
 
         weights = sampler_distribution(spec, probabilities, "keras_hub", backend=self.backend)
         return choose(weights, uniforms)
@@ -260,26 +324,29 @@ class Unavailable(Adapter):
     """Stands in for an adapter that cannot be built here (its library is not installed): every
     check it would take part in is reported as skipped, with ``reason``."""
 
+    capabilities = frozenset()
+
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
 
     def _skip(self, *args, **kwargs):
         raise NotSupported(self.reason)
 
-    load = load_preset = logits = activations = loss_and_gradients = greedy = _skip
+    load = load_preset = logits = activations = loss_and_gradients = greedy = incremental_logits = _skip
     load_tokenizer = encode = decode = sample = _skip
 
 
 # ---------------------------------------------------------------------------------- by name
 BUILTIN = {
     "transformers": "refopt.testing.adapters.transformers:TransformersAdapter",
+    "ctranslate2": "refopt.testing.adapters.ctranslate2:CTranslate2Adapter",
     "keras-hub": "refopt.testing.adapters.keras_hub:KerasHubAdapter",
     "keras_hub": "refopt.testing.adapters.keras_hub:KerasHubAdapter",
 }
 
 
 def load_adapter(spec) -> Adapter:
-    """An adapter from a command-line spec: ``"transformers"``, ``"keras-hub"``, ``"refopt"``
+    """An adapter from a command-line spec: ``"transformers"``, ``"keras-hub"``, ``"ctranslate2"``, ``"refopt"``
     (``"refopt:numba"``, ``"refopt:numpy:float64"``), ``"package.module:Class"`` (a class or a
     factory called with no arguments), or an :class:`Adapter` instance (returned as is)."""
     if isinstance(spec, Adapter):
@@ -292,13 +359,10 @@ def load_adapter(spec) -> Adapter:
         return RefoptAdapter(*(parts or ["numba" if _has_numba() else "numpy"]))
     target = BUILTIN.get(spec, spec)
     if ":" not in target:
-        raise ConfigError(f"adapter {spec!r}: expected 'transformers', 'keras-hub', 'refopt[:backend]' "
-                          "or 'module:Class' (a colon between the module and the class)")
+        raise ConfigError(f"adapter {spec!r}: expected 'transformers', 'keras-hub', 'ctranslate2', "
+                          "'refopt[:backend]' or 'module:Class' (a colon between the module and the class)")
     module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"adapter {spec!r}: cannot import {module_name!r} ({e})") from None
+    module = _import(spec, module_name)
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -309,6 +373,28 @@ def load_adapter(spec) -> Adapter:
         raise ConfigError(f"adapter {spec!r}: {attr} gave a {type(adapter).__name__}, not a "
                           "refopt.testing.Adapter")
     return adapter
+
+
+def _import(spec: str, module_name: str):
+    """Import the adapter's module; a module that is not on ``sys.path`` is looked for in the
+    current directory too (``refopt conform --against my_port.oracle:MyAdapter`` run from the
+    project that holds ``my_port/``, as ``python -m`` would find it)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        if e.name != top and not module_name.startswith(f"{e.name}."):
+            raise ConfigError(f"adapter {spec!r}: importing {module_name!r} failed: {e}") from None
+        if cwd in sys.path or not (Path(cwd, top).is_dir() or Path(cwd, top + ".py").is_file()):
+            raise ConfigError(f"adapter {spec!r}: cannot import {module_name!r} ({e}); it is neither "
+                              f"installed nor in the current directory {cwd} (or add its folder to "
+                              "PYTHONPATH)") from None
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"adapter {spec!r}: cannot import {module_name!r} from {cwd} ({e})") from None
 
 
 def _has_numba() -> bool:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from refopt.testing import reference as R
-from refopt.testing.tolerances import GRADIENT_FLOOR, Comparison, compare
+from refopt.testing.tolerances import Comparison, compare
 
 
 class Divergence(NamedTuple):
@@ -56,11 +56,31 @@ def real_positions(padding_mask) -> np.ndarray:
     return np.asarray(padding_mask).astype(bool)
 
 
+def _lazy(noise):
+    """``noise`` (None, a dict, or a function returning a dict) as a function called at most once."""
+    if not callable(noise):
+        return lambda: noise or {}
+    held = []
+
+    def get():
+        if not held:
+            held.append(noise() or {})
+        return held[0]
+    return get
+
+
 def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, padding_mask,
-                        reference_same_dtype: dict | None = None, stop_at_first: bool = False,
-                        names: list | None = None) -> Divergence:
-    """Compare named intermediates at real positions, in forward order."""
+                        scales: dict | None = None, noise: dict | None = None,
+                        stop_at_first: bool = False, names: list | None = None) -> Divergence:
+    """Compare named intermediates at real positions, in forward order.
+
+    ``scales``: what each is measured against (:func:`refopt.testing.reference.activation_scales`;
+    default: computed here); ``noise``: the rounding noise of each on this input
+    (:meth:`refopt.testing.modelcase.ModelCase.noise`), which raises its tolerance, or a function
+    returning it (called only if a tensor exceeds its calibrated tolerance)."""
     real = real_positions(padding_mask)
+    scales = R.activation_scales(reference64, cfg, padding_mask) if scales is None else scales
+    noise = _lazy(noise)
     compared, missing, first = [], [], None
     for name in names or R.activation_names(cfg):
         if name not in reference64:
@@ -70,11 +90,12 @@ def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, pad
             continue
         cand = np.asarray(candidate[name])
         ref = np.asarray(reference64[name])
-        same = None if reference_same_dtype is None else np.asarray(reference_same_dtype[name])[real]
+        depth = R.depth_of(name, cfg)
         if cand.shape[:2] != ref.shape[:2]:
-            c = compare(name, cand, ref, dtype, R.depth_of(name, cfg))
+            c = compare(name, cand, ref, dtype, depth)
         else:
-            c = compare(name, cand[real], ref[real], dtype, R.depth_of(name, cfg), same)
+            c = compare(name, cand[real], ref[real], dtype, depth, scale=scales.get(name),
+                        noise=lambda name=name: noise().get(name))
         compared.append(c)
         if not c.passed and first is None:
             first = c
@@ -83,20 +104,20 @@ def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, pad
     return Divergence(first, compared, missing)
 
 
-def compare_gradients(cfg, candidate: dict, reference64: dict, dtype: str,
-                      reference_same_dtype: dict | None = None) -> Divergence:
-    """Compare gradients in backward order (nearest the loss first), each judged against at least
-    ``GRADIENT_FLOOR`` times the largest reference gradient."""
-    floor = GRADIENT_FLOOR * max(float(np.max(np.abs(np.asarray(g, np.float64))))
-                                 for g in reference64.values())
+def compare_gradients(cfg, candidate: dict, reference64: dict, dtype: str, scales: dict | None = None,
+                      noise: dict | None = None) -> Divergence:
+    """Compare gradients in backward order (nearest the loss first), each against its block's
+    magnitude (:func:`refopt.testing.reference.gradient_scales`) with the tolerance raised by its
+    rounding noise when ``noise`` (a dict, or a function returning one) is given."""
+    scales = R.gradient_scales(reference64) if scales is None else scales
+    noise = _lazy(noise)
     compared, missing, first = [], [], None
     for name in R.gradient_order(cfg):
         if name not in candidate:
             missing.append(name)
             continue
-        same = None if reference_same_dtype is None else reference_same_dtype[name]
-        c = compare(name, candidate[name], reference64[name], dtype, cfg.num_layers, same,
-                    scale_floor=floor, kind="gradients")
+        c = compare(name, candidate[name], reference64[name], dtype, cfg.num_layers, "gradients",
+                    scale=scales.get(name), noise=lambda name=name: noise().get(name))
         compared.append(c)
         if not c.passed and first is None:
             first = c
@@ -107,16 +128,23 @@ def locate_divergence(reference, candidate, token_ids, padding_mask) -> Divergen
     """The first named intermediate where ``candidate`` leaves ``reference`` (two adapters loaded
     with the same model) on one input, judged with the candidate's dtype tolerance.
 
-    When ``reference`` is refopt's own adapter in float64, the float64 tie-break uses refopt's
-    result in the candidate's dtype.  Raises :class:`refopt.testing.NotSupported` when either
-    adapter cannot produce intermediates."""
+    When ``reference`` is refopt's own adapter in float64, the tolerance is raised by the rounding
+    noise of the candidate's dtype on this input (:mod:`refopt.testing.noise`).  Raises
+    :class:`refopt.testing.NotSupported` when either adapter cannot produce intermediates."""
     from refopt.testing.adapter import RefoptAdapter
+    from refopt.testing.modelcase import noise_figures
+    from refopt.testing.noise import noisy_ops
+    from refopt.testing.tolerances import NOISE_SAMPLES
 
     cfg = reference.config
     names = R.activation_names(cfg)
     ref = reference.activations(token_ids, padding_mask, names)
     cand = candidate.activations(token_ids, padding_mask, names)
-    same = None
-    if isinstance(reference, RefoptAdapter) and reference.dtype == "float64" and candidate.dtype != "float64":
-        same = R.run_forward_as(reference.params, cfg, token_ids, padding_mask, candidate.dtype)
-    return compare_activations(cfg, cand, ref, candidate.dtype, padding_mask, same)
+    scales = R.activation_scales(ref, cfg, padding_mask)
+    noise = None
+    if isinstance(reference, RefoptAdapter) and reference.dtype == "float64":
+        def noise():
+            runs = (R.run_forward(reference.params, cfg, token_ids, padding_mask,
+                                  ops=noisy_ops(candidate.dtype, seed)) for seed in range(NOISE_SAMPLES))
+            return noise_figures(ref, scales, runs, real_positions(padding_mask))
+    return compare_activations(cfg, cand, ref, candidate.dtype, padding_mask, scales, noise)

@@ -1,5 +1,5 @@
-"""The oracle's reference values: refopt's NumPy model run in float64 (and, for the tie-break, in the
-port's own dtype), named the way every adapter names them.
+"""The oracle's reference values: refopt's NumPy model run in float64, named the way every adapter
+names them, and the magnitude each tensor is judged against.
 
 Named intermediates, in forward order (:func:`activation_names`)::
 
@@ -23,6 +23,15 @@ Gradients are keyed by refopt's parameter names and compared in *backward order*
 (:func:`gradient_order`): the first gradient that diverges is the one nearest the loss, where the
 backward pass first went wrong.
 
+Each tensor's error is measured against its *family's* magnitude, not only its own
+(:func:`activation_scales`, :func:`gradient_scales`): a tensor that is zero or nearly so in exact
+arithmetic (a key bias's gradient, the score gradients of a query that attends one key, an MLP
+branch whose units are all off) holds only rounding noise, and that noise is as large as the terms
+it was computed from, which are the family's.  The families: an attention or MLP branch's output
+belongs with the residual stream it is added to; a gradient with the other gradients of its block
+(one layer's attention block, one layer's MLP block, the final LayerNorm and ``project_out``, the
+position table and ``project_in``, the token table).
+
 The loss is the fixtures' (``../shared/fixtures/hf/*/expected.npz``): ``sum(sw * CE) / sum(sw)``,
 CE the cross-entropy of the logits at position t against the token at t+1, ``sw`` the padding mask
 at t+1 (:func:`loss_targets`).
@@ -31,6 +40,7 @@ at t+1 (:func:`loss_targets`).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -140,66 +150,29 @@ def numpy_ops(**overrides):
     return SimpleNamespace(**names)
 
 
-_ROUNDED_OPS = ("embedding_forward", "linear_forward", "linear_relu_forward", "layernorm_forward",
-                "attention_forward", "relu_forward", "lm_head_forward")
-
-
-def round_to(x, fmt: str):
-    """Float arrays rounded to ``fmt`` (``"float16"`` / ``"bfloat16"``), returned as float32."""
-    from refopt.io.safetensors_io import bfloat16_to_float32, float32_to_bfloat16
-
-    x = np.asarray(x, np.float32)
-    if fmt == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    return bfloat16_to_float32(float32_to_bfloat16(x))
-
-
-def emulated_ops(fmt: str):
-    """The NumPy ops with every forward op's float outputs rounded to ``fmt`` (float32 arithmetic
-    inside each op, half-precision storage between ops): how the oracle runs "refopt in bfloat16"
-    for the tie-break and the calibration."""
-    ops = numpy_ops()
-
-    def wrap(fn):
-        def rounded(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if isinstance(out, tuple):
-                return tuple(round_to(o, fmt) for o in out)
-            return round_to(out, fmt)
-        return rounded
-
-    return numpy_ops(**{name: wrap(getattr(ops, name)) for name in _ROUNDED_OPS})
-
-
-def run_forward_as(params, cfg, token_ids, padding_mask, dtype: str):
-    """refopt's named intermediates as a port computing in ``dtype`` would get them: float64 and
-    float32 natively, float16 and bfloat16 emulated (:func:`emulated_ops`, weights rounded)."""
-    if dtype in ("float64", "float32"):
-        return run_forward(params, cfg, token_ids, padding_mask, dtype)
-    p = {k: round_to(v, dtype) for k, v in params.items()}
-    return run_forward(p, cfg, token_ids, padding_mask, "float32", ops=emulated_ops(dtype))
-
-
-def run_gradients_as(params, cfg, token_ids, padding_mask, dtype: str):
-    """:func:`run_gradients` as a port computing in ``dtype`` would get them (see
-    :func:`run_forward_as`)."""
-    if dtype in ("float64", "float32"):
-        return run_gradients(params, cfg, token_ids, padding_mask, dtype)
-    p = {k: round_to(v, dtype) for k, v in params.items()}
-    return run_gradients(p, cfg, token_ids, padding_mask, "float32", ops=emulated_ops(dtype))
-
-
 def run_forward(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64", ops=None):
     """refopt's named intermediates (:func:`activation_names`) for one batch, computed in
-    ``dtype`` with the NumPy ops (or ``ops``)."""
+    ``dtype`` with the NumPy ops (or ``ops``).  ``params`` may be a streamed mapping
+    (:class:`refopt.testing.streaming.StreamingParams`, float64 one layer at a time): the tied head
+    then multiplies the token table chunk by chunk."""
     ops = numpy_ops() if ops is None else ops
-    p = cast_params(params, dtype)
+    p = cast_params(params, dtype) if isinstance(params, dict) else params
     tape: dict = {}
     ids = np.asarray(token_ids, np.int64)
     mask = np.asarray(padding_mask).astype(bool)
     hidden = _model.forward(p, cfg, ids, mask, tape=tape, ops=ops)
-    logits = ops.lm_head_forward(hidden, p["embed_tokens"])
-    return from_tape(tape, cfg, logits)
+    return from_tape(tape, cfg, head_forward(hidden, p, ops))
+
+
+def head_forward(hidden, params, ops):
+    """The tied LM head: ``hidden [B, S, E] @ embed_tokens.T``, in chunks of rows for a streamed
+    table (a mapping with ``head_chunks``)."""
+    if not hasattr(params, "head_chunks"):
+        return ops.lm_head_forward(hidden, params["embed_tokens"])
+    logits = np.empty(hidden.shape[:-1] + (params["embed_tokens"].shape[0],), np.float64)
+    for start, rows in params.head_chunks(8192):                                 # rows [n, E]
+        logits[..., start:start + rows.shape[0]] = ops.lm_head_forward(hidden, rows)
+    return logits
 
 
 def run_gradients(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64", ops=None):
@@ -213,130 +186,69 @@ def run_gradients(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float6
     return loss_and_gradients(p, cfg, x, y, sw, ops=ops)
 
 
-# ---------------------------------------------------------------------------------- samplers
-CONVENTIONS = ("keras_hub", "transformers")
+# ---------------------------------------------------------------------------------- families
+class Scale(NamedTuple):
+    """What a tensor's errors are measured against: ``scale`` divides ``max|Δ|``, ``energy`` (a
+    sum of squares) divides ``sum Δ²``."""
+
+    scale: float
+    energy: float
 
 
-def _tempered_probabilities(p, temperature):
-    # p [B, V] float64 (softmax of the logits) -> softmax(log(p) / T); exact when T == 1
-    if temperature == 1.0:
-        return p
-    with np.errstate(divide="ignore"):
-        scores = np.log(p) / temperature                                       # -inf where p == 0
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    e = np.exp(scores)
-    return e / e.sum(axis=-1, keepdims=True)
+def _scale(values: np.ndarray, family: np.ndarray | None = None) -> Scale:
+    own = float(np.max(np.abs(values))) if values.size else 0.0
+    energy = float(np.sum(values * values))
+    if family is not None and family.size:
+        own = max(own, float(np.max(np.abs(family))))
+        energy = max(energy, float(np.mean(family * family)) * values.size)
+    return Scale(own, energy)
 
 
-def sampler_distribution(spec, probabilities, convention: str = "keras_hub", backend: str = "numpy",
-                         tie_kept: bool = False):
-    """The weights ``[B, V]`` (float64, zero outside the support) a correct port draws from.
-
-    ``probabilities [B, V]``: the model's softmax before temperature.  Conventions:
-
-    ``"keras_hub"`` (refopt's samplers, KerasHub's): ``q = softmax(log p / T)``; greedy is the
-    first arg-max; top-k keeps exactly ``k`` tokens (ties to the lower id); top-p sorts ``q``
-    (largest first, ties by lower id), keeps at most ``k``, and keeps every token whose *preceding*
-    sum (of the un-renormalised ``q``) is ``<= p`` -- at least the first, so ``p = 0`` is the arg-max.
-
-    ``"transformers"`` (``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper``):
-    scores ``log p / T``; top-k keeps every score ``>=`` the k-th largest (ties at the k-th are
-    all kept); top-p renormalises what top-k kept, sorts ascending, removes tokens whose ascending
-    cumulative probability is ``<= 1 - p`` but never the most probable, so a token is kept when the
-    mass *before* it (largest first) is ``< p``.
-
-    The two agree except at exact ties: a cumulative sum equal to ``p`` (keras_hub keeps one token
-    more), equal probabilities at the k-th place, and top-k followed by top-p (keras_hub does not
-    renormalise in between).
-
-    ``tie_kept`` (transformers only): keep the token whose preceding mass equals ``p`` exactly.
-    transformers applies its rule to ``softmax(log p)``, whose rounding decides such a tie either
-    way (float32 keeps ``[.5, .25, .125, .125]`` exact at ``p = .75``, float64 does not), so the tie
-    checks accept both outcomes for that convention."""
-    from refopt import backend as _backend
-    from refopt.samplers.sampler import one_hot_argmax
-
-    if convention not in CONVENTIONS:
-        raise ValueError(f"sampler convention {convention!r}: expected one of {CONVENTIONS}")
-    p = np.asarray(probabilities, np.float64)
-    name, k, top_p, T = spec.name, spec.k, spec.p, float(spec.temperature)
-    if name not in ("greedy", "random", "top_k", "top_p"):
-        raise ValueError(f"sampler {name!r}: the oracle checks greedy, random, top_k and top_p")
-    if convention == "keras_hub":
-        ops = _backend.ops(backend)
-        q = _tempered_probabilities(p, T)
-        if name == "greedy":
-            return one_hot_argmax(q)
-        if name == "random":
-            return q
-        if name == "top_k":
-            return np.where(ops.top_k_mask(q, int(k)), q, 0.0)
-        return ops.top_p_distribution(q, float(top_p), None if k is None else int(k))
-    # transformers works on scores log(p) / T; the same rule in probability space, which keeps
-    # exact ties exact (softmax(log p) == p in exact arithmetic, not always after rounding)
-    q = _tempered_probabilities(p, T)                                          # [B, V]
-    if name == "greedy":
-        return one_hot_argmax(q)
-    V = q.shape[-1]
-    if k is not None and name in ("top_k", "top_p"):
-        kk = min(max(int(k), 1), V)
-        kth = -np.sort(-q, axis=-1)[:, kk - 1:kk]                              # [B, 1]
-        q = np.where(q >= kth, q, 0.0)                                         # ties at the k-th kept
-    q = q / q.sum(axis=-1, keepdims=True)                                      # renormalised
-    if name == "top_p":
-        order = np.argsort(q, axis=-1, kind="stable")                         # ascending
-        s = np.take_along_axis(q, order, axis=-1)
-        cumulative = np.cumsum(s, axis=-1)
-        remove = (cumulative < 1.0 - float(top_p)) if tie_kept else (cumulative <= 1.0 - float(top_p))
-        remove[:, -1] = False                                                  # min_tokens_to_keep=1
-        np.put_along_axis(q, order, np.where(remove, 0.0, s), axis=-1)
-        q = q / q.sum(axis=-1, keepdims=True)
-    return q
+def activation_scales(acts: dict, cfg: OPTConfig, padding_mask) -> dict[str, Scale]:
+    """Per named intermediate (real positions only): its own magnitude, and for the attention and
+    MLP branch outputs the residual stream they are added to (:class:`Scale`)."""
+    real = np.asarray(padding_mask).astype(bool)
+    out = {}
+    for name in activation_names(cfg):
+        if name not in acts:
+            continue
+        value = np.asarray(acts[name], np.float64)
+        family = None
+        if name.startswith("layers.") and name.endswith(("attention_output", "mlp_output")):
+            i = int(name.split(".")[1])
+            stream = acts["embeddings"] if i == 0 else acts[f"layers.{i - 1}.output"]
+            if name.endswith("mlp_output"):
+                attn = acts[f"layers.{i}.attention_output"]
+                stream = stream + attn if cfg.do_layer_norm_before else acts[f"layers.{i}.mlp_input"]
+            family = np.asarray(stream, np.float64)[real]
+        out[name] = _scale(value[real], family)
+    return out
 
 
-def fragile_rows(spec, probabilities, convention: str = "keras_hub", margin: float = 1e-6):
-    """``[B]`` bool: rows whose filtering decision lies within ``margin`` of a threshold (a near-tie
-    for the arg-max or the k-th place, a cumulative sum within ``margin`` of ``p``).  Rounding in a
-    correct float32 port may decide those either way, so random test cases leave them out; the
-    exact-tie cases are built on purpose and always judged."""
-    p = _tempered_probabilities(np.asarray(probabilities, np.float64), float(spec.temperature))
-    srt = -np.sort(-p, axis=-1)                                                # [B, V] largest first
-    B, V = p.shape
-    fragile = np.zeros(B, bool)
-    if spec.name == "greedy" and V > 1:
-        fragile |= (srt[:, 0] - srt[:, 1]) <= margin * srt[:, 0]
-    k = spec.k if spec.name in ("top_k", "top_p") else None
-    if k is not None and k < V:
-        fragile |= (srt[:, k - 1] - srt[:, k]) <= margin * srt[:, 0]
-    if spec.name == "top_p":
-        kept = srt[:, :k] if k is not None else srt
-        if convention == "transformers" and k is not None:
-            kept = kept / kept.sum(axis=-1, keepdims=True)
-        before = (np.cumsum(kept, axis=-1) - kept)[:, 1:]      # the first token is always kept
-        fragile |= (np.abs(before - spec.p) <= margin).any(axis=-1)
-    return fragile
+def gradient_family(name: str) -> str:
+    """The family of a parameter's gradient (see the module docstring)."""
+    if name.startswith("layers."):
+        i, part = name.split(".")[1:3]
+        return f"layers.{i}.{'mlp' if part in ('fc1', 'fc2', 'mlp_layer_norm') else 'attention'}"
+    if name.startswith(("final_layer_norm", "project_out")):
+        return "head"
+    if name == "embed_tokens":
+        return "tokens"
+    return "embeddings"
 
 
-# ---------------------------------------------------------------------------------- ReLU kinks
-def relu_kink_distance(params, cfg: OPTConfig, token_ids, padding_mask) -> np.ndarray:
-    """``[num_layers]``: per layer, the smallest relative distance of an fc1 pre-activation (at a
-    real position) from ReLU's kink, ``|h| / (|x| @ |W|.T + |b|)`` in float64.
-
-    ReLU's derivative jumps at 0, so a pre-activation within rounding of 0 may fall on either side
-    in a correct port, and the gradient then differs by a whole token's share in that unit's row
-    of ``fc1`` -- a legitimate difference no tolerance should absorb.  Gradient checks run on a
-    batch without such units (see :func:`refopt.testing.checks.ModelCase.gradient_batch`)."""
-    p = cast_params(params, "float64")
-    tape: dict = {}
-    mask = np.asarray(padding_mask).astype(bool)
-    _model.forward(p, cfg, np.asarray(token_ids, np.int64), mask, tape=tape, ops=numpy_ops())
-    out = np.full(cfg.num_layers, np.inf)
-    for i in range(cfg.num_layers):
-        x = tape[f"layers.{i}.mlp_input"][mask]                                  # [N, D]
-        h = tape[f"layers.{i}.fc1_output"][mask]                                 # [N, F]
-        w = np.abs(p[f"layers.{i}.fc1.weight"])                                  # [F, D]
-        b = p.get(f"layers.{i}.fc1.bias")
-        scale = np.abs(x) @ w.T + (0.0 if b is None else np.abs(b))              # [N, F]
-        if h.size:
-            out[i] = float(np.min(np.abs(h) / np.maximum(scale, np.finfo(np.float64).tiny)))
+def gradient_scales(grads: dict) -> dict[str, Scale]:
+    """Per gradient: the largest magnitude of its family's gradients and the family's mean square."""
+    peak, squares, sizes = {}, {}, {}
+    for name, g in grads.items():
+        g = np.asarray(g, np.float64)
+        f = gradient_family(name)
+        peak[f] = max(peak.get(f, 0.0), float(np.max(np.abs(g))) if g.size else 0.0)
+        squares[f] = squares.get(f, 0.0) + float(np.sum(g * g))
+        sizes[f] = sizes.get(f, 0) + g.size
+    out = {}
+    for name, g in grads.items():
+        f = gradient_family(name)
+        g = np.asarray(g, np.float64)
+        out[name] = Scale(peak[f], max(float(np.sum(g * g)), squares[f] / max(sizes[f], 1) * g.size))
     return out

@@ -2,17 +2,19 @@
 whole model cases and sampler steps.  Needs ``hypothesis`` (refopt's ``test`` extra).
 
     from hypothesis import given, settings
-    from refopt.testing import strategies as rst
-    from refopt.testing.checks import check_logits
+    from refopt.testing import check_case, strategies as rst
 
-    @settings(max_examples=20, derandomize=True, deadline=None)
+    @settings(max_examples=20, deadline=None)
     @given(case=rst.model_cases())
     def test_my_port(case):
-        assert check_logits(MyAdapter(), case).status == "pass"
+        failed = [r for r in check_case(MyAdapter(), case) if r.failed]
+        assert not failed, failed[0].detail
 
-Weights are drawn from a seed (NumPy's generator), not element by element: hypothesis explores the
-config and the seed, and a failing example reproduces from both.  ``derandomize=True`` (or a fixed
-``@seed``) makes every pytest-xdist worker draw the same examples.
+Configs come from :class:`refopt.testing.cases.ConfigSpace` through :class:`HypothesisDraw` -- the
+same space the seeded ``random-N`` cases are drawn from; weights and inputs from drawn seeds (NumPy's
+generator), not element by element: hypothesis explores the config and the seeds, and a failing case
+prints as its id (``ModelCase('v40l2h2d12f20p24-w3141-s0.2-i2718-b3x11': ...)``), which
+``refopt conform --case ID`` rebuilds.
 """
 
 from __future__ import annotations
@@ -22,40 +24,67 @@ from hypothesis import strategies as st
 
 from refopt.config import OPTConfig
 from refopt.testing.adapter import SamplerSpec
-from refopt.testing.checks import ModelCase, make_inputs, random_weights
+from refopt.testing.cases import ConfigSpace, Magnitudes, draw_config, draw_spec, random_weights
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
 
 
-@st.composite
-def configs(draw, family: str = "opt", max_layers: int = 3, max_vocab: int = 80,
-            max_width: int = 24, max_length: int = 24) -> OPTConfig:
-    """Small OPT configs (float64).  ``family="opt"`` varies every switch transformers models
-    (pre/post-LayerNorm, ``word_embed_proj_dim``, biases, affine LayerNorms, the final LayerNorm);
-    ``"keras_hub"`` keeps to what KerasHub's OPTBackbone builds."""
-    heads = draw(st.integers(1, 4))
-    # at least 4 features per LayerNorm: over one or two, a LayerNorm's output is (nearly) constant
-    # and its gradients are pure cancellation, which no float32 port reproduces to the last bits
-    hidden = heads * draw(st.integers(-(-4 // heads), max(-(-4 // heads), max_width // heads)))
-    common = dict(vocabulary_size=draw(st.integers(8, max_vocab)), num_layers=draw(st.integers(1, max_layers)),
-                  num_heads=heads, hidden_dim=hidden, intermediate_dim=draw(st.integers(2, 2 * max_width)),
-                  max_sequence_length=draw(st.integers(8, max_length)), dropout=0.0, dtype="float64")
-    if family == "keras_hub":
-        return OPTConfig(**common)
-    proj = draw(st.booleans())
-    return OPTConfig(**common, do_layer_norm_before=draw(st.booleans()),
-                     word_embed_proj_dim=draw(st.integers(2, 9)) if proj else None,
-                     enable_bias=draw(st.booleans()), layer_norm_elementwise_affine=draw(st.booleans()),
-                     remove_final_layer_norm=draw(st.booleans()))
+class HypothesisDraw:
+    """The draw interface of :mod:`refopt.testing.cases` over hypothesis's ``draw``: the same
+    config space as the seeded :class:`refopt.testing.cases.NumpyDraw`, explored (and shrunk) by
+    hypothesis."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def boolean(self) -> bool:
+        return self.draw(st.booleans())
+
+    def choice(self, options):
+        return self.draw(st.sampled_from(options))
+
+    def real(self, lo: float, hi: float) -> float:
+        return self.draw(st.floats(lo, hi, exclude_max=True))
+
+
+def _space(space: ConfigSpace | None, family: str | None, max_layers, max_vocab, max_width,
+           max_length, changes) -> ConfigSpace:
+    space = (space or ConfigSpace()).replace(**changes)
+    if family is not None:
+        space = space.replace(family=family)
+    for field, top in (("num_layers", max_layers), ("vocabulary_size", max_vocab), ("hidden", max_width),
+                       ("max_sequence_length", max_length)):
+        if top is not None:
+            space = space.replace(**{field: (min(getattr(space, field)[0], top), top)})
+    return space
 
 
 @st.composite
-def weights(draw, cfg: OPTConfig) -> dict[str, np.ndarray]:
+def configs(draw, family: str | None = None, max_layers: int | None = None, max_vocab: int | None = None,
+            max_width: int | None = None, max_length: int | None = None, space: ConfigSpace | None = None,
+            **ranges) -> OPTConfig:
+    """Random OPT configs from :class:`refopt.testing.cases.ConfigSpace` (float64 by default):
+    ``family="opt"`` varies every switch transformers models (pre/post-LayerNorm,
+    ``word_embed_proj_dim``, biases, affine LayerNorms, the final LayerNorm); ``"keras_hub"`` keeps
+    to what KerasHub's OPTBackbone builds.  Any ``ConfigSpace`` field may be given as a keyword
+    (``num_heads=(1, 3)``, ``head_dim=(1, 5)``, ``dropout=(0.0, 0.3)``, ``dtype="float32"``)."""
+    return draw_config(HypothesisDraw(draw), _space(space, family, max_layers, max_vocab, max_width,
+                                                    max_length, ranges))
+
+
+@st.composite
+def weights(draw, cfg: OPTConfig, stress: bool = False) -> dict[str, np.ndarray]:
     """float64 weights for ``cfg``: normal matrices with a drawn standard deviation, LayerNorm
-    gains near 1 and biases near 0 (never exactly), from a drawn seed."""
+    gains near 1 and biases near 0 (never exactly), from a drawn seed; ``stress``: with the
+    magnitudes of :func:`refopt.testing.cases.draw_magnitudes` (outliers, large scores, offsets)."""
+    from refopt.testing.cases import draw_magnitudes
+
     seed = draw(st.integers(0, 2**32 - 1))
-    std = draw(st.sampled_from([0.05, 0.2, 0.5]))
-    return random_weights(cfg, np.random.default_rng(seed), std)
+    mags = draw_magnitudes(HypothesisDraw(draw), 1.0) if stress else Magnitudes(draw(st.sampled_from([0.05, 0.2, 0.5])))
+    return random_weights(cfg, np.random.default_rng(seed), magnitudes=mags)
 
 
 @st.composite
@@ -87,17 +116,19 @@ def texts(max_size: int = 40):
 
 
 @st.composite
-def model_cases(draw, family: str = "opt", min_length: int = 1, **config_kwargs) -> ModelCase:
-    """A :class:`refopt.testing.ModelCase`: a config, weights, a right-padded batch and its
-    left-padded twin (pad id only at padding positions), at least ``min_length`` tokens long
-    (2 or more gives the loss a target)."""
-    cfg = draw(configs(family, **config_kwargs))
-    params = draw(weights(cfg))
-    seed = draw(st.integers(0, 2**32 - 1))
-    batch = draw(st.integers(1, 3))
-    length = draw(st.integers(min(min_length, cfg.max_sequence_length), cfg.max_sequence_length))
-    ids, right, ids_left, left = make_inputs(cfg, np.random.default_rng(seed), batch, length)
-    return ModelCase(f"hypothesis-{seed}", cfg, params, ids, right, ids_left, left)
+def model_cases(draw, family: str = "opt", min_length: int = 1, stress: float = 0.3,
+                space: ConfigSpace | None = None, seed: int = 0, **config_kwargs):
+    """A :class:`refopt.testing.ModelCase`: a config, weights (stressed magnitudes with probability
+    ``stress``), a right-padded batch and its left-padded twin (pad id only at padding positions),
+    at least ``min_length`` tokens long (2 or more gives the loss a target).  Its name is its case
+    id: ``refopt conform --case ID`` rebuilds it.  ``seed`` shifts the drawn weight and input seeds
+    (the plugin's ``--refopt-seed``)."""
+    hd = HypothesisDraw(draw)
+    spec = draw_spec(hd, _space(space, family, config_kwargs.pop("max_layers", None),
+                                config_kwargs.pop("max_vocab", None), config_kwargs.pop("max_width", None),
+                                config_kwargs.pop("max_length", None), config_kwargs),
+                     min_length=min_length, stress=stress, seed=seed)
+    return spec.build()
 
 
 def sampler_specs(names=("greedy", "random", "top_k", "top_p")):

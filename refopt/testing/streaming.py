@@ -18,7 +18,9 @@ where the whole float64 model would need 8 bytes per parameter (104 GB for OPT-1
 ``benchmarks/bench_oracle.py`` measures it.
 
 Reads transformers checkpoints (``model.safetensors`` or sharded with ``model.safetensors.index.json``;
-float32, float16, bfloat16) and KerasHub presets (``model.weights.h5``, read per dataset with h5py).
+float32, float16, bfloat16) and KerasHub presets (``model.weights.h5``, read per dataset with h5py),
+through refopt's one validated loader (:mod:`refopt.io.checkpoint`): a missing or misnamed tensor is
+an error, never an absent bias or LayerNorm.
 """
 
 from __future__ import annotations
@@ -30,99 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from refopt.config import OPTConfig
-from refopt.errors import CheckpointError
 from refopt.io import huggingface
-from refopt.io.safetensors_io import _DTYPES, bfloat16_to_float32, read_header
-
-
-class _SafetensorsSource:
-    """Tensors of a transformers checkpoint directory, each mapped and converted on demand."""
-
-    def __init__(self, path: Path):
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = {name: path / shard for name, shard in weight_map.items()}
-        else:
-            files = None
-        self.where = {}
-        for file in sorted(set(files.values())) if files else [path / "model.safetensors"]:
-            header, start = read_header(file)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    canonical = huggingface._canonical(name)
-                    self.where[canonical] = (file, start, info)
-
-    def shape(self, name):
-        return tuple(self.where[name][2]["shape"])
-
-    def _map(self, name):
-        try:
-            file, start, info = self.where[name]
-        except KeyError:
-            raise CheckpointError(f"checkpoint has no tensor {name}") from None
-        begin, _ = info["data_offsets"]
-        shape = tuple(info["shape"])
-        dtype = _DTYPES[info["dtype"]]
-        if int(np.prod(shape)) == 0:
-            return np.zeros(shape, dtype), info["dtype"]
-        return np.memmap(file, dtype=dtype, mode="r", offset=start + begin, shape=shape), info["dtype"]
-
-    @staticmethod
-    def _f64(arr, kind):
-        if kind == "BF16":
-            return bfloat16_to_float32(np.asarray(arr)).astype(np.float64)
-        return np.array(arr, dtype=np.float64)
-
-    def get(self, name) -> np.ndarray:
-        mm, kind = self._map(name)
-        out = self._f64(mm, kind)
-        del mm                                      # unmapped: its pages leave the resident set
-        return out
-
-    def rows(self, name, index, offset=0) -> np.ndarray:
-        mm, kind = self._map(name)
-        out = self._f64(mm[np.asarray(index) + offset], kind)
-        del mm
-        return out
-
-
-class _KerasSource:
-    """Tensors of a KerasHub preset's ``model.weights.h5``, read per dataset."""
-
-    def __init__(self, path: Path, cfg: OPTConfig):
-        import h5py
-
-        from refopt.io import keras_h5
-        from refopt.model import param_shapes
-
-        self.file = h5py.File(path / "model.weights.h5", "r")
-        self.layout = keras_h5.layout(cfg)
-        self.shapes = param_shapes(cfg)
-        self.from_keras = keras_h5.from_keras
-
-    def get(self, ours) -> np.ndarray:
-        where, _ = self.layout[ours]
-        return self.from_keras(ours, np.asarray(self.file[where][()], np.float64), self.shapes[ours])
-
-    def rows(self, ours, index, offset=0) -> np.ndarray:
-        where, _ = self.layout[ours]
-        flat = np.asarray(index).reshape(-1) + offset
-        uniq, inverse = np.unique(flat, return_inverse=True)       # h5py wants increasing indices
-        block = np.asarray(self.file[where][uniq], np.float64)
-        return block[inverse].reshape(np.shape(index) + block.shape[1:])
 
 
 class _Rows:
     """A table only ever indexed by ids (``table[ids]``): reads those rows, as float64."""
 
-    def __init__(self, source, name, num_rows, width, offset=0):
-        self.source, self.name, self.offset = source, name, offset
+    def __init__(self, checkpoint, name, num_rows, width):
+        self.checkpoint, self.name = checkpoint, name
         self.shape = (num_rows, width)
         self.dtype = np.dtype(np.float64)
 
     def __getitem__(self, ids):
-        return self.source.rows(self.name, ids, self.offset)
+        return self.checkpoint.rows(self.name, ids, np.float64)
 
 
 class StreamingParams(Mapping):
@@ -132,23 +54,14 @@ class StreamingParams(Mapping):
     and the head's chunks are not counted: they are transient)."""
 
     def __init__(self, path, cfg: OPTConfig | None = None):
-        from refopt.io import presets
+        from refopt.io.checkpoint import open_checkpoint
         from refopt.model import param_shapes
 
         self.path = Path(path)
-        self.format = presets.detect_format(self.path)
-        self.config = cfg or presets.read_config(self.path)
+        self.checkpoint = open_checkpoint(self.path)        # validated: every tensor is there
+        self.format = self.checkpoint.format
+        self.config = cfg or self.checkpoint.config
         self.shapes = param_shapes(self.config)
-        if self.format == "huggingface":
-            self.source = _SafetensorsSource(self.path)
-            self.names = huggingface.name_map(self.config)
-            rows_shape = self.source.shape(huggingface.POSITIONS_NAME)
-            if rows_shape[0] != self.config.max_sequence_length + huggingface.POSITION_OFFSET:
-                raise CheckpointError(f"{self.path}: {huggingface.POSITIONS_NAME} has {rows_shape[0]} rows, "
-                                      "expected max_position_embeddings + 2")
-        else:
-            self.source = _KerasSource(self.path, self.config)
-            self.names = {k: k for k in self.shapes}
         self._layer = None
         self._cache: dict[str, np.ndarray] = {}
         self.peak_bytes = 0
@@ -176,24 +89,37 @@ class StreamingParams(Mapping):
             self._cache.clear()                              # drop the previous layer first
             self._layer = layer
             self.layers_loaded += 1
-        value = self.source.get(self.names[name])
+        value = self.checkpoint.read(name, np.float64)    # a per-tensor map, released here
         self._cache[name] = value
         self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self._cache.values()))
         return value
 
+    def materialize(self) -> dict[str, np.ndarray]:
+        """Every tensor in float64, in memory (for an adapter that has no loader of its own)."""
+        out = {}
+        for name in self.shapes:
+            value = self[name]
+            out[name] = value[np.arange(value.shape[0])] if isinstance(value, _Rows) else value
+        self._cache.clear()
+        return out
+
+    def name_of(self, array) -> str:
+        """The name of a tensor this mapping handed out and still holds (by identity)."""
+        for name, value in self._cache.items():
+            if value is array:
+                return name
+        raise KeyError("not a tensor of this mapping held now")
+
     def table(self, name) -> _Rows:
         rows, width = self.shapes[name]
-        if name == "embed_positions" and self.format == "huggingface":
-            return _Rows(self.source, huggingface.POSITIONS_NAME, rows, width, huggingface.POSITION_OFFSET)
-        return _Rows(self.source, self.names[name], rows, width)
+        return _Rows(self.checkpoint, name, rows, width)
 
     def head_chunks(self, chunk_rows: int):
         """``(start, rows [n, E] float64)`` over the token table, ``chunk_rows`` rows at a time."""
         V = self.shapes["embed_tokens"][0]
-        table = self.names["embed_tokens"]
         for start in range(0, V, chunk_rows):
             stop = min(start + chunk_rows, V)
-            yield start, self.source.rows(table, np.arange(start, stop))
+            yield start, self.checkpoint.rows("embed_tokens", np.arange(start, stop), np.float64)
 
 
 def streaming_logits(path, token_ids, padding_mask=None, *, chunk_rows: int = 8192, tape: dict | None = None,

@@ -16,6 +16,7 @@ result for any merge list in which a token is created before it is used), of tik
 
 from __future__ import annotations
 
+import errno
 import json
 import operator
 import os
@@ -29,6 +30,24 @@ from refopt.tokenizers.byte_level import byte_symbols, token_to_bytes, unicode_t
 
 MERGES_HEADER = "#version: 0.2"
 _MAX_ID = 2**31 - 2
+MAX_IDS = 2**24          # an id table of 2**24 entries (refopt.config's vocabulary_size limit)
+
+
+def _read_file(source: str, what: str) -> str:
+    """A tokenizer file's text: a regular file (never blocking), at most 256 MiB, UTF-8."""
+    from refopt.errors import FileReadError
+    from refopt.io import files
+
+    try:
+        return files.read_text(source, files.MAX_TOKENIZER_BYTES, TokenizerError, what)
+    except FileReadError as e:
+        if e.errno == errno.ENOENT:
+            raise TokenizerError(f"{what} {source!r} does not exist") from None
+        raise
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _line_of(text: str, token: str) -> str:
@@ -51,13 +70,7 @@ def read_vocabulary(vocabulary) -> dict[str, int]:
     source = "vocabulary"
     if isinstance(vocabulary, (str, os.PathLike)):
         source = os.fspath(vocabulary)
-        try:
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise TokenizerError(f"vocabulary file {source!r} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"vocabulary file {source!r} is not UTF-8: {e}") from None
+        text = _read_file(source, "vocabulary file")
         duplicates = []
 
         def pairs_to_dict(pairs):
@@ -68,11 +81,17 @@ def read_vocabulary(vocabulary) -> dict[str, int]:
             return d
 
         try:
-            vocabulary = json.loads(text, object_pairs_hook=pairs_to_dict)
+            vocabulary = json.loads(text, object_pairs_hook=pairs_to_dict,
+                                    parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise TokenizerError(
                 f"vocabulary file {source!r} line {e.lineno} column {e.colno}: malformed JSON "
                 f"({e.msg}); expected an object mapping token strings to integer ids") from None
+        except RecursionError:
+            raise TokenizerError(f"vocabulary file {source!r}: nested too deeply; expected an "
+                                 "object mapping token strings to integer ids") from None
+        except ValueError as e:
+            raise TokenizerError(f"vocabulary file {source!r}: {e}") from None
         if duplicates:
             raise TokenizerError(f"vocabulary file {source!r}: token {duplicates[0]!r} appears "
                                  f"twice{_line_of(text, duplicates[0])}")
@@ -121,13 +140,7 @@ def read_merges(merges) -> tuple[list[str], list[str], list[str], object]:
     """
     if isinstance(merges, (str, os.PathLike)):
         source = os.fspath(merges)
-        try:
-            with open(source, encoding="utf-8", newline="") as f:
-                lines = f.read().split("\n")
-        except FileNotFoundError:
-            raise TokenizerError(f"merges file {source!r} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"merges file {source!r} is not UTF-8: {e}") from None
+        lines = _read_file(source, "merges file").split("\n")
         if any(line.endswith("\r") for line in lines):
             lines = [line[:-1] if line.endswith("\r") else line for line in lines]
         while lines and lines[-1] == "":
@@ -223,6 +236,9 @@ def build_tables(vocabulary, merges) -> BPETables:
     vocabulary = read_vocabulary(vocabulary)
     rules, lefts, rights, where = read_merges(merges)
     num_ids = max(vocabulary.values(), default=-1) + 1
+    if num_ids > MAX_IDS:
+        raise TokenizerError(f"vocabulary: the largest id is {num_ids - 1:,}; refopt's tables hold "
+                             f"ids up to {MAX_IDS - 1:,} (as its models' vocabulary_size)")
     get = vocabulary.get
     ia = list(map(get, lefts))
     ib = list(map(get, rights))
@@ -289,19 +305,26 @@ def bpe_merge(ids: list[int], pair_dict: dict) -> list[int]:
     return ids
 
 
+def merges_text(merges: list[str]) -> str:
+    """The text of a ``merges.txt``: the ``#version: 0.2`` header, then one rule per line."""
+    return MERGES_HEADER + "\n" + "".join(rule + "\n" for rule in merges)
+
+
 def write_vocabulary(path, vocabulary: dict[str, int], *, ensure_ascii: bool = False) -> None:
-    """Write ``vocabulary`` as one JSON object (tokens in the dict's order).
+    """Write ``vocabulary`` as one JSON object (tokens in the dict's order), atomically.
 
     ``ensure_ascii=True`` writes ``\\uXXXX`` escapes as KerasHub's ``vocabulary.json`` does;
     ``False`` writes UTF-8 as transformers' ``vocab.json`` does.
     """
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(vocabulary, ensure_ascii=ensure_ascii))
+    from refopt.io.saving import write_file_atomically
+
+    data = json.dumps(vocabulary, ensure_ascii=ensure_ascii).encode("utf-8")
+    write_file_atomically(path, lambda f: f.write(data))
 
 
 def write_merges(path, merges: list[str]) -> None:
-    """Write ``merges.txt``: the ``#version: 0.2`` header, then one rule per line."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(MERGES_HEADER + "\n")
-        for rule in merges:
-            f.write(rule + "\n")
+    """Write ``merges.txt`` (:func:`merges_text`), atomically."""
+    from refopt.io.saving import write_file_atomically
+
+    data = merges_text(merges).encode("utf-8")
+    write_file_atomically(path, lambda f: f.write(data))

@@ -14,12 +14,12 @@ replacement characters, as transformers' and ``tokenizers``' decoders do.  For s
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from refopt.errors import ConfigError, InputTypeError, TokenizerError
+from refopt.limits import check_allocation
 from refopt.tokenizers import preset_files as pf
 from refopt.tokenizers.bpe import build_tables, bpe_merge
 from refopt.tokenizers.byte_level import byte_symbols, char_class_table, pretokenize
@@ -29,6 +29,7 @@ _DTYPES = ("int32", "int64", "string")
 _CONFIG_KEYS = {"name", "trainable", "dtype", "config_file", "sequence_length", "add_prefix_space",
                 "unsplittable_tokens", "special_tokens_in_strings"}
 _PY_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
+MAX_SEQUENCE_LENGTH = 1 << 24
 
 
 def _numba_available() -> bool:
@@ -89,6 +90,16 @@ class BytePairTokenizer(Tokenizer):
                                             or sequence_length < 0):
             raise ConfigError(f"`sequence_length` must be None or an integer >= 0; got "
                               f"{sequence_length!r}")
+        if sequence_length is not None and sequence_length > MAX_SEQUENCE_LENGTH:
+            raise ConfigError(f"`sequence_length` must be at most {MAX_SEQUENCE_LENGTH:,}; got "
+                              f"{sequence_length!r}")
+        for key, value in (("add_prefix_space", add_prefix_space),
+                           ("special_tokens_in_strings", special_tokens_in_strings)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"`{key}` must be True or False; got {value!r}")
+        for key, value in (("name", name), ("config_file", config_file)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"`{key}` must be a string; got {value!r}")
         self.name = name or self.default_name
         self.dtype = dtype
         self.config_file = config_file
@@ -100,7 +111,7 @@ class BytePairTokenizer(Tokenizer):
             setattr(self, attr + "_id", None)
         if unsplittable_tokens is None:
             unsplittable_tokens = self.special_tokens if special_tokens_in_strings else []
-        if isinstance(unsplittable_tokens, str) or not all(
+        if not isinstance(unsplittable_tokens, (list, tuple)) or not all(
                 isinstance(t, str) and t for t in unsplittable_tokens):
             raise ConfigError("`unsplittable_tokens` must be a list of non-empty strings; got "
                               f"{unsplittable_tokens!r}")
@@ -243,6 +254,8 @@ class BytePairTokenizer(Tokenizer):
             else:
                 pad, dtype = getattr(self, "pad_token_id", None), self.dtype
                 pad = 0 if pad is None else pad
+            check_allocation(len(ids) * length * 8, f"tokenize: {len(ids)} texts x "
+                             f"sequence_length {length:,}")
             array = np.full((len(ids), length), pad, dtype=dtype)
             for row, seq in zip(array, ids):
                 seq = seq[:length]
@@ -444,28 +457,36 @@ class BytePairTokenizer(Tokenizer):
                 "registered_name": f"keras_hub>{self.keras_class_name}"}
 
     def save_assets(self, dir_path) -> None:
-        """Write ``vocabulary.json`` (ASCII-escaped, as KerasHub does) and ``merges.txt``."""
+        """Write ``vocabulary.json`` (ASCII-escaped, as KerasHub does) and ``merges.txt`` into
+        ``dir_path``, each through a temporary file and a rename."""
+        from refopt.tokenizers.bpe import write_merges, write_vocabulary
+
         tables = self._require_vocabulary()
         os.makedirs(dir_path, exist_ok=True)
-        pf.atomic_write_text(os.path.join(dir_path, pf.KERAS_VOCABULARY_FILE),
-                             json.dumps(tables.vocabulary))
-        pf.atomic_write_text(os.path.join(dir_path, pf.KERAS_MERGES_FILE),
-                             _merges_text(tables.merges))
+        write_vocabulary(os.path.join(dir_path, pf.KERAS_VOCABULARY_FILE), tables.vocabulary,
+                         ensure_ascii=True)
+        write_merges(os.path.join(dir_path, pf.KERAS_MERGES_FILE), tables.merges)
 
     def load_assets(self, dir_path) -> None:
         self.set_vocabulary_and_merges(os.path.join(dir_path, pf.KERAS_VOCABULARY_FILE),
                                        os.path.join(dir_path, pf.KERAS_MERGES_FILE))
 
-    def save_to_preset(self, preset_dir) -> None:
-        """Write ``tokenizer.json`` and ``assets/tokenizer/`` in KerasHub's layout.
+    def save_to_preset(self, preset_dir, overwrite=False) -> None:
+        """Write ``tokenizer.json`` and ``assets/tokenizer/`` in KerasHub's layout.  Other preset
+        files there (a model's) are kept; see :mod:`refopt.io.saving` for where a save may write
+        and why no file is ever lost."""
+        from refopt.io import saving
 
-        Each file is written to a temporary name and renamed, so none is ever half written.
-        """
         self._require_vocabulary()
-        os.makedirs(preset_dir, exist_ok=True)
-        pf.atomic_write_text(os.path.join(preset_dir, self.config_file),
-                             json.dumps(self.serialize(), indent=4))
-        self.save_assets(os.path.join(preset_dir, pf.TOKENIZER_ASSET_DIR))
+        with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.TOKENIZER_FILES,
+                               what="tokenizer") as staging:
+            self.write_preset_files(staging)
+
+    def write_preset_files(self, staging) -> None:
+        """Write this tokenizer's KerasHub files into a :class:`refopt.io.saving.PresetSave`."""
+        tables = self._require_vocabulary()
+        pf.write_keras_tokenizer(staging, self.config_file, self.serialize(), tables.vocabulary,
+                                 tables.merges)
 
     @classmethod
     def _load_preset(cls, directory, config_file=pf.TOKENIZER_CONFIG_FILE, **kwargs):
@@ -482,10 +503,16 @@ class BytePairTokenizer(Tokenizer):
                               f"tokenizer from {pf.TOKENIZER_CONFIG_FILE!r}")
         found = pf.find_tokenizer_files(directory)
         config = {k: v for k, v in found["config"].items() if k in _CONFIG_KEYS}
+        if "dtype" in config:
+            config["dtype"] = pf.dtype_name(config["dtype"])
         config.update(kwargs)
         config.setdefault("vocabulary", found["vocabulary"])
         config.setdefault("merges", found["merges"])
-        tokenizer = cls(**config)
+        try:
+            tokenizer = cls(**config)
+        except ConfigError as e:
+            raise ConfigError(f"{os.fspath(directory)}: the saved tokenizer settings are "
+                              f"invalid: {e}") from None
         if found["layout"] == "transformers" and not cls.special_token_spec \
                 and "unsplittable_tokens" not in kwargs \
                 and kwargs.get("special_tokens_in_strings", True):
@@ -499,12 +526,29 @@ class BytePairTokenizer(Tokenizer):
                 "model_max_length": 1000000000000000019884624838656,
                 "tokenizer_class": "GPT2Tokenizer"}
 
-    def export_to_transformers(self, path) -> None:
+    def export_to_transformers(self, path, overwrite=False, preprocessor=None) -> None:
         """Write a transformers tokenizer directory: ``vocab.json``, ``merges.txt``,
-        ``tokenizer_config.json`` (``GPT2Tokenizer``) and ``special_tokens_map.json``."""
-        save_transformers_tokenizer(self, path)
+        ``tokenizer_config.json`` (``GPT2Tokenizer``, with refopt's own settings under
+        ``"refopt"``) and ``special_tokens_map.json``.  Other preset files there are kept."""
+        from refopt.io import saving
+
+        self._require_vocabulary()
+        with saving.PresetSave(path, overwrite=overwrite, replaces=saving.HF_TOKENIZER,
+                               what="tokenizer") as staging:
+            self.write_transformers_files(staging, preprocessor)
 
     save_to_huggingface = export_to_transformers
+
+    def write_transformers_files(self, staging, preprocessor=None) -> None:
+        """Write this tokenizer's transformers files into a :class:`refopt.io.saving.PresetSave`
+        (``preprocessor``: a preprocessor's settings to keep beside it)."""
+        tables = self._require_vocabulary()
+        config = self.transformers_tokenizer_config()
+        config[pf.REFOPT_KEY] = {"tokenizer": {k: v for k, v in self.get_config().items()
+                                               if k not in config}}
+        if preprocessor is not None:
+            config[pf.REFOPT_KEY]["preprocessor"] = preprocessor
+        pf.write_transformers_tokenizer(staging, tables.vocabulary, tables.merges, config)
 
     def incremental_detokenizer(self, skip_special_tokens: bool = False):
         """A :class:`refopt.tokenizers.IncrementalDetokenizer` over this tokenizer."""
@@ -517,28 +561,10 @@ class BytePairTokenizer(Tokenizer):
                 f"{self.sequence_length}, add_prefix_space={self.add_prefix_space})")
 
 
-def _merges_text(merges) -> str:
-    return "#version: 0.2\n" + "".join(rule + "\n" for rule in merges)
-
-
-def save_transformers_tokenizer(tokenizer, path) -> None:
-    """Write ``tokenizer`` in transformers' layout (``GPT2Tokenizer`` files) to ``path``.
-
-    ``vocab.json`` (UTF-8), ``merges.txt``, ``tokenizer_config.json`` and
-    ``special_tokens_map.json``; each file is written to a temporary name and renamed.
-    """
-    tables = tokenizer._require_vocabulary()
-    os.makedirs(path, exist_ok=True)
-    config = tokenizer.transformers_tokenizer_config()
-    pf.atomic_write_text(os.path.join(path, pf.HF_VOCABULARY_FILE),
-                         json.dumps(tables.vocabulary, ensure_ascii=False))
-    pf.atomic_write_text(os.path.join(path, pf.HF_MERGES_FILE), _merges_text(tables.merges))
-    pf.atomic_write_text(os.path.join(path, pf.HF_TOKENIZER_CONFIG_FILE),
-                         json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-               if k in config}
-    pf.atomic_write_text(os.path.join(path, pf.HF_SPECIAL_TOKENS_MAP_FILE),
-                         json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+def save_transformers_tokenizer(tokenizer, path, overwrite=False) -> None:
+    """Write ``tokenizer`` in transformers' layout (``GPT2Tokenizer`` files) to ``path``:
+    :meth:`BytePairTokenizer.export_to_transformers`."""
+    tokenizer.export_to_transformers(path, overwrite=overwrite)
 
 
 def _canonical_texts(inputs):

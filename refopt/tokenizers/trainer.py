@@ -25,6 +25,7 @@ pre-tokenizer) and in transformers' ``GPT2Tokenizer``, and all three tokenize te
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 from collections import Counter, defaultdict
@@ -32,6 +33,24 @@ from collections import Counter, defaultdict
 from refopt.errors import InputTypeError, TrainingError
 from refopt.tokenizers.bpe import write_merges, write_vocabulary
 from refopt.tokenizers.byte_level import byte_symbols, pretokenize
+
+
+MAX_TEXT_BYTES = 16 * 2**30
+
+
+def read_training_text(path) -> str:
+    """The UTF-8 text of a training file (a regular file, never blocking); TrainingError when it
+    is missing, not a regular file, not UTF-8 or over 16 GiB."""
+    from refopt.errors import FileReadError
+    from refopt.io import files
+
+    try:
+        return files.read_text(path, MAX_TEXT_BYTES, TrainingError, "training file")
+    except FileReadError as e:
+        if e.errno == errno.ENOENT:
+            raise TrainingError(f"training file {os.fspath(path)!r} does not exist: no such "
+                                "file") from None
+        raise TrainingError(str(e)) from None
 
 
 def _read_texts(texts_or_files):
@@ -42,14 +61,7 @@ def _read_texts(texts_or_files):
         if isinstance(item, str):
             yield item
         elif isinstance(item, os.PathLike):
-            try:
-                with open(item, encoding="utf-8") as f:
-                    yield f.read()
-            except FileNotFoundError:
-                raise TrainingError(f"training file {os.fspath(item)!r} does not exist") from None
-            except UnicodeDecodeError as e:
-                raise TrainingError(f"training file {os.fspath(item)!r} is not UTF-8: {e}") \
-                    from None
+            yield read_training_text(item)
         else:
             raise InputTypeError(f"train_bpe() input {i} is a {type(item).__name__}; expected a "
                                  "str (text) or a pathlib.Path (a UTF-8 file)")

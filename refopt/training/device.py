@@ -31,7 +31,7 @@ The step is :func:`refopt.training.gradients.forward_backward` followed by
 The schedule's learning rate and Adam's bias correction are computed on the host from the
 optimizer's step count and uploaded with the batch (``[weight_decay * lr, alpha]``), so a graph
 replay reads each step's values from device memory.  Dropout masks
-come from :func:`refopt.random.uniform`'s Philox stream keyed by the fit's seed (row = element,
+come from :func:`refopt.philox.uniform`'s Philox stream keyed by the fit's seed (index = element,
 step = optimizer step, stream = 2 * layer + site), so they differ from the NumPy path's
 ``Generator`` draws: with dropout the device and NumPy runs are each reproducible, not equal.
 
@@ -117,18 +117,17 @@ class DeviceTrainer:
 
     # ------------------------------------------------------------------ ownership
     def _key(self, params):
-        from refopt import backend
-
-        return tuple(id(params.get(n)) for n in self.layout.names), backend.weights_epoch()
+        return (tuple(id(params.get(n)) for n in self.layout.names), id(params),
+                getattr(params, "version", None))
 
     def holds(self, params: dict) -> bool:
         """Whether the device parameters are these host arrays' values: the same arrays as at the
-        last upload or :meth:`download`, and no optimizer update since
-        (:func:`refopt.backend.weights_epoch`)."""
+        last upload or :meth:`download`, and no update since (the ``version`` of a
+        :class:`refopt.model.Parameters`)."""
         return self._key(params) == self._synced
 
     def mark_synced(self, params: dict) -> None:
-        """Record ``params`` (after :meth:`download` and ``weights_changed``) as the host copy."""
+        """Record ``params`` (after :meth:`download`) as the host copy."""
         self._synced = self._key(params)
 
     def attach(self, optimizer, params) -> None:
@@ -140,7 +139,7 @@ class DeviceTrainer:
     def reseed(self, seed) -> None:
         """Key the dropout masks from ``seed`` (see the module docstring)."""
         if self.cfg.dropout > 0:
-            from refopt.random import seed_to_key
+            from refopt.philox import seed_to_key
 
             seed = int(np.random.default_rng(seed).integers(2 ** 63))
             self.dropout_key = tuple(int(k) for k in seed_to_key(seed))

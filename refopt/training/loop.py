@@ -135,14 +135,15 @@ def _optimizer(model):
     return opt
 
 
-def _apply(opt, grads, params, trainable):
-    # the optimizer's update of the trainable parameters, in place in `params`
+def _apply(opt, grads, params, trainable, ops):
+    # the optimizer's update of the trainable parameters, in place in `params`, on the model's ops
     if trainable is None:
-        opt.apply(grads, params)
+        opt.apply(grads, params, ops=ops)
         return
     subset = {name: params[name] for name in trainable}
-    opt.apply(grads, subset)
+    opt.apply(grads, subset, ops=ops)
     params.update(subset)               # the optimizer may have replaced arrays by its own copies
+    # (Parameters.update advances params.version)
 
 
 def _verbosity(verbose):
@@ -294,8 +295,7 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
                     initial_epoch, shuffle, steps, verbose, history)
     finally:
         if trainer is not None:                     # the device's parameters and state, back home
-            trainer.download(model.backbone.params)
-            backend.weights_changed()
+            trainer.download(model.backbone.params)     # new arrays: the version advances
             trainer.mark_synced(model.backbone.params)
     return history
 
@@ -332,7 +332,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                 if trainer is not None:
                     trackers.update_sums(loss, b, sums.hit_sum, sums.weight_sum)
                 else:
-                    _apply(opt, res.grads, model.backbone.params, trainable)
+                    _apply(opt, res.grads, model.backbone.params, trainable, ops)
                     trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)

@@ -1,19 +1,68 @@
-"""Thread count for the Numba kernels that run between BLAS products.
+"""How many threads the Numba kernels use, and how their threads wait.
 
-When NumPy was imported before refopt, its OpenBLAS keeps the default spin of its worker threads
-(see ``refopt/__init__.py``): after every large product they busy-wait on the other cores for
-about a tenth of a second.  A parallel Numba kernel started then shares a core with a spinning
-worker and waits on it (on 2 cores, prefill 4 x 128 ran at 470 tok/s against 665 with these
-kernels on one thread).  So, only in that case and only for inputs large enough to have come out
-of BLAS (more than :data:`refopt.kernels.cpu.matmul.SMALL_M` rows), they run on the calling thread.
+Why decoding collapsed on a busy machine (the 2-core development machine, load 3-11 from other
+jobs): the bundled model decoded 7-11 tok/s on two threads against 828 on one, and a 125m-shaped
+model 0.8-2 tok/s against 23.  A decode step runs dozens of short parallel regions, and GNU OpenMP
+(Numba's threading layer here) lets a thread that waits -- a worker between regions, the caller at
+the end of one -- spin for up to 300,000 iterations before it sleeps.  On a loaded machine the
+spinning thread uses up its share of a core, the scheduler parks it, and the next region waits for
+it: 3,000 calls of a two-item parallel loop took, at load 3.1, p50 33 us but p90 8 ms and 8.4 s in
+all with the default spin, 3.3 s with GOMP_SPINCOUNT=20000, 0.24 s with OMP_WAIT_POLICY=passive
+(p99 97 us) and 0.21 s on one thread.  Hence three measures:
+
+1. **Passive waiting** -- :func:`configure` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set
+   it or ``GOMP_SPINCOUNT``) just while Numba loads its OpenMP runtime, which reads it once then;
+   the variable is removed at once, so runtimes loaded later with a copy of their own
+   (CTranslate2 bundles one) keep their defaults.  PyTorch links the same system ``libgomp`` as
+   Numba, so when refopt's kernels load first it shares the setting.
+2. **Threads by work** -- the fused decode step (:mod:`.decode`) runs a stage on several threads
+   only when it reads at least ``PARALLEL_BYTES``; the per-op kernels do the same by rows.
+3. **Threads by measurement** -- :class:`Governor` times every decode step and compares, now and
+   then, one step on the other thread count (one thread or all of them): the faster one is kept,
+   so a step slowed by a busy core falls back to one thread, and goes back to all of them when
+   they are free again.  A comparison that loses makes the next one rarer.  One thread reads
+   memory almost as fast as two here (32 against 37 GB/s), so batch-1 decoding loses little on
+   one thread; batches of 8 are compute-bound and gain from two.
+
+OpenBLAS (NumPy's products) keeps threads of its own that spin after each product when NumPy was
+imported before refopt (see ``refopt/__init__.py``); Numba kernels that follow products run on one
+thread then (:func:`beside_blas`).
 """
 
+from __future__ import annotations
+
+import os
+import time
 from contextlib import contextmanager
 
 import numba
 
 import refopt
 from refopt.kernels.cpu.matmul import SMALL_M
+
+
+
+def configure() -> None:
+    """Load Numba's threading layer with passive OpenMP waiting (see the module docstring); once."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    mine = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    if mine:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()           # loads the OpenMP runtime, which reads the variable
+    except Exception:                        # no threading layer: Numba runs prange serially
+        pass
+    finally:
+        if mine:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+_configured = False
 
 
 @contextmanager
@@ -28,3 +77,63 @@ def beside_blas(rows: int):
         yield
     finally:
         numba.set_num_threads(before)
+
+
+class Governor:
+    """Picks the thread count of a repeated call (one decode step) by timing it.
+
+    ``threads(key, most, start)`` gives the count for the next call of the kind ``key`` (``start``
+    the first time); ``record(key, threads, seconds)`` reports how long it took.  The count in use
+    is kept while it is the faster one: every ``interval`` calls one call runs on the other count
+    (one thread, or ``most``), and when it beats the median of the last calls by 10% it becomes the
+    count in use.  A comparison that loses doubles the interval (from 8 calls up to 256), one that
+    wins resets it."""
+
+    FIRST, LAST = 8, 256
+
+    def __init__(self):
+        self._state: dict = {}
+
+    def threads(self, key, most: int, start: int) -> int:
+        if most <= 1:
+            return 1
+        st = self._state.get(key)
+        if st is None or st["most"] != most:
+            st = self._state[key] = {"most": most, "use": start, "recent": [], "wait": self.FIRST,
+                                     "interval": self.FIRST, "first": True}
+        st["wait"] -= 1
+        if st["wait"] <= 0 and len(st["recent"]) >= 3:
+            st["wait"] = st["interval"]
+            return self._other(st)
+        return st["use"]
+
+    def record(self, key, threads: int, seconds: float) -> None:
+        st = self._state.get(key)
+        if st is None:
+            return
+        if st.pop("first", False):               # the first call compiles or warms caches
+            return
+        if threads == st["use"]:
+            st["recent"] = (st["recent"] + [seconds])[-5:]
+            return
+        usual = sorted(st["recent"])[len(st["recent"]) // 2]
+        if seconds < 0.9 * usual:                    # the other count is faster now: switch
+            st["use"], st["recent"], st["interval"] = threads, [seconds], self.FIRST
+        else:
+            st["interval"] = min(2 * st["interval"], self.LAST)
+        st["wait"] = st["interval"]
+
+    @staticmethod
+    def _other(st) -> int:
+        return 1 if st["use"] > 1 else st["most"]
+
+    def timed(self, key, most: int, start: int, fn):
+        """``fn(threads)`` on the count chosen for ``key``, timed and recorded."""
+        n = self.threads(key, most, start)
+        t0 = time.perf_counter()
+        out = fn(n)
+        self.record(key, n, time.perf_counter() - t0)
+        return out
+
+
+governor = Governor()

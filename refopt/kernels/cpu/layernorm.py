@@ -39,7 +39,7 @@ def _layernorm(x, gamma, beta, has_gamma, has_beta, eps, y):
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _layernorm_serial(x, gamma, beta, has_gamma, has_beta, eps, y):
+def layernorm_serial(x, gamma, beta, has_gamma, has_beta, eps, y):
     # the same on the calling thread: a decode step's few rows cost less than waking the pool
     for n in range(x.shape[0]):
         _normalise_row(x, n, gamma, beta, has_gamma, has_beta, eps, y)
@@ -82,7 +82,7 @@ def layernorm_forward(x, gamma, beta, eps):
     D = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, D)
     y = np.empty_like(x2)
-    kernel = _layernorm_serial if x2.shape[0] < _PARALLEL_ROWS else _layernorm
+    kernel = layernorm_serial if x2.shape[0] < _PARALLEL_ROWS else _layernorm
     kernel(x2, _vec(gamma, D, x.dtype), _vec(beta, D, x.dtype), gamma is not None, beta is not None,
            eps, y)
     return y.reshape(x.shape)

@@ -1,45 +1,35 @@
-"""Matrix products for decode-sized batches, and for weights stored in float16, bfloat16 or int8.
+"""Matrix products ``x [M, I] @ w.T`` for weights ``w [O, I]`` stored in float32/float64, bfloat16,
+float16 or int8 (with a float32 scale per output row), with a fused epilogue.
 
-Large products (prefill, training) go to BLAS through NumPy: they are compute-bound and BLAS is the
-fastest there is.  A decode step multiplies a handful of rows by every weight matrix: that is
-memory-bound, and a simple parallel loop streaming each weight once beats a general GEMV and lets
-the weights be read in two bytes (float16, bfloat16) or one (int8, with a float32 scale per output
-row).  Accumulation is in the activations' dtype (float32 or float64).
+A decode step multiplies a handful of rows by every weight matrix: memory-bound, and a loop that
+streams each weight row once and dots it with every row of ``x`` beats a general GEMV and reads the
+weights in the bytes they are stored in (two for bfloat16/float16, one for int8).  Rows come four
+at a time (:func:`dot_block`: two outputs by four rows, eight accumulators, so each weight is
+widened once and used four times): a batch of 8 spends its time in fused multiply-adds rather than
+in loads.  Accumulation is in the activations' dtype (float32 or float64).
 
 Weights are ``[O, I]``, one contiguous row per output (refopt's float weights, the token table of
-the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data): each task takes outputs, streams
-their rows once and dots each with every row of ``x``.
+the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data).  Float weights multiplied by more
+than :data:`SMALL_M` rows go to BLAS (compute-bound, and BLAS is the fastest there is); stored
+kinds never do, so their weights are never widened into a float copy.
+
+:func:`products` is the one kernel (one to three products of a shape at once: the decode step's
+queries, keys and values in one parallel stage), called by the per-op path (:func:`matmul_rows`)
+and by the compiled decode step (:mod:`.decode`).
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-SMALL_M = 16         # rows up to which the streaming kernels beat BLAS
-
-
-@njit(inline="always")
-def _epilogue(acc, bias, o, relu):
-    # bias (empty when there is none) and ReLU applied to one output
-    if bias.shape[0] > 0:
-        acc += bias[o]
-    if relu and acc < 0:
-        acc = acc * 0
-    return acc
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi(x, data, bias, relu, out):
-    # x [M, I], data [O, I] float -> out [M, O] = epilogue(x @ data.T + bias)
-    M, I = x.shape
-    O = data.shape[0]
-    for o in prange(O):
-        for m in range(M):
-            acc = out.dtype.type(0)
-            for i in range(I):
-                acc += x[m, i] * data[o, i]
-            out[m, o] = _epilogue(acc, bias, o, relu)
+SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
+# A product runs on several threads when its weight bytes times max(1, rows // 2) reach this: a
+# parallel region costs ~35 us here (Numba's OpenMP threads wait passively, see _threads), which a
+# memory-bound product of one row gains back from about 6 MB (one thread streams ~30 GB/s, two
+# ~36), and a compute-bound one of eight rows from ~1 MB of int8 weights
+PARALLEL_BYTES = 1 << 22
+STORE, RELU, ADD = 0, 1, 2   # what the epilogue does with a result (see _store)
 
 
 @intrinsic
@@ -56,8 +46,10 @@ def _bf16_to_f32(typingctx, bits):
 
 @intrinsic
 def _f16_to_f32(typingctx, bits):
-    # uint16 float16 bits -> float32 (LLVM's fpext: one vcvtph2ps on x86 with F16C)
-    sig = types.float32(types.uint16)
+    # float16 bits (uint16 or int16) -> float32 (LLVM's fpext: one vcvtph2ps on x86 with F16C)
+    if bits not in (types.uint16, types.int16):
+        return None
+    sig = types.float32(bits)
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
@@ -65,106 +57,238 @@ def _f16_to_f32(typingctx, bits):
     return sig, codegen
 
 
+def widen(v):
+    """A stored weight element as a float: float32/float64 as they are, bfloat16 bits (uint16),
+    float16 bits (int16: Numba has no float16 type on the CPU, so float16 weights travel as int16
+    and bfloat16 as uint16, which keeps the two apart at compile time), int8 (unscaled)."""
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: _f16_to_f32(v)
+    if v == types.int8:
+        return lambda v: np.float32(v)
+    return None
+
+
+@njit(inline="always", fastmath=True)
+def dot_one(x, m, w, o):
+    # x[m] . widen(w[o]), accumulated in x's dtype
+    acc = x.dtype.type(0)
+    for i in range(x.shape[1]):
+        acc += x[m, i] * widen(w[o, i])
+    return acc
+
+
+@njit(inline="always", fastmath=True)
+def dot_block(x, m, w, o):
+    # rows m..m+3 of x against outputs o, o+1 of w: each weight widened once and used four times,
+    # eight accumulators (LLVM vectorises the loop over i with one vector per accumulator) ->
+    # (x[m].w[o], x[m].w[o+1], x[m+1].w[o], ..., x[m+3].w[o+1])
+    z = x.dtype.type(0)
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
+    for i in range(x.shape[1]):
+        w0 = widen(w[o, i])
+        w1 = widen(w[o + 1, i])
+        x0 = x[m, i]
+        x1 = x[m + 1, i]
+        x2 = x[m + 2, i]
+        x3 = x[m + 3, i]
+        a00 += x0 * w0
+        a01 += x0 * w1
+        a10 += x1 * w0
+        a11 += x1 * w1
+        a20 += x2 * w0
+        a21 += x2 * w1
+        a30 += x3 * w0
+        a31 += x3 * w1
+    return (a00, a01, a10, a11, a20, a21, a30, a31)
+
+
+@njit(inline="always", fastmath=True)
+def dot_four(x, m, w, o):
+    # row m of x against outputs o..o+3: four weight rows streamed side by side, so more memory
+    # requests are in flight than with one
+    z = x.dtype.type(0)
+    a0 = a1 = a2 = a3 = z
+    for i in range(x.shape[1]):
+        xv = x[m, i]
+        a0 += xv * widen(w[o, i])
+        a1 += xv * widen(w[o + 1, i])
+        a2 += xv * widen(w[o + 2, i])
+        a3 += xv * widen(w[o + 3, i])
+    return a0, a1, a2, a3
+
+
+@njit(fastmath=True, cache=True)
+def _dots(x, w, o0, o1, raw):
+    # raw[:, :o1-o0] <- x [M, I] @ widen(w[o0:o1]).T.  Rows four at a time: pairs of outputs by
+    # four rows (dot_block).  The rows left over (all of them below four rows, as in decoding):
+    # four outputs side by side (dot_four) where that streams faster -- float32/float64 weights
+    # (+34% at 768 wide), or rows of 4096 and more (+20% for float16 at 8192, measured on one
+    # thread) -- else one output at a time (dot_one: faster for narrow weights at 768-2048 wide)
+    M, I = x.shape
+    Mb = M - M % 4
+    for o in range(o0, o1, 2):
+        n = min(2, o1 - o)
+        for m in range(0, Mb, 4):
+            if n == 2:
+                a00, a01, a10, a11, a20, a21, a30, a31 = dot_block(x, m, w, o)
+                c = o - o0
+                raw[m, c], raw[m, c + 1], raw[m + 1, c], raw[m + 1, c + 1] = a00, a01, a10, a11
+                raw[m + 2, c], raw[m + 2, c + 1], raw[m + 3, c], raw[m + 3, c + 1] = a20, a21, a30, a31
+            else:
+                for mm in range(m, m + 4):
+                    raw[mm, o - o0] = dot_one(x, mm, w, o)
+    four = w.itemsize >= 4 or I >= 4096
+    for m in range(Mb, M):
+        o = o0
+        if four:
+            while o + 4 <= o1:
+                a0, a1, a2, a3 = dot_four(x, m, w, o)
+                c = o - o0
+                raw[m, c], raw[m, c + 1], raw[m, c + 2], raw[m, c + 3] = a0, a1, a2, a3
+                o += 4
+        while o < o1:
+            raw[m, o - o0] = dot_one(x, m, w, o)
+            o += 1
+
+
+@njit(fastmath=True, cache=True)
+def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
+    # out[:, col + o] <- epilogue(raw[:, o - o0]) for o in o0..o1: the int8 scale, the bias, then
+    # mode STORE (times alpha), RELU or ADD (+=)
+    for m in range(raw.shape[0]):
+        for o in range(o0, o1):
+            y = raw[m, o - o0]
+            if scale.shape[0] > 0:
+                y = y * scale[o]
+            if bias.shape[0] > 0:
+                y += bias[o]
+            if mode == 0:
+                out[m, col + o] = y * alpha
+            elif mode == 1:
+                out[m, col + o] = y if y > 0 else y * 0
+            else:
+                out[m, col + o] += y
+
+
+CHUNK = 64            # outputs whose raw dots are kept before the epilogue (in L1)
+
+
+@njit(cache=True)
+def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @
+    widen(w[o]))``, in chunks of CHUNK outputs: their raw dots first (:func:`_dots`), then the
+    epilogue (:func:`_finish`).  Kept apart on purpose: with the epilogue's stores in the same
+    loop nest as the dot products, LLVM compiled the products three to four times slower
+    (measured: 20-25 against 76-95 GMAC/s on eight rows, float32 and int8 weights)."""
+    raw = np.empty((x.shape[0], CHUNK), x.dtype)
+    for c0 in range(o0, o1, CHUNK):
+        c1 = min(o1, c0 + CHUNK)
+        _dots(x, w, c0, c1, raw)
+        _finish(raw, scale, bias, out, col, mode, alpha, c0, c1)
+
+
 @njit(inline="always")
-def _store4(out, m, o, a0, a1, a2, a3, bias, relu):
-    # the epilogue of outputs o .. o+3 of row m (those below O: the last task may hold fewer)
-    O = out.shape[1]
-    out[m, o] = _epilogue(a0, bias, o, relu)
-    if o + 1 < O:
-        out[m, o + 1] = _epilogue(a1, bias, o + 1, relu)
-    if o + 2 < O:
-        out[m, o + 2] = _epilogue(a2, bias, o + 2, relu)
-    if o + 3 < O:
-        out[m, o + 3] = _epilogue(a3, bias, o + 3, relu)
+def split(n, parts, c):
+    """The even-aligned range ``c`` of ``n`` items cut into ``parts``."""
+    per = ((n + parts - 1) // parts + 1) // 2 * 2
+    return min(n, c * per), min(n, (c + 1) * per)
 
 
-# The two- and one-byte kernels stream four weight rows at once (rows o .. o+3 of each task; past
-# the last row, the last row again, read and discarded): four concurrent streams keep more memory
-# requests in flight than one, which a decode step -- bound by memory bandwidth -- needs
-# (1.3b/6.7b-sized float16 products on one thread: 66-71% of a streaming read with one row, 78-83%
-# with four; benchmarks/bench_load.py).
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_bf16(x, data, bias, relu, out):
-    # x [M, I], data [O, I] uint16 bfloat16 bits -> out [M, O]; each weight is widened in the loop
-    M, I = x.shape
-    O = data.shape[0]
-    for t in prange((O + 3) // 4):
-        o = 4 * t
-        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
-        for m in range(M):
-            a0 = a1 = a2 = a3 = out.dtype.type(0)
-            for i in range(I):
-                xv = x[m, i]
-                a0 += xv * _bf16_to_f32(data[o, i])
-                a1 += xv * _bf16_to_f32(data[r1, i])
-                a2 += xv * _bf16_to_f32(data[r2, i])
-                a3 += xv * _bf16_to_f32(data[r3, i])
-            _store4(out, m, o, a0, a1, a2, a3, bias, relu)
+@njit(cache=True)
+def products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, j0, j1):
+    """Jobs ``j0..j1`` of ``count`` (1 to 3) products of ``x`` with weights of one shape ``[O, I]``
+    side by side: job ``j`` is output ``j % O`` of product ``j // O``, written at column ``j`` of
+    ``out [M, count * O]``.  Product 0 is stored by ``mode`` with ``alpha``; products 1 and 2 (the
+    keys and values beside the queries) are stored as they are."""
+    O = w0.shape[0]
+    one = x.dtype.type(1)          # alpha's type: a literal would compile product_range again
+    for part in range(count):
+        o0 = max(j0 - part * O, 0)
+        o1 = min(j1 - part * O, O)
+        if o0 < o1:
+            col = o0 * 0 + part * O
+            if part == 0:
+                product_range(x, w0, s0, b0, out, col, mode, alpha, o0, o1)
+            elif part == 1:
+                product_range(x, w1, s1, b1, out, col, mode * 0, one, o0, o1)
+            else:
+                product_range(x, w2, s2, b2, out, col, mode * 0, one, o0, o1)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_f16(x, data, bias, relu, out):
-    # x [M, I], data [O, I] uint16 float16 bits -> out [M, O]
-    M, I = x.shape
-    O = data.shape[0]
-    for t in prange((O + 3) // 4):
-        o = 4 * t
-        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
-        for m in range(M):
-            a0 = a1 = a2 = a3 = out.dtype.type(0)
-            for i in range(I):
-                xv = x[m, i]
-                a0 += xv * _f16_to_f32(data[o, i])
-                a1 += xv * _f16_to_f32(data[r1, i])
-                a2 += xv * _f16_to_f32(data[r2, i])
-                a3 += xv * _f16_to_f32(data[r3, i])
-            _store4(out, m, o, a0, a1, a2, a3, bias, relu)
+@njit(parallel=True, cache=True)
+def _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, parts):
+    for c in prange(parts):
+        j0, j1 = split(count * w0.shape[0], parts, c)
+        products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, j0, j1)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_oi_int8(x, data, scale, bias, relu, out):
-    # x [M, I], data [O, I] int8, scale [O] float32 -> out [M, O] = epilogue((x @ data.T) * scale)
-    M, I = x.shape
-    O = data.shape[0]
-    for t in prange((O + 3) // 4):
-        o = 4 * t
-        r1, r2, r3 = min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
-        for m in range(M):
-            a0 = a1 = a2 = a3 = out.dtype.type(0)
-            for i in range(I):
-                xv = x[m, i]
-                a0 += xv * data[o, i]
-                a1 += xv * data[r1, i]
-                a2 += xv * data[r2, i]
-                a3 += xv * data[r3, i]
-            _store4(out, m, o, a0 * scale[o], a1 * scale[r1], a2 * scale[r2], a3 * scale[r3], bias, relu)
+@njit(cache=True)
+def products(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads, min_bytes):
+    """:func:`products_range` over all the jobs, split across ``threads`` threads when the
+    products' weight bytes times max(1, rows // 2) reach ``min_bytes`` (the caller sets Numba's
+    count)."""
+    jobs = count * w0.shape[0]
+    if threads > 1 and count * w0.nbytes * max(1, x.shape[0] // 2) >= min_bytes:
+        _products_parallel(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, threads)
+    else:
+        products_range(x, w0, s0, b0, w1, s1, b1, w2, s2, b2, count, out, mode, alpha, jobs * 0, jobs)
 
 
-def matmul_rows(x2, w, bias=None, relu=False):
+@njit(cache=True)
+def product(x, w, scale, bias, out, mode, alpha, threads, min_bytes):
+    """``out [M, O] <- x [M, I] @ widen(w [O, I]).T``, int8-scaled, plus ``bias``, stored by
+    ``mode`` (STORE: times ``alpha``, RELU, ADD: added to ``out``); split across ``threads``
+    threads when its weight bytes times max(1, rows // 2) reach ``min_bytes``."""
+    products(x, w, scale, bias, w, scale, bias, w, scale, bias, mode * 0 + 1, out, mode, alpha,
+             threads, min_bytes)
+
+
+def stored(w, dtype):
+    """``(data, scale)`` of a weight as :func:`product` reads it: a float matrix as ``dtype`` (no
+    copy when it is already), a QuantizedMatrix's data (float16 bits viewed as int16, see
+    :func:`widen`) and int8 scales (else an empty scale)."""
+    from refopt.quant import QuantizedMatrix
+
+    if isinstance(w, QuantizedMatrix):
+        data = w.data.view(np.int16) if w.kind == "float16" else w.data
+        return np.ascontiguousarray(data), (w.scale if w.kind == "int8" else _NO_SCALE)
+    return np.ascontiguousarray(w, dtype=dtype), _NO_SCALE
+
+
+_NO_SCALE = np.zeros(0, np.float32)
+
+
+def matmul_rows(x2, w, bias=None, relu=False, threads=None):
     """``epilogue(x2 [M, I] @ w.T + bias)`` for ``w [O, I]`` a float matrix or a QuantizedMatrix
-    -> ``[M, O]``; the epilogue adds ``bias`` and applies ReLU when ``relu``."""
+    -> ``[M, O]``; the epilogue adds ``bias`` and applies ReLU when ``relu``.  ``threads``:
+    default Numba's current count."""
     from refopt.quant import QuantizedMatrix
 
     M = x2.shape[0]
-    if M > SMALL_M or (not isinstance(w, QuantizedMatrix) and (w.dtype != x2.dtype or not w.flags.c_contiguous)):
+    if not isinstance(w, QuantizedMatrix) and (M > SMALL_M or w.dtype != x2.dtype
+                                                or not w.flags.c_contiguous):
         # compute-bound (or an unusual operand): BLAS, then the epilogue in place
-        dense = w.rows_float32().astype(x2.dtype, copy=False) if isinstance(w, QuantizedMatrix) else w
-        y = x2 @ dense.T
+        y = x2 @ w.T
         if bias is not None:
             y += bias
         if relu:
             np.maximum(y, 0, out=y)
         return y
+    import numba
+
     x2 = np.ascontiguousarray(x2)
-    b = np.zeros(0, x2.dtype) if bias is None else np.asarray(bias, x2.dtype)
+    dt = x2.dtype.type
+    data, scale = stored(w, x2.dtype)
+    b = np.zeros(0, x2.dtype) if bias is None else np.ascontiguousarray(bias, x2.dtype)
     out = np.empty((M, w.shape[0]), x2.dtype)
-    if not isinstance(w, QuantizedMatrix):
-        matmul_oi(x2, w, b, relu, out)
-    elif w.kind == "bfloat16":
-        matmul_oi_bf16(x2, w.data, b, relu, out)
-    elif w.kind == "float16":
-        matmul_oi_f16(x2, w.data.view(np.uint16), b, relu, out)
-    else:
-        matmul_oi_int8(x2, w.data, w.scale, b, relu, out)
+    product(x2, data, scale, b, out, RELU if relu else STORE, dt(1),
+            numba.get_num_threads() if threads is None else threads, PARALLEL_BYTES)
     return out

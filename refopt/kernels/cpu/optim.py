@@ -1,4 +1,4 @@
-"""Adam(W)'s per-element update fused into one parallel pass (:mod:`refopt.optimizers` holds the
+"""Adam(W)'s per-element update fused into one parallel pass (:mod:`refopt.ops.adam` holds the
 NumPy reference, which makes about fourteen passes over memory).
 
 The arithmetic is the reference's, operation for operation in the same order and in the
@@ -17,7 +17,8 @@ def _adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alp
     # every array flat [N] of one dtype; the scalars of that dtype
     for i in prange(var.shape[0]):
         x = var[i]
-        x = x - x * decay                                     # decoupled weight decay (0: none)
+        if decay != 0:
+            x = x - x * decay                                 # decoupled weight decay
         g = grad[i]
         mi = m[i] + (g - m[i]) * one_minus_beta_1
         vi = v[i] + (g * g - v[i]) * one_minus_beta_2

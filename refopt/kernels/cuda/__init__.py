@@ -8,8 +8,8 @@ backend, at the price of the transfers.  Two device-resident paths skip them: ``
 ``evaluate`` and ``predict`` run :class:`refopt.training.device.DeviceTrainer` (parameters,
 gradients, Adam state and activations on the GPU, the step replayed as a CUDA graph), and
 generation with greedy, random, top-k, top-p and min-p sampling runs the persistent decode kernel
-(:mod:`.decode`, driven from :mod:`refopt.device_decoding`): weights, cache and tokens stay on the
-GPU.
+(:mod:`.decode`, driven from :mod:`refopt.device_decoding`; its stages :mod:`.decode_stages`, its
+products :mod:`.decode_products`): weights, cache and tokens stay on the GPU.
 
 Kernels: tiled matrix products with bias/ReLU/residual/dropout epilogues and split-K (:mod:`.gemm`),
 flash attention (:mod:`.attention`) and its flash-style backward (:mod:`.flash_backward`),

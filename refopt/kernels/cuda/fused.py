@@ -13,7 +13,7 @@ the reference does in two or three NumPy lines.
   three numbers (what a step copies back).
 * :func:`segment_sum` -- an embedding gradient: per table row, the sum of its positions'
   gradients in token order, added to the row (``np.add.at`` into zeros, then ``+=``).
-* :func:`dropout_keep` -- the dropout multiplier from :func:`refopt.random.uniform`'s Philox
+* :func:`dropout_keep` -- the dropout multiplier from :func:`refopt.philox.uniform`'s Philox
   stream (bit for bit reproducible on the host), and :func:`multiply`.
 * The optimizer over one flat parameter buffer cut into *chunks* that never straddle two
   parameters: :func:`chunk_sumsq` (float64 sums of squares per chunk), :func:`clip_factors`
@@ -321,9 +321,9 @@ def _elementwise(dtype):
 
 
 def dropout_keep(out, rate, scal, stream_id, stream=0):
-    """``out[i] = 1/(1 - rate)`` where ``uniform(key, row=i, step, stream_id) >= rate``, else 0
-    (the uniform of :func:`refopt.random.uniform`); ``scal`` an int32 device array ``[step, k0, k1]``
-    with the key words of :func:`refopt.random.seed_to_key` (bit patterns)."""
+    """``out[i] = 1/(1 - rate)`` where ``uniform(seed, step, stream_id, index=i) >= rate``, else 0
+    (the uniform of :func:`refopt.philox.uniform`); ``scal`` an int32 device array ``[step, k0, k1]``
+    with the key words of :func:`refopt.philox.seed_to_key` (bit patterns)."""
     n = out.shape[0]
     dtype = np.dtype(out.dtype)
     if n:

@@ -6,13 +6,15 @@ through shared memory (:func:`block_sum`, :func:`block_max`: a tree over the blo
 calls them).  The arithmetic follows the NumPy reference op for op: LayerNorm's mean and variance
 in two passes, the softmax's maximum subtracted before the exponentials, the scatter-add summing
 each table row's gradients in token order (as ``np.add.at``), Adam's update in the reference's
-order of operations.
+order of operations.  The LayerNorm and softmax formulas are device functions
+(:func:`row_functions`) that the persistent decode kernel's stages call too.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -57,34 +59,99 @@ def block_max(value, buf):
     return buf[0]
 
 
+# ----------------------------------------------------------------------------- row formulas
+class RowFunctions(NamedTuple):
+    """The row formulas as block-cooperative device functions (every thread of the block calls
+    them; thread ``tid`` takes entries ``tid, tid + stride, ...``), one home for each: the row
+    kernels below and the persistent decode kernel (:mod:`.decode_stages`) call these.
+
+    * ``layernorm(x, y, r0, D, gamma, g0, beta, b0, has_gamma, has_beta, eps, stride, buf)
+      -> (mean, rstd)``: the row ``x[r0:r0 + D]`` normalised into ``y[r0:r0 + D]``,
+      ``(x - mean) * rstd * gamma[g0:] + beta[b0:]`` (the gain and the offset where given), the
+      mean and the variance in two passes as the reference; ``y`` may be ``x``.
+    * ``scaled_max(x, lo, hi, t, stride, buf)``: the block's maximum of ``x[j] / t``, ``lo <= j < hi``.
+    * ``exp_sum(x, lo, hi, t, top, y, stride, buf)``: ``y[j] = exp(x[j] / t - top)``; returns
+      their sum over the block.
+    * ``divide(y, lo, hi, total, stride)``: ``y[j] /= total``.
+
+    The last three are the reference's ``softmax(x / t)`` (the maximum subtracted before the
+    exponentials) over ``[lo, hi)``; the decode kernel runs them on slices of a row and combines
+    the slices' maxima and sums in between.  ``buf``: shared memory of ``blockDim`` entries or more.
+    Rows are given by offsets into flat arrays, not by slices: a slice's bounds are clamped at run
+    time, and the compiler then keeps several versions of the loops over it.
+    """
+
+    layernorm: object
+    scaled_max: object
+    exp_sum: object
+    divide: object
+
+
+@functools.lru_cache(maxsize=None)
+def row_functions(dtype) -> RowFunctions:
+    """:class:`RowFunctions` computing in ``dtype`` (float32 or float64)."""
+    DT = nbtype(dtype)
+
+    @cuda.jit(device=True)
+    def layernorm(x, y, r0, D, gamma, g0, beta, b0, has_gamma, has_beta, eps, stride, buf):
+        tid = cuda.threadIdx.x
+        part = DT(0)
+        for d in range(tid, D, stride):
+            part += x[r0 + d]
+        mean = block_sum(part, buf) / DT(D)
+        part = DT(0)
+        for d in range(tid, D, stride):
+            c = x[r0 + d] - mean
+            part += c * c
+        var = block_sum(part, buf) / DT(D)
+        rstd = DT(1) / math.sqrt(var + eps)
+        cuda.syncthreads()
+        for d in range(tid, D, stride):
+            v = (x[r0 + d] - mean) * rstd
+            if has_gamma:
+                v = v * gamma[g0 + d]
+            if has_beta:
+                v = v + beta[b0 + d]
+            y[r0 + d] = v
+        return mean, rstd
+
+    @cuda.jit(device=True)
+    def scaled_max(x, lo, hi, t, stride, buf):
+        top = DT(-math.inf)
+        for j in range(lo + cuda.threadIdx.x, hi, stride):
+            top = max(top, x[j] / t)
+        return block_max(top, buf)
+
+    @cuda.jit(device=True)
+    def exp_sum(x, lo, hi, t, top, y, stride, buf):
+        part = DT(0)
+        for j in range(lo + cuda.threadIdx.x, hi, stride):
+            e = math.exp(x[j] / t - top)
+            y[j] = e
+            part += e
+        return block_sum(part, buf)
+
+    @cuda.jit(device=True)
+    def divide(y, lo, hi, total, stride):
+        for j in range(lo + cuda.threadIdx.x, hi, stride):
+            y[j] = y[j] / total
+
+    return RowFunctions(layernorm, scaled_max, exp_sum, divide)
+
+
 # ----------------------------------------------------------------------------- LayerNorm
 @functools.lru_cache(maxsize=None)
 def _layernorm(dtype):
     DT = nbtype(dtype)
+    layernorm_row = row_functions(dtype).layernorm
 
     @kernel()
     def layernorm(x, gamma, beta, has_gamma, has_beta, eps, y, mean_out, rstd_out):
         # x [N, D] -> y [N, D]; mean_out / rstd_out [N] (when non-empty) keep the statistics
         n = cuda.blockIdx.x
-        D = x.shape[1]
         buf = cuda.shared.array(1024, DT)
-        part = DT(0)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            part += x[n, d]
-        mean = block_sum(part, buf) / DT(D)
-        part = DT(0)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            c = x[n, d] - mean
-            part += c * c
-        var = block_sum(part, buf) / DT(D)
-        rstd = DT(1) / math.sqrt(var + eps)
-        for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-            v = (x[n, d] - mean) * rstd
-            if has_gamma:
-                v = v * gamma[d]
-            if has_beta:
-                v = v + beta[d]
-            y[n, d] = v
+        mean, rstd = layernorm_row(x[n], y[n], 0, x.shape[1], gamma, 0, beta, 0, has_gamma, has_beta, eps,
+                                   cuda.blockDim.x, buf)
         if cuda.threadIdx.x == 0 and mean_out.shape[0] > 0:
             mean_out[n] = mean
             rstd_out[n] = rstd
@@ -142,42 +209,36 @@ def sum_rows(a2, stream=0):
 @functools.lru_cache(maxsize=None)
 def _softmax(dtype):
     DT = nbtype(dtype)
+    row = row_functions(dtype)
 
     @kernel()
-    def softmax(x, inv_temperature, y):
-        # y[n] = exp(x[n] * inv_t - max) / sum, as refopt's softmax of (logits / temperature)
+    def softmax(x, temperature, y):
+        # y[n] = softmax(x[n] / temperature)
         n = cuda.blockIdx.x
         V = x.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = DT(-math.inf)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            top = max(top, x[n, j] * inv_temperature)
-        top = block_max(top, buf)
-        part = DT(0)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            e = math.exp(x[n, j] * inv_temperature - top)
-            y[n, j] = e
-            part += e
-        total = block_sum(part, buf)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            y[n, j] = y[n, j] / total
+        top = row.scaled_max(x[n], 0, V, temperature, cuda.blockDim.x, buf)
+        total = row.exp_sum(x[n], 0, V, temperature, top, y[n], cuda.blockDim.x, buf)
+        row.divide(y[n], 0, V, total, cuda.blockDim.x)
     return softmax
 
 
 def softmax(x2, temperature=1.0, out=None, stream=0):
-    """Row softmax of ``x2 [N, V] / temperature`` on the device (multiplying by ``1/t``: exact for
-    ``t = 1``)."""
+    """Row softmax of ``x2 [N, V] / temperature`` on the device (dividing by ``temperature``, as
+    the reference)."""
     N, V = x2.shape
     dtype = np.dtype(x2.dtype)
     out = empty((N, V), dtype) if out is None else out
     if N:
-        _softmax(dtype)[N, THREADS, stream](x2, dtype.type(1.0 / temperature), out)
+        _softmax(dtype)[N, THREADS, stream](x2, dtype.type(temperature), out)
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def _cross_entropy(dtype):
     DT = nbtype(dtype)
+    row = row_functions(dtype)
+    one = DT(1)                       # the softmax at temperature 1 (x / 1 is x: the division folds)
 
     @kernel()
     def forward(logits, targets, ce, probs):
@@ -185,18 +246,9 @@ def _cross_entropy(dtype):
         n = cuda.blockIdx.x
         V = logits.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = DT(-math.inf)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            top = max(top, logits[n, j])
-        top = block_max(top, buf)
-        part = DT(0)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            e = math.exp(logits[n, j] - top)
-            probs[n, j] = e
-            part += e
-        total = block_sum(part, buf)
-        for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-            probs[n, j] = probs[n, j] / total
+        top = row.scaled_max(logits[n], 0, V, one, cuda.blockDim.x, buf)
+        total = row.exp_sum(logits[n], 0, V, one, top, probs[n], cuda.blockDim.x, buf)
+        row.divide(probs[n], 0, V, total, cuda.blockDim.x)
         if cuda.threadIdx.x == 0:
             ce[n] = math.log(total) - (logits[n, targets[n]] - top)
 

@@ -1,4 +1,4 @@
-"""The samplers' selection steps on the GPU, each exactly the rule of :mod:`refopt.random` and
+"""The samplers' selection steps on the GPU, each exactly the rule of :mod:`refopt.philox` and
 :mod:`refopt.samplers` (same tie-breaking, same float64 accumulation order), so that for the same
 probabilities and seed the tokens are the NumPy samplers' tokens.
 
@@ -7,12 +7,13 @@ call it; results are returned to every thread), used both by the one-block-per-r
 ops namespace below and inside the persistent decode kernel (:mod:`.decode`):
 
 * :func:`philox_uniform` -- Philox-4x32-10 keyed by ``(seed, row, step, stream)``, the 53-bit
-  uniform of :func:`refopt.random.uniform`, bit for bit (64-bit integer arithmetic, masked).
+  uniform of :func:`refopt.philox.uniform`, bit for bit (64-bit integer arithmetic, masked).
 * :func:`row_argmax` -- the first maximum (greedy).
 * :func:`row_kth_largest` -- the k-th largest value by radix selection on the float64 bit
   patterns (non-negative floats order as their bits): 63 passes of block-wide counting.
 * :func:`row_top_k` -- the top-k mask: values above the k-th largest, then the tied values in
-  token order until k are kept (an ordered count of ties: a block-wide exclusive scan).
+  token order until k are kept (an ordered count of ties: a block-wide exclusive scan);
+  :func:`row_top_k_weights` and :func:`row_min_p` -- the top-k and min-p samplers' weights.
 * :func:`row_choose` -- the selection rule: the non-zero weights are compacted in token order (a
   block-wide scan), one thread accumulates them left to right in float64 (adding zeros changes no
   float sum, so this *is* the sequential cumulative sum over all ``V`` entries), and the block
@@ -57,7 +58,7 @@ else:
 @cuda.jit(device=True)
 def philox_uniform(k0, k1, row, step, stream):
     """The uniform of counter ``(step, row, stream, 0)`` under key ``(k0, k1)`` (uint64 holding
-    32-bit words): :func:`refopt.random.uniform`."""
+    32-bit words): :func:`refopt.philox.uniform` with ``row`` 0 and the row's seed as the key."""
     mask = uint64(_MASK)
     c0 = uint64(step) & mask
     c1 = uint64(row) & mask
@@ -216,8 +217,29 @@ def row_top_k(p, V, k, keep, ibuf):
 
 
 @cuda.jit(device=True)
+def row_top_k_weights(p, V, k, keep, out, ibuf):
+    """``out[0:V]`` (float64) = TopKSampler.next_token_distribution of ``p``: ``p`` where the top-k
+    mask (:func:`row_top_k`, into ``keep``) is set, else 0."""
+    row_top_k(p, V, k, keep, ibuf)
+    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        out[j] = float64(p[j]) if keep[j] != 0 else 0.0
+
+
+@cuda.jit(device=True)
+def row_min_p(p, V, min_p, min_keep, keep, out, fbuf, ibuf):
+    """``out[0:V]`` (float64) = MinPSampler.next_token_distribution of ``p``: entries of at least
+    ``min_p`` times the largest, and the top ``min_keep`` (:func:`row_top_k`, into ``keep``);
+    ``fbuf``: shared float64."""
+    row_top_k(p, V, min_keep, keep, ibuf)
+    threshold = min_p * float64(p[row_argmax(p, V, fbuf, ibuf)])
+    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
+        x = float64(p[j])
+        out[j] = x if (x >= threshold or keep[j] != 0) else 0.0
+
+
+@cuda.jit(device=True)
 def row_choose(w, V, u, cidx, cval, ibuf):
-    """The selection rule of :func:`refopt.random.choose` on weights ``w[0:V]`` (float64 view) and
+    """The selection rule of :func:`refopt.philox.choose` on weights ``w[0:V]`` (float64 view) and
     a uniform ``u``: the smallest ``i`` with ``cumsum(w)[i] > u * sum(w)``, the cumulative sum
     sequential in float64 from token 0.  ``cidx`` (int64) / ``cval`` (float64) are scratch rows of
     ``V`` entries.  Returns -1 when the weights are not finite, negative, or all zero."""
@@ -353,20 +375,22 @@ def row_top_p(p, V, top_p, cutoff, out, svals, sidx, P2, ibuf):
 
 # ----------------------------------------------------------------------------- ops kernels
 @kernel()
-def _uniform_kernel(k0, k1, rows, step, stream, out):
+def _uniform_kernel(seeds, step, stream, out):
     i = cuda.grid(1)
-    if i < rows.shape[0]:
-        out[i] = philox_uniform(k0, k1, rows[i], step, stream)
+    if i < seeds.shape[0]:
+        out[i] = philox_uniform(seeds[i] & uint64(_MASK), seeds[i] >> uint64(32), 0, step, stream)
 
 
-def uniform(seed, rows, step, stream=0):
-    """Philox uniforms ``[len(rows)]`` at ``step`` (:func:`refopt.random.uniform`), on the device."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
-    out = empty(max(rows.size, 1), np.float64)
-    if rows.size:
-        _uniform_kernel[cdiv(rows.size, 128), 128](np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32),
-                                                   cuda.to_device(rows), int64(step), int64(stream), out)
-    return out.copy_to_host()[:rows.size]
+def uniform(seeds, step, stream=0):
+    """Philox uniforms ``[len(seeds)]``, one per row's seed, at ``step``
+    (:func:`refopt.philox.uniform`), on the device."""
+    from refopt.philox import as_seeds
+
+    seeds = np.ascontiguousarray(as_seeds(seeds)).reshape(-1)
+    out = empty(max(seeds.size, 1), np.float64)
+    if seeds.size:
+        _uniform_kernel[cdiv(seeds.size, 128), 128](cuda.to_device(seeds), int64(step), int64(stream), out)
+    return out.copy_to_host()[:seeds.size]
 
 
 @kernel()
@@ -379,7 +403,7 @@ def _choose_kernel(w, u, cidx, cval, out):
 
 
 def choose(weights, u):
-    """:func:`refopt.random.choose` on the device."""
+    """:func:`refopt.philox.choose` on the device."""
     from refopt.errors import SamplerError
 
     w = np.ascontiguousarray(weights, dtype=np.float64)
@@ -441,13 +465,7 @@ def _min_p_kernel(p, min_p, min_keep, keep, out):
     ibuf = cuda.shared.array(SCAN, int64)
     fbuf = cuda.shared.array(SCAN, float64)
     b = cuda.blockIdx.x
-    V = p.shape[1]
-    row_top_k(p[b], V, min_keep, keep[b], ibuf)
-    top = p[b, row_argmax(p[b], V, fbuf, ibuf)]
-    threshold = min_p * top
-    for j in range(cuda.threadIdx.x, V, cuda.blockDim.x):
-        x = p[b, j]
-        out[b, j] = x if (x >= threshold or keep[b, j] != 0) else 0.0
+    row_min_p(p[b], p.shape[1], min_p, min_keep, keep[b], out[b], fbuf, ibuf)
 
 
 def min_p_distribution(p, min_p, min_tokens_to_keep=1):

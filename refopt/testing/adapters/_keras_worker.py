@@ -98,13 +98,13 @@ class Worker:
         from refopt.io import keras_h5
 
         names = {}
-        for ours, (dense, var) in keras_h5._DENSE.items():
+        for ours, (dense, var) in keras_h5.DENSE.items():
             names[f"self_attention/{var}/kernel"] = ours + ".weight"
             names[f"self_attention/{var}/bias"] = ours + ".bias"
-        for ours, (_, var) in list(keras_h5._NORMS.items()):
+        for ours, (_, var) in list(keras_h5.NORMS.items()):
             names[f"{var}/gamma"] = ours + ".gamma"
             names[f"{var}/beta"] = ours + ".beta"
-        for ours, (_, var) in keras_h5._MLP.items():
+        for ours, (_, var) in keras_h5.MLP.items():
             names[f"{var}/kernel"] = ours + ".weight"
             names[f"{var}/bias"] = ours + ".bias"
         variables, ours = [], []

@@ -53,6 +53,9 @@ class KerasHubAdapter(Adapter):
     supports_left_padding = False
     sampler_convention = "keras_hub"
     config_family = "keras_hub"
+    # KerasHub right-pads (its positions start at each row's first column); its cached decoding is
+    # exercised by ``generation`` (generate runs call_with_cache)
+    capabilities = frozenset({"logits", "activations", "gradients", "generation", "tokenizer", "samplers"})
 
     def __init__(self, python: str | None = None, timeout: float = 600.0):
         python = python or os.environ.get(ENV_PYTHON)
@@ -199,7 +202,7 @@ class KerasHubAdapter(Adapter):
 
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
+        from refopt.philox import choose
 
         got = self._call("sampler_weights", {"spec": spec._asdict()},
                          arrays={"probabilities": np.asarray(probabilities, np.float64)})

@@ -43,18 +43,27 @@ def _imports():
 
 
 class TransformersAdapter(Adapter):
-    """transformers' ``OPTForCausalLM`` in ``dtype`` (``"float32"`` or ``"float64"``), its default
-    ("sdpa") attention."""
+    """transformers' ``OPTForCausalLM`` in ``dtype`` (``"float32"`` or ``"float64"``) with
+    ``attn_implementation`` ``"sdpa"`` (the default: PyTorch picks its kernel, the flash kernel on
+    CPU where it can), ``"eager"`` (transformers' own matmul-softmax-matmul), ``"sdpa-math"`` or
+    ``"sdpa-flash"`` (SDPA held to one PyTorch kernel)."""
 
     supports_left_padding = True
     sampler_convention = "transformers"
+    capabilities = frozenset({"logits", "left_padding", "activations", "gradients", "incremental",
+                              "generation", "tokenizer", "samplers"})
+    KERNELS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION"}
 
     def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa"):
         self.torch, self.transformers = _imports()
         if dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"TransformersAdapter: dtype={dtype!r}")
+        if attn_implementation not in ("sdpa", "eager", *self.KERNELS):
+            raise ValueError(f"TransformersAdapter: attn_implementation={attn_implementation!r}; expected "
+                             f"'sdpa', 'eager', {', '.join(map(repr, self.KERNELS))}")
         self.dtype = dtype
-        self.name = f"transformers {self.transformers.__version__} (torch {self.torch.__version__.split('+')[0]})"
+        self.name = (f"transformers {self.transformers.__version__} (torch {self.torch.__version__.split('+')[0]}"
+                     f"{'' if attn_implementation == 'sdpa' else ', ' + attn_implementation})")
         self.attn_implementation = attn_implementation
         self.model = None
         self.tokenizer = None
@@ -82,29 +91,35 @@ class TransformersAdapter(Adapter):
         self._set_model(model)
 
     def load_preset(self, path):
-        path = Path(path)
-        try:
-            data = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise NotSupported(f"{path} has no readable config.json") from None
-        if data.get("model_type") != "opt":
-            raise NotSupported(f"{path} is not a transformers checkpoint (transformers reads only its "
-                               "own layout; the oracle passes refopt's reading of it instead)")
+        from refopt.testing.adapters import transformers_config
+
+        config = transformers_config(path, "transformers")
         logging = self.transformers.utils.logging
         bar = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()                    # no "Loading weights" bar in reports
         try:
             model = self.transformers.OPTForCausalLM.from_pretrained(
-                path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation)
+                path, dtype=self.torch_dtype,
+                attn_implementation="eager" if self.attn_implementation == "eager" else "sdpa")
         finally:
             if bar:
                 logging.enable_progress_bar()
-        self.config = OPTConfig.from_huggingface(data, str(path / "config.json"))
+        self.config = config
         self._set_model(model)
 
     def _set_model(self, model):
-        model.config._attn_implementation = self.attn_implementation
+        model.config._attn_implementation = "eager" if self.attn_implementation == "eager" else "sdpa"
         self.model = model.to(self.torch_dtype).eval()
+
+    def _run(self, **inputs):
+        # the model's forward, under the SDPA kernel this adapter is held to
+        kernel = self.KERNELS.get(self.attn_implementation)
+        if kernel is None:
+            return self.model(**inputs)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
+            return self.model(**inputs)
 
     def _inputs(self, token_ids, padding_mask):
         torch = self.torch
@@ -114,8 +129,23 @@ class TransformersAdapter(Adapter):
     def logits(self, token_ids, padding_mask):
         ids, mask = self._inputs(token_ids, padding_mask)
         with self.torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask)
+            out = self._run(input_ids=ids, attention_mask=mask)
         return out.logits.double().numpy()
+
+    def incremental_logits(self, token_ids, padding_mask, prefill):
+        # a prefill filling transformers' cache, then one token per call with the cache
+        ids, mask = self._inputs(token_ids, padding_mask)
+        # transformers >= 5.24 names the cache `cache`, earlier versions `past_key_values`
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = []
+        with self.torch.no_grad():
+            step = self._run(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+            out.append(step.logits)
+            for s in range(prefill, ids.shape[1]):
+                step = self._run(input_ids=ids[:, s:s + 1], attention_mask=mask[:, :s + 1],
+                                 use_cache=True, **{key: getattr(step, key)})
+                out.append(step.logits)
+        return self.torch.cat(out, dim=1).double().numpy()
 
     def activations(self, token_ids, padding_mask, names):
         torch = self.torch
@@ -158,7 +188,7 @@ class TransformersAdapter(Adapter):
             if decoder.project_out is not None:
                 handles.append(decoder.project_out.register_forward_hook(on_output("hidden")))
             with torch.no_grad():
-                got["logits"] = self.model(input_ids=ids, attention_mask=mask).logits.double().numpy()
+                got["logits"] = self._run(input_ids=ids, attention_mask=mask).logits.double().numpy()
         finally:
             for h in handles:
                 h.remove()
@@ -171,14 +201,17 @@ class TransformersAdapter(Adapter):
         ids, mask = self._inputs(token_ids, padding_mask)
         y, sw = loss_targets(token_ids, padding_mask, self.config.pad_token_id)
         self.model.zero_grad(set_to_none=True)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        logits = self._run(input_ids=ids, attention_mask=mask).logits
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                torch.tensor(y).reshape(-1), reduction="none")
         w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
         loss = (w * ce).sum() / w.sum()
         loss.backward()
-        theirs = {name: p.grad.double().numpy() if p.grad is not None else np.zeros(tuple(p.shape))
-                  for name, p in self.model.named_parameters()}
+        # the gradients as they are (float32 / float64 views, no copy: a 1.3b model's are 5 GB);
+        # half-precision ones widened to float32, which NumPy can hold
+        half = self.dtype in ("bfloat16", "float16")
+        theirs = {name: (p.grad.float() if half else p.grad).numpy() if p.grad is not None
+                  else np.zeros(tuple(p.shape)) for name, p in self.model.named_parameters()}
         self.model.zero_grad(set_to_none=True)
         grads = {ours: theirs[hf] for ours, hf in huggingface.name_map(self.config).items() if hf in theirs}
         pos = theirs.get(huggingface.POSITIONS_NAME)
@@ -193,8 +226,14 @@ class TransformersAdapter(Adapter):
                                                  min_new_tokens=0, eos_token_id=None,
                                                  pad_token_id=self.config.pad_token_id,
                                                  bos_token_id=self.config.bos_token_id)
-        with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        # transformers 5 fills a None eos_token_id from the model's generation config: no stop token
+        # means clearing it there too
+        saved, self.model.generation_config.eos_token_id = self.model.generation_config.eos_token_id, None
+        try:
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        finally:
+            self.model.generation_config.eos_token_id = saved
         return [int(t) for t in out[0, len(prompt_ids):]]
 
     # ------------------------------------------------------------------ the tokenizer
@@ -228,7 +267,7 @@ class TransformersAdapter(Adapter):
 
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec, probabilities, uniforms):
-        from refopt.random import choose
+        from refopt.philox import choose
 
         torch, lp = self.torch, self.transformers.generation.logits_process
         p = torch.tensor(np.asarray(probabilities), dtype=self.torch_dtype)

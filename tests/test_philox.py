@@ -1,4 +1,4 @@
-"""refopt.random: Philox-4x32-10 against Random123's known answers, the (seed, row, step) keying,
+"""refopt.philox: Philox-4x32-10 against Random123's known answers, the (row's seed, step) keying,
 the 53-bit uniforms and the documented selection rule."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refopt import random as prandom
+from refopt import philox
 from refopt.errors import SamplerError
 
 # Random123 kat_vectors: name rounds counter[4] key[2] -> output[4]
@@ -31,7 +31,7 @@ def _kat():
 
 @pytest.mark.parametrize("rounds,counter,key,expected", list(_kat()))
 def test_philox4x32_known_answers(rounds, counter, key, expected):
-    out = prandom.philox4x32(counter, key, rounds=rounds)
+    out = philox.philox4x32(counter, key, rounds=rounds)
     assert [int(x) for x in out] == expected
 
 
@@ -73,34 +73,52 @@ def test_vectorised_matches_scalar_reference():
     rng = np.random.default_rng(0)
     counters = rng.integers(0, 2**32, size=(64, 4), dtype=np.uint64).astype(np.uint32)
     keys = rng.integers(0, 2**32, size=(64, 2), dtype=np.uint64).astype(np.uint32)
-    out = prandom.philox4x32(counters, keys)
+    out = philox.philox4x32(counters, keys)
     for i in range(64):
         assert [int(x) for x in out[i]] == philox_python([int(x) for x in counters[i]],
                                                          [int(x) for x in keys[i]], 10, 32)
 
 
 def test_uniform_layout_and_construction():
-    seed = 0x0123456789ABCDEF
-    u = prandom.uniform(seed, rows=[0, 1, 2], step=17, stream=prandom.STREAM_TOKEN)
-    for r in range(3):
-        words = philox_python([17, r, 0, 0], [seed & 0xFFFFFFFF, seed >> 32], 10, 32)
+    seeds = [0x0123456789ABCDEF, 5, 2**64 - 1]
+    u = philox.uniform(seeds, step=17, stream=philox.STREAM_TOKEN)
+    for r, seed in enumerate(seeds):
+        words = philox_python([17, 0, 0, 0], [seed & 0xFFFFFFFF, seed >> 32], 10, 32)
         expected = ((words[0] >> 5) * 2**26 + (words[1] >> 6)) / 2**53
         assert u[r] == expected
-    # a row's number does not depend on which other rows are drawn with it
-    alone = prandom.uniform(seed, rows=[2], step=17)
-    assert alone[0] == u[2]
-    # streams, steps, rows and seeds all change the number
-    assert prandom.uniform(seed, [0], 17, prandom.STREAM_ACCEPT)[0] != u[0]
-    assert prandom.uniform(seed, [0], 18)[0] != u[0]
-    assert prandom.uniform(seed + 1, [0], 17)[0] != u[0]
+    # a row's number depends on its seed only: not on which rows are drawn with it, nor where
+    assert philox.uniform([seeds[2]], 17)[0] == u[2]
+    assert philox.uniform([seeds[2], seeds[0]], 17)[0] == u[2]
+    assert philox.uniform(seeds[0], 17) == u[0]                     # a scalar seed, a scalar
+    # streams, steps and seeds all change the number
+    assert philox.uniform(seeds[:1], 17, philox.STREAM_ACCEPT)[0] != u[0]
+    assert philox.uniform(seeds[:1], 18)[0] != u[0]
+    assert philox.uniform([seeds[0] + 1], 17)[0] != u[0]
 
 
 def test_uniforms_are_uniform():
-    u = prandom.uniform(42, rows=np.arange(20000), step=3)
+    u = philox.uniform(np.arange(20000, dtype=np.uint64), step=3)     # 20000 seeds, one step
     assert ((u >= 0) & (u < 1)).all()
     counts = np.histogram(u, bins=20, range=(0, 1))[0]
     chi2 = ((counts - 1000.0) ** 2 / 1000.0).sum()
     assert chi2 < chi2_critical(19)
+    v = philox.uniform(np.full(20000, 42, np.uint64), step=np.arange(20000))   # one seed, 20000 steps
+    counts = np.histogram(v, bins=20, range=(0, 1))[0]
+    assert ((counts - 1000.0) ** 2 / 1000.0).sum() < chi2_critical(19)
+
+
+def test_row_seeds():
+    assert philox.row_seeds(7, 3).tolist() == [7, 7, 7]
+    assert philox.row_seeds([1, 2**64 - 1], 2).tolist() == [1, 2**64 - 1]
+    fresh = philox.row_seeds(None, 4)
+    assert fresh.dtype == np.uint64 and len(set(fresh.tolist())) == 4      # 64 random bits each
+    mixed = philox.row_seeds((5, None), 2)
+    assert mixed[0] == 5
+    for bad, match in (([1, 2, 3], "3 seeds for a batch of 2"), ([1, -1], "seed=-1"), ("x", "seed="),
+                       (True, "seed=True"), ([1.5, 2], "seed=1.5")):
+        with pytest.raises(SamplerError, match=match):
+            philox.row_seeds(bad, 2)
+    assert philox.check_seeds([3, None]) == (3, None) and philox.check_seeds(4) == 4
 
 
 def chi2_critical(df, z=3.09):
@@ -126,26 +144,26 @@ def choose_reference(w, u):
        .filter(lambda w: sum(w) > 0),
        st.floats(0, 1, exclude_max=True))
 def test_choose_follows_the_documented_rule(w, u):
-    got = prandom.choose(np.array([w]), np.array([u]))[0]
+    got = philox.choose(np.array([w]), np.array([u]))[0]
     assert got == choose_reference(w, u)
     assert w[got] > 0
 
 
 def test_choose_edges():
     w = np.array([[0.0, 0.5, 0.0, 0.5, 0.0]])
-    assert prandom.choose(w, [0.0])[0] == 1
-    assert prandom.choose(w, [0.5])[0] == 3               # c = [0, .5, .5, 1, 1]; first c > .5
-    assert prandom.choose(w, [1 - 2**-53])[0] == 3
+    assert philox.choose(w, [0.0])[0] == 1
+    assert philox.choose(w, [0.5])[0] == 3               # c = [0, .5, .5, 1, 1]; first c > .5
+    assert philox.choose(w, [1 - 2**-53])[0] == 3
     with pytest.raises(SamplerError, match="row 0"):
-        prandom.choose(np.zeros((1, 3)), [0.3])
+        philox.choose(np.zeros((1, 3)), [0.3])
     with pytest.raises(SamplerError, match="NaN"):
-        prandom.choose(np.array([[np.nan, 1.0]]), [0.3])
+        philox.choose(np.array([[np.nan, 1.0]]), [0.3])
 
 
 def test_choose_frequencies():
     p = np.array([0.5, 0.0, 0.2, 0.25, 0.05])
     n = 20000
-    tokens = prandom.choose(np.tile(p, (n, 1)), prandom.uniform(7, np.arange(n), 0))
+    tokens = philox.choose(np.tile(p, (n, 1)), philox.uniform(np.arange(n, dtype=np.uint64), 0))
     counts = np.bincount(tokens, minlength=5)
     assert counts[1] == 0
     support = p > 0
@@ -155,11 +173,11 @@ def test_choose_frequencies():
 
 
 def test_seeds():
-    assert prandom.check_seed(None) is None
-    assert prandom.check_seed(2**64 - 1) == 2**64 - 1
+    assert philox.check_seed(None) is None
+    assert philox.check_seed(2**64 - 1) == 2**64 - 1
     for bad in (-1, 2**64, 1.5, "3", True):
         with pytest.raises(SamplerError, match="seed"):
-            prandom.check_seed(bad)
-    s = prandom.draw_seed()
+            philox.check_seed(bad)
+    s = philox.draw_seed()
     assert 0 <= s < 2**64
-    assert list(prandom.seed_to_key(0x0123456789ABCDEF)) == [0x89ABCDEF, 0x01234567]
+    assert list(philox.seed_to_key(0x0123456789ABCDEF)) == [0x89ABCDEF, 0x01234567]

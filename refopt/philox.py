@@ -1,12 +1,23 @@
-"""Counter-based random numbers for samplers: Philox-4x32-10, keyed by (seed, batch row, step).
+"""Counter-based random numbers for samplers: Philox-4x32-10, keyed by (a row's seed, step).
 
 Why counter-based
 -----------------
-A sampler's choice must depend only on the seed, the batch row, the position being decided and the
-probabilities -- not on how many numbers were drawn before, how big the batch is, or which backend
-(NumPy, Numba, CUDA) runs the loop.  A counter-based generator gives that directly: the random
-bits for one decision are a pure function ``philox(counter, key)``, so any backend can compute the
-bits for row 3 at position 17 without computing anything else.
+A sampler's choice must depend only on the row's seed, the position being decided and the
+probabilities -- not on how many numbers were drawn before, how big the batch is, where in the
+batch the row sits, or which backend (NumPy, Numba, CUDA) runs the loop.  A counter-based generator
+gives that directly: the random bits for one decision are a pure function ``philox(counter, key)``,
+so any backend can compute the bits of one row at position 17 without computing anything else.
+
+Per-request seeds (as vLLM's ``SamplingParams.seed``): every row of a batch has its own seed.  A
+sampler's ``seed=s`` gives every row the seed ``s``; ``generate(..., seed=[s0, s1, ...])`` gives
+one per row; rows without a seed get a fresh one each (:func:`row_seeds`).  The guarantee: the
+uniforms of a row are a function of its seed and the position only -- not of its index in the
+batch, nor of the other rows -- so a row's tokens are a function of its prompt and its seed
+wherever its probabilities are the same.  The model computes a row's probabilities from that row
+alone; other rows change them only by rounding (whether a prompt token goes through the prefill or
+the one-token decode depends on the batch's shortest prompt, and batches of more than 16 rows use
+BLAS products), and a rounding difference changes a draw only when the uniform lies within it of
+a boundary ``c[i]`` of the selection rule below.
 
 Philox-4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC'11;
 the Random123 library)
@@ -24,10 +35,10 @@ implementation is checked against Random123's published known-answer vectors (``
 How refopt keys it
 ------------------
 ================  ===========================================================================
-key               ``(seed mod 2**32, seed >> 32)`` for a seed ``0 <= seed < 2**64``
+key               ``(seed mod 2**32, seed >> 32)`` for the row's seed ``0 <= seed < 2**64``
 counter word c0   the step: the absolute index in the sequence of the token being decided
-counter word c1   the batch row: its index in the batch ``generate`` decodes, so the text of
-                  row r depends on its prompt, the seed and r, never on the other rows
+counter word c1   0 for a sampler's draw (the row is identified by its key, never by its index in
+                  the batch); the element's index for the cuda training's dropout masks
 counter word c2   the stream (:data:`STREAM_TOKEN` for an ordinary sampled token; speculative
                   decoding uses :data:`STREAM_DRAFT`, :data:`STREAM_ACCEPT`, :data:`STREAM_RESIDUAL`)
 counter word c3   0
@@ -113,6 +124,15 @@ def check_seed(seed, name: str = "seed"):
     return seed
 
 
+def check_seeds(seed, name: str = "seed"):
+    """A seed argument: None, an integer in ``[0, 2**64)`` (every row), or a list of them (one per
+    row; None entries draw fresh seeds) -> None, an int or a tuple; anything else raises
+    SamplerError."""
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        return tuple(check_seed(s, name) for s in np.asarray(seed, dtype=object).reshape(-1))
+    return check_seed(seed, name)
+
+
 def draw_seed() -> int:
     """A fresh seed in ``[0, 2**64)`` from the operating system (``os.urandom``)."""
     return int.from_bytes(os.urandom(8), "little")
@@ -124,6 +144,34 @@ def seed_to_key(seed: int) -> np.ndarray:
     return np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint32)
 
 
+def as_seeds(seeds) -> np.ndarray:
+    """Integers in ``[0, 2**64)`` -> a uint64 array of the same shape (checked, never wrapped)."""
+    if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64:
+        return seeds
+    flat = [check_seed(s) for s in np.asarray(seeds, dtype=object).reshape(-1)]
+    if any(s is None for s in flat):
+        raise SamplerError("uniform: every row needs a seed (None given)")
+    return np.array(flat, dtype=np.uint64).reshape(np.shape(seeds))
+
+
+def row_seeds(seed, batch: int, name: str = "seed") -> np.ndarray:
+    """The seeds of the ``batch`` rows of one generation (uint64 ``[batch]``): ``seed`` an integer
+    -> every row has it; a sequence of ``batch`` integers (or None) -> one per row; None (or a None
+    entry) -> a fresh seed from :func:`draw_seed` for that row."""
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        per_row = [seed] * batch
+    elif isinstance(seed, (list, tuple, np.ndarray)):
+        per_row = list(np.asarray(seed, dtype=object).reshape(-1)) if isinstance(seed, np.ndarray) else list(seed)
+        if len(per_row) != batch:
+            raise SamplerError(f"{name}: {len(per_row)} seeds for a batch of {batch} rows; give one "
+                               "seed per prompt, or a single integer for all of them")
+    else:
+        raise SamplerError(f"{name}={seed!r}: expected None, an integer in [0, 2**64) or a list of "
+                           "them (one per prompt)")
+    seeds = [check_seed(s, name) for s in per_row]
+    return np.array([draw_seed() if s is None else s for s in seeds], dtype=np.uint64)
+
+
 # ---------------------------------------------------------------------------------- uniforms
 def bits_to_uniform(x0, x1) -> np.ndarray:
     """Two uint32 words -> float64 in ``[0, 1)`` with 53 random bits."""
@@ -132,20 +180,27 @@ def bits_to_uniform(x0, x1) -> np.ndarray:
     return (hi * 67108864.0 + lo) / 9007199254740992.0                      # (hi * 2**26 + lo) / 2**53
 
 
-def uniform(seed: int, rows, step, stream: int = STREAM_TOKEN) -> np.ndarray:
-    """Uniform floats in ``[0, 1)`` for ``rows`` at ``step`` (arrays broadcast together).
+def uniform(seeds, step, stream: int = STREAM_TOKEN, index=0) -> np.ndarray:
+    """Uniform floats in ``[0, 1)``, one per seed: ``seeds [...]`` (each row's seed, integers in
+    ``[0, 2**64)``) at ``step`` (broadcast against ``seeds``).
 
-    Counter ``(step, row, stream, 0)``, key from ``seed``: the value for one (row, step, stream) is
-    the same whatever else is drawn."""
-    rows = np.asarray(rows, dtype=np.int64)
+    Counter ``(step, index, stream, 0)``, key from the row's seed: the value for one (seed, step,
+    stream, index) is the same whatever else is drawn.  Samplers leave ``index`` at 0 (see the
+    module docstring); a stream of many numbers under one seed (the cuda backend's dropout masks:
+    one per element) numbers them with ``index`` (broadcast too)."""
+    seeds = as_seeds(seeds)
     step = np.asarray(step, dtype=np.int64)
-    if (rows < 0).any() or (step < 0).any() or (rows >= 2 ** 32).any() or (step >= 2 ** 32).any():
-        raise SamplerError("uniform: rows and steps must lie in [0, 2**32)")
-    rows, step = np.broadcast_arrays(rows, step)
-    counter = np.stack([step.astype(np.uint32), rows.astype(np.uint32),
-                        np.full(rows.shape, stream, np.uint32), np.zeros(rows.shape, np.uint32)],
+    index = np.asarray(index, dtype=np.int64)
+    for name, v in (("steps", step), ("indices", index)):
+        if (v < 0).any() or (v >= 2 ** 32).any():
+            raise SamplerError(f"uniform: {name} must lie in [0, 2**32)")
+    seeds, step, index = np.broadcast_arrays(seeds, step, index)
+    counter = np.stack([step.astype(np.uint32), index.astype(np.uint32),
+                        np.full(seeds.shape, stream, np.uint32), np.zeros(seeds.shape, np.uint32)],
                        axis=-1)                                               # [..., 4]
-    out = philox4x32(counter, seed_to_key(seed))                              # [..., 4]
+    key = np.stack([(seeds & _MASK32).astype(np.uint32), (seeds >> np.uint64(32)).astype(np.uint32)],
+                   axis=-1)                                                   # [..., 2]
+    out = philox4x32(counter, key)                                            # [..., 4]
     return bits_to_uniform(out[..., 0], out[..., 1])
 
 

@@ -1,0 +1,128 @@
+"""Count false alarms: run the oracle's model checks on many drawn models against correct ports.
+
+    flock /tmp/refopt-heavy.lock ... (the script takes the lock itself, chunk by chunk)
+    python scripts/oracle_false_alarms.py --models 10000 --ports refopt,sdpa --out fa.jsonl
+
+Each model is ``random-<seed>`` (:func:`refopt.testing.cases.random_case`: the one config space,
+with stress magnitudes in about 30% of the models), checked by every model check the port supports
+(logits and logits.left_padding, activations, gradients, incremental and incremental.left_padding,
+generation).  Ports: ``refopt`` (refopt's NumPy float32), ``sdpa`` / ``eager`` / ``sdpa-math`` /
+``sdpa-flash`` (transformers float32 with that attention kernel).  One JSON line per (port, model):
+the status of each check and its largest error-to-tolerance ratio.  Models already in ``--out`` are
+skipped, so the run can be resumed.  ``--lock`` (default ``/tmp/refopt-heavy.lock``) is taken for
+each chunk of ``--chunk`` models and released between chunks, so other heavy jobs interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+
+
+@contextmanager
+def _locked(path):
+    if not path:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _port(name):
+    from refopt.testing.adapter import RefoptAdapter
+
+    if name == "refopt":
+        return RefoptAdapter("numpy", "float32")
+    from refopt.testing.adapters.transformers import TransformersAdapter
+
+    return TransformersAdapter("float32", name)
+
+
+def run_model(adapter, seed: int) -> dict:
+    from refopt.testing import checks as C
+    from refopt.testing.adapter import capabilities_of
+
+    case = C.random_case(seed)
+    caps = capabilities_of(adapter)
+    out = {"seed": seed, "case": case.spec.id, "stressed": case.spec.magnitudes.stressed, "checks": {}}
+    for check in C.model_checks(adapter, case):
+        if not set(check.needs) <= caps:
+            continue
+        r = check.run()
+        entry = {"status": r.status, "ratio": r.data.get("ratio")}
+        if r.status == C.FAIL:
+            entry["detail"] = r.detail[:2000]
+        if "kinks" in r.data:
+            entry["kinks"] = r.data["kinks"]
+        out["checks"][check.name.split("/", 1)[1]] = entry
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=int, default=10000)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--ports", default="refopt,sdpa")
+    p.add_argument("--out", default="oracle_false_alarms.jsonl")
+    p.add_argument("--chunk", type=int, default=200)
+    p.add_argument("--lock", default="/tmp/refopt-heavy.lock")
+    args = p.parse_args(argv)
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as fh:
+            for line in fh:
+                rec = json.loads(line)
+                done.add((rec["port"], rec["seed"]))
+    ports = {name: _port(name) for name in args.ports.split(",")}
+    seeds = range(args.start, args.start + args.models)
+    for lo in range(0, len(seeds), args.chunk):
+        chunk = seeds[lo:lo + args.chunk]
+        with _locked(args.lock), open(args.out, "a") as fh:
+            t0 = time.perf_counter()
+            for seed in chunk:
+                for name, adapter in ports.items():
+                    if (name, seed) in done:
+                        continue
+                    rec = run_model(adapter, seed)
+                    rec["port"] = name
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    failed = [k for k, v in rec["checks"].items() if v["status"] == "FAIL"]
+                    if failed:
+                        print(f"FAIL {name} random-{seed} {rec['case']}: {failed}", flush=True)
+            print(f"models {chunk[0]}..{chunk[-1]}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return summarize(args.out)
+
+
+def summarize(path) -> int:
+    """Print the counts per port and check, and the largest ratios."""
+    stats: dict = {}
+    with open(path) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            s = stats.setdefault(rec["port"], {"models": 0, "failed_models": 0, "checks": {}})
+            s["models"] += 1
+            s["failed_models"] += any(v["status"] == "FAIL" for v in rec["checks"].values())
+            for name, v in rec["checks"].items():
+                c = s["checks"].setdefault(name, {"pass": 0, "FAIL": 0, "skip": 0, "max_ratio": 0.0})
+                c[v["status"]] += 1
+                if v.get("ratio") is not None and v["status"] == "pass":
+                    c["max_ratio"] = max(c["max_ratio"], v["ratio"])
+    for port, s in stats.items():
+        print(f"{port}: {s['models']} models, {s['failed_models']} with a failed check")
+        for name, c in s["checks"].items():
+            print(f"  {name:<26} pass {c['pass']:>6}  FAIL {c['FAIL']:>4}  skip {c['skip']:>5}  "
+                  f"largest error/tolerance of a pass {c['max_ratio']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
