@@ -25,6 +25,22 @@ def check_save_format(format) -> None:
         raise ConfigError(f"save_to_preset: format={format!r}; expected one of {SAVE_FORMATS}")
 
 
+def check_shard_size(max_shard_size):
+    """``save_to_preset``'s ``max_shard_size`` (GB, or None) -> the limit in bytes (None: one
+    weights file), checked."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, str) and max_shard_size in SAVE_FORMATS:
+        raise ConfigError(f"save_to_preset: max_shard_size={max_shard_size!r}; the second argument is "
+                          f"KerasHub's max_shard_size (GB): pass format={max_shard_size!r}")
+    if isinstance(max_shard_size, bool) or not isinstance(
+            max_shard_size, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(max_shard_size) or max_shard_size <= 0:
+        raise ConfigError(f"save_to_preset: max_shard_size={max_shard_size!r}; expected a positive "
+                          "number of gigabytes (or None)")
+    return float(max_shard_size) * 1024 ** 3
+
+
 class ReversibleEmbedding:
     """KerasHub's ``ReversibleEmbedding`` over a backbone's token table: ``(ids)`` looks rows up,
     ``(hidden, reverse=True)`` gives logits with the same table transposed (the tied LM head),

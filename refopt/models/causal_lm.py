@@ -189,24 +189,28 @@ class CausalLM(Task):
                 preprocessor = cls.preprocessor_cls.from_preset(path)
         return cls(backbone, preprocessor=preprocessor)
 
-    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
+    def save_to_preset(self, preset_dir, max_shard_size=10, format="keras", overwrite=False) -> None:
         """Write a KerasHub preset (``config.json``, ``model.weights.h5``, ``metadata.json``,
         ``task.json`` and the tokenizer/preprocessor files when attached) or, with
-        ``format="huggingface"``, a transformers checkpoint directory.  The directory then holds
+        ``format="huggingface"``, a transformers checkpoint directory.  ``max_shard_size`` (GB,
+        KerasHub's argument and default): larger weights are saved in KerasHub's shards (see
+        :meth:`refopt.models.OPTBackbone.save_to_preset`).  The directory then holds
         exactly this preset (old preset files it does not rewrite are removed; other files are
         never touched, and a directory holding any needs ``overwrite=True``); a kill at any
         instant leaves the old preset or the new one (:mod:`refopt.io.saving`)."""
         from refopt.io import saving
-        from refopt.models.backbone import check_save_format
+        from refopt.models.backbone import check_save_format, check_shard_size
 
         check_save_format(format)
+        check_shard_size(max_shard_size)
         with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.WHOLE_PRESET,
                                what="preset") as staging:
-            self.write_preset_files(staging, format)
+            self.write_preset_files(staging, format, max_shard_size=max_shard_size)
 
-    def write_preset_files(self, staging, format: str = "keras") -> None:
+    def write_preset_files(self, staging, format: str = "keras", max_shard_size=None) -> None:
         """Write every file of this model's preset into a :class:`refopt.io.saving.PresetSave`."""
-        self.backbone.write_preset_files(staging, format, tasks=["CausalLM"])
+        self.backbone.write_preset_files(staging, format, tasks=["CausalLM"],
+                                         max_shard_size=max_shard_size)
         if format == "keras":
             task = self.serialize()
             task["config"]["backbone"] = self.backbone.config.to_keras()

@@ -12,8 +12,9 @@ from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
 from refopt.io import checkpoint, huggingface, keras_h5, safetensors_io, saving
-from refopt.models.backbone import Backbone, check_save_format
+from refopt.models.backbone import Backbone, check_save_format, check_shard_size
 from refopt.models.opt_presets import backbone_presets
+
 
 def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
     """``{"token_ids", "padding_mask"}`` (or a bare id array) -> (ids int64 [B, S], mask bool [B, S]).
@@ -338,27 +339,38 @@ class OPTBackbone(Backbone):
         self.backend = backend
         return self
 
-    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
+    def save_to_preset(self, preset_dir, max_shard_size=10, format="keras", overwrite=False) -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
-        layout.  Only preset files are written; see :mod:`refopt.io.saving` for where a save may
-        write (``overwrite=True`` to write into a directory holding other files) and why a kill at
-        any instant never loses the old preset.  LoRA adapters are saved merged into their
+        layout.  ``max_shard_size`` (GB, KerasHub's argument and default): weights larger than
+        that are saved as KerasHub saves them, in shards of at most that size
+        (``model.weights.json`` + ``model_00000.weights.h5`` ...; :mod:`refopt.io.keras_h5`);
+        None never shards.  The transformers layout is one ``model.safetensors``.  Only preset
+        files are written; see :mod:`refopt.io.saving` for where a save may write
+        (``overwrite=True`` to write into a directory holding other files) and why a kill at any
+        instant never loses the old preset.  LoRA adapters are saved merged into their
         weights, as Keras saves a LoRA layer's kernel (``save_lora_weights`` writes the adapters
         alone)."""
         check_save_format(format)
+        check_shard_size(max_shard_size)
         with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.MODEL_FILES,
                                what="backbone") as staging:
-            self.write_preset_files(staging, format)
+            self.write_preset_files(staging, format, max_shard_size=max_shard_size)
 
-    def write_preset_files(self, staging, format: str = "keras", tasks=()) -> None:
+    def write_preset_files(self, staging, format: str = "keras", tasks=(), max_shard_size=None) -> None:
         """Write ``config.json`` and the weights into a :class:`refopt.io.saving.PresetSave`
-        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``)."""
+        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``;
+        ``max_shard_size``: see :meth:`save_to_preset`)."""
         check_save_format(format)
+        limit = check_shard_size(max_shard_size)
         params = self.base_params() if self.lora_enabled else self.params
         if format == "keras":
             staging.write_json("config.json", self.config.to_keras())
-            with staging.open("model.weights.h5") as f:
-                keras_h5.write(f, params, self.config)
+            if limit is not None and keras_h5.weights_nbytes(params, self.config) > limit:
+                index = keras_h5.write_sharded(staging.open, params, self.config, limit)
+                staging.write_json(keras_h5.SHARD_INDEX, index, newline=False)
+            else:
+                with staging.open("model.weights.h5") as f:
+                    keras_h5.write(f, params, self.config)
             meta = {"keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
                     "parameter_count": int(sum(p.size for p in params.values())),
                     "tasks": list(tasks)}
