@@ -53,13 +53,24 @@ CASES = [("bfloat16", 0.1), ("mixed_bfloat16", 0.0), ("float16", 0.0), ("mixed_f
 
 @pytest.fixture(scope="module")
 def keras_logits(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dtype")
+    # KerasHub runs once per test run: under xdist the workers share this run's temporary root,
+    # and the first to take the lock computes for all (pytest-xdist's "execute only once" recipe)
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    tmp = root / "dtype_policies_keras"
     out = str(tmp / "out")
-    np.savez(out + ".in.npz", token_ids=IDS, padding_mask=MASK)
-    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, str(tmp / "preset"), out, json.dumps(CASES)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(root / "dtype_policies_keras.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(out + ".npz"):
+            tmp.mkdir(exist_ok=True)
+            np.savez(out + ".in.npz", token_ids=IDS, padding_mask=MASK)
+            proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, str(tmp / "preset"), out,
+                                   json.dumps(CASES)], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+            assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "preset", dict(np.load(out + ".npz"))
 
 
