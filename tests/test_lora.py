@@ -215,3 +215,55 @@ def test_lora_errors(tmp_path):
         _backbone().load_lora_weights(tmp_path / "bad.lora.h5")
     with pytest.raises(ConfigError, match="merge_lora_weights"):
         bb.quantize("int8")
+
+
+def test_lora_files_are_checked_before_the_model_changes(tmp_path):
+    import h5py
+
+    from refopt.errors import DestinationError
+
+    bb = _backbone()
+    bb.enable_lora(2, ["query", "value", "key"], seed=0)
+    bb.save_lora_weights(tmp_path / "qkv.lora.h5")
+    (tmp_path / "dir.lora.h5").mkdir()
+    with pytest.raises(DestinationError):                 # a directory is never replaced
+        bb.save_lora_weights(tmp_path / "dir.lora.h5")
+    fresh = _backbone()
+    with pytest.raises(CheckpointError, match="not LoRA-enabled here"):   # key adapters not dropped
+        fresh.load_lora_weights(tmp_path / "qkv.lora.h5")
+    assert not fresh.lora_enabled                          # the model did not change
+
+    def variant(name, edit):
+        path = tmp_path / f"{name}.lora.h5"
+        path.write_bytes((tmp_path / "qkv.lora.h5").read_bytes())
+        with h5py.File(path, "a") as f:
+            del f["lora/11"], f["lora/21"]         # the key adapters: KerasHub's default layers only
+            edit(f)
+        return path
+
+    ok = variant("ok", lambda f: None)
+    fresh.load_lora_weights(ok)
+    assert fresh.lora_rank == 2 and sorted(fresh.lora_layers) == sorted(
+        p for p in bb.lora_layers if "k_proj" not in p)
+
+    def wide(f):
+        del f["lora/10/vars/lora_kernel_a"]
+        f.create_dataset("lora/10/vars/lora_kernel_a", shape=(1 << 20, 1 << 20), dtype="f4")
+
+    def nan(f):
+        f["lora/10/vars/lora_kernel_b"][0, 0] = np.nan
+
+    def link(f):
+        f["lora/extra"] = h5py.SoftLink("/lora/10")
+
+    def rank(f):
+        del f["lora/vars/rank"]
+        f.create_dataset("lora/vars/rank", data=[2])
+
+    for name, edit, message in (("wide", wide, r"expected floats of shape \[8, 2, 2\]"),
+                                ("nan", nan, "non-finite"), ("link", link, "soft link"),
+                                ("rank", rank, "integer scalar")):
+        other = _backbone()
+        with pytest.raises(CheckpointError, match=message):
+            other.load_lora_weights(variant(name, edit))
+        assert not other.lora_enabled

@@ -154,6 +154,11 @@ class KerasWeightsFile:
                                   "the file is truncated or corrupted") from None
         return found
 
+    def entries(self) -> list:
+        """``(path, kind, object or None)`` of every link in the file: kind ``"dataset"``,
+        ``"group"`` or a description of a soft, external or other link (to refuse)."""
+        return self._entries()
+
     def validate(self, expected: dict, shard: bool = False) -> list:
         """Every dataset of ``expected`` (h5 path -> stored shape) present, of a float dtype and
         that shape, stored in this file; no other dataset; no soft or external link.  A ``shard``

@@ -123,69 +123,98 @@ class LoRAMixin:
         self.lora_rank = None
 
     # ------------------------------------------------------------------ KerasHub's file
-    def _lora_indices(self) -> list:
-        """(keras_index, refopt_prefix) of the adapted layers, in index order."""
-        enabled = set(self.lora_layers)
-        return [(index, prefix) for index, _, prefix, _ in sorted(self.lora_layer_table())
+    def _lora_indices(self, prefixes=None) -> list:
+        """(keras_index, refopt_prefix, keras_kernel_shape) of the adapted layers (or of the layers
+        ``prefixes``), in index order."""
+        enabled = set(self.lora_layers if prefixes is None else prefixes)
+        return [(index, prefix, shape) for index, _, prefix, shape in sorted(self.lora_layer_table())
                 if prefix in enabled]
 
     def save_lora_weights(self, filepath) -> None:
         """Write the adapters to ``filepath`` (must end in ``.lora.h5``) in KerasHub's layout,
-        through a temporary file renamed into place."""
+        through a temporary file renamed into place (:func:`refopt.io.saving.write_file_atomically`:
+        a reader never sees half a file, a directory is never replaced)."""
+        from refopt.io.saving import write_file_atomically
+
         if not self.lora_enabled:
             raise ConfigError("There are no lora-enabled layers in this model. Make sure to call "
                               "`.enable_lora(rank)` first.")
         filepath = os.fspath(filepath)
         if not str(filepath).endswith(".lora.h5"):
             raise ConfigError(f"The filename must end in `.lora.h5`. Received: filepath={filepath}")
-        import h5py
 
-        tmp = f"{filepath}.tmp-{os.getpid()}"
-        try:
-            with h5py.File(tmp, "w") as f:
+        def write(out):
+            import h5py
+
+            with h5py.File(out, "w") as f:
                 f.create_dataset("lora/vars/rank", data=np.int64(self.lora_rank))
-                for index, prefix in self._lora_indices():
+                for index, prefix, _ in self._lora_indices():
                     group = f"lora/{index}/vars/"
                     f.create_dataset(group + "lora_kernel_a", data=np.asarray(self.params[prefix + A], np.float32))
                     f.create_dataset(group + "lora_kernel_b", data=np.asarray(self.params[prefix + B], np.float32))
-            os.replace(tmp, filepath)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_file_atomically(filepath, write)
 
     def load_lora_weights(self, filepath) -> None:
         """Read adapters from a ``.lora.h5`` file (refopt's or KerasHub's).  Without LoRA enabled,
-        it is enabled first at the file's rank on the default layers (as KerasHub does); with it
-        enabled, the ranks must match."""
-        import h5py
+        it is enabled at the file's rank on the default layers (as KerasHub does); with it enabled,
+        the ranks must match.  The file is checked whole before the model changes: a regular HDF5
+        file, no links, every adapter present with its shape and a float dtype (checked before it
+        is read), finite, and no adapter for a layer that is not LoRA-enabled here (KerasHub
+        ignores those; refopt refuses to drop part of a fine-tune)."""
+        from refopt.io.keras_h5 import KerasWeightsFile
 
         filepath = os.fspath(filepath)
+        f = KerasWeightsFile(filepath)        # a regular file, read through h5py's own checks
         try:
-            f = h5py.File(filepath, "r")
-        except OSError as e:
-            raise CheckpointError(f"{filepath}: not a readable LoRA weights file ({e})") from None
-        with f:
-            if "lora/vars/rank" not in f:
+            datasets = {}
+            for name, kind, obj in f.entries():
+                if kind not in ("dataset", "group"):
+                    raise CheckpointError(f"{filepath}: {name} is {kind}; refopt reads only the "
+                                          "datasets stored in the file itself")
+                if kind == "dataset":
+                    datasets[name] = obj
+            rank_ds = datasets.pop("lora/vars/rank", None)
+            if rank_ds is None:
                 raise CheckpointError(f"{filepath}: no lora/vars/rank; not a .lora.h5 file")
-            rank = int(np.asarray(f["lora/vars/rank"][()]))
-            if not self.lora_enabled:
-                self.enable_lora(rank)
-            elif self.lora_rank != rank:
+            if rank_ds.shape != () or rank_ds.dtype.kind not in "iu":
+                raise CheckpointError(f"{filepath}: lora/vars/rank is not an integer scalar")
+            rank = int(rank_ds[()])
+            if rank < 1:
+                raise CheckpointError(f"{filepath}: lora/vars/rank is {rank}; expected a positive rank")
+            if self.lora_enabled and self.lora_rank != rank:
                 raise ConfigError(f"The Lora rank expected by file '{filepath}' is rank={rank}, but "
                                   f"the model was called with `.enable_lora(rank={self.lora_rank})`. "
                                   "Both ranks must match.")
+            prefixes = None if self.lora_enabled else [
+                prefix for _, name, prefix, _ in self.lora_layer_table()
+                if name in self.default_lora_layer_names()]
             loaded = {}
-            for index, prefix in self._lora_indices():
-                for suffix, key in ((A, "lora_kernel_a"), (B, "lora_kernel_b")):
+            for index, prefix, kernel in self._lora_indices(prefixes):
+                for suffix, key, shape in ((A, "lora_kernel_a", tuple(kernel[:-1]) + (rank,)),
+                                           (B, "lora_kernel_b", (rank, kernel[-1]))):
                     where = f"lora/{index}/vars/{key}"
-                    if where not in f:
+                    ds = datasets.pop(where, None)
+                    if ds is None:
                         raise CheckpointError(f"{filepath}: missing {where} (the adapter of {prefix})")
-                    value = np.asarray(f[where][()])
-                    expected = self.params[prefix + suffix].shape
-                    if value.shape != expected:
-                        raise CheckpointError(f"{filepath}: {where} has shape {list(value.shape)}, "
-                                              f"expected {list(expected)}")
-                    if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
-                        raise CheckpointError(f"{filepath}: {where} is not a finite float array")
+                    if tuple(ds.shape) != shape or ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
+                        raise CheckpointError(f"{filepath}: {where} is {ds.dtype} {list(ds.shape)}, "
+                                              f"expected floats of shape {list(shape)}")
+                    try:
+                        value = np.asarray(ds[()])
+                    except Exception as e:     # h5py raises OSError, ValueError, ... on bad data
+                        raise CheckpointError(f"{filepath}: {where} cannot be read "
+                                              f"({type(e).__name__}); the file is damaged") from None
+                    if not np.isfinite(value).all():
+                        raise CheckpointError(f"{filepath}: {where} holds non-finite values")
                     loaded[prefix + suffix] = value.astype(self._lora_dtype())
+            if datasets:
+                others = sorted(datasets)
+                raise CheckpointError(f"{filepath}: holds {others[:3]}{' ...' if len(others) > 3 else ''}"
+                                      ", adapters of layers that are not LoRA-enabled here (or not "
+                                      "adapters at all); call enable_lora(rank, target_layer_names) "
+                                      "with the file's layers first")
+        finally:
+            f.close()
+        if not self.lora_enabled:
+            self.enable_lora(rank)
         self.params.update(loaded)
