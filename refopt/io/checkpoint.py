@@ -223,23 +223,32 @@ class KerasFormat(Format):
         return "class_name" in config or "vocabulary_size" in config
 
     def weight_files(self, path):
-        return [path / "model.weights.h5"]
+        if os.path.lexists(path / "model.weights.h5") or not os.path.lexists(path / keras_h5.SHARD_INDEX):
+            return [path / "model.weights.h5"]
+        index = keras_h5.read_shard_index(path / keras_h5.SHARD_INDEX)      # sharded
+        return [path / shard for shard in sorted({s for shards in index.values() for s in shards})]
 
     def check_files(self, path):
-        if not os.path.lexists(path / "model.weights.h5"):
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
+        if not (os.path.lexists(path / "model.weights.h5")
+                or os.path.lexists(path / keras_h5.SHARD_INDEX)):
+            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5 (or the "
+                                  f"sharded {keras_h5.SHARD_INDEX})")
 
     def open(self, path, cfg):
         from refopt.model import param_shapes
 
         layout = keras_h5.layout(cfg)
         shapes = param_shapes(cfg)
-        source = _KerasSource(path / "model.weights.h5")
-        try:
-            source.file.validate({where: stored for where, stored in layout.values()})
-        except BaseException:
-            source.close()
-            raise
+        expected = {where: stored for where, stored in layout.values()}
+        if os.path.lexists(path / "model.weights.h5"):
+            source = _KerasSource(path / "model.weights.h5")
+            try:
+                source.file.validate(expected)
+            except BaseException:
+                source.close()
+                raise
+        else:
+            source = _KerasShardedSource(path, expected)
         entries = {}
         for name, (where, _) in layout.items():
             def convert(arr, name=name):
@@ -374,6 +383,60 @@ class _KerasSource:
 
     def close(self):
         self.file.close()
+
+
+class _KerasShardedSource:
+    """The shards of a sharded KerasHub save (``model.weights.json``; see :mod:`.keras_h5`), each
+    validated as a ``model.weights.h5`` holding part of the tensors: together every tensor once,
+    each in a shard the index lists for its layer."""
+
+    def __init__(self, path: Path, expected: dict):
+        index_path = path / keras_h5.SHARD_INDEX
+        index = keras_h5.read_shard_index(index_path)
+        self.files, self.where = [], {}
+        try:
+            for shard in sorted({s for shards in index.values() for s in shards}):
+                if not os.path.lexists(path / shard):
+                    raise CheckpointError(f"{index_path}: shard {shard} is missing")
+                f = keras_h5.KerasWeightsFile(path / shard)
+                self.files.append(f)
+                for where in f.validate(expected, shard=True):
+                    if where in self.where:
+                        raise CheckpointError(f"{path / shard}: tensor {where} is stored twice (also "
+                                              f"in {os.path.basename(self.where[where].path)})")
+                    group = "/" + where.rsplit("/", 1)[0]
+                    if shard not in index.get(group, ()):
+                        raise CheckpointError(f"{path / shard}: holds {where}, but {index_path.name} "
+                                              f"does not list this shard for {group}")
+                    self.where[where] = f
+            missing = [where for where in expected if where not in self.where]
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor {missing[0]} (in none of the shards "
+                                      f"{index_path.name} lists)")
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self):
+        return list(self.where)
+
+    def dtype(self, key):
+        return self.where[key].dtype(key)
+
+    def shape(self, key):
+        return tuple(self.where[key].datasets[key].shape)
+
+    def array(self, key):
+        return self.where[key].array(key)
+
+    stored = array
+
+    def rows(self, key, index):
+        return self.where[key].array(key, index)
+
+    def close(self):
+        for f in self.files:
+            f.close()
 
 
 def _reader_source(weights: Path) -> DictSource:
