@@ -11,6 +11,8 @@ generation).  Ports: ``refopt`` (refopt's NumPy float32), ``sdpa`` / ``eager`` /
 the status of each check and its largest error-to-tolerance ratio.  Models already in ``--out`` are
 skipped, so the run can be resumed.  ``--lock`` (default ``/tmp/refopt-heavy.lock``) is taken for
 each chunk of ``--chunk`` models and released between chunks, so other heavy jobs interleave.
+``--threads`` (default 1) caps NumPy's BLAS, Numba and PyTorch threads: the drawn models are tiny,
+and on a shared machine two threads per product spend their time waiting for each other.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import fcntl
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -74,7 +77,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="oracle_false_alarms.jsonl")
     p.add_argument("--chunk", type=int, default=200)
     p.add_argument("--lock", default="/tmp/refopt-heavy.lock")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)      # before NumPy, Numba and PyTorch load their pools
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as fh:
@@ -82,6 +88,8 @@ def main(argv=None) -> int:
                 rec = json.loads(line)
                 done.add((rec["port"], rec["seed"]))
     ports = {name: _port(name) for name in args.ports.split(",")}
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(args.threads)
     seeds = range(args.start, args.start + args.models)
     for lo in range(0, len(seeds), args.chunk):
         chunk = seeds[lo:lo + args.chunk]
