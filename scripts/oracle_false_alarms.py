@@ -10,7 +10,8 @@ generation).  Ports: ``refopt`` (refopt's NumPy float32), ``sdpa`` / ``eager`` /
 ``sdpa-flash`` (transformers float32 with that attention kernel).  One JSON line per (port, model):
 the status of each check and its largest error-to-tolerance ratio.  Models already in ``--out`` are
 skipped, so the run can be resumed.  ``--lock`` (default ``/tmp/refopt-heavy.lock``) is taken for
-each chunk of ``--chunk`` models and released between chunks, so other heavy jobs interleave.
+a chunk of at most ``--chunk`` models and ``--chunk-seconds`` (default 9 minutes) and released
+between chunks, so other heavy jobs interleave.
 ``--threads`` (default 1) caps NumPy's BLAS, Numba and PyTorch threads: the drawn models are tiny,
 and on a shared machine two threads per product spend their time waiting for each other.
 """
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--ports", default="refopt,sdpa")
     p.add_argument("--out", default="oracle_false_alarms.jsonl")
-    p.add_argument("--chunk", type=int, default=200)
+    p.add_argument("--chunk", type=int, default=10000, help="the most models per hold of the lock")
+    p.add_argument("--chunk-seconds", type=float, default=540, help="the lock is released after this long")
     p.add_argument("--lock", default="/tmp/refopt-heavy.lock")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -90,12 +92,15 @@ def main(argv=None) -> int:
     ports = {name: _port(name) for name in args.ports.split(",")}
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(args.threads)
-    seeds = range(args.start, args.start + args.models)
-    for lo in range(0, len(seeds), args.chunk):
-        chunk = seeds[lo:lo + args.chunk]
+    todo = [seed for seed in range(args.start, args.start + args.models)
+            if any((name, seed) not in done for name in ports)]
+    while todo:
         with _locked(args.lock), open(args.out, "a") as fh:
             t0 = time.perf_counter()
-            for seed in chunk:
+            first, count = todo[0], 0
+            while todo and count < args.chunk and time.perf_counter() - t0 < args.chunk_seconds:
+                seed = todo.pop(0)
+                count += 1
                 for name, adapter in ports.items():
                     if (name, seed) in done:
                         continue
@@ -106,31 +111,42 @@ def main(argv=None) -> int:
                     failed = [k for k, v in rec["checks"].items() if v["status"] == "FAIL"]
                     if failed:
                         print(f"FAIL {name} random-{seed} {rec['case']}: {failed}", flush=True)
-            print(f"models {chunk[0]}..{chunk[-1]}: {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"{time.strftime('%H:%M:%S')} models {first}..{seed}: {count} in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
     return summarize(args.out)
 
 
 def summarize(path) -> int:
-    """Print the counts per port and check, and the largest ratios."""
+    """Print the counts per port and check, the largest ratios, and the ReLU inputs resolved."""
     stats: dict = {}
     with open(path) as fh:
         for line in fh:
             rec = json.loads(line)
-            s = stats.setdefault(rec["port"], {"models": 0, "failed_models": 0, "checks": {}})
+            s = stats.setdefault(rec["port"], {"models": 0, "failed_models": 0, "stressed": 0, "checks": {},
+                                               "seeds": [], "kinks": {"models": 0, "ambiguous": 0, "flipped": 0}})
             s["models"] += 1
+            s["seeds"].append(rec["seed"])
+            s["stressed"] += bool(rec.get("stressed"))
             s["failed_models"] += any(v["status"] == "FAIL" for v in rec["checks"].values())
             for name, v in rec["checks"].items():
                 c = s["checks"].setdefault(name, {"pass": 0, "FAIL": 0, "skip": 0, "max_ratio": 0.0})
                 c[v["status"]] += 1
                 if v.get("ratio") is not None and v["status"] == "pass":
                     c["max_ratio"] = max(c["max_ratio"], v["ratio"])
+                k = v.get("kinks") or {}
+                if k.get("ambiguous"):
+                    s["kinks"]["models"] += 1
+                    s["kinks"]["ambiguous"] += k["ambiguous"]
+                    s["kinks"]["flipped"] += k.get("flipped", 0)
     for port, s in stats.items():
-        print(f"{port}: {s['models']} models, {s['failed_models']} with a failed check")
+        print(f"{port}: {s['models']} models (random-{min(s['seeds'])} .. random-{max(s['seeds'])}, "
+              f"{s['stressed']} with stress magnitudes), {s['failed_models']} with a failed check; "
+              f"ReLU inputs within the kink margin in {s['kinks']['models']} models: {s['kinks']['ambiguous']}, "
+              f"{s['kinks']['flipped']} taken the other way than float64 (resolved)")
         for name, c in s["checks"].items():
             print(f"  {name:<26} pass {c['pass']:>6}  FAIL {c['FAIL']:>4}  skip {c['skip']:>5}  "
                   f"largest error/tolerance of a pass {c['max_ratio']:.3g}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
