@@ -42,15 +42,18 @@ _CHUNK = 1 << 22
 def first_nonfinite(arr: np.ndarray):
     """The index of the first NaN or infinity in ``arr`` (a float array), or None.
 
-    One fast pass first (a sum is finite only if every term is); only when it is not (a real
-    NaN/Inf, or an overflowing sum) a chunked exact search.  bfloat16 (:data:`stored.BFLOAT16`) is
-    searched by its exponent bits, in chunks."""
-    if stored.is_bfloat16(arr):
-        flat = stored.bits(arr).reshape(-1)
+    16-bit floats (float16, and bfloat16 as :data:`stored.BFLOAT16`) by their exponent bits, in
+    chunks: a value is NaN or infinite exactly when its exponent field is all ones, the largest
+    value the masked field can take (ten times faster than NumPy's float16 arithmetic).  Wider
+    floats: one fast pass first (a sum is finite only if every term is); only when it is not (a
+    real NaN/Inf, or an overflowing sum) a chunked exact search."""
+    if stored.is_bfloat16(arr) or arr.dtype == np.float16:
+        flat = (stored.bits(arr) if stored.is_bfloat16(arr) else arr.view(np.uint16)).reshape(-1)
+        exponent = np.uint16(0x7F80 if stored.is_bfloat16(arr) else 0x7C00)
         for start in range(0, flat.size, _CHUNK):
-            bad = np.flatnonzero((flat[start:start + _CHUNK] & 0x7F80) == 0x7F80)
-            if bad.size:
-                return np.unravel_index(start + int(bad[0]), arr.shape)
+            field = flat[start:start + _CHUNK] & exponent
+            if field.size and field.max() == exponent:
+                return np.unravel_index(start + int(np.flatnonzero(field == exponent)[0]), arr.shape)
         return None
     if arr.dtype.kind != "f" or arr.size == 0:
         return None
@@ -118,6 +121,11 @@ class Checkpoint:
                     f"{self.path}: tensor {self.entries[name].key} (refopt parameter {name}) holds "
                     f"{value} at index {list(int(i) for i in bad)}; refopt refuses non-finite "
                     "weights (pass allow_nonfinite=True to load them anyway)")
+            # the check touched every page of a mapped tensor: drop them from this process's
+            # resident set again (the page cache keeps them), so that checking a checkpoint
+            # leaves it as unread as before -- a converting load then holds the result plus one
+            # tensor, not the result plus the file
+            stored.release(arr)
         return arr
 
     def read(self, name, dtype=None) -> np.ndarray:
@@ -223,23 +231,32 @@ class KerasFormat(Format):
         return "class_name" in config or "vocabulary_size" in config
 
     def weight_files(self, path):
-        return [path / "model.weights.h5"]
+        if os.path.lexists(path / "model.weights.h5") or not os.path.lexists(path / keras_h5.SHARD_INDEX):
+            return [path / "model.weights.h5"]
+        index = keras_h5.read_shard_index(path / keras_h5.SHARD_INDEX)      # sharded
+        return [path / shard for shard in sorted({s for shards in index.values() for s in shards})]
 
     def check_files(self, path):
-        if not os.path.lexists(path / "model.weights.h5"):
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
+        if not (os.path.lexists(path / "model.weights.h5")
+                or os.path.lexists(path / keras_h5.SHARD_INDEX)):
+            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5 (or the "
+                                  f"sharded {keras_h5.SHARD_INDEX})")
 
     def open(self, path, cfg):
         from refopt.model import param_shapes
 
         layout = keras_h5.layout(cfg)
         shapes = param_shapes(cfg)
-        source = _KerasSource(path / "model.weights.h5")
-        try:
-            source.file.validate({where: stored for where, stored in layout.values()})
-        except BaseException:
-            source.close()
-            raise
+        expected = {where: stored for where, stored in layout.values()}
+        if os.path.lexists(path / "model.weights.h5"):
+            source = _KerasSource(path / "model.weights.h5")
+            try:
+                source.file.validate(expected)
+            except BaseException:
+                source.close()
+                raise
+        else:
+            source = _KerasShardedSource(path, expected)
         entries = {}
         for name, (where, _) in layout.items():
             def convert(arr, name=name):
@@ -374,6 +391,60 @@ class _KerasSource:
 
     def close(self):
         self.file.close()
+
+
+class _KerasShardedSource:
+    """The shards of a sharded KerasHub save (``model.weights.json``; see :mod:`.keras_h5`), each
+    validated as a ``model.weights.h5`` holding part of the tensors: together every tensor once,
+    each in a shard the index lists for its layer."""
+
+    def __init__(self, path: Path, expected: dict):
+        index_path = path / keras_h5.SHARD_INDEX
+        index = keras_h5.read_shard_index(index_path)
+        self.files, self.where = [], {}
+        try:
+            for shard in sorted({s for shards in index.values() for s in shards}):
+                if not os.path.lexists(path / shard):
+                    raise CheckpointError(f"{index_path}: shard {shard} is missing")
+                f = keras_h5.KerasWeightsFile(path / shard)
+                self.files.append(f)
+                for where in f.validate(expected, shard=True):
+                    if where in self.where:
+                        raise CheckpointError(f"{path / shard}: tensor {where} is stored twice (also "
+                                              f"in {os.path.basename(self.where[where].path)})")
+                    group = "/" + where.rsplit("/", 1)[0]
+                    if shard not in index.get(group, ()):
+                        raise CheckpointError(f"{path / shard}: holds {where}, but {index_path.name} "
+                                              f"does not list this shard for {group}")
+                    self.where[where] = f
+            missing = [where for where in expected if where not in self.where]
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor {missing[0]} (in none of the shards "
+                                      f"{index_path.name} lists)")
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self):
+        return list(self.where)
+
+    def dtype(self, key):
+        return self.where[key].dtype(key)
+
+    def shape(self, key):
+        return tuple(self.where[key].datasets[key].shape)
+
+    def array(self, key):
+        return self.where[key].array(key)
+
+    stored = array
+
+    def rows(self, key, index):
+        return self.where[key].array(key, index)
+
+    def close(self):
+        for f in self.files:
+            f.close()
 
 
 def _reader_source(weights: Path) -> DictSource:
