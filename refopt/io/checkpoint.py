@@ -21,7 +21,7 @@ reader is one more subclass appended there.  A format opens a **tensor source** 
 bfloat16 as :data:`refopt.io.stored.BFLOAT16`, a view of the file where possible),
 ``rows(key, index)``, ``close()`` -- over its files.  A transformers directory's weights may be
 ``model.safetensors`` (single or sharded), ``pytorch_model.bin`` (single or sharded),
-``tf_model.h5`` or ``flax_model.msgpack`` (:data:`HF_WEIGHTS`, in order of preference).
+``tf_model.h5`` or ``flax_model.msgpack`` (``HuggingFaceFormat.WEIGHTS``, in order of preference).
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ class Checkpoint:
     def __init__(self, path: Path, fmt: "Format", config: OPTConfig, source, entries: dict,
                  allow_nonfinite: bool = False):
         self.path, self.format, self.config = path, fmt.name, config
-        self.format_label = fmt.label
         self.source, self.entries = source, entries
         self.allow_nonfinite = allow_nonfinite
         self.weight_files = list(fmt.weight_files(path))
@@ -194,10 +193,9 @@ class Checkpoint:
 
 # ----------------------------------------------------------------------------------- formats
 class Format:
-    """One preset layout.  Subclasses set ``name`` and ``label`` and implement the methods."""
+    """One preset layout.  Subclasses set ``name`` and implement the methods."""
 
     name = ""
-    label = ""
 
     def claims(self, path: Path, config: dict) -> bool:
         """Whether ``config.json``'s content ``config`` says the preset is in this layout."""
@@ -217,7 +215,7 @@ class Format:
 
 
 class KerasFormat(Format):
-    name, label = "keras", "KerasHub preset"
+    name = "keras"
 
     def claims(self, path, config):
         return "class_name" in config or "vocabulary_size" in config
@@ -253,7 +251,7 @@ class HuggingFaceFormat(Format):
     preference, each with the tensor source that reads it (a reader of another file kind --
     ``pytorch_model.bin``, ``tf_model.h5`` -- is one more entry)."""
 
-    name, label = "huggingface", "transformers checkpoint"
+    name = "huggingface"
     WEIGHTS = [("model.safetensors.index.json", lambda path, file: _SafetensorsSource(path, file)),
                ("model.safetensors", lambda path, file: _SafetensorsSource(path, None)),
                ("pytorch_model.bin.index.json", lambda path, file: _reader_source(file)),
@@ -344,9 +342,6 @@ class HuggingFaceFormat(Format):
         return entries
 
 
-# weight files of a transformers directory, in order of preference
-HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-              "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 FORMATS: list[Format] = [KerasFormat(), HuggingFaceFormat()]
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputTypeError, PresetNotFoundError
-from refopt.io import files, hub_cache, saving
+from refopt.io import files, hub_cache, journal
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
@@ -129,12 +129,12 @@ def resolve(preset) -> Path:
     if exists:
         if not path.is_dir():
             raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
-        saving.recover(path)
+        journal.recover(path)
         return path
     if preset in HF_REPOS:
         where = refopt_home() / preset
         if (where / "config.json").exists():
-            saving.recover(where)
+            journal.recover(where)
             return where
         cached = _cached_builtin(preset)
         if cached is not None:

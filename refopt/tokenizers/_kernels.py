@@ -466,3 +466,24 @@ def encode_many(data, bounds, tables, state, out, ends):
         o = _encode_range(data, bounds[g], bounds[g + 1], tables, state, out, o)
         ends[g] = o
     return o
+
+
+def encode_batch(encoded: list, tables, state) -> list:
+    """Token ids of each UTF-8 text in ``encoded`` (a list of lists): one text through
+    :func:`encode_one`, several joined into one buffer through :func:`encode_many`."""
+    if len(encoded) == 1:
+        data = encoded[0]
+        out = np.empty(len(data) + 1, dtype=np.int32)
+        n = encode_one(data, tables, state, out)
+        return [out[:n].tolist()]
+    if not encoded:
+        return []
+    data = b"".join(encoded)
+    bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=bounds[1:])
+    out = np.empty(len(data), dtype=np.int32)
+    ends = np.empty(len(encoded), dtype=np.int64)
+    encode_many(data, bounds, tables, state, out, ends)
+    flat = out[:ends[-1]].tolist()
+    starts = [0] + ends[:-1].tolist()
+    return [flat[s:e] for s, e in zip(starts, ends.tolist())]

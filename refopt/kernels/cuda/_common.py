@@ -97,11 +97,6 @@ def fill(flat, value, stream=0):
         _fill[cdiv(n, 256), 256, stream](flat, flat.dtype.type(value))
 
 
-def grid1(n: int, threads: int = 256):
-    """``(blocks, threads)`` covering ``n`` elements with one thread each."""
-    return max(1, cdiv(int(n), threads)), threads
-
-
 
 def _emulate_shuffles():
     """Give the simulator's in-kernel ``cuda`` module a ``shfl_xor_sync``: every thread of the

@@ -331,7 +331,7 @@ def _make_softmax_backward(dtype):
     DT = nbtype(dtype)
 
     @kernel()
-    def softmax_backward(d_probs, probs, mask, red_unused):
+    def softmax_backward(d_probs, probs, mask):
         # d_probs [Z, S, T] <- probs * (d_probs - sum(d_probs * probs)), zero where masked
         z, s = cuda.blockIdx.y, cuda.blockIdx.x
         T = probs.shape[2]
@@ -366,7 +366,7 @@ def attention_backward_device(d_out, q, k, v, probs, mask):
     p3 = probs.reshape(Z, S, T)
     d_probs = _gemm.gemm(d3, v3, "nt")                                     # [Z, S, T]
     d_v = _gemm.gemm(p3, d3, "tn")                                         # [Z, T, K]
-    _make_softmax_backward(np.dtype(q.dtype))[(S, Z), 256](d_probs, p3, mask, d_probs)
+    _make_softmax_backward(np.dtype(q.dtype))[(S, Z), 256](d_probs, p3, mask)
     d_q = _gemm.gemm(d_probs, k3, "nn")                                    # [Z, S, K]
     d_k = _gemm.gemm(d_probs, q3, "tn")                                    # [Z, T, K]
     return d_q.reshape(B, H, S, K), d_k.reshape(B, H, T, K), d_v.reshape(B, H, T, K)

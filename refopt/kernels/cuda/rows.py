@@ -310,7 +310,6 @@ def gather(table, ids, stream=0):
 
 @functools.lru_cache(maxsize=None)
 def _segment_sum(dtype):
-    DT = nbtype(dtype)
 
     @kernel()
     def segment_sum(d_out, order, starts, rows, d_table):
@@ -410,7 +409,6 @@ def relu(x, stream=0):
 # ----------------------------------------------------------------------------- Adam(W)
 @functools.lru_cache(maxsize=None)
 def _adam(dtype):
-    DT = nbtype(dtype)
 
     @kernel()
     def adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alpha, epsilon,
