@@ -164,24 +164,6 @@ def read_config(path: Path) -> OPTConfig:
     return OPTConfig.from_json_dict(read_config_json(path / "config.json"), str(path / "config.json"))
 
 
-def detect_format(path: Path) -> str:
-    """``"keras"`` or ``"huggingface"`` (see :data:`refopt.io.checkpoint.FORMATS`); refuses
-    pickles and anything else with a clear error."""
-    from refopt.io import checkpoint
-
-    return checkpoint.detect(Path(path))[0].name
-
-
-def load_weights(path: Path, cfg: OPTConfig = None, fmt: str = None, allow_nonfinite: bool = False):
-    """(params in their stored dtype, transformers' position prefix rows or None), validated."""
-    from refopt.io.checkpoint import open_checkpoint
-
-    with open_checkpoint(path, allow_nonfinite=allow_nonfinite) as ckpt:
-        if cfg is not None and cfg != ckpt.config:
-            ckpt.config = cfg          # a dtype override: the architecture is the checkpoint's
-        return ckpt.params(), ckpt.position_prefix()
-
-
 def layout_label(cfg: OPTConfig, fmt: str) -> str:
     """What a preset of ``cfg`` in layout ``fmt`` is, for the user: ``"KerasHub preset"``,
     ``"transformers checkpoint"``, or -- when the peer cannot represent the model -- saying so."""

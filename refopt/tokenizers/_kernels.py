@@ -380,6 +380,17 @@ def _class_at(data, p, tables):
 
 
 @njit(cache=True, inline="always")
+def _run_end(data, q, stop, cls, tables):
+    """End of the run of characters of class ``cls`` that continues at data[q]."""
+    while q < stop:
+        c, w = _class_at(data, q, tables)
+        if c != cls:
+            break
+        q += w
+    return q
+
+
+@njit(cache=True, inline="always")
 def _word_end(data, p, stop, tables):
     """End of the word that starts at data[p], as GPT-2's pattern cuts it."""
     b0 = data[p]
@@ -394,22 +405,11 @@ def _word_end(data, p, stop, tables):
     if b0 == 32 and p + 1 < stop:  # " ?" then a run of one class
         c1, w = _class_at(data, p + 1, tables)
         if c1 != SPACE:
-            q = p + 1 + w
-            while q < stop:
-                c, w = _class_at(data, q, tables)
-                if c != c1:
-                    break
-                q += w
-            return q
+            return _run_end(data, p + 1 + w, stop, c1, tables)
     c0, w = _class_at(data, p, tables)
     q = p + w
     if c0 != SPACE:  # a run of letters, numbers or others
-        while q < stop:
-            c, w = _class_at(data, q, tables)
-            if c != c0:
-                break
-            q += w
-        return q
+        return _run_end(data, q, stop, c0, tables)
     last = p  # whitespace: the run, less its last character when text follows
     while q < stop:
         c, w = _class_at(data, q, tables)

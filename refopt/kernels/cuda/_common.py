@@ -97,6 +97,54 @@ def fill(flat, value, stream=0):
         _fill[cdiv(n, 256), 256, stream](flat, flat.dtype.type(value))
 
 
+# ----------------------------------------------------------------------------- block reductions
+def _block_reduce(combine, release: bool):
+    """A block-wide reduction device function ``reduce(value, buf)``: every thread of the block
+    calls it with its ``value`` and gets ``combine`` folded over all of them (a tree through
+    ``buf``, shared memory of at least ``blockDim.x`` entries; ``blockDim.x`` a power of two).
+    With ``release`` it waits at a barrier after reading the result, so the caller may write
+    ``buf`` straight away; without, the next reduction's opening barrier protects it."""
+
+    @cuda.jit(device=True)
+    def reduce(value, buf):
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[tid] = value
+        cuda.syncthreads()
+        w = cuda.blockDim.x // 2
+        while w > 0:
+            if tid < w:
+                buf[tid] = combine(buf[tid], buf[tid + w])
+            cuda.syncthreads()
+            w //= 2
+        out = buf[0]
+        if release:
+            cuda.syncthreads()
+        return out
+
+    return reduce
+
+
+@cuda.jit(device=True)
+def _add(a, b):
+    return a + b
+
+
+@cuda.jit(device=True)
+def _larger(a, b):
+    return max(a, b)
+
+
+@cuda.jit(device=True)
+def _smaller(a, b):
+    return min(a, b)
+
+
+block_sum = _block_reduce(_add, release=False)          # every thread gets the block's sum
+block_max = _block_reduce(_larger, release=False)       # ... its maximum
+block_min = _block_reduce(_smaller, release=True)       # ... its minimum (buffer free after)
+block_sum_released = _block_reduce(_add, release=True)  # the sum, buffer free after
+
 
 def _emulate_shuffles():
     """Give the simulator's in-kernel ``cuda`` module a ``shfl_xor_sync``: every thread of the

@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import ALIGN, SIM, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, block_sum, cdiv, empty, kernel, nbtype
 
 NTX = 8          # threads sharing a query row (the row reductions run over them)
 
@@ -341,15 +341,7 @@ def _make_softmax_backward(dtype):
         part = DT(0)
         for t in range(tid, T, 256):
             part += d_probs[z, s, t] * probs[z, s, t]
-        buf[tid] = part
-        cuda.syncthreads()
-        w = 128
-        while w > 0:
-            if tid < w:
-                buf[tid] += buf[tid + w]
-            cuda.syncthreads()
-            w //= 2
-        dot = buf[0]
+        dot = block_sum(part, buf)                   # launched with 256 threads
         for t in range(tid, T, 256):
             g = probs[z, s, t] * (d_probs[z, s, t] - dot)
             d_probs[z, s, t] = g if mask[z // H, s, t] != 0 else DT(0)

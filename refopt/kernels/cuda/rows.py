@@ -2,7 +2,7 @@
 and backward, embedding gather and scatter-add, ReLU, the fused Adam(W) update.
 
 A row kernel runs one block per row (``THREADS`` threads, fewer under the simulator) and reduces
-through shared memory (:func:`block_sum`, :func:`block_max`: a tree over the block, every thread
+through shared memory (``_common.block_sum``, ``block_max``: a tree over the block, every thread
 calls them).  The arithmetic follows the NumPy reference op for op: LayerNorm's mean and variance
 in two passes, the softmax's maximum subtracted before the exponentials, the scatter-add summing
 each table row's gradients in token order (as ``np.add.at``), Adam's update in the reference's
@@ -19,44 +19,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda
 
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import (
+    SIM, SIMULATOR, block_max, block_sum, cdiv, empty, kernel, nbtype)
 
 THREADS = 8 if SIM else 32 if SIMULATOR else 256
-
-
-@cuda.jit(device=True)
-def block_sum(value, buf):
-    """Sum of ``value`` over the block (``blockDim.x`` a power of two, ``buf`` shared of that size
-    or more); every thread gets the total."""
-    tid = cuda.threadIdx.x
-    n = cuda.blockDim.x
-    cuda.syncthreads()
-    buf[tid] = value
-    cuda.syncthreads()
-    w = n // 2
-    while w > 0:
-        if tid < w:
-            buf[tid] += buf[tid + w]
-        cuda.syncthreads()
-        w //= 2
-    return buf[0]
-
-
-@cuda.jit(device=True)
-def block_max(value, buf):
-    """Maximum of ``value`` over the block (see :func:`block_sum`)."""
-    tid = cuda.threadIdx.x
-    n = cuda.blockDim.x
-    cuda.syncthreads()
-    buf[tid] = value
-    cuda.syncthreads()
-    w = n // 2
-    while w > 0:
-        if tid < w:
-            buf[tid] = max(buf[tid], buf[tid + w])
-        cuda.syncthreads()
-        w //= 2
-    return buf[0]
 
 
 # ----------------------------------------------------------------------------- row formulas
