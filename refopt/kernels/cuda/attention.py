@@ -19,6 +19,13 @@ reference computes it.
 
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
 reference's probabilities (:class:`LazyProbs`), which the backward (batched products, below) uses.
+
+Short names (a legend): ``B`` batch, ``H`` heads, ``Z = B * H``, ``S`` queries, ``T`` keys, ``K``
+head width, ``KP`` the head width the kernel is compiled for (``K <= KP``, a multiple of 32),
+``BQ`` / ``BKV`` query / key rows of a tile, ``NTX`` threads sharing a query row, ``NTY`` thread
+rows (``NT = NTX * NTY`` threads a block), ``CT`` score columns and ``CD`` output columns a thread
+owns (``GD = CD / 4`` groups of four), ``SQ`` / ``SP`` padded row lengths of the Q/K and the
+probability tiles in shared memory.
 """
 
 from __future__ import annotations

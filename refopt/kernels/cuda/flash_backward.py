@@ -27,6 +27,12 @@ Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot prod
 column across threads without bank conflicts) and block their outputs in registers
 (:func:`blocking`): a thread computes 2 x 2 of a pair's probabilities and 2 x 4 of a gradient tile,
 so each shared value it loads feeds two or four multiply-adds.
+
+Short names (a legend): ``NT`` threads a block, ``KP`` the compiled head width (``K <= KP``),
+``BT`` query and key rows of a tile (``BQ = BKV = BT``), ``SQ`` / ``SP`` padded row lengths of the
+staged tiles, ``RI x RI`` the probabilities a thread computes of a tile pair (its rows / columns
+``TI`` apart), ``RR x RD`` the gradient entries it computes (rows ``TR`` apart, columns ``TD``
+apart), ``Dlt`` the row dots ``dO . O``, ``Z`` batch times heads.
 """
 
 from __future__ import annotations

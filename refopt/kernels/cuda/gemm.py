@@ -31,6 +31,12 @@ keep the 16-byte shared loads conflict-free while a warp's columns span 64 conse
 Indices are masked non-negative (``& mask``) so that the compiler drops Numba's negative-index
 wrap-around and can vectorise the shared loads; constants are typed in the kernel's dtype so
 float32 code never widens to float64.
+
+Short names (a legend): ``BM x BN`` the block's tile of C, ``BK`` the K slice staged per step,
+``TM x TN`` a thread's register tile, ``NTX x NTY`` the block's threads along n and m (``NT`` in
+all), ``GM`` / ``GN`` a thread's groups of four rows / columns, ``HM`` / ``HN`` the distance
+between them, ``LA`` / ``LB`` elements of A / B one thread loads per slice, ``SA`` / ``SB`` the
+shared rows' padded lengths (``PAD`` floats of padding), ``M``, ``N``, ``K`` the product's sizes.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ ops namespace below and inside the persistent decode kernel (:mod:`.decode`):
   only the support for top-k / top-p / min-p.
 * :func:`row_sort_desc` -- a block bitonic sort of ``(value, index)`` pairs, largest first, ties
   by lower index (a stable descending order), for top-p's cumulative sum in sorted order.
+
+Short names (a legend): ``V`` vocabulary, ``P2`` ``V`` rounded up to a power of two (the bitonic
+sort's length), ``SCAN`` entries of the shared scan buffers, ``fbuf`` / ``ibuf`` shared float64 /
+int64 buffers of one entry a thread, ``cval`` / ``cidx`` the compacted non-zero weights and their
+token ids.  Block reductions (``block_min``, ``block_sum_released``) are :mod:`._common`'s.
 """
 
 from __future__ import annotations
