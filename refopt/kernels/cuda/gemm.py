@@ -270,6 +270,12 @@ def _workspace(n: int, dtype):
     return buf[:n]
 
 
+def workspaces() -> list:
+    """The split-K workspaces allocated so far (a CUDA graph captured over split products holds
+    their addresses: its owner keeps these alive)."""
+    return list(_WORKSPACE.values())
+
+
 @functools.lru_cache(maxsize=None)
 def _make_sum_splits(dtype, has_bias=False, relu=False, accumulate=False, residual=False, gate=False,
                      keep=False):
