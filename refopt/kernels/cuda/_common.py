@@ -125,25 +125,26 @@ def _block_reduce(combine, release: bool):
     return reduce
 
 
+# the combining functions (device functions, for reductions written elsewhere too)
 @cuda.jit(device=True)
-def _add(a, b):
+def plus(a, b):
     return a + b
 
 
 @cuda.jit(device=True)
-def _larger(a, b):
+def larger(a, b):
     return max(a, b)
 
 
 @cuda.jit(device=True)
-def _smaller(a, b):
+def smaller(a, b):
     return min(a, b)
 
 
-block_sum = _block_reduce(_add, release=False)          # every thread gets the block's sum
-block_max = _block_reduce(_larger, release=False)       # ... its maximum
-block_min = _block_reduce(_smaller, release=True)       # ... its minimum (buffer free after)
-block_sum_released = _block_reduce(_add, release=True)  # the sum, buffer free after
+block_sum = _block_reduce(plus, release=False)          # every thread gets the block's sum
+block_max = _block_reduce(larger, release=False)       # ... its maximum
+block_min = _block_reduce(smaller, release=True)       # ... its minimum (buffer free after)
+block_sum_released = _block_reduce(plus, release=True)  # the sum, buffer free after
 
 
 def _emulate_shuffles():

@@ -37,7 +37,7 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import ALIGN, SIM, block_sum, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, block_sum, cdiv, empty, kernel, larger, nbtype, plus
 
 NTX = 8          # threads sharing a query row (the row reductions run over them)
 
@@ -209,28 +209,21 @@ def make_flash_forward(dtype, KP: int, causal: bool, dense: bool):
 
 
 if SIM:
-    @cuda.jit(device=True)
-    def _group_max(value, red, tid):
-        # max over the NTX threads sharing a row, through shared memory (no shuffles here)
-        cuda.syncthreads()
-        red[tid] = value
-        cuda.syncthreads()
-        base = tid - tid % NTX
-        out = red[base]
-        for j in range(1, NTX):
-            out = max(out, red[base + j])
-        return out
+    def _group_reduce(combine):
+        # ``combine`` over the NTX threads sharing a row, through shared memory (no shuffles here)
+        @cuda.jit(device=True)
+        def reduce(value, red, tid):
+            cuda.syncthreads()
+            red[tid] = value
+            cuda.syncthreads()
+            base = tid - tid % NTX
+            out = red[base]
+            for j in range(1, NTX):
+                out = combine(out, red[base + j])
+            return out
+        return reduce
 
-    @cuda.jit(device=True)
-    def _group_sum(value, red, tid):
-        cuda.syncthreads()
-        red[tid] = value
-        cuda.syncthreads()
-        base = tid - tid % NTX
-        out = red[base]
-        for j in range(1, NTX):
-            out += red[base + j]
-        return out
+    _group_max, _group_sum = _group_reduce(larger), _group_reduce(plus)
 else:
     @cuda.jit(device=True, inline=True)
     def _group_max(value, red, tid):

@@ -39,6 +39,8 @@ class RowFunctions(NamedTuple):
     * ``exp_sum(x, lo, hi, t, top, y, stride, buf)``: ``y[j] = exp(x[j] / t - top)``; returns
       their sum over the block.
     * ``divide(y, lo, hi, total, stride)``: ``y[j] /= total``.
+    * ``softmax(x, y, V, t, stride, buf) -> (top, total)``: the three in turn over a whole row
+      ``[0, V)`` (the softmax and cross-entropy kernels).
 
     The last three are the reference's ``softmax(x / t)`` (the maximum subtracted before the
     exponentials) over ``[lo, hi)``; the decode kernel runs them on slices of a row and combines
@@ -51,6 +53,7 @@ class RowFunctions(NamedTuple):
     scaled_max: object
     exp_sum: object
     divide: object
+    softmax: object
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +105,14 @@ def row_functions(dtype) -> RowFunctions:
         for j in range(lo + cuda.threadIdx.x, hi, stride):
             y[j] = y[j] / total
 
-    return RowFunctions(layernorm, scaled_max, exp_sum, divide)
+    @cuda.jit(device=True)
+    def softmax(x, y, V, t, stride, buf):
+        top = scaled_max(x, 0, V, t, stride, buf)
+        total = exp_sum(x, 0, V, t, top, y, stride, buf)
+        divide(y, 0, V, total, stride)
+        return top, total
+
+    return RowFunctions(layernorm, scaled_max, exp_sum, divide, softmax)
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -183,9 +193,7 @@ def _softmax(dtype):
         n = cuda.blockIdx.x
         V = x.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = row.scaled_max(x[n], 0, V, temperature, cuda.blockDim.x, buf)
-        total = row.exp_sum(x[n], 0, V, temperature, top, y[n], cuda.blockDim.x, buf)
-        row.divide(y[n], 0, V, total, cuda.blockDim.x)
+        row.softmax(x[n], y[n], V, temperature, cuda.blockDim.x, buf)
     return softmax
 
 
@@ -212,9 +220,7 @@ def _cross_entropy(dtype):
         n = cuda.blockIdx.x
         V = logits.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = row.scaled_max(logits[n], 0, V, one, cuda.blockDim.x, buf)
-        total = row.exp_sum(logits[n], 0, V, one, top, probs[n], cuda.blockDim.x, buf)
-        row.divide(probs[n], 0, V, total, cuda.blockDim.x)
+        top, total = row.softmax(logits[n], probs[n], V, one, cuda.blockDim.x, buf)
         if cuda.threadIdx.x == 0:
             ce[n] = math.log(total) - (logits[n, targets[n]] - top)
 
