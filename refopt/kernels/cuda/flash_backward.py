@@ -221,6 +221,8 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         store(acc_k, d_k, b * dks[0] + h * dks[1], dks[2], t0, T, K, DT(1), tid)
         store(acc_v, d_v, b * dvs[0] + h * dvs[1], dvs[2], t0, T, K, DT(1), tid)
 
+    # dq opens as dkdv does (the same staged tiles): Numba allocates shared memory per declaration
+    # in a kernel body, so each kernel declares its own
     @kernel(launch_bounds=NT)
     def dq(q, k, v, d_o, m, l, dlt, key_mask, d_q, qs, ks, vs, ds_, dqs, H, S, T, K, q_offset, scale):
         Qs = cuda.shared.array((BT, SQ), DT)

@@ -115,7 +115,9 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
             ke = min(K, kb + Kc)
         ntiles = (ke - kb + BK - 1) // BK
 
-        # -- fetch slice 0 into registers, then into shared buffer 0
+        # -- fetch slice 0 into registers, then into shared buffer 0 (the loop's prefetch below
+        # repeats these loads for slice kt + 1 on purpose: double buffering; a device function over
+        # the register arrays could push them to local memory)
         for p in range(LA):
             e = tid + p * NT
             if a_km:

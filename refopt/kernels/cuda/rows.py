@@ -385,7 +385,9 @@ def _adam(dtype):
     @kernel()
     def adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alpha, epsilon,
              amsgrad):
-        # the reference's update (refopt.optimizers.Adam.update_step), element by element
+        # the reference's update (refopt.optimizers.Adam.update_step), element by element; the
+        # Numba CPU kernel (kernels/cpu/optim.py) and fused.adam_chunks write the same lines: a
+        # CUDA kernel and an @njit one cannot share a body
         i = cuda.grid(1)
         if i < var.shape[0]:
             x = var[i]
