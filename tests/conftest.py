@@ -1,7 +1,11 @@
 """Shared test fixtures: the path to ../shared and a skip when it is absent; hypothesis profiles;
-progress by file and the per-test time budget."""
+progress by file, the per-test time budget and where the CPU time went; the CUDA simulator's
+scheduler."""
 
+import json
 import os
+import resource
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +42,76 @@ def shared():
 # progress shows from the first minutes on, and a list of the tests over the per-test budget at the
 # end.  Wall time is reported, never asserted (a shared machine's timings are noise, not failures).
 BUDGET_S = float(os.environ.get("REFOPT_TEST_BUDGET_S", "20"))
+PROFILE = os.environ.get("REFOPT_TEST_PROFILE")         # a path: every phase's times as JSON
+
+
+class _Accounting:
+    """In every process that runs tests: each phase's CPU seconds (this process and the
+    subprocesses it waited for: notebooks, the docs build, CLI runs) and the CPU seconds Numba spent
+    compiling in it (``numba:compile`` events, cache misses only; nested compilations counted
+    once), attached to the phase's report as user properties for the controller's summary."""
+
+    def __init__(self):
+        self.compile_s = 0.0
+        self.compiles = 0
+        self.compiled: list[tuple[str, str, float]] = []   # (function, signature, CPU-s) under PROFILE
+        self._depth: dict[int, int] = {}
+        self._started: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._mark = self._now()
+        try:
+            from numba.core import event
+        except ImportError:
+            return
+        accounting = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                ident = threading.get_ident()
+                with accounting._lock:
+                    depth = accounting._depth.get(ident, 0)
+                    accounting._depth[ident] = depth + 1
+                    if depth == 0:
+                        accounting._started[ident] = time.thread_time()
+
+            def on_end(self, ev):
+                ident = threading.get_ident()
+                with accounting._lock:
+                    depth = accounting._depth[ident] - 1
+                    accounting._depth[ident] = depth
+                    if depth == 0:
+                        spent = time.thread_time() - accounting._started.pop(ident)
+                        accounting.compile_s += spent
+                        accounting.compiles += 1
+                        if PROFILE:
+                            fn = ev.data["dispatcher"].py_func
+                            accounting.compiled.append((f"{fn.__module__}.{fn.__qualname__}",
+                                                        str(ev.data["args"]), round(spent, 3)))
+
+        event.register("numba:compile", Listener())
+
+    def _now(self):
+        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+        return cpu, self.compile_s, self.compiles
+
+    def pytest_collection_finish(self, session):
+        self._mark = self._now()                # collecting (imports) is counted per process below
+
+    def pytest_sessionfinish(self, session):
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:            # an xdist worker: its whole process, for the summary
+            workeroutput["refopt_process"] = {"cpu": self._now()[0], "compile": self.compile_s,
+                                              "compiles": self.compiles, "compiled": self.compiled}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        now = self._now()
+        cpu, compile_s, compiles = (a - b for a, b in zip(now, self._mark))
+        self._mark = now
+        outcome.get_result().user_properties.append(
+            ("refopt_time", {"cpu": round(cpu, 3), "compile": round(compile_s, 3), "compiles": compiles}))
 
 
 class _Progress:
@@ -45,7 +119,9 @@ class _Progress:
         self.config = config
         self.left: dict[str, int] = {}
         self.failed: set[str] = set()
-        self.slow: list[tuple[float, str, str]] = []
+        self.slow: list[tuple[float, str, str, dict]] = []
+        self.records: list[dict] = []
+        self.workers: list[dict] = []
         self.start = None
 
     def _expect(self, nodeids):
@@ -61,12 +137,22 @@ class _Progress:
     def pytest_xdist_node_collection_finished(self, node, ids):
         self._expect(ids)
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        if "refopt_process" in getattr(node, "workeroutput", {}):
+            self.workers.append(node.workeroutput["refopt_process"])
+
     def pytest_sessionstart(self, session):
         self.start = time.monotonic()
+        self.epoch = time.time()
 
     def pytest_runtest_logreport(self, report):
+        spent = dict(report.user_properties).get("refopt_time", {})
+        self.records.append({"test": report.nodeid, "when": report.when, "wall": round(report.duration, 3),
+                             "start": round(getattr(report, "start", 0) - self.epoch, 2),
+                             "worker": getattr(report, "node", None) and report.node.gateway.id, **spent})
         if report.when in ("setup", "call") and report.duration > BUDGET_S:
-            self.slow.append((report.duration, report.when, report.nodeid))
+            self.slow.append((report.duration, report.when, report.nodeid, spent))
         if report.failed:
             self.failed.add(report.fspath)
         path = report.nodeid.split("::")[0]
@@ -83,10 +169,28 @@ class _Progress:
     def pytest_terminal_summary(self, terminalreporter):
         if self.slow:
             terminalreporter.section(f"tests over the {BUDGET_S:.0f} s budget (docs/development.md)")
-            for duration, when, nodeid in sorted(self.slow, reverse=True):
-                terminalreporter.write_line(f"{duration:6.1f} s  {when:5s} {nodeid}")
+            for duration, when, nodeid, spent in sorted(self.slow, key=lambda s: s[0], reverse=True):
+                cpu = f"  ({spent['cpu']:.0f} CPU-s, {spent['compile']:.0f} s compiling)" if spent else ""
+                terminalreporter.write_line(f"{duration:6.1f} s  {when:5s} {nodeid}{cpu}")
+        if self.workers:
+            cpu, compile_s, compiles = (sum(w[k] for w in self.workers) for k in ("cpu", "compile", "compiles"))
+            terminalreporter.write_line(
+                f"refopt: {len(self.workers)} workers used {cpu:.0f} CPU-seconds (with their subprocesses), "
+                f"{compile_s:.0f} s of them in {compiles} Numba compilations")
+        if PROFILE:
+            Path(PROFILE).write_text(json.dumps({"tests": self.records, "workers": self.workers}, indent=0))
 
 
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):          # the controller (or a run without xdist)
         config.pluginmanager.register(_Progress(config), "refopt-progress")
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        config.pluginmanager.register(_Accounting(), "refopt-accounting")   # where tests run
+
+
+# Numba's CUDA simulator with an event-driven block scheduler (tests/_cudasim.py: its polling one
+# took most of the CUDA tests' time)
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import _cudasim
+
+    _cudasim.install()

@@ -7,8 +7,6 @@ within 1e-12 relative, float32 within 1e-5 (relative to the natural scale of the
 product, ``|a| @ |b|``); sampler choices identical.
 """
 
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -32,19 +30,6 @@ from tests_support import DTYPES, arrays, close  # noqa: E402
 
 FULL = not SIM                    # a real GPU: full sizes and more examples
 EX = 15 if FULL else 4            # hypothesis examples per test (each new shape compiles on a GPU)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator():
-    # the simulator's scheduler polls its threads; a shorter GIL switch interval than the default
-    # 5 ms makes it several times faster.  At 0.1 ms, 4 of 8 runs under `-n 2` failed a random
-    # test with garbage or NaN in shared memory (a different test each time; not seen in sequential
-    # runs, nor on the GPU): the simulator's barrier appears to race; 1 ms passed 5 runs of 5.
-    old = sys.getswitchinterval()
-    if SIM:
-        sys.setswitchinterval(1e-3)
-    yield
-    sys.setswitchinterval(old)
 
 
 def big(n):
