@@ -208,10 +208,15 @@ def _seed_kwargs(sampler, seed):
 
 
 def _on_cuda(model) -> bool:
-    """Whether ``model`` runs on the cuda backend (its own choice, else the current one)."""
+    """Whether ``model`` runs on the cuda backend (its own choice, else the current one) and can
+    take its device-resident loop: that loop computes in float32 with the base weights, so a model
+    with a half-precision dtype policy or LoRA adapters decodes on the host loop instead."""
     from refopt import backend
 
-    return backend.resolve(getattr(model, "backend", None)) == "cuda"
+    if backend.resolve(getattr(model, "backend", None)) != "cuda":
+        return False
+    bb = getattr(model, "backbone", None)
+    return not (bb is not None and (bb.config.policy.reduced or getattr(bb, "lora_enabled", False)))
 
 
 def _model_sampler(model):
@@ -299,7 +304,7 @@ def _preprocess(model, inputs, max_length):
 
 
 def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None,
-             seed=None):
+             seed=None, generate_function=None):
     """KerasHub's ``CausalLM.generate``.
 
     Args:
@@ -319,6 +324,9 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
             seed and the sampler's settings: the same prompt with the same seed gives the same
             text in any row of any batch, on any backend where the probabilities agree.  Ignored by
             samplers that make no random choice (greedy, beam, contrastive).
+        generate_function: ``(inputs, stop_token_ids=...) -> outputs`` (and ``seed=`` when one is
+            given) run on the batch instead of :func:`generate_step` (``CausalLM.generate`` passes
+            ``make_generate_function()``).
 
     Returns strings (one string for a string input) or ``{"token_ids", "padding_mask"}`` arrays.
     With ``BeamSampler(return_all_beams=True)``: a list of ``num_beams`` strings per prompt (best
@@ -330,8 +338,13 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
         max_length = _check_max_length(model, max_length)
     token_ids, padding_mask, scalar = _preprocess(model, inputs, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
-    out = generate_step(model, {"token_ids": token_ids, "padding_mask": padding_mask},
-                        stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
+    batch = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if generate_function is not None and sampler is None:
+        # KerasHub's signature (inputs, stop_token_ids); a seed only when one is asked for
+        out = generate_function(batch, stop_token_ids=stop_token_ids,
+                                **({} if seed is None else {"seed": seed}))
+    else:
+        out = generate_step(model, batch, stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
     beams = out["token_ids"].ndim == 3
     if beams:
         B, nb, T = out["token_ids"].shape

@@ -408,8 +408,10 @@ def test_malformed_merges_files(tmp_path):
         BytePairTokenizer(vocab, ["a b", "ab c"])
     with pytest.raises(InputTypeError):
         BytePairTokenizer(vocab, [("a", "b"), 3])
-    with pytest.raises(InputTypeError):
+    with pytest.raises(TokenizerError, match="vocabulary"):   # a ValueError, as KerasHub's
         BytePairTokenizer(["a"], [])
+    with pytest.raises(TokenizerError, match="merges"):
+        BytePairTokenizer(vocab, 5)
     assert BytePairTokenizer(vocab, [("a", "b")])("ab") == [2]
     crlf = tmp_path / "m5.txt"
     crlf.write_bytes(b"#version: 0.2\r\na b\r\n")

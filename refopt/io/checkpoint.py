@@ -211,23 +211,32 @@ class KerasFormat(Format):
         return "class_name" in config or "vocabulary_size" in config
 
     def weight_files(self, path):
-        return [path / "model.weights.h5"]
+        if os.path.lexists(path / "model.weights.h5") or not os.path.lexists(path / keras_h5.SHARD_INDEX):
+            return [path / "model.weights.h5"]
+        index = keras_h5.read_shard_index(path / keras_h5.SHARD_INDEX)      # sharded
+        return [path / shard for shard in sorted({s for shards in index.values() for s in shards})]
 
     def check_files(self, path):
-        if not os.path.lexists(path / "model.weights.h5"):
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
+        if not (os.path.lexists(path / "model.weights.h5")
+                or os.path.lexists(path / keras_h5.SHARD_INDEX)):
+            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5 (or the "
+                                  f"sharded {keras_h5.SHARD_INDEX})")
 
     def open(self, path, cfg):
         from refopt.model import param_shapes
 
         layout = keras_h5.layout(cfg)
         shapes = param_shapes(cfg)
-        source = sources.KerasSource(path / "model.weights.h5")
-        try:
-            source.file.validate({where: stored for where, stored in layout.values()})
-        except BaseException:
-            source.close()
-            raise
+        expected = {where: stored for where, stored in layout.values()}
+        if os.path.lexists(path / "model.weights.h5"):
+            source = sources.KerasSource(path / "model.weights.h5")
+            try:
+                source.file.validate(expected)
+            except BaseException:
+                source.close()
+                raise
+        else:
+            source = sources.KerasShardedSource(path, expected)
         entries = {}
         for name, (where, _) in layout.items():
             def convert(arr, name=name):

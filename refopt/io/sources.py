@@ -53,6 +53,60 @@ class KerasSource:
         self.file.close()
 
 
+class KerasShardedSource:
+    """The shards of a sharded KerasHub save (``model.weights.json``; see :mod:`.keras_h5`), each
+    validated as a ``model.weights.h5`` holding part of the tensors: together every tensor once,
+    each in a shard the index lists for its layer."""
+
+    def __init__(self, path: Path, expected: dict):
+        index_path = path / keras_h5.SHARD_INDEX
+        index = keras_h5.read_shard_index(index_path)
+        self.files, self.where = [], {}
+        try:
+            for shard in sorted({s for shards in index.values() for s in shards}):
+                if not os.path.lexists(path / shard):
+                    raise CheckpointError(f"{index_path}: shard {shard} is missing")
+                f = keras_h5.KerasWeightsFile(path / shard)
+                self.files.append(f)
+                for where in f.validate(expected, shard=True):
+                    if where in self.where:
+                        raise CheckpointError(f"{path / shard}: tensor {where} is stored twice (also "
+                                              f"in {os.path.basename(self.where[where].path)})")
+                    group = "/" + where.rsplit("/", 1)[0]
+                    if shard not in index.get(group, ()):
+                        raise CheckpointError(f"{path / shard}: holds {where}, but {index_path.name} "
+                                              f"does not list this shard for {group}")
+                    self.where[where] = f
+            missing = [where for where in expected if where not in self.where]
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor {missing[0]} (in none of the shards "
+                                      f"{index_path.name} lists)")
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self):
+        return list(self.where)
+
+    def dtype(self, key):
+        return self.where[key].dtype(key)
+
+    def shape(self, key):
+        return tuple(self.where[key].datasets[key].shape)
+
+    def array(self, key):
+        return self.where[key].array(key)
+
+    stored = array
+
+    def rows(self, key, index):
+        return self.where[key].array(key, index)
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+
 def reader_source(weights: Path) -> DictSource:
     """A :class:`DictSource` over a pickled (:mod:`~refopt.io.torch_pickle`), TensorFlow
     (:mod:`~refopt.io.tf_keras_h5`) or Flax (:mod:`~refopt.io.flax_msgpack`) checkpoint, under

@@ -102,7 +102,8 @@ def read_vocabulary(vocabulary) -> dict[str, int]:
     elif isinstance(vocabulary, dict):
         vocabulary = dict(vocabulary)
     else:
-        raise InputTypeError("`vocabulary` must be a path to a JSON file or a dict mapping token "
+        # a ValueError, as KerasHub raises for a vocabulary of the wrong kind (a list, say)
+        raise TokenizerError("`vocabulary` must be a path to a JSON file or a dict mapping token "
                              f"strings to integer ids; got {type(vocabulary).__name__}")
     values = list(vocabulary.values())
     fine = (all(type(t) is str and t for t in vocabulary)
@@ -161,7 +162,7 @@ def read_merges(merges) -> tuple[list[str], list[str], list[str], object]:
         def origin(n):
             return f"merges[{n}]"
     else:
-        raise InputTypeError("`merges` must be a path to a merges.txt file or a list of merge "
+        raise TokenizerError("`merges` must be a path to a merges.txt file or a list of merge "
                              f"rules; got {type(merges).__name__}")
     kept = [n for n, line in enumerate(lines) if not line.startswith("#version")]
     rules = lines if len(kept) == len(lines) else [lines[n] for n in kept]

@@ -24,6 +24,7 @@ from refopt.tokenizers import preset_files as pf
 from refopt.tokenizers.bpe import build_tables, encode_words
 from refopt.tokenizers.byte_level import byte_symbols, char_class_table, pretokenize
 from refopt.tokenizers.inputs import ids_of, split_segments, texts_of
+from refopt.tokenizers.tokenizer import Tokenizer
 
 _DTYPES = ("int32", "int64", "string")
 _CONFIG_KEYS = {"name", "trainable", "dtype", "config_file", "sequence_length", "add_prefix_space",
@@ -39,7 +40,7 @@ def _numba_available() -> bool:
     return True
 
 
-class BytePairTokenizer:
+class BytePairTokenizer(Tokenizer):
     """Byte-level BPE tokenizer, GPT-2's algorithm (KerasHub's ``BytePairTokenizer``).
 
     Args:
@@ -152,6 +153,7 @@ class BytePairTokenizer:
         self._encode_one = None  # the compiled kernel, once tables are packed
         self._word_cache = {}  # pure-Python word cache
         self._py_byte_ids = None
+        self._missing_bytes = False  # some byte has no token (checked after encoding)
 
     def _require_vocabulary(self):
         if self._tables is None:
@@ -418,15 +420,19 @@ class BytePairTokenizer:
                                  tables.merges)
 
     @classmethod
-    def from_preset(cls, preset, **kwargs):
-        """Load from a KerasHub preset directory or a transformers checkpoint directory.
+    def _load_preset(cls, directory, config_file=pf.TOKENIZER_CONFIG_FILE, **kwargs):
+        """Read a KerasHub preset directory or a transformers checkpoint directory (see
+        :meth:`Tokenizer.from_preset`).
 
         ``kwargs`` override the saved settings (``sequence_length=...``).  From a transformers
         directory, a plain ``BytePairTokenizer`` treats the special tokens its
         ``tokenizer_config.json`` names as unsplittable (unless ``special_tokens_in_strings`` is
         False); an ``OPTTokenizer`` has its own special tokens.
         """
-        found = pf.find_tokenizer_files(preset)
+        if config_file != pf.TOKENIZER_CONFIG_FILE:
+            raise ConfigError(f"from_preset: config_file={config_file!r}; refopt reads the "
+                              f"tokenizer from {pf.TOKENIZER_CONFIG_FILE!r}")
+        found = pf.find_tokenizer_files(directory)
         config = {k: v for k, v in found["config"].items() if k in _CONFIG_KEYS}
         if "dtype" in config:
             config["dtype"] = pf.dtype_name(config["dtype"])
@@ -436,7 +442,7 @@ class BytePairTokenizer:
         try:
             tokenizer = cls(**config)
         except ConfigError as e:
-            raise ConfigError(f"{pf.preset_directory(preset)}: the saved tokenizer settings are "
+            raise ConfigError(f"{os.fspath(directory)}: the saved tokenizer settings are "
                               f"invalid: {e}") from None
         if found["layout"] == "transformers" and not cls.special_token_spec \
                 and "unsplittable_tokens" not in kwargs \

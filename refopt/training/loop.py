@@ -135,6 +135,17 @@ def _optimizer(model):
     return opt
 
 
+def _apply(opt, grads, params, trainable, ops):
+    # the optimizer's update of the trainable parameters, in place in `params`, on the model's ops
+    if trainable is None:
+        opt.apply(grads, params, ops=ops)
+        return
+    subset = {name: params[name] for name in trainable}
+    opt.apply(grads, subset, ops=ops)
+    params.update(subset)               # the optimizer may have replaced arrays by its own copies
+    # (Parameters.update advances params.version)
+
+
 def _verbosity(verbose):
     if verbose == "auto":
         return 1
@@ -197,8 +208,8 @@ def _device_trainer(model, optimizer=None, seed=None):
         return None
     from refopt.training.device import DeviceTrainer, blocker
 
-    if blocker(cfg, optimizer):
-        return None
+    if blocker(cfg, optimizer) or getattr(model.backbone, "lora_enabled", False):
+        return None                       # (LoRA: the device step trains every weight, not adapters)
     backbone = model.backbone
     trainer = _TRAINERS.get(backbone)
     if trainer is None or trainer.cfg is not cfg or not trainer.holds(params):
@@ -292,6 +303,8 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
 def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batch_size, epochs,
                 initial_epoch, shuffle, steps, verbose, history):
     n = data.y.shape[0]
+    # LoRA (backbone.enable_lora): only the adapters train; every other weight stays as it is
+    trainable = getattr(model.backbone, "trainable_names", lambda: None)()
     for epoch in range(initial_epoch, epochs):
         order = rng.permutation(n) if shuffle else np.arange(n)
         trackers = _Trackers()
@@ -309,7 +322,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                     loss = sums.loss_sum / b.y.size
                 else:
                     res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
-                                           reduction="sum_over_batch_size", ops=ops)
+                                           reduction="sum_over_batch_size", ops=ops, trainable=trainable)
                     loss = res.loss
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -319,7 +332,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                 if trainer is not None:
                     trackers.update_sums(loss, b, sums.hit_sum, sums.weight_sum)
                 else:
-                    opt.apply(res.grads, model.backbone.params, ops=ops)
+                    _apply(opt, res.grads, model.backbone.params, trainable, ops)
                     trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)
