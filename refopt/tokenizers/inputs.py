@@ -3,7 +3,8 @@
 :func:`texts_of` and :func:`ids_of` turn what a caller passes to ``tokenize`` / ``detokenize``
 (one item, a list, a nested list, a NumPy array) into a list plus whether it was a batch, and
 raise :class:`~refopt.errors.InputTypeError` naming the offending item for anything else.
-:func:`split_segments` cuts texts around the tokens that are never split.
+:func:`split_segments` cuts texts around the tokens that are never split; :func:`is_strings`
+says whether a model's input is text for its preprocessor.
 """
 
 from __future__ import annotations
@@ -118,3 +119,14 @@ def split_segments(texts: list, tokens: list, add_prefix_space: bool, vocabulary
                 plan.append(("id", vocabulary[match.group()]))
         plans.append(plan)
     return segments, plans
+
+
+def is_strings(x, arrays: bool = True) -> bool:
+    """Whether ``x`` is text for a preprocessor: a string, a non-empty list or tuple of strings,
+    or (with ``arrays``) a NumPy array of strings.  ``generate`` takes the first two (``arrays=False``),
+    ``fit`` / ``evaluate`` / ``predict`` all three."""
+    if isinstance(x, str):
+        return True
+    if arrays and isinstance(x, np.ndarray):
+        return x.dtype.kind in "US" or (x.dtype == object and x.size > 0 and isinstance(x.flat[0], str))
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(s, str) for s in x)
