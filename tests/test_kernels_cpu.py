@@ -216,3 +216,36 @@ def test_governor_follows_the_faster_thread_count():
     probes = run(300).count(2)                    # losing comparisons become rare
     assert 1 <= probes <= 4
     assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose
+
+
+@pytest.mark.skipif(not hasattr(os, "RTLD_DEEPBIND"), reason="deep binding is glibc's")
+@pytest.mark.parametrize("loaded, user_set", [(True, False), (False, False), (True, True)])
+def test_threading_layer_gets_its_own_passive_openmp_runtime(monkeypatch, loaded, user_set):
+    # an OpenMP runtime already loaded (PyTorch's, imported first) would otherwise serve Numba's
+    # calls with the spinning waits it read at its own start: Numba's layer is loaded deep-bound
+    # with OMP_WAIT_POLICY=PASSIVE set, and both settings are restored afterwards
+    import sys
+
+    from numba.np.ufunc import parallel
+
+    from refopt.kernels.cpu import _threads
+
+    calls = []
+    monkeypatch.setattr(parallel, "_launch_threads", lambda: calls.append(
+        {"flags": sys.getdlopenflags(), "policy": os.environ.get("OMP_WAIT_POLICY")}))
+    monkeypatch.setattr(_threads, "_configured", False)
+    monkeypatch.setattr(_threads, "openmp_loaded", lambda: loaded)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    if user_set:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    else:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    flags = sys.getdlopenflags()
+    _threads.configure()
+    _threads.configure()                          # once only
+    assert len(calls) == 1
+    seen = calls[0]
+    assert bool(seen["flags"] & os.RTLD_DEEPBIND) == (loaded and not user_set)
+    assert seen["policy"] == ("ACTIVE" if user_set else "PASSIVE")
+    assert sys.getdlopenflags() == flags
+    assert os.environ.get("OMP_WAIT_POLICY") == ("ACTIVE" if user_set else None)
