@@ -34,6 +34,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from refopt.errors import InputError, InputTypeError, SamplerError
+from refopt.ops.sampling import output_padding_mask
+from refopt.tokenizers.inputs import is_strings
 
 AUTO = "auto"
 
@@ -178,16 +180,6 @@ def prepare(model):
     return warm_up(exercise)
 
 
-def output_padding_mask(token_ids, prompt_mask, stop_token_ids):
-    """KerasHub's output mask: True through each row's first stop token outside the prompt, False
-    after it; all True without stop tokens."""
-    if stop_token_ids is None:
-        return np.ones(token_ids.shape, bool)
-    end = np.isin(token_ids, np.asarray(stop_token_ids)) & ~prompt_mask       # [B, T]
-    after = np.cumsum(end, axis=-1) - end                                       # stops strictly before
-    return after == 0
-
-
 def _start(model, token_ids, padding_mask, sampler):
     sampler = sampler if sampler is not None else _model_sampler(model)
     if hasattr(sampler, "check_model"):
@@ -266,12 +258,7 @@ def strip_prompt_outputs(outputs, prompt_mask):
 
 
 # ---------------------------------------------------------------------------------- generate
-def _is_strings(x):
-    return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0
-                                  and all(isinstance(s, str) for s in x))
-
-
-def _preprocess(model, inputs, max_length):
+def _generation_inputs(model, inputs, max_length):
     """Inputs -> (token_ids [B, T], padding_mask [B, T], input_is_scalar)."""
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None:
@@ -279,7 +266,7 @@ def _preprocess(model, inputs, max_length):
             raise InputTypeError("generate: this model has a preprocessor, so inputs are strings (a "
                                  "string or a list of strings); to pass token ids, set "
                                  "model.preprocessor = None")
-        if not _is_strings(inputs):
+        if not is_strings(inputs, arrays=False):
             raise InputTypeError(f"generate: expected a string or a list of strings, got "
                                  f"{type(inputs).__name__}")
         scalar = isinstance(inputs, str)
@@ -287,7 +274,7 @@ def _preprocess(model, inputs, max_length):
                                              sequence_length=max_length)
         return np.asarray(x["token_ids"]), np.asarray(x["padding_mask"]), scalar
     if not isinstance(inputs, dict):
-        kind = "strings" if _is_strings(inputs) else type(inputs).__name__
+        kind = "strings" if is_strings(inputs, arrays=False) else type(inputs).__name__
         raise InputTypeError(f"generate: got {kind} but this model has no preprocessor; pass "
                              "{'token_ids': ..., 'padding_mask': ...} or attach an "
                              "OPTCausalLMPreprocessor")
@@ -336,7 +323,7 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
     stop_token_ids = resolve_stop_token_ids(model, stop_token_ids)
     if preprocessor is not None:
         max_length = _check_max_length(model, max_length)
-    token_ids, padding_mask, scalar = _preprocess(model, inputs, max_length)
+    token_ids, padding_mask, scalar = _generation_inputs(model, inputs, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     batch = {"token_ids": token_ids, "padding_mask": padding_mask}
     if generate_function is not None and sampler is None:
@@ -408,7 +395,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
         raise InputTypeError(f"stream: expected one string prompt, got {type(prompt).__name__}")
     stop_token_ids = resolve_stop_token_ids(model, stop_token_ids)
     max_length = _check_max_length(model, max_length)
-    token_ids, padding_mask, _ = _preprocess(model, prompt, max_length)
+    token_ids, padding_mask, _ = _generation_inputs(model, prompt, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     steps = None
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies

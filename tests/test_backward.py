@@ -12,7 +12,8 @@ from refopt.backend import BACKENDS
 from refopt.backward import backward
 from refopt.config import OPTConfig
 from refopt.errors import InputError, InputTypeError
-from refopt.io.huggingface import from_state_dict, grads_to_huggingface
+from refopt.io.checkpoint import from_state_dict
+from refopt.io.huggingface import grads_to_huggingface
 from refopt.io.safetensors_io import load
 from refopt.model import forward, init_params, new_cache, param_shapes
 from refopt.ops.activation import relu_backward, relu_forward

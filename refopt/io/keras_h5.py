@@ -159,11 +159,9 @@ class KerasWeightsFile:
         ``"group"`` or a description of a soft, external or other link (to refuse)."""
         return self._entries()
 
-    def validate(self, expected: dict, shard: bool = False) -> list:
-        """Every dataset of ``expected`` (h5 path -> stored shape) present, of a float dtype and
-        that shape, stored in this file; no other dataset; no soft or external link.  A ``shard``
-        of a sharded save holds some of ``expected`` (those it has are checked).  Returns the
-        paths checked."""
+    def stored_datasets(self) -> dict:
+        """``{path: dataset}`` of every dataset stored in the file itself; a soft, external or
+        other link anywhere raises :class:`CheckpointError`."""
         datasets = {}
         for name, kind, obj in self._entries():
             if kind not in ("dataset", "group"):
@@ -171,6 +169,14 @@ class KerasWeightsFile:
                                       "datasets stored in the file itself")
             if kind == "dataset":
                 datasets[name] = obj
+        return datasets
+
+    def validate(self, expected: dict, shard: bool = False) -> list:
+        """Every dataset of ``expected`` (h5 path -> stored shape) present, of a float dtype and
+        that shape, stored in this file; no other dataset; no soft or external link.  A ``shard``
+        of a sharded save holds some of ``expected`` (those it has are checked).  Returns the
+        paths checked."""
+        datasets = self.stored_datasets()
         if shard:
             expected = {where: shape for where, shape in expected.items() if where in datasets}
         for where, shape in expected.items():

@@ -33,7 +33,7 @@ class CausalLM(Task):
 
     def __init__(self, backbone, preprocessor=None, name=None, compile=True, **kwargs):
         self._sampler = None
-        self._optimizer_spec = AUTO
+        self.optimizer_spec = AUTO          # what compile(optimizer=...) asked for
         self.optimizer = None
         self.compile_kwargs = {}
         self.generate_function = None
@@ -53,7 +53,7 @@ class CausalLM(Task):
             raise ConfigError(f"compile: weighted_metrics={weighted_metrics!r}; only 'auto' "
                               "(sparse categorical accuracy) is supported")
         self._sampler = samplers.get(sampler)
-        self._optimizer_spec = optimizer
+        self.optimizer_spec = optimizer
         self.optimizer = None  # built lazily by refopt.training (it needs the parameters)
         self.compile_kwargs = kwargs
         self.generate_function = None

@@ -166,13 +166,7 @@ class LoRAMixin:
         filepath = os.fspath(filepath)
         f = KerasWeightsFile(filepath)        # a regular file, read through h5py's own checks
         try:
-            datasets = {}
-            for name, kind, obj in f.entries():
-                if kind not in ("dataset", "group"):
-                    raise CheckpointError(f"{filepath}: {name} is {kind}; refopt reads only the "
-                                          "datasets stored in the file itself")
-                if kind == "dataset":
-                    datasets[name] = obj
+            datasets = f.stored_datasets()
             rank_ds = datasets.pop("lora/vars/rank", None)
             if rank_ds is None:
                 raise CheckpointError(f"{filepath}: no lora/vars/rank; not a .lora.h5 file")

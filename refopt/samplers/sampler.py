@@ -169,7 +169,6 @@ class Sampler:
                 raise SamplerError(f"{owner}: logits_processors must be a list of callables "
                                    "(logits, token_ids, index) -> logits")
             processors.extend(logits_processors)
-        self._custom_processors = list(logits_processors or [])
         self.logits_processors = processors
         self.seed = None
         self.last_seed = None

@@ -328,3 +328,22 @@ def write_merges(path, merges: list[str]) -> None:
 
     data = merges_text(merges).encode("utf-8")
     write_file_atomically(path, lambda f: f.write(data))
+
+
+WORD_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
+
+
+def encode_words(words, byte_ids: list, pair_dict: dict, cache: dict) -> list[int]:
+    """Token ids of pre-tokenized ``words``: each word's bytes mapped through ``byte_ids`` and
+    merged by :func:`bpe_merge`, remembered in ``cache`` (word -> ids; emptied when it holds
+    :data:`WORD_CACHE_LIMIT` words)."""
+    ids = []
+    for word in words:
+        merged = cache.get(word)
+        if merged is None:
+            merged = bpe_merge([byte_ids[b] for b in word.encode("utf-8")], pair_dict)
+            if len(cache) >= WORD_CACHE_LIMIT:
+                cache.clear()
+            cache[word] = merged
+        ids.extend(merged)
+    return ids
