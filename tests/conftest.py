@@ -190,6 +190,14 @@ class _Progress:
 
 
 def pytest_configure(config):
+    # xdist: --dist worksteal unless a --dist was given.  "load" (xdist's default with -n) hands
+    # each worker a queue of tests in advance; in one measured fresh-clone run one worker finished
+    # 110 s before the other, which still held the KerasHub and oracle tests.  worksteal starts
+    # each worker on its half of the collection (a file's tests mostly stay on one worker) and lets
+    # an idle worker take half of the other's queue.
+    given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
+    if getattr(config.option, "dist", "no") == "load" and not any(a.startswith("--dist") for a in given):
+        config.option.dist = "worksteal"
     if not hasattr(config, "workerinput"):          # the controller (or a run without xdist)
         config.pluginmanager.register(_Progress(config), "refopt-progress")
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
