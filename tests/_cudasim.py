@@ -17,6 +17,13 @@ exited or one raised.  What a kernel can observe is unchanged: every ``syncthrea
 it) is a barrier over the block's live threads; an exception in one thread aborts the others
 (``RuntimeError`` at their next barrier) and is raised by the launch, as before.
 
+The simulated threads run on a pool of OS threads reused from block to block and launch to launch
+(the simulator creates, starts and joins one per simulated thread and block: 18,832 of them for
+one hypothesis test of the attention, about a fifth of its CPU time, and far more of its wall time
+on a loaded machine).  A pool thread is a ``BlockThread`` given that block's fields before each
+run, so the simulator's ``cuda.threadIdx`` & co. (read from ``threading.current_thread()``) are
+unchanged.
+
 It also makes ``cuda.shared.array`` allocation atomic: the simulator looks an allocation up by
 call site and creates it on a miss (``get`` then a store), so two threads switched between the two
 could each get an array of their own -- "shared" memory that is not shared (garbage or NaN in the
@@ -35,11 +42,12 @@ class _Barrier:
     """``syncthreads()`` over a block whose threads may exit: ``live`` threads take part."""
 
     def __init__(self, live):
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # the barrier's waiters
+        self.done = threading.Event()      # every thread has exited, or one raised: for the launcher
         self.live = live
         self.waiting = 0
         self.generation = 0
-        self.failed = None            # the first thread that raised
+        self.failed = None                 # the first thread that raised
 
     def _open(self):                  # with self.cond held
         self.waiting = 0
@@ -65,9 +73,11 @@ class _Barrier:
             self.live -= 1
             if thread.exception is not None and self.failed is None:
                 self.failed = thread
-            if self.live and self.waiting == self.live:
+                self.done.set()
+            if not self.live:
+                self.done.set()
+            elif self.waiting == self.live:  # the others all wait for this one: it no longer counts
                 self._open()
-            self.cond.notify_all()
 
 
 TESTED = ("0.30.",)                   # numba-cuda versions whose simulator this was written against
@@ -91,12 +101,47 @@ def install():
         return
 
     thread_run = kernel.BlockThread.run
+    Dim3 = kernelapi.Dim3
 
-    def run_thread(self):
-        try:
-            thread_run(self)              # the simulator's: runs the kernel, keeps an exception
-        finally:
-            self._refopt_barrier.exit(self)
+    class PoolThread(kernel.BlockThread):
+        """An OS thread that runs one simulated thread after another (see the module docstring)."""
+
+        def __init__(self):
+            threading.Thread.__init__(self, daemon=True)
+            self.ready = threading.Semaphore(0)
+            self.task = None
+
+        def assign(self, manager, target, grid_point, block_point, barrier):
+            self.task = (manager, target, grid_point, block_point, barrier)
+            self.ready.release()
+
+        def run(self):
+            while True:
+                self.ready.acquire()
+                manager, target, grid_point, block_point, barrier = self.task
+                self.task = None
+                # BlockThread.__init__'s fields, for this block's thread
+                self._manager, self.debug = manager, manager._debug
+                self.blockIdx, self.threadIdx = Dim3(*grid_point), Dim3(*block_point)
+                block = Dim3(*manager._block_dim)
+                self.thread_id = self.threadIdx.x + block.x * (self.threadIdx.y + block.y * self.threadIdx.z)
+                self.exception, self.abort = None, False
+                self._refopt_barrier = barrier
+                if self.debug:
+                    def checked(target=target):     # the simulator's debug mode: as BlockThread's
+                        with np.errstate(divide="raise"):
+                            target()
+                    target = checked
+                self._target, self._args, self._kwargs = target, (), {}
+                try:
+                    thread_run(self)      # the simulator's: runs the kernel, keeps an exception
+                finally:
+                    barrier.exit(self)
+                    with pool_lock:
+                        idle.append(self)
+
+    idle: list = []
+    pool_lock = threading.Lock()
 
     def syncthreads(self):
         self._refopt_barrier.wait(self)
@@ -104,20 +149,20 @@ def install():
     def run_block(self, grid_point, *args):
         points = list(np.ndindex(*self._block_dim))
         barrier = _Barrier(len(points))
-        threads = []
 
         def target():
             self._f(*args)
 
-        for block_point in points:
-            t = kernel.BlockThread(target, self, grid_point, block_point, self._debug)
-            t._refopt_barrier = barrier
-            threads.append(t)
-        for t in threads:
+        with pool_lock:
+            threads = [idle.pop() for _ in range(min(len(points), len(idle)))]
+        while len(threads) < len(points):
+            t = PoolThread()
             t.start()
+            threads.append(t)
+        for t, block_point in zip(threads, points):
+            t.assign(self, target, grid_point, block_point, barrier)
+        barrier.done.wait()
         with barrier.cond:
-            while barrier.live and barrier.failed is None:
-                barrier.cond.wait()
             failed = barrier.failed
             if failed is not None:        # abort the others at their next barrier, as before
                 for t in threads:
@@ -145,7 +190,6 @@ def install():
                 res = self._allocations[caller] = np.empty(shape, dtype)
         return res
 
-    kernel.BlockThread.run = run_thread
     kernel.BlockThread.syncthreads = syncthreads
     kernel.BlockManager.run = run_block
     kernel.BlockManager._refopt_event_driven = True
