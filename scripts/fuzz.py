@@ -47,8 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("REFOPT_BACKEND", "numpy")
-
 from refopt.errors import RefoptError  # noqa: E402
 
 FAILURES = ("escaped", "wrong", "hang", "lost")
@@ -851,6 +849,9 @@ def run_case(kind: str, rng: random.Random, fx: Fixtures, timeout: float = 20.0)
 
 
 def main(argv=None) -> int:
+    # the cases run on the NumPy ops (no compiling); set here, not at import, so that importing
+    # this module (tests/test_fuzz.py does) leaves the importer's backend alone
+    os.environ.setdefault("REFOPT_BACKEND", "numpy")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,8 @@ def fixtures(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", list(fuzz.KINDS))
-def test_fuzz(kind, fixtures):
+def test_fuzz(kind, fixtures, monkeypatch):
+    monkeypatch.setenv("REFOPT_BACKEND", "numpy")   # as `scripts/fuzz.py` runs its cases (no compiling)
     examples = max(1, int(EXAMPLES[kind] * SCALE))
     outcomes = []
 
