@@ -11,7 +11,8 @@ layer; :func:`refopt.testing.streaming.write_random_checkpoint`) and runs, each 
   checks), its wall time and peak RSS (``VmHWM``), and its exit status;
 * ``port alone``: what the transformers port itself needs for the same checks -- load the
   checkpoint, one forward and one backward on the same batch -- peak RSS and time, the floor any
-  oracle run in one process sits on.
+  oracle run in one process sits on; the first run also prints what is resident after each step
+  (anonymous memory, and the checkpoint's pages, which transformers maps from disk).
 
 The ratio column divides by the checkpoint's size on disk.  The checkpoint is deleted afterwards.
 """
@@ -35,18 +36,25 @@ SIZES = {   # hidden, layers, heads (OPT's shapes; vocabulary 50272, 2048 positi
 _PORT_ALONE = """
 import resource, sys, time
 t = time.perf_counter()
+def rss(stage):   # resident MiB now: anonymous memory, pages of mapped files (the checkpoint's)
+    f = {l.split(":")[0]: int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("Rss")}
+    print(f"{stage} {f['RssAnon']} {f['RssFile']}")
 import numpy as np, torch, transformers
 from refopt.testing.cases import make_inputs
 from refopt.testing.reference import loss_targets
 from refopt.io import presets
+rss("import")
 cfg = presets.read_config(__import__("pathlib").Path(sys.argv[1]))
 ids, mask, _, _ = make_inputs(cfg, np.random.default_rng(0), 3, 11)
 model = transformers.OPTForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+rss("load")
 logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits
+rss("forward")
 y, sw = loss_targets(ids, mask)
 ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(y).reshape(-1),
                                        reduction="none")
 (torch.tensor(sw).reshape(-1).float() * ce).sum().backward()
+rss("backward")
 print(time.perf_counter() - t)
 """
 
@@ -118,8 +126,12 @@ def main(argv=None) -> int:
             if grad is not None and run == 0:
                 print(f"{grad['name']}: {grad['status']}; ReLU kinks {grad['data'].get('kinks')}; {grad['figures']}",
                       flush=True)
-            secs, peak, code, _ = measure([sys.executable, "-c", _PORT_ALONE, str(ckpt)], env)
+            secs, peak, code, out = measure([sys.executable, "-c", _PORT_ALONE, str(ckpt)], env)
             rows.append(("port alone", secs, peak, code, "load + forward + backward, 3x11 tokens"))
+            if run == 0:
+                stages = [line.split() for line in out.splitlines() if len(line.split()) == 3]
+                print("port alone, resident after each step (anonymous + checkpoint pages mapped from disk): "
+                      + ", ".join(f"{st} {a} + {f} MiB" for st, a, f in stages), flush=True)
             print(f"run {run + 1}: " + "; ".join(f"{n} {s:.1f} s {m:.0f} MiB" for n, s, m, *_ in rows[-2:]),
                   flush=True)
         print(f"\n{'':<11} {'time':>8} {'peak RSS':>10} {'x checkpoint':>12}  exit  notes")

@@ -45,8 +45,8 @@ import json, os, sys, time
 import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras, keras_hub
-path, prompt_len, total, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
-batches = [int(b) for b in sys.argv[6].split(",")]
+path, prompt_len, total, repeats, threads, vocab = sys.argv[1], *map(int, sys.argv[2:7])
+batches = [int(b) for b in sys.argv[7].split(",")]
 if keras.config.backend() == "tensorflow":
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -55,7 +55,7 @@ lm.compile(sampler="greedy")
 out = {"backend": keras.config.backend(), "version": keras_hub.__version__, "rows": {}}
 rng = np.random.default_rng(0)
 for batch in batches:
-    prompt = rng.integers(3, 50272, (batch, prompt_len))
+    prompt = rng.integers(3, vocab, (batch, prompt_len))
     ids = np.ones((batch, total), "int32")
     ids[:, :prompt_len] = prompt
     mask = np.zeros((batch, total), bool)
@@ -72,13 +72,13 @@ print(json.dumps(out))
 """
 
 
-def keras_hub_rates(python, path, args):
+def keras_hub_rates(python, path, args, vocab):
     """KerasHub's greedy generate timed in a subprocess; None when keras_hub is not installed there."""
     probe = subprocess.run([python, "-c", "import keras_hub"], capture_output=True)
     if probe.returncode != 0:
         return None
     res = subprocess.run([python, "-c", KERAS_CHILD, path, str(args.prompt), str(args.prompt + args.new),
-                          str(args.repeats), str(args.threads), ",".join(map(str, args.batch))],
+                          str(args.repeats), str(args.threads), str(vocab), ",".join(map(str, args.batch))],
                          capture_output=True, text=True)
     if res.returncode != 0:
         print(f"KerasHub run failed:\n{res.stderr[-1500:]}")
@@ -122,7 +122,8 @@ def main(argv=None):
         backbone.save_to_preset(path, format="huggingface")
         keras_path = os.path.join(tmp, "opt125m_keras")
         OPTCausalLM(backbone).save_to_preset(keras_path, format="keras")
-        keras = keras_hub_rates(args.keras_python, keras_path, args)
+        with BusyCore() if args.under_load else contextlib.nullcontext():   # the same load for KerasHub
+            keras = keras_hub_rates(args.keras_python, keras_path, args, cfg.vocabulary_size)
         lm = OPTCausalLM.from_preset(path, preprocessor=None)
         lm.compile(sampler="greedy")
         hf = None

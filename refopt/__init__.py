@@ -2,6 +2,10 @@
 
 A readable NumPy reference (``refopt.ops``, ``refopt.model``), Numba kernels that must agree with
 it, and a conformance oracle (``refopt.testing``).  The public API mirrors KerasHub's OPT classes.
+
+The rooms, what may import what (kernels are leaves; the reference imports no kernel) and the path
+of one token from ``generate`` to a kernel and back are described in ``docs/architecture.md``;
+``tests/test_import_rules.py`` checks the import rules.
 """
 
 import os

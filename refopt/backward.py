@@ -52,34 +52,50 @@ class Gradients:
     """The parameter gradients, filled in as the blocks' backwards reach each parameter.
 
     ``dense`` and ``norm`` undo :func:`refopt.model.dense` and :func:`refopt.model.norm`: they
-    return the gradient of the input and keep those of the parameters."""
+    return the gradient of the input and keep those of the parameters.  ``trainable`` (a set of
+    names, None for all) limits which are kept; a frozen map's weight gradient is not even formed
+    (LoRA trains the adapters alone)."""
 
-    def __init__(self, params, cfg: OPTConfig, ops):
-        self.params, self.cfg, self.ops = params, cfg, ops
+    def __init__(self, params, cfg: OPTConfig, ops, trainable=None):
+        self.params, self.cfg, self.ops, self.trainable = params, cfg, ops, trainable
         self.grads: dict[str, np.ndarray] = {}
 
+    def wants(self, name) -> bool:
+        return name in self.params and (self.trainable is None or name in self.trainable)
+
+    def keep(self, name, grad):
+        if self.wants(name):
+            self.grads[name] = grad
+
     def dense(self, d_y, x, name):
-        # undoes  y = x @ W.T + b:  d_y [..., O], x [..., I] -> d_x [..., I]; keeps d_W, d_b
-        d_x, d_w, d_b = self.ops.linear_backward(d_y, x, self.params[name + ".weight"],
-                                                 name + ".bias" in self.params)
-        self.grads[name + ".weight"] = d_w
-        if d_b is not None:
-            self.grads[name + ".bias"] = d_b
+        # undoes  y = x @ W.T + b (+ the LoRA update (x . a) @ b, when adapted):
+        # d_y [..., O], x [..., I] -> d_x [..., I]; keeps d_W, d_b (d_a, d_b of the adapter)
+        w = self.params[name + ".weight"]
+        if self.wants(name + ".weight") or self.wants(name + ".bias"):
+            d_x, d_w, d_b = self.ops.linear_backward(d_y, x, w, name + ".bias" in self.params)
+            self.keep(name + ".weight", d_w)
+            self.keep(name + ".bias", d_b)
+        else:                                   # frozen: only the input's gradient
+            d_x = self.ops.linear_backward_input(d_y, w)
+        if name + ".lora_a" in self.params:
+            d_x_lora, d_a, d_b_lora = self.ops.lora_backward(
+                d_y, x, self.params[name + ".lora_a"], self.params[name + ".lora_b"])
+            self.keep(name + ".lora_a", d_a)
+            self.keep(name + ".lora_b", d_b_lora)
+            d_x = d_x + d_x_lora
         return d_x
 
     def norm(self, d_y, x, name):
         # undoes  y = LayerNorm(x):  d_y, x [B, S, D] -> d_x [B, S, D]; keeps d_gamma, d_beta
         d_x, d_gamma, d_beta = self.ops.layernorm_backward(
             d_y, x, self.params.get(name + ".gamma"), self.cfg.layer_norm_epsilon)
-        if name + ".gamma" in self.params:
-            self.grads[name + ".gamma"] = d_gamma
-        if name + ".beta" in self.params:
-            self.grads[name + ".beta"] = d_beta
+        self.keep(name + ".gamma", d_gamma)
+        self.keep(name + ".beta", d_beta)
         return d_x
 
 
 def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, *,
-             ops=None) -> dict[str, np.ndarray]:
+             ops=None, trainable=None) -> dict[str, np.ndarray]:
     """Gradients of every parameter (refopt names, the params' shapes and dtype) given
     ``d_hidden`` ``[B, S, E]``, the gradient of the loss with respect to ``forward``'s output.
 
@@ -90,6 +106,8 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
     ``grads["embed_tokens"]``.
     ``ops``: the ops namespace (:mod:`refopt.ops`, the NumPy reference, or a backend's, as
     :func:`refopt.model.forward` takes it); default: the current backend's.
+    ``trainable``: a set of parameter names; only their gradients are computed and returned
+    (None: every parameter's).
     """
     ops = backend.ops() if ops is None else ops
     if "token_ids" not in tape or "hidden" not in tape:
@@ -99,7 +117,7 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
     if cfg.num_layers and tape["layers.0.k"].shape[2] != S:
         raise InputError("backward: the tape comes from a forward with a KV cache; only a cache-free "
                          "forward (cache=None, cache_index=0) can be differentiated")
-    g = Gradients(params, cfg, ops)
+    g = Gradients(params, cfg, ops, trainable)
     mask = tape["attention_mask"]                                              # [B, 1, S, S]
 
     d_x = head_side_backward(d_hidden, Saved(tape), cfg, g)                    # [B, S, D]
@@ -110,10 +128,12 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
     embed_backward(d_x, Saved(tape), cfg, ops, g, d_embed_tokens)
 
     grads = g.grads
-    missing = set(params) - set(grads)
+    wanted = set(params) if trainable is None else set(params) & set(trainable)
+    missing = wanted - set(grads)
     if missing:  # a parameter the walk does not know: a bug here, never a user error
         raise AssertionError(f"backward: no gradient computed for {sorted(missing)}")
-    return {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
+    return {name: grads[name].astype(params[name].dtype, copy=False) for name in params
+            if name in wanted}
 
 
 # ---------------------------------------------------------------------------------- blocks
@@ -135,7 +155,7 @@ def mlp_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradie
     if not pre:
         # y = norm(ops, params, p + "mlp_layer_norm", y, cfg)
         d_y = g.norm(d_y, saved["mlp_residual"], p + "mlp_layer_norm")         # [B, S, D]
-    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    # y = ops.add(x, out)               (d_out = d_y; d_x gets d_y too, added at the end)
     d_out = d_y                                                                # [B, S, D]
     if "mlp_dropout_mask" in saved:
         # out = ops.dropout_forward(out, keep)
@@ -150,7 +170,7 @@ def mlp_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: Gradie
     if pre:
         # m = norm(ops, params, p + "mlp_layer_norm", x, cfg)
         d_m = g.norm(d_m, saved["mlp_block_input"], p + "mlp_layer_norm")      # [B, S, D]
-    # y = x + out                       (the residual: both paths reach x)
+    # y = ops.add(x, out)               (the residual: both paths reach x)
     return d_y + d_m                                                           # [B, S, D]
 
 
@@ -161,7 +181,7 @@ def attention_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: 
     if not pre:
         # y = norm(ops, params, p + "self_attn_layer_norm", y, cfg)
         d_y = g.norm(d_y, saved["attention_residual"], p + "self_attn_layer_norm")  # [B, S, D]
-    # y = x + out                       (d_out = d_y; d_x gets d_y too, added at the end)
+    # y = ops.add(x, out)               (d_out = d_y; d_x gets d_y too, added at the end)
     d_out = d_y                                                                # [B, S, D]
     if "attention_dropout_mask" in saved:
         # out = ops.dropout_forward(out, keep)
@@ -182,7 +202,7 @@ def attention_block_backward(d_y, saved: Saved, p: str, cfg: OPTConfig, ops, g: 
     if pre:
         # a = norm(ops, params, p + "self_attn_layer_norm", x, cfg)
         d_a = g.norm(d_a, saved["input"], p + "self_attn_layer_norm")          # [B, S, D]
-    # y = x + out                       (the residual: both paths reach x)
+    # y = ops.add(x, out)               (the residual: both paths reach x)
     return d_y + d_a                                                           # [B, S, D]
 
 
@@ -190,15 +210,17 @@ def embed_backward(d_x, saved: Saved, cfg: OPTConfig, ops, g: Gradients, d_embed
     """Undoes :func:`refopt.model.embed`: d_x [B, S, D] -> the tables' gradients (in ``g``);
     ``d_embed_tokens`` [V, E] (the tied head's share), when given, receives the lookup's in place."""
     params = g.params
-    # x = x + ops.embedding_forward(params["embed_positions"], positions)
-    g.grads["embed_positions"] = ops.embedding_backward(d_x, saved["positions"],
-                                                        params["embed_positions"].shape[0])
+    # x = ops.add(x, ops.embedding_forward(params["embed_positions"], positions))
+    if g.wants("embed_positions"):
+        g.keep("embed_positions", ops.embedding_backward(d_x, saved["positions"],
+                                                         params["embed_positions"].shape[0]))
     if cfg.has_projection:
         # x = dense(ops, params, "project_in", e)
         d_x = g.dense(d_x, saved["project_in.input"], "project_in")            # [B, S, E]
     # e = ops.embedding_forward(params["embed_tokens"], token_ids)
-    d_tokens = ops.embedding_backward(d_x, saved["token_ids"], params["embed_tokens"].shape[0])
-    if d_embed_tokens is not None:
-        d_embed_tokens += d_tokens                                             # [V, E]
-        d_tokens = d_embed_tokens
-    g.grads["embed_tokens"] = d_tokens
+    if g.wants("embed_tokens"):
+        d_tokens = ops.embedding_backward(d_x, saved["token_ids"], params["embed_tokens"].shape[0])
+        if d_embed_tokens is not None:
+            d_embed_tokens += d_tokens                                         # [V, E]
+            d_tokens = d_embed_tokens
+        g.keep("embed_tokens", d_tokens)

@@ -20,7 +20,8 @@ from typing import Any
 
 from refopt.errors import ConfigError
 
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
+# dtype policies (refopt.dtype_policies): KerasHub's, and float64 for the oracle
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
 REFOPT_REGISTERED_NAME = "refopt>OPTBackbone"
 
 # Upper bounds of config values: far above any released model, low enough that nothing a config
@@ -44,8 +45,8 @@ def _keras_dtype(value, source):
             raise ConfigError(f"{source}: 'dtype' is not a DTypePolicy with a name")
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{source}: 'dtype' is {value!r}, expected a dtype name")
-    # Keras mixed policies ("mixed_float16") compute in float32 here.
-    return {"mixed_float16": "float32", "mixed_bfloat16": "float32"}.get(value, value)
+    # mixed policies ("mixed_bfloat16") are dtype policies of their own (refopt.dtype_policies)
+    return value
 
 
 @dataclasses.dataclass
@@ -101,8 +102,16 @@ class OPTConfig:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype activations are computed in (float64 on request, else float32)."""
+        """The NumPy dtype of refopt's arrays: float64 on request, else float32 (a half-precision
+        dtype policy computes in float32 and rounds where KerasHub rounds; see :attr:`policy`)."""
         return "float64" if self.dtype == "float64" else "float32"
+
+    @property
+    def policy(self):
+        """The dtype policy (:class:`refopt.dtype_policies.DTypePolicy`) ``dtype`` names."""
+        from refopt.dtype_policies import get
+
+        return get(self.dtype)
 
     def validate(self) -> None:
         for name, limit in LIMITS.items():

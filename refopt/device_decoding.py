@@ -18,6 +18,8 @@ import weakref
 
 import numpy as np
 
+from refopt.ops.sampling import output_padding_mask
+
 
 #: backbone -> (parameters' identity and version, DeviceModel)
 _RESIDENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -63,8 +65,6 @@ def _launch_args(model, sampler, batch, seed):
 def generate_step(model, token_ids, padding_mask, stop_token_ids, sampler, seed=None):
     """KerasHub's ``generate_step`` on the device (:func:`refopt.generation.generate_step`; call
     only when :func:`supports`); ``seed``: this call's seed(s), else the sampler's."""
-    from refopt.generation import output_padding_mask
-
     dm, kind, kwargs = _launch_args(model, sampler, len(token_ids), seed)
     index = int(padding_mask.sum(axis=1).min())
     out = dm.decode(token_ids, padding_mask, index, kind, stop_token_ids=stop_token_ids,

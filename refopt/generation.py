@@ -34,6 +34,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from refopt.errors import InputError, InputTypeError, SamplerError
+from refopt.ops.sampling import output_padding_mask
+from refopt.tokenizers.inputs import is_strings
 
 AUTO = "auto"
 
@@ -178,16 +180,6 @@ def prepare(model):
     return warm_up(exercise)
 
 
-def output_padding_mask(token_ids, prompt_mask, stop_token_ids):
-    """KerasHub's output mask: True through each row's first stop token outside the prompt, False
-    after it; all True without stop tokens."""
-    if stop_token_ids is None:
-        return np.ones(token_ids.shape, bool)
-    end = np.isin(token_ids, np.asarray(stop_token_ids)) & ~prompt_mask       # [B, T]
-    after = np.cumsum(end, axis=-1) - end                                       # stops strictly before
-    return after == 0
-
-
 def _start(model, token_ids, padding_mask, sampler):
     sampler = sampler if sampler is not None else _model_sampler(model)
     if hasattr(sampler, "check_model"):
@@ -208,10 +200,15 @@ def _seed_kwargs(sampler, seed):
 
 
 def _on_cuda(model) -> bool:
-    """Whether ``model`` runs on the cuda backend (its own choice, else the current one)."""
+    """Whether ``model`` runs on the cuda backend (its own choice, else the current one) and can
+    take its device-resident loop: that loop computes in float32 with the base weights, so a model
+    with a half-precision dtype policy or LoRA adapters decodes on the host loop instead."""
     from refopt import backend
 
-    return backend.resolve(getattr(model, "backend", None)) == "cuda"
+    if backend.resolve(getattr(model, "backend", None)) != "cuda":
+        return False
+    bb = getattr(model, "backbone", None)
+    return not (bb is not None and (bb.config.policy.reduced or getattr(bb, "lora_enabled", False)))
 
 
 def _model_sampler(model):
@@ -261,12 +258,7 @@ def strip_prompt_outputs(outputs, prompt_mask):
 
 
 # ---------------------------------------------------------------------------------- generate
-def _is_strings(x):
-    return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) > 0
-                                  and all(isinstance(s, str) for s in x))
-
-
-def _preprocess(model, inputs, max_length):
+def _generation_inputs(model, inputs, max_length):
     """Inputs -> (token_ids [B, T], padding_mask [B, T], input_is_scalar)."""
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None:
@@ -274,7 +266,7 @@ def _preprocess(model, inputs, max_length):
             raise InputTypeError("generate: this model has a preprocessor, so inputs are strings (a "
                                  "string or a list of strings); to pass token ids, set "
                                  "model.preprocessor = None")
-        if not _is_strings(inputs):
+        if not is_strings(inputs, arrays=False):
             raise InputTypeError(f"generate: expected a string or a list of strings, got "
                                  f"{type(inputs).__name__}")
         scalar = isinstance(inputs, str)
@@ -282,7 +274,7 @@ def _preprocess(model, inputs, max_length):
                                              sequence_length=max_length)
         return np.asarray(x["token_ids"]), np.asarray(x["padding_mask"]), scalar
     if not isinstance(inputs, dict):
-        kind = "strings" if _is_strings(inputs) else type(inputs).__name__
+        kind = "strings" if is_strings(inputs, arrays=False) else type(inputs).__name__
         raise InputTypeError(f"generate: got {kind} but this model has no preprocessor; pass "
                              "{'token_ids': ..., 'padding_mask': ...} or attach an "
                              "OPTCausalLMPreprocessor")
@@ -299,7 +291,7 @@ def _preprocess(model, inputs, max_length):
 
 
 def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=False, sampler=None,
-             seed=None):
+             seed=None, generate_function=None):
     """KerasHub's ``CausalLM.generate``.
 
     Args:
@@ -319,6 +311,9 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
             seed and the sampler's settings: the same prompt with the same seed gives the same
             text in any row of any batch, on any backend where the probabilities agree.  Ignored by
             samplers that make no random choice (greedy, beam, contrastive).
+        generate_function: ``(inputs, stop_token_ids=...) -> outputs`` (and ``seed=`` when one is
+            given) run on the batch instead of :func:`generate_step` (``CausalLM.generate`` passes
+            ``make_generate_function()``).
 
     Returns strings (one string for a string input) or ``{"token_ids", "padding_mask"}`` arrays.
     With ``BeamSampler(return_all_beams=True)``: a list of ``num_beams`` strings per prompt (best
@@ -328,10 +323,15 @@ def generate(model, inputs, max_length=None, stop_token_ids=AUTO, strip_prompt=F
     stop_token_ids = resolve_stop_token_ids(model, stop_token_ids)
     if preprocessor is not None:
         max_length = _check_max_length(model, max_length)
-    token_ids, padding_mask, scalar = _preprocess(model, inputs, max_length)
+    token_ids, padding_mask, scalar = _generation_inputs(model, inputs, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
-    out = generate_step(model, {"token_ids": token_ids, "padding_mask": padding_mask},
-                        stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
+    batch = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if generate_function is not None and sampler is None:
+        # KerasHub's signature (inputs, stop_token_ids); a seed only when one is asked for
+        out = generate_function(batch, stop_token_ids=stop_token_ids,
+                                **({} if seed is None else {"seed": seed}))
+    else:
+        out = generate_step(model, batch, stop_token_ids=stop_token_ids, sampler=sampler, seed=seed)
     beams = out["token_ids"].ndim == 3
     if beams:
         B, nb, T = out["token_ids"].shape
@@ -395,7 +395,7 @@ def stream(model, prompt, max_length=None, stop_token_ids=AUTO, return_logprobs=
         raise InputTypeError(f"stream: expected one string prompt, got {type(prompt).__name__}")
     stop_token_ids = resolve_stop_token_ids(model, stop_token_ids)
     max_length = _check_max_length(model, max_length)
-    token_ids, padding_mask, _ = _preprocess(model, prompt, max_length)
+    token_ids, padding_mask, _ = _generation_inputs(model, prompt, max_length)
     token_ids, padding_mask = check_generation_inputs(model, token_ids, padding_mask)
     steps = None
     if _on_cuda(model):                   # the cuda backend's device-resident loop, when it applies

@@ -25,6 +25,7 @@ them, so each output's weights are one contiguous row -- what a memory-bound dec
     layers.{i}.fc1.{weight,bias}   [F, D], [F]
     layers.{i}.fc2.{weight,bias}   [D, F], [D]
     final_layer_norm.{gamma,beta}  [D]        only when config.has_final_layer_norm
+    <dense>.lora_a, <dense>.lora_b            LoRA adapters, only where enabled (refopt.models.lora)
 
 Positions are derived from the padding mask: ``cumsum(mask) - 1`` (clipped at 0 on padding), so a
 right-padded row gets KerasHub's absolute positions 0, 1, 2, ... and a left-padded row gets the
@@ -135,7 +136,11 @@ def positions_from_mask(padding_mask):
 # ---------------------------------------------------------------------------------- pieces
 def dense(ops, params, name, x):
     # x [..., I] -> x @ W.T + b [..., O], W = params[name.weight] [O, I], b = params[name.bias] | None
-    return ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+    y = ops.linear_forward(x, params[name + ".weight"], params.get(name + ".bias"))
+    a = params.get(name + ".lora_a")
+    if a is not None:                           # a LoRA adapter beside W (refopt.models.lora)
+        y = ops.add(y, ops.lora_forward(x, a, params[name + ".lora_b"]))          # [..., O]
+    return y
 
 
 def norm(ops, params, name, x, cfg):
@@ -151,7 +156,7 @@ def embed(params, cfg: OPTConfig, ops, token_ids, positions):
     """token_ids, positions [B, S] -> x [B, S, D]: token embedding (through project_in) + position."""
     e = ops.embedding_forward(params["embed_tokens"], token_ids)                   # [B, S, E]
     x = dense(ops, params, "project_in", e) if cfg.has_projection else e           # [B, S, D]
-    x = x + ops.embedding_forward(params["embed_positions"], positions)            # [B, S, D]
+    x = ops.add(x, ops.embedding_forward(params["embed_positions"], positions))   # [B, S, D]
     return x, {"project_in.input": e if cfg.has_projection else None, "embeddings": x}
 
 
@@ -174,7 +179,7 @@ def attention_block(x, params, p, cfg: OPTConfig, ops, mask, keep=None, layer_ca
     out = dense(ops, params, p + "out_proj", ctx)                                  # [B, S, D]
     if keep is not None:
         out = ops.dropout_forward(out, keep)                                       # [B, S, D]
-    y = x + out                                                                    # [B, S, D]
+    y = ops.add(x, out)                                                            # [B, S, D]
     saved = {"input": x, "attention_input": a, "q": q, "k": k, "v": v, "attention_probs": probs,
              "attention_context": ctx, "attention_dropout_mask": keep, "attention_output": out}
     if not pre:
@@ -190,16 +195,16 @@ def mlp_block(x, params, p, cfg: OPTConfig, ops, keep=None, keep_preactivation=F
     backward (else bias and ReLU run fused into the product's epilogue)."""
     pre = cfg.do_layer_norm_before
     m = norm(ops, params, p + "mlp_layer_norm", x, cfg) if pre else x               # [B, S, D]
-    if keep_preactivation:
+    if keep_preactivation or p + "fc1.lora_a" in params:   # training, or an adapted fc1
         pre_act = dense(ops, params, p + "fc1", m)                                 # [B, S, F]
         h = ops.relu_forward(pre_act)                                              # [B, S, F]
-    else:
+    else:                         # inference: bias and ReLU fused into the product's epilogue
         pre_act = None
         h = ops.linear_relu_forward(m, params[p + "fc1.weight"], params.get(p + "fc1.bias"))
     out = dense(ops, params, p + "fc2", h)                                         # [B, S, D]
     if keep is not None:
         out = ops.dropout_forward(out, keep)                                       # [B, S, D]
-    y = x + out                                                                    # [B, S, D]
+    y = ops.add(x, out)                                                            # [B, S, D]
     saved = {"mlp_block_input": x, "mlp_input": m, "fc1_output": pre_act,
              "mlp_dropout_mask": keep, "mlp_output": out}
     if not pre:

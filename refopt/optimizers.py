@@ -131,6 +131,38 @@ class Optimizer:
         return self._iterations
 
     @property
+    def apply_count(self) -> int:
+        """``apply`` calls so far (each accumulation step counts)."""
+        return self._iterations
+
+    def count_apply(self) -> None:
+        """Count one ``apply`` made elsewhere (the device trainer's update on the GPU)."""
+        self._iterations += 1
+
+    @property
+    def built(self) -> bool:
+        """Whether :meth:`build` (or :meth:`restore`) gave it state for a set of parameters."""
+        return self._names is not None
+
+    def slots(self, name: str) -> dict[str, np.ndarray]:
+        """The state arrays of parameter ``name`` (Adam: ``m``, ``v``, ``v_hat`` with AMSGrad)."""
+        return self._slots[name]
+
+    def accumulator(self, name: str) -> np.ndarray:
+        """The gradient accumulated for ``name`` (with ``gradient_accumulation_steps``)."""
+        return self._accumulators[name]
+
+    def restore(self, names, owned: dict, slots: dict, accumulators: dict | None = None) -> None:
+        """Take state computed elsewhere (the device trainer's download): ``names`` the parameters
+        it updates, ``owned`` the parameter arrays it now owns, ``slots`` / ``accumulators`` by
+        parameter name."""
+        self._names = tuple(names)
+        self._owned = dict(owned)
+        self._slots = dict(slots)
+        if accumulators is not None:
+            self._accumulators = dict(accumulators)
+
+    @property
     def learning_rate(self) -> float:
         """The learning rate the next update uses."""
         lr = self._learning_rate
@@ -158,7 +190,8 @@ class Optimizer:
                                 "first update")
         self._exclude_pattern = re.compile("|".join(sorted(set(var_names)))) if var_names else None
 
-    def _use_weight_decay(self, name: str) -> bool:
+    def uses_weight_decay(self, name: str) -> bool:
+        """Whether parameter ``name`` is decayed (see :meth:`exclude_from_weight_decay`)."""
         return self._exclude_pattern is None or self._exclude_pattern.search(name) is None
 
     def build(self, params: dict):
@@ -234,7 +267,7 @@ class Optimizer:
         try:
             for k in self._names:
                 var = self._own(params, k)
-                decay = self.weight_decay * lr if self.weight_decay and self._use_weight_decay(k) else 0.0
+                decay = self.weight_decay * lr if self.weight_decay and self.uses_weight_decay(k) else 0.0
                 grad = grads[k].astype(var.dtype, copy=False)
                 if folds_decay:
                     params[k] = self.update_step(grad, var, lr, self._slots[k], decay=decay)
@@ -282,14 +315,15 @@ class Adam(Optimizer):
             slots["v_hat"] = np.zeros_like(var)
         return slots
 
-    def _alpha(self, lr):
+    def alpha(self, lr):
+        """The step size of the next update, Adam's bias corrections folded in."""
         t = self.iterations + 1
         return lr * math.sqrt(1.0 - self.beta_2 ** t) / (1.0 - self.beta_1 ** t)
 
     def update_step(self, grad, var, lr, slots, decay=0.0):
         # weight decay and the Adam step in one call of the ops' adam_update (refopt.ops.adam)
         self.ops.adam_update(var, grad, slots["m"], slots["v"], slots.get("v_hat"), decay,
-                             self.beta_1, self.beta_2, self._alpha(lr), self.epsilon)
+                             self.beta_1, self.beta_2, self.alpha(lr), self.epsilon)
         return var
 
     def get_config(self):

@@ -694,7 +694,7 @@ def _user_files(rng, d: Path) -> None:
 def case_save(rng, fx: Fixtures):
     """A save (model, backbone, tokenizer, preprocessor, convert) into a random destination."""
     from refopt.errors import DestinationError, SaveError
-    from refopt.io import saving
+    from refopt.io import preset_layout
     from refopt.models import OPTCausalLM
 
     base = fx.scratch()
@@ -753,7 +753,7 @@ def case_save(rng, fx: Fixtures):
     real = dst if state != "symlink" else base / "real"
     for rel, data in before.items():
         inside = os.path.relpath(base / rel, real)
-        if not inside.startswith("..") and saving.is_preset_file(inside.replace(os.sep, "/")):
+        if not inside.startswith("..") and preset_layout.is_preset_file(inside.replace(os.sep, "/")):
             continue                                       # a preset file may be replaced
         if after.get(rel) != data:
             raise Lost(f"{rel} changed or vanished ({state}, {what}, overwrite={overwrite})")
@@ -768,13 +768,13 @@ def case_save(rng, fx: Fixtures):
 
 def case_kill(rng, fx: Fixtures):
     """A save over an existing preset (user files beside it) killed after a random call."""
-    from refopt.io import saving
+    from refopt.io import journal, preset_layout
     from refopt.models import OPTCausalLM
 
     class Killed(BaseException):
         pass
 
-    class Dying(saving.FileSystem):
+    class Dying(journal.FileSystem):
         def __init__(self, limit):
             self.limit, self.calls = limit, 0
 
@@ -795,21 +795,21 @@ def case_kill(rng, fx: Fixtures):
     dst = base / "p"
     shutil.copytree(fx.presets[fmt_old], dst)
     _user_files(rng, dst)
-    user = {k: v for k, v in tree(dst).items() if not saving.is_preset_file(k.replace(os.sep, "/"))}
+    user = {k: v for k, v in tree(dst).items() if not preset_layout.is_preset_file(k.replace(os.sep, "/"))}
     old = OPTCausalLM.from_preset(dst).backbone.params
     from refopt.models import OPTBackbone
     new_lm = OPTCausalLM(OPTBackbone(**fx.cfg_args, seed=rng.randrange(1000)),
                          preprocessor=fx.model.preprocessor)
     limit = rng.randrange(300)
-    real = saving.fs
-    saving.fs = Dying(limit)
+    real = journal.fs
+    journal.fs = Dying(limit)
     try:
         new_lm.save_to_preset(dst, format=fmt_new, overwrite=True)
         killed = False
     except Killed:
         killed = True
     finally:
-        saving.fs = real
+        journal.fs = real
     got = OPTCausalLM.from_preset(dst).backbone.params
     if not (same_params(got, new_lm.backbone.params) or (killed and same_params(got, old))):
         raise Wrong(f"after a kill at call {limit}: neither the old nor the new preset")

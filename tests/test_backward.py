@@ -12,7 +12,8 @@ from refopt.backend import BACKENDS
 from refopt.backward import backward
 from refopt.config import OPTConfig
 from refopt.errors import InputError, InputTypeError
-from refopt.io.huggingface import from_state_dict, grads_to_huggingface
+from refopt.io.checkpoint import from_state_dict
+from refopt.io.huggingface import grads_to_huggingface
 from refopt.io.safetensors_io import load
 from refopt.model import forward, init_params, new_cache, param_shapes
 from refopt.ops.activation import relu_backward, relu_forward
@@ -26,36 +27,10 @@ from refopt.testing import strategies as rst
 from refopt.training import loss_and_gradients
 
 import refopt.ops as reference  # the NumPy ops: finite differences check the reference backward
+from tests_support import check_op, five_point, rel_err  # noqa: E402
 
 RTOL = 1e-6  # finite differences (five-point stencil, float64)
 BACKENDS = [name for name in BACKENDS if backend.available(name) and name != "cuda"]
-
-
-def five_point(f, x, direction, h=1e-4):
-    """d/dt f(x + t * direction) at t=0, error O(h^4)."""
-    return (f(x - 2 * h * direction) - 8 * f(x - h * direction) + 8 * f(x + h * direction)
-            - f(x + 2 * h * direction)) / (12 * h)
-
-
-def rel_err(num, ana):
-    if num == 0 and ana == 0:
-        return 0.0
-    return abs(num - ana) / max(abs(num), abs(ana))
-
-
-def check_op(f, inputs, grads, rng):
-    """f(*inputs) -> scalar; grads: the analytic gradient of each input. A random direction per
-    input and the input's largest-gradient element are checked."""
-    for i, (x, g) in enumerate(zip(inputs, grads)):
-        def fi(xi, i=i):
-            args = list(inputs)
-            args[i] = xi
-            return f(*args)
-        d = rng.standard_normal(x.shape)
-        assert rel_err(five_point(fi, x, d), float((g * d).sum())) <= RTOL, f"input {i} (direction)"
-        e = np.zeros(x.shape)
-        e[np.unravel_index(np.abs(g).argmax(), g.shape)] = 1.0
-        assert rel_err(five_point(fi, x, e), float((g * e).sum())) <= RTOL, f"input {i} (largest)"
 
 
 # ------------------------------------------------------------------------------ ops

@@ -32,9 +32,15 @@ def test_parameter_count_equals_materialised_model():
 
 def test_keras_defaults():
     bb = OPTBackbone(vocabulary_size=10, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=4)
-    assert bb.dropout == 0.1 and bb.max_sequence_length == 2048 and bb.dtype is None
-    assert bb.get_config() == dict(vocabulary_size=10, num_layers=1, num_heads=1, hidden_dim=4,
-                                   intermediate_dim=4, dropout=0.1, max_sequence_length=2048, dtype=None)
+    assert bb.dropout == 0.1 and bb.max_sequence_length == 2048 and bb.config.dtype is None
+    # KerasHub's get_config: name, trainable, the serialized dtype policy, then the arguments
+    assert bb.get_config() == dict(
+        name="opt_backbone", trainable=True,
+        dtype={"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"},
+               "registered_name": None},
+        vocabulary_size=10, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=4, dropout=0.1,
+        max_sequence_length=2048)
+    assert OPTBackbone.from_config(bb.get_config()).get_config() == bb.get_config()
 
 
 @pytest.mark.parametrize("size", sorted(RELEASED))

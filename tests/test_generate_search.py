@@ -221,3 +221,28 @@ def test_speculative_checks_its_draft():
     target.compile(sampler=samplers.SpeculativeSampler(draft_model=short))
     with pytest.raises(SamplerError, match="max_sequence_length 8"):
         target.generate(pad_batch([[1, 2]], 12), stop_token_ids=None)
+
+
+@pytest.mark.parametrize("sampler", [samplers.BeamSampler(num_beams=3), samplers.ContrastiveSampler(k=3)])
+def test_search_samplers_carry_any_cache_structure(sampler):
+    # the model's KV cache wrapped in a dict with a list beside it, as a `next` of another library
+    # might keep its state: the samplers reorder every array, and decode what they decode with the
+    # bare cache (whose filled positions alone they copy)
+    from refopt import generation
+
+    lm = tiny_lm(seed=3, vocab=7)
+    batch = pad_batch([[2, 4], [3, 1, 5]], 7)
+    ids, mask = batch["token_ids"], batch["padding_mask"]
+    index = int(mask.sum(1).min())
+    cache, hidden = generation.prefill(lm, ids, index)
+    plain_next = generation.make_next(lm)
+
+    def next(prompt, state, i):
+        logits, h, kv = plain_next(prompt, state["kv"], i)
+        return logits, h, {"kv": kv, "extra": [state["extra"][0] + 1]}
+
+    state = {"kv": cache.copy(), "extra": [np.zeros((ids.shape[0], 1))]}
+    wrapped = sampler(next=next, prompt=ids, cache=state, index=index, mask=mask, hidden_states=hidden)
+    bare = sampler(next=plain_next, prompt=ids, cache=cache, index=index, mask=mask, hidden_states=hidden,
+                   model=lm)
+    np.testing.assert_array_equal(wrapped, bare)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from refopt.errors import CheckpointError, ConfigError, PresetNotFoundError
-from refopt.io import hub_cache, presets, stored
+from refopt.io import checkpoint, hub_cache, presets, stored
 from refopt.models import OPTBackbone, OPTCausalLM
 from refopt.quant import QuantizedMatrix
 
@@ -86,7 +86,7 @@ def test_flax_chunked_arrays():
 def test_pickle_and_others_no_longer_refused_by_name(tmp_path):
     d = _only(DATA / "hub_opt_tiny", tmp_path / "x")
     with pytest.raises(CheckpointError, match="no weights file") as e:
-        presets.detect_format(d)
+        checkpoint.detect_format(d)
     assert "pytorch_model.bin" in str(e.value)          # lists what it would read
 
 

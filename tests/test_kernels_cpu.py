@@ -13,6 +13,7 @@ from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
+from kernel_checks import check_cross_entropy, check_embedding, check_layernorm, probabilities
 from tests_support import DTYPES, arrays, close, random_config
 
 
@@ -42,49 +43,19 @@ def test_attention(dtype, B, H, S, extra, K, seed, left):
 @settings(max_examples=40)
 @given(dtype=DTYPES, N=st.integers(1, 9), D=st.integers(1, 33), affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_layernorm_forward_backward(dtype, N, D, affine, seed):
-    rng = np.random.default_rng(seed)
-    x = arrays(rng, (N, 2, D), dtype, 3.0) + 1.0
-    gamma = arrays(rng, (D,), dtype) if affine else None
-    beta = arrays(rng, (D,), dtype) if affine else None
-    close(nb.layernorm_forward(x, gamma, beta, 1e-5), ref.layernorm_forward(x, gamma, beta, 1e-5), dtype, "y")
-    d_y = arrays(rng, x.shape, dtype)
-    ours, theirs = nb.layernorm_backward(d_y, x, gamma, 1e-5), ref.layernorm_backward(d_y, x, gamma, 1e-5)
-    # d_x = rstd * (g - mean(g) - xhat * mean(g * xhat)) cancels (exactly, for D <= 2): measure
-    # it against the size of its terms, rstd * |g|
-    x64 = x.astype(np.float64)
-    rstd = 1 / np.sqrt(x64.var(axis=-1) + 1e-5)
-    g = np.abs(d_y * (gamma if affine else 1)).max()
-    scales = (rstd.max() * g, None, None)
-    for a, b, what, scale in zip(ours, theirs, ("d_x", "d_gamma", "d_beta"), scales):
-        assert (a is None) == (b is None)
-        if a is not None:
-            close(a, b, dtype, what, scale)
+    check_layernorm(nb, dtype, N, D, affine, seed)
 
 
 @settings(max_examples=30)
 @given(dtype=DTYPES, B=st.integers(1, 3), S=st.integers(1, 5), V=st.integers(2, 300), seed=st.integers(0, 2**16))
 def test_cross_entropy(dtype, B, S, V, seed):
-    rng = np.random.default_rng(seed)
-    logits = arrays(rng, (B, S, V), dtype, 4.0)
-    targets = rng.integers(0, V, (B, S))
-    ce, probs = nb.cross_entropy_forward(logits, targets)
-    r_ce, r_probs = ref.cross_entropy_forward(logits, targets)
-    close(ce, r_ce, dtype, "ce")
-    close(probs, r_probs, dtype, "probs")
-    d_ce = arrays(rng, (B, S), dtype)
-    close(nb.cross_entropy_backward(d_ce, probs, targets), ref.cross_entropy_backward(d_ce, r_probs, targets),
-          dtype, "d_logits")
+    check_cross_entropy(nb, dtype, B, S, V, seed)
 
 
 @settings(max_examples=30)
 @given(dtype=DTYPES, V=st.integers(1, 40), E=st.integers(1, 70), N=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_embedding_gather_scatter(dtype, V, E, N, seed):
-    rng = np.random.default_rng(seed)
-    table = arrays(rng, (V, E), dtype)
-    ids = rng.integers(0, V, (2, N))
-    assert np.array_equal(nb.embedding_forward(table, ids), ref.embedding_forward(table, ids))
-    d_out = arrays(rng, (2, N, E), dtype)
-    close(nb.embedding_backward(d_out, ids, V), ref.embedding_backward(d_out, ids, V), dtype, "d_table")
+    check_embedding(nb, dtype, V, E, N, seed, exact_backward=False)
 
 
 @settings(max_examples=40)
@@ -132,20 +103,12 @@ def test_philox_uniforms(seeds, step, stream):
     assert np.array_equal(nb.uniform(seeds, step, stream), philox.uniform(seeds, step, stream))
 
 
-def _probabilities(rng, B, V, ties):
-    logits = rng.standard_normal((B, V)) * 2
-    if ties:
-        logits = np.round(logits)                       # many exact ties
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True)
-
-
 @settings(max_examples=50)
 @given(B=st.integers(1, 4), V=st.integers(1, 200), ties=st.booleans(), seed=st.integers(0, 2**16),
        k=st.integers(1, 250), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
 def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
     rng = np.random.default_rng(seed)
-    p = _probabilities(rng, B, V, ties)
+    p = probabilities(rng, B, V, ties)
     assert np.array_equal(nb.top_k_mask(p, k), ref_top_k_mask(p, k))
     for kk in (None, k):
         assert np.array_equal(nb.top_p_distribution(p, top_p, kk), ref.top_p_distribution(p, top_p, kk))
@@ -253,3 +216,36 @@ def test_governor_follows_the_faster_thread_count():
     probes = run(300).count(2)                    # losing comparisons become rare
     assert 1 <= probes <= 4
     assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose
+
+
+@pytest.mark.skipif(not hasattr(os, "RTLD_DEEPBIND"), reason="deep binding is glibc's")
+@pytest.mark.parametrize("loaded, user_set", [(True, False), (False, False), (True, True)])
+def test_threading_layer_gets_its_own_passive_openmp_runtime(monkeypatch, loaded, user_set):
+    # an OpenMP runtime already loaded (PyTorch's, imported first) would otherwise serve Numba's
+    # calls with the spinning waits it read at its own start: Numba's layer is loaded deep-bound
+    # with OMP_WAIT_POLICY=PASSIVE set, and both settings are restored afterwards
+    import sys
+
+    from numba.np.ufunc import parallel
+
+    from refopt.kernels.cpu import _threads
+
+    calls = []
+    monkeypatch.setattr(parallel, "_launch_threads", lambda: calls.append(
+        {"flags": sys.getdlopenflags(), "policy": os.environ.get("OMP_WAIT_POLICY")}))
+    monkeypatch.setattr(_threads, "_configured", False)
+    monkeypatch.setattr(_threads, "openmp_loaded", lambda: loaded)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    if user_set:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    else:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    flags = sys.getdlopenflags()
+    _threads.configure()
+    _threads.configure()                          # once only
+    assert len(calls) == 1
+    seen = calls[0]
+    assert bool(seen["flags"] & os.RTLD_DEEPBIND) == (loaded and not user_set)
+    assert seen["policy"] == ("ACTIVE" if user_set else "PASSIVE")
+    assert sys.getdlopenflags() == flags
+    assert os.environ.get("OMP_WAIT_POLICY") == ("ACTIVE" if user_set else None)

@@ -24,6 +24,8 @@ from numba import cuda  # noqa: E402
 from refopt.kernels.cuda import attention as gattn  # noqa: E402
 from refopt.kernels.cuda import gemm as ggemm  # noqa: E402
 from refopt.kernels.cuda._common import SIM  # noqa: E402
+from kernel_checks import (  # noqa: E402
+    check_cross_entropy, check_embedding, check_layernorm, probabilities)
 from tests_support import DTYPES, arrays, close  # noqa: E402
 
 FULL = not SIM                    # a real GPU: full sizes and more examples
@@ -187,37 +189,14 @@ def test_flash_causal_structured(B, H, S, extra, K, seed, left):
 @given(dtype=DTYPES, N=st.integers(1, big(5)), D=st.integers(1, big(40)), affine=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_layernorm(dtype, N, D, affine, seed):
-    rng = np.random.default_rng(seed)
-    x = arrays(rng, (N, 2, D), dtype, 3.0) + 1.0
-    gamma = arrays(rng, (D,), dtype) if affine else None
-    beta = arrays(rng, (D,), dtype) if affine else None
-    close(gpu.layernorm_forward(x, gamma, beta, 1e-5), ref.layernorm_forward(x, gamma, beta, 1e-5), dtype, "y")
-    d_y = arrays(rng, x.shape, dtype)
-    x64 = x.astype(np.float64)
-    rstd = 1 / np.sqrt(x64.var(axis=-1) + 1e-5)
-    g = np.abs(d_y * (gamma if affine else 1)).max()
-    scales = (rstd.max() * g, None, None)
-    for a, b, what, scale in zip(gpu.layernorm_backward(d_y, x, gamma, 1e-5),
-                                 ref.layernorm_backward(d_y, x, gamma, 1e-5), ("d_x", "d_gamma", "d_beta"), scales):
-        assert (a is None) == (b is None)
-        if a is not None:
-            close(a, b, dtype, what, scale)
+    check_layernorm(gpu, dtype, N, D, affine, seed)
 
 
 @settings(max_examples=EX)
 @given(dtype=DTYPES, B=st.integers(1, 2), S=st.integers(1, 3), V=st.integers(2, big(60)),
        seed=st.integers(0, 2**16))
 def test_cross_entropy(dtype, B, S, V, seed):
-    rng = np.random.default_rng(seed)
-    logits = arrays(rng, (B, S, V), dtype, 4.0)
-    targets = rng.integers(0, V, (B, S))
-    ce, probs = gpu.cross_entropy_forward(logits, targets)
-    r_ce, r_probs = ref.cross_entropy_forward(logits, targets)
-    close(ce, r_ce, dtype, "ce")
-    close(probs, r_probs, dtype, "probs")
-    d_ce = arrays(rng, (B, S), dtype)
-    close(gpu.cross_entropy_backward(d_ce, probs, targets), ref.cross_entropy_backward(d_ce, r_probs, targets),
-          dtype, "d_logits")
+    check_cross_entropy(gpu, dtype, B, S, V, seed)
 
 
 @settings(max_examples=EX)
@@ -242,13 +221,7 @@ def test_softmax_rows(dtype, N, V, temperature, seed):
 @given(dtype=DTYPES, V=st.integers(1, big(20)), E=st.integers(1, big(30)), N=st.integers(1, big(9)),
        seed=st.integers(0, 2**16))
 def test_embedding_gather_scatter(dtype, V, E, N, seed):
-    rng = np.random.default_rng(seed)
-    table = arrays(rng, (V, E), dtype)
-    ids = rng.integers(0, V, (2, N))
-    assert np.array_equal(gpu.embedding_forward(table, ids), ref.embedding_forward(table, ids))
-    d_out = arrays(rng, (2, N, E), dtype)
-    # each row summed in token order, as np.add.at: the same additions, so the same bits
-    assert np.array_equal(gpu.embedding_backward(d_out, ids, V), ref.embedding_backward(d_out, ids, V))
+    check_embedding(gpu, dtype, V, E, N, seed, exact_backward=True)
 
 
 @settings(max_examples=EX)
@@ -278,14 +251,6 @@ def test_philox_uniforms(seeds, step, stream):
     assert np.array_equal(gpu.uniform(seeds, step, stream), philox.uniform(seeds, step, stream))
 
 
-def _probabilities(rng, B, V, ties):
-    logits = rng.standard_normal((B, V)) * 2
-    if ties:
-        logits = np.round(logits)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True)
-
-
 @settings(max_examples=EX)
 @given(B=st.integers(1, 2), V=st.integers(1, big(40)), ties=st.booleans(), seed=st.integers(0, 2**16),
        k=st.integers(1, big(50)), top_p=st.floats(1e-6, 1.0), min_p=st.floats(0.0, 1.0), keep=st.integers(1, 4))
@@ -293,7 +258,7 @@ def test_selection_steps(B, V, ties, seed, k, top_p, min_p, keep):
     from refopt.samplers import MinPSampler, TopPSampler
 
     rng = np.random.default_rng(seed)
-    p = _probabilities(rng, B, V, ties)
+    p = probabilities(rng, B, V, ties)
     assert np.array_equal(gpu.top_k_mask(p, k), ref.top_k_mask(p, k))
     with backend.use_backend("numpy"):
         want_p = TopPSampler(p=top_p, k=k).next_token_distribution(p)

@@ -62,6 +62,7 @@ def test_notebook_outputs_are_current(path):
     env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "PYTEST_ADDOPTS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env.pop("NUMBA_ENABLE_CUDASIM", None)        # the notebooks run as a learner runs them
+    env.pop("REFOPT_BACKEND", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
            "--nbval-cell-timeout", "300", str(path)]

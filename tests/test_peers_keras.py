@@ -23,7 +23,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import keras_hub
 mode, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
-if mode == "load":
+if mode == "shards":  # load refopt's sharded preset, then write KerasHub's own, sharded alike
+    ids = np.load(out + ".in.npz")
+    x = {"token_ids": ids["token_ids"], "padding_mask": ids["padding_mask"]}
+    backbone = keras_hub.models.Backbone.from_preset(path)
+    loaded = np.asarray(backbone.token_embedding(backbone(x), reverse=True))
+    for w in backbone.weights:
+        w.assign(np.random.default_rng(len(w.path) + 1).standard_normal(w.shape).astype("float32") * 0.3)
+    written = np.asarray(backbone.token_embedding(backbone(x), reverse=True))
+    backbone.save_to_preset(sys.argv[4], max_shard_size=float(sys.argv[5]))
+    np.savez(out, loaded=loaded, written=written)
+elif mode == "load":
     ids = np.load(out + ".in.npz")
     lm = keras_hub.models.OPTCausalLM.from_preset(path)
     # call the model itself: predict() would run the attached preprocessor on the dict
@@ -46,10 +56,10 @@ else:  # write a random KerasHub preset
 """
 
 
-def run_keras(mode, path, tmp_path, ids, mask):
+def run_keras(mode, path, tmp_path, ids, mask, *args):
     out = str(tmp_path / f"{mode}_out")
     np.savez(out + ".in.npz", token_ids=ids, padding_mask=mask)
-    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, mode, str(path), out],
+    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, mode, str(path), out, *map(str, args)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,3 +100,28 @@ def test_refopt_loads_keras_hub_written_preset(tmp_path):
     ours = lm.predict({"token_ids": IDS, "padding_mask": MASK})
     real = MASK.astype(bool)
     assert np.abs(ours - theirs["logits"])[real].max() <= 1e-4
+
+
+def test_sharded_presets_both_ways(tmp_path):
+    # save_to_preset(max_shard_size=...) in KerasHub's sharded layout: KerasHub loads refopt's
+    # shards, and refopt loads KerasHub's, whose index is the very one refopt writes
+    limit = 2500 / 1024 ** 3                                # GB: a few variables per shard
+    bb = OPTBackbone(vocabulary_size=53, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=12,
+                     max_sequence_length=16, dropout=0.0)
+    rng = np.random.default_rng(2)
+    bb.params = {k: (rng.standard_normal(v.shape) * 0.3).astype(np.float32) for k, v in bb.params.items()}
+    bb.save_to_preset(tmp_path / "ours", max_shard_size=limit)
+    assert not (tmp_path / "ours" / "model.weights.h5").exists()
+    assert len(list((tmp_path / "ours").glob("model_*.weights.h5"))) > 2
+    theirs = run_keras("shards", tmp_path / "ours", tmp_path, IDS, MASK, tmp_path / "kh", limit)
+    real = MASK.astype(bool)
+    ours = OPTCausalLM(bb).predict({"token_ids": IDS, "padding_mask": MASK})
+    assert np.abs(ours - theirs["loaded"])[real].max() <= 1e-4
+    again = OPTBackbone.from_preset(tmp_path / "kh")
+    assert np.abs(OPTCausalLM(again).predict({"token_ids": IDS, "padding_mask": MASK})
+                  - theirs["written"])[real].max() <= 1e-4
+    again.save_to_preset(tmp_path / "ours_again", max_shard_size=limit)
+    index = json.loads((tmp_path / "kh" / "model.weights.json").read_text())
+    assert json.loads((tmp_path / "ours_again" / "model.weights.json").read_text()) == index
+    assert list(index["weight_map"]) == list(json.loads(
+        (tmp_path / "ours_again" / "model.weights.json").read_text())["weight_map"])

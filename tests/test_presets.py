@@ -11,7 +11,7 @@ import pytest
 from conftest import shared_path
 from refopt.errors import (CheckpointError, ConfigError, InputError, InputTypeError,
                            PresetNotFoundError)
-from refopt.io import keras_h5, presets, safetensors_io
+from refopt.io import checkpoint, keras_h5, safetensors_io
 from refopt.models import OPTBackbone, OPTCausalLM
 
 
@@ -33,7 +33,7 @@ def test_round_trip_is_exact(tmp_path, fmt, extra):
     lm = tiny(**extra)
     before = lm.predict({"token_ids": IDS, "padding_mask": MASK})
     lm.save_to_preset(tmp_path / "p", format=fmt)
-    assert presets.detect_format(tmp_path / "p") == fmt
+    assert checkpoint.detect_format(tmp_path / "p") == fmt
     again = OPTCausalLM.from_preset(tmp_path / "p")
     for name, value in lm.backbone.params.items():
         assert np.array_equal(again.backbone.params[name], value), name

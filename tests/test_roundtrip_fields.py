@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from refopt.config import OPTConfig
 from refopt.errors import ConfigError, TokenizerError
+from refopt.io.presets import read_config
 from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
 
 EXAMPLES = int(os.environ.get("REFOPT_FUZZ_EXAMPLES", "25"))
@@ -44,7 +45,11 @@ def test_every_config_field_survives_both_layouts(tmp_path_factory, cfg, fmt):
         bb.position_prefix = np.full((2, cfg.hidden_dim), 0.5, bb.params["embed_positions"].dtype)
     path = tmp_path_factory.mktemp("rt") / "p"
     bb.save_to_preset(path, format=fmt)
-    again = OPTBackbone.from_preset(path)
+    assert read_config(path) == cfg                     # the files keep every field, dtype included
+    # KerasHub's rule: from_preset applies a saved half-precision policy only when asked to
+    kept = cfg.dtype if cfg.dtype in (None, "float64") else None
+    assert OPTBackbone.from_preset(path, load_weights=False).config.dtype == kept
+    again = OPTBackbone.from_preset(path, dtype=cfg.dtype)
     assert again.config == cfg
     for name, value in bb.params.items():
         assert np.array_equal(again.params[name], value), name

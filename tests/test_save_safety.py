@@ -1,7 +1,7 @@
 """Saving never loses a file: destination rules, a kill after every file-system call of a save,
 full disks, read-only targets, the user's umask, and KerasHub-layout presets KerasHub cannot load.
 
-The kill injection replaces :data:`refopt.io.saving.fs` (every call a save makes that changes the
+The kill injection replaces :data:`refopt.io.journal.fs` (every call a save makes that changes the
 file system goes through it) with one that dies after call N -- and refuses every call after that,
 as a killed process makes none -- for every N from 0 to the number of calls the save makes.  After
 each kill the next load must give exactly the old preset or exactly the new one, and every file
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from refopt.errors import CheckpointError, DestinationError, SaveError
-from refopt.io import saving
+from refopt.io import journal
 from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor, OPTTokenizer
 
 
@@ -75,7 +75,7 @@ class Killed(BaseException):
     """The process died (nothing after it runs: not even cleanup handlers' file-system calls)."""
 
 
-class Dying(saving.FileSystem):
+class Dying(journal.FileSystem):
     """Performs ``limit`` calls, then dies: that call and every later one raise Killed."""
 
     def __init__(self, limit=None, fail_with=None):
@@ -93,14 +93,14 @@ class Dying(saving.FileSystem):
     def commit_index(self) -> int:
         """The index of the call that commits a save into an existing directory."""
         return next(i for i, (name, args) in enumerate(self.names)
-                    if name == "replace" and os.path.basename(args[1]) == saving.JOURNAL)
+                    if name == "replace" and os.path.basename(args[1]) == journal.JOURNAL)
 
 
 for _name in ("mkdir", "create", "pwrite", "truncate", "fsync", "close", "replace", "rename",
               "unlink", "rmdir", "fsync_dir"):
     def _wrapped(self, *args, _name=_name):
         self._step(_name, args)
-        return getattr(saving.FileSystem, _name)(self, *args)
+        return getattr(journal.FileSystem, _name)(self, *args)
     setattr(Dying, _name, _wrapped)
 
 
@@ -166,21 +166,21 @@ def test_a_kill_after_any_call_leaves_the_old_or_the_new_preset(tmp_path, monkey
     # the calls a whole save makes
     dst = fresh(tmp_path / "count")
     counter = Dying()
-    monkeypatch.setattr(saving, "fs", counter)
+    monkeypatch.setattr(journal, "fs", counter)
     _save(new_lm, dst, fmt, overwrite)
-    monkeypatch.setattr(saving, "fs", saving.FileSystem())
+    monkeypatch.setattr(journal, "fs", journal.FileSystem())
     total = counter.calls
     points = injection_points(counter.names)
     outcomes = {"old": 0, "new": 0}
     for n in points:
         dst = fresh(tmp_path / f"kill{n}")
-        monkeypatch.setattr(saving, "fs", Dying(n))
+        monkeypatch.setattr(journal, "fs", Dying(n))
         try:
             _save(new_lm, dst, fmt, overwrite)
             assert n == total, f"the save finished after {n} of {total} calls"
         except Killed:
             assert n < total
-        monkeypatch.setattr(saving, "fs", saving.FileSystem())
+        monkeypatch.setattr(journal, "fs", journal.FileSystem())
         # the next load: exactly the old preset or exactly the new one
         if make_old is None and not dst.exists():
             outcomes["old"] += 1
@@ -208,27 +208,27 @@ def test_io_errors_leave_the_old_preset_and_nothing_behind(tmp_path, monkeypatch
     model(3).save_to_preset(dst)
     before, parent_before = tree(dst), sorted(os.listdir(tmp_path))
     counter = Dying()
-    monkeypatch.setattr(saving, "fs", counter)
+    monkeypatch.setattr(journal, "fs", counter)
     model(5).save_to_preset(dst)
     commit = counter.commit_index()
-    monkeypatch.setattr(saving, "fs", saving.FileSystem())
+    monkeypatch.setattr(journal, "fs", journal.FileSystem())
     model(3).save_to_preset(dst)
     before = tree(dst)
     for n in injection_points(counter.names[:commit + 1])[:-1]:
-        monkeypatch.setattr(saving, "fs", Dying(n, fail_with=code))
+        monkeypatch.setattr(journal, "fs", Dying(n, fail_with=code))
         with pytest.raises(SaveError) as e:
             model(5).save_to_preset(dst)
         assert isinstance(e.value, OSError) and e.value.errno == code
         assert str(dst) in str(e.value)
-        monkeypatch.setattr(saving, "fs", saving.FileSystem())
+        monkeypatch.setattr(journal, "fs", journal.FileSystem())
         assert tree(dst) == before, f"error at call {n}: the old preset changed"
         assert sorted(os.listdir(tmp_path)) == parent_before
     # and into a new directory: nothing at all is left
     for n in range(8):
-        monkeypatch.setattr(saving, "fs", Dying(n, fail_with=code))
+        monkeypatch.setattr(journal, "fs", Dying(n, fail_with=code))
         with pytest.raises(SaveError):
             model(5).save_to_preset(tmp_path / "new" / "deeper")
-        monkeypatch.setattr(saving, "fs", saving.FileSystem())
+        monkeypatch.setattr(journal, "fs", journal.FileSystem())
         assert sorted(os.listdir(tmp_path)) == parent_before
 
 
@@ -361,17 +361,17 @@ def test_interrupted_commit_on_a_read_only_directory_is_explained(tmp_path, monk
     model(3).save_to_preset(d)
     model(3).save_to_preset(tmp_path / "count")
     counter = Dying()
-    monkeypatch.setattr(saving, "fs", counter)
+    monkeypatch.setattr(journal, "fs", counter)
     model(5).save_to_preset(tmp_path / "count")
     commit = counter.commit_index()
-    monkeypatch.setattr(saving, "fs", Dying(commit + 1))
+    monkeypatch.setattr(journal, "fs", Dying(commit + 1))
     with pytest.raises(Killed):
         model(5).save_to_preset(d)
-    assert (d / saving.JOURNAL).exists()
-    monkeypatch.setattr(saving, "fs", Dying(0, fail_with=errno.EROFS))
+    assert (d / journal.JOURNAL).exists()
+    monkeypatch.setattr(journal, "fs", Dying(0, fail_with=errno.EROFS))
     with pytest.raises(CheckpointError, match="interrupted after it committed"):
         OPTCausalLM.from_preset(d)
-    monkeypatch.setattr(saving, "fs", saving.FileSystem())
+    monkeypatch.setattr(journal, "fs", journal.FileSystem())
     assert same(snapshot(OPTCausalLM.from_preset(d)), snapshot(model(5)))
 
 
@@ -385,7 +385,7 @@ def test_a_forged_journal_deletes_nothing(tmp_path):
                    {"staging": "../..", "files": [], "remove": []},
                    {"staging": ".refopt-save-0123456789abcdef", "files": ["/etc/passwd"], "remove": []},
                    ["not", "an", "object"]):
-        (d / saving.JOURNAL).write_text(json.dumps(forged))
+        (d / journal.JOURNAL).write_text(json.dumps(forged))
         with pytest.raises(CheckpointError, match="journal"):
             OPTCausalLM.from_preset(d)
         assert victim.read_text() == "keep me"

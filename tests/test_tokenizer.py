@@ -377,50 +377,41 @@ def _write(path, text):
     return str(path)
 
 
+BAD_VOCABULARY_FILES = [  # (file text, what the error must say)
+    ('{"a": 0,\n "b": 1,\n "c" 2}', "line 3"),
+    ('["a", "b"]', "list"),
+    ('{"a": 0,\n"b": "one"}', r"'b' \(line 2\) has id 'one'"),
+    ('{"a": -1}', "-1"),
+    ('{"a": 0,\n"b": 0}', "share id 0"),
+    ('{"a": 0,\n"a": 1}', "appears twice"),
+]
+
+
 def test_malformed_vocabulary_files(tmp_path):
     merges = _write(tmp_path / "merges.txt", "#version: 0.2\n")
-    bad_json = _write(tmp_path / "v1.json", '{"a": 0,\n "b": 1,\n "c" 2}')
-    with pytest.raises(TokenizerError, match="line 3"):
-        BytePairTokenizer(bad_json, merges)
-    not_object = _write(tmp_path / "v2.json", '["a", "b"]')
-    with pytest.raises(TokenizerError, match="list"):
-        BytePairTokenizer(not_object, merges)
-    bad_id = _write(tmp_path / "v3.json", '{"a": 0,\n"b": "one"}')
-    with pytest.raises(TokenizerError, match=r"'b' \(line 2\) has id 'one'"):
-        BytePairTokenizer(bad_id, merges)
-    negative = _write(tmp_path / "v4.json", '{"a": -1}')
-    with pytest.raises(TokenizerError, match="-1"):
-        BytePairTokenizer(negative, merges)
-    shared_id = _write(tmp_path / "v5.json", '{"a": 0,\n"b": 0}')
-    with pytest.raises(TokenizerError, match="share id 0"):
-        BytePairTokenizer(shared_id, merges)
-    twice = _write(tmp_path / "v6.json", '{"a": 0,\n"a": 1}')
-    with pytest.raises(TokenizerError, match="appears twice"):
-        BytePairTokenizer(twice, merges)
+    for n, (text, message) in enumerate(BAD_VOCABULARY_FILES):
+        with pytest.raises(TokenizerError, match=message):
+            BytePairTokenizer(_write(tmp_path / f"v{n}.json", text), merges)
     with pytest.raises(TokenizerError, match="does not exist"):
         BytePairTokenizer(str(tmp_path / "none.json"), merges)
 
 
 def test_malformed_merges_files(tmp_path):
     vocab = {"a": 0, "b": 1, "ab": 2, "c": 3}
-    bad_line = _write(tmp_path / "m1.txt", "#version: 0.2\na b\nab  c\n")
-    with pytest.raises(TokenizerError, match="line 3"):
-        BytePairTokenizer(vocab, bad_line)
-    one_part = _write(tmp_path / "m2.txt", "a b\nabc\n")
-    with pytest.raises(TokenizerError, match="line 2.*'abc'"):
-        BytePairTokenizer(vocab, one_part)
-    unknown = _write(tmp_path / "m3.txt", "#version: 0.2\na b\na x\n")
-    with pytest.raises(TokenizerError, match="line 3.*uses token 'x'"):
-        BytePairTokenizer(vocab, unknown)
-    produces = _write(tmp_path / "m4.txt", "#version: 0.2\na b\nab c\n")
-    with pytest.raises(TokenizerError, match="line 3.*produces token 'abc'"):
-        BytePairTokenizer(vocab, produces)
+    for n, (text, message) in enumerate([("#version: 0.2\na b\nab  c\n", "line 3"),
+                                         ("a b\nabc\n", "line 2.*'abc'"),
+                                         ("#version: 0.2\na b\na x\n", "line 3.*uses token 'x'"),
+                                         ("#version: 0.2\na b\nab c\n", "line 3.*produces token 'abc'")]):
+        with pytest.raises(TokenizerError, match=message):
+            BytePairTokenizer(vocab, _write(tmp_path / f"m{n}.txt", text))
     with pytest.raises(TokenizerError, match=r"merges\[1\].*produces token 'abc'"):
         BytePairTokenizer(vocab, ["a b", "ab c"])
     with pytest.raises(InputTypeError):
         BytePairTokenizer(vocab, [("a", "b"), 3])
-    with pytest.raises(InputTypeError):
+    with pytest.raises(TokenizerError, match="vocabulary"):   # a ValueError, as KerasHub's
         BytePairTokenizer(["a"], [])
+    with pytest.raises(TokenizerError, match="merges"):
+        BytePairTokenizer(vocab, 5)
     assert BytePairTokenizer(vocab, [("a", "b")])("ab") == [2]
     crlf = tmp_path / "m5.txt"
     crlf.write_bytes(b"#version: 0.2\r\na b\r\n")

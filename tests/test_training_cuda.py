@@ -162,7 +162,8 @@ def test_device_dropout_gradients_match_numpy_with_the_same_masks():
 def test_device_gradients_match_the_transformers_fixture():
     # transformers' float64 loss and gradients of the pre-LayerNorm fixture (padded rows included)
     from conftest import shared_path
-    from refopt.io.huggingface import from_state_dict, grads_to_huggingface
+    from refopt.io.checkpoint import from_state_dict
+    from refopt.io.huggingface import grads_to_huggingface
     from refopt.io.safetensors_io import load
 
     d = shared_path("fixtures", "hf", "opt-tiny-preln")

@@ -38,6 +38,39 @@ def arrays(rng, shape, dtype, scale=1.0):
 
 
 
+# ----------------------------------------------------------------- finite differences (float64)
+def five_point(f, x, direction, h=1e-4):
+    """d/dt f(x + t * direction) at t=0, error O(h^4)."""
+    return (f(x - 2 * h * direction) - 8 * f(x - h * direction) + 8 * f(x + h * direction)
+            - f(x + 2 * h * direction)) / (12 * h)
+
+
+def rel_err(num, ana):
+    if num == 0 and ana == 0:
+        return 0.0
+    return abs(num - ana) / max(abs(num), abs(ana))
+
+
+def check_op(f, inputs, grads, rng, rtol=1e-6):
+    """f(*inputs) -> scalar; grads: the analytic gradient of each input. A random direction per
+    input and the input's largest-gradient element are checked (five-point stencil, float64);
+    returns the largest relative error seen."""
+    worst = 0.0
+    for i, (x, g) in enumerate(zip(inputs, grads)):
+        def fi(xi, i=i):
+            args = list(inputs)
+            args[i] = xi
+            return f(*args)
+        d = rng.standard_normal(x.shape)
+        e = np.zeros(x.shape)
+        e[np.unravel_index(np.abs(g).argmax(), g.shape)] = 1.0
+        for direction, what in ((d, "direction"), (e, "largest")):
+            err = rel_err(five_point(fi, x, direction), float((g * direction).sum()))
+            assert err <= rtol, f"input {i} ({what}): relative error {err:.3g}"
+            worst = max(worst, err)
+    return worst
+
+
 # ----------------------------------------------------------------- adapters for the oracle's tests
 class LogitsOnly(Adapter):
     """The docs' minimal adapter (two methods): refopt's float32 forward, logits only."""

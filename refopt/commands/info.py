@@ -59,7 +59,7 @@ def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict
 
 def describe(preset) -> dict:
     """The facts ``refopt info`` prints, as a dict."""
-    from refopt.io import checkpoint, presets, saving
+    from refopt.io import checkpoint, preset_layout, presets
 
     path = presets.bundled_preset_dir() if preset in (None, "bundled") else presets.resolve(preset)
     with checkpoint.open_checkpoint(path) as ckpt:
@@ -67,7 +67,7 @@ def describe(preset) -> dict:
         dtypes = ckpt.stored_dtypes()
         fmt = ckpt.format
         weights = [p.name for p in ckpt.weight_files]
-    ours, _ = saving.list_preset_files(path)
+    ours, _ = preset_layout.list_preset_files(path)
     sizes = [os.stat(path / rel).st_size for rel in ours]
     return {
         "path": str(path),

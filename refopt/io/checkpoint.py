@@ -16,25 +16,24 @@ tensor refuses non-finite values, naming the tensor (``allow_nonfinite=True`` to
 
 A **format** (:class:`Format`) knows one layout: how to recognise it, which files hold the weights,
 and how its tensors map to refopt's names.  :data:`FORMATS` lists them in detection order; a new
-reader is one more subclass appended there.  A format opens a **tensor source** -- ``keys()``,
-``dtype(key)``, ``shape(key)``, ``array(key)`` (bfloat16 widened), ``stored(key)`` (as stored:
-bfloat16 as :data:`refopt.io.stored.BFLOAT16`, a view of the file where possible),
-``rows(key, index)``, ``close()`` -- over its files.  A transformers directory's weights may be
+reader is one more subclass appended there.  A format opens a **tensor source**
+(:mod:`refopt.io.sources`: ``keys()``, ``dtype(key)``, ``shape(key)``, ``array(key)``,
+``stored(key)``, ``rows(key, index)``, ``close()``) over its files.  A transformers directory's weights may be
 ``model.safetensors`` (single or sharded), ``pytorch_model.bin`` (single or sharded),
-``tf_model.h5`` or ``flax_model.msgpack`` (:data:`HF_WEIGHTS`, in order of preference).
+``tf_model.h5`` or ``flax_model.msgpack`` (``HuggingFaceFormat.WEIGHTS``, in order of preference).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError
-from refopt.io import files, huggingface, keras_h5, safetensors_io, stored
+from refopt.io import huggingface, keras_h5, sources, stored
+from refopt.io.sources import DictSource, Entry
 
 _CHUNK = 1 << 22
 
@@ -42,15 +41,18 @@ _CHUNK = 1 << 22
 def first_nonfinite(arr: np.ndarray):
     """The index of the first NaN or infinity in ``arr`` (a float array), or None.
 
-    One fast pass first (a sum is finite only if every term is); only when it is not (a real
-    NaN/Inf, or an overflowing sum) a chunked exact search.  bfloat16 (:data:`stored.BFLOAT16`) is
-    searched by its exponent bits, in chunks."""
-    if stored.is_bfloat16(arr):
-        flat = stored.bits(arr).reshape(-1)
+    16-bit floats (float16, and bfloat16 as :data:`stored.BFLOAT16`) by their exponent bits, in
+    chunks: a value is NaN or infinite exactly when its exponent field is all ones, the largest
+    value the masked field can take (ten times faster than NumPy's float16 arithmetic).  Wider
+    floats: one fast pass first (a sum is finite only if every term is); only when it is not (a
+    real NaN/Inf, or an overflowing sum) a chunked exact search."""
+    if stored.is_bfloat16(arr) or arr.dtype == np.float16:
+        flat = (stored.bits(arr) if stored.is_bfloat16(arr) else arr.view(np.uint16)).reshape(-1)
+        exponent = np.uint16(0x7F80 if stored.is_bfloat16(arr) else 0x7C00)
         for start in range(0, flat.size, _CHUNK):
-            bad = np.flatnonzero((flat[start:start + _CHUNK] & 0x7F80) == 0x7F80)
-            if bad.size:
-                return np.unravel_index(start + int(bad[0]), arr.shape)
+            field = flat[start:start + _CHUNK] & exponent
+            if field.size and field.max() == exponent:
+                return np.unravel_index(start + int(np.flatnonzero(field == exponent)[0]), arr.shape)
         return None
     if arr.dtype.kind != "f" or arr.size == 0:
         return None
@@ -65,15 +67,6 @@ def first_nonfinite(arr: np.ndarray):
     return None
 
 
-class Entry(NamedTuple):
-    """Where refopt parameter lives in a source: its key, a function from the stored array to
-    refopt's layout, and the row offset of a table read by rows (transformers' positions)."""
-
-    key: str
-    to_refopt: object = None
-    row_offset: int = 0
-
-
 class Checkpoint:
     """A validated preset (see the module docstring).  Close it (or use ``with``) when done;
     arrays already read stay valid."""
@@ -81,7 +74,6 @@ class Checkpoint:
     def __init__(self, path: Path, fmt: "Format", config: OPTConfig, source, entries: dict,
                  allow_nonfinite: bool = False):
         self.path, self.format, self.config = path, fmt.name, config
-        self.format_label = fmt.label
         self.source, self.entries = source, entries
         self.allow_nonfinite = allow_nonfinite
         self.weight_files = list(fmt.weight_files(path))
@@ -118,6 +110,11 @@ class Checkpoint:
                     f"{self.path}: tensor {self.entries[name].key} (refopt parameter {name}) holds "
                     f"{value} at index {list(int(i) for i in bad)}; refopt refuses non-finite "
                     "weights (pass allow_nonfinite=True to load them anyway)")
+            # the check touched every page of a mapped tensor: drop them from this process's
+            # resident set again (the page cache keeps them), so that checking a checkpoint
+            # leaves it as unread as before -- a converting load then holds the result plus one
+            # tensor, not the result plus the file
+            stored.release(arr)
         return arr
 
     def read(self, name, dtype=None) -> np.ndarray:
@@ -194,10 +191,9 @@ class Checkpoint:
 
 # ----------------------------------------------------------------------------------- formats
 class Format:
-    """One preset layout.  Subclasses set ``name`` and ``label`` and implement the methods."""
+    """One preset layout.  Subclasses set ``name`` and implement the methods."""
 
     name = ""
-    label = ""
 
     def claims(self, path: Path, config: dict) -> bool:
         """Whether ``config.json``'s content ``config`` says the preset is in this layout."""
@@ -217,29 +213,38 @@ class Format:
 
 
 class KerasFormat(Format):
-    name, label = "keras", "KerasHub preset"
+    name = "keras"
 
     def claims(self, path, config):
         return "class_name" in config or "vocabulary_size" in config
 
     def weight_files(self, path):
-        return [path / "model.weights.h5"]
+        if os.path.lexists(path / "model.weights.h5") or not os.path.lexists(path / keras_h5.SHARD_INDEX):
+            return [path / "model.weights.h5"]
+        index = keras_h5.read_shard_index(path / keras_h5.SHARD_INDEX)      # sharded
+        return [path / shard for shard in sorted({s for shards in index.values() for s in shards})]
 
     def check_files(self, path):
-        if not os.path.lexists(path / "model.weights.h5"):
-            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5")
+        if not (os.path.lexists(path / "model.weights.h5")
+                or os.path.lexists(path / keras_h5.SHARD_INDEX)):
+            raise CheckpointError(f"{path}: KerasHub preset without model.weights.h5 (or the "
+                                  f"sharded {keras_h5.SHARD_INDEX})")
 
     def open(self, path, cfg):
         from refopt.model import param_shapes
 
         layout = keras_h5.layout(cfg)
         shapes = param_shapes(cfg)
-        source = _KerasSource(path / "model.weights.h5")
-        try:
-            source.file.validate({where: stored for where, stored in layout.values()})
-        except BaseException:
-            source.close()
-            raise
+        expected = {where: stored for where, stored in layout.values()}
+        if os.path.lexists(path / "model.weights.h5"):
+            source = sources.KerasSource(path / "model.weights.h5")
+            try:
+                source.file.validate(expected)
+            except BaseException:
+                source.close()
+                raise
+        else:
+            source = sources.KerasShardedSource(path, expected)
         entries = {}
         for name, (where, _) in layout.items():
             def convert(arr, name=name):
@@ -253,13 +258,13 @@ class HuggingFaceFormat(Format):
     preference, each with the tensor source that reads it (a reader of another file kind --
     ``pytorch_model.bin``, ``tf_model.h5`` -- is one more entry)."""
 
-    name, label = "huggingface", "transformers checkpoint"
-    WEIGHTS = [("model.safetensors.index.json", lambda path, file: _SafetensorsSource(path, file)),
-               ("model.safetensors", lambda path, file: _SafetensorsSource(path, None)),
-               ("pytorch_model.bin.index.json", lambda path, file: _reader_source(file)),
-               ("pytorch_model.bin", lambda path, file: _reader_source(file)),
-               ("tf_model.h5", lambda path, file: _reader_source(file)),
-               ("flax_model.msgpack", lambda path, file: _reader_source(file))]
+    name = "huggingface"
+    WEIGHTS = [("model.safetensors.index.json", lambda path, file: sources.SafetensorsSource(path, file)),
+               ("model.safetensors", lambda path, file: sources.SafetensorsSource(path, None)),
+               ("pytorch_model.bin.index.json", lambda path, file: sources.reader_source(file)),
+               ("pytorch_model.bin", lambda path, file: sources.reader_source(file)),
+               ("tf_model.h5", lambda path, file: sources.reader_source(file)),
+               ("flax_model.msgpack", lambda path, file: sources.reader_source(file))]
 
     def claims(self, path, config):
         return "model_type" in config
@@ -273,7 +278,7 @@ class HuggingFaceFormat(Format):
     def weight_files(self, path):
         file, _ = self._weights(path)
         if file is not None and file.name.endswith(".index.json"):
-            return [path / shard for shard in sorted(set(_read_index(file).values()))]
+            return [path / shard for shard in sorted(set(sources.read_index(file).values()))]
         return [] if file is None else [file]
 
     def check_files(self, path):
@@ -344,171 +349,7 @@ class HuggingFaceFormat(Format):
         return entries
 
 
-# weight files of a transformers directory, in order of preference
-HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-              "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 FORMATS: list[Format] = [KerasFormat(), HuggingFaceFormat()]
-
-
-# ----------------------------------------------------------------------------------- sources
-class _KerasSource:
-    def __init__(self, path):
-        self.file = keras_h5.KerasWeightsFile(path)
-
-    def keys(self):
-        return list(self.file.datasets)
-
-    def dtype(self, key):
-        return self.file.dtype(key)
-
-    def shape(self, key):
-        return tuple(self.file.datasets[key].shape)
-
-    def array(self, key):
-        return self.file.array(key)
-
-    stored = array
-
-    def rows(self, key, index):
-        return self.file.array(key, index)
-
-    def close(self):
-        self.file.close()
-
-
-def _reader_source(weights: Path) -> DictSource:
-    """A :class:`DictSource` over a pickled (:mod:`~refopt.io.torch_pickle`), TensorFlow
-    (:mod:`~refopt.io.tf_keras_h5`) or Flax (:mod:`~refopt.io.flax_msgpack`) checkpoint, under
-    transformers' canonical names."""
-    from refopt.io import flax_msgpack, tf_keras_h5, torch_pickle
-
-    readers = {"pytorch_model.bin.index.json": torch_pickle.load_sharded, "pytorch_model.bin": torch_pickle.load,
-               "tf_model.h5": tf_keras_h5.load, "flax_model.msgpack": flax_msgpack.load}
-    src = DictSource({})
-    for name, value in readers[weights.name](weights).items():
-        canonical = huggingface.canonical_name(name)
-        if canonical in src.tensors:
-            raise CheckpointError(f"{weights}: tensor {name!r} is stored twice")
-        src.tensors[canonical] = value
-    return src
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    """``weight_map`` of a shard index: tensor name -> shard file name (inside the directory)."""
-    data = files.read_json(index, CheckpointError, "shard index")
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: malformed shard index (no 'weight_map' object)")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard \
-                or shard in (".", "..") or "\0" in shard:
-            raise CheckpointError(f"{index}: tensor {name!r} is in shard {shard!r}; shards must be "
-                                  "file names in the checkpoint directory")
-    return weight_map
-
-
-class DictSource:
-    """A tensor source over a dict of arrays (a state dict in memory, or the mapped tensors one of
-    the readers of pickled, TensorFlow or Flax checkpoints returns)."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in tensors.items()}
-
-    def keys(self):
-        return list(self.tensors)
-
-    def dtype(self, key):
-        return stored.stored_dtype_name(self.tensors[key])
-
-    def shape(self, key):
-        return tuple(self.tensors[key].shape)
-
-    def array(self, key):
-        arr = self.tensors[key]
-        return stored.widen(arr) if stored.is_bfloat16(arr) else arr
-
-    def stored(self, key):
-        return self.tensors[key]
-
-    def rows(self, key, index):
-        arr = self.tensors[key][index]
-        return stored.widen(arr) if stored.is_bfloat16(arr) else np.array(arr)
-
-    def close(self):
-        pass
-
-
-class _SafetensorsSource:
-    """The tensors of one safetensors file or of a sharded set (``model.safetensors.index.json``),
-    under transformers' canonical names (``decoder.*`` read as ``model.decoder.*``)."""
-
-    def __init__(self, path: Path, index: Path | None):
-        self.files: list[safetensors_io.SafetensorsFile] = []
-        self.where: dict[str, tuple] = {}
-        try:
-            if index is None:
-                self._add(path / "model.safetensors", None)
-            else:
-                weight_map = _read_index(index)
-                for shard in sorted(set(weight_map.values())):
-                    if not os.path.lexists(path / shard):
-                        raise CheckpointError(f"{index}: shard {shard} is missing")
-                    listed = {k for k, v in weight_map.items() if v == shard}
-                    f = self._add(path / shard, index)
-                    missing = listed - set(f.keys())
-                    if missing:
-                        raise CheckpointError(f"{path / shard}: tensors {sorted(missing)[:5]} listed "
-                                              "in the index are missing")
-                    unlisted = set(f.keys()) - listed
-                    if unlisted:
-                        raise CheckpointError(f"{path / shard}: tensors {sorted(unlisted)[:5]} are not "
-                                              f"listed in {index.name} for this shard")
-        except BaseException:
-            self.close()
-            raise
-
-    def _add(self, file: Path, index):
-        f = safetensors_io.SafetensorsFile(file)
-        self.files.append(f)
-        for name in f.keys():
-            canonical = huggingface.canonical_name(name)
-            if canonical in self.where:
-                raise CheckpointError(f"{file}: tensor {name!r} is stored twice "
-                                      f"(also in {self.where[canonical][0].path})")
-            self.where[canonical] = (f, name)
-        return f
-
-    def keys(self):
-        return list(self.where)
-
-    def dtype(self, key):
-        f, name = self.where[key]
-        code = f.dtype(name)
-        if code in safetensors_io.FLOATS:
-            return safetensors_io.FLOATS[code]
-        return np.dtype(safetensors_io.NUMPY[code]).name if code in safetensors_io.NUMPY else code
-
-    def shape(self, key):
-        f, name = self.where[key]
-        return f.shape(name)
-
-    def array(self, key):
-        f, name = self.where[key]
-        return f.tensor(name)
-
-    def stored(self, key):
-        f, name = self.where[key]
-        arr = f.array(name)
-        return arr.view(stored.BFLOAT16) if f.dtype(name) == "BF16" else arr
-
-    def rows(self, key, index):
-        f, name = self.where[key]
-        raw = f.array(name)[index]
-        return safetensors_io.bfloat16_to_float32(raw) if f.dtype(name) == "BF16" else np.array(raw)
-
-    def close(self):
-        for f in self.files:
-            f.close()
 
 
 # ----------------------------------------------------------------------------------- opening
@@ -529,6 +370,12 @@ def detect(path: Path) -> tuple[Format, dict]:
                           "(config.json has neither 'class_name' nor 'model_type')")
 
 
+def detect_format(path: Path) -> str:
+    """``"keras"`` or ``"huggingface"`` (see :data:`FORMATS`); refuses pickles and anything else
+    with a clear error."""
+    return detect(Path(path))[0].name
+
+
 def open_checkpoint(preset=None, *, allow_nonfinite: bool = False) -> Checkpoint:
     """Open and validate a preset (anything :func:`refopt.io.presets.resolve` accepts)."""
     from refopt.io import presets
@@ -538,3 +385,20 @@ def open_checkpoint(preset=None, *, allow_nonfinite: bool = False) -> Checkpoint
     config = OPTConfig.from_json_dict(data, str(path / "config.json"))
     source, entries = fmt.open(path, config)
     return Checkpoint(path, fmt, config, source, entries, allow_nonfinite)
+
+
+def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = "checkpoint"):
+    """refopt parameters (views where no transpose is needed) and the two position prefix rows of
+    a transformers state dict, checked as a checkpoint file is (by :meth:`HuggingFaceFormat.entries`)."""
+    from refopt.model import param_shapes
+
+    src = DictSource({})
+    for name, value in state.items():
+        canonical = huggingface.canonical_name(name)
+        if canonical in src.tensors:
+            raise CheckpointError(f"{source}: tensor {name!r} is given twice")
+        src.tensors[canonical] = np.asarray(value)
+    found = HuggingFaceFormat.entries(source, cfg, src, param_shapes(cfg))
+    params = {name: (e.to_refopt(src.array(e.key)) if e.to_refopt else src.array(e.key))
+              for name, e in found.items()}
+    return params, src.array(huggingface.POSITIONS_NAME)[:huggingface.POSITION_OFFSET]

@@ -173,11 +173,3 @@ def read_json(path, error, what: str = "JSON file", max_bytes: int = MAX_CONFIG_
     """A JSON file read with every check of this module."""
     text = read_text(path, max_bytes, error, what)
     return loads_json(text, os.fspath(path), error, what, max_depth)
-
-
-def is_regular_file(path) -> bool:
-    """Whether ``path`` is a regular file (symlinks followed); never opens it."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from refopt.config import OPTConfig
-from refopt.errors import CheckpointError
 
 POSITION_OFFSET = 2
 
@@ -52,24 +51,6 @@ def canonical_name(name: str) -> str:
     if name.startswith("decoder."):
         return "model." + name
     return name
-
-
-def from_state_dict(state: dict[str, np.ndarray], cfg: OPTConfig, source: str = "checkpoint"):
-    """refopt parameters (views where no transpose is needed) and the two position prefix rows of
-    a transformers state dict, checked as a checkpoint file is (:mod:`refopt.io.checkpoint`)."""
-    from refopt.io.checkpoint import DictSource, HuggingFaceFormat
-    from refopt.model import param_shapes
-
-    src = DictSource({})
-    for name, value in state.items():
-        canonical = canonical_name(name)
-        if canonical in src.tensors:
-            raise CheckpointError(f"{source}: tensor {name!r} is given twice")
-        src.tensors[canonical] = np.asarray(value)
-    entries = HuggingFaceFormat.entries(source, cfg, src, param_shapes(cfg))
-    params = {name: (e.to_refopt(src.array(e.key)) if e.to_refopt else src.array(e.key))
-              for name, e in entries.items()}
-    return params, src.array(POSITIONS_NAME)[:POSITION_OFFSET]
 
 
 def same_tensor(a, b) -> bool:

@@ -16,6 +16,17 @@ numbering layers of the same class in order.  For OPTBackbone that gives::
     layers/layer_normalization/vars/{0,1}                           final LayerNorm
 
 Groups without weights (inputs, dropouts, softmax) are written too, as Keras writes them.
+
+**Sharded** (KerasHub's ``save_to_preset(max_shard_size=...)`` when the weights exceed it): an
+index ``model.weights.json`` and shards ``model_00000.weights.h5``, ``model_00001...``, each
+holding the same paths for some of the variables.  Keras fills the shards in the order it saves the
+variables (:func:`keras_order`), starting a new shard when the next variable would take the current
+one past ``max_shard_size`` (a variable is never split; one larger than the limit is an error).
+The index::
+
+    {"metadata": {"total_size": <bytes, a float>},
+     "weight_map": {"/layers/.../vars": "model_00000.weights.h5"        (a layer with one variable)
+                    "/layers/.../vars": ["model_00002.weights.h5", ...]  (two or more variables)}}
 KerasHub's OPTBackbone has no ``project_in``/``project_out``; refopt stores them for OPT-350m-style
 models under ``layers/refopt_project_in`` / ``layers/refopt_project_out`` (KerasHub cannot build
 such a model anyway, and its config says so).
@@ -24,6 +35,7 @@ such a model anyway, and its config says so).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -38,6 +50,10 @@ NORMS = {"self_attn_layer_norm": ("_self_attention_layer_norm", "self_attention_
           "mlp_layer_norm": ("_feedforward_layer_norm", "feedforward_layer_norm")}
 MLP = {"fc1": ("_feedforward_intermediate_dense", "feedforward_intermediate_dense"),
         "fc2": ("_feedforward_output_dense", "feedforward_output_dense")}
+
+
+SHARD_INDEX = "model.weights.json"
+SHARD_FILE = re.compile(r"model_\d{5}\.weights\.h5")
 
 
 def _decoder_group(i: int) -> str:
@@ -138,9 +154,14 @@ class KerasWeightsFile:
                                   "the file is truncated or corrupted") from None
         return found
 
-    def validate(self, expected: dict) -> None:
-        """Every dataset of ``expected`` (h5 path -> stored shape) present, of a float dtype and
-        that shape, stored in this file; no other dataset; no soft or external link."""
+    def entries(self) -> list:
+        """``(path, kind, object or None)`` of every link in the file: kind ``"dataset"``,
+        ``"group"`` or a description of a soft, external or other link (to refuse)."""
+        return self._entries()
+
+    def stored_datasets(self) -> dict:
+        """``{path: dataset}`` of every dataset stored in the file itself; a soft, external or
+        other link anywhere raises :class:`CheckpointError`."""
         datasets = {}
         for name, kind, obj in self._entries():
             if kind not in ("dataset", "group"):
@@ -148,6 +169,16 @@ class KerasWeightsFile:
                                       "datasets stored in the file itself")
             if kind == "dataset":
                 datasets[name] = obj
+        return datasets
+
+    def validate(self, expected: dict, shard: bool = False) -> list:
+        """Every dataset of ``expected`` (h5 path -> stored shape) present, of a float dtype and
+        that shape, stored in this file; no other dataset; no soft or external link.  A ``shard``
+        of a sharded save holds some of ``expected`` (those it has are checked).  Returns the
+        paths checked."""
+        datasets = self.stored_datasets()
+        if shard:
+            expected = {where: shape for where, shape in expected.items() if where in datasets}
         for where, shape in expected.items():
             ds = datasets.get(where)
             if ds is None:
@@ -172,6 +203,7 @@ class KerasWeightsFile:
             raise CheckpointError(f"{self.path}: unexpected tensors {extra[:5]}"
                                   f"{' ...' if len(extra) > 5 else ''} for this config")
         self.datasets = {where: datasets[where] for where in expected}
+        return list(expected)
 
     def dtype(self, where) -> str:
         return self.datasets[where].dtype.newbyteorder("=").name
@@ -198,40 +230,143 @@ def _h5_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def _skeleton(cfg: OPTConfig) -> dict[str, str]:
+    """Every layer group Keras writes for OPTBackbone (weights or not) -> the ``name`` attribute of
+    its ``vars`` group, in Keras's order."""
+    out = {"layers/input_layer": "token_ids", "layers/input_layer_1": "padding_mask",
+           "layers/token_and_position_embedding": "embeddings",
+           "layers/token_and_position_embedding/token_embedding": "token_embedding",
+           "layers/token_and_position_embedding/position_embedding": "position_embedding"}
+    if cfg.has_projection:
+        out["layers/refopt_project_in"] = "project_in"
+        out["layers/refopt_project_out"] = "project_out"
+    for i in range(cfg.num_layers):
+        g = _decoder_group(i)
+        out[g] = f"transformer_layer_{i}"
+        out[f"{g}/{ATTN}"] = "self_attention"
+        suffix = "" if i == 0 else f"_{i}"
+        out[f"{g}/{ATTN}/_dropout_layer"] = "dropout" + suffix
+        out[f"{g}/{ATTN}/_softmax"] = "softmax" + suffix
+        for theirs, var_name in DENSE.values():
+            out[f"{g}/{ATTN}/{theirs}"] = var_name
+        for theirs, var_name in list(NORMS.values()) + list(MLP.values()):
+            out[f"{g}/{theirs}"] = var_name
+        out[f"{g}/_self_attention_dropout"] = "self_attention_dropout"
+        out[f"{g}/_feedforward_dropout"] = "feedforward_dropout"
+    out["layers/layer_normalization"] = "layer_norm"
+    return out
+
+
+def _create(f, where, group_names, data) -> None:
+    # the dataset ``where`` (``<layer>/vars/<i>``), its ``vars`` group named as Keras names it
+    g = f.require_group(where.rsplit("/", 1)[0])
+    if "name" not in g.attrs:
+        g.attrs["name"] = group_names[where.rsplit("/", 2)[0]]
+    g.create_dataset(where.rsplit("/", 1)[1], data=data)
+
+
 def write(out, params: dict[str, np.ndarray], cfg: OPTConfig) -> None:
     """Write ``params`` in the layout KerasHub writes (empty groups included) to the binary file
     object ``out`` (opened for reading and writing)."""
     import h5py
 
+    names = _skeleton(cfg)
     with h5py.File(out, "w") as f:
-        def group(name, var_name):
-            g = f.require_group(name)
-            v = g.require_group("vars")
-            v.attrs["name"] = var_name
-            return v
-
-        group("layers/input_layer", "token_ids")
-        group("layers/input_layer_1", "padding_mask")
-        group("layers/token_and_position_embedding", "embeddings")
-        group("layers/token_and_position_embedding/token_embedding", "token_embedding")
-        group("layers/token_and_position_embedding/position_embedding", "position_embedding")
-        if cfg.has_projection:
-            group("layers/refopt_project_in", "project_in")
-            group("layers/refopt_project_out", "project_out")
-        for i in range(cfg.num_layers):
-            g = _decoder_group(i)
-            group(g, f"transformer_layer_{i}")
-            group(f"{g}/{ATTN}", "self_attention")
-            suffix = "" if i == 0 else f"_{i}"
-            group(f"{g}/{ATTN}/_dropout_layer", "dropout" + suffix)
-            group(f"{g}/{ATTN}/_softmax", "softmax" + suffix)
-            for theirs, var_name in DENSE.values():
-                group(f"{g}/{ATTN}/{theirs}", var_name)
-            for theirs, var_name in list(NORMS.values()) + list(MLP.values()):
-                group(f"{g}/{theirs}", var_name)
-            group(f"{g}/_self_attention_dropout", "self_attention_dropout")
-            group(f"{g}/_feedforward_dropout", "feedforward_dropout")
-        group("layers/layer_normalization", "layer_norm")
+        for group, var_name in names.items():
+            f.require_group(group).require_group("vars").attrs["name"] = var_name
         f.require_group("vars").attrs["name"] = "opt_backbone"
         for ours, (where, stored) in layout(cfg).items():
-            f.create_dataset(where, data=to_keras(ours, np.asarray(params[ours]), stored))
+            _create(f, where, names, to_keras(ours, np.asarray(params[ours]), stored))
+
+
+def keras_order(cfg: OPTConfig) -> list[str]:
+    """refopt's parameter names in the order Keras saves OPTBackbone's variables (its layers in
+    order; inside a layer its own variables, then its sublayers by attribute name): the order in
+    which a sharded save fills its shards."""
+    names = ["embed_positions", "embed_tokens"]
+    if cfg.has_projection:
+        names += ["project_in.weight", "project_out.weight"]
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for module, params in (("fc1", ("weight", "bias")), ("mlp_layer_norm", ("gamma", "beta")),
+                               ("fc2", ("weight", "bias")), ("k_proj", ("weight", "bias")),
+                               ("out_proj", ("weight", "bias")), ("q_proj", ("weight", "bias")),
+                               ("v_proj", ("weight", "bias")),
+                               ("self_attn_layer_norm", ("gamma", "beta"))):
+            names += [f"{p}{module}.{param}" for param in params]
+    names += ["final_layer_norm.gamma", "final_layer_norm.beta"]
+    present = layout(cfg)
+    return [name for name in names if name in present]
+
+
+def weights_nbytes(params: dict[str, np.ndarray], cfg: OPTConfig) -> int:
+    """The bytes of the variables a save writes (what KerasHub compares with ``max_shard_size``)."""
+    return int(sum(np.asarray(params[name]).nbytes for name in layout(cfg)))
+
+
+def write_sharded(open_file, params: dict[str, np.ndarray], cfg: OPTConfig, max_shard_bytes) -> dict:
+    """Write ``params`` as Keras's sharded weights: each shard through ``open_file(name)`` (a
+    context manager giving a binary file object open for reading and writing); returns the index
+    (``model.weights.json``'s content) for the caller to write.  Shards are filled as Keras fills
+    them (see the module docstring).  Raises :class:`ConfigError` when one variable alone is larger
+    than ``max_shard_bytes``, as Keras does."""
+    import h5py
+
+    from refopt.errors import ConfigError
+
+    places = layout(cfg)
+    shards: list[list[str]] = [[]]
+    size = 0.0
+    for name in keras_order(cfg):
+        nbytes = float(np.asarray(params[name]).nbytes)
+        if nbytes > max_shard_bytes:
+            raise ConfigError(f"save_to_preset: the size of {places[name][0]} is {nbytes:,.0f} bytes, "
+                              f"which exceeds the maximum shard size ({max_shard_bytes:,.0f} bytes); "
+                              "increase max_shard_size")
+        size += nbytes
+        if size > max_shard_bytes:
+            shards.append([])
+            size = nbytes
+        shards[-1].append(name)
+    names = _skeleton(cfg)
+    weight_map: dict = {}
+    total = 0.0
+    for n, members in enumerate(shards):
+        filename = f"model_{n:05}.weights.h5"
+        with open_file(filename) as out, h5py.File(out, "w") as f:
+            if n == 0:                    # the layers without weights, and the model's own group
+                for group, var_name in names.items():
+                    f.require_group(group).require_group("vars").attrs["name"] = var_name
+                f.require_group("vars").attrs["name"] = "opt_backbone"
+            for name in members:
+                where, stored = places[name]
+                data = to_keras(name, np.asarray(params[name]), stored)
+                _create(f, where, names, data)
+                total += float(data.nbytes)
+                group = "/" + where.rsplit("/", 1)[0]
+                if group not in weight_map:
+                    weight_map[group] = filename
+                elif not isinstance(weight_map[group], list):
+                    weight_map[group] = [weight_map[group]] + ([] if weight_map[group] == filename
+                                                               else [filename])
+                elif filename not in weight_map[group]:
+                    weight_map[group].append(filename)
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def read_shard_index(path) -> dict[str, list[str]]:
+    """``model.weights.json``'s weight map, checked: layer group -> the shard files holding its
+    variables (file names in the preset directory, named as Keras names them)."""
+    data = files.read_json(path, CheckpointError, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: malformed shard index (no 'weight_map' object)")
+    out = {}
+    for group, shards in weight_map.items():
+        shards = [shards] if isinstance(shards, str) else shards
+        if not isinstance(shards, list) or not shards or not all(
+                isinstance(s, str) and SHARD_FILE.fullmatch(s) for s in shards):
+            raise CheckpointError(f"{path}: {group!r} is in shard {shards!r}; shards must be file "
+                                  "names model_NNNNN.weights.h5 in the preset directory")
+        out[group] = list(shards)
+    return out

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from refopt.config import KERAS_PRESETS, RELEASED, OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputTypeError, PresetNotFoundError
-from refopt.io import files, hub_cache, saving
+from refopt.io import files, hub_cache, journal
 
 HF_REPOS = {f"opt_{size}_en": f"facebook/opt-{size}" for size in RELEASED}
 BUILTIN_NAMES = tuple(HF_REPOS)
@@ -129,12 +129,12 @@ def resolve(preset) -> Path:
     if exists:
         if not path.is_dir():
             raise CheckpointError(f"{path}: a preset is a directory (config.json and weights), not a file")
-        saving.recover(path)
+        journal.recover(path)
         return path
     if preset in HF_REPOS:
         where = refopt_home() / preset
         if (where / "config.json").exists():
-            saving.recover(where)
+            journal.recover(where)
             return where
         cached = _cached_builtin(preset)
         if cached is not None:
@@ -162,24 +162,6 @@ def read_config(path: Path) -> OPTConfig:
     """The validated :class:`OPTConfig` of a preset directory."""
     path = Path(path)
     return OPTConfig.from_json_dict(read_config_json(path / "config.json"), str(path / "config.json"))
-
-
-def detect_format(path: Path) -> str:
-    """``"keras"`` or ``"huggingface"`` (see :data:`refopt.io.checkpoint.FORMATS`); refuses
-    pickles and anything else with a clear error."""
-    from refopt.io import checkpoint
-
-    return checkpoint.detect(Path(path))[0].name
-
-
-def load_weights(path: Path, cfg: OPTConfig = None, fmt: str = None, allow_nonfinite: bool = False):
-    """(params in their stored dtype, transformers' position prefix rows or None), validated."""
-    from refopt.io.checkpoint import open_checkpoint
-
-    with open_checkpoint(path, allow_nonfinite=allow_nonfinite) as ckpt:
-        if cfg is not None and cfg != ckpt.config:
-            ckpt.config = cfg          # a dtype override: the architecture is the checkpoint's
-        return ckpt.params(), ckpt.position_prefix()
 
 
 def layout_label(cfg: OPTConfig, fmt: str) -> str:

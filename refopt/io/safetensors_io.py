@@ -188,20 +188,11 @@ def _entry(name, info):
     return dtype, shape, (begin, end)
 
 
-class Header:
-    """A validated header: ``tensors`` maps name -> (dtype, shape, (begin, end)) in offset order;
-    ``metadata`` the ``__metadata__`` strings (or None); ``data_start`` the data region's offset."""
-
-    def __init__(self, tensors: dict, metadata, data_start: int):
-        self.tensors = tensors
-        self.metadata = metadata
-        self.data_start = data_start
-
-
 def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict | None]:
     """Validate header bytes ``raw`` for a data region of ``data_size`` bytes.
 
-    Returns ``(tensors, metadata)`` as in :class:`Header`; raises ``_Refused`` with the reason."""
+    Returns ``(tensors, metadata)``: ``tensors`` maps name -> (dtype, shape, (begin, end)) in
+    offset order, ``metadata`` the ``__metadata__`` strings (or None); raises ``_Refused`` with the reason."""
     if not raw.startswith(b"{"):
         raise _Refused("the header does not begin with '{' (the specification requires it)")
     try:

@@ -7,12 +7,13 @@ import dataclasses
 import numpy as np
 
 from refopt import backend as _backend
+from refopt import dtype_policies
 from refopt import model as _model
 from refopt.config import OPTConfig
 from refopt.errors import CheckpointError, ConfigError, InputError, InputTypeError
 from refopt.io import checkpoint, huggingface, keras_h5, safetensors_io, saving
-
-_FORMATS = ("keras", "huggingface")
+from refopt.models.backbone import Backbone, check_save_format, check_shard_size
+from refopt.models.opt_presets import backbone_presets
 
 
 def validate_inputs(cfg: OPTConfig, inputs, *, total_length: int | None = None):
@@ -74,7 +75,7 @@ def _check_params_fit(cfg: OPTConfig) -> None:
                      f"the weights of this config ({cfg.parameter_count():,} parameters)", ConfigError)
 
 
-class OPTBackbone:
+class OPTBackbone(Backbone):
     """The OPT decoder network with KerasHub's arguments and defaults.
 
     Called on ``{"token_ids", "padding_mask"}`` it returns hidden states ``(batch, seq, hidden)``:
@@ -85,9 +86,14 @@ class OPTBackbone:
     Arguments beyond KerasHub cover released checkpoints KerasHub cannot represent:
     ``do_layer_norm_before`` (False for OPT-350m), ``word_embed_proj_dim``, ``enable_bias``,
     ``layer_norm_elementwise_affine``, ``remove_final_layer_norm``, ``layer_norm_epsilon``.
-    ``dtype`` is the compute dtype: ``"float32"`` (default) or ``"float64"`` (the oracle's).
+    ``dtype`` is a dtype policy (:mod:`refopt.dtype_policies`): ``"float32"`` (default),
+    ``"bfloat16"``, ``"float16"``, ``"mixed_bfloat16"``, ``"mixed_float16"`` (KerasHub's, the half
+    precisions emulated as KerasHub's layers round), or ``"float64"`` (the oracle's).
     Weights are random (normal, std 0.02; ``seed``) until loaded.
     """
+
+    backbone_presets = backbone_presets
+    keras_module = "keras_hub.src.models.opt.opt_backbone"
 
     def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim,
                  dropout=0.1, max_sequence_length=2048, dtype=None, *, do_layer_norm_before=True,
@@ -95,6 +101,7 @@ class OPTBackbone:
                  remove_final_layer_norm=False, layer_norm_epsilon=1e-5, pad_token_id=1,
                  bos_token_id=2, eos_token_id=2, seed=0, name="opt_backbone", **kwargs):
         kwargs.pop("trainable", None)
+        dtype = None if dtype is None else dtype_policies.get(dtype).name   # a name, dict or policy
         if kwargs:
             raise ConfigError(f"OPTBackbone: unknown arguments {sorted(kwargs)}")
         self.name = name
@@ -107,7 +114,7 @@ class OPTBackbone:
             remove_final_layer_norm=remove_final_layer_norm, layer_norm_epsilon=layer_norm_epsilon,
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
         _check_params_fit(self.config)
-        self.params = _model.init_params(self.config, seed=seed)
+        self.params = self._round_variables(_model.init_params(self.config, seed=seed))
         # transformers keeps two position rows before position 0; kept here for exact round trips.
         self.position_prefix = None
         self.backend = None          # None: the current backend (refopt.backend); or a name
@@ -122,10 +129,19 @@ class OPTBackbone:
         raise AttributeError(f"'OPTBackbone' object has no attribute {name!r}")
 
     @property
+    def dtype_policy(self) -> dtype_policies.DTypePolicy:
+        """The dtype policy (Keras's ``DTypePolicy``: ``name``, ``compute_dtype``,
+        ``variable_dtype``)."""
+        return self.config.policy
+
+    @property
     def params(self) -> "_model.Parameters":
         """The weights, name -> array (a :class:`refopt.model.Parameters`, which counts changes in
         ``params.version``); assigning a plain dict wraps it."""
-        return self.__dict__["_params"]
+        try:
+            return self.__dict__["_params"]
+        except KeyError:
+            raise AttributeError("params") from None
 
     @params.setter
     def params(self, value) -> None:
@@ -133,21 +149,63 @@ class OPTBackbone:
 
     @property
     def compute_dtype(self) -> str:
-        return self.config.compute_dtype
+        """The dtype activations are computed in (outputs come in it), Keras's meaning."""
+        return self.config.policy.compute_dtype
 
     @property
-    def token_embedding(self) -> np.ndarray:
-        return self.params["embed_tokens"]
+    def variable_dtype(self) -> str:
+        """The dtype the weights are kept in, Keras's meaning."""
+        return self.config.policy.variable_dtype
 
-    def count_params(self) -> int:
-        return int(sum(p.size for p in self.params.values()))
+    @property
+    def dtype(self) -> str:
+        """Keras's ``Layer.dtype``: the variable dtype."""
+        return self.variable_dtype
+
+    @property
+    def weights(self) -> list:
+        """The weights as arrays of the variable dtype (refopt stores half-precision variables as
+        float32 holding their values; ``params`` is the dict the model computes with)."""
+        dtype = self.variable_dtype
+        return [dtype_policies.to_public(np.asarray(v), dtype) if dtype in dtype_policies.HALF
+                else v for v in self.params.values()]
+
+    def _round_variables(self, params: dict) -> dict:
+        # a half-precision variable dtype ("bfloat16", "float16"): the values it can hold
+        policy = self.config.policy
+        if policy.variable_dtype not in dtype_policies.HALF:
+            return params
+        return {k: policy.round_variable(v) for k, v in params.items()}
 
     def get_config(self) -> dict:
-        return self.config.backbone_kwargs()
+        """KerasHub's config: ``name``, ``trainable``, the serialized dtype policy and the
+        constructor's arguments (refopt's own only where they differ from their defaults);
+        ``OPTBackbone.from_config`` takes it back."""
+        kwargs = self.config.backbone_kwargs()
+        kwargs.pop("dtype")
+        return {"name": self.name, "trainable": True,
+                "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                          "config": {"name": self.config.dtype or "float32"}, "registered_name": None},
+                **kwargs}
 
-    @classmethod
-    def from_config(cls, config: dict) -> "OPTBackbone":
-        return cls(**config)
+    def lora_layer_table(self) -> list:
+        """``(keras_index, keras_layer_name, refopt_prefix, keras_kernel_shape)`` of every layer
+        LoRA can adapt.  ``keras_index`` is the layer's position among KerasHub's OPTBackbone
+        layers that have weights (Keras's traversal: the embeddings 0-2, then ten per decoder
+        layer, the attention projections last and in reverse), which KerasHub's ``.lora.h5`` files
+        use as the key."""
+        cfg = self.config
+        D, H, K, F = cfg.hidden_dim, cfg.num_heads, cfg.head_dim, cfg.intermediate_dim
+        table = []
+        for i in range(cfg.num_layers):
+            base, p = 3 + 10 * i, f"layers.{i}."
+            table += [(base + 2, "feedforward_output_dense", p + "fc2", (F, D)),
+                      (base + 3, "feedforward_intermediate_dense", p + "fc1", (D, F)),
+                      (base + 6, "attention_output", p + "out_proj", (H, K, D)),
+                      (base + 7, "value", p + "v_proj", (D, H, K)),
+                      (base + 8, "key", p + "k_proj", (D, H, K)),
+                      (base + 9, "query", p + "q_proj", (D, H, K))]
+        return table
 
     @classmethod
     def from_opt_config(cls, cfg: OPTConfig, params=None, position_prefix=None,
@@ -162,7 +220,7 @@ class OPTBackbone:
         self.weights_dtype = "float32"
         if params is None:
             _check_params_fit(cfg)
-            self.params = _model.init_params(cfg)
+            self.params = self._round_variables(_model.init_params(cfg))
         else:
             self.set_params(params, weights_dtype=weights_dtype)
         return self
@@ -172,7 +230,8 @@ class OPTBackbone:
         (:func:`refopt.quant.resolve_weights_dtype`: default float32, ``"auto"`` the dtype they
         arrive in), everything else in the compute dtype.  Conversion goes tensor by tensor, and a
         tensor already in its target dtype is used without a copy, so memory-mapped weights stay
-        mapped (:func:`refopt.quant.load_params`)."""
+        mapped (:func:`refopt.quant.load_params`).  Under a half-precision variable dtype the
+        values are rounded to it; LoRA adapters, when enabled, are kept."""
         from refopt import quant
 
         shapes = _model.param_shapes(self.config)
@@ -190,14 +249,24 @@ class OPTBackbone:
             arrays[name] = arr
         compute = self.config.compute_dtype
         kind = quant.resolve_weights_dtype(weights_dtype, arrays, compute)
-        self.params = quant.load_params(arrays, compute, kind, source)
+        if kind != "float32" and self.config.dtype not in (None, "float32"):
+            if weights_dtype != "auto":       # a dtype policy rounds float32 weights itself
+                raise ConfigError(f"weights_dtype={kind!r} needs the float32 dtype policy (got "
+                                  f"{self.config.dtype!r})")
+            kind = "float32"
+        adapters = {k: v for k, v in getattr(self, "params", {}).items() if k not in shapes}
+        self.params = {**self._round_variables(quant.load_params(arrays, compute, kind, source)),
+                       **adapters}
         self.weights_dtype = kind
 
     # ------------------------------------------------------------------ forward
     @property
     def ops(self):
-        """The ops namespace this backbone runs on (see :mod:`refopt.backend`)."""
-        return _backend.ops(self.backend)
+        """The ops namespace this backbone runs on (see :mod:`refopt.backend`), rounding as its
+        dtype policy does (:func:`refopt.dtype_policies.ops_for`; KerasHub's attention path
+        depends on whether the model has dropout)."""
+        return dtype_policies.ops_for(self.config.policy, _backend.ops(self.backend),
+                                      fused_attention=self.config.dropout == 0)
 
     def quantize(self, weights_dtype: str) -> None:
         """Store every matrix as ``"bfloat16"``, ``"float16"`` or ``"int8"`` (per-output-channel
@@ -205,8 +274,10 @@ class OPTBackbone:
         (:mod:`refopt.quant`).  LayerNorm parameters, biases and positions stay float32."""
         from refopt.quant import QuantizedMatrix, quantize_params
 
-        if self.config.compute_dtype != "float32":
-            raise ConfigError("quantize: weights_dtype needs the float32 compute dtype")
+        if self.config.dtype not in (None, "float32"):
+            raise ConfigError("quantize: weights_dtype needs the float32 dtype policy")
+        if self.lora_enabled:
+            raise ConfigError("quantize: LoRA is enabled; merge_lora_weights() first")
         params = {k: np.asarray(v, np.float32) if isinstance(v, QuantizedMatrix) else v
                   for k, v in self.params.items()}
         self.params = quantize_params(params, weights_dtype)
@@ -214,15 +285,18 @@ class OPTBackbone:
 
     def __call__(self, inputs, *, tape=None):
         ids, mask = validate_inputs(self.config, inputs)
-        return _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self.ops)
+        hidden = _model.forward(self.params, self.config, ids, mask, tape=tape, ops=self.ops)
+        return dtype_policies.to_public(hidden, self.compute_dtype)
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
-                    allow_nonfinite=False, **kwargs) -> "OPTBackbone":
+    def _load_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
+                     allow_nonfinite=False, **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
-        under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` overrides the
-        compute dtype (``"float64"`` for the oracle).
+        under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` is the dtype
+        policy (:mod:`refopt.dtype_policies`; ``"float64"`` for the oracle); without it a preset
+        saved with a float policy loads as ``"float32"``, KerasHub's rule (a saved ``"float64"``
+        stays).
 
         ``weights_dtype`` chooses how the matrices are held: ``None`` (default) widens every weight
         to the compute dtype; ``"auto"`` keeps them in the dtype the checkpoint stores them in
@@ -236,8 +310,8 @@ class OPTBackbone:
         or infinite are refused unless ``allow_nonfinite=True``."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
-        if dtype is not None and dtype not in ("float32", "float64", "float16", "bfloat16"):
-            raise ConfigError(f"from_preset: dtype={dtype!r}; expected 'float32' or 'float64'")
+        if dtype is not None:
+            dtype = dtype_policies.get(dtype).name   # an unknown policy fails before reading
         if not isinstance(allow_nonfinite, bool):
             raise ConfigError(f"from_preset: allow_nonfinite={allow_nonfinite!r}; expected True or False")
         if backend is not None:
@@ -249,6 +323,8 @@ class OPTBackbone:
             cfg = ckpt.config
             if dtype is not None:
                 cfg = dataclasses.replace(cfg, dtype=dtype)
+            elif cfg.dtype not in (None, "float64"):
+                cfg = dataclasses.replace(cfg, dtype=None)
             if not load_weights:
                 self = cls.from_opt_config(cfg)
                 if weights_dtype not in (None, "float32", "auto"):
@@ -263,43 +339,53 @@ class OPTBackbone:
         self.backend = backend
         return self
 
-    def save_to_preset(self, preset_dir, format="keras", overwrite=False) -> None:
+    def save_to_preset(self, preset_dir, max_shard_size=10, format="keras", overwrite=False) -> None:
         """Write the backbone alone (``config.json`` + weights) in KerasHub's or transformers'
-        layout.  Only preset files are written; see :mod:`refopt.io.saving` for where a save may
-        write (``overwrite=True`` to write into a directory holding other files) and why a kill at
-        any instant never loses the old preset."""
-        _check_format(format)
+        layout.  ``max_shard_size`` (GB, KerasHub's argument and default): weights larger than
+        that are saved as KerasHub saves them, in shards of at most that size
+        (``model.weights.json`` + ``model_00000.weights.h5`` ...; :mod:`refopt.io.keras_h5`);
+        None never shards.  The transformers layout is one ``model.safetensors``.  Only preset
+        files are written; see :mod:`refopt.io.saving` for where a save may write
+        (``overwrite=True`` to write into a directory holding other files) and why a kill at any
+        instant never loses the old preset.  LoRA adapters are saved merged into their
+        weights, as Keras saves a LoRA layer's kernel (``save_lora_weights`` writes the adapters
+        alone)."""
+        check_save_format(format)
+        check_shard_size(max_shard_size)
         with saving.PresetSave(preset_dir, overwrite=overwrite, replaces=saving.MODEL_FILES,
                                what="backbone") as staging:
-            self.write_preset_files(staging, format)
+            self.write_preset_files(staging, format, max_shard_size=max_shard_size)
 
-    def write_preset_files(self, staging, format: str = "keras", tasks=()) -> None:
+    def write_preset_files(self, staging, format: str = "keras", tasks=(), max_shard_size=None) -> None:
         """Write ``config.json`` and the weights into a :class:`refopt.io.saving.PresetSave`
-        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``)."""
-        _check_format(format)
+        (``tasks``: the KerasHub task classes the preset also holds, for ``metadata.json``;
+        ``max_shard_size``: see :meth:`save_to_preset`)."""
+        check_save_format(format)
+        limit = check_shard_size(max_shard_size)
+        params = self.base_params() if self.lora_enabled else self.params
         if format == "keras":
             staging.write_json("config.json", self.config.to_keras())
-            with staging.open("model.weights.h5") as f:
-                keras_h5.write(f, self.params, self.config)
+            if limit is not None and keras_h5.weights_nbytes(params, self.config) > limit:
+                index = keras_h5.write_sharded(staging.open, params, self.config, limit)
+                staging.write_json(keras_h5.SHARD_INDEX, index, newline=False)
+            else:
+                with staging.open("model.weights.h5") as f:
+                    keras_h5.write(f, params, self.config)
             meta = {"keras_version": None, "keras_hub_version": None, "refopt_version": _version(),
-                    "parameter_count": self.count_params(), "tasks": list(tasks)}
+                    "parameter_count": int(sum(p.size for p in params.values())),
+                    "tasks": list(tasks)}
             if not self.config.keras_compatible:
                 meta["refopt_only"] = ("KerasHub's OPTBackbone cannot build this model: "
                                        + "; ".join(self.config.keras_incompatibilities()))
             staging.write_json("metadata.json", meta)
         else:
             staging.write_json("config.json", self.config.to_huggingface())
-            state = huggingface.to_state_dict(self.params, self.config, self.position_prefix)
+            state = huggingface.to_state_dict(params, self.config, self.position_prefix)
             with staging.open("model.safetensors") as f:
                 safetensors_io.write(f, state, metadata={"format": "pt"})
             staging.write_json("generation_config.json", {
                 "bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                 "pad_token_id": self.config.pad_token_id})
-
-
-def _check_format(format):
-    if format not in _FORMATS:
-        raise ConfigError(f"save_to_preset: format={format!r}; expected one of {_FORMATS}")
 
 
 def _version() -> str:

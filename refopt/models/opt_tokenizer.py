@@ -6,6 +6,7 @@ OPT uses GPT-2's merges with fairseq's vocabulary order: ``<s>`` = 0, ``<pad>`` 
 
 from __future__ import annotations
 
+from refopt.models.opt_backbone import OPTBackbone
 from refopt.tokenizers.byte_pair_tokenizer import BytePairTokenizer
 
 
@@ -29,6 +30,7 @@ class OPTTokenizer(BytePairTokenizer):
         tokenizer(" qu")                                   # [7]
     """
 
+    backbone_cls = OPTBackbone
     keras_module = "keras_hub.src.models.opt.opt_tokenizer"
     keras_class_name = "OPTTokenizer"
     default_name = "opt_tokenizer"

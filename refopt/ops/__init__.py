@@ -18,7 +18,10 @@ from refopt.ops.dropout import dropout_backward, dropout_forward, dropout_mask  
 from refopt.ops.embedding import (  # noqa: E402,F401
     embedding_backward, embedding_forward, lm_head_backward, lm_head_forward)
 from refopt.ops.layernorm import layernorm_backward, layernorm_forward  # noqa: E402,F401
-from refopt.ops.linear import linear_backward, linear_forward, linear_relu_forward  # noqa: E402,F401
+from refopt.ops.linear import (  # noqa: E402,F401
+    linear_backward, linear_backward_input, linear_forward, linear_relu_forward)
+from refopt.ops.lora import lora_backward, lora_forward, lora_merge  # noqa: E402,F401
+from refopt.ops.residual import add  # noqa: E402,F401
 from refopt.ops.loss import accuracy, cross_entropy_backward, cross_entropy_forward, log_softmax  # noqa: E402,F401
 from refopt.ops.sampling import (  # noqa: E402,F401
     choose, descending_order, min_p_distribution, top_k_mask, top_p_distribution, uniform)

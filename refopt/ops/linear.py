@@ -21,6 +21,11 @@ def linear_backward(d_y, x, w, has_bias=True):
     return d_x, d_w, d_b
 
 
+def linear_backward_input(d_y, w):
+    # d_y [..., O], w [O, I] -> d_x [..., I]: linear_backward for a frozen map (no d_w, d_b to form)
+    return d_y @ w
+
+
 def linear_relu_forward(x, w, b=None):
     # x [..., I] -> relu(x @ w.T + b) [..., O]: the MLP's first layer (a backend may fuse the epilogue)
     return np.maximum(linear_forward(x, w, b), 0)

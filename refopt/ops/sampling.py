@@ -51,3 +51,14 @@ def min_p_distribution(p, min_p: float, min_tokens_to_keep: int = 1):
     threshold = min_p * p.max(axis=-1, keepdims=True)                      # [B, 1]
     keep = (p >= threshold) | top_k_mask(p, min_tokens_to_keep)
     return np.where(keep, p, 0.0)
+
+
+def output_padding_mask(token_ids, prompt_mask, stop_token_ids):
+    # token_ids [B, T], prompt_mask bool [B, T] -> bool [B, T]: KerasHub's output mask, True
+    # through each row's first stop token outside the prompt, False after it; all True without
+    # stop tokens.  (generate's output on every backend, the device loop's included.)
+    if stop_token_ids is None:
+        return np.ones(token_ids.shape, bool)
+    end = np.isin(token_ids, np.asarray(stop_token_ids)) & ~prompt_mask       # [B, T]
+    after = np.cumsum(end, axis=-1) - end                                       # stops strictly before
+    return after == 0

@@ -6,7 +6,8 @@ import numpy as np
 
 from refopt.errors import SamplerError
 from refopt.limits import check_allocation
-from refopt.samplers.sampler import Sampler, Step, check_positive_int, stop_mask, top_k_indices
+from refopt.samplers.sampler import (Sampler, Step, cache_nbytes, check_positive_int, is_kv_cache,
+                                     map_cache, stop_mask, top_k_indices)
 
 MAX_BEAMS = 4096     # each beam is a row of every decode step: beyond this, work without end
 
@@ -17,8 +18,9 @@ class BeamSampler(Sampler):
     Each prompt row becomes ``num_beams`` rows (beam 0 has log-likelihood 0, the others ``-1e9`` so
     the first step expands only beam 0).  Each step adds ``log p(token)`` to every beam's running
     log-likelihood, keeps the ``num_beams`` best of the ``num_beams * V`` candidates per prompt
-    (largest first, ties by lower flat index ``beam * V + token``), reorders the beams and their KV
-    caches, and writes the new tokens (prompt tokens are kept where ``mask`` is set).  With
+    (largest first, ties by lower flat index ``beam * V + token``), reorders the beams and their
+    caches (every array of any cache structure, as KerasHub's ``tree.map_structure``; of refopt's
+    own KV cache only the positions filled so far), and writes the new tokens (prompt tokens are kept where ``mask`` is set).  With
     ``stop_token_ids`` the search ends once *every* beam holds a stop token past its prompt; beams
     keep accumulating after their stop token, as in KerasHub.
 
@@ -46,12 +48,12 @@ class BeamSampler(Sampler):
         start = index = int(index)
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
-        check_allocation(((0 if cache is None else np.asarray(cache).nbytes) + 2 * prompt.nbytes) * nb,
+        check_allocation((cache_nbytes(cache) + 2 * prompt.nbytes) * nb,
                          f"BeamSampler(num_beams={nb}) over {B} prompts of length {T}", SamplerError)
         prompt = np.repeat(prompt, nb, axis=0)                                 # [B*nb, T]
         mask = np.repeat(mask, nb, axis=0)
-        if cache is not None:
-            cache = np.repeat(cache, nb, axis=0)                               # [B*nb, ...]
+        kv_cache = is_kv_cache(cache, model)
+        cache = map_cache(lambda x: np.repeat(x, nb, axis=0), cache)           # [B*nb, ...]
         scores = None                                                          # [B*nb]
         while index < T:
             if stop is not None and stop_mask(prompt, stop, mask, index).all():
@@ -69,8 +71,10 @@ class BeamSampler(Sampler):
             scores = np.take_along_axis(candidates, best, axis=-1).reshape(-1)
             source = (np.arange(B)[:, None] * nb + best // V).reshape(-1)      # beam each came from
             prompt = prompt[source]
-            if cache is not None:                  # only positions < index are filled so far
+            if kv_cache:                           # only positions < index are filled so far
                 cache[:, :, :, :index] = cache[source, :, :, :index]
+            else:                                  # any other structure: every array's rows
+                cache = map_cache(lambda x: x[source], cache)
             token = (best % V).reshape(-1).astype(prompt.dtype)
             prompt[:, index] = np.where(mask[:, index], prompt[:, index], token)
             index += 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from refopt.limits import check_allocation
-from refopt.samplers.sampler import (Sampler, Step, check_float, check_positive_int, stop_mask,
-                                     top_k_indices)
+from refopt.samplers.sampler import (Sampler, Step, cache_nbytes, check_float, check_positive_int,
+                                     is_kv_cache, map_cache, stop_mask, top_k_indices)
 
 
 def cosine_similarity(h_prev, h_new):
@@ -26,8 +26,9 @@ class ContrastiveSampler(Sampler):
         score(v) = (1 - alpha) * p(v | x_<t) - alpha * max_{j < t} cos(h_j, h_v)
 
     where ``h_j`` are the hidden states (the final-norm output) of the tokens before ``t``.  The
-    candidate of highest score wins (the first on ties); its logits, hidden state and KV cache are
-    kept, so no step is recomputed.  Where ``mask`` is set the prompt token is kept.
+    candidate of highest score wins (the first on ties); its logits, hidden state and cache are
+    kept, so no step is recomputed.  The cache may be any structure of arrays (KerasHub maps over
+    it); of refopt's own KV cache only the filled positions are copied.  Where ``mask`` is set the prompt token is kept.
 
     Args:
         k: int >= 1, default 5.
@@ -58,9 +59,10 @@ class ContrastiveSampler(Sampler):
         mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
         stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
         hidden_states = np.array(hidden_states, copy=True)                     # [B, T, E]
-        check_allocation((hidden_states.nbytes + (0 if cache is None else np.asarray(cache).nbytes))
+        check_allocation((hidden_states.nbytes + cache_nbytes(cache))
                          * k, f"ContrastiveSampler(k={k}) over {B} prompts", SamplerError)
         logits, _, cache = next(prompt, cache, index)                           # [B, V] for `index`
+        kv_cache = is_kv_cache(cache, model)
         rows = np.arange(B)
         while index < T:
             if stop is not None and stop_mask(prompt, stop, mask, index).all():
@@ -75,8 +77,10 @@ class ContrastiveSampler(Sampler):
             prompt_beams = np.repeat(prompt, kk, axis=0)
             mask_beams = np.repeat(mask, kk, axis=0)
             hidden_beams = np.repeat(hidden_states, kk, axis=0)                # [B*k, T, E]
-            # the candidates share positions < index; copy only the filled part of the cache
-            cache_beams = None if cache is None else np.repeat(cache[:, :, :, :index + 1], kk, axis=0)
+            # the candidates share positions < index: of refopt's KV cache only the filled part is
+            # copied; any other cache structure is repeated whole
+            filled = (lambda x: x[:, :, :, :index + 1]) if kv_cache else (lambda x: x)
+            cache_beams = map_cache(lambda x: np.repeat(filled(x), kk, axis=0), cache)
             token = candidates.reshape(-1).astype(prompt.dtype)
             prompt_beams[:, index] = np.where(mask_beams[:, index], prompt_beams[:, index], token)
 
@@ -89,8 +93,10 @@ class ContrastiveSampler(Sampler):
             chosen = rows * kk + best
 
             prompt = prompt_beams[chosen]
-            if cache is not None:
+            if kv_cache:
                 cache[:, :, :, index] = cache_beams[chosen, :, :, index]
+            else:
+                cache = map_cache(lambda x: x[chosen], cache_beams)
             hidden_states[:, index] = next_hidden[chosen]
             lp = None
             if log_probs:

@@ -169,7 +169,6 @@ class Sampler:
                 raise SamplerError(f"{owner}: logits_processors must be a list of callables "
                                    "(logits, token_ids, index) -> logits")
             processors.extend(logits_processors)
-        self._custom_processors = list(logits_processors or [])
         self.logits_processors = processors
         self.seed = None
         self.last_seed = None
@@ -309,6 +308,38 @@ class Sampler:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def map_cache(fn, cache):
+    """``fn`` applied to every array of a cache, the structure kept (KerasHub's
+    ``tree.map_structure``): dicts, lists and tuples nest, ``None`` stays ``None``.  Samplers that
+    repeat or reorder rows (beam, contrastive) go through this, so any cache a ``next`` function
+    keeps -- refopt's KV cache, a ``[B, T]`` array, a dict of per-layer arrays -- travels with its
+    rows."""
+    if cache is None:
+        return None
+    if isinstance(cache, dict):
+        return type(cache)((key, map_cache(fn, value)) for key, value in cache.items())
+    if isinstance(cache, (list, tuple)):
+        return type(cache)(map_cache(fn, value) for value in cache)
+    return fn(np.asarray(cache))
+
+
+def cache_nbytes(cache) -> int:
+    """The bytes of every array of a cache structure (see :func:`map_cache`)."""
+    total = []
+    map_cache(lambda x: total.append(x.nbytes), cache)
+    return int(sum(total))
+
+
+def is_kv_cache(cache, model) -> bool:
+    """Whether ``cache`` is ``model``'s own KV cache ``[B, L, 2, T, H, K]`` (see
+    :func:`refopt.model.new_cache`): the one layout whose sequence axis (3) a sampler may slice to
+    copy only the positions filled so far."""
+    cfg = getattr(getattr(model, "backbone", None), "config", None)
+    return (cfg is not None and isinstance(cache, np.ndarray) and cache.ndim == 6
+            and cache.shape[1:3] == (cfg.num_layers, 2)
+            and cache.shape[4:] == (cfg.num_heads, cfg.head_dim))
 
 
 def model_ops(model):

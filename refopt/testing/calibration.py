@@ -83,15 +83,6 @@ def run_forward_as(params, cfg, token_ids, padding_mask, dtype: str):
     return R.run_forward(p, cfg, token_ids, padding_mask, "float32", ops=emulated_ops(dtype))
 
 
-def run_gradients_as(params, cfg, token_ids, padding_mask, dtype: str):
-    """:func:`run_gradients` as a port computing in ``dtype`` would get them (see
-    :func:`run_forward_as`)."""
-    if dtype in ("float64", "float32"):
-        return R.run_gradients(params, cfg, token_ids, padding_mask, dtype)
-    p = {k: round_to(v, dtype) for k, v in params.items()}
-    return R.run_gradients(p, cfg, token_ids, padding_mask, "float32", ops=emulated_ops(dtype))
-
-
 
 
 def relu_kink_distance(params, cfg: OPTConfig, token_ids, padding_mask) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 
 from refopt.config import OPTConfig
 from refopt.errors import ConfigError
+from refopt.testing.modelcase import ModelCase, make_inputs  # noqa: F401  (make_inputs: here too)
 
 SWITCHES = ("do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine",
             "remove_final_layer_norm", "word_embed_proj_dim")
@@ -197,27 +198,6 @@ def _stress(cfg: OPTConfig, params: dict, m: Magnitudes, rng: np.random.Generato
                         params[name] = params[name] * root
 
 
-# ---------------------------------------------------------------------------------- inputs
-def make_inputs(cfg: OPTConfig, rng: np.random.Generator, batch: int = 3, seq: int = 11):
-    """A right-padded batch (row 0 full, the others shorter), its left-padded twin (same tokens,
-    padding moved to the front), with the pad id only at padding positions (transformers' embedding
-    gives the pad row no gradient, so a pad id among real tokens would make the two libraries'
-    correct gradients differ)."""
-    S = min(seq, cfg.max_sequence_length)
-    lengths = rng.integers(max(1, S // 2), S + 1, batch)
-    lengths[0] = S
-    pool = np.array([i for i in range(cfg.vocabulary_size) if i != cfg.pad_token_id] or [0])
-    ids = pool[rng.integers(0, len(pool), (batch, S))]
-    cols = np.arange(S)
-    right = cols[None, :] < lengths[:, None]
-    ids_right = np.where(right, ids, cfg.pad_token_id)
-    left = cols[None, :] >= (S - lengths)[:, None]
-    ids_left = np.full_like(ids_right, cfg.pad_token_id)
-    for b, n in enumerate(lengths):
-        ids_left[b, S - n:] = ids_right[b, :n]
-    return ids_right, right, ids_left, left
-
-
 # ---------------------------------------------------------------------------------- specs and ids
 _FLAGS = (("post", "do_layer_norm_before", False), ("nb", "enable_bias", False),
           ("na", "layer_norm_elementwise_affine", False), ("nf", "remove_final_layer_norm", True))
@@ -290,8 +270,6 @@ class CaseSpec:
 
     def build(self, name: str | None = None):
         """The :class:`refopt.testing.modelcase.ModelCase` of this spec."""
-        from refopt.testing.modelcase import ModelCase
-
         params = random_weights(self.config, np.random.default_rng(self.weights_seed),
                                 magnitudes=self.magnitudes)
         ids, right, ids_left, left = make_inputs(self.config, np.random.default_rng(self.inputs_seed),

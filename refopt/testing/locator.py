@@ -132,8 +132,7 @@ def locate_divergence(reference, candidate, token_ids, padding_mask) -> Divergen
     noise of the candidate's dtype on this input (:mod:`refopt.testing.noise`).  Raises
     :class:`refopt.testing.NotSupported` when either adapter cannot produce intermediates."""
     from refopt.testing.adapter import RefoptAdapter
-    from refopt.testing.modelcase import noise_figures
-    from refopt.testing.noise import noisy_ops
+    from refopt.testing.noise import noise_figures, noisy_ops
     from refopt.testing.tolerances import NOISE_SAMPLES
 
     cfg = reference.config

@@ -19,8 +19,8 @@ import numpy as np
 
 from refopt.config import OPTConfig
 from refopt.testing import reference as R
-from refopt.testing.cases import make_inputs
-from refopt.testing.tolerances import NOISE_SAMPLES, Figures, error_figures
+from refopt.testing.noise import noise_figures
+from refopt.testing.tolerances import NOISE_SAMPLES, Figures
 
 _SERIALS = itertools.count()
 
@@ -57,18 +57,24 @@ class GradientReference(NamedTuple):
     kinks: tuple
 
 
-def noise_figures(reference: dict, scales: dict, runs, real=None) -> dict[str, Figures]:
-    """Per tensor, the largest figures of the noisy ``runs`` against ``reference`` (restricted to
-    the ``real`` positions when given)."""
-    out: dict[str, Figures] = {}
-    for run in runs:
-        for name, ref in reference.items():
-            ref = np.asarray(ref)
-            noisy = np.asarray(run[name])
-            if real is not None:
-                ref, noisy = ref[real], noisy[real]
-            out[name] = error_figures(noisy, ref, scales.get(name)).worst(out.get(name))
-    return out
+def make_inputs(cfg: OPTConfig, rng: np.random.Generator, batch: int = 3, seq: int = 11):
+    """A right-padded batch (row 0 full, the others shorter), its left-padded twin (same tokens,
+    padding moved to the front), with the pad id only at padding positions (transformers' embedding
+    gives the pad row no gradient, so a pad id among real tokens would make the two libraries'
+    correct gradients differ)."""
+    S = min(seq, cfg.max_sequence_length)
+    lengths = rng.integers(max(1, S // 2), S + 1, batch)
+    lengths[0] = S
+    pool = np.array([i for i in range(cfg.vocabulary_size) if i != cfg.pad_token_id] or [0])
+    ids = pool[rng.integers(0, len(pool), (batch, S))]
+    cols = np.arange(S)
+    right = cols[None, :] < lengths[:, None]
+    ids_right = np.where(right, ids, cfg.pad_token_id)
+    left = cols[None, :] >= (S - lengths)[:, None]
+    ids_left = np.full_like(ids_right, cfg.pad_token_id)
+    for b, n in enumerate(lengths):
+        ids_left[b, S - n:] = ids_right[b, :n]
+    return ids_right, right, ids_left, left
 
 
 class ModelCase:

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from refopt.testing.tolerances import UNIT_ROUNDOFF, canonical_dtype
+from refopt.testing.tolerances import UNIT_ROUNDOFF, Figures, canonical_dtype, error_figures
 
 _HALF = ("float16", "bfloat16")
 
@@ -188,3 +188,17 @@ def noisy_ops(dtype: str, seed: int, relu_masks=None) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(base), **{name: fn for name, fn in locals().items()
                                                if callable(fn) and name not in ("s",)
                                                and hasattr(base, name)}})
+
+
+def noise_figures(reference: dict, scales: dict, runs, real=None) -> dict[str, Figures]:
+    """Per tensor, the largest figures of the noisy ``runs`` against ``reference`` (restricted to
+    the ``real`` positions when given)."""
+    out: dict[str, Figures] = {}
+    for run in runs:
+        for name, ref in reference.items():
+            ref = np.asarray(ref)
+            noisy = np.asarray(run[name])
+            if real is not None:
+                ref, noisy = ref[real], noisy[real]
+            out[name] = error_figures(noisy, ref, scales.get(name)).worst(out.get(name))
+    return out

@@ -380,6 +380,17 @@ def _class_at(data, p, tables):
 
 
 @njit(cache=True, inline="always")
+def _run_end(data, q, stop, cls, tables):
+    """End of the run of characters of class ``cls`` that continues at data[q]."""
+    while q < stop:
+        c, w = _class_at(data, q, tables)
+        if c != cls:
+            break
+        q += w
+    return q
+
+
+@njit(cache=True, inline="always")
 def _word_end(data, p, stop, tables):
     """End of the word that starts at data[p], as GPT-2's pattern cuts it."""
     b0 = data[p]
@@ -394,22 +405,11 @@ def _word_end(data, p, stop, tables):
     if b0 == 32 and p + 1 < stop:  # " ?" then a run of one class
         c1, w = _class_at(data, p + 1, tables)
         if c1 != SPACE:
-            q = p + 1 + w
-            while q < stop:
-                c, w = _class_at(data, q, tables)
-                if c != c1:
-                    break
-                q += w
-            return q
+            return _run_end(data, p + 1 + w, stop, c1, tables)
     c0, w = _class_at(data, p, tables)
     q = p + w
     if c0 != SPACE:  # a run of letters, numbers or others
-        while q < stop:
-            c, w = _class_at(data, q, tables)
-            if c != c0:
-                break
-            q += w
-        return q
+        return _run_end(data, q, stop, c0, tables)
     last = p  # whitespace: the run, less its last character when text follows
     while q < stop:
         c, w = _class_at(data, q, tables)
@@ -466,3 +466,24 @@ def encode_many(data, bounds, tables, state, out, ends):
         o = _encode_range(data, bounds[g], bounds[g + 1], tables, state, out, o)
         ends[g] = o
     return o
+
+
+def encode_batch(encoded: list, tables, state) -> list:
+    """Token ids of each UTF-8 text in ``encoded`` (a list of lists): one text through
+    :func:`encode_one`, several joined into one buffer through :func:`encode_many`."""
+    if len(encoded) == 1:
+        data = encoded[0]
+        out = np.empty(len(data) + 1, dtype=np.int32)
+        n = encode_one(data, tables, state, out)
+        return [out[:n].tolist()]
+    if not encoded:
+        return []
+    data = b"".join(encoded)
+    bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=bounds[1:])
+    out = np.empty(len(data), dtype=np.int32)
+    ends = np.empty(len(encoded), dtype=np.int64)
+    encode_many(data, bounds, tables, state, out, ends)
+    flat = out[:ends[-1]].tolist()
+    starts = [0] + ends[:-1].tolist()
+    return [flat[s:e] for s, e in zip(starts, ends.tolist())]

@@ -102,7 +102,8 @@ def read_vocabulary(vocabulary) -> dict[str, int]:
     elif isinstance(vocabulary, dict):
         vocabulary = dict(vocabulary)
     else:
-        raise InputTypeError("`vocabulary` must be a path to a JSON file or a dict mapping token "
+        # a ValueError, as KerasHub raises for a vocabulary of the wrong kind (a list, say)
+        raise TokenizerError("`vocabulary` must be a path to a JSON file or a dict mapping token "
                              f"strings to integer ids; got {type(vocabulary).__name__}")
     values = list(vocabulary.values())
     fine = (all(type(t) is str and t for t in vocabulary)
@@ -161,7 +162,7 @@ def read_merges(merges) -> tuple[list[str], list[str], list[str], object]:
         def origin(n):
             return f"merges[{n}]"
     else:
-        raise InputTypeError("`merges` must be a path to a merges.txt file or a list of merge "
+        raise TokenizerError("`merges` must be a path to a merges.txt file or a list of merge "
                              f"rules; got {type(merges).__name__}")
     kept = [n for n, line in enumerate(lines) if not line.startswith("#version")]
     rules = lines if len(kept) == len(lines) else [lines[n] for n in kept]
@@ -327,3 +328,22 @@ def write_merges(path, merges: list[str]) -> None:
 
     data = merges_text(merges).encode("utf-8")
     write_file_atomically(path, lambda f: f.write(data))
+
+
+WORD_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
+
+
+def encode_words(words, byte_ids: list, pair_dict: dict, cache: dict) -> list[int]:
+    """Token ids of pre-tokenized ``words``: each word's bytes mapped through ``byte_ids`` and
+    merged by :func:`bpe_merge`, remembered in ``cache`` (word -> ids; emptied when it holds
+    :data:`WORD_CACHE_LIMIT` words)."""
+    ids = []
+    for word in words:
+        merged = cache.get(word)
+        if merged is None:
+            merged = bpe_merge([byte_ids[b] for b in word.encode("utf-8")], pair_dict)
+            if len(cache) >= WORD_CACHE_LIMIT:
+                cache.clear()
+            cache[word] = merged
+        ids.extend(merged)
+    return ids

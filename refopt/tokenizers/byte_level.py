@@ -77,12 +77,6 @@ def byte_symbols() -> tuple[str, ...]:
     return tuple(table[b] for b in range(256))
 
 
-def word_to_symbols(word: str) -> str:
-    """The byte-level string of a pre-token: its UTF-8 bytes, one symbol per byte."""
-    symbols = byte_symbols()
-    return "".join([symbols[b] for b in word.encode("utf-8")])
-
-
 def token_to_bytes(token: str) -> bytes:
     """The bytes a vocabulary entry stands for.
 

@@ -21,13 +21,14 @@ import numpy as np
 from refopt.errors import ConfigError, InputTypeError, TokenizerError
 from refopt.limits import check_allocation
 from refopt.tokenizers import preset_files as pf
-from refopt.tokenizers.bpe import build_tables, bpe_merge
+from refopt.tokenizers.bpe import build_tables, encode_words
 from refopt.tokenizers.byte_level import byte_symbols, char_class_table, pretokenize
+from refopt.tokenizers.inputs import ids_of, split_segments, texts_of
+from refopt.tokenizers.tokenizer import Tokenizer
 
 _DTYPES = ("int32", "int64", "string")
 _CONFIG_KEYS = {"name", "trainable", "dtype", "config_file", "sequence_length", "add_prefix_space",
                 "unsplittable_tokens", "special_tokens_in_strings"}
-_PY_CACHE_LIMIT = 1 << 17  # the pure-Python word cache is emptied beyond this many words
 MAX_SEQUENCE_LENGTH = 1 << 24
 
 
@@ -39,7 +40,7 @@ def _numba_available() -> bool:
     return True
 
 
-class BytePairTokenizer:
+class BytePairTokenizer(Tokenizer):
     """Byte-level BPE tokenizer, GPT-2's algorithm (KerasHub's ``BytePairTokenizer``).
 
     Args:
@@ -152,7 +153,7 @@ class BytePairTokenizer:
         self._encode_one = None  # the compiled kernel, once tables are packed
         self._word_cache = {}  # pure-Python word cache
         self._py_byte_ids = None
-        self._split_regex = None
+        self._missing_bytes = False  # some byte has no token (checked after encoding)
 
     def _require_vocabulary(self):
         if self._tables is None:
@@ -181,12 +182,8 @@ class BytePairTokenizer:
     def id_to_token(self, id) -> str:
         """The token string of ``id``."""
         tables = self._require_vocabulary()
-        if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
-            raise InputTypeError(f"`id` must be an integer; got {type(id).__name__}")
-        if not 0 <= id < tables.num_ids or tables.id_to_token[id] is None:
-            raise TokenizerError(f"id {id} is not in the vocabulary (ids run from 0 to "
-                                 f"{tables.num_ids - 1})")
-        return tables.id_to_token[id]
+        return tables.id_to_token[_checked_id(tables, id, "`id`", "is not in the vocabulary (ids "
+                                                                  "run from 0 to {last})")]
 
     def token_to_id(self, token) -> int:
         """The id of ``token``."""
@@ -240,7 +237,7 @@ class BytePairTokenizer:
                     n = self._encode_one(data, self._packed, self._state, out)
                     return out[:n].tolist()
         self._require_vocabulary()
-        texts, batched = _canonical_texts(inputs)
+        texts, batched = texts_of(inputs)
         ids = self._encode_texts(texts)
         if self.dtype == "string":
             id_to_token = self._tables.id_to_token
@@ -267,43 +264,9 @@ class BytePairTokenizer:
     def _plain_ids(self):
         return self.dtype != "string" and not self._missing_bytes
 
-    def _segments(self, texts):
-        """Split texts around unsplittable tokens and apply add_prefix_space.
-
-        Returns ``(segments, plans)``: the pieces of plain text to encode and, per input text, a
-        list whose items are either an index into ``segments`` or ``("id", token_id)``.  ``None``
-        plans mean "the text is segment i" (the common case, kept cheap).
-        """
-        tokens = self.unsplittable_tokens
-        present = bool(tokens) and any(t in text for text in texts for t in tokens)
-        if not present and not self.add_prefix_space:
-            return texts, None
-        if present and (self._split_regex is None or self._split_regex[0] != tokens):
-            import regex
-            ordered = sorted(tokens, key=len, reverse=True)  # longest first at one position
-            self._split_regex = (list(tokens),
-                                 regex.compile("|".join(regex.escape(t) for t in ordered)))
-        split = self._split_regex[1] if present else None
-        vocab = self._tables.vocabulary
-        segments, plans = [], []
-        for text in texts:
-            plan = []
-            pieces = split.splititer(text) if present else [text]
-            matches = split.finditer(text) if present else iter(())
-            for piece in pieces:
-                if piece:
-                    if self.add_prefix_space and not piece.startswith(" "):
-                        piece = " " + piece
-                    plan.append(len(segments))
-                    segments.append(piece)
-                match = next(matches, None)
-                if match is not None:
-                    plan.append(("id", vocab[match.group()]))
-            plans.append(plan)
-        return segments, plans
-
     def _encode_texts(self, texts) -> list:
-        segments, plans = self._segments(texts)
+        segments, plans = split_segments(texts, self.unsplittable_tokens, self.add_prefix_space,
+                                         self._tables.vocabulary)
         try:
             encoded = [text.encode("utf-8") for text in segments]
         except UnicodeEncodeError:
@@ -347,40 +310,14 @@ class BytePairTokenizer:
 
     def _encode_compiled(self, encoded: list) -> list:
         from refopt.tokenizers import _kernels
-        tables = self._compiled_tables()
-        if len(encoded) == 1:
-            data = encoded[0]
-            out = np.empty(len(data) + 1, dtype=np.int32)
-            n = _kernels.encode_one(data, tables, self._state, out)
-            return [out[:n].tolist()]
-        if not encoded:
-            return []
-        data = b"".join(encoded)
-        bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=bounds[1:])
-        out = np.empty(len(data), dtype=np.int32)
-        ends = np.empty(len(encoded), dtype=np.int64)
-        _kernels.encode_many(data, bounds, tables, self._state, out, ends)
-        flat = out[:ends[-1]].tolist()
-        starts = [0] + ends[:-1].tolist()
-        return [flat[s:e] for s, e in zip(starts, ends.tolist())]
+        return _kernels.encode_batch(encoded, self._compiled_tables(), self._state)
 
     def _encode_python(self, text: str) -> list:
         """The readable path: split with the regex, merge each word (cached)."""
-        t = self._tables
         if self._py_byte_ids is None:
-            self._py_byte_ids = t.byte_ids.tolist()
-        byte_ids, cache = self._py_byte_ids, self._word_cache
-        ids = []
-        for word in pretokenize(text):
-            merged = cache.get(word)
-            if merged is None:
-                merged = bpe_merge([byte_ids[b] for b in word.encode("utf-8")], t.pair_dict)
-                if len(cache) >= _PY_CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = merged
-            ids.extend(merged)
-        return ids
+            self._py_byte_ids = self._tables.byte_ids.tolist()
+        return encode_words(pretokenize(text), self._py_byte_ids, self._tables.pair_dict,
+                            self._word_cache)
 
     def _check_bytes(self, seg_ids, encoded):
         """Raise if a byte the vocabulary lacks is left unmerged in the output."""
@@ -403,7 +340,7 @@ class BytePairTokenizer:
         :class:`TokenizerError`; non-integer input raises :class:`InputTypeError`.
         """
         tables = self._require_vocabulary()
-        seqs, batched = _canonical_ids(inputs)
+        seqs, batched = ids_of(inputs)
         id_to_bytes = tables.id_to_bytes
         texts = []
         for seq in seqs:
@@ -424,12 +361,8 @@ class BytePairTokenizer:
     def id_bytes(self, id) -> bytes:
         """The raw bytes token ``id`` stands for (used by streaming detokenization)."""
         tables = self._require_vocabulary()
-        if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
-            raise InputTypeError(f"token id must be an integer; got {type(id).__name__}")
-        if not 0 <= id < tables.num_ids or tables.id_to_bytes[id] is None:
-            raise TokenizerError(f"id {id} is out of range for detokenize; the vocabulary's ids "
-                                 f"run from 0 to {tables.num_ids - 1}")
-        return tables.id_to_bytes[id]
+        return tables.id_to_bytes[_checked_id(tables, id, "token id", "is out of range for "
+                                              "detokenize; the vocabulary's ids run from 0 to {last}")]
 
     # -- configs and presets ---------------------------------------------------------------------
 
@@ -487,15 +420,19 @@ class BytePairTokenizer:
                                  tables.merges)
 
     @classmethod
-    def from_preset(cls, preset, **kwargs):
-        """Load from a KerasHub preset directory or a transformers checkpoint directory.
+    def _load_preset(cls, directory, config_file=pf.TOKENIZER_CONFIG_FILE, **kwargs):
+        """Read a KerasHub preset directory or a transformers checkpoint directory (see
+        :meth:`Tokenizer.from_preset`).
 
         ``kwargs`` override the saved settings (``sequence_length=...``).  From a transformers
         directory, a plain ``BytePairTokenizer`` treats the special tokens its
         ``tokenizer_config.json`` names as unsplittable (unless ``special_tokens_in_strings`` is
         False); an ``OPTTokenizer`` has its own special tokens.
         """
-        found = pf.find_tokenizer_files(preset)
+        if config_file != pf.TOKENIZER_CONFIG_FILE:
+            raise ConfigError(f"from_preset: config_file={config_file!r}; refopt reads the "
+                              f"tokenizer from {pf.TOKENIZER_CONFIG_FILE!r}")
+        found = pf.find_tokenizer_files(directory)
         config = {k: v for k, v in found["config"].items() if k in _CONFIG_KEYS}
         if "dtype" in config:
             config["dtype"] = pf.dtype_name(config["dtype"])
@@ -505,7 +442,7 @@ class BytePairTokenizer:
         try:
             tokenizer = cls(**config)
         except ConfigError as e:
-            raise ConfigError(f"{pf.preset_directory(preset)}: the saved tokenizer settings are "
+            raise ConfigError(f"{os.fspath(directory)}: the saved tokenizer settings are "
                               f"invalid: {e}") from None
         if found["layout"] == "transformers" and not cls.special_token_spec \
                 and "unsplittable_tokens" not in kwargs \
@@ -561,70 +498,12 @@ def save_transformers_tokenizer(tokenizer, path, overwrite=False) -> None:
     tokenizer.export_to_transformers(path, overwrite=overwrite)
 
 
-def _canonical_texts(inputs):
-    """(list of str, batched?) from a str, a list/tuple of str or a NumPy array of str."""
-    if isinstance(inputs, str):
-        return [inputs], False
-    if isinstance(inputs, np.ndarray):
-        if inputs.dtype.kind not in "UO" or inputs.ndim > 1:
-            raise InputTypeError("tokenize() takes a string, a list of strings or a 0-/1-D "
-                                 f"array of strings; got an array of dtype {inputs.dtype} and "
-                                 f"shape {inputs.shape}")
-        if inputs.ndim == 0:
-            return _canonical_texts(inputs.item())
-        inputs = inputs.tolist()
-    if isinstance(inputs, (list, tuple)):
-        for i, text in enumerate(inputs):
-            if not isinstance(text, str):
-                raise InputTypeError(f"tokenize() input {i} is a {type(text).__name__}; "
-                                     "expected a string")
-        return [str(t) for t in inputs], True
-    raise InputTypeError(f"tokenize() takes a string or a list of strings; got "
-                         f"{type(inputs).__name__}")
-
-
-def _as_id_array(seq, where):
-    array = np.asarray(seq)
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
-        raise InputTypeError(f"detokenize() {where} holds {array.dtype} values; expected "
-                             "integer token ids")
-    return array.astype(np.int64, copy=False)
-
-
-def _canonical_ids(inputs):
-    """(list of 1-D int64 arrays, batched?) from an int, a (nested) list or an array."""
-    if isinstance(inputs, bool):
-        raise InputTypeError("detokenize() got a bool; expected integer token ids")
-    if isinstance(inputs, (int, np.integer)):
-        return [np.array([inputs], dtype=np.int64)], False
-    if isinstance(inputs, np.ndarray):
-        if inputs.ndim == 0:
-            return [_as_id_array(inputs.reshape(1), "input")], False
-        if inputs.ndim == 1:
-            return [_as_id_array(inputs, "input")], False
-        if inputs.ndim == 2:
-            return [_as_id_array(row, f"row {i}") for i, row in enumerate(inputs)], True
-        raise InputTypeError(f"detokenize() takes 0-, 1- or 2-D ids; got shape {inputs.shape}")
-    if isinstance(inputs, (list, tuple)):
-        if not inputs or not isinstance(inputs[0], (list, tuple, np.ndarray)):
-            for i, x in enumerate(inputs):
-                if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-                    raise InputTypeError(f"detokenize() input {i} is {x!r}; expected an integer "
-                                         "token id")
-            return [np.asarray(inputs, dtype=np.int64)], False
-        seqs = []
-        for i, row in enumerate(inputs):
-            if not isinstance(row, (list, tuple, np.ndarray)):
-                raise InputTypeError(f"detokenize() row {i} is {type(row).__name__}; expected a "
-                                     "sequence of integer token ids")
-            if isinstance(row, (list, tuple)):
-                for j, x in enumerate(row):
-                    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-                        raise InputTypeError(f"detokenize() row {i} item {j} is {x!r}; expected "
-                                             "an integer token id")
-            seqs.append(_as_id_array(row, f"row {i}"))
-        return seqs, True
-    raise InputTypeError(f"detokenize() takes integer ids (an int, a list, a list of lists or an "
-                         f"array); got {type(inputs).__name__}")
+def _checked_id(tables, id, what: str, missing: str) -> int:
+    """``id`` if it is an integer naming a token of ``tables``; else :class:`InputTypeError`
+    (``what`` must be an integer) or :class:`TokenizerError` (``id <missing>``, ``{last}`` the
+    largest id)."""
+    if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
+        raise InputTypeError(f"{what} must be an integer; got {type(id).__name__}")
+    if not 0 <= id < tables.num_ids or tables.id_to_token[id] is None:
+        raise TokenizerError(f"id {id} " + missing.format(last=tables.num_ids - 1))
+    return id

@@ -22,10 +22,3 @@ from refopt.training.loop import (  # noqa: F401
     predict,
 )
 from refopt.training.schedules import CosineDecay, LearningRateSchedule  # noqa: F401
-
-
-def resolve_optimizer(optimizer="auto"):
-    """What ``compile(optimizer=...)`` stores: see :func:`refopt.optimizers.get`."""
-    from refopt import optimizers
-
-    return optimizers.get(optimizer)

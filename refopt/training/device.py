@@ -53,7 +53,8 @@ from refopt.config import OPTConfig
 from refopt.kernels.cuda._common import SIMULATOR
 from refopt.model import positions_from_mask
 
-from refopt.training.device_buffers import LAYER_WEIGHTS, Buffers, Layout, StepSums  # noqa: F401
+from refopt.training import device_step
+from refopt.training.device_buffers import Buffers, Layout, StepSums  # noqa: F401
 
 
 def blocker(cfg: OPTConfig, optimizer=None) -> str:
@@ -149,7 +150,7 @@ class DeviceTrainer:
         from refopt.kernels.cuda._common import to_device, zeros
 
         lay, dt = self.layout, self.dtype
-        built = opt._names is not None
+        built = opt.built
 
         def flat(slot):
             host = np.zeros(lay.size, dt)
@@ -158,10 +159,10 @@ class DeviceTrainer:
             return to_device(host)
 
         if built:
-            self.M = flat(lambda n: opt._slots[n]["m"])
-            self.V = flat(lambda n: opt._slots[n]["v"])
-            self.Vhat = flat(lambda n: opt._slots[n]["v_hat"]) if opt.amsgrad else None
-            self.ACC = flat(lambda n: opt._accumulators[n]) if opt.gradient_accumulation_steps else None
+            self.M = flat(lambda n: opt.slots(n)["m"])
+            self.V = flat(lambda n: opt.slots(n)["v"])
+            self.Vhat = flat(lambda n: opt.slots(n)["v_hat"]) if opt.amsgrad else None
+            self.ACC = flat(lambda n: opt.accumulator(n)) if opt.gradient_accumulation_steps else None
         else:
             self.M, self.V = zeros(lay.size, dt), zeros(lay.size, dt)
             self.Vhat = zeros(lay.size, dt) if opt.amsgrad else None
@@ -170,7 +171,7 @@ class DeviceTrainer:
         self.chunk_param = to_device(lay.chunk_param)
         self.param_chunks = to_device(lay.param_chunks)
         nparam = len(lay.names)
-        self.decay_flag = to_device(np.array([1 if opt._use_weight_decay(n) else 0 for n in lay.names],
+        self.decay_flag = to_device(np.array([1 if opt.uses_weight_decay(n) else 0 for n in lay.names],
                                              np.uint8))
         self.mul = to_device(np.ones(nparam, dt))
         self.div = to_device(np.ones(nparam, dt))
@@ -188,19 +189,18 @@ class DeviceTrainer:
         opt = self.opt
         if opt is None or not hasattr(self, "M"):
             return
-        opt._names = tuple(params)
-        opt._owned = dict(new)
         m, v = self.M.copy_to_host(), self.V.copy_to_host()
         vh = self.Vhat.copy_to_host() if self.Vhat is not None else None
-        opt._slots = {}
+        slots = {}
         for n in lay.names:
-            slots = {"m": np.array(lay.view(m, n)), "v": np.array(lay.view(v, n))}
+            slots[n] = {"m": np.array(lay.view(m, n)), "v": np.array(lay.view(v, n))}
             if vh is not None:
-                slots["v_hat"] = np.array(lay.view(vh, n))
-            opt._slots[n] = slots
+                slots[n]["v_hat"] = np.array(lay.view(vh, n))
+        accumulators = None
         if self.ACC is not None:
             acc = self.ACC.copy_to_host()
-            opt._accumulators = {n: np.array(lay.view(acc, n)) for n in lay.names}
+            accumulators = {n: np.array(lay.view(acc, n)) for n in lay.names}
+        opt.restore(params, new, slots, accumulators)
 
     # ------------------------------------------------------------------ batches
     def _buffers(self, rows, S, train):
@@ -266,134 +266,6 @@ class DeviceTrainer:
         self._views[key] = v
         return v
 
-    # ------------------------------------------------------------------ forward / backward
-    def _weights(self, flat, i):
-        lay, D = self.layout, self.cfg.hidden_dim
-        p = f"layers.{i}."
-        w = {n: lay.view(flat, p + n) for n in LAYER_WEIGHTS}
-        w["qkv.weight"] = lay.span(flat, p + "q_proj.weight", (3 * D, D))
-        w["qkv.bias"] = lay.span(flat, p + "q_proj.bias", (3 * D,))
-        return w
-
-    def _forward(self, buf, views, B, S, dropout):
-        from refopt.kernels.cuda import attention, fused, gemm, rows
-
-        cfg, lay, P, s = self.cfg, self.layout, self.P, self.stream
-        N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
-        K = D // H
-        eps = cfg.layer_norm_epsilon
-        X = buf.X
-        fused.embed(lay.view(P, "embed_tokens"), lay.view(P, "embed_positions"), views["ids"],
-                    views["pos"], X[0, :N], stream=s)
-        s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
-        for i in range(cfg.num_layers):
-            w = self._weights(P, i)
-            j = i if buf.train else 0
-            x_in, x_out = (X[i, :N], X[i + 1, :N]) if buf.train else (X[i % 2, :N], X[(i + 1) % 2, :N])
-            st = buf.stats[j]
-            a, qkv, ctx, r1, mm, h = (buf.A[j, :N], buf.QKV[j, :N], buf.CTX[j, :N], buf.R1[j, :N],
-                                      buf.MM[j, :N], buf.H[j, :N])
-            keep1 = keep2 = None
-            if dropout:
-                for site in range(2):
-                    fused.dropout_keep(buf.keep[i, site, :N * D], cfg.dropout, views["dropout"],
-                                       2 * i + site, stream=s)
-                keep1 = buf.keep[i, 0, :N * D].reshape(N, D)
-                keep2 = buf.keep[i, 1, :N * D].reshape(N, D)
-            rows.layernorm(x_in, w["self_attn_layer_norm.gamma"], w["self_attn_layer_norm.beta"], eps,
-                           y=a, stats=(st[0, :N], st[1, :N]), stream=s)
-            gemm.gemm(a, w["qkv.weight"], "nt", bias=w["qkv.bias"], out=qkv, stream=s)
-            flat = qkv.reshape(-1)
-            attention.flash_attention(flat, flat[D:], flat[2 * D:], ctx.reshape(-1), s3, s3, s3, s1,
-                                      B, H, S, S, K, key_mask=views["key_mask"], causal=True,
-                                      stats=(st[4, :B * H * S], st[5, :B * H * S]),
-                                      scale=cfg.head_dim ** -0.5, stream=s)
-            gemm.gemm(ctx, w["out_proj.weight"], "nt", bias=w["out_proj.bias"], out=r1, residual=x_in,
-                      keep=keep1, stream=s)
-            rows.layernorm(r1, w["mlp_layer_norm.gamma"], w["mlp_layer_norm.beta"], eps, y=mm,
-                           stats=(st[2, :N], st[3, :N]), stream=s)
-            gemm.gemm(mm, w["fc1.weight"], "nt", bias=w["fc1.bias"], relu=True, out=h, stream=s)
-            gemm.gemm(h, w["fc2.weight"], "nt", bias=w["fc2.bias"], out=x_out, residual=r1, keep=keep2,
-                      stream=s)
-        x_last = X[cfg.num_layers, :N] if buf.train else X[cfg.num_layers % 2, :N]
-        rows.layernorm(x_last, lay.view(P, "final_layer_norm.gamma"),
-                       lay.view(P, "final_layer_norm.beta"), eps, y=buf.Y[:N],
-                       stats=(buf.final_stats[0, :N], buf.final_stats[1, :N]), stream=s)
-        gemm.gemm(buf.Y[:N], lay.view(P, "embed_tokens"), "nt", out=buf.logits[:N], stream=s)
-
-    def _loss(self, buf, views, N, write_grad):
-        from refopt.kernels.cuda import fused
-
-        fused.cross_entropy_grad(buf.logits[:N], views["targets"], views["d_ce"], buf.ce[:N],
-                                 buf.hit[:N], write_grad=write_grad, stream=self.stream)
-        fused.weighted_sums(buf.ce[:N], buf.hit[:N], views["sw"], buf.sums, stream=self.stream)
-
-    def _backward(self, buf, views, B, S, dropout):
-        from refopt.kernels.cuda import fused, gemm
-        from refopt.kernels.cuda._common import fill
-        from refopt.kernels.cuda.flash_backward import flash_backward
-
-        cfg, lay, P, G, s = self.cfg, self.layout, self.P, self.G, self.stream
-        N, D, H = B * S, cfg.hidden_dim, cfg.num_heads
-        K = D // H
-        logits, Y, X = buf.logits[:N], buf.Y[:N], buf.X
-        part = buf.part
-        dE = lay.view(G, "embed_tokens")
-        dM, dF, dH, dQKV = buf.dM[:N], buf.dF[:N], buf.dH[:N], buf.dQKV[:N]
-        gemm.gemm(logits, lay.view(P, "embed_tokens"), "nn", out=dM, stream=s)          # d_Y
-        gemm.gemm(logits, Y, "tn", out=dE, stream=s)                                    # head's share
-        cur, nxt = buf.dX[0, :N], buf.dX[1, :N]
-        fused.layernorm_backward(dM, X[cfg.num_layers, :N], buf.final_stats[0, :N],
-                                 buf.final_stats[1, :N], lay.view(P, "final_layer_norm.gamma"), cur,
-                                 lay.view(G, "final_layer_norm.gamma"),
-                                 lay.view(G, "final_layer_norm.beta"), part, stream=s)
-        s3, s1 = (S * 3 * D, K, 3 * D), (S * D, K, D)
-        strides = {"q": s3, "k": s3, "v": s3, "o": s1, "d_o": s1, "d_q": s3, "d_k": s3, "d_v": s3}
-        for i in reversed(range(cfg.num_layers)):
-            w, g = self._weights(P, i), self._weights(G, i)
-            st = buf.stats[i]
-            # --- MLP block: X[i+1] = R1 + keep2 * (H @ W2.T + b2), H = relu(MM @ W1.T + b1)
-            src = cur
-            if dropout:
-                fused.multiply(cur.reshape(-1), buf.keep[i, 1, :N * D], dF.reshape(-1), stream=s)
-                src = dF
-            gemm.gemm(src, w["fc2.weight"], "nn", out=dH, gate=buf.H[i, :N], stream=s)
-            gemm.gemm(src, buf.H[i, :N], "tn", out=g["fc2.weight"], stream=s)
-            fused.column_sums(src, g["fc2.bias"], part[0], stream=s)
-            gemm.gemm(dH, w["fc1.weight"], "nn", out=dM, stream=s)
-            gemm.gemm(dH, buf.MM[i, :N], "tn", out=g["fc1.weight"], stream=s)
-            fused.column_sums(dH, g["fc1.bias"], part[0], stream=s)
-            fused.layernorm_backward(dM, buf.R1[i, :N], st[2, :N], st[3, :N], w["mlp_layer_norm.gamma"],
-                                     nxt, g["mlp_layer_norm.gamma"], g["mlp_layer_norm.beta"], part,
-                                     d_res=cur, stream=s)
-            cur, nxt = nxt, cur
-            # --- attention block: R1 = X[i] + keep1 * (CTX @ Wo.T + bo), CTX = attention(QKV)
-            src = cur
-            if dropout:
-                fused.multiply(cur.reshape(-1), buf.keep[i, 0, :N * D], dF.reshape(-1), stream=s)
-                src = dF
-            gemm.gemm(src, w["out_proj.weight"], "nn", out=dM, stream=s)                 # d_CTX
-            gemm.gemm(src, buf.CTX[i, :N], "tn", out=g["out_proj.weight"], stream=s)
-            fused.column_sums(src, g["out_proj.bias"], part[0], stream=s)
-            qkv = buf.QKV[i, :N].reshape(-1)
-            dq = dQKV.reshape(-1)
-            flash_backward(qkv, qkv[D:], qkv[2 * D:], buf.CTX[i, :N].reshape(-1), dM.reshape(-1),
-                           st[4, :B * H * S], st[5, :B * H * S], views["key_mask"], dq, dq[D:],
-                           dq[2 * D:], buf.dlt[:B * H * S], strides, B, H, S, S, K, causal=True,
-                           scale=cfg.head_dim ** -0.5, stream=s)
-            gemm.gemm(dQKV, w["qkv.weight"], "nn", out=dM, stream=s)                      # d_A
-            gemm.gemm(dQKV, buf.A[i, :N], "tn", out=g["qkv.weight"], stream=s)
-            fused.column_sums(dQKV, g["qkv.bias"], part[0], stream=s)
-            fused.layernorm_backward(dM, X[i, :N], st[0, :N], st[1, :N], w["self_attn_layer_norm.gamma"],
-                                     nxt, g["self_attn_layer_norm.gamma"],
-                                     g["self_attn_layer_norm.beta"], part, d_res=cur, stream=s)
-            cur, nxt = nxt, cur
-        # embeddings: positions' table from zero, the token table's share added to the head's
-        dP = lay.view(G, "embed_positions")
-        fill(dP.reshape(-1), 0, stream=s)
-        fused.segment_sum(cur, *views["pos_seg"], views["pos_count"], dP, stream=s)
-        fused.segment_sum(cur, *views["tok_seg"], views["tok_count"], dE, stream=s)
-
     def _update(self, views):
         """Clipping and the Adam(W) step (no gradient accumulation here: see :meth:`step`)."""
         from refopt.kernels.cuda import fused
@@ -411,10 +283,10 @@ class DeviceTrainer:
 
     def _train_launches(self, buf, views, B, S, update):
         """Every launch of one step, on the trainer's stream (captured once into a graph)."""
-        dropout = self.cfg.dropout > 0
-        self._forward(buf, views, B, S, dropout)
-        self._loss(buf, views, B * S, True)
-        self._backward(buf, views, B, S, dropout)
+        dropout, s = self.cfg.dropout > 0, self.stream
+        device_step.forward(self.cfg, self.layout, self.P, buf, views, B, S, dropout, s)
+        device_step.loss(buf, views, B * S, True, s)
+        device_step.backward(self.cfg, self.layout, self.P, self.G, buf, views, B, S, dropout, s)
         if update:
             self._buf_sums = buf.sums
             self._update(views)
@@ -431,7 +303,7 @@ class DeviceTrainer:
 
                 graph = self._graphs[key] = graphs.capture(self.stream, launches)
                 # the graph holds the split-K workspaces' addresses: keep those buffers alive
-                self._held.extend(gemm._WORKSPACE.values())
+                self._held.extend(gemm.workspaces())
             except Exception as e:                    # noqa: BLE001 (any failure: run directly)
                 self.use_graphs = False
                 self.graph_error = f"{type(e).__name__}: {e}"
@@ -455,9 +327,9 @@ class DeviceTrainer:
         buf = self._buffers(B, S, True)
         d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
         steps = opt.gradient_accumulation_steps
-        finish = not steps or (opt._iterations + 1) % steps == 0
+        finish = not steps or (opt.apply_count + 1) % steps == 0
         lr = opt.learning_rate
-        t_alpha = opt._alpha(lr) if finish else 0.0
+        t_alpha = opt.alpha(lr) if finish else 0.0
         self._upload(buf, batch, d_ce, (opt.weight_decay * lr if opt.weight_decay else 0.0, t_alpha))
         views = self._batch_views(buf, B, S)
         if steps:                                   # accumulation: launched directly, no graph
@@ -471,7 +343,7 @@ class DeviceTrainer:
         sums = StepSums(*buf.sums.copy_to_host(stream=self.stream))
         self.stream.synchronize()
         if math.isfinite(sums.loss_sum):
-            opt._iterations += 1
+            opt.count_apply()
             self.step_count += 1
         return sums
 
@@ -481,8 +353,8 @@ class DeviceTrainer:
         d_ce = (batch.sample_weight / self.dtype.type(divisor)).astype(self.dtype)
         self._upload(buf, batch, d_ce)
         views = self._batch_views(buf, B, S)
-        self._forward(buf, views, B, S, dropout)
-        self._loss(buf, views, B * S, write_grad)
+        device_step.forward(self.cfg, self.layout, self.P, buf, views, B, S, dropout, self.stream)
+        device_step.loss(buf, views, B * S, write_grad, self.stream)
         return buf, views
 
     def evaluate(self, batch) -> StepSums:
@@ -506,7 +378,8 @@ class DeviceTrainer:
         ``dropout``, with this step's dropout masks."""
         B, S = batch.token_ids.shape
         buf, views = self._inference(batch, write_grad=True, divisor=divisor, dropout=dropout)
-        self._backward(buf, views, B, S, dropout)
+        device_step.backward(self.cfg, self.layout, self.P, self.G, buf, views, B, S, dropout,
+                             self.stream)
         host = self.G.copy_to_host(stream=self.stream)
         sums = buf.sums.copy_to_host(stream=self.stream)
         self.stream.synchronize()

@@ -120,9 +120,11 @@ def check_trainable(params, what="params"):
 
 
 def forward_backward(params, cfg: OPTConfig, batch: Batch, *, dropout_rng=None,
-                     reduction: str = "mean_with_sample_weight", ops=None) -> StepResult:
+                     reduction: str = "mean_with_sample_weight", ops=None,
+                     trainable=None) -> StepResult:
     """One forward and backward pass over a checked :class:`Batch` (see :func:`check_batch`), on
-    the ops namespace ``ops`` (default: the current backend's, as :func:`refopt.model.forward`)."""
+    the ops namespace ``ops`` (default: the current backend's, as :func:`refopt.model.forward`).
+    ``trainable``: the names whose gradients to compute (None: all; LoRA passes its adapters)."""
     if reduction not in REDUCTIONS:
         raise InputError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
     ops = backend.ops() if ops is None else ops
@@ -140,15 +142,19 @@ def forward_backward(params, cfg: OPTConfig, batch: Batch, *, dropout_rng=None,
     else:
         divisor = 1.0
     if divisor == 0.0:  # no position counts: Keras's divide_no_nan gives 0, and so does the gradient
-        return StepResult(0.0, {k: np.zeros_like(v) for k, v in params.items()}, logits, batch)
+        return StepResult(0.0, {k: np.zeros_like(v) for k, v in params.items()
+                                if trainable is None or k in trainable}, logits, batch)
     loss = float((sw * ce).sum(dtype=np.float64) / divisor)                  # accumulated in float64
     d_logits = ops.cross_entropy_backward((sw / dtype.type(divisor)).astype(dtype), probs, batch.y)
     del probs
-    d_hidden, d_head = ops.lm_head_backward(d_logits, hidden, params["embed_tokens"])  # tied head
+    if trainable is None or "embed_tokens" in trainable:
+        d_hidden, d_head = ops.lm_head_backward(d_logits, hidden, params["embed_tokens"])  # tied head
+        d_head = d_head.astype(dtype, copy=False)
+    else:                                      # a frozen table: only the hidden states' gradient
+        d_hidden, d_head = ops.linear_backward_input(d_logits, params["embed_tokens"]), None
     del d_logits
     # the embedding lookup's gradient is added into the head's: embed_tokens gets both
-    grads = backward(params, cfg, tape, d_hidden, d_embed_tokens=d_head.astype(dtype, copy=False),
-                     ops=ops)
+    grads = backward(params, cfg, tape, d_hidden, d_embed_tokens=d_head, ops=ops, trainable=trainable)
     return StepResult(loss, grads, logits, batch)
 
 

@@ -3,7 +3,7 @@
 The model object needs ``model.backbone.params`` (the parameter dict, updated in place by
 training), ``model.backbone.config`` (an :class:`~refopt.config.OPTConfig`), ``model.preprocessor``
 (``None`` or a callable ``strings -> (x, y, sample_weight)``) and ``model.optimizer`` (``None``
-until the first ``fit``, which builds it from ``model._optimizer_spec``, what ``compile(optimizer=...)``
+until the first ``fit``, which builds it from ``model.optimizer_spec``, what ``compile(optimizer=...)``
 was given: ``"auto"`` is KerasHub's default, Adam with learning rate 2e-5).
 
 What is reported (Keras 3 semantics, which KerasHub's ``CausalLM.compile`` defaults select:
@@ -42,6 +42,7 @@ from refopt import backend
 from refopt.errors import InputError, InputTypeError, TrainingError
 from refopt.model import logits_forward
 from refopt.ops.loss import accuracy
+from refopt.tokenizers.inputs import is_strings
 from refopt.training.gradients import Batch, check_batch, check_trainable, forward_backward
 from refopt.training.history import History
 
@@ -50,14 +51,6 @@ ACCURACY = "sparse_categorical_accuracy"
 
 
 # ------------------------------------------------------------------------------- data
-def _is_strings(x) -> bool:
-    if isinstance(x, str):
-        return True
-    if isinstance(x, np.ndarray):
-        return x.dtype.kind in "US" or (x.dtype == object and x.size > 0 and isinstance(x.flat[0], str))
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(s, str) for s in x)
-
-
 def _check_batch_size(batch_size):
     if batch_size is None:
         return DEFAULT_BATCH_SIZE
@@ -67,9 +60,9 @@ def _check_batch_size(batch_size):
     return int(batch_size)
 
 
-def _preprocess(model, x, y, sample_weight, what="x"):
+def _training_inputs(model, x, y, sample_weight, what="x"):
     """``(x dict, y, sample_weight)`` from strings (through the preprocessor) or from a dict."""
-    if _is_strings(x):
+    if is_strings(x):
         preprocessor = getattr(model, "preprocessor", None)
         if preprocessor is None:
             raise InputTypeError(f"{what}: got strings, but this model has no preprocessor; pass "
@@ -124,15 +117,26 @@ def _optimizer(model):
 
     opt = getattr(model, "optimizer", None)
     if opt is None or isinstance(opt, str):
-        # compile() records what was asked for (OPTCausalLM keeps it as _optimizer_spec); the
+        # compile() records what was asked for (CausalLM keeps it as optimizer_spec); the
         # optimizer object is made on first use and kept, so its state carries over between fits
-        spec = opt if isinstance(opt, str) else getattr(model, "_optimizer_spec", "auto")
+        spec = opt if isinstance(opt, str) else getattr(model, "optimizer_spec", "auto")
         opt = optimizers.get(spec)
         model.optimizer = opt
     if not isinstance(opt, optimizers.Optimizer):
         raise TrainingError(f"model.optimizer is {type(opt).__name__}; expected a "
                             "refopt.optimizers.Optimizer (compile(optimizer=...))")
     return opt
+
+
+def _apply(opt, grads, params, trainable, ops):
+    # the optimizer's update of the trainable parameters, in place in `params`, on the model's ops
+    if trainable is None:
+        opt.apply(grads, params, ops=ops)
+        return
+    subset = {name: params[name] for name in trainable}
+    opt.apply(grads, subset, ops=ops)
+    params.update(subset)               # the optimizer may have replaced arrays by its own copies
+    # (Parameters.update advances params.version)
 
 
 def _verbosity(verbose):
@@ -197,8 +201,8 @@ def _device_trainer(model, optimizer=None, seed=None):
         return None
     from refopt.training.device import DeviceTrainer, blocker
 
-    if blocker(cfg, optimizer):
-        return None
+    if blocker(cfg, optimizer) or getattr(model.backbone, "lora_enabled", False):
+        return None                       # (LoRA: the device step trains every weight, not adapters)
     backbone = model.backbone
     trainer = _TRAINERS.get(backbone)
     if trainer is None or trainer.cfg is not cfg or not trainer.holds(params):
@@ -264,11 +268,11 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
     opt = _optimizer(model)
     dtype = params["embed_tokens"].dtype
 
-    x, y, sample_weight = _preprocess(model, x, y, sample_weight)
+    x, y, sample_weight = _training_inputs(model, x, y, sample_weight)
     data = check_batch(cfg, x, y, sample_weight, dtype)
     val = None
     if validation_data is not None:
-        vx, vy, vsw = _preprocess(model, *_unpack_validation(validation_data), what="validation_data")
+        vx, vy, vsw = _training_inputs(model, *_unpack_validation(validation_data), what="validation_data")
         val = check_batch(cfg, vx, vy, vsw, dtype)
 
     rng = np.random.default_rng(seed)
@@ -292,6 +296,8 @@ def fit(model, x=None, y=None, sample_weight=None, batch_size=None, epochs=1, sh
 def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batch_size, epochs,
                 initial_epoch, shuffle, steps, verbose, history):
     n = data.y.shape[0]
+    # LoRA (backbone.enable_lora): only the adapters train; every other weight stays as it is
+    trainable = getattr(model.backbone, "trainable_names", lambda: None)()
     for epoch in range(initial_epoch, epochs):
         order = rng.permutation(n) if shuffle else np.arange(n)
         trackers = _Trackers()
@@ -309,7 +315,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                     loss = sums.loss_sum / b.y.size
                 else:
                     res = forward_backward(model.backbone.params, cfg, b, dropout_rng=dropout_rng,
-                                           reduction="sum_over_batch_size", ops=ops)
+                                           reduction="sum_over_batch_size", ops=ops, trainable=trainable)
                     loss = res.loss
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -319,7 +325,7 @@ def _fit_epochs(model, opt, cfg, ops, data, val, rng, dropout_rng, trainer, batc
                 if trainer is not None:
                     trackers.update_sums(loss, b, sums.hit_sum, sums.weight_sum)
                 else:
-                    opt.apply(res.grads, model.backbone.params, ops=ops)
+                    _apply(opt, res.grads, model.backbone.params, trainable, ops)
                     trackers.update(res.loss, res.logits, b)
                 if progress is not None:
                     progress.update(1)
@@ -345,7 +351,7 @@ def evaluate(model, x=None, y=None, sample_weight=None, batch_size=None, verbose
     params, cfg, ops = _model_parts(model)
     batch_size = _check_batch_size(batch_size)
     verbose = _verbosity(verbose)
-    x, y, sample_weight = _preprocess(model, x, y, sample_weight)
+    x, y, sample_weight = _training_inputs(model, x, y, sample_weight)
     data = check_batch(cfg, x, y, sample_weight, params["embed_tokens"].dtype)
     steps = math.ceil(data.y.shape[0] / batch_size)
     progress = None
@@ -370,7 +376,7 @@ def predict(model, x, batch_size=None, verbose="auto"):
     params, cfg, ops = _model_parts(model)
     batch_size = _check_batch_size(batch_size)
     verbose = _verbosity(verbose)
-    x, _, _ = _preprocess(model, x, None, None)
+    x, _, _ = _training_inputs(model, x, None, None)
     n = _rows(x)
     dummy_y = np.zeros_like(np.asarray(x["token_ids"]), dtype=np.int64)
     data = check_batch(cfg, x, dummy_y, None, params["embed_tokens"].dtype)
@@ -411,7 +417,7 @@ def loss_and_gradients_for_model(model, x, y=None, sample_weight=None, naming="r
     if naming not in ("refopt", "huggingface"):
         raise InputError(f"naming={naming!r}: expected 'refopt' or 'huggingface'")
     params, cfg, ops = _model_parts(model)
-    x, y, sample_weight = _preprocess(model, x, y, sample_weight)
+    x, y, sample_weight = _training_inputs(model, x, y, sample_weight)
     loss, grads = loss_and_gradients(params, cfg, x, y, sample_weight, ops=ops)
     if naming == "huggingface":
         grads = grads_to_huggingface(grads, cfg)

@@ -15,9 +15,10 @@ import functools
 
 import refopt.ops as _reference
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
-    accuracy, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
-    lm_head_backward, linear_backward, log_softmax, merge_heads, relu_backward, relu_forward, softmax,
-    softmax_backward, split_heads)
+    accuracy, add, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward,
+    dropout_mask, lm_head_backward, linear_backward, linear_backward_input, log_softmax, lora_backward,
+    lora_forward, lora_merge, merge_heads, relu_backward, relu_forward, softmax, softmax_backward,
+    split_heads)
 from refopt.kernels.cpu import _threads, warmup
 from refopt.kernels.cpu import attention as _attention, decode as _decode, embedding as _embedding
 from refopt.kernels.cpu import layernorm as _layernorm, loss as _loss, optim as _optim, sampling as _sampling

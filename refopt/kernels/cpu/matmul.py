@@ -130,8 +130,10 @@ def _dots(x, w, o0, o1, raw):
     # raw[:, :o1-o0] <- x [M, I] @ widen(w[o0:o1]).T.  Rows four at a time: pairs of outputs by
     # four rows (dot_block).  The rows left over (all of them below four rows, as in decoding):
     # four outputs side by side (dot_four) where that streams faster -- float32/float64 weights
-    # (+34% at 768 wide), or rows of 4096 and more (+20% for float16 at 8192, measured on one
-    # thread) -- else one output at a time (dot_one: faster for narrow weights at 768-2048 wide)
+    # (+34% at 768 wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for
+    # int8 and float16: the row of x, 64 KB, no longer stays in L1 and dot_four reads it once for
+    # four weight rows) -- else one output at a time (dot_one: faster for narrow weights at
+    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10)
     M, I = x.shape
     Mb = M - M % 4
     for o in range(o0, o1, 2):
@@ -145,7 +147,7 @@ def _dots(x, w, o0, o1, raw):
             else:
                 for mm in range(m, m + 4):
                     raw[mm, o - o0] = dot_one(x, mm, w, o)
-    four = w.itemsize >= 4 or I >= 4096
+    four = w.itemsize >= 4 or I > 4096
     for m in range(Mb, M):
         o = o0
         if four:

@@ -24,8 +24,9 @@ kernel never forms them, and they are rebuilt from its row statistics when ``att
 import numpy as np
 
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are: reshapes, masks, cheap maps)
-    accuracy, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
-    log_softmax, merge_heads, relu_backward, relu_forward, softmax, softmax_backward, split_heads)
+    accuracy, add, attention_mask, descending_order, dropout_backward, dropout_forward, dropout_mask,
+    linear_backward_input, log_softmax, lora_backward, lora_forward, lora_merge, merge_heads,
+    relu_backward, relu_forward, softmax, softmax_backward, split_heads)
 from refopt.kernels.cuda import attention as _attn
 from refopt.kernels.cuda import gemm as _gemm
 from refopt.kernels.cuda import rows as _rows

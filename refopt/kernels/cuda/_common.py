@@ -97,10 +97,54 @@ def fill(flat, value, stream=0):
         _fill[cdiv(n, 256), 256, stream](flat, flat.dtype.type(value))
 
 
-def grid1(n: int, threads: int = 256):
-    """``(blocks, threads)`` covering ``n`` elements with one thread each."""
-    return max(1, cdiv(int(n), threads)), threads
+# ----------------------------------------------------------------------------- block reductions
+def _block_reduce(combine, release: bool):
+    """A block-wide reduction device function ``reduce(value, buf)``: every thread of the block
+    calls it with its ``value`` and gets ``combine`` folded over all of them (a tree through
+    ``buf``, shared memory of at least ``blockDim.x`` entries; ``blockDim.x`` a power of two).
+    With ``release`` it waits at a barrier after reading the result, so the caller may write
+    ``buf`` straight away; without, the next reduction's opening barrier protects it."""
 
+    @cuda.jit(device=True)
+    def reduce(value, buf):
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[tid] = value
+        cuda.syncthreads()
+        w = cuda.blockDim.x // 2
+        while w > 0:
+            if tid < w:
+                buf[tid] = combine(buf[tid], buf[tid + w])
+            cuda.syncthreads()
+            w //= 2
+        out = buf[0]
+        if release:
+            cuda.syncthreads()
+        return out
+
+    return reduce
+
+
+# the combining functions (device functions, for reductions written elsewhere too)
+@cuda.jit(device=True)
+def plus(a, b):
+    return a + b
+
+
+@cuda.jit(device=True)
+def larger(a, b):
+    return max(a, b)
+
+
+@cuda.jit(device=True)
+def smaller(a, b):
+    return min(a, b)
+
+
+block_sum = _block_reduce(plus, release=False)          # every thread gets the block's sum
+block_max = _block_reduce(larger, release=False)       # ... its maximum
+block_min = _block_reduce(smaller, release=True)       # ... its minimum (buffer free after)
+block_sum_released = _block_reduce(plus, release=True)  # the sum, buffer free after
 
 
 def _emulate_shuffles():

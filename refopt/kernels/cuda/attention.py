@@ -19,6 +19,13 @@ reference computes it.
 
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
 reference's probabilities (:class:`LazyProbs`), which the backward (batched products, below) uses.
+
+Short names (a legend): ``B`` batch, ``H`` heads, ``Z = B * H``, ``S`` queries, ``T`` keys, ``K``
+head width, ``KP`` the head width the kernel is compiled for (``K <= KP``, a multiple of 32),
+``BQ`` / ``BKV`` query / key rows of a tile, ``NTX`` threads sharing a query row, ``NTY`` thread
+rows (``NT = NTX * NTY`` threads a block), ``CT`` score columns and ``CD`` output columns a thread
+owns (``GD = CD / 4`` groups of four), ``SQ`` / ``SP`` padded row lengths of the Q/K and the
+probability tiles in shared memory.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import ALIGN, SIM, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, block_sum, cdiv, empty, kernel, larger, nbtype, plus
 
 NTX = 8          # threads sharing a query row (the row reductions run over them)
 
@@ -202,28 +209,21 @@ def make_flash_forward(dtype, KP: int, causal: bool, dense: bool):
 
 
 if SIM:
-    @cuda.jit(device=True)
-    def _group_max(value, red, tid):
-        # max over the NTX threads sharing a row, through shared memory (no shuffles here)
-        cuda.syncthreads()
-        red[tid] = value
-        cuda.syncthreads()
-        base = tid - tid % NTX
-        out = red[base]
-        for j in range(1, NTX):
-            out = max(out, red[base + j])
-        return out
+    def _group_reduce(combine):
+        # ``combine`` over the NTX threads sharing a row, through shared memory (no shuffles here)
+        @cuda.jit(device=True)
+        def reduce(value, red, tid):
+            cuda.syncthreads()
+            red[tid] = value
+            cuda.syncthreads()
+            base = tid - tid % NTX
+            out = red[base]
+            for j in range(1, NTX):
+                out = combine(out, red[base + j])
+            return out
+        return reduce
 
-    @cuda.jit(device=True)
-    def _group_sum(value, red, tid):
-        cuda.syncthreads()
-        red[tid] = value
-        cuda.syncthreads()
-        base = tid - tid % NTX
-        out = red[base]
-        for j in range(1, NTX):
-            out += red[base + j]
-        return out
+    _group_max, _group_sum = _group_reduce(larger), _group_reduce(plus)
 else:
     @cuda.jit(device=True, inline=True)
     def _group_max(value, red, tid):
@@ -331,7 +331,7 @@ def _make_softmax_backward(dtype):
     DT = nbtype(dtype)
 
     @kernel()
-    def softmax_backward(d_probs, probs, mask, red_unused):
+    def softmax_backward(d_probs, probs, mask):
         # d_probs [Z, S, T] <- probs * (d_probs - sum(d_probs * probs)), zero where masked
         z, s = cuda.blockIdx.y, cuda.blockIdx.x
         T = probs.shape[2]
@@ -341,15 +341,7 @@ def _make_softmax_backward(dtype):
         part = DT(0)
         for t in range(tid, T, 256):
             part += d_probs[z, s, t] * probs[z, s, t]
-        buf[tid] = part
-        cuda.syncthreads()
-        w = 128
-        while w > 0:
-            if tid < w:
-                buf[tid] += buf[tid + w]
-            cuda.syncthreads()
-            w //= 2
-        dot = buf[0]
+        dot = block_sum(part, buf)                   # launched with 256 threads
         for t in range(tid, T, 256):
             g = probs[z, s, t] * (d_probs[z, s, t] - dot)
             d_probs[z, s, t] = g if mask[z // H, s, t] != 0 else DT(0)
@@ -366,7 +358,7 @@ def attention_backward_device(d_out, q, k, v, probs, mask):
     p3 = probs.reshape(Z, S, T)
     d_probs = _gemm.gemm(d3, v3, "nt")                                     # [Z, S, T]
     d_v = _gemm.gemm(p3, d3, "tn")                                         # [Z, T, K]
-    _make_softmax_backward(np.dtype(q.dtype))[(S, Z), 256](d_probs, p3, mask, d_probs)
+    _make_softmax_backward(np.dtype(q.dtype))[(S, Z), 256](d_probs, p3, mask)
     d_q = _gemm.gemm(d_probs, k3, "nn")                                    # [Z, S, K]
     d_k = _gemm.gemm(d_probs, q3, "tn")                                    # [Z, T, K]
     return d_q.reshape(B, H, S, K), d_k.reshape(B, H, T, K), d_v.reshape(B, H, T, K)

@@ -24,9 +24,14 @@ resources (registers, spills, SASS) by ``benchmarks/decode_resources.py``, witho
 Short names (a legend): ``B`` rows of the batch, ``RB`` rows of one batch pass (a power of two,
 at most 32), ``T`` positions of the cache, ``D`` hidden width, ``E`` embedding width, ``F`` MLP
 width, ``V`` vocabulary, ``L`` layers, ``H`` heads, ``K`` head width, ``P`` position-table rows,
-``LS`` floats of one layer's weights, ``S*`` split-K slices of a product (:class:`Plan`), ``Wt``
-the packed weights, ``xn`` the normalised rows, ``o_*`` / ``g_*`` offsets of a layer's / the
-model's weights in ``Wt``; the buffers are listed in :func:`make_step_kernel`.
+``LS`` floats of one layer's weights, ``S*`` split-K slices of a product (:class:`Plan`: ``So``
+the attention output's, ``S1`` fc1's, ``S2`` fc2's), ``NT`` threads a block, ``KC`` inputs a tiled
+product stages per pass, ``TM x TN`` its tile, ``XSH`` / ``WSH`` its shared staging of inputs /
+weights, ``NW`` warps a block and ``WL`` lanes a warp, ``RED`` the simulator's warp-reduction
+buffer, ``P2`` the vocabulary rounded up to a power of two (top-p's sort), ``SM`` a
+multiprocessor, ``Wt`` the packed weights, ``xn`` the normalised rows, ``o_*`` / ``g_*`` offsets of
+a layer's / the model's weights in ``Wt``; the stages (``EMBED`` ... ``SOFTMAX``) are named in
+:data:`STAGES`; the buffers are listed in :func:`make_step_kernel`.
 
 The prompt is prefilled with the general kernels (tiled products, flash attention) before the
 first step.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a

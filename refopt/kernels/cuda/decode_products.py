@@ -24,7 +24,10 @@ Names: ``RB`` rows of a batch pass, ``I`` inputs and ``N`` outputs of a product,
 tile (rows x outputs), ``TY x TX`` its threads, ``RM x CN`` the sums a thread keeps, ``KC``
 inputs staged a pass, ``S`` split-K slices, ``CPS`` input chunks a slice, ``U`` unrolling of the
 tile loop, ``XS`` partial sums the inputs are made of, ``XACT`` the inputs' bias and ReLU
-(fc2 reading fc1's sums), ``WL`` lanes of a warp, ``NW`` warps of a block.
+(fc2 reading fc1's sums), ``WL`` lanes of a warp, ``NW`` warps of a block, ``NT`` threads a
+block, ``NCH`` chunks of ``KC`` inputs, ``TILES`` tiles of outputs, ``KP = KC + 1`` a staged row's
+padded length, ``RS`` rows the block stages at once (``NXE`` / ``NWE`` staging rounds for the
+inputs / weights).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from refopt.kernels.cuda import rows as _rows
-from refopt.kernels.cuda._common import SIM, SIMULATOR
+from refopt.kernels.cuda._common import SIM, SIMULATOR, block_max, block_sum
 from refopt.kernels.cuda.sampling import (
     philox_uniform, row_argmax, row_choose, row_min_p, row_top_k_weights, row_top_p)
 
@@ -184,7 +184,6 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int):
     NT = THREADS
     GV = max(1, NT // K)
     scale = float32(K ** -0.5)
-    block_max, block_sum = _rows.block_max, _rows.block_sum
 
     @cuda.jit(device=True)
     def attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf):

@@ -27,6 +27,12 @@ Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot prod
 column across threads without bank conflicts) and block their outputs in registers
 (:func:`blocking`): a thread computes 2 x 2 of a pair's probabilities and 2 x 4 of a gradient tile,
 so each shared value it loads feeds two or four multiply-adds.
+
+Short names (a legend): ``NT`` threads a block, ``KP`` the compiled head width (``K <= KP``),
+``BT`` query and key rows of a tile (``BQ = BKV = BT``), ``SQ`` / ``SP`` padded row lengths of the
+staged tiles, ``RI x RI`` the probabilities a thread computes of a tile pair (its rows / columns
+``TI`` apart), ``RR x RD`` the gradient entries it computes (rows ``TR`` apart, columns ``TD``
+apart), ``Dlt`` the row dots ``dO . O``, ``Z`` batch times heads.
 """
 
 from __future__ import annotations
@@ -215,6 +221,8 @@ def make_flash_backward(dtype, KP: int, causal: bool):
         store(acc_k, d_k, b * dks[0] + h * dks[1], dks[2], t0, T, K, DT(1), tid)
         store(acc_v, d_v, b * dvs[0] + h * dvs[1], dvs[2], t0, T, K, DT(1), tid)
 
+    # dq opens as dkdv does (the same staged tiles): Numba allocates shared memory per declaration
+    # in a kernel body, so each kernel declares its own
     @kernel(launch_bounds=NT)
     def dq(q, k, v, d_o, m, l, dlt, key_mask, d_q, qs, ks, vs, ds_, dqs, H, S, T, K, q_offset, scale):
         Qs = cuda.shared.array((BT, SQ), DT)

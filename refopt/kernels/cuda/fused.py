@@ -30,8 +30,7 @@ import math
 import numpy as np
 from numba import cuda, float64, int32
 
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, kernel, nbtype
-from refopt.kernels.cuda.rows import block_max, block_sum
+from refopt.kernels.cuda._common import SIM, SIMULATOR, block_max, block_min, block_sum, cdiv, kernel, nbtype
 from refopt.kernels.cuda.sampling import philox_uniform
 
 THREADS = 8 if SIM else 32 if SIMULATOR else 256
@@ -227,15 +226,7 @@ def _cross_entropy_grad(dtype):
         row_top = block_max(top, buf)
         if top != row_top:
             first = V
-        ibuf[tid] = first
-        cuda.syncthreads()
-        w = cuda.blockDim.x // 2
-        while w > 0:
-            if tid < w:
-                ibuf[tid] = min(ibuf[tid], ibuf[tid + w])
-            cuda.syncthreads()
-            w //= 2
-        argmax = ibuf[0]
+        argmax = block_min(first, ibuf)
         part = DT(0)
         for j in range(tid, V, cuda.blockDim.x):
             part += math.exp(logits[n, j] - row_top)

@@ -31,6 +31,12 @@ keep the 16-byte shared loads conflict-free while a warp's columns span 64 conse
 Indices are masked non-negative (``& mask``) so that the compiler drops Numba's negative-index
 wrap-around and can vectorise the shared loads; constants are typed in the kernel's dtype so
 float32 code never widens to float64.
+
+Short names (a legend): ``BM x BN`` the block's tile of C, ``BK`` the K slice staged per step,
+``TM x TN`` a thread's register tile, ``NTX x NTY`` the block's threads along n and m (``NT`` in
+all), ``GM`` / ``GN`` a thread's groups of four rows / columns, ``HM`` / ``HN`` the distance
+between them, ``LA`` / ``LB`` elements of A / B one thread loads per slice, ``SA`` / ``SB`` the
+shared rows' padded lengths (``PAD`` floats of padding), ``M``, ``N``, ``K`` the product's sizes.
 """
 
 from __future__ import annotations
@@ -109,7 +115,9 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
             ke = min(K, kb + Kc)
         ntiles = (ke - kb + BK - 1) // BK
 
-        # -- fetch slice 0 into registers, then into shared buffer 0
+        # -- fetch slice 0 into registers, then into shared buffer 0 (the loop's prefetch below
+        # repeats these loads for slice kt + 1 on purpose: double buffering; a device function over
+        # the register arrays could push them to local memory)
         for p in range(LA):
             e = tid + p * NT
             if a_km:
@@ -262,6 +270,12 @@ def _workspace(n: int, dtype):
     if buf is None or buf.shape[0] < n:
         buf = _WORKSPACE[key] = empty(n, key)
     return buf[:n]
+
+
+def workspaces() -> list:
+    """The split-K workspaces allocated so far (a CUDA graph captured over split products holds
+    their addresses: its owner keeps these alive)."""
+    return list(_WORKSPACE.values())
 
 
 @functools.lru_cache(maxsize=None)

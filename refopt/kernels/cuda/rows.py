@@ -2,7 +2,7 @@
 and backward, embedding gather and scatter-add, ReLU, the fused Adam(W) update.
 
 A row kernel runs one block per row (``THREADS`` threads, fewer under the simulator) and reduces
-through shared memory (:func:`block_sum`, :func:`block_max`: a tree over the block, every thread
+through shared memory (``_common.block_sum``, ``block_max``: a tree over the block, every thread
 calls them).  The arithmetic follows the NumPy reference op for op: LayerNorm's mean and variance
 in two passes, the softmax's maximum subtracted before the exponentials, the scatter-add summing
 each table row's gradients in token order (as ``np.add.at``), Adam's update in the reference's
@@ -19,44 +19,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda
 
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import (
+    SIM, SIMULATOR, block_max, block_sum, cdiv, empty, kernel, nbtype)
 
 THREADS = 8 if SIM else 32 if SIMULATOR else 256
-
-
-@cuda.jit(device=True)
-def block_sum(value, buf):
-    """Sum of ``value`` over the block (``blockDim.x`` a power of two, ``buf`` shared of that size
-    or more); every thread gets the total."""
-    tid = cuda.threadIdx.x
-    n = cuda.blockDim.x
-    cuda.syncthreads()
-    buf[tid] = value
-    cuda.syncthreads()
-    w = n // 2
-    while w > 0:
-        if tid < w:
-            buf[tid] += buf[tid + w]
-        cuda.syncthreads()
-        w //= 2
-    return buf[0]
-
-
-@cuda.jit(device=True)
-def block_max(value, buf):
-    """Maximum of ``value`` over the block (see :func:`block_sum`)."""
-    tid = cuda.threadIdx.x
-    n = cuda.blockDim.x
-    cuda.syncthreads()
-    buf[tid] = value
-    cuda.syncthreads()
-    w = n // 2
-    while w > 0:
-        if tid < w:
-            buf[tid] = max(buf[tid], buf[tid + w])
-        cuda.syncthreads()
-        w //= 2
-    return buf[0]
 
 
 # ----------------------------------------------------------------------------- row formulas
@@ -73,6 +39,8 @@ class RowFunctions(NamedTuple):
     * ``exp_sum(x, lo, hi, t, top, y, stride, buf)``: ``y[j] = exp(x[j] / t - top)``; returns
       their sum over the block.
     * ``divide(y, lo, hi, total, stride)``: ``y[j] /= total``.
+    * ``softmax(x, y, V, t, stride, buf) -> (top, total)``: the three in turn over a whole row
+      ``[0, V)`` (the softmax and cross-entropy kernels).
 
     The last three are the reference's ``softmax(x / t)`` (the maximum subtracted before the
     exponentials) over ``[lo, hi)``; the decode kernel runs them on slices of a row and combines
@@ -85,6 +53,7 @@ class RowFunctions(NamedTuple):
     scaled_max: object
     exp_sum: object
     divide: object
+    softmax: object
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +105,14 @@ def row_functions(dtype) -> RowFunctions:
         for j in range(lo + cuda.threadIdx.x, hi, stride):
             y[j] = y[j] / total
 
-    return RowFunctions(layernorm, scaled_max, exp_sum, divide)
+    @cuda.jit(device=True)
+    def softmax(x, y, V, t, stride, buf):
+        top = scaled_max(x, 0, V, t, stride, buf)
+        total = exp_sum(x, 0, V, t, top, y, stride, buf)
+        divide(y, 0, V, total, stride)
+        return top, total
+
+    return RowFunctions(layernorm, scaled_max, exp_sum, divide, softmax)
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -217,9 +193,7 @@ def _softmax(dtype):
         n = cuda.blockIdx.x
         V = x.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = row.scaled_max(x[n], 0, V, temperature, cuda.blockDim.x, buf)
-        total = row.exp_sum(x[n], 0, V, temperature, top, y[n], cuda.blockDim.x, buf)
-        row.divide(y[n], 0, V, total, cuda.blockDim.x)
+        row.softmax(x[n], y[n], V, temperature, cuda.blockDim.x, buf)
     return softmax
 
 
@@ -246,9 +220,7 @@ def _cross_entropy(dtype):
         n = cuda.blockIdx.x
         V = logits.shape[1]
         buf = cuda.shared.array(1024, DT)
-        top = row.scaled_max(logits[n], 0, V, one, cuda.blockDim.x, buf)
-        total = row.exp_sum(logits[n], 0, V, one, top, probs[n], cuda.blockDim.x, buf)
-        row.divide(probs[n], 0, V, total, cuda.blockDim.x)
+        top, total = row.softmax(logits[n], probs[n], V, one, cuda.blockDim.x, buf)
         if cuda.threadIdx.x == 0:
             ce[n] = math.log(total) - (logits[n, targets[n]] - top)
 
@@ -310,7 +282,6 @@ def gather(table, ids, stream=0):
 
 @functools.lru_cache(maxsize=None)
 def _segment_sum(dtype):
-    DT = nbtype(dtype)
 
     @kernel()
     def segment_sum(d_out, order, starts, rows, d_table):
@@ -410,12 +381,13 @@ def relu(x, stream=0):
 # ----------------------------------------------------------------------------- Adam(W)
 @functools.lru_cache(maxsize=None)
 def _adam(dtype):
-    DT = nbtype(dtype)
 
     @kernel()
     def adam(var, grad, m, v, v_hat, decay, one_minus_beta_1, one_minus_beta_2, alpha, epsilon,
              amsgrad):
-        # the reference's update (refopt.optimizers.Adam.update_step), element by element
+        # the reference's update (refopt.optimizers.Adam.update_step), element by element; the
+        # Numba CPU kernel (kernels/cpu/optim.py) and fused.adam_chunks write the same lines: a
+        # CUDA kernel and an @njit one cannot share a body
         i = cuda.grid(1)
         if i < var.shape[0]:
             x = var[i]

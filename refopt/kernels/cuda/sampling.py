@@ -22,6 +22,11 @@ ops namespace below and inside the persistent decode kernel (:mod:`.decode`):
   only the support for top-k / top-p / min-p.
 * :func:`row_sort_desc` -- a block bitonic sort of ``(value, index)`` pairs, largest first, ties
   by lower index (a stable descending order), for top-p's cumulative sum in sorted order.
+
+Short names (a legend): ``V`` vocabulary, ``P2`` ``V`` rounded up to a power of two (the bitonic
+sort's length), ``SCAN`` entries of the shared scan buffers, ``fbuf`` / ``ibuf`` shared float64 /
+int64 buffers of one entry a thread, ``cval`` / ``cidx`` the compacted non-zero weights and their
+token ids.  Block reductions (``block_min``, ``block_sum_released``) are :mod:`._common`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import math
 import numpy as np
 from numba import cuda, float64, int64, uint64
 
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
+from refopt.kernels.cuda._common import (SIM, SIMULATOR, block_min, block_sum_released, cdiv, empty,
+                                         kernel)
 
 THREADS = 16 if SIM else 32 if SIMULATOR else 256
 SCAN = 1024                      # shared scan buffers hold one entry per thread (<= 1024 threads)
@@ -82,24 +88,6 @@ def philox_uniform(k0, k1, row, step, stream):
     hi = float64(c0 >> uint64(5))
     lo = float64(c1 >> uint64(6))
     return (hi * 67108864.0 + lo) / 9007199254740992.0
-
-
-@cuda.jit(device=True)
-def block_sum_i(value, ibuf):
-    """Block-wide integer sum (every thread calls it; ``ibuf`` shared int64 of >= blockDim)."""
-    tid = cuda.threadIdx.x
-    cuda.syncthreads()
-    ibuf[tid] = value
-    cuda.syncthreads()
-    w = cuda.blockDim.x // 2
-    while w > 0:
-        if tid < w:
-            ibuf[tid] += ibuf[tid + w]
-        cuda.syncthreads()
-        w //= 2
-    out = ibuf[0]
-    cuda.syncthreads()
-    return out
 
 
 @cuda.jit(device=True)
@@ -166,7 +154,7 @@ def row_kth_largest(p, V, k, ibuf):
         for j in range(tid, V, n):
             if f64_bits(float64(p[j])) >= cand:
                 cnt += 1
-        if block_sum_i(cnt, ibuf) >= k:
+        if block_sum_released(cnt, ibuf) >= k:
             x = cand
     # the value whose bits are x: read it back from an element (one exists)
     cuda.syncthreads()
@@ -194,7 +182,7 @@ def row_top_k(p, V, k, keep, ibuf):
     for j in range(tid, V, n):
         if float64(p[j]) > kth:
             above += 1
-    room = k - block_sum_i(above, ibuf)
+    room = k - block_sum_released(above, ibuf)
     # ties in token order: each thread takes a contiguous chunk, an exclusive scan orders them
     chunk = (V + n - 1) // n
     lo = tid * chunk
@@ -256,7 +244,7 @@ def row_choose(w, V, u, cidx, cval, ibuf):
             bad += 1
         elif x != 0:
             nz += 1
-    bad = block_sum_i(bad, ibuf)
+    bad = block_sum_released(bad, ibuf)
     pos, total_nz = block_exclusive_scan(nz, ibuf)
     for j in range(lo, hi):              # compact the non-zero weights, in token order
         x = float64(w[j])
@@ -288,17 +276,7 @@ def row_choose(w, V, u, cidx, cval, ibuf):
         if cval[q] > t:
             first = q
             break
-    cuda.syncthreads()
-    ibuf[tid] = first
-    cuda.syncthreads()
-    m = n // 2
-    while m > 0:
-        if tid < m:
-            ibuf[tid] = min(ibuf[tid], ibuf[tid + m])
-        cuda.syncthreads()
-        m //= 2
-    first = ibuf[0]
-    cuda.syncthreads()
+    first = block_min(first, ibuf)
     if first >= total_nz:
         first = total_nz - 1
     return cidx[first]

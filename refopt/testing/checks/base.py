@@ -121,8 +121,3 @@ def _load(adapter, case, streaming: bool) -> str:
     params = case.params if isinstance(case.params, dict) else case.params.materialize()
     adapter.load(case.config, params)
     return "parameters"
-
-
-def forget(adapter) -> None:
-    """Drop what :func:`ensure_loaded` remembers about ``adapter`` (it was reloaded elsewhere)."""
-    _LOADED.pop(adapter, None)
