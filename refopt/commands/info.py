@@ -54,6 +54,8 @@ def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict
     else:
         plan["auto"] = f"stored {stored}: as the default"
     plan["int8"] = f"quantised tensor by tensor: {_human(n)} in memory"
+    plan["int8+int8"] = ("as int8, and activations='int8' quantises each product's activations per row "
+                         "(integer products: faster, not exact)")
     return plan
 
 
@@ -108,7 +110,8 @@ def run(args) -> int:
              f"size        {_human(info['size_bytes'])} on disk ({info['files']} files)"]
     lines.append(f"weights     {info['weights_file']}")
     for choice, what in info["loading"].items():
-        label = "weights_dtype=None" if choice == "default" else f"weights_dtype={choice!r}"
+        label = ("weights_dtype=None" if choice == "default" else
+                 "'int8', activations='int8'" if choice == "int8+int8" else f"weights_dtype={choice!r}")
         lines.append(f"  {label:26s}{what}")
     if info["tokenizer"]:
         lines.append(f"tokenizer   {info['tokenizer']['tokens']:,} tokens ({info['tokenizer']['vocabulary']})")

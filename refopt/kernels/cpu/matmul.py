@@ -15,13 +15,17 @@ kinds never do, so their weights are never widened into a float copy.
 
 :func:`products` is the one kernel (one to three products of a shape at once: the decode step's
 queries, keys and values in one parallel stage), called by the per-op path (:func:`matmul_rows`)
-and by the compiled decode step (:mod:`.decode`).
+and by the compiled decode step (:mod:`.decode`).  int8 weights whose products quantise the
+activations (``activations="int8"``) travel with ``scale = (weight scales, row sums)``, a tuple,
+and :func:`product_range` hands them to :mod:`.int8` (integer products, VNNI) at compile time.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+
+from refopt.kernels.cpu import int8
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
 # A product runs on several threads when its weight bytes times max(1, rows // 2) reach this: a
@@ -165,6 +169,7 @@ def _dots(x, w, o0, o1, raw):
 def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
     # out[:, col + o] <- epilogue(raw[:, o - o0]) for o in o0..o1: the int8 scale, the bias, then
     # mode STORE (times alpha), RELU or ADD (+=)
+    zero = out.dtype.type(0)
     for m in range(raw.shape[0]):
         for o in range(o0, o1):
             y = raw[m, o - o0]
@@ -175,7 +180,7 @@ def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
             if mode == 0:
                 out[m, col + o] = y * alpha
             elif mode == 1:
-                out[m, col + o] = y if y > 0 else y * 0
+                out[m, col + o] = y if not y <= 0 else zero   # NaN stays NaN, -inf -> 0 (np.maximum)
             else:
                 out[m, col + o] += y
 
@@ -183,8 +188,23 @@ def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
 CHUNK = 64            # outputs whose raw dots are kept before the epilogue (in L1)
 
 
-@njit(cache=True)
 def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @ w[o])``:
+    :func:`float_product_range`, or :func:`.int8.product_range` for int8 weights with quantised
+    activations (``scale`` a tuple)."""
+
+
+@overload(product_range, inline="always")
+def _product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    if isinstance(scale, types.BaseTuple):
+        return lambda x, w, scale, bias, out, col, mode, alpha, o0, o1: int8.product_range(
+            x, w, scale, bias, out, col, mode, alpha, o0, o1)
+    return lambda x, w, scale, bias, out, col, mode, alpha, o0, o1: float_product_range(
+        x, w, scale, bias, out, col, mode, alpha, o0, o1)
+
+
+@njit(cache=True)
+def float_product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
     """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @
     widen(w[o]))``, in chunks of CHUNK outputs: their raw dots first (:func:`_dots`), then the
     epilogue (:func:`_finish`).  Kept apart on purpose: with the epilogue's stores in the same
@@ -256,10 +276,13 @@ def product(x, w, scale, bias, out, mode, alpha, threads, min_bytes):
 def stored(w, dtype):
     """``(data, scale)`` of a weight as :func:`product` reads it: a float matrix as ``dtype`` (no
     copy when it is already), a QuantizedMatrix's data (float16 bits viewed as int16, see
-    :func:`widen`) and int8 scales (else an empty scale)."""
+    :func:`widen`) and int8 scales (else an empty scale); with quantised activations, ``scale``
+    is ``(scales, row sums)``."""
     from refopt.quant import QuantizedMatrix
 
     if isinstance(w, QuantizedMatrix):
+        if w.activations == "int8":
+            return np.ascontiguousarray(w.data), (w.scale, w.row_sums())
         data = w.data.view(np.int16) if w.kind == "float16" else w.data
         return np.ascontiguousarray(data), (w.scale if w.kind == "int8" else _NO_SCALE)
     return np.ascontiguousarray(w, dtype=dtype), _NO_SCALE
