@@ -104,11 +104,11 @@ def test_tiles_sum_unsigned_by_signed_bytes(vnni):
     # the VNNI instruction and the plain-IR definition it stands for, on every extreme byte
     if vnni and not k8.HAVE_VNNI:
         pytest.skip("this CPU has no AVX-512 VNNI")
-    tile = k8._tile(2, 3, 2, vnni)
+    tile = k8._tile(2, 3, 2, vnni, ahead=True)
 
     @njit
     def run(xu, m, w, o, k0, k1):
-        return tile(xu, m, w, o, k0, k1)
+        return tile(xu, m, w, o, k0, k1, 4096)
 
     rng = np.random.default_rng(0)
     xu = rng.integers(0, 256, (3, 640), dtype=np.uint8)

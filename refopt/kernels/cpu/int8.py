@@ -38,15 +38,15 @@ HAVE_VNNI = bool(_features.get("avx512vnni") and _features.get("avx512bw"))
 
 
 # ----------------------------------------------------------------------------- the tile intrinsic
-def _tile(rows, cols, unroll, vnni, ahead=0):
-    """An intrinsic ``tile(xu, m, w, o, k0, k1)`` -> ``rows * cols`` int32 sums
+def _tile(rows, cols, unroll, vnni, ahead=False):
+    """An intrinsic ``tile(xu, m, w, o, k0, k1, far)`` -> ``rows * cols`` int32 sums
     ``sum_{k0 <= k < k1} xu[m + r, k] * w[o + c, k]`` (r-major: ``(r0c0, r0c1, ..., r1c0, ...)``),
     ``xu [M, I]`` uint8 and ``w [O, I]`` int8, C-contiguous; ``k1 - k0`` a multiple of
     ``STEP * unroll`` (the caller's: ``unroll`` independent accumulators per pair, for the latency
     of the multiply-adds) and at most BLOCK.  ``vnni``: ``vpdpbusd`` (AVX-512 VNNI), else the same
     sums in plain LLVM vector IR (widen, multiply, add groups of four: the instruction's
     definition), for CPUs without it.  ``ahead``: also prefetch, for each 64 bytes read of a
-    weight row, the same bytes ``ahead`` rows further on (0: none)."""
+    weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
     i8, i32 = ir.IntType(8), ir.IntType(32)
     v64i8, v64i32, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i32, 64), ir.VectorType(i32, 16)
 
@@ -63,18 +63,18 @@ def _tile(rows, cols, unroll, vnni, ahead=0):
         return acc
 
     @intrinsic
-    def tile(typingctx, xu, m, w, o, k0, k1):
+    def tile(typingctx, xu, m, w, o, k0, k1, far):
         if not (isinstance(xu, types.Array) and xu.dtype == types.uint8 and xu.ndim == 2
                 and isinstance(w, types.Array) and w.dtype == types.int8 and w.ndim == 2):
             return None
-        sig = types.UniTuple(types.int32, rows * cols)(xu, m, w, o, k0, k1)
+        sig = types.UniTuple(types.int32, rows * cols)(xu, m, w, o, k0, k1, far)
 
         def codegen(context, builder, signature, args):
             intp = context.get_value_type(types.intp)
             xa = context.make_array(signature.args[0])(context, builder, args[0])
             wa = context.make_array(signature.args[2])(context, builder, args[2])
-            m_, o_, k0_, k1_ = (context.cast(builder, args[j], signature.args[j], types.intp)
-                                for j in (1, 3, 4, 5))
+            m_, o_, k0_, k1_, far = (context.cast(builder, args[j], signature.args[j], types.intp)
+                                     for j in (1, 3, 4, 5, 6))
             xs = cgutils.unpack_tuple(builder, xa.strides)[0]
             ws = cgutils.unpack_tuple(builder, wa.strides)[0]
             xdata = builder.bitcast(xa.data, i8.as_pointer())
@@ -84,7 +84,6 @@ def _tile(rows, cols, unroll, vnni, ahead=0):
             wrow = [builder.gep(wdata, [builder.mul(builder.add(o_, ir.Constant(intp, c)), ws)])
                     for c in range(cols)]
             zero = ir.Constant(v16i32, None)
-            far = builder.mul(ws, ir.Constant(intp, ahead))
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
                 "llvm.prefetch.p0")
@@ -167,14 +166,15 @@ def quantize_rows(x, xu, sx):
         sx[m] = s
 
 
-# The tiles (one thread, random int8 weights of a 1.3b layer streamed from memory, load ~3; GB/s of
-# weights): eight rows by two outputs, prefetching four rows ahead, 16-17 (4 x 2: 11-12, 8 x 2
-# without prefetching 7-9, 4 x 4: 13); one row by two outputs with two accumulators each,
-# prefetching the next pair, 25 (one or four outputs, with or without prefetching: 21-24; the
-# streaming read: 29)
-_tile8 = _tile(8, 2, 1, HAVE_VNNI, ahead=4)
-_tile4 = _tile(4, 2, 1, HAVE_VNNI, ahead=4)
-_tile1 = _tile(1, 2, 2, HAVE_VNNI, ahead=2)     # 128 bytes a step
+# The tiles, and how far ahead of its reads each prefetches (one thread, random int8 weights of
+# 16 125m layers / 4 1.3b layers streamed from memory, GB/s of weights, the streaming read 32-34;
+# load ~3.5, so +-20%): batch 8, eight rows by two outputs, 8 KB ahead: 18-23 (no prefetching
+# 9-11, 4 KB 16-18; four rows by four outputs 11-15); batch 1, one row by two outputs with two
+# accumulators each, 4 KB ahead: 20-34 (no prefetching 15-28; one or four outputs 19-33)
+FAR_BLOCK, FAR_ROW = 8192, 4096
+_tile8 = _tile(8, 2, 1, HAVE_VNNI, ahead=True)
+_tile4 = _tile(4, 2, 1, HAVE_VNNI, ahead=True)
+_tile1 = _tile(1, 2, 2, HAVE_VNNI, ahead=True)  # 128 bytes a step
 _tile1_64 = _tile(1, 2, 1, HAVE_VNNI)          # the last 64 of a row's bytes, when odd
 _single = _tile(1, 1, 1, HAVE_VNNI)            # the last output, when odd
 
@@ -207,26 +207,26 @@ def int_dots(xu, w, o0, o1, raw):
             while o + 2 <= o1:                         # outputs two at a time
                 c = o - o0
                 if left >= 8:
-                    t8 = _tile8(xu, m, w, o, b0, e)
+                    t8 = _tile8(xu, m, w, o, b0, e, FAR_BLOCK)
                     for r in range(8):
                         raw[m + r, c] += t8[2 * r]
                         raw[m + r, c + 1] += t8[2 * r + 1]
                 elif left >= 4:
-                    t4 = _tile4(xu, m, w, o, b0, e)
+                    t4 = _tile4(xu, m, w, o, b0, e, FAR_BLOCK)
                     for r in range(4):
                         raw[m + r, c] += t4[2 * r]
                         raw[m + r, c + 1] += t4[2 * r + 1]
                 else:
                     for r in range(left):
-                        t1 = _tile1(xu, m + r, w, o, b0, e2)
-                        u1 = _tile1_64(xu, m + r, w, o, e2, e)
+                        t1 = _tile1(xu, m + r, w, o, b0, e2, FAR_ROW)
+                        u1 = _tile1_64(xu, m + r, w, o, e2, e, 0)
                         raw[m + r, c] += np.int64(t1[0]) + u1[0]
                         raw[m + r, c + 1] += np.int64(t1[1]) + u1[1]
                 o += 2
             n = 8 if left >= 8 else 4 if left >= 4 else left
             if o < o1:                                 # the last output, when odd
                 for r in range(n):
-                    raw[m + r, o - o0] += _single(xu, m + r, w, o, b0, e)[0]
+                    raw[m + r, o - o0] += _single(xu, m + r, w, o, b0, e, 0)[0]
             m += n
         if e < b1:
             for m in range(M):
