@@ -29,6 +29,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from refopt.kernels.cpu.epilogue import store
+
 BLOCK = 1 << 16          # inputs summed in int32 at a time (see the module's overflow bound)
 OFFSET = 128             # u = q + OFFSET is the unsigned byte vpdpbusd takes
 STEP = 64                # bytes one vpdpbusd takes from each operand
@@ -249,7 +251,6 @@ def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
     sx = np.empty(M, np.float32)
     quantize_rows(x, xu, sx)
     raw = np.empty((M, CHUNK), np.int64)
-    zero = out.dtype.type(0)
     for c0 in range(o0, o1, CHUNK):
         c1 = min(o1, c0 + CHUNK)
         int_dots(xu, w, c0, c1, raw)
@@ -258,9 +259,4 @@ def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
                 y = np.float32(raw[m, o - c0] - OFFSET * rowsum[o]) * sx[m] * sw[o]
                 if bias.shape[0] > 0:
                     y += bias[o]
-                if mode == 0:
-                    out[m, col + o] = y * alpha
-                elif mode == 1:
-                    out[m, col + o] = y if not y <= 0 else zero   # NaN stays NaN, -inf -> 0 (np.maximum)
-                else:
-                    out[m, col + o] += y
+                store(out, m, col + o, y, mode, alpha)

@@ -26,6 +26,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from refopt.kernels.cpu import int8
+from refopt.kernels.cpu.epilogue import RELU, STORE, store
 
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
 # A product runs on several threads when its weight bytes times max(1, rows // 2) reach this: a
@@ -33,7 +34,6 @@ SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float
 # memory-bound product of one row gains back from about 6 MB (one thread streams ~30 GB/s, two
 # ~36), and a compute-bound one of eight rows from ~1 MB of int8 weights
 PARALLEL_BYTES = 1 << 22
-STORE, RELU, ADD = 0, 1, 2   # what the epilogue does with a result (see _store)
 
 
 @intrinsic
@@ -169,7 +169,6 @@ def _dots(x, w, o0, o1, raw):
 def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
     # out[:, col + o] <- epilogue(raw[:, o - o0]) for o in o0..o1: the int8 scale, the bias, then
     # mode STORE (times alpha), RELU or ADD (+=)
-    zero = out.dtype.type(0)
     for m in range(raw.shape[0]):
         for o in range(o0, o1):
             y = raw[m, o - o0]
@@ -177,12 +176,7 @@ def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
                 y = y * scale[o]
             if bias.shape[0] > 0:
                 y += bias[o]
-            if mode == 0:
-                out[m, col + o] = y * alpha
-            elif mode == 1:
-                out[m, col + o] = y if not y <= 0 else zero   # NaN stays NaN, -inf -> 0 (np.maximum)
-            else:
-                out[m, col + o] += y
+            store(out, m, col + o, y, mode, alpha)
 
 
 CHUNK = 64            # outputs whose raw dots are kept before the epilogue (in L1)
