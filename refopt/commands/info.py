@@ -54,7 +54,7 @@ def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict
     else:
         plan["auto"] = f"stored {stored}: as the default"
     plan["int8"] = f"quantised tensor by tensor: {_human(n)} in memory"
-    plan["int8+int8"] = ("as int8, and activations='int8' quantises each product's activations per row "
+    plan["int8+int8"] = ("with weights_dtype='int8': each product's activations quantised per row too "
                          "(integer products: faster, not exact)")
     return plan
 
@@ -111,7 +111,7 @@ def run(args) -> int:
     lines.append(f"weights     {info['weights_file']}")
     for choice, what in info["loading"].items():
         label = ("weights_dtype=None" if choice == "default" else
-                 "'int8', activations='int8'" if choice == "int8+int8" else f"weights_dtype={choice!r}")
+                 "activations='int8'" if choice == "int8+int8" else f"weights_dtype={choice!r}")
         lines.append(f"  {label:26s}{what}")
     if info["tokenizer"]:
         lines.append(f"tokenizer   {info['tokenizer']['tokens']:,} tokens ({info['tokenizer']['vocabulary']})")
