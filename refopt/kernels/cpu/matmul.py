@@ -137,7 +137,13 @@ def _dots(x, w, o0, o1, raw):
     # (+34% at 768 wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for
     # int8 and float16: the row of x, 64 KB, no longer stays in L1 and dot_four reads it once for
     # four weight rows) -- else one output at a time (dot_one: faster for narrow weights at
-    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10)
+    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10).
+    # int8 rows, measured again (one thread, random 1.3b/125m layers from memory, load 1-5, the
+    # read 29-33 GB/s): LLVM's loop is already the ideal one (zmm vpmovsxbd + vcvtdq2ps + vfmadd,
+    # four accumulators, 64 weights a step, nothing scalar); dot_one streams 13-24 GB/s (30 in
+    # L2); dot_four is faster in cache (49) but slower from memory (16); software prefetching
+    # (llvm.prefetch in an IR tile of one or two rows, 2-16 KB ahead) gave 16-25, inside the
+    # noise.  Kept as is; the compute-efficient int8 is activations="int8" (.int8)
     M, I = x.shape
     Mb = M - M % 4
     for o in range(o0, o1, 2):
