@@ -164,6 +164,25 @@ def run_forward(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64"
     return from_tape(tape, cfg, head_forward(hidden, p, ops))
 
 
+#: the compute dtypes whose reference is computed in that dtype (:func:`run_forward_half`)
+HALF = ("bfloat16", "float16")
+
+
+def run_forward_half(params, cfg: OPTConfig, token_ids, padding_mask, dtype: str):
+    """refopt's named intermediates computed in ``dtype`` (``"bfloat16"`` / ``"float16"``) as
+    KerasHub computes them under that dtype policy (:func:`refopt.dtype_policies.ops_for`): the
+    weights rounded to it, each op in float32 and its output rounded where KerasHub's layers round
+    (the dense product and the bias sum, the LayerNorm output from float32 statistics, the residual
+    sums, attention on KerasHub's dropout-0 path: float32 scores and softmax, the probabilities
+    rounded); float32 arrays holding ``dtype``'s values."""
+    from refopt.dtype_policies import DTypePolicy, ops_for
+
+    policy = DTypePolicy(dtype)
+    p = {k: policy.round_variable(np.asarray(v, np.float32)) for k, v in params.items()}
+    return run_forward(p, cfg, token_ids, padding_mask, "float32",
+                       ops=ops_for(policy, _numpy_ops, fused_attention=True))
+
+
 def head_forward(hidden, params, ops):
     """The tied LM head: ``hidden [B, S, E] @ embed_tokens.T``, in chunks of rows for a streamed
     table (a mapping with ``head_chunks``)."""

@@ -84,7 +84,7 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
     ensure_loaded(adapter, case)
     prefill = max(1, S // 2)
     logits = np.asarray(adapter.incremental_logits(ids, mask, prefill))
-    ref = case.reference(left)
+    ref = case.reference(left, adapter.dtype)
     expected = ref.acts["logits"]
     if logits.shape != expected.shape:
         return CheckResult("incremental", "", FAIL, f"shape {list(logits.shape)}",
@@ -93,7 +93,9 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
     noise = lambda: case.noise(dtype, left)["logits"]              # noqa: E731  (computed once, if needed)
     scale = ref.scales["logits"]
     real = mask.astype(bool)
-    whole = compare("logits", logits[real], expected[real], dtype, L, scale=scale, noise=noise)
+    error = ref.error_of("logits")
+    whole = compare("logits", logits[real], expected[real], dtype, L, scale=scale, noise=noise,
+                    reference_error=error)
     side = "left" if left else "right"
     text = f"prefill {prefill} + {S - prefill} steps, {side} padding: {figures(whole)}"
     steps = []
@@ -101,7 +103,8 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
         rows = real[:, s]
         if not rows.any():
             continue
-        c = compare(f"position {s}", logits[rows, s], expected[rows, s], dtype, L, scale=scale, noise=noise)
+        c = compare(f"position {s}", logits[rows, s], expected[rows, s], dtype, L, scale=scale, noise=noise,
+                    reference_error=error)
         steps.append(c)
         if not c.passed:
             stage = f"the prefill (positions 0..{prefill - 1})" if s < prefill else f"cached step {s - prefill + 1}"
