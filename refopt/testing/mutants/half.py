@@ -4,6 +4,7 @@ and so held to refopt's bfloat16 reference with the bfloat16 tolerance."""
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,30 +12,25 @@ import numpy as np
 from refopt import backend as _backend
 from refopt.dtype_policies import ops_for, round_to
 from refopt.testing.adapter import NotSupported, RefoptAdapter
+from refopt.testing.mutants.base import ForwardGreedy
+
+_R = functools.partial(round_to, dtype="bfloat16")
 
 
-class _HalfMutant(RefoptAdapter):
+class _HalfMutant(ForwardGreedy, RefoptAdapter):
     """refopt's NumPy port under the ``"bfloat16"`` policy with some ops replaced; generation
-    recomputes the whole prefix each step (a bug in the forward shows there too)."""
+    runs through the forward pass."""
 
     bug = ""
-    dtype_declared = "bfloat16"
 
     def __init__(self):
-        super().__init__("numpy", self.dtype_declared)
+        super().__init__("numpy", "bfloat16")
         self.name = f"mutant {type(self).__name__}"
         self._ops = self.ops(self._ops)
 
     def ops(self, policy_ops):
         """The ops namespace with the bug, from the correct policy's."""
         return policy_ops
-
-    def greedy(self, prompt_ids, max_new_tokens):
-        ids = list(prompt_ids)
-        for _ in range(max_new_tokens):
-            logits = self._forward(np.array([ids]), np.ones((1, len(ids)), bool))
-            ids.append(int(np.argmax(logits[0, -1])))
-        return ids[len(prompt_ids):]
 
     def loss_and_gradients(self, token_ids, padding_mask):
         raise NotSupported("this mutant breaks the forward pass only")
@@ -59,7 +55,7 @@ class LayerNormWithoutFloat32Statistics(_HalfMutant):
 
     def ops(self, policy_ops):
         def layernorm_forward(x, gamma, beta, eps):
-            R = lambda a: round_to(a, "bfloat16")                      # noqa: E731
+            R = _R
             x = R(np.asarray(x, np.float32))
             D = x.shape[-1]
             mean = R(_sequential_sum(x, "bfloat16") / np.float32(D))
@@ -80,13 +76,14 @@ class SoftmaxWithoutFloat32Sum(_HalfMutant):
 
     def ops(self, policy_ops):
         def attention_forward(q, k, v, mask):
-            R = lambda a: round_to(a, "bfloat16")                      # noqa: E731
+            R = _R
             scale = q.shape[-1] ** -0.5
             query = R(q / np.float32(scale))
             scores = R(R(query * R(np.float32(scale))) @ k.transpose(0, 1, 3, 2))   # [B, H, S, T]
             scores = np.where(mask, scores, R(np.float32(-1e9)))
             e = np.where(mask, R(np.exp(R(scores - scores.max(axis=-1, keepdims=True)))), 0)
-            probs = np.where(mask, R(e / _sequential_sum(e, "bfloat16")), np.float32(0))
+            with np.errstate(invalid="ignore"):      # padding queries: no key, 0 / 0
+                probs = np.where(mask, R(e / _sequential_sum(e, "bfloat16")), np.float32(0))
             return R(probs @ v), probs
         return _replace(policy_ops, attention_forward=attention_forward)
 
