@@ -65,21 +65,9 @@ def add_parser(subparsers):
 
 
 def _adapter(spec: str, dtype: str | None):
-    from refopt.testing.adapter import load_adapter
+    from refopt.testing.adapter import load_adapter_as
 
-    if dtype is None:
-        return load_adapter(spec)
-    if spec == "transformers":
-        from refopt.testing.adapters.transformers import TransformersAdapter
-
-        return TransformersAdapter(dtype=dtype)
-    if spec in ("refopt", "refopt:numpy", "refopt:numba", "refopt:cuda"):
-        return load_adapter(f"{spec if ':' in spec else 'refopt:numpy'}:{dtype}")
-    # another adapter computes as it computes: --dtype says which dtype to hold it to (a
-    # half-precision port to refopt's reference in that dtype, with that dtype's tolerance)
-    adapter = load_adapter(spec)
-    adapter.dtype = dtype
-    return adapter
+    return load_adapter_as(spec, dtype)
 
 
 def run(args) -> int:

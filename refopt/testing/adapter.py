@@ -383,6 +383,26 @@ def load_adapter(spec) -> Adapter:
     return adapter
 
 
+def load_adapter_as(spec, dtype: str | None = None) -> Adapter:
+    """:func:`load_adapter`, held to ``dtype`` (``refopt conform --dtype``, ``pytest
+    --refopt-dtype``): the built-in transformers and refopt adapters compute in it (refopt's
+    ``bfloat16`` / ``float16`` are its dtype policies); any other adapter computes as it does and
+    is judged as a port in ``dtype`` (half precision: against refopt's reference in that dtype)."""
+    if dtype is None:
+        return load_adapter(spec)
+    if dtype not in ("float32", "float64", "bfloat16", "float16"):
+        raise ConfigError(f"dtype {dtype!r}: expected float32, float64, bfloat16 or float16")
+    if spec == "transformers":
+        from refopt.testing.adapters.transformers import TransformersAdapter
+
+        return TransformersAdapter(dtype=dtype)
+    if spec in ("refopt", "refopt:numpy", "refopt:numba", "refopt:cuda"):
+        return load_adapter(f"{spec if ':' in spec else 'refopt:numpy'}:{dtype}")
+    adapter = load_adapter(spec)
+    adapter.dtype = dtype
+    return adapter
+
+
 def _import(spec: str, module_name: str):
     """Import the adapter's module; a module that is not on ``sys.path`` is looked for in the
     current directory too (``refopt conform --against my_port.oracle:MyAdapter`` run from the
