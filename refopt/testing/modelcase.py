@@ -195,6 +195,10 @@ class ModelCase:
                 runs = [R.run_gradients(self.params, self.config, ids, mask,
                                         ops=noisy_ops(dtype, seed, relu_masks=resolver.masks))
                         for seed in range(NOISE_SAMPLES)]
+                if dtype in R.HALF:
+                    # one more sample, rounded for real: refopt's model in the dtype (KerasHub's
+                    # rounding, the backward in float32 on the rounded activations)
+                    runs.append(R.run_gradients_half(self.params, self.config, ids, mask, dtype))
                 held.update(noise_figures(grads, scales, [g for _, g in runs]))
                 held.update(noise_figures({"loss": np.array([loss])}, {},
                                           [{"loss": np.array([value])} for value, _ in runs]))
