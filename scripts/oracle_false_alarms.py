@@ -2,12 +2,15 @@
 
     flock /tmp/refopt-heavy.lock ... (the script takes the lock itself, chunk by chunk)
     python scripts/oracle_false_alarms.py --models 10000 --ports refopt,sdpa --out fa.jsonl
+    python scripts/oracle_false_alarms.py --models 2000 --ports refopt,sdpa --dtype bfloat16 --out fa-bf16.jsonl
 
 Each model is ``random-<seed>`` (:func:`refopt.testing.cases.random_case`: the one config space,
 with stress magnitudes in about 30% of the models), checked by every model check the port supports
 (logits and logits.left_padding, activations, gradients, incremental and incremental.left_padding,
 generation).  Ports: ``refopt`` (refopt's NumPy float32), ``sdpa`` / ``eager`` / ``sdpa-math`` /
-``sdpa-flash`` (transformers float32 with that attention kernel).  One JSON line per (port, model):
+``sdpa-flash`` (transformers float32 with that attention kernel); ``--dtype bfloat16`` (or
+``float16``) runs each in that dtype instead -- refopt's dtype policy of that name (KerasHub's
+rounding), transformers in ``torch_dtype=bfloat16`` -- held to refopt's reference in that dtype.  One JSON line per (port, model):
 the status of each check and its largest error-to-tolerance ratio.  Models already in ``--out`` are
 skipped, so the run can be resumed.  ``--lock`` (default ``/tmp/refopt-heavy.lock``) is taken for
 a chunk of at most ``--chunk`` models and ``--chunk-seconds`` (default 9 minutes) and released
@@ -44,14 +47,14 @@ def _locked(path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _port(name):
+def _port(name, dtype="float32"):
     from refopt.testing.adapter import RefoptAdapter
 
     if name == "refopt":
-        return RefoptAdapter("numpy", "float32")
+        return RefoptAdapter("numpy", dtype)
     from refopt.testing.adapters.transformers import TransformersAdapter
 
-    return TransformersAdapter("float32", name)
+    return TransformersAdapter(dtype, name)
 
 
 def run_model(adapter, seed: int, case=None) -> dict:
@@ -79,19 +82,19 @@ def run_model(adapter, seed: int, case=None) -> dict:
 _PORTS: dict = {}
 
 
-def _start_worker(names, threads):
+def _start_worker(names, threads, dtype="float32"):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(threads)      # before NumPy, Numba and PyTorch load their pools
-    _PORTS.update({name: _port(name) for name in names})
+    _PORTS.update({name: _port(name, dtype) for name in names})
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def _run_seed(seed, names):
+def _run_seed(seed, names, tag=""):
     from refopt.testing import checks as C
 
     case = C.random_case(seed)
-    return [dict(run_model(_PORTS[name], seed, case), port=name) for name in names]
+    return [dict(run_model(_PORTS[name], seed, case), port=name + tag) for name in names]
 
 
 def main(argv=None) -> int:
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--lock", default="/tmp/refopt-heavy.lock")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
     p.add_argument("--workers", type=int, default=2, help="processes checking models side by side")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the ports' compute dtype (the port names in --out carry it when not float32)")
     args = p.parse_args(argv)
     done = set()
     if os.path.exists(args.out):
@@ -113,12 +118,13 @@ def main(argv=None) -> int:
                 rec = json.loads(line)
                 done.add((rec["port"], rec["seed"]))
     names = args.ports.split(",")
-    todo = [(seed, [n for n in names if (n, seed) not in done])
+    tag = "" if args.dtype == "float32" else f"-{args.dtype}"
+    todo = [(seed, [n for n in names if (n + tag, seed) not in done])
             for seed in range(args.start, args.start + args.models)]
     todo = [(seed, missing) for seed, missing in todo if missing]
     ctx = multiprocessing.get_context("spawn")       # each worker loads its own ports
     with ProcessPoolExecutor(args.workers, ctx, initializer=_start_worker,
-                             initargs=(names, args.threads)) as pool:
+                             initargs=(names, args.threads, args.dtype)) as pool:
         while todo:
             with _locked(args.lock), open(args.out, "a") as fh:
                 t0 = time.perf_counter()
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
                 while todo or running:
                     while todo and len(running) < 2 * args.workers and count < args.chunk \
                             and time.perf_counter() - t0 < args.chunk_seconds:
-                        running.add(pool.submit(_run_seed, *todo.pop(0)))
+                        running.add(pool.submit(_run_seed, *todo.pop(0), tag))
                         count += 1
                     if not running:
                         break

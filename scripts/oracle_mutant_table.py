@@ -5,7 +5,8 @@ fails, where it is located, and the figures -- measured now, not written by hand
 
 The cases are tests/test_oracle_mutants.py's: the fixtures' two shapes with random weights (a 2-layer
 pre-LN model, a 3-layer OPT-350m-style post-LN model with a projection), the stress cases, OPT's
-tokenizer, the sampler cases.
+tokenizer, the sampler cases, and the half-precision mutants' two cases
+(:func:`refopt.testing.mutants.half_cases`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from refopt.config import OPTConfig
 from refopt.testing import checks as C
 from refopt.testing.cases import Magnitudes, make_inputs, random_weights, stress_specs
 from refopt.testing.modelcase import ModelCase
-from refopt.testing.mutants import MUTANTS
+from refopt.testing.mutants import MUTANTS, half_cases
 
 PRELN = OPTConfig(vocabulary_size=96, num_layers=2, num_heads=4, hidden_dim=16, intermediate_dim=37,
                   max_sequence_length=64, dropout=0.0)
@@ -36,6 +37,7 @@ def _case(name, cfg, seed):
 def cases():
     out = {"preln": _case("preln", PRELN, 1), "postln_proj": _case("postln_proj", POSTLN_PROJ, 2)}
     out.update({name: spec.build(name) for name, spec in stress_specs().items()})
+    out.update(half_cases())
     return out
 
 

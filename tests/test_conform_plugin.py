@@ -93,3 +93,15 @@ def test_the_seed_changes_the_hypothesis_examples(tmp_path):
         line = next(x for x in proc.stdout.splitlines() if "ModelCase('" in x)
         ids.append(line.split("ModelCase('")[1].split("'")[0])
     assert ids[0] != ids[1]
+
+
+def test_refopt_dtype_holds_a_port_to_the_half_precision_reference(tmp_path):
+    # refopt's bfloat16 policy model passes; the float16 port declared bfloat16 fails on stress-scores
+    proc = _pytest(tmp_path, "--refopt-backend", "refopt:numpy", "--refopt-dtype", "bfloat16",
+                   "--refopt-random-configs", "1", "--refopt-no-stress", "--refopt-examples", "0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    proc = _pytest(tmp_path, "--refopt-backend", "refopt.testing.mutants:Float16DeclaredBfloat16",
+                   "--refopt-dtype", "bfloat16", "--refopt-random-configs", "0", "--refopt-case", "stress-scores",
+                   "--refopt-examples", "0")
+    assert proc.returncode == 1
+    assert "first divergence: layers.0.attention_output" in proc.stdout, proc.stdout[-3000:]

@@ -11,7 +11,7 @@ from refopt.testing import checks as C
 from refopt.testing.adapter import RefoptAdapter
 from refopt.testing.cases import Magnitudes, make_inputs, random_weights, stress_specs
 from refopt.testing.modelcase import ModelCase
-from refopt.testing.mutants import MUTANTS
+from refopt.testing.mutants import MUTANTS, half_cases
 
 # the shapes of the transformers fixtures (../shared/fixtures/hf): a pre-LN model and an
 # OPT-350m-style post-LN model with project_in/out, random weights of the fixtures' scale
@@ -34,6 +34,7 @@ def cases():
     out = {"preln": _case("preln", PRELN, 1), "postln_proj": _case("postln_proj", POSTLN_PROJ, 2)}
     out.update({name: spec.build(name) for name, spec in stress_specs().items()
                 if name in ("stress-scores", "stress-outliers")})
+    out.update(half_cases())
     return out
 
 
@@ -71,7 +72,8 @@ def test_mutant_fails_at_the_right_place(mutant, cases, request):
     assert all(r.status == C.PASS for r in before), [(r.name, r.status, r.detail) for r in before]
 
 
-@pytest.mark.parametrize("backend,dtype", [("numpy", "float32"), ("numpy", "float64"), ("numba", "float32")])
+@pytest.mark.parametrize("backend,dtype", [("numpy", "float32"), ("numpy", "float64"), ("numba", "float32"),
+                                           ("numpy", "bfloat16"), ("numpy", "float16")])
 def test_correct_adapters_pass(backend, dtype, cases, request):
     adapter = RefoptAdapter(backend, dtype)
     for kind in ("preln", "postln_proj", "stress-scores", "stress-outliers", "samplers"):
@@ -111,3 +113,13 @@ def test_gradient_mutant_is_located_in_a_post_ln_model(cases):
     result = C.check_gradients(GradientMissingResidual(), cases["postln_proj"])
     assert result.status == C.FAIL
     assert result.data["first_divergence"] == "layers.1.mlp_layer_norm.gamma", result.detail
+
+
+@pytest.mark.parametrize("kind", ["half-wide", "half-long"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_correct_half_adapters_pass_the_half_cases(dtype, kind, cases, request):
+    # the cases the half-precision mutants fail on: refopt's own policy models pass them (the
+    # forward checks, which those mutants fail; the gradients are held to float64 as before)
+    adapter = RefoptAdapter("numpy", dtype)
+    for result in (c.run() for c in _suite(adapter, kind, cases, request) if c.group != "gradients"):
+        assert result.status == C.PASS, (result.name, result.detail)

@@ -28,3 +28,17 @@ def test_false_alarm_script_records_resumes_and_summarizes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert len(out.read_text().splitlines()) == 3
     assert "models in" not in again.stdout
+
+
+def test_false_alarm_script_in_bfloat16(tmp_path):
+    # --dtype: the ports compute in bfloat16 (refopt's policy model) and are recorded under their
+    # dtype, so a bfloat16 run can share a file with a float32 one
+    out = tmp_path / "fa.jsonl"
+    cmd = [sys.executable, str(ROOT / "scripts" / "oracle_false_alarms.py"), "--models", "2", "--start", "3",
+           "--ports", "refopt", "--workers", "1", "--lock", "", "--dtype", "bfloat16", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["port"] for r in records] == ["refopt-bfloat16"] * 2
+    assert all(v["status"] == "pass" for r in records for v in r["checks"].values()), records
+    assert "refopt-bfloat16: 2 models (random-3 .. random-4" in run.stdout

@@ -45,7 +45,11 @@ def add_parser(subparsers):
                    help="a directory with vocab.json and merges.txt for the tokenizer checks "
                         "(default: the first preset that has them)")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
-                   help="compute dtype for the built-in transformers / refopt adapters (default float32)")
+                   help="the port's compute dtype: the built-in transformers and refopt adapters compute in "
+                        "it (refopt's bfloat16 / float16 are its dtype policies); any other adapter is held "
+                        "to it in place of the dtype it declares. A bfloat16 or float16 port is compared "
+                        "with refopt's reference computed in that dtype as KerasHub computes it, with that "
+                        "dtype's tolerance (default: the adapter's own dtype, float32 for the built-ins)")
     p.add_argument("--streaming", action="store_true", default=None,
                    help="the float64 reference runs one decoder layer at a time from the memory-mapped "
                         "files, and the adapter must load the preset itself (the default for presets "
@@ -61,18 +65,9 @@ def add_parser(subparsers):
 
 
 def _adapter(spec: str, dtype: str | None):
-    from refopt.testing.adapter import load_adapter
+    from refopt.testing.adapter import load_adapter_as
 
-    if dtype is None:
-        return load_adapter(spec)
-    if spec == "transformers":
-        from refopt.testing.adapters.transformers import TransformersAdapter
-
-        return TransformersAdapter(dtype=dtype)
-    if spec in ("refopt", "refopt:numpy", "refopt:numba", "refopt:cuda"):
-        return load_adapter(f"{spec if ':' in spec else 'refopt:numpy'}:{dtype}")
-    raise ConfigError(f"--dtype applies to the built-in transformers and refopt adapters, not {spec!r} "
-                      "(set the dtype in your adapter)")
+    return load_adapter_as(spec, dtype)
 
 
 def run(args) -> int:

@@ -14,7 +14,7 @@ or from Python::
 
 What is here:
 
-* :class:`Adapter`, :class:`NotSupported`, :class:`SamplerSpec`, :func:`load_adapter`,
+* :class:`Adapter`, :class:`NotSupported`, :class:`SamplerSpec`, :func:`load_adapter`, :func:`load_adapter_as`,
   :data:`CAPABILITIES`, :class:`RefoptAdapter` (refopt itself on any backend) -- the protocol
   (:mod:`.adapter`); ``TransformersAdapter``, ``KerasHubAdapter`` and ``CTranslate2Adapter``
   (:mod:`.adapters`) for established implementations, imported only when used;
@@ -36,7 +36,7 @@ See ``docs/ORACLE.md`` for the backend author's guide.
 """
 
 from refopt.testing.adapter import (CAPABILITIES, Adapter, NotSupported, RefoptAdapter, SamplerSpec,
-                                    capabilities_of, load_adapter)
+                                    capabilities_of, load_adapter, load_adapter_as)
 from refopt.testing.cases import CaseSpec, ConfigSpace, Magnitudes, case_by_id, random_case, stress_specs
 from refopt.testing.checks import (CheckResult, Report, TokenizerCase, build_suite, check_case,
                                    run_conformance)
@@ -48,7 +48,7 @@ from refopt.testing.tolerances import Figures, Tolerance, compare, error_figures
 
 __all__ = [
     "CAPABILITIES", "Adapter", "NotSupported", "RefoptAdapter", "SamplerSpec", "capabilities_of",
-    "load_adapter", "CaseSpec", "ConfigSpace", "Magnitudes", "case_by_id", "random_case",
+    "load_adapter", "load_adapter_as", "CaseSpec", "ConfigSpace", "Magnitudes", "case_by_id", "random_case",
     "stress_specs", "CheckResult", "ModelCase", "Report", "TokenizerCase", "build_suite", "check_case",
     "case_from_preset", "run_conformance", "Divergence", "locate_divergence", "activation_names",
     "gradient_order", "sampler_distribution", "Figures", "Tolerance", "compare", "error_figures",

@@ -211,20 +211,28 @@ class RefoptAdapter(Adapter):
 
     def __init__(self, backend: str = "numpy", dtype: str = "float32"):
         from refopt import backend as _backend
+        from refopt import dtype_policies
 
-        if dtype not in ("float32", "float64"):
-            raise ConfigError(f"RefoptAdapter: dtype={dtype!r}; refopt computes in float32 or float64")
+        if dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ConfigError(f"RefoptAdapter: dtype={dtype!r}; refopt computes in float32 or float64, "
+                              "or emulates bfloat16 or float16 (its dtype policies)")
         self.backend = backend
         self.dtype = dtype
         self.name = f"refopt[{backend}, {dtype}]"
-        self._ops = _backend.ops(backend)
+        # a half-precision dtype is refopt's dtype policy of that name: weights rounded to it, each op
+        # computed in float32 and rounded where KerasHub rounds (refopt.dtype_policies; the oracle's
+        # models have dropout 0, so attention takes KerasHub's fused path)
+        self._policy = dtype_policies.get(dtype)
+        self._ops = dtype_policies.ops_for(self._policy, _backend.ops(backend), fused_attention=True)
+        self._array_dtype = self._policy.array_dtype
         self.params = None
         self.tokenizer = None
 
     # model
     def load(self, config, params):
-        self.config = dataclasses.replace(config, dtype=self.dtype)
-        self.params = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
+        self.config = dataclasses.replace(config, dtype=self.dtype, dropout=0.0)
+        self.params = {k: self._policy.round_variable(np.asarray(v, dtype=self._array_dtype))
+                       for k, v in params.items()}
 
     def load_preset(self, path):
         # refopt's own loader (KerasHub or transformers layout); float32 weights stay memory-mapped
@@ -272,7 +280,7 @@ class RefoptAdapter(Adapter):
         ids = np.asarray(token_ids, np.int64)
         mask = np.asarray(padding_mask).astype(bool)
         B, S = ids.shape
-        cache = _model.new_cache(self.config, B, S, self.dtype)
+        cache = _model.new_cache(self.config, B, S, self._array_dtype)
         steps = [(0, prefill)] + [(s, s + 1) for s in range(prefill, S)]
         out = [self._head(_model.forward(self.params, self.config, ids[:, a:b], mask, cache=cache,
                                          cache_index=a, ops=self._ops)) for a, b in steps]
@@ -375,6 +383,26 @@ def load_adapter(spec) -> Adapter:
     if not isinstance(adapter, Adapter):
         raise ConfigError(f"adapter {spec!r}: {attr} gave a {type(adapter).__name__}, not a "
                           "refopt.testing.Adapter")
+    return adapter
+
+
+def load_adapter_as(spec, dtype: str | None = None) -> Adapter:
+    """:func:`load_adapter`, held to ``dtype`` (``refopt conform --dtype``, ``pytest
+    --refopt-dtype``): the built-in transformers and refopt adapters compute in it (refopt's
+    ``bfloat16`` / ``float16`` are its dtype policies); any other adapter computes as it does and
+    is judged as a port in ``dtype`` (half precision: against refopt's reference in that dtype)."""
+    if dtype is None:
+        return load_adapter(spec)
+    if dtype not in ("float32", "float64", "bfloat16", "float16"):
+        raise ConfigError(f"dtype {dtype!r}: expected float32, float64, bfloat16 or float16")
+    if spec == "transformers":
+        from refopt.testing.adapters.transformers import TransformersAdapter
+
+        return TransformersAdapter(dtype=dtype)
+    if spec in ("refopt", "refopt:numpy", "refopt:numba", "refopt:cuda"):
+        return load_adapter(f"{spec if ':' in spec else 'refopt:numpy'}:{dtype}")
+    adapter = load_adapter(spec)
+    adapter.dtype = dtype
     return adapter
 
 

@@ -71,13 +71,16 @@ def _lazy(noise):
 
 def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, padding_mask,
                         scales: dict | None = None, noise: dict | None = None,
-                        stop_at_first: bool = False, names: list | None = None) -> Divergence:
+                        stop_at_first: bool = False, names: list | None = None,
+                        reference_error: dict | None = None) -> Divergence:
     """Compare named intermediates at real positions, in forward order.
 
     ``scales``: what each is measured against (:func:`refopt.testing.reference.activation_scales`;
     default: computed here); ``noise``: the rounding noise of each on this input
     (:meth:`refopt.testing.modelcase.ModelCase.noise`), which raises its tolerance, or a function
-    returning it (called only if a tensor exceeds its calibrated tolerance)."""
+    returning it (called only if a tensor exceeds its calibrated tolerance); ``reference_error``:
+    for a half-precision reference, each tensor's own error against float64 (added to its
+    tolerance, :func:`refopt.testing.tolerances.plus_reference_error`)."""
     real = real_positions(padding_mask)
     scales = R.activation_scales(reference64, cfg, padding_mask) if scales is None else scales
     noise = _lazy(noise)
@@ -95,7 +98,8 @@ def compare_activations(cfg, candidate: dict, reference64: dict, dtype: str, pad
             c = compare(name, cand, ref, dtype, depth)
         else:
             c = compare(name, cand[real], ref[real], dtype, depth, scale=scales.get(name),
-                        noise=lambda name=name: noise().get(name))
+                        noise=lambda name=name: noise().get(name),
+                        reference_error=(reference_error or {}).get(name))
         compared.append(c)
         if not c.passed and first is None:
             first = c

@@ -26,10 +26,16 @@ _SERIALS = itertools.count()
 
 
 class Reference(NamedTuple):
-    """Float64 named intermediates of one batch and what each is measured against."""
+    """Named intermediates of one batch and what each is measured against: float64, or computed in
+    a half-precision dtype with ``error`` (``{name: Figures}``) its own error against float64."""
 
     acts: dict
     scales: dict
+    error: dict | None = None
+
+    def error_of(self, name: str):
+        """The reference's own error on ``name`` (None: the float64 reference)."""
+        return None if self.error is None else self.error.get(name)
 
 
 class GradientVerdict(NamedTuple):
@@ -125,13 +131,34 @@ class ModelCase:
         return self.token_ids, self.padding_mask
 
     # ------------------------------------------------------------------ forward
-    def reference(self, left: bool = False) -> Reference:
-        """Float64 named intermediates and their :class:`refopt.testing.reference.Scale`."""
+    def reference(self, left: bool = False, dtype: str = "float64") -> Reference:
+        """Float64 named intermediates and their :class:`refopt.testing.reference.Scale`; for a
+        half-precision ``dtype``, those computed in it with KerasHub's rounding
+        (:func:`refopt.testing.reference.run_forward_half`), measured against the larger of the two
+        runs' magnitudes, with their own error against float64 (real positions)."""
+        if dtype in R.HALF:
+            return self.cached(("reference", dtype, left), lambda: self._half_reference(left, dtype))
+
         def run():
             ids, mask = self.batch(left)
             acts = R.run_forward(self.params, self.config, ids, mask)
             return Reference(acts, R.activation_scales(acts, self.config, mask))
         return self.cached(("reference", left), run)
+
+    def _half_reference(self, left: bool, dtype: str) -> Reference:
+        from refopt.testing.tolerances import error_figures
+
+        exact = self.reference(left)
+        ids, mask = self.batch(left)
+        acts = R.run_forward_half(self.params, self.config, ids, mask, dtype)
+        own = R.activation_scales(acts, self.config, mask)
+        # the larger magnitude of the two: the port's error is then measured against a denominator
+        # no smaller than the one the reference's error and the float64 tolerance were measured with
+        scales = {k: R.Scale(max(v.scale, own[k].scale), max(v.energy, own[k].energy))
+                  for k, v in exact.scales.items()}
+        real = np.asarray(mask, bool)
+        error = {k: error_figures(acts[k][real], exact.acts[k][real], exact.scales[k]) for k in exact.acts}
+        return Reference(acts, scales, error)
 
     def activations(self, mask=None, dtype: str = "float64"):
         """The float64 named intermediates of the batch whose mask is ``mask`` (default: right)."""
@@ -168,6 +195,10 @@ class ModelCase:
                 runs = [R.run_gradients(self.params, self.config, ids, mask,
                                         ops=noisy_ops(dtype, seed, relu_masks=resolver.masks))
                         for seed in range(NOISE_SAMPLES)]
+                if dtype in R.HALF:
+                    # one more sample, rounded for real: refopt's model in the dtype (KerasHub's
+                    # rounding, the backward in float32 on the rounded activations)
+                    runs.append(R.run_gradients_half(self.params, self.config, ids, mask, dtype))
                 held.update(noise_figures(grads, scales, [g for _, g in runs]))
                 held.update(noise_figures({"loss": np.array([loss])}, {},
                                           [{"loss": np.array([value])} for value, _ in runs]))
@@ -252,6 +283,11 @@ class StreamingCase(ModelCase):
         ids, right, ids_left, left = make_inputs(cfg, np.random.default_rng(seed), batch, seq)
         super().__init__(name or path.name, cfg, params, ids, right, ids_left, left, preset=path)
         self.forced = forced     # False: streamed because it is large; an adapter without a loader gets it whole
+
+    def reference(self, left: bool = False, dtype: str = "float64") -> Reference:
+        """The float64 reference whatever ``dtype``: a half-precision port is held to it with its
+        dtype's tolerance (the half-precision reference would need the whole model in memory)."""
+        return super().reference(left)
 
     def compare_gradients(self, dtype: str, loss, port_grads: dict, tau) -> GradientVerdict:
         """As :meth:`ModelCase.compare_gradients`, one block at a time (:mod:`refopt.testing.streamed`);

@@ -12,7 +12,8 @@ that run from the clean float64 run says how much rounding in ``dtype`` moves ea
 Each op of the ops namespace (:mod:`refopt.ops`) is replaced by one that
 
 * rounds what it reads and what it writes: each element multiplied by ``1 + u * r``, ``r`` uniform
-  in ``[-1, 1]`` (``u`` the unit roundoff of ``dtype``: a stored float32, float16 or bfloat16);
+  in ``[-1, 1]`` (``u`` the unit roundoff of ``dtype``: a stored float32, float16 or bfloat16) --
+  in float16 and bfloat16 the attention scores too, which eager kernels store before the softmax;
 * adds the accumulation error of every sum it forms -- products, means, reductions --
   ``u_acc * sqrt(n) * sqrt(sum of the squared terms) * g``, ``g`` standard normal, ``n`` the number
   of terms (``u_acc`` is float32's unit roundoff for half-precision dtypes: such ports accumulate in
@@ -80,6 +81,7 @@ def noisy_ops(dtype: str, seed: int, relu_masks=None) -> SimpleNamespace:
 
     base = numpy_ops()
     z = Rounding(dtype, seed)
+    half = canonical_dtype(dtype) in _HALF
     s = z.store
     masks = list(relu_masks) if relu_masks is not None else None
 
@@ -132,6 +134,10 @@ def noisy_ops(dtype: str, seed: int, relu_masks=None) -> SimpleNamespace:
     def attention_forward(q, k, v, mask):
         q, k, v = s(q), s(k), s(v)
         scores = z.matmul(q, k.transpose(0, 1, 3, 2))                       # [B, H, S, T]
+        if half:
+            # a half-precision port may store the scores in its dtype before a float32 softmax
+            # (transformers' eager attention in bfloat16); at scores of 1e4 that rounding moves it
+            scores = s(scores)
         scores = np.where(mask, scores, np.finfo(np.float64).min)
         probs = s(base.softmax(scores, axis=-1))
         return s(z.matmul(probs, v)), probs

@@ -63,6 +63,9 @@ def pytest_addoption(parser):
                     help="seed of the random configs, inputs, sampler draws and hypothesis examples (default 0)")
     group.addoption("--refopt-case", metavar="ID", default=None,
                     help="only this case or check (a preset's name, random-N, stress-*, a case id, samplers, ...)")
+    group.addoption("--refopt-dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None,
+                    help="the port's compute dtype, as refopt conform --dtype (default: the adapter's own); "
+                         "a bfloat16 or float16 port is held to refopt's reference in that dtype")
     group.addoption("--refopt-streaming", action="store_true", default=None,
                     help="reference the presets one decoder layer at a time, the adapter loading them "
                          "itself (the default for presets of more than 20M parameters)")
@@ -73,10 +76,10 @@ def pytest_configure(config):
     if not spec:
         return
     from refopt.errors import RefoptError
-    from refopt.testing.adapter import NotSupported, Unavailable, load_adapter
+    from refopt.testing.adapter import NotSupported, Unavailable, load_adapter_as
 
     try:
-        adapter = load_adapter(spec)
+        adapter = load_adapter_as(spec, config.getoption("--refopt-dtype", default=None))
     except NotSupported as e:
         adapter = Unavailable(spec, str(e))
     except (RefoptError, ValueError, TypeError, ImportError) as e:

@@ -164,6 +164,37 @@ def run_forward(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64"
     return from_tape(tape, cfg, head_forward(hidden, p, ops))
 
 
+#: the compute dtypes whose reference is computed in that dtype (:func:`run_forward_half`)
+HALF = ("bfloat16", "float16")
+
+
+def _half(params, dtype: str):
+    """``params`` rounded to ``dtype``'s policy variables and the ops rounding as KerasHub does."""
+    from refopt.dtype_policies import DTypePolicy, ops_for
+
+    policy = DTypePolicy(dtype)
+    rounded = {k: policy.round_variable(np.asarray(v, np.float32)) for k, v in params.items()}
+    return rounded, ops_for(policy, _numpy_ops, fused_attention=True)
+
+
+def run_gradients_half(params, cfg: OPTConfig, token_ids, padding_mask, dtype: str):
+    """``(loss, grads)`` of refopt's model in ``dtype`` (:func:`run_forward_half`'s forward, the
+    backward in float32 on its rounded activations)."""
+    rounded, ops = _half(params, dtype)
+    return run_gradients(rounded, cfg, token_ids, padding_mask, "float32", ops=ops)
+
+
+def run_forward_half(params, cfg: OPTConfig, token_ids, padding_mask, dtype: str):
+    """refopt's named intermediates computed in ``dtype`` (``"bfloat16"`` / ``"float16"``) as
+    KerasHub computes them under that dtype policy (:func:`refopt.dtype_policies.ops_for`): the
+    weights rounded to it, each op in float32 and its output rounded where KerasHub's layers round
+    (the dense product and the bias sum, the LayerNorm output from float32 statistics, the residual
+    sums, attention on KerasHub's dropout-0 path: float32 scores and softmax, the probabilities
+    rounded); float32 arrays holding ``dtype``'s values."""
+    rounded, ops = _half(params, dtype)
+    return run_forward(rounded, cfg, token_ids, padding_mask, "float32", ops=ops)
+
+
 #: rows of a streamed token table the tied head multiplies at a time: 2,048 rows of a 768-wide
 #: table are 12 MiB in float64 (a chunk is read, widened and gathered: about three copies live)
 HEAD_CHUNK_ROWS = 2048

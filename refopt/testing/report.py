@@ -64,7 +64,9 @@ class Report:
                            "checks": [r.to_dict() for r in self.results]}, indent=1, default=_json_default)
 
     def table(self, width: int = 110) -> str:
-        lines = [f"refopt conform: {self.adapter} ({self.dtype}) against refopt's float64 reference, "
+        against = ("float64 reference" if self.dtype not in ("bfloat16", "float16") else
+                   f"{self.dtype} reference (KerasHub's rounding; gradients and generation against float64)")
+        lines = [f"refopt conform: {self.adapter} ({self.dtype}) against refopt's {against}, "
                  f"seed {self.seed}", ""]
         rows = _merge_skips(self.results)
         name_w = min(max([len(name) for name, _, _ in rows] + [5]), 46)

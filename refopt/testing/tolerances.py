@@ -164,6 +164,16 @@ def error_figures(candidate, reference, scale=None) -> Figures:
     return Figures(max_abs, max_rel, max_abs / peak, float(np.sum(diff * diff)) / max(energy, 1e-300))
 
 
+def plus_reference_error(tol: Tolerance, error: Figures | None) -> Tolerance:
+    """``tol`` widened by the error of a half-precision reference against float64 (``error``: its
+    figures, measured on this input): the triangle inequality.  A correct port is within ``tol`` of
+    float64 and the reference is ``error`` away from it, so the port is within the sum of the two
+    of the reference (``scaled`` adds; ``sqrt(nmse)`` adds, a norm over the same denominator)."""
+    if error is None:
+        return tol
+    return Tolerance(tol.scaled + error.scaled, (math.sqrt(tol.nmse) + math.sqrt(error.nmse)) ** 2)
+
+
 def noise_bound(tol: Tolerance, noise: Figures | None) -> Tolerance:
     """The calibrated ``tol``, raised to :data:`NOISE_FACTOR` times the measured rounding noise."""
     if noise is None or not math.isfinite(noise.scaled) or not math.isfinite(noise.nmse):
@@ -181,6 +191,7 @@ class Comparison(NamedTuple):
     passed: bool
     noise: Figures | None = None     # the rounding noise measured on this input (None: not measured)
     calibrated: Tolerance | None = None   # the calibrated tolerance before the noise raised it
+    reference_error: Figures | None = None   # a half-precision reference's own error (None: float64)
 
     @property
     def widened(self) -> bool:
@@ -194,28 +205,43 @@ class Comparison(NamedTuple):
         if self.widened:
             text += (f"; tolerance raised by the rounding noise of this input (noise: scaled "
                      f"{self.noise.scaled:.3g}, NMSE {self.noise.nmse:.3g})")
+        if self.reference_error is not None:
+            text += (f"; against the half-precision reference, whose own error against float64 "
+                     f"(scaled {self.reference_error.scaled:.3g}) is in the tolerance")
         return text
 
 
 def compare(name: str, candidate, reference64, dtype: str, depth: int, kind: str = "activations",
-            scale=None, noise: Figures | None = None) -> Comparison:
-    """Judge ``candidate`` (computed in ``dtype``) against the float64 reference.
+            scale=None, noise: Figures | None = None, reference_error: Figures | None = None) -> Comparison:
+    """Judge ``candidate`` (computed in ``dtype``) against the reference: float64, or (a
+    half-precision port) the reference computed in its dtype with KerasHub's rounding.
 
     ``scale``: what the errors are measured against (see :func:`error_figures`); ``noise``: the
     rounding noise of this input (:mod:`refopt.testing.noise`), the same figures of refopt's noisy
     runs, which raises the tolerance (:func:`noise_bound`) -- or a function returning them, called
     only when the calibrated tolerance is exceeded (the noisy runs cost more than the comparison;
-    the verdict is the same).  A shape mismatch fails with infinite figures."""
-    calibrated = tolerance(dtype, depth, kind)
+    the verdict is the same); ``reference_error``: a half-precision reference's figures against
+    float64 on this input, added to the tolerance (:func:`plus_reference_error`).  A shape
+    mismatch fails with infinite figures."""
+    # against a half-precision reference the depth's calibrated envelope (the worst over many
+    # models) gives way to the depth-0 bound (one storage rounding), raised by what rounding in
+    # ``dtype`` measurably does on *this* input (the noise), plus the reference's own measured error
+    base = tolerance(dtype, 0 if reference_error is not None else depth, kind)
+    calibrated = plus_reference_error(base, reference_error)
     cand = np.asarray(candidate)
     ref = np.asarray(reference64)
     if cand.shape != ref.shape:
         return Comparison(f"{name} (shape {list(cand.shape)}, expected {list(ref.shape)})", INFINITE,
-                          calibrated, False, None, calibrated)
+                          calibrated, False, None, calibrated, reference_error)
     figures = error_figures(cand, ref, scale)
     if figures.within(calibrated):
-        return Comparison(name, figures, calibrated, True, None, calibrated)
+        return Comparison(name, figures, calibrated, True, None, calibrated, reference_error)
     if callable(noise):
         noise = noise()
-    tol = noise_bound(calibrated, noise)
-    return Comparison(name, figures, tol, figures.within(tol), noise, calibrated)
+    if reference_error is not None:
+        # the half-precision reference is itself a run rounded in ``dtype``: its error against
+        # float64 is one more sample of the rounding noise (the noisy runs can miss a flip that
+        # real rounding makes, e.g. which key wins a softmax at scores of 1e4)
+        noise = reference_error.worst(noise)
+    tol = plus_reference_error(noise_bound(base, noise), reference_error)
+    return Comparison(name, figures, tol, figures.within(tol), noise, calibrated, reference_error)

@@ -8,14 +8,15 @@ import numpy as np
 from refopt.testing import reference as R
 from refopt.testing.adapter import NotSupported, capabilities_of
 from refopt.testing.checks.base import FAIL, PASS, CheckResult, ensure_loaded, figures, ratio
-from refopt.testing.tolerances import compare, noise_bound, tolerance
+from refopt.testing.tolerances import compare, error_figures, noise_bound, plus_reference_error, tolerance
 
 
 def check_generation(adapter, case, n_new: int = 6) -> CheckResult:
     """Greedy decoding of a few prompts.  Each new token must be the arg-max of refopt's float64
     logits *given the port's own prefix* (one forward over every prompt and its continuation), so
     a step whose two best logits are within the logits tolerance (a near-tie, either token right)
-    does not end the comparison: the steps after it are judged on the port's choice."""
+    does not end the comparison: the steps after it are judged on the port's choice.  A bfloat16
+    or float16 port: the arg-max of refopt's logits in that dtype (KerasHub's rounding)."""
     ensure_loaded(adapter, case)
     n_new = min(n_new, case.config.max_sequence_length - 1)
     prompts = case.prompts(n_new)
@@ -40,14 +41,22 @@ def check_generation(adapter, case, n_new: int = 6) -> CheckResult:
         mask[k, :len(prompt) + n_new] = True
     logits = R.run_forward(case.params, case.config, ids, mask)["logits"]           # [P, W, V]
     peak = float(np.max(np.abs(logits[mask])))
-    calibrated = tolerance(adapter.dtype, case.config.num_layers).scaled * peak
+    dtype, depth, error = adapter.dtype, case.config.num_layers, None
+    if dtype in R.HALF and isinstance(case.params, dict):
+        # a half-precision port: the arg-max of refopt's logits in its dtype (KerasHub's rounding),
+        # the bound as the logits check's against that reference (its own error measured here)
+        half = R.run_forward_half(case.params, case.config, ids, mask, dtype)["logits"]
+        error = error_figures(half[mask], logits[mask], peak)
+        logits, peak, depth = half, max(peak, float(np.max(np.abs(half[mask])))), 0
+    calibrated = plus_reference_error(tolerance(dtype, depth), error).scaled * peak
 
     def bound(gap):
         # the calibrated bound, raised by the rounding noise only when a gap needs it
         if gap <= calibrated:
             return calibrated
-        return noise_bound(tolerance(adapter.dtype, case.config.num_layers),
-                           case.noise(adapter.dtype)["logits"]).scaled * peak
+        noise = case.noise(dtype)["logits"]
+        noise = noise if error is None else error.worst(noise)
+        return plus_reference_error(noise_bound(tolerance(dtype, depth), noise), error).scaled * peak
     excused, compared = [], 0
     for k, (prompt, got) in enumerate(zip(prompts, outs)):
         for t in range(n_new):
@@ -66,7 +75,8 @@ def check_generation(adapter, case, n_new: int = 6) -> CheckResult:
                                f"{where}: logit {row[got[t]]:.6g} vs {row[want]:.6g}, gap {gap:.3g} > "
                                f"tolerance {allowed:.3g}",
                                {"prompt": prompt, "got": got, "step": t, "expected": want})
-    detail = "; ".join(excused) if excused else "every token the arg-max of refopt's float64 logits"
+    detail = "; ".join(excused) if excused else (
+        f"every token the arg-max of refopt's {'float64' if error is None else dtype} logits")
     return CheckResult("generation", "", PASS, f"{len(prompts)} prompts x {n_new} tokens, "
                        f"{compared} compared", detail)
 
@@ -84,7 +94,7 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
     ensure_loaded(adapter, case)
     prefill = max(1, S // 2)
     logits = np.asarray(adapter.incremental_logits(ids, mask, prefill))
-    ref = case.reference(left)
+    ref = case.reference(left, adapter.dtype)
     expected = ref.acts["logits"]
     if logits.shape != expected.shape:
         return CheckResult("incremental", "", FAIL, f"shape {list(logits.shape)}",
@@ -93,7 +103,9 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
     noise = lambda: case.noise(dtype, left)["logits"]              # noqa: E731  (computed once, if needed)
     scale = ref.scales["logits"]
     real = mask.astype(bool)
-    whole = compare("logits", logits[real], expected[real], dtype, L, scale=scale, noise=noise)
+    error = ref.error_of("logits")
+    whole = compare("logits", logits[real], expected[real], dtype, L, scale=scale, noise=noise,
+                    reference_error=error)
     side = "left" if left else "right"
     text = f"prefill {prefill} + {S - prefill} steps, {side} padding: {figures(whole)}"
     steps = []
@@ -101,7 +113,8 @@ def check_incremental(adapter, case, left: bool = False) -> CheckResult:
         rows = real[:, s]
         if not rows.any():
             continue
-        c = compare(f"position {s}", logits[rows, s], expected[rows, s], dtype, L, scale=scale, noise=noise)
+        c = compare(f"position {s}", logits[rows, s], expected[rows, s], dtype, L, scale=scale, noise=noise,
+                    reference_error=error)
         steps.append(c)
         if not c.passed:
             stage = f"the prefill (positions 0..{prefill - 1})" if s < prefill else f"cached step {s - prefill + 1}"

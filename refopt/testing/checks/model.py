@@ -20,9 +20,30 @@ def locate(adapter, case, left: bool = False):
         acts = adapter.activations(ids, mask, R.activation_names(case.config))
     except NotSupported:
         return None
-    ref = case.reference(left)
+    ref = case.reference(left, adapter.dtype)
     return compare_activations(case.config, acts, ref.acts, adapter.dtype, mask, ref.scales,
-                               lambda: case.noise(adapter.dtype, left))
+                               lambda: case.noise(adapter.dtype, left), reference_error=ref.error)
+
+
+def undeclared_half(values, declared: str) -> str | None:
+    """``"bfloat16"`` or ``"float16"`` when a port declaring float32 or float64 returned values of
+    that half-precision dtype (its array dtype, or every finite value exactly one of that dtype's
+    and at least 64 of them), else None."""
+    from refopt.dtype_policies import round_to
+
+    if declared in R.HALF:
+        return None
+    values = np.asarray(values)
+    name = values.dtype.name
+    if name in R.HALF:
+        return name
+    finite = values[np.isfinite(values)].astype(np.float32) if values.dtype.kind == "f" else values[:0]
+    if finite.size < 64:
+        return None
+    for half in R.HALF:
+        if np.array_equal(round_to(finite, half), finite):
+            return half
+    return None
 
 
 def _side(left: bool) -> str:
@@ -37,15 +58,18 @@ def check_logits(adapter, case, left: bool = False) -> CheckResult:
     how = ensure_loaded(adapter, case)
     ids, mask = case.batch(left)
     logits = np.asarray(adapter.logits(ids, mask))
-    ref = case.reference(left)
+    ref = case.reference(left, adapter.dtype)
     expected = ref.acts["logits"]
     if logits.shape != expected.shape:
         return CheckResult("logits", "", FAIL, f"shape {list(logits.shape)}",
                            f"logits have shape {list(logits.shape)}, expected {list(expected.shape)}")
     real = mask.astype(bool)
     c = compare("logits", logits[real], expected[real], adapter.dtype, case.config.num_layers,
-                scale=ref.scales["logits"], noise=lambda: case.noise(adapter.dtype, left)["logits"])
+                scale=ref.scales["logits"], noise=lambda: case.noise(adapter.dtype, left)["logits"],
+                reference_error=ref.error_of("logits"))
     detail = f"loaded with {how}; {_side(left)} batch {list(ids.shape)}"
+    if ref.error is not None:
+        detail += f"; against refopt's {adapter.dtype} reference (KerasHub's rounding)"
     data = {"figures": c.figures._asdict(), "tolerance": c.tolerance._asdict(), "widened": c.widened,
             "ratio": ratio([c])}
     if not c.passed:
@@ -55,6 +79,13 @@ def check_logits(adapter, case, left: bool = False) -> CheckResult:
             detail = f"{div.describe()} [{detail}]"
         else:
             detail = f"{c.describe()} [{detail}; no intermediates to locate it]"
+        half = undeclared_half(logits[real], adapter.dtype)
+        if half is not None:
+            data["undeclared_dtype"] = half
+            detail = (f"the port computes in {half}: its logits are {half} values, but it declares "
+                      f"dtype {adapter.dtype!r}, whose tolerance is far tighter than {half} rounding; "
+                      f"declare dtype = {half!r} in the adapter (or pass refopt conform --dtype {half}) "
+                      f"to hold it to refopt's {half} reference. {detail}")
     elif c.widened:
         detail += "; " + c.describe()
     return CheckResult("logits", "", PASS if c.passed else FAIL, figures(c), detail, data)

@@ -21,7 +21,8 @@ positions counted from the row start under left padding, a KV cache read before 
 stepped at the cache index, a softmax (attention or loss) without its maximum subtracted, a residual
 stream stored in float16, the tied head's gradient dropped, the softmax backward without its row
 term, a byte the tokenizer's byte table gets wrong (DEL), and sampler draws taken in another row
-order.
+order; and half-precision ports (:mod:`.half`, declared bfloat16): a float16 port declared
+bfloat16, LayerNorm statistics and the attention softmax's row sum accumulated in bfloat16.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from refopt.testing.mutants.gradients import (  # noqa: F401
     SoftmaxBackwardWithoutRowTerm)
 from refopt.testing.mutants.tokenizer import (  # noqa: F401
     TokenizerMergesByFrequency, LeadingEosDropped, LeadingEosDoubled, PadSplit, TokenizerDelByte)
+from refopt.testing.mutants.half import (  # noqa: F401
+    LayerNormWithoutFloat32Statistics, SoftmaxWithoutFloat32Sum, Float16DeclaredBfloat16, half_cases)
 from refopt.testing.mutants.samplers import (  # noqa: F401
     TopPOneTooMany, TopPTieStrict, TopPZeroNaN, TopKThenTopPMasksAll, TemperatureAfterTopK,
     SamplerRowsOutOfOrder)
@@ -80,4 +83,8 @@ MUTANTS = [
     Mutant(SoftmaxBackwardWithoutRowTerm, "preln", "gradients", "layers.1.q_proj.weight"),
     Mutant(TokenizerDelByte, "tokenizer", "tokenizer.bytes", "U+007F"),
     Mutant(SamplerRowsOutOfOrder, "samplers", "samplers.random", None),
+    # half-precision ports (declared bfloat16, held to refopt's bfloat16 reference)
+    Mutant(Float16DeclaredBfloat16, "stress-scores", "logits", "layers.0.attention_output"),
+    Mutant(LayerNormWithoutFloat32Statistics, "half-wide", "activations", "layers.0.attention_input"),
+    Mutant(SoftmaxWithoutFloat32Sum, "half-long", "logits", "layers.0.attention_output"),
 ]
