@@ -9,7 +9,8 @@ vocabulary 50,272; ``--size 1.3b --layers 4`` for the products of a 1.3b-shaped 
 to a temporary directory in transformers' layout, with the real OPT tokenizer files from
 ../shared/data/opt when present so CTranslate2's converter can read it.  Every engine is loaded
 once, in this process: refopt NumPy float32, refopt Numba float32 / bfloat16 / int8 weights
-(``--weights``; float16 too on request),
+(``--weights``; float16 too on request, and ``w8a8``: int8 weights with
+``activations="int8"``, integer products, CTranslate2's int8 numerics),
 transformers + PyTorch float32, CTranslate2 float32 and int8 (when installed), all on the same
 thread count (``--threads``, default all cores).  Then, ``--runs`` times:
 
@@ -80,7 +81,8 @@ def weight_bytes(params):
 # ----------------------------------------------------------------------------- engines
 VARIANTS = {"numpy": ("refopt numpy f32", "numpy", None), "f32": ("refopt numba f32", "numba", None),
             "bf16": ("refopt numba bf16", "numba", "bfloat16"),
-            "f16": ("refopt numba f16", "numba", "float16"), "int8": ("refopt numba int8", "numba", "int8")}
+            "f16": ("refopt numba f16", "numba", "float16"), "int8": ("refopt numba int8", "numba", "int8"),
+            "w8a8": ("refopt numba w8a8", "numba", "int8")}     # int8 weights and activations
 
 
 def refopt_engines(path, names):
@@ -90,7 +92,8 @@ def refopt_engines(path, names):
 
     out = []
     for label, backend, wdt in (VARIANTS[n] for n in names):
-        lm = OPTCausalLM.from_preset(path, preprocessor=None, backend=backend, weights_dtype=wdt)
+        lm = OPTCausalLM.from_preset(path, preprocessor=None, backend=backend, weights_dtype=wdt,
+                                     activations="int8" if "w8a8" in label else None)
         lm.compile(sampler="greedy")
         job = generation.prepare(lm)
         if job is not None:

@@ -21,8 +21,9 @@ tensor to a temporary directory (deleted at the end).  Each configuration below 
   one token reads.  The header gives the same read measured once by the parent.
 
 refopt configurations: ``weights_dtype="auto"`` (the float16 file used in place, memory-mapped),
-``"bfloat16"`` and ``"int8"`` (converted tensor by tensor), and the default float32 (widened) where
-it fits in memory; transformers + PyTorch: ``dtype=torch.float16`` and ``torch.float32`` where it
+``"bfloat16"`` and ``"int8"`` (converted tensor by tensor), ``w8a8`` (``"int8"`` with
+``activations="int8"``: integer products), and the default float32 (widened) where it fits in
+memory; transformers + PyTorch: ``dtype=torch.float16`` and ``torch.float32`` where it
 fits.  Figures are the median of the runs, with their range.  With the OPT tokenizer files of
 ../shared/data/opt present, each size's ``auto`` run also generates text from a prompt (random
 weights: the text is gibberish, but it is decoded text), printed under the table.
@@ -125,8 +126,9 @@ def worker(spec):
         numba.set_num_threads(threads)
         rss0, _ = _memory()
         t0 = time.perf_counter()
-        lm = OPTCausalLM.from_preset(path, backend="numba",
-                                     weights_dtype=None if dtype == "float32" else dtype)
+        lm = OPTCausalLM.from_preset(path, backend="numba",                  # w8a8: int8 both
+                                     weights_dtype={"float32": None, "w8a8": "int8"}.get(dtype, dtype),
+                                     activations="int8" if dtype == "w8a8" else None)
         t_open = time.perf_counter() - t0
         rss_open, hwm_open = _memory()
         lm.compile(sampler="greedy")
@@ -246,7 +248,8 @@ def main(argv=None):
             print(f"# wrote {where} ({file_bytes / 1e9:.2f} GB float16) in {time.perf_counter() - t:.0f} s",
                   flush=True)
             n_params = cfg.parameter_count()
-            configs = [("refopt", "auto"), ("refopt", "bfloat16"), ("refopt", "int8"), ("refopt", "float32")]
+            configs = [("refopt", "auto"), ("refopt", "bfloat16"), ("refopt", "int8"), ("refopt", "w8a8"),
+                       ("refopt", "float32")]
             if not args.skip_peers:
                 configs += [("transformers", "float16"), ("transformers", "float32")]
             if args.configs:

@@ -18,6 +18,16 @@ other is converted in blocks of rows and its file pages released before the next
 the result plus one block.  ``weights_dtype="auto"`` keeps each matrix in the dtype the checkpoint
 stores it in (transformers' ``torch_dtype="auto"``).
 
+**Activations in int8** (``activations="int8"``, int8 weights only; CTranslate2's int8 compute):
+a product's activations are quantised too, per row, dynamically and symmetrically, and multiplied
+with the int8 weights in integers (:func:`int8_matmul`; the Numba kernel is
+:mod:`refopt.kernels.cpu.int8`, VNNI ``vpdpbusd``).  The integer sums are exact, so only the
+activations' rounding (at most half of ``max|x| / 127`` per element) separates it from the
+default int8 path, which widens int8 weights to float32 inside a float32 product and never rounds
+the activations.  Opt in only where that rounding is acceptable: OPT models from 6.7b on carry
+activation outliers (LLM.int8(), Dettmers et al. 2022) that per-row int8 rounds the rest of the row
+against.
+
 The NumPy reference path sees a QuantizedMatrix through ``__array__`` (the dequantised float32
 matrix), ``.T`` and row indexing, so the reference ops need no change; the Numba kernels read
 ``data`` directly (:mod:`refopt.kernels.cpu.matmul`).
@@ -32,6 +42,7 @@ from refopt.io import stored
 from refopt.io.safetensors_io import bfloat16_to_float32, float32_to_bfloat16
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
+ACTIVATIONS = (None, "int8")  # None: products in the compute dtype; "int8": see int8_matmul
 AUTO = "auto"                 # each matrix in the dtype the checkpoint stores it in
 _BLOCK_BYTES = 16 << 20       # rows converted at a time (float32 bytes), bounding the extra memory
 _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
@@ -40,10 +51,28 @@ _STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 class QuantizedMatrix:
     """A float32 matrix stored in ``kind`` (``"float16"``, ``"bfloat16"`` or ``"int8"``)."""
 
-    def __init__(self, data, kind, scale=None):
+    def __init__(self, data, kind, scale=None, activations=None):
         self.data = data              # [out, in]: uint16 (bfloat16 bits), float16 or int8
         self.kind = kind
         self.scale = scale            # [out] float32 for int8, else None
+        self.activations = activations  # "int8": products quantise the activations (int8_matmul)
+        self._row_sums = None
+
+    def with_activations(self, activations) -> "QuantizedMatrix":
+        """This matrix (sharing its data) with products that quantise the activations
+        (``"int8"``, int8 weights only) or not (``None``)."""
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
+        if activations is not None and self.kind != "int8":
+            raise ConfigError(f"activations={activations!r} needs int8 weights (these are {self.kind})")
+        return QuantizedMatrix(self.data, self.kind, self.scale, activations)
+
+    def row_sums(self) -> np.ndarray:
+        """``data.sum(axis=1)`` as int64 ``[out]`` (computed once): the kernel's correction for its
+        unsigned activations (:mod:`refopt.kernels.cpu.int8`)."""
+        if self._row_sums is None:
+            self._row_sums = self.data.sum(axis=1, dtype=np.int64)
+        return self._row_sums
 
     @classmethod
     def quantize(cls, a, kind: str) -> "QuantizedMatrix":
@@ -118,11 +147,13 @@ class QuantizedMatrix:
 
     @property
     def nbytes(self):
-        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+        # with int8 activations, the row sums the kernel reads too (8 bytes per row)
+        return (self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+                + (8 * self.shape[0] if self.activations == "int8" else 0))
 
     @property
     def T(self):
-        return np.asarray(self).T
+        return _Int8Transposed(self) if self.activations == "int8" else np.asarray(self).T
 
     def __getitem__(self, index):
         return self.rows_float32(index)         # rows: the embedding lookup of token ids
@@ -132,6 +163,64 @@ class QuantizedMatrix:
 
     def __rmatmul__(self, other):
         return other @ np.asarray(self)
+
+
+class _Int8Transposed:
+    """``m.T`` of a matrix with ``activations="int8"``: ``x @ m.T`` is :func:`int8_matmul`, so the
+    reference ops' ``x @ w.T`` needs no change (``__array_ufunc__ = None`` makes NumPy hand the
+    product to ``__rmatmul__``)."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, m):
+        self.m = m
+        self.shape = m.shape[::-1]
+
+    def __rmatmul__(self, x):
+        return int8_matmul(x, self.m)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.m, dtype).T
+
+
+def quantize_activations(x):
+    """Rows of activations ``x [N, I]`` (float32) in int8: ``scale = max|x_row| / 127`` and ``q =
+    clip(rint(x / scale), -127, 127)``, so ``q * scale`` is ``x`` to within ``scale / 2``.  A row of
+    zeros (or so small that ``scale`` underflows to 0) gives zeros; a row holding inf or NaN gives
+    zeros with ``scale = NaN``, so every output of that row is NaN.  -> ``(q [N, I] int8, scale [N]
+    float32)``"""
+    amax = np.abs(x).max(axis=1)                                       # [N]; NaN if one is
+    scale = (amax / np.float32(127)).astype(np.float32)                # [N]
+    scale[~np.isfinite(scale)] = np.nan                                # inf -> NaN too
+    ok = scale > 0                                                     # neither zero nor NaN
+    q = np.zeros(x.shape, np.int8)                                     # [N, I]
+    q[ok] = np.clip(np.rint(x[ok] / scale[ok, None]), -127, 127)
+    return q, scale
+
+
+def int8_matmul(x, m):
+    """``x [..., I] @ m.T`` for int8 weights ``m [O, I]`` with activations quantised per row
+    (:func:`quantize_activations`): the products of integers, summed exactly, then scaled.
+    -> ``[..., O]`` float32"""
+    I = x.shape[-1]
+    q, sx = quantize_activations(np.asarray(x, np.float32).reshape(-1, I))   # [N, I], [N]
+    # sum_i q_i w_i exactly: float64 holds every integer below 2^53, and these sums stay below
+    # 127 * 127 * I (BLAS-fast, and exact in any order of summation)
+    acc = q.astype(np.float64) @ m.data.astype(np.float64).T            # [N, O] integers
+    y = acc.astype(np.float32) * sx[:, None] * m.scale                 # [N, O]
+    return y.reshape(x.shape[:-1] + (m.shape[0],))
+
+
+def set_activations(params: dict, activations) -> dict:
+    """``params`` with every int8 matrix's products quantising the activations (``"int8"``) or
+    not (``None``); the data is shared.  ``"int8"`` needs int8 weights."""
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
+    matrices = [v for v in params.values() if isinstance(v, QuantizedMatrix)]
+    if activations is not None and (not matrices or any(v.kind != "int8" for v in matrices)):
+        raise ConfigError(f"activations={activations!r} needs weights_dtype='int8'")
+    return {k: v.with_activations(activations) if isinstance(v, QuantizedMatrix) else v
+            for k, v in params.items()}
 
 
 def quantizable(name: str) -> bool:

@@ -116,3 +116,25 @@ def test_locator_names_a_broken_transformers_module():
     assert div.name == "layers.1.mlp_output"
     assert all(c.passed for c in div.compared[:div.compared.index(div.first)])
     assert np.isfinite(div.first.figures.scaled)
+
+
+def test_spilled_gradients_equal_the_held_ones():
+    # the same backward, the gradients handed over one by one to a GradientSpill as autograd
+    # produces them (as for a real-size model) or held by PyTorch: the same arrays, bit for bit,
+    # and the spilled port's check passes exactly as the held one's
+    from refopt.testing.cases import stress_specs
+    from refopt.testing.spill import GradientSpill
+
+    case = stress_specs()["stress-outliers"].build("stress-outliers")
+    held, spilled = TransformersAdapter(spill_gradients=False), TransformersAdapter(spill_gradients=True)
+    for a in (held, spilled):
+        C.ensure_loaded(a, case)
+    ids, mask = case.batch()
+    loss_h, g_h = held.loss_and_gradients(ids, mask)
+    loss_s, g_s = spilled.loss_and_gradients(ids, mask)
+    assert isinstance(g_s._theirs, GradientSpill) and not isinstance(g_h._theirs, GradientSpill)
+    assert loss_h == loss_s and sorted(g_h) == sorted(g_s)
+    for name in g_h:
+        np.testing.assert_array_equal(np.asarray(g_s[name]), np.asarray(g_h[name]), err_msg=name)
+    assert all(p.grad is None for p in spilled.model.parameters())      # nothing left in PyTorch
+    assert C.check_gradients(spilled, case).status == C.PASS

@@ -57,6 +57,10 @@ def add_parser(subparsers):
                    default="auto",
                    help="how the weights are held (default auto: as the checkpoint stores them, a float16 "
                         "file memory-mapped without a copy; int8 quarters float32's memory)")
+    p.add_argument("--activations", choices=("int8",), default=None,
+                   help="with --weights-dtype int8: quantise each product's activations per row and "
+                        "multiply in integers (CTranslate2's int8 compute; faster, not exact; default: "
+                        "float activations, exact)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text")
     p.set_defaults(run=run)
     return p
@@ -112,7 +116,8 @@ def run(args) -> int:
     lm = OPTCausalLM.from_preset(args.preset, dtype=args.dtype, backend=backend,
                                  preprocessor=preprocessor,
                                  weights_dtype=(None if args.dtype == "float64" and args.weights_dtype == "auto"
-                                                else args.weights_dtype))
+                                                else args.weights_dtype),
+                                 activations=args.activations)
     if lm.preprocessor is None:
         raise ConfigError(f"preset {args.preset}: has no tokenizer files (vocab.json and merges.txt, "
                           "or KerasHub's tokenizer assets), so text cannot be generated")

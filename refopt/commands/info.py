@@ -54,6 +54,8 @@ def loading_plan(parameters: int, stored: str | None, weights_file: str) -> dict
     else:
         plan["auto"] = f"stored {stored}: as the default"
     plan["int8"] = f"quantised tensor by tensor: {_human(n)} in memory"
+    plan["int8+int8"] = ("with weights_dtype='int8': each product's activations quantised per row too "
+                         "(integer products: faster, not exact)")
     return plan
 
 
@@ -108,7 +110,8 @@ def run(args) -> int:
              f"size        {_human(info['size_bytes'])} on disk ({info['files']} files)"]
     lines.append(f"weights     {info['weights_file']}")
     for choice, what in info["loading"].items():
-        label = "weights_dtype=None" if choice == "default" else f"weights_dtype={choice!r}"
+        label = ("weights_dtype=None" if choice == "default" else
+                 "activations='int8'" if choice == "int8+int8" else f"weights_dtype={choice!r}")
         lines.append(f"  {label:26s}{what}")
     if info["tokenizer"]:
         lines.append(f"tokenizer   {info['tokenizer']['tokens']:,} tokens ({info['tokenizer']['vocabulary']})")

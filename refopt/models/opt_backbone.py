@@ -119,6 +119,7 @@ class OPTBackbone(Backbone):
         self.position_prefix = None
         self.backend = None          # None: the current backend (refopt.backend); or a name
         self.weights_dtype = "float32"
+        self.activations = None      # "int8": int8 weights' products quantise the activations
 
     # ------------------------------------------------------------------ KerasHub-style accessors
     def __getattr__(self, name):
@@ -218,6 +219,7 @@ class OPTBackbone(Backbone):
         self.position_prefix = position_prefix
         self.backend = None
         self.weights_dtype = "float32"
+        self.activations = None
         if params is None:
             _check_params_fit(cfg)
             self.params = self._round_variables(_model.init_params(cfg))
@@ -258,6 +260,7 @@ class OPTBackbone(Backbone):
         self.params = {**self._round_variables(quant.load_params(arrays, compute, kind, source)),
                        **adapters}
         self.weights_dtype = kind
+        self.activations = None
 
     # ------------------------------------------------------------------ forward
     @property
@@ -268,11 +271,13 @@ class OPTBackbone(Backbone):
         return dtype_policies.ops_for(self.config.policy, _backend.ops(self.backend),
                                       fused_attention=self.config.dropout == 0)
 
-    def quantize(self, weights_dtype: str) -> None:
+    def quantize(self, weights_dtype: str, activations=None) -> None:
         """Store every matrix as ``"bfloat16"``, ``"float16"`` or ``"int8"`` (per-output-channel
         scales), or back to ``"float32"``: decoding then reads 2 or 1 bytes per weight instead of 4
-        (:mod:`refopt.quant`).  LayerNorm parameters, biases and positions stay float32."""
-        from refopt.quant import QuantizedMatrix, quantize_params
+        (:mod:`refopt.quant`).  LayerNorm parameters, biases and positions stay float32.
+        ``activations="int8"`` (int8 weights only) also quantises each product's activations per
+        row and multiplies in integers (:func:`refopt.quant.int8_matmul`: faster, not exact)."""
+        from refopt.quant import QuantizedMatrix, quantize_params, set_activations
 
         if self.config.dtype not in (None, "float32"):
             raise ConfigError("quantize: weights_dtype needs the float32 dtype policy")
@@ -280,8 +285,23 @@ class OPTBackbone(Backbone):
             raise ConfigError("quantize: LoRA is enabled; merge_lora_weights() first")
         params = {k: np.asarray(v, np.float32) if isinstance(v, QuantizedMatrix) else v
                   for k, v in self.params.items()}
-        self.params = quantize_params(params, weights_dtype)
+        if activations is not None and weights_dtype != "int8":
+            raise ConfigError(f"quantize: activations={activations!r} needs weights_dtype='int8'")
+        self.params = set_activations(quantize_params(params, weights_dtype), activations)
         self.weights_dtype = weights_dtype or "float32"
+        self.activations = activations
+
+    def set_activations(self, activations) -> None:
+        """Products of the int8 weights quantise their activations per row (``"int8"``: integer
+        products, :func:`refopt.quant.int8_matmul`) or not (``None``, the default: int8 widened to
+        the compute dtype inside a float product, exact).  Needs ``weights_dtype="int8"``."""
+        from refopt.quant import set_activations
+
+        if activations is not None and self.weights_dtype != "int8":
+            raise ConfigError(f"activations={activations!r} needs weights_dtype='int8' "
+                              f"(this model's weights are {self.weights_dtype})")
+        self.params = set_activations(self.params, activations)
+        self.activations = activations
 
     def __call__(self, inputs, *, tape=None):
         ids, mask = validate_inputs(self.config, inputs)
@@ -291,7 +311,7 @@ class OPTBackbone(Backbone):
     # ------------------------------------------------------------------ presets
     @classmethod
     def _load_preset(cls, preset=None, load_weights=True, dtype=None, backend=None, weights_dtype=None,
-                     allow_nonfinite=False, **kwargs) -> "OPTBackbone":
+                     allow_nonfinite=False, activations=None, **kwargs) -> "OPTBackbone":
         """Load a KerasHub preset directory, a transformers checkpoint directory, a built-in name
         under ``REFOPT_HOME``, or (no argument) the bundled default model.  ``dtype`` is the dtype
         policy (:mod:`refopt.dtype_policies`; ``"float64"`` for the oracle); without it a preset
@@ -307,9 +327,14 @@ class OPTBackbone(Backbone):
         to two and four times faster (:mod:`refopt.quant`).  ``backend`` pins this model to
         ``"numpy"``, ``"numba"`` or ``"cuda"`` (default: the current backend).  The checkpoint is
         validated before anything is allocated (:mod:`refopt.io.checkpoint`); weights that are NaN
-        or infinite are refused unless ``allow_nonfinite=True``."""
+        or infinite are refused unless ``allow_nonfinite=True``.  ``activations="int8"`` (with
+        ``weights_dtype="int8"``) also quantises the activations of every product per row and
+        multiplies in integers, as CTranslate2's int8 compute type does (faster at batch 8; not
+        exact: see :mod:`refopt.quant`)."""
         if kwargs:
             raise ConfigError(f"from_preset: unknown arguments {sorted(kwargs)}")
+        if activations is not None and weights_dtype != "int8":
+            raise ConfigError(f"from_preset: activations={activations!r} needs weights_dtype='int8'")
         if dtype is not None:
             dtype = dtype_policies.get(dtype).name   # an unknown policy fails before reading
         if not isinstance(allow_nonfinite, bool):
@@ -336,6 +361,8 @@ class OPTBackbone(Backbone):
                                  f"{ckpt.path}: loading the weights", CheckpointError)
                 self = cls.from_opt_config(cfg, ckpt.params(stored=True), ckpt.position_prefix(),
                                            weights_dtype=weights_dtype)
+        if activations is not None:
+            self.set_activations(activations)
         self.backend = backend
         return self
 

@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -152,10 +153,12 @@ class Adapter:
         produce, each ``[B, S, width]``; names it cannot produce are left out."""
         raise NotSupported(f"{self.name} does not expose intermediate activations")
 
-    def loss_and_gradients(self, token_ids, padding_mask) -> tuple[float, dict[str, np.ndarray]]:
+    def loss_and_gradients(self, token_ids, padding_mask) -> tuple[float, Mapping[str, np.ndarray]]:
         """The loss ``sum(sw * CE) / sum(sw)`` (:func:`refopt.testing.reference.loss_targets`) and
         its gradient for every parameter, keyed by refopt's names with refopt's shapes (the tied
-        head's share inside ``embed_tokens``)."""
+        head's share inside ``embed_tokens``): a dict, or for a large model a mapping that reads
+        each gradient on lookup, such as a :class:`refopt.testing.spill.GradientSpill` filled as
+        the backward produces them (then the port never holds all its gradients at once)."""
         raise NotSupported(f"{self.name} does not compute gradients")
 
     def incremental_logits(self, token_ids, padding_mask, prefill: int) -> np.ndarray:

@@ -73,17 +73,17 @@ class KinkResolver:
         self.ambiguous += int(near.sum())
         w = self.port.get(f"layers.{i}.fc1.weight")
         if near.any() and w is not None and np.shape(w) == np.shape(self.params[f"layers.{i}.fc1.weight"]):
-            self._resolve(i, d_y, x, near, mask, default)
+            self._resolve(i, d_y, x, near, mask, default, w)
         self.masks.append(mask)
         return d_y * mask
 
-    def _resolve(self, i, d_y, x, near, mask, default):
+    def _resolve(self, i, d_y, x, near, mask, default, w):
         b = self.port.get(f"layers.{i}.fc1.bias")
         with_bias = b is not None and f"layers.{i}.fc1.bias" in self.params
         xt = np.concatenate([x, np.ones(x.shape[:-1] + (1,))], -1) if with_bias else x    # [B, S, D']
         d_pre = d_y * default                                                    # [B, S, F]
         for j in np.flatnonzero(near.any(axis=(0, 1))):
-            port = np.asarray(self.port[f"layers.{i}.fc1.weight"][j], np.float64)
+            port = np.asarray(w[j], np.float64)        # w: read once (a spilled mapping reads per lookup)
             if with_bias:
                 port = np.append(port, float(b[j]))
             rows = np.argwhere(near[..., j])                                     # [n, 2] (b, t)

@@ -164,13 +164,18 @@ def run_forward(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64"
     return from_tape(tape, cfg, head_forward(hidden, p, ops))
 
 
+#: rows of a streamed token table the tied head multiplies at a time: 2,048 rows of a 768-wide
+#: table are 12 MiB in float64 (a chunk is read, widened and gathered: about three copies live)
+HEAD_CHUNK_ROWS = 2048
+
+
 def head_forward(hidden, params, ops):
     """The tied LM head: ``hidden [B, S, E] @ embed_tokens.T``, in chunks of rows for a streamed
     table (a mapping with ``head_chunks``)."""
     if not hasattr(params, "head_chunks"):
         return ops.lm_head_forward(hidden, params["embed_tokens"])
     logits = np.empty(hidden.shape[:-1] + (params["embed_tokens"].shape[0],), np.float64)
-    for start, rows in params.head_chunks(8192):                                 # rows [n, E]
+    for start, rows in params.head_chunks(HEAD_CHUNK_ROWS):                      # rows [n, E]
         logits[..., start:start + rows.shape[0]] = ops.lm_head_forward(hidden, rows)
     return logits
 

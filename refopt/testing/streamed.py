@@ -80,16 +80,20 @@ class _Blocks:
                                                 "gradients", scale=scales[name]))
         self.pending.clear()
 
-    def add_table(self, name, table, chunk_rows=8192):
-        """The token table's gradient, judged in chunks of rows against its own magnitude."""
+    def add_table(self, name, table, chunk_rows=R.HEAD_CHUNK_ROWS):
+        """The token table's gradient, judged in chunks of rows against its own magnitude (the
+        port's rows read chunk by chunk where its mapping can, see
+        :class:`refopt.testing.spill.GradientSpill`)."""
         self.flush()
-        port = self.port.get(name)
-        if port is None:
+        if name not in self.port:
             return
-        if np.shape(port) != table.shape:
-            self.comparisons.append(compare(name, port, np.zeros(table.shape), self.dtype,
+        shape = getattr(self.port, "shape", None)
+        if tuple(shape(name) if callable(shape) else np.shape(self.port[name])) != table.shape:
+            self.comparisons.append(compare(name, self.port[name], np.zeros(table.shape), self.dtype,
                                             self.cfg.num_layers, "gradients"))
             return
+        rows_of = getattr(self.port, "rows", None)
+        port = None if callable(rows_of) else self.port[name]
         peak = energy = 0.0
         for start in range(0, table.shape[0], chunk_rows):
             rows = table.rows(start, min(start + chunk_rows, table.shape[0]))
@@ -97,7 +101,8 @@ class _Blocks:
         worst = None
         for start in range(0, table.shape[0], chunk_rows):
             stop = min(start + chunk_rows, table.shape[0])
-            c = compare(name, np.asarray(port[start:stop]), table.rows(start, stop), self.dtype,
+            mine = rows_of(name, start, stop) if port is None else port[start:stop]
+            c = compare(name, np.asarray(mine), table.rows(start, stop), self.dtype,
                         self.cfg.num_layers, "gradients", scale=R.Scale(peak, energy))
             worst = c if worst is None else _merge(worst, c)
         self.comparisons.append(worst)
@@ -164,7 +169,7 @@ def streamed_gradients(params, cfg, token_ids, padding_mask, port_grads, dtype, 
     d_logits = base.cross_entropy_backward(sw / sw.sum(), probs, y)            # [B, S, V]
     del probs, logits
     d_hidden = np.zeros_like(hidden)
-    for start, rows in params.head_chunks(8192):                               # rows [n, E]
+    for start, rows in params.head_chunks(R.HEAD_CHUNK_ROWS):                  # rows [n, E]
         d_hidden += d_logits[..., start:start + rows.shape[0]] @ rows
     table = _TokenTable(d_logits, hidden, (V, hidden.shape[-1]))
     backward(params, cfg, tape, d_hidden, d_embed_tokens=table, ops=ops)

@@ -209,11 +209,13 @@ class _Plan:
         if cfg.has_projection:
             w_out, s_out = matrix("project_out.weight")
         else:
-            w_out, s_out = readonly(np.zeros((0, D), table.dtype)), s_table[:0]
+            w_out = readonly(np.zeros((0, D), table.dtype))
+            s_out = tuple(a[:0] for a in s_table) if isinstance(s_table, tuple) else s_table[:0]
         self.head = (vec("final_layer_norm.gamma", ones), vec("final_layer_norm.beta", zeros),
                      bool(cfg.has_final_layer_norm), w_out, s_out, table, s_table)
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
-        self.nbytes = sum(a.nbytes for layer in self.layers for a in layer) + table.nbytes
+        self.nbytes = sum(b.nbytes for layer in self.layers for a in layer
+                          for b in (a if isinstance(a, tuple) else (a,))) + table.nbytes
         self.dtype = dtype
         self.alpha = dtype.type(cfg.head_dim ** -0.5)
         self.cfg = cfg

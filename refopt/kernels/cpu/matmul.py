@@ -15,7 +15,9 @@ kinds never do, so their weights are never widened into a float copy.
 
 :func:`products` is the one kernel (one to three products of a shape at once: the decode step's
 queries, keys and values in one parallel stage), called by the per-op path (:func:`matmul_rows`)
-and by the compiled decode step (:mod:`.decode`).
+and by the compiled decode step (:mod:`.decode`).  int8 weights whose products quantise the
+activations (``activations="int8"``) travel with ``scale = (weight scales, row sums)``, a tuple,
+and :func:`product_range` hands them to :mod:`.int8` (integer products, VNNI) at compile time.
 """
 
 import numpy as np
@@ -23,13 +25,15 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from refopt.kernels.cpu import int8
+from refopt.kernels.cpu.epilogue import RELU, STORE, store
+
 SMALL_M = 16         # rows up to which the streaming kernels beat BLAS on float weights
 # A product runs on several threads when its weight bytes times max(1, rows // 2) reach this: a
 # parallel region costs ~35 us here (Numba's OpenMP threads wait passively, see _threads), which a
 # memory-bound product of one row gains back from about 6 MB (one thread streams ~30 GB/s, two
 # ~36), and a compute-bound one of eight rows from ~1 MB of int8 weights
 PARALLEL_BYTES = 1 << 22
-STORE, RELU, ADD = 0, 1, 2   # what the epilogue does with a result (see _store)
 
 
 @intrinsic
@@ -133,7 +137,13 @@ def _dots(x, w, o0, o1, raw):
     # (+34% at 768 wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for
     # int8 and float16: the row of x, 64 KB, no longer stays in L1 and dot_four reads it once for
     # four weight rows) -- else one output at a time (dot_one: faster for narrow weights at
-    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10)
+    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10).
+    # int8 rows, measured again (one thread, random 1.3b/125m layers from memory, load 1-5, the
+    # read 29-33 GB/s): LLVM's loop is already the ideal one (zmm vpmovsxbd + vcvtdq2ps + vfmadd,
+    # four accumulators, 64 weights a step, nothing scalar); dot_one streams 13-24 GB/s (30 in
+    # L2); dot_four is faster in cache (49) but slower from memory (16); software prefetching
+    # (llvm.prefetch in an IR tile of one or two rows, 2-16 KB ahead) gave 16-25, inside the
+    # noise.  Kept as is; the compute-efficient int8 is activations="int8" (.int8)
     M, I = x.shape
     Mb = M - M % 4
     for o in range(o0, o1, 2):
@@ -172,19 +182,29 @@ def _finish(raw, scale, bias, out, col, mode, alpha, o0, o1):
                 y = y * scale[o]
             if bias.shape[0] > 0:
                 y += bias[o]
-            if mode == 0:
-                out[m, col + o] = y * alpha
-            elif mode == 1:
-                out[m, col + o] = y if y > 0 else y * 0
-            else:
-                out[m, col + o] += y
+            store(out, m, col + o, y, mode, alpha)
 
 
 CHUNK = 64            # outputs whose raw dots are kept before the epilogue (in L1)
 
 
-@njit(cache=True)
 def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @ w[o])``:
+    :func:`float_product_range`, or :func:`.int8.product_range` for int8 weights with quantised
+    activations (``scale`` a tuple)."""
+
+
+@overload(product_range, inline="always")
+def _product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    if isinstance(scale, types.BaseTuple):
+        return lambda x, w, scale, bias, out, col, mode, alpha, o0, o1: int8.product_range(
+            x, w, scale, bias, out, col, mode, alpha, o0, o1)
+    return lambda x, w, scale, bias, out, col, mode, alpha, o0, o1: float_product_range(
+        x, w, scale, bias, out, col, mode, alpha, o0, o1)
+
+
+@njit(cache=True)
+def float_product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
     """Outputs ``o0..o1`` (``o0`` even) of every row: ``out[:, col + o] <- epilogue(x @
     widen(w[o]))``, in chunks of CHUNK outputs: their raw dots first (:func:`_dots`), then the
     epilogue (:func:`_finish`).  Kept apart on purpose: with the epilogue's stores in the same
@@ -266,12 +286,15 @@ def readonly(a):
 
 
 def stored(w, dtype):
-    """``(data, scale)`` of a weight as :func:`product` reads it, both read-only (:func:`readonly`):
-    a float matrix as ``dtype`` (no copy when it is already), a QuantizedMatrix's data (float16 bits
-    viewed as int16, see :func:`widen`) and int8 scales (else an empty scale)."""
+    """``(data, scale)`` of a weight as :func:`product` reads it, read-only (:func:`readonly`): a
+    float matrix as ``dtype`` (no copy when it is already), a QuantizedMatrix's data (float16 bits
+    viewed as int16, see :func:`widen`) and int8 scales (else an empty scale); with quantised
+    activations, ``scale`` is ``(scales, row sums)``."""
     from refopt.quant import QuantizedMatrix
 
     if isinstance(w, QuantizedMatrix):
+        if w.activations == "int8":
+            return np.ascontiguousarray(w.data), (w.scale, w.row_sums())
         data = w.data.view(np.int16) if w.kind == "float16" else w.data
         return readonly(np.ascontiguousarray(data)), readonly(w.scale) if w.kind == "int8" else _NO_SCALE
     return readonly(np.ascontiguousarray(w, dtype=dtype)), _NO_SCALE

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,56 @@ def _imports():
     return torch, transformers
 
 
+class _Renamed(Mapping):
+    """transformers' gradients under refopt's names (``names``: ours -> theirs), looked up lazily;
+    the position table without transformers' two offset rows; a parameter autograd did not reach
+    has a zero gradient of its shape."""
+
+    def __init__(self, theirs, names, shapes):
+        self._theirs, self._shapes = theirs, shapes
+        self._names = {ours: hf for ours, hf in names.items() if hf in shapes}
+        if huggingface.POSITIONS_NAME in shapes:
+            self._names["embed_positions"] = huggingface.POSITIONS_NAME
+
+    def __getitem__(self, name):
+        hf = self._names[name]
+        g = self._theirs[hf] if hf in self._theirs else np.zeros(self._shapes[hf], np.float32)
+        return g[huggingface.POSITION_OFFSET:] if name == "embed_positions" else g
+
+    def __contains__(self, name):
+        return name in self._names             # (Mapping's would read the array)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def shape(self, name) -> tuple:
+        hf = self._names[name]
+        shape = self._shapes[hf]
+        return (shape[0] - huggingface.POSITION_OFFSET, *shape[1:]) if name == "embed_positions" else shape
+
+    def rows(self, name, start, stop):
+        """``self[name][start:stop]``, reading only those rows from a spill."""
+        hf = self._names[name]
+        if hf not in self._theirs:
+            return self[name][start:stop]
+        if name == "embed_positions":
+            o = huggingface.POSITION_OFFSET
+            start, stop = start + o, stop + o
+        read = getattr(self._theirs, "rows", None)
+        return read(hf, start, stop) if read is not None else self._theirs[hf][start:stop]
+
+
 class TransformersAdapter(Adapter):
     """transformers' ``OPTForCausalLM`` in ``dtype`` (``"float32"`` or ``"float64"``) with
     ``attn_implementation`` ``"sdpa"`` (the default: PyTorch picks its kernel, the flash kernel on
     CPU where it can), ``"eager"`` (transformers' own matmul-softmax-matmul), ``"sdpa-math"`` or
-    ``"sdpa-flash"`` (SDPA held to one PyTorch kernel)."""
+    ``"sdpa-flash"`` (SDPA held to one PyTorch kernel).  ``spill_gradients``: hand each gradient
+    over to a :class:`refopt.testing.spill.GradientSpill` as autograd produces it and free it in
+    PyTorch (default: when the gradients would take more than :attr:`SPILL_BYTES`), so a real-size
+    model's gradient check holds one gradient at a time, not all of them."""
 
     supports_left_padding = True
     sampler_convention = "transformers"
@@ -54,7 +100,8 @@ class TransformersAdapter(Adapter):
                               "generation", "tokenizer", "samplers"})
     KERNELS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION"}
 
-    def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa",
+                 spill_gradients: bool | None = None):
         self.torch, self.transformers = _imports()
         if dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"TransformersAdapter: dtype={dtype!r}")
@@ -65,6 +112,7 @@ class TransformersAdapter(Adapter):
         self.name = (f"transformers {self.transformers.__version__} (torch {self.torch.__version__.split('+')[0]}"
                      f"{'' if attn_implementation == 'sdpa' else ', ' + attn_implementation})")
         self.attn_implementation = attn_implementation
+        self.spill_gradients = spill_gradients
         self.model = None
         self.tokenizer = None
 
@@ -201,23 +249,56 @@ class TransformersAdapter(Adapter):
         ids, mask = self._inputs(token_ids, padding_mask)
         y, sw = loss_targets(token_ids, padding_mask, self.config.pad_token_id)
         self.model.zero_grad(set_to_none=True)
-        logits = self._run(input_ids=ids, attention_mask=mask).logits
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               torch.tensor(y).reshape(-1), reduction="none")
-        w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
-        loss = (w * ce).sum() / w.sum()
-        loss.backward()
-        # the gradients as they are (float32 / float64 views, no copy: a 1.3b model's are 5 GB);
-        # half-precision ones widened to float32, which NumPy can hold
+        params = dict(self.model.named_parameters())
         half = self.dtype in ("bfloat16", "float16")
-        theirs = {name: (p.grad.float() if half else p.grad).numpy() if p.grad is not None
-                  else np.zeros(tuple(p.shape)) for name, p in self.model.named_parameters()}
+        spill = None
+        handles = []
+        if self._spills(params):
+            # each gradient leaves PyTorch as soon as autograd has accumulated it (the tied token
+            # table's after both of its shares) and is freed there: the port never holds all of
+            # its gradients at once
+            from refopt.testing.spill import GradientSpill
+
+            spill = GradientSpill()
+
+            def hand_over(name):
+                def hook(p):
+                    spill.put(name, (p.grad.float() if half else p.grad).numpy())
+                    p.grad = None
+                return hook
+            handles = [p.register_post_accumulate_grad_hook(hand_over(n))
+                       for n, p in params.items() if p.requires_grad]
+        try:
+            logits = self._run(input_ids=ids, attention_mask=mask).logits
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                   torch.tensor(y).reshape(-1), reduction="none")
+            w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
+            loss = (w * ce).sum() / w.sum()
+            del logits, ce
+            loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        if spill is not None:
+            theirs = spill
+        else:
+            # the gradients as they are (float32 / float64 views, no copy); half-precision ones
+            # widened to float32, which NumPy can hold
+            theirs = {name: (p.grad.float() if half else p.grad).numpy() for name, p in params.items()
+                      if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
-        grads = {ours: theirs[hf] for ours, hf in huggingface.name_map(self.config).items() if hf in theirs}
-        pos = theirs.get(huggingface.POSITIONS_NAME)
-        if pos is not None:
-            grads["embed_positions"] = pos[huggingface.POSITION_OFFSET:]
+        names = huggingface.name_map(self.config)
+        grads = _Renamed(theirs, {ours: hf for ours, hf in names.items()},
+                         {n: tuple(p.shape) for n, p in params.items()})
         return float(loss.detach()), grads
+
+    #: a model whose gradients take more bytes than this hands them over one by one (GradientSpill)
+    SPILL_BYTES = 64 << 20
+
+    def _spills(self, params) -> bool:
+        if self.spill_gradients is not None:
+            return bool(self.spill_gradients)
+        return sum(p.numel() * 4 for p in params.values()) > self.SPILL_BYTES
 
     def greedy(self, prompt_ids, max_new_tokens):
         torch = self.torch

@@ -1,0 +1,262 @@
+"""Products of int8 weights with activations quantised to int8 per row (the ``activations="int8"``
+mode; its NumPy reference is :func:`refopt.quant.int8_matmul`): integer dot products in int32,
+through AVX-512 VNNI's ``vpdpbusd`` where the CPU has it, then one float scale per row and per
+output.  Compared with the exact path (:mod:`.matmul`: int8 widened to float32 inside the product,
+three vector instructions per 16 weights), one ``vpdpbusd`` multiplies and sums 64 weights: batch-1
+decoding is left bound by memory alone, and batch 8 by far less arithmetic.
+
+The arithmetic, for a row ``x [I]`` of activations and an output row ``w [I]`` (int8, scale ``sw``)::
+
+    sx = max|x| / 127;  q = clip(rint(x / sx), -127, 127)      (int8; see quantize_rows for 0/inf/nan)
+    y  = float32(sum_i q_i * w_i) * sx * sw
+
+``vpdpbusd`` multiplies *unsigned* bytes by signed ones, so the kernel feeds it ``u = q + 128``
+(uint8) and subtracts ``128 * sum_i w_i`` (each output's row sum, computed once per matrix):
+``sum u_i w_i - 128 sum w_i = sum q_i w_i``.
+
+**No int32 overflow, for any input.**  ``|u_i w_i| <= 255 * 127 = 32,385``, so a sum of at most
+:data:`BLOCK` = 65,536 such products stays within ``65,536 * 32,385 = 2,122,383,360 < 2^31 - 1 =
+2,147,483,647``: each block of at most BLOCK inputs is summed in int32 (vpdpbusd does not
+saturate: its sums are exact below that bound), blocks and the row-sum correction
+(``|128 * sum w_i| <= 128 * 127 * I``) are combined in int64.  OPT's widest input is 36,864
+(66b's MLP), one block.
+"""
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from refopt.kernels.cpu.epilogue import store
+
+BLOCK = 1 << 16          # inputs summed in int32 at a time (see the module's overflow bound)
+OFFSET = 128             # u = q + OFFSET is the unsigned byte vpdpbusd takes
+STEP = 64                # bytes one vpdpbusd takes from each operand
+
+_features = llvm_binding.get_host_cpu_features()
+HAVE_VNNI = bool(_features.get("avx512vnni") and _features.get("avx512bw"))
+
+
+# ----------------------------------------------------------------------------- the tile intrinsic
+def _tile(rows, cols, unroll, vnni, ahead=False):
+    """An intrinsic ``tile(xu, m, w, o, k0, k1, far)`` -> ``rows * cols`` int32 sums
+    ``sum_{k0 <= k < k1} xu[m + r, k] * w[o + c, k]`` (r-major: ``(r0c0, r0c1, ..., r1c0, ...)``),
+    ``xu [M, I]`` uint8 and ``w [O, I]`` int8, C-contiguous; ``k1 - k0`` a multiple of
+    ``STEP * unroll`` (the caller's: ``unroll`` independent accumulators per pair, for the latency
+    of the multiply-adds) and at most BLOCK.  ``vnni``: ``vpdpbusd`` (AVX-512 VNNI), else the same
+    sums in plain LLVM vector IR (widen, multiply, add groups of four: the instruction's
+    definition), for CPUs without it.  ``ahead``: also prefetch, for each 64 bytes read of a
+    weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    v64i8, v64i32, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i32, 64), ir.VectorType(i32, 16)
+
+    def dpbusd(builder, acc, xv, wv):
+        # acc [16 x i32] + per lane j: sum_{t<4} zext(xv[4j+t]) * sext(wv[4j+t])
+        if vnni:
+            fnty = ir.FunctionType(v16i32, [v16i32, v16i32, v16i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [acc, builder.bitcast(xv, v16i32), builder.bitcast(wv, v16i32)])
+        prod = builder.mul(builder.zext(xv, v64i32), builder.sext(wv, v64i32))
+        for t in range(4):
+            lanes = ir.Constant(ir.VectorType(i32, 16), [4 * j + t for j in range(16)])
+            acc = builder.add(acc, builder.shuffle_vector(prod, prod, lanes))
+        return acc
+
+    @intrinsic
+    def tile(typingctx, xu, m, w, o, k0, k1, far):
+        if not (isinstance(xu, types.Array) and xu.dtype == types.uint8 and xu.ndim == 2
+                and isinstance(w, types.Array) and w.dtype == types.int8 and w.ndim == 2):
+            return None
+        sig = types.UniTuple(types.int32, rows * cols)(xu, m, w, o, k0, k1, far)
+
+        def codegen(context, builder, signature, args):
+            intp = context.get_value_type(types.intp)
+            xa = context.make_array(signature.args[0])(context, builder, args[0])
+            wa = context.make_array(signature.args[2])(context, builder, args[2])
+            m_, o_, k0_, k1_, far = (context.cast(builder, args[j], signature.args[j], types.intp)
+                                     for j in (1, 3, 4, 5, 6))
+            xs = cgutils.unpack_tuple(builder, xa.strides)[0]
+            ws = cgutils.unpack_tuple(builder, wa.strides)[0]
+            xdata = builder.bitcast(xa.data, i8.as_pointer())
+            wdata = builder.bitcast(wa.data, i8.as_pointer())
+            xrow = [builder.gep(xdata, [builder.mul(builder.add(m_, ir.Constant(intp, r)), xs)])
+                    for r in range(rows)]
+            wrow = [builder.gep(wdata, [builder.mul(builder.add(o_, ir.Constant(intp, c)), ws)])
+                    for c in range(cols)]
+            zero = ir.Constant(v16i32, None)
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                "llvm.prefetch.p0")
+            accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(unroll)]
+                     for _ in range(cols)] for _ in range(rows)]
+            with cgutils.for_range_slice(builder, k0_, k1_, ir.Constant(intp, STEP * unroll),
+                                         intp) as (k, _):
+                for u in range(unroll):
+                    ku = builder.add(k, ir.Constant(intp, STEP * u))
+
+                    def load(base):
+                        ptr = builder.bitcast(builder.gep(base, [ku]), v64i8.as_pointer())
+                        return builder.load(ptr, align=1)
+
+                    xv = [load(p) for p in xrow]
+                    wv = [load(p) for p in wrow]
+                    if ahead:
+                        for p in wrow:
+                            builder.call(prefetch, [builder.gep(builder.gep(p, [ku]), [far]),
+                                                    ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                                    ir.Constant(i32, 1)])
+                    for r in range(rows):
+                        for c in range(cols):
+                            slot = accs[r][c][u]
+                            builder.store(dpbusd(builder, builder.load(slot), xv[r], wv[c]), slot)
+            fnty = ir.FunctionType(i32, [v16i32])
+            reduce = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.add.v16i32")
+            out = []
+            for r in range(rows):
+                for c in range(cols):
+                    total = builder.load(accs[r][c][0])
+                    for u in range(1, unroll):
+                        total = builder.add(total, builder.load(accs[r][c][u]))
+                    out.append(builder.call(reduce, [total]))
+            return context.make_tuple(builder, signature.return_type, out)
+
+        return sig, codegen
+
+    return tile
+
+
+# ----------------------------------------------------------------------------- the kernels
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    # uint32 bits -> the float32 they encode (a bitcast)
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def quantize_rows(x, xu, sx):
+    """Each row of ``x [M, I]`` (float32) quantised: ``sx[m] = max|x[m]| / 127`` and ``xu[m] =
+    clip(rint(x[m] / sx[m]), -127, 127) + 128`` (uint8).  A row of zeros (or so small that
+    ``sx`` underflows to 0) quantises to zeros; a row holding inf or NaN to zeros with ``sx =
+    NaN``, so its outputs are NaN.  No fastmath: the divisions and the rounding are IEEE's, as in
+    :func:`refopt.quant.quantize_activations`, so both give the same bytes."""
+    M, I = x.shape
+    for m in range(M):
+        # max |x| over the float32 bits with the sign cleared: for non-negative floats the integer
+        # order is the float order, and every NaN lies above inf (a plain loop, so it vectorises)
+        bits = x[m].view(np.uint32)
+        top = np.uint32(0)
+        for i in range(I):
+            top = max(top, bits[i] & np.uint32(0x7FFFFFFF))
+        bad = top >= np.uint32(0x7F800000)             # inf or NaN
+        amax = _bits_to_f32(top)
+        s = np.float32(np.nan) if bad else amax / np.float32(127)
+        if s > 0:
+            for i in range(I):
+                q = np.rint(x[m, i] / s)
+                q = min(max(q, np.float32(-127)), np.float32(127))
+                xu[m, i] = np.uint8(np.int32(q) + OFFSET)
+        else:
+            for i in range(I):
+                xu[m, i] = np.uint8(OFFSET)
+        sx[m] = s
+
+
+# The tiles, and how far ahead of its reads each prefetches (one thread, random int8 weights of
+# 16 125m layers / 4 1.3b layers streamed from memory, GB/s of weights, the streaming read 32-34;
+# load ~3.5, so +-20%): batch 8, eight rows by two outputs, 8 KB ahead: 18-23 (no prefetching
+# 9-11, 4 KB 16-18; four rows by four outputs 11-15); batch 1, one row by two outputs with two
+# accumulators each, 4 KB ahead: 20-34 (no prefetching 15-28; one or four outputs 19-33)
+FAR_BLOCK, FAR_ROW = 8192, 4096
+_tile8 = _tile(8, 2, 1, HAVE_VNNI, ahead=True)
+_tile4 = _tile(4, 2, 1, HAVE_VNNI, ahead=True)
+_tile1 = _tile(1, 2, 2, HAVE_VNNI, ahead=True)  # 128 bytes a step
+_tile1_64 = _tile(1, 2, 1, HAVE_VNNI)          # the last 64 of a row's bytes, when odd
+_single = _tile(1, 1, 1, HAVE_VNNI)            # the last output, when odd
+
+
+@njit(inline="always")
+def _tail(xu, m, w, o, k0, k1):
+    # sum_{k0 <= k < k1} xu[m, k] * w[o, k] in int64, plainly (the inputs past the last 64)
+    acc = np.int64(0)
+    for k in range(k0, k1):
+        acc += np.int64(xu[m, k]) * np.int64(w[o, k])
+    return acc
+
+
+@njit(cache=True)
+def int_dots(xu, w, o0, o1, raw):
+    """``raw[m, o - o0] <- sum_k xu[m, k] * w[o, k]`` (int64) for outputs ``o0..o1`` and every
+    row, in blocks of BLOCK inputs summed in int32 (see the module's bound)."""
+    M, I = xu.shape
+    for m in range(M):
+        for o in range(o0, o1):
+            raw[m, o - o0] = 0
+    for b0 in range(0, I, BLOCK):
+        b1 = min(I, b0 + BLOCK)
+        e = b0 + (b1 - b0) // STEP * STEP              # the whole 64-byte steps end here
+        e2 = b0 + (b1 - b0) // (2 * STEP) * (2 * STEP)
+        m = 0
+        while m < M:
+            left = M - m
+            o = o0
+            while o + 2 <= o1:                         # outputs two at a time
+                c = o - o0
+                if left >= 8:
+                    t8 = _tile8(xu, m, w, o, b0, e, FAR_BLOCK)
+                    for r in range(8):
+                        raw[m + r, c] += t8[2 * r]
+                        raw[m + r, c + 1] += t8[2 * r + 1]
+                elif left >= 4:
+                    t4 = _tile4(xu, m, w, o, b0, e, FAR_BLOCK)
+                    for r in range(4):
+                        raw[m + r, c] += t4[2 * r]
+                        raw[m + r, c + 1] += t4[2 * r + 1]
+                else:
+                    for r in range(left):
+                        t1 = _tile1(xu, m + r, w, o, b0, e2, FAR_ROW)
+                        u1 = _tile1_64(xu, m + r, w, o, e2, e, 0)
+                        raw[m + r, c] += np.int64(t1[0]) + u1[0]
+                        raw[m + r, c + 1] += np.int64(t1[1]) + u1[1]
+                o += 2
+            n = 8 if left >= 8 else 4 if left >= 4 else left
+            if o < o1:                                 # the last output, when odd
+                for r in range(n):
+                    raw[m + r, o - o0] += _single(xu, m + r, w, o, b0, e, 0)[0]
+            m += n
+        if e < b1:
+            for m in range(M):
+                for o in range(o0, o1):
+                    raw[m, o - o0] += _tail(xu, m, w, o, e, b1)
+
+
+CHUNK = 64            # outputs whose sums are kept before the epilogue
+
+
+@njit(cache=True)
+def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
+    """Outputs ``o0..o1`` of every row: ``out[:, col + o] <- epilogue(y)`` with ``y = float32(sum_i
+    q_i w[o, i]) * sx * scale[0][o]`` (``scale = (weight scales, row sums of w)``); the epilogue
+    as :func:`refopt.kernels.cpu.matmul.product_range`'s: the bias, then STORE (times ``alpha``),
+    RELU or ADD.  No fastmath: the float steps are the reference's, in its order."""
+    sw, rowsum = scale
+    M, I = x.shape
+    xu = np.empty((M, I), np.uint8)
+    sx = np.empty(M, np.float32)
+    quantize_rows(x, xu, sx)
+    raw = np.empty((M, CHUNK), np.int64)
+    for c0 in range(o0, o1, CHUNK):
+        c1 = min(o1, c0 + CHUNK)
+        int_dots(xu, w, c0, c1, raw)
+        for m in range(M):
+            for o in range(c0, c1):
+                y = np.float32(raw[m, o - c0] - OFFSET * rowsum[o]) * sx[m] * sw[o]
+                if bias.shape[0] > 0:
+                    y += bias[o]
+                store(out, m, col + o, y, mode, alpha)

@@ -1,0 +1,52 @@
+"""GradientSpill: gradients kept in an unlinked temporary file, read back on lookup."""
+
+import os
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from refopt.testing.spill import GradientSpill
+
+_arrays = hnp.arrays(st.sampled_from([np.float32, np.float64, np.float16, np.int64]),
+                     hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7),
+                     elements={"allow_nan": False, "allow_subnormal": True})
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays=st.lists(_arrays, max_size=6))
+def test_round_trip_bit_for_bit(arrays):
+    spill = GradientSpill()
+    try:
+        for i, a in enumerate(arrays):
+            spill.put(f"g{i}", a if i % 2 else np.asarray(a, order="F"))       # any layout in
+        assert list(spill) == [f"g{i}" for i in range(len(arrays))] and len(spill) == len(arrays)
+        for i, a in enumerate(arrays):
+            got = spill[f"g{i}"]
+            assert got.dtype == a.dtype and got.shape == a.shape
+            assert got.tobytes() == np.ascontiguousarray(a).tobytes()
+        assert spill.nbytes == sum(a.nbytes for a in arrays)
+    finally:
+        spill.close()
+
+
+def test_each_lookup_is_a_fresh_array_and_the_caller_may_free_its_own():
+    spill = GradientSpill()
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    spill.put("w", a)
+    a[:] = -1                                               # the spill copied it
+    first, second = spill["w"], spill["w"]
+    assert first is not second and first[2, 3] == 11
+    first[0, 0] = 99
+    assert spill["w"][0, 0] == 0
+    assert "missing" not in spill and spill.get("missing") is None
+    spill.close()
+
+
+def test_the_file_is_unlinked_and_in_the_directory_asked_for(tmp_path):
+    spill = GradientSpill(directory=str(tmp_path))
+    spill.put("w", np.ones(1000))
+    assert os.listdir(tmp_path) == []                       # nothing named: gone with the process
+    assert os.fstat(spill._file.fileno()).st_size == 8000
+    spill.close()
