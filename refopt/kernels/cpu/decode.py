@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from refopt.kernels.cpu._threads import governor
 from refopt.kernels.cpu.layernorm import layernorm_serial
-from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, stored
+from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, readonly, stored
 
 # ----------------------------------------------------------------------------- stages
 # Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
@@ -181,8 +181,8 @@ class _Plan:
     def __init__(self, params, cfg):
         dtype = np.dtype(cfg.compute_dtype)
         D, L = cfg.hidden_dim, cfg.num_layers
-        empty = np.zeros(0, dtype)
-        ones, zeros = np.ones(D, dtype), np.zeros(D, dtype)
+        empty = readonly(np.zeros(0, dtype))                  # read-only, as stored() gives the weights
+        ones, zeros = readonly(np.ones(D, dtype)), readonly(np.zeros(D, dtype))
         kinds = set()
 
         def matrix(name):
@@ -192,7 +192,7 @@ class _Plan:
 
         def vec(name, default):
             v = params.get(name)
-            return default if v is None else np.ascontiguousarray(v, dtype=dtype)
+            return default if v is None else readonly(np.ascontiguousarray(v, dtype=dtype))
 
         layers = []
         for i in range(L):
@@ -209,7 +209,7 @@ class _Plan:
         if cfg.has_projection:
             w_out, s_out = matrix("project_out.weight")
         else:
-            w_out = np.zeros((0, D), table.dtype)
+            w_out = readonly(np.zeros((0, D), table.dtype))
             s_out = tuple(a[:0] for a in s_table) if isinstance(s_table, tuple) else s_table[:0]
         self.head = (vec("final_layer_norm.gamma", ones), vec("final_layer_norm.beta", zeros),
                      bool(cfg.has_final_layer_norm), w_out, s_out, table, s_table)

@@ -273,22 +273,34 @@ def product(x, w, scale, bias, out, mode, alpha, threads, min_bytes):
              threads, min_bytes)
 
 
+def readonly(a):
+    """``a`` as a read-only view (no copy).  Numba types a read-only array apart from a writable
+    one and compiles a kernel once per type: weights memory-mapped from a file are read-only, those
+    made in memory writable, so the kernels compiled twice per storage dtype (15 signatures of
+    :func:`product` in one run of the test suite, where 5 serve).  The weights, biases and scales
+    reach the kernels read-only whatever their source."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def stored(w, dtype):
-    """``(data, scale)`` of a weight as :func:`product` reads it: a float matrix as ``dtype`` (no
-    copy when it is already), a QuantizedMatrix's data (float16 bits viewed as int16, see
-    :func:`widen`) and int8 scales (else an empty scale); with quantised activations, ``scale``
-    is ``(scales, row sums)``."""
+    """``(data, scale)`` of a weight as :func:`product` reads it, read-only (:func:`readonly`): a
+    float matrix as ``dtype`` (no copy when it is already), a QuantizedMatrix's data (float16 bits
+    viewed as int16, see :func:`widen`) and int8 scales (else an empty scale); with quantised
+    activations, ``scale`` is ``(scales, row sums)``."""
     from refopt.quant import QuantizedMatrix
 
     if isinstance(w, QuantizedMatrix):
         if w.activations == "int8":
             return np.ascontiguousarray(w.data), (w.scale, w.row_sums())
         data = w.data.view(np.int16) if w.kind == "float16" else w.data
-        return np.ascontiguousarray(data), (w.scale if w.kind == "int8" else _NO_SCALE)
-    return np.ascontiguousarray(w, dtype=dtype), _NO_SCALE
+        return readonly(np.ascontiguousarray(data)), readonly(w.scale) if w.kind == "int8" else _NO_SCALE
+    return readonly(np.ascontiguousarray(w, dtype=dtype)), _NO_SCALE
 
 
-_NO_SCALE = np.zeros(0, np.float32)
+_NO_SCALE = readonly(np.zeros(0, np.float32))
 
 
 def matmul_rows(x2, w, bias=None, relu=False, threads=None):
@@ -312,7 +324,7 @@ def matmul_rows(x2, w, bias=None, relu=False, threads=None):
     x2 = np.ascontiguousarray(x2)
     dt = x2.dtype.type
     data, scale = stored(w, x2.dtype)
-    b = np.zeros(0, x2.dtype) if bias is None else np.ascontiguousarray(bias, x2.dtype)
+    b = readonly(np.zeros(0, x2.dtype) if bias is None else np.ascontiguousarray(bias, x2.dtype))
     out = np.empty((M, w.shape[0]), x2.dtype)
     product(x2, data, scale, b, out, RELU if relu else STORE, dt(1),
             numba.get_num_threads() if threads is None else threads, PARALLEL_BYTES)
