@@ -22,13 +22,31 @@ from collections.abc import Mapping
 import numpy as np
 
 
-class GradientSpill(Mapping):
+class KeyedMapping(Mapping):
+    """A read-only mapping whose names are known without reading a value (``self._keys``, a
+    collection): membership, iteration and length never read an array -- ``Mapping``'s own
+    ``__contains__`` would look the value up, which here means reading it from disk."""
+
+    _keys: object = ()
+
+    def __contains__(self, name):
+        return name in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+class GradientSpill(KeyedMapping):
     """``name -> array``, the arrays kept in an unlinked temporary file in ``directory`` (default:
     the temporary directory, ``TMPDIR``).  :meth:`put` writes one; lookups read it back."""
 
     def __init__(self, directory: str | None = None):
         self._file = tempfile.TemporaryFile(dir=directory)
         self._index: dict[str, tuple[int, np.dtype, tuple]] = {}
+        self._keys = self._index
         self._end = 0
 
     def put(self, name: str, array) -> None:
@@ -68,15 +86,6 @@ class GradientSpill(Mapping):
                 raise OSError(f"gradient spill: short read of {name}")
             done += n
         return out
-
-    def __contains__(self, name):
-        return name in self._index             # (Mapping's would read the array)
-
-    def __iter__(self):
-        return iter(self._index)
-
-    def __len__(self):
-        return len(self._index)
 
     @property
     def nbytes(self) -> int:

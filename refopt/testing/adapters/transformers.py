@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 from refopt.config import OPTConfig
 from refopt.io import huggingface
 from refopt.testing.adapter import Adapter, NotSupported
+from refopt.testing.spill import KeyedMapping
 
 
 def _imports():
@@ -43,7 +43,7 @@ def _imports():
     return torch, transformers
 
 
-class _Renamed(Mapping):
+class _Renamed(KeyedMapping):
     """transformers' gradients under refopt's names (``names``: ours -> theirs), looked up lazily;
     the position table without transformers' two offset rows; a parameter autograd did not reach
     has a zero gradient of its shape."""
@@ -53,20 +53,12 @@ class _Renamed(Mapping):
         self._names = {ours: hf for ours, hf in names.items() if hf in shapes}
         if huggingface.POSITIONS_NAME in shapes:
             self._names["embed_positions"] = huggingface.POSITIONS_NAME
+        self._keys = self._names
 
     def __getitem__(self, name):
         hf = self._names[name]
         g = self._theirs[hf] if hf in self._theirs else np.zeros(self._shapes[hf], np.float32)
         return g[huggingface.POSITION_OFFSET:] if name == "embed_positions" else g
-
-    def __contains__(self, name):
-        return name in self._names             # (Mapping's would read the array)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
 
     def shape(self, name) -> tuple:
         hf = self._names[name]

@@ -3,12 +3,11 @@ refopt's float64 gradients with the ReLU sides the port took (:mod:`refopt.testi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from refopt.testing.adapter import NotSupported
 from refopt.testing.checks.base import FAIL, PASS, CheckResult, ensure_loaded, figures, ratio
+from refopt.testing.spill import KeyedMapping
 from refopt.testing.tolerances import noise_bound, tolerance
 
 #: the kink margin is this many times the tolerance of what fc1 reads: a generous margin costs no
@@ -16,23 +15,14 @@ from refopt.testing.tolerances import noise_bound, tolerance
 KINK_MARGIN_FACTOR = 1.0
 
 
-class _Arrays(Mapping):
+class _Arrays(KeyedMapping):
     """``np.asarray`` of the port's gradients, on lookup (nothing is read ahead)."""
 
     def __init__(self, grads):
-        self._grads = grads
+        self._grads = self._keys = grads
 
     def __getitem__(self, name):
         return np.asarray(self._grads[name])
-
-    def __contains__(self, name):
-        return name in self._grads             # (Mapping's would read the array)
-
-    def __iter__(self):
-        return iter(self._grads)
-
-    def __len__(self):
-        return len(self._grads)
 
     def shape(self, name) -> tuple:
         shape = getattr(self._grads, "shape", None)
