@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,8 @@ class TransformersAdapter(Adapter):
     """transformers' ``OPTForCausalLM`` in ``dtype`` (``"float32"`` or ``"float64"``) with
     ``attn_implementation`` ``"sdpa"`` (the default: PyTorch picks its kernel, the flash kernel on
     CPU where it can), ``"eager"`` (transformers' own matmul-softmax-matmul), ``"sdpa-math"`` or
-    ``"sdpa-flash"`` (SDPA held to one PyTorch kernel).  ``spill_gradients``: hand each gradient
+    ``"sdpa-flash"`` (SDPA held to one PyTorch kernel), on ``threads`` PyTorch threads while it
+    computes (default 1; ``None``: PyTorch's own count).  ``spill_gradients``: hand each gradient
     over to a :class:`refopt.testing.spill.GradientSpill` as autograd produces it and free it in
     PyTorch (default: when the gradients would take more than :attr:`SPILL_BYTES`), so a real-size
     model's gradient check holds one gradient at a time, not all of them."""
@@ -93,7 +95,7 @@ class TransformersAdapter(Adapter):
     KERNELS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION"}
 
     def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa",
-                 spill_gradients: bool | None = None):
+                 spill_gradients: bool | None = None, threads: int | None = 1):
         self.torch, self.transformers = _imports()
         if dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"TransformersAdapter: dtype={dtype!r}")
@@ -105,6 +107,7 @@ class TransformersAdapter(Adapter):
                      f"{'' if attn_implementation == 'sdpa' else ', ' + attn_implementation})")
         self.attn_implementation = attn_implementation
         self.spill_gradients = spill_gradients
+        self.threads = threads
         self.model = None
         self.tokenizer = None
 
@@ -151,15 +154,32 @@ class TransformersAdapter(Adapter):
         model.config._attn_implementation = "eager" if self.attn_implementation == "eager" else "sdpa"
         self.model = model.to(self.torch_dtype).eval()
 
+    @contextmanager
+    def _threads(self):
+        # PyTorch's intra-op threads while the port computes, the caller's count restored after:
+        # the oracle's batches are a few tokens, where a second thread gains little and, with a
+        # core taken by other work, the two wait for each other on every small product (a 125m
+        # conform with both cores busy: 65 s on PyTorch's default two threads, 31 s on one)
+        if self.threads is None or self.torch.get_num_threads() == self.threads:
+            yield
+            return
+        before = self.torch.get_num_threads()
+        self.torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            self.torch.set_num_threads(before)
+
     def _run(self, **inputs):
         # the model's forward, under the SDPA kernel this adapter is held to
         kernel = self.KERNELS.get(self.attn_implementation)
-        if kernel is None:
-            return self.model(**inputs)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with self._threads():
+            if kernel is None:
+                return self.model(**inputs)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(getattr(SDPBackend, kernel)):
-            return self.model(**inputs)
+            with sdpa_kernel(getattr(SDPBackend, kernel)):
+                return self.model(**inputs)
 
     def _inputs(self, token_ids, padding_mask):
         torch = self.torch
@@ -267,7 +287,8 @@ class TransformersAdapter(Adapter):
             w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
             loss = (w * ce).sum() / w.sum()
             del logits, ce
-            loss.backward()
+            with self._threads():
+                loss.backward()
         finally:
             for h in handles:
                 h.remove()
@@ -303,7 +324,7 @@ class TransformersAdapter(Adapter):
         # means clearing it there too
         saved, self.model.generation_config.eos_token_id = self.model.generation_config.eos_token_id, None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._threads():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         finally:
             self.model.generation_config.eos_token_id = saved
