@@ -50,3 +50,35 @@ def test_the_file_is_unlinked_and_in_the_directory_asked_for(tmp_path):
     assert os.listdir(tmp_path) == []                       # nothing named: gone with the process
     assert os.fstat(spill._file.fileno()).st_size == 8000
     spill.close()
+
+
+def test_a_full_disk_is_a_named_error():
+    # /dev/full accepts the open and fails every write with ENOSPC, as a full TMPDIR does
+    import errno
+
+    import pytest
+
+    from refopt.errors import RefoptOSError
+
+    spill = GradientSpill()
+    spill._file.close()
+    spill._file = open("/dev/full", "wb")
+    with pytest.raises(RefoptOSError, match="gradient spill: could not write w") as e:
+        spill.put("w", np.ones(1 << 16))                # larger than the file object's buffer
+        spill._file.flush()
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(RefoptOSError, match="could not create"):
+        GradientSpill(directory="/nonexistent/refopt-spill")
+
+
+def test_a_buffered_put_that_cannot_reach_the_disk_fails_on_lookup_by_name():
+    import pytest
+
+    from refopt.errors import RefoptOSError
+
+    spill = GradientSpill()
+    spill._file.close()
+    spill._file = open("/dev/full", "w+b")
+    spill.put("b", np.ones(4))                          # 32 bytes: still in the buffer
+    with pytest.raises(RefoptOSError, match="could not write b"):
+        spill["b"]

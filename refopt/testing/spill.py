@@ -44,7 +44,11 @@ class GradientSpill(KeyedMapping):
     the temporary directory, ``TMPDIR``).  :meth:`put` writes one; lookups read it back."""
 
     def __init__(self, directory: str | None = None):
-        self._file = tempfile.TemporaryFile(dir=directory)
+        self._directory = directory or tempfile.gettempdir()
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError as e:
+            raise self._error("create", e) from None
         self._index: dict[str, tuple[int, np.dtype, tuple]] = {}
         self._keys = self._index
         self._end = 0
@@ -52,8 +56,11 @@ class GradientSpill(KeyedMapping):
     def put(self, name: str, array) -> None:
         """Store ``array`` (copied to the file: the caller may free it at once)."""
         a = np.asarray(array, order="C")      # (ascontiguousarray would make a 0-d array 1-d)
-        self._file.seek(self._end)
-        self._file.write(memoryview(a.reshape(-1)).cast("B"))
+        try:
+            self._file.seek(self._end)
+            self._file.write(memoryview(a.reshape(-1)).cast("B"))
+        except OSError as e:                  # a full disk, a quota: refopt's error, naming where
+            raise self._error(f"write {name} ({a.nbytes:,} bytes) to", e) from None
         self._index[name] = (self._end, a.dtype, a.shape)
         self._end += a.nbytes
 
@@ -75,15 +82,25 @@ class GradientSpill(KeyedMapping):
         row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         return self._read(name, offset + start * row, dtype, (stop - start, *shape[1:]))
 
+    def _error(self, what, e):
+        from refopt.errors import RefoptOSError
+
+        return RefoptOSError(f"gradient spill: could not {what} a temporary file in "
+                             f"{self._directory} ({e.strerror or e}); free space there or set TMPDIR",
+                             e.errno, self._directory)
+
     def _read(self, name, offset, dtype, shape):
         out = np.empty(shape, dtype)
         view = memoryview(out.reshape(-1)).cast("B")
-        self._file.flush()
+        try:
+            self._file.flush()                 # puts still in the file object's buffer
+        except OSError as e:
+            raise self._error(f"write {name} to", e) from None
         done = 0
         while done < len(view):                     # preadv may return short counts
             n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
             if n <= 0:
-                raise OSError(f"gradient spill: short read of {name}")
+                raise self._error(f"read {name} back from", OSError("short read"))
             done += n
         return out
 

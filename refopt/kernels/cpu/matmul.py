@@ -294,7 +294,7 @@ def stored(w, dtype):
 
     if isinstance(w, QuantizedMatrix):
         if w.activations == "int8":
-            return np.ascontiguousarray(w.data), (w.scale, w.row_sums())
+            return readonly(np.ascontiguousarray(w.data)), (readonly(w.scale), readonly(w.row_sums()))
         data = w.data.view(np.int16) if w.kind == "float16" else w.data
         return readonly(np.ascontiguousarray(data)), readonly(w.scale) if w.kind == "int8" else _NO_SCALE
     return readonly(np.ascontiguousarray(w, dtype=dtype)), _NO_SCALE

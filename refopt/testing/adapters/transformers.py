@@ -263,6 +263,12 @@ class TransformersAdapter(Adapter):
         self.model.zero_grad(set_to_none=True)
         params = dict(self.model.named_parameters())
         half = self.dtype in ("bfloat16", "float16")
+
+        def as_numpy(g):
+            # float32 / float64 as they are (a view, no copy); half precision widened to float32,
+            # which NumPy can hold
+            return (g.float() if half else g).numpy()
+
         spill = None
         handles = []
         if self._spills(params):
@@ -275,7 +281,7 @@ class TransformersAdapter(Adapter):
 
             def hand_over(name):
                 def hook(p):
-                    spill.put(name, (p.grad.float() if half else p.grad).numpy())
+                    spill.put(name, as_numpy(p.grad))
                     p.grad = None
                 return hook
             handles = [p.register_post_accumulate_grad_hook(hand_over(n))
@@ -292,16 +298,10 @@ class TransformersAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
-        if spill is not None:
-            theirs = spill
-        else:
-            # the gradients as they are (float32 / float64 views, no copy); half-precision ones
-            # widened to float32, which NumPy can hold
-            theirs = {name: (p.grad.float() if half else p.grad).numpy() for name, p in params.items()
-                      if p.grad is not None}
+        theirs = spill if spill is not None else {
+            name: as_numpy(p.grad) for name, p in params.items() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
-        names = huggingface.name_map(self.config)
-        grads = _Renamed(theirs, {ours: hf for ours, hf in names.items()},
+        grads = _Renamed(theirs, huggingface.name_map(self.config),
                          {n: tuple(p.shape) for n, p in params.items()})
         return float(loss.detach()), grads
 
@@ -311,7 +311,7 @@ class TransformersAdapter(Adapter):
     def _spills(self, params) -> bool:
         if self.spill_gradients is not None:
             return bool(self.spill_gradients)
-        return sum(p.numel() * 4 for p in params.values()) > self.SPILL_BYTES
+        return sum(p.numel() * p.element_size() for p in params.values()) > self.SPILL_BYTES
 
     def greedy(self, prompt_ids, max_new_tokens):
         torch = self.torch
