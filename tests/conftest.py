@@ -5,6 +5,7 @@ scheduler."""
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,16 @@ def shared_path(*parts) -> Path:
 @pytest.fixture
 def shared():
     return shared_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _keras_process_ends_with_the_session():
+    # tests/keras_runner.py's KerasHub process, ended (and its CPU time counted in the summary
+    # below) when the session's tests are done, not at interpreter exit
+    yield
+    runner = sys.modules.get("keras_runner")
+    if runner is not None:
+        runner.close()
 
 
 

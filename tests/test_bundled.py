@@ -20,6 +20,8 @@ from refopt import recipe as train
 from refopt.io import presets
 from refopt.models import OPTCausalLM
 
+import keras_runner
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "refopt_shakespeare"
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "tinyshakespeare.txt"
@@ -168,8 +170,11 @@ def test_keras_hub_loads_the_bundled_preset_with_the_same_logits(lm, tmp_path):
         ids[i, :len(r)], mask[i, :len(r)] = r, True
     out = str(tmp_path / "keras")
     np.savez(out + ".in.npz", token_ids=ids, padding_mask=mask)
-    proc = subprocess.run([exe, "-c", KERAS_SCRIPT, str(BUNDLED), out], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if exe == sys.executable:               # this interpreter's KerasHub process (tests/keras_runner.py)
+        proc = keras_runner.run(KERAS_SCRIPT, BUNDLED, out, timeout=900)
+    else:
+        proc = subprocess.run([exe, "-c", KERAS_SCRIPT, str(BUNDLED), out], capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = np.load(out + ".npz")["logits"]
     meta = json.loads(Path(out + ".json").read_text())

@@ -1,17 +1,16 @@
 """LoRA files across refopt and KerasHub: KerasHub loads the ``.lora.h5`` refopt writes (onto the
 preset refopt writes) and computes refopt's logits; refopt loads the adapters KerasHub trains and
-saves, and computes KerasHub's.  KerasHub runs in a subprocess with its TensorFlow backend (needs
-the `keras` extra)."""
+saves, and computes KerasHub's.  KerasHub runs in a subprocess with its TensorFlow backend
+(tests/keras_runner.py; needs the `keras` extra)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from refopt.models import OPTBackbone, OPTCausalLM
+
+import keras_runner
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None,
                                 reason="needs keras-hub (pip install -e '.[keras]')")
@@ -52,9 +51,7 @@ MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
 def run_keras(mode, preset, lora, tmp_path):
     out = str(tmp_path / f"{mode}_out")
     np.savez(out + ".in.npz", token_ids=IDS, padding_mask=MASK)
-    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, mode, str(preset), str(lora), out],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = keras_runner.run(KERAS_SCRIPT, mode, preset, lora, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out + ".npz")
 

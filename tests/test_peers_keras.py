@@ -1,17 +1,16 @@
 """KerasHub loads what refopt writes, and refopt loads what KerasHub writes (needs the `keras`
-extra). KerasHub runs in a subprocess with its TensorFlow backend, so TensorFlow and torch never
-share a process."""
+extra). KerasHub runs in a subprocess with its TensorFlow backend (tests/keras_runner.py: one for the
+test process), so TensorFlow and torch never share a process."""
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from refopt.models import OPTBackbone, OPTCausalLM
+
+import keras_runner
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None,
                                 reason="needs keras-hub (pip install -e '.[keras]')")
@@ -59,9 +58,7 @@ else:  # write a random KerasHub preset
 def run_keras(mode, path, tmp_path, ids, mask, *args):
     out = str(tmp_path / f"{mode}_out")
     np.savez(out + ".in.npz", token_ids=ids, padding_mask=mask)
-    proc = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, mode, str(path), out, *map(str, args)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = keras_runner.run(KERAS_SCRIPT, mode, path, out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out + ".npz")
 
