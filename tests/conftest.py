@@ -36,6 +36,15 @@ def shared():
     return shared_path
 
 
+def python_m_reading_notebooks(module: str) -> list[str]:
+    """``[python, "-m", module]`` for a subprocess that reads notebooks (nbval, Sphinx with myst-nb),
+    without ``rfc3987_syntax``: jsonschema, under nbformat, imports it when it is installed, and it
+    builds a grammar at import (2.3 CPU-seconds a process).  It checks only the "iri" formats, which
+    nbformat's schemas never use, so the notebooks are validated exactly as with it."""
+    return [sys.executable, "-c", "import runpy, sys; sys.modules.setdefault('rfc3987_syntax', None); "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _keras_process_ends_with_the_session():
     # tests/keras_runner.py's KerasHub process, ended (and its CPU time counted in the summary

@@ -23,7 +23,8 @@ def _plugin_args():
 def _pytest(tmp_path, *args):
     # an empty test directory: the session holds only the conformance items
     (tmp_path / "conftest.py").write_text("")
-    cmd = [sys.executable, "-m", "pytest", *_plugin_args(), "-q", "-p", "no:cacheprovider",
+    # -p no:nbval: nbval's plugin (when installed) costs 2.4 CPU-seconds a process (pyproject.toml)
+    cmd = [sys.executable, "-m", "pytest", *_plugin_args(), "-q", "-p", "no:cacheprovider", "-p", "no:nbval",
            "--rootdir", str(tmp_path), str(tmp_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import python_m_reading_notebooks
+
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = [m for m in ("sphinx", "myst_nb", "sphinxarg", "furo", "linkcheck")
            if importlib.util.find_spec(m) is None]
@@ -26,7 +28,7 @@ def test_docs_site_builds_and_links_resolve():
         out.chmod(0o755)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.pop("NUMBA_ENABLE_CUDASIM", None)
-        build = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b",
+        build = subprocess.run([*python_m_reading_notebooks("sphinx"), "-W", "--keep-going", "-E", "-q", "-b",
                                 "html", "-d", str(out / "doctrees"), str(ROOT / "docs"), str(out / "html")],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert build.returncode == 0, f"sphinx-build -W failed:\n{build.stderr[-6000:]}"

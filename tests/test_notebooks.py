@@ -15,11 +15,12 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import python_m_reading_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -63,8 +64,9 @@ def test_notebook_outputs_are_current(path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env.pop("NUMBA_ENABLE_CUDASIM", None)        # the notebooks run as a learner runs them
     env.pop("REFOPT_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
+    # -p nbval: pyproject.toml's addopts leave the plugin out of every other pytest process
+    cmd = [*python_m_reading_notebooks("pytest"), "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "-p", "nbval", "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
            "--nbval-cell-timeout", "300", str(path)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

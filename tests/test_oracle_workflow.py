@@ -74,17 +74,18 @@ def test_conform_imports_the_adapter_from_the_current_folder(project):
 def test_the_plugin_under_n_auto(project):
     proc = _run(project, "pytest_cli.py", "--refopt-backend", "my_port.oracle:MyAdapter",
                 "--refopt-random-configs", "1", "--refopt-examples", "3", "-n", "auto",
-                "-p", "no:cacheprovider", "tests/test_my_port.py", "--co", "-q")
+                "-p", "no:cacheprovider", "-p", "no:nbval", "tests/test_my_port.py", "--co", "-q")
     assert proc.returncode == 0 and "INTERNALERROR" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
     proc = _run(project, "pytest_cli.py", "--refopt-backend", "my_port.oracle:MyAdapter",
                 "--refopt-random-configs", "1", "--refopt-examples", "3", "-n", "auto",
-                "-p", "no:cacheprovider", "--ignore=tests")
+                "-p", "no:cacheprovider", "-p", "no:nbval", "--ignore=tests")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "INTERNALERROR" not in out, out[-3000:]
     assert "passed" in proc.stdout and "refopt conformance: not supported by my-port" in proc.stdout
 
 
 def test_the_docs_hypothesis_example_passes_with_the_docs_adapter(project):
-    proc = _run(project, None, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_my_port.py", module=True)
+    proc = _run(project, None, "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:nbval", "tests/test_my_port.py",
+                module=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
