@@ -4,7 +4,7 @@ saves into random destinations and saves killed after a random call -- and every
 an accepted input the oracle agrees with or a named refusal: never an escaped exception, a silent
 wrong result, a hang or a lost file.
 
-About 2,300 cases in all by default (the cheap kinds get more); ``REFOPT_FUZZ_SCALE=10`` runs ten
+About 1,100 cases in all by default (the cheap kinds get more); ``REFOPT_FUZZ_SCALE=10`` runs ten
 times as many.  The seeded long run is ``python scripts/fuzz.py --cases 10000``.
 """
 
@@ -23,8 +23,8 @@ fuzz = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz)
 
 SCALE = float(os.environ.get("REFOPT_FUZZ_SCALE", "1"))
-EXAMPLES = {"safetensors": 300, "h5": 80, "config": 300, "tokenizer": 300, "special-file": 200,
-            "api": 800, "save": 120, "kill": 60}
+EXAMPLES = {"safetensors": 150, "h5": 40, "config": 150, "tokenizer": 150, "special-file": 100,
+            "api": 400, "save": 60, "kill": 30}
 
 
 @pytest.fixture(scope="module")
