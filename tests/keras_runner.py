@@ -51,8 +51,9 @@ for line in sys.stdin:
 class _Server:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="refopt-keras-")
+        self.log = open(Path(self.dir) / "server.err", "w")
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(Path(self.dir) / "server.err", "w"),
+                                     stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         self._read(600)                         # "ready", or the import's error
 
@@ -81,6 +82,7 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait()
+        self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
