@@ -92,9 +92,15 @@ def main():
                     dm.decode(ids, mask, P, "greedy", steps_per_launch=N)
                     cuda.synchronize()
                     one.append(time.perf_counter() - t)
-                print(f"   phases: prefill {min(pre) * 1e3:.2f} ms; whole decode, 16 steps a launch "
-                      f"{min(times) * 1e3:.2f} ms, one launch {min(one) * 1e3:.2f} ms -> "
-                      f"{(min(one) - min(pre)) / N * 1e3:.3f} ms a step in the kernel", flush=True)
+                # a prompt of up to decode.prompt_steps(B) positions runs through the step kernel
+                # (P - 1 steps more), a longer one through the prefill
+                short = P <= decode.prompt_steps(B)
+                kernel_s = min(one) - (0 if short else min(pre))
+                print(f"   phases: prefill by the general kernels {min(pre) * 1e3:.2f} ms "
+                      f"({'not used: the prompt runs through the step kernel' if short else 'used'}); "
+                      f"whole decode, 16 steps a launch {min(times) * 1e3:.2f} ms, in one launch "
+                      f"{min(one) * 1e3:.2f} ms -> {kernel_s / (N + (P - 1 if short else 0)) * 1e3:.3f} "
+                      "ms a step in the kernel", flush=True)
             if os.environ.get("PROF"):
                 decode.PROFILE = True
                 dm.decode(ids, mask, P, "greedy", steps_per_launch=N)
@@ -106,8 +112,9 @@ def main():
                 decode.PROFILE = False
                 stages = decode.stage_times(dm.profile)
                 total = sum(stages.values())
-                print(f"   stages, % of {total // N} cycles a step ({total / wall / 1e9:.2f} GHz "
-                      "counting the prefill's time as the kernel's): " + ", ".join(
+                steps = N + (P - 1 if P <= decode.prompt_steps(B) else 0)     # (the last launch's N)
+                print(f"   stages, % of {total // N} cycles a step ({total * steps / N / wall / 1e9:.2f} GHz "
+                      "counting the prompt's time as the kernel's): " + ", ".join(
                           f"{k} {100 * v / total:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])),
                       flush=True)
 

@@ -33,8 +33,14 @@ multiprocessor, ``Wt`` the packed weights, ``xn`` the normalised rows, ``o_*`` /
 a layer's / the model's weights in ``Wt``; the stages (``EMBED`` ... ``SOFTMAX``) are named in
 :data:`STAGES`; the buffers are listed in :func:`make_step_kernel`.
 
-The prompt is prefilled with the general kernels (tiled products, flash attention) before the
-first step.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a
+A prompt of up to :func:`prompt_steps` positions runs through the step kernel itself, a position
+a step from position 0 (the prompt's tokens kept, as for rows with longer prompts); a longer one
+is prefilled with the general kernels (tiled products, flash attention) before the first step
+(their hundred-odd launches from Python cost some 40 ms whatever the prompt's length).
+
+The weights' matrices are float32, or bfloat16 / float16 in a second buffer of 16-bit patterns
+(:class:`Layout`, :mod:`.halves`): the products read half the bytes and widen each weight to
+float32 as they read it.  Numbers are float32; the sampler reproduces the NumPy samplers' rules exactly, so a
 seed gives the same tokens as on the CPU wherever the probabilities agree (they are computed in a
 different order, so they agree to rounding, not bit for bit).
 """
