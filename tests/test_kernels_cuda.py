@@ -354,6 +354,13 @@ def _generate_as_numpy(lm, x, samplers, seed=None):
         assert np.array_equal(got["padding_mask"], want["padding_mask"])
 
 
+def _staggered_prompts(lm, B, T, seed, shortest):
+    # B random rows of T tokens, row b's prompt shortest + b % 3 long
+    ids = np.random.default_rng(seed).integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.arange(T)[None, :] < (shortest + np.arange(B) % 3)[:, None]
+    return {"token_ids": ids, "padding_mask": mask}
+
+
 @pytest.mark.parametrize("pre_ln,proj", [(True, False), (False, True)])
 def test_device_decode_matches_generate(pre_ln, proj):
     # the device loop (one persistent kernel per step) against the host loop on the NumPy ops:
@@ -378,13 +385,7 @@ def test_device_decode_tiled_batches(B):
 
     lm = _lm(True, False, seed=2)
     assert decode.DeviceModel(lm.backbone.params, lm.backbone.config).plan(B).tiled
-    T = 7
-    rng = np.random.default_rng(B)
-    ids = rng.integers(3, lm.backbone.config.vocabulary_size, (B, T))
-    mask = np.zeros((B, T), bool)
-    for b in range(B):
-        mask[b, :3 + b % 3] = True
-    _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask},
+    _generate_as_numpy(lm, _staggered_prompts(lm, B, 7, B, 3),
                        (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)),
                        seed=[100 + b for b in range(B)])                # one seed per row
 
@@ -419,14 +420,8 @@ def test_device_decode_half_weights(kind, pre_ln, B, seed):
     lm.backbone.quantize(kind)
     dm = device_decoding.resident(lm)
     assert dm.kind == kind and dm.matrices.dtype == np.uint16 and dm.matrices.size == dm.lay.matrix_size
-    T = 7
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, lm.backbone.config.vocabulary_size, (B, T))
-    mask = np.zeros((B, T), bool)
-    for b in range(B):
-        mask[b, :2 + b % 3] = True
     # (on a GPU every new shape and sampler compiles the step kernel: greedy alone there)
-    _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask},
+    _generate_as_numpy(lm, _staggered_prompts(lm, B, 7, seed, 2),
                        (GreedySampler(),) + ((TopKSampler(k=3, seed=5, temperature=0.7),) if SIM else ()))
 
 

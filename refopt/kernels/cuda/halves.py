@@ -35,31 +35,30 @@ else:
     from numba.cuda.extending import intrinsic as _intrinsic
     from numba.cuda.typing import signature as _signature
 
-    def _as_i16(builder, value, width):
-        return builder.trunc(value, _ir.IntType(16)) if width > 16 else value
+    def _widening(name, doc, widen):
+        """An intrinsic ``name(bits) -> float32`` of 16-bit patterns held in any integer at least
+        16 bits wide: ``widen(builder, i16 value)`` builds the float."""
+        def typer(typingctx, bits):
+            if not isinstance(bits, _types.Integer) or bits.bitwidth < 16:
+                return None
 
-    @_intrinsic
-    def bf16_to_f32(typingctx, bits):
-        """bfloat16 bits (an integer) -> float32: the bits moved to the top of a word, bitcast."""
-        if not isinstance(bits, _types.Integer) or bits.bitwidth < 16:
-            return None
+            def codegen(context, builder, sig, args):
+                h = args[0]
+                if sig.args[0].bitwidth > 16:
+                    h = builder.trunc(h, _ir.IntType(16))
+                return widen(builder, h)
+            return _signature(_types.float32, bits), codegen
+        typer.__name__ = typer.__qualname__ = name
+        typer.__doc__ = doc
+        return _intrinsic(typer)
 
-        def codegen(context, builder, sig, args):
-            h = _as_i16(builder, args[0], sig.args[0].bitwidth)
-            w = builder.shl(builder.zext(h, _ir.IntType(32)), _ir.Constant(_ir.IntType(32), 16))
-            return builder.bitcast(w, _ir.FloatType())
-        return _signature(_types.float32, bits), codegen
-
-    @_intrinsic
-    def f16_to_f32(typingctx, bits):
-        """IEEE half bits (an integer) -> float32 (``fpext half``: ``cvt.f32.f16``)."""
-        if not isinstance(bits, _types.Integer) or bits.bitwidth < 16:
-            return None
-
-        def codegen(context, builder, sig, args):
-            h = _as_i16(builder, args[0], sig.args[0].bitwidth)
-            return builder.fpext(builder.bitcast(h, _ir.HalfType()), _ir.FloatType())
-        return _signature(_types.float32, bits), codegen
+    bf16_to_f32 = _widening(
+        "bf16_to_f32", "bfloat16 bits -> float32: the bits moved to the top of a word, bitcast.",
+        lambda builder, h: builder.bitcast(builder.shl(builder.zext(h, _ir.IntType(32)),
+                                                       _ir.Constant(_ir.IntType(32), 16)), _ir.FloatType()))
+    f16_to_f32 = _widening(
+        "f16_to_f32", "IEEE half bits -> float32 (``fpext half``: ``cvt.f32.f16``).",
+        lambda builder, h: builder.fpext(builder.bitcast(h, _ir.HalfType()), _ir.FloatType()))
 
 
 @functools.lru_cache(maxsize=None)
