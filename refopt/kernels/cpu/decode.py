@@ -32,11 +32,14 @@ import weakref
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from refopt.kernels.cpu._threads import governor
+from refopt.kernels.cpu.int8 import quantize_rows, quantized_range
 from refopt.kernels.cpu.layernorm import layernorm_serial
-from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, readonly, stored
+from refopt.kernels.cpu.matmul import CHUNK, PARALLEL_BYTES, float_range, readonly, stored
+from refopt.kernels.cpu.sync import claim, counters, done, left, wait
 
 # ----------------------------------------------------------------------------- stages
 # Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
@@ -106,116 +109,349 @@ def _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, parts):
 
 
 # ----------------------------------------------------------------------------- the step
-@njit(cache=True)
-def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_g, ln2_b, w1, s1, b1,
-           w2, s2, b2, cache, layer, index, key_mask, pre_ln, eps, alpha, threads, min_bytes, xn, qkv,
-           ctx, h, probs):
-    """Decoder layer ``layer`` for one new token per row, ``x [B, D]`` updated in place.
+# The whole step runs in ONE parallel region (or on the calling thread alone), its work cut into
+# stages of chunks that the threads claim (:mod:`.sync`).  The weights reach it as addresses
+# (``addr [L, COLS]``, ``head [HEAD_COLS]``, taken when the plan is made; the plan keeps the arrays
+# alive) viewed in place with ``numba.carray``: a step is one compiled call with a dozen arguments,
+# not a tuple of 22 arrays per layer for the dispatcher to type on every call.
+LN1_G, LN1_B, LN2_G, LN2_B = 0, 1, 2, 3
+Q, K_, V_, O_, FC1, FC2 = 0, 1, 2, 3, 4, 5   # projection p's slots: 4 + 4p + (W, S, R, B)
+W_, S_, R_, B_ = 0, 1, 2, 3
+COLS = 28
+FINAL_G, FINAL_B, OUT, TABLE = 0, 1, 2, 6     # the head's: the final norm, project_out, the table
+HEAD_COLS = 10
+CHUNK_BYTES = 1 << 16   # weight bytes a chunk of a product reads (rows // 2 times fewer from 4 rows)
 
-    s* are int8 scales (else empty), b* biases (empty without), gammas ones and betas zeros when
-    the norms are not affine; this token's keys and values go to ``cache[:, layer, :, index]``
-    ``[B, L, 2, T, H, K]``; ``key_mask [B, >= index + 1]`` says which cached positions each row may
-    attend to; ``threads``: how many threads a stage of at least ``min_bytes`` is split
-    across (the caller sets Numba's count); xn, qkv, ctx, h, probs are scratch ``[B, D]``,
-    ``[B, 3D]``, ``[B, D]``, ``[B, F]``, ``[B * H, T]``."""
+
+@intrinsic
+def _pointer(typingctx, addr, like):
+    # the address ``addr`` (int64) as a pointer to ``like``'s dtype
+    ptr = types.CPointer(like.dtype)
+    sig = ptr(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _vec(addr, n, like):
+    return numba.carray(_pointer(addr, like), n)
+
+
+@njit(inline="always")
+def _mat(addr, rows, cols, like):
+    return numba.carray(_pointer(addr, like), (rows, cols))
+
+
+def _scales(s_like, s, r, n):
+    """A product's scales viewed like ``s_like``: empty (float weights), int8 scales, or (int8
+    scales, row sums) with quantised activations."""
+
+
+@overload(_scales, inline="always")
+def _scales_impl(s_like, s, r, n):
+    if isinstance(s_like, types.BaseTuple):
+        return lambda s_like, s, r, n: (_vec(s, n, s_like[0]), _vec(r, n, s_like[1]))
+    return lambda s_like, s, r, n: _vec(s, n, s_like)
+
+
+def _prepare(x, s_like, xq, sx):
+    """Quantise the rows of ``x`` into ``xq``/``sx`` for products with quantised activations."""
+
+
+@overload(_prepare, inline="always")
+def _prepare_impl(x, s_like, xq, sx):
+    if isinstance(s_like, types.BaseTuple):
+        return lambda x, s_like, xq, sx: quantize_rows(x, xq, sx)
+    return lambda x, s_like, xq, sx: None
+
+
+def _range(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi):
+    """Outputs ``o0..o1`` of a product into ``out`` (:func:`.matmul.float_range`, or
+    :func:`.int8.quantized_range` on the rows :func:`_prepare` quantised)."""
+
+
+@overload(_range, inline="always")
+def _range_impl(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi):
+    if isinstance(scale, types.BaseTuple):
+        return (lambda x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi:
+                quantized_range(xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawi))
+    return (lambda x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi:
+            float_range(x, w, scale, bias, out, col, mode, alpha, o0, o1, rawf))
+
+
+@njit(inline="always")
+def _per_chunk(inputs, itemsize, rows):
+    # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute
+    return max(2, CHUNK_BYTES // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
+
+
+@njit(inline="always")
+def _quantized_view(xq_all, sx_all, tid, B, I):
+    # this thread's quantised rows [B, I] (C-contiguous; xq_all is flat, one part per thread) and
+    # scales [B]
+    per = xq_all.shape[0] // sx_all.shape[0]
+    return xq_all[tid * per:tid * per + B * I].reshape((B, I)), sx_all[tid]
+
+
+@njit(cache=True)
+def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+               key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all, xq_all,
+               sx_all, rawf_all, rawi_all, sync):
+    """Thread ``tid``'s share of one decode step (every layer, then the head), ``x [B, D]``
+    updated in place.  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
+    vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
+    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out).  Shared scratch: qkv
+    [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
+    ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
+    rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters."""
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
+    L = addr.shape[0]
+    F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
     one = x.dtype.type(1)
-    # typed ints, not literals: a literal argument would compile a stage once per value
-    ZERO, STORE, RELU, ADD, THREE = np.int64(0), np.int64(0), np.int64(1), np.int64(2), np.int64(3)
-    # --- attention block
-    if pre_ln:
-        _layernorm_rows(x, ln1_g, ln1_b, eps, xn)
-    else:
-        _copy(x, xn)
-    products(xn, wq, sq, bq, wk, sk, bk, wv, sv, bv, THREE, qkv, STORE, alpha, threads, min_bytes)
-    for b in range(B):
-        for hd in range(H):
-            for d in range(K):
-                cache[b, layer, 0, index, hd, d] = qkv[b, D + hd * K + d]
-                cache[b, layer, 1, index, hd, d] = qkv[b, 2 * D + hd * K + d]
-    if threads > 1 and B * H * (index + 1) * K * 2 * x.itemsize >= min_bytes:
-        _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, threads)
-    else:
-        _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, ZERO, B * H)
-    product(ctx, wo, so, bo, x, ADD, one, threads, min_bytes)
-    if not pre_ln:
-        _copy(x, xn)
-        _layernorm_rows(xn, ln1_g, ln1_b, eps, x)
-    # --- MLP block
-    if pre_ln:
-        _layernorm_rows(x, ln2_g, ln2_b, eps, xn)
-    else:
-        _copy(x, xn)
-    product(xn, w1, s1, b1, h, RELU, one, threads, min_bytes)
-    product(h, w2, s2, b2, x, ADD, one, threads, min_bytes)
-    if not pre_ln:
-        _copy(x, xn)
-        _layernorm_rows(xn, ln2_g, ln2_b, eps, x)
+    STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
+    item = w_like.itemsize
+    xn = xn_all[tid]
+    sx = sx_all[tid]
+    rawf = rawf_all[tid]
+    rawi = rawi_all[tid]
+    s = 0                                              # the stage
+    for layer in range(L):
+        a = addr[layer]
+        n_ = lens[layer]
+        g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
+        g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
+        # --- q, k, v: LN1(x) (each thread its own copy), then chunks of the 3D outputs
+        per = _per_chunk(D, item, B)
+        n = (3 * D + per - 1) // per
+        xq = _quantized_view(xq_all, sx_all, tid, B, D)[0]
+        if left(sync, s, n):
+            if pre_ln:
+                _layernorm_rows(x, g1, b1, eps, xn)
+            else:
+                _copy(x, xn)
+            _prepare(xn, s_like, xq, sx)
+        c = claim(sync, s)
+        while c < n:
+            j0, j1 = c * per, min(3 * D, (c + 1) * per)
+            for part in range(3):
+                o0, o1 = max(j0 - part * D, 0), min(j1 - part * D, D)
+                if o0 < o1:
+                    base = 4 + 4 * part
+                    w = _mat(a[base + W_], D, D, w_like)
+                    sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * part])
+                    bias = _vec(a[base + B_], n_[2 * part + 1], f_like)
+                    if part == 0:
+                        _range(xn, xq, sx, w, sc, bias, qkv, 0, STORE, alpha, o0, o1, rawf, rawi)
+                    else:
+                        _range(xn, xq, sx, w, sc, bias, qkv, part * D, STORE, one, o0, o1, rawf, rawi)
+                        for b in range(B):            # this chunk's keys or values into the cache
+                            for o in range(o0, o1):
+                                cache[b, layer, part - 1, index, o // K, o % K] = qkv[b, part * D + o]
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        # --- attention: one chunk per (row, head)
+        n = B * H
+        c = claim(sync, s)
+        while c < n:
+            _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, c, c + 1)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        # --- the output projection, added to x
+        n = (D + per - 1) // per
+        if left(sync, s, n):
+            _prepare(ctx, s_like, xq, sx)
+        base = 4 + 4 * O_
+        w = _mat(a[base + W_], D, D, w_like)
+        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * O_])
+        bias = _vec(a[base + B_], n_[2 * O_ + 1], f_like)
+        c = claim(sync, s)
+        while c < n:
+            _range(ctx, xq, sx, w, sc, bias, x, 0, ADD, one, c * per, min(D, (c + 1) * per), rawf, rawi)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        if not pre_ln:                                 # post-LN: x = LN1(x), by one thread
+            s = _norm_stage(x, g1, b1, eps, xt, sync, s)
+        # --- fc1: relu(LN2(x) @ W1.T + b1) -> h
+        per = _per_chunk(D, item, B)
+        n = (F + per - 1) // per
+        if left(sync, s, n):
+            if pre_ln:
+                _layernorm_rows(x, g2, b2, eps, xn)
+            else:
+                _copy(x, xn)
+            _prepare(xn, s_like, xq, sx)
+        base = 4 + 4 * FC1
+        w = _mat(a[base + W_], F, D, w_like)
+        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * FC1])
+        bias = _vec(a[base + B_], n_[2 * FC1 + 1], f_like)
+        c = claim(sync, s)
+        while c < n:
+            _range(xn, xq, sx, w, sc, bias, h, 0, RELU, one, c * per, min(F, (c + 1) * per), rawf, rawi)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        # --- fc2, added to x
+        per = _per_chunk(F, item, B)
+        n = (D + per - 1) // per
+        xqf = _quantized_view(xq_all, sx_all, tid, B, F)[0]
+        if left(sync, s, n):
+            _prepare(h, s_like, xqf, sx)
+        base = 4 + 4 * FC2
+        w = _mat(a[base + W_], D, F, w_like)
+        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * FC2])
+        bias = _vec(a[base + B_], n_[2 * FC2 + 1], f_like)
+        c = claim(sync, s)
+        while c < n:
+            _range(h, xqf, sx, w, sc, bias, x, 0, ADD, one, c * per, min(D, (c + 1) * per), rawf, rawi)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        if not pre_ln:
+            s = _norm_stage(x, g2, b2, eps, xt, sync, s)
+    # --- the head: hidden = final LN(x) (@ project_out.T), logits = hidden @ table.T
+    fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
+    nobias = _vec(head[FINAL_G], 0, f_like)
+    if has_out:
+        per = _per_chunk(D, item, B)
+        n = (E + per - 1) // per
+        if left(sync, s, n):
+            if has_final:
+                _layernorm_rows(x, fg, fb, eps, xn)
+            else:
+                _copy(x, xn)
+            _prepare(xn, s_like, _quantized_view(xq_all, sx_all, tid, B, D)[0], sx)
+        w = _mat(head[OUT + W_], E, D, w_like)
+        sc = _scales(s_like, head[OUT + S_], head[OUT + R_], head_lens[0])
+        c = claim(sync, s)
+        while c < n:
+            _range(xn, _quantized_view(xq_all, sx_all, tid, B, D)[0], sx, w, sc, nobias, hidden, 0,
+                   STORE, one, c * per, min(E, (c + 1) * per), rawf, rawi)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+    else:                                              # one thread writes hidden
+        if claim(sync, s) == 0:
+            if has_final:
+                _layernorm_rows(x, fg, fb, eps, hidden)
+            else:
+                _copy(x, hidden)
+            done(sync, s)
+        wait(sync, s, 1)
+    s += 1
+    per = _per_chunk(E, item, B)
+    n = (V + per - 1) // per
+    xqe = _quantized_view(xq_all, sx_all, tid, B, E)[0]
+    if left(sync, s, n):
+        _prepare(hidden, s_like, xqe, sx)
+    w = _mat(head[TABLE + W_], V, E, w_like)
+    sc = _scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1])
+    c = claim(sync, s)
+    while c < n:
+        _range(hidden, xqe, sx, w, sc, nobias, logits, 0, STORE, one, c * per, min(V, (c + 1) * per),
+               rawf, rawi)
+        done(sync, s)
+        c = claim(sync, s)
+    wait(sync, s, n)
 
 
-@njit(cache=True)
-def _head(x, final_g, final_b, has_final, w_out, s_out, table, s_table, hidden, logits, eps, threads,
-          min_bytes, xn):
-    """The final norm, project_out (``w_out [E, D]``, empty ``[0, D]`` without) and the tied LM head
-    (``table [V, E]``): ``hidden [B, E]`` and ``logits [B, V]`` for ``x [B, D]``."""
-    one = x.dtype.type(1)
-    STORE = np.int64(0)
-    if has_final:
-        _layernorm_rows(x, final_g, final_b, eps, xn)
-    else:
-        _copy(x, xn)
-    if w_out.shape[0] > 0:
-        product(xn, w_out, s_out, final_b[:0], hidden, STORE, one, threads, min_bytes)
-    else:
-        _copy(xn, hidden)
-    product(hidden, table, s_table, final_b[:0], logits, STORE, one, threads, min_bytes)
+@njit(inline="always")
+def _norm_stage(x, gamma, beta, eps, xt, sync, s):
+    # x <- LN(x) in place by the thread that claims this one-chunk stage; the next stage
+    if claim(sync, s) == 0:
+        _copy(x, xt)
+        _layernorm_rows(xt, gamma, beta, eps, x)
+        done(sync, s)
+    wait(sync, s, 1)
+    return s + 1
+
+
+@njit(parallel=True, cache=True)
+def _step_parallel(parts, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+                   key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
+                   xq_all, sx_all, rawf_all, rawi_all, sync):
+    for t in prange(parts):
+        _step_work(t, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+                   key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
+                   xq_all, sx_all, rawf_all, rawi_all, sync)
 
 
 # ----------------------------------------------------------------------------- the op
 class _Plan:
-    """A model's weights arranged for :func:`_layer` and :func:`_head`: per layer a tuple of its
-    arrays, absent ones replaced (gammas by ones, betas by zeros, biases and scales by empty
-    arrays), each matrix as its stored data."""
+    """A model's weights arranged for :func:`_step_work`: their addresses (``addr [L, COLS]``,
+    ``head [HEAD_COLS]``) and vector lengths (``lens [L, 12]``: per projection the scales' and
+    the bias's; ``head_lens``: project_out's and the table's scales), absent ones replaced
+    (gammas by ones, betas by zeros, biases and scales by empty arrays), each matrix as its stored
+    data.  ``keep`` holds every array addressed, so the addresses stay valid while the plan
+    lives."""
 
     def __init__(self, params, cfg):
         dtype = np.dtype(cfg.compute_dtype)
         D, L = cfg.hidden_dim, cfg.num_layers
         empty = readonly(np.zeros(0, dtype))                  # read-only, as stored() gives the weights
         ones, zeros = readonly(np.ones(D, dtype)), readonly(np.zeros(D, dtype))
-        kinds = set()
+        no_rows = readonly(np.zeros(0, np.int64))
+        kinds, keep = set(), []
 
-        def matrix(name):
+        def address(a):
+            keep.append(a)
+            return a.__array_interface__["data"][0]
+
+        def matrix(name, row, col):
+            # slots W, S, R of a projection; the scales' length
             data, scale = stored(params[name], dtype)
-            kinds.add(data.dtype)
-            return data, scale
+            kinds.add((data.dtype, type(scale)))
+            sw, rows = scale if isinstance(scale, tuple) else (scale, no_rows)
+            row[col + W_], row[col + S_], row[col + R_] = address(data), address(sw), address(rows)
+            return data, scale, sw.shape[0]
 
         def vec(name, default):
             v = params.get(name)
             return default if v is None else readonly(np.ascontiguousarray(v, dtype=dtype))
 
-        layers = []
+        self.addr = np.zeros((L, COLS), np.int64)
+        self.lens = np.zeros((L, 12), np.int64)
         for i in range(L):
-            p = f"layers.{i}."
-            parts = [vec(p + "self_attn_layer_norm.gamma", ones), vec(p + "self_attn_layer_norm.beta", zeros)]
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                parts += [*matrix(p + proj + ".weight"), vec(p + proj + ".bias", empty)]
-            parts += [vec(p + "mlp_layer_norm.gamma", ones), vec(p + "mlp_layer_norm.beta", zeros)]
-            for proj in ("fc1", "fc2"):
-                parts += [*matrix(p + proj + ".weight"), vec(p + proj + ".bias", empty)]
-            layers.append(tuple(parts))
-        self.layers = tuple(layers)
-        table, s_table = matrix("embed_tokens")
-        if cfg.has_projection:
-            w_out, s_out = matrix("project_out.weight")
-        else:
-            w_out = readonly(np.zeros((0, D), table.dtype))
-            s_out = tuple(a[:0] for a in s_table) if isinstance(s_table, tuple) else s_table[:0]
-        self.head = (vec("final_layer_norm.gamma", ones), vec("final_layer_norm.beta", zeros),
-                     bool(cfg.has_final_layer_norm), w_out, s_out, table, s_table)
+            p, row = f"layers.{i}.", self.addr[i]
+            row[LN1_G] = address(vec(p + "self_attn_layer_norm.gamma", ones))
+            row[LN1_B] = address(vec(p + "self_attn_layer_norm.beta", zeros))
+            row[LN2_G] = address(vec(p + "mlp_layer_norm.gamma", ones))
+            row[LN2_B] = address(vec(p + "mlp_layer_norm.beta", zeros))
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+                col = 4 + 4 * j
+                *_, self.lens[i, 2 * j] = matrix(p + proj + ".weight", row, col)
+                bias = vec(p + proj + ".bias", empty)
+                row[col + B_] = address(bias)
+                self.lens[i, 2 * j + 1] = bias.shape[0]
+        self.head = np.zeros(HEAD_COLS, np.int64)
+        self.head_lens = np.zeros(2, np.int64)
+        self.head[FINAL_G] = address(vec("final_layer_norm.gamma", ones))
+        self.head[FINAL_B] = address(vec("final_layer_norm.beta", zeros))
+        table, s_table, self.head_lens[1] = matrix("embed_tokens", self.head, TABLE)
+        self.w_like, self.s_like, self.f_like = table, s_table, ones
+        has_out = bool(cfg.has_projection)
+        if has_out:
+            *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
+        self.E, self.V = table.shape[1], table.shape[0]
+        self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
+                              has_out], np.int64)
+        self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
-        self.nbytes = sum(b.nbytes for layer in self.layers for a in layer
-                          for b in (a if isinstance(a, tuple) else (a,))) + table.nbytes
+        seen = {}
+        for a in keep:                     # the bytes one step reads (each array once)
+            seen[id(a)] = a.nbytes
+        self.nbytes = sum(seen.values())
         self.dtype = dtype
         self.alpha = dtype.type(cfg.head_dim ** -0.5)
         self.cfg = cfg
@@ -245,8 +481,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     1]`` at cache index ``index``; ``padding_mask [B, >= index + 1]``), with the KV cache updated in
     place: :func:`refopt.model.logits_forward` for that call, compiled.  ``threads``: the count
     to run on (default: the :class:`._threads.Governor`'s choice, at most Numba's current count);
-    a stage runs on them when its bytes reach ``min_bytes`` (see the stages' comment), else on the
-    calling thread.
+    the step runs on them (one parallel region) when its weight bytes times max(1, rows // 2)
+    reach ``min_bytes``, else on the calling thread.
     None when this model cannot take the compiled step (weights of mixed storage kinds)."""
     plan = _plan_for(params, cfg)
     if not plan.ok:
@@ -257,6 +493,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
         return governor.timed((id(plan), token_ids.shape[0]), most, start, lambda n: decode_step(
             params, cfg, token_ids, padding_mask, cache, index, n, min_bytes))
     B = token_ids.shape[0]
+    if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
+        threads = 1
     dtype = plan.dtype
     key_mask = np.ascontiguousarray(np.asarray(padding_mask)[:, :index + 1], dtype=np.bool_)
     position = np.maximum(key_mask.sum(axis=1) - 1, 0)                      # [B]
@@ -265,21 +503,26 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     if cfg.has_projection:
         x = x @ np.asarray(params["project_in.weight"], dtype).T            # [B, D]
     x = np.ascontiguousarray(x + params["embed_positions"][position], dtype=dtype)
-    D, F, H = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_heads
+    D, F, H, L = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_heads, cfg.num_layers
     T = cache.shape[3]
-    buffers = (np.empty((B, D), dtype), np.empty((B, 3 * D), dtype), np.empty((B, D), dtype),
-               np.empty((B, F), dtype), np.empty((B * H, T), dtype))
-    E, V = plan.head[5].shape[1], plan.head[5].shape[0]
+    E, V = plan.E, plan.V
     hidden = np.empty((B, E), dtype)
     logits = np.empty((B, V), dtype)
-    before = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        pre_ln, eps = bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon)
-        for layer, weights in enumerate(plan.layers):
-            _layer(x, *weights, cache, layer, index, key_mask, pre_ln, eps, plan.alpha, threads,
-                   min_bytes, *buffers)
-        _head(x, *plan.head, hidden, logits, eps, threads, min_bytes, buffers[0])
-    finally:
-        numba.set_num_threads(before)
+    stages = L * (5 if cfg.do_layer_norm_before else 7) + 2
+    args = (x, plan.addr, plan.lens, plan.head, plan.head_lens, plan.w_like, plan.s_like, plan.f_like,
+            plan.dims, cache, index, key_mask, bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon),
+            plan.alpha, np.empty((B, 3 * D), dtype), np.empty((B, D), dtype), np.empty((B, F), dtype),
+            np.empty((B * H, T), dtype), hidden, logits, np.empty((B, D), dtype),
+            np.empty((threads, B, D), dtype), np.empty(threads * B * max(D, F, E), np.uint8),
+            np.empty((threads, B), np.float32), np.empty((threads, B, CHUNK), dtype),
+            np.empty((threads, B, CHUNK), np.int64), counters(stages))
+    if threads == 1:
+        _step_work(0, *args)
+    else:
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            _step_parallel(threads, *args)
+        finally:
+            numba.set_num_threads(before)
     return logits[:, None], hidden[:, None]
