@@ -1,13 +1,29 @@
 """One decode step of OPT compiled whole: every decoder layer, the final norm and the tied LM head
-for one new token per row, in one Numba call per layer and one for the head (the Numba
+for one new token per row, in ONE compiled call and at most one parallel region (the Numba
 backend's ``decode_step``).
 
 Why a fused step: a decode step multiplies a few rows by every weight once.  Run op by op it is
 about 25 Python-level calls per layer and a parallel region per product; the Python costs as much
 as streaming the weights of a small model, and every parallel region is a point where the step
-waits for a thread that the operating system may have parked (see :mod:`._threads`).  Here the
-whole step is one call, with five parallel stages per layer (the q/k/v products together,
-attention, the output product, fc1, fc2), each run on as many threads as its work is worth.
+waits for a thread that the operating system may have parked (see :mod:`._threads`).
+
+Where a 125m batch-1 int8 step's time went before this layout (12 layers; 124.6 MB of int8
+weights, 38.6 MB of them the tied head; one Numba call per layer and one for the head; a stage ran
+on two threads only from 4 MB of weights, so every layer ran on ONE thread and only the head on
+two; ``/tmp`` profile, 2026-12-02, load 0.6-7): a step took 4.5 ms (exact int8) and 5.3 ms (int8
+activations); a layer's four products 0.19 / 0.09 ms of its 0.20 / 0.11 ms with the weights in
+cache (LayerNorms, attention over 19 positions, quantising the activations, the cache writes:
+0.013-0.020 ms, 6-12%), the head's product 0.66 / 1.2 ms of 0.67 / 1.2 ms.  So the fixed cost was
+not the small ops but streaming 85 MB of layer weights on one thread (~22 GB/s, against a 32-45
+GB/s read), 13 Python calls and a parallel region (~14 and ~13 us).  Outside the step, a 32-token
+generation spent 15 ms (exact) / 9 ms in the prefill of its 8-token prompt, 7 ms of it an LM head
+over every prompt position whose logits were discarded (now skipped, :func:`refopt.generation.prefill`).
+
+Now the step is one call: every stage of every layer is cut into chunks that the threads of ONE
+parallel region claim (:mod:`.sync`; 5 stages a layer -- the q/k/v products together with the
+cache writes, attention one chunk per (row, head), the output product, fc1, fc2 -- then the head's
+two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
+quantised activations) rather than waiting for one thread to do it.
 
 The arithmetic is :func:`refopt.model.forward` with the KV cache, one token per row, followed by
 the LM head (the tests compare it against the NumPy reference), in the activations' dtype:
@@ -21,9 +37,8 @@ the LM head (the tests compare it against the NumPy reference), in the activatio
 
 Weights are read as stored: float32/float64 arrays, or a QuantizedMatrix's data -- bfloat16 bits
 as uint16, float16 bits as int16 (Numba has no float16 type on the CPU; the two views keep the
-kinds apart at compile time), int8 with a float32 scale per output row.  Products keep one
-weight row in registers for four rows of activations at a time (:func:`.matmul.dot_block`), so
-a batch of 8 reads each weight once and spends its time in fused multiply-adds.
+kinds apart at compile time), int8 with a float32 scale per output row (and, with int8
+activations, its row sums: :mod:`.int8`).  Products are :mod:`.matmul`'s and :mod:`.int8`'s.
 """
 
 from __future__ import annotations
@@ -41,12 +56,7 @@ from refopt.kernels.cpu.layernorm import layernorm_serial
 from refopt.kernels.cpu.matmul import CHUNK, PARALLEL_BYTES, float_range, readonly, stored
 from refopt.kernels.cpu.sync import claim, counters, done, left, wait
 
-# ----------------------------------------------------------------------------- stages
-# Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
-# small parallel wrapper that splits the range across the threads; :func:`_layer` calls the wrapper
-# only when more than one thread is allowed and the stage's bytes (a product: its weight bytes
-# times max(1, rows // 2); attention: the keys and values it reads) reach ``min_bytes``
-# (PARALLEL_BYTES by default).  The products are :mod:`.matmul`'s.
+# ----------------------------------------------------------------------------- small ops
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
 
 
@@ -98,14 +108,6 @@ def _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, r0, r1):
             if wt != 0:
                 for d in range(K):
                     ctx[b, h * K + d] += wt * cache[b, layer, 1, t, h, d]
-
-
-@njit(parallel=True, cache=True)
-def _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, parts):
-    for c in prange(parts):
-        n = probs.shape[0]
-        per = (n + parts - 1) // parts
-        _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, min(n, c * per), min(n, (c + 1) * per))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -182,10 +184,16 @@ def _range_impl(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, 
             float_range(x, w, scale, bias, out, col, mode, alpha, o0, o1, rawf))
 
 
+MAX_CHUNKS = 128        # chunks a stage is cut into at most (the head: 50,272 outputs)
+
+
 @njit(inline="always")
-def _per_chunk(inputs, itemsize, rows):
-    # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute
-    return max(2, CHUNK_BYTES // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
+def _per_chunk(outputs, inputs, itemsize, rows):
+    # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute,
+    # more when that would cut the stage into more than MAX_CHUNKS (each claim is an atomic add on
+    # a cache line the threads share)
+    per = max(2, CHUNK_BYTES // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
+    return max(per, ((outputs + MAX_CHUNKS - 1) // MAX_CHUNKS + 1) // 2 * 2)
 
 
 @njit(inline="always")
@@ -225,7 +233,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
         g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
         # --- q, k, v: LN1(x) (each thread its own copy), then chunks of the 3D outputs
-        per = _per_chunk(D, item, B)
+        per = _per_chunk(3 * D, D, item, B)
         n = (3 * D + per - 1) // per
         xq = _quantized_view(xq_all, sx_all, tid, B, D)[0]
         if left(sync, s, n):
@@ -265,6 +273,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         wait(sync, s, n)
         s += 1
         # --- the output projection, added to x
+        per = _per_chunk(D, D, item, B)
         n = (D + per - 1) // per
         if left(sync, s, n):
             _prepare(ctx, s_like, xq, sx)
@@ -282,7 +291,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         if not pre_ln:                                 # post-LN: x = LN1(x), by one thread
             s = _norm_stage(x, g1, b1, eps, xt, sync, s)
         # --- fc1: relu(LN2(x) @ W1.T + b1) -> h
-        per = _per_chunk(D, item, B)
+        per = _per_chunk(F, D, item, B)
         n = (F + per - 1) // per
         if left(sync, s, n):
             if pre_ln:
@@ -302,7 +311,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         wait(sync, s, n)
         s += 1
         # --- fc2, added to x
-        per = _per_chunk(F, item, B)
+        per = _per_chunk(D, F, item, B)
         n = (D + per - 1) // per
         xqf = _quantized_view(xq_all, sx_all, tid, B, F)[0]
         if left(sync, s, n):
@@ -324,7 +333,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
     nobias = _vec(head[FINAL_G], 0, f_like)
     if has_out:
-        per = _per_chunk(D, item, B)
+        per = _per_chunk(E, D, item, B)
         n = (E + per - 1) // per
         if left(sync, s, n):
             if has_final:
@@ -350,7 +359,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
             done(sync, s)
         wait(sync, s, 1)
     s += 1
-    per = _per_chunk(E, item, B)
+    per = _per_chunk(V, E, item, B)
     n = (V + per - 1) // per
     xqe = _quantized_view(xq_all, sx_all, tid, B, E)[0]
     if left(sync, s, n):

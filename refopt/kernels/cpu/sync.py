@@ -102,11 +102,21 @@ def done(sync, s):
     fetch_add(sync, STRIDE * s + 8, 1)
 
 
+_sched_yield = types.ExternalFunction("sched_yield", types.int32())
+SPINS = 2000      # pauses (~50-100 us) before a waiting thread yields its core at each check
+
+
 @njit(inline="always")
 def wait(sync, s, n):
-    """Wait until all ``n`` chunks of stage ``s`` are finished."""
+    """Wait until all ``n`` chunks of stage ``s`` are finished: spinning, then, when the chunk's
+    holder is slow (descheduled on a busy machine), yielding the core to it or to others."""
+    spins = 0
     while load(sync, STRIDE * s + 8) < n:
-        pause()
+        if spins < SPINS:
+            pause()
+            spins += 1
+        else:
+            _sched_yield()
 
 
 @njit(cache=True)
