@@ -56,18 +56,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import numba
-    from numba import njit, prange
 
+    from bench_cpu import stream_bandwidth
     from refopt import generation
     from refopt.kernels.cpu import _threads, decode
     from refopt.models import OPTCausalLM
-
-    @njit(parallel=True, fastmath=True)
-    def total(a):
-        s = 0.0
-        for i in prange(a.shape[0]):
-            s += a[i]
-        return s
 
     most = numba.get_num_threads()
     tmp = tempfile.mkdtemp(prefix="refopt-prof-")
@@ -85,7 +78,6 @@ def main(argv=None):
         plan = decode._plan_for(params, bcfg)
         nbytes = plan.nbytes
         head_bytes = plan.V * plan.E * plan.w_like.itemsize
-        a = np.ones(nbytes // 4, np.float32)
         P, N = 8, args.new
         tok = np.ones((1, 1), np.int64)
         mask = np.ones((1, P + 12), bool)
@@ -115,8 +107,6 @@ def main(argv=None):
             return out
 
         for threads in (1, most):
-            numba.set_num_threads(threads)
-            total(a)
             step(threads)()
         numba.set_num_threads(most)
         print(f"{name}: {nbytes / 1e6:.1f} MB a step ({head_bytes / 1e6:.1f} MB the head's table), "
@@ -125,7 +115,7 @@ def main(argv=None):
             fig = {}
             for threads in (1, most):
                 numba.set_num_threads(threads)
-                fig[f"read{threads}"] = a.nbytes / best(lambda: total(a), 5) / 1e9
+                fig[f"read{threads}"] = stream_bandwidth(nbytes) / 1e9
                 fig[f"step{threads}"] = best(step(threads), 10)
             numba.set_num_threads(most)
             V, addr = plan.dims[2], plan.addr

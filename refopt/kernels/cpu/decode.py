@@ -204,6 +204,38 @@ def _quantized_view(xq_all, sx_all, tid, B, I):
     return xq_all[tid * per:tid * per + B * I].reshape((B, I)), sx_all[tid]
 
 
+@njit(inline="always")
+def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
+    # projection j of a layer's address row ``a``: (weights [rows, cols], scales, bias)
+    base = 4 + 4 * j
+    return (_mat(a[base + W_], rows, cols, w_like), _scales(s_like, a[base + S_], a[base + R_], lens[2 * j]),
+            _vec(a[base + B_], lens[2 * j + 1], f_like))
+
+
+@njit(inline="always")
+def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
+                   xq_all, sx_all, rawf, rawi, sync, s):
+    # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
+    # thread its own, in xn) when ``normed``, else src; returns the next stage
+    B = src.shape[0]
+    O, I = w.shape
+    per = _per_chunk(O, I, w.itemsize, B)
+    n = (O + per - 1) // per
+    xq, sx = _quantized_view(xq_all, sx_all, tid, B, I)
+    inp = xn if normed else src
+    if left(sync, s, n):                   # a thread that arrives late skips what it cannot use
+        if normed:
+            _layernorm_rows(src, gamma, beta, eps, xn)
+        _prepare(inp, s_like, xq, sx)
+    c = claim(sync, s)
+    while c < n:
+        _range(inp, xq, sx, w, sc, bias, out, 0, mode, alpha, c * per, min(O, (c + 1) * per), rawf, rawi)
+        done(sync, s)
+        c = claim(sync, s)
+    wait(sync, s, n)
+    return s + 1
+
+
 @njit(cache=True)
 def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
                key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all, xq_all,
@@ -214,49 +246,40 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out).  Shared scratch: qkv
     [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
     ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
-    rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters."""
+    rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
+    Reading ``x`` while another thread adds to it cannot happen: a stage's chunks are claimed
+    only while the stage is unfinished, and ``x`` changes only in later stages."""
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
-    L = addr.shape[0]
     F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
     one = x.dtype.type(1)
     STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
-    item = w_like.itemsize
-    xn = xn_all[tid]
-    sx = sx_all[tid]
-    rawf = rawf_all[tid]
-    rawi = rawi_all[tid]
+    xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
     s = 0                                              # the stage
-    for layer in range(L):
-        a = addr[layer]
-        n_ = lens[layer]
+    for layer in range(addr.shape[0]):
+        a, n_ = addr[layer], lens[layer]
         g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
         g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
-        # --- q, k, v: LN1(x) (each thread its own copy), then chunks of the 3D outputs
-        per = _per_chunk(3 * D, D, item, B)
+        # --- q, k, v: chunks of the 3D outputs of the three products, keys and values to the cache
+        per = _per_chunk(3 * D, D, w_like.itemsize, B)
         n = (3 * D + per - 1) // per
-        xq = _quantized_view(xq_all, sx_all, tid, B, D)[0]
+        xq, sx = _quantized_view(xq_all, sx_all, tid, B, D)
+        inp = xn if pre_ln else x
         if left(sync, s, n):
             if pre_ln:
                 _layernorm_rows(x, g1, b1, eps, xn)
-            else:
-                _copy(x, xn)
-            _prepare(xn, s_like, xq, sx)
+            _prepare(inp, s_like, xq, sx)
         c = claim(sync, s)
         while c < n:
             j0, j1 = c * per, min(3 * D, (c + 1) * per)
             for part in range(3):
                 o0, o1 = max(j0 - part * D, 0), min(j1 - part * D, D)
                 if o0 < o1:
-                    base = 4 + 4 * part
-                    w = _mat(a[base + W_], D, D, w_like)
-                    sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * part])
-                    bias = _vec(a[base + B_], n_[2 * part + 1], f_like)
-                    if part == 0:
-                        _range(xn, xq, sx, w, sc, bias, qkv, 0, STORE, alpha, o0, o1, rawf, rawi)
-                    else:
-                        _range(xn, xq, sx, w, sc, bias, qkv, part * D, STORE, one, o0, o1, rawf, rawi)
-                        for b in range(B):            # this chunk's keys or values into the cache
+                    w, sc, bias = _projection(a, n_, part, D, D, w_like, s_like, f_like)
+                    _range(inp, xq, sx, w, sc, bias, qkv, part * D, STORE, alpha if part == 0 else one,
+                           o0, o1, rawf, rawi)
+                    if part > 0:
+                        for b in range(B):
                             for o in range(o0, o1):
                                 cache[b, layer, part - 1, index, o // K, o % K] = qkv[b, part * D + o]
             done(sync, s)
@@ -272,84 +295,29 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
             c = claim(sync, s)
         wait(sync, s, n)
         s += 1
-        # --- the output projection, added to x
-        per = _per_chunk(D, D, item, B)
-        n = (D + per - 1) // per
-        if left(sync, s, n):
-            _prepare(ctx, s_like, xq, sx)
-        base = 4 + 4 * O_
-        w = _mat(a[base + W_], D, D, w_like)
-        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * O_])
-        bias = _vec(a[base + B_], n_[2 * O_ + 1], f_like)
-        c = claim(sync, s)
-        while c < n:
-            _range(ctx, xq, sx, w, sc, bias, x, 0, ADD, one, c * per, min(D, (c + 1) * per), rawf, rawi)
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
-        s += 1
-        if not pre_ln:                                 # post-LN: x = LN1(x), by one thread
+        # --- the output projection, added to x; post-LN: x = LN1(x)
+        w, sc, bias = _projection(a, n_, O_, D, D, w_like, s_like, f_like)
+        s = _product_stage(ctx, False, g1, b1, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
+        if not pre_ln:
             s = _norm_stage(x, g1, b1, eps, xt, sync, s)
-        # --- fc1: relu(LN2(x) @ W1.T + b1) -> h
-        per = _per_chunk(F, D, item, B)
-        n = (F + per - 1) // per
-        if left(sync, s, n):
-            if pre_ln:
-                _layernorm_rows(x, g2, b2, eps, xn)
-            else:
-                _copy(x, xn)
-            _prepare(xn, s_like, xq, sx)
-        base = 4 + 4 * FC1
-        w = _mat(a[base + W_], F, D, w_like)
-        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * FC1])
-        bias = _vec(a[base + B_], n_[2 * FC1 + 1], f_like)
-        c = claim(sync, s)
-        while c < n:
-            _range(xn, xq, sx, w, sc, bias, h, 0, RELU, one, c * per, min(F, (c + 1) * per), rawf, rawi)
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
-        s += 1
-        # --- fc2, added to x
-        per = _per_chunk(D, F, item, B)
-        n = (D + per - 1) // per
-        xqf = _quantized_view(xq_all, sx_all, tid, B, F)[0]
-        if left(sync, s, n):
-            _prepare(h, s_like, xqf, sx)
-        base = 4 + 4 * FC2
-        w = _mat(a[base + W_], D, F, w_like)
-        sc = _scales(s_like, a[base + S_], a[base + R_], n_[2 * FC2])
-        bias = _vec(a[base + B_], n_[2 * FC2 + 1], f_like)
-        c = claim(sync, s)
-        while c < n:
-            _range(h, xqf, sx, w, sc, bias, x, 0, ADD, one, c * per, min(D, (c + 1) * per), rawf, rawi)
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
-        s += 1
+        # --- h = relu(LN2(x) @ W1.T + b1); x += h @ W2.T + b2; post-LN: x = LN2(x)
+        w, sc, bias = _projection(a, n_, FC1, F, D, w_like, s_like, f_like)
+        s = _product_stage(x, pre_ln, g2, b2, eps, xn, w, sc, bias, h, RELU, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
+        w, sc, bias = _projection(a, n_, FC2, D, F, w_like, s_like, f_like)
+        s = _product_stage(h, False, g2, b2, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
         if not pre_ln:
             s = _norm_stage(x, g2, b2, eps, xt, sync, s)
     # --- the head: hidden = final LN(x) (@ project_out.T), logits = hidden @ table.T
     fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
     nobias = _vec(head[FINAL_G], 0, f_like)
     if has_out:
-        per = _per_chunk(E, D, item, B)
-        n = (E + per - 1) // per
-        if left(sync, s, n):
-            if has_final:
-                _layernorm_rows(x, fg, fb, eps, xn)
-            else:
-                _copy(x, xn)
-            _prepare(xn, s_like, _quantized_view(xq_all, sx_all, tid, B, D)[0], sx)
         w = _mat(head[OUT + W_], E, D, w_like)
         sc = _scales(s_like, head[OUT + S_], head[OUT + R_], head_lens[0])
-        c = claim(sync, s)
-        while c < n:
-            _range(xn, _quantized_view(xq_all, sx_all, tid, B, D)[0], sx, w, sc, nobias, hidden, 0,
-                   STORE, one, c * per, min(E, (c + 1) * per), rawf, rawi)
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
+        s = _product_stage(x, has_final, fg, fb, eps, xn, w, sc, nobias, hidden, STORE, one, s_like, tid,
+                           xq_all, sx_all, rawf, rawi, sync, s)
     else:                                              # one thread writes hidden
         if claim(sync, s) == 0:
             if has_final:
@@ -358,21 +326,11 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
                 _copy(x, hidden)
             done(sync, s)
         wait(sync, s, 1)
-    s += 1
-    per = _per_chunk(V, E, item, B)
-    n = (V + per - 1) // per
-    xqe = _quantized_view(xq_all, sx_all, tid, B, E)[0]
-    if left(sync, s, n):
-        _prepare(hidden, s_like, xqe, sx)
+        s += 1
     w = _mat(head[TABLE + W_], V, E, w_like)
     sc = _scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1])
-    c = claim(sync, s)
-    while c < n:
-        _range(hidden, xqe, sx, w, sc, nobias, logits, 0, STORE, one, c * per, min(V, (c + 1) * per),
-               rawf, rawi)
-        done(sync, s)
-        c = claim(sync, s)
-    wait(sync, s, n)
+    _product_stage(hidden, False, fg, fb, eps, xn, w, sc, nobias, logits, STORE, one, s_like, tid, xq_all,
+                   sx_all, rawf, rawi, sync, s)
 
 
 @njit(inline="always")
