@@ -25,6 +25,15 @@ cache writes, attention one chunk per (row, head), the output product, fc1, fc2 
 two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
 quantised activations) rather than waiting for one thread to do it.
 
+Measured after (``benchmarks/profile_cpu_step.py``, 2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
+read of 41-56 GB/s): the best 125m int8 step 4.5-5.1 ms exact / 4.6-5.6 ms with int8 activations
+(22-28 GB/s), the layers 3.2-4.0 ms of it (21-27 GB/s: 85 MB in matrices of 0.6-2.4 MB, each stage
+10-80 us between waits for the other thread) and the head 0.95-1.3 ms (29-41 GB/s); float32 streams
+its 495 MB at 36-38 GB/s.  In a 32-token generation a token took 6.2-8.3 ms: the step as run
+5.2-7.0, the prompt's prefill 0.4-0.8, sampling and Python 0.5-0.8.  Alternating with the previous
+layout in one sitting (load 1.8-2.1), a generation's median went 93.5-106.5 -> 115.8-148.5 tok/s
+(exact int8) and 108.1-134.0 -> 113.2-161.3 (int8 activations).
+
 The arithmetic is :func:`refopt.model.forward` with the KV cache, one token per row, followed by
 the LM head (the tests compare it against the NumPy reference), in the activations' dtype:
 
