@@ -36,7 +36,7 @@ SIZES = {   # hidden, layers, heads (OPT's shapes; vocabulary 50272, 2048 positi
 }
 
 _IMPORTS = """
-import numba, numpy, torch, transformers
+import numpy, torch, transformers
 import refopt.testing, refopt.testing.checks
 from refopt.testing.adapters.transformers import TransformersAdapter
 """

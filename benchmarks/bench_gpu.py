@@ -15,7 +15,10 @@
   against transformers ``generate`` on the GPU, eager with its dynamic cache, and with
   ``cache_implementation="static"`` and ``torch.compile`` (unless ``--no-compile``).  Tokens/s =
   batch x new / wall time; "same" = the fraction of rows whose ids equal transformers' eager ones
-  (random weights give near-ties, so rounding can flip a choice).
+  (random weights give near-ties, so rounding can flip a choice).  The half-weight rows
+  (``--weights``: refopt's matrices in bfloat16 / float16 on the device, float32 sums) stand
+  beside the same float32 peers; their ids differ from the peers' where rounding the weights
+  flips a choice.
 * **One training step** of a random 125m model (batch 8 x 128 and 32 x 512, forward + backward +
   AdamW): the device-resident step (:class:`refopt.training.device.DeviceTrainer`, what ``fit``
   runs on the cuda backend) against transformers + ``torch.optim.AdamW`` on the GPU, eager, TF32
@@ -214,7 +217,7 @@ def bench_decode(args, rows, tmp):
     path = os.path.join(tmp, "opt125m")
     write_random_checkpoint(path, layers=12)
     lm = OPTCausalLM.from_preset(path, preprocessor=None)
-    dm = DeviceModel(lm.backbone.params, lm.backbone.config)
+    dms = {kind: DeviceModel(lm.backbone.params, lm.backbone.config, weights=kind) for kind in args.weights}
     hf = transformers.OPTForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     torch.backends.cuda.matmul.allow_tf32 = False
     sync = torch.cuda.synchronize
@@ -235,11 +238,12 @@ def bench_decode(args, rows, tmp):
         t_eager = median_time(theirs, args.repeats, sync)
         ref_ids = theirs().cpu().numpy()
         res = {}
-        for per in (16, 1):
-            t = median_time(lambda: dm.decode(ids, mask, P, "greedy", steps_per_launch=per),
-                            args.repeats, sync)
-            out = dm.decode(ids, mask, P, "greedy", steps_per_launch=per)
-            res[per] = (t, float(np.mean([np.array_equal(out[b], ref_ids[b]) for b in range(batch)])))
+        for kind, dm in dms.items():
+            for per in ((16, 1) if kind == "float32" else (16,)):
+                t = median_time(lambda: dm.decode(ids, mask, P, "greedy", steps_per_launch=per),
+                                args.repeats, sync)
+                out = dm.decode(ids, mask, P, "greedy", steps_per_launch=per)
+                res[kind, per] = (t, float(np.mean([np.array_equal(out[b], ref_ids[b]) for b in range(batch)])))
         t_comp = None
         if not args.no_compile:
             # transformers compiles the forward itself for a static cache (its CompileConfig:
@@ -252,12 +256,14 @@ def bench_decode(args, rows, tmp):
             except Exception as e:                    # report, don't fail the whole table
                 print(f"  torch.compile run failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         rate = lambda t: batch * N / t                                                  # noqa: E731
-        for per, (t, same) in res.items():
-            rows.append({"what": f"greedy decode 125m, batch {batch}, {per} step/launch (tok/s)",
+        for (kind, per), (t, same) in res.items():
+            weights = "" if kind == "float32" else f", {kind} weights"
+            rows.append({"what": f"greedy decode 125m{weights}, batch {batch}, {per} step/launch (tok/s)",
                          "ours": rate(t), "peer": rate(t_eager), "peer_name": "transformers eager",
                          "peer2": None if t_comp is None else rate(t_comp),
                          "peer2_name": "static cache + torch.compile", "note": f"same ids {same:.2f}"})
-        print(f"  decode batch {batch}: ours {rate(res[16][0]):.0f} tok/s, eager {rate(t_eager):.0f}, "
+        print(f"  decode batch {batch}: ours " + ", ".join(f"{k} {rate(res[k, 16][0]):.0f}" for k in dms)
+              + f" tok/s, eager {rate(t_eager):.0f}, "
               f"compiled {'-' if t_comp is None else f'{rate(t_comp):.0f}'}", flush=True)
 
 
@@ -374,6 +380,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--weights", nargs="+", default=["float32", "bfloat16", "float16"],
+                    choices=("float32", "bfloat16", "float16"),
+                    help="decode: how refopt's device copy stores the matrices (float32 first)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM"):
 
 from numba import cuda, types  # noqa: E402
 
+TILE = None               # a thread's register tile of the tiled products (--tile; default decode_products.TILE)
 SMS = 132                  # multiprocessors of an H100 SXM / H200: the split-K plan's target
 CC = (9, 0)
 
@@ -76,22 +78,23 @@ def answer_compute_capability():
     dispatcher.get_current_device = lambda: Device()
 
 
-def step_signature():
-    """The step kernel's argument types, as ``DeviceModel.decode_iter`` passes them."""
+def step_signature(kind="float32"):
+    """The step kernel's argument types, as ``DeviceModel.decode_iter`` passes them (``kind``: the
+    matrices' storage)."""
     def arr(dtype, ndim):
         return types.Array(dtype, ndim, "C")
     f32, f64, i64, u8 = types.float32, types.float64, types.int64, types.uint8
-    return ((arr(f32, 1), arr(f32, 1), arr(i64, 2), arr(u8, 2), arr(i64, 1), arr(i64, 1))
+    return ((arr(f32, 1), arr(f32 if kind == "float32" else types.uint16, 1), arr(f32, 1), arr(i64, 2), arr(u8, 2), arr(i64, 1), arr(i64, 1))
             + (arr(f32, 1),) * 8
             + (arr(f64, 2), arr(i64, 2), arr(f64, 2), arr(u8, 2), arr(f64, 2), arr(i64, 2),
                arr(f32, 1), arr(i64, 1), arr(f64, 1), arr(i64, 1), arr(i64, 2), types.int32,
                types.int32))
 
 
-def step_kernel(decode, cfg, B, sampler, T):
-    lay = decode.Layout(cfg)
+def step_kernel(decode, cfg, B, sampler, T, kind="float32"):
+    lay = decode.Layout(cfg, kind)
     RB = min(32, decode.pow2(B))
-    plan = decode.product_plan(lay.D, lay.F, RB, 2 * SMS)
+    plan = decode.product_plan(lay.D, lay.F, RB, 2 * SMS, TILE)
     o, g = lay.layer, lay.glob
     kern = decode.make_step_kernel(
         lay.D, lay.E, lay.F, lay.V, lay.L, lay.H, lay.P, T, RB, bool(cfg.do_layer_norm_before),
@@ -100,7 +103,7 @@ def step_kernel(decode, cfg, B, sampler, T):
         tuple(o[n] for n in ("ln1_g", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_g", "ln2_b", "w1", "b1",
                              "w2", "b2")),
         tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
-        plan, decode.MIN_BLOCKS, False, decode.UNROLL)
+        plan, decode.MIN_BLOCKS, False, decode.UNROLL, kind, lay.matrix_stride)
     return kern, plan
 
 
@@ -111,9 +114,9 @@ def run(cmd):
     return done.stdout + done.stderr
 
 
-def measure(kern, work, name):
+def measure(kern, work, name, kind="float32"):
     """Resources of the compiled step kernel (``work``: a scratch folder)."""
-    ptx, _ = cuda.compile_ptx(kern.py_func, step_signature(), cc=CC,
+    ptx, _ = cuda.compile_ptx(kern.py_func, step_signature(kind), cc=CC,
                               launch_bounds=kern.targetoptions.get("launch_bounds"))
     base = Path(work) / name
     base.with_suffix(".ptx").write_text(ptx)
@@ -153,7 +156,12 @@ def main(argv=None):
     ap.add_argument("--samplers", nargs="+", default=["greedy"])
     ap.add_argument("--positions", type=int, default=72, help="cache positions T (default 72)")
     ap.add_argument("--sass", help="a folder to keep the PTX, SASS and cubins in")
+    ap.add_argument("--weights", nargs="+", default=["float32"], choices=("float32", "bfloat16", "float16"),
+                    help="how the matrices are stored (default float32)")
+    ap.add_argument("--tile", help="a thread's register tile of the tiled products, ROWSxOUTPUTS (e.g. 4x4)")
     args = ap.parse_args(argv)
+    global TILE
+    TILE = tuple(int(v) for v in args.tile.split("x")) if args.tile else None
 
     answer_compute_capability()
     from refopt.config import released_config
@@ -163,18 +171,18 @@ def main(argv=None):
     work = args.sass or tempfile.mkdtemp(prefix="decode-resources-")
     os.makedirs(work, exist_ok=True)
     cols = None
-    for B in args.batches:
-        for sampler in args.samplers:
-            kern, plan = step_kernel(decode, cfg, B, sampler, args.positions)
-            res = measure(kern, work, f"step_{args.size}_b{B}_{sampler}")
-            if cols is None:
-                cols = list(res)
-                print(f"OPT-{args.size} shape, {args.layers} layers, T={args.positions}, sm_{CC[0]}{CC[1]}, "
-                      f"{decode.THREADS} threads a block")
-                print("| batch | products | sampler | " + " | ".join(cols) + " |")
-                print("| ---: | --- | --- |" + " ---: |" * len(cols))
-            kind = "tiled" if plan.tiled else "warp"
-            print(f"| {B} | {kind} | {sampler} | " + " | ".join(str(res[c]) for c in cols) + " |", flush=True)
+    for B, sampler, kind in itertools.product(args.batches, args.samplers, args.weights):
+        kern, plan = step_kernel(decode, cfg, B, sampler, args.positions, kind)
+        res = measure(kern, work, f"step_{args.size}_b{B}_{sampler}_{kind}", kind)
+        if cols is None:
+            cols = list(res)
+            print(f"OPT-{args.size} shape, {args.layers} layers, T={args.positions}, sm_{CC[0]}{CC[1]}, "
+                  f"{decode.THREADS} threads a block")
+            print("| batch | products | sampler | weights | " + " | ".join(cols) + " |")
+            print("| ---: | --- | --- | --- |" + " ---: |" * len(cols))
+        products = "tiled" if plan.tiled else "warp"
+        print(f"| {B} | {products} | {sampler} | {kind} | " + " | ".join(str(res[c]) for c in cols)
+              + " |", flush=True)
     if not args.sass:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ``REFOPT_DEBUG=1``), 130 when interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("generate", "train", "conform"):   # the commands that may compile kernels
+    if args.command in ("generate", "train"):   # the commands that compile kernels (conform: when its port does)
         _announce_compiles()
     try:
         return int(args.run(args) or 0)

@@ -26,14 +26,18 @@ _RESIDENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _weights_fit(model) -> bool:
-    # the decode kernels run float32 NumPy weights (not float64, not quantised)
+    # the decode kernels compute in float32 and hold the matrices as float32, bfloat16 or float16
+    # (one kind for all of them: not int8, not float64)
+    from refopt.kernels.cuda.decode import weights_kind
+
     backbone = model.backbone
-    return np.dtype(backbone.config.compute_dtype) == np.float32 and all(
-        isinstance(v, np.ndarray) for v in backbone.params.values())
+    return (np.dtype(backbone.config.compute_dtype) == np.float32
+            and weights_kind(backbone.params) is not None)
 
 
 def supports(model, sampler) -> bool:
-    """Whether ``model`` with ``sampler`` decodes on the device: float32 weights and a sampler
+    """Whether ``model`` with ``sampler`` decodes on the device: float32 compute with float32,
+    bfloat16 or float16 weights (the matrices stay two bytes a weight on the device) and a sampler
     whose rule has a device form (greedy, random, top-k, top-p, min-p; no logits processors)."""
     return sampler.device_spec() is not None and _weights_fit(model)
 

@@ -29,6 +29,7 @@ unbatched (1-D, returned unbatched); a ``BeamSampler(return_all_beams=True)`` re
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -137,7 +138,12 @@ def prefill(model, token_ids, index):
     ``[B, T, E]`` there (zeros beyond)."""
     B, T = token_ids.shape
     cache = model.new_cache(B, T)
-    _, hidden, cache = model.call_with_cache(token_ids[:, :index], cache, 0)  # [B, index, E]
+    # the prompt's logits are never used (the first step runs its last token again): skipped where
+    # the model can (an LM head over every prompt position, compute-bound, cost a 125m int8 model
+    # ~7 ms of a 200 ms generation of 32 tokens)
+    skip = "logits" in inspect.signature(model.call_with_cache).parameters
+    _, hidden, cache = model.call_with_cache(token_ids[:, :index], cache, 0,
+                                             **({"logits": False} if skip else {}))  # [B, index, E]
     hidden_states = np.zeros((B, T, hidden.shape[-1]), hidden.dtype)
     hidden_states[:, :index] = hidden
     return cache, hidden_states

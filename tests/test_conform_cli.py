@@ -109,6 +109,22 @@ def test_bad_adapter_spec_is_a_user_error(capsys):
     assert code == 2 and "NoSuchClass" in err
 
 
+def test_threads_hold_numpys_blas_while_the_suite_runs(capsys, monkeypatch):
+    code, _, err = _run(capsys, "--against", "refopt", "--threads", "0")
+    assert code == 2 and "--threads=0" in err
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="needs threadpoolctl (pip install -e '.[peers]')")
+    from refopt.commands import conform
+
+    seen = []
+    real = conform._run
+    monkeypatch.setattr(conform, "_run", lambda args: seen.append(
+        [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]) or real(args))
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    code, _, _ = _run(capsys, "--against", "refopt", "--case", "random-0/logits", "--threads", "1")
+    assert code == 0 and seen and all(n == 1 for n in seen[0])
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
+
+
 def test_transformers_passes_on_the_fixtures_and_random_configs(capsys):
     pytest.importorskip("torch", reason="needs torch (pip install -e '.[peers]')")
     pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[peers]')")

@@ -218,6 +218,25 @@ def test_governor_follows_the_faster_thread_count():
     assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_claimed_stages_run_each_chunk_once_and_in_order(parts):
+    # the fused decode step's work sharing (refopt.kernels.cpu.sync): every chunk of every stage
+    # done exactly once, by one thread, only after the previous stage finished -- with more
+    # iterations than threads too (the region's iterations then run one after another)
+    from numba import njit, prange
+
+    from refopt.kernels.cpu import sync
+
+    @njit(parallel=True)
+    def run(counters, stages, n, out, parts):
+        for t in prange(parts):
+            sync.spread(counters, stages, n, out, t)
+
+    out = np.zeros((40, 7), np.int64)
+    run(sync.counters(40), 40, 7, out, parts)
+    assert ((out >= 1) & (out <= parts)).all()
+
+
 @pytest.mark.skipif(not hasattr(os, "RTLD_DEEPBIND"), reason="deep binding is glibc's")
 @pytest.mark.parametrize("loaded, user_set", [(True, False), (False, False), (True, True)])
 def test_threading_layer_gets_its_own_passive_openmp_runtime(monkeypatch, loaded, user_set):

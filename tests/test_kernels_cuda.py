@@ -354,6 +354,13 @@ def _generate_as_numpy(lm, x, samplers, seed=None):
         assert np.array_equal(got["padding_mask"], want["padding_mask"])
 
 
+def _staggered_prompts(lm, B, T, seed, shortest):
+    # B random rows of T tokens, row b's prompt shortest + b % 3 long
+    ids = np.random.default_rng(seed).integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.arange(T)[None, :] < (shortest + np.arange(B) % 3)[:, None]
+    return {"token_ids": ids, "padding_mask": mask}
+
+
 @pytest.mark.parametrize("pre_ln,proj", [(True, False), (False, True)])
 def test_device_decode_matches_generate(pre_ln, proj):
     # the device loop (one persistent kernel per step) against the host loop on the NumPy ops:
@@ -378,15 +385,63 @@ def test_device_decode_tiled_batches(B):
 
     lm = _lm(True, False, seed=2)
     assert decode.DeviceModel(lm.backbone.params, lm.backbone.config).plan(B).tiled
-    T = 7
-    rng = np.random.default_rng(B)
-    ids = rng.integers(3, lm.backbone.config.vocabulary_size, (B, T))
-    mask = np.zeros((B, T), bool)
-    for b in range(B):
-        mask[b, :3 + b % 3] = True
-    _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask},
+    _generate_as_numpy(lm, _staggered_prompts(lm, B, 7, B, 3),
                        (GreedySampler(), TopKSampler(k=3, seed=5, temperature=0.7)),
                        seed=[100 + b for b in range(B)])                # one seed per row
+
+
+@settings(max_examples=EX, deadline=None)
+@given(kind=st.sampled_from(["bfloat16", "float16"]), n=st.integers(1, big(300)), seed=st.integers(0, 2**31))
+def test_half_weights_widen_exactly(kind, n, seed):
+    # the decode kernel's half loads (halves.make_load, through halves.widen): every bit pattern
+    # of the kind, NaN, inf and subnormals included, widened as NumPy widens it
+    from refopt.kernels.cuda import halves
+
+    bits = np.random.default_rng(seed).integers(0, 2**16, n, dtype=np.uint16)
+    want = ((bits.astype(np.uint32) << 16).view(np.float32) if kind == "bfloat16"
+            else bits.view(np.float16).astype(np.float32))
+    got = halves.widen(cuda.to_device(bits), 0, n, kind, cuda.device_array(n, np.float32)).copy_to_host()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@settings(max_examples=2, deadline=None)
+@given(kind=st.sampled_from(["bfloat16", "float16"]), pre_ln=st.booleans(), B=st.sampled_from([1, 2, 9]),
+       seed=st.integers(0, 100))
+def test_device_decode_half_weights(kind, pre_ln, B, seed):
+    # matrices held in two bytes on the device (backbone.quantize: the NumPy loop then computes
+    # with the same half weights, widened to float32), every sum float32: the same tokens;
+    # batches of 9 take the tiled products
+    from refopt import device_decoding
+    from refopt.samplers import GreedySampler, TopKSampler
+
+    lm = _lm(pre_ln, not pre_ln, seed=seed)
+    lm.backbone.quantize(kind)
+    dm = device_decoding.resident(lm)
+    assert dm.kind == kind and dm.matrices.dtype == np.uint16 and dm.matrices.size == dm.lay.matrix_size
+    # (on a GPU every new shape and sampler compiles the step kernel: greedy alone there)
+    _generate_as_numpy(lm, _staggered_prompts(lm, B, 7, seed, 2),
+                       (GreedySampler(),) + ((TopKSampler(k=3, seed=5, temperature=0.7),) if SIM else ()))
+
+
+@pytest.mark.parametrize("B", [1, 9])
+def test_device_decode_prompt_paths_agree(B, monkeypatch):
+    # a short prompt runs through the step kernel from position 0; a long one through the prefill's
+    # general kernels (decode.prompt_steps): the same tokens either way, and the NumPy loop's
+    from refopt.kernels.cuda import decode
+    from refopt.samplers import GreedySampler
+
+    lm = _lm(True, False, seed=6)
+    T = 7
+    ids = np.random.default_rng(B).integers(3, lm.backbone.config.vocabulary_size, (B, T))
+    mask = np.zeros((B, T), bool)
+    mask[:, :3] = True
+    mask[0, :4] = True
+    for steps in (0, 32):
+        monkeypatch.setattr(decode, "PROMPT_STEPS", steps)
+        assert (decode.prompt_steps(B) >= 3) == (steps > 0)
+        _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask}, (GreedySampler(),))
 
 
 def test_device_decode_stops_and_streams():

@@ -82,3 +82,31 @@ def test_a_buffered_put_that_cannot_reach_the_disk_fails_on_lookup_by_name():
     spill.put("b", np.ones(4))                          # 32 bytes: still in the buffer
     with pytest.raises(RefoptOSError, match="could not write b"):
         spill["b"]
+
+
+def test_a_tensor_written_in_row_blocks_reads_back_whole_and_by_rows():
+    a = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
+    spill = GradientSpill()
+    try:
+        spill.put("before", np.ones(3))
+        spill.put_parts("t", np.float32, a.shape, (a[i:i + 3] for i in range(0, 7, 3)))   # one block held at a time
+        spill.put("after", np.zeros(2))
+        assert spill["t"].tobytes() == a.tobytes() and spill.shape("t") == (7, 5)
+        np.testing.assert_array_equal(spill.rows("t", 2, 6), a[2:6])
+        assert spill["after"].tolist() == [0, 0] and spill["before"].tolist() == [1, 1, 1]
+    finally:
+        spill.close()
+
+
+def test_parts_that_do_not_fill_the_shape_are_refused():
+    import pytest
+
+    spill = GradientSpill()
+    try:
+        with pytest.raises(ValueError, match="hold 40 of its 80 bytes"):
+            spill.put_parts("short", np.float32, (4, 5), [np.zeros((2, 5))])
+        with pytest.raises(ValueError, match="exceed its shape"):
+            spill.put_parts("long", np.float32, (1, 5), [np.zeros((2, 5))])
+        assert "short" not in spill and "long" not in spill
+    finally:
+        spill.close()

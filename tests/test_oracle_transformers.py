@@ -138,3 +138,26 @@ def test_spilled_gradients_equal_the_held_ones():
         np.testing.assert_array_equal(np.asarray(g_s[name]), np.asarray(g_h[name]), err_msg=name)
     assert all(p.grad is None for p in spilled.model.parameters())      # nothing left in PyTorch
     assert C.check_gradients(spilled, case).status == C.PASS
+
+
+def test_the_tied_tables_shares_summed_outside_autograd_are_pytorchs_sum():
+    # spilled, the LM head's use of the token table gets a leaf of its own over the same storage, so
+    # that each use's share leaves autograd as soon as it is produced; summed in the parameter's
+    # dtype, the table's gradient is PyTorch's own sum of the two shares, bit for bit -- in
+    # bfloat16 too, where the sum rounds -- and the tie is back afterwards
+    from refopt.testing.cases import stress_specs
+
+    case = stress_specs()["stress-outliers"].build("stress-outliers")
+    ids, mask = case.batch()
+    for dtype in ("float32", "bfloat16"):
+        held = TransformersAdapter(dtype=dtype, spill_gradients=False)
+        spilled = TransformersAdapter(dtype=dtype, spill_gradients=True)
+        for a in (held, spilled):
+            C.ensure_loaded(a, case)
+        _, g_h = held.loss_and_gradients(ids, mask)
+        _, g_s = spilled.loss_and_gradients(ids, mask)
+        np.testing.assert_array_equal(np.asarray(g_s["embed_tokens"]), np.asarray(g_h["embed_tokens"]),
+                                      err_msg=dtype)
+        m = spilled.model
+        assert m.lm_head.weight is m.model.decoder.embed_tokens.weight
+        assert len(list(m.parameters())) == len(list(held.model.parameters()))

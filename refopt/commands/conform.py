@@ -57,6 +57,11 @@ def add_parser(subparsers):
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler checks")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random configs, inputs, texts and sampler draws (default 0)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="threads of the float64 reference's NumPy BLAS while the suite runs (default 1: "
+                        "the oracle's batches are a few tokens, and on a busy machine more threads wait "
+                        "for each other; needs threadpoolctl, in the 'peers' extra). The built-in "
+                        "transformers adapter computes on one PyTorch thread either way")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fail-on-skip", action="store_true",
                    help="exit with status 1 when a check was skipped, too")
@@ -71,12 +76,46 @@ def _adapter(spec: str, dtype: str | None):
 
 
 def run(args) -> int:
+    if args.random_configs < 0:
+        raise ConfigError(f"--random-configs={args.random_configs}: expected a number >= 0")
+    if args.threads < 1:
+        raise ConfigError(f"--threads={args.threads}: expected a number >= 1")
+    _unmap_freed_blocks()
+    with _blas_threads(args.threads):
+        return _run(args)
+
+
+def _unmap_freed_blocks(threshold: int = 1 << 20):
+    """glibc's malloc: every block of ``threshold`` bytes or more mapped on its own and unmapped
+    when freed.  By default glibc raises that threshold (up to 32 MiB) after the first such block
+    is freed, and the float64 layers and gradient blocks the oracle converts and drops one after
+    another then stay in the heap (a 125m conform: about 50 MiB of its peak).  Elsewhere: nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold)          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _blas_threads(n: int):
+    """NumPy's BLAS held to ``n`` threads (threadpoolctl; without it, as it is)."""
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    import numpy  # noqa: F401  (its BLAS loaded, so that threadpoolctl finds it)
+
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def _run(args) -> int:
     from refopt.io import presets as _presets
     from refopt.testing import checks
     from refopt.testing.adapter import NotSupported, Unavailable
 
-    if args.random_configs < 0:
-        raise ConfigError(f"--random-configs={args.random_configs}: expected a number >= 0")
     preset_dirs = [_presets.resolve(p) for p in args.presets]
     if not preset_dirs and args.case is None:
         try:
@@ -87,6 +126,10 @@ def run(args) -> int:
         adapter = _adapter(args.against, args.dtype)
     except NotSupported as e:
         adapter = Unavailable(args.against, str(e))
+    if "numba" in sys.modules:         # a port on Numba (refopt's own): say when it compiles
+        from refopt.cli import _announce_compiles
+
+        _announce_compiles()
 
     def progress(result):
         if not args.json:

@@ -51,13 +51,14 @@ class OPTCausalLM(CausalLM):
                          f"a KV cache for {batch} rows of {length} positions")
         return _model.new_cache(cfg, batch, length, cfg.compute_dtype)
 
-    def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
+    def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None, logits=True):
         """Run ``token_ids [B, S]`` at indices ``cache_update_index ..`` against ``cache``.
 
         Returns ``(logits [B, S, V], hidden_states [B, S, E], cache)``; the cache is updated in place.
         Arrays are refopt's (float32 under a half-precision policy, holding its values).
         ``padding_mask`` covers indices ``0 .. cache_update_index + S`` (None: every token is real,
-        the causal mask alone applies, as in KerasHub's generation)."""
+        the causal mask alone applies, as in KerasHub's generation).  ``logits=False``: the logits
+        are not computed (None in their place; a prefill discards them)."""
         token_ids = np.asarray(token_ids)
         end = cache_update_index + token_ids.shape[1]
         if padding_mask is None:
@@ -66,11 +67,13 @@ class OPTCausalLM(CausalLM):
         # a backend's compiled one-token step: the base weights in float32, so not with adapters
         # (a half-precision policy's ops have none: refopt.dtype_policies)
         step = None if self.backbone.lora_enabled else getattr(ops, "decode_step", None)
-        if step is not None and cache is not None and token_ids.shape[1] == 1:
+        if step is not None and cache is not None and token_ids.shape[1] == 1 and logits:
             out = step(self.backbone.params, self.backbone.config, token_ids, padding_mask, cache,
                        cache_update_index)
             if out is not None:
                 return out[0], out[1], cache
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,
                                 cache=cache, cache_index=cache_update_index, ops=ops)
+        if not logits:
+            return None, hidden, cache
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache

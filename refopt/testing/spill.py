@@ -56,13 +56,28 @@ class GradientSpill(KeyedMapping):
     def put(self, name: str, array) -> None:
         """Store ``array`` (copied to the file: the caller may free it at once)."""
         a = np.asarray(array, order="C")      # (ascontiguousarray would make a 0-d array 1-d)
+        self.put_parts(name, a.dtype, a.shape, [a])
+
+    def put_parts(self, name: str, dtype, shape, parts) -> None:
+        """Store the array of ``dtype`` and ``shape`` whose rows are the rows of ``parts`` in order
+        (an iterable of arrays, e.g. a generator of row blocks: one block is held at a time)."""
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        done = 0
         try:
             self._file.seek(self._end)
-            self._file.write(memoryview(a.reshape(-1)).cast("B"))
+            for part in parts:
+                a = np.asarray(part, dtype=dtype, order="C")
+                if done + a.nbytes > nbytes:
+                    raise ValueError(f"gradient spill: the parts of {name} exceed its shape {shape}")
+                self._file.write(memoryview(a.reshape(-1)).cast("B"))
+                done += a.nbytes
         except OSError as e:                  # a full disk, a quota: refopt's error, naming where
-            raise self._error(f"write {name} ({a.nbytes:,} bytes) to", e) from None
-        self._index[name] = (self._end, a.dtype, a.shape)
-        self._end += a.nbytes
+            raise self._error(f"write {name} ({nbytes:,} bytes) to", e) from None
+        if done != nbytes:
+            raise ValueError(f"gradient spill: the parts of {name} hold {done:,} of its {nbytes:,} bytes")
+        self._index[name] = (self._end, dtype, shape)
+        self._end += nbytes
 
     def __getitem__(self, name):
         offset, dtype, shape = self._index[name]

@@ -142,26 +142,43 @@ def error_figures(candidate, reference, scale=None) -> Figures:
     divides ``sum Δ²``; each at least the tensor's own) or a number (the magnitude alone); None: the
     tensor's own magnitude.  A NaN or infinity in the candidate (where the reference is finite)
     gives infinite figures."""
-    x = np.asarray(candidate, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
+    x, r = np.asarray(candidate), np.asarray(reference)
     if x.shape != r.shape:
         raise ValueError(f"shapes differ: candidate {list(x.shape)}, reference {list(r.shape)}")
     if r.size == 0:
         return Figures(0.0, 0.0, 0.0, 0.0)
-    if not np.all(np.isfinite(x)):
-        return INFINITE
-    diff = np.abs(x - r)
-    peak, energy = float(np.max(np.abs(r))), float(np.sum(r * r))
+    # walked in blocks of FIGURE_BLOCK elements, each widened to float64 on its own: a gradient's
+    # figures never hold more than a few blocks' temporaries beside the two tensors
+    x, r = x.reshape(-1), r.reshape(-1)
+    blocks = [slice(i, i + FIGURE_BLOCK) for i in range(0, r.size, FIGURE_BLOCK)]
+    peaks, energy = [], 0.0
+    for b in blocks:
+        if not np.all(np.isfinite(x[b])):
+            return INFINITE
+        rb = r[b].astype(np.float64)
+        peaks.append(np.max(np.abs(rb)))
+        energy += float(np.dot(rb, rb))
+    peak = float(np.max(peaks))          # (np.max: a NaN in the reference stays NaN)
     if scale is not None:
         family = (scale, 0.0) if isinstance(scale, (int, float)) else (scale.scale, scale.energy)
         peak, energy = max(peak, float(family[0])), max(energy, float(family[1]))
-    max_abs = float(diff.max())
     floor = max(peak * 1e-6, np.finfo(np.float64).tiny)
-    max_rel = float(np.max(diff / np.maximum(np.abs(r), floor)))
+    abs_, rel, sq = [], [], 0.0
+    for b in blocks:
+        rb = r[b].astype(np.float64)
+        diff = np.abs(x[b].astype(np.float64) - rb)
+        abs_.append(diff.max())
+        rel.append(np.max(diff / np.maximum(np.abs(rb), floor)))
+        sq += float(np.dot(diff, diff))
+    max_abs, max_rel = float(np.max(abs_)), float(np.max(rel))
     if peak == 0.0:
         zero = 0.0 if max_abs == 0.0 else math.inf
         return Figures(max_abs, max_rel, zero, zero)
-    return Figures(max_abs, max_rel, max_abs / peak, float(np.sum(diff * diff)) / max(energy, 1e-300))
+    return Figures(max_abs, max_rel, max_abs / peak, sq / max(energy, 1e-300))
+
+
+#: elements per block of :func:`error_figures` (8 MiB of float64)
+FIGURE_BLOCK = 1 << 20
 
 
 def plus_reference_error(tol: Tolerance, error: Figures | None) -> Tolerance:

@@ -20,8 +20,10 @@ all with the default spin, 3.3 s with GOMP_SPINCOUNT=20000, 0.24 s with OMP_WAIT
    but p99 26 ms at load 6 (against p50 9.5 us, p99 34 us passive); the threads used 25-96% of a
    core while the process slept between regions.  So when an OpenMP runtime is already loaded,
    Numba's threading layer is loaded with ``RTLD_DEEPBIND`` and calls a passive runtime of its own.
-2. **Threads by work** -- the fused decode step (:mod:`.decode`) runs a stage on several threads
-   only when it reads at least ``PARALLEL_BYTES``; the per-op kernels do the same by rows.
+2. **Few regions, threads by work** -- the fused decode step (:mod:`.decode`) opens one
+   parallel region per step, in which the threads claim chunks of every stage (:mod:`.sync`), and
+   only when the step reads at least ``PARALLEL_BYTES``; the per-op kernels split products by
+   their bytes and rows.
 3. **Threads by measurement** -- :class:`Governor` times every decode step and compares, now and
    then, one step on the other thread count (one thread or all of them): the faster one is kept,
    so a step slowed by a busy core falls back to one thread, and goes back to all of them when

@@ -1,13 +1,38 @@
 """One decode step of OPT compiled whole: every decoder layer, the final norm and the tied LM head
-for one new token per row, in one Numba call per layer and one for the head (the Numba
+for one new token per row, in ONE compiled call and at most one parallel region (the Numba
 backend's ``decode_step``).
 
 Why a fused step: a decode step multiplies a few rows by every weight once.  Run op by op it is
 about 25 Python-level calls per layer and a parallel region per product; the Python costs as much
 as streaming the weights of a small model, and every parallel region is a point where the step
-waits for a thread that the operating system may have parked (see :mod:`._threads`).  Here the
-whole step is one call, with five parallel stages per layer (the q/k/v products together,
-attention, the output product, fc1, fc2), each run on as many threads as its work is worth.
+waits for a thread that the operating system may have parked (see :mod:`._threads`).
+
+Where a 125m batch-1 int8 step's time went before this layout (12 layers; 124.6 MB of int8
+weights, 38.6 MB of them the tied head; one Numba call per layer and one for the head; a stage ran
+on two threads only from 4 MB of weights, so every layer ran on ONE thread and only the head on
+two; ``/tmp`` profile, 2026-12-02, load 0.6-7): a step took 4.5 ms (exact int8) and 5.3 ms (int8
+activations); a layer's four products 0.19 / 0.09 ms of its 0.20 / 0.11 ms with the weights in
+cache (LayerNorms, attention over 19 positions, quantising the activations, the cache writes:
+0.013-0.020 ms, 6-12%), the head's product 0.66 / 1.2 ms of 0.67 / 1.2 ms.  So the fixed cost was
+not the small ops but streaming 85 MB of layer weights on one thread (~22 GB/s, against a 32-45
+GB/s read), 13 Python calls and a parallel region (~14 and ~13 us).  Outside the step, a 32-token
+generation spent 15 ms (exact) / 9 ms in the prefill of its 8-token prompt, 7 ms of it an LM head
+over every prompt position whose logits were discarded (now skipped, :func:`refopt.generation.prefill`).
+
+Now the step is one call: every stage of every layer is cut into chunks that the threads of ONE
+parallel region claim (:mod:`.sync`; 5 stages a layer -- the q/k/v products together with the
+cache writes, attention one chunk per (row, head), the output product, fc1, fc2 -- then the head's
+two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
+quantised activations) rather than waiting for one thread to do it.
+
+Measured after (``benchmarks/profile_cpu_step.py``, 2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
+read of 41-56 GB/s): the best 125m int8 step 4.5-5.1 ms exact / 4.6-5.6 ms with int8 activations
+(22-28 GB/s), the layers 3.2-4.0 ms of it (21-27 GB/s: 85 MB in matrices of 0.6-2.4 MB, each stage
+10-80 us between waits for the other thread) and the head 0.95-1.3 ms (29-41 GB/s); float32 streams
+its 495 MB at 36-38 GB/s.  In a 32-token generation a token took 6.2-8.3 ms: the step as run
+5.2-7.0, the prompt's prefill 0.4-0.8, sampling and Python 0.5-0.8.  Alternating with the previous
+layout in one sitting (load 1.8-2.1), a generation's median went 93.5-106.5 -> 115.8-148.5 tok/s
+(exact int8) and 108.1-134.0 -> 113.2-161.3 (int8 activations).
 
 The arithmetic is :func:`refopt.model.forward` with the KV cache, one token per row, followed by
 the LM head (the tests compare it against the NumPy reference), in the activations' dtype:
@@ -21,9 +46,8 @@ the LM head (the tests compare it against the NumPy reference), in the activatio
 
 Weights are read as stored: float32/float64 arrays, or a QuantizedMatrix's data -- bfloat16 bits
 as uint16, float16 bits as int16 (Numba has no float16 type on the CPU; the two views keep the
-kinds apart at compile time), int8 with a float32 scale per output row.  Products keep one
-weight row in registers for four rows of activations at a time (:func:`.matmul.dot_block`), so
-a batch of 8 reads each weight once and spends its time in fused multiply-adds.
+kinds apart at compile time), int8 with a float32 scale per output row (and, with int8
+activations, its row sums: :mod:`.int8`).  Products are :mod:`.matmul`'s and :mod:`.int8`'s.
 """
 
 from __future__ import annotations
@@ -32,18 +56,16 @@ import weakref
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from refopt.kernels.cpu._threads import governor
+from refopt.kernels.cpu.int8 import quantize_rows, quantized_range
 from refopt.kernels.cpu.layernorm import layernorm_serial
-from refopt.kernels.cpu.matmul import PARALLEL_BYTES, product, products, readonly, stored
+from refopt.kernels.cpu.matmul import CHUNK, PARALLEL_BYTES, float_range, readonly, stored
+from refopt.kernels.cpu.sync import claim, counters, done, left, wait
 
-# ----------------------------------------------------------------------------- stages
-# Each stage is a serial function over a range of its work (compiled once, as ordinary code) and a
-# small parallel wrapper that splits the range across the threads; :func:`_layer` calls the wrapper
-# only when more than one thread is allowed and the stage's bytes (a product: its weight bytes
-# times max(1, rows // 2); attention: the keys and values it reads) reach ``min_bytes``
-# (PARALLEL_BYTES by default).  The products are :mod:`.matmul`'s.
+# ----------------------------------------------------------------------------- small ops
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
 
 
@@ -97,125 +119,315 @@ def _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, r0, r1):
                     ctx[b, h * K + d] += wt * cache[b, layer, 1, t, h, d]
 
 
-@njit(parallel=True, cache=True)
-def _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, parts):
-    for c in prange(parts):
-        n = probs.shape[0]
-        per = (n + parts - 1) // parts
-        _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, min(n, c * per), min(n, (c + 1) * per))
-
-
 # ----------------------------------------------------------------------------- the step
-@njit(cache=True)
-def _layer(x, ln1_g, ln1_b, wq, sq, bq, wk, sk, bk, wv, sv, bv, wo, so, bo, ln2_g, ln2_b, w1, s1, b1,
-           w2, s2, b2, cache, layer, index, key_mask, pre_ln, eps, alpha, threads, min_bytes, xn, qkv,
-           ctx, h, probs):
-    """Decoder layer ``layer`` for one new token per row, ``x [B, D]`` updated in place.
+# The whole step runs in ONE parallel region (or on the calling thread alone), its work cut into
+# stages of chunks that the threads claim (:mod:`.sync`).  The weights reach it as addresses
+# (``addr [L, COLS]``, ``head [HEAD_COLS]``, taken when the plan is made; the plan keeps the arrays
+# alive) viewed in place with ``numba.carray``: a step is one compiled call with a dozen arguments,
+# not a tuple of 22 arrays per layer for the dispatcher to type on every call.
+LN1_G, LN1_B, LN2_G, LN2_B = 0, 1, 2, 3
+Q, K_, V_, O_, FC1, FC2 = 0, 1, 2, 3, 4, 5   # projection p's slots: 4 + 4p + (W, S, R, B)
+W_, S_, R_, B_ = 0, 1, 2, 3
+COLS = 28
+FINAL_G, FINAL_B, OUT, TABLE = 0, 1, 2, 6     # the head's: the final norm, project_out, the table
+HEAD_COLS = 10
+CHUNK_BYTES = 1 << 16   # weight bytes a chunk of a product reads (rows // 2 times fewer from 4 rows)
 
-    s* are int8 scales (else empty), b* biases (empty without), gammas ones and betas zeros when
-    the norms are not affine; this token's keys and values go to ``cache[:, layer, :, index]``
-    ``[B, L, 2, T, H, K]``; ``key_mask [B, >= index + 1]`` says which cached positions each row may
-    attend to; ``threads``: how many threads a stage of at least ``min_bytes`` is split
-    across (the caller sets Numba's count); xn, qkv, ctx, h, probs are scratch ``[B, D]``,
-    ``[B, 3D]``, ``[B, D]``, ``[B, F]``, ``[B * H, T]``."""
+
+@intrinsic
+def _pointer(typingctx, addr, like):
+    # the address ``addr`` (int64) as a pointer to ``like``'s dtype
+    ptr = types.CPointer(like.dtype)
+    sig = ptr(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _vec(addr, n, like):
+    return numba.carray(_pointer(addr, like), n)
+
+
+@njit(inline="always")
+def _mat(addr, rows, cols, like):
+    return numba.carray(_pointer(addr, like), (rows, cols))
+
+
+def _scales(s_like, s, r, n):
+    """A product's scales viewed like ``s_like``: empty (float weights), int8 scales, or (int8
+    scales, row sums) with quantised activations."""
+
+
+@overload(_scales, inline="always")
+def _scales_impl(s_like, s, r, n):
+    if isinstance(s_like, types.BaseTuple):
+        return lambda s_like, s, r, n: (_vec(s, n, s_like[0]), _vec(r, n, s_like[1]))
+    return lambda s_like, s, r, n: _vec(s, n, s_like)
+
+
+def _prepare(x, s_like, xq, sx):
+    """Quantise the rows of ``x`` into ``xq``/``sx`` for products with quantised activations."""
+
+
+@overload(_prepare, inline="always")
+def _prepare_impl(x, s_like, xq, sx):
+    if isinstance(s_like, types.BaseTuple):
+        return lambda x, s_like, xq, sx: quantize_rows(x, xq, sx)
+    return lambda x, s_like, xq, sx: None
+
+
+def _range(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi):
+    """Outputs ``o0..o1`` of a product into ``out`` (:func:`.matmul.float_range`, or
+    :func:`.int8.quantized_range` on the rows :func:`_prepare` quantised)."""
+
+
+@overload(_range, inline="always")
+def _range_impl(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi):
+    if isinstance(scale, types.BaseTuple):
+        return (lambda x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi:
+                quantized_range(xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawi))
+    return (lambda x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi:
+            float_range(x, w, scale, bias, out, col, mode, alpha, o0, o1, rawf))
+
+
+MAX_CHUNKS = 128        # chunks a stage is cut into at most (the head: 50,272 outputs)
+
+
+@njit(inline="always")
+def _per_chunk(outputs, inputs, itemsize, rows):
+    # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute,
+    # more when that would cut the stage into more than MAX_CHUNKS (each claim is an atomic add on
+    # a cache line the threads share)
+    per = max(2, CHUNK_BYTES // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
+    return max(per, ((outputs + MAX_CHUNKS - 1) // MAX_CHUNKS + 1) // 2 * 2)
+
+
+@njit(inline="always")
+def _quantized_view(xq_all, sx_all, tid, B, I):
+    # this thread's quantised rows [B, I] (C-contiguous; xq_all is flat, one part per thread) and
+    # scales [B]
+    per = xq_all.shape[0] // sx_all.shape[0]
+    return xq_all[tid * per:tid * per + B * I].reshape((B, I)), sx_all[tid]
+
+
+@njit(inline="always")
+def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
+    # projection j of a layer's address row ``a``: (weights [rows, cols], scales, bias)
+    base = 4 + 4 * j
+    return (_mat(a[base + W_], rows, cols, w_like), _scales(s_like, a[base + S_], a[base + R_], lens[2 * j]),
+            _vec(a[base + B_], lens[2 * j + 1], f_like))
+
+
+@njit(inline="always")
+def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
+                   xq_all, sx_all, rawf, rawi, sync, s):
+    # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
+    # thread its own, in xn) when ``normed``, else src; returns the next stage
+    B = src.shape[0]
+    O, I = w.shape
+    per = _per_chunk(O, I, w.itemsize, B)
+    n = (O + per - 1) // per
+    xq, sx = _quantized_view(xq_all, sx_all, tid, B, I)
+    inp = xn if normed else src
+    if left(sync, s, n):                   # a thread that arrives late skips what it cannot use
+        if normed:
+            _layernorm_rows(src, gamma, beta, eps, xn)
+        _prepare(inp, s_like, xq, sx)
+    c = claim(sync, s)
+    while c < n:
+        _range(inp, xq, sx, w, sc, bias, out, 0, mode, alpha, c * per, min(O, (c + 1) * per), rawf, rawi)
+        done(sync, s)
+        c = claim(sync, s)
+    wait(sync, s, n)
+    return s + 1
+
+
+@njit(cache=True)
+def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+               key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all, xq_all,
+               sx_all, rawf_all, rawi_all, sync):
+    """Thread ``tid``'s share of one decode step (every layer, then the head), ``x [B, D]``
+    updated in place.  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
+    vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
+    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out).  Shared scratch: qkv
+    [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
+    ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
+    rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
+    Reading ``x`` while another thread adds to it cannot happen: a stage's chunks are claimed
+    only while the stage is unfinished, and ``x`` changes only in later stages."""
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
+    F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
     one = x.dtype.type(1)
-    # typed ints, not literals: a literal argument would compile a stage once per value
-    ZERO, STORE, RELU, ADD, THREE = np.int64(0), np.int64(0), np.int64(1), np.int64(2), np.int64(3)
-    # --- attention block
-    if pre_ln:
-        _layernorm_rows(x, ln1_g, ln1_b, eps, xn)
-    else:
-        _copy(x, xn)
-    products(xn, wq, sq, bq, wk, sk, bk, wv, sv, bv, THREE, qkv, STORE, alpha, threads, min_bytes)
-    for b in range(B):
-        for hd in range(H):
-            for d in range(K):
-                cache[b, layer, 0, index, hd, d] = qkv[b, D + hd * K + d]
-                cache[b, layer, 1, index, hd, d] = qkv[b, 2 * D + hd * K + d]
-    if threads > 1 and B * H * (index + 1) * K * 2 * x.itemsize >= min_bytes:
-        _attend_parallel(qkv, cache, layer, index, key_mask, probs, ctx, threads)
-    else:
-        _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, ZERO, B * H)
-    product(ctx, wo, so, bo, x, ADD, one, threads, min_bytes)
-    if not pre_ln:
-        _copy(x, xn)
-        _layernorm_rows(xn, ln1_g, ln1_b, eps, x)
-    # --- MLP block
-    if pre_ln:
-        _layernorm_rows(x, ln2_g, ln2_b, eps, xn)
-    else:
-        _copy(x, xn)
-    product(xn, w1, s1, b1, h, RELU, one, threads, min_bytes)
-    product(h, w2, s2, b2, x, ADD, one, threads, min_bytes)
-    if not pre_ln:
-        _copy(x, xn)
-        _layernorm_rows(xn, ln2_g, ln2_b, eps, x)
+    STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
+    xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
+    s = 0                                              # the stage
+    for layer in range(addr.shape[0]):
+        a, n_ = addr[layer], lens[layer]
+        g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
+        g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
+        # --- q, k, v: chunks of the 3D outputs of the three products, keys and values to the cache
+        per = _per_chunk(3 * D, D, w_like.itemsize, B)
+        n = (3 * D + per - 1) // per
+        xq, sx = _quantized_view(xq_all, sx_all, tid, B, D)
+        inp = xn if pre_ln else x
+        if left(sync, s, n):
+            if pre_ln:
+                _layernorm_rows(x, g1, b1, eps, xn)
+            _prepare(inp, s_like, xq, sx)
+        c = claim(sync, s)
+        while c < n:
+            j0, j1 = c * per, min(3 * D, (c + 1) * per)
+            for part in range(3):
+                o0, o1 = max(j0 - part * D, 0), min(j1 - part * D, D)
+                if o0 < o1:
+                    w, sc, bias = _projection(a, n_, part, D, D, w_like, s_like, f_like)
+                    _range(inp, xq, sx, w, sc, bias, qkv, part * D, STORE, alpha if part == 0 else one,
+                           o0, o1, rawf, rawi)
+                    if part > 0:
+                        for b in range(B):
+                            for o in range(o0, o1):
+                                cache[b, layer, part - 1, index, o // K, o % K] = qkv[b, part * D + o]
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        # --- attention: one chunk per (row, head)
+        n = B * H
+        c = claim(sync, s)
+        while c < n:
+            _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, c, c + 1)
+            done(sync, s)
+            c = claim(sync, s)
+        wait(sync, s, n)
+        s += 1
+        # --- the output projection, added to x; post-LN: x = LN1(x)
+        w, sc, bias = _projection(a, n_, O_, D, D, w_like, s_like, f_like)
+        s = _product_stage(ctx, False, g1, b1, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
+        if not pre_ln:
+            s = _norm_stage(x, g1, b1, eps, xt, sync, s)
+        # --- h = relu(LN2(x) @ W1.T + b1); x += h @ W2.T + b2; post-LN: x = LN2(x)
+        w, sc, bias = _projection(a, n_, FC1, F, D, w_like, s_like, f_like)
+        s = _product_stage(x, pre_ln, g2, b2, eps, xn, w, sc, bias, h, RELU, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
+        w, sc, bias = _projection(a, n_, FC2, D, F, w_like, s_like, f_like)
+        s = _product_stage(h, False, g2, b2, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
+                           sx_all, rawf, rawi, sync, s)
+        if not pre_ln:
+            s = _norm_stage(x, g2, b2, eps, xt, sync, s)
+    # --- the head: hidden = final LN(x) (@ project_out.T), logits = hidden @ table.T
+    fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
+    nobias = _vec(head[FINAL_G], 0, f_like)
+    if has_out:
+        w = _mat(head[OUT + W_], E, D, w_like)
+        sc = _scales(s_like, head[OUT + S_], head[OUT + R_], head_lens[0])
+        s = _product_stage(x, has_final, fg, fb, eps, xn, w, sc, nobias, hidden, STORE, one, s_like, tid,
+                           xq_all, sx_all, rawf, rawi, sync, s)
+    else:                                              # one thread writes hidden
+        if claim(sync, s) == 0:
+            if has_final:
+                _layernorm_rows(x, fg, fb, eps, hidden)
+            else:
+                _copy(x, hidden)
+            done(sync, s)
+        wait(sync, s, 1)
+        s += 1
+    w = _mat(head[TABLE + W_], V, E, w_like)
+    sc = _scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1])
+    _product_stage(hidden, False, fg, fb, eps, xn, w, sc, nobias, logits, STORE, one, s_like, tid, xq_all,
+                   sx_all, rawf, rawi, sync, s)
 
 
-@njit(cache=True)
-def _head(x, final_g, final_b, has_final, w_out, s_out, table, s_table, hidden, logits, eps, threads,
-          min_bytes, xn):
-    """The final norm, project_out (``w_out [E, D]``, empty ``[0, D]`` without) and the tied LM head
-    (``table [V, E]``): ``hidden [B, E]`` and ``logits [B, V]`` for ``x [B, D]``."""
-    one = x.dtype.type(1)
-    STORE = np.int64(0)
-    if has_final:
-        _layernorm_rows(x, final_g, final_b, eps, xn)
-    else:
-        _copy(x, xn)
-    if w_out.shape[0] > 0:
-        product(xn, w_out, s_out, final_b[:0], hidden, STORE, one, threads, min_bytes)
-    else:
-        _copy(xn, hidden)
-    product(hidden, table, s_table, final_b[:0], logits, STORE, one, threads, min_bytes)
+@njit(inline="always")
+def _norm_stage(x, gamma, beta, eps, xt, sync, s):
+    # x <- LN(x) in place by the thread that claims this one-chunk stage; the next stage
+    if claim(sync, s) == 0:
+        _copy(x, xt)
+        _layernorm_rows(xt, gamma, beta, eps, x)
+        done(sync, s)
+    wait(sync, s, 1)
+    return s + 1
+
+
+@njit(parallel=True, cache=True)
+def _step_parallel(parts, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+                   key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
+                   xq_all, sx_all, rawf_all, rawi_all, sync):
+    for t in prange(parts):
+        _step_work(t, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
+                   key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
+                   xq_all, sx_all, rawf_all, rawi_all, sync)
 
 
 # ----------------------------------------------------------------------------- the op
 class _Plan:
-    """A model's weights arranged for :func:`_layer` and :func:`_head`: per layer a tuple of its
-    arrays, absent ones replaced (gammas by ones, betas by zeros, biases and scales by empty
-    arrays), each matrix as its stored data."""
+    """A model's weights arranged for :func:`_step_work`: their addresses (``addr [L, COLS]``,
+    ``head [HEAD_COLS]``) and vector lengths (``lens [L, 12]``: per projection the scales' and
+    the bias's; ``head_lens``: project_out's and the table's scales), absent ones replaced
+    (gammas by ones, betas by zeros, biases and scales by empty arrays), each matrix as its stored
+    data.  ``keep`` holds every array addressed, so the addresses stay valid while the plan
+    lives."""
 
     def __init__(self, params, cfg):
         dtype = np.dtype(cfg.compute_dtype)
         D, L = cfg.hidden_dim, cfg.num_layers
         empty = readonly(np.zeros(0, dtype))                  # read-only, as stored() gives the weights
         ones, zeros = readonly(np.ones(D, dtype)), readonly(np.zeros(D, dtype))
-        kinds = set()
+        no_rows = readonly(np.zeros(0, np.int64))
+        kinds, keep = set(), []
 
-        def matrix(name):
+        def address(a):
+            keep.append(a)
+            return a.__array_interface__["data"][0]
+
+        def matrix(name, row, col):
+            # slots W, S, R of a projection; the scales' length
             data, scale = stored(params[name], dtype)
-            kinds.add(data.dtype)
-            return data, scale
+            kinds.add((data.dtype, type(scale)))
+            sw, rows = scale if isinstance(scale, tuple) else (scale, no_rows)
+            row[col + W_], row[col + S_], row[col + R_] = address(data), address(sw), address(rows)
+            return data, scale, sw.shape[0]
 
         def vec(name, default):
             v = params.get(name)
             return default if v is None else readonly(np.ascontiguousarray(v, dtype=dtype))
 
-        layers = []
+        self.addr = np.zeros((L, COLS), np.int64)
+        self.lens = np.zeros((L, 12), np.int64)
         for i in range(L):
-            p = f"layers.{i}."
-            parts = [vec(p + "self_attn_layer_norm.gamma", ones), vec(p + "self_attn_layer_norm.beta", zeros)]
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                parts += [*matrix(p + proj + ".weight"), vec(p + proj + ".bias", empty)]
-            parts += [vec(p + "mlp_layer_norm.gamma", ones), vec(p + "mlp_layer_norm.beta", zeros)]
-            for proj in ("fc1", "fc2"):
-                parts += [*matrix(p + proj + ".weight"), vec(p + proj + ".bias", empty)]
-            layers.append(tuple(parts))
-        self.layers = tuple(layers)
-        table, s_table = matrix("embed_tokens")
-        if cfg.has_projection:
-            w_out, s_out = matrix("project_out.weight")
-        else:
-            w_out = readonly(np.zeros((0, D), table.dtype))
-            s_out = tuple(a[:0] for a in s_table) if isinstance(s_table, tuple) else s_table[:0]
-        self.head = (vec("final_layer_norm.gamma", ones), vec("final_layer_norm.beta", zeros),
-                     bool(cfg.has_final_layer_norm), w_out, s_out, table, s_table)
+            p, row = f"layers.{i}.", self.addr[i]
+            row[LN1_G] = address(vec(p + "self_attn_layer_norm.gamma", ones))
+            row[LN1_B] = address(vec(p + "self_attn_layer_norm.beta", zeros))
+            row[LN2_G] = address(vec(p + "mlp_layer_norm.gamma", ones))
+            row[LN2_B] = address(vec(p + "mlp_layer_norm.beta", zeros))
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+                col = 4 + 4 * j
+                *_, self.lens[i, 2 * j] = matrix(p + proj + ".weight", row, col)
+                bias = vec(p + proj + ".bias", empty)
+                row[col + B_] = address(bias)
+                self.lens[i, 2 * j + 1] = bias.shape[0]
+        self.head = np.zeros(HEAD_COLS, np.int64)
+        self.head_lens = np.zeros(2, np.int64)
+        self.head[FINAL_G] = address(vec("final_layer_norm.gamma", ones))
+        self.head[FINAL_B] = address(vec("final_layer_norm.beta", zeros))
+        table, s_table, self.head_lens[1] = matrix("embed_tokens", self.head, TABLE)
+        self.w_like, self.s_like, self.f_like = table, s_table, ones
+        has_out = bool(cfg.has_projection)
+        if has_out:
+            *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
+        self.E, self.V = table.shape[1], table.shape[0]
+        self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
+                              has_out], np.int64)
+        self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
-        self.nbytes = sum(b.nbytes for layer in self.layers for a in layer
-                          for b in (a if isinstance(a, tuple) else (a,))) + table.nbytes
+        seen = {}
+        for a in keep:                     # the bytes one step reads (each array once)
+            seen[id(a)] = a.nbytes
+        self.nbytes = sum(seen.values())
         self.dtype = dtype
         self.alpha = dtype.type(cfg.head_dim ** -0.5)
         self.cfg = cfg
@@ -245,8 +457,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     1]`` at cache index ``index``; ``padding_mask [B, >= index + 1]``), with the KV cache updated in
     place: :func:`refopt.model.logits_forward` for that call, compiled.  ``threads``: the count
     to run on (default: the :class:`._threads.Governor`'s choice, at most Numba's current count);
-    a stage runs on them when its bytes reach ``min_bytes`` (see the stages' comment), else on the
-    calling thread.
+    the step runs on them (one parallel region) when its weight bytes times max(1, rows // 2)
+    reach ``min_bytes``, else on the calling thread.
     None when this model cannot take the compiled step (weights of mixed storage kinds)."""
     plan = _plan_for(params, cfg)
     if not plan.ok:
@@ -257,6 +469,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
         return governor.timed((id(plan), token_ids.shape[0]), most, start, lambda n: decode_step(
             params, cfg, token_ids, padding_mask, cache, index, n, min_bytes))
     B = token_ids.shape[0]
+    if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
+        threads = 1
     dtype = plan.dtype
     key_mask = np.ascontiguousarray(np.asarray(padding_mask)[:, :index + 1], dtype=np.bool_)
     position = np.maximum(key_mask.sum(axis=1) - 1, 0)                      # [B]
@@ -265,21 +479,26 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     if cfg.has_projection:
         x = x @ np.asarray(params["project_in.weight"], dtype).T            # [B, D]
     x = np.ascontiguousarray(x + params["embed_positions"][position], dtype=dtype)
-    D, F, H = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_heads
+    D, F, H, L = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_heads, cfg.num_layers
     T = cache.shape[3]
-    buffers = (np.empty((B, D), dtype), np.empty((B, 3 * D), dtype), np.empty((B, D), dtype),
-               np.empty((B, F), dtype), np.empty((B * H, T), dtype))
-    E, V = plan.head[5].shape[1], plan.head[5].shape[0]
+    E, V = plan.E, plan.V
     hidden = np.empty((B, E), dtype)
     logits = np.empty((B, V), dtype)
-    before = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        pre_ln, eps = bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon)
-        for layer, weights in enumerate(plan.layers):
-            _layer(x, *weights, cache, layer, index, key_mask, pre_ln, eps, plan.alpha, threads,
-                   min_bytes, *buffers)
-        _head(x, *plan.head, hidden, logits, eps, threads, min_bytes, buffers[0])
-    finally:
-        numba.set_num_threads(before)
+    stages = L * (5 if cfg.do_layer_norm_before else 7) + 2
+    args = (x, plan.addr, plan.lens, plan.head, plan.head_lens, plan.w_like, plan.s_like, plan.f_like,
+            plan.dims, cache, index, key_mask, bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon),
+            plan.alpha, np.empty((B, 3 * D), dtype), np.empty((B, D), dtype), np.empty((B, F), dtype),
+            np.empty((B * H, T), dtype), hidden, logits, np.empty((B, D), dtype),
+            np.empty((threads, B, D), dtype), np.empty(threads * B * max(D, F, E), np.uint8),
+            np.empty((threads, B), np.float32), np.empty((threads, B, CHUNK), dtype),
+            np.empty((threads, B, CHUNK), np.int64), counters(stages))
+    if threads == 1:
+        _step_work(0, *args)
+    else:
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            _step_parallel(threads, *args)
+        finally:
+            numba.set_num_threads(before)
     return logits[:, None], hidden[:, None]

@@ -245,12 +245,20 @@ def product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
     q_i w[o, i]) * sx * scale[0][o]`` (``scale = (weight scales, row sums of w)``); the epilogue
     as :func:`refopt.kernels.cpu.matmul.product_range`'s: the bias, then STORE (times ``alpha``),
     RELU or ADD.  No fastmath: the float steps are the reference's, in its order."""
-    sw, rowsum = scale
     M, I = x.shape
     xu = np.empty((M, I), np.uint8)
     sx = np.empty(M, np.float32)
     quantize_rows(x, xu, sx)
-    raw = np.empty((M, CHUNK), np.int64)
+    quantized_range(xu, sx, w, scale, bias, out, col, mode, alpha, o0, o1, np.empty((M, CHUNK), np.int64))
+
+
+@njit(cache=True)
+def quantized_range(xu, sx, w, scale, bias, out, col, mode, alpha, o0, o1, raw):
+    """:func:`product_range` for activations already quantised (``xu``, ``sx`` of
+    :func:`quantize_rows`), with ``raw [M, >= CHUNK]`` int64 scratch (the fused decode step
+    quantises once per stage and thread, then runs many ranges)."""
+    sw, rowsum = scale
+    M = xu.shape[0]
     for c0 in range(o0, o1, CHUNK):
         c1 = min(o1, c0 + CHUNK)
         int_dots(xu, w, c0, c1, raw)

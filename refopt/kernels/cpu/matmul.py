@@ -210,7 +210,13 @@ def float_product_range(x, w, scale, bias, out, col, mode, alpha, o0, o1):
     epilogue (:func:`_finish`).  Kept apart on purpose: with the epilogue's stores in the same
     loop nest as the dot products, LLVM compiled the products three to four times slower
     (measured: 20-25 against 76-95 GMAC/s on eight rows, float32 and int8 weights)."""
-    raw = np.empty((x.shape[0], CHUNK), x.dtype)
+    float_range(x, w, scale, bias, out, col, mode, alpha, o0, o1, np.empty((x.shape[0], CHUNK), x.dtype))
+
+
+@njit(cache=True)
+def float_range(x, w, scale, bias, out, col, mode, alpha, o0, o1, raw):
+    """:func:`float_product_range` with ``raw [M, >= CHUNK]`` scratch of ``x``'s dtype (the fused
+    decode step keeps one per thread)."""
     for c0 in range(o0, o1, CHUNK):
         c1 = min(o1, c0 + CHUNK)
         _dots(x, w, c0, c1, raw)

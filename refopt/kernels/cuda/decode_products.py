@@ -18,7 +18,9 @@ rounded up to a power of two, at most 32 rows a pass):
   for every weight row and were bound by those loads.
 
 Both kinds are generated per shape (the widths written in as constants) and take the same
-arguments, ``(Wt, wbase, X, eoff, B, dst, Xs, Ws, red)``, so that the kernel calls either alike.
+arguments, ``(Wt, Wm, wbase, X, eoff, B, dst, Xs, Ws, red)``, so that the kernel calls either
+alike: the weights are read from ``Wm`` (float32, or bfloat16 / float16 widened as they are read:
+:mod:`.halves`), biases from the float32 buffer ``Wt``.
 
 Names: ``RB`` rows of a batch pass, ``I`` inputs and ``N`` outputs of a product, ``TM x TN`` a
 tile (rows x outputs), ``TY x TX`` its threads, ``RM x CN`` the sums a thread keeps, ``KC``
@@ -40,6 +42,7 @@ from numba import cuda, float32
 
 from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv
 from refopt.kernels.cuda.decode_stages import THREADS, WL
+from refopt.kernels.cuda.halves import make_load
 
 
 # ----------------------------------------------------------------------------- warp products
@@ -66,13 +69,15 @@ def reduction_source(RB: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _make_warp_dot(RB: int, width: int = 0):
+def _make_warp_dot(RB: int, width: int = 0, kind: str = "float32"):
     """``warp_dot(W, base, I, X, xrow0, B, lane, red, warp)``: the dot products of ``W[base:base+I]``
+    (stored as ``kind``, :mod:`.halves`)
     with rows ``xrow0 .. xrow0+B-1`` of ``X`` (``B <= RB``), summed over the warp; lane ``b``
     returns row ``b``'s.  On the GPU the function is generated with ``RB`` scalar accumulators
     (registers, whatever the compiler unrolls) and the row width ``width`` written in as a
     constant (a known trip count: the loop unrolls and a lane's loads are all in flight at once);
     under the simulator it reduces through shared memory."""
+    ld = make_load(kind)
     if not SIM:
         assert width > 0
         I = width
@@ -83,7 +88,7 @@ def _make_warp_dot(RB: int, width: int = 0):
         def four(indent):
             # inputs i0, i0 + WL, i0 + 2 WL, i0 + 3 WL: each load of the warp reads one
             # contiguous run of 128 bytes (one L1 wavefront), of the weights and of every x row
-            out = [f"{indent}w{e} = W[base + i0 + {e * WL}]" for e in range(4)]
+            out = [f"{indent}w{e} = ld(W, base + i0 + {e * WL})" for e in range(4)]
             out += [f"{indent}xb = xrow0 * {I} + i0"]
             for r in range(RB):
                 out += [f"{indent}if {r} < B:",
@@ -95,7 +100,7 @@ def _make_warp_dot(RB: int, width: int = 0):
         body += four("        ")
         if I % (4 * WL):                      # the last, partial pass
             body += [f"    i0 = lane + {full * 4 * WL}", "    for e in range(4):",
-                     f"        if i0 < {I}:", "            w = W[base + i0]",
+                     f"        if i0 < {I}:", "            w = ld(W, base + i0)",
                      f"            xb = xrow0 * {I} + i0"]
             for r in range(RB):
                 body += [f"            if {r} < B:", "                a%d += w * X[xb]" % r,
@@ -103,7 +108,7 @@ def _make_warp_dot(RB: int, width: int = 0):
             body += [f"        i0 += {WL}"]
         body += ["    " + line for line in reduction_source(RB)]
         body += ["    return a0"]
-        scope = {"cuda": cuda, "float32": float32, "WL": WL}
+        scope = {"cuda": cuda, "float32": float32, "WL": WL, "ld": ld}
         exec("\n".join(body), scope)                      # noqa: S102  (generated, no input)
         return cuda.jit(device=True)(scope["warp_dot"])
 
@@ -114,7 +119,7 @@ def _make_warp_dot(RB: int, width: int = 0):
             acc[r] = float32(0)
         i0 = lane
         while i0 < I:                     # inputs lane, lane + WL, lane + 2 WL, ...
-            w = W[base + i0]
+            w = ld(W, base + i0)
             for r in range(RB):
                 if r < B:
                     acc[r] += w * X[(xrow0 + r) * I + i0]
@@ -135,21 +140,22 @@ def _make_warp_dot(RB: int, width: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def make_warp_stage(RB: int, I: int, N: int, epilogue: str = "store"):
-    """``warp_stage(Wt, wbase, X, eoff, B, dst, Xs, Ws, red)``: one stage of the persistent kernel with
+def make_warp_stage(RB: int, I: int, N: int, epilogue: str = "store", kind: str = "float32"):
+    """``warp_stage(Wt, Wm, wbase, X, eoff, B, dst, Xs, Ws, red)``: one stage of the persistent kernel with
     warp products (batch passes below :data:`TILED_FROM` rows): output ``o < N`` of every row
-    ``b < B`` is ``X[b] . W[o]`` with ``W = Wt[wbase:]`` as ``[N, I]``, one warp per output; it
+    ``b < B`` is ``X[b] . W[o]`` with ``W = Wm[wbase:]`` as ``[N, I]`` (stored as ``kind``), one
+    warp per output; it
     goes to ``dst[b, o]`` as it is (``"store"``), plus ``Wt[eoff + o]`` (``"add"``), or plus that
     bias through a ReLU (``"bias_relu"``).  ``Xs, Ws`` are unused: the signature is
     :func:`make_tile_stage`'s, so that the kernel calls either kind alike."""
     assert epilogue in ("store", "add", "bias_relu")
-    dot = _make_warp_dot(RB, I)
+    dot = _make_warp_dot(RB, I, kind)
     NW = THREADS // WL
     add = epilogue != "store"
     relu = epilogue == "bias_relu"
 
     @cuda.jit(device=True)
-    def warp_stage(Wt, wbase, X, eoff, B, dst, Xs, Ws, red):
+    def warp_stage(Wt, Wm, wbase, X, eoff, B, dst, Xs, Ws, red):
         tid = cuda.threadIdx.x
         lane = tid % WL
         warp = tid // WL
@@ -159,7 +165,7 @@ def make_warp_stage(RB: int, I: int, N: int, epilogue: str = "store"):
             o = r * nwarps + gwarp
             oo = o if o < N else 0               # every warp takes part in the shuffles
             for c0 in range(0, B, RB):
-                s = dot(Wt, wbase + oo * I, I, X, c0, min(RB, B - c0), lane, red, warp)
+                s = dot(Wm, wbase + oo * I, I, X, c0, min(RB, B - c0), lane, red, warp)
                 bl = c0 + lane
                 if o < N and lane < RB and bl < B:
                     if add:
@@ -175,13 +181,21 @@ KC = 4 if SIM else 32                 # inputs staged through shared memory per 
 TILED_FROM = 8                        # batch passes of at least this many rows take tiled products
 
 
-def tile_shape(RB: int):
-    """``(TM, TN, TY, TX, RM, CN)`` of a tiled product for a batch pass of ``RB`` rows: a tile is
-    ``TM = RB`` rows by ``TN`` outputs; thread ``(tx, ty)`` of the block (``TX * TY`` threads)
-    computes rows ``ty + i * TY`` (``i < RM``) and outputs ``tx + j * TX`` (``j < CN = 2``)."""
-    TY = max(1, min(RB // 2, THREADS // 2))
+#: ``(rows, outputs)`` of the sums one thread of a tiled product keeps (the register tile): each
+#: input staged in shared memory is read by a thread once per row and once per output, so the
+#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.
+TILE = (2, 2)
+
+
+def tile_shape(RB: int, tile=(2, 2)):
+    """``(TM, TN, TY, TX, RM, CN)`` of a tiled product for a batch pass of ``RB`` rows and a
+    thread's register tile ``tile`` (:data:`TILE`): a tile is ``TM = RB`` rows by ``TN`` outputs;
+    thread ``(tx, ty)`` of the block (``TX * TY`` threads) computes rows ``ty + i * TY`` (``i <
+    RM``) and outputs ``tx + j * TX`` (``j < CN``)."""
+    rows, CN = tile
+    TY = max(1, min(RB // rows, THREADS // 2))
     TX = THREADS // TY
-    return RB, 2 * TX, TY, TX, RB // TY, 2
+    return RB, CN * TX, TY, TX, RB // TY, CN
 
 
 class Plan(NamedTuple):
@@ -195,6 +209,7 @@ class Plan(NamedTuple):
     out: tuple
     fc1: tuple
     fc2: tuple
+    tile: tuple = (2, 2)              # a thread's register tile (:func:`tile_shape`)
 
 
 def split_target() -> int:
@@ -205,26 +220,28 @@ def split_target() -> int:
     return 2 * cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
-def product_plan(D: int, F: int, RB: int, target: int) -> Plan:
+def product_plan(D: int, F: int, RB: int, target: int, tile=None) -> Plan:
     """The :class:`Plan` of a batch pass of ``RB`` rows (warp products below :data:`TILED_FROM`
-    rows, whole sums)."""
+    rows, whole sums) with register tiles ``tile`` (default :data:`TILE`)."""
     if RB < TILED_FROM:
         return Plan(False, (1, 1), (1, 1), (1, 1), (1, 1))
-    TN = tile_shape(RB)[1]
+    tile = tuple(TILE if tile is None else tile)
+    TN = tile_shape(RB, tile)[1]
 
     def split(N, I):
         tiles, chunks = cdiv(N, TN), cdiv(I, KC)
         per = cdiv(chunks, max(1, min(chunks, cdiv(target, tiles))))
         return cdiv(chunks, per), per
-    return Plan(True, split(3 * D, D), split(D, D), split(F, D), split(D, F))
+    return Plan(True, split(3 * D, D), split(D, D), split(F, D), split(D, F), tile)
 
 
 @functools.lru_cache(maxsize=None)
-def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int, U: int = 1):
-    """``tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws, red)``: one stage of the persistent kernel,
+def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int, U: int = 1,
+                    kind: str = "float32", tile=(2, 2)):
+    """``tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red)``: one stage of the persistent kernel,
     ``dst[s, b, n] = sum over split s's inputs k of X[b, k] * W[n, k]`` for every row ``b < B``,
-    output ``n < N`` and split ``s < S``, with ``W = Wt[wbase:]`` as ``[N, I]`` (one contiguous row
-    per output).  Each work item (batch pass, tile of ``TN`` outputs, split) is one block's: it
+    output ``n < N`` and split ``s < S``, with ``W = Wm[wbase:]`` as ``[N, I]`` (one contiguous row
+    per output, stored as ``kind``: :mod:`.halves`).  Each work item (batch pass, tile of ``TN`` outputs, split) is one block's: it
     stages ``TM x KC`` inputs and ``TN x KC`` weights at a time through shared memory (``Xs``,
     ``Ws``; rows padded to ``KC + 1`` against bank conflicts, every global load a contiguous run)
     and keeps ``RM x CN`` sums in registers (the chunk's products unrolled, at constant offsets);
@@ -233,7 +250,7 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
     partial sums (``X`` as ``[XS, B, I]``), plus ``Wt[xbias + k]`` and a ReLU when
     ``XACT`` (fc2 reading fc1's split sums).  ``U``: inputs per pass of the product loop (unrolled).
     Generated with the shapes written in as constants."""
-    TM, TN, TY, TX, RM, CN = tile_shape(RB)
+    TM, TN, TY, TX, RM, CN = tile_shape(RB, tile)
     NCH, TILES, NT, KP = cdiv(I, KC), cdiv(N, TN), THREADS, KC + 1
     assert NT % KC == 0
     U = math.gcd(U, KC)
@@ -253,10 +270,10 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
         for m in range(NWE):
             out += [f"{ind}pw{m} = float32(0)", f"{ind}n = n0 + trow + {m * RS}",
                     f"{ind}if trow + {m * RS} < {TN} and n < {N} and k < {I}:",
-                    f"{ind}    pw{m} = Wt[wbase + n * {I} + k]"]
+                    f"{ind}    pw{m} = ld(Wm, wbase + n * {I} + k)"]
         return out
 
-    src = ["def tile_stage(Wt, wbase, X, xbias, B, dst, Xs, Ws, red):     # red: unused",
+    src = ["def tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red):     # red: unused",
            "    tid = cuda.threadIdx.x",
            f"    tx = tid % {TX}",
            f"    ty = tid // {TX}",
@@ -295,6 +312,6 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
                     f"        if b < B and n < {N}:",
                     f"            dst[(s * B + b) * {N} + n] = a{i}_{j}"]
     src += ["        item += cuda.gridDim.x"]
-    scope = {"cuda": cuda, "float32": float32}
+    scope = {"cuda": cuda, "float32": float32, "ld": make_load(kind)}
     exec("\n".join(src), scope)                              # noqa: S102  (generated, no input)
     return cuda.jit(device=True)(scope["tile_stage"])

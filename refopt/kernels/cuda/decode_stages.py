@@ -45,6 +45,7 @@ from numba import cuda, float32, float64
 
 from refopt.kernels.cuda import rows as _rows
 from refopt.kernels.cuda._common import SIM, SIMULATOR, block_max, block_sum
+from refopt.kernels.cuda.halves import make_load
 from refopt.kernels.cuda.sampling import (
     philox_uniform, row_argmax, row_choose, row_min_p, row_top_k_weights, row_top_p)
 
@@ -106,30 +107,32 @@ def make_sync(profile: bool) -> Sync:
 
 # ----------------------------------------------------------------------------- embed
 class Embed(NamedTuple):
-    tokens_positions: object          # (Wt, tokens, pos, B, x): x[b] = embed[token] + positions[pos]
-    tokens: object                    # (Wt, tokens, pos, B, xe): xe[b] = embed[token] (E wide)
+    tokens_positions: object          # (Wt, Wm, tokens, pos, B, x): x[b] = embed[token] + positions[pos]
+    tokens: object                    # (Wm, tokens, pos, B, xe): xe[b] = embed[token] (E wide)
     add_positions: object             # (Wt, part, pos, B, x): x[b] = part[b] + positions[pos]
 
 
 @functools.lru_cache(maxsize=None)
-def make_embed(D: int, E: int, g_embed: int, g_pos: int) -> Embed:
+def make_embed(D: int, E: int, g_embed: int, g_pos: int, kind: str = "float32") -> Embed:
     """The embed stage's steps, one thread an element over the grid (the token of row ``b`` is
-    ``tokens[b, pos]``, the position table's row is ``pos``)."""
+    ``tokens[b, pos]``, the position table's row is ``pos``); the token table is in ``Wm`` (stored
+    as ``kind``, :mod:`.halves`), the positions in ``Wt``."""
     NT = THREADS
+    ld = make_load(kind)
 
     @cuda.jit(device=True)
-    def tokens_positions(Wt, tokens, pos, B, x):
+    def tokens_positions(Wt, Wm, tokens, pos, B, x):
         for idx in range(cuda.blockIdx.x * NT + cuda.threadIdx.x, B * D, cuda.gridDim.x * NT):
             b = idx // D
             d = idx % D
-            x[idx] = Wt[g_embed + tokens[b, pos] * E + d] + Wt[g_pos + pos * D + d]
+            x[idx] = ld(Wm, g_embed + tokens[b, pos] * E + d) + Wt[g_pos + pos * D + d]
 
     @cuda.jit(device=True)
-    def token_rows(Wt, tokens, pos, B, xe):
+    def token_rows(Wm, tokens, pos, B, xe):
         for idx in range(cuda.blockIdx.x * NT + cuda.threadIdx.x, B * E, cuda.gridDim.x * NT):
             b = idx // E
             e = idx % E
-            xe[idx] = Wt[g_embed + tokens[b, pos] * E + e]
+            xe[idx] = ld(Wm, g_embed + tokens[b, pos] * E + e)
 
     @cuda.jit(device=True)
     def add_positions(Wt, part, pos, B, x):
@@ -170,7 +173,7 @@ def make_norm(D: int, eps: float):
 
 # ----------------------------------------------------------------------------- attention
 @functools.lru_cache(maxsize=None)
-def make_attention(D: int, H: int, L: int, T: int, Sq: int):
+def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, False)):
     """``attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf)``: layer
     ``l``'s attention of each (row, head) over cache positions ``0 .. index - 1``, one block an
     item.  The block adds up its head's q, k, v (``Sq`` partial sums ``part [Sq, B, 3D]`` and the
@@ -184,6 +187,9 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int):
     NT = THREADS
     GV = max(1, NT // K)
     scale = float32(K ** -0.5)
+    # variant: (scores a thread a position instead of a warp a position, the weighted values
+    # four positions a pass into four sums so that their loads are in flight together)
+    ATTENTION_SCORES_BY_THREAD, ATTENTION_VALUES_UNROLLED = variant
 
     @cuda.jit(device=True)
     def attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf):
@@ -216,7 +222,8 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int):
             acc_d = float32(0)                         # thread tid < K: output column tid
             for t0 in range(0, index, CHUNK):
                 t1 = min(index, t0 + CHUNK)
-                if SIM:
+                if SIM or ATTENTION_SCORES_BY_THREAD:
+                    # a thread a position (its row of K keys read whole, every load in flight)
                     for t in range(t0 + tid, t1, NT):
                         s = float32(0)
                         kp = kbase + (t * H + hh) * K
@@ -254,8 +261,23 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int):
                     g = tid // K
                     d = tid % K
                     a = float32(0)
-                    for t in range(t0 + g, t1, GV):
+                    t = t0 + g
+                    if ATTENTION_VALUES_UNROLLED:
+                        # four positions a pass into four sums: their loads are in flight together
+                        a1 = float32(0)
+                        a2 = float32(0)
+                        a3 = float32(0)
+                        while t + 3 * GV < t1:
+                            vp = vbase + (t * H + hh) * K + d
+                            a += scores[t - t0] * cache[vp]
+                            a1 += scores[t + GV - t0] * cache[vp + GV * H * K]
+                            a2 += scores[t + 2 * GV - t0] * cache[vp + 2 * GV * H * K]
+                            a3 += scores[t + 3 * GV - t0] * cache[vp + 3 * GV * H * K]
+                            t += 4 * GV
+                        a = (a + a1) + (a2 + a3)
+                    while t < t1:
                         a += scores[t - t0] * cache[vbase + (t * H + hh) * K + d]
+                        t += GV
                     pv[tid] = a
                 cuda.syncthreads()
                 if tid < K:

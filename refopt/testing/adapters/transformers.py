@@ -269,23 +269,29 @@ class TransformersAdapter(Adapter):
             # which NumPy can hold
             return (g.float() if half else g).numpy()
 
-        spill = None
-        handles = []
+        spill = shares = None
+        handles, untied = [], []
         if self._spills(params):
-            # each gradient leaves PyTorch as soon as autograd has accumulated it (the tied token
-            # table's after both of its shares) and is freed there: the port never holds all of
-            # its gradients at once
+            # each gradient leaves PyTorch as soon as autograd has accumulated it and is freed
+            # there: the port never holds all of its gradients at once
             from refopt.testing.spill import GradientSpill
 
             spill = GradientSpill()
+            untied = self._untie_shared(params)
+            shares = GradientSpill() if untied else None
 
-            def hand_over(name):
+            def hand_over(name, into):
                 def hook(p):
-                    spill.put(name, as_numpy(p.grad))
+                    into.put(name, as_numpy(p.grad))
                     p.grad = None
                 return hook
-            handles = [p.register_post_accumulate_grad_hook(hand_over(n))
-                       for n, p in params.items() if p.requires_grad]
+            for n, p in params.items():
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(
+                        hand_over(n, shares if any(n == u[0] for u in untied) else spill)))
+            for name, k, (_, _, leaf) in ((u[0], k, u) for k, u in enumerate(untied)):
+                if leaf.requires_grad:
+                    handles.append(leaf.register_post_accumulate_grad_hook(hand_over(f"{name}#{k}", shares)))
         try:
             logits = self._run(input_ids=ids, attention_mask=mask).logits
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -298,12 +304,66 @@ class TransformersAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
+            self._retie(untied)
+        if untied:
+            self._sum_shares(spill, shares, params, untied)
         theirs = spill if spill is not None else {
             name: as_numpy(p.grad) for name, p in params.items() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
         grads = _Renamed(theirs, huggingface.name_map(self.config),
                          {n: tuple(p.shape) for n, p in params.items()})
         return float(loss.detach()), grads
+
+    def _untie_shared(self, params):
+        """Give each further use of a shared parameter (OPT's token table, also the LM head's
+        weight) a leaf of its own over the same storage, so that autograd hands over each use's
+        share of the gradient as soon as it is produced -- tied, the head's share (the size of the
+        table) waits in autograd until the embedding's arrives, and the two are summed in a third
+        table-sized tensor. ``[(name, (module, attribute), leaf)]``, undone by :meth:`_retie`."""
+        torch = self.torch
+        first = {id(p): n for n, p in params.items()}
+        seen, untied = set(), []
+        for module in self.model.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is None or id(p) not in first or p.dim() == 0:
+                    continue
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    continue
+                leaf = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                module._parameters[attr] = leaf
+                untied.append((first[id(p)], (module, attr, p), leaf))
+        return untied
+
+    @staticmethod
+    def _retie(untied):
+        for _, (module, attr, p), _ in untied:
+            module._parameters[attr] = p
+
+    def _sum_shares(self, spill, shares, params, untied, rows: int = 2048):
+        """Each untied parameter's gradient into ``spill``: its shares summed as autograd sums a
+        tied parameter's, in the parameter's dtype (PyTorch's CPU ``add``, so the same bits),
+        ``rows`` rows at a time."""
+        torch = self.torch
+        for name in dict.fromkeys(u[0] for u in untied):
+            parts = [n for n in [name, *(f"{name}#{k}" for k, u in enumerate(untied) if u[0] == name)]
+                     if n in shares]
+            if not parts:
+                continue
+            dtype, shape = params[name].dtype, shares.shape(parts[0])
+
+            half = dtype in (torch.bfloat16, torch.float16)
+
+            def blocks():
+                for start in range(0, shape[0], rows):
+                    total = None
+                    for n in parts:      # in the order autograd would add them (two: either order)
+                        block = torch.from_numpy(shares.rows(n, start, start + rows)).to(dtype)
+                        total = block if total is None else total + block
+                    yield (total.float() if half else total).numpy()
+            spill.put_parts(name, np.float32 if half else np.dtype(str(dtype).removeprefix("torch.")),
+                            shape, blocks())
+        shares.close()
 
     #: a model whose gradients take more bytes than this hands them over one by one (GradientSpill)
     SPILL_BYTES = 64 << 20
