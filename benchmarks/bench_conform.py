@@ -15,8 +15,9 @@ layer; :func:`refopt.testing.streaming.write_random_checkpoint`) and runs, each 
   (anonymous memory, and the checkpoint's pages, which transformers maps from disk).
 
 The ratio columns divide by the checkpoint's size on disk: the peak, and the peak above what the
-interpreter and the libraries take on their own (``imports alone``: torch, transformers, NumPy,
-Numba and refopt's oracle imported, nothing loaded; about 0.44 GB, 0.9x a 125m checkpoint).  The checkpoint is deleted afterwards.
+interpreter and the libraries take on their own (``imports alone``: torch, transformers, NumPy
+and refopt's oracle imported, nothing loaded -- what a conform against transformers imports; about
+250 MiB, 0.52x a 125m checkpoint).  The checkpoint is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
         rows = []
         # the floor no checkpoint moves: the interpreter and the libraries a conform against
-        # transformers imports (torch, transformers, NumPy, Numba, refopt's oracle)
+        # transformers imports (torch, transformers, NumPy, refopt's oracle)
         _, imports, _, _ = measure([sys.executable, "-c", _IMPORTS], env)
         print(f"imports alone: {imports:.0f} MiB", flush=True)
         for run in range(args.runs):
