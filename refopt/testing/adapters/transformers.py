@@ -285,13 +285,11 @@ class TransformersAdapter(Adapter):
                     into.put(name, as_numpy(p.grad))
                     p.grad = None
                 return hook
-            for n, p in params.items():
-                if p.requires_grad:
-                    handles.append(p.register_post_accumulate_grad_hook(
-                        hand_over(n, shares if any(n == u[0] for u in untied) else spill)))
-            for name, k, (_, _, leaf) in ((u[0], k, u) for k, u in enumerate(untied)):
-                if leaf.requires_grad:
-                    handles.append(leaf.register_post_accumulate_grad_hook(hand_over(f"{name}#{k}", shares)))
+            tied = {name for name, _, _ in untied}
+            handles = [p.register_post_accumulate_grad_hook(hand_over(n, shares if n in tied else spill))
+                       for n, p in params.items() if p.requires_grad]
+            handles += [leaf.register_post_accumulate_grad_hook(hand_over(f"{name}#{k}", shares))
+                        for k, (name, _, leaf) in enumerate(untied) if leaf.requires_grad]
         try:
             logits = self._run(input_ids=ids, attention_mask=mask).logits
             ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -306,7 +304,7 @@ class TransformersAdapter(Adapter):
                 h.remove()
             self._retie(untied)
         if untied:
-            self._sum_shares(spill, shares, params, untied)
+            self._sum_shares(spill, shares, params, untied, as_numpy)
         theirs = spill if spill is not None else {
             name: as_numpy(p.grad) for name, p in params.items() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
@@ -340,19 +338,17 @@ class TransformersAdapter(Adapter):
         for _, (module, attr, p), _ in untied:
             module._parameters[attr] = p
 
-    def _sum_shares(self, spill, shares, params, untied, rows: int = 2048):
+    def _sum_shares(self, spill, shares, params, untied, as_numpy, rows: int = 2048):
         """Each untied parameter's gradient into ``spill``: its shares summed as autograd sums a
         tied parameter's, in the parameter's dtype (PyTorch's CPU ``add``, so the same bits),
-        ``rows`` rows at a time."""
+        ``rows`` rows at a time, handed over as ``as_numpy`` hands over every gradient."""
         torch = self.torch
-        for name in dict.fromkeys(u[0] for u in untied):
+        for name in dict.fromkeys(name for name, _, _ in untied):
             parts = [n for n in [name, *(f"{name}#{k}" for k, u in enumerate(untied) if u[0] == name)]
                      if n in shares]
             if not parts:
                 continue
             dtype, shape = params[name].dtype, shares.shape(parts[0])
-
-            half = dtype in (torch.bfloat16, torch.float16)
 
             def blocks():
                 for start in range(0, shape[0], rows):
@@ -360,9 +356,8 @@ class TransformersAdapter(Adapter):
                     for n in parts:      # in the order autograd would add them (two: either order)
                         block = torch.from_numpy(shares.rows(n, start, start + rows)).to(dtype)
                         total = block if total is None else total + block
-                    yield (total.float() if half else total).numpy()
-            spill.put_parts(name, np.float32 if half else np.dtype(str(dtype).removeprefix("torch.")),
-                            shape, blocks())
+                    yield as_numpy(total)
+            spill.put_parts(name, as_numpy(torch.empty(0, dtype=dtype)).dtype, shape, blocks())
         shares.close()
 
     #: a model whose gradients take more bytes than this hands them over one by one (GradientSpill)
