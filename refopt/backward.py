@@ -132,8 +132,10 @@ def backward(params, cfg: OPTConfig, tape: dict, d_hidden, d_embed_tokens=None, 
     missing = wanted - set(grads)
     if missing:  # a parameter the walk does not know: a bug here, never a user error
         raise AssertionError(f"backward: no gradient computed for {sorted(missing)}")
-    return {name: grads[name].astype(params[name].dtype, copy=False) for name in params
-            if name in wanted}
+    # a mapping that reads its tensors on demand (the oracle's streamed checkpoint) says each one's
+    # dtype without reading it
+    dtype_of = getattr(params, "dtype_of", None) or (lambda name: params[name].dtype)
+    return {name: grads[name].astype(dtype_of(name), copy=False) for name in params if name in wanted}
 
 
 # ---------------------------------------------------------------------------------- blocks

@@ -299,8 +299,11 @@ class StreamingCase(ModelCase):
 
         ids, mask = self.batch()
         resolver = KinkResolver(self.params, self.config, self.reference().acts, mask, port_grads, dtype, tau)
-        loss64, comparisons = streamed_gradients(self.params, self.config, ids, mask, port_grads, dtype,
-                                                 resolver.relu_backward)
+        try:
+            loss64, comparisons = streamed_gradients(self.params, self.config, ids, mask, port_grads, dtype,
+                                                     resolver.relu_backward)
+        finally:
+            self.params.release()
         cl = compare("loss", np.array([float(loss)]), np.array([loss64]), dtype, self.config.num_layers)
         first = next((c for c in comparisons if not c.passed), None)
         compared = {c.name for c in comparisons}

@@ -160,8 +160,12 @@ def run_forward(params, cfg: OPTConfig, token_ids, padding_mask, dtype="float64"
     tape: dict = {}
     ids = np.asarray(token_ids, np.int64)
     mask = np.asarray(padding_mask).astype(bool)
-    hidden = _model.forward(p, cfg, ids, mask, tape=tape, ops=ops)
-    return from_tape(tape, cfg, head_forward(hidden, p, ops))
+    try:
+        hidden = _model.forward(p, cfg, ids, mask, tape=tape, ops=ops)
+        return from_tape(tape, cfg, head_forward(hidden, p, ops))
+    finally:
+        if hasattr(p, "release"):
+            p.release()          # a streamed mapping: no layer held between the checks
 
 
 #: the compute dtypes whose reference is computed in that dtype (:func:`run_forward_half`)

@@ -94,6 +94,15 @@ class StreamingParams(Mapping):
         self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self._cache.values()))
         return value
 
+    def dtype_of(self, name) -> np.dtype:
+        """Every tensor is handed out in float64 (said without reading it)."""
+        return np.dtype(np.float64)
+
+    def release(self):
+        """Drop the layer held (the next lookup reads its layer again)."""
+        self._cache.clear()
+        self._layer = None
+
     def materialize(self) -> dict[str, np.ndarray]:
         """Every tensor in float64, in memory (for an adapter that has no loader of its own)."""
         out = {}
@@ -138,7 +147,7 @@ def streaming_logits(path, token_ids, padding_mask=None, *, chunk_rows: int = 81
     mask = np.ones(ids.shape, bool) if padding_mask is None else np.asarray(padding_mask).astype(bool)
     ops = numpy_ops()
     hidden = _model.forward(params, cfg, ids, mask, tape=tape, ops=ops)        # [B, S, E] float64
-    params._cache.clear()
+    params.release()
     B, S, E = hidden.shape
     logits = np.empty((B, S, params.shapes["embed_tokens"][0]), np.float64)
     for start, rows in params.head_chunks(chunk_rows):                         # rows [n, E]

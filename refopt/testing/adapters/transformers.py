@@ -30,6 +30,7 @@ import numpy as np
 
 from refopt.config import OPTConfig
 from refopt.io import huggingface
+from refopt.testing import residency
 from refopt.testing.adapter import Adapter, NotSupported
 from refopt.testing.spill import KeyedMapping
 
@@ -110,6 +111,7 @@ class TransformersAdapter(Adapter):
         self.threads = threads
         self.model = None
         self.tokenizer = None
+        self._pages = None               # the checkpoint's pages, where the model maps its weights
 
     @property
     def torch_dtype(self):
@@ -149,6 +151,31 @@ class TransformersAdapter(Adapter):
                 logging.enable_progress_bar()
         self.config = config
         self._set_model(model)
+        self._pages = residency.Pages(residency.mapped_files(path))
+        self._pages.release()
+
+    @contextmanager
+    def _pass(self):
+        """One pass of the port over its weights.  A model mapped from its checkpoint's files keeps
+        only the pages it is using resident (:mod:`refopt.testing.residency`): each decoder layer's
+        pages are dropped as soon as the layer has run, and all of them after the pass -- the
+        oracle's reference reads the same files a layer at a time, and the port's copy of every
+        page beside it would double them.  The pages stay in the page cache; the next use maps
+        them again from there."""
+        pages = self._pages
+        if pages is None or not pages.check()._ranges:
+            yield
+            return
+        def dropped(*_):
+            pages.drop()          # (a forward hook's return value would replace the layer's output)
+
+        handles = [layer.register_forward_hook(dropped) for layer in self.model.model.decoder.layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            pages.release()
 
     def _set_model(self, model):
         model.config._attn_implementation = "eager" if self.attn_implementation == "eager" else "sdpa"
@@ -188,7 +215,7 @@ class TransformersAdapter(Adapter):
 
     def logits(self, token_ids, padding_mask):
         ids, mask = self._inputs(token_ids, padding_mask)
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self._pass():
             out = self._run(input_ids=ids, attention_mask=mask)
         return out.logits.double().numpy()
 
@@ -198,7 +225,7 @@ class TransformersAdapter(Adapter):
         # transformers >= 5.24 names the cache `cache`, earlier versions `past_key_values`
         key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         out = []
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self._pass():
             step = self._run(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
             out.append(step.logits)
             for s in range(prefill, ids.shape[1]):
@@ -247,7 +274,7 @@ class TransformersAdapter(Adapter):
                 handles.append(decoder.final_layer_norm.register_forward_hook(on_output("final_norm")))
             if decoder.project_out is not None:
                 handles.append(decoder.project_out.register_forward_hook(on_output("hidden")))
-            with torch.no_grad():
+            with torch.no_grad(), self._pass():
                 got["logits"] = self._run(input_ids=ids, attention_mask=mask).logits.double().numpy()
         finally:
             for h in handles:
@@ -284,6 +311,8 @@ class TransformersAdapter(Adapter):
                 def hook(p):
                     into.put(name, as_numpy(p.grad))
                     p.grad = None
+                    if self._pages is not None:
+                        self._pages.drop()      # the weights the backward has gone past (see _pass)
                 return hook
             tied = {name for name, _, _ in untied}
             handles = [p.register_post_accumulate_grad_hook(hand_over(n, shares if n in tied else spill))
@@ -291,14 +320,15 @@ class TransformersAdapter(Adapter):
             handles += [leaf.register_post_accumulate_grad_hook(hand_over(f"{name}#{k}", shares))
                         for k, (name, _, leaf) in enumerate(untied) if leaf.requires_grad]
         try:
-            logits = self._run(input_ids=ids, attention_mask=mask).logits
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                   torch.tensor(y).reshape(-1), reduction="none")
-            w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
-            loss = (w * ce).sum() / w.sum()
-            del logits, ce
-            with self._threads():
-                loss.backward()
+            with self._pass():
+                logits = self._run(input_ids=ids, attention_mask=mask).logits
+                ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       torch.tensor(y).reshape(-1), reduction="none")
+                w = torch.tensor(sw, dtype=logits.dtype).reshape(-1)
+                loss = (w * ce).sum() / w.sum()
+                del logits, ce
+                with self._threads():
+                    loss.backward()
         finally:
             for h in handles:
                 h.remove()
@@ -379,7 +409,7 @@ class TransformersAdapter(Adapter):
         # means clearing it there too
         saved, self.model.generation_config.eos_token_id = self.model.generation_config.eos_token_id, None
         try:
-            with torch.no_grad(), self._threads():
+            with torch.no_grad(), self._threads(), self._pass():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         finally:
             self.model.generation_config.eos_token_id = saved
