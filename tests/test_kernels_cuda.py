@@ -117,6 +117,46 @@ def test_gemm_every_tile_configuration(config):
         close(out, a @ b, np.float32, f"{config} {layout}", (np.abs(a) @ np.abs(b)).max())
 
 
+def test_launch_marshals_arrays_as_numba():
+    # the fast launcher's argument list for an array (launch.View): meminfo, parent, size,
+    # itemsize, data, shape, byte strides -- the strides of a C-contiguous NumPy array
+    from refopt.kernels.cuda import launch
+
+    for shape, dtype in (((7,), np.float32), ((3, 5), np.float64), ((2, 3, 4), np.float32), ((1, 1), np.float32)):
+        got = launch._marshal([launch.View(4096, shape, np.dtype(dtype))])
+        want = np.empty(shape, dtype)
+        assert got == [0, 0, want.size, want.itemsize, 4096, *shape, *want.strides]
+    scalars = launch._marshal([np.int32(-3), 7, np.float32(0.5), 2.25])
+    assert [type(v).__name__ for v in scalars] == ["c_int", "c_long", "c_float", "c_double"]
+    assert [v.value for v in scalars] == [-3, 7, 0.5, 2.25]
+
+
+@pytest.mark.skipif(SIM, reason="the fast launcher runs on a GPU only (the simulator has no pointers)")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gemm_fast_launch_matches_dispatcher(splits, monkeypatch):
+    # the same product through launch.launcher's cached path and through Numba's dispatcher: bit
+    # for bit (one kernel, the same arguments), with every epilogue operand and a batch of products
+    from refopt.kernels.cuda import launch
+
+    rng = np.random.default_rng(3)
+    M, N, K = 200, 150, 700
+    A, B, C0 = (arrays(rng, s, np.float32) for s in ((K, M), (K, N), (M, N)))
+    R, G, P = (arrays(rng, (M, N), np.float32) for _ in range(3))
+    bias = arrays(rng, (N,), np.float32)
+    outs = []
+    for fast in (True, False):
+        monkeypatch.setattr(launch, "FAST", fast)
+        dev = cuda.to_device
+        out = dev(C0)
+        ggemm.gemm(dev(A), dev(B), "tn", bias=dev(bias), relu=True, out=out, accumulate=True,
+                   residual=dev(R), gate=dev(G), keep=dev(P), splits=splits)
+        batch = ggemm.gemm(dev(np.stack([A.T, A.T[::-1]])), dev(np.stack([B.T, B.T])), "nt",
+                           residual=dev(np.stack([R, R])))
+        outs.append((out.copy_to_host(), batch.copy_to_host()))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    close(outs[0][1][0], A.T @ B + R, np.float32, "fast batch", (np.abs(A.T) @ np.abs(B)).max())
+
+
 @settings(max_examples=EX)
 @given(dtype=DTYPES, M=st.integers(1, big(9)), I=st.integers(1, big(30)), O=st.integers(1, big(40)),
        bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))

@@ -183,8 +183,10 @@ TILED_FROM = 8                        # batch passes of at least this many rows 
 
 #: ``(rows, outputs)`` of the sums one thread of a tiled product keeps (the register tile): each
 #: input staged in shared memory is read by a thread once per row and once per output, so the
-#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.
-TILE = (2, 2)
+#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.  Two rows by four outputs
+#: (0.75 loads a multiply-add, 241 registers, no spills): batch 32 at 3.38 ms a step against 3.55
+#: for 2 x 2 and 3.41 for 4 x 2 on an H200 (``benchmarks/GPU.md``, 2026-12-02, session 6).
+TILE = (2, 4)
 
 
 def tile_shape(RB: int, tile=(2, 2)):
