@@ -131,30 +131,34 @@ def test_launch_marshals_arrays_as_numba():
     assert [v.value for v in scalars] == [-3, 7, 0.5, 2.25]
 
 
-@pytest.mark.skipif(SIM, reason="the fast launcher runs on a GPU only (the simulator has no pointers)")
 @pytest.mark.parametrize("splits", [1, 3])
-def test_gemm_fast_launch_matches_dispatcher(splits, monkeypatch):
-    # the same product through launch.launcher's cached path and through Numba's dispatcher: bit
-    # for bit (one kernel, the same arguments), with every epilogue operand and a batch of products
+@pytest.mark.parametrize("fast", [True, False])
+def test_gemm_launch_paths(fast, splits, monkeypatch):
+    # the same product through launch.launcher's cached path and through Numba's dispatcher
+    # (REFOPT_FAST_LAUNCH=0), every epilogue operand, split and whole, and a batch of products
     from refopt.kernels.cuda import launch
 
+    if SIM and fast:
+        pytest.skip("the fast launcher runs on a GPU only (the simulator has no pointers)")
+    monkeypatch.setattr(launch, "FAST", fast)
     rng = np.random.default_rng(3)
-    M, N, K = 200, 150, 700
+    M, N, K = (200, 150, 700) if FULL else (9, 7, 13)
     A, B, C0 = (arrays(rng, s, np.float32) for s in ((K, M), (K, N), (M, N)))
     R, G, P = (arrays(rng, (M, N), np.float32) for _ in range(3))
     bias = arrays(rng, (N,), np.float32)
-    outs = []
-    for fast in (True, False):
-        monkeypatch.setattr(launch, "FAST", fast)
-        dev = cuda.to_device
-        out = dev(C0)
-        ggemm.gemm(dev(A), dev(B), "tn", bias=dev(bias), relu=True, out=out, accumulate=True,
-                   residual=dev(R), gate=dev(G), keep=dev(P), splits=splits)
-        batch = ggemm.gemm(dev(np.stack([A.T, A.T[::-1]])), dev(np.stack([B.T, B.T])), "nt",
-                           residual=dev(np.stack([R, R])))
-        outs.append((out.copy_to_host(), batch.copy_to_host()))
-    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
-    close(outs[0][1][0], A.T @ B + R, np.float32, "fast batch", (np.abs(A.T) @ np.abs(B)).max())
+    dev = cuda.to_device
+    out = dev(C0)
+    ggemm.gemm(dev(A), dev(B), "tn", bias=dev(bias), relu=True, out=out, accumulate=True,
+               residual=dev(R), gate=dev(G), keep=dev(P), splits=splits)
+    want = np.where(G <= 0, 0, np.maximum(A.T @ B + bias, 0) * P) + C0 + R
+    scale = (np.abs(A.T) @ np.abs(B)).max() * np.abs(P).max() + np.abs(C0).max() + np.abs(R).max()
+    close(out.copy_to_host(), want, np.float32, f"fast={fast} split {splits}", scale)
+    def stacked(*xs):     # (np.stack keeps the transposes' layout: C order for the transfer)
+        return dev(np.ascontiguousarray(np.stack(xs)))
+    batch = ggemm.gemm(stacked(A.T, A.T[::-1]), stacked(B.T, B.T), "nt", residual=stacked(R, R))
+    got = batch.copy_to_host()
+    close(got[0], A.T @ B + R, np.float32, f"fast={fast} batch 0", scale)
+    close(got[1], A.T[::-1] @ B + R, np.float32, f"fast={fast} batch 1", scale)
 
 
 @settings(max_examples=EX)
