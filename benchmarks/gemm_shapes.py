@@ -14,16 +14,19 @@ dispatcher and through :mod:`refopt.kernels.cuda.launch` (``launch.FAST``).
 from __future__ import annotations
 
 import os
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from numba import cuda
 
 from refopt.kernels.cuda import gemm as G
-from refopt.kernels.cuda import graphs
 from refopt.kernels.cuda import launch as L
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import event_time, graph_time, torch_event_time  # noqa: E402
 
 EXTRA = {   # candidate configurations tried beside gemm.CONFIGS (BM, BN, BK, TM, TN[, min blocks])
     "large16": (128, 128, 16, 8, 8),
@@ -34,52 +37,8 @@ EXTRA = {   # candidate configurations tried beside gemm.CONFIGS (BM, BN, BK, TM
 G.CONFIGS.update(EXTRA)
 
 
-def ev_ms(fn, stream, reps=20):
-    fn()
-    stream.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = cuda.event(), cuda.event()
-        a.record(stream)
-        fn()
-        b.record(stream)
-        b.synchronize()
-        out.append(cuda.event_elapsed_time(a, b))
-    return statistics.median(out)
-
-
-def torch_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
-
-
-def graph_ms(launch, stream, reps=20):
-    launch()                                   # sizes the split workspace outside the capture
-    stream.synchronize()
-    g = graphs.capture(stream, launch)
-    graphs.launch(g, stream)
-    stream.synchronize()
-    a, b = cuda.event(), cuda.event()
-    a.record(stream)
-    for _ in range(reps):
-        graphs.launch(g, stream)
-    b.record(stream)
-    b.synchronize()
-    return cuda.event_elapsed_time(a, b) / reps
-
-
 def main():
     torch.backends.cuda.matmul.allow_tf32 = False
-    stream = cuda.stream()
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [("nt", 1024, 768, 3072), ("nn", 1024, 768, 3072), ("tn", 1024, 768, 3072),
               ("nt", 1024, 3072, 768), ("tn", 768, 3072, 1024), ("nt", 4096, 4096, 4096)]
@@ -93,7 +52,7 @@ def main():
         B = torch.randn(*((N, K) if layout == "nt" else (K, N)), device="cuda", generator=gen)
         ta, tb = (A.T if layout == "tn" else A), (B.T if layout == "nt" else B)
         want = torch.matmul(ta.double(), tb.double())
-        ms_t = torch_ms(lambda: torch.matmul(ta, tb))
+        ms_t = torch_event_time(lambda: torch.matmul(ta, tb), 20)
         dA, dB = cuda.as_cuda_array(A), cuda.as_cuda_array(B)
         o = cuda.device_array((M, N), np.float32)
         f = 2 * M * N * K
@@ -101,17 +60,17 @@ def main():
         host, py = {}, {}
         for fast in (False, True):                 # Numba's dispatcher, then launch.launcher
             L.FAST = fast
-            py[fast] = ev_ms(lambda: G.gemm(dA, dB, layout, out=o, stream=stream), stream)
-            stream.synchronize()
+            py[fast] = event_time(lambda: G.gemm(dA, dB, layout, out=o), 20)
+            cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(200):
-                G.gemm(dA, dB, layout, out=o, stream=stream)
+                G.gemm(dA, dB, layout, out=o)
             host[fast] = (time.perf_counter() - t0) / 200 * 1e6
-            stream.synchronize()
+            cuda.synchronize()
             got = torch.as_tensor(o, device="cuda").double()
             print(f"  fast={fast}: rel err {float((got - want).norm() / want.norm()):.1e}", flush=True)
         ms_py, host_us = py[True], host[True]
-        ms_g = graph_ms(lambda: G.gemm(dA, dB, layout, out=o, stream=stream), stream)
+        ms_g = graph_time(lambda s: G.gemm(dA, dB, layout, out=o, stream=s), 20)
         print(f"{name}: cuBLAS {ms_t:.3f} ms ({f / ms_t / 1e9:.1f} TFLOP/s); python dispatcher "
               f"{py[False]:.3f} ms ({ms_t / py[False]:.2f}x, host {host[False]:.0f} us/call), fast "
               f"{ms_py:.3f} ms ({ms_t / ms_py:.2f}x, host {host_us:.0f} us/call), graph {ms_g:.3f} ms "
@@ -122,8 +81,8 @@ def main():
                 if s > 1 and K // s < 128:
                     continue
                 try:
-                    ms = graph_ms(lambda: G.gemm(dA, dB, layout, out=o, stream=stream, config=config,
-                                                 splits=s), stream)
+                    ms = graph_time(lambda st: G.gemm(dA, dB, layout, out=o, stream=st, config=config,
+                                                      splits=s), 20)
                 except Exception as e:   # noqa: BLE001 - report and go on
                     print(f"  {config} x{s}: {type(e).__name__}: {e}", flush=True)
                     continue
