@@ -7,7 +7,7 @@ unrolling, and where a step's time goes (SM clocks of block 0 per stage).
 
 BATCHES: batch sizes; MINB: ``decode.MIN_BLOCKS`` values (blocks per SM the kernel's registers must
 allow); UNR: ``decode.UNROLL`` values (tiled products only); TILES: ``decode_products.TILE``
-values (a thread's register tile, tiled products only); ATTN: ``decode.ATTENTION_VARIANT`` values
+values (a thread's register tile for every batch pass, tiled products only; default: the plan's own); ATTN: ``decode.ATTENTION_VARIANT`` values
 (two digits: the attention's scores a thread a position, its weighted values four positions a
 pass); WEIGHTS: how the matrices are stored; PROF=1 adds the per-stage profile (and the SM clock rate it ran at: the cycles of one launch over
 its time); PHASES=1 the time of a whole decode split into the prompt's prefill and the launches.
@@ -41,8 +41,7 @@ def main():
     batches = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
     mins = [int(r) for r in os.environ.get("MINB", "1").split()]
     unrs = [int(r) for r in os.environ.get("UNR", str(decode.UNROLL)).split()]
-    tiles = [tuple(int(v) for v in t.split("x")) for t in os.environ.get(
-        "TILES", "x".join(map(str, decode_products.TILE))).split()]
+    tiles = [tuple(int(v) for v in t.split("x")) for t in os.environ.get("TILES", "").split()] or [None]
     attns = [tuple(c == "1" for c in a) for a in os.environ.get(
         "ATTN", "".join(str(int(v)) for v in decode.ATTENTION_VARIANT)).split()]
     for kind, B in itertools.product(os.environ.get("WEIGHTS", "float32").split(), batches):
@@ -57,7 +56,9 @@ def main():
         for mb, ur, tile, attn in itertools.product(mins, unrs if tiled else unrs[:1],
                                                     tiles if tiled else tiles[:1], attns):
             decode.UNROLL, decode.MIN_BLOCKS, decode.BLOCKS_PER_SM = ur, mb, max(2, mb)
-            decode_products.TILE, decode.ATTENTION_VARIANT = tile, attn
+            if tile is not None:                 # this tile for every batch pass
+                decode_products.TILE, decode_products.TILE_BY_ROWS = tile, {}
+            decode.ATTENTION_VARIANT = attn
             decode.PROFILE = False
             t = time.perf_counter()
             out = dm.decode(ids, mask, P, "greedy", steps_per_launch=16)
@@ -71,7 +72,7 @@ def main():
                 cuda.synchronize()
                 times.append(time.perf_counter() - t)
             ref = out if ref is None else ref
-            print(f"B={B:2d} {kind} min_blocks={mb} unroll={ur} tile={tile} attention={attn}: registers {first(step.get_regs_per_thread())}, "
+            print(f"B={B:2d} {kind} min_blocks={mb} unroll={ur} tile={dm.plan(B).tile} attention={attn}: registers {first(step.get_regs_per_thread())}, "
                   f"local bytes {first(step.get_local_mem_per_thread())}, shared bytes "
                   f"{first(step.get_shared_mem_per_block())}, first call {compile_s:.1f} s | "
                   f"{min(times) / N * 1e3:.3f} ms/step, {B * N / min(times):.0f} tok/s, "

@@ -117,6 +117,50 @@ def test_gemm_every_tile_configuration(config):
         close(out, a @ b, np.float32, f"{config} {layout}", (np.abs(a) @ np.abs(b)).max())
 
 
+def test_launch_marshals_arrays_as_numba():
+    # the fast launcher's argument list for an array (launch.View): meminfo, parent, size,
+    # itemsize, data, shape, byte strides -- the strides of a C-contiguous NumPy array
+    from refopt.kernels.cuda import launch
+
+    for shape, dtype in (((7,), np.float32), ((3, 5), np.float64), ((2, 3, 4), np.float32), ((1, 1), np.float32)):
+        got = launch._marshal([launch.View(4096, shape, np.dtype(dtype))])
+        want = np.empty(shape, dtype)
+        assert got == [0, 0, want.size, want.itemsize, 4096, *shape, *want.strides]
+    scalars = launch._marshal([np.int32(-3), 7, np.float32(0.5), 2.25])
+    assert [type(v).__name__ for v in scalars] == ["c_int", "c_long", "c_float", "c_double"]
+    assert [v.value for v in scalars] == [-3, 7, 0.5, 2.25]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("fast", [True, False])
+def test_gemm_launch_paths(fast, splits, monkeypatch):
+    # the same product through launch.launcher's cached path and through Numba's dispatcher
+    # (REFOPT_FAST_LAUNCH=0), every epilogue operand, split and whole, and a batch of products
+    from refopt.kernels.cuda import launch
+
+    if SIM and fast:
+        pytest.skip("the fast launcher runs on a GPU only (the simulator has no pointers)")
+    monkeypatch.setattr(launch, "FAST", fast)
+    rng = np.random.default_rng(3)
+    M, N, K = (200, 150, 700) if FULL else (9, 7, 13)
+    A, B, C0 = (arrays(rng, s, np.float32) for s in ((K, M), (K, N), (M, N)))
+    R, G, P = (arrays(rng, (M, N), np.float32) for _ in range(3))
+    bias = arrays(rng, (N,), np.float32)
+    dev = cuda.to_device
+    out = dev(C0)
+    ggemm.gemm(dev(A), dev(B), "tn", bias=dev(bias), relu=True, out=out, accumulate=True,
+               residual=dev(R), gate=dev(G), keep=dev(P), splits=splits)
+    want = np.where(G <= 0, 0, np.maximum(A.T @ B + bias, 0) * P) + C0 + R
+    scale = (np.abs(A.T) @ np.abs(B)).max() * np.abs(P).max() + np.abs(C0).max() + np.abs(R).max()
+    close(out.copy_to_host(), want, np.float32, f"fast={fast} split {splits}", scale)
+    def stacked(*xs):     # (np.stack keeps the transposes' layout: C order for the transfer)
+        return dev(np.ascontiguousarray(np.stack(xs)))
+    batch = ggemm.gemm(stacked(A.T, A.T[::-1]), stacked(B.T, B.T), "nt", residual=stacked(R, R))
+    got = batch.copy_to_host()
+    close(got[0], A.T @ B + R, np.float32, f"fast={fast} batch 0", scale)
+    close(got[1], A.T[::-1] @ B + R, np.float32, f"fast={fast} batch 1", scale)
+
+
 @settings(max_examples=EX)
 @given(dtype=DTYPES, M=st.integers(1, big(9)), I=st.integers(1, big(30)), O=st.integers(1, big(40)),
        bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))

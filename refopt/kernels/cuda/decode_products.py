@@ -183,8 +183,14 @@ TILED_FROM = 8                        # batch passes of at least this many rows 
 
 #: ``(rows, outputs)`` of the sums one thread of a tiled product keeps (the register tile): each
 #: input staged in shared memory is read by a thread once per row and once per output, so the
-#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.
-TILE = (2, 2)
+#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.  Two rows by four outputs
+#: (0.75 loads a multiply-add) unless :data:`TILE_BY_ROWS` names the batch pass's rows.
+TILE = (2, 4)
+#: register tiles of particular batch passes (``RB`` rows).  On an H200 (``benchmarks/GPU.md``,
+#: 2026-12-02) batch 32 ran 3.55 ms a step with 2 x 2, 3.38-3.48 with 2 x 4, 3.33 with 4 x 4 (56
+#: bytes of spills); passes of 8 rows keep 2 x 2: their tiles are wide (``TN = 4 * THREADS /
+#: (RB / rows)``), so 2 x 4 needs 46.6 KB of shared memory and 4 x 4 more than the 48 KB allowed.
+TILE_BY_ROWS = {8: (2, 2), 32: (4, 4)}
 
 
 def tile_shape(RB: int, tile=(2, 2)):
@@ -222,10 +228,10 @@ def split_target() -> int:
 
 def product_plan(D: int, F: int, RB: int, target: int, tile=None) -> Plan:
     """The :class:`Plan` of a batch pass of ``RB`` rows (warp products below :data:`TILED_FROM`
-    rows, whole sums) with register tiles ``tile`` (default :data:`TILE`)."""
+    rows, whole sums) with register tiles ``tile`` (default :data:`TILE_BY_ROWS` or :data:`TILE`)."""
     if RB < TILED_FROM:
         return Plan(False, (1, 1), (1, 1), (1, 1), (1, 1))
-    tile = tuple(TILE if tile is None else tile)
+    tile = tuple(TILE_BY_ROWS.get(RB, TILE) if tile is None else tile)
     TN = tile_shape(RB, tile)[1]
 
     def split(N, I):

@@ -47,6 +47,7 @@ import numpy as np
 from numba import cuda, int32
 
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda.launch import as_shape, launcher
 
 LAYOUTS = ("nt", "nn", "tn")
 
@@ -263,13 +264,13 @@ def split_count(M: int, N: int, K: int, config: str) -> int:
 
 
 def _workspace(n: int, dtype):
-    """A reusable device buffer of at least ``n`` elements (sized by the first, direct, launch of a
+    """A reusable flat device buffer of at least ``n`` elements (sized by the first, direct, launch of a
     shape, so that a CUDA graph capture of the same launches allocates nothing)."""
     key = np.dtype(dtype)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.shape[0] < n:
         buf = _WORKSPACE[key] = empty(n, key)
-    return buf[:n]
+    return buf
 
 
 def workspaces() -> list:
@@ -323,22 +324,22 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
-    a3 = a if batched else a.reshape((1,) + a.shape)
-    b3 = b if b.ndim == 3 else b.reshape((1,) + b.shape)
-    Z = a3.shape[0]
-    if b3.shape[0] != Z:
+    ash = tuple(a.shape) if batched else (1,) + tuple(a.shape)
+    bsh = tuple(b.shape) if b.ndim == 3 else (1,) + tuple(b.shape)
+    Z = ash[0]
+    if bsh[0] != Z:
         raise ValueError(f"gemm: batch sizes differ ({a.shape} and {b.shape})")
-    K, M = a3.shape[1:] if layout == "tn" else a3.shape[:0:-1]
-    N, Kb = (b3.shape[2], b3.shape[1]) if layout in ("nn", "tn") else (b3.shape[1], b3.shape[2])
+    K, M = ash[1:] if layout == "tn" else ash[:0:-1]
+    N, Kb = (bsh[2], bsh[1]) if layout in ("nn", "tn") else (bsh[1], bsh[2])
     if Kb != K:
         raise ValueError(f"gemm {layout}: inner dimensions differ ({a.shape} and {b.shape})")
     dtype = np.dtype(a.dtype)
     if out is None:
         out = empty((Z, M, N) if batched else (M, N), dtype)
-    out3 = out if out.ndim == 3 else out.reshape((1, M, N))
     if M == 0 or N == 0 or Z == 0:
         return out
     has_bias = bias is not None
+    one = as_shape(out, (1,))                  # the placeholder of an absent operand
     if not batched:
         split_config = config
         if split_config is None:    # split products keep the large tile: the slices fill the GPU
@@ -348,27 +349,30 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
             BK = CONFIGS[split_config][2]
             Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
             splits = cdiv(K, Kc)
-            parts = _workspace(splits * M * N, dtype).reshape(splits, M, N)
+            parts = as_shape(_workspace(splits * M * N, dtype), (splits, M, N))
             k = make_gemm(dtype, layout, split_config, splitk=True)
             BM, BN = k.tile
-            k[(cdiv(N, BN), cdiv(M, BM), splits), k.threads, stream](
-                a3, b3, parts, parts.reshape(-1)[:1], parts, parts, parts, int32(M), int32(N),
-                int32(K), int32(Kc))
-            o2 = out.reshape(M, N)
-            _make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate), residual is not None,
-                             gate is not None, keep is not None)[cdiv(M * N, 256), 256, stream](
-                parts, o2, bias if has_bias else o2.reshape(-1)[:1],
-                *(o2 if x is None else x.reshape(M, N) for x in (residual, gate, keep)))
+            launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
+                        as_shape(a, ash), as_shape(b, bsh), parts, one, parts, parts,
+                        parts, int32(M), int32(N), int32(K), int32(Kc))
+            o2 = as_shape(out, (M, N))
+            launcher(_make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate),
+                                      residual is not None, gate is not None, keep is not None))(
+                (cdiv(M * N, 256), 1, 1), (256, 1, 1), stream,
+                parts, o2, as_shape(bias, bias.shape) if has_bias else one,
+                *(o2 if x is None else as_shape(x, (M, N)) for x in (residual, gate, keep)))
             return out
     config = config or default_config(M * Z, N)
     kernel = make_gemm(dtype, layout, config, has_bias, bool(relu),
                        bool(accumulate), residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
+    o3 = as_shape(out, (Z, M, N))
 
     def like_out(x):
-        return out3 if x is None else (x if x.ndim == 3 else x.reshape((1, M, N)))
+        return o3 if x is None else as_shape(x, (x.shape[0] if x.ndim == 3 else 1, M, N))
 
-    kernel[(cdiv(N, BN), cdiv(M, BM), Z), kernel.threads, stream](
-        a3, b3, out3, bias if has_bias else out3.reshape(-1)[:1], like_out(residual), like_out(gate),
-        like_out(keep), int32(M), int32(N), int32(K), int32(K))
+    launcher(kernel)((cdiv(N, BN), cdiv(M, BM), Z), (kernel.threads, 1, 1), stream,
+                     as_shape(a, ash), as_shape(b, bsh), o3,
+                     as_shape(bias, bias.shape) if has_bias else one, like_out(residual),
+                     like_out(gate), like_out(keep), int32(M), int32(N), int32(K), int32(K))
     return out
