@@ -25,7 +25,20 @@ cache writes, attention one chunk per (row, head), the output product, fc1, fc2 
 two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
 quantised activations) rather than waiting for one thread to do it.
 
-Measured after (``benchmarks/profile_cpu_step.py``, 2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
+Each thread streams a contiguous segment of every stage (:mod:`.sync`): when the chunks went to
+whichever thread asked next, the two threads' 64 KB reads interleaved and the layers streamed at
+21-27 GB/s while the head (one stage of 38.6 MB) reached 36-41.  Measured with segments
+(``benchmarks/profile_cpu_step.py --weights int8 w8a8 f32 --runs 3``, 2026-12-02 05:23-05:29 UTC,
+load 2.1-2.4, the two-thread read 45-50 GB/s): the best 125m int8 step 3.54-3.63 ms (34-35 GB/s;
+exact) and 3.42-3.91 ms (32-37 GB/s; int8 activations), the layers 2.3-3.1 ms (28-38 GB/s), the
+head 0.73-0.85 ms (46-53 GB/s); float32 12.5-14.7 ms (34-40 GB/s).  A 32-token generation, per
+token: exact int8 4.64-5.08 ms = the steps as run 3.80-4.18, the prompt's prefill 0.50-0.53, the
+rest (sampling over 50,272 logits, Python) 0.30-0.37: 197-216 tok/s against a bound of 365-378.
+The same A/B in one process (best of 10 steps, median of 4-6 alternations): 5.52 ms = 22.6 GB/s
+before (load 2.35), 3.27 ms = 38.0 GB/s after (load 2.1); chunks of 64 KB to 1 MB within 6% of each
+other (2.92-3.09 ms, load 1.0).
+
+Before that, with one shared counter per stage (2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
 read of 41-56 GB/s): the best 125m int8 step 4.5-5.1 ms exact / 4.6-5.6 ms with int8 activations
 (22-28 GB/s), the layers 3.2-4.0 ms of it (21-27 GB/s: 85 MB in matrices of 0.6-2.4 MB, each stage
 10-80 us between waits for the other thread) and the head 0.95-1.3 ms (29-41 GB/s); float32 streams

@@ -11,8 +11,9 @@ and, when its segment is done, those of another segment from the back; it then a
 did to the stage's ``done`` counter once and waits (spinning with ``pause``) until ``done`` reaches
 the stage's chunk count.  Each thread so streams one run of weights per stage: when the chunks of
 a stage went to whichever thread asked next, the two threads' reads interleaved chunk by chunk
-(64 KB), each thread's hardware prefetcher ran on into the chunk the other one was reading, and a
-125m int8 step's layers streamed at 21-26 GB/s against the 41-44 GB/s a two-thread read reaches
+(64 KB: each thread's stream restarted at every chunk, its hardware prefetcher likely running on
+into the chunk the other one read), and a 125m int8 step's layers (62 stages, so 62 waits, a token)
+streamed at 21-26 GB/s against the 41-44 GB/s a two-thread read reaches
 (2026-12-02, ``benchmarks/profile_cpu_step.py``; measured after this change: see :mod:`.decode`).
 
 A segment's word holds two counts: the owner's claims from the front (low 32 bits) and the others'
