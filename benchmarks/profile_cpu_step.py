@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,93 +58,103 @@ def main(argv=None):
 
     import numba
 
+    most = numba.get_num_threads()
+    tmp = tempfile.mkdtemp(prefix="refopt-prof-")
+    path = os.path.join(tmp, "model")
+    try:
+        cfg = write_random_checkpoint(path, args.layers, size=args.size)
+        for name in args.weights:
+            profile(name, path, cfg, args, most)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)        # the checkpoint: 0.5 GB at 125m
+
+
+def profile(name, path, cfg, args, most):
+    """One variant's figures, printed run by run."""
+    import numba
+
     from bench_cpu import stream_bandwidth
     from refopt import generation
     from refopt.kernels.cpu import _threads, decode
     from refopt.models import OPTCausalLM
 
-    most = numba.get_num_threads()
-    tmp = tempfile.mkdtemp(prefix="refopt-prof-")
-    path = os.path.join(tmp, "model")
-    cfg = write_random_checkpoint(path, args.layers, size=args.size)
-    for name in args.weights:
-        wdt, act = VARIANTS[name]
-        lm = OPTCausalLM.from_preset(path, preprocessor=None, backend="numba", weights_dtype=wdt,
-                                     activations=act)
-        lm.compile(sampler="greedy")
-        job = generation.prepare(lm)
-        if job is not None:
-            job.wait()
-        params, bcfg = lm.backbone.params, lm.backbone.config
-        plan = decode._plan_for(params, bcfg)
-        nbytes = plan.nbytes
-        head_bytes = plan.V * plan.E * plan.w_like.itemsize
-        P, N = 8, args.new
-        tok = np.ones((1, 1), np.int64)
-        mask = np.ones((1, P + 12), bool)
-        cache = lm.new_cache(1, P + N)
+    wdt, act = VARIANTS[name]
+    lm = OPTCausalLM.from_preset(path, preprocessor=None, backend="numba", weights_dtype=wdt,
+                                 activations=act)
+    lm.compile(sampler="greedy")
+    job = generation.prepare(lm)
+    if job is not None:
+        job.wait()
+    params, bcfg = lm.backbone.params, lm.backbone.config
+    plan = decode._plan_for(params, bcfg)
+    nbytes = plan.nbytes
+    head_bytes = plan.V * plan.E * plan.w_like.itemsize
+    P, N = 8, args.new
+    tok = np.ones((1, 1), np.int64)
+    mask = np.ones((1, P + 12), bool)
+    cache = lm.new_cache(1, P + N)
 
-        def step(threads):
-            return lambda: decode.decode_step(params, bcfg, tok, mask, cache, P + 10, threads=threads)
+    def step(threads):
+        return lambda: decode.decode_step(params, bcfg, tok, mask, cache, P + 10, threads=threads)
 
-        ids = np.random.default_rng(0).integers(3, cfg.vocabulary_size, (1, P))
-        x = {"token_ids": np.concatenate([ids, np.ones((1, N), ids.dtype)], 1),
-             "padding_mask": np.concatenate([np.ones((1, P), bool), np.zeros((1, N), bool)], 1)}
-        steps, prefills = [], []
-        timed, prefill = _threads.governor.timed, generation.prefill
+    ids = np.random.default_rng(0).integers(3, cfg.vocabulary_size, (1, P))
+    x = {"token_ids": np.concatenate([ids, np.ones((1, N), ids.dtype)], 1),
+         "padding_mask": np.concatenate([np.ones((1, P), bool), np.zeros((1, N), bool)], 1)}
+    steps, prefills = [], []
+    timed, prefill = _threads.governor.timed, generation.prefill
 
-        def counting_timed(key, most_, start, fn):
-            def f(n):
-                t = time.perf_counter()
-                out = fn(n)
-                steps.append((n, time.perf_counter() - t))
-                return out
-            return timed(key, most_, start, f)
-
-        def counting_prefill(*a_, **k):
+    def counting_timed(key, most_, start, fn):
+        def f(n):
             t = time.perf_counter()
-            out = prefill(*a_, **k)
-            prefills.append(time.perf_counter() - t)
+            out = fn(n)
+            steps.append((n, time.perf_counter() - t))
             return out
+        return timed(key, most_, start, f)
 
+    def counting_prefill(*a_, **k):
+        t = time.perf_counter()
+        out = prefill(*a_, **k)
+        prefills.append(time.perf_counter() - t)
+        return out
+
+    for threads in (1, most):
+        step(threads)()
+    numba.set_num_threads(most)
+    print(f"{name}: {nbytes / 1e6:.1f} MB a step ({head_bytes / 1e6:.1f} MB the head's table), "
+          f"{most} threads")
+    for run in range(args.runs):
+        fig = {}
         for threads in (1, most):
-            step(threads)()
+            numba.set_num_threads(threads)
+            fig[f"read{threads}"] = stream_bandwidth(nbytes) / 1e9
+            fig[f"step{threads}"] = best(step(threads), 10)
         numba.set_num_threads(most)
-        print(f"{name}: {nbytes / 1e6:.1f} MB a step ({head_bytes / 1e6:.1f} MB the head's table), "
-              f"{most} threads")
-        for run in range(args.runs):
-            fig = {}
-            for threads in (1, most):
-                numba.set_num_threads(threads)
-                fig[f"read{threads}"] = stream_bandwidth(nbytes) / 1e9
-                fig[f"step{threads}"] = best(step(threads), 10)
-            numba.set_num_threads(most)
-            V, addr = plan.dims[2], plan.addr
-            plan.dims[2] = 2
-            fig["layers"] = best(step(most), 10)
-            plan.dims[2], plan.addr = V, addr[:0]
-            fig["head"] = best(step(most), 10)
-            plan.addr = addr
-            steps.clear()
-            prefills.clear()
-            _threads.governor.timed, generation.prefill = counting_timed, counting_prefill
-            try:
-                t = time.perf_counter()
-                lm.generate(x, stop_token_ids=None)
-                total_s = time.perf_counter() - t
-            finally:
-                _threads.governor.timed, generation.prefill = timed, prefill
-            in_steps = sum(s for _, s in steps)
-            print(f"  run {run + 1}, load {load_average()}: read {fig['read1']:.1f} / {fig['read2']:.1f} "
-                  f"GB/s (1 / {most} threads); step {1e3 * fig['step1']:.2f} ms = "
-                  f"{nbytes / fig['step1'] / 1e9:.1f} GB/s / {1e3 * fig['step2']:.2f} ms = "
-                  f"{nbytes / fig['step2'] / 1e9:.1f} GB/s; layers {1e3 * fig['layers']:.2f} ms = "
-                  f"{(nbytes - head_bytes) / fig['layers'] / 1e9:.1f} GB/s, head {1e3 * fig['head']:.2f} ms = "
-                  f"{head_bytes / fig['head'] / 1e9:.1f} GB/s\n"
-                  f"    generate: {N / total_s:.1f} tok/s = {1e3 * total_s / N:.2f} ms a token: prefill "
-                  f"{1e3 * prefills[0] / N:.2f}, steps {1e3 * in_steps / N:.2f} ({sum(n > 1 for n, _ in steps)}"
-                  f" of {len(steps)} on {most} threads), other {1e3 * (total_s - in_steps - prefills[0]) / N:.2f};"
-                  f" the bound {fig['read2'] * 1e9 / nbytes:.1f} tok/s", flush=True)
+        V, addr = plan.dims[2], plan.addr
+        plan.dims[2] = 2
+        fig["layers"] = best(step(most), 10)
+        plan.dims[2], plan.addr = V, addr[:0]
+        fig["head"] = best(step(most), 10)
+        plan.addr = addr
+        steps.clear()
+        prefills.clear()
+        _threads.governor.timed, generation.prefill = counting_timed, counting_prefill
+        try:
+            t = time.perf_counter()
+            lm.generate(x, stop_token_ids=None)
+            total_s = time.perf_counter() - t
+        finally:
+            _threads.governor.timed, generation.prefill = timed, prefill
+        in_steps = sum(s for _, s in steps)
+        print(f"  run {run + 1}, load {load_average()}: read {fig['read1']:.1f} / {fig['read2']:.1f} "
+              f"GB/s (1 / {most} threads); step {1e3 * fig['step1']:.2f} ms = "
+              f"{nbytes / fig['step1'] / 1e9:.1f} GB/s / {1e3 * fig['step2']:.2f} ms = "
+              f"{nbytes / fig['step2'] / 1e9:.1f} GB/s; layers {1e3 * fig['layers']:.2f} ms = "
+              f"{(nbytes - head_bytes) / fig['layers'] / 1e9:.1f} GB/s, head {1e3 * fig['head']:.2f} ms = "
+              f"{head_bytes / fig['head'] / 1e9:.1f} GB/s\n"
+              f"    generate: {N / total_s:.1f} tok/s = {1e3 * total_s / N:.2f} ms a token: prefill "
+              f"{1e3 * prefills[0] / N:.2f}, steps {1e3 * in_steps / N:.2f} ({sum(n > 1 for n, _ in steps)}"
+              f" of {len(steps)} on {most} threads), other {1e3 * (total_s - in_steps - prefills[0]) / N:.2f};"
+              f" the bound {fig['read2'] * 1e9 / nbytes:.1f} tok/s", flush=True)
 
 
 if __name__ == "__main__":

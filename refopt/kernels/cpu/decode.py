@@ -25,7 +25,20 @@ cache writes, attention one chunk per (row, head), the output product, fc1, fc2 
 two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
 quantised activations) rather than waiting for one thread to do it.
 
-Measured after (``benchmarks/profile_cpu_step.py``, 2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
+Each thread streams a contiguous segment of every stage (:mod:`.sync`): when the chunks went to
+whichever thread asked next, the two threads' 64 KB reads interleaved and the layers streamed at
+21-27 GB/s while the head (one stage of 38.6 MB) reached 36-41.  Measured with segments
+(``benchmarks/profile_cpu_step.py --weights int8 w8a8 f32 --runs 3``, 2026-12-02 05:23-05:29 UTC,
+load 2.1-2.4, the two-thread read 45-50 GB/s): the best 125m int8 step 3.54-3.63 ms (34-35 GB/s;
+exact) and 3.42-3.91 ms (32-37 GB/s; int8 activations), the layers 2.3-3.1 ms (28-38 GB/s), the
+head 0.73-0.85 ms (46-53 GB/s); float32 12.5-14.7 ms (34-40 GB/s).  A 32-token generation, per
+token: exact int8 4.64-5.08 ms = the steps as run 3.80-4.18, the prompt's prefill 0.50-0.53, the
+rest (sampling over 50,272 logits, Python) 0.30-0.37: 197-216 tok/s against a bound of 365-378.
+The same A/B in one process (best of 10 steps, median of 4-6 alternations): 5.52 ms = 22.6 GB/s
+before (load 2.35), 3.27 ms = 38.0 GB/s after (load 2.1); chunks of 64 KB to 1 MB within 6% of each
+other (2.92-3.09 ms, load 1.0).
+
+Before that, with one shared counter per stage (2026-12-02 03:03 UTC, load 1.5-1.6, a two-thread
 read of 41-56 GB/s): the best 125m int8 step 4.5-5.1 ms exact / 4.6-5.6 ms with int8 activations
 (22-28 GB/s), the layers 3.2-4.0 ms of it (21-27 GB/s: 85 MB in matrices of 0.6-2.4 MB, each stage
 10-80 us between waits for the other thread) and the head 0.95-1.3 ms (29-41 GB/s); float32 streams
@@ -197,11 +210,11 @@ MAX_CHUNKS = 128        # chunks a stage is cut into at most (the head: 50,272 o
 
 
 @njit(inline="always")
-def _per_chunk(outputs, inputs, itemsize, rows):
+def _per_chunk(outputs, inputs, itemsize, rows, chunk):
     # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute,
     # more when that would cut the stage into more than MAX_CHUNKS (each claim is an atomic add on
     # a cache line the threads share)
-    per = max(2, CHUNK_BYTES // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
+    per = max(2, chunk // (inputs * itemsize * max(1, rows // 2)) // 2 * 2)
     return max(per, ((outputs + MAX_CHUNKS - 1) // MAX_CHUNKS + 1) // 2 * 2)
 
 
@@ -223,25 +236,28 @@ def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
 
 @njit(inline="always")
 def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
-                   xq_all, sx_all, rawf, rawi, sync, s):
+                   xq_all, sx_all, rawf, rawi, sync, s, chunk):
     # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
     # thread its own, in xn) when ``normed``, else src; returns the next stage
     B = src.shape[0]
     O, I = w.shape
-    per = _per_chunk(O, I, w.itemsize, B)
+    per = _per_chunk(O, I, w.itemsize, B, chunk)
     n = (O + per - 1) // per
     xq, sx = _quantized_view(xq_all, sx_all, tid, B, I)
     inp = xn if normed else src
-    if left(sync, s, n):                   # a thread that arrives late skips what it cannot use
+    parts = sx_all.shape[0]                # the threads the work is cut for
+    if left(sync, s, n, parts):            # a thread that arrives late skips what it cannot use
         if normed:
             _layernorm_rows(src, gamma, beta, eps, xn)
         _prepare(inp, s_like, xq, sx)
-    c = claim(sync, s)
-    while c < n:
+    k = 0
+    c = claim(sync, s, n, tid, parts)
+    while c >= 0:
         _range(inp, xq, sx, w, sc, bias, out, 0, mode, alpha, c * per, min(O, (c + 1) * per), rawf, rawi)
-        done(sync, s)
-        c = claim(sync, s)
-    wait(sync, s, n)
+        k += 1
+        c = claim(sync, s, n, tid, parts)
+    done(sync, s, parts, k)
+    wait(sync, s, n, parts)
     return s + 1
 
 
@@ -261,25 +277,28 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
     F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
+    chunk = dims[5]
     one = x.dtype.type(1)
     STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
     xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
+    parts = xn_all.shape[0]                            # the threads the work is cut for
     s = 0                                              # the stage
     for layer in range(addr.shape[0]):
         a, n_ = addr[layer], lens[layer]
         g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
         g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
         # --- q, k, v: chunks of the 3D outputs of the three products, keys and values to the cache
-        per = _per_chunk(3 * D, D, w_like.itemsize, B)
+        per = _per_chunk(3 * D, D, w_like.itemsize, B, chunk)
         n = (3 * D + per - 1) // per
         xq, sx = _quantized_view(xq_all, sx_all, tid, B, D)
         inp = xn if pre_ln else x
-        if left(sync, s, n):
+        if left(sync, s, n, parts):
             if pre_ln:
                 _layernorm_rows(x, g1, b1, eps, xn)
             _prepare(inp, s_like, xq, sx)
-        c = claim(sync, s)
-        while c < n:
+        k = 0
+        c = claim(sync, s, n, tid, parts)
+        while c >= 0:
             j0, j1 = c * per, min(3 * D, (c + 1) * per)
             for part in range(3):
                 o0, o1 = max(j0 - part * D, 0), min(j1 - part * D, D)
@@ -291,34 +310,37 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
                         for b in range(B):
                             for o in range(o0, o1):
                                 cache[b, layer, part - 1, index, o // K, o % K] = qkv[b, part * D + o]
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
+            k += 1
+            c = claim(sync, s, n, tid, parts)
+        done(sync, s, parts, k)
+        wait(sync, s, n, parts)
         s += 1
         # --- attention: one chunk per (row, head)
         n = B * H
-        c = claim(sync, s)
-        while c < n:
+        k = 0
+        c = claim(sync, s, n, tid, parts)
+        while c >= 0:
             _attend_range(qkv, cache, layer, index, key_mask, probs, ctx, c, c + 1)
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
+            k += 1
+            c = claim(sync, s, n, tid, parts)
+        done(sync, s, parts, k)
+        wait(sync, s, n, parts)
         s += 1
         # --- the output projection, added to x; post-LN: x = LN1(x)
         w, sc, bias = _projection(a, n_, O_, D, D, w_like, s_like, f_like)
         s = _product_stage(ctx, False, g1, b1, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s)
+                           sx_all, rawf, rawi, sync, s, chunk)
         if not pre_ln:
-            s = _norm_stage(x, g1, b1, eps, xt, sync, s)
+            s = _norm_stage(x, g1, b1, eps, xt, sync, s, tid, parts)
         # --- h = relu(LN2(x) @ W1.T + b1); x += h @ W2.T + b2; post-LN: x = LN2(x)
         w, sc, bias = _projection(a, n_, FC1, F, D, w_like, s_like, f_like)
         s = _product_stage(x, pre_ln, g2, b2, eps, xn, w, sc, bias, h, RELU, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s)
+                           sx_all, rawf, rawi, sync, s, chunk)
         w, sc, bias = _projection(a, n_, FC2, D, F, w_like, s_like, f_like)
         s = _product_stage(h, False, g2, b2, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s)
+                           sx_all, rawf, rawi, sync, s, chunk)
         if not pre_ln:
-            s = _norm_stage(x, g2, b2, eps, xt, sync, s)
+            s = _norm_stage(x, g2, b2, eps, xt, sync, s, tid, parts)
     # --- the head: hidden = final LN(x) (@ project_out.T), logits = hidden @ table.T
     fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
     nobias = _vec(head[FINAL_G], 0, f_like)
@@ -326,30 +348,30 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         w = _mat(head[OUT + W_], E, D, w_like)
         sc = _scales(s_like, head[OUT + S_], head[OUT + R_], head_lens[0])
         s = _product_stage(x, has_final, fg, fb, eps, xn, w, sc, nobias, hidden, STORE, one, s_like, tid,
-                           xq_all, sx_all, rawf, rawi, sync, s)
+                           xq_all, sx_all, rawf, rawi, sync, s, chunk)
     else:                                              # one thread writes hidden
-        if claim(sync, s) == 0:
+        if claim(sync, s, 1, tid, parts) == 0:
             if has_final:
                 _layernorm_rows(x, fg, fb, eps, hidden)
             else:
                 _copy(x, hidden)
-            done(sync, s)
-        wait(sync, s, 1)
+            done(sync, s, parts, 1)
+        wait(sync, s, 1, parts)
         s += 1
     w = _mat(head[TABLE + W_], V, E, w_like)
     sc = _scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1])
     _product_stage(hidden, False, fg, fb, eps, xn, w, sc, nobias, logits, STORE, one, s_like, tid, xq_all,
-                   sx_all, rawf, rawi, sync, s)
+                   sx_all, rawf, rawi, sync, s, chunk)
 
 
 @njit(inline="always")
-def _norm_stage(x, gamma, beta, eps, xt, sync, s):
+def _norm_stage(x, gamma, beta, eps, xt, sync, s, tid, parts):
     # x <- LN(x) in place by the thread that claims this one-chunk stage; the next stage
-    if claim(sync, s) == 0:
+    if claim(sync, s, 1, tid, parts) == 0:
         _copy(x, xt)
         _layernorm_rows(xt, gamma, beta, eps, x)
-        done(sync, s)
-    wait(sync, s, 1)
+        done(sync, s, parts, 1)
+    wait(sync, s, 1, parts)
     return s + 1
 
 
@@ -421,7 +443,7 @@ class _Plan:
             *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
         self.E, self.V = table.shape[1], table.shape[0]
         self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
-                              has_out], np.int64)
+                              has_out, CHUNK_BYTES], np.int64)
         self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
         seen = {}
@@ -491,7 +513,7 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
             np.empty((B * H, T), dtype), hidden, logits, np.empty((B, D), dtype),
             np.empty((threads, B, D), dtype), np.empty(threads * B * max(D, F, E), np.uint8),
             np.empty((threads, B), np.float32), np.empty((threads, B, CHUNK), dtype),
-            np.empty((threads, B, CHUNK), np.int64), counters(stages))
+            np.empty((threads, B, CHUNK), np.int64), counters(stages, threads))
     if threads == 1:
         _step_work(0, *args)
     else:

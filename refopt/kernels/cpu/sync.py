@@ -4,20 +4,32 @@ counters (the fused decode step, :mod:`.decode`, runs a whole step this way).
 Why: a parallel region costs ~35 us here (waking a passively waiting OpenMP thread, see
 :mod:`._threads`), and a 125m decode step has 61 stages of 10-200 us each; one region per stage
 spent more time waking threads than the second thread saved, so the step ran them on one thread.
-Inside one region, each stage's work is cut into chunks; a thread claims the next chunk with an
-atomic fetch-and-add on the stage's ``next`` counter, does it, adds one to the stage's ``done``
-counter, and claims again; when no chunk is left it waits (spinning with ``pause``) until
-``done`` reaches the stage's chunk count, then goes on to the next stage.
+Inside one region, each stage's work is cut into chunks, and the chunks into one contiguous
+segment per thread.  A thread claims the chunks of its own segment from the front, in order (one
+atomic fetch-and-add on the segment's word, a line no other thread touches until it runs dry),
+and, when its segment is done, those of another segment from the back; it then adds the count it
+did to the stage's ``done`` counter once and waits (spinning with ``pause``) until ``done`` reaches
+the stage's chunk count.  Each thread so streams one run of weights per stage: when the chunks of
+a stage went to whichever thread asked next, the two threads' reads interleaved chunk by chunk
+(64 KB: each thread's stream restarted at every chunk, its hardware prefetcher likely running on
+into the chunk the other one read), and a 125m int8 step's layers (62 stages, so 62 waits, a token)
+streamed at 21-26 GB/s against the 41-44 GB/s a two-thread read reaches
+(2026-12-02, ``benchmarks/profile_cpu_step.py``; measured after this change: see :mod:`.decode`).
+
+A segment's word holds two counts: the owner's claims from the front (low 32 bits) and the others'
+from the back (high 32 bits); a claim adds 1 to its half and holds the chunk ``front`` (or ``count -
+1 - back``) when the old counts summed below the segment's ``count``, so each chunk goes to exactly
+one thread.
 
 No thread ever waits for work that no running thread holds: a chunk is only waited for once a
 thread has claimed it, so the step is correct (and cannot deadlock) with any number of threads
 actually running the region -- one (the threading layer ran the iterations one after the
-other), or a worker that woke late and finds the first stages done.  A thread that is descheduled
-while holding a chunk delays the others by that chunk; the decode step's thread count is then
-chosen by timing (:class:`._threads.Governor`).
+other: it drains every segment), or a worker that woke late and finds the first stages done.  A
+thread that is descheduled while holding a chunk delays the others by that chunk; the decode
+step's thread count is then chosen by timing (:class:`._threads.Governor`).
 
-``sync`` is an int64 array of ``16 * stages`` zeros: stage ``s``'s ``next`` counter at ``16 * s``
-and ``done`` counter at ``16 * s + 8`` (separate 64-byte cache lines).
+``sync`` is an int64 array of :func:`counters`: per stage, ``parts + 1`` cache lines, the ``done``
+counter first, then one word per segment.
 """
 
 import numpy as np
@@ -27,12 +39,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-STRIDE = 16     # int64s per stage: two counters, each on a cache line of its own
+LINE = 8        # int64s in a cache line
+LOW = (1 << 32) - 1
 
 
-def counters(stages: int) -> np.ndarray:
-    """Zeroed counters for ``stages`` stages."""
-    return np.zeros(STRIDE * stages, np.int64)
+def counters(stages: int, parts: int) -> np.ndarray:
+    """Zeroed counters for ``stages`` stages shared by ``parts`` threads."""
+    return np.zeros(LINE * (parts + 1) * stages, np.int64)
 
 
 @intrinsic
@@ -85,21 +98,53 @@ def pause(typingctx):
 
 
 @njit(inline="always")
-def claim(sync, s):
-    """The next chunk of stage ``s`` for this thread (>= the stage's count: none left)."""
-    return fetch_add(sync, STRIDE * s, 1)
+def block(parts):
+    """int64s a stage's counters take: the done counter and one word per segment, each on a line."""
+    return LINE * (parts + 1)
 
 
 @njit(inline="always")
-def left(sync, s, n):
+def _segment(n, parts, t):
+    # chunks [first, first + count) of segment t
+    first = t * n // parts
+    return first, (t + 1) * n // parts - first
+
+
+@njit(inline="always")
+def claim(sync, s, n, tid, parts):
+    """The next chunk of stage ``s`` (``n`` chunks) for thread ``tid`` of ``parts``, -1 when none is
+    left: the front of its own segment, else the back of another's."""
+    base = block(parts) * s
+    for k in range(parts):
+        t = (tid + k) % parts
+        first, count = _segment(n, parts, t)
+        word = base + LINE * (t + 1)
+        old = load(sync, word)
+        if (old & LOW) + (old >> 32) >= count:
+            continue                                   # this segment is taken
+        old = fetch_add(sync, word, 1 if k == 0 else 1 << 32)
+        lo, hi = old & LOW, old >> 32
+        if lo + hi < count:
+            return first + lo if k == 0 else first + count - 1 - hi
+    return -1
+
+
+@njit(inline="always")
+def left(sync, s, n, parts):
     """Whether stage ``s`` (of ``n`` chunks) still has unclaimed chunks."""
-    return load(sync, STRIDE * s) < n
+    base = block(parts) * s
+    for t in range(parts):
+        old = load(sync, base + LINE * (t + 1))
+        if (old & LOW) + (old >> 32) < _segment(n, parts, t)[1]:
+            return True
+    return False
 
 
 @njit(inline="always")
-def done(sync, s):
-    """Report one chunk of stage ``s`` finished (its writes published)."""
-    fetch_add(sync, STRIDE * s + 8, 1)
+def done(sync, s, parts, k):
+    """Report ``k`` chunks of stage ``s`` finished (their writes published)."""
+    if k > 0:
+        fetch_add(sync, block(parts) * s, k)
 
 
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
@@ -107,11 +152,11 @@ SPINS = 2000      # pauses (~50-100 us) before a waiting thread yields its core 
 
 
 @njit(inline="always")
-def wait(sync, s, n):
+def wait(sync, s, n, parts):
     """Wait until all ``n`` chunks of stage ``s`` are finished: spinning, then, when the chunk's
     holder is slow (descheduled on a busy machine), yielding the core to it or to others."""
     spins = 0
-    while load(sync, STRIDE * s + 8) < n:
+    while load(sync, block(parts) * s) < n:
         if spins < SPINS:
             pause()
             spins += 1
@@ -121,18 +166,21 @@ def wait(sync, s, n):
 
 @njit(cache=True)
 def spread(sync, stages, n, out, tid):
-    """Test helper: ``stages`` stages of ``n`` chunks; chunk ``c`` of stage ``s`` adds its claimer's
-    ``tid + 1`` to ``out[s, c]`` and checks the previous stage is complete (``out[s - 1]`` all
-    set, else it records -1 at ``out[s, c]``)."""
+    """Test helper: ``stages`` stages of ``n`` chunks; chunk ``c`` of stage ``s`` adds ``1 + 100 *
+    tid`` (its claimer's) to ``out[s, c]`` after checking that the previous stage is complete
+    (``out[s - 1]`` all set, else it adds -100000)."""
+    parts = sync.shape[0] // LINE // stages - 1
     for s in range(stages):
-        c = claim(sync, s)
-        while c < n:
+        k = 0
+        c = claim(sync, s, n, tid, parts)
+        while c >= 0:
             ok = True
             if s > 0:
                 for j in range(n):
                     if out[s - 1, j] == 0:
                         ok = False
-            out[s, c] += (tid + 1) if ok else -1000
-            done(sync, s)
-            c = claim(sync, s)
-        wait(sync, s, n)
+            out[s, c] += (1 + 100 * tid) if ok else -100000
+            k += 1
+            c = claim(sync, s, n, tid, parts)
+        done(sync, s, parts, k)
+        wait(sync, s, n, parts)
