@@ -214,8 +214,12 @@ class _Progress:
 # steals from the end of the other's queue, so a long test left near the end keeps one core busy
 # after the other has finished (14 s in one measured run).  They are spread over the two halves by
 # their time, each half's other tests after them; a stale entry costs only time.  A key is a test
-# or a file (all its tests, kept together: test_dtype_policies_keras.py runs KerasHub once).
+# or a file (all its tests, kept together: test_dtype_policies_keras.py runs KerasHub once), or a
+# tuple of them run together: the users of tests/keras_runner.py's KerasHub process, so that one
+# worker starts it (importing TensorFlow and KerasHub: ~6 CPU-seconds), not both.
 LONG = {
+    ("tests/test_lora_keras.py", "tests/test_peers_keras.py",
+     "tests/test_bundled.py::test_keras_hub_loads_the_bundled_preset_with_the_same_logits"): 24,
     "tests/test_cli.py::test_generate_on_a_fresh_install_starts_at_once_and_compiles_in_the_background": 34,
     "tests/test_kernels_int8.py::test_decode_step": 33,
     "tests/test_kernels_cpu.py::test_decode_step": 29,
@@ -242,8 +246,8 @@ def pytest_collection_modifyitems(config, items):
     groups: dict[str, list] = {}
     rest = []
     for item in items:
-        key = next((k for k in LONG if item.nodeid == k or item.nodeid.startswith(k + "::")
-                    or item.nodeid.startswith(k + "[")), None)
+        key = next((k for k in LONG for p in ((k,) if isinstance(k, str) else k)
+                    if item.nodeid == p or item.nodeid.startswith((p + "::", p + "["))), None)
         (groups.setdefault(key, []) if key else rest).append(item)
     halves, load = ([], []), [0.0, 0.0]
     for key in sorted(groups, key=LONG.get, reverse=True):
