@@ -239,9 +239,14 @@ LONG = {
 }
 
 
+def _dist_given(config):
+    given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
+    return any(a.startswith("--dist") for a in given)
+
+
 def pytest_collection_modifyitems(config, items):
-    workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    if workers != 2 or getattr(config.option, "dist", None) != "worksteal":
+    # in a worker of two, under worksteal (pytest_configure's default: no --dist given)
+    if getattr(config, "workerinput", {}).get("workercount") != 2 or _dist_given(config):
         return
     groups: dict[str, list] = {}
     rest = []
@@ -266,8 +271,7 @@ def pytest_configure(config):
     # 110 s before the other, which still held the KerasHub and oracle tests.  worksteal starts
     # each worker on its half of the collection (a file's tests mostly stay on one worker) and lets
     # an idle worker take half of the other's queue.
-    given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
-    if getattr(config.option, "dist", "no") == "load" and not any(a.startswith("--dist") for a in given):
+    if getattr(config.option, "dist", "no") == "load" and not _dist_given(config):
         config.option.dist = "worksteal"
     if not hasattr(config, "workerinput"):          # the controller (or a run without xdist)
         config.pluginmanager.register(_Progress(config), "refopt-progress")
