@@ -209,14 +209,69 @@ class _Progress:
             Path(PROFILE).write_text(json.dumps({"tests": self.records, "workers": self.workers}, indent=0))
 
 
+# The longest tests (wall seconds in a fresh-clone run, their Numba compiling included) start first.
+# xdist's worksteal gives each worker one half of the collection, in order, and an idle worker
+# steals from the end of the other's queue, so a long test left near the end keeps one core busy
+# after the other has finished (14 s in one measured run).  They are spread over the two halves by
+# their time, each half's other tests after them; a stale entry costs only time.  A key is a test
+# or a file (all its tests, kept together: test_dtype_policies_keras.py runs KerasHub once), or a
+# tuple of them run together: the users of tests/keras_runner.py's KerasHub process, so that one
+# worker starts it (importing TensorFlow and KerasHub: ~6 CPU-seconds), not both.
+LONG = {
+    ("tests/test_lora_keras.py", "tests/test_peers_keras.py",
+     "tests/test_bundled.py::test_keras_hub_loads_the_bundled_preset_with_the_same_logits"): 24,
+    "tests/test_cli.py::test_generate_on_a_fresh_install_starts_at_once_and_compiles_in_the_background": 34,
+    "tests/test_kernels_int8.py::test_decode_step": 33,
+    "tests/test_kernels_cpu.py::test_decode_step": 29,
+    "tests/test_dtype_policies_keras.py": 28,
+    "tests/test_notebooks.py::test_notebook_outputs_are_current[04_samplers]": 26,
+    "tests/test_notebooks.py::test_notebook_outputs_are_current[06_oracle]": 20,
+    "tests/test_backends.py::test_weights_dtype_logits_error_and_greedy_text": 20,
+    "tests/test_bundled.py::test_numbers_recomputed": 19,
+    "tests/test_notebooks.py::test_notebook_outputs_are_current[07_kv_cache_and_bandwidth]": 18,
+    "tests/test_docs.py::test_docs_site_builds_and_links_resolve": 18,
+    "tests/keras_hub_port/test_kh_opt_causal_lm.py::test_generate": 17,
+    "tests/test_backends.py::test_decode_with_cache_agrees": 17,
+    "tests/test_lora.py::test_fit_trains_the_adapters_alone": 16,
+    "tests/test_backends.py::test_seeded_generation_identical_across_backends": 14,
+    "tests/test_notebooks.py::test_notebook_outputs_are_current[05_numba_kernels]": 13,
+    "tests/test_notebooks.py::test_notebook_outputs_are_current[01_bpe_from_scratch]": 12,
+}
+
+
+def _dist_given(config):
+    given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
+    return any(a.startswith("--dist") for a in given)
+
+
+def pytest_collection_modifyitems(config, items):
+    # in a worker of two, under worksteal (pytest_configure's default: no --dist given)
+    if getattr(config, "workerinput", {}).get("workercount") != 2 or _dist_given(config):
+        return
+    groups: dict[str, list] = {}
+    rest = []
+    for item in items:
+        key = next((k for k in LONG for p in ((k,) if isinstance(k, str) else k)
+                    if item.nodeid == p or item.nodeid.startswith((p + "::", p + "["))), None)
+        (groups.setdefault(key, []) if key else rest).append(item)
+    halves, load = ([], []), [0.0, 0.0]
+    for key in sorted(groups, key=LONG.get, reverse=True):
+        side = load.index(min(load))
+        halves[side].extend(groups[key])
+        load[side] += LONG[key]
+    first = len(items) // 2 - len(halves[0])     # worksteal sends len // 2 to the first worker
+    if first < 0 or first > len(rest):
+        return
+    items[:] = halves[0] + rest[:first] + halves[1] + rest[first:]
+
+
 def pytest_configure(config):
     # xdist: --dist worksteal unless a --dist was given.  "load" (xdist's default with -n) hands
     # each worker a queue of tests in advance; in one measured fresh-clone run one worker finished
     # 110 s before the other, which still held the KerasHub and oracle tests.  worksteal starts
     # each worker on its half of the collection (a file's tests mostly stay on one worker) and lets
     # an idle worker take half of the other's queue.
-    given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
-    if getattr(config.option, "dist", "no") == "load" and not any(a.startswith("--dist") for a in given):
+    if getattr(config.option, "dist", "no") == "load" and not _dist_given(config):
         config.option.dist = "worksteal"
     if not hasattr(config, "workerinput"):          # the controller (or a run without xdist)
         config.pluginmanager.register(_Progress(config), "refopt-progress")

@@ -22,6 +22,7 @@ KERAS_SCRIPT = r"""
 import os, sys, json
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.modules["tensorflow"] = None    # unused under JAX; keras_hub imports it when found (5 CPU-s)
 import numpy as np, keras, keras_hub
 preset, out = sys.argv[1], sys.argv[2]
 keras.utils.set_random_seed(0)
