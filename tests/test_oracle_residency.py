@@ -62,13 +62,15 @@ def test_the_port_computes_the_same_bits_with_its_pages_dropped(tmp_path):
     cfg = OPTConfig(vocabulary_size=512, num_layers=3, num_heads=4, hidden_dim=64, intermediate_dim=128,
                     max_sequence_length=32, dropout=0.0)
     ids, mask, _, _ = make_inputs(cfg, np.random.default_rng(0), 2, 9)
-    dropping, keeping = TransformersAdapter(spill_gradients=True), TransformersAdapter(spill_gradients=True)
-    for name, a in (("dropping", dropping), ("keeping", keeping)):    # the same weights, two files
-        write_random_checkpoint(tmp_path / name, cfg, "float32", seed=1)
+    dropping = TransformersAdapter(spill_gradients=True, drop_pages=True)
+    keeping = TransformersAdapter(spill_gradients=True, drop_pages=False)
+    small = TransformersAdapter()                       # the default: only for a model of more than 64 MiB
+    for name, a in (("dropping", dropping), ("keeping", keeping), ("small", small)):
+        write_random_checkpoint(tmp_path / name, cfg, "float32", seed=1)    # the same weights, own files
         a.load_preset(tmp_path / name)
+    assert keeping._pages is None and small._pages is None
     paths = dropping._pages.paths
     assert paths and _resident(paths) == 0                                  # dropped after loading
-    keeping._pages = None
 
     calls = []
     drop = dropping._pages.drop

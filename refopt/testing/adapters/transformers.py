@@ -87,7 +87,10 @@ class TransformersAdapter(Adapter):
     computes (default 1; ``None``: PyTorch's own count).  ``spill_gradients``: hand each gradient
     over to a :class:`refopt.testing.spill.GradientSpill` as autograd produces it and free it in
     PyTorch (default: when the gradients would take more than :attr:`SPILL_BYTES`), so a real-size
-    model's gradient check holds one gradient at a time, not all of them."""
+    model's gradient check holds one gradient at a time, not all of them.  ``drop_pages``: a model
+    loaded from a checkpoint's files (:meth:`load_preset`) keeps resident only the pages of them it
+    is using (:mod:`refopt.testing.residency`; default: when its parameters take more than
+    :attr:`SPILL_BYTES`)."""
 
     supports_left_padding = True
     sampler_convention = "transformers"
@@ -96,7 +99,8 @@ class TransformersAdapter(Adapter):
     KERNELS = {"sdpa-math": "MATH", "sdpa-flash": "FLASH_ATTENTION"}
 
     def __init__(self, dtype: str = "float32", attn_implementation: str = "sdpa",
-                 spill_gradients: bool | None = None, threads: int | None = 1):
+                 spill_gradients: bool | None = None, threads: int | None = 1,
+                 drop_pages: bool | None = None):
         self.torch, self.transformers = _imports()
         if dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"TransformersAdapter: dtype={dtype!r}")
@@ -108,6 +112,7 @@ class TransformersAdapter(Adapter):
                      f"{'' if attn_implementation == 'sdpa' else ', ' + attn_implementation})")
         self.attn_implementation = attn_implementation
         self.spill_gradients = spill_gradients
+        self.drop_pages = drop_pages
         self.threads = threads
         self.model = None
         self.tokenizer = None
@@ -151,8 +156,11 @@ class TransformersAdapter(Adapter):
                 logging.enable_progress_bar()
         self.config = config
         self._set_model(model)
-        self._pages = residency.Pages(residency.mapped_files(path))
-        self._pages.release()
+        self._pages = None
+        if self.drop_pages or (self.drop_pages is None and sum(
+                p.numel() * p.element_size() for p in self.model.parameters()) > self.SPILL_BYTES):
+            self._pages = residency.Pages(residency.mapped_files(path))
+            self._pages.release()
 
     @contextmanager
     def _pass(self):
@@ -390,7 +398,8 @@ class TransformersAdapter(Adapter):
             spill.put_parts(name, as_numpy(torch.empty(0, dtype=dtype)).dtype, shape, blocks())
         shares.close()
 
-    #: a model whose gradients take more bytes than this hands them over one by one (GradientSpill)
+    #: a model whose gradients take more bytes than this hands them over one by one (GradientSpill),
+    #: and one loaded from its files keeps only the pages it is using resident
     SPILL_BYTES = 64 << 20
 
     def _spills(self, params) -> bool:
