@@ -66,10 +66,11 @@ class Pages:
         self._ranges: list = []
         self._madvise = None
 
-    def check(self) -> "Pages":
+    def check(self) -> int:
+        """How many mappings :meth:`drop` will drop (found now, holding no private copies)."""
         self._ranges = [(start, end) for start, end, _, anonymous in file_mappings(self.paths)
                         if not anonymous]
-        return self
+        return len(self._ranges)
 
     def drop(self) -> int:
         """``madvise(MADV_DONTNEED)`` over the mappings found by the last :meth:`check`; returns how
@@ -90,4 +91,5 @@ class Pages:
         return sum(self._madvise(start, end - start, MADV_DONTNEED) == 0 for start, end in self._ranges)
 
     def release(self) -> int:
-        return self.check().drop()
+        self.check()
+        return self.drop()

@@ -235,21 +235,32 @@ def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
 
 
 @njit(inline="always")
+def _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all, sync, s, O, I,
+                 itemsize, chunk):
+    # a product stage's input, prepared by each thread for itself: LN(src) (in xn) when
+    # ``normed``, else src, and its int8 view where activations are quantised; ``(input, xq, sx,
+    # outputs per chunk, chunks)`` for O outputs of I inputs
+    B = src.shape[0]
+    per = _per_chunk(O, I, itemsize, B, chunk)
+    n = (O + per - 1) // per
+    xq, sx = _quantized_view(xq_all, sx_all, tid, B, I)
+    inp = xn if normed else src
+    if left(sync, s, n, sx_all.shape[0]):  # a thread that arrives late skips what it cannot use
+        if normed:
+            _layernorm_rows(src, gamma, beta, eps, xn)
+        _prepare(inp, s_like, xq, sx)
+    return inp, xq, sx, per, n
+
+
+@njit(inline="always")
 def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
                    xq_all, sx_all, rawf, rawi, sync, s, chunk):
     # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
     # thread its own, in xn) when ``normed``, else src; returns the next stage
-    B = src.shape[0]
     O, I = w.shape
-    per = _per_chunk(O, I, w.itemsize, B, chunk)
-    n = (O + per - 1) // per
-    xq, sx = _quantized_view(xq_all, sx_all, tid, B, I)
-    inp = xn if normed else src
+    inp, xq, sx, per, n = _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all,
+                                       sync, s, O, I, w.itemsize, chunk)
     parts = sx_all.shape[0]                # the threads the work is cut for
-    if left(sync, s, n, parts):            # a thread that arrives late skips what it cannot use
-        if normed:
-            _layernorm_rows(src, gamma, beta, eps, xn)
-        _prepare(inp, s_like, xq, sx)
     k = 0
     c = claim(sync, s, n, tid, parts)
     while c >= 0:
@@ -288,14 +299,8 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
         g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
         # --- q, k, v: chunks of the 3D outputs of the three products, keys and values to the cache
-        per = _per_chunk(3 * D, D, w_like.itemsize, B, chunk)
-        n = (3 * D + per - 1) // per
-        xq, sx = _quantized_view(xq_all, sx_all, tid, B, D)
-        inp = xn if pre_ln else x
-        if left(sync, s, n, parts):
-            if pre_ln:
-                _layernorm_rows(x, g1, b1, eps, xn)
-            _prepare(inp, s_like, xq, sx)
+        inp, xq, sx, per, n = _stage_input(x, pre_ln, g1, b1, eps, xn, s_like, tid, xq_all, sx_all,
+                                           sync, s, 3 * D, D, w_like.itemsize, chunk)
         k = 0
         c = claim(sync, s, n, tid, parts)
         while c >= 0:

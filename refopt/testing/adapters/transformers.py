@@ -157,8 +157,7 @@ class TransformersAdapter(Adapter):
         self.config = config
         self._set_model(model)
         self._pages = None
-        if self.drop_pages or (self.drop_pages is None and sum(
-                p.numel() * p.element_size() for p in self.model.parameters()) > self.SPILL_BYTES):
+        if self.drop_pages or (self.drop_pages is None and self._large(self.model.parameters())):
             self._pages = residency.Pages(residency.mapped_files(path))
             self._pages.release()
 
@@ -171,7 +170,7 @@ class TransformersAdapter(Adapter):
         page beside it would double them.  The pages stay in the page cache; the next use maps
         them again from there."""
         pages = self._pages
-        if pages is None or not pages.check()._ranges:
+        if pages is None or not pages.check():
             yield
             return
         def dropped(*_):
@@ -405,7 +404,10 @@ class TransformersAdapter(Adapter):
     def _spills(self, params) -> bool:
         if self.spill_gradients is not None:
             return bool(self.spill_gradients)
-        return sum(p.numel() * p.element_size() for p in params.values()) > self.SPILL_BYTES
+        return self._large(params.values())
+
+    def _large(self, params) -> bool:
+        return sum(p.numel() * p.element_size() for p in params) > self.SPILL_BYTES
 
     def greedy(self, prompt_ids, max_new_tokens):
         torch = self.torch
