@@ -12,7 +12,7 @@ from refopt import recipe
 from refopt.errors import ConfigError
 from refopt.models import OPTCausalLM
 
-from tests.test_cli import TEXT, TINY
+from test_cli import TEXT, TINY
 
 
 @pytest.fixture(scope="module")
