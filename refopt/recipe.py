@@ -46,30 +46,35 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Every setting of a training run (the defaults are the bundled model's)."""
+    """Every setting of a training run (the defaults are the bundled model's: run "l2" of
+    ``benchmarks/GPU.md``, session 7).  A vocabulary of 512 did better than 1,024-8,192 on this
+    megabyte of text, and 7 x 256 as well as wider or deeper models; dropout 0.35 and the averaged
+    parameters hold off the overfitting.  ``seed`` 2 is the seed of five (0-4) whose held-out
+    figure was best in the session's trials -- a choice made on the held-out text, as
+    ``keep_best`` chooses the epoch; seed 0 gives 1.4656 nats per character against 1.4570."""
 
-    vocab_size: int = 8192
-    num_layers: int = 4
+    vocab_size: int = 512
+    num_layers: int = 7
     num_heads: int = 4
     hidden_dim: int = 256
     intermediate_dim: int = 1024
-    max_sequence_length: int = 256
+    max_sequence_length: int = 512
     sequence_length: int = 256        # targets per training window
-    batch_size: int = 8               # windows per optimizer step
-    epochs: int = 4
+    batch_size: int = 32              # windows per optimizer step
+    epochs: int = 120
     learning_rate: float = 1e-3       # peak, after the warm-up
     final_learning_rate_ratio: float = 0.1   # cosine decay ends at this fraction of the peak
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta_1: float = 0.9
-    beta_2: float = 0.95
+    beta_2: float = 0.99
     global_clipnorm: float = 1.0
-    dropout: float = 0.1
+    dropout: float = 0.35
     validation_fraction: float = 0.1
-    seed: int = 0
-    max_steps: int | None = None      # stop after this many steps (quick runs)
-    keep_best: int = 0                # 1: ship the epoch with the lowest validation loss
-    average_decay: float = 0.0        # > 0: an EMA of the epochs' parameters, shipped (docstring)
+    seed: int = 2
+    max_steps: int | None = 4000      # the schedule's length: stop after this many steps
+    keep_best: int = 1                # 1: ship the epoch with the lowest validation loss
+    average_decay: float = 0.8        # > 0: an EMA of the epochs' parameters, shipped (docstring)
 
     def check(self):
         from refopt.errors import ConfigError
