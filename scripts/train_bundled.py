@@ -31,8 +31,9 @@ SUMMARY = ("It writes Shakespeare-flavoured text and knows nothing else: refopt'
 LIMITS = ("The text is public domain (Shakespeare, via char-rnn's tinyshakespeare). A model of "
           "this size trained on about a megabyte of plays imitates their surface (speaker names in "
           "capitals, verse lines, archaic words) without sense, and reproduces fragments of its "
-          "training text. It was reproduced with `python scripts/train_bundled.py --out "
-          "data/refopt_shakespeare` from the refopt source tree.")
+          "training text. It is reproduced with `python scripts/train_bundled.py --out "
+          "data/refopt_shakespeare --backend cuda` from the refopt source tree (`--backend numba` runs "
+          "the same recipe on the CPU, slowly).")
 USAGE = """```bash
 refopt generate "ROMEO:"                        # the default model of the refopt command
 refopt generate "ROMEO:" --sampler greedy --max-length 64

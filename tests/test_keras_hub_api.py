@@ -74,7 +74,7 @@ def test_reversible_embedding_and_backbone_predict():
     hidden = bb.predict(x, batch_size=1)
     np.testing.assert_allclose(hidden, bb(x), rtol=1e-6, atol=1e-6)
     emb = bb.token_embedding
-    assert emb.embeddings is bb.params["embed_tokens"] and emb.input_dim == 8192 and emb.output_dim == 256
+    assert emb.embeddings is bb.params["embed_tokens"] and emb.input_dim == bb.config.vocabulary_size and emb.output_dim == bb.config.hidden_dim
     np.testing.assert_array_equal(emb(x["token_ids"]), bb.params["embed_tokens"][x["token_ids"]])
     np.testing.assert_allclose(emb(hidden, reverse=True), lm.predict(x), rtol=1e-5, atol=1e-5)
 
