@@ -7,8 +7,8 @@ installed), in one run.
                                         [--keras-python PATH]
 
 Writes a random float32 OPT-125m-shaped checkpoint (12 layers, 768 wide, 3072 MLP, vocabulary
-50,272; transformers layout), or with ``--model bundled`` the bundled model (4 layers, 256 wide,
-8,192 tokens), to a temporary directory and loads it into both libraries.  ``--under-load`` keeps
+50,272; transformers layout), or with ``--model bundled`` the bundled model (7 layers, 256 wide,
+512 tokens), to a temporary directory and loads it into both libraries.  ``--under-load`` keeps
 one core busy with a competing process during the measurements.  For each
 batch size it times, best of ``--repeats`` after one warm-up, a whole greedy ``generate`` call:
 prefill of a ``--prompt``-token prompt, then ``--new`` tokens decoded one by one with the KV cache

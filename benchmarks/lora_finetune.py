@@ -3,7 +3,7 @@
     python benchmarks/lora_finetune.py [--rank 4] [--epochs 3] [--batch 8] [--window 128]
         [--chars 200000] [--learning-rate 1e-3] [--backend numba] [--full]
 
-The bundled model (``OPTCausalLM.from_preset()``: 5.3M parameters, trained on Shakespeare) is
+The bundled model (``OPTCausalLM.from_preset()``: 5.8M parameters, trained on Shakespeare) is
 adapted to Python's own documentation: the help topics every CPython ships
 (``pydoc_data.topics``, joined in sorted order, the first ``--chars`` characters), 90% to train
 on and the last 10% held out.  Token windows of ``--window`` + 1 (the bundled tokenizer); LoRA of
