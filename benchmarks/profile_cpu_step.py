@@ -2,15 +2,15 @@
 streaming read measured in the same process.
 
     python benchmarks/profile_cpu_step.py [--size 125m] [--layers 12] [--weights int8 w8a8 f32]
-                                          [--new 32] [--runs 5]
+                                          [--new 32] [--runs 5] [--step-rows N]
 
 A random checkpoint (as bench_cpu's) is loaded once per variant.  Then, ``--runs`` times, each
 figure the best of a few calls (a shared machine's load only ever slows a call down):
 
 * ``read1``/``read2``: a streaming read of the weights' size on one and on two threads, GB/s;
 * ``step1``/``step2``: one decode step (``refopt.kernels.cpu.decode.decode_step``) on one and on
-  two threads, ms, and as GB/s of the bytes it reads; ``layers``/``head``: the same step with the
-  head's table cut to 2 rows, and with no layers (two threads);
+  two threads, ms, and as GB/s of the bytes it reads; ``layers``/``head``: the same step without
+  logits (the final norm only), and with no layers (two threads);
 * one greedy ``generate`` of ``--new`` tokens after a prompt of 8, split into its prefill, its
   steps (as the thread governor ran them) and everything else (sampling, Python), ms per token.
 
@@ -54,7 +54,12 @@ def main(argv=None):
     ap.add_argument("--weights", nargs="+", choices=sorted(VARIANTS), default=["int8", "w8a8"])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--step-rows", type=int, default=None,
+                    help="decode.STEP_ROWS: 0 prefills through the per-op kernels (default: as is)")
     args = ap.parse_args(argv)
+    if args.step_rows is not None:
+        from refopt.kernels.cpu import decode
+        decode.STEP_ROWS = args.step_rows
 
     import numba
 
@@ -107,7 +112,8 @@ def profile(name, path, cfg, args, most):
         def f(n):
             t = time.perf_counter()
             out = fn(n)
-            steps.append((n, time.perf_counter() - t))
+            if key[2] == 1:                           # one position: a step (else the prefill)
+                steps.append((n, time.perf_counter() - t))
             return out
         return timed(key, most_, start, f)
 
@@ -129,10 +135,10 @@ def profile(name, path, cfg, args, most):
             fig[f"read{threads}"] = stream_bandwidth(nbytes) / 1e9
             fig[f"step{threads}"] = best(step(threads), 10)
         numba.set_num_threads(most)
-        V, addr = plan.dims[2], plan.addr
-        plan.dims[2] = 2
-        fig["layers"] = best(step(most), 10)
-        plan.dims[2], plan.addr = V, addr[:0]
+        fig["layers"] = best(lambda: decode.decode_step(params, bcfg, tok, mask, cache, P + 10, threads=most,
+                                                        logits=False), 10)
+        addr = plan.addr
+        plan.addr = addr[:0]
         fig["head"] = best(step(most), 10)
         plan.addr = addr
         steps.clear()
