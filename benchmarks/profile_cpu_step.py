@@ -2,7 +2,7 @@
 streaming read measured in the same process.
 
     python benchmarks/profile_cpu_step.py [--size 125m] [--layers 12] [--weights int8 w8a8 f32]
-                                          [--new 32] [--runs 5] [--step-rows N]
+                                          [--new 32] [--runs 5]
 
 A random checkpoint (as bench_cpu's) is loaded once per variant.  Then, ``--runs`` times, each
 figure the best of a few calls (a shared machine's load only ever slows a call down):
@@ -54,12 +54,7 @@ def main(argv=None):
     ap.add_argument("--weights", nargs="+", choices=sorted(VARIANTS), default=["int8", "w8a8"])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--step-rows", type=int, default=None,
-                    help="decode.STEP_ROWS: 0 prefills through the per-op kernels (default: as is)")
     args = ap.parse_args(argv)
-    if args.step_rows is not None:
-        from refopt.kernels.cpu import decode
-        decode.STEP_ROWS = args.step_rows
 
     import numba
 
@@ -112,8 +107,7 @@ def profile(name, path, cfg, args, most):
         def f(n):
             t = time.perf_counter()
             out = fn(n)
-            if key[2] == 1:                           # one position: a step (else the prefill)
-                steps.append((n, time.perf_counter() - t))
+            steps.append((n, time.perf_counter() - t))
             return out
         return timed(key, most_, start, f)
 
