@@ -125,7 +125,7 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         train_minutes=f"{report['train_seconds'] / 60:.1f}",
         tokenizer_seconds=f"{report['tokenizer_seconds']:.1f}", machine=report["machine"],
         refopt_version=report["refopt_version"], date=report["date"],
-        curve="\n".join(f"| {h['epoch']} | {h['steps']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
+        curve="\n".join(f"| {h['epoch']} | {h['steps']} | {h['train_loss']:.4f} | {_val(h)} | "
                         f"{h['elapsed_s']:.0f} |" for h in report["history"]),
         table="\n".join(f"| {n} | {m['loss']:.4f} | {m['perplexity']:.2f} |" for n, m in rows),
         nats_per_char=f"{report['validation']['loss'] * per_char:.4f}",
@@ -133,10 +133,24 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report))
 
 
+def _val(h) -> str:
+    # the trained parameters' validation loss, and the averaged parameters' (average_decay) beside it
+    if "val_loss_average" in h:
+        return f"{h['val_loss']:.4f} (averaged {h['val_loss_average']:.4f})"
+    return f"{h['val_loss']:.4f}"
+
+
 def _kept(report) -> str:
     epochs, kept = len(report["history"]), report.get("kept_epoch", len(report["history"]))
+    decay = report["recipe"].get("average_decay") or 0
+    averaged = ""
+    if decay:
+        averaged = (f" The recipe averages the parameters over epochs (after each epoch, "
+                    f"average = {decay:g} x average + {1 - decay:g} x parameters; the "
+                    "averaged figures are in brackets).")
+    which = ("the averaged parameters" if report.get("kept_weights") == "average" else "the parameters")
     if not report["recipe"].get("keep_best"):
-        return f"The preset holds the parameters after the last epoch ({epochs})."
-    return (f"The preset holds the parameters of epoch {kept} of {epochs}, the one with the lowest "
-            "validation loss (as nanoGPT keeps its best checkpoint on the same split: the held-out "
-            "text chose the epoch, so the figure below is that of the selected epoch).")
+        return f"The preset holds {which} after the last epoch ({epochs}).{averaged}"
+    return (f"The preset holds {which} of epoch {kept} of {epochs}, the lowest validation loss "
+            "(as nanoGPT keeps its best checkpoint on the same split: the held-out text chose the "
+            f"epoch, so the figure below is that of the selected epoch).{averaged}")

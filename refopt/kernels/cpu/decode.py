@@ -90,7 +90,7 @@ def _copy(src, dst):
             dst[m, d] = src[m, d]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _layernorm_rows(x, gamma, beta, eps, y):
     # y [M, D] <- LayerNorm of each row of x [M, D] (:mod:`.layernorm`'s serial kernel; the flags
     # are typed booleans, not literals, so it compiles once)
@@ -159,12 +159,12 @@ def _pointer(typingctx, addr, like):
     return sig, codegen
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _vec(addr, n, like):
     return numba.carray(_pointer(addr, like), n)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _mat(addr, rows, cols, like):
     return numba.carray(_pointer(addr, like), (rows, cols))
 
@@ -174,7 +174,7 @@ def _scales(s_like, s, r, n):
     scales, row sums) with quantised activations."""
 
 
-@overload(_scales, inline="always")
+@overload(_scales)
 def _scales_impl(s_like, s, r, n):
     if isinstance(s_like, types.BaseTuple):
         return lambda s_like, s, r, n: (_vec(s, n, s_like[0]), _vec(r, n, s_like[1]))
@@ -185,7 +185,7 @@ def _prepare(x, s_like, xq, sx):
     """Quantise the rows of ``x`` into ``xq``/``sx`` for products with quantised activations."""
 
 
-@overload(_prepare, inline="always")
+@overload(_prepare)
 def _prepare_impl(x, s_like, xq, sx):
     if isinstance(s_like, types.BaseTuple):
         return lambda x, s_like, xq, sx: quantize_rows(x, xq, sx)
@@ -197,7 +197,7 @@ def _range(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi)
     :func:`.int8.quantized_range` on the rows :func:`_prepare` quantised)."""
 
 
-@overload(_range, inline="always")
+@overload(_range)
 def _range_impl(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi):
     if isinstance(scale, types.BaseTuple):
         return (lambda x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, rawi:
@@ -209,7 +209,7 @@ def _range_impl(x, xq, sx, w, scale, bias, out, col, mode, alpha, o0, o1, rawf, 
 MAX_CHUNKS = 128        # chunks a stage is cut into at most (the head: 50,272 outputs)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _per_chunk(outputs, inputs, itemsize, rows, chunk):
     # outputs per chunk (even): CHUNK_BYTES of weights, fewer when several rows make it compute,
     # more when that would cut the stage into more than MAX_CHUNKS (each claim is an atomic add on
@@ -218,7 +218,7 @@ def _per_chunk(outputs, inputs, itemsize, rows, chunk):
     return max(per, ((outputs + MAX_CHUNKS - 1) // MAX_CHUNKS + 1) // 2 * 2)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _quantized_view(xq_all, sx_all, tid, B, I):
     # this thread's quantised rows [B, I] (C-contiguous; xq_all is flat, one part per thread) and
     # scales [B]
@@ -226,7 +226,7 @@ def _quantized_view(xq_all, sx_all, tid, B, I):
     return xq_all[tid * per:tid * per + B * I].reshape((B, I)), sx_all[tid]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
     # projection j of a layer's address row ``a``: (weights [rows, cols], scales, bias)
     base = 4 + 4 * j
@@ -234,7 +234,7 @@ def _projection(a, lens, j, rows, cols, w_like, s_like, f_like):
             _vec(a[base + B_], lens[2 * j + 1], f_like))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all, sync, s, O, I,
                  itemsize, chunk):
     # a product stage's input, prepared by each thread for itself: LN(src) (in xn) when
@@ -252,7 +252,7 @@ def _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all,
     return inp, xq, sx, per, n
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
                    xq_all, sx_all, rawf, rawi, sync, s, chunk):
     # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
@@ -370,7 +370,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
                    sx_all, rawf, rawi, sync, s, chunk)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _norm_stage(x, gamma, beta, eps, xt, sync, s, tid, parts):
     # x <- LN(x) in place by the thread that claims this one-chunk stage; the next stage
     if claim(sync, s, 1, tid, parts) == 0:

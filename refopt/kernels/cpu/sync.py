@@ -97,20 +97,20 @@ def pause(typingctx):
     return sig, codegen
 
 
-@njit(inline="always")
+@njit(cache=True)
 def block(parts):
     """int64s a stage's counters take: the done counter and one word per segment, each on a line."""
     return LINE * (parts + 1)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _segment(n, parts, t):
     # chunks [first, first + count) of segment t
     first = t * n // parts
     return first, (t + 1) * n // parts - first
 
 
-@njit(inline="always")
+@njit(cache=True)
 def claim(sync, s, n, tid, parts):
     """The next chunk of stage ``s`` (``n`` chunks) for thread ``tid`` of ``parts``, -1 when none is
     left: the front of its own segment, else the back of another's."""
@@ -129,7 +129,7 @@ def claim(sync, s, n, tid, parts):
     return -1
 
 
-@njit(inline="always")
+@njit(cache=True)
 def left(sync, s, n, parts):
     """Whether stage ``s`` (of ``n`` chunks) still has unclaimed chunks."""
     base = block(parts) * s
@@ -140,7 +140,7 @@ def left(sync, s, n, parts):
     return False
 
 
-@njit(inline="always")
+@njit(cache=True)
 def done(sync, s, parts, k):
     """Report ``k`` chunks of stage ``s`` finished (their writes published)."""
     if k > 0:
@@ -151,7 +151,7 @@ _sched_yield = types.ExternalFunction("sched_yield", types.int32())
 SPINS = 2000      # pauses (~50-100 us) before a waiting thread yields its core at each check
 
 
-@njit(inline="always")
+@njit(cache=True)
 def wait(sync, s, n, parts):
     """Wait until all ``n`` chunks of stage ``s`` are finished: spinning, then, when the chunk's
     holder is slow (descheduled on a busy machine), yielding the core to it or to others."""
