@@ -9,8 +9,8 @@ figure the best of a few calls (a shared machine's load only ever slows a call d
 
 * ``read1``/``read2``: a streaming read of the weights' size on one and on two threads, GB/s;
 * ``step1``/``step2``: one decode step (``refopt.kernels.cpu.decode.decode_step``) on one and on
-  two threads, ms, and as GB/s of the bytes it reads; ``layers``/``head``: the same step with the
-  head's table cut to 2 rows, and with no layers (two threads);
+  two threads, ms, and as GB/s of the bytes it reads; ``layers``/``head``: the same step without
+  logits (the final norm only), and with no layers (two threads);
 * one greedy ``generate`` of ``--new`` tokens after a prompt of 8, split into its prefill, its
   steps (as the thread governor ran them) and everything else (sampling, Python), ms per token.
 
@@ -129,10 +129,10 @@ def profile(name, path, cfg, args, most):
             fig[f"read{threads}"] = stream_bandwidth(nbytes) / 1e9
             fig[f"step{threads}"] = best(step(threads), 10)
         numba.set_num_threads(most)
-        V, addr = plan.dims[2], plan.addr
-        plan.dims[2] = 2
-        fig["layers"] = best(step(most), 10)
-        plan.dims[2], plan.addr = V, addr[:0]
+        fig["layers"] = best(lambda: decode.decode_step(params, bcfg, tok, mask, cache, P + 10, threads=most,
+                                                        logits=False), 10)
+        addr = plan.addr
+        plan.addr = addr[:0]
         fig["head"] = best(step(most), 10)
         plan.addr = addr
         steps.clear()

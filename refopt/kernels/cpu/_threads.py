@@ -113,9 +113,12 @@ class Governor:
     is kept while it is the faster one: every ``interval`` calls one call runs on the other count
     (one thread, or ``most``), and when it beats the median of the last calls by 10% it becomes the
     count in use.  A comparison that loses doubles the interval (from 8 calls up to 256), one that
-    wins resets it."""
+    wins resets it.  Three calls in a row that take over ``SLOWER`` times the recent median (a
+    core got busy) bring the comparison forward to the next call, against those three, so a
+    change of load is followed within a few calls, not after up to 256."""
 
     FIRST, LAST = 8, 256
+    SLOWER = 1.5
 
     def __init__(self):
         self._state: dict = {}
@@ -140,7 +143,13 @@ class Governor:
         if st.pop("first", False):               # the first call compiles or warms caches
             return
         if threads == st["use"]:
-            st["recent"] = (st["recent"] + [seconds])[-5:]
+            recent = st["recent"]
+            slow = len(recent) >= 3 and seconds > self.SLOWER * sorted(recent)[len(recent) // 2]
+            st["slow"] = st.get("slow", 0) + 1 if slow else 0
+            st["recent"] = (recent + [seconds])[-5:]
+            if st["slow"] >= 3:                      # the load changed: compare on the next call,
+                st["slow"], st["wait"] = 0, 0        # against the calls since the change
+                st["recent"] = st["recent"][-3:]
             return
         usual = sorted(st["recent"])[len(st["recent"]) // 2]
         if seconds < 0.9 * usual:                    # the other count is faster now: switch

@@ -279,7 +279,8 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     """Thread ``tid``'s share of one decode step (every layer, then the head), ``x [B, D]``
     updated in place.  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
     vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
-    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out).  Shared scratch: qkv
+    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out,
+    chunk bytes), V = 0 for no logits.  Shared scratch: qkv
     [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
     ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
     rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
@@ -479,10 +480,11 @@ def _plan_for(params, cfg):
 
 
 def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None,
-                min_bytes=PARALLEL_BYTES):
+                min_bytes=PARALLEL_BYTES, logits=True):
     """Logits ``[B, 1, V]`` and hidden states ``[B, 1, E]`` of one token per row (``token_ids [B,
     1]`` at cache index ``index``; ``padding_mask [B, >= index + 1]``), with the KV cache updated in
-    place: :func:`refopt.model.logits_forward` for that call, compiled.  ``threads``: the count
+    place: :func:`refopt.model.logits_forward` for that call, compiled (``logits=False``: the
+    hidden states only, None in the logits' place -- no LM head).  ``threads``: the count
     to run on (default: the :class:`._threads.Governor`'s choice, at most Numba's current count);
     the step runs on them (one parallel region) when its weight bytes times max(1, rows // 2)
     reach ``min_bytes``, else on the calling thread.
@@ -493,8 +495,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     if threads is None:
         most = numba.get_num_threads()
         start = most if plan.nbytes >= GOVERNOR_START_BYTES else 1
-        return governor.timed((id(plan), token_ids.shape[0]), most, start, lambda n: decode_step(
-            params, cfg, token_ids, padding_mask, cache, index, n, min_bytes))
+        return governor.timed((id(plan), token_ids.shape[0], logits), most, start, lambda n: decode_step(
+            params, cfg, token_ids, padding_mask, cache, index, n, min_bytes, logits))
     B = token_ids.shape[0]
     if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
         threads = 1
@@ -508,14 +510,18 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     x = np.ascontiguousarray(x + params["embed_positions"][position], dtype=dtype)
     D, F, H, L = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_heads, cfg.num_layers
     T = cache.shape[3]
-    E, V = plan.E, plan.V
+    E, V = plan.E, plan.V if logits else 0
+    dims = plan.dims
+    if not logits:                                  # a head of no rows: the final norm only
+        dims = dims.copy()
+        dims[2] = 0
     hidden = np.empty((B, E), dtype)
-    logits = np.empty((B, V), dtype)
+    out = np.empty((B, V), dtype)
     stages = L * (5 if cfg.do_layer_norm_before else 7) + 2
     args = (x, plan.addr, plan.lens, plan.head, plan.head_lens, plan.w_like, plan.s_like, plan.f_like,
-            plan.dims, cache, index, key_mask, bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon),
+            dims, cache, index, key_mask, bool(cfg.do_layer_norm_before), float(cfg.layer_norm_epsilon),
             plan.alpha, np.empty((B, 3 * D), dtype), np.empty((B, D), dtype), np.empty((B, F), dtype),
-            np.empty((B * H, T), dtype), hidden, logits, np.empty((B, D), dtype),
+            np.empty((B * H, T), dtype), hidden, out, np.empty((B, D), dtype),
             np.empty((threads, B, D), dtype), np.empty(threads * B * max(D, F, E), np.uint8),
             np.empty((threads, B), np.float32), np.empty((threads, B, CHUNK), dtype),
             np.empty((threads, B, CHUNK), np.int64), counters(stages, threads))
@@ -528,4 +534,4 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
             _step_parallel(threads, *args)
         finally:
             numba.set_num_threads(before)
-    return logits[:, None], hidden[:, None]
+    return (out[:, None] if logits else None), hidden[:, None]
