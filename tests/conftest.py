@@ -209,34 +209,41 @@ class _Progress:
             Path(PROFILE).write_text(json.dumps({"tests": self.records, "workers": self.workers}, indent=0))
 
 
-# The longest tests (wall seconds in a fresh-clone run, their Numba compiling included) start first.
-# xdist's worksteal gives each worker one half of the collection, in order, and an idle worker
-# steals from the end of the other's queue, so a long test left near the end keeps one core busy
-# after the other has finished (14 s in one measured run).  They are spread over the two halves by
-# their time, each half's other tests after them; a stale entry costs only time.  A key is a test
-# or a file (all its tests, kept together: test_dtype_policies_keras.py runs KerasHub once), or a
-# tuple of them run together: the users of tests/keras_runner.py's KerasHub process, so that one
-# worker starts it (importing TensorFlow and KerasHub: ~6 CPU-seconds), not both.
+# The order of a two-worker run.  xdist's worksteal gives each worker one half of the collection, in
+# order, and an idle worker steals from the end of the other's queue, so a long test left near the
+# end keeps one core busy after the other has finished (14 s in one measured run).  The longest
+# tests (wall seconds in a fresh-clone run, their Numba compiling included) start first; the order
+# also decides how much is compiled twice, since a kernel one process compiles into the checkout's
+# Numba cache is loaded, not compiled, by every process that needs it later:
+# * the first half starts with the fresh-install test (on a fresh clone its `refopt generate`
+#   subprocess compiles what a generation needs into the checkout's cache), then the decode-step
+#   tests, which need the same float32 step and compile the other storage kinds;
+# * the second half starts with what compiles little: KerasHub's process, the docs build, the
+#   bundled model's figures (NumPy);
+# * the notebooks come last, split over the two halves' ends: their kernels (separate processes)
+#   then load what the workers compiled (in one measured run they compiled ~30 CPU-s of it again
+#   when they ran early).
+# A key is a test or a file (all its tests, kept together: test_dtype_policies_keras.py runs KerasHub
+# once), or a tuple of them run together: the users of tests/keras_runner.py's KerasHub process, so
+# that one worker starts it (importing TensorFlow and KerasHub: ~6 CPU-seconds), not both.  A value
+# is (seconds, half): 0 or 1 pins the key to that half, None places it where the load is lighter.
+# A stale entry costs only time.
 LONG = {
+    "tests/test_cli.py::test_generate_on_a_fresh_install_starts_at_once_and_compiles_in_the_background": (34, 0),
+    "tests/test_kernels_int8.py::test_decode_step": (33, 0),
+    "tests/test_kernels_cpu.py::test_decode_step": (29, 0),
+    "tests/test_backends.py::test_weights_dtype_logits_error_and_greedy_text": (20, 0),
+    "tests/test_backends.py::test_decode_with_cache_agrees": (17, 0),
+    "tests/test_backends.py::test_seeded_generation_identical_across_backends": (14, 0),
+    "tests/test_dtype_policies_keras.py": (28, 1),
     ("tests/test_lora_keras.py", "tests/test_peers_keras.py",
-     "tests/test_bundled.py::test_keras_hub_loads_the_bundled_preset_with_the_same_logits"): 24,
-    "tests/test_cli.py::test_generate_on_a_fresh_install_starts_at_once_and_compiles_in_the_background": 34,
-    "tests/test_kernels_int8.py::test_decode_step": 33,
-    "tests/test_kernels_cpu.py::test_decode_step": 29,
-    "tests/test_dtype_policies_keras.py": 28,
-    "tests/test_notebooks.py::test_notebook_outputs_are_current[04_samplers]": 26,
-    "tests/test_notebooks.py::test_notebook_outputs_are_current[06_oracle]": 20,
-    "tests/test_backends.py::test_weights_dtype_logits_error_and_greedy_text": 20,
-    "tests/test_bundled.py::test_numbers_recomputed": 19,
-    "tests/test_notebooks.py::test_notebook_outputs_are_current[07_kv_cache_and_bandwidth]": 18,
-    "tests/test_docs.py::test_docs_site_builds_and_links_resolve": 18,
-    "tests/keras_hub_port/test_kh_opt_causal_lm.py::test_generate": 17,
-    "tests/test_backends.py::test_decode_with_cache_agrees": 17,
-    "tests/test_lora.py::test_fit_trains_the_adapters_alone": 16,
-    "tests/test_backends.py::test_seeded_generation_identical_across_backends": 14,
-    "tests/test_notebooks.py::test_notebook_outputs_are_current[05_numba_kernels]": 13,
-    "tests/test_notebooks.py::test_notebook_outputs_are_current[01_bpe_from_scratch]": 12,
+     "tests/test_bundled.py::test_keras_hub_loads_the_bundled_preset_with_the_same_logits"): (24, 1),
+    "tests/test_bundled.py::test_numbers_recomputed": (19, 1),
+    "tests/test_docs.py::test_docs_site_builds_and_links_resolve": (18, 1),
+    "tests/keras_hub_port/test_kh_opt_causal_lm.py::test_generate": (17, 1),
+    "tests/test_lora.py::test_fit_trains_the_adapters_alone": (16, None),
 }
+LAST = "tests/test_notebooks.py::test_notebook_outputs_are_current"
 
 
 def _dist_given(config):
@@ -249,20 +256,25 @@ def pytest_collection_modifyitems(config, items):
     if getattr(config, "workerinput", {}).get("workercount") != 2 or _dist_given(config):
         return
     groups: dict[str, list] = {}
-    rest = []
+    rest, last = [], []
     for item in items:
         key = next((k for k in LONG for p in ((k,) if isinstance(k, str) else k)
                     if item.nodeid == p or item.nodeid.startswith((p + "::", p + "["))), None)
-        (groups.setdefault(key, []) if key else rest).append(item)
+        if key:
+            groups.setdefault(key, []).append(item)
+        else:
+            (last if item.nodeid.startswith(LAST) else rest).append(item)
     halves, load = ([], []), [0.0, 0.0]
-    for key in sorted(groups, key=LONG.get, reverse=True):
-        side = load.index(min(load))
+    for key in sorted(groups, key=lambda k: (LONG[k][1] is None, -LONG[k][0])):
+        seconds, side = LONG[key]
+        side = load.index(min(load)) if side is None else side
         halves[side].extend(groups[key])
-        load[side] += LONG[key]
-    first = len(items) // 2 - len(halves[0])     # worksteal sends len // 2 to the first worker
+        load[side] += seconds
+    tails = (last[0::2], last[1::2])
+    first = len(items) // 2 - len(halves[0]) - len(tails[0])   # worksteal sends len // 2 to the first worker
     if first < 0 or first > len(rest):
         return
-    items[:] = halves[0] + rest[:first] + halves[1] + rest[first:]
+    items[:] = halves[0] + rest[:first] + tails[0] + halves[1] + rest[first:] + tails[1]
 
 
 def pytest_configure(config):
