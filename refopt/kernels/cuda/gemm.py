@@ -512,6 +512,16 @@ VARIANT = os.environ.get("REFOPT_GEMM", "v1")
 V2_LARGE = "large16"
 
 
+def v2_takes(config: str) -> bool:
+    """Whether :func:`make_gemm_v2` can build a tile configuration: each thread's share of an A
+    and a B slice whole groups of four, laid out in whole passes (``"medium"``: two elements of
+    each per thread, so no)."""
+    BM, BN, BK, TM, TN = CONFIGS[config][:5]
+    NT = (BM // TM) * (BN // TN)
+    return (BM * BK % (4 * NT) == 0 and BN * BK % (4 * NT) == 0 and BK % 4 == 0
+            and TM % 4 == 0 and TN % 4 == 0 and all(NT % q == 0 for q in (BM // 4, BN // 4, BK // 4)))
+
+
 def _v2_fits(a, b, layout: str, M: int, N: int, K: int) -> bool:
     """Whether ``make_gemm_v2`` can take these operands: float32, the contiguous dimension of each
     operand a multiple of 4 and its data 16-byte aligned."""
@@ -555,13 +565,16 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     variant = variant or VARIANT
     if variant not in ("v1", "v2"):
         raise ValueError(f"gemm variant {variant!r}: expected 'v1' or 'v2'")
-    make = make_gemm_v2 if variant == "v2" and _v2_fits(a, b, layout, M, N, K) else make_gemm
+    v2 = variant == "v2" and _v2_fits(a, b, layout, M, N, K)
+
+    def make(cfg):              # the kernel builder for a configuration
+        return make_gemm_v2 if v2 and v2_takes(cfg) else make_gemm
     one = as_shape(out, (1,))                  # the placeholder of an absent operand
     if not batched:
         split_config = config
         if split_config is None:    # split products keep the large tile: the slices fill the GPU
             split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
-            if make is make_gemm_v2 and split_config == "large":
+            if v2 and split_config == "large":
                 split_config = V2_LARGE
         splits = split_count(M, N, K, split_config) if splits is None else splits
         if splits > 1:
@@ -569,7 +582,7 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
             Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
             splits = cdiv(K, Kc)
             parts = as_shape(_workspace(splits * M * N, dtype), (splits, M, N))
-            k = make(dtype, layout, split_config, splitk=True)
+            k = make(split_config)(dtype, layout, split_config, splitk=True)
             BM, BN = k.tile
             launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
                         as_shape(a, ash), as_shape(b, bsh), parts, one, parts, parts,
@@ -583,10 +596,10 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
             return out
     if config is None:
         config = default_config(M * Z, N)
-        if make is make_gemm_v2 and config == "large":
+        if v2 and config == "large":
             config = V2_LARGE
-    kernel = make(dtype, layout, config, has_bias, bool(relu),
-                       bool(accumulate), residual is not None, gate is not None, keep is not None)
+    kernel = make(config)(dtype, layout, config, has_bias, bool(relu), bool(accumulate),
+                          residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
     o3 = as_shape(out, (Z, M, N))
 
