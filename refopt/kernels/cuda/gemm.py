@@ -28,6 +28,22 @@ registers while the current one is multiplied (two shared buffers, one barrier p
 thread's rows are ``4*ty + i`` and ``BM/2 + 4*ty + i`` (columns likewise): contiguous fours that
 keep the 16-byte shared loads conflict-free while a warp's columns span 64 consecutive floats.
 
+Two kernels share that design and every argument (``gemm(variant=...)``, ``REFOPT_GEMM``):
+
+* ``"v2"`` (:func:`make_gemm_v2`, the default; float32 operands whose contiguous dimensions are
+  multiples of 4 and whose data are 16-byte aligned, every configuration but ``"medium"``): each
+  thread reads its part of a slice as 16-byte global loads (``ld.v4``, an intrinsic: :func:`ldg4`),
+  from offsets computed once and advanced per slice; out-of-range groups are read from element 0
+  and replaced by zeros (selects, no branches around the loads); the ``BK`` steps of a slice are
+  written out one by one (the kernel's source is generated in Python) and each step's shared-memory
+  fragments are loaded while the previous step's products run.  Its large tile is ``"large16"``
+  (BK 16), its split products take ``"wide"`` (64x128, 128 threads) at about 3 blocks per
+  multiprocessor.  SASS for sm_90 (``benchmarks/gemm_resources.py``): 81-84% of the ``large16``
+  main loop's instructions are FFMA (``v1``: 50-51%), 119-151 registers, no spills.
+* ``"v1"`` (:func:`make_gemm`): the same tiles with one scalar global load per element behind a
+  branch, the ``BK`` loop rolled; taken for float64, for operands ``"v2"`` cannot read, and on
+  request.  H200 measurements of both: ``benchmarks/GPU.md``.
+
 Indices are masked non-negative (``& mask``) so that the compiler drops Numba's negative-index
 wrap-around and can vectorise the shared loads; constants are typed in the kernel's dtype so
 float32 code never widens to float64.
@@ -441,15 +457,15 @@ def _multiprocessors() -> int:
     return _SMS[0]
 
 
-def split_count(M: int, N: int, K: int, config: str) -> int:
+def split_count(M: int, N: int, K: int, config: str, per_sm: int = SPLIT_TARGET) -> int:
     """How many slices of ``K`` a product whose output tiles are too few to fill the GPU is cut
     into (the training step's products: weight gradients with ``K`` the tokens, the tied head's
     input gradient with ``K`` the vocabulary, the ``[tokens, hidden]`` outputs): about
-    ``SPLIT_TARGET`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the
-    tiles alone give two blocks per multiprocessor."""
+    ``per_sm`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the tiles
+    alone give half that."""
     BM, BN = CONFIGS[config][:2]
     tiles = cdiv(M, BM) * cdiv(N, BN)
-    target = SPLIT_TARGET * _multiprocessors()
+    target = per_sm * _multiprocessors()
     if tiles * 2 > target:
         return 1
     return max(1, min(target // tiles, K // 128))
@@ -506,10 +522,13 @@ def _make_sum_splits(dtype, has_bias=False, relu=False, accumulate=False, residu
 
 #: the kernel :func:`gemm` launches: ``"v2"`` (:func:`make_gemm_v2`, where its operands allow it) or
 #: ``"v1"`` (:func:`make_gemm`); ``REFOPT_GEMM`` in the environment, or ``variant=`` per call
-VARIANT = os.environ.get("REFOPT_GEMM", "v1")
+VARIANT = os.environ.get("REFOPT_GEMM", "v2")
 #: the configuration ``"v2"`` takes where the default would be ``"large"``: a 16-long K slice
 #: (half the barriers and loop overhead per product; 122-128 registers without spills)
 V2_LARGE = "large16"
+#: blocks per multiprocessor a split-K product of ``"v2"`` aims at (its split products take the
+#: ``"wide"`` tile: 128 threads and up to 151 registers, so three resident blocks)
+V2_SPLIT_TARGET = 3
 
 
 def v2_takes(config: str) -> bool:
@@ -573,10 +592,12 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if not batched:
         split_config = config
         if split_config is None:    # split products keep the large tile: the slices fill the GPU
-            split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
-            if v2 and split_config == "large":
-                split_config = V2_LARGE
-        splits = split_count(M, N, K, split_config) if splits is None else splits
+            if v2:              # the 64x128 tile, 3 blocks a multiprocessor (measured: GPU.md)
+                split_config = "wide" if not SIM and M >= 64 and N >= 128 else default_config(M, N)
+            else:
+                split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
+        if splits is None:
+            splits = split_count(M, N, K, split_config, V2_SPLIT_TARGET if v2 else SPLIT_TARGET)
         if splits > 1:
             BK = CONFIGS[split_config][2]
             Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
