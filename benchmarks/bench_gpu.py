@@ -139,7 +139,7 @@ def bench_gemm(args, rows):
     da, dw = cuda.as_cuda_array(a), cuda.as_cuda_array(w)
     out = cuda.device_array((n, n), np.float32)
     best = None
-    for config in ("large", "large1", "wide"):
+    for config in ("large", "large1", "large16", "wide"):
         ms = event_time(lambda: G.gemm(da, dw, "nt", out=out, config=config), args.repeats)
         err = rel_err(out.copy_to_host(), want.cpu().numpy())
         print(f"  gemm {config:6s} {ms:8.3f} ms  {2 * n**3 / ms / 1e9:6.1f} TFLOP/s  rel err {err:.1e}",

@@ -5,6 +5,7 @@ sweep of tile configurations x split-K slice counts, beside cuBLAS (float32, TF3
     python3 benchmarks/gemm_shapes.py                      # 1024x768x3072 nt/nn/tn, 1024x3072x768, 4096^3
     SPLITS= python3 benchmarks/gemm_shapes.py              # no sweep: dispatcher vs fast launcher vs graph
     CONFIGS="large wide medium" SPLITS="1 2 4 8" python3 benchmarks/gemm_shapes.py
+    VARIANTS="v1 v2" CONFIGS="large large16" python3 benchmarks/gemm_shapes.py   # both kernels
 
 Every time is the median of 20 event-timed runs after a warm-up; graph rows replay one captured
 graph 20 times between two events (per-run time).  The host row is the wall time of 200 calls of
@@ -29,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import event_time, graph_time, torch_event_time  # noqa: E402
 
 EXTRA = {   # candidate configurations tried beside gemm.CONFIGS (BM, BN, BK, TM, TN[, min blocks])
-    "large16": (128, 128, 16, 8, 8),
     "wide16": (64, 128, 16, 8, 8),
     "tall": (128, 64, 8, 8, 8),
     "medium8": (64, 64, 8, 8, 4),
@@ -46,6 +46,7 @@ def main():
         shapes = [s for s in shapes if s[0] + "%dx%dx%d" % s[1:] in os.environ["SHAPES"].split()]
     configs = os.environ.get("CONFIGS", "large large1 wide medium large16 wide16 tall medium8").split()
     splits = [int(s) for s in os.environ.get("SPLITS", "1 2 3 4 6 8 12").split()]   # SPLITS="": no sweep
+    variants = os.environ.get("VARIANTS", G.VARIANT).split()      # the kernels swept (gemm.VARIANT)
     summary = []
     for layout, M, N, K in shapes:
         A = torch.randn(*((K, M) if layout == "tn" else (M, K)), device="cuda", generator=gen)
@@ -76,22 +77,22 @@ def main():
               f"{ms_py:.3f} ms ({ms_t / ms_py:.2f}x, host {host_us:.0f} us/call), graph {ms_g:.3f} ms "
               f"({ms_t / ms_g:.2f}x)", flush=True)
         best = (1e9, "", 0)
-        for config in configs:
+        for variant, config in ((v, c) for v in variants for c in configs):
             for s in splits:
                 if s > 1 and K // s < 128:
                     continue
                 try:
                     ms = graph_time(lambda st: G.gemm(dA, dB, layout, out=o, stream=st, config=config,
-                                                      splits=s), 20)
+                                                      splits=s, variant=variant), 20)
                 except Exception as e:   # noqa: BLE001 - report and go on
-                    print(f"  {config} x{s}: {type(e).__name__}: {e}", flush=True)
+                    print(f"  {variant} {config} x{s}: {type(e).__name__}: {e}", flush=True)
                     continue
                 got = torch.as_tensor(o, device="cuda").double()
                 err = float((got - want).norm() / want.norm())
-                print(f"  {config:8s} split {s:2d}: {ms:.3f} ms  {ms_t / ms:.2f}x  rel err {err:.1e}",
-                      flush=True)
+                print(f"  {variant} {config:8s} split {s:2d}: {ms:.3f} ms {f / ms / 1e9:5.1f} TFLOP/s "
+                      f"{ms_t / ms:.2f}x  rel err {err:.1e}", flush=True)
                 if ms < best[0]:
-                    best = (ms, config, s)
+                    best = (ms, f"{variant} {config}", s)
         line = (f"{name:22s} cuBLAS {ms_t:.3f}  dispatcher {py[False]:.3f} ({ms_t / py[False]:.2f}x, "
                 f"host {host[False]:.0f}us)  fast {ms_py:.3f} ({ms_t / ms_py:.2f}x, host {host_us:.0f}us)  "
                 f"graph {ms_g:.3f} ({ms_t / ms_g:.2f}x)")

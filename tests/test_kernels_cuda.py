@@ -117,6 +117,61 @@ def test_gemm_every_tile_configuration(config):
         close(out, a @ b, np.float32, f"{config} {layout}", (np.abs(a) @ np.abs(b)).max())
 
 
+V2_FLAGS = [(False,) * 6, (True, True, False, False, True, False), (True,) * 6]
+
+
+@settings(max_examples=min(EX, 8))     # (each new kernel of v2 compiles for 5-10 s on a GPU)
+@given(layout=st.sampled_from(ggemm.LAYOUTS), Z=st.integers(1, 2), M=st.integers(1, big(10)),
+       N=st.integers(1, big(10)), K=st.integers(1, big(10)), splits=st.sampled_from([1, 2, 3]),
+       flags=st.sampled_from(V2_FLAGS), config=st.sampled_from([None, "large16", "wide", "large"]),
+       seed=st.integers(0, 2**16))
+def test_gemm_v2(layout, Z, M, N, K, splits, flags, config, seed):
+    # the second kernel (16-byte global loads, generated slice steps) against NumPy: float32, the
+    # contiguous dimensions multiples of 4 (M, N, K drawn as 4x), no epilogue, bias + ReLU +
+    # accumulate, or all six terms (the epilogue's code is v1's; the loads are what is new), split
+    # and whole, in the tiles v2 takes on a GPU (its default, large16, wide, large)
+    M, N, K = 4 * M, 4 * N, 4 * K
+    bias, relu, keep, gate, accumulate, residual = flags
+    if Z > 1:
+        splits = 1                                 # batches are never split
+    rng = np.random.default_rng(seed)
+    A = arrays(rng, (Z, K, M) if layout == "tn" else (Z, M, K), np.float32)
+    B = arrays(rng, (Z, N, K) if layout == "nt" else (Z, K, N), np.float32)
+    b, P, G, R, C0 = (arrays(rng, shape, np.float32) for shape in ((N,), (Z, M, N), (Z, M, N), (Z, M, N), (Z, M, N)))
+    a_ = A.transpose(0, 2, 1) if layout == "tn" else A
+    b_ = B.transpose(0, 2, 1) if layout == "nt" else B
+    want = a_ @ b_ + (b if bias else 0)
+    want = np.maximum(want, 0) if relu else want
+    want = want * P if keep else want
+    want = np.where(G <= 0, 0, want) if gate else want
+    want = want + C0 if accumulate else want
+    want = R + want if residual else want
+    dev = cuda.to_device
+    if Z == 1:
+        A, B, P, G, R, C0, want = A[0], B[0], P[0], G[0], R[0], C0[0], want[0]
+    assert ggemm._v2_fits(dev(A), dev(B), layout, M, N, K)
+    out = dev(C0)
+    ggemm.gemm(dev(A), dev(B), layout, bias=dev(b) if bias else None, relu=relu, out=out,
+               accumulate=accumulate, residual=dev(R) if residual else None,
+               gate=dev(G) if gate else None, keep=dev(P) if keep else None,
+               splits=splits if Z == 1 else None, variant="v2", config=None if SIM else config)
+    scale = (np.abs(a_) @ np.abs(b_)).max() * np.abs(P).max() + np.abs(C0).max() + np.abs(R).max()
+    close(out.copy_to_host(), want, np.float32, f"v2 {layout} split {splits}", scale)
+
+
+def test_gemm_v2_falls_back():
+    # variant="v2" on operands it cannot take (a contiguous dimension not a multiple of 4,
+    # float64) launches the first kernel: same results
+    rng = np.random.default_rng(5)
+    for dtype, (M, N, K) in ((np.float32, (9, 8, 7)), (np.float64, (8, 8, 8))):
+        A, B = arrays(rng, (M, K), dtype), arrays(rng, (N, K), dtype)
+        assert not ggemm._v2_fits(cuda.to_device(A), cuda.to_device(B), "nt", M, N, K)
+        out = ggemm.gemm(cuda.to_device(A), cuda.to_device(B), "nt", variant="v2").copy_to_host()
+        close(out, A @ B.T, dtype, "v2 fallback", (np.abs(A) @ np.abs(B.T)).max())
+    with pytest.raises(ValueError):
+        ggemm.gemm(cuda.to_device(A), cuda.to_device(B), "nt", variant="v3")
+
+
 def test_launch_marshals_arrays_as_numba():
     # the fast launcher's argument list for an array (launch.View): meminfo, parent, size,
     # itemsize, data, shape, byte strides -- the strides of a C-contiguous NumPy array

@@ -28,6 +28,22 @@ registers while the current one is multiplied (two shared buffers, one barrier p
 thread's rows are ``4*ty + i`` and ``BM/2 + 4*ty + i`` (columns likewise): contiguous fours that
 keep the 16-byte shared loads conflict-free while a warp's columns span 64 consecutive floats.
 
+Two kernels share that design and every argument (``gemm(variant=...)``, ``REFOPT_GEMM``):
+
+* ``"v2"`` (:func:`make_gemm_v2`, the default; float32 operands whose contiguous dimensions are
+  multiples of 4 and whose data are 16-byte aligned, every configuration but ``"medium"``): each
+  thread reads its part of a slice as 16-byte global loads (``ld.v4``, an intrinsic: :func:`ldg4`),
+  from offsets computed once and advanced per slice; out-of-range groups are read from element 0
+  and replaced by zeros (selects, no branches around the loads); the ``BK`` steps of a slice are
+  written out one by one (the kernel's source is generated in Python) and each step's shared-memory
+  fragments are loaded while the previous step's products run.  Its large tile is ``"large16"``
+  (BK 16), its split products take ``"wide"`` (64x128, 128 threads) at about 3 blocks per
+  multiprocessor.  SASS for sm_90 (``benchmarks/gemm_resources.py``): 81-84% of the ``large16``
+  main loop's instructions are FFMA (``v1``: 50-51%), 119-151 registers, no spills.
+* ``"v1"`` (:func:`make_gemm`): the same tiles with one scalar global load per element behind a
+  branch, the ``BK`` loop rolled; taken for float64, for operands ``"v2"`` cannot read, and on
+  request.  H200 measurements of both: ``benchmarks/GPU.md``.
+
 Indices are masked non-negative (``& mask``) so that the compiler drops Numba's negative-index
 wrap-around and can vectorise the shared loads; constants are typed in the kernel's dtype so
 float32 code never widens to float64.
@@ -42,12 +58,14 @@ shared rows' padded lengths (``PAD`` floats of padding), ``M``, ``N``, ``K`` the
 from __future__ import annotations
 
 import functools
+import os
+import linecache
 
 import numpy as np
-from numba import cuda, int32
+from numba import cuda, int32, int64
 
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel, nbtype
-from refopt.kernels.cuda.launch import as_shape, launcher
+from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 LAYOUTS = ("nt", "nn", "tn")
 
@@ -58,6 +76,7 @@ LAYOUTS = ("nt", "nn", "tn")
 CONFIGS = {
     "large": (128, 128, 8, 8, 8),
     "large1": (128, 128, 8, 8, 8, 1),
+    "large16": (128, 128, 16, 8, 8),
     "wide": (64, 128, 8, 8, 8),
     "medium": (64, 64, 8, 4, 4),
     "small": (32, 32, 8, 4, 4),
@@ -223,6 +242,195 @@ def make_gemm(dtype, layout: str, config: str, has_bias: bool = False, relu: boo
     return gemm
 
 
+# ----------------------------------------------------------------------------- the second kernel
+# (float32 with 16-byte global loads, unrolled K slice with fragment double buffering)
+
+if SIMULATOR:
+    def ldg4(arr, off):
+        """Four consecutive elements of ``arr`` from flat element ``off`` (the simulator's
+        stand-in for one 16-byte load)."""
+        flat = arr.reshape(arr.size)
+        return flat[off], flat[off + 1], flat[off + 2], flat[off + 3]
+else:
+    from llvmlite import ir as _ir
+    from numba.cuda import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+    from numba.cuda.typing import signature as _signature
+
+    @_intrinsic
+    def ldg4(typingctx, arr, off):
+        """Four consecutive elements of ``arr`` from flat element ``off`` as one 16-byte load
+        (``ld.v4.f32``; ``off`` a multiple of 4 and the data 16-byte aligned: the caller checks)."""
+        dt = arr.dtype
+        sig = _signature(_types.UniTuple(dt, 4), arr, _types.int64)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            off64 = context.cast(builder, args[1], sig.args[1], _types.int64)
+            ptr = builder.gep(ary.data, [off64])
+            lty = context.get_data_type(dt)
+            vptr = builder.bitcast(ptr, _ir.VectorType(lty, 4).as_pointer())
+            vec = builder.load(vptr, align=16)
+            vals = [builder.extract_element(vec, _ir.Constant(_ir.IntType(32), i)) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+        return sig, codegen
+
+
+def _operand_lines(X, name, rows, r0, BX, km, LX, NT, BK, regs):
+    """Source lines of one operand's geometry (``X`` "a" / "b"): the thread's part of a slice as
+    ``LX / 4`` groups of four consecutive elements of the operand's contiguous dimension; ``km``
+    when the operand is stored ``[K, rows]``."""
+    P = LX // 4
+    if km:
+        Q = BX // 4                   # threads along a k row
+        KR = NT // Q                  # k rows per pass
+        assert P * KR == BK
+        geo = [f"{X}k = tid // {Q}", f"{X}c = (tid % {Q}) * 4",
+               f"{X}ok = {r0} + {X}c < {rows}",
+               f"{X}o = int64(za) * K * {rows} + int64(kb + {X}k) * {rows} + {r0} + {X}c",
+               f"{X}step = int64({BK}) * {rows}"]
+        loads = []
+        for p in range(P):
+            loads += [f"ok = {X}ok and k0 + {X}k + {p * KR} < ke",
+                      f"v = ldg4({name}, ({X}o + koff + {p * KR} * {rows}) if ok else int64(0))"]
+            loads += [f"{regs}[{4 * p + j}] = v[{j}] if ok else DT(0)" for j in range(4)]
+        stores = [f"{X.upper()}s[BUF, {X}k + {p * KR}, {X}c + {j}] = {regs}[{4 * p + j}]"
+                  for p in range(P) for j in range(4)]
+    else:
+        Q = BK // 4                   # threads along a row's slice
+        RR = NT // Q                  # rows per pass
+        assert P * RR == BX
+        geo = [f"{X}r = tid // {Q}", f"{X}q = (tid % {Q}) * 4",
+               f"{X}o = int64(za) * {rows} * K + int64(min({r0} + {X}r, {rows} - 1)) * K + kb + {X}q",
+               f"{X}step = int64({BK})"]
+        loads = []
+        for p in range(P):
+            loads += [f"ok = {r0} + {X}r + {p * RR} < {rows} and k0 + {X}q < ke",
+                      f"v = ldg4({name}, ({X}o + koff + {p * RR} * K) if ok else int64(0))"]
+            loads += [f"{regs}[{4 * p + j}] = v[{j}] if ok else DT(0)" for j in range(4)]
+        stores = [f"{X.upper()}s[BUF, {X}q + {j}, {X}r + {p * RR}] = {regs}[{4 * p + j}]"
+                  for p in range(P) for j in range(4)]
+    return geo, loads, stores
+
+
+@functools.lru_cache(maxsize=None)
+def make_gemm_v2(dtype, layout: str, config: str, has_bias: bool = False, relu: bool = False,
+                 accumulate: bool = False, residual: bool = False, gate: bool = False,
+                 keep: bool = False, splitk: bool = False):
+    """The second GEMM kernel (``variant="v2"``), same arguments and results as
+    :func:`make_gemm`'s: every slice of A and B read with 16-byte global loads (the operands'
+    contiguous dimensions multiples of 4 and their data 16-byte aligned: :func:`gemm` checks),
+    global offsets computed once and advanced per slice, out-of-range groups read from element 0
+    and replaced by zeros (no branches around the loads), and the ``BK`` steps of a slice written
+    out one by one (Python-generated source) with the next step's shared-memory fragments loaded
+    while the current step's products run."""
+    BM, BN, BK, TM, TN = CONFIGS[config][:5]
+    MIN_BLOCKS = CONFIGS[config][5] if len(CONFIGS[config]) > 5 else 2
+    NTX, NTY = BN // TN, BM // TM
+    NT = NTX * NTY
+    GM, GN = TM // 4, TN // 4
+    LA, LB = BM * BK // NT, BN * BK // NT
+    HM, HN = BM // GM, BN // GN
+    a_km = layout == "tn"
+    b_kn = layout in ("nn", "tn")
+    SA, SB = BM + PAD, BN + PAD
+    assert LA % 4 == 0 and LB % 4 == 0 and BK % 4 == 0
+
+    ageo, aload, astore = _operand_lines("a", "A", "M", "m0", BM, a_km, LA, NT, BK, "ra")
+    bgeo, bload, bstore = _operand_lines("b", "B", "N", "n0", BN, b_kn, LB, NT, BK, "rb")
+
+    def frag(s, k, buf="cur"):
+        out = [f"fa[{s}, {g * 4 + i}] = As[{buf}, {k}, {g * HM + i} + ty4]" for g in range(GM) for i in range(4)]
+        out += [f"fb[{s}, {g * 4 + j}] = Bs[{buf}, {k}, {g * HN + j} + tx4]" for g in range(GN) for j in range(4)]
+        return out
+
+    L = []
+    L += ["def gemm(A, B, C, bias, R, G, P, M, N, K, Kc):",
+          "    As = cuda.shared.array((2, BK, SA), DT, alignment=ALIGN)",
+          "    Bs = cuda.shared.array((2, BK, SB), DT, alignment=ALIGN)",
+          "    acc = cuda.local.array((TM, TN), DT)",
+          "    fa = cuda.local.array((2, TM), DT)",
+          "    fb = cuda.local.array((2, TN), DT)",
+          "    ra = cuda.local.array(LA, DT)",
+          "    rb = cuda.local.array(LB, DT)",
+          "    tid = cuda.threadIdx.x & 1023",
+          "    tx4 = (tid % NTX) * 4",
+          "    ty4 = (tid // NTX) * 4",
+          "    m0 = (cuda.blockIdx.y & 0x7FFFFFFF) * BM",
+          "    n0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BN",
+          "    z = cuda.blockIdx.z & 0xFFFF",
+          "    for i in range(TM):",
+          "        for j in range(TN):",
+          "            acc[i, j] = DT(0)",
+          "    za = z",
+          "    kb = 0",
+          "    ke = K"]
+    if splitk:
+        L += ["    za = 0", "    kb = z * Kc", "    ke = min(K, kb + Kc)"]
+    L += ["    ntiles = (ke - kb + BK - 1) // BK"]
+    L += ["    " + s for s in ageo + bgeo]
+    L += ["    if ntiles > 0:",
+          "        k0 = kb",
+          "        koff = int64(0)"]
+    L += ["        " + s for s in aload + bload]
+    L += ["        " + s.replace("BUF", "0") for s in astore + bstore]
+    L += ["    cuda.syncthreads()",
+          "    for kt in range(ntiles):",
+          "        cur = kt & 1",
+          "        more = kt + 1 < ntiles",
+          "        k0 = kb + (kt + 1) * BK",
+          "        if more:"]
+    L += ["            koff = int64(kt + 1) * astep"]
+    L += ["            " + s for s in aload]
+    L += ["            koff = int64(kt + 1) * bstep"]
+    L += ["            " + s for s in bload]
+    L += ["        " + s for s in frag(0, 0)]
+    for k in range(BK):
+        s = k & 1
+        if k + 1 < BK:
+            L += ["        " + x for x in frag(s ^ 1, k + 1)]
+        L += ["        for i in range(TM):",
+              "            for j in range(TN):",
+              f"                acc[i, j] += fa[{s}, i] * fb[{s}, j]"]
+    L += ["        if more:",
+          "            nxt = cur ^ 1"]
+    L += ["            " + s.replace("BUF", "nxt") for s in astore + bstore]
+    L += ["        cuda.syncthreads()"]
+    L += ["    for i in range(TM):",
+          "        m = m0 + (i // 4) * HM + ty4 + (i % 4)",
+          "        for j in range(TN):",
+          "            n = n0 + (j // 4) * HN + tx4 + (j % 4)",
+          "            if m < M and n < N:",
+          "                v = acc[i, j]",
+          "                if has_bias:",
+          "                    v += bias[n]",
+          "                if relu:",
+          "                    v = max(v, DT(0))",
+          "                if keep:",
+          "                    v = v * P[z, m, n]",
+          "                if gate:",
+          "                    if G[z, m, n] <= DT(0):",
+          "                        v = DT(0)",
+          "                if accumulate:",
+          "                    v += C[z, m, n]",
+          "                if residual:",
+          "                    v = R[z, m, n] + v",
+          "                C[z, m, n] = v"]
+    src = "\n".join(L) + "\n"
+    fname = f"<refopt gemm v2 {layout} {config}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = dict(cuda=cuda, DT=nbtype(dtype), int64=int64, ldg4=ldg4, min=min, max=max, ALIGN=ALIGN,
+              BM=BM, BN=BN, BK=BK, TM=TM, TN=TN, NTX=NTX, SA=SA, SB=SB, LA=LA, LB=LB, HM=HM, HN=HN,
+              has_bias=has_bias, relu=relu, accumulate=accumulate, residual=residual, gate=gate,
+              keep=keep)
+    exec(compile(src, fname, "exec"), ns)
+    gemm = kernel(launch_bounds=(NT, MIN_BLOCKS))(ns["gemm"])
+    gemm.threads = NT
+    gemm.tile = (BM, BN)
+    gemm.source = src
+    return gemm
+
+
 def default_config(M: int, N: int) -> str:
     """The tile configuration for an ``M x N`` product: the large tile when it gives the GPU enough
     blocks, smaller ones for short products; the small tile under the simulator."""
@@ -249,15 +457,15 @@ def _multiprocessors() -> int:
     return _SMS[0]
 
 
-def split_count(M: int, N: int, K: int, config: str) -> int:
+def split_count(M: int, N: int, K: int, config: str, per_sm: int = SPLIT_TARGET) -> int:
     """How many slices of ``K`` a product whose output tiles are too few to fill the GPU is cut
     into (the training step's products: weight gradients with ``K`` the tokens, the tied head's
     input gradient with ``K`` the vocabulary, the ``[tokens, hidden]`` outputs): about
-    ``SPLIT_TARGET`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the
-    tiles alone give two blocks per multiprocessor."""
+    ``per_sm`` blocks per multiprocessor in all, each slice at least 128 long; 1 when the tiles
+    alone give half that."""
     BM, BN = CONFIGS[config][:2]
     tiles = cdiv(M, BM) * cdiv(N, BN)
-    target = SPLIT_TARGET * _multiprocessors()
+    target = per_sm * _multiprocessors()
     if tiles * 2 > target:
         return 1
     return max(1, min(target // tiles, K // 128))
@@ -312,8 +520,42 @@ def _make_sum_splits(dtype, has_bias=False, relu=False, accumulate=False, residu
     return sum_splits
 
 
+#: the kernel :func:`gemm` launches: ``"v2"`` (:func:`make_gemm_v2`, where its operands allow it) or
+#: ``"v1"`` (:func:`make_gemm`); ``REFOPT_GEMM`` in the environment, or ``variant=`` per call
+VARIANT = os.environ.get("REFOPT_GEMM", "v2")
+#: the configuration ``"v2"`` takes where the default would be ``"large"``: a 16-long K slice
+#: (half the barriers and loop overhead per product; 122-128 registers without spills)
+V2_LARGE = "large16"
+#: blocks per multiprocessor a split-K product of ``"v2"`` aims at (its split products take the
+#: ``"wide"`` tile: 128 threads and up to 151 registers, so three resident blocks)
+V2_SPLIT_TARGET = 3
+
+
+def v2_takes(config: str) -> bool:
+    """Whether :func:`make_gemm_v2` can build a tile configuration: each thread's share of an A
+    and a B slice whole groups of four, laid out in whole passes (``"medium"``: two elements of
+    each per thread, so no)."""
+    BM, BN, BK, TM, TN = CONFIGS[config][:5]
+    NT = (BM // TM) * (BN // TN)
+    return (BM * BK % (4 * NT) == 0 and BN * BK % (4 * NT) == 0 and BK % 4 == 0
+            and TM % 4 == 0 and TN % 4 == 0 and all(NT % q == 0 for q in (BM // 4, BN // 4, BK // 4)))
+
+
+def _v2_fits(a, b, layout: str, M: int, N: int, K: int) -> bool:
+    """Whether ``make_gemm_v2`` can take these operands: float32, the contiguous dimension of each
+    operand a multiple of 4 and its data 16-byte aligned."""
+    if np.dtype(a.dtype) != np.float32 or np.dtype(b.dtype) != np.float32 or K == 0:
+        return False
+    ca = M if layout == "tn" else K
+    cb = N if layout in ("nn", "tn") else K
+    if ca % 4 or cb % 4:
+        return False
+    return SIMULATOR or (pointer(a) % 16 == 0 and pointer(b) % 16 == 0)
+
+
 def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
-         config: str | None = None, stream=0, residual=None, gate=None, keep=None, splits=None):
+         config: str | None = None, stream=0, residual=None, gate=None, keep=None, splits=None,
+         variant: str | None = None):
     """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
     see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
     ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
@@ -339,18 +581,29 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if M == 0 or N == 0 or Z == 0:
         return out
     has_bias = bias is not None
+    variant = variant or VARIANT
+    if variant not in ("v1", "v2"):
+        raise ValueError(f"gemm variant {variant!r}: expected 'v1' or 'v2'")
+    v2 = variant == "v2" and _v2_fits(a, b, layout, M, N, K)
+
+    def make(cfg):              # the kernel builder for a configuration
+        return make_gemm_v2 if v2 and v2_takes(cfg) else make_gemm
     one = as_shape(out, (1,))                  # the placeholder of an absent operand
     if not batched:
         split_config = config
         if split_config is None:    # split products keep the large tile: the slices fill the GPU
-            split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
-        splits = split_count(M, N, K, split_config) if splits is None else splits
+            if v2:              # the 64x128 tile, 3 blocks a multiprocessor (measured: GPU.md)
+                split_config = "wide" if not SIM and M >= 64 and N >= 128 else default_config(M, N)
+            else:
+                split_config = "large" if not SIM and M >= 128 and N >= 128 else default_config(M, N)
+        if splits is None:
+            splits = split_count(M, N, K, split_config, V2_SPLIT_TARGET if v2 else SPLIT_TARGET)
         if splits > 1:
             BK = CONFIGS[split_config][2]
             Kc = cdiv(cdiv(K, splits), BK) * BK               # slices of whole BK steps
             splits = cdiv(K, Kc)
             parts = as_shape(_workspace(splits * M * N, dtype), (splits, M, N))
-            k = make_gemm(dtype, layout, split_config, splitk=True)
+            k = make(split_config)(dtype, layout, split_config, splitk=True)
             BM, BN = k.tile
             launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
                         as_shape(a, ash), as_shape(b, bsh), parts, one, parts, parts,
@@ -362,9 +615,12 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
                 parts, o2, as_shape(bias, bias.shape) if has_bias else one,
                 *(o2 if x is None else as_shape(x, (M, N)) for x in (residual, gate, keep)))
             return out
-    config = config or default_config(M * Z, N)
-    kernel = make_gemm(dtype, layout, config, has_bias, bool(relu),
-                       bool(accumulate), residual is not None, gate is not None, keep is not None)
+    if config is None:
+        config = default_config(M * Z, N)
+        if v2 and config == "large":
+            config = V2_LARGE
+    kernel = make(config)(dtype, layout, config, has_bias, bool(relu), bool(accumulate),
+                          residual is not None, gate is not None, keep is not None)
     BM, BN = kernel.tile
     o3 = as_shape(out, (Z, M, N))
 
