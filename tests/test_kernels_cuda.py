@@ -74,6 +74,17 @@ def test_gemm_split_k(layout, splits):
         close(out, a @ b, dtype, f"{layout} split-K {splits}", (np.abs(a) @ np.abs(b)).max())
 
 
+def epilogue(y, b, P, G, C0, R, bias, relu, keep, gate, accumulate, residual):
+    """The fused epilogue in NumPy, in the kernels' order: bias, ReLU, dropout multiplier, ReLU
+    gate, accumulate, residual."""
+    y = y + (b if bias else 0)
+    y = np.maximum(y, 0) if relu else y
+    y = y * P if keep else y
+    y = np.where(G <= 0, 0, y) if gate else y
+    y = y + C0 if accumulate else y
+    return R + y if residual else y
+
+
 @settings(max_examples=EX)
 @given(dtype=DTYPES, layout=st.sampled_from(ggemm.LAYOUTS), splits=st.integers(2, 4),
        M=st.integers(1, big(20)), N=st.integers(1, big(20)), K=st.integers(1, big(40)),
@@ -88,12 +99,7 @@ def test_gemm_split_k_epilogues(dtype, layout, splits, M, N, K, flags, seed):
     b, P, G, R, C0 = (arrays(rng, shape, dtype) for shape in ((N,), (M, N), (M, N), (M, N), (M, N)))
     a_ = A.T if layout == "tn" else A
     b_ = B.T if layout == "nt" else B
-    want = a_ @ b_ + (b if bias else 0)
-    want = np.maximum(want, 0) if relu else want
-    want = want * P if keep else want
-    want = np.where(G <= 0, 0, want) if gate else want
-    want = want + C0 if accumulate else want
-    want = R + want if residual else want
+    want = epilogue(a_ @ b_, b, P, G, C0, R, bias, relu, keep, gate, accumulate, residual)
     out = cuda.to_device(C0)
     dev = cuda.to_device
     ggemm.gemm(dev(A), dev(B), layout, bias=dev(b) if bias else None, relu=relu, out=out,
@@ -140,12 +146,7 @@ def test_gemm_v2(layout, Z, M, N, K, splits, flags, config, seed):
     b, P, G, R, C0 = (arrays(rng, shape, np.float32) for shape in ((N,), (Z, M, N), (Z, M, N), (Z, M, N), (Z, M, N)))
     a_ = A.transpose(0, 2, 1) if layout == "tn" else A
     b_ = B.transpose(0, 2, 1) if layout == "nt" else B
-    want = a_ @ b_ + (b if bias else 0)
-    want = np.maximum(want, 0) if relu else want
-    want = want * P if keep else want
-    want = np.where(G <= 0, 0, want) if gate else want
-    want = want + C0 if accumulate else want
-    want = R + want if residual else want
+    want = epilogue(a_ @ b_, b, P, G, C0, R, bias, relu, keep, gate, accumulate, residual)
     dev = cuda.to_device
     if Z == 1:
         A, B, P, G, R, C0, want = A[0], B[0], P[0], G[0], R[0], C0[0], want[0]
