@@ -77,7 +77,7 @@ from refopt.kernels.cpu._threads import governor
 from refopt.kernels.cpu.int8 import quantize_rows, quantized_range
 from refopt.kernels.cpu.layernorm import layernorm_serial
 from refopt.kernels.cpu.matmul import CHUNK, PARALLEL_BYTES, float_range, readonly, stored, widen
-from refopt.kernels.cpu.sync import _segment, claim, counters, done, left, wait, wait_ahead
+from refopt.kernels.cpu.sync import claim, counters, done, left, wait
 
 # ----------------------------------------------------------------------------- small ops
 GOVERNOR_START_BYTES = 1 << 24   # a step reading this many weight bytes starts on every thread
@@ -146,10 +146,6 @@ COLS = 28
 FINAL_G, FINAL_B, OUT, TABLE = 0, 1, 2, 6     # the head's: the final norm, project_out, the table
 HEAD_COLS = 10
 CHUNK_BYTES = 1 << 16   # weight bytes a chunk of a product reads (rows // 2 times fewer from 4 rows)
-# While a thread waits at a stage's end, it fetches (into L2) the front of what it reads next: up to
-# AHEAD_BYTES, the first AHEAD_FIRST of them even when it does not wait (sync.wait_ahead)
-AHEAD_BYTES = 1 << 17
-AHEAD_FIRST = 1 << 12
 
 
 @intrinsic
@@ -259,10 +255,9 @@ def _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all,
 
 @njit(cache=True)
 def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, alpha, s_like, tid,
-                   xq_all, sx_all, rawf, rawi, sync, s, chunk, ahead):
+                   xq_all, sx_all, rawf, rawi, sync, s, chunk):
     # stage s: out <- epilogue(input @ w.T + bias) in chunks of outputs, the input LN(src) (each
-    # thread its own, in xn) when ``normed``, else src; then wait for the stage's end, fetching
-    # ``ahead`` (address, bytes, first bytes: what this thread reads next); returns the next stage
+    # thread its own, in xn) when ``normed``, else src; returns the next stage
     O, I = w.shape
     inp, xq, sx, per, n = _stage_input(src, normed, gamma, beta, eps, xn, s_like, tid, xq_all, sx_all,
                                        sync, s, O, I, w.itemsize, chunk)
@@ -274,35 +269,8 @@ def _product_stage(src, normed, gamma, beta, eps, xn, w, sc, bias, out, mode, al
         k += 1
         c = claim(sync, s, n, tid, parts)
     done(sync, s, parts, k)
-    wait_ahead(sync, s, n, parts, ahead[0], ahead[1], ahead[2])
+    wait(sync, s, n, parts)
     return s + 1
-
-
-@njit(cache=True)
-def _ahead(addr, O, I, itemsize, B, chunk, tid, parts, most, first):
-    # (address, bytes, first bytes) of the front of thread tid's segment of a product's weights
-    # [O, I] at ``addr`` (at most ``most`` bytes; ``first`` of them fetched in any case)
-    per = _per_chunk(O, I, itemsize, B, chunk)
-    n = (O + per - 1) // per
-    c0, count = _segment(n, parts, tid)
-    r0, r1 = min(O, c0 * per), min(O, (c0 + count) * per)
-    return addr + r0 * I * itemsize, min(most, (r1 - r0) * I * itemsize), first
-
-
-@njit(cache=True)
-def _ahead_qkv(a, D, itemsize, B, chunk, tid, parts, most, first):
-    # _ahead for the q/k/v stage of the layer of address row ``a``: its 3D outputs run over the
-    # three matrices; the front of this thread's segment, up to the end of its matrix
-    per = _per_chunk(3 * D, D, itemsize, B, chunk)
-    n = (3 * D + per - 1) // per
-    c0, count = _segment(n, parts, tid)
-    j0, j1 = min(3 * D, c0 * per), min(3 * D, (c0 + count) * per)
-    if j0 >= j1:
-        return a[4 + W_], 0, 0
-    part = j0 // D
-    row = j0 - part * D
-    end = min(j1, (part + 1) * D) - part * D
-    return a[4 + 4 * part + W_] + row * D * itemsize, min(most, (end - row) * D * itemsize), first
 
 
 @njit(cache=True)
@@ -312,8 +280,8 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
     """Thread ``tid``'s share of one decode step (every layer, then the head) from stage ``s``,
     ``x [B, D]`` updated in place; returns the next stage.  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
     vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
-    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out, chunk bytes, AHEAD_BYTES,
-    AHEAD_FIRST), V = 0 for no logits.  Shared scratch: qkv
+    and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out,
+    chunk bytes), V = 0 for no logits.  Shared scratch: qkv
     [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
     ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
     rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
@@ -322,25 +290,13 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
     F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
-    chunk, most, first = dims[5], dims[6], dims[7]
+    chunk = dims[5]
     one = x.dtype.type(1)
     STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
     xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
     parts = xn_all.shape[0]                            # the threads the work is cut for
-    isz = w_like.itemsize
-    L = addr.shape[0]
-    for layer in range(L):
+    for layer in range(addr.shape[0]):
         a, n_ = addr[layer], lens[layer]
-        # what this thread reads first in the stages after each wait (fetched while it waits)
-        t_o = _ahead(a[4 + 4 * O_ + W_], D, D, isz, B, chunk, tid, parts, most, first)
-        t_1 = _ahead(a[4 + 4 * FC1 + W_], F, D, isz, B, chunk, tid, parts, most, first)
-        t_2 = _ahead(a[4 + 4 * FC2 + W_], D, F, isz, B, chunk, tid, parts, most, first)
-        if layer + 1 < L:
-            t_n = _ahead_qkv(addr[layer + 1], D, isz, B, chunk, tid, parts, most, first)
-        elif has_out:
-            t_n = _ahead(head[OUT + W_], E, D, isz, B, chunk, tid, parts, most, first)
-        else:
-            t_n = _ahead(head[TABLE + W_], V, E, isz, B, chunk, tid, parts, most, first)
         g1, b1 = _vec(a[LN1_G], D, f_like), _vec(a[LN1_B], D, f_like)
         g2, b2 = _vec(a[LN2_G], D, f_like), _vec(a[LN2_B], D, f_like)
         # --- q, k, v: chunks of the 3D outputs of the three products, keys and values to the cache
@@ -363,7 +319,7 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
             k += 1
             c = claim(sync, s, n, tid, parts)
         done(sync, s, parts, k)
-        wait_ahead(sync, s, n, parts, t_o[0], t_o[1], t_o[2])
+        wait(sync, s, n, parts)
         s += 1
         # --- attention: one chunk per (row, head)
         n = B * H
@@ -374,32 +330,31 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
             k += 1
             c = claim(sync, s, n, tid, parts)
         done(sync, s, parts, k)
-        wait_ahead(sync, s, n, parts, t_o[0], t_o[1], t_o[2])
+        wait(sync, s, n, parts)
         s += 1
         # --- the output projection, added to x; post-LN: x = LN1(x)
         w, sc, bias = _projection(a, n_, O_, D, D, w_like, s_like, f_like)
         s = _product_stage(ctx, False, g1, b1, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s, chunk, t_1)
+                           sx_all, rawf, rawi, sync, s, chunk)
         if not pre_ln:
             s = _norm_stage(x, g1, b1, eps, xt, sync, s, tid, parts)
         # --- h = relu(LN2(x) @ W1.T + b1); x += h @ W2.T + b2; post-LN: x = LN2(x)
         w, sc, bias = _projection(a, n_, FC1, F, D, w_like, s_like, f_like)
         s = _product_stage(x, pre_ln, g2, b2, eps, xn, w, sc, bias, h, RELU, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s, chunk, t_2)
+                           sx_all, rawf, rawi, sync, s, chunk)
         w, sc, bias = _projection(a, n_, FC2, D, F, w_like, s_like, f_like)
         s = _product_stage(h, False, g2, b2, eps, xn, w, sc, bias, x, ADD, one, s_like, tid, xq_all,
-                           sx_all, rawf, rawi, sync, s, chunk, t_n)
+                           sx_all, rawf, rawi, sync, s, chunk)
         if not pre_ln:
             s = _norm_stage(x, g2, b2, eps, xt, sync, s, tid, parts)
     # --- the head: hidden = final LN(x) (@ project_out.T), logits = hidden @ table.T
     fg, fb = _vec(head[FINAL_G], D, f_like), _vec(head[FINAL_B], D, f_like)
     nobias = _vec(head[FINAL_G], 0, f_like)
-    t_t = _ahead(head[TABLE + W_], V, E, isz, B, chunk, tid, parts, most, first)
     if has_out:
         w = _mat(head[OUT + W_], E, D, w_like)
         sc = _scales(s_like, head[OUT + S_], head[OUT + R_], head_lens[0])
         s = _product_stage(x, has_final, fg, fb, eps, xn, w, sc, nobias, hidden, STORE, one, s_like, tid,
-                           xq_all, sx_all, rawf, rawi, sync, s, chunk, t_t)
+                           xq_all, sx_all, rawf, rawi, sync, s, chunk)
     else:                                              # one thread writes hidden
         if claim(sync, s, 1, tid, parts) == 0:
             if has_final:
@@ -407,14 +362,12 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
             else:
                 _copy(x, hidden)
             done(sync, s, parts, 1)
-        wait_ahead(sync, s, 1, parts, t_t[0], t_t[1], t_t[2])
+        wait(sync, s, 1, parts)
         s += 1
     w = _mat(head[TABLE + W_], V, E, w_like)
     sc = _scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1])
-    # after the head, the first layer's q/k/v (the next step's, in a greedy loop)
-    t_0 = _ahead_qkv(addr[0], D, isz, B, chunk, tid, parts, most, 0) if L > 0 else (head[TABLE + W_], 0, 0)
     return _product_stage(hidden, False, fg, fb, eps, xn, w, sc, nobias, logits, STORE, one, s_like, tid,
-                          xq_all, sx_all, rawf, rawi, sync, s, chunk, t_0)
+                          xq_all, sx_all, rawf, rawi, sync, s, chunk)
 
 
 def _int8_scales(sc):
@@ -501,9 +454,6 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     V, E = dims[2], dims[1]
     table = _mat(head[TABLE + W_], V, E, w_like)
     sw = _int8_scales(_scales(s_like, head[TABLE + S_], head[TABLE + R_], head_lens[1]))
-    L = addr.shape[0]
-    t_0 = (_ahead_qkv(addr[0], x.shape[1], w_like.itemsize, B, dims[5], tid, parts, dims[6], dims[7]) if L > 0
-           else (head[TABLE + W_], 0, 0))
     s = 0
     k = 0
     while True:
@@ -526,7 +476,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
             n += 1
             c = claim(sync, s, B, tid, parts)
         done(sync, s, parts, n)
-        wait_ahead(sync, s, B, parts, t_0[0], t_0[1], t_0[2])
+        wait(sync, s, B, parts)
         s += 1
         if k > 0:
             end = k >= steps or at + 1 >= T
@@ -550,7 +500,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
             n += 1
             c = claim(sync, s, B, tid, parts)
         done(sync, s, parts, n)
-        wait_ahead(sync, s, B, parts, t_0[0], t_0[1], t_0[2])
+        wait(sync, s, B, parts)
         s += 1
         unsure = False
         for b in range(B):
@@ -646,7 +596,7 @@ class _Plan:
             *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
         self.E, self.V = table.shape[1], table.shape[0]
         self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
-                              has_out, CHUNK_BYTES, AHEAD_BYTES, AHEAD_FIRST], np.int64)
+                              has_out, CHUNK_BYTES], np.int64)
         self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
         seen = {}

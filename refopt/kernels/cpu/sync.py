@@ -164,50 +164,6 @@ def wait(sync, s, n, parts):
             _sched_yield()
 
 
-@intrinsic
-def prefetch(typingctx, addr):
-    """Ask for the cache line at address ``addr`` (int64) to be brought into L2 (``prefetcht1``
-    on x86; a hint: it never faults, whatever the address)."""
-    sig = types.none(types.int64)
-
-    def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
-                          ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-LINE_BYTES = 64
-
-
-@njit(cache=True)
-def wait_ahead(sync, s, n, parts, addr, nbytes, first):
-    """:func:`wait`, fetching the memory this thread reads next meanwhile: the first ``first``
-    bytes of ``[addr, addr + nbytes)`` in any case, then more of it, a few lines at each check,
-    while the stage is unfinished (the next stage's weights stream from L2 instead of starting
-    cold after the barrier)."""
-    off = 0
-    while off < min(first, nbytes):
-        prefetch(addr + off)
-        off += LINE_BYTES
-    spins = 0
-    while load(sync, block(parts) * s) < n:
-        if off < nbytes:
-            for _ in range(4):
-                prefetch(addr + off)
-                off += LINE_BYTES
-        elif spins < SPINS:
-            pause()
-            spins += 1
-        else:
-            _sched_yield()
-
-
 @njit(cache=True)
 def spread(sync, stages, n, out, tid):
     """Test helper: ``stages`` stages of ``n`` chunks; chunk ``c`` of stage ``s`` adds ``1 + 100 *
