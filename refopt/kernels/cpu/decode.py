@@ -706,7 +706,7 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     return (out[:, None] if logits else None), hidden[:, None]
 
 
-GREEDY_STEPS = 16       # greedy steps one call of decode_greedy runs at most
+GREEDY_STEPS = 8        # greedy steps one call of decode_greedy runs at most
 
 
 def decode_greedy(params, cfg, seq, prompt_mask, generated, stop, finished, cache, index, temperature=1.0,
