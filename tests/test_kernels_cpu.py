@@ -236,10 +236,12 @@ def test_decode_greedy_gives_the_step_by_step_tokens(cfg, dtype, kind, B, stop, 
 @settings(max_examples=60)
 @given(V=st.integers(1, 30), dtype=DTYPES, near=st.integers(0, 3), special=st.sampled_from([None, np.nan, np.inf]),
        temperature=st.sampled_from([1.0, 0.3, 3.0, 1e6]), scale=st.sampled_from([1e-3, 1.0, 1e4]),
-       seed=st.integers(0, 2**16))
-def test_a_certain_greedy_pick_is_the_samplers_choice(V, dtype, near, special, temperature, scale, seed):
-    # decode._pick: when it is certain, its token is argmax(softmax(logits / T)) as GreedySampler
-    # computes it in NumPy; logits with exact ties, neighbours a few ulps apart, inf and NaN
+       ranges=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_a_certain_greedy_pick_is_the_samplers_choice(V, dtype, near, special, temperature, scale, ranges,
+                                                      seed):
+    # decode._pick (the greedy loop's scan of a row in ranges, some empty, and its decision): when
+    # it is certain, its token is argmax(softmax(logits / T)) as GreedySampler computes it in
+    # NumPy; logits with exact ties, neighbours a few ulps apart, inf and NaN
     from refopt.kernels.cpu.decode import _pick
     from refopt.samplers import GreedySampler
 
@@ -254,7 +256,7 @@ def test_a_certain_greedy_pick_is_the_samplers_choice(V, dtype, near, special, t
     if special is not None:
         row[int(rng.integers(0, V))] = special
     sampler = GreedySampler(temperature=temperature)
-    token, sure = _pick(row[None], 0, dtype(temperature))
+    token, sure = _pick(row[None], 0, dtype(temperature), ranges)
     with np.errstate(all="ignore"):
         want = int(sampler.get_next_token(sampler.compute_probabilities(row[None]))[0])
     if sure:

@@ -47,6 +47,22 @@ its 495 MB at 36-38 GB/s.  In a 32-token generation a token took 6.2-8.3 ms: the
 layout in one sitting (load 1.8-2.1), a generation's median went 93.5-106.5 -> 115.8-148.5 tok/s
 (exact int8) and 108.1-134.0 -> 113.2-161.3 (int8 activations).
 
+Greedy decoding runs several steps in one call (:func:`decode_greedy`, up to ``GREEDY_STEPS``):
+the same parallel region embeds each step's token, runs the layers and the head, picks every row's
+token and commits it as :meth:`refopt.samplers.Sampler.steps` does, then goes on -- no Python, no
+new parallel region and no NumPy softmax between tokens.  The pick (:func:`_decide`) is the largest
+logit, certain to be the samplers' ``argmax(softmax(logits / temperature))`` unless another logit
+lies within rounding of it (then the call stops and the sampler decides that step in NumPy), so
+the tokens are those of the step-by-step loop.  Measured in one process, a 32-token greedy
+generate after a prompt of 8, NumPy backend / Numba step by step / Numba greedy loop, median of
+five alternations (``/tmp`` script, 2026-12-02 10:54-11:00 UTC, load 1.7-2.6, a shared machine
+whose two-thread read gave 23-26 GB/s that hour): the bundled model 552 / 1011 / 1393 tok/s at
+batch 1 (1.38x from the loop), 1395 / 3702 / 4352 at batch 8 (1.18x); 125m with int8 weights
+(NumPy float32) 29.2 / 65.5 / 68.9 (1.05x; the steps themselves took 13 ms a token at that
+hour's read); with one core busy 13.6 / 35.5 / 37.2.  In ``benchmarks/profile_cpu_step.py
+--compare-loop`` (125m int8, 10:36 UTC, load 2.2) the time a token spent outside the steps and
+the prefill went from 0.55-0.62 ms to 0.03.
+
 The arithmetic is :func:`refopt.model.forward` with the KV cache, one token per row, followed by
 the LM head (the tests compare it against the NumPy reference), in the activations' dtype:
 
@@ -394,21 +410,18 @@ def _embed(table, sw, token, positions, position, x, b):
 
 
 @njit(cache=True)
-def _pick(logits, b, temperature):
-    """Row ``b``'s greedy token and whether it is certainly the one the samplers' NumPy path
-    chooses (``argmax(softmax(logits / temperature))`` in the logits' dtype, ties to the first
-    index): (first index of the largest logit, True) when every logit is finite and the next
-    smaller one, divided by the temperature, lies at least 1e-5 below the largest after the
-    softmax's subtraction -- then every other probability is at most (1 - 1e-5) / sum, several
-    roundings below the largest, 1 / sum, and exact ties stay ties.  Else (.., False): the
-    caller decides on the NumPy path."""
-    row = logits[b]
-    top = row[0]
-    at = 0
+def _scan(logits, b, o0, o1, part):
+    # part <- (largest, the next smaller one (-inf: none), 1.0 when all are finite else 0.0, the
+    # first index of the largest; -1 for no logits) of logits[b, o0:o1]
+    if o0 >= o1:
+        part[0], part[1], part[2], part[3] = -np.inf, -np.inf, 1.0, -1.0
+        return
+    top = logits[b, o0]
+    at = o0
     second = -np.inf
     finite = True
-    for j in range(row.shape[0]):
-        v = row[j]
+    for j in range(o0, o1):
+        v = logits[b, j]
         if not np.isfinite(v):
             finite = False
         if v > top:
@@ -417,13 +430,55 @@ def _pick(logits, b, temperature):
             at = j
         elif v < top and v > second:
             second = v
+    part[0], part[1], part[2], part[3] = top, second, 1.0 if finite else 0.0, at
+
+
+@njit(cache=True)
+def _decide(parts, like, temperature):
+    """A row's greedy token from the :func:`_scan` of its consecutive ranges (``parts [R, 4]``)
+    and whether it is certainly the one the samplers' NumPy path chooses (``argmax(softmax(logits
+    / temperature))`` in the logits' dtype -- ``like``'s -- ties to the first index): (first index
+    of the largest logit, True) when every logit is finite and the next smaller one, divided by
+    the temperature, lies at least 1e-5 below the largest after the softmax's subtraction -- then
+    every other probability is at most (1 - 1e-5) / sum, several roundings below the largest,
+    1 / sum, and exact ties stay ties.  Else (.., False): the caller decides on the NumPy path."""
+    top = -np.inf
+    at = -1.0
+    second = -np.inf
+    finite = True
+    for j in range(parts.shape[0]):
+        if parts[j, 2] == 0.0:
+            finite = False
+        if parts[j, 3] < 0:
+            continue
+        t = parts[j, 0]
+        if at < 0 or t > top:
+            if at >= 0:
+                second = max(second, top)
+            top = t
+            at = parts[j, 3]
+        elif t < top:
+            second = max(second, t)
+        second = max(second, parts[j, 1])
+    token = np.int64(at)
     if not finite:
-        return at, False
+        return token, False
     if second == -np.inf:                              # every logit equal: the first one
-        return at, True
-    y_top = top / temperature
-    gap = (second / temperature) - y_top
-    return at, gap < -1e-5
+        return token, True
+    y_top = like.dtype.type(top) / temperature
+    gap = (like.dtype.type(second) / temperature) - y_top
+    return token, gap < -1e-5
+
+
+@njit(cache=True)
+def _pick(logits, b, temperature, ranges):
+    """Row ``b``'s (token, certain) by :func:`_scan` over ``ranges`` consecutive ranges of the
+    logits and :func:`_decide` (as the greedy loop, whose threads scan the ranges)."""
+    V = logits.shape[1]
+    parts = np.empty((ranges, 4))
+    for r in range(ranges):
+        _scan(logits, b, r * V // ranges, (r + 1) * V // ranges, parts[r])
+    return _decide(parts, logits, temperature)
 
 
 @njit(cache=True)
@@ -440,7 +495,8 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     ``loop[1]``) finishes the row in ``finished``).  It stops after ``loop[0]`` steps, at the
     sequence's end, when every row has finished (with stop tokens), or at a step whose pick is
     uncertain, its logits left in ``logits``; ``loop[2]`` <- the positions committed, ``loop[3]``
-    <- 1 when it stopped uncertain.  ``picks [2, B]``: scratch.  The other arguments: see
+    <- 1 when it stopped uncertain.  ``picks [B, R, 4]`` float64: scratch (each row's logits are
+    scanned in R ranges, by any thread).  The other arguments: see
     :func:`_layers_and_head`."""
     steps = loop[0]
     if steps == 0:
@@ -464,7 +520,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         while c >= 0:
             b = c
             if k > 0:
-                token = picks[0, b]
+                token = _decide(picks[b], logits, temperature)[0]
                 if marks[b, at] & 1:
                     token = seq[b, at]
                 if has_stop and (marks[b, at] & 2) and not finished[b]:
@@ -490,21 +546,21 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
         s = _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache,
                              at, key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt,
                              xn_all, xq_all, sx_all, rawf_all, rawi_all, sync, s)
-        # --- each row's token
-        c = claim(sync, s, B, tid, parts)
+        # --- each row's token: its logits scanned in R ranges (chunks any thread claims)
+        R = picks.shape[1]
+        c = claim(sync, s, B * R, tid, parts)
         n = 0
         while c >= 0:
-            token, sure = _pick(logits, c, temperature)
-            picks[0, c] = token
-            picks[1, c] = 0 if sure else 1
+            b, r = c // R, c % R
+            _scan(logits, b, r * V // R, (r + 1) * V // R, picks[b, r])
             n += 1
-            c = claim(sync, s, B, tid, parts)
+            c = claim(sync, s, B * R, tid, parts)
         done(sync, s, parts, n)
-        wait(sync, s, B, parts)
+        wait(sync, s, B * R, parts)
         s += 1
         unsure = False
         for b in range(B):
-            if picks[1, b] != 0:
+            if not _decide(picks[b], logits, temperature)[1]:
                 unsure = True
         if unsure:
             if tid == 0:
@@ -645,7 +701,7 @@ def _run(plan, cfg, B, threads, x, cache, index, key_mask, dims, hidden, out, st
             np.empty((threads, B, D), dtype), np.empty(threads * B * max(D, F, E), np.uint8),
             np.empty((threads, B), np.float32), np.empty((threads, B, CHUNK), dtype),
             np.empty((threads, B, CHUNK), np.int64), counters(stages, threads), loop, seq, marks, stop,
-            finished, np.zeros((2, B), np.int64), plan.positions, dtype.type(temperature))
+            finished, np.zeros((B, PICK_RANGES, 4)), plan.positions, dtype.type(temperature))
     if threads == 1:
         _step_work(0, *args)
     else:
@@ -657,6 +713,7 @@ def _run(plan, cfg, B, threads, x, cache, index, key_mask, dims, hidden, out, st
             numba.set_num_threads(before)
 
 
+PICK_RANGES = 4                            # ranges a row's logits are scanned in (by any thread)
 _NO_LOOP = np.zeros(4, np.int64)           # loop[0] == 0: one step, nothing written
 _NO_STOP = np.zeros(0, np.int64)
 
@@ -720,7 +777,7 @@ def decode_greedy(params, cfg, seq, prompt_mask, generated, stop, finished, cach
     writes the token into ``seq [B, T]`` (int64, updated in place, as are ``finished [B]`` and the
     KV cache).  It stops at ``T``, when every row has finished (with ``stop``), after ``steps``
     steps, or at a step where a row's choice is not certain from the logits alone (two logits
-    within rounding of each other after the temperature, or a non-finite one: :func:`_pick`).
+    within rounding of each other after the temperature, or a non-finite one: :func:`_decide`).
 
     Returns ``(index, logits)``: the loop's position after the committed steps, and None, or the
     logits ``[B, V]`` of the uncertain step, whose tokens the caller chooses on the samplers' NumPy
