@@ -12,7 +12,8 @@ figure the best of a few calls (a shared machine's load only ever slows a call d
   two threads, ms, and as GB/s of the bytes it reads; ``layers``/``head``: the same step without
   logits (the final norm only), and with no layers (two threads);
 * one greedy ``generate`` of ``--new`` tokens after a prompt of 8, split into its prefill, its
-  steps (as the thread governor ran them) and everything else (sampling, Python), ms per token.
+  steps (single steps as the thread governor ran them, and the compiled greedy loops of
+  ``decode_greedy``, several steps a call) and everything else (sampling, Python), ms per token.
 
 The bandwidth bound of bench_cpu is ``read2 / bytes``; a step reaches it when ``step2``'s GB/s
 equals ``read2``.
@@ -54,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--weights", nargs="+", choices=sorted(VARIANTS), default=["int8", "w8a8"])
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--compare-loop", action="store_true",
+                    help="also time each generate step by step (no compiled greedy loop)")
     args = ap.parse_args(argv)
 
     import numba
@@ -111,6 +114,15 @@ def profile(name, path, cfg, args, most):
             return out
         return timed(key, most_, start, f)
 
+    import refopt.kernels.cpu as ops_module
+    greedy = ops_module.decode_greedy
+
+    def counting_greedy(*a_, **k):
+        t = time.perf_counter()
+        out = greedy(*a_, **k)
+        steps.append((-1, time.perf_counter() - t))
+        return out
+
     def counting_prefill(*a_, **k):
         t = time.perf_counter()
         out = prefill(*a_, **k)
@@ -135,26 +147,46 @@ def profile(name, path, cfg, args, most):
         plan.addr = addr[:0]
         fig["head"] = best(step(most), 10)
         plan.addr = addr
-        steps.clear()
-        prefills.clear()
-        _threads.governor.timed, generation.prefill = counting_timed, counting_prefill
-        try:
-            t = time.perf_counter()
-            lm.generate(x, stop_token_ids=None)
-            total_s = time.perf_counter() - t
-        finally:
-            _threads.governor.timed, generation.prefill = timed, prefill
-        in_steps = sum(s for _, s in steps)
         print(f"  run {run + 1}, load {load_average()}: read {fig['read1']:.1f} / {fig['read2']:.1f} "
               f"GB/s (1 / {most} threads); step {1e3 * fig['step1']:.2f} ms = "
               f"{nbytes / fig['step1'] / 1e9:.1f} GB/s / {1e3 * fig['step2']:.2f} ms = "
               f"{nbytes / fig['step2'] / 1e9:.1f} GB/s; layers {1e3 * fig['layers']:.2f} ms = "
               f"{(nbytes - head_bytes) / fig['layers'] / 1e9:.1f} GB/s, head {1e3 * fig['head']:.2f} ms = "
-              f"{head_bytes / fig['head'] / 1e9:.1f} GB/s\n"
-              f"    generate: {N / total_s:.1f} tok/s = {1e3 * total_s / N:.2f} ms a token: prefill "
-              f"{1e3 * prefills[0] / N:.2f}, steps {1e3 * in_steps / N:.2f} ({sum(n > 1 for n, _ in steps)}"
-              f" of {len(steps)} on {most} threads), other {1e3 * (total_s - in_steps - prefills[0]) / N:.2f};"
-              f" the bound {fig['read2'] * 1e9 / nbytes:.1f} tok/s", flush=True)
+              f"{head_bytes / fig['head'] / 1e9:.1f} GB/s", flush=True)
+        for loop in ((True, False) if args.compare_loop else (True,)):
+            generate_split(lm, x, N, loop, steps, prefills, counting_timed, counting_prefill,
+                           counting_greedy, fig, nbytes, most)
+
+
+def generate_split(lm, x, N, loop, steps, prefills, counting_timed, counting_prefill, counting_greedy,
+                   fig, nbytes, most):
+    """One greedy generate, timed and split (with the compiled greedy loop, or step by step)."""
+    from refopt import generation
+    from refopt.kernels.cpu import _threads
+    import refopt.kernels.cpu as ops_module
+
+    timed, prefill, greedy = _threads.governor.timed, generation.prefill, ops_module.decode_greedy
+    steps.clear()
+    prefills.clear()
+    _threads.governor.timed, generation.prefill = counting_timed, counting_prefill
+    ops_module.decode_greedy = counting_greedy
+    if not loop:
+        lm.greedy_steps = lambda *a, **k: None
+    try:
+        t = time.perf_counter()
+        lm.generate(x, stop_token_ids=None)
+        total_s = time.perf_counter() - t
+    finally:
+        _threads.governor.timed, generation.prefill = timed, prefill
+        ops_module.decode_greedy = greedy
+        lm.__dict__.pop("greedy_steps", None)
+    in_steps = sum(s for _, s in steps)
+    print(f"    generate{'' if loop else ' (step by step)'}: {N / total_s:.1f} tok/s = "
+          f"{1e3 * total_s / N:.2f} ms a token: prefill "
+          f"{1e3 * prefills[0] / N:.2f}, steps {1e3 * in_steps / N:.2f} ({sum(n > 1 for n, _ in steps)}"
+          f" of {sum(n > 0 for n, _ in steps)} single steps on {most} threads, "
+          f"{sum(n < 0 for n, _ in steps)} greedy loops), other {1e3 * (total_s - in_steps - prefills[0]) / N:.2f};"
+          f" the bound {fig['read2'] * 1e9 / nbytes:.1f} tok/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -212,9 +212,10 @@ def _rounded_ops(base, dtype: str, fused_attention: bool):
             probs = np.where(mask, probs, np.float32(0))
         return R(probs @ v), probs
 
-    # every op of ``base`` but its compiled decode step (float32 throughout, no rounding)
+    # every op of ``base`` but its compiled decode step and greedy loop (float32 throughout, no
+    # rounding)
     names = {name: getattr(base, name) for name in dir(base)
-             if not name.startswith("_") and name != "decode_step"}
+             if not name.startswith("_") and name not in ("decode_step", "decode_greedy")}
     names.update(embedding_forward=embedding_forward, linear_forward=linear_forward,
                  linear_relu_forward=linear_relu_forward, layernorm_forward=layernorm_forward,
                  lm_head_forward=lm_head_forward, add=add, dropout_forward=dropout_forward,

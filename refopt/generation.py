@@ -155,6 +155,11 @@ def make_next(model):
     def next(prompt, cache, index):
         logits, hidden, cache = model.call_with_cache(prompt[:, index - 1:index], cache, index - 1)
         return logits[:, 0], hidden[:, 0], cache
+    # several greedy steps in one call where the model's backend compiles them (the Numba
+    # backend: OPTCausalLM.greedy_steps); a GreedySampler's loop takes them (same tokens).  Only
+    # the model's own: an object that wraps a model (and, say, its call_with_cache) sees every step
+    greedy = getattr(model, "greedy_steps", None)
+    next.greedy_steps = greedy if getattr(greedy, "__self__", None) is model else None
     return next
 
 

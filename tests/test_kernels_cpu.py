@@ -172,6 +172,100 @@ def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, logits, seed):
     close(cache, want_cache, dtype, "cache")
 
 
+@settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))
+@given(cfg=random_config(max_len=10), dtype=DTYPES, kind=st.sampled_from([None, "bfloat16", "int8"]),
+       B=st.integers(1, 4), stop=st.none() | st.lists(st.integers(0, 45), max_size=2),
+       temperature=st.sampled_from([1.0, 0.5, 1e7]), threads=st.sampled_from([1, 2]),
+       steps=st.integers(1, 4), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_greedy_gives_the_step_by_step_tokens(cfg, dtype, kind, B, stop, temperature, threads, steps,
+                                                     ties, seed):
+    # GreedySampler's loop through the compiled greedy loop (decode_greedy, several steps a call)
+    # against the same sampler step by step (decode_step's logits, NumPy's choice): the same tokens,
+    # finished rows and KV cache.  Prompts of different lengths (prompt tokens kept past the
+    # shortest), stop tokens, a temperature that makes every pick uncertain (1e7: each step's choice
+    # falls back to NumPy), and a token table of equal rows (ties: every logit equal)
+    from dataclasses import replace
+
+    from refopt.kernels.cpu.decode import decode_greedy, decode_step
+    from refopt.model import forward, init_params, new_cache
+    from refopt.quant import quantize_params
+    from refopt.samplers import GreedySampler
+
+    cfg = replace(cfg, dtype=np.dtype(dtype).name)
+    kind = kind if dtype == np.float32 else None
+    threads = threads if dtype == np.float32 and kind is None else 1    # as test_decode_step
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed=seed, std=0.5)
+    if ties:
+        params["embed_tokens"] = np.repeat(params["embed_tokens"][:1], cfg.vocabulary_size, axis=0)
+    if kind:
+        params = quantize_params(params, kind)
+    T = cfg.max_sequence_length
+    lengths = rng.integers(1, T, B)
+    seq = rng.integers(0, cfg.vocabulary_size, (B, T))
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    index = int(lengths.min())
+    cache = new_cache(cfg, B, T, dtype)
+    forward(params, cfg, seq[:, :index], np.ones((B, index), bool), cache=cache, cache_index=0, ops=ref)
+    stop = None if stop is None else tuple(i % cfg.vocabulary_size for i in stop)
+
+    def step_by_step(prompt, cache, i):
+        logits, hidden = decode_step(params, cfg, prompt[:, i - 1:i], np.ones((B, i), bool), cache, i - 1,
+                                     threads=threads, min_bytes=0)
+        return logits[:, 0], hidden[:, 0], cache
+
+    def fused(prompt, cache, i, mask, generated, stop, finished, temperature):
+        calls.append(i)
+        return decode_greedy(params, cfg, prompt, mask, generated, stop, finished, cache, i, temperature,
+                             steps=steps, threads=threads, min_bytes=0)
+
+    def looped(prompt, cache, i):
+        return step_by_step(prompt, cache, i)
+
+    looped.greedy_steps = fused
+    calls = []
+    sampler = GreedySampler(temperature=temperature)
+    want_cache, got_cache = cache.copy(), cache.copy()
+    want = sampler(step_by_step, seq, cache=want_cache, index=index, mask=mask, stop_token_ids=stop)
+    got = sampler(looped, seq, cache=got_cache, index=index, mask=mask, stop_token_ids=stop)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_cache, want_cache)
+    assert calls and calls[0] == index                    # the compiled loop ran (or declined: a projection)
+
+
+@settings(max_examples=60)
+@given(V=st.integers(1, 30), dtype=DTYPES, near=st.integers(0, 3), special=st.sampled_from([None, np.nan, np.inf]),
+       temperature=st.sampled_from([1.0, 0.3, 3.0, 1e6]), scale=st.sampled_from([1e-3, 1.0, 1e4]),
+       ranges=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_a_certain_greedy_pick_is_the_samplers_choice(V, dtype, near, special, temperature, scale, ranges,
+                                                      seed):
+    # decode._pick (the greedy loop's scan of a row in ranges, some empty, and its decision): when
+    # it is certain, its token is argmax(softmax(logits / T)) as GreedySampler computes it in
+    # NumPy; logits with exact ties, neighbours a few ulps apart, inf and NaN
+    from refopt.kernels.cpu.decode import _pick
+    from refopt.samplers import GreedySampler
+
+    rng = np.random.default_rng(seed)
+    row = (rng.standard_normal(V) * scale).astype(dtype)
+    top = int(np.argmax(row))
+    for _ in range(near):                                # ties and near-ties of the largest
+        j = int(rng.integers(0, V))
+        row[j] = np.nextafter(row[top], dtype(-np.inf), dtype=dtype) if rng.random() < 0.5 else row[top]
+        for _ in range(int(rng.integers(0, 4))):
+            row[j] = np.nextafter(row[j], dtype(-np.inf), dtype=dtype)
+    if special is not None:
+        row[int(rng.integers(0, V))] = special
+    sampler = GreedySampler(temperature=temperature)
+    token, sure = _pick(row[None], 0, dtype(temperature), ranges)
+    with np.errstate(all="ignore"):
+        want = int(sampler.get_next_token(sampler.compute_probabilities(row[None]))[0])
+    if sure:
+        assert token == want
+    if np.isfinite(row).all() and near == 0 and V > 1:
+        gap = np.sort(row)[-1] - np.sort(row)[-2]
+        assert sure or gap / temperature < 1e-4 * max(1.0, abs(row).max() / temperature)
+
+
 def test_background_warm_up_serves_the_numpy_ops_meanwhile():
     # while a warm-up compiles on its thread, every other thread gets the NumPy ops (and no
     # compiled decode step), so nothing waits on Numba's compiler; its own thread gets the kernels

@@ -77,3 +77,21 @@ class OPTCausalLM(CausalLM):
         if not logits:
             return None, hidden, cache
         return ops.lm_head_forward(hidden, self.backbone.params["embed_tokens"]), hidden, cache
+
+    def greedy_steps(self, token_ids, cache, index, prompt_mask, generated, stop, finished, temperature=1.0):
+        """Greedy decoding steps from position ``index`` in one call of the backend's compiled loop
+        (the Numba backend's ``decode_greedy``: :func:`refopt.kernels.cpu.decode.decode_greedy`),
+        ``token_ids [B, T]`` (int64), ``finished`` and ``cache`` updated in place; returns
+        ``(index, logits)`` as that function does, or None where it does not apply (another
+        backend, LoRA adapters, a subclass with its own ``call_with_cache``, a cache of another
+        kind): the caller then runs ordinary steps.  :class:`refopt.samplers.GreedySampler` calls
+        it through :func:`refopt.generation.make_next`."""
+        if type(self).call_with_cache is not OPTCausalLM.call_with_cache or self.backbone.lora_enabled:
+            return None
+        fn = getattr(self.backbone.ops, "decode_greedy", None)
+        cfg = self.backbone.config
+        if (fn is None or not isinstance(cache, np.ndarray) or not cache.flags.c_contiguous
+                or cache.dtype != np.dtype(cfg.compute_dtype)):
+            return None
+        return fn(self.backbone.params, cfg, token_ids, prompt_mask, generated, stop, finished, cache,
+                  index, temperature)

@@ -7,7 +7,8 @@ Kernels: decode-sized and quantised matrix products with fused bias/ReLU epilogu
 (:mod:`.layernorm`), softmax cross-entropy forward and backward (:mod:`.loss`), embedding gather and
 scatter-add (:mod:`.embedding`), the samplers' selection steps (:mod:`.sampling`), Adam's update
 (:mod:`.optim`) and, beyond the NumPy namespace, ``decode_step``: one whole decode step compiled
-(:mod:`.decode`).  Thread counts: :mod:`._threads`; compiling in the background while the NumPy
+(:mod:`.decode`), and ``decode_greedy``: several greedy steps in one compiled call.  Thread
+counts: :mod:`._threads`; compiling in the background while the NumPy
 ops serve: :func:`warm_up` (:mod:`.warmup`).
 """
 
@@ -64,6 +65,7 @@ top_k_mask = _compiled(_sampling.top_k_mask)
 top_p_distribution = _compiled(_sampling.top_p_distribution)
 uniform = _compiled(_sampling.uniform)
 decode_step = _compiled(_decode.decode_step, reference=lambda *args, **kwargs: None)
+decode_greedy = _compiled(_decode.decode_greedy, reference=lambda *args, **kwargs: None)
 
 
 def _linear(x, w, b, relu):
