@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refopt.samplers.sampler import Sampler, one_hot_argmax
+from refopt.samplers.sampler import Sampler, commit, loop_state, one_hot_argmax
 
 
 class GreedySampler(Sampler):
@@ -23,18 +23,14 @@ class GreedySampler(Sampler):
         logits processors, no subclass): the same tokens, the choice certain from the logits or
         else made here as :meth:`Sampler.steps` makes it."""
         fused = getattr(next, "greedy_steps", None)
-        prompt = np.array(prompt, copy=True)                                   # [B, T]
+        prompt = np.asarray(prompt)
         if (fused is None or type(self) is not GreedySampler or self.logits_processors
                 or kwargs.get("log_probs") or prompt.dtype != np.int64 or prompt.ndim != 2):
             return super().__call__(next, prompt, cache=cache, index=index, mask=mask,
                                     stop_token_ids=stop_token_ids, hidden_states=hidden_states,
                                     model=model, **kwargs)
+        prompt, mask, index, stop, generated, finished = loop_state(prompt, mask, index, stop_token_ids)
         B, T = prompt.shape
-        mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
-        index = int(index)
-        stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
-        generated = np.arange(T)[None, :] >= mask.sum(axis=-1)[:, None]        # [B, T] past the prompt
-        finished = np.zeros(B, bool)
         self.begin(B, model=model, seed=kwargs.get("seed"))
         while index < T and not (stop is not None and finished.all()):
             got = fused(prompt, cache, index, mask, generated, stop, finished, self.temperature)
@@ -49,10 +45,7 @@ class GreedySampler(Sampler):
             probabilities = self.compute_probabilities(logits)
             self._index = index
             token = np.asarray(self.get_next_token(probabilities)).astype(prompt.dtype)
-            token = np.where(mask[:, index], prompt[:, index], token)
-            if stop is not None:
-                finished |= generated[:, index] & ~finished & np.isin(token, stop)
-            prompt[:, index] = token
+            commit(prompt, index, token, mask, generated, stop, finished)
             index += 1
         return prompt
 

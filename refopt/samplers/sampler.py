@@ -60,6 +60,29 @@ from refopt.errors import SamplerError
 from refopt.ops.sampling import descending_order, top_k_mask  # noqa: F401  (re-exported)
 
 
+
+def loop_state(prompt, mask, index, stop_token_ids):
+    """The decoding loop's state: a copy of ``prompt [B, T]`` (the ids it fills in), the prompt's
+    ``mask [B, T]`` (bool; positions that keep their token), ``index`` (int), ``stop`` (the stop
+    ids as an array, or None), ``generated [B, T]`` (positions past each row's prompt) and
+    ``finished [B]`` (rows that produced a stop token)."""
+    prompt = np.array(prompt, copy=True)                                       # [B, T]
+    B, T = prompt.shape
+    mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
+    stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
+    generated = np.arange(T)[None, :] >= mask.sum(axis=-1)[:, None]            # [B, T] past the prompt
+    return prompt, mask, int(index), stop, generated, np.zeros(B, bool)
+
+
+def commit(prompt, index, token, mask, generated, stop, finished):
+    """Write the chosen ``token [B]`` at ``index`` (prompt positions keep their own token), mark
+    the rows it finishes (``finished`` in place); returns the tokens written."""
+    token = np.where(mask[:, index], prompt[:, index], token)                  # keep prompt tokens
+    if stop is not None:
+        finished |= generated[:, index] & ~finished & np.isin(token, stop)
+    prompt[:, index] = token
+    return token
+
 class SamplerSpec(NamedTuple):
     """How a sampler describes its rule to a device loop (:meth:`Sampler.device_spec`): ``kind``
     (``"greedy"``, ``"random"``, ``"top_k"``, ``"top_p"``, ``"min_p"``) and its parameters
@@ -257,13 +280,8 @@ class Sampler:
         """The decoding loop as a generator: yields a :class:`Step` per position decided and returns
         the final token ids ``[B, T]`` (``StopIteration.value``).  ``seed``: this loop's seed(s),
         overriding the sampler's (an integer, or one per row)."""
-        prompt = np.array(prompt, copy=True)                                   # [B, T]
+        prompt, mask, index, stop, generated, finished = loop_state(prompt, mask, index, stop_token_ids)
         B, T = prompt.shape
-        mask = np.zeros(prompt.shape, bool) if mask is None else np.asarray(mask, bool)
-        index = int(index)
-        stop = None if stop_token_ids is None else np.asarray(list(stop_token_ids), prompt.dtype)
-        generated = np.arange(T)[None, :] >= mask.sum(axis=-1)[:, None]        # [B, T] past the prompt
-        finished = np.zeros(B, bool)
         self.begin(B, model=model, seed=seed)
         while index < T and not (stop is not None and finished.all()):
             logits, _, cache = next(prompt, cache, index)                       # [B, V]
@@ -271,10 +289,7 @@ class Sampler:
             probabilities = self.compute_probabilities(logits)
             self._index = index
             token = np.asarray(self.get_next_token(probabilities)).astype(prompt.dtype)  # [B]
-            token = np.where(mask[:, index], prompt[:, index], token)          # keep prompt tokens
-            if stop is not None:
-                finished |= generated[:, index] & ~finished & np.isin(token, stop)
-            prompt[:, index] = token
+            token = commit(prompt, index, token, mask, generated, stop, finished)
             lp = None
             if log_probs:
                 lp = self.token_log_probs(logits, token)[:, None]
