@@ -499,12 +499,8 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     scanned in R ranges, by any thread).  The other arguments: see
     :func:`_layers_and_head`."""
     steps = loop[0]
-    if steps == 0:
-        _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache, index,
-                         key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
-                         xq_all, sx_all, rawf_all, rawi_all, sync, 0)
-        return
-    B, T = seq.shape
+    single = steps == 0              # one step: the layers and the head alone (one call site of
+    B, T = seq.shape                 # _layers_and_head, which LLVM would otherwise inline twice)
     parts = xn_all.shape[0]
     has_stop = loop[1] != 0
     V, E = dims[2], dims[1]
@@ -514,38 +510,41 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     k = 0
     while True:
         at = index + k                                 # the cache index of step k
-        # --- commit step k - 1's choice at position ``at``; embed the token fed now, seq[:, at]
-        c = claim(sync, s, B, tid, parts)
-        n = 0
-        while c >= 0:
-            b = c
-            if k > 0:
-                token = _decide(picks[b], logits, temperature)[0]
-                if marks[b, at] & 1:
-                    token = seq[b, at]
-                if has_stop and (marks[b, at] & 2) and not finished[b]:
-                    for j in range(stop.shape[0]):
-                        if stop[j] == token:
-                            finished[b] = True
-                seq[b, at] = token
-            _embed(table, sw, seq[b, at], positions, at, x, b)
-            n += 1
+        if not single:
+            # --- commit step k - 1's choice at position ``at``; embed the token fed now, seq[:, at]
             c = claim(sync, s, B, tid, parts)
-        done(sync, s, parts, n)
-        wait(sync, s, B, parts)
-        s += 1
-        if k > 0:
-            end = k >= steps or at + 1 >= T
-            if has_stop and not end:
-                end = True
-                for b in range(B):
-                    if not finished[b]:
-                        end = False
-            if end:
-                break
+            n = 0
+            while c >= 0:
+                b = c
+                if k > 0:
+                    token = _decide(picks[b], logits, temperature)[0]
+                    if marks[b, at] & 1:
+                        token = seq[b, at]
+                    if has_stop and (marks[b, at] & 2) and not finished[b]:
+                        for j in range(stop.shape[0]):
+                            if stop[j] == token:
+                                finished[b] = True
+                    seq[b, at] = token
+                _embed(table, sw, seq[b, at], positions, at, x, b)
+                n += 1
+                c = claim(sync, s, B, tid, parts)
+            done(sync, s, parts, n)
+            wait(sync, s, B, parts)
+            s += 1
+            if k > 0:
+                end = k >= steps or at + 1 >= T
+                if has_stop and not end:
+                    end = True
+                    for b in range(B):
+                        if not finished[b]:
+                            end = False
+                if end:
+                    break
         s = _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims, cache,
                              at, key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt,
                              xn_all, xq_all, sx_all, rawf_all, rawi_all, sync, s)
+        if single:
+            return
         # --- each row's token: its logits scanned in R ranges (chunks any thread claims)
         R = picks.shape[1]
         c = claim(sync, s, B * R, tid, parts)
