@@ -162,12 +162,15 @@ class Governor:
     def _other(st) -> int:
         return 1 if st["use"] > 1 else st["most"]
 
-    def timed(self, key, most: int, start: int, fn):
-        """``fn(threads)`` on the count chosen for ``key``, timed and recorded."""
+    def timed(self, key, most: int, start: int, fn, units=None):
+        """``fn(threads)`` on the count chosen for ``key``, timed and recorded: its seconds per
+        unit of work, ``units(result)`` of them (default 1; 0: nothing recorded)."""
         n = self.threads(key, most, start)
         t0 = time.perf_counter()
         out = fn(n)
-        self.record(key, n, time.perf_counter() - t0)
+        count = 1 if units is None else units(out)
+        if count > 0:
+            self.record(key, n, (time.perf_counter() - t0) / count)
         return out
 
 

@@ -81,7 +81,6 @@ activations, its row sums: :mod:`.int8`).  Products are :mod:`.matmul`'s and :mo
 
 from __future__ import annotations
 
-import time
 import weakref
 
 import numba
@@ -489,7 +488,7 @@ def _step_work(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like, dims
     """Thread ``tid``'s share of one decode step (``loop[0] == 0``: every layer, then the head, at
     cache index ``index``, ``x [B, D]`` the fed tokens' embeddings, updated in place), or of up to
     ``loop[0]`` greedy steps (:func:`decode_greedy`): step k feeds ``seq[:, index + k]`` (embedded
-    here, into ``x``) at cache index ``index + k``, picks each row's token (:func:`_pick`) and
+    here, into ``x``) at cache index ``index + k``, picks each row's token (:func:`_scan`, :func:`_decide`) and
     commits it at position ``index + k + 1`` as the samplers' loop does (``marks`` bit 1: keep the
     prompt's token there; bit 2: a generated position, where a token of ``stop`` (used when
     ``loop[1]``) finishes the row in ``finished``).  It stops after ``loop[0]`` steps, at the
@@ -717,6 +716,14 @@ _NO_LOOP = np.zeros(4, np.int64)           # loop[0] == 0: one step, nothing wri
 _NO_STOP = np.zeros(0, np.int64)
 
 
+def _governed(plan, key, fn, units=None):
+    """``fn(threads)`` on the :class:`._threads.Governor`'s count for ``key`` (at most Numba's
+    current count; a plan reading ``GOVERNOR_START_BYTES`` or more starts on all of them)."""
+    most = numba.get_num_threads()
+    start = most if plan.nbytes >= GOVERNOR_START_BYTES else 1
+    return governor.timed(key, most, start, fn, units)
+
+
 def _stages(cfg):
     # the stages of one step: five a layer (seven post-LN), the head's two
     return cfg.num_layers * (5 if cfg.do_layer_norm_before else 7) + 2
@@ -736,9 +743,7 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     if not plan.ok:
         return None
     if threads is None:
-        most = numba.get_num_threads()
-        start = most if plan.nbytes >= GOVERNOR_START_BYTES else 1
-        return governor.timed((id(plan), token_ids.shape[0], logits), most, start, lambda n: decode_step(
+        return _governed(plan, (id(plan), token_ids.shape[0], logits), lambda n: decode_step(
             params, cfg, token_ids, padding_mask, cache, index, n, min_bytes, logits))
     B = token_ids.shape[0]
     if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
@@ -789,17 +794,10 @@ def decode_greedy(params, cfg, seq, prompt_mask, generated, stop, finished, cach
             or not seq.flags.writeable):
         return None
     B, T = seq.shape
-    if threads is None:
-        most = numba.get_num_threads()
-        start = most if plan.nbytes >= GOVERNOR_START_BYTES else 1
-        key = (id(plan), B, "greedy")
-        n = governor.threads(key, most, start)
-        t0 = time.perf_counter()
-        got = decode_greedy(params, cfg, seq, prompt_mask, generated, stop, finished, cache, index,
-                            temperature, steps, n, min_bytes)
-        if got[0] > index:
-            governor.record(key, n, (time.perf_counter() - t0) / (got[0] - index + (got[1] is not None)))
-        return got
+    if threads is None:                  # timed per token: the steps committed, and an uncertain one
+        return _governed(plan, (id(plan), B, "greedy"), lambda n: decode_greedy(
+            params, cfg, seq, prompt_mask, generated, stop, finished, cache, index, temperature, steps,
+            n, min_bytes), units=lambda got: got[0] - index + (got[1] is not None) if got[0] > index else 0)
     if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
         threads = 1
     steps = max(1, min(int(steps), T - index))
