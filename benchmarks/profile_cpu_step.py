@@ -106,13 +106,13 @@ def profile(name, path, cfg, args, most):
     steps, prefills = [], []
     timed, prefill = _threads.governor.timed, generation.prefill
 
-    def counting_timed(key, most_, start, fn):
+    def counting_timed(key, most_, start, fn, units=None):
         def f(n):
             t = time.perf_counter()
             out = fn(n)
             steps.append((n, time.perf_counter() - t))
             return out
-        return timed(key, most_, start, f)
+        return timed(key, most_, start, f, units)
 
     import refopt.kernels.cpu as ops_module
     greedy = ops_module.decode_greedy
