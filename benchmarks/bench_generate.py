@@ -74,7 +74,11 @@ print(json.dumps(out))
 
 def keras_hub_rates(python, path, args, vocab):
     """KerasHub's greedy generate timed in a subprocess; None when keras_hub is not installed there."""
-    probe = subprocess.run([python, "-c", "import keras_hub"], capture_output=True)
+    try:
+        probe = subprocess.run([python, "-c", "import keras_hub"], capture_output=True)
+    except OSError as e:                     # no such interpreter: KerasHub is not timed
+        print(f"KerasHub not timed: {python}: {e.strerror}")
+        return None
     if probe.returncode != 0:
         return None
     res = subprocess.run([python, "-c", KERAS_CHILD, path, str(args.prompt), str(args.prompt + args.new),
