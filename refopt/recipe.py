@@ -18,6 +18,24 @@
    and preprocessor included), ``MODEL_CARD.md`` (:mod:`refopt.training.card`) and
    ``refopt_training.json`` into ``out`` (:mod:`refopt.io.saving`: never a lost file).
 
+**Temperature** (``calibration_fraction`` ``c > 0``).  A small model trained for many passes over a
+megabyte of text is overconfident on text it has not seen: the bundled model of session 7 scored
+1.4570 nats per character on the held-out text with its logits as trained, and 1.4171 with them
+divided by 1.3.  So the last ``c`` of the *training* characters are kept out of the model's training
+(the tokenizer and the n-gram baselines still read them) and serve only to fit a temperature ``T``
+(:func:`fit_temperature`: the ``T`` minimising the cross-entropy of ``softmax(logits / T)`` there).
+It is folded into the parameters (:func:`fold_temperature`: the final LayerNorm's ``gamma`` and
+``beta`` divided by ``T``, which divides every logit by ``T``, since the tied head reads that norm's
+output), so the preset stays a plain OPT that KerasHub loads with the same logits.  Every epoch's
+candidates (trained, averaged) are fitted and validated so; the validation text chooses the epoch as
+before, and never the temperature.
+
+With ``evaluation_stride`` ``k > 0`` the shipped parameters are also measured in overlapping windows
+(:func:`sliding_windows`, :func:`sliding_nats`: each token predicted from at least
+``sequence_length - k`` preceding tokens, as transformers' perplexity guide measures), beside the
+figure of the non-overlapping windows; the report keeps each window's nats, so a part of the figure
+can be checked without recomputing all of it.
+
 With ``average_decay`` ``d > 0`` the recipe also keeps an exponential moving average of the
 parameters taken at the end of every epoch (``avg = theta`` after the first, then
 ``avg = d * avg + (1 - d) * theta``: Polyak averaging of the last ``~1 / (1 - d)`` epochs), measures
@@ -75,6 +93,9 @@ class Recipe:
     max_steps: int | None = 4000      # the schedule's length: stop after this many steps
     keep_best: int = 1                # 1: ship the epoch with the lowest validation loss
     average_decay: float = 0.8        # > 0: an EMA of the epochs' parameters, shipped (docstring)
+    calibration_fraction: float = 0.05   # > 0: the training text's end fits the temperature only
+    evaluation_stride: int = 64       # > 0: also the held-out figure in windows moved by this
+                                      # (at most sequence_length)
 
     def check(self):
         from refopt.errors import ConfigError
@@ -93,6 +114,13 @@ class Recipe:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction={self.validation_fraction!r}: expected a number "
                               "strictly between 0 and 1")
+        if not 0 <= self.calibration_fraction < 1:
+            raise ConfigError(f"calibration_fraction={self.calibration_fraction!r}: expected a "
+                              "number in [0, 1)")
+        if isinstance(self.evaluation_stride, bool) or not isinstance(self.evaluation_stride, int) \
+                or self.evaluation_stride < 0:
+            raise ConfigError(f"evaluation_stride={self.evaluation_stride!r}: expected an integer "
+                              ">= 0 (0: not measured)")
         if not 0 <= self.average_decay < 1:
             raise ConfigError(f"average_decay={self.average_decay!r}: expected a number in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -161,6 +189,11 @@ def token_log_probs(lm, ids: np.ndarray, sequence_length: int, batch_size: int =
     :func:`validation_loss`'s figure."""
     cfg = lm.backbone.config
     x, mask, y, w = evaluation_windows(ids, sequence_length, cfg.bos_token_id, cfg.pad_token_id)
+    return window_log_probs(lm, x, mask, y, batch_size).reshape(-1)[w.reshape(-1)]
+
+
+def window_log_probs(lm, x, mask, y, batch_size: int = 64) -> np.ndarray:
+    """``log p(y[n, s] | x[n, :s + 1])`` ``[N, S]`` (float64) of windows ``x`` (evaluation mode)."""
     out = np.empty(x.shape, np.float64)                                        # [N, S]
     for start in range(0, len(x), batch_size):
         part = slice(start, start + batch_size)
@@ -169,7 +202,7 @@ def token_log_probs(lm, ids: np.ndarray, sequence_length: int, batch_size: int =
         top = logits.max(axis=-1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]       # [b, S]
         out[part] = np.take_along_axis(logits, y[part][..., None], axis=-1)[..., 0] - log_z
-    return out.reshape(-1)[w.reshape(-1)]
+    return out
 
 
 def ensemble_loss(log_probs) -> float:
@@ -178,6 +211,112 @@ def ensemble_loss(log_probs) -> float:
     lp = np.stack([np.asarray(a, np.float64) for a in log_probs])              # [K, T]
     top = lp.max(axis=0)
     return float(-(np.log(np.exp(lp - top).mean(axis=0)) + top).mean())
+
+
+def sliding_windows(ids: np.ndarray, sequence_length: int, stride: int, start_id: int,
+                    pad_id: int):
+    """Overlapping windows in which every token of ``ids`` is a target exactly once: the first
+    window as :func:`evaluation_windows`' (its ``S`` tokens all targets), then for each next block
+    of ``stride`` tokens a window of the ``S`` tokens ending with it (input ``</s>`` then the first
+    ``S - 1`` of them), weighted on the block alone -- each of those targets predicted from at least
+    ``S - stride`` preceding tokens.  ``stride == S`` on a multiple of ``S`` tokens gives
+    :func:`evaluation_windows`' windows.  Returns inputs ``[N, S]``, padding mask, targets and
+    weights, as :func:`evaluation_windows`."""
+    S, n = sequence_length, len(ids)
+    if n <= S or not 0 < stride <= S:
+        if n <= S:
+            return evaluation_windows(ids, S, start_id, pad_id)
+        raise ValueError(f"stride={stride}: expected 1..{S}")
+    ends = np.concatenate([[S], np.arange(S + stride, n + stride, stride).clip(max=n)])  # block ends
+    starts = np.concatenate([[0], ends[:-1]])                                  # block starts
+    idx = ends[:, None] - S + np.arange(S)[None, :]                            # [N, S] token indices
+    y = np.asarray(ids, np.int64)[idx]
+    x = np.concatenate([np.full((len(ends), 1), start_id, np.int64), y[:, :-1]], axis=1)
+    w = idx >= starts[:, None]
+    return x, np.ones(x.shape, bool), y, w
+
+
+def sliding_nats(lm, ids: np.ndarray, sequence_length: int, stride: int, windows=None,
+                 batch_size: int = 64) -> np.ndarray:
+    """The nats of each window's targets ``[N]`` (float64) in the windows of
+    :func:`sliding_windows` (evaluation mode), or of the windows numbered ``windows`` only: their
+    total over all windows divided by ``len(ids)`` is the mean cross-entropy per token."""
+    cfg = lm.backbone.config
+    x, mask, y, w = sliding_windows(ids, sequence_length, stride, cfg.bos_token_id, cfg.pad_token_id)
+    if windows is not None:
+        x, mask, y, w = (a[np.asarray(windows, np.int64)] for a in (x, mask, y, w))
+    return -(window_log_probs(lm, x, mask, y, batch_size) * w).sum(axis=1)
+
+
+def fold_temperature(params: dict, temperature: float) -> dict:
+    """``params`` whose logits are divided by ``temperature``: the final LayerNorm's ``gamma`` and
+    ``beta`` divided by it (the tied head multiplies that norm's output by the token table, so
+    every logit is divided by ``temperature``, up to float rounding).  New arrays; ``params`` is
+    left as it is."""
+    out = dict(params)
+    for key in ("final_layer_norm.gamma", "final_layer_norm.beta"):
+        out[key] = (np.asarray(params[key], np.float64) / temperature).astype(params[key].dtype)
+    return out
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, start: float = 1.0) -> float:
+    """The temperature ``T`` in ``[1/64, 64]`` minimising the mean cross-entropy of
+    ``softmax(logits / T)`` at ``targets`` (``logits [N, V]``).  With ``b = 1 / T`` the loss
+    ``mean(logsumexp(b z) - b z_y)`` is convex in ``b`` (its second derivative is the mean variance
+    of ``z`` under the softmax), so Newton's method from ``b = 1 / start``, each step limited to a
+    factor of 4 and to the interval, and halved while the loss grows, finds the minimum (at an end
+    of the interval when the loss keeps falling past it); ``start`` when no other ``b`` improves on
+    it (logits that are all equal, say).  At most 40 evaluations of the loss."""
+    lo, hi = 1 / 64, 64.0
+    z = np.asarray(logits, np.float32)
+    z = z - z.max(axis=1, keepdims=True)                                       # [N, V], <= 0
+    zy = np.take_along_axis(z, np.asarray(targets, np.int64)[:, None], axis=1)[:, 0].astype(np.float64)
+    evaluations = 0
+
+    def stats(b):
+        nonlocal evaluations
+        evaluations += 1
+        e = np.exp(np.float32(b) * z)                                          # [N, V] float32
+        total = e.sum(axis=1, dtype=np.float64)
+        ez = e * z
+        mean = ez.sum(axis=1, dtype=np.float64) / total                        # E_p[z]
+        var = (ez * z).sum(axis=1, dtype=np.float64) / total - mean * mean     # Var_p[z]
+        return float(np.mean(np.log(total) - b * zy)), float(np.mean(mean - zy)), float(np.mean(var))
+
+    b = min(max(1.0 / start, lo), hi)
+    loss, g, h = stats(b)
+    while evaluations < 40 and math.isfinite(g) and g != 0:
+        if h > 0:
+            new = b - g / h
+        else:                                      # flat curvature: move by the largest step
+            new = b / 4 if g > 0 else 4 * b
+        new = min(max(new, b / 4, lo), 4 * b, hi)
+        if abs(new - b) <= 1e-5 * b:               # converged (T to 1e-5)
+            break
+        trial = stats(new)
+        # a step that does not lower the loss is halved, unless it is already small: then the
+        # loss (summed in float64 from float32 terms) no longer resolves it
+        while trial[0] > loss and abs(new - b) > 1e-3 * b and evaluations < 40:
+            new = (new + b) / 2
+            trial = stats(new)
+        if trial[0] > loss:
+            break
+        b, (loss, g, h) = new, trial
+    return 1.0 / b
+
+
+def calibration_logits(lm, ids: np.ndarray, sequence_length: int, batch_size: int = 64):
+    """``(logits [T, V] float32, targets [T])`` of every token of ``ids`` in the windows of
+    :func:`validation_loss` (evaluation mode): what :func:`fit_temperature` fits."""
+    cfg = lm.backbone.config
+    x, mask, y, w = evaluation_windows(ids, sequence_length, cfg.bos_token_id, cfg.pad_token_id)
+    rows = []
+    for start in range(0, len(x), batch_size):
+        part = slice(start, start + batch_size)
+        logits = np.asarray(lm.predict({"token_ids": x[part], "padding_mask": mask[part]},
+                                       batch_size=batch_size, verbose=0), np.float32)  # [b, S, V]
+        rows.append(logits[w[part]])
+    return np.concatenate(rows), y[w]
 
 
 def ngram_baselines(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int,
@@ -265,14 +404,22 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     tokenizer_seconds = time.perf_counter() - t0
     train_ids = np.asarray(tokenizer(train_text), np.int64)
     val_ids = np.asarray(tokenizer(val_text), np.int64)
+    # the model trains on fit_ids; the calibration part (the training text's end) fits the temperature
+    fit_text, cal_text = (split_text(train_text, recipe.calibration_fraction)
+                          if recipe.calibration_fraction else (train_text, ""))
+    fit_ids = np.asarray(tokenizer(fit_text), np.int64) if cal_text else train_ids
+    cal_ids = np.asarray(tokenizer(cal_text), np.int64) if cal_text else None
     S, B = recipe.sequence_length, recipe.batch_size
-    if len(train_ids) < S + 1:
-        raise TrainingError(f"{text_path}: the training part has {len(train_ids)} tokens, fewer "
+    if len(fit_ids) < S + 1:
+        raise TrainingError(f"{text_path}: the training part has {len(fit_ids)} tokens, fewer "
                             f"than one window of sequence_length={S}; use a longer text or a "
                             "smaller --sequence-length")
     if len(val_ids) == 0:
         raise TrainingError(f"{text_path}: the validation part is empty; raise "
                             "--validation-fraction or use a longer text")
+    if recipe.calibration_fraction and len(cal_ids) == 0:
+        raise TrainingError(f"{text_path}: the calibration part is empty; raise "
+                            "--calibration-fraction, set it to 0, or use a longer text")
 
     vocab_rows = len(vocabulary)     # the trainer may stop short of vocab_size on a small text
     backbone = OPTBackbone(vocabulary_size=vocab_rows, num_layers=recipe.num_layers,
@@ -287,7 +434,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
 
     rng = np.random.default_rng(recipe.seed)
     offsets = [int(o) for o in rng.integers(0, S, size=recipe.epochs)]
-    per_epoch = [math.ceil(((len(train_ids) - o) // S) / B) for o in offsets]
+    per_epoch = [math.ceil(((len(fit_ids) - o) // S) / B) for o in offsets]
     total = sum(per_epoch) if recipe.max_steps is None else min(sum(per_epoch), recipe.max_steps)
     warmup, schedule = schedule_for(recipe, total)
     optimizer = AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay,
@@ -300,14 +447,28 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
 
     history = []
     step = 0
-    best = None                                               # (val, epoch, params, "trained"/"average")
+    best = None                          # (val, epoch, params, "trained"/"average", temperature)
     d = recipe.average_decay
-    average, average_lm = None, None                          # the EMA of the epochs' parameters
+    average, eval_lm = None, None        # the EMA of the epochs' parameters; the model measuring it
+    temperatures = {"trained": 1.0, "average": 1.0}          # the last fitted: the next fit's start
+
+    def measured(kind, params, model):
+        # (validation loss, params, temperature) of a candidate: with a calibration part, the
+        # temperature fitted there and the loss of the parameters it is folded into (eval_lm)
+        nonlocal eval_lm
+        if cal_ids is None:
+            return validation_loss(model, val_ids, S), params, 1.0
+        logits, targets = calibration_logits(model, cal_ids, S)
+        t = temperatures[kind] = fit_temperature(logits, targets, start=temperatures[kind])
+        if eval_lm is None:
+            eval_lm = _evaluation_model(backbone, backend)
+        eval_lm.backbone.set_params(fold_temperature(params, t), source="the calibrated parameters")
+        return validation_loss(eval_lm, val_ids, S), params, t
     t_train = time.perf_counter()
     for epoch, offset in enumerate(offsets):
         if step >= total:
             break
-        x, y = training_windows(train_ids, S, offset, cfg.bos_token_id)
+        x, y = training_windows(fit_ids, S, offset, cfg.bos_token_id)
         order = rng.permutation(len(x))[:(total - step) * B]          # this epoch's windows, shuffled
         fit_seed = int(rng.integers(2 ** 63))                           # dropout masks
         if verbose:
@@ -317,26 +478,29 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         if optimizer.iterations - step != math.ceil(len(order) / B):
             raise TrainingError("the optimizer did not take one step per batch")  # a bug, not input
         step = optimizer.iterations
-        val = validation_loss(lm, val_ids, S)
+        # fresh arrays (never updated in place: a device copy is keyed by its arrays' identity)
+        trained = {k: np.array(v, copy=True) for k, v in backbone.params.items()}
+        val, _, t = measured("trained", trained, lm)
         elapsed = time.perf_counter() - t_train
         entry = {"epoch": epoch + 1, "steps": step, "train_loss": h.history["loss"][0],
                  "val_loss": val, "elapsed_s": round(elapsed, 1)}
-        candidates = [(val, "trained", backbone.params)]
+        if cal_ids is not None:
+            entry["temperature"] = t
+        candidates = [(val, "trained", trained, t)]
         if d:
-            # fresh arrays every epoch (never updated in place: a device copy of the previous
-            # average is keyed by its arrays' identity)
-            average = ({k: np.array(v, copy=True) for k, v in backbone.params.items()} if average is None
-                       else {k: (d * a + (1 - d) * backbone.params[k]).astype(a.dtype)
-                             for k, a in average.items()})
-            if average_lm is None:
-                average_lm = _evaluation_model(backbone, backend)
-            average_lm.backbone.set_params(average, source="the averaged parameters")
-            entry["val_loss_average"] = validation_loss(average_lm, val_ids, S)
-            candidates.append((entry["val_loss_average"], "average", average))
+            average = (trained if average is None
+                       else {k: (d * a + (1 - d) * trained[k]).astype(a.dtype) for k, a in average.items()})
+            if eval_lm is None:
+                eval_lm = _evaluation_model(backbone, backend)
+            eval_lm.backbone.set_params(average, source="the averaged parameters")
+            entry["val_loss_average"], _, t = measured("average", average, eval_lm)
+            if cal_ids is not None:
+                entry["temperature_average"] = t
+            candidates.append((entry["val_loss_average"], "average", average, t))
         history.append(entry)
-        for v, kind, params in candidates:
+        for v, kind, params, t in candidates:
             if recipe.keep_best and (best is None or v < best[0]):
-                best = (v, epoch + 1, {k: np.array(a, copy=True) for k, a in params.items()}, kind)
+                best = (v, epoch + 1, params, kind, t)
         if verbose:
             averaged = (f", averaged {entry['val_loss_average']:.4f}" if d else "")
             print(f"epoch {epoch + 1}: train loss {h.history['loss'][0]:.4f}, validation loss "
@@ -344,14 +508,32 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
                   f"{step * B * S / elapsed:,.0f} tokens/s", flush=True)
     train_seconds = time.perf_counter() - t_train
 
-    val = history[-1]["val_loss"]
-    kept_epoch, kept_weights = len(history), "trained"
-    if best is not None:
-        val, kept_epoch, params, kept_weights = best
-        backbone.set_params(params, source="the best epoch")
-    elif d:
-        val, kept_weights = history[-1]["val_loss_average"], "average"
-        backbone.set_params(average, source="the averaged parameters")
+    if best is None:                                  # the last epoch's, averaged when averaging
+        last = history[-1]
+        best = ((last["val_loss_average"], len(history), average, "average",
+                 last.get("temperature_average", 1.0)) if d else
+                (last["val_loss"], len(history), trained, "trained", last.get("temperature", 1.0)))
+    val, kept_epoch, params, kept_weights, temperature = best
+    shipped = fold_temperature(params, temperature) if cal_ids is not None else params
+    backbone.set_params(shipped, source="the kept parameters")
+    validation = {"loss": val, "perplexity": math.exp(val),
+                  "nats_per_character": val * len(val_ids) / len(val_text)}
+    if eval_lm is None:
+        eval_lm = _evaluation_model(backbone, backend)
+    if cal_ids is not None:
+        # the same parameters before the temperature was folded in
+        eval_lm.backbone.set_params(params, source="the kept parameters, as trained")
+        raw = validation_loss(eval_lm, val_ids, S)
+        validation.update(temperature=temperature, uncalibrated_loss=raw,
+                          uncalibrated_nats_per_character=raw * len(val_ids) / len(val_text))
+    if recipe.evaluation_stride:
+        eval_lm.backbone.set_params(shipped, source="the kept parameters")
+        stride = min(recipe.evaluation_stride, S)
+        nats = sliding_nats(eval_lm, val_ids, S, stride)
+        slid = float(nats.sum() / len(val_ids))
+        validation["sliding"] = {"stride": stride, "loss": slid, "perplexity": math.exp(slid),
+                                 "nats_per_character": slid * len(val_ids) / len(val_text),
+                                 "window_nats": [round(float(v), 6) for v in nats]}
     report = {
         "refopt_version": _version(),
         "command": command,
@@ -361,6 +543,10 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         "validation_characters": len(val_text),
         "train_tokens": int(len(train_ids)),
         "validation_tokens": int(len(val_ids)),
+        "fit_characters": len(fit_text),
+        "fit_tokens": int(len(fit_ids)),
+        "calibration_characters": len(cal_text),
+        "calibration_tokens": 0 if cal_ids is None else int(len(cal_ids)),
         "recipe": dataclasses.asdict(recipe),
         "vocabulary_size": vocab_rows,
         "merges": len(merges),
@@ -377,8 +563,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         "history": history,
         "kept_epoch": kept_epoch,
         "kept_weights": kept_weights,
-        "validation": {"loss": val, "perplexity": math.exp(val),
-                       "nats_per_character": val * len(val_ids) / len(val_text)},
+        "validation": validation,
         "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
     }
     with saving.PresetSave(out, overwrite=overwrite) as staging:

@@ -35,7 +35,7 @@ positions, ReLU MLP, biases everywhere, LM head tied to the token embedding, no 
 
 ## Data
 `$text`: $text_characters characters. The first $train_share ($train_characters characters,
-$train_tokens tokens) trains the tokenizer and the model; the last $validation_share
+$train_tokens tokens) trains the tokenizer$data_split; the last $validation_share
 ($validation_characters characters, $validation_tokens tokens) is held out for validation only.
 
 ## Training
@@ -56,7 +56,7 @@ $train_tokens tokens) trains the tokenizer and the model; the last $validation_s
 | --- | ---: | ---: | ---: | ---: |
 $curve
 
-$kept
+$kept$calibration
 
 ## Validation
 Cross-entropy in nats per token, the mean over all $validation_tokens validation tokens, with
@@ -72,7 +72,7 @@ $table
 Per character (total nats over the held-out text divided by its $validation_characters characters,
 so that any tokenizer compares): **$nats_per_char nats per character** for this model, against
 $bigram_per_char for the Witten-Bell bigram and $nanogpt for nanoGPT's character-level Shakespeare
-model (its published figure on the same split).
+model (its published figure on the same split).$sliding
 
 ## Use
 $usage
@@ -120,7 +120,7 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         learning_rate=f"{r['learning_rate']:g}", warmup=report["warmup_steps"],
         final_ratio=f"{r['final_learning_rate_ratio']:g}", dropout=r["dropout"], seed=r["seed"],
         steps=f"{report['steps']:,}", tokens_seen=f"{report['tokens_seen']:,}",
-        passes=f"{report['tokens_seen'] / report['train_tokens']:.1f}",
+        passes=f"{report['tokens_seen'] / report.get('fit_tokens', report['train_tokens']):.1f}",
         train_seconds=f"{report['train_seconds']:,.0f}",
         train_minutes=f"{report['train_seconds'] / 60:.1f}",
         tokenizer_seconds=f"{report['tokenizer_seconds']:.1f}", machine=report["machine"],
@@ -130,7 +130,45 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         table="\n".join(f"| {n} | {m['loss']:.4f} | {m['perplexity']:.2f} |" for n, m in rows),
         nats_per_char=f"{report['validation']['loss'] * per_char:.4f}",
         bigram_per_char=f"{base['bigram_witten_bell']['loss'] * per_char:.4f}",
-        nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report))
+        nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report), data_split=_data_split(report),
+        calibration=_calibration(report), sliding=_sliding(report))
+
+
+def _data_split(report) -> str:
+    if not report.get("calibration_tokens"):
+        return " and the model"
+    share = report["recipe"]["calibration_fraction"]
+    return (f"; the model trains on its first {1 - share:.0%} ({report['fit_characters']:,} "
+            f"characters, {report['fit_tokens']:,} tokens), and the rest ({report['calibration_characters']:,} "
+            f"characters, {report['calibration_tokens']:,} tokens) only fits the temperature")
+
+
+def _calibration(report) -> str:
+    v = report["validation"]
+    if "temperature" not in v:
+        return ""
+    return ("\n\n**Temperature.** After every epoch each candidate's logits are divided by the "
+            "temperature that minimises its cross-entropy on the calibration part (the end of the "
+            "training text, never trained on), and the candidate is validated so; the validation "
+            "losses above are those. The shipped parameters' temperature is "
+            f"{v['temperature']:.4f}, folded into them (the final LayerNorm's gamma and beta divided "
+            "by it, which divides every logit by it: the preset stays a plain OPT, and KerasHub "
+            "computes the same logits). As trained, before the temperature, the same parameters "
+            f"score {v['uncalibrated_loss']:.4f} nats per token "
+            f"({v['uncalibrated_nats_per_character']:.4f} per character).")
+
+
+def _sliding(report) -> str:
+    s = report["validation"].get("sliding")
+    if not s:
+        return ""
+    S = report["recipe"]["sequence_length"]
+    return (f"\n\nIn overlapping windows -- each window of {S} tokens moved by {s['stride']}, each "
+            f"token scored once, from at least {S - s['stride']} tokens of context (the first window "
+            "aside), as transformers' perplexity guide measures a model of fixed length -- the same "
+            f"model scores {s['loss']:.4f} nats per token: **{s['nats_per_character']:.4f} nats per "
+            "character**. `refopt_training.json` keeps each window's nats "
+            "(`validation.sliding.window_nats`, the windows of `refopt.recipe.sliding_windows`).")
 
 
 def _val(h) -> str:
