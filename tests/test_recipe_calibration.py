@@ -133,7 +133,8 @@ def calibrated(tmp_path_factory):
     path = base / "model"
     lm = OPTCausalLM.from_preset(path)
     train_text, val_text = recipe.split_text(TEXT, 0.1)
-    fit_text, cal_text = recipe.split_text(train_text, 0.2)
+    cal_text, fit_text = recipe.calibration_split(train_text, 0.2)
+    assert cal_text + fit_text == train_text and len(cal_text) == int(0.2 * len(train_text))
     tok = lm.preprocessor.tokenizer
     report = json.loads((path / "refopt_training.json").read_text())
     assert report["fit_characters"] == len(fit_text) and report["calibration_characters"] == len(cal_text)

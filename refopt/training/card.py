@@ -138,9 +138,10 @@ def _data_split(report) -> str:
     if not report.get("calibration_tokens"):
         return " and the model"
     share = report["recipe"]["calibration_fraction"]
-    return (f"; the model trains on its first {1 - share:.0%} ({report['fit_characters']:,} "
-            f"characters, {report['fit_tokens']:,} tokens), and the rest ({report['calibration_characters']:,} "
-            f"characters, {report['calibration_tokens']:,} tokens) only fits the temperature")
+    return (f"; the model trains on its last {1 - share:.0%} ({report['fit_characters']:,} "
+            f"characters, {report['fit_tokens']:,} tokens), and its first {share:.0%} "
+            f"({report['calibration_characters']:,} characters, {report['calibration_tokens']:,} "
+            "tokens) only fits the temperature")
 
 
 def _calibration(report) -> str:
@@ -148,7 +149,7 @@ def _calibration(report) -> str:
     if "temperature" not in v:
         return ""
     return ("\n\n**Temperature.** After every epoch each candidate's logits are divided by the "
-            "temperature that minimises its cross-entropy on the calibration part (the end of the "
+            "temperature that minimises its cross-entropy on the calibration part (the start of the "
             "training text, never trained on), and the candidate is validated so; the validation "
             "losses above are those. The shipped parameters' temperature is "
             f"{v['temperature']:.4f}, folded into them (the final LayerNorm's gamma and beta divided "
