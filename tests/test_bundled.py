@@ -110,6 +110,24 @@ def test_numbers_recomputed(lm, corpus, report):
     assert per_char == pytest.approx(report["validation"]["nats_per_character"], abs=2e-4)
 
 
+def test_sliding_figure_recomputed_in_part(lm, corpus, report):
+    # the overlapping-window figure: its windows' nats add up to it, and a sample of them is
+    # recomputed from the preset (all of them take a minute on the CPU)
+    s = report["validation"]["sliding"]
+    _, val_text = train.split_text(corpus, report["recipe"]["validation_fraction"])
+    val_ids = np.asarray(lm.preprocessor.tokenizer(val_text))
+    S = report["recipe"]["sequence_length"]
+    nats = np.asarray(s["window_nats"])
+    assert len(nats) == len(train.sliding_windows(val_ids, S, s["stride"], 2, 1)[0])
+    assert nats.sum() / len(val_ids) == pytest.approx(s["loss"], abs=1e-6)
+    assert s["loss"] * len(val_ids) / len(val_text) == pytest.approx(s["nats_per_character"], rel=1e-12)
+    some = np.random.default_rng(0).choice(len(nats), 12, replace=False)
+    np.testing.assert_allclose(train.sliding_nats(lm, val_ids, S, s["stride"], windows=some),
+                               nats[some], rtol=2e-5, atol=2e-4)
+    card = (BUNDLED / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"**{s['nats_per_character']:.4f} nats per character**" in card
+
+
 def test_generates_shakespeare_like_text(lm):
     lm.compile(sampler="greedy")
     text = lm.generate("ROMEO:", max_length=64, strip_prompt=True)

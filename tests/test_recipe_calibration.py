@@ -109,6 +109,19 @@ def test_fold_temperature_divides_every_logit():
     assert np.abs(after - before).max() > 0.2 * np.abs(before).max()   # it sees a temperature
 
 
+def test_an_empty_calibration_part_is_a_clear_error(tmp_path):
+    from refopt.errors import TrainingError
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    with pytest.raises(TrainingError, match="calibration part is empty"):
+        recipe.train(text, tmp_path / "m", recipe.Recipe(calibration_fraction=1e-9, vocab_size=300,
+                                                        num_layers=1, hidden_dim=16, num_heads=2,
+                                                        intermediate_dim=32, sequence_length=16,
+                                                        max_sequence_length=48, epochs=1),
+                     backend="numpy")
+
+
 def test_calibration_settings_are_checked():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="calibration_fraction"):
