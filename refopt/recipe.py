@@ -418,7 +418,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     tokenizer_seconds = time.perf_counter() - t0
     train_ids = np.asarray(tokenizer(train_text), np.int64)
     val_ids = np.asarray(tokenizer(val_text), np.int64)
-    # the model trains on fit_ids; the calibration part (the training text's end) fits the temperature
+    # the model trains on fit_ids; the calibration part (the training text's start) fits the temperature
     cal_text, fit_text = calibration_split(train_text, recipe.calibration_fraction)
     fit_ids = np.asarray(tokenizer(fit_text), np.int64) if cal_text else train_ids
     cal_ids = np.asarray(tokenizer(cal_text), np.int64) if cal_text else None
@@ -466,17 +466,18 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     temperatures = {"trained": 1.0, "average": 1.0}          # the last fitted: the next fit's start
 
     def measured(kind, params, model):
-        # (validation loss, params, temperature) of a candidate: with a calibration part, the
-        # temperature fitted there and the loss of the parameters it is folded into (eval_lm)
+        # (validation loss, temperature) of a candidate ``model`` holding ``params``: with a
+        # calibration part, the temperature fitted there and the loss of the parameters it is
+        # folded into (measured by eval_lm)
         nonlocal eval_lm
         if cal_ids is None:
-            return validation_loss(model, val_ids, S), params, 1.0
+            return validation_loss(model, val_ids, S), 1.0
         logits, targets = calibration_logits(model, cal_ids, S)
         t = temperatures[kind] = fit_temperature(logits, targets, start=temperatures[kind])
         if eval_lm is None:
             eval_lm = _evaluation_model(backbone, backend)
         eval_lm.backbone.set_params(fold_temperature(params, t), source="the calibrated parameters")
-        return validation_loss(eval_lm, val_ids, S), params, t
+        return validation_loss(eval_lm, val_ids, S), t
     t_train = time.perf_counter()
     for epoch, offset in enumerate(offsets):
         if step >= total:
@@ -493,7 +494,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         step = optimizer.iterations
         # fresh arrays (never updated in place: a device copy is keyed by its arrays' identity)
         trained = {k: np.array(v, copy=True) for k, v in backbone.params.items()}
-        val, _, t = measured("trained", trained, lm)
+        val, t = measured("trained", trained, lm)
         elapsed = time.perf_counter() - t_train
         entry = {"epoch": epoch + 1, "steps": step, "train_loss": h.history["loss"][0],
                  "val_loss": val, "elapsed_s": round(elapsed, 1)}
@@ -506,7 +507,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
             if eval_lm is None:
                 eval_lm = _evaluation_model(backbone, backend)
             eval_lm.backbone.set_params(average, source="the averaged parameters")
-            entry["val_loss_average"], _, t = measured("average", average, eval_lm)
+            entry["val_loss_average"], t = measured("average", average, eval_lm)
             if cal_ids is not None:
                 entry["temperature_average"] = t
             candidates.append((entry["val_loss_average"], "average", average, t))
