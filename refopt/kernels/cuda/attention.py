@@ -460,8 +460,9 @@ else:
 #: the forward :func:`flash_attention` launches where its operands allow: ``"v2"``
 #: (:func:`make_flash_forward_v2`) or ``"v1"`` (:func:`make_flash_forward`); ``REFOPT_FLASH``
 VARIANT = os.environ.get("REFOPT_FLASH", "v2")
-#: ``v2`` reads the next key tile into registers while it multiplies the current one
-PREFETCH = os.environ.get("REFOPT_FLASH_PREFETCH", "1") != "0"
+#: ``v2`` reads the next key tile into registers while it multiplies the current one (off: it measured
+#: 0.91x SDPA against 0.95x without, 168 registers; benchmarks/GPU.md)
+PREFETCH = os.environ.get("REFOPT_FLASH_PREFETCH", "0") == "1"
 
 
 def v2_fits(dtype, K: int, arrays, strides) -> bool:
