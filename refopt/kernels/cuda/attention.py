@@ -17,6 +17,12 @@ causal diagonal are skipped without changing the result; a row with no allowed k
 possible with padding) is then finished as the uniform average of all ``T`` values, as the
 reference computes it.
 
+Two kernels share that design (:data:`VARIANT`, ``REFOPT_FLASH``): ``"v2"``
+(:func:`make_flash_forward_v2`, the default for float32 with head widths in fours, strides in fours
+and 16-byte aligned data, structured masks) reads its tiles as 16-byte loads and has the head steps
+of ``Q K^T`` and the key steps of ``P V`` written out in generated source; ``"v1"``
+(:func:`make_flash_forward`) takes everything else (float64, other widths, dense masks).
+
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
 reference's probabilities (:class:`LazyProbs`), which the backward (batched products, below) uses.
 

@@ -23,6 +23,11 @@ key-side kernel walks every query tile of a batch row whose first key is padding
 * ``dq`` -- one block per (query tile, batch x head): it keeps ``dQ`` in registers and walks the
   key tiles the queries can see.
 
+:func:`make_flash_backward_v2` builds the same two kernels for float32 head widths up to 64 in
+fours (the default, :data:`VARIANT`, ``REFOPT_FLASH_BWD``): 32 x 32 tile pairs on 64 threads, 16-byte
+tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the steps written out; what follows
+describes the first (``"v1"``), which takes every other case.
+
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
 column across threads without bank conflicts) and block their outputs in registers
 (:func:`blocking`): a thread computes 2 x 2 of a pair's probabilities and 2 x 4 of a gradient tile,
