@@ -147,6 +147,17 @@ def main():
         print(f"backward {name:13s} alone {fmt(2.5 * flops, ms_b)}  fwd+bwd {fmt(3.5 * flops, ms_fb)}  "
               f"{statistics.median(t_fb) / statistics.median(ms_fb):.2f}x  err {err:.1e}", flush=True)
 
+    # what the compiled kernels use (registers, local memory: spills)
+    kernels = [("forward v2", A.make_flash_forward_v2(64, True, A.PREFETCH))]
+    if "v2" in args.backward:
+        kernels += list(zip(("dkdv v2", "dq v2"), FB.make_flash_backward_v2(True)))
+    for name, kern in kernels:
+        try:
+            print(f"{name}: registers {kern.get_regs_per_thread()}, local bytes "
+                  f"{kern.get_local_mem_per_thread()}, shared bytes {kern.get_shared_mem_per_block()}")
+        except Exception as e:          # noqa: BLE001 (a report line, not a failure)
+            print(f"{name}: resources not read ({e})")
+
     if args.resources:
         from numba import types
 
