@@ -570,7 +570,7 @@ def make_flash_backward_v2(causal: bool):
           "    kw = cuda.local.array(CDQ, DT)",
           "    tr4 = (tid // TDQ) * 4",
           "    td4 = (tid % TDQ) * 4",
-          "    q0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BQ",
+          "    q0 = ((S + BQ - 1) // BQ - 1 - (cuda.blockIdx.x & 0x7FFFFFFF)) * BQ   # the longest rows first",
           "    qo = int64(b) * qsb + int64(h) * qsh + int64(q0 + lr) * qss + lc",
           "    oo = int64(b) * osb + int64(h) * osh + int64(q0 + lr) * oss + lc"]
     L += load_q("    ")
