@@ -255,7 +255,8 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
         return out
 
     def stores(arr, regs, P, mul=""):
-        return [f"{arr}[lr + {p * RP}, lc + {e}] = {regs}[{4 * p + e}]{mul}" for p in range(P) for e in range(4)]
+        return [f"{arr}[lr + {p * RP}, lc + {e}] = {regs}[{4 * p + e}]{mul}"
+                for p in range(P) for e in range(4)]
 
     L = ["def flash_forward(q, k, v, out, m_out, l_out, key_mask, qsb, qsh, qss, ksb, ksh, kss,",
          "                  vsb, vsh, vss, osb, osh, oss, H, S, T, K, q_offset, scale):",

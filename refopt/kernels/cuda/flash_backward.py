@@ -512,7 +512,8 @@ def make_flash_backward_v2(causal: bool):
     args = ("q, k, v, d_o, m, l, dlt, key_mask, OUT, qsb, qsh, qss, ksb, ksh, kss, vsb, vsh, vss, "
             "osb, osh, oss, xsb, xsh, xss, H, S, T, K, q_offset, scale")
     # ---- dkdv: one block per (key tile, batch x head)
-    L = head("dkdv", args.replace("OUT", "d_k, d_v").replace("xsb, xsh, xss", "dksb, dksh, dkss, dvsb, dvsh, dvss"))
+    L = head("dkdv", args.replace("OUT", "d_k, d_v").replace("xsb, xsh, xss",
+                                                             "dksb, dksh, dkss, dvsb, dvsh, dvss"))
     L += ["    ak = cuda.local.array((4, CDK), DT)",
           "    av = cuda.local.array((4, CDK), DT)",
           "    pv = cuda.local.array(4, DT)",
