@@ -262,9 +262,11 @@ def test_attention_namespace(dtype, B, H, S, extra, K, seed, left):
 
 @settings(max_examples=EX)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), S=st.integers(1, big(12)), extra=st.integers(0, big(20)),
-       K=st.sampled_from([4, 16, 64, 100]), seed=st.integers(0, 2**16), left=st.booleans())
+       K=st.sampled_from([4, 5, 16, 64, 100]), seed=st.integers(0, 2**16), left=st.booleans())
 def test_flash_causal_structured(B, H, S, extra, K, seed, left):
-    # the structured path (key padding + causal, tiles above the diagonal skipped, q scaled on load)
+    # the structured path (key padding + causal, tiles above the diagonal skipped, q scaled on load,
+    # the row statistics m and l): float32 head widths in fours take the second forward
+    # (make_flash_forward_v2), K = 5 the first
     rng = np.random.default_rng(seed)
     T = S + extra
     dt = np.float32
@@ -276,12 +278,25 @@ def test_flash_causal_structured(B, H, S, extra, K, seed, left):
     scale = np.float32(K ** -0.5)
     r_out, _ = ref.attention_forward(q * scale, k, v, mask)
     out = cuda.device_array(q.size, dt)
-    gattn.flash_attention(cuda.to_device(q.ravel()), cuda.to_device(k.ravel()), cuda.to_device(v.ravel()), out,
-                          (H * S * K, S * K, K), (H * T * K, T * K, K), (H * T * K, T * K, K),
-                          (H * S * K, S * K, K), B, H, S, T, K,
+    m, l = cuda.device_array(B * H * S, dt), cuda.device_array(B * H * S, dt)
+    qd, kd, vd = (cuda.to_device(a.ravel()) for a in (q, k, v))
+    strides = (H * S * K, S * K, K), (H * T * K, T * K, K), (H * T * K, T * K, K)
+    assert gattn.v2_fits(dt, K, (qd, kd, vd), strides) == (K % 4 == 0)
+    gattn.flash_attention(qd, kd, vd, out, *strides, (H * S * K, S * K, K), B, H, S, T, K,
                           key_mask=cuda.to_device(key_mask.astype(np.uint8)), causal=True, q_offset=extra,
-                          scale=float(scale))
+                          scale=float(scale), stats=(m, l))
     close(out.copy_to_host().reshape(q.shape), r_out, dt, "flash causal")
+    # the statistics the backward rebuilds the probabilities from: m the row's largest score (masked
+    # scores lowest), l the sum of exp(score - m) over all T keys
+    qs = q * scale
+    scores = np.where(mask, qs @ k.transpose(0, 1, 3, 2), np.finfo(dt).min)
+    r_m = scores.max(-1)
+    r_l = np.exp(scores - r_m[..., None]).sum(-1)
+    got_m = m.copy_to_host().reshape(r_m.shape)
+    real = r_m > np.finfo(dt).min
+    assert np.array_equal(got_m[~real], r_m[~real])          # rows with no allowed key: lowest
+    close(got_m[real], r_m[real], dt, "m", (np.abs(qs) @ np.abs(k).transpose(0, 1, 3, 2)).max())
+    close(l.copy_to_host().reshape(r_l.shape), r_l, dt, "l")
 
 
 # ---------------------------------------------------------------------------------- rows

@@ -67,6 +67,48 @@ def test_flash_backward(dtype, B, H, S, K, left, seed):
         close(g.copy_to_host().reshape(w.shape), w, dtype, name, scale)
 
 
+@pytest.mark.parametrize("backward", ["v1", "v2"])
+@settings(max_examples=EX, deadline=None)
+@given(B=st.integers(1, 2 if FULL else 1), H=st.integers(1, 2), S=st.integers(17, big(20)),
+       K=st.sampled_from([4, 8, 64]), left=st.sampled_from([0, 0, 3]), seed=st.integers(0, 2**16))
+def test_flash_several_tiles(B, H, S, K, left, seed, backward):
+    # float32 head widths in fours take the second forward (make_flash_forward_v2) and, asked for, the
+    # second backward (make_flash_backward_v2): sequences of several tiles a side, so that both the
+    # tiles that need the masking selects (the diagonal, the ragged end, padded rows) and those that
+    # skip them are run
+    from refopt.kernels.cuda import attention as gattn_
+
+    dtype = np.float32
+    rng = np.random.default_rng(seed)
+    q, k, v, d_out = (rng.standard_normal((B, H, S, K)).astype(dtype) for _ in range(4))
+    key = np.ones((B, S), bool)
+    key[0, :left] = False
+    mask = ref.attention_mask(key, np.arange(S))
+    scale = np.float32(K ** -0.5)
+    out, probs = ref.attention_forward(q * scale, k, v, mask)
+    want = ref.attention_backward(d_out, q * scale, k, v, probs, mask)
+    st_ = (H * S * K, S * K, K)
+    dev = [cuda.to_device(a.reshape(-1)) for a in (q, k, v, d_out)]
+    assert gattn_.v2_fits(dtype, K, dev[:3], (st_,) * 3) and gfb.v2_fits(dtype, K, dev, (st_,) * 4)
+    o, m, l = empty(q.size, dtype), empty(B * H * S, dtype), empty(B * H * S, dtype)
+    km = cuda.to_device(key.astype(np.uint8))
+    gattn.flash_attention(dev[0], dev[1], dev[2], o, st_, st_, st_, st_, B, H, S, S, K, key_mask=km,
+                          causal=True, stats=(m, l), scale=float(scale))
+    close(o.copy_to_host().reshape(q.shape), out, dtype, "out")
+    grads = [empty(q.size, dtype) for _ in range(3)]
+    default, gfb.VARIANT = gfb.VARIANT, backward
+    try:
+        gfb.flash_backward(dev[0], dev[1], dev[2], o, dev[3], m, l, km, *grads, empty(B * H * S, dtype),
+                           dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), st_),
+                           B, H, S, S, K, causal=True, scale=float(scale))
+    finally:
+        gfb.VARIANT = default
+    want = [want[0] * scale, want[1], want[2]]   # d_q: the gradient of the unscaled q
+    bound = np.abs(d_out).max() * (np.abs(q).max() + np.abs(k).max() + np.abs(v).max()) * S
+    for name, g, w in zip(("d_q", "d_k", "d_v"), grads, want):
+        close(g.copy_to_host().reshape(w.shape), w, dtype, name, bound)
+
+
 def test_dropout_keep_is_the_philox_stream():
     from refopt import philox
 

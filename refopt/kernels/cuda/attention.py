@@ -17,6 +17,12 @@ causal diagonal are skipped without changing the result; a row with no allowed k
 possible with padding) is then finished as the uniform average of all ``T`` values, as the
 reference computes it.
 
+Two kernels share that design (:data:`VARIANT`, ``REFOPT_FLASH``): ``"v2"``
+(:func:`make_flash_forward_v2`, the default for float32 with head widths in fours, strides in fours
+and 16-byte aligned data, structured masks) reads its tiles as 16-byte loads and has the head steps
+of ``Q K^T`` and the key steps of ``P V`` written out in generated source; ``"v1"``
+(:func:`make_flash_forward`) takes everything else (float64, other widths, dense masks).
+
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
 reference's probabilities (:class:`LazyProbs`), which the backward (batched products, below) uses.
 
@@ -31,13 +37,17 @@ probability tiles in shared memory.
 from __future__ import annotations
 
 import functools
+import linecache
 import math
+import os
 
 import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import ALIGN, SIM, block_sum, cdiv, empty, kernel, larger, nbtype, plus
+from refopt.kernels.cuda._common import (ALIGN, SIM, SIMULATOR, block_sum, cdiv, empty, kernel, larger,
+                                         nbtype, plus)
+from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 NTX = 8          # threads sharing a query row (the row reductions run over them)
 
@@ -208,6 +218,221 @@ def make_flash_forward(dtype, KP: int, causal: bool, dense: bool):
     return flash_forward
 
 
+# ----------------------------------------------------------------------------- the second forward
+# (float32, head columns in 16-byte groups: vector global loads, the products written out)
+
+@functools.lru_cache(maxsize=None)
+def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
+    """The forward of :func:`make_flash_forward` (float32, structured masks only, same tiles and
+    thread layout, same arithmetic in the same order) for operands :func:`v2_fits` accepts: the Q,
+    K and V tiles read as 16-byte loads (:func:`~refopt.kernels.cuda.gemm.ldg4`) from offsets
+    computed once and advanced per key tile, out-of-range groups read from element 0 and replaced
+    by zeros (selects, no branches around the loads); with ``prefetch`` the next key tile is read
+    into registers while the current one is multiplied; the key-padding and causal selects only
+    on tiles that need them (a block first checks whether its batch row has padding); the head
+    steps of ``Q K^T`` and the key steps of ``P V`` written out one by one (generated source)."""
+    BQ, BKV = _tiles(KP)
+    NTY = BQ // 4
+    NT = NTX * NTY
+    CT = BKV // NTX
+    CD = KP // NTX
+    GD = CD // 4
+    SQ = KP + 4
+    SP = BQ + 4
+    G4 = KP // 4                    # 16-byte groups of a row
+    RP = NT // G4                   # rows a pass of the block's loads covers
+    PQ, PK = BQ // RP, BKV // RP    # passes over a Q / a K or V tile
+    assert NT % G4 == 0 and BQ % RP == 0 and BKV % RP == 0 and CD % 4 == 0
+    LOWEST = float(np.finfo(np.float32).min)
+
+    def loads(name, regs, off, stride, rows, first, limit, P):
+        # P passes of 16-byte loads of rows first + lr + p * RP (< limit) into regs[4 p + e]
+        out = []
+        for p in range(P):
+            out += [f"ok = cok and {first} + lr + {p * RP} < {limit}",
+                    f"w = ldg4({name}, ({off} + {p * RP} * {stride}) if ok else int64(0))"]
+            out += [f"{regs}[{4 * p + e}] = w[{e}] if ok else DT(0)" for e in range(4)]
+        return out
+
+    def stores(arr, regs, P, mul=""):
+        return [f"{arr}[lr + {p * RP}, lc + {e}] = {regs}[{4 * p + e}]{mul}"
+                for p in range(P) for e in range(4)]
+
+    L = ["def flash_forward(q, k, v, out, m_out, l_out, key_mask, qsb, qsh, qss, ksb, ksh, kss,",
+         "                  vsb, vsh, vss, osb, osh, oss, H, S, T, K, q_offset, scale):",
+         "    Qs = cuda.shared.array((BQ, SQ), DT, alignment=ALIGN)",
+         "    Ks = cuda.shared.array((BKV, SQ), DT, alignment=ALIGN)",
+         "    Vs = cuda.shared.array((BKV, KP), DT, alignment=ALIGN)",
+         "    Ps = cuda.shared.array((BKV, SP), DT, alignment=ALIGN)",
+         "    red = cuda.shared.array(NT, DT)",
+         "    acc = cuda.local.array((4, CD), DT)",
+         "    sc = cuda.local.array((4, CT), DT)",
+         "    qv = cuda.local.array((4, 4), DT)",
+         "    kv = cuda.local.array((CT, 4), DT)",
+         "    pv = cuda.local.array(4, DT)",
+         "    vv = cuda.local.array(CD, DT)",
+         "    mrow = cuda.local.array(4, DT)",
+         "    lrow = cuda.local.array(4, DT)",
+         "    kok = cuda.local.array(CT, int32)",
+         f"    rq = cuda.local.array({4 * PQ}, DT)",
+         f"    rk = cuda.local.array({4 * PK}, DT)",
+         f"    rv = cuda.local.array({4 * PK}, DT)",
+         "    tid = cuda.threadIdx.x & 1023",
+         "    tx = tid % NTX",
+         "    ty4 = (tid // NTX) * 4",
+         "    tx4 = tx * 4",
+         "    lr = tid // G4",
+         "    lc = (tid % G4) * 4",
+         "    cok = lc < K",
+         "    nqt = (S + BQ - 1) // BQ",
+         "    qt = nqt - 1 - (cuda.blockIdx.x & 0x7FFFFFFF)",
+         "    bh = cuda.blockIdx.y & 0x7FFFFFFF",
+         "    b = bh // H",
+         "    h = bh % H",
+         "    q0 = qt * BQ",
+         "    lowest = DT(LOWEST)",
+         "    ninf = DT(NEG_INF)",
+         "    qo = int64(b) * qsb + int64(h) * qsh + int64(q0 + lr) * qss + lc",
+         "    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
+         "    vo = int64(b) * vsb + int64(h) * vsh + int64(lr) * vss + lc",
+         "    kstep = int64(BKV) * kss",
+         "    vstep = int64(BKV) * vss"]
+    L += ["    " + x for x in loads("q", "rq", "qo", "qss", "rows", "q0", "S", PQ)]
+    L += ["    " + x for x in stores("Qs", "rq", PQ, " * scale")]
+    L += ["    pad = 0",
+          "    for t in range(tid, T, NT):",
+          "        if key_mask[b, t] == 0:",
+          "            pad = 1",
+          "    padded = cuda.syncthreads_or(pad)",
+          "    for i in range(4):",
+          "        mrow[i] = lowest",
+          "        lrow[i] = DT(0)",
+          "        for c in range(CD):",
+          "            acc[i, c] = DT(0)",
+          "    t_end = T"]
+    if causal:
+        L += ["    t_end = min(T, q0 + BQ + q_offset)"]
+    if prefetch:
+        L += ["    if t_end > 0:"]
+        L += ["        " + x for x in loads("k", "rk", "ko", "kss", "rows", "0", "T", PK)]
+        L += ["        " + x for x in loads("v", "rv", "vo", "vss", "rows", "0", "T", PK)]
+    L += ["    for t0 in range(0, t_end, BKV):",
+          "        cuda.syncthreads()"]
+    if prefetch:
+        L += ["        " + x for x in stores("Ks", "rk", PK) + stores("Vs", "rv", PK)]
+        L += ["        cuda.syncthreads()",
+              "        if t0 + BKV < t_end:",
+              "            ko += kstep",
+              "            vo += vstep"]
+        L += ["            " + x for x in loads("k", "rk", "ko", "kss", "rows", "t0 + BKV", "T", PK)]
+        L += ["            " + x for x in loads("v", "rv", "vo", "vss", "rows", "t0 + BKV", "T", PK)]
+    else:
+        L += ["        " + x for x in loads("k", "rk", "ko", "kss", "rows", "t0", "T", PK)]
+        L += ["        " + x for x in loads("v", "rv", "vo", "vss", "rows", "t0", "T", PK)]
+        L += ["        " + x for x in stores("Ks", "rk", PK) + stores("Vs", "rv", PK)]
+        L += ["        ko += kstep",
+              "        vo += vstep",
+              "        cuda.syncthreads()"]
+    L += ["        for i in range(4):",
+          "            for jj in range(CT):",
+          "                sc[i, jj] = DT(0)"]
+    for d in range(0, KP, 4):      # scores: four head columns a step
+        L += ["        for i in range(4):",
+              "            for e in range(4):",
+              f"                qv[i, e] = Qs[ty4 + i, {d} + e]",
+              "        for jj in range(CT):",
+              "            for e in range(4):",
+              f"                kv[jj, e] = Ks[jj * NTX + tx, {d} + e]",
+              "        for i in range(4):",
+              "            for jj in range(CT):",
+              "                for e in range(4):",
+              "                    sc[i, jj] += qv[i, e] * kv[jj, e]"]
+    # the masking rule: a key past T weighs 0 (-inf), a masked key scores lowest; a tile needs the
+    # selects when it reaches past T, past the first row's diagonal, or when the row has padding
+    need = "padded != 0 or t0 + BKV > T"
+    if causal:
+        need += " or t0 + BKV - 1 > q0 + q_offset"
+    L += [f"        if {need}:",
+          "            for jj in range(CT):",
+          "                t = t0 + jj * NTX + tx",
+          "                kok[jj] = 1 if key_mask[b, min(t, T - 1)] != 0 else 0",
+          "            for i in range(4):",
+          "                lim = q0 + ty4 + i + q_offset",
+          "                for jj in range(CT):",
+          "                    t = t0 + jj * NTX + tx",
+          "                    x = sc[i, jj]"]
+    if causal:
+        L += ["                    x = x if (kok[jj] != 0 and t <= lim) else lowest"]
+    else:
+        L += ["                    x = x if kok[jj] != 0 else lowest"]
+    L += ["                    sc[i, jj] = x if t < T else ninf",
+          "        for i in range(4):",
+          "            top = ninf",
+          "            for jj in range(CT):",
+          "                top = max(top, sc[i, jj])",
+          "            top = group_max(top, red, tid)",
+          "            m_new = max(mrow[i], top)",
+          "            alpha = math.exp(mrow[i] - m_new)",
+          "            mrow[i] = m_new",
+          "            total = DT(0)",
+          "            for jj in range(CT):",
+          "                p = math.exp(sc[i, jj] - m_new)",
+          "                sc[i, jj] = p",
+          "                total += p",
+          "            total = group_sum(total, red, tid)",
+          "            lrow[i] = lrow[i] * alpha + total",
+          "            for c in range(CD):",
+          "                acc[i, c] *= alpha",
+          "        for jj in range(CT):",
+          "            for i in range(4):",
+          "                Ps[jj * NTX + tx, ty4 + i] = sc[i, jj]",
+          "        cuda.syncthreads()"]
+    for j in range(BKV):           # output += P V, one key a step
+        L += ["        for i in range(4):",
+              f"            pv[i] = Ps[{j}, ty4 + i]",
+              "        for g in range(GD):",
+              "            for e in range(4):",
+              f"                vv[g * 4 + e] = Vs[{j}, g * 4 * NTX + tx4 + e]",
+              "        for i in range(4):",
+              "            for c in range(CD):",
+              "                acc[i, c] += pv[i] * vv[c]"]
+    L += ["    ob = int64(b) * osb + int64(h) * osh",
+          "    vb = int64(b) * vsb + int64(h) * vsh",
+          "    for i in range(4):",
+          "        s = q0 + ty4 + i",
+          "        if s < S:",
+          "            inv = DT(1) / lrow[i]",
+          f"            fix = {bool(causal)} and t_end < T and mrow[i] == lowest",
+          "            if fix:",
+          "                lrow[i] = DT(T)",
+          "                inv = DT(1) / lrow[i]",
+          "                for d in range(tx, K, NTX):",
+          "                    tot = DT(0)",
+          "                    for t in range(T):",
+          "                        tot += v[vb + t * vss + d]",
+          "                    out[ob + s * oss + d] = tot * inv",
+          "            else:",
+          "                for c in range(CD):",
+          "                    d = (c // 4) * 4 * NTX + tx4 + (c % 4)",
+          "                    if d < K:",
+          "                        out[ob + s * oss + d] = acc[i, c] * inv",
+          "            if tx == 0 and m_out.shape[0] > 0:",
+          "                m_out[bh * S + s] = mrow[i]",
+          "                l_out[bh * S + s] = lrow[i]"]
+    src = "\n".join(L) + "\n"
+    fname = f"<refopt flash forward v2 {KP} {causal} {prefetch}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
+              min=min, max=max, ALIGN=ALIGN, BQ=BQ, BKV=BKV, KP=KP, NT=NT, NTX=NTX, CT=CT, CD=CD,
+              GD=GD, SQ=SQ, SP=SP, G4=G4, PQ=PQ, PK=PK, LOWEST=LOWEST, NEG_INF=-math.inf,
+              group_max=_group_max, group_sum=_group_sum)
+    exec(compile(src, fname, "exec"), ns)
+    fn = kernel(launch_bounds=NT)(ns["flash_forward"])
+    fn.tiles = (BQ, BKV, NT)
+    fn.source = src
+    return fn
+
+
 if SIM:
     def _group_reduce(combine):
         # ``combine`` over the NTX threads sharing a row, through shared memory (no shuffles here)
@@ -239,6 +464,26 @@ else:
         return value + cuda.shfl_xor_sync(0xFFFFFFFF, value, 1)
 
 
+#: the forward :func:`flash_attention` launches where its operands allow: ``"v2"``
+#: (:func:`make_flash_forward_v2`) or ``"v1"`` (:func:`make_flash_forward`); ``REFOPT_FLASH``
+VARIANT = os.environ.get("REFOPT_FLASH", "v2")
+#: ``v2`` reads the next key tile into registers while it multiplies the current one (on: the variant
+#: the real-GPU tests ran; 0.91x SDPA, 168 registers, against 0.95x without, within the spread:
+#: benchmarks/GPU.md); ``REFOPT_FLASH_PREFETCH=0`` turns it off
+PREFETCH = os.environ.get("REFOPT_FLASH_PREFETCH", "1") != "0"
+
+
+def v2_fits(dtype, K: int, arrays, strides) -> bool:
+    """Whether :func:`make_flash_forward_v2` can take these operands: float32, the head width a
+    multiple of 4, every batch / head / position stride a multiple of 4 and the data 16-byte
+    aligned (so each row's groups of four are 16-byte loads)."""
+    if np.dtype(dtype) != np.float32 or K % 4 or K == 0 or K > 128:
+        return False
+    if any(int(x) % 4 for st in strides for x in st):
+        return False
+    return SIMULATOR or all(pointer(a) % 16 == 0 for a in arrays)
+
+
 def head_pad(K: int) -> int:
     if K <= 64:
         return 64
@@ -261,6 +506,16 @@ def flash_attention(q, k, v, out, qstrides, kstrides, vstrides, ostrides, B, H, 
     if key_mask is None:
         key_mask = ones_u8((B, T))
     dense = mask is not None
+    if not dense and VARIANT == "v2" and v2_fits(dtype, K, (q, k, v), (qstrides, kstrides, vstrides)):
+        fn = make_flash_forward_v2(head_pad(K), bool(causal), PREFETCH)
+        BQ, BKV, NT = fn.tiles
+        m_out, l_out = stats if stats is not None else (empty(0, dtype), empty(0, dtype))
+        flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, out, m_out, l_out)]
+        launcher(fn)((cdiv(S, BQ), B * H, 1), (NT, 1, 1), stream, *flat, as_shape(key_mask, key_mask.shape),
+                     *map(int64, qstrides), *map(int64, kstrides), *map(int64, vstrides),
+                     *map(int64, ostrides), int32(H), int32(S), int32(T), int32(K), int32(q_offset),
+                     np.float32(scale))
+        return out
     fn = make_flash_forward(dtype, head_pad(K), bool(causal), dense)
     BQ, BKV, NT = fn.tiles
     m_out, l_out = stats if stats is not None else (empty(0, dtype), empty(0, dtype))

@@ -23,6 +23,11 @@ key-side kernel walks every query tile of a batch row whose first key is padding
 * ``dq`` -- one block per (query tile, batch x head): it keeps ``dQ`` in registers and walks the
   key tiles the queries can see.
 
+:func:`make_flash_backward_v2` builds the same two kernels for float32 head widths up to 64 in
+fours (on request: :data:`VARIANT`, ``REFOPT_FLASH_BWD=v2``): 32 x 32 tile pairs on 64 threads, 16-byte
+tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the steps written out; what follows
+describes the first (``"v1"``), which takes every other case.
+
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
 column across threads without bank conflicts) and block their outputs in registers
 (:func:`blocking`): a thread computes 2 x 2 of a pair's probabilities and 2 x 4 of a gradient tile,
@@ -38,12 +43,16 @@ apart), ``Dlt`` the row dots ``dO . O``, ``Z`` batch times heads.
 from __future__ import annotations
 
 import functools
+import linecache
 import math
+import os
 
 import numpy as np
 from numba import cuda, int32, int64
 
-from refopt.kernels.cuda._common import SIM, cdiv, kernel, nbtype
+from refopt.kernels.cuda import gemm as _gemm
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, kernel, nbtype
+from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 NT = 8 if SIM else 256       # threads per block
 
@@ -288,6 +297,21 @@ def _row_dots(dtype):
     return row_dots
 
 
+#: the backward :func:`flash_backward` launches: ``"v1"`` (:func:`make_flash_backward`, the default)
+#: or, on request (``REFOPT_FLASH_BWD=v2``) and where its operands allow, ``"v2"``
+#: (:func:`make_flash_backward_v2`: checked against the reference under the simulator only; on the
+#: GPU its compilation outlasted the session's time box, its speed is not measured -- benchmarks/GPU.md)
+VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v1")
+
+
+def v2_fits(dtype, K: int, arrays, strides) -> bool:
+    """Whether :func:`make_flash_backward_v2` can take these operands: float32, a head width that
+    is a multiple of 4 up to 64, strides in fours, data 16-byte aligned."""
+    from refopt.kernels.cuda.attention import v2_fits as forward_fits
+
+    return K <= 64 and forward_fits(dtype, K, arrays, strides)
+
+
 def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides, B, H, S, T, K, *,
                    causal=True, q_offset=0, scale=1.0, stream=0):
     """Launch the backward on flat device arrays.  ``strides`` maps each of ``"q", "k", "v", "o",
@@ -302,6 +326,21 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
     if rows:
         _row_dots(dtype)[cdiv(rows, 128), 128, stream](d_o, o, dlt, st["d_o"], st["o"], int32(H),
                                                        int32(S), int32(K))
+    if VARIANT == "v2" and v2_fits(dtype, K, (q, k, v, d_o), [strides[n] for n in ("q", "k", "v", "d_o")]):
+        dkdv, dq = make_flash_backward_v2(bool(causal))
+        BQ, BT, NTV = dkdv.tiles
+        flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, d_o, m, l, dlt)]
+        km = as_shape(key_mask, key_mask.shape)
+        common = (*st["q"], *st["k"], *st["v"], *st["d_o"])
+        tail = (int32(H), int32(S), int32(T), int32(K), int32(q_offset), np.float32(scale))
+        if T and B * H:
+            launcher(dkdv)((cdiv(T, BT), B * H, 1), (NTV, 1, 1), stream, *flat, km,
+                           as_shape(d_k, (d_k.shape[0],)), as_shape(d_v, (d_v.shape[0],)), *common,
+                           *st["d_k"], *st["d_v"], *tail)
+        if S and B * H:
+            launcher(dq)((cdiv(S, BQ), B * H, 1), (NTV, 1, 1), stream, *flat, km,
+                         as_shape(d_q, (d_q.shape[0],)), *common, *st["d_q"], *tail)
+        return
     dkdv, dq = make_flash_backward(dtype, head_pad(K), bool(causal))
     BT = dkdv.rows
     sc = dtype.type(scale)
@@ -313,3 +352,273 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
     if S and B * H:
         dq[(cdiv(S, BT), B * H), NT, stream](q, k, v, d_o, m, l, dlt, key_mask, d_q, st["q"], st["k"],
                                              st["v"], st["d_o"], st["d_q"], *common)
+
+
+# ----------------------------------------------------------------------------- the second backward
+# (float32, head width <= 64 in 16-byte groups: vector loads, 4 x 4 pair tiles, products written out)
+
+def _v2_tiles():
+    # (BQ, BT) query / key rows of a tile pair: 32 x 32 with 64 threads (8 x 8, each 4 x 4 pairs);
+    # the simulator 8 x 8 with 16 threads
+    return (8, 8) if SIM else (32, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def make_flash_backward_v2(causal: bool):
+    """``(dkdv, dq)`` as :func:`make_flash_backward`'s (same arguments, same results, same
+    arithmetic per pair: ``P = exp(score - m) / l``, ``dS = P (dP - Dlt)``) for float32 head widths
+    ``K <= 64`` that :func:`v2_fits` accepts.  Both kernels compute a tile pair's scores and
+    ``dO . v`` products with each thread owning 4 query rows x ``BT / 8`` keys (keys ``8 j + tx``),
+    four head columns a step, the steps written out; the tiles come in as 16-byte global loads
+    (offsets kept, out-of-range groups zeroed by selects); the masking selects run only on pairs
+    that need them.  ``dkdv`` then accumulates ``dV`` and ``dK`` for 4 keys x 8 head columns a
+    thread (``P`` and ``dS`` staged ``[query, key]``: one 16-byte load of four keys and two of
+    eight columns feed 32 multiply-adds), ``dq`` accumulates ``dQ`` for 4 query rows x 8 columns
+    (``dS`` staged ``[key, query]``)."""
+    KP = 64
+    BQ, BT = _v2_tiles()
+    NTX = 8
+    CT = BT // NTX                  # keys a thread owns of a pair tile
+    NTY = BQ // 4
+    NT = NTX * NTY
+    SQ = KP + 4
+    G4 = KP // 4
+    RP = NT // G4                   # rows one pass of the block's 16-byte loads covers
+    PQ, PT = BQ // RP, BT // RP
+    TKG = BT // 4                   # dkdv: groups of 4 keys; threads along the head columns:
+    TDK = NT // TKG
+    CDK = KP // TDK
+    TRG = BQ // 4                   # dq: groups of 4 query rows
+    TDQ = NT // TRG
+    CDQ = KP // TDQ
+    assert NT % G4 == 0 and BQ % RP == 0 and BT % RP == 0 and CDK % 4 == 0 and CDQ % 4 == 0
+    LOWEST = float(np.finfo(np.float32).min)
+
+    def loads(arr, name, off, stride, first, limit, P, mul=""):
+        out = []
+        for p in range(P):
+            out += [f"ok = cok and {first} + lr + {p * RP} < {limit}",
+                    f"w = ldg4({name}, ({off} + {p * RP} * {stride}) if ok else int64(0))"]
+            out += [f"{arr}[lr + {p * RP}, lc + {e}] = (w[{e}]{mul}) if ok else DT(0)" for e in range(4)]
+        return out
+
+    def head(name, args):
+        return [f"def {name}({args}):",
+                "    Qs = cuda.shared.array((BQ, SQ), DT, alignment=ALIGN)",
+                "    dOs = cuda.shared.array((BQ, SQ), DT, alignment=ALIGN)",
+                "    Ks = cuda.shared.array((BT, SQ), DT, alignment=ALIGN)",
+                "    Vs = cuda.shared.array((BT, SQ), DT, alignment=ALIGN)",
+                f"    Ps = cuda.shared.array(({max(BQ, BT)}, {max(BQ, BT) + 4}), DT, alignment=ALIGN)",
+                f"    dSs = cuda.shared.array(({max(BQ, BT)}, {max(BQ, BT) + 4}), DT, alignment=ALIGN)",
+                "    Ms = cuda.shared.array(BQ, DT)",
+                "    Ls = cuda.shared.array(BQ, DT)",
+                "    Ds = cuda.shared.array(BQ, DT)",
+                "    sc = cuda.local.array((4, CT), DT)",
+                "    dp = cuda.local.array((4, CT), DT)",
+                "    qv = cuda.local.array((4, 4), DT)",
+                "    ov = cuda.local.array((4, 4), DT)",
+                "    kv = cuda.local.array((CT, 4), DT)",
+                "    vv = cuda.local.array((CT, 4), DT)",
+                "    kok = cuda.local.array(CT, int32)",
+                "    tid = cuda.threadIdx.x & 1023",
+                "    tx = tid % NTX",
+                "    ty4 = (tid // NTX) * 4",
+                "    lr = tid // G4",
+                "    lc = (tid % G4) * 4",
+                "    cok = lc < K",
+                "    bh = cuda.blockIdx.y & 0x7FFFFFFF",
+                "    b = bh // H",
+                "    h = bh % H",
+                "    lowest = DT(LOWEST)",
+                "    pad = 0",
+                "    for t in range(tid, T, NT):",
+                "        if key_mask[b, t] == 0:",
+                "            pad = 1",
+                "    padded = cuda.syncthreads_or(pad)"]
+
+    def load_q(indent):
+        # the query tile q0 (Q scaled, dO) and its rows' statistics
+        L = loads("Qs", "q", "qo", "qss", "q0", "S", PQ, " * scale")
+        L += loads("dOs", "d_o", "oo", "oss", "q0", "S", PQ)
+        L += ["for i in range(tid, BQ, NT):",
+              "    s = q0 + i",
+              "    Ms[i] = m[bh * S + min(s, S - 1)] if s < S else DT(0)",
+              "    Ls[i] = l[bh * S + min(s, S - 1)] if s < S else DT(1)",
+              "    Ds[i] = dlt[bh * S + min(s, S - 1)] if s < S else DT(0)"]
+        return [indent + x for x in L]
+
+    def pairs(indent, transposed):
+        # P and dS of the tile pair (q0, t0) into Ps / dSs ([query, key], or [key, query])
+        L = ["for i in range(4):",
+             "    for jj in range(CT):",
+             "        sc[i, jj] = DT(0)",
+             "        dp[i, jj] = DT(0)"]
+        for d in range(0, KP, 4):
+            L += ["for i in range(4):",
+                  "    for e in range(4):",
+                  f"        qv[i, e] = Qs[ty4 + i, {d} + e]",
+                  f"        ov[i, e] = dOs[ty4 + i, {d} + e]",
+                  "for jj in range(CT):",
+                  "    for e in range(4):",
+                  f"        kv[jj, e] = Ks[jj * NTX + tx, {d} + e]",
+                  f"        vv[jj, e] = Vs[jj * NTX + tx, {d} + e]",
+                  "for i in range(4):",
+                  "    for jj in range(CT):",
+                  "        for e in range(4):",
+                  "            sc[i, jj] += qv[i, e] * kv[jj, e]",
+                  "            dp[i, jj] += ov[i, e] * vv[jj, e]"]
+        need = "padded != 0 or q0 + BQ > S or t0 + BT > T"
+        if causal:
+            need += " or t0 + BT - 1 > q0 + q_offset"
+        L += [f"if {need}:",
+              "    for jj in range(CT):",
+              "        t = t0 + jj * NTX + tx",
+              "        kok[jj] = 1 if (t < T and key_mask[b, min(t, T - 1)] != 0) else 0",
+              "    for i in range(4):",
+              "        s = q0 + ty4 + i",
+              "        mi = Ms[ty4 + i]",
+              "        li = Ls[ty4 + i]",
+              "        di = Ds[ty4 + i]",
+              "        for jj in range(CT):",
+              "            t = t0 + jj * NTX + tx",
+              "            inside = s < S and t < T"]
+        if causal:
+            L += ["            allowed = inside and kok[jj] != 0 and t <= s + q_offset"]
+        else:
+            L += ["            allowed = inside and kok[jj] != 0"]
+        L += ["            p = math.exp((sc[i, jj] if allowed else lowest) - mi) / li",
+              "            sc[i, jj] = p if inside else DT(0)",
+              "            dp[i, jj] = p * (dp[i, jj] - di) if allowed else DT(0)",
+              "else:",
+              "    for i in range(4):",
+              "        mi = Ms[ty4 + i]",
+              "        li = Ls[ty4 + i]",
+              "        di = Ds[ty4 + i]",
+              "        for jj in range(CT):",
+              "            p = math.exp(sc[i, jj] - mi) / li",
+              "            sc[i, jj] = p",
+              "            dp[i, jj] = p * (dp[i, jj] - di)"]
+        if transposed:
+            L += ["for jj in range(CT):",
+                  "    for i in range(4):",
+                  "        dSs[jj * NTX + tx, ty4 + i] = dp[i, jj]"]
+        else:
+            L += ["for i in range(4):",
+                  "    for jj in range(CT):",
+                  "        Ps[ty4 + i, jj * NTX + tx] = sc[i, jj]",
+                  "        dSs[ty4 + i, jj * NTX + tx] = dp[i, jj]"]
+        return [indent + x for x in L]
+
+    args = ("q, k, v, d_o, m, l, dlt, key_mask, OUT, qsb, qsh, qss, ksb, ksh, kss, vsb, vsh, vss, "
+            "osb, osh, oss, xsb, xsh, xss, H, S, T, K, q_offset, scale")
+    # ---- dkdv: one block per (key tile, batch x head)
+    L = head("dkdv", args.replace("OUT", "d_k, d_v").replace("xsb, xsh, xss",
+                                                             "dksb, dksh, dkss, dvsb, dvsh, dvss"))
+    L += ["    ak = cuda.local.array((4, CDK), DT)",
+          "    av = cuda.local.array((4, CDK), DT)",
+          "    pv = cuda.local.array(4, DT)",
+          "    sv = cuda.local.array(4, DT)",
+          "    ow = cuda.local.array(CDK, DT)",
+          "    qw = cuda.local.array(CDK, DT)",
+          "    tk4 = (tid // TDK) * 4",
+          "    td4 = (tid % TDK) * 4",
+          "    t0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BT",
+          "    ko = int64(b) * ksb + int64(h) * ksh + int64(t0 + lr) * kss + lc",
+          "    vo = int64(b) * vsb + int64(h) * vsh + int64(t0 + lr) * vss + lc"]
+    L += ["    " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
+    L += ["    " + x for x in loads("Vs", "v", "vo", "vss", "t0", "T", PT)]
+    L += ["    for r in range(4):",
+          "        for c in range(CDK):",
+          "            ak[r, c] = DT(0)",
+          "            av[r, c] = DT(0)",
+          "    q_start = 0"]
+    if causal:
+        L += ["    if key_mask[b, 0] != 0:",
+              "        q_start = max(0, t0 - q_offset) // BQ"]
+    L += ["    qo = int64(b) * qsb + int64(h) * qsh + int64(q_start * BQ + lr) * qss + lc",
+          "    oo = int64(b) * osb + int64(h) * osh + int64(q_start * BQ + lr) * oss + lc",
+          "    for qt in range(q_start, (S + BQ - 1) // BQ):",
+          "        q0 = qt * BQ",
+          "        cuda.syncthreads()"]
+    L += load_q("        ")
+    L += ["        qo += int64(BQ) * qss",
+          "        oo += int64(BQ) * oss",
+          "        cuda.syncthreads()"]
+    L += pairs("        ", False)
+    L += ["        cuda.syncthreads()"]
+    for s in range(BQ):      # dV[t] += P[s, t] dO[s], dK[t] += dS[s, t] q_s
+        L += ["        for r in range(4):",
+              f"            pv[r] = Ps[{s}, tk4 + r]",
+              f"            sv[r] = dSs[{s}, tk4 + r]",
+              "        for g in range(CDK // 4):",
+              "            for e in range(4):",
+              f"                ow[g * 4 + e] = dOs[{s}, g * 4 * TDK + td4 + e]",
+              f"                qw[g * 4 + e] = Qs[{s}, g * 4 * TDK + td4 + e]",
+              "        for r in range(4):",
+              "            for c in range(CDK):",
+              "                av[r, c] += pv[r] * ow[c]",
+              "                ak[r, c] += sv[r] * qw[c]"]
+    L += ["    for r in range(4):",
+          "        t = t0 + tk4 + r",
+          "        if t < T:",
+          "            for c in range(CDK):",
+          "                d = (c // 4) * 4 * TDK + td4 + (c % 4)",
+          "                if d < K:",
+          "                    d_k[b * dksb + h * dksh + t * dkss + d] = ak[r, c]",
+          "                    d_v[b * dvsb + h * dvsh + t * dvss + d] = av[r, c]"]
+    # ---- dq: one block per (query tile, batch x head)
+    L += head("dq", args.replace("OUT", "d_q").replace("xsb, xsh, xss", "dqsb, dqsh, dqss"))
+    L += ["    aq = cuda.local.array((4, CDQ), DT)",
+          "    sv = cuda.local.array(4, DT)",
+          "    kw = cuda.local.array(CDQ, DT)",
+          "    tr4 = (tid // TDQ) * 4",
+          "    td4 = (tid % TDQ) * 4",
+          "    q0 = ((S + BQ - 1) // BQ - 1 - (cuda.blockIdx.x & 0x7FFFFFFF)) * BQ   # the longest rows first",
+          "    qo = int64(b) * qsb + int64(h) * qsh + int64(q0 + lr) * qss + lc",
+          "    oo = int64(b) * osb + int64(h) * osh + int64(q0 + lr) * oss + lc"]
+    L += load_q("    ")
+    L += ["    for r in range(4):",
+          "        for c in range(CDQ):",
+          "            aq[r, c] = DT(0)",
+          "    t_end = T"]
+    if causal:
+        L += ["    t_end = min(T, q0 + BQ + q_offset)"]
+    L += ["    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
+          "    vo = int64(b) * vsb + int64(h) * vsh + int64(lr) * vss + lc",
+          "    for t0 in range(0, t_end, BT):",
+          "        cuda.syncthreads()"]
+    L += ["        " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
+    L += ["        " + x for x in loads("Vs", "v", "vo", "vss", "t0", "T", PT)]
+    L += ["        ko += int64(BT) * kss",
+          "        vo += int64(BT) * vss",
+          "        cuda.syncthreads()"]
+    L += pairs("        ", True)
+    L += ["        cuda.syncthreads()"]
+    for t in range(BT):      # dQ[s] += dS[s, t] k[t]
+        L += ["        for r in range(4):",
+              f"            sv[r] = dSs[{t}, tr4 + r]",
+              "        for g in range(CDQ // 4):",
+              "            for e in range(4):",
+              f"                kw[g * 4 + e] = Ks[{t}, g * 4 * TDQ + td4 + e]",
+              "        for r in range(4):",
+              "            for c in range(CDQ):",
+              "                aq[r, c] += sv[r] * kw[c]"]
+    L += ["    for r in range(4):",
+          "        s = q0 + tr4 + r",
+          "        if s < S:",
+          "            for c in range(CDQ):",
+          "                d = (c // 4) * 4 * TDQ + td4 + (c % 4)",
+          "                if d < K:",
+          "                    d_q[b * dqsb + h * dqsh + s * dqss + d] = aq[r, c] * scale"]
+    src = "\n".join(L) + "\n"
+    fname = f"<refopt flash backward v2 {causal}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
+              min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT, SQ=SQ, G4=G4,
+              CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, LOWEST=LOWEST)
+    exec(compile(src, fname, "exec"), ns)
+    dkdv = kernel(launch_bounds=NT)(ns["dkdv"])
+    dq = kernel(launch_bounds=NT)(ns["dq"])
+    dkdv.tiles = dq.tiles = (BQ, BT, NT)
+    dkdv.source = dq.source = src
+    return dkdv, dq

@@ -22,7 +22,7 @@ import os
 from typing import NamedTuple
 
 import numpy as np
-from numba import types
+from numba import from_dtype, types
 
 from refopt.kernels.cuda._common import SIMULATOR, nbtype
 
@@ -70,7 +70,8 @@ def _kind(a):
 
 def _numba_type(a):
     if type(a) is View:
-        return types.Array(nbtype(a.dtype), len(a.shape), "C")
+        dt = nbtype(a.dtype) if a.dtype.kind == "f" else from_dtype(a.dtype)
+        return types.Array(dt, len(a.shape), "C")
     if isinstance(a, np.int32):
         return types.int32
     if isinstance(a, (int, np.int64)):

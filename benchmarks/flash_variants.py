@@ -1,0 +1,178 @@
+"""The flash attention kernels' variants side by side on one GPU (issue 21): the forward
+(``REFOPT_FLASH`` ``v1`` / ``v2``, ``v2`` with and without the next key tile prefetched) and the
+forward + backward, against ``torch.nn.functional.scaled_dot_product_attention`` (float32, TF32
+off), causal, batch 8 x 12 heads x 2048 x 64 by default.
+
+    python3 benchmarks/flash_variants.py [--seq 2048] [--repeats 20] [--resources]
+
+Each figure: the median (min-max) of ``--repeats`` event-timed calls after a warm-up, in TFLOP/s
+(the forward's causal half of ``4 B H T^2 K``; the backward 2.5 times that); the error is the largest
+absolute difference over the largest reference value.  ``--resources`` also prints ptxas's
+registers / spills and the SASS loops of the ``v2`` forward (needs ``cuobjdump``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def timings(fn, repeats, sync, event):
+    fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        a, b = event(), event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) if hasattr(a, "elapsed_time") else None)
+    return out
+
+
+def numba_times(fn, repeats):
+    from numba import cuda
+
+    fn()
+    cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        a, b = cuda.event(), cuda.event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(cuda.event_elapsed_time(a, b))
+    return out
+
+
+def torch_times(fn, repeats):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def fmt(flops, ms):
+    med = statistics.median(ms)
+    return f"{flops / med / 1e9:6.1f} ({flops / max(ms) / 1e9:.1f}-{flops / min(ms) / 1e9:.1f}) [{med:.3f} ms]"
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--resources", action="store_true")
+    ap.add_argument("--forward", nargs="*", default=["v1", "v2", "v2-noprefetch"])
+    ap.add_argument("--backward", nargs="*", default=["v1", "v2"])
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from numba import cuda
+
+    from refopt.kernels.cuda import attention as A
+    from refopt.kernels.cuda import flash_backward as FB
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    B, H, T, K = 8, 12, args.seq, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, d_out = (torch.randn(B, H, T, K, device="cuda", generator=g) for _ in range(4))
+    flops = 2 * B * H * T * T * K
+    R = args.repeats
+    t_f = torch_times(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), R)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).cpu().numpy()
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def theirs_fb():
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        torch.autograd.grad(o, (qg, kg, vg), d_out)
+    t_fb = torch_times(theirs_fb, R)
+    want_g = [w.cpu().numpy() for w in torch.autograd.grad(
+        F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), d_out)]
+    print(f"SDPA forward         {fmt(flops, t_f)}", flush=True)
+    print(f"SDPA forward+backward {fmt(3.5 * flops, t_fb)}", flush=True)
+
+    dq, dk, dv, ddo = (cuda.as_cuda_array(t.reshape(-1)) for t in (q, k, v, d_out))
+    out = cuda.device_array(B * H * T * K, np.float32)
+    m, l, dlt = (cuda.device_array(B * H * T, np.float32) for _ in range(3))
+    km = cuda.to_device(np.ones((B, T), np.uint8))
+    strides = (H * T * K, T * K, K)
+    st = dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), strides)
+    grads = [cuda.device_array(B * H * T * K, np.float32) for _ in range(3)]
+
+    def fwd():
+        A.flash_attention(dq, dk, dv, out, strides, strides, strides, strides, B, H, T, T, K,
+                          key_mask=km, causal=True, scale=K ** -0.5, stats=(m, l))
+
+    def bwd():
+        FB.flash_backward(dq, dk, dv, out, ddo, m, l, km, *grads, dlt, st, B, H, T, T, K, causal=True,
+                          scale=K ** -0.5)
+
+    for name in args.forward:
+        A.VARIANT = name.split("-")[0]
+        A.PREFETCH = "noprefetch" not in name
+        out[:1].copy_to_device(np.full(1, np.nan, np.float32))
+        ms = numba_times(fwd, R)
+        err = rel_err(out.copy_to_host().reshape(B, H, T, K), want)
+        ratio = statistics.median(t_f) / statistics.median(ms)
+        print(f"forward {name:14s} {fmt(flops, ms)}  {ratio:.2f}x  err {err:.1e}", flush=True)
+    A.VARIANT, A.PREFETCH = "v2", True
+    for name in args.backward:
+        FB.VARIANT = name
+        fwd()
+        ms_b = numba_times(bwd, R)
+        ms_fb = numba_times(lambda: (fwd(), bwd()), R)
+        err = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w) for gr, w in zip(grads, want_g))
+        print(f"backward {name:13s} alone {fmt(2.5 * flops, ms_b)}  fwd+bwd {fmt(3.5 * flops, ms_fb)}  "
+              f"{statistics.median(t_fb) / statistics.median(ms_fb):.2f}x  err {err:.1e}", flush=True)
+
+    # what the compiled kernels use (registers, local memory: spills)
+    kernels = [("forward v2", A.make_flash_forward_v2(64, True, A.PREFETCH))]
+    if "v2" in args.backward:
+        kernels += list(zip(("dkdv v2", "dq v2"), FB.make_flash_backward_v2(True)))
+    for name, kern in kernels:
+        try:
+            print(f"{name}: registers {kern.get_regs_per_thread()}, local bytes "
+                  f"{kern.get_local_mem_per_thread()}, shared bytes {kern.get_shared_mem_per_block()}")
+        except Exception as e:          # noqa: BLE001 (a report line, not a failure)
+            print(f"{name}: resources not read ({e})")
+
+    if args.resources:
+        from numba import types
+
+        import gemm_resources as GR
+
+        f32 = types.float32
+        a1 = types.Array(f32, 1, "C")
+        sig = ((a1,) * 6 + (types.Array(types.uint8, 2, "C"),) + (types.int64,) * 12 + (types.int32,) * 5
+               + (f32,))
+        for pf in (True, False):
+            info, sass = GR.assemble(A.make_flash_forward_v2(64, True, pf), sig, f"flash_v2_{pf}")
+            print(f"flash forward v2 prefetch={pf}: {info}")
+            GR.report_loops(sass)
+
+
+if __name__ == "__main__":
+    main()
