@@ -25,6 +25,41 @@ def best_time(fn, repeats):
     return min(times), out
 
 
+def cuda_event_times(fn, repeats):
+    """Milliseconds of each of ``repeats`` calls of ``fn`` between two Numba CUDA events, after a
+    warm-up call (the GPU benchmarks' timer for refopt's kernels)."""
+    from numba import cuda
+
+    fn()
+    cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        a, b = cuda.event(), cuda.event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(cuda.event_elapsed_time(a, b))
+    return out
+
+
+def torch_event_times(fn, repeats):
+    """:func:`cuda_event_times` for a PyTorch peer: milliseconds between two ``torch.cuda`` events."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
 def write_random_checkpoint(path, layers=12, size="125m", tokenizer_files=False):
     """A random OPT checkpoint of a released shape (normal(0, 0.02) weights) in transformers' layout;
     with ``tokenizer_files`` and ../shared present, the real OPT vocabulary files beside it (read

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cuda_event_times, torch_event_times  # noqa: E402
 
 
 def median_time(fn, repeats, sync):
@@ -64,35 +65,12 @@ def median_time(fn, repeats, sync):
 
 def event_time(fn, repeats):
     """Median milliseconds of ``fn`` between two numba CUDA events (after a warm-up)."""
-    from numba import cuda
-
-    fn()
-    cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = cuda.event(), cuda.event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(cuda.event_elapsed_time(a, b))
-    return statistics.median(out)
+    return statistics.median(cuda_event_times(fn, repeats))
 
 
 def torch_event_time(fn, repeats):
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Median milliseconds of ``fn`` between two torch CUDA events (after a warm-up)."""
+    return statistics.median(torch_event_times(fn, repeats))
 
 
 def graph_time(launches, repeats):

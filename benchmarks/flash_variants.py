@@ -20,52 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def timings(fn, repeats, sync, event):
-    fn()
-    sync()
-    out = []
-    for _ in range(repeats):
-        a, b = event(), event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) if hasattr(a, "elapsed_time") else None)
-    return out
-
-
-def numba_times(fn, repeats):
-    from numba import cuda
-
-    fn()
-    cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = cuda.event(), cuda.event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(cuda.event_elapsed_time(a, b))
-    return out
-
-
-def torch_times(fn, repeats):
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
+from _common import cuda_event_times, torch_event_times  # noqa: E402
 
 
 def fmt(flops, ms):
@@ -101,14 +56,14 @@ def main():
     q, k, v, d_out = (torch.randn(B, H, T, K, device="cuda", generator=g) for _ in range(4))
     flops = 2 * B * H * T * T * K
     R = args.repeats
-    t_f = torch_times(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), R)
+    t_f = torch_event_times(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), R)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True).cpu().numpy()
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
 
     def theirs_fb():
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
         torch.autograd.grad(o, (qg, kg, vg), d_out)
-    t_fb = torch_times(theirs_fb, R)
+    t_fb = torch_event_times(theirs_fb, R)
     want_g = [w.cpu().numpy() for w in torch.autograd.grad(
         F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), d_out)]
     print(f"SDPA forward         {fmt(flops, t_f)}", flush=True)
@@ -134,7 +89,7 @@ def main():
         A.VARIANT = name.split("-")[0]
         A.PREFETCH = "noprefetch" not in name
         out[:1].copy_to_device(np.full(1, np.nan, np.float32))
-        ms = numba_times(fwd, R)
+        ms = cuda_event_times(fwd, R)
         err = rel_err(out.copy_to_host().reshape(B, H, T, K), want)
         ratio = statistics.median(t_f) / statistics.median(ms)
         print(f"forward {name:14s} {fmt(flops, ms)}  {ratio:.2f}x  err {err:.1e}", flush=True)
@@ -142,8 +97,8 @@ def main():
     for name in args.backward:
         FB.VARIANT = name
         fwd()
-        ms_b = numba_times(bwd, R)
-        ms_fb = numba_times(lambda: (fwd(), bwd()), R)
+        ms_b = cuda_event_times(bwd, R)
+        ms_fb = cuda_event_times(lambda: (fwd(), bwd()), R)
         err = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w) for gr, w in zip(grads, want_g))
         print(f"backward {name:13s} alone {fmt(2.5 * flops, ms_b)}  fwd+bwd {fmt(3.5 * flops, ms_fb)}  "
               f"{statistics.median(t_fb) / statistics.median(ms_fb):.2f}x  err {err:.1e}", flush=True)
