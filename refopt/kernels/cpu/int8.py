@@ -172,13 +172,18 @@ def quantize_rows(x, xu, sx):
 # 16 125m layers / 4 1.3b layers streamed from memory, GB/s of weights, the streaming read 32-34;
 # load ~3.5, so +-20%): batch 8, eight rows by two outputs, 8 KB ahead: 18-23 (no prefetching
 # 9-11, 4 KB 16-18; four rows by four outputs 11-15); batch 1, one row by two outputs with two
-# accumulators each, 4 KB ahead: 20-34 (no prefetching 15-28; one or four outputs 19-33)
-FAR_BLOCK, FAR_ROW = 8192, 4096
+# accumulators each, 4 KB ahead: 20-34 (no prefetching 15-28; one or four outputs 19-33).
+# Measured again on an AMD EPYC (Zen 4; session 9, one thread, 40 random 3072 x 768 matrices
+# from memory, a plain read of them 20 GB/s): one row by two outputs 9.4-10.9 GB/s whatever the
+# prefetch distance (0-32 KB), one row by one output 19.2-20.5 (four accumulators, no prefetching;
+# 18.2-19.5 with it), four outputs 9.4 -- two weight rows read side by side are two streams that
+# each jump every row, and this CPU's prefetcher does not follow them.  Rows left over below
+# four (all of batch-1 decoding) therefore take one output at a time, one stream
+FAR_BLOCK = 8192
 _tile8 = _tile(8, 2, 1, HAVE_VNNI, ahead=True)
 _tile4 = _tile(4, 2, 1, HAVE_VNNI, ahead=True)
-_tile1 = _tile(1, 2, 2, HAVE_VNNI, ahead=True)  # 128 bytes a step
-_tile1_64 = _tile(1, 2, 1, HAVE_VNNI)          # the last 64 of a row's bytes, when odd
-_single = _tile(1, 1, 1, HAVE_VNNI)            # the last output, when odd
+_row = _tile(1, 1, 4, HAVE_VNNI)               # one row by one output, 256 bytes a step
+_single = _tile(1, 1, 1, HAVE_VNNI)            # 64 bytes a step: a row's last steps, the last output
 
 
 @njit(inline="always")
@@ -201,10 +206,19 @@ def int_dots(xu, w, o0, o1, raw):
     for b0 in range(0, I, BLOCK):
         b1 = min(I, b0 + BLOCK)
         e = b0 + (b1 - b0) // STEP * STEP              # the whole 64-byte steps end here
-        e2 = b0 + (b1 - b0) // (2 * STEP) * (2 * STEP)
+        e4 = b0 + (b1 - b0) // (4 * STEP) * (4 * STEP)
         m = 0
         while m < M:
             left = M - m
+            if left < 4:                               # one output at a time: one weight stream
+                for o in range(o0, o1):
+                    for r in range(left):              # (the row of w stays in L1 for the next)
+                        t = np.int64(_row(xu, m + r, w, o, b0, e4, 0)[0])
+                        if e4 < e:
+                            t += _single(xu, m + r, w, o, e4, e, 0)[0]
+                        raw[m + r, o - o0] += t
+                m += left
+                continue
             o = o0
             while o + 2 <= o1:                         # outputs two at a time
                 c = o - o0
@@ -213,19 +227,13 @@ def int_dots(xu, w, o0, o1, raw):
                     for r in range(8):
                         raw[m + r, c] += t8[2 * r]
                         raw[m + r, c + 1] += t8[2 * r + 1]
-                elif left >= 4:
+                else:
                     t4 = _tile4(xu, m, w, o, b0, e, FAR_BLOCK)
                     for r in range(4):
                         raw[m + r, c] += t4[2 * r]
                         raw[m + r, c + 1] += t4[2 * r + 1]
-                else:
-                    for r in range(left):
-                        t1 = _tile1(xu, m + r, w, o, b0, e2, FAR_ROW)
-                        u1 = _tile1_64(xu, m + r, w, o, e2, e, 0)
-                        raw[m + r, c] += np.int64(t1[0]) + u1[0]
-                        raw[m + r, c + 1] += np.int64(t1[1]) + u1[1]
                 o += 2
-            n = 8 if left >= 8 else 4 if left >= 4 else left
+            n = 8 if left >= 8 else 4
             if o < o1:                                 # the last output, when odd
                 for r in range(n):
                     raw[m + r, o - o0] += _single(xu, m + r, w, o, b0, e, 0)[0]
