@@ -206,13 +206,19 @@ def token_log_probs(lm, ids: np.ndarray, sequence_length: int, batch_size: int =
     return window_log_probs(lm, x, mask, y, batch_size).reshape(-1)[w.reshape(-1)]
 
 
+def _window_logits(lm, x, mask, batch_size):
+    # (rows, logits [b, S, V]) of windows x, batch by batch (evaluation mode)
+    for start in range(0, len(x), batch_size):
+        part = slice(start, start + batch_size)
+        yield part, lm.predict({"token_ids": x[part], "padding_mask": mask[part]},
+                               batch_size=batch_size, verbose=0)
+
+
 def window_log_probs(lm, x, mask, y, batch_size: int = 64) -> np.ndarray:
     """``log p(y[n, s] | x[n, :s + 1])`` ``[N, S]`` (float64) of windows ``x`` (evaluation mode)."""
     out = np.empty(x.shape, np.float64)                                        # [N, S]
-    for start in range(0, len(x), batch_size):
-        part = slice(start, start + batch_size)
-        logits = np.asarray(lm.predict({"token_ids": x[part], "padding_mask": mask[part]},
-                                       batch_size=batch_size, verbose=0), np.float64)  # [b, S, V]
+    for part, logits in _window_logits(lm, x, mask, batch_size):
+        logits = np.asarray(logits, np.float64)                               # [b, S, V]
         top = logits.max(axis=-1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]       # [b, S]
         out[part] = np.take_along_axis(logits, y[part][..., None], axis=-1)[..., 0] - log_z
@@ -324,12 +330,8 @@ def calibration_logits(lm, ids: np.ndarray, sequence_length: int, batch_size: in
     :func:`validation_loss` (evaluation mode): what :func:`fit_temperature` fits."""
     cfg = lm.backbone.config
     x, mask, y, w = evaluation_windows(ids, sequence_length, cfg.bos_token_id, cfg.pad_token_id)
-    rows = []
-    for start in range(0, len(x), batch_size):
-        part = slice(start, start + batch_size)
-        logits = np.asarray(lm.predict({"token_ids": x[part], "padding_mask": mask[part]},
-                                       batch_size=batch_size, verbose=0), np.float32)  # [b, S, V]
-        rows.append(logits[w[part]])
+    rows = [np.asarray(logits, np.float32)[w[part]]
+            for part, logits in _window_logits(lm, x, mask, batch_size)]
     return np.concatenate(rows), y[w]
 
 
@@ -462,20 +464,18 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     step = 0
     best = None                          # (val, epoch, params, "trained"/"average", temperature)
     d = recipe.average_decay
-    average, eval_lm = None, None        # the EMA of the epochs' parameters; the model measuring it
+    average = None                       # the EMA of the epochs' parameters
+    eval_lm = _evaluation_model(backbone, backend)           # measures what the training model is not
     temperatures = {"trained": 1.0, "average": 1.0}          # the last fitted: the next fit's start
 
     def measured(kind, params, model):
         # (validation loss, temperature) of a candidate ``model`` holding ``params``: with a
         # calibration part, the temperature fitted there and the loss of the parameters it is
         # folded into (measured by eval_lm)
-        nonlocal eval_lm
         if cal_ids is None:
             return validation_loss(model, val_ids, S), 1.0
         logits, targets = calibration_logits(model, cal_ids, S)
         t = temperatures[kind] = fit_temperature(logits, targets, start=temperatures[kind])
-        if eval_lm is None:
-            eval_lm = _evaluation_model(backbone, backend)
         eval_lm.backbone.set_params(fold_temperature(params, t), source="the calibrated parameters")
         return validation_loss(eval_lm, val_ids, S), t
     t_train = time.perf_counter()
@@ -504,8 +504,6 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         if d:
             average = (trained if average is None
                        else {k: (d * a + (1 - d) * trained[k]).astype(a.dtype) for k, a in average.items()})
-            if eval_lm is None:
-                eval_lm = _evaluation_model(backbone, backend)
             eval_lm.backbone.set_params(average, source="the averaged parameters")
             entry["val_loss_average"], t = measured("average", average, eval_lm)
             if cal_ids is not None:
@@ -532,8 +530,6 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
     backbone.set_params(shipped, source="the kept parameters")
     validation = {"loss": val, "perplexity": math.exp(val),
                   "nats_per_character": val * len(val_ids) / len(val_text)}
-    if eval_lm is None:
-        eval_lm = _evaluation_model(backbone, backend)
     if cal_ids is not None:
         # the same parameters before the temperature was folded in
         eval_lm.backbone.set_params(params, source="the kept parameters, as trained")

@@ -14,6 +14,7 @@ the code the GPU runs is checked on a machine without one (slower still).
 
 from __future__ import annotations
 
+import linecache
 import os
 
 import numpy as np
@@ -48,6 +49,17 @@ def kernel(launch_bounds=None, **kwargs):
     if launch_bounds is not None:
         kwargs["launch_bounds"] = launch_bounds
     return cuda.jit(**kwargs)
+
+
+def generated(lines, name: str, namespace: dict) -> tuple[dict, str]:
+    """Run kernel source written out by a generator (``lines``, its name ``name`` as tracebacks
+    and Numba's error messages show it) in ``namespace``: ``(namespace, source)``.  The source is
+    registered with :mod:`linecache`, so both can quote its lines."""
+    src = "\n".join(lines) + "\n"
+    fname = f"<refopt {name}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    exec(compile(src, fname, "exec"), namespace)
+    return namespace, src
 
 
 def cdiv(a: int, b: int) -> int:

@@ -37,7 +37,6 @@ probability tiles in shared memory.
 from __future__ import annotations
 
 import functools
-import linecache
 import math
 import os
 
@@ -45,8 +44,8 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import (ALIGN, SIM, SIMULATOR, block_sum, cdiv, empty, kernel, larger,
-                                         nbtype, plus)
+from refopt.kernels.cuda._common import (ALIGN, SIM, SIMULATOR, block_sum, cdiv, empty, generated, kernel,
+                                         larger, nbtype, plus)
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 NTX = 8          # threads sharing a query row (the row reductions run over them)
@@ -419,14 +418,11 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
           "            if tx == 0 and m_out.shape[0] > 0:",
           "                m_out[bh * S + s] = mrow[i]",
           "                l_out[bh * S + s] = lrow[i]"]
-    src = "\n".join(L) + "\n"
-    fname = f"<refopt flash forward v2 {KP} {causal} {prefetch}>"
-    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
               min=min, max=max, ALIGN=ALIGN, BQ=BQ, BKV=BKV, KP=KP, NT=NT, NTX=NTX, CT=CT, CD=CD,
               GD=GD, SQ=SQ, SP=SP, G4=G4, PQ=PQ, PK=PK, LOWEST=LOWEST, NEG_INF=-math.inf,
               group_max=_group_max, group_sum=_group_sum)
-    exec(compile(src, fname, "exec"), ns)
+    ns, src = generated(L, f"flash forward v2 {KP} {causal} {prefetch}", ns)
     fn = kernel(launch_bounds=NT)(ns["flash_forward"])
     fn.tiles = (BQ, BKV, NT)
     fn.source = src

@@ -43,7 +43,6 @@ apart), ``Dlt`` the row dots ``dO . O``, ``Z`` batch times heads.
 from __future__ import annotations
 
 import functools
-import linecache
 import math
 import os
 
@@ -51,7 +50,7 @@ import numpy as np
 from numba import cuda, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, generated, kernel, nbtype
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 NT = 8 if SIM else 256       # threads per block
@@ -610,13 +609,10 @@ def make_flash_backward_v2(causal: bool):
           "                d = (c // 4) * 4 * TDQ + td4 + (c % 4)",
           "                if d < K:",
           "                    d_q[b * dqsb + h * dqsh + s * dqss + d] = aq[r, c] * scale"]
-    src = "\n".join(L) + "\n"
-    fname = f"<refopt flash backward v2 {causal}>"
-    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
               min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT, SQ=SQ, G4=G4,
               CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, LOWEST=LOWEST)
-    exec(compile(src, fname, "exec"), ns)
+    ns, src = generated(L, f"flash backward v2 {causal}", ns)
     dkdv = kernel(launch_bounds=NT)(ns["dkdv"])
     dq = kernel(launch_bounds=NT)(ns["dq"])
     dkdv.tiles = dq.tiles = (BQ, BT, NT)

@@ -59,12 +59,11 @@ from __future__ import annotations
 
 import functools
 import os
-import linecache
 
 import numpy as np
 from numba import cuda, int32, int64
 
-from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel, nbtype
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel, nbtype
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
 LAYOUTS = ("nt", "nn", "tn")
@@ -416,14 +415,11 @@ def make_gemm_v2(dtype, layout: str, config: str, has_bias: bool = False, relu: 
           "                if residual:",
           "                    v = R[z, m, n] + v",
           "                C[z, m, n] = v"]
-    src = "\n".join(L) + "\n"
-    fname = f"<refopt gemm v2 {layout} {config}>"
-    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
     ns = dict(cuda=cuda, DT=nbtype(dtype), int64=int64, ldg4=ldg4, min=min, max=max, ALIGN=ALIGN,
               BM=BM, BN=BN, BK=BK, TM=TM, TN=TN, NTX=NTX, SA=SA, SB=SB, LA=LA, LB=LB, HM=HM, HN=HN,
               has_bias=has_bias, relu=relu, accumulate=accumulate, residual=residual, gate=gate,
               keep=keep)
-    exec(compile(src, fname, "exec"), ns)
+    ns, src = generated(L, f"gemm v2 {layout} {config}", ns)
     gemm = kernel(launch_bounds=(NT, MIN_BLOCKS))(ns["gemm"])
     gemm.threads = NT
     gemm.tile = (BM, BN)
