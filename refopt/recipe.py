@@ -16,7 +16,10 @@
    predicted from the preceding tokens of its window, and nats per character) beside a unigram and
    two bigram baselines estimated on the training tokens, and write a KerasHub preset (tokenizer
    and preprocessor included), ``MODEL_CARD.md`` (:mod:`refopt.training.card`) and
-   ``refopt_training.json`` into ``out`` (:mod:`refopt.io.saving`: never a lost file).
+   ``refopt_training.json`` into ``out`` (:mod:`refopt.io.saving`: never a lost file).  The preset's
+   ``max_sequence_length`` is ``sequence_length`` (:func:`shipped_model`): ``max_sequence_length``
+   sizes the position table the model is initialised with (its draws are part of the seeded
+   initialisation), and the rows past the training window, never trained, are not shipped.
 
 **Temperature** (``calibration_fraction`` ``c > 0``).  A small model trained for many passes over a
 megabyte of text is overconfident on text it has not seen: the bundled model of session 7 scored
@@ -29,9 +32,10 @@ It is folded into the parameters (:func:`fold_temperature`: the final LayerNorm'
 ``beta`` divided by ``T``, which divides every logit by ``T``, since the tied head reads that norm's
 output), so the preset stays a plain OPT that KerasHub loads with the same logits.  Every epoch's
 candidates (trained, averaged) are fitted and validated so; the validation text chooses the epoch as
-before, and never the temperature.  The default is 0, the recipe of the bundled model: the one GPU
-trial so far (2026-12-02) held out the training text's *end*, which cost more than the temperature
-gained (:func:`calibration_split`); the start has not been tried on the GPU yet.
+before, and never the temperature.  The default, 0.05, is the bundled model's recipe: on an H200
+(2026-12-02) it fitted T = 1.29 and scored 1.4137 nats per character (1.4740 before the
+temperature, with 5% fewer training characters), 1.3976 in overlapping windows.  Holding out the
+training text's *end* instead cost more than the temperature gained (:func:`calibration_split`).
 
 With ``evaluation_stride`` ``k > 0`` the shipped parameters are also measured in overlapping windows
 (:func:`sliding_windows`, :func:`sliding_nats`: each token predicted from at least
@@ -68,18 +72,19 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every setting of a training run (the defaults are the bundled model's: run "l2" of
-    ``benchmarks/GPU.md``, session 7).  A vocabulary of 512 did better than 1,024-8,192 on this
-    megabyte of text, and 7 x 256 as well as wider or deeper models; dropout 0.35 and the averaged
-    parameters hold off the overfitting.  ``seed`` 2 is the seed of five (0-4) whose held-out
-    figure was best in the session's trials -- a choice made on the held-out text, as
-    ``keep_best`` chooses the epoch; seed 0 gives 1.4656 nats per character against 1.4570."""
+    ``benchmarks/GPU.md``, session 7, with the temperature of session 10).  A vocabulary of 512 did
+    better than 1,024-8,192 on this megabyte of text, and 7 x 256 as well as wider or deeper
+    models; dropout 0.35, the averaged parameters and the temperature hold off the overfitting.
+    ``seed`` 2 is the seed of five (0-4) whose held-out figure was best in session 7's trials
+    (without the temperature) -- a choice made on the held-out text, as ``keep_best`` chooses the
+    epoch; seed 0 gave 1.4656 nats per character against 1.4570 there."""
 
     vocab_size: int = 512
     num_layers: int = 7
     num_heads: int = 4
     hidden_dim: int = 256
     intermediate_dim: int = 1024
-    max_sequence_length: int = 512
+    max_sequence_length: int = 512    # the position table initialised (the preset keeps sequence_length)
     sequence_length: int = 256        # targets per training window
     batch_size: int = 32              # windows per optimizer step
     epochs: int = 120
@@ -96,8 +101,7 @@ class Recipe:
     max_steps: int | None = 4000      # the schedule's length: stop after this many steps
     keep_best: int = 1                # 1: ship the epoch with the lowest validation loss
     average_decay: float = 0.8        # > 0: an EMA of the epochs' parameters, shipped (docstring)
-    calibration_fraction: float = 0.0    # > 0: the training text's start fits a temperature only
-                                         # (0 for the bundled model: not yet trained so, docstring)
+    calibration_fraction: float = 0.05   # > 0: the training text's start fits a temperature only
     evaluation_stride: int = 64       # > 0: also the held-out figure in windows moved by this
                                       # (at most sequence_length)
 
@@ -527,7 +531,7 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
                 (last["val_loss"], len(history), trained, "trained", last.get("temperature", 1.0)))
     val, kept_epoch, params, kept_weights, temperature = best
     shipped = fold_temperature(params, temperature) if cal_ids is not None else params
-    backbone.set_params(shipped, source="the kept parameters")
+    out_lm = shipped_model(lm, shipped, S)               # the positions the windows trained
     validation = {"loss": val, "perplexity": math.exp(val),
                   "nats_per_character": val * len(val_ids) / len(val_text)}
     if cal_ids is not None:
@@ -560,8 +564,10 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         "recipe": dataclasses.asdict(recipe),
         "vocabulary_size": vocab_rows,
         "merges": len(merges),
-        "parameters": backbone.count_params(),
+        "max_sequence_length": out_lm.backbone.config.max_sequence_length,
+        "parameters": out_lm.backbone.count_params(),
         "backend": backend_name,
+        "kernels": _kernels(backend_name),
         "steps": step,
         "warmup_steps": warmup,
         "tokens_seen": step * B * S,
@@ -577,11 +583,44 @@ def train(text_path, out, recipe: Recipe = Recipe(), *, backend=None, command: s
         "baselines": ngram_baselines(train_ids, val_ids, vocab_rows, S, cfg.bos_token_id),
     }
     with saving.PresetSave(out, overwrite=overwrite) as staging:
-        lm.write_preset_files(staging)
+        out_lm.write_preset_files(staging)
         staging.write_json("refopt_training.json", report)
         staging.write_text("MODEL_CARD.md", model_card(report, staging.directory, Path(out).name,
                                                        **(card or {})))
     return report
+
+
+def shipped_model(lm, params: dict, sequence_length: int):
+    """The causal LM a preset ships: ``params`` (``lm``'s architecture) in a model whose
+    ``max_sequence_length`` is the training window, ``sequence_length``, and whose position table
+    keeps that many rows.  The rows past the window were initialised and never trained: the
+    bundled model's positions 256-511 score 4.28 nats per token on the held-out text, worse than
+    its bigram (3.62) and far from positions 0-255 (2.62), so a longer table would only let
+    generation and evaluation run into them.  The logits of sequences up to ``sequence_length``
+    are the same as ``lm``'s with ``params``."""
+    from refopt.models import OPTBackbone, OPTCausalLM, OPTCausalLMPreprocessor
+
+    if sequence_length >= lm.backbone.config.max_sequence_length:
+        lm.backbone.set_params(params, source="the kept parameters")
+        return lm
+    backbone = OPTBackbone.from_config(dict(lm.backbone.get_config(),
+                                            max_sequence_length=sequence_length))
+    kept = dict(params, embed_positions=np.ascontiguousarray(params["embed_positions"][:sequence_length]))
+    backbone.set_params(kept, source="the kept parameters")
+    preprocessor = OPTCausalLMPreprocessor(lm.preprocessor.tokenizer, sequence_length=sequence_length)
+    return OPTCausalLM(backbone, preprocessor=preprocessor)
+
+
+def _kernels(backend_name: str) -> dict | None:
+    """The CUDA kernel variants a ``cuda`` run used (``REFOPT_GEMM``, ``REFOPT_FLASH``,
+    ``REFOPT_FLASH_BWD``: the same results up to float rounding, different speeds and compile
+    times); None on the other backends."""
+    if backend_name != "cuda":
+        return None
+    from refopt.kernels.cuda import attention, flash_backward, gemm
+
+    return {"gemm": gemm.VARIANT, "flash_forward": attention.VARIANT,
+            "flash_backward": flash_backward.VARIANT}
 
 
 def _evaluation_model(backbone, backend):

@@ -38,7 +38,9 @@ TINY = ["--vocab-size", "300", "--num-layers", "1", "--num-heads", "2", "--hidde
         "--intermediate-dim", "32", "--sequence-length", "16", "--max-sequence-length", "48",
         "--epochs", "2", "--batch-size", "4", "--warmup-steps", "5", "--keep-best", "0",
         "--average-decay", "0", "--calibration-fraction", "0"]
-# the last epoch's parameters, as trained, with no temperature (the tests say when not)
+# the last epoch's parameters, as trained, with no temperature (the tests say when not); the preset
+# keeps the 16 positions its windows train (refopt.recipe.shipped_model)
+LONG = [*TINY, "--sequence-length", "48"]   # windows of the whole table: 48 positions, for generating
 
 
 def run_cli(argv, capsys):
@@ -53,7 +55,7 @@ def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny")
     text = base / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    code = cli.main(["train", str(text), "--out", str(base / "model"), *TINY])
+    code = cli.main(["train", str(text), "--out", str(base / "model"), *LONG])
     assert code == 0
     return base / "model", json.loads((base / "model" / "refopt_training.json").read_text())
 
@@ -102,7 +104,8 @@ def test_train_writes_a_loadable_preset(tiny):
     text = TEXT[int(len(TEXT) * 0.9):]
     ids = np.asarray(lm.preprocessor.tokenizer(text))
     assert report["validation_tokens"] == len(ids)
-    assert abs(train.validation_loss(lm, ids, 16) - report["validation"]["loss"]) < 1e-4
+    assert lm.backbone.config.max_sequence_length == report["recipe"]["sequence_length"] == 48
+    assert abs(train.validation_loss(lm, ids, 48) - report["validation"]["loss"]) < 1e-4
     card = (path / "MODEL_CARD.md").read_text()
     assert f"{report['validation']['loss']:.4f}" in card and "Witten-Bell" in card
 
@@ -117,7 +120,7 @@ def test_train_is_reproducible(tiny, tmp_path):
     path, report = tiny
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    assert cli.main(["train", str(text), "--out", str(tmp_path / "again"), *TINY]) == 0
+    assert cli.main(["train", str(text), "--out", str(tmp_path / "again"), *LONG]) == 0
     again = json.loads((tmp_path / "again" / "refopt_training.json").read_text())
     assert again["history"][-1]["train_loss"] == pytest.approx(report["history"][-1]["train_loss"], rel=1e-5)
     a = OPTCausalLM.from_preset(path).backbone.params

@@ -127,3 +127,39 @@ def test_ensemble_script(averaged, tmp_path, capsys):
     assert [r["ensemble_of"] for r in rows] == [1, 2]
     for r in rows:      # an ensemble of one model twice is that model
         assert r["ensemble_nats_per_character"] == pytest.approx(want, rel=1e-4)
+
+
+def test_the_preset_keeps_the_positions_training_reached(averaged):
+    # TINY trains windows of 16 in a table of 48 positions: the preset ships 16 (shipped_model)
+    path, report, _ = averaged
+    lm = OPTCausalLM.from_preset(path)
+    assert report["recipe"]["max_sequence_length"] == 48
+    assert report["max_sequence_length"] == lm.backbone.config.max_sequence_length == 16
+    assert lm.backbone.params["embed_positions"].shape == (16, 16)
+    assert lm.preprocessor.sequence_length == 16
+    assert report["parameters"] == lm.backbone.count_params()
+    assert "the 32 past the window, never trained, are not shipped" in (path / "MODEL_CARD.md").read_text()
+
+
+def test_shipped_model_gives_the_same_logits_up_to_the_window():
+    from refopt.errors import InputError
+    from refopt.models import OPTBackbone, OPTCausalLMPreprocessor, OPTTokenizer
+    from refopt.tokenizers import train_bpe
+
+    vocabulary, merges = train_bpe([TEXT], vocab_size=270)
+    tokenizer = OPTTokenizer(vocabulary=vocabulary, merges=merges)
+    backbone = OPTBackbone(vocabulary_size=len(vocabulary), num_layers=1, num_heads=2, hidden_dim=8,
+                           intermediate_dim=16, max_sequence_length=40, seed=3)
+    lm = OPTCausalLM(backbone, preprocessor=OPTCausalLMPreprocessor(tokenizer, sequence_length=40))
+    short = recipe.shipped_model(lm, backbone.params, 12)
+    assert short.backbone.config.max_sequence_length == 12
+    ids = np.random.default_rng(0).integers(0, len(vocabulary), (3, 12))
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+    logits = short.predict(x, verbose=0)
+    assert logits.shape == (3, 12, len(vocabulary))
+    np.testing.assert_array_equal(logits, lm.predict(x, verbose=0))
+    np.testing.assert_array_equal(short.backbone.params["embed_positions"],
+                                  backbone.params["embed_positions"][:12])
+    with pytest.raises(InputError, match="max_sequence_length"):
+        short.generate("ROMEO:", max_length=13)
+    assert recipe.shipped_model(lm, backbone.params, 40) is lm      # nothing past the window

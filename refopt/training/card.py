@@ -50,7 +50,7 @@ $train_tokens tokens) trains the tokenizer$data_split; the last $validation_shar
 * $steps steps, $tokens_seen tokens ($passes passes over the training tokens), each step through
   `OPTCausalLM.fit`
 * training time $train_seconds s ($train_minutes min; the tokenizer $tokenizer_seconds s) on
-  $machine, `$backend` backend, refopt $refopt_version, $date
+  $machine, `$backend` backend$kernels, refopt $refopt_version, $date$notes
 
 | epoch | steps | train loss | validation loss | seconds |
 | --- | ---: | ---: | ---: | ---: |
@@ -106,7 +106,7 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         text=report["text"], parameters=f"{report['parameters']:,}",
         vocabulary=f"{report['vocabulary_size']:,}", merges=f"{report['merges']:,}",
         num_layers=r["num_layers"], num_heads=r["num_heads"], hidden_dim=r["hidden_dim"],
-        intermediate_dim=r["intermediate_dim"], max_sequence_length=r["max_sequence_length"],
+        intermediate_dim=r["intermediate_dim"], max_sequence_length=_context(report),
         weights_dtype=report.get("weights_dtype", "float32"), size_mb=f"{size_mb(directory):.1f}",
         text_characters=f"{report['text_characters']:,}",
         train_share=f"{1 - r['validation_fraction']:.0%}",
@@ -131,7 +131,8 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         nats_per_char=f"{report['validation']['loss'] * per_char:.4f}",
         bigram_per_char=f"{base['bigram_witten_bell']['loss'] * per_char:.4f}",
         nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report), data_split=_data_split(report),
-        calibration=_calibration(report), sliding=_sliding(report))
+        calibration=_calibration(report), sliding=_sliding(report), kernels=_kernels(report),
+        notes=f"\n* {report['notes']}" if report.get("notes") else "")
 
 
 def _data_split(report) -> str:
@@ -142,6 +143,25 @@ def _data_split(report) -> str:
             f"characters, {report['fit_tokens']:,} tokens), and its first {share:.0%} "
             f"({report['calibration_characters']:,} characters, {report['calibration_tokens']:,} "
             "tokens) only fits the temperature")
+
+
+def _kernels(report) -> str:
+    k = report.get("kernels")
+    if not k:
+        return ""
+    return (f" (kernel variants: GEMM {k['gemm']}, flash attention forward {k['flash_forward']}, "
+            f"backward {k['flash_backward']})")
+
+
+def _context(report) -> str:
+    # the shipped max_sequence_length: the training window (refopt.recipe.shipped_model); reports
+    # written before that kept the recipe's table
+    shipped = report.get("max_sequence_length", report["recipe"]["max_sequence_length"])
+    table = report["recipe"]["max_sequence_length"]
+    if shipped == table:
+        return f"{shipped}"
+    return (f"{shipped} (the training window; the position table was initialised with {table} "
+            f"rows; the {table - shipped} past the window, never trained, are not shipped)")
 
 
 def _calibration(report) -> str:
