@@ -64,7 +64,9 @@ def test_loads_with_no_argument(lm, report):
     assert (cfg.vocabulary_size, cfg.num_layers, cfg.num_heads, cfg.hidden_dim, cfg.intermediate_dim,
             cfg.max_sequence_length) == (report["vocabulary_size"], recipe["num_layers"], recipe["num_heads"],
                                          recipe["hidden_dim"], recipe["intermediate_dim"],
-                                         recipe["max_sequence_length"])
+                                         report.get("max_sequence_length", recipe["max_sequence_length"]))
+    # the positions the training windows reached (refopt.recipe.shipped_model), no untrained rows
+    assert cfg.max_sequence_length == recipe["sequence_length"] == lm.preprocessor.sequence_length
     assert cfg.do_layer_norm_before and not cfg.has_projection and cfg.keras_compatible
     assert lm.backbone.count_params() == report["parameters"]
     assert lm.preprocessor is not None and lm.preprocessor.tokenizer.vocabulary_size() == recipe["vocab_size"]
@@ -108,6 +110,19 @@ def test_numbers_recomputed(lm, corpus, report):
     per_char = loss * len(val_ids) / len(val_text)
     assert len(val_text) == report["validation_characters"]
     assert per_char == pytest.approx(report["validation"]["nats_per_character"], abs=2e-4)
+
+
+def test_temperature_was_fitted_on_the_calibration_part(lm, corpus, report):
+    # the shipped logits are the trained ones divided by the temperature fitted on the start of
+    # the training text: on that text the shipped model's own best temperature is 1
+    train_text, _ = train.split_text(corpus, report["recipe"]["validation_fraction"])
+    cal_text, _ = train.calibration_split(train_text, report["recipe"]["calibration_fraction"])
+    assert len(cal_text) == report["calibration_characters"] > 0
+    cal_ids = np.asarray(lm.preprocessor.tokenizer(cal_text))
+    assert len(cal_ids) == report["calibration_tokens"]
+    logits, targets = train.calibration_logits(lm, cal_ids, report["recipe"]["sequence_length"])
+    assert train.fit_temperature(logits, targets) == pytest.approx(1.0, abs=2e-3)
+    assert report["validation"]["temperature"] > 1      # the trained model was overconfident
 
 
 def test_sliding_figure_recomputed_in_part(lm, corpus, report):
