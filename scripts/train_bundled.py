@@ -8,8 +8,9 @@ default of :class:`refopt.recipe.Recipe`, seed included) on
 256-wide OPT trained on the first 90% of the characters (but their first 5%, kept to fit a
 temperature) for 4,000 steps of 32 windows of 256 tokens, validated on the last 10% after every
 epoch, with an average of the epochs' parameters; the best validated parameters are shipped, the
-temperature folded into them and the position table cut to the 256 positions trained.  ``--backend cuda`` trains it on refopt's GPU kernels
-(its training time is in the preset's card); the CPU runs the same recipe, slowly.  The preset
+temperature folded into them and the position table cut to the 256 positions trained.
+``--backend cuda`` trains it on refopt's GPU kernels (its training time is in the preset's card);
+the CPU runs the same recipe, slowly.  The preset
 (KerasHub layout, tokenizer and preprocessor included), ``MODEL_CARD.md`` and
 ``refopt_training.json`` replace the preset files in ``--out`` (nothing changes there until the run
 has finished).  The same seed gives the same model, up to the floating-point summation order of

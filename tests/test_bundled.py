@@ -64,7 +64,7 @@ def test_loads_with_no_argument(lm, report):
     assert (cfg.vocabulary_size, cfg.num_layers, cfg.num_heads, cfg.hidden_dim, cfg.intermediate_dim,
             cfg.max_sequence_length) == (report["vocabulary_size"], recipe["num_layers"], recipe["num_heads"],
                                          recipe["hidden_dim"], recipe["intermediate_dim"],
-                                         report.get("max_sequence_length", recipe["max_sequence_length"]))
+                                         report["max_sequence_length"])
     # the positions the training windows reached (refopt.recipe.shipped_model), no untrained rows
     assert cfg.max_sequence_length == recipe["sequence_length"] == lm.preprocessor.sequence_length
     assert cfg.do_layer_norm_before and not cfg.has_projection and cfg.keras_compatible

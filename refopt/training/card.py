@@ -131,7 +131,8 @@ def model_card(report: dict, directory, name: str, summary: str = GENERIC_SUMMAR
         nats_per_char=f"{report['validation']['loss'] * per_char:.4f}",
         bigram_per_char=f"{base['bigram_witten_bell']['loss'] * per_char:.4f}",
         nanogpt=f"{NANOGPT_SHAKESPEARE_CHAR}", kept=_kept(report), data_split=_data_split(report),
-        calibration=_calibration(report), sliding=_sliding(report), kernels=_kernels(report),
+        calibration=_calibration(report), sliding=_sliding(report),
+        kernels=_kernel_variants(report),
         notes=f"\n* {report['notes']}" if report.get("notes") else "")
 
 
@@ -145,7 +146,7 @@ def _data_split(report) -> str:
             "tokens) only fits the temperature")
 
 
-def _kernels(report) -> str:
+def _kernel_variants(report) -> str:
     k = report.get("kernels")
     if not k:
         return ""
@@ -154,9 +155,8 @@ def _kernels(report) -> str:
 
 
 def _context(report) -> str:
-    # the shipped max_sequence_length: the training window (refopt.recipe.shipped_model); reports
-    # written before that kept the recipe's table
-    shipped = report.get("max_sequence_length", report["recipe"]["max_sequence_length"])
+    # the shipped max_sequence_length: the training window (refopt.recipe.shipped_model)
+    shipped = report["max_sequence_length"]
     table = report["recipe"]["max_sequence_length"]
     if shipped == table:
         return f"{shipped}"
