@@ -1,13 +1,16 @@
 """The flash attention kernels' variants side by side on one GPU (issue 21): the forward
-(``REFOPT_FLASH`` ``v1`` / ``v2``, ``v2`` with and without the next key tile prefetched) and the
-forward + backward, against ``torch.nn.functional.scaled_dot_product_attention`` (float32, TF32
-off), causal, batch 8 x 12 heads x 2048 x 64 by default.
+(``REFOPT_FLASH`` ``v1`` / ``v2``, ``v2`` with and without the next key tile prefetched; ``v2-u8``:
+8 head / key steps a pass of its loops, :data:`~refopt.kernels.cuda.attention.UNROLL`) and the
+forward + backward (``v1`` / ``v2`` backward, ``v2-u8`` likewise), against
+``torch.nn.functional.scaled_dot_product_attention`` (float32, TF32 off), causal, batch 8 x 12
+heads x 2048 x 64 by default.
 
     python3 benchmarks/flash_variants.py [--seq 2048] [--repeats 20] [--resources]
 
 Each figure: the median (min-max) of ``--repeats`` event-timed calls after a warm-up, in TFLOP/s
 (the forward's causal half of ``4 B H T^2 K``; the backward 2.5 times that); the error is the largest
-absolute difference over the largest reference value.  ``--resources`` also prints ptxas's
+absolute difference over the largest reference value; "first call": the seconds of a variant's first
+call (its compilation included).  ``--resources`` also prints ptxas's
 registers / spills and the SASS loops of the ``v2`` forward (needs ``cuobjdump``).
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,18 +89,34 @@ def main():
         FB.flash_backward(dq, dk, dv, out, ddo, m, l, km, *grads, dlt, st, B, H, T, T, K, causal=True,
                           scale=K ** -0.5)
 
+    def unroll(name, default):
+        # "v2-u8": the second kernels with 8 steps a pass of their loops
+        return next((int(p[1:]) for p in name.split("-")[1:] if p[:1] == "u"), default)
+
+    def first(fn):
+        # seconds of a first call: compiling (Numba, NVVM, the driver's PTX to SASS), loading, running
+        t = time.perf_counter()
+        fn()
+        cuda.synchronize()
+        return time.perf_counter() - t
+
+    fwd_unroll, bwd_unroll = A.UNROLL, FB.UNROLL
     for name in args.forward:
         A.VARIANT = name.split("-")[0]
         A.PREFETCH = "noprefetch" not in name
+        A.UNROLL = unroll(name, fwd_unroll)
         out[:1].copy_to_device(np.full(1, np.nan, np.float32))
+        print(f"forward {name:14s} first call {first(fwd):.1f} s", flush=True)
         ms = cuda_event_times(fwd, R)
         err = rel_err(out.copy_to_host().reshape(B, H, T, K), want)
         ratio = statistics.median(t_f) / statistics.median(ms)
         print(f"forward {name:14s} {fmt(flops, ms)}  {ratio:.2f}x  err {err:.1e}", flush=True)
-    A.VARIANT, A.PREFETCH = "v2", True
+    A.VARIANT, A.PREFETCH, A.UNROLL = "v2", True, fwd_unroll
     for name in args.backward:
-        FB.VARIANT = name
+        FB.VARIANT = name.split("-")[0]
+        FB.UNROLL = unroll(name, bwd_unroll)
         fwd()
+        print(f"backward {name:13s} first call {first(bwd):.1f} s", flush=True)
         ms_b = cuda_event_times(bwd, R)
         ms_fb = cuda_event_times(lambda: (fwd(), bwd()), R)
         err = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w) for gr, w in zip(grads, want_g))
@@ -104,9 +124,10 @@ def main():
               f"{statistics.median(t_fb) / statistics.median(ms_fb):.2f}x  err {err:.1e}", flush=True)
 
     # what the compiled kernels use (registers, local memory: spills)
-    kernels = [("forward v2", A.make_flash_forward_v2(64, True, A.PREFETCH))]
+    FB.UNROLL = bwd_unroll
+    kernels = [("forward v2", A.make_flash_forward_v2(64, True, A.PREFETCH, A.UNROLL))]
     if "v2" in args.backward:
-        kernels += list(zip(("dkdv v2", "dq v2"), FB.make_flash_backward_v2(True)))
+        kernels += list(zip(("dkdv v2", "dq v2"), FB.make_flash_backward_v2(True, FB.UNROLL)))
     for name, kern in kernels:
         try:
             print(f"{name}: registers {kern.get_regs_per_thread()}, local bytes "
@@ -124,7 +145,7 @@ def main():
         sig = ((a1,) * 6 + (types.Array(types.uint8, 2, "C"),) + (types.int64,) * 12 + (types.int32,) * 5
                + (f32,))
         for pf in (True, False):
-            info, sass = GR.assemble(A.make_flash_forward_v2(64, True, pf), sig, f"flash_v2_{pf}")
+            info, sass = GR.assemble(A.make_flash_forward_v2(64, True, pf, A.UNROLL), sig, f"flash_v2_{pf}")
             print(f"flash forward v2 prefetch={pf}: {info}")
             GR.report_loops(sass)
 

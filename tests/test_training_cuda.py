@@ -72,7 +72,7 @@ def test_flash_backward(dtype, B, H, S, K, left, seed):
 @given(B=st.integers(1, 2 if FULL else 1), H=st.integers(1, 2), S=st.integers(17, big(20)),
        K=st.sampled_from([4, 8, 64]), left=st.sampled_from([0, 0, 3]), seed=st.integers(0, 2**16))
 def test_flash_several_tiles(B, H, S, K, left, seed, backward):
-    # float32 head widths in fours take the second forward (make_flash_forward_v2) and, asked for, the
+    # float32 head widths in fours take the second forward (make_flash_forward_v2) and, by default, the
     # second backward (make_flash_backward_v2): sequences of several tiles a side, so that both the
     # tiles that need the masking selects (the diagonal, the ragged end, padded rows) and those that
     # skip them are run
@@ -107,6 +107,57 @@ def test_flash_several_tiles(B, H, S, K, left, seed, backward):
     bound = np.abs(d_out).max() * (np.abs(q).max() + np.abs(k).max() + np.abs(v).max()) * S
     for name, g, w in zip(("d_q", "d_k", "d_v"), grads, want):
         close(g.copy_to_host().reshape(w.shape), w, dtype, name, bound)
+
+
+# steps a pass of the second kernels' loops: 1, a few, and all of a tile's in one pass (the source
+# written out, as before the loops; under the simulator only: on a GPU that one compiles for minutes)
+UNROLLS = [1, 2, 4, 32] if SIM else [1, 4, 8]
+
+
+def test_flash_v2_unroll_changes_no_bit():
+    # the second forward and backward give the same bits however many steps a pass their loops take
+    B, H, S, K, dtype = 2, 2, 21, 8, np.float32
+    rng = np.random.default_rng(7)
+    q, k, v, d_out = (rng.standard_normal((B, H, S, K)).astype(dtype) for _ in range(4))
+    key = np.ones((B, S), bool)
+    key[0, :3] = False
+    st_ = (H * S * K, S * K, K)
+    dev = [cuda.to_device(a.reshape(-1)) for a in (q, k, v, d_out)]
+    km = cuda.to_device(key.astype(np.uint8))
+    strides = dict.fromkeys(("q", "k", "v", "o", "d_o", "d_q", "d_k", "d_v"), st_)
+    runs = []
+    saved = gattn.VARIANT, gattn.UNROLL, gfb.VARIANT, gfb.UNROLL
+    try:
+        for unroll in UNROLLS:
+            gattn.VARIANT, gattn.UNROLL, gfb.VARIANT, gfb.UNROLL = "v2", unroll, "v2", unroll
+            o, m, l = empty(q.size, dtype), empty(B * H * S, dtype), empty(B * H * S, dtype)
+            gattn.flash_attention(dev[0], dev[1], dev[2], o, st_, st_, st_, st_, B, H, S, S, K, key_mask=km,
+                                  causal=True, stats=(m, l), scale=0.5)
+            grads = [empty(q.size, dtype) for _ in range(3)]
+            gfb.flash_backward(dev[0], dev[1], dev[2], o, dev[3], m, l, km, *grads, empty(B * H * S, dtype),
+                               strides, B, H, S, S, K, causal=True, scale=0.5)
+            runs.append([a.copy_to_host() for a in (o, m, l, *grads)])
+    finally:
+        gattn.VARIANT, gattn.UNROLL, gfb.VARIANT, gfb.UNROLL = saved
+    for unroll, run in zip(UNROLLS[1:], runs[1:]):
+        for name, got, want in zip(("out", "m", "l", "d_q", "d_k", "d_v"), run, runs[0]):
+            assert np.array_equal(got, want), f"{name}: unroll {unroll} differs from unroll {UNROLLS[0]}"
+
+
+def test_flash_v2_source_does_not_grow_with_the_tile(monkeypatch):
+    # the second kernels' head, query and key steps are loops (compile time: the steps written out,
+    # the forward took 90 s and the backward 220 s of compile_ptx, benchmarks/GPU.md): their generated
+    # source is as long for small tiles as for large ones
+    def lines(module, tiles_fn, tiles, make, *args):
+        monkeypatch.setattr(module, tiles_fn, lambda *a: tiles)
+        made = make.__wrapped__(*args)                        # uncached: a new generation
+        return len((made[0] if isinstance(made, tuple) else made).source.splitlines())
+
+    fwd = [lines(gattn, "_tiles", t, gattn.make_flash_forward_v2, 64, True, True, 4)
+           for t in [(16, 8), (32, 16), (64, 32)]]
+    bwd = [lines(gfb, "_v2_tiles", t, gfb.make_flash_backward_v2, True, 4) for t in [(8, 8), (16, 16), (32, 32)]]
+    assert len(set(fwd)) == 1, fwd
+    assert len(set(bwd)) == 1, bwd
 
 
 def test_dropout_keep_is_the_philox_stream():

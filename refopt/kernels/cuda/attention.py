@@ -19,8 +19,9 @@ reference computes it.
 
 Two kernels share that design (:data:`VARIANT`, ``REFOPT_FLASH``): ``"v2"``
 (:func:`make_flash_forward_v2`, the default for float32 with head widths in fours, strides in fours
-and 16-byte aligned data, structured masks) reads its tiles as 16-byte loads and has the head steps
-of ``Q K^T`` and the key steps of ``P V`` written out in generated source; ``"v1"``
+and 16-byte aligned data, structured masks) reads its tiles as 16-byte loads and runs the head steps
+of ``Q K^T`` and the key steps of ``P V`` as loops of generated source, :data:`UNROLL` steps a pass
+(on an H200, causal 8 x 12 x 2048 x 64: 0.94x SDPA, session 11; the first 0.55x); ``"v1"``
 (:func:`make_flash_forward`) takes everything else (float64, other widths, dense masks).
 
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
@@ -221,7 +222,7 @@ def make_flash_forward(dtype, KP: int, causal: bool, dense: bool):
 # (float32, head columns in 16-byte groups: vector global loads, the products written out)
 
 @functools.lru_cache(maxsize=None)
-def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
+def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True, unroll: int = 4):
     """The forward of :func:`make_flash_forward` (float32, structured masks only, same tiles and
     thread layout, same arithmetic in the same order) for operands :func:`v2_fits` accepts: the Q,
     K and V tiles read as 16-byte loads (:func:`~refopt.kernels.cuda.gemm.ldg4`) from offsets
@@ -229,7 +230,11 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
     by zeros (selects, no branches around the loads); with ``prefetch`` the next key tile is read
     into registers while the current one is multiplied; the key-padding and causal selects only
     on tiles that need them (a block first checks whether its batch row has padding); the head
-    steps of ``Q K^T`` and the key steps of ``P V`` written out one by one (generated source)."""
+    steps of ``Q K^T`` and the key steps of ``P V`` as loops of generated source, ``unroll`` steps
+    written out a pass (the register blocking inside a step unchanged; the tile loads' passes a
+    loop too).  The source is as long for any tile: with every step written out the kernel took
+    90 s of ``compile_ptx`` and 37 s of its first call on an H200's host, at ``unroll`` 4 5 s and
+    5 s, for the same speed (benchmarks/GPU.md, session 11)."""
     BQ, BKV = _tiles(KP)
     NTY = BQ // 4
     NT = NTX * NTY
@@ -243,19 +248,21 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
     PQ, PK = BQ // RP, BKV // RP    # passes over a Q / a K or V tile
     assert NT % G4 == 0 and BQ % RP == 0 and BKV % RP == 0 and CD % 4 == 0
     LOWEST = float(np.finfo(np.float32).min)
+    UD, UJ = min(unroll, KP // 4), min(unroll, BKV)     # head / key steps a pass of their loops
+    assert (KP // 4) % UD == 0 and BKV % UJ == 0
 
     def loads(name, regs, off, stride, rows, first, limit, P):
         # P passes of 16-byte loads of rows first + lr + p * RP (< limit) into regs[4 p + e]
-        out = []
-        for p in range(P):
-            out += [f"ok = cok and {first} + lr + {p * RP} < {limit}",
-                    f"w = ldg4({name}, ({off} + {p * RP} * {stride}) if ok else int64(0))"]
-            out += [f"{regs}[{4 * p + e}] = w[{e}] if ok else DT(0)" for e in range(4)]
-        return out
+        return [f"for p in range({P}):",
+                f"    ok = cok and {first} + lr + p * RP < {limit}",
+                f"    w = ldg4({name}, ({off} + p * RP * {stride}) if ok else int64(0))",
+                "    for e in range(4):",
+                f"        {regs}[4 * p + e] = w[e] if ok else DT(0)"]
 
     def stores(arr, regs, P, mul=""):
-        return [f"{arr}[lr + {p * RP}, lc + {e}] = {regs}[{4 * p + e}]{mul}"
-                for p in range(P) for e in range(4)]
+        return [f"for p in range({P}):",
+                "    for e in range(4):",
+                f"        {arr}[lr + p * RP, lc + e] = {regs}[4 * p + e]{mul}"]
 
     L = ["def flash_forward(q, k, v, out, m_out, l_out, key_mask, qsb, qsh, qss, ksb, ksh, kss,",
          "                  vsb, vsh, vss, osb, osh, oss, H, S, T, K, q_offset, scale):",
@@ -335,17 +342,20 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
     L += ["        for i in range(4):",
           "            for jj in range(CT):",
           "                sc[i, jj] = DT(0)"]
-    for d in range(0, KP, 4):      # scores: four head columns a step
-        L += ["        for i in range(4):",
-              "            for e in range(4):",
-              f"                qv[i, e] = Qs[ty4 + i, {d} + e]",
-              "        for jj in range(CT):",
-              "            for e in range(4):",
-              f"                kv[jj, e] = Ks[jj * NTX + tx, {d} + e]",
-              "        for i in range(4):",
+    L += ["        d = 0",
+          "        while d < KP:"]
+    for u in range(0, 4 * UD, 4):  # scores: four head columns a step, UD steps a pass
+        L += ["            for i in range(4):",
+              "                for e in range(4):",
+              f"                    qv[i, e] = Qs[ty4 + i, d + {u} + e]",
               "            for jj in range(CT):",
               "                for e in range(4):",
-              "                    sc[i, jj] += qv[i, e] * kv[jj, e]"]
+              f"                    kv[jj, e] = Ks[jj * NTX + tx, d + {u} + e]",
+              "            for i in range(4):",
+              "                for jj in range(CT):",
+              "                    for e in range(4):",
+              "                        sc[i, jj] += qv[i, e] * kv[jj, e]"]
+    L += [f"            d += {4 * UD}"]
     # the masking rule: a key past T weighs 0 (-inf), a masked key scores lowest; a tile needs the
     # selects when it reaches past T, past the first row's diagonal, or when the row has padding
     need = "padded != 0 or t0 + BKV > T"
@@ -386,15 +396,18 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
           "            for i in range(4):",
           "                Ps[jj * NTX + tx, ty4 + i] = sc[i, jj]",
           "        cuda.syncthreads()"]
-    for j in range(BKV):           # output += P V, one key a step
-        L += ["        for i in range(4):",
-              f"            pv[i] = Ps[{j}, ty4 + i]",
-              "        for g in range(GD):",
-              "            for e in range(4):",
-              f"                vv[g * 4 + e] = Vs[{j}, g * 4 * NTX + tx4 + e]",
-              "        for i in range(4):",
-              "            for c in range(CD):",
-              "                acc[i, c] += pv[i] * vv[c]"]
+    L += ["        j = 0",
+          "        while j < BKV:"]
+    for u in range(UJ):            # output += P V, one key a step, UJ steps a pass
+        L += ["            for i in range(4):",
+              f"                pv[i] = Ps[j + {u}, ty4 + i]",
+              "            for g in range(GD):",
+              "                for e in range(4):",
+              f"                    vv[g * 4 + e] = Vs[j + {u}, g * 4 * NTX + tx4 + e]",
+              "            for i in range(4):",
+              "                for c in range(CD):",
+              "                    acc[i, c] += pv[i] * vv[c]"]
+    L += [f"            j += {UJ}"]
     L += ["    ob = int64(b) * osb + int64(h) * osh",
           "    vb = int64(b) * vsb + int64(h) * vsh",
           "    for i in range(4):",
@@ -420,9 +433,9 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True):
           "                l_out[bh * S + s] = lrow[i]"]
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
               min=min, max=max, ALIGN=ALIGN, BQ=BQ, BKV=BKV, KP=KP, NT=NT, NTX=NTX, CT=CT, CD=CD,
-              GD=GD, SQ=SQ, SP=SP, G4=G4, PQ=PQ, PK=PK, LOWEST=LOWEST, NEG_INF=-math.inf,
+              GD=GD, SQ=SQ, SP=SP, G4=G4, RP=RP, PQ=PQ, PK=PK, LOWEST=LOWEST, NEG_INF=-math.inf,
               group_max=_group_max, group_sum=_group_sum)
-    ns, src = generated(L, f"flash forward v2 {KP} {causal} {prefetch}", ns)
+    ns, src = generated(L, f"flash forward v2 {KP} {causal} {prefetch} {unroll}", ns)
     fn = kernel(launch_bounds=NT)(ns["flash_forward"])
     fn.tiles = (BQ, BKV, NT)
     fn.source = src
@@ -464,9 +477,13 @@ else:
 #: (:func:`make_flash_forward_v2`) or ``"v1"`` (:func:`make_flash_forward`); ``REFOPT_FLASH``
 VARIANT = os.environ.get("REFOPT_FLASH", "v2")
 #: ``v2`` reads the next key tile into registers while it multiplies the current one (on: the variant
-#: the real-GPU tests ran; 0.91x SDPA, 168 registers, against 0.95x without, within the spread:
-#: benchmarks/GPU.md); ``REFOPT_FLASH_PREFETCH=0`` turns it off
+#: the real-GPU tests ran; 168 registers; 0.94x SDPA against 0.93x without in session 11, 0.91x
+#: against 0.95x in session 9: within the spread, benchmarks/GPU.md); ``REFOPT_FLASH_PREFETCH=0``
+#: turns it off
 PREFETCH = os.environ.get("REFOPT_FLASH_PREFETCH", "1") != "0"
+#: ``v2``'s head and key steps a pass of their loops (4; 8 measured within the spread of 4 and
+#: compiles longer); ``REFOPT_FLASH_UNROLL``
+UNROLL = int(os.environ.get("REFOPT_FLASH_UNROLL", "4"))
 
 
 def v2_fits(dtype, K: int, arrays, strides) -> bool:
@@ -503,7 +520,7 @@ def flash_attention(q, k, v, out, qstrides, kstrides, vstrides, ostrides, B, H, 
         key_mask = ones_u8((B, T))
     dense = mask is not None
     if not dense and VARIANT == "v2" and v2_fits(dtype, K, (q, k, v), (qstrides, kstrides, vstrides)):
-        fn = make_flash_forward_v2(head_pad(K), bool(causal), PREFETCH)
+        fn = make_flash_forward_v2(head_pad(K), bool(causal), PREFETCH, UNROLL)
         BQ, BKV, NT = fn.tiles
         m_out, l_out = stats if stats is not None else (empty(0, dtype), empty(0, dtype))
         flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, out, m_out, l_out)]

@@ -24,9 +24,12 @@ key-side kernel walks every query tile of a batch row whose first key is padding
   key tiles the queries can see.
 
 :func:`make_flash_backward_v2` builds the same two kernels for float32 head widths up to 64 in
-fours (on request: :data:`VARIANT`, ``REFOPT_FLASH_BWD=v2``): 32 x 32 tile pairs on 64 threads, 16-byte
-tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the steps written out; what follows
-describes the first (``"v1"``), which takes every other case.
+fours (the default, :data:`VARIANT`; ``REFOPT_FLASH_BWD=v1`` goes back): 32 x 32 tile pairs on 64
+threads, 16-byte tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the head, query and
+key steps as loops of :data:`UNROLL` steps a pass.  Measured on an H200 (causal, 8 x 12 x 2048 x 64,
+float32, ``benchmarks/flash_variants.py``, session 11): the backward alone 19.1 TFLOP/s against the
+first's 6.5, forward + backward 0.70x SDPA (the first's 0.27x).  What follows describes the first
+(``"v1"``), which takes every other case.
 
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
 column across threads without bank conflicts) and block their outputs in registers
@@ -296,11 +299,14 @@ def _row_dots(dtype):
     return row_dots
 
 
-#: the backward :func:`flash_backward` launches: ``"v1"`` (:func:`make_flash_backward`, the default)
-#: or, on request (``REFOPT_FLASH_BWD=v2``) and where its operands allow, ``"v2"``
-#: (:func:`make_flash_backward_v2`: checked against the reference under the simulator only; on the
-#: GPU its compilation outlasted the session's time box, its speed is not measured -- benchmarks/GPU.md)
-VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v1")
+#: the backward :func:`flash_backward` launches where its operands allow: ``"v2"``
+#: (:func:`make_flash_backward_v2`, the default: 2.9 times the first's speed on an H200, checked
+#: against the reference on the GPU and under the simulator -- benchmarks/GPU.md, session 11) or
+#: ``"v1"`` (:func:`make_flash_backward`, every other case); ``REFOPT_FLASH_BWD``
+VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v2")
+#: ``v2``'s head, query and key steps a pass of their loops (4: 12 s of ``compile_ptx`` for both
+#: kernels, 219 s with every step written out; 8 measured no faster); ``REFOPT_FLASH_BWD_UNROLL``
+UNROLL = int(os.environ.get("REFOPT_FLASH_BWD_UNROLL", "4"))
 
 
 def v2_fits(dtype, K: int, arrays, strides) -> bool:
@@ -326,7 +332,7 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
         _row_dots(dtype)[cdiv(rows, 128), 128, stream](d_o, o, dlt, st["d_o"], st["o"], int32(H),
                                                        int32(S), int32(K))
     if VARIANT == "v2" and v2_fits(dtype, K, (q, k, v, d_o), [strides[n] for n in ("q", "k", "v", "d_o")]):
-        dkdv, dq = make_flash_backward_v2(bool(causal))
+        dkdv, dq = make_flash_backward_v2(bool(causal), UNROLL)
         BQ, BT, NTV = dkdv.tiles
         flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, d_o, m, l, dlt)]
         km = as_shape(key_mask, key_mask.shape)
@@ -363,14 +369,16 @@ def _v2_tiles():
 
 
 @functools.lru_cache(maxsize=None)
-def make_flash_backward_v2(causal: bool):
+def make_flash_backward_v2(causal: bool, unroll: int = 4):
     """``(dkdv, dq)`` as :func:`make_flash_backward`'s (same arguments, same results, same
     arithmetic per pair: ``P = exp(score - m) / l``, ``dS = P (dP - Dlt)``) for float32 head widths
     ``K <= 64`` that :func:`v2_fits` accepts.  Both kernels compute a tile pair's scores and
     ``dO . v`` products with each thread owning 4 query rows x ``BT / 8`` keys (keys ``8 j + tx``),
-    four head columns a step, the steps written out; the tiles come in as 16-byte global loads
-    (offsets kept, out-of-range groups zeroed by selects); the masking selects run only on pairs
-    that need them.  ``dkdv`` then accumulates ``dV`` and ``dK`` for 4 keys x 8 head columns a
+    four head columns a step, ``unroll`` steps a pass of a loop (the generated source is as long for
+    any tile; written out step by step, it took minutes to compile, most of them in Numba's own
+    liveness and SSA passes rather than NVVM); the tiles come in as 16-byte global loads (offsets
+    kept, out-of-range groups zeroed by selects, the passes a loop); the masking selects run only on
+    pairs that need them.  ``dkdv`` then accumulates ``dV`` and ``dK`` for 4 keys x 8 head columns a
     thread (``P`` and ``dS`` staged ``[query, key]``: one 16-byte load of four keys and two of
     eight columns feed 32 multiply-adds), ``dq`` accumulates ``dQ`` for 4 query rows x 8 columns
     (``dS`` staged ``[key, query]``)."""
@@ -392,14 +400,15 @@ def make_flash_backward_v2(causal: bool):
     CDQ = KP // TDQ
     assert NT % G4 == 0 and BQ % RP == 0 and BT % RP == 0 and CDK % 4 == 0 and CDQ % 4 == 0
     LOWEST = float(np.finfo(np.float32).min)
+    UD, UQ, UT = min(unroll, KP // 4), min(unroll, BQ), min(unroll, BT)   # steps a pass of the loops
+    assert (KP // 4) % UD == 0 and BQ % UQ == 0 and BT % UT == 0
 
     def loads(arr, name, off, stride, first, limit, P, mul=""):
-        out = []
-        for p in range(P):
-            out += [f"ok = cok and {first} + lr + {p * RP} < {limit}",
-                    f"w = ldg4({name}, ({off} + {p * RP} * {stride}) if ok else int64(0))"]
-            out += [f"{arr}[lr + {p * RP}, lc + {e}] = (w[{e}]{mul}) if ok else DT(0)" for e in range(4)]
-        return out
+        return [f"for p in range({P}):",
+                f"    ok = cok and {first} + lr + p * RP < {limit}",
+                f"    w = ldg4({name}, ({off} + p * RP * {stride}) if ok else int64(0))",
+                "    for e in range(4):",
+                f"        {arr}[lr + p * RP, lc + e] = (w[e]{mul}) if ok else DT(0)"]
 
     def head(name, args):
         return [f"def {name}({args}):",
@@ -452,20 +461,23 @@ def make_flash_backward_v2(causal: bool):
              "    for jj in range(CT):",
              "        sc[i, jj] = DT(0)",
              "        dp[i, jj] = DT(0)"]
-        for d in range(0, KP, 4):
-            L += ["for i in range(4):",
-                  "    for e in range(4):",
-                  f"        qv[i, e] = Qs[ty4 + i, {d} + e]",
-                  f"        ov[i, e] = dOs[ty4 + i, {d} + e]",
-                  "for jj in range(CT):",
-                  "    for e in range(4):",
-                  f"        kv[jj, e] = Ks[jj * NTX + tx, {d} + e]",
-                  f"        vv[jj, e] = Vs[jj * NTX + tx, {d} + e]",
-                  "for i in range(4):",
+        L += ["d = 0",
+              "while d < KP:"]
+        for u in range(0, 4 * UD, 4):      # four head columns a step, UD steps a pass
+            L += ["    for i in range(4):",
+                  "        for e in range(4):",
+                  f"            qv[i, e] = Qs[ty4 + i, d + {u} + e]",
+                  f"            ov[i, e] = dOs[ty4 + i, d + {u} + e]",
                   "    for jj in range(CT):",
                   "        for e in range(4):",
-                  "            sc[i, jj] += qv[i, e] * kv[jj, e]",
-                  "            dp[i, jj] += ov[i, e] * vv[jj, e]"]
+                  f"            kv[jj, e] = Ks[jj * NTX + tx, d + {u} + e]",
+                  f"            vv[jj, e] = Vs[jj * NTX + tx, d + {u} + e]",
+                  "    for i in range(4):",
+                  "        for jj in range(CT):",
+                  "            for e in range(4):",
+                  "                sc[i, jj] += qv[i, e] * kv[jj, e]",
+                  "                dp[i, jj] += ov[i, e] * vv[jj, e]"]
+        L += [f"    d += {4 * UD}"]
         need = "padded != 0 or q0 + BQ > S or t0 + BT > T"
         if causal:
             need += " or t0 + BT - 1 > q0 + q_offset"
@@ -545,18 +557,21 @@ def make_flash_backward_v2(causal: bool):
           "        cuda.syncthreads()"]
     L += pairs("        ", False)
     L += ["        cuda.syncthreads()"]
-    for s in range(BQ):      # dV[t] += P[s, t] dO[s], dK[t] += dS[s, t] q_s
-        L += ["        for r in range(4):",
-              f"            pv[r] = Ps[{s}, tk4 + r]",
-              f"            sv[r] = dSs[{s}, tk4 + r]",
-              "        for g in range(CDK // 4):",
-              "            for e in range(4):",
-              f"                ow[g * 4 + e] = dOs[{s}, g * 4 * TDK + td4 + e]",
-              f"                qw[g * 4 + e] = Qs[{s}, g * 4 * TDK + td4 + e]",
-              "        for r in range(4):",
-              "            for c in range(CDK):",
-              "                av[r, c] += pv[r] * ow[c]",
-              "                ak[r, c] += sv[r] * qw[c]"]
+    L += ["        qi = 0",
+          "        while qi < BQ:"]
+    for u in range(UQ):      # dV[t] += P[s, t] dO[s], dK[t] += dS[s, t] q_s; UQ query rows a pass
+        L += ["            for r in range(4):",
+              f"                pv[r] = Ps[qi + {u}, tk4 + r]",
+              f"                sv[r] = dSs[qi + {u}, tk4 + r]",
+              "            for g in range(CDK // 4):",
+              "                for e in range(4):",
+              f"                    ow[g * 4 + e] = dOs[qi + {u}, g * 4 * TDK + td4 + e]",
+              f"                    qw[g * 4 + e] = Qs[qi + {u}, g * 4 * TDK + td4 + e]",
+              "            for r in range(4):",
+              "                for c in range(CDK):",
+              "                    av[r, c] += pv[r] * ow[c]",
+              "                    ak[r, c] += sv[r] * qw[c]"]
+    L += [f"            qi += {UQ}"]
     L += ["    for r in range(4):",
           "        t = t0 + tk4 + r",
           "        if t < T:",
@@ -593,15 +608,18 @@ def make_flash_backward_v2(causal: bool):
           "        cuda.syncthreads()"]
     L += pairs("        ", True)
     L += ["        cuda.syncthreads()"]
-    for t in range(BT):      # dQ[s] += dS[s, t] k[t]
-        L += ["        for r in range(4):",
-              f"            sv[r] = dSs[{t}, tr4 + r]",
-              "        for g in range(CDQ // 4):",
-              "            for e in range(4):",
-              f"                kw[g * 4 + e] = Ks[{t}, g * 4 * TDQ + td4 + e]",
-              "        for r in range(4):",
-              "            for c in range(CDQ):",
-              "                aq[r, c] += sv[r] * kw[c]"]
+    L += ["        j = 0",
+          "        while j < BT:"]
+    for u in range(UT):      # dQ[s] += dS[s, t] k[t]; UT keys a pass
+        L += ["            for r in range(4):",
+              f"                sv[r] = dSs[j + {u}, tr4 + r]",
+              "            for g in range(CDQ // 4):",
+              "                for e in range(4):",
+              f"                    kw[g * 4 + e] = Ks[j + {u}, g * 4 * TDQ + td4 + e]",
+              "            for r in range(4):",
+              "                for c in range(CDQ):",
+              "                    aq[r, c] += sv[r] * kw[c]"]
+    L += [f"            j += {UT}"]
     L += ["    for r in range(4):",
           "        s = q0 + tr4 + r",
           "        if s < S:",
@@ -611,8 +629,8 @@ def make_flash_backward_v2(causal: bool):
           "                    d_q[b * dqsb + h * dqsh + s * dqss + d] = aq[r, c] * scale"]
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
               min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT, SQ=SQ, G4=G4,
-              CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, LOWEST=LOWEST)
-    ns, src = generated(L, f"flash backward v2 {causal}", ns)
+              CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, RP=RP, LOWEST=LOWEST)
+    ns, src = generated(L, f"flash backward v2 {causal} {unroll}", ns)
     dkdv = kernel(launch_bounds=NT)(ns["dkdv"])
     dq = kernel(launch_bounds=NT)(ns["dq"])
     dkdv.tiles = dq.tiles = (BQ, BT, NT)
