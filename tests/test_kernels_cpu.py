@@ -1,6 +1,7 @@
 """Every Numba CPU kernel against the NumPy reference op of the same name (hypothesis): float64
 within 1e-12 relative, float32 within 1e-5, sampler choices identical."""
 
+import functools
 import os
 
 import numpy as np
@@ -38,6 +39,88 @@ def test_attention(dtype, B, H, S, extra, K, seed, left):
     close(nb.attention_forward(q, kt, v, mask)[0], r_out, dtype, "strided out")
     # S up to 20 draws both paths: the fused kernel below BLAS_QUERIES queries, BLAS from there
     assert BLAS_QUERIES <= 20
+
+
+@functools.cache
+def _lanes_run():
+    from numba import njit
+
+    from refopt.kernels.cpu.lanes import axpy, dot, prefetch
+
+    @njit
+    def run(x, y, w, o, n):
+        prefetch(x, (0, o), n)
+        d = dot(x, (0, o), y, (1, 0), n)
+        axpy(w, x, (0, o), y, (1, 0), n)
+        return d
+    return run
+
+
+@settings(max_examples=60)
+@given(dtype=DTYPES, n=st.integers(0, 100), offset=st.integers(0, 3), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_lanes_dot_and_axpy(dtype, n, offset, strided, seed):
+    # lanes.dot (vector IR) gives the bits of its plain-loop statement, dot_reference, from
+    # C-contiguous arrays and (a plain path) strided ones; axpy is y + w * x value by value;
+    # prefetch changes nothing
+    from refopt.kernels.cpu.lanes import dot_reference
+
+    run = _lanes_run()
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (1, offset + n), dtype)
+    y = arrays(rng, (2, n), dtype)
+    if strided:
+        x = np.repeat(x, 2, axis=1)[:, ::2]
+    x0, y0 = x.copy(), y.copy()
+    w = dtype(rng.standard_normal())
+    got = run(x, y, w, offset, n)
+    want = dot_reference(np.ascontiguousarray(x0[0, offset:]), np.ascontiguousarray(y0[1]))
+    assert got == want or np.isnan(got) and np.isnan(want)
+    assert np.array_equal(x, x0)
+    assert np.array_equal(y[1], y0[1] + w * x0[0, offset:]) and np.array_equal(y[0], y0[0])
+    if n >= 2 and np.all(np.isfinite(x0)) and np.all(np.isfinite(y0)):   # the reference itself
+        L = 64 // np.dtype(dtype).itemsize
+        lane = np.zeros(L, dtype)
+        whole = n // L * L
+        for k in range(whole):
+            lane[k % L] += x0[0, offset + k] * y0[1, k]
+        w_ = L
+        while w_ > 1:
+            w_ //= 2
+            lane[:w_] += lane[w_:2 * w_]
+        total = lane[0]
+        for k in range(whole, n):
+            total += x0[0, offset + k] * y0[1, k]
+        assert total == want
+
+
+@settings(max_examples=40)
+@given(dtype=DTYPES, B=st.integers(1, 3), H=st.integers(1, 13), K=st.integers(1, 70), index=st.integers(0, 40),
+       groups=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_decode_attention_heads(dtype, B, H, K, index, groups, seed):
+    # the decode step's attention (one new query per row against the cache, heads walked in
+    # groups, four at a time, keys in memory order) against the reference attention, with key
+    # padding; the random configurations of test_decode_step have at most 3 heads
+    from refopt.kernels.cpu.decode import _attend_heads
+
+    rng = np.random.default_rng(seed)
+    L, layer, T = 2, int(rng.integers(0, 2)), index + 1 + int(rng.integers(0, 3))
+    cache = arrays(rng, (B, L, 2, T, H, K), dtype)
+    qkv = arrays(rng, (B, 3 * H * K), dtype)
+    key_mask = rng.random((B, T)) < 0.8
+    key_mask[0, :] = False                               # row 0: no allowed key (uniform)
+    probs = np.full((B * H, T), np.nan, dtype)
+    ctx = np.full((B, H * K), np.nan, dtype)
+    G = min(groups, H)
+    for b in range(B):
+        for g in range(G):
+            _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, g * H // G, (g + 1) * H // G)
+    q = qkv[:, :H * K].reshape(B, H, 1, K)
+    k = cache[:, layer, 0, :index + 1].transpose(0, 2, 1, 3)
+    v = cache[:, layer, 1, :index + 1].transpose(0, 2, 1, 3)
+    mask = ref.attention_mask(key_mask[:, :index + 1], np.array([index]))
+    want, want_probs = ref.attention_forward(q, k, v, mask)
+    close(ctx, want.reshape(B, H * K), dtype, "ctx")
+    close(probs[:, :index + 1], want_probs.reshape(B * H, index + 1), dtype, "probs")
 
 
 @settings(max_examples=40)
