@@ -21,8 +21,9 @@ Two kernels share that design (:data:`VARIANT`, ``REFOPT_FLASH``): ``"v2"``
 (:func:`make_flash_forward_v2`, the default for float32 with head widths in fours, strides in fours
 and 16-byte aligned data, structured masks) reads its tiles as 16-byte loads and runs the head steps
 of ``Q K^T`` and the key steps of ``P V`` as loops of generated source, :data:`UNROLL` steps a pass
-(on an H200, causal 8 x 12 x 2048 x 64: 0.94x SDPA, session 11; the first 0.55x); ``"v1"``
-(:func:`make_flash_forward`) takes everything else (float64, other widths, dense masks).
+(on an H200, causal 8 x 12 x 2048 x 64: 0.87-0.94x SDPA over session 11's four runs; the first
+0.55x); ``"v1"`` (:func:`make_flash_forward`) takes everything else (float64, other widths, dense
+masks).
 
 ``m`` and ``l`` per row are the forward's statistics: ``probs = exp(score - m) / l`` rebuilds the
 reference's probabilities (:class:`LazyProbs`), which the backward (batched products, below) uses.
@@ -233,8 +234,9 @@ def make_flash_forward_v2(KP: int, causal: bool, prefetch: bool = True, unroll: 
     steps of ``Q K^T`` and the key steps of ``P V`` as loops of generated source, ``unroll`` steps
     written out a pass (the register blocking inside a step unchanged; the tile loads' passes a
     loop too).  The source is as long for any tile: with every step written out the kernel took
-    90 s of ``compile_ptx`` and 37 s of its first call on an H200's host, at ``unroll`` 4 5 s and
-    5 s, for the same speed (benchmarks/GPU.md, session 11)."""
+    90 s of ``compile_ptx`` (the CPU machine) and 37 s of its first call on an H200's host, at
+    ``unroll`` 4 4.3 s and 4.9-8.2 s, its speed within the spread between processes
+    (benchmarks/GPU.md, session 11)."""
     BQ, BKV = _tiles(KP)
     NTY = BQ // 4
     NT = NTX * NTY
@@ -481,8 +483,8 @@ VARIANT = os.environ.get("REFOPT_FLASH", "v2")
 #: against 0.95x in session 9: within the spread, benchmarks/GPU.md); ``REFOPT_FLASH_PREFETCH=0``
 #: turns it off
 PREFETCH = os.environ.get("REFOPT_FLASH_PREFETCH", "1") != "0"
-#: ``v2``'s head and key steps a pass of their loops (4; 8 measured within the spread of 4 and
-#: compiles longer); ``REFOPT_FLASH_UNROLL``
+#: ``v2``'s head and key steps a pass of their loops (4; 8 measured 1-2% faster, within the spread,
+#: at 1.7 times the compile; 2 10% slower); ``REFOPT_FLASH_UNROLL``
 UNROLL = int(os.environ.get("REFOPT_FLASH_UNROLL", "4"))
 
 

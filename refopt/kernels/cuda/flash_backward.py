@@ -27,9 +27,9 @@ key-side kernel walks every query tile of a batch row whose first key is padding
 fours (the default, :data:`VARIANT`; ``REFOPT_FLASH_BWD=v1`` goes back): 32 x 32 tile pairs on 64
 threads, 16-byte tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the head, query and
 key steps as loops of :data:`UNROLL` steps a pass.  Measured on an H200 (causal, 8 x 12 x 2048 x 64,
-float32, ``benchmarks/flash_variants.py``, session 11): the backward alone 19.1 TFLOP/s against the
-first's 6.5, forward + backward 0.70x SDPA (the first's 0.27x).  What follows describes the first
-(``"v1"``), which takes every other case.
+float32, ``benchmarks/flash_variants.py``, session 11): the backward alone 19.1-19.2 TFLOP/s against
+the first's 6.5, forward + backward 0.69-0.70x SDPA (the first's 0.27x).  What follows describes
+the first (``"v1"``), which takes every other case.
 
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
 column across threads without bank conflicts) and block their outputs in registers
@@ -304,8 +304,8 @@ def _row_dots(dtype):
 #: against the reference on the GPU and under the simulator -- benchmarks/GPU.md, session 11) or
 #: ``"v1"`` (:func:`make_flash_backward`, every other case); ``REFOPT_FLASH_BWD``
 VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v2")
-#: ``v2``'s head, query and key steps a pass of their loops (4: 12 s of ``compile_ptx`` for both
-#: kernels, 219 s with every step written out; 8 measured no faster); ``REFOPT_FLASH_BWD_UNROLL``
+#: ``v2``'s head, query and key steps a pass of their loops (4: 9-12 s of ``compile_ptx`` for both
+#: kernels, 219 s with every step written out; 8 and 2 measured 3-5% slower); ``REFOPT_FLASH_BWD_UNROLL``
 UNROLL = int(os.environ.get("REFOPT_FLASH_BWD_UNROLL", "4"))
 
 
