@@ -133,14 +133,13 @@ def _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, h0, h1):
     # instructions; Numba had compiled the plain loops to scalar code) and the context sums
     # :func:`.lanes.axpy`'s, taken over t = 0..index in order.
     #
-    # Measured (2026-12-02, AMD EPYC Zen 4, two cores; /tmp scripts): 12 heads x 481 keys of one
-    # layer in cache, one thread: 112 us (19 ns a key and head); 12 layers' caches from memory:
-    # 3.05 ms walked in order without prefetching, 2.06 with.  A whole 125m batch-1 step
-    # (``call_with_cache``, median of 6, old code and new alternated in two rounds, tok/s):
-    # int8 weights 27.3 / 26.4 -> 53.3 / 78.9 at 1,501 keys, 64.4 / 81.6 -> 85.7 / 164.2 at 481;
-    # float32 21.4 / 22.6 -> 30.7 / 39.4 at 1,501 keys, when the NumPy backend gave 30-42 (it
-    # had been the faster one there).  At 21-101 keys, three rounds, int8 against NumPy went
-    # 2.8-3.6x -> 3.1-4.2x.
+    # Measured (2026-12-02, AMD EPYC Zen 4, two cores): 12 heads x 481 keys of one layer in cache,
+    # one thread, 112 us (19 ns a key and head); 12 layers' caches from memory, 3.05 ms walked in
+    # order without prefetching, 2.06 with (``/tmp`` scripts).  A whole 125m batch-1 step,
+    # ``benchmarks/bench_decode_context.py`` (medians of six rounds, the code before and after
+    # alternated twice): float32 21.6 / 23.2 -> 43.1 / 35.5 tok/s at 1,501 keys, 0.87 / 0.75x the
+    # NumPy backend's step -> 1.76 / 1.44x; int8 weights 27.8 / 27.4 -> 89.2 / 57.2 tok/s; at 21
+    # keys as before.
     H, K = cache.shape[4], cache.shape[5]
     lowest = np.finfo(qkv.dtype).min
     zero = qkv.dtype.type(0)
