@@ -57,7 +57,8 @@ def _lanes_run():
 
 
 @settings(max_examples=60)
-@given(dtype=DTYPES, n=st.integers(0, 100), offset=st.integers(0, 3), strided=st.booleans(), seed=st.integers(0, 2**16))
+@given(dtype=DTYPES, n=st.integers(0, 100), offset=st.integers(0, 3), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_lanes_dot_and_axpy(dtype, n, offset, strided, seed):
     # lanes.dot (vector IR) gives the bits of its plain-loop statement, dot_reference, from
     # C-contiguous arrays and (a plain path) strided ones; axpy is y + w * x value by value;

@@ -155,7 +155,8 @@ def test_flash_v2_source_does_not_grow_with_the_tile(monkeypatch):
 
     fwd = [lines(gattn, "_tiles", t, gattn.make_flash_forward_v2, 64, True, True, 4)
            for t in [(16, 8), (32, 16), (64, 32)]]
-    bwd = [lines(gfb, "_v2_tiles", t, gfb.make_flash_backward_v2, True, 4) for t in [(8, 8), (16, 16), (32, 32)]]
+    bwd = [lines(gfb, "_v2_tiles", t, gfb.make_flash_backward_v2, True, 4)
+           for t in [(8, 8), (16, 16), (32, 32)]]
     assert len(set(fwd)) == 1, fwd
     assert len(set(bwd)) == 1, bwd
 

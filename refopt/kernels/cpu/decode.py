@@ -21,8 +21,8 @@ over every prompt position whose logits were discarded (now skipped, :func:`refo
 
 Now the step is one call: every stage of every layer is cut into chunks that the threads of ONE
 parallel region claim (:mod:`.sync`; 5 stages a layer -- the q/k/v products together with the
-cache writes, attention one chunk per (row, group of heads), the output product, fc1, fc2 -- then the head's
-two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
+cache writes, attention one chunk per (row, group of heads), the output product, fc1, fc2 -- then
+the head's two), each thread computing the small per-stage work it needs itself (the LayerNorm of ``x``, the
 quantised activations) rather than waiting for one thread to do it.
 
 Each thread streams a contiguous segment of every stage (:mod:`.sync`): when the chunks went to
@@ -368,7 +368,8 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
         c = claim(sync, s, n, tid, parts)
         while c >= 0:
             g = c % G
-            _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, c // G, g * H // G, (g + 1) * H // G)
+            _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, c // G, g * H // G,
+                          (g + 1) * H // G)
             k += 1
             c = claim(sync, s, n, tid, parts)
         done(sync, s, parts, k)

@@ -35,6 +35,24 @@ def _pointer(context, builder, arrty, arr, index, indty):
     return cgutils.get_item_pointer(context, builder, arrty, a, idx)
 
 
+def _operands(context, builder, signature, args, first, L):
+    # pointers to x[i] and y[j] (the arguments x, i, y, j, n from position ``first``), the count n
+    # and where its whole blocks of L lanes end
+    tys = signature.args
+    intp = context.get_value_type(types.intp)
+    px = _pointer(context, builder, tys[first], args[first], args[first + 1], tys[first + 1])
+    py = _pointer(context, builder, tys[first + 2], args[first + 2], args[first + 3], tys[first + 3])
+    count = context.cast(builder, args[first + 4], tys[first + 4], types.intp)
+    whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
+    return px, py, count, whole
+
+
+def _steps(builder, start, stop, step):
+    # a loop over start, start + step, .. < stop (intp values; step an int)
+    intp = start.type
+    return cgutils.for_range_slice(builder, start, stop, ir.Constant(intp, step), intp)
+
+
 def _vector_arg(x, i):
     return (isinstance(x, types.Array) and x.layout == "C" and x.dtype in LANES
             and isinstance(i, types.BaseTuple) and len(i) == x.ndim
@@ -51,15 +69,10 @@ def _dot_vector(typingctx, x, i, y, j, n):
     L = LANES[dt]
 
     def codegen(context, builder, signature, args):
-        intp = context.get_value_type(types.intp)
-        ft = context.get_value_type(dt)
-        vt = ir.VectorType(ft, L)
-        px = _pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        py = _pointer(context, builder, signature.args[2], args[2], args[3], signature.args[3])
-        count = context.cast(builder, args[4], signature.args[4], types.intp)
-        whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
+        vt = ir.VectorType(context.get_value_type(dt), L)
+        px, py, count, whole = _operands(context, builder, signature, args, 0, L)
         acc = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), whole, ir.Constant(intp, L), intp) as (k, _):
+        with _steps(builder, ir.Constant(whole.type, 0), whole, L) as (k, _):
             xv = builder.load(builder.bitcast(builder.gep(px, [k]), vt.as_pointer()), align=1)
             yv = builder.load(builder.bitcast(builder.gep(py, [k]), vt.as_pointer()), align=1)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(xv, yv)), acc)
@@ -71,7 +84,7 @@ def _dot_vector(typingctx, x, i, y, j, n):
                                                           [(t + w) % L for t in range(L)]))
             v = builder.fadd(v, hi)
         total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
-        with cgutils.for_range_slice(builder, whole, count, ir.Constant(intp, 1), intp) as (k, _):
+        with _steps(builder, whole, count, 1) as (k, _):
             xs = builder.load(builder.gep(px, [k]))
             ys = builder.load(builder.gep(py, [k]))
             builder.store(builder.fadd(builder.load(total), builder.fmul(xs, ys)), total)
@@ -127,22 +140,19 @@ def _axpy_vector(typingctx, w, x, i, y, j, n):
     L = LANES[dt]
 
     def codegen(context, builder, signature, args):
-        intp = context.get_value_type(types.intp)
+        i32 = ir.IntType(32)
         vt = ir.VectorType(context.get_value_type(dt), L)
-        px = _pointer(context, builder, signature.args[1], args[1], args[2], signature.args[2])
-        py = _pointer(context, builder, signature.args[3], args[3], args[4], signature.args[4])
-        count = context.cast(builder, args[5], signature.args[5], types.intp)
-        whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
-        wv = builder.insert_element(ir.Constant(vt, None), args[0], ir.Constant(ir.IntType(32), 0))
-        wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L))
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), whole, ir.Constant(intp, L), intp) as (k, _):
-            xp = builder.bitcast(builder.gep(px, [k]), vt.as_pointer())
+        px, py, count, whole = _operands(context, builder, signature, args, 1, L)
+        wv = builder.insert_element(ir.Constant(vt, None), args[0], ir.Constant(i32, 0))
+        wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(i32, L), [0] * L))   # w in every lane
+        with _steps(builder, ir.Constant(whole.type, 0), whole, L) as (k, _):
+            xv = builder.load(builder.bitcast(builder.gep(px, [k]), vt.as_pointer()), align=1)
             yp = builder.bitcast(builder.gep(py, [k]), vt.as_pointer())
-            builder.store(builder.fadd(builder.load(yp, align=1), builder.fmul(wv, builder.load(xp, align=1))),
-                          yp, align=1)
-        with cgutils.for_range_slice(builder, whole, count, ir.Constant(intp, 1), intp) as (k, _):
+            builder.store(builder.fadd(builder.load(yp, align=1), builder.fmul(wv, xv)), yp, align=1)
+        with _steps(builder, whole, count, 1) as (k, _):
             yp = builder.gep(py, [k])
-            builder.store(builder.fadd(builder.load(yp), builder.fmul(args[0], builder.load(builder.gep(px, [k])))), yp)
+            xs = builder.load(builder.gep(px, [k]))
+            builder.store(builder.fadd(builder.load(yp), builder.fmul(args[0], xs)), yp)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -178,15 +188,17 @@ def prefetch(typingctx, x, i, n):
     def codegen(context, builder, signature, args):
         if signature.args[0].layout != "C":
             return context.get_dummy_value()
+        xt, it, nt = signature.args
         intp = context.get_value_type(types.intp)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        p = builder.bitcast(_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1]), i8p)
-        nbytes = builder.mul(context.cast(builder, args[2], signature.args[2], types.intp),
-                             ir.Constant(intp, signature.args[0].dtype.bitwidth // 8))
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), nbytes, ir.Constant(intp, 64), intp) as (k, _):
-            builder.call(fn, [builder.gep(p, [k]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        p = builder.bitcast(_pointer(context, builder, xt, args[0], args[1], it), i8p)
+        nbytes = builder.mul(context.cast(builder, args[2], nt, types.intp),
+                             ir.Constant(intp, xt.dtype.bitwidth // 8))
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        read, keep, data = (ir.Constant(i32, v) for v in (0, 3, 1))   # a read, kept close, data
+        with _steps(builder, ir.Constant(intp, 0), nbytes, 64) as (k, _):
+            builder.call(fn, [builder.gep(p, [k]), read, keep, data])
         return context.get_dummy_value()
 
     return sig, codegen
