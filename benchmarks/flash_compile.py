@@ -7,7 +7,8 @@ runs the same PTX-to-SASS step when a process first launches the kernel).
     python3 benchmarks/flash_compile.py --kernels fwd2 bwd2    # the second forward / backward only
 
 Kernels: ``fwd1`` / ``fwd2`` the first / second flash forward (float32, head width 64, causal),
-``bwd1`` / ``bwd2`` the first / second backward (``dkdv`` and ``dq``), ``gemm2`` GEMM v2 ``nt``
+``bwd1`` / ``bwd2`` / ``bwd3`` the first / second / third backward (``dkdv`` and ``dq``; the
+third's ``dq`` the product from the ``dS`` scratch), ``gemm2`` GEMM v2 ``nt``
 (config ``large``).  Environment for a machine without a GPU: ``NUMBA_FORCE_CUDA_CC=9.0``,
 ``CUDA_HOME`` at a CUDA 13 toolkit (NVVM, ``ptxas``) and ``LD_LIBRARY_PATH`` reaching NVRTC (the
 ``nvidia-cuda-nvrtc`` wheel's ``lib``).  Figures: ``benchmarks/GPU.md``.
@@ -61,6 +62,12 @@ def kernels(name, unroll=None):
         u = f"u{unroll or 'default'}"
         return [(f"bwd2 dkdv {u}", dkdv, (A1,) * 7 + (U8_2, A1, A1) + (types.int64,) * 18 + TAIL),
                 (f"bwd2 dq {u}", dq, (A1,) * 7 + (U8_2, A1) + (types.int64,) * 15 + TAIL)]
+    if name == "bwd3":
+        dkdv, dq = fb.make_flash_backward_v3(True, *([unroll] if unroll else []))
+        u = f"u{unroll or 'default'}"
+        i32, i64 = types.int32, types.int64
+        return [(f"bwd3 dkdv {u}", dkdv, (A1,) * 7 + (U8_2, A1, A1) + (i64,) * 18 + TAIL + (A1, i32, i32, i64)),
+                (f"bwd3 dq {u}", dq, (A1,) * 3 + (i64,) * 6 + (i32,) * 6 + (i64, F32))]
     if name == "gemm2":
         k = g.make_gemm_v2(np.dtype(np.float32), "nt", "large")
         a3 = types.Array(F32, 3, "C")

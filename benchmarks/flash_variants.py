@@ -1,11 +1,12 @@
 """The flash attention kernels' variants side by side on one GPU (issue 21): the forward
 (``REFOPT_FLASH`` ``v1`` / ``v2``, ``v2`` with and without the next key tile prefetched; ``v2-u8``:
 8 head / key steps a pass of its loops, :data:`~refopt.kernels.cuda.attention.UNROLL`) and the
-forward + backward (``v1`` / ``v2`` backward, ``v2-u8`` likewise), against
+forward + backward (``v1`` / ``v2`` / ``v3`` backward, ``v2-u8`` likewise, ``v3-m512``: the third
+with 512 MiB of ``dS`` scratch, :data:`~refopt.kernels.cuda.flash_backward.SCRATCH_BYTES`), against
 ``torch.nn.functional.scaled_dot_product_attention`` (float32, TF32 off), causal, batch 8 x 12
 heads x 2048 x 64 by default.
 
-    python3 benchmarks/flash_variants.py [--seq 2048] [--repeats 20] [--resources]
+    python3 benchmarks/flash_variants.py [--seq 2048] [--repeats 20] [--resources] [--split]
 
 Each figure: the median (min-max) of ``--repeats`` event-timed calls after a warm-up, in TFLOP/s
 (the forward's causal half of ``4 B H T^2 K``; the backward 2.5 times that); the error is the largest
@@ -42,6 +43,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--resources", action="store_true")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the third backward's dkdv launches and dq launches alone")
     ap.add_argument("--forward", nargs="*", default=["v1", "v2", "v2-noprefetch"])
     ap.add_argument("--backward", nargs="*", default=["v1", "v2"])
     args = ap.parse_args()
@@ -100,7 +103,11 @@ def main():
         cuda.synchronize()
         return time.perf_counter() - t
 
-    fwd_unroll, bwd_unroll = A.UNROLL, FB.UNROLL
+    def cap(name, default):
+        # "v3-m512": the third backward with 512 MiB of dS scratch (its chunks of slices)
+        return next((int(p[1:]) << 20 for p in name.split("-")[1:] if p[:1] == "m"), default)
+
+    fwd_unroll, bwd_unroll, bwd_cap = A.UNROLL, FB.UNROLL, FB.SCRATCH_BYTES
     for name in args.forward:
         A.VARIANT = name.split("-")[0]
         A.PREFETCH = "noprefetch" not in name
@@ -115,6 +122,7 @@ def main():
     for name in args.backward:
         FB.VARIANT = name.split("-")[0]
         FB.UNROLL = unroll(name, bwd_unroll)
+        FB.SCRATCH_BYTES = cap(name, bwd_cap)
         fwd()
         print(f"backward {name:13s} first call {first(bwd):.1f} s", flush=True)
         ms_b = cuda_event_times(bwd, R)
@@ -122,12 +130,28 @@ def main():
         err = max(rel_err(gr.copy_to_host().reshape(B, H, T, K), w) for gr, w in zip(grads, want_g))
         print(f"backward {name:13s} alone {fmt(2.5 * flops, ms_b)}  fwd+bwd {fmt(3.5 * flops, ms_fb)}  "
               f"{statistics.median(t_fb) / statistics.median(ms_fb):.2f}x  err {err:.1e}", flush=True)
+        if args.split and FB.VARIANT == "v3":
+            # each of the two kernels' launches alone (the other's skipped: the gradients are not
+            # checked here), their chunks as in the whole backward
+            dkdv3, dq3 = FB.make_flash_backward_v3(True, FB.UNROLL)
+            real = FB.launcher
+            for keep, label in ((dkdv3, "dkdv"), (dq3, "dq")):
+                FB.launcher = lambda k, keep=keep: real(k) if k is keep else (lambda *a: None)
+                try:
+                    ms_k = cuda_event_times(bwd, R)
+                finally:
+                    FB.launcher = real
+                print(f"backward {name:13s} {label} launches alone {statistics.median(ms_k):.3f} ms "
+                      f"({min(ms_k):.3f}-{max(ms_k):.3f})", flush=True)
+    FB.SCRATCH_BYTES = bwd_cap
 
     # what the compiled kernels use (registers, local memory: spills)
     FB.UNROLL = bwd_unroll
     kernels = [("forward v2", A.make_flash_forward_v2(64, True, A.PREFETCH, A.UNROLL))]
     if "v2" in args.backward:
         kernels += list(zip(("dkdv v2", "dq v2"), FB.make_flash_backward_v2(True, FB.UNROLL)))
+    if any(n.split("-")[0] == "v3" for n in args.backward):
+        kernels += list(zip(("dkdv v3", "dq v3"), FB.make_flash_backward_v3(True, FB.UNROLL)))
     for name, kern in kernels:
         try:
             print(f"{name}: registers {kern.get_regs_per_thread()}, local bytes "

@@ -67,7 +67,7 @@ def test_flash_backward(dtype, B, H, S, K, left, seed):
         close(g.copy_to_host().reshape(w.shape), w, dtype, name, scale)
 
 
-@pytest.mark.parametrize("backward", ["v1", "v2"])
+@pytest.mark.parametrize("backward", ["v1", "v2", "v3"])
 @settings(max_examples=EX, deadline=None)
 @given(B=st.integers(1, 2 if FULL else 1), H=st.integers(1, 2), S=st.integers(17, big(20)),
        K=st.sampled_from([4, 8, 64]), left=st.sampled_from([0, 0, 3]), seed=st.integers(0, 2**16))
@@ -159,6 +159,97 @@ def test_flash_v2_source_does_not_grow_with_the_tile(monkeypatch):
            for t in [(8, 8), (16, 16), (32, 32)]]
     assert len(set(fwd)) == 1, fwd
     assert len(set(bwd)) == 1, bwd
+
+
+def _flash_v3_run(variant, B, H, S, T, K, lengths, left, causal, seed, cap=None):
+    # forward (second kernels) then the backward `variant` (cap: its dS scratch bytes); the
+    # gradients and the reference's, d_q of the unscaled q
+    dtype = np.float32
+    rng = np.random.default_rng(seed)
+    q, d_out = (rng.standard_normal((B, H, S, K)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((B, H, T, K)).astype(dtype) for _ in range(2))
+    cols = np.arange(T)
+    key = np.stack([(cols >= T - n) if left else (cols < n) for n in lengths])
+    mask = ref.attention_mask(key, np.arange(T - S, T)) if causal else np.broadcast_to(
+        key[:, None, None, :], (B, 1, S, T))
+    scale = np.float32(K ** -0.5)
+    out, probs = ref.attention_forward(q * scale, k, v, mask)
+    want = ref.attention_backward(d_out, q * scale, k, v, probs, mask)
+    want = [want[0] * scale, want[1], want[2]]
+    sq, skv = (H * S * K, S * K, K), (H * T * K, T * K, K)
+    dev = [cuda.to_device(a.reshape(-1)) for a in (q, k, v, d_out)]
+    assert gfb.v2_fits(dtype, K, dev, (sq, skv, skv, sq))
+    km = cuda.to_device(key.astype(np.uint8))
+    o, m, l = empty(q.size, dtype), empty(B * H * S, dtype), empty(B * H * S, dtype)
+    gattn.flash_attention(dev[0], dev[1], dev[2], o, sq, skv, skv, sq, B, H, S, T, K, key_mask=km,
+                          causal=causal, q_offset=T - S, stats=(m, l), scale=float(scale))
+    grads = [empty(q.size, dtype), empty(k.size, dtype), empty(v.size, dtype)]
+    strides = {"q": sq, "k": skv, "v": skv, "o": sq, "d_o": sq, "d_q": sq, "d_k": skv, "d_v": skv}
+    saved = gfb.VARIANT, gfb.SCRATCH_BYTES
+    gfb.VARIANT, gfb.SCRATCH_BYTES = variant, cap or gfb.SCRATCH_BYTES
+    try:
+        gfb.flash_backward(dev[0], dev[1], dev[2], o, dev[3], m, l, km, *grads, empty(B * H * S, dtype),
+                           strides, B, H, S, T, K, causal=causal, q_offset=T - S, scale=float(scale))
+    finally:
+        gfb.VARIANT, gfb.SCRATCH_BYTES = saved
+    bound = np.abs(d_out).max() * (np.abs(q).max() + np.abs(k).max() + np.abs(v).max()) * T
+    return [g.copy_to_host().reshape(w.shape) for g, w in zip(grads, want)], want, bound
+
+
+def _slice_bytes(S, T, causal):
+    BQ, BT = gfb._v2_tiles()
+    return gfb.scratch_layout(S, T, T - S, causal)[1] * BQ * BT * 4
+
+
+# (B, H, S, T, K, key lengths, left padding, causal, slices a chunk of the dS scratch: None the
+# default cap); tiles of 8 rows under the simulator, 32 on a GPU
+F = 4 if FULL else 1
+V3_CASES = [
+    (2, 2, 19 * F, 19 * F, 8, [19 * F - 3, 19 * F], True, True, 1),     # padded rows, chunks of one slice
+    (1, 3, 9 * F, 26 * F, 12, [20 * F], False, True, 2),                # q_offset 17 (S != T), right padding
+    (2, 1, 17 * F, 17 * F, 4, [17 * F, 17 * F], False, True, None),     # the whole batch in one chunk
+    (1, 2, 12 * F, 21 * F, 64, [21 * F], False, False, 1),              # no causal mask
+    (3, 1, 1, 5, 8, [5, 2, 0], True, True, 2),                          # one query row, all keys padded
+]
+
+
+@pytest.mark.parametrize("case", V3_CASES)
+def test_flash_v3_matches_v2(case, monkeypatch):
+    # the third backward (dS written by dkdv to a scratch, dQ = dS k read back in chunks of slices)
+    # gives the second's bits -- the same dS, summed in the same order -- and the reference's
+    # gradients; the chunks' slices and the scratch's tile pairs (q_offset, S != T, padding, head
+    # widths below 64, no causal mask) are all exercised
+    B, H, S, T, K, lengths, left, causal, per_chunk = case
+    cap = per_chunk and per_chunk * _slice_bytes(S, T, causal)
+    v2, want, bound = _flash_v3_run("v2", B, H, S, T, K, lengths, left, causal, 11)
+    built = gfb.make_flash_backward_v2
+
+    def scratch_only(causal, unroll=4, scratch=False):
+        assert scratch, "the third backward fell back to the second"
+        return built(causal, unroll, scratch)
+
+    monkeypatch.setattr(gfb, "make_flash_backward_v2", scratch_only)
+    v3, _, _ = _flash_v3_run("v3", B, H, S, T, K, lengths, left, causal, 11, cap)
+    for name, a, b, w in zip(("d_q", "d_k", "d_v"), v3, v2, want):
+        close(a, w, np.float32, f"v3 {name}", bound)
+        assert np.array_equal(a, b), f"v3 {name} differs from v2's by {np.abs(a - b).max():.3g}"
+
+
+def test_flash_v3_scratch_layout_and_chunks():
+    # the scratch's pair offsets (the kernels' closed form) against a plain sum, and the chunks'
+    # bound: never more than SCRATCH_BYTES, or no chunk (the second backward) when a slice is larger
+    for nK in range(0, 7):
+        for crow in range(-9, 9):
+            for x in range(0, 12):
+                want = sum(min(nK, max(0, r + crow)) for r in range(x))
+                assert gfb.pairs_before(x, nK, crow) == want, (x, nK, crow)
+    for Z in (1, 5, 96, 1000):
+        for per in (1, 3 << 20, 8_519_680, gfb.SCRATCH_BYTES, gfb.SCRATCH_BYTES + 1):
+            n = gfb._chunks(Z, per)
+            if per > gfb.SCRATCH_BYTES:
+                assert n == 0
+            else:
+                assert 1 <= n <= Z and n * per <= gfb.SCRATCH_BYTES
 
 
 def test_dropout_keep_is_the_philox_stream():

@@ -304,6 +304,10 @@ def _row_dots(dtype):
 #: against the reference on the GPU and under the simulator -- benchmarks/GPU.md, session 11) or
 #: ``"v1"`` (:func:`make_flash_backward`, every other case); ``REFOPT_FLASH_BWD``
 VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v2")
+#: the most bytes of ``dS`` scratch the third backward (``"v3"``, :func:`make_flash_backward_v3`)
+#: holds at once: it runs the (batch x head) slices in chunks whose tile pairs fit, and a call whose
+#: one slice does not fit takes ``"v2"``
+SCRATCH_BYTES = 256 << 20
 #: ``v2``'s head, query and key steps a pass of their loops (4: 9-12 s of ``compile_ptx`` for both
 #: kernels, 219 s with every step written out; 8 and 2 measured 3-5% slower); ``REFOPT_FLASH_BWD_UNROLL``
 UNROLL = int(os.environ.get("REFOPT_FLASH_BWD_UNROLL", "4"))
@@ -315,6 +319,34 @@ def v2_fits(dtype, K: int, arrays, strides) -> bool:
     from refopt.kernels.cuda.attention import v2_fits as forward_fits
 
     return K <= 64 and forward_fits(dtype, K, arrays, strides)
+
+
+def pairs_before(x: int, nK: int, crow: int) -> int:
+    """Tile pairs of the ``dS`` scratch before query tile row ``x``: the sum over ``r < x`` of
+    ``min(nK, max(0, r + crow))``, the key tiles query tile ``r`` sees (the kernels' closed form)."""
+    lo = min(max(-crow, 0), x)
+    hi = min(max(nK - crow, lo), x)
+    return (hi - lo) * crow + (hi * (hi - 1) - lo * (lo - 1)) // 2 + (x - hi) * nK
+
+
+def scratch_layout(S: int, T: int, q_offset: int, causal: bool):
+    """``(crow, npairs)`` of the third backward's ``dS`` scratch for one (batch x head) slice: query
+    tile ``qt`` sees key tiles ``kt < min(nK, qt + crow)`` (all ``nK`` without the causal mask), and
+    the slice's ``npairs`` tiles of ``BQ x BT`` follow in that order (query tile rows, then key
+    tiles), each stored ``[key, query]``."""
+    BQ, BT = _v2_tiles()
+    nQ, nK = cdiv(S, BQ), cdiv(T, BT)
+    crow = -((-(BQ + q_offset)) // BT) if causal else nK       # ceil((BQ + q_offset) / BT)
+    return crow, pairs_before(nQ, nK, crow)
+
+
+def _chunks(Z: int, per_slice: int):
+    """Slices a chunk of the third backward: as many as :data:`SCRATCH_BYTES` holds, spread evenly
+    over the fewest chunks; 0 when one slice does not fit."""
+    if per_slice > SCRATCH_BYTES:
+        return 0
+    most = SCRATCH_BYTES // per_slice if per_slice else Z
+    return cdiv(Z, cdiv(Z, max(1, most)))
 
 
 def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides, B, H, S, T, K, *,
@@ -331,7 +363,31 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
     if rows:
         _row_dots(dtype)[cdiv(rows, 128), 128, stream](d_o, o, dlt, st["d_o"], st["o"], int32(H),
                                                        int32(S), int32(K))
-    if VARIANT == "v2" and v2_fits(dtype, K, (q, k, v, d_o), [strides[n] for n in ("q", "k", "v", "d_o")]):
+    fits = v2_fits(dtype, K, (q, k, v, d_o), [strides[n] for n in ("q", "k", "v", "d_o")])
+    if VARIANT == "v3" and fits and T and S and B * H:
+        BQ, BT = _v2_tiles()
+        crow, npairs = scratch_layout(S, T, q_offset, causal)
+        Zc = _chunks(B * H, npairs * BQ * BT * 4)
+        if Zc and max(cdiv(S, BQ), cdiv(T, BT)) <= 65535:
+            dkdv, dq = make_flash_backward_v3(bool(causal), UNROLL)
+            NTV = dkdv.tiles[2]
+            flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, d_o, m, l, dlt)]
+            km = as_shape(key_mask, key_mask.shape)
+            dsw = as_shape(_gemm._workspace(max(4, Zc * npairs * BQ * BT), np.float32),
+                           (max(4, Zc * npairs * BQ * BT),))
+            dkf, dvf, dqf = (as_shape(a, (a.shape[0],)) for a in (d_k, d_v, d_q))
+            common = (*st["q"], *st["k"], *st["v"], *st["d_o"])
+            tail = (int32(H), int32(S), int32(T), int32(K), int32(q_offset), np.float32(scale))
+            for z0 in range(0, B * H, Zc):
+                n = min(Zc, B * H - z0)
+                launcher(dkdv)((n, cdiv(T, BT), 1), (NTV, 1, 1), stream, *flat, km, dkf, dvf, *common,
+                               *st["d_k"], *st["d_v"], *tail, dsw, int32(z0), int32(crow),
+                               int64(npairs))
+                launcher(dq)((n, cdiv(S, BQ), 1), (NTV, 1, 1), stream, flat[1], dsw, dqf, *st["k"],
+                             *st["d_q"], int32(H), int32(S), int32(T), int32(K), int32(z0),
+                             int32(crow), int64(npairs), np.float32(scale))
+            return
+    if VARIANT in ("v2", "v3") and fits:
         dkdv, dq = make_flash_backward_v2(bool(causal), UNROLL)
         BQ, BT, NTV = dkdv.tiles
         flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, d_o, m, l, dlt)]
@@ -362,6 +418,48 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
 # ----------------------------------------------------------------------------- the second backward
 # (float32, head width <= 64 in 16-byte groups: vector loads, 4 x 4 pair tiles, products written out)
 
+if SIMULATOR:
+    def stg4(arr, off, x0, x1, x2, x3):
+        """Store four values at ``arr``'s flat elements ``off`` .. ``off + 3`` (the simulator's
+        stand-in for one 16-byte store)."""
+        flat = arr.reshape(arr.size)
+        flat[off], flat[off + 1], flat[off + 2], flat[off + 3] = x0, x1, x2, x3
+else:
+    from llvmlite import ir as _ir
+    from numba.cuda import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+    from numba.cuda.typing import signature as _signature
+
+    @_intrinsic
+    def stg4(typingctx, arr, off, x0, x1, x2, x3):
+        """Store four values at ``arr``'s flat elements ``off`` .. ``off + 3`` as one 16-byte store
+        (``st.v4.f32``; ``off`` a multiple of 4 and the data 16-byte aligned: the caller checks)."""
+        dt = arr.dtype
+        sig = _signature(_types.void, arr, _types.int64, dt, dt, dt, dt)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            off64 = context.cast(builder, args[1], sig.args[1], _types.int64)
+            ptr = builder.gep(ary.data, [off64])
+            vty = _ir.VectorType(context.get_data_type(dt), 4)
+            vec = _ir.Constant(vty, _ir.Undefined)
+            for i in range(4):
+                vec = builder.insert_element(vec, args[2 + i], _ir.Constant(_ir.IntType(32), i))
+            builder.store(vec, builder.bitcast(ptr, vty.as_pointer()), align=16)
+            return context.get_dummy_value()
+        return sig, codegen
+
+
+def make_flash_backward_v3(causal: bool, unroll: int = 4):
+    """The third backward's ``(dkdv, dq)``: :func:`make_flash_backward_v2`'s with ``scratch``.
+    ``dkdv`` (grid: slices of the chunk x key tiles) computes a tile pair's scores, ``dO . v``, ``dV``
+    and ``dK`` as the second does and writes the pair's ``dS`` to the scratch
+    (:func:`scratch_layout`); ``dq`` (grid: slices x query tiles) sums ``dQ = scale * dS k`` over the
+    key tiles its queries see, in order -- one product of a pair's size instead of three, the
+    arithmetic and its order the second's (the same bits)."""
+    return make_flash_backward_v2(causal, unroll, True)
+
+
 def _v2_tiles():
     # (BQ, BT) query / key rows of a tile pair: 32 x 32 with 64 threads (8 x 8, each 4 x 4 pairs);
     # the simulator 8 x 8 with 16 threads
@@ -369,7 +467,7 @@ def _v2_tiles():
 
 
 @functools.lru_cache(maxsize=None)
-def make_flash_backward_v2(causal: bool, unroll: int = 4):
+def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False):
     """``(dkdv, dq)`` as :func:`make_flash_backward`'s (same arguments, same results, same
     arithmetic per pair: ``P = exp(score - m) / l``, ``dS = P (dP - Dlt)``) for float32 head widths
     ``K <= 64`` that :func:`v2_fits` accepts.  Both kernels compute a tile pair's scores and
@@ -381,7 +479,12 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
     pairs that need them.  ``dkdv`` then accumulates ``dV`` and ``dK`` for 4 keys x 8 head columns a
     thread (``P`` and ``dS`` staged ``[query, key]``: one 16-byte load of four keys and two of
     eight columns feed 32 multiply-adds), ``dq`` accumulates ``dQ`` for 4 query rows x 8 columns
-    (``dS`` staged ``[key, query]``)."""
+    (``dS`` staged ``[key, query]``).
+
+    ``scratch`` (the third backward, :func:`make_flash_backward_v3`): ``dkdv`` also writes each
+    tile pair's ``dS`` that ``dq`` would read to a scratch buffer (:func:`scratch_layout`), and
+    ``dq`` reads it there instead of recomputing the scores and ``dO . v`` -- the same values
+    summed in the same order, so the same bits as without ``scratch``."""
     KP = 64
     BQ, BT = _v2_tiles()
     NTX = 8
@@ -401,6 +504,7 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
     assert NT % G4 == 0 and BQ % RP == 0 and BT % RP == 0 and CDK % 4 == 0 and CDQ % 4 == 0
     LOWEST = float(np.finfo(np.float32).min)
     UD, UQ, UT = min(unroll, KP // 4), min(unroll, BQ), min(unroll, BT)   # steps a pass of the loops
+    PS = BQ * BT // (4 * NT)        # passes of the block's 16-byte loads of a dS tile (scratch)
     assert (KP // 4) % UD == 0 and BQ % UQ == 0 and BT % UT == 0
 
     def loads(arr, name, off, stride, first, limit, P, mul=""):
@@ -410,7 +514,19 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
                 "    for e in range(4):",
                 f"        {arr}[lr + p * RP, lc + e] = (w[e]{mul}) if ok else DT(0)"]
 
+    def row_offset(x, out):
+        # the scratch's pairs before query tile row x: the sum over r < x of min(nK, max(0, r + crow))
+        # (the key tiles query tile r sees; crow = nK without the causal mask)
+        return ["nk_ = (T + BT - 1) // BT",
+                f"lo = min(max(-crow, 0), {x})",
+                f"hi = min(max(nk_ - crow, lo), {x})",
+                f"{out} = (int64(hi - lo) * crow + (int64(hi) * (hi - 1) - int64(lo) * (lo - 1)) // 2"
+                f" + int64({x} - hi) * nk_)"]
+
     def head(name, args):
+        # scratch: blockIdx.x the slice of the chunk (from z0), blockIdx.y the tile -- the grid's
+        # first blocks are the longest of every slice
+        bh = "z0 + (cuda.blockIdx.x & 0x7FFFFFFF)" if scratch else "cuda.blockIdx.y & 0x7FFFFFFF"
         return [f"def {name}({args}):",
                 "    Qs = cuda.shared.array((BQ, SQ), DT, alignment=ALIGN)",
                 "    dOs = cuda.shared.array((BQ, SQ), DT, alignment=ALIGN)",
@@ -434,7 +550,7 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
                 "    lr = tid // G4",
                 "    lc = (tid % G4) * 4",
                 "    cok = lc < K",
-                "    bh = cuda.blockIdx.y & 0x7FFFFFFF",
+                f"    bh = {bh}",
                 "    b = bh // H",
                 "    h = bh % H",
                 "    lowest = DT(LOWEST)",
@@ -520,11 +636,107 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
                   "        dSs[ty4 + i, jj * NTX + tx] = dp[i, jj]"]
         return [indent + x for x in L]
 
+    def dq_accumulate():
+        # dQ[s] += dS[s, t] k[t] over the key tile staged in Ks, dS staged [key, query] in dSs
+        L = ["        j = 0",
+             "        while j < BT:"]
+        for u in range(UT):      # UT keys a pass
+            L += ["            for r in range(4):",
+                  f"                sv[r] = dSs[j + {u}, tr4 + r]",
+                  "            for g in range(CDQ // 4):",
+                  "                for e in range(4):",
+                  f"                    kw[g * 4 + e] = Ks[j + {u}, g * 4 * TDQ + td4 + e]",
+                  "            for r in range(4):",
+                  "                for c in range(CDQ):",
+                  "                    aq[r, c] += sv[r] * kw[c]"]
+        L += [f"            j += {UT}"]
+        return L
+
+    dq_store = ["    for r in range(4):",
+                "        s = q0 + tr4 + r",
+                "        if s < S:",
+                "            for c in range(CDQ):",
+                "                d = (c // 4) * 4 * TDQ + td4 + (c % 4)",
+                "                if d < K:",
+                "                    d_q[b * dqsb + h * dqsh + s * dqss + d] = aq[r, c] * scale"]
+
+    def dq_from_scratch():
+        # ---- dq: one block per (batch x head of the chunk, query tile); dQ = dS k from the scratch
+        L = ["def dq(k, dsw, d_q, ksb, ksh, kss, dqsb, dqsh, dqss, H, S, T, K, z0, crow, npairs, scale):",
+             "    Ks = cuda.shared.array((BT, SQ), DT, alignment=ALIGN)",
+             f"    dSs = cuda.shared.array(({BT}, {BQ + 4}), DT, alignment=ALIGN)",
+             "    aq = cuda.local.array((4, CDQ), DT)",
+             "    sv = cuda.local.array(4, DT)",
+             "    kw = cuda.local.array(CDQ, DT)",
+             "    tid = cuda.threadIdx.x & 1023",
+             "    lr = tid // G4",
+             "    lc = (tid % G4) * 4",
+             "    cok = lc < K",
+             "    zl = cuda.blockIdx.x & 0x7FFFFFFF",
+             "    bh = z0 + zl",
+             "    b = bh // H",
+             "    h = bh % H",
+             "    tr4 = (tid // TDQ) * 4",
+             "    td4 = (tid % TDQ) * 4",
+             "    qt = (S + BQ - 1) // BQ - 1 - (cuda.blockIdx.y & 0x7FFFFFFF)   # the longest rows first",
+             "    q0 = qt * BQ",
+             "    for r in range(4):",
+             "        for c in range(CDQ):",
+             "            aq[r, c] = DT(0)"]
+        L += ["    " + x for x in row_offset("qt", "ro")]
+        L += ["    ro = (int64(zl) * npairs + ro) * (BQ * BT)",
+              "    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
+              "    for kt in range(min(nk_, max(0, qt + crow))):",
+              "        t0 = kt * BT",
+              "        cuda.syncthreads()"]
+        L += ["        " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
+        L += ["        for p in range(PS):",
+              "            e4 = (p * NT + tid) * 4",
+              "            w = ldg4(dsw, ro + e4)",
+              "            for e in range(4):",
+              "                dSs[e4 // BQ, e4 % BQ + e] = w[e]",
+              "        ko += int64(BT) * kss",
+              "        ro += BQ * BT",
+              "        cuda.syncthreads()"]
+        return L + dq_accumulate() + dq_store
+
+    def dq_recompute():
+        # ---- dq: one block per (query tile, batch x head)
+        L = head("dq", args.replace("OUT", "d_q").replace("xsb, xsh, xss", "dqsb, dqsh, dqss"))
+        L += ["    aq = cuda.local.array((4, CDQ), DT)",
+              "    sv = cuda.local.array(4, DT)",
+              "    kw = cuda.local.array(CDQ, DT)",
+              "    tr4 = (tid // TDQ) * 4",
+              "    td4 = (tid % TDQ) * 4",
+              "    q0 = ((S + BQ - 1) // BQ - 1 - (cuda.blockIdx.x & 0x7FFFFFFF)) * BQ   # the longest rows first",
+              "    qo = int64(b) * qsb + int64(h) * qsh + int64(q0 + lr) * qss + lc",
+              "    oo = int64(b) * osb + int64(h) * osh + int64(q0 + lr) * oss + lc"]
+        L += load_q("    ")
+        L += ["    for r in range(4):",
+              "        for c in range(CDQ):",
+              "            aq[r, c] = DT(0)",
+              "    t_end = T"]
+        if causal:
+            L += ["    t_end = min(T, q0 + BQ + q_offset)"]
+        L += ["    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
+              "    vo = int64(b) * vsb + int64(h) * vsh + int64(lr) * vss + lc",
+              "    for t0 in range(0, t_end, BT):",
+              "        cuda.syncthreads()"]
+        L += ["        " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
+        L += ["        " + x for x in loads("Vs", "v", "vo", "vss", "t0", "T", PT)]
+        L += ["        ko += int64(BT) * kss",
+              "        vo += int64(BT) * vss",
+              "        cuda.syncthreads()"]
+        L += pairs("        ", True)
+        L += ["        cuda.syncthreads()"]
+        return L + dq_accumulate() + dq_store
+
     args = ("q, k, v, d_o, m, l, dlt, key_mask, OUT, qsb, qsh, qss, ksb, ksh, kss, vsb, vsh, vss, "
             "osb, osh, oss, xsb, xsh, xss, H, S, T, K, q_offset, scale")
     # ---- dkdv: one block per (key tile, batch x head)
+    tail = ", dsw, z0, crow, npairs" if scratch else ""
     L = head("dkdv", args.replace("OUT", "d_k, d_v").replace("xsb, xsh, xss",
-                                                             "dksb, dksh, dkss, dvsb, dvsh, dvss"))
+                                                             "dksb, dksh, dkss, dvsb, dvsh, dvss") + tail)
     L += ["    ak = cuda.local.array((4, CDK), DT)",
           "    av = cuda.local.array((4, CDK), DT)",
           "    pv = cuda.local.array(4, DT)",
@@ -533,7 +745,8 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
           "    qw = cuda.local.array(CDK, DT)",
           "    tk4 = (tid // TDK) * 4",
           "    td4 = (tid % TDK) * 4",
-          "    t0 = (cuda.blockIdx.x & 0x7FFFFFFF) * BT",
+          f"    kt = cuda.blockIdx.{'y' if scratch else 'x'} & 0x7FFFFFFF",
+          "    t0 = kt * BT",
           "    ko = int64(b) * ksb + int64(h) * ksh + int64(t0 + lr) * kss + lc",
           "    vo = int64(b) * vsb + int64(h) * vsh + int64(t0 + lr) * vss + lc"]
     L += ["    " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
@@ -556,6 +769,14 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
           "        oo += int64(BQ) * oss",
           "        cuda.syncthreads()"]
     L += pairs("        ", False)
+    if scratch:
+        # dS of the pairs dq reads (key tiles kt < qt + crow), [key, query] in the pair's tile:
+        # a thread's four query rows are consecutive, one 16-byte store a key
+        L += ["        if kt < qt + crow:"]
+        L += ["            " + x for x in row_offset("qt", "ro")]
+        L += ["            wo = (int64(bh - z0) * npairs + ro + kt) * (BQ * BT) + ty4",
+              "            for jj in range(CT):",
+              "                stg4(dsw, wo + (jj * NTX + tx) * BQ, dp[0, jj], dp[1, jj], dp[2, jj], dp[3, jj])"]
     L += ["        cuda.syncthreads()"]
     L += ["        qi = 0",
           "        while qi < BQ:"]
@@ -580,59 +801,17 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4):
           "                if d < K:",
           "                    d_k[b * dksb + h * dksh + t * dkss + d] = ak[r, c]",
           "                    d_v[b * dvsb + h * dvsh + t * dvss + d] = av[r, c]"]
-    # ---- dq: one block per (query tile, batch x head)
-    L += head("dq", args.replace("OUT", "d_q").replace("xsb, xsh, xss", "dqsb, dqsh, dqss"))
-    L += ["    aq = cuda.local.array((4, CDQ), DT)",
-          "    sv = cuda.local.array(4, DT)",
-          "    kw = cuda.local.array(CDQ, DT)",
-          "    tr4 = (tid // TDQ) * 4",
-          "    td4 = (tid % TDQ) * 4",
-          "    q0 = ((S + BQ - 1) // BQ - 1 - (cuda.blockIdx.x & 0x7FFFFFFF)) * BQ   # the longest rows first",
-          "    qo = int64(b) * qsb + int64(h) * qsh + int64(q0 + lr) * qss + lc",
-          "    oo = int64(b) * osb + int64(h) * osh + int64(q0 + lr) * oss + lc"]
-    L += load_q("    ")
-    L += ["    for r in range(4):",
-          "        for c in range(CDQ):",
-          "            aq[r, c] = DT(0)",
-          "    t_end = T"]
-    if causal:
-        L += ["    t_end = min(T, q0 + BQ + q_offset)"]
-    L += ["    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
-          "    vo = int64(b) * vsb + int64(h) * vsh + int64(lr) * vss + lc",
-          "    for t0 in range(0, t_end, BT):",
-          "        cuda.syncthreads()"]
-    L += ["        " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
-    L += ["        " + x for x in loads("Vs", "v", "vo", "vss", "t0", "T", PT)]
-    L += ["        ko += int64(BT) * kss",
-          "        vo += int64(BT) * vss",
-          "        cuda.syncthreads()"]
-    L += pairs("        ", True)
-    L += ["        cuda.syncthreads()"]
-    L += ["        j = 0",
-          "        while j < BT:"]
-    for u in range(UT):      # dQ[s] += dS[s, t] k[t]; UT keys a pass
-        L += ["            for r in range(4):",
-              f"                sv[r] = dSs[j + {u}, tr4 + r]",
-              "            for g in range(CDQ // 4):",
-              "                for e in range(4):",
-              f"                    kw[g * 4 + e] = Ks[j + {u}, g * 4 * TDQ + td4 + e]",
-              "            for r in range(4):",
-              "                for c in range(CDQ):",
-              "                    aq[r, c] += sv[r] * kw[c]"]
-    L += [f"            j += {UT}"]
-    L += ["    for r in range(4):",
-          "        s = q0 + tr4 + r",
-          "        if s < S:",
-          "            for c in range(CDQ):",
-          "                d = (c // 4) * 4 * TDQ + td4 + (c % 4)",
-          "                if d < K:",
-          "                    d_q[b * dqsb + h * dqsh + s * dqss + d] = aq[r, c] * scale"]
+    if scratch:
+        L += dq_from_scratch()
+    else:
+        L += dq_recompute()
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
-              min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT, SQ=SQ, G4=G4,
-              CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, RP=RP, LOWEST=LOWEST)
-    ns, src = generated(L, f"flash backward v2 {causal} {unroll}", ns)
+              stg4=stg4, min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT,
+              SQ=SQ, G4=G4, CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, RP=RP, PS=PS, LOWEST=LOWEST)
+    ns, src = generated(L, f"flash backward v2 {causal} {unroll} {scratch}", ns)
     dkdv = kernel(launch_bounds=NT)(ns["dkdv"])
     dq = kernel(launch_bounds=NT)(ns["dq"])
     dkdv.tiles = dq.tiles = (BQ, BT, NT)
     dkdv.source = dq.source = src
     return dkdv, dq
+
