@@ -2,7 +2,8 @@
 (``REFOPT_FLASH`` ``v1`` / ``v2``, ``v2`` with and without the next key tile prefetched; ``v2-u8``:
 8 head / key steps a pass of its loops, :data:`~refopt.kernels.cuda.attention.UNROLL`) and the
 forward + backward (``v1`` / ``v2`` / ``v3`` backward, ``v2-u8`` likewise, ``v3-m512``: the third
-with 512 MiB of ``dS`` scratch, :data:`~refopt.kernels.cuda.flash_backward.SCRATCH_BYTES`), against
+with 512 MiB of ``dS`` scratch, :data:`~refopt.kernels.cuda.flash_backward.SCRATCH_BYTES`;
+``v3-noprefetch``: its ``dq`` without the next tiles' loads in flight), against
 ``torch.nn.functional.scaled_dot_product_attention`` (float32, TF32 off), causal, batch 8 x 12
 heads x 2048 x 64 by default.
 
@@ -107,7 +108,7 @@ def main():
         # "v3-m512": the third backward with 512 MiB of dS scratch (its chunks of slices)
         return next((int(p[1:]) << 20 for p in name.split("-")[1:] if p[:1] == "m"), default)
 
-    fwd_unroll, bwd_unroll, bwd_cap = A.UNROLL, FB.UNROLL, FB.SCRATCH_BYTES
+    fwd_unroll, bwd_unroll, bwd_cap, bwd_prefetch = A.UNROLL, FB.UNROLL, FB.SCRATCH_BYTES, FB.DQ_PREFETCH
     for name in args.forward:
         A.VARIANT = name.split("-")[0]
         A.PREFETCH = "noprefetch" not in name
@@ -123,6 +124,7 @@ def main():
         FB.VARIANT = name.split("-")[0]
         FB.UNROLL = unroll(name, bwd_unroll)
         FB.SCRATCH_BYTES = cap(name, bwd_cap)
+        FB.DQ_PREFETCH = "noprefetch" not in name
         fwd()
         print(f"backward {name:13s} first call {first(bwd):.1f} s", flush=True)
         ms_b = cuda_event_times(bwd, R)
@@ -133,7 +135,7 @@ def main():
         if args.split and FB.VARIANT == "v3":
             # each of the two kernels' launches alone (the other's skipped: the gradients are not
             # checked here), their chunks as in the whole backward
-            dkdv3, dq3 = FB.make_flash_backward_v3(True, FB.UNROLL)
+            dkdv3, dq3 = FB.make_flash_backward_v3(True, FB.UNROLL, FB.DQ_PREFETCH)
             real = FB.launcher
             for keep, label in ((dkdv3, "dkdv"), (dq3, "dq")):
                 FB.launcher = lambda k, keep=keep: real(k) if k is keep else (lambda *a: None)
@@ -143,7 +145,7 @@ def main():
                     FB.launcher = real
                 print(f"backward {name:13s} {label} launches alone {statistics.median(ms_k):.3f} ms "
                       f"({min(ms_k):.3f}-{max(ms_k):.3f})", flush=True)
-    FB.SCRATCH_BYTES = bwd_cap
+    FB.SCRATCH_BYTES, FB.DQ_PREFETCH = bwd_cap, bwd_prefetch
 
     # what the compiled kernels use (registers, local memory: spills)
     FB.UNROLL = bwd_unroll

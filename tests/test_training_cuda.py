@@ -213,22 +213,25 @@ V3_CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("case", V3_CASES)
-def test_flash_v3_matches_v2(case, monkeypatch):
+def test_flash_v3_matches_v2(case, prefetch, monkeypatch):
     # the third backward (dS written by dkdv to a scratch, dQ = dS k read back in chunks of slices)
     # gives the second's bits -- the same dS, summed in the same order -- and the reference's
-    # gradients; the chunks' slices and the scratch's tile pairs (q_offset, S != T, padding, head
+    # gradients, its dq with and without the next tiles prefetched; the chunks' slices and the scratch's tile pairs (q_offset, S != T, padding, head
     # widths below 64, no causal mask) are all exercised
     B, H, S, T, K, lengths, left, causal, per_chunk = case
     cap = per_chunk and per_chunk * _slice_bytes(S, T, causal)
     v2, want, bound = _flash_v3_run("v2", B, H, S, T, K, lengths, left, causal, 11)
     built = gfb.make_flash_backward_v2
 
-    def scratch_only(causal, unroll=4, scratch=False):
+    def scratch_only(causal, unroll=4, scratch=False, dq_prefetch=True):
         assert scratch, "the third backward fell back to the second"
-        return built(causal, unroll, scratch)
+        assert dq_prefetch == prefetch
+        return built(causal, unroll, scratch, dq_prefetch)
 
     monkeypatch.setattr(gfb, "make_flash_backward_v2", scratch_only)
+    monkeypatch.setattr(gfb, "DQ_PREFETCH", prefetch)
     v3, _, _ = _flash_v3_run("v3", B, H, S, T, K, lengths, left, causal, 11, cap)
     for name, a, b, w in zip(("d_q", "d_k", "d_v"), v3, v2, want):
         close(a, w, np.float32, f"v3 {name}", bound)

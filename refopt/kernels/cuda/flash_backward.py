@@ -24,12 +24,23 @@ key-side kernel walks every query tile of a batch row whose first key is padding
   key tiles the queries can see.
 
 :func:`make_flash_backward_v2` builds the same two kernels for float32 head widths up to 64 in
-fours (the default, :data:`VARIANT`; ``REFOPT_FLASH_BWD=v1`` goes back): 32 x 32 tile pairs on 64
+fours (``REFOPT_FLASH_BWD=v2``; ``v1`` goes back to the first): 32 x 32 tile pairs on 64
 threads, 16-byte tile loads, 4 x 4 pairs and 4 x 8 gradient entries a thread, the head, query and
 key steps as loops of :data:`UNROLL` steps a pass.  Measured on an H200 (causal, 8 x 12 x 2048 x 64,
 float32, ``benchmarks/flash_variants.py``, session 11): the backward alone 19.1-19.2 TFLOP/s against
-the first's 6.5, forward + backward 0.69-0.70x SDPA (the first's 0.27x).  What follows describes
-the first (``"v1"``), which takes every other case.
+the first's 6.5, forward + backward 0.69-0.70x SDPA (the first's 0.27x).
+
+Its ``dq`` recomputes each tile pair's scores and ``dO . v`` that ``dkdv`` already formed: 7
+products of a pair's size where the gradients need 5.  :func:`make_flash_backward_v3` (the
+default, :data:`VARIANT` ``"v3"``) drops the recomputation and stays deterministic (no atomic
+adds): ``dkdv`` writes each pair's ``dS`` (float32) to a scratch buffer and a second ``dq`` sums
+``dQ = scale * dS k`` over the key tiles its queries see, in order -- the same values summed in the
+same order as ``v2``, so the same bits.  The scratch is bounded (:data:`SCRATCH_BYTES`): the
+(batch x head) slices run in chunks, two launches a chunk, the causal pairs packed
+(:func:`scratch_layout`); a slice larger than the bound takes ``v2``.  Measured on an H200 (same
+shape, session 12): the backward 4.7-4.8 ms against ``v2``'s 6.7, forward + backward 0.89-0.91x
+SDPA with the whole batch in one or two chunks (512 MiB, 1 GiB), 0.81-0.84x in four (256 MiB).
+What follows describes the first (``"v1"``), which takes every other case.
 
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
 column across threads without bank conflicts) and block their outputs in registers
@@ -299,15 +310,22 @@ def _row_dots(dtype):
     return row_dots
 
 
-#: the backward :func:`flash_backward` launches where its operands allow: ``"v2"``
-#: (:func:`make_flash_backward_v2`, the default: 2.9 times the first's speed on an H200, checked
-#: against the reference on the GPU and under the simulator -- benchmarks/GPU.md, session 11) or
-#: ``"v1"`` (:func:`make_flash_backward`, every other case); ``REFOPT_FLASH_BWD``
-VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v2")
-#: the most bytes of ``dS`` scratch the third backward (``"v3"``, :func:`make_flash_backward_v3`)
-#: holds at once: it runs the (batch x head) slices in chunks whose tile pairs fit, and a call whose
-#: one slice does not fit takes ``"v2"``
-SCRATCH_BYTES = 256 << 20
+#: the backward :func:`flash_backward` launches where its operands allow: ``"v3"``
+#: (:func:`make_flash_backward_v3`, the default: the backward 1.4 times ``v2``'s speed on an H200,
+#: the same bits -- benchmarks/GPU.md, session 12), ``"v2"`` (:func:`make_flash_backward_v2`, 2.9
+#: times the first's, session 11) or ``"v1"`` (:func:`make_flash_backward`, every other case);
+#: ``REFOPT_FLASH_BWD``
+VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v3")
+#: the most bytes of ``dS`` scratch the third backward holds at once: it runs the (batch x head)
+#: slices in chunks whose tile pairs fit, and a call whose one slice does not fit takes ``"v2"``.
+#: 512 MiB: the measured shape (causal 8 x 12 x 2048, 816 MB of pairs) in two chunks, 0.89x SDPA
+#: forward + backward; each chunk boundary costs the tail of its longest blocks (four chunks 0.84x,
+#: fourteen 0.49x). The buffer is GEMM's split-K workspace (:func:`gemm.workspaces`, held by a CUDA
+#: graph that captured it); ``REFOPT_FLASH_BWD_SCRATCH_MIB``
+SCRATCH_BYTES = int(os.environ.get("REFOPT_FLASH_BWD_SCRATCH_MIB", "512")) << 20
+#: the third backward's ``dq`` loads the next tiles while it multiplies (in four chunks its launches
+#: 1.04 ms against 1.24, in one 0.94 against 0.92); ``REFOPT_FLASH_BWD_PREFETCH=0``: not
+DQ_PREFETCH = os.environ.get("REFOPT_FLASH_BWD_PREFETCH", "1") != "0"
 #: ``v2``'s head, query and key steps a pass of their loops (4: 9-12 s of ``compile_ptx`` for both
 #: kernels, 219 s with every step written out; 8 and 2 measured 3-5% slower); ``REFOPT_FLASH_BWD_UNROLL``
 UNROLL = int(os.environ.get("REFOPT_FLASH_BWD_UNROLL", "4"))
@@ -369,7 +387,7 @@ def flash_backward(q, k, v, o, d_o, m, l, key_mask, d_q, d_k, d_v, dlt, strides,
         crow, npairs = scratch_layout(S, T, q_offset, causal)
         Zc = _chunks(B * H, npairs * BQ * BT * 4)
         if Zc and max(cdiv(S, BQ), cdiv(T, BT)) <= 65535:
-            dkdv, dq = make_flash_backward_v3(bool(causal), UNROLL)
+            dkdv, dq = make_flash_backward_v3(bool(causal), UNROLL, DQ_PREFETCH)
             NTV = dkdv.tiles[2]
             flat = [as_shape(a, (a.shape[0],)) for a in (q, k, v, d_o, m, l, dlt)]
             km = as_shape(key_mask, key_mask.shape)
@@ -450,14 +468,14 @@ else:
         return sig, codegen
 
 
-def make_flash_backward_v3(causal: bool, unroll: int = 4):
+def make_flash_backward_v3(causal: bool, unroll: int = 4, prefetch: bool = True):
     """The third backward's ``(dkdv, dq)``: :func:`make_flash_backward_v2`'s with ``scratch``.
     ``dkdv`` (grid: slices of the chunk x key tiles) computes a tile pair's scores, ``dO . v``, ``dV``
     and ``dK`` as the second does and writes the pair's ``dS`` to the scratch
     (:func:`scratch_layout`); ``dq`` (grid: slices x query tiles) sums ``dQ = scale * dS k`` over the
     key tiles its queries see, in order -- one product of a pair's size instead of three, the
     arithmetic and its order the second's (the same bits)."""
-    return make_flash_backward_v2(causal, unroll, True)
+    return make_flash_backward_v2(causal, unroll, True, prefetch)
 
 
 def _v2_tiles():
@@ -467,7 +485,8 @@ def _v2_tiles():
 
 
 @functools.lru_cache(maxsize=None)
-def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False):
+def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False,
+                           dq_prefetch: bool = True):
     """``(dkdv, dq)`` as :func:`make_flash_backward`'s (same arguments, same results, same
     arithmetic per pair: ``P = exp(score - m) / l``, ``dS = P (dP - Dlt)``) for float32 head widths
     ``K <= 64`` that :func:`v2_fits` accepts.  Both kernels compute a tile pair's scores and
@@ -484,7 +503,8 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False)
     ``scratch`` (the third backward, :func:`make_flash_backward_v3`): ``dkdv`` also writes each
     tile pair's ``dS`` that ``dq`` would read to a scratch buffer (:func:`scratch_layout`), and
     ``dq`` reads it there instead of recomputing the scores and ``dO . v`` -- the same values
-    summed in the same order, so the same bits as without ``scratch``."""
+    summed in the same order, so the same bits as without ``scratch``; ``dq_prefetch``: that ``dq``
+    loads the next key tile and ``dS`` tile into registers while it multiplies the current ones."""
     KP = 64
     BQ, BT = _v2_tiles()
     NTX = 8
@@ -686,18 +706,46 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False)
         L += ["    " + x for x in row_offset("qt", "ro")]
         L += ["    ro = (int64(zl) * npairs + ro) * (BQ * BT)",
               "    ko = int64(b) * ksb + int64(h) * ksh + int64(lr) * kss + lc",
-              "    for kt in range(min(nk_, max(0, qt + crow))):",
-              "        t0 = kt * BT",
-              "        cuda.syncthreads()"]
-        L += ["        " + x for x in loads("Ks", "k", "ko", "kss", "t0", "T", PT)]
-        L += ["        for p in range(PS):",
-              "            e4 = (p * NT + tid) * 4",
-              "            w = ldg4(dsw, ro + e4)",
-              "            for e in range(4):",
-              "                dSs[e4 // BQ, e4 % BQ + e] = w[e]",
-              "        ko += int64(BT) * kss",
-              "        ro += BQ * BT",
-              "        cuda.syncthreads()"]
+              "    nk = min(nk_, max(0, qt + crow))"]
+        # a key tile and its dS tile into registers (16-byte loads), then into shared memory
+        fetch = [f"for p in range({PT}):",
+                 "    ok = cok and t0 + lr + p * RP < T",
+                 "    w = ldg4(k, (ko + p * RP * kss) if ok else int64(0))",
+                 "    for e in range(4):",
+                 "        kr[p * 4 + e] = w[e] if ok else DT(0)",
+                 "for p in range(PS):",
+                 "    w = ldg4(dsw, ro + (p * NT + tid) * 4)",
+                 "    for e in range(4):",
+                 "        dr[p * 4 + e] = w[e]",
+                 "ko += int64(BT) * kss",
+                 "ro += BQ * BT"]
+        stage = [f"for p in range({PT}):",
+                 "    for e in range(4):",
+                 "        Ks[lr + p * RP, lc + e] = kr[p * 4 + e]",
+                 "for p in range(PS):",
+                 "    e4 = (p * NT + tid) * 4",
+                 "    for e in range(4):",
+                 "        dSs[e4 // BQ, e4 % BQ + e] = dr[p * 4 + e]"]
+        L += [f"    kr = cuda.local.array({PT * 4}, DT)",
+              f"    dr = cuda.local.array({PS * 4}, DT)"]
+        if dq_prefetch:
+            # the next tiles' loads are in flight while this tile's products run
+            L += ["    if nk > 0:",
+                  "        t0 = 0"]
+            L += ["        " + x for x in fetch]
+            L += ["    for kt in range(nk):",
+                  "        cuda.syncthreads()"]
+            L += ["        " + x for x in stage]
+            L += ["        cuda.syncthreads()",
+                  "        if kt + 1 < nk:",
+                  "            t0 = (kt + 1) * BT"]
+            L += ["            " + x for x in fetch]
+        else:
+            L += ["    for kt in range(nk):",
+                  "        t0 = kt * BT",
+                  "        cuda.syncthreads()"]
+            L += ["        " + x for x in fetch + stage]
+            L += ["        cuda.syncthreads()"]
         return L + dq_accumulate() + dq_store
 
     def dq_recompute():
@@ -808,7 +856,7 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False)
     ns = dict(cuda=cuda, math=math, DT=nbtype(np.float32), int32=int32, int64=int64, ldg4=_gemm.ldg4,
               stg4=stg4, min=min, max=max, ALIGN=ALIGN, BQ=BQ, BT=BT, KP=KP, NT=NT, NTX=NTX, CT=CT,
               SQ=SQ, G4=G4, CDK=CDK, CDQ=CDQ, TDK=TDK, TDQ=TDQ, RP=RP, PS=PS, LOWEST=LOWEST)
-    ns, src = generated(L, f"flash backward v2 {causal} {unroll} {scratch}", ns)
+    ns, src = generated(L, f"flash backward v2 {causal} {unroll} {scratch} {dq_prefetch}", ns)
     dkdv = kernel(launch_bounds=NT)(ns["dkdv"])
     dq = kernel(launch_bounds=NT)(ns["dq"])
     dkdv.tiles = dq.tiles = (BQ, BT, NT)
