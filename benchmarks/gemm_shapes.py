@@ -10,7 +10,8 @@ sweep of tile configurations x split-K slice counts, beside cuBLAS (float32, TF3
 Every time is the median of 20 event-timed runs after a warm-up; graph rows replay one captured
 graph 20 times between two events (per-run time).  The host row is the wall time of 200 calls of
 ``gemm()`` without synchronising (the CPU's cost of one call, launches included), through Numba's
-dispatcher and through :mod:`refopt.kernels.cuda.launch` (``launch.FAST``).
+dispatcher, through :mod:`refopt.kernels.cuda.launch` (``launch.FAST``) without ``gemm``'s plans and
+with them (``gemm.PLANS``: the launches of a call repeated with the same arguments, bound once).
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def main():
         f = 2 * M * N * K
         name = f"{layout} {M}x{N}x{K}"
         host, py = {}, {}
-        for fast in (False, True):                 # Numba's dispatcher, then launch.launcher
-            L.FAST = fast
+        for fast in (False, True, "plans"):        # Numba's dispatcher, launch.launcher, + plans
+            L.FAST, G.PLANS = bool(fast), fast == "plans"
+            G._PLANS.clear()
             py[fast] = event_time(lambda: G.gemm(dA, dB, layout, out=o), 20)
             cuda.synchronize()
             t0 = time.perf_counter()
@@ -70,10 +72,11 @@ def main():
             cuda.synchronize()
             got = torch.as_tensor(o, device="cuda").double()
             print(f"  fast={fast}: rel err {float((got - want).norm() / want.norm()):.1e}", flush=True)
-        ms_py, host_us = py[True], host[True]
+        ms_py, host_us = py["plans"], host["plans"]
         ms_g = graph_time(lambda s: G.gemm(dA, dB, layout, out=o, stream=s), 20)
         print(f"{name}: cuBLAS {ms_t:.3f} ms ({f / ms_t / 1e9:.1f} TFLOP/s); python dispatcher "
               f"{py[False]:.3f} ms ({ms_t / py[False]:.2f}x, host {host[False]:.0f} us/call), fast "
+              f"{py[True]:.3f} ms ({ms_t / py[True]:.2f}x, host {host[True]:.0f} us/call), plans "
               f"{ms_py:.3f} ms ({ms_t / ms_py:.2f}x, host {host_us:.0f} us/call), graph {ms_g:.3f} ms "
               f"({ms_t / ms_g:.2f}x)", flush=True)
         best = (1e9, "", 0)
@@ -94,7 +97,8 @@ def main():
                 if ms < best[0]:
                     best = (ms, f"{variant} {config}", s)
         line = (f"{name:22s} cuBLAS {ms_t:.3f}  dispatcher {py[False]:.3f} ({ms_t / py[False]:.2f}x, "
-                f"host {host[False]:.0f}us)  fast {ms_py:.3f} ({ms_t / ms_py:.2f}x, host {host_us:.0f}us)  "
+                f"host {host[False]:.0f}us)  fast {py[True]:.3f} ({ms_t / py[True]:.2f}x, host {host[True]:.0f}us)  "
+                f"plans {ms_py:.3f} ({ms_t / ms_py:.2f}x, host {host_us:.0f}us)  "
                 f"graph {ms_g:.3f} ({ms_t / ms_g:.2f}x)")
         if best[1]:
             line += f"  best {best[1]} x{best[2]} {best[0]:.3f} ({ms_t / best[0]:.2f}x)"

@@ -217,6 +217,47 @@ def test_gemm_launch_paths(fast, splits, monkeypatch):
     close(got[1], A.T[::-1] @ B + R, np.float32, f"fast={fast} batch 1", scale)
 
 
+def test_gemm_plans_replay(monkeypatch):
+    # a product repeated with the same arguments replays its bound launches (gemm's plans): new
+    # contents at the same addresses give the new product, a different output or epilogue is
+    # another plan, and a split-K workspace that grows (a larger split product in between)
+    # invalidates the plans holding the old one
+    from refopt.kernels.cuda import launch
+
+    if SIM:
+        pytest.skip("gemm's plans are kept on the fast launch path, a GPU only")
+    monkeypatch.setattr(ggemm, "_PLANS", {})
+    monkeypatch.setattr(ggemm, "_WORKSPACE", {})
+    rng = np.random.default_rng(5)
+    M, N, K = 96, 80, 1024
+    A, B = arrays(rng, (M, K), np.float32), arrays(rng, (N, K), np.float32)
+    dA, dB, out = cuda.to_device(A), cuda.to_device(B), cuda.device_array((M, N), np.float32)
+    scale = (np.abs(A) @ np.abs(B).T).max()
+    for splits in (None, 1, 4):
+        ggemm.gemm(dA, dB, "nt", out=out, splits=splits)
+        close(out.copy_to_host(), A @ B.T, np.float32, f"first call, splits {splits}", scale)
+        assert launch.FAST and len(ggemm._PLANS) >= 1
+        A2 = arrays(rng, (M, K), np.float32)
+        dA.copy_to_device(A2)                            # same address, new contents
+        ggemm.gemm(dA, dB, "nt", out=out, splits=splits)
+        close(out.copy_to_host(), A2 @ B.T, np.float32, f"replayed, splits {splits}", scale)
+        ggemm.gemm(dA, dB, "nt", out=out, splits=splits, relu=True)
+        close(out.copy_to_host(), np.maximum(A2 @ B.T, 0), np.float32, f"relu, splits {splits}", scale)
+        ggemm.gemm(dA, dB, "nt", out=out, splits=splits, accumulate=True)
+        close(out.copy_to_host(), np.maximum(A2 @ B.T, 0) + A2 @ B.T, np.float32,
+              f"accumulated, splits {splits}", 2 * scale)
+        dA.copy_to_device(A)
+    ggemm.gemm(dA, dB, "nt", out=out, splits=4)          # a plan holding the small workspace
+    big_a, big_b = arrays(rng, (512, K), np.float32), arrays(rng, (384, K), np.float32)
+    big_out = cuda.device_array((512, 384), np.float32)
+    ggemm.gemm(cuda.to_device(big_a), cuda.to_device(big_b), "nt", out=big_out, splits=8)
+    close(big_out.copy_to_host(), big_a @ big_b.T, np.float32, "the larger split product",
+          (np.abs(big_a) @ np.abs(big_b).T).max())
+    assert len(ggemm._PLANS) == 1                        # the old workspace's plans are gone
+    ggemm.gemm(dA, dB, "nt", out=out, splits=4)
+    close(out.copy_to_host(), A @ B.T, np.float32, "after the workspace grew", scale)
+
+
 @settings(max_examples=EX)
 @given(dtype=DTYPES, M=st.integers(1, big(9)), I=st.integers(1, big(30)), O=st.integers(1, big(40)),
        bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))

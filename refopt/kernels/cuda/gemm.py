@@ -63,6 +63,7 @@ import os
 import numpy as np
 from numba import cuda, int32, int64
 
+from refopt.kernels.cuda import launch as _launch
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel, nbtype
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
@@ -446,6 +447,18 @@ SPLIT_TARGET = 4
 _SMS: list = []
 _WORKSPACE: dict = {}
 
+#: A product's launches, bound (:meth:`refopt.kernels.cuda.launch._Launcher.bind`), by everything
+#: that decides them: the operands' addresses, shapes and dtypes, the epilogue, the tiles, the
+#: stream.  A call repeated with the same arguments (a training loop's products, a benchmark)
+#: replays them.  Why: at the training shapes (1024x768x3072) a product's call cost about 60 us
+#: more than its kernels replayed from a CUDA graph on the H200 (0.63-0.68x cuBLAS per call against
+#: 0.88-0.95x, session 11), and ``gemm``'s own Python, its launches stubbed out, took 28-42 us a
+#: call on the 2-core development CPU.  Cleared when it holds :data:`MAX_PLANS` plans or a split-K
+#: workspace grows; only on the fast launch path; ``REFOPT_GEMM_PLANS=0`` turns it off.
+_PLANS: dict = {}
+MAX_PLANS = 4096
+PLANS = os.environ.get("REFOPT_GEMM_PLANS", "1") != "0"
+
 
 def _multiprocessors() -> int:
     if not _SMS:
@@ -474,6 +487,7 @@ def _workspace(n: int, dtype):
     buf = _WORKSPACE.get(key)
     if buf is None or buf.shape[0] < n:
         buf = _WORKSPACE[key] = empty(n, key)
+        _PLANS.clear()                  # plans hold the old buffer's address
     return buf
 
 
@@ -559,6 +573,16 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     when None).  A 2-D product whose output has too few tiles for the GPU is split over ``K``
     (:func:`split_count`, or ``splits``) into partial products, summed in a fixed order by a
     second kernel that applies the epilogue."""
+    plan_key = None
+    if PLANS and _launch.FAST and out is not None:
+        plan_key = (layout, _address(a), _address(b), _address(out), _address(bias), _address(residual),
+                    _address(gate), _address(keep), bool(relu), bool(accumulate), config, stream, splits,
+                    variant or VARIANT)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            for go in plan:
+                go()
+            return out
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -585,6 +609,7 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     def make(cfg):              # the kernel builder for a configuration
         return make_gemm_v2 if v2 and v2_takes(cfg) else make_gemm
     one = as_shape(out, (1,))                  # the placeholder of an absent operand
+    calls = []                                 # (launcher, grid, block, arguments)
     if not batched:
         split_config = config
         if split_config is None:    # split products keep the large tile: the slices fill the GPU
@@ -601,30 +626,46 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
             parts = as_shape(_workspace(splits * M * N, dtype), (splits, M, N))
             k = make(split_config)(dtype, layout, split_config, splitk=True)
             BM, BN = k.tile
-            launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
-                        as_shape(a, ash), as_shape(b, bsh), parts, one, parts, parts,
-                        parts, int32(M), int32(N), int32(K), int32(Kc))
+            calls.append((launcher(k), (cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1),
+                          (as_shape(a, ash), as_shape(b, bsh), parts, one, parts, parts, parts,
+                           int32(M), int32(N), int32(K), int32(Kc))))
             o2 = as_shape(out, (M, N))
-            launcher(_make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate),
-                                      residual is not None, gate is not None, keep is not None))(
-                (cdiv(M * N, 256), 1, 1), (256, 1, 1), stream,
-                parts, o2, as_shape(bias, bias.shape) if has_bias else one,
-                *(o2 if x is None else as_shape(x, (M, N)) for x in (residual, gate, keep)))
-            return out
-    if config is None:
-        config = default_config(M * Z, N)
-        if v2 and config == "large":
-            config = V2_LARGE
-    kernel = make(config)(dtype, layout, config, has_bias, bool(relu), bool(accumulate),
-                          residual is not None, gate is not None, keep is not None)
-    BM, BN = kernel.tile
-    o3 = as_shape(out, (Z, M, N))
+            calls.append((launcher(_make_sum_splits(dtype, has_bias, bool(relu), bool(accumulate),
+                                                    residual is not None, gate is not None,
+                                                    keep is not None)),
+                          (cdiv(M * N, 256), 1, 1), (256, 1, 1),
+                          (parts, o2, as_shape(bias, bias.shape) if has_bias else one,
+                           *(o2 if x is None else as_shape(x, (M, N)) for x in (residual, gate, keep)))))
+    if not calls:
+        if config is None:
+            config = default_config(M * Z, N)
+            if v2 and config == "large":
+                config = V2_LARGE
+        kernel = make(config)(dtype, layout, config, has_bias, bool(relu), bool(accumulate),
+                              residual is not None, gate is not None, keep is not None)
+        BM, BN = kernel.tile
+        o3 = as_shape(out, (Z, M, N))
 
-    def like_out(x):
-        return o3 if x is None else as_shape(x, (x.shape[0] if x.ndim == 3 else 1, M, N))
+        def like_out(x):
+            return o3 if x is None else as_shape(x, (x.shape[0] if x.ndim == 3 else 1, M, N))
 
-    launcher(kernel)((cdiv(N, BN), cdiv(M, BM), Z), (kernel.threads, 1, 1), stream,
-                     as_shape(a, ash), as_shape(b, bsh), o3,
-                     as_shape(bias, bias.shape) if has_bias else one, like_out(residual),
-                     like_out(gate), like_out(keep), int32(M), int32(N), int32(K), int32(K))
+        calls.append((launcher(kernel), (cdiv(N, BN), cdiv(M, BM), Z), (kernel.threads, 1, 1),
+                      (as_shape(a, ash), as_shape(b, bsh), o3, as_shape(bias, bias.shape) if has_bias else one,
+                       like_out(residual), like_out(gate), like_out(keep), int32(M), int32(N), int32(K),
+                       int32(K))))
+    if plan_key is None:
+        for go, grid, block, args in calls:
+            go(grid, block, stream, *args)
+        return out
+    plan = [go.bind(grid, block, stream, *args) for go, grid, block, args in calls]
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[plan_key] = plan
+    for go in plan:
+        go()
     return out
+
+
+def _address(x):
+    """What a plan's key holds of an operand: address, shape and dtype (None when absent)."""
+    return None if x is None else (pointer(x), tuple(x.shape), x.dtype)

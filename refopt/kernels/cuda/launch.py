@@ -139,18 +139,34 @@ class _Launcher:
         self.dispatcher = dispatcher
         self.kernels: dict = {}
 
+    def _kernel(self, args):
+        key = tuple(_kind(a) for a in args)
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            compiled = self.dispatcher.compile(tuple(_numba_type(a) for a in args))
+            kernel = self.kernels[key] = compiled._codelibrary.get_cufunc().kernel
+        return kernel
+
     def __call__(self, grid, block, stream, *args):
         if not FAST:
             self.dispatcher[grid, block, stream](*args)
             return
         from cuda.core import launch
 
-        key = tuple(_kind(a) for a in args)
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            compiled = self.dispatcher.compile(tuple(_numba_type(a) for a in args))
-            kernel = self.kernels[key] = compiled._codelibrary.get_cufunc().kernel
-        launch(_core_stream(stream), _config(grid, block), kernel, *_marshal(args))
+        launch(_core_stream(stream), _config(grid, block), self._kernel(args), *_marshal(args))
+
+    def bind(self, grid, block, stream, *args):
+        """A function of no arguments that makes this launch again: the kernel looked up, the
+        stream and configuration converted and the arguments marshalled once, for a launch
+        repeated with the same arguments (:func:`refopt.kernels.cuda.gemm.gemm`'s plans).  Off
+        the fast path it calls the dispatcher each time, as ``__call__`` does."""
+        if not FAST:
+            return lambda: self.dispatcher[grid, block, stream](*args)
+        from cuda.core import launch
+
+        kernel, s, config, marshalled = (self._kernel(args), _core_stream(stream), _config(grid, block),
+                                         _marshal(args))
+        return lambda: launch(s, config, kernel, *marshalled)
 
 
 def launcher(dispatcher) -> _Launcher:
