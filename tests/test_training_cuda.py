@@ -218,8 +218,9 @@ V3_CASES = [
 def test_flash_v3_matches_v2(case, prefetch, monkeypatch):
     # the third backward (dS written by dkdv to a scratch, dQ = dS k read back in chunks of slices)
     # gives the second's bits -- the same dS, summed in the same order -- and the reference's
-    # gradients, its dq with and without the next tiles prefetched; the chunks' slices and the scratch's tile pairs (q_offset, S != T, padding, head
-    # widths below 64, no causal mask) are all exercised
+    # gradients, its dq with and without the next tiles prefetched; the chunks' slices and the
+    # scratch's tile pairs (q_offset, S != T, padding, head widths below 64, no causal mask) are
+    # all exercised
     B, H, S, T, K, lengths, left, causal, per_chunk = case
     cap = per_chunk and per_chunk * _slice_bytes(S, T, causal)
     v2, want, bound = _flash_v3_run("v2", B, H, S, T, K, lengths, left, causal, 11)

@@ -38,8 +38,8 @@ adds): ``dkdv`` writes each pair's ``dS`` (float32) to a scratch buffer and a se
 same order as ``v2``, so the same bits.  The scratch is bounded (:data:`SCRATCH_BYTES`): the
 (batch x head) slices run in chunks, two launches a chunk, the causal pairs packed
 (:func:`scratch_layout`); a slice larger than the bound takes ``v2``.  Measured on an H200 (same
-shape, session 12): the backward 4.7-4.8 ms against ``v2``'s 6.7, forward + backward 0.89-0.91x
-SDPA with the whole batch in one or two chunks (512 MiB, 1 GiB), 0.81-0.84x in four (256 MiB).
+shape, session 12): the backward 4.7-4.9 ms against ``v2``'s 6.7-7.1, forward + backward 0.89-0.91x
+SDPA with the whole batch in one or two chunks (1 GiB, 512 MiB), 0.81-0.85x in four (256 MiB).
 What follows describes the first (``"v1"``), which takes every other case.
 
 Both stage their tiles in padded shared memory (rows of ``KP + 1``: the dot products read a
@@ -318,10 +318,10 @@ def _row_dots(dtype):
 VARIANT = os.environ.get("REFOPT_FLASH_BWD", "v3")
 #: the most bytes of ``dS`` scratch the third backward holds at once: it runs the (batch x head)
 #: slices in chunks whose tile pairs fit, and a call whose one slice does not fit takes ``"v2"``.
-#: 512 MiB: the measured shape (causal 8 x 12 x 2048, 816 MB of pairs) in two chunks, 0.89x SDPA
-#: forward + backward; each chunk boundary costs the tail of its longest blocks (four chunks 0.84x,
-#: fourteen 0.49x). The buffer is GEMM's split-K workspace (:func:`gemm.workspaces`, held by a CUDA
-#: graph that captured it); ``REFOPT_FLASH_BWD_SCRATCH_MIB``
+#: 512 MiB: the measured shape (causal 8 x 12 x 2048, 816 MB of pairs) in two chunks, 0.89-0.90x
+#: SDPA forward + backward; each chunk boundary costs the tail of its longest blocks (four chunks
+#: 0.81-0.85x, fourteen 0.49x).  The buffer is GEMM's split-K workspace (:func:`gemm.workspaces`,
+#: held by a CUDA graph that captured it); ``REFOPT_FLASH_BWD_SCRATCH_MIB``
 SCRATCH_BYTES = int(os.environ.get("REFOPT_FLASH_BWD_SCRATCH_MIB", "512")) << 20
 #: the third backward's ``dq`` loads the next tiles while it multiplies (in four chunks its launches
 #: 1.04 ms against 1.24, in one 0.94 against 0.92); ``REFOPT_FLASH_BWD_PREFETCH=0``: not
@@ -824,7 +824,8 @@ def make_flash_backward_v2(causal: bool, unroll: int = 4, scratch: bool = False,
         L += ["            " + x for x in row_offset("qt", "ro")]
         L += ["            wo = (int64(bh - z0) * npairs + ro + kt) * (BQ * BT) + ty4",
               "            for jj in range(CT):",
-              "                stg4(dsw, wo + (jj * NTX + tx) * BQ, dp[0, jj], dp[1, jj], dp[2, jj], dp[3, jj])"]
+              "                stg4(dsw, wo + (jj * NTX + tx) * BQ,",
+              "                     dp[0, jj], dp[1, jj], dp[2, jj], dp[3, jj])"]
     L += ["        cuda.syncthreads()"]
     L += ["        qi = 0",
           "        while qi < BQ:"]
