@@ -1,0 +1,467 @@
+"""A TF32 tensor-core matrix product, ``C = op(A) @ op(B) (+ bias)``, float32 in and out: the
+operands rounded to TF32 (``cvt.rna.tf32.f32``: 10 mantissa bits, to nearest, ties away from
+zero), the products summed in float32 by the tensor cores (``mma.sync.aligned.m16n8k8.row.col
+.f32.tf32.tf32.f32``, reached as inline PTX from a Numba intrinsic).  Opt-in only
+(:func:`gemm_tf32`, or ``gemm(..., precision="tf32")``): refopt's products are float32 unless a
+caller asks; TF32 is never a default.
+
+The layouts are :mod:`.gemm`'s (``"nt"``: ``x @ W.T``; ``"nn"``: ``d_y @ W``; ``"tn"``:
+``d_y.T @ x``), 2-D operands, C-contiguous.
+
+Design (the shape of CUTLASS's Ampere "multistage" SIMT-to-tensor-op kernels and of the public
+write-ups of ``mma.sync`` GEMMs, written here for Numba):
+
+* A block computes a ``BM x BN`` tile of C with ``NW`` warps, each warp a ``WM x WN`` warp tile:
+  ``WM / 16 x WN / 8`` fragments of ``m16n8``, whose accumulators (4 a lane each) stay in
+  registers.  Every ``BK`` slice of A and B is staged in shared memory, TF32-rounded once as it
+  is stored; the next slice is read from global memory into registers while the current one is
+  multiplied (two shared buffers, one barrier a slice).  Global reads are 16-byte loads
+  (:func:`.gemm.ldg4`) where an operand's contiguous dimension is a multiple of 4 and its data
+  16-byte aligned, guarded scalar loads otherwise; out-of-range elements are zeros.
+* Fragments (PTX ISA, ``m16n8k8`` with ``.tf32``; ``g = lane / 4``, ``t = lane % 4``): A's
+  ``a0..a3`` are ``A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]``; B's ``b0, b1`` are ``B[t][g],
+  B[t+4][g]``; C's ``c0..c3`` are ``C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]``.
+* ``"nt"`` (both operands K-contiguous in shared memory, rows of ``BK = 16``, unpadded): the sum
+  over k inside a 16-wide chunk does not care which physical k a fragment's logical k is, so a
+  lane reads its four consecutive k ``4t .. 4t+3`` of a row as one 16-byte shared load and uses
+  ``(4t, 4t+1)`` as logical ``(t, t+4)`` of the chunk's first ``k8`` step and ``(4t+2, 4t+3)`` of
+  the second -- the same permutation for A and B, so the product is unchanged.  A quarter-warp's
+  eight 16-byte loads cover two consecutive 64-byte rows: no bank conflicts.  (The permuted-k
+  fragment trick of fast TF32 ``mma.sync`` kernels; CUTLASS reaches the same with ``ldmatrix``
+  over swizzled tiles.)
+* ``"nn"`` / ``"tn"`` (an operand stored k-major, ``[K, rows]``): natural fragments, one 4-byte
+  shared load an element, K-contiguous rows padded to ``BK + 4`` and k-major rows to ``rows + 8``
+  floats, which puts the eight groups' four lanes of a fragment load in 32 distinct banks.
+* Too few output tiles for the GPU (the training shapes' ``[1024, 768]`` outputs): the product is
+  split over K (grid z), partial products summed in order by :mod:`.gemm`'s split-K kernel, which
+  applies the bias.
+
+Under Numba's CUDA simulator inline PTX cannot run: there (and on a GPU with ``emulate=True``) the
+fragment op is :func:`make_mma_emulated`'s: each lane posts its fragments to a per-warp shared
+scratch, the warp synchronises, each lane sums its four outputs from the scratch in float32 (the
+operands are already TF32), the warp synchronises again.  The kernel's tiling and fragment
+indexing are the same code either way.  :func:`round_tf32` is the host's ``cvt.rna``.
+
+Short names: ``BM x BN`` the block's tile, ``BK`` the K slice, ``WM x WN`` a warp's tile, ``FM x
+FN`` its fragments, ``NW`` / ``NT`` warps / threads a block, ``g`` / ``t`` a lane's group and
+place in it, ``SA`` / ``SB`` the shared rows' lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import cuda, float32, int32, int64
+
+from refopt.kernels.cuda import gemm as _gemm
+from refopt.kernels.cuda import launch as _launch
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel
+from refopt.kernels.cuda.gemm import LAYOUTS, ldg4
+from refopt.kernels.cuda.launch import as_shape, launcher, pointer
+
+#: Tile configurations: (BM, BN, BK, WM, WN, resident blocks a multiprocessor).  ``"tiny"`` is
+#: the simulator's (two warps); BK a multiple of 16.
+CONFIGS = {
+    "large": (128, 128, 16, 64, 32, 1),
+    "large2": (128, 128, 16, 64, 32, 2),
+    "square": (128, 128, 16, 64, 64, 1),
+    "wide": (64, 128, 16, 32, 32, 2),
+    "medium": (64, 64, 16, 32, 32, 2),
+    "tiny": (32, 16, 16, 16, 16, 1),
+}
+
+
+# ----------------------------------------------------------------------------- rounding, host
+def round_tf32(x) -> np.ndarray:
+    """``x`` rounded to TF32 as ``cvt.rna.tf32.f32`` does, as float32: the low 13 mantissa bits
+    rounded to nearest, ties away from zero (add half of the last kept bit to the magnitude, then
+    clear the 13 bits; a carry may reach the exponent, and the largest finite values round to
+    infinity); infinities and NaNs pass unchanged."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    finite = (bits & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    rounded = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    return np.where(finite, rounded, bits).astype(np.uint32).view(np.float32)
+
+
+# ----------------------------------------------------------------------------- device intrinsics
+if SIMULATOR:
+    def tf32(x):
+        """``x`` rounded to TF32 (the simulator's ``cvt.rna.tf32.f32``), as a float32."""
+        return round_tf32(np.float32(x))[()]
+
+    mma_tf32 = None      # inline PTX: a GPU only
+else:
+    from llvmlite import ir as _ir
+    from numba.cuda import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+    from numba.cuda.typing import signature as _signature
+
+    _F32 = _ir.FloatType()
+    _I32 = _ir.IntType(32)
+
+    @_intrinsic
+    def tf32(typingctx, x):
+        """``x`` rounded to TF32 by ``cvt.rna.tf32.f32`` (inline PTX), as a float32 whose low 13
+        mantissa bits are zero."""
+        sig = _signature(_types.float32, x)
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], _types.float32)
+            asm = _ir.InlineAsm(_ir.FunctionType(_I32, [_F32]), "cvt.rna.tf32.f32 $0, $1;", "=r,f")
+            return builder.bitcast(builder.call(asm, [v]), _F32)
+        return sig, codegen
+
+    @_intrinsic
+    def mma_tf32(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """One warp's ``D = A @ B + C`` on an ``m16n8k8`` tile (inline PTX ``mma.sync.aligned
+        .m16n8k8.row.col.f32.tf32.tf32.f32``): this lane's A fragment ``a0..a3`` and B fragment
+        ``b0, b1`` (TF32 values held as float32 bits), its accumulators ``c0..c3``; returns
+        ``(d0, d1, d2, d3)``.  Every lane of the warp must call it together."""
+        args = (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+        sig = _signature(_types.UniTuple(_types.float32, 4), *args)
+
+        def codegen(context, builder, sig, args):
+            vals = [context.cast(builder, v, t, _types.float32) for v, t in zip(args, sig.args)]
+            ab = [builder.bitcast(v, _I32) for v in vals[:6]]
+            fnty = _ir.FunctionType(_ir.LiteralStructType([_F32] * 4), [_I32] * 6 + [_F32] * 4)
+            asm = _ir.InlineAsm(
+                fnty,
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+            res = builder.call(asm, ab + vals[6:])
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(res, i) for i in range(4)])
+        return sig, codegen
+
+
+@functools.lru_cache(maxsize=None)
+def make_mma_emulated(block_sync: bool):
+    """The ``m16n8k8`` fragment op in plain ``numba.cuda``: ``mma(scratch, w, lane, a0, a1, a2, a3,
+    b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3)`` with the PTX fragment layouts (module docstring).
+    ``scratch`` is a shared ``[warps, 32 * 6]`` float32 array, ``w`` the warp's row of it.  Each
+    lane posts its six operand values, the warp synchronises, each lane sums its four outputs in
+    float32 (``c + A[row, 0] B[0, col] + ... + A[row, 7] B[7, col]``, in k order), the warp
+    synchronises again so the scratch may be written by the next call.  ``block_sync``: the
+    synchronisation is the block's barrier (the simulator, which has no ``syncwarp``; every warp of
+    the block must then call it together, as the kernels do), else ``syncwarp``."""
+
+    @cuda.jit(device=True)
+    def wsync():
+        if block_sync:
+            cuda.syncthreads()
+        else:
+            cuda.syncwarp(0xFFFFFFFF)
+
+    @cuda.jit(device=True)
+    def mma(scr, w, lane, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        o = lane * 6
+        scr[w, o] = a0
+        scr[w, o + 1] = a1
+        scr[w, o + 2] = a2
+        scr[w, o + 3] = a3
+        scr[w, o + 4] = b0
+        scr[w, o + 5] = b1
+        wsync()
+        g = lane >> 2
+        t = lane & 3
+        d0, d1, d2, d3 = c0, c1, c2, c3
+        for i in range(4):
+            row = g + 8 * (i >> 1)               # c0, c1: row g; c2, c3: row g + 8
+            col = 2 * t + (i & 1)
+            s = float32(0)
+            if i == 0:
+                s = c0
+            elif i == 1:
+                s = c1
+            elif i == 2:
+                s = c2
+            else:
+                s = c3
+            for k in range(8):
+                # A[row, k] is lane (row % 8) * 4 + k % 4's a[(row >= 8) + 2 (k >= 4)]
+                av = scr[w, ((row & 7) * 4 + (k & 3)) * 6 + (row >> 3) + 2 * (k >> 2)]
+                # B[k, col] is lane col * 4 + k % 4's b[k >= 4]
+                bv = scr[w, (col * 4 + (k & 3)) * 6 + 4 + (k >> 2)]
+                s += av * bv
+            if i == 0:
+                d0 = s
+            elif i == 1:
+                d1 = s
+            elif i == 2:
+                d2 = s
+            else:
+                d3 = s
+        wsync()
+        return d0, d1, d2, d3
+
+    return mma
+
+
+# ----------------------------------------------------------------------------- the kernel
+def _operand(X, rows, r0, BR, km, BK, NT, vec, perm_pad):
+    """Source lines of one operand's slice loads (``X`` "a" / "b", its array ``X.upper()``, shared
+    ``Xs``): ``(geometry, loads into registers rX[...], stores of rX into Xs[BUF, ...])``.
+    ``km``: stored ``[K, rows]`` (k-major), else ``[rows, K]``; ``vec``: 16-byte global loads."""
+    A = X.upper()
+    reg = f"r{X}"
+    geo, loads, stores = [], [], []
+    if km:
+        Q = BR // 4                       # quads along a k row of the tile
+        KR = NT // Q                      # k rows a pass
+        P = BK // KR
+        assert Q * KR == NT and P * KR == BK and P >= 1
+        geo += [f"{X}k = tid // {Q}", f"{X}c = (tid % {Q}) * 4"]
+        for p in range(P):
+            kk, cc = f"(k0 + {X}k + {p * KR})", f"({r0} + {X}c)"
+            if vec:
+                loads += [f"ok = {kk} < ke and {cc} < {rows}",
+                          f"v = ldg4({A}, (int64({kk}) * {rows} + {cc}) if ok else int64(0))"]
+                loads += [f"{reg}[{4 * p + j}] = v[{j}] if ok else DT0" for j in range(4)]
+            else:
+                loads += [f"{reg}[{4 * p + j}] = {A}[{kk}, {cc} + {j}] if ({kk} < ke and {cc} + {j} < {rows}) "
+                          f"else DT0" for j in range(4)]
+            stores += [f"{X.upper()}s[BUF, {X}k + {p * KR}, {X}c + {j}] = tf32({reg}[{4 * p + j}])"
+                       for j in range(4)]
+    else:
+        Q = BK // 4                       # quads along a row's slice
+        RR = NT // Q                      # rows a pass
+        P = BR // RR
+        assert Q * RR == NT and P * RR == BR and P >= 1
+        geo += [f"{X}r = tid // {Q}", f"{X}q = (tid % {Q}) * 4"]
+        for p in range(P):
+            rr, kq = f"({r0} + {X}r + {p * RR})", f"(k0 + {X}q)"
+            if vec:
+                loads += [f"ok = {rr} < {rows} and {kq} < ke",
+                          f"v = ldg4({A}, (int64({rr}) * K + {kq}) if ok else int64(0))"]
+                loads += [f"{reg}[{4 * p + j}] = v[{j}] if ok else DT0" for j in range(4)]
+            else:
+                loads += [f"{reg}[{4 * p + j}] = {A}[{rr}, {kq} + {j}] if ({rr} < {rows} and {kq} + {j} < ke) "
+                          f"else DT0" for j in range(4)]
+            stores += [f"{X.upper()}s[BUF, {X}r + {p * RR}, {X}q + {j}] = tf32({reg}[{4 * p + j}])"
+                       for j in range(4)]
+    return geo, loads, stores, 4 * P
+
+
+@functools.lru_cache(maxsize=None)
+def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool = True,
+                   vec_b: bool = True, emulate: bool = False, splitk: bool = False):
+    """The kernel ``gemm(A, B, C, bias, M, N, K, Kc)`` for one layout, tile configuration and
+    epilogue (generated source, compiled on first launch): ``C[z]`` (``[Z, M, N]``) receives the
+    product over K's slice ``[z * Kc, min(K, (z + 1) * Kc))`` (``Z = 1, Kc = K`` unless
+    ``splitk``), plus ``bias`` when ``has_bias``.  ``vec_a`` / ``vec_b``: 16-byte global loads of
+    A / B (the caller checks they may); ``emulate``: :func:`make_mma_emulated`'s fragment op instead
+    of the tensor cores' (always under the simulator)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
+    BM, BN, BK, WM, WN, MINB = CONFIGS[config]
+    assert BK % 16 == 0 and WM % 16 == 0 and WN % 8 == 0 and BM % WM == 0 and BN % WN == 0
+    FM, FN = WM // 16, WN // 8
+    WNW = BN // WN                        # warps along n
+    NW = (BM // WM) * WNW
+    NT = 32 * NW
+    a_km = layout == "tn"
+    b_km = layout in ("nn", "tn")
+    perm = not a_km and not b_km          # "nt": permuted-k fragments, 16-byte shared loads
+    emulate = emulate or SIMULATOR
+    if perm:
+        SA = SB = BK
+        ashape, bshape = f"(2, {BM}, {SA})", f"(2, {BN}, {SB})"
+    else:
+        SA = BM + 8 if a_km else BK + 4
+        SB = BN + 8 if b_km else BK + 4
+        ashape = f"(2, {BK}, {SA})" if a_km else f"(2, {BM}, {SA})"
+        bshape = f"(2, {BK}, {SB})" if b_km else f"(2, {BN}, {SB})"
+    ageo, aload, astore, LA = _operand("a", "M", "m0", BM, a_km, BK, NT, vec_a, perm)
+    bgeo, bload, bstore, LB = _operand("b", "N", "n0", BN, b_km, BK, NT, vec_b, perm)
+
+    if emulate:
+        call = "mma(scr, w, lane, {a}, {b}, {c})"
+    else:
+        call = "mma_tf32({a}, {b}, {c})"
+
+    def chunk(kc):
+        """Lines of one 16-wide K chunk of the current buffer: fragment loads, then 2 k8 steps."""
+        out = []
+        if perm:
+            for i in range(FM):
+                for h in range(2):        # rows g and g + 8 of fragment i
+                    off = f"int64((cur * {BM} + wm0 + {16 * i + 8 * h} + g) * {SA} + {kc * 16} + t4)"
+                    out.append(f"xa{i}{h} = ldg4(As, {off})")
+            for j in range(FN):
+                off = f"int64((cur * {BN} + wn0 + {8 * j} + g) * {SB} + {kc * 16} + t4)"
+                out.append(f"xb{j} = ldg4(Bs, {off})")
+            for s in range(2):
+                for i in range(FM):
+                    a = f"xa{i}0[{2 * s}], xa{i}1[{2 * s}], xa{i}0[{2 * s + 1}], xa{i}1[{2 * s + 1}]"
+                    for j in range(FN):
+                        b = f"xb{j}[{2 * s}], xb{j}[{2 * s + 1}]"
+                        c = ", ".join(f"acc[{i}, {j}, {r}]" for r in range(4))
+                        out.append(f"d = {call.format(a=a, b=b, c=c)}")
+                        out += [f"acc[{i}, {j}, {r}] = d[{r}]" for r in range(4)]
+            return out
+        for s in range(2):
+            k8 = kc * 16 + s * 8
+            for i in range(FM):
+                rows = (f"wm0 + {16 * i} + g", f"wm0 + {16 * i + 8} + g")
+                ks = (f"{k8} + t", f"{k8 + 4} + t")
+                # a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+                for r, (m, k) in enumerate([(rows[0], ks[0]), (rows[1], ks[0]), (rows[0], ks[1]),
+                                            (rows[1], ks[1])]):
+                    out.append(f"fa{i}{r} = As[cur, {k}, {m}]" if a_km else f"fa{i}{r} = As[cur, {m}, {k}]")
+            for j in range(FN):
+                n = f"wn0 + {8 * j} + g"
+                for r, k in enumerate((f"{k8} + t", f"{k8 + 4} + t")):
+                    out.append(f"fb{j}{r} = Bs[cur, {k}, {n}]" if b_km else f"fb{j}{r} = Bs[cur, {n}, {k}]")
+            for i in range(FM):
+                a = ", ".join(f"fa{i}{r}" for r in range(4))
+                for j in range(FN):
+                    b = f"fb{j}0, fb{j}1"
+                    c = ", ".join(f"acc[{i}, {j}, {r}]" for r in range(4))
+                    out.append(f"d = {call.format(a=a, b=b, c=c)}")
+                    out += [f"acc[{i}, {j}, {r}] = d[{r}]" for r in range(4)]
+        return out
+
+    L = ["def gemm(A, B, C, bias, M, N, K, Kc):",
+         f"    As = cuda.shared.array({ashape}, float32, alignment=ALIGN)",
+         f"    Bs = cuda.shared.array({bshape}, float32, alignment=ALIGN)",
+         f"    acc = cuda.local.array(({FM}, {FN}, 4), float32)",
+         f"    ra = cuda.local.array({LA}, float32)",
+         f"    rb = cuda.local.array({LB}, float32)"]
+    if emulate:
+        L += [f"    scr = cuda.shared.array(({NW}, 192), float32)"]
+    L += ["    tid = cuda.threadIdx.x & 1023",
+          "    w = tid >> 5",
+          "    lane = tid & 31",
+          "    g = lane >> 2",
+          "    t = lane & 3",
+          "    t4 = t * 4",
+          f"    wm0 = (w // {WNW}) * {WM}",
+          f"    wn0 = (w % {WNW}) * {WN}",
+          f"    m0 = (cuda.blockIdx.y & 0x7FFFFFFF) * {BM}",
+          f"    n0 = (cuda.blockIdx.x & 0x7FFFFFFF) * {BN}",
+          "    z = cuda.blockIdx.z & 0xFFFF",
+          f"    for i in range({FM}):",
+          f"        for j in range({FN}):",
+          "            for r in range(4):",
+          "                acc[i, j, r] = DT0",
+          "    kb = z * Kc",
+          "    ke = min(K, kb + Kc)",
+          f"    ntiles = (ke - kb + {BK - 1}) // {BK}"]
+    L += ["    " + s for s in ageo + bgeo]
+    L += ["    if ntiles > 0:",
+          "        k0 = kb"]
+    L += ["        " + s for s in aload + bload]
+    L += ["        " + s.replace("BUF", "0") for s in astore + bstore]
+    L += ["    cuda.syncthreads()",
+          "    for kt in range(ntiles):",
+          "        cur = kt & 1",
+          "        more = kt + 1 < ntiles",
+          f"        k0 = kb + (kt + 1) * {BK}",
+          "        if more:"]
+    L += ["            " + s for s in aload + bload]
+    for kc in range(BK // 16):
+        L += ["        " + s for s in chunk(kc)]
+    L += ["        if more:",
+          "            nxt = cur ^ 1"]
+    L += ["            " + s.replace("BUF", "nxt") for s in astore + bstore]
+    L += ["        cuda.syncthreads()"]
+    L += [f"    for i in range({FM}):",
+          f"        for j in range({FN}):",
+          "            for r in range(4):",
+          "                m = m0 + wm0 + 16 * i + g + 8 * (r >> 1)",
+          "                n = n0 + wn0 + 8 * j + 2 * t + (r & 1)",
+          "                if m < M and n < N:",
+          "                    v = acc[i, j, r]",
+          "                    if has_bias:",
+          "                        v += bias[n]",
+          "                    C[z, m, n] = v"]
+    ns = dict(cuda=cuda, float32=float32, int64=int64, DT0=float32(0), ldg4=ldg4, tf32=tf32, min=min,
+              ALIGN=ALIGN, has_bias=has_bias, mma_tf32=mma_tf32,
+              mma=make_mma_emulated(SIMULATOR) if emulate else None)
+    name = f"gemm_tf32 {layout} {config}{' emulated' if emulate else ''}"
+    ns, src = generated(L, name, ns)
+    k = kernel(launch_bounds=(NT, MINB))(ns["gemm"])
+    k.threads = NT
+    k.tile = (BM, BN)
+    k.source = src
+    return k
+
+
+# ----------------------------------------------------------------------------- the entry point
+def default_config(M: int, N: int) -> str:
+    """The tile for an ``M x N`` product: 128 x 128 with enough tiles for the GPU, smaller
+    otherwise (those short products are split over K as well); the simulator's two-warp tile."""
+    if SIM:
+        return "tiny"
+    if M * N >= 128 * 128 * 132:
+        return "large"
+    return "wide"
+
+
+def _vec(x, contiguous: int) -> bool:
+    return contiguous % 4 == 0 and (SIMULATOR or pointer(x) % 16 == 0)
+
+
+def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None = None,
+              splits: int | None = None, stream=0, emulate: bool = False):
+    """``op(a) @ op(b)`` (+ ``bias``) with TF32 operands on the tensor cores, float32 sums: ``a``,
+    ``b`` C-contiguous 2-D float32 device arrays in one of :data:`.gemm.LAYOUTS`, ``out`` an
+    ``[M, N]`` float32 device array (allocated when None; returned).  The product is split over K
+    (``splits``, default :func:`.gemm.split_count`'s choice) when its tiles are too few for the
+    GPU.  ``emulate``: the fragment op in plain CUDA instead of ``mma.sync`` (what the simulator
+    always runs; on a GPU, to check the kernel's indexing apart from the instruction).
+
+    The error against a float64 product is TF32's: each operand's relative rounding error is up to
+    2**-11, so a product of K terms lands near 1e-4..1e-3 relative (``benchmarks/GPU.md``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"gemm_tf32: 2-D operands expected, got {a.shape} and {b.shape}")
+    for name, x in (("a", a), ("b", b), ("out", out), ("bias", bias)):
+        if x is not None and np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"gemm_tf32: {name} is {np.dtype(x.dtype)}, expected float32")
+    K, M = a.shape if layout == "tn" else a.shape[::-1]
+    N, Kb = (b.shape[1], b.shape[0]) if layout in ("nn", "tn") else tuple(b.shape)
+    if Kb != K:
+        raise ValueError(f"gemm_tf32 {layout}: inner dimensions differ ({a.shape} and {b.shape})")
+    if out is None:
+        out = empty((M, N), np.float32)
+    elif tuple(out.shape) != (M, N):
+        raise ValueError(f"gemm_tf32: out is {tuple(out.shape)}, expected {(M, N)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"gemm_tf32: bias is {tuple(bias.shape)}, expected {(N,)}")
+    if M == 0 or N == 0:
+        return out
+    if config is None:
+        config = default_config(M, N)
+    if config not in CONFIGS:
+        raise ValueError(f"gemm_tf32 config {config!r}: expected one of {tuple(CONFIGS)}")
+    vec_a = _vec(a, M if layout == "tn" else K)
+    vec_b = _vec(b, N if layout in ("nn", "tn") else K)
+    BM, BN, BK = CONFIGS[config][:3]
+    if splits is None:
+        tiles = cdiv(M, BM) * cdiv(N, BN)
+        target = 2 * _gemm._multiprocessors()
+        splits = 1 if SIM or tiles * 2 > target else max(1, min(target // tiles, K // 256))
+    Kc = cdiv(cdiv(max(K, 1), splits), BK) * BK
+    splits = max(1, cdiv(K, Kc))
+    one = as_shape(out, (1,))
+    if splits == 1:
+        k = make_gemm_tf32(layout, config, bias is not None, vec_a, vec_b, emulate)
+        launcher(k)((cdiv(N, BN), cdiv(M, BM), 1), (k.threads, 1, 1), stream,
+                    as_shape(a, a.shape), as_shape(b, b.shape), as_shape(out, (1, M, N)),
+                    as_shape(bias, (N,)) if bias is not None else one,
+                    int32(M), int32(N), int32(K), int32(K))
+        return out
+    parts = as_shape(_gemm._workspace(splits * M * N, np.float32), (splits, M, N))
+    k = make_gemm_tf32(layout, config, False, vec_a, vec_b, emulate, True)
+    launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
+                as_shape(a, a.shape), as_shape(b, b.shape), parts, one,
+                int32(M), int32(N), int32(K), int32(Kc))
+    o2 = as_shape(out, (M, N))
+    launcher(_gemm._make_sum_splits(np.dtype(np.float32), bias is not None))(
+        (cdiv(M * N, 256), 1, 1), (256, 1, 1), stream, parts, o2,
+        as_shape(bias, (N,)) if bias is not None else one, o2, o2, o2)
+    return out
