@@ -11,7 +11,8 @@ events, after a warm-up (the host's cost of issuing the launches included); "gra
 time only; refopt's training step replays graphs).  cuBLAS is timed per call only.  TFLOP/s =
 ``2 M N K / time``.  Errors against the float64 product of the float32 operands (no rounding):
 ``max`` = max|C - C64| / max|C64|, ``fro`` = ||C - C64|| / ||C64||.  ``SWEEP`` adds graph-timed rows
-for other configurations ``config:splits`` of the TF32 kernel.  Figures: ``benchmarks/GPU.md``.
+for other configurations ``config:splits[:pipeline]`` of the TF32 kernel; ``SASS=1`` counts
+instructions in the SASS of the kernels compiled (needs ``nvdisasm``).  Figures: ``benchmarks/GPU.md``.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def main():
     shapes = SHAPES
     if os.environ.get("SHAPES"):
         shapes = [s for s in SHAPES if s[0] + "%dx%dx%d" % s[1:] in os.environ["SHAPES"].split()]
-    sweep = [(c.split(":")[0], int(c.split(":")[1])) for c in os.environ.get("SWEEP", "").split()]
+    sweep = [(c.split(":") + [None])[:3] for c in os.environ.get("SWEEP", "").split()]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device {torch.cuda.get_device_name()}; {repeats} calls, graph rounds {rounds}", flush=True)
     rows = []
@@ -81,17 +82,29 @@ def main():
               f"{err_t[1]:.1e}, unwritten {unwritten})  SIMT f32 {f / ms_s:.1f} (err max {err_s[0]:.1e} fro "
               f"{err_s[1]:.1e})", flush=True)
         rows.append((name, f / ms_c, f / ms_t, f / ms_tg, f / ms_f32, f / ms_s, err_c, err_t, err_s))
-        for config, splits in sweep:
+        for config, splits, pipeline in sweep:
             try:
                 ms = statistics.median(graph_time(lambda s: T.gemm_tf32(dA, dB, layout, out=o, stream=s,
-                                                                        config=config, splits=splits), repeats)
+                                                                        config=config, splits=int(splits),
+                                                                        pipeline=pipeline), repeats)
                                        for _ in range(rounds))
             except Exception as e:   # noqa: BLE001 - report and go on
                 print(f"  {config}:{splits}: {type(e).__name__}: {e}", flush=True)
                 continue
             e = errors(torch.as_tensor(o, device="cuda"), want)
-            print(f"  {config}:{splits} graph {f / ms:.1f} TFLOP/s ({ms_c / ms:.2f}x cuBLAS tf32 per call) "
+            print(f"  {config}:{splits}:{pipeline or 'default'} graph {f / ms:.1f} TFLOP/s ({ms_c / ms:.2f}x cuBLAS tf32 per call) "
                   f"err max {e[0]:.1e}", flush=True)
+    if os.environ.get("SASS"):             # the kernels the 4096^3 rows ran, as compiled
+        for layout in G.LAYOUTS:
+            for config in ("large", "large2"):
+                k = T.make_gemm_tf32(layout, config, False, True, True, False, False, None)
+                try:
+                    for sass in k.inspect_sass().values():
+                        counts = {op: sass.count(op) for op in ("HMMA", "LDGSTS", "LDS.128", "LDS ", "CVT",
+                                                                "STS", "LDL", "STL", "BAR.SYNC")}
+                        print(f"SASS {layout} {config} {k.pipeline} stages {k.stages}: {counts}", flush=True)
+                except Exception as e:   # noqa: BLE001 - report and go on
+                    print(f"SASS {layout} {config}: {type(e).__name__}: {e}", flush=True)
     print("\n| product | cuBLAS TF32 | TF32 kernel, call | ratio | graph | ratio | cuBLAS f32 | SIMT f32 "
           "| err max / fro: cuBLAS TF32 | TF32 kernel | SIMT f32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -183,6 +183,20 @@ def test_gemm_tf32_every_tile_configuration(config):
             close(out.copy_to_host(), want, np.float32, f"tf32 {config} {layout} K={k}", scale)
 
 
+@pytest.mark.parametrize("pipeline", ["async", "regs"])
+@pytest.mark.parametrize("layout", ggemm.LAYOUTS)
+def test_gemm_tf32_pipelines(pipeline, layout):
+    # both main loops on the same aligned operands (cp.async stages, and register staging), K from
+    # under one slice to several (the async loop's prologue issues up to two slices)
+    rng = np.random.default_rng(13)
+    M, N = (260, 200) if FULL else (35, 19)
+    for K in (8, 16, 52) if not FULL else (8, 16, 52, 1000):
+        A, B = operands(rng, layout, M, N, K)
+        want, scale = reference(A, B, layout)
+        out = T.gemm_tf32(cuda.to_device(A), cuda.to_device(B), layout, pipeline=pipeline, splits=1)
+        close(out.copy_to_host(), want, np.float32, f"tf32 {pipeline} {layout} K={K}", scale)
+
+
 @gpu_only
 @pytest.mark.parametrize("layout", ggemm.LAYOUTS)
 @pytest.mark.parametrize("config", ["large", "wide"])
@@ -214,6 +228,8 @@ def test_gemm_tf32_rejects_bad_arguments():
         T.gemm_tf32(cuda.to_device(np.ones((4, 8), np.float64)), b, "nt")
     with pytest.raises(ValueError, match="out is"):
         T.gemm_tf32(a, b, "nt", out=cuda.to_device(np.ones((5, 4), np.float32)))
+    with pytest.raises(ValueError, match="pipeline"):
+        T.gemm_tf32(a, b, "nt", pipeline="tma")
     with pytest.raises(ValueError, match="config"):
         T.gemm_tf32(a, b, "nt", config="huge")
     out = T.gemm_tf32(a, b, "nt").copy_to_host()               # the good call, for contrast

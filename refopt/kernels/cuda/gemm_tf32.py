@@ -13,11 +13,14 @@ write-ups of ``mma.sync`` GEMMs, written here for Numba):
 
 * A block computes a ``BM x BN`` tile of C with ``NW`` warps, each warp a ``WM x WN`` warp tile:
   ``WM / 16 x WN / 8`` fragments of ``m16n8``, whose accumulators (4 a lane each) stay in
-  registers.  Every ``BK`` slice of A and B is staged in shared memory, TF32-rounded once as it
-  is stored; the next slice is read from global memory into registers while the current one is
-  multiplied (two shared buffers, one barrier a slice).  Global reads are 16-byte loads
-  (:func:`.gemm.ldg4`) where an operand's contiguous dimension is a multiple of 4 and its data
-  16-byte aligned, guarded scalar loads otherwise; out-of-range elements are zeros.
+  registers.  Every ``BK`` slice of A and B is staged in shared memory.  Where both operands'
+  contiguous dimensions are multiples of 4 and their data 16-byte aligned, the copies are
+  ``cp.async`` (16 bytes, out-of-range groups zero-filled) into 3 shared stages (2 where 3 do not
+  fit the 48 KB a block may declare), CUTLASS's multistage loop: two slices in flight while one
+  is multiplied, one barrier a slice, the operands rounded to TF32 as fragments are read
+  (``"async"``).  Otherwise (``"regs"``) the next slice is read into registers with guarded
+  scalar loads while the current one is multiplied, rounded as it is stored to the other of two
+  buffers.
 * Fragments (PTX ISA, ``m16n8k8`` with ``.tf32``; ``g = lane / 4``, ``t = lane % 4``): A's
   ``a0..a3`` are ``A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]``; B's ``b0, b1`` are ``B[t][g],
   B[t+4][g]``; C's ``c0..c3`` are ``C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]``.
@@ -91,6 +94,25 @@ if SIMULATOR:
         return round_tf32(np.float32(x))[()]
 
     mma_tf32 = None      # inline PTX: a GPU only
+
+    def cp_async16(dst, doff, src, soff, nbytes):
+        """The simulator's ``cp.async``: four floats of ``src`` from flat ``soff`` to ``dst`` at flat
+        ``doff`` (zeros when ``nbytes`` is 0), at once."""
+        d = dst.reshape(dst.size)
+        if nbytes:
+            f = src.reshape(src.size)
+            d[doff:doff + 4] = f[soff:soff + 4]
+        else:
+            d[doff:doff + 4] = 0
+
+    def cp_commit():
+        pass
+
+    def cp_wait0():
+        pass
+
+    def cp_wait1():
+        pass
 else:
     from llvmlite import ir as _ir
     from numba.cuda import types as _types
@@ -134,6 +156,43 @@ else:
             return context.make_tuple(builder, sig.return_type,
                                       [builder.extract_value(res, i) for i in range(4)])
         return sig, codegen
+
+    @_intrinsic
+    def cp_async16(typingctx, dst, doff, src, soff, nbytes):
+        """``cp.async.cg.shared.global`` of 16 bytes: ``src`` (global) from flat element ``soff`` to
+        ``dst`` (shared) at flat element ``doff``, ``nbytes`` (16 or 0) read and the rest
+        zero-filled; both addresses 16-byte aligned (the caller's duty).  Completes at
+        :func:`cp_wait0` / :func:`cp_wait1` of a later :func:`cp_commit`'s group."""
+        sig = _signature(_types.void, dst, _types.int64, src, _types.int64, _types.int32)
+
+        def codegen(context, builder, sig, args):
+            d = context.make_array(sig.args[0])(context, builder, args[0])
+            a = context.make_array(sig.args[2])(context, builder, args[2])
+            dp = builder.gep(d.data, [context.cast(builder, args[1], sig.args[1], _types.int64)])
+            sp = builder.gep(a.data, [context.cast(builder, args[3], sig.args[3], _types.int64)])
+            n = context.cast(builder, args[4], sig.args[4], _types.int32)
+            i64 = _ir.IntType(64)
+            asm = _ir.InlineAsm(
+                _ir.FunctionType(_ir.VoidType(), [i64, i64, _I32]),
+                "{ .reg .u64 s; cvta.to.shared.u64 s, $0; cp.async.cg.shared.global [s], [$1], 16, $2; }",
+                "l,l,r,~{memory}", side_effect=True)
+            builder.call(asm, [builder.ptrtoint(dp, i64), builder.ptrtoint(sp, i64), n])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    def _asm0(text):
+        @_intrinsic
+        def op(typingctx):
+            def codegen(context, builder, sig, args):
+                asm = _ir.InlineAsm(_ir.FunctionType(_ir.VoidType(), []), text, "~{memory}", side_effect=True)
+                builder.call(asm, [])
+                return context.get_dummy_value()
+            return _signature(_types.void), codegen
+        return op
+
+    cp_commit = _asm0("cp.async.commit_group;")
+    cp_wait0 = _asm0("cp.async.wait_group 0;")   # every committed group complete
+    cp_wait1 = _asm0("cp.async.wait_group 1;")   # all but the newest group complete
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,13 +259,15 @@ def make_mma_emulated(block_sync: bool):
 
 
 # ----------------------------------------------------------------------------- the kernel
-def _operand(X, rows, r0, BR, km, BK, NT, vec, perm_pad):
-    """Source lines of one operand's slice loads (``X`` "a" / "b", its array ``X.upper()``, shared
-    ``Xs``): ``(geometry, loads into registers rX[...], stores of rX into Xs[BUF, ...])``.
-    ``km``: stored ``[K, rows]`` (k-major), else ``[rows, K]``; ``vec``: 16-byte global loads."""
+def _operand(X, rows, r0, BR, km, BK, NT, vec, perm):
+    """Source lines of one operand's slice copies (``X`` "a" / "b", its array ``X.upper()``, shared
+    ``Xs``): ``(geometry, loads into registers rX[...], stores of rX into Xs[BUF, ...], cp.async
+    copies into Xs[BUF, ...], registers a thread)``, a thread's part of a slice as groups of four
+    consecutive elements of the operand's contiguous dimension.  ``km``: stored ``[K, rows]``
+    (k-major), else ``[rows, K]``; ``vec``: 16-byte global loads."""
     A = X.upper()
     reg = f"r{X}"
-    geo, loads, stores = [], [], []
+    geo, loads, stores, issue = [], [], [], []
     if km:
         Q = BR // 4                       # quads along a k row of the tile
         KR = NT // Q                      # k rows a pass
@@ -224,6 +285,9 @@ def _operand(X, rows, r0, BR, km, BK, NT, vec, perm_pad):
                           f"else DT0" for j in range(4)]
             stores += [f"{X.upper()}s[BUF, {X}k + {p * KR}, {X}c + {j}] = tf32({reg}[{4 * p + j}])"
                        for j in range(4)]
+            issue += [f"ok = {kk} < ke and {cc} < {rows}",
+                      f"cp_async16({A}s, int64((BUF * {BK} + {X}k + {p * KR}) * S{A} + {X}c), {A}, "
+                      f"(int64({kk}) * {rows} + {cc}) if ok else int64(0), int32(16) if ok else int32(0))"]
     else:
         Q = BK // 4                       # quads along a row's slice
         RR = NT // Q                      # rows a pass
@@ -241,18 +305,28 @@ def _operand(X, rows, r0, BR, km, BK, NT, vec, perm_pad):
                           f"else DT0" for j in range(4)]
             stores += [f"{X.upper()}s[BUF, {X}r + {p * RR}, {X}q + {j}] = tf32({reg}[{4 * p + j}])"
                        for j in range(4)]
-    return geo, loads, stores, 4 * P
+            issue += [f"ok = {rr} < {rows} and {kq} < ke",
+                      f"cp_async16({A}s, int64((BUF * {BR} + {X}r + {p * RR}) * S{A} + {X}q), {A}, "
+                      f"(int64({rr}) * K + {kq}) if ok else int64(0), int32(16) if ok else int32(0))"]
+    return geo, loads, stores, issue, 4 * P
 
 
 @functools.lru_cache(maxsize=None)
 def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool = True,
-                   vec_b: bool = True, emulate: bool = False, splitk: bool = False):
+                   vec_b: bool = True, emulate: bool = False, splitk: bool = False,
+                   pipeline: str | None = None):
     """The kernel ``gemm(A, B, C, bias, M, N, K, Kc)`` for one layout, tile configuration and
     epilogue (generated source, compiled on first launch): ``C[z]`` (``[Z, M, N]``) receives the
     product over K's slice ``[z * Kc, min(K, (z + 1) * Kc))`` (``Z = 1, Kc = K`` unless
     ``splitk``), plus ``bias`` when ``has_bias``.  ``vec_a`` / ``vec_b``: 16-byte global loads of
     A / B (the caller checks they may); ``emulate``: :func:`make_mma_emulated`'s fragment op instead
-    of the tensor cores' (always under the simulator)."""
+    of the tensor cores' (always under the simulator).
+
+    ``pipeline``: ``"async"`` (both operands 16-byte readable; the default then): ``cp.async``
+    copies global -> shared, ``STAGES`` shared buffers (3 where they fit in 48 KB, else 2), slices
+    ``kt + 1 .. kt + STAGES - 1`` in flight while slice ``kt`` is multiplied, the operands rounded
+    to TF32 as fragments are read; ``"regs"``: the next slice read into registers while the current
+    one is multiplied, rounded as it is stored to the other of two buffers."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
     BM, BN, BK, WM, WN, MINB = CONFIGS[config]
@@ -265,16 +339,25 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
     b_km = layout in ("nn", "tn")
     perm = not a_km and not b_km          # "nt": permuted-k fragments, 16-byte shared loads
     emulate = emulate or SIMULATOR
+    if pipeline is None:
+        pipeline = "async" if vec_a and vec_b else "regs"
+    assert pipeline in ("async", "regs") and (pipeline == "regs" or (vec_a and vec_b))
     if perm:
         SA = SB = BK
-        ashape, bshape = f"(2, {BM}, {SA})", f"(2, {BN}, {SB})"
+        adims, bdims = (BM, SA), (BN, SB)
     else:
         SA = BM + 8 if a_km else BK + 4
         SB = BN + 8 if b_km else BK + 4
-        ashape = f"(2, {BK}, {SA})" if a_km else f"(2, {BM}, {SA})"
-        bshape = f"(2, {BK}, {SB})" if b_km else f"(2, {BN}, {SB})"
-    ageo, aload, astore, LA = _operand("a", "M", "m0", BM, a_km, BK, NT, vec_a, perm)
-    bgeo, bload, bstore, LB = _operand("b", "N", "n0", BN, b_km, BK, NT, vec_b, perm)
+        adims = (BK, SA) if a_km else (BM, SA)
+        bdims = (BK, SB) if b_km else (BN, SB)
+    stage = 4 * (adims[0] * adims[1] + bdims[0] * bdims[1])
+    room = 48 * 1024 - (4 * NW * 192 if emulate else 0)
+    STAGES = 2 if pipeline == "regs" else max(2, min(3, room // stage))
+    assert STAGES * stage <= room, (config, layout, STAGES, stage)
+    ashape, bshape = (STAGES,) + adims, (STAGES,) + bdims
+    ageo, aload, astore, aissue, LA = _operand("a", "M", "m0", BM, a_km, BK, NT, vec_a, perm)
+    bgeo, bload, bstore, bissue, LB = _operand("b", "N", "n0", BN, b_km, BK, NT, vec_b, perm)
+    rnd = "tf32" if pipeline == "async" else ""     # where the rounding happens: fragment reads
 
     if emulate:
         call = "mma(scr, w, lane, {a}, {b}, {c})"
@@ -282,7 +365,7 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
         call = "mma_tf32({a}, {b}, {c})"
 
     def chunk(kc):
-        """Lines of one 16-wide K chunk of the current buffer: fragment loads, then 2 k8 steps."""
+        """Lines of one 16-wide K chunk of buffer ``cur``: fragment loads, then 2 k8 steps."""
         out = []
         if perm:
             for i in range(FM):
@@ -292,11 +375,16 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
             for j in range(FN):
                 off = f"int64((cur * {BN} + wn0 + {8 * j} + g) * {SB} + {kc * 16} + t4)"
                 out.append(f"xb{j} = ldg4(Bs, {off})")
+            for i in range(FM):
+                for h in range(2):
+                    out += [f"xa{i}{h}{q} = {rnd}(xa{i}{h}[{q}])" for q in range(4)]
+            for j in range(FN):
+                out += [f"xb{j}{q} = {rnd}(xb{j}[{q}])" for q in range(4)]
             for s in range(2):
                 for i in range(FM):
-                    a = f"xa{i}0[{2 * s}], xa{i}1[{2 * s}], xa{i}0[{2 * s + 1}], xa{i}1[{2 * s + 1}]"
+                    a = f"xa{i}0{2 * s}, xa{i}1{2 * s}, xa{i}0{2 * s + 1}, xa{i}1{2 * s + 1}"
                     for j in range(FN):
-                        b = f"xb{j}[{2 * s}], xb{j}[{2 * s + 1}]"
+                        b = f"xb{j}{2 * s}, xb{j}{2 * s + 1}"
                         c = ", ".join(f"acc[{i}, {j}, {r}]" for r in range(4))
                         out.append(f"d = {call.format(a=a, b=b, c=c)}")
                         out += [f"acc[{i}, {j}, {r}] = d[{r}]" for r in range(4)]
@@ -309,11 +397,13 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
                 # a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
                 for r, (m, k) in enumerate([(rows[0], ks[0]), (rows[1], ks[0]), (rows[0], ks[1]),
                                             (rows[1], ks[1])]):
-                    out.append(f"fa{i}{r} = As[cur, {k}, {m}]" if a_km else f"fa{i}{r} = As[cur, {m}, {k}]")
+                    out.append(f"fa{i}{r} = {rnd}(As[cur, {k}, {m}])" if a_km
+                               else f"fa{i}{r} = {rnd}(As[cur, {m}, {k}])")
             for j in range(FN):
                 n = f"wn0 + {8 * j} + g"
                 for r, k in enumerate((f"{k8} + t", f"{k8 + 4} + t")):
-                    out.append(f"fb{j}{r} = Bs[cur, {k}, {n}]" if b_km else f"fb{j}{r} = Bs[cur, {n}, {k}]")
+                    out.append(f"fb{j}{r} = {rnd}(Bs[cur, {k}, {n}])" if b_km
+                               else f"fb{j}{r} = {rnd}(Bs[cur, {n}, {k}])")
             for i in range(FM):
                 a = ", ".join(f"fa{i}{r}" for r in range(4))
                 for j in range(FN):
@@ -326,9 +416,10 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
     L = ["def gemm(A, B, C, bias, M, N, K, Kc):",
          f"    As = cuda.shared.array({ashape}, float32, alignment=ALIGN)",
          f"    Bs = cuda.shared.array({bshape}, float32, alignment=ALIGN)",
-         f"    acc = cuda.local.array(({FM}, {FN}, 4), float32)",
-         f"    ra = cuda.local.array({LA}, float32)",
-         f"    rb = cuda.local.array({LB}, float32)"]
+         f"    acc = cuda.local.array(({FM}, {FN}, 4), float32)"]
+    if pipeline == "regs":
+        L += [f"    ra = cuda.local.array({LA}, float32)",
+              f"    rb = cuda.local.array({LB}, float32)"]
     if emulate:
         L += [f"    scr = cuda.shared.array(({NW}, 192), float32)"]
     L += ["    tid = cuda.threadIdx.x & 1023",
@@ -350,23 +441,45 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
           "    ke = min(K, kb + Kc)",
           f"    ntiles = (ke - kb + {BK - 1}) // {BK}"]
     L += ["    " + s for s in ageo + bgeo]
-    L += ["    if ntiles > 0:",
-          "        k0 = kb"]
-    L += ["        " + s for s in aload + bload]
-    L += ["        " + s.replace("BUF", "0") for s in astore + bstore]
-    L += ["    cuda.syncthreads()",
-          "    for kt in range(ntiles):",
-          "        cur = kt & 1",
-          "        more = kt + 1 < ntiles",
-          f"        k0 = kb + (kt + 1) * {BK}",
-          "        if more:"]
-    L += ["            " + s for s in aload + bload]
-    for kc in range(BK // 16):
-        L += ["        " + s for s in chunk(kc)]
-    L += ["        if more:",
-          "            nxt = cur ^ 1"]
-    L += ["            " + s.replace("BUF", "nxt") for s in astore + bstore]
-    L += ["        cuda.syncthreads()"]
+    body = [x for kc in range(BK // 16) for x in chunk(kc)]
+    if pipeline == "regs":
+        L += ["    if ntiles > 0:",
+              "        k0 = kb"]
+        L += ["        " + s for s in aload + bload]
+        L += ["        " + s.replace("BUF", "0") for s in astore + bstore]
+        L += ["    cuda.syncthreads()",
+              "    for kt in range(ntiles):",
+              "        cur = kt & 1",
+              "        more = kt + 1 < ntiles",
+              f"        k0 = kb + (kt + 1) * {BK}",
+              "        if more:"]
+        L += ["            " + s for s in aload + bload]
+        L += ["        " + s for s in body]
+        L += ["        if more:",
+              "            nxt = cur ^ 1"]
+        L += ["            " + s.replace("BUF", "nxt") for s in astore + bstore]
+        L += ["        cuda.syncthreads()"]
+    else:
+        # CUTLASS's multistage main loop: slices 0 .. STAGES-2 issued first; at slice kt, wait for
+        # its group (this thread's copies), a barrier (everyone's copies visible, and everyone done
+        # with slice kt-1, whose buffer the next issue overwrites), issue slice kt+STAGES-1,
+        # multiply slice kt.  Every thread commits one group a slice, empty ones included, so the
+        # group count that wait_group names is the same for every slice.
+        for s_ in range(STAGES - 1):
+            L += [f"    if {s_} < ntiles:",
+                  f"        k0 = kb + {s_ * BK}"]
+            L += ["        " + x.replace("BUF", str(s_)) for x in aissue + bissue]
+            L += ["    cp_commit()"]
+        L += ["    for kt in range(ntiles):",
+              f"        cur = kt % {STAGES}",
+              f"        cp_wait{STAGES - 2}()",
+              "        cuda.syncthreads()",
+              f"        if kt + {STAGES - 1} < ntiles:",
+              f"            k0 = kb + (kt + {STAGES - 1}) * {BK}",
+              f"            nxt = (kt + {STAGES - 1}) % {STAGES}"]
+        L += ["            " + x.replace("BUF", "nxt") for x in aissue + bissue]
+        L += ["        cp_commit()"]
+        L += ["        " + s for s in body]
     L += [f"    for i in range({FM}):",
           f"        for j in range({FN}):",
           "            for r in range(4):",
@@ -377,14 +490,17 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
           "                    if has_bias:",
           "                        v += bias[n]",
           "                    C[z, m, n] = v"]
-    ns = dict(cuda=cuda, float32=float32, int64=int64, DT0=float32(0), ldg4=ldg4, tf32=tf32, min=min,
-              ALIGN=ALIGN, has_bias=has_bias, mma_tf32=mma_tf32,
+    ns = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, DT0=float32(0), ldg4=ldg4, tf32=tf32,
+              min=min, ALIGN=ALIGN, has_bias=has_bias, mma_tf32=mma_tf32, SA=SA, SB=SB,
+              cp_async16=cp_async16, cp_commit=cp_commit, cp_wait0=cp_wait0, cp_wait1=cp_wait1,
               mma=make_mma_emulated(SIMULATOR) if emulate else None)
-    name = f"gemm_tf32 {layout} {config}{' emulated' if emulate else ''}"
+    name = f"gemm_tf32 {layout} {config} {pipeline}{' emulated' if emulate else ''}"
     ns, src = generated(L, name, ns)
     k = kernel(launch_bounds=(NT, MINB))(ns["gemm"])
     k.threads = NT
     k.tile = (BM, BN)
+    k.stages = STAGES
+    k.pipeline = pipeline
     k.source = src
     return k
 
@@ -405,13 +521,15 @@ def _vec(x, contiguous: int) -> bool:
 
 
 def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None = None,
-              splits: int | None = None, stream=0, emulate: bool = False):
+              splits: int | None = None, stream=0, emulate: bool = False, pipeline: str | None = None):
     """``op(a) @ op(b)`` (+ ``bias``) with TF32 operands on the tensor cores, float32 sums: ``a``,
     ``b`` C-contiguous 2-D float32 device arrays in one of :data:`.gemm.LAYOUTS`, ``out`` an
     ``[M, N]`` float32 device array (allocated when None; returned).  The product is split over K
     (``splits``, default :func:`.gemm.split_count`'s choice) when its tiles are too few for the
     GPU.  ``emulate``: the fragment op in plain CUDA instead of ``mma.sync`` (what the simulator
     always runs; on a GPU, to check the kernel's indexing apart from the instruction).
+    ``pipeline``: ``"async"`` / ``"regs"`` (:func:`make_gemm_tf32`; default ``"async"`` where both
+    operands take 16-byte loads).
 
     The error against a float64 product is TF32's: each operand's relative rounding error is up to
     2**-11, so a product of K terms lands near 1e-4..1e-3 relative (``benchmarks/GPU.md``)."""
@@ -438,8 +556,12 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
         config = default_config(M, N)
     if config not in CONFIGS:
         raise ValueError(f"gemm_tf32 config {config!r}: expected one of {tuple(CONFIGS)}")
+    if pipeline not in (None, "async", "regs"):
+        raise ValueError(f"gemm_tf32 pipeline {pipeline!r}: expected 'async' or 'regs'")
     vec_a = _vec(a, M if layout == "tn" else K)
     vec_b = _vec(b, N if layout in ("nn", "tn") else K)
+    if pipeline == "async" and not (vec_a and vec_b):
+        pipeline = None                 # cp.async needs 16-byte aligned groups: registers instead
     BM, BN, BK = CONFIGS[config][:3]
     if splits is None:
         tiles = cdiv(M, BM) * cdiv(N, BN)
@@ -449,14 +571,14 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
     splits = max(1, cdiv(K, Kc))
     one = as_shape(out, (1,))
     if splits == 1:
-        k = make_gemm_tf32(layout, config, bias is not None, vec_a, vec_b, emulate)
+        k = make_gemm_tf32(layout, config, bias is not None, vec_a, vec_b, emulate, False, pipeline)
         launcher(k)((cdiv(N, BN), cdiv(M, BM), 1), (k.threads, 1, 1), stream,
                     as_shape(a, a.shape), as_shape(b, b.shape), as_shape(out, (1, M, N)),
                     as_shape(bias, (N,)) if bias is not None else one,
                     int32(M), int32(N), int32(K), int32(K))
         return out
     parts = as_shape(_gemm._workspace(splits * M * N, np.float32), (splits, M, N))
-    k = make_gemm_tf32(layout, config, False, vec_a, vec_b, emulate, True)
+    k = make_gemm_tf32(layout, config, False, vec_a, vec_b, emulate, True, pipeline)
     launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
                 as_shape(a, a.shape), as_shape(b, b.shape), parts, one,
                 int32(M), int32(N), int32(K), int32(Kc))
