@@ -92,8 +92,8 @@ def main():
                 print(f"  {config}:{splits}: {type(e).__name__}: {e}", flush=True)
                 continue
             e = errors(torch.as_tensor(o, device="cuda"), want)
-            print(f"  {config}:{splits}:{pipeline or 'default'} graph {f / ms:.1f} TFLOP/s ({ms_c / ms:.2f}x cuBLAS tf32 per call) "
-                  f"err max {e[0]:.1e}", flush=True)
+            print(f"  {config}:{splits}:{pipeline or 'default'} graph {f / ms:.1f} TFLOP/s "
+                  f"({ms_c / ms:.2f}x cuBLAS tf32 per call) err max {e[0]:.1e}", flush=True)
     if os.environ.get("SASS"):             # the kernels the 4096^3 rows ran, as compiled
         for layout in G.LAYOUTS:
             for config in ("large", "large2"):

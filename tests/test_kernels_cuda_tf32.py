@@ -234,3 +234,21 @@ def test_gemm_tf32_rejects_bad_arguments():
         T.gemm_tf32(a, b, "nt", config="huge")
     out = T.gemm_tf32(a, b, "nt").copy_to_host()               # the good call, for contrast
     np.testing.assert_array_equal(out, np.full((4, 5), 8.0, np.float32))
+
+
+def test_gemm_precision_tf32():
+    # gemm(..., precision="tf32") is gemm_tf32 (the same bits); float32 stays gemm's default path
+    rng = np.random.default_rng(17)
+    A, B = operands(rng, "nn", 21, 30, 24)
+    b = rng.standard_normal(30).astype(np.float32)
+    dA, dB, db = cuda.to_device(A), cuda.to_device(B), cuda.to_device(b)
+    via = ggemm.gemm(dA, dB, "nn", bias=db, precision="tf32").copy_to_host()
+    direct = ggemm.gemm_tf32(dA, dB, "nn", bias=db).copy_to_host()
+    np.testing.assert_array_equal(via, direct)
+    plain = ggemm.gemm(dA, dB, "nn", bias=db).copy_to_host()
+    close(plain, A.astype(np.float64) @ B + b, np.float32, "gemm float32", (np.abs(A) @ np.abs(B)).max())
+    assert np.abs(plain - via).max() > 0                 # the default did not take TF32
+    with pytest.raises(ValueError, match="precision"):
+        ggemm.gemm(dA, dB, "nn", precision="bf16")
+    with pytest.raises(ValueError, match="relu"):
+        ggemm.gemm(dA, dB, "nn", relu=True, precision="tf32")

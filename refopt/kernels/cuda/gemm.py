@@ -567,14 +567,21 @@ def _v2_fits(a, b, layout: str, M: int, N: int, K: int) -> bool:
 
 def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accumulate: bool = False,
          config: str | None = None, stream=0, residual=None, gate=None, keep=None, splits=None,
-         variant: str | None = None):
+         variant: str | None = None, precision: str = "float32"):
     """``op(a) @ op(b)`` (+ bias, ReLU, + out when ``accumulate``) on C-contiguous device arrays;
     see the module docstring for the layouts and the training epilogue (``residual``, ``gate``,
     ``keep``: device arrays shaped like the output).  2-D operands give ``[M, N]``; 3-D operands
     (a batch of products, ``a[z]`` with ``b[z]``) give ``[Z, M, N]``.  Returns ``out`` (allocated
     when None).  A 2-D product whose output has too few tiles for the GPU is split over ``K``
     (:func:`split_count`, or ``splits``) into partial products, summed in a fixed order by a
-    second kernel that applies the epilogue."""
+    second kernel that applies the epilogue.
+
+    ``precision="tf32"`` (opt-in; float32 is the default and the oracle's) takes
+    :func:`gemm_tf32` instead: TF32 operands on the tensor cores, 2-D float32 operands, bias
+    only."""
+    if precision != "float32":
+        return _gemm_precision(precision, a, b, layout, bias, relu, out, accumulate, config, stream,
+                               residual, gate, keep, splits, variant)
     plan_key = None
     if PLANS and _launch.FAST and out is not None:
         plan_key = (layout, _address(a), _address(b), _address(out), _address(bias), _address(residual),
@@ -666,6 +673,26 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     for go in plan:
         go()
     return out
+
+
+def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, **kwargs):
+    """:func:`refopt.kernels.cuda.gemm_tf32.gemm_tf32` (TF32 tensor-core product, opt-in), exported
+    beside :func:`gemm`."""
+    from refopt.kernels.cuda import gemm_tf32 as _tf32
+
+    return _tf32.gemm_tf32(a, b, layout, out=out, bias=bias, **kwargs)
+
+
+def _gemm_precision(precision, a, b, layout, bias, relu, out, accumulate, config, stream, residual,
+                    gate, keep, splits, variant):
+    if precision != "tf32":
+        raise ValueError(f"gemm precision {precision!r}: expected 'float32' or 'tf32'")
+    extra = [name for name, on in (("relu", relu), ("accumulate", accumulate), ("residual", residual is not None),
+                                   ("gate", gate is not None), ("keep", keep is not None),
+                                   ("variant", variant is not None)) if on]
+    if extra:
+        raise ValueError(f"gemm precision 'tf32': {', '.join(extra)} not supported (bias only)")
+    return gemm_tf32(a, b, layout, out=out, bias=bias, config=config, splits=splits, stream=stream)
 
 
 def _address(x):
