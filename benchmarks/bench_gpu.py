@@ -107,18 +107,19 @@ def bench_gemm(args, rows):
     from refopt.kernels.cuda import gemm as G
 
     n = args.gemm
+    reps = max(args.repeats, 20)        # a product is cheap: the medians of 20 calls (gemm_shapes')
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, n, device="cuda", generator=g)
     w = torch.randn(n, n, device="cuda", generator=g)
-    ms_torch = torch_event_time(lambda: torch.matmul(a, w.T), args.repeats)
+    ms_torch = torch_event_time(lambda: torch.matmul(a, w.T), reps)
     want = torch.matmul(a, w.T)
     da, dw = cuda.as_cuda_array(a), cuda.as_cuda_array(w)
     out = cuda.device_array((n, n), np.float32)
     best = None
     for config in ("large", "large1", "large16", "wide"):
-        ms = event_time(lambda: G.gemm(da, dw, "nt", out=out, config=config), args.repeats)
+        ms = event_time(lambda: G.gemm(da, dw, "nt", out=out, config=config), reps)
         err = rel_err(out.copy_to_host(), want.cpu().numpy())
         print(f"  gemm {config:6s} {ms:8.3f} ms  {2 * n**3 / ms / 1e9:6.1f} TFLOP/s  rel err {err:.1e}",
               flush=True)
@@ -134,10 +135,10 @@ def bench_gemm(args, rows):
         A = torch.randn(*((K, M) if layout == "tn" else (M, K)), device="cuda", generator=g)
         B = torch.randn(*((N, K) if layout == "nt" else (K, N)), device="cuda", generator=g)
         ta, tb = (A.T if layout == "tn" else A), (B.T if layout == "nt" else B)
-        ms_t = torch_event_time(lambda: torch.matmul(ta, tb), args.repeats)
+        ms_t = torch_event_time(lambda: torch.matmul(ta, tb), reps)
         dA, dB = cuda.as_cuda_array(A), cuda.as_cuda_array(B)
         o = cuda.device_array((M, N), np.float32)
-        ms = event_time(lambda: G.gemm(dA, dB, layout, out=o), args.repeats)
+        ms = event_time(lambda: G.gemm(dA, dB, layout, out=o), reps)
         err = rel_err(o.copy_to_host(), torch.matmul(ta, tb).cpu().numpy())
         ms_graph = graph_time(lambda s: G.gemm(dA, dB, layout, out=o, stream=s), 20)
         f = 2 * M * N * K
