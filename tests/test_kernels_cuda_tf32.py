@@ -173,7 +173,7 @@ def test_gemm_tf32_differs_from_float32(layout):
 def test_gemm_tf32_every_tile_configuration(config):
     rng = np.random.default_rng(11)
     M, N, K = (300, 270, 77) if FULL else (37, 21, 35)
-    for layout in ggemm.LAYOUTS:
+    for layout in [lay for lay in ggemm.LAYOUTS if T.fits(lay, config)]:
         # 16-byte and scalar loads of the K-contiguous operands (both on a GPU for two tiles only:
         # each kernel compiles for seconds)
         for k in (K, K + 1) if config in ("large", "wide", "tiny") else (K,):
@@ -232,6 +232,8 @@ def test_gemm_tf32_rejects_bad_arguments():
         T.gemm_tf32(a, b, "nt", pipeline="tma")
     with pytest.raises(ValueError, match="config"):
         T.gemm_tf32(a, b, "nt", config="huge")
+    with pytest.raises(ValueError, match="exceed"):
+        T.gemm_tf32(a, cuda.to_device(np.ones((8, 5), np.float32)), "nn", config="big")
     out = T.gemm_tf32(a, b, "nt").copy_to_host()               # the good call, for contrast
     np.testing.assert_array_equal(out, np.full((4, 5), 8.0, np.float32))
 

@@ -69,6 +69,7 @@ CONFIGS = {
     "large": (128, 128, 16, 64, 32, 1),
     "large2": (128, 128, 16, 64, 32, 2),
     "square": (128, 128, 16, 64, 64, 1),
+    "big": (128, 256, 16, 64, 64, 1),         # "nt" only (two stages of the others exceed 48 KB)
     "wide": (64, 128, 16, 32, 32, 2),
     "medium": (64, 64, 16, 32, 32, 2),
     "tiny": (32, 16, 16, 16, 16, 1),
@@ -311,6 +312,39 @@ def _operand(X, rows, r0, BR, km, BK, NT, vec, perm):
     return geo, loads, stores, issue, 4 * P
 
 
+def _shared_plan(layout: str, config: str, emulate: bool, pipeline: str):
+    """``(SA, SB, A tile dims, B tile dims, stages)`` of a kernel's shared memory (module
+    docstring): 3 stages for ``"async"`` where they fit the 48 KB a block may declare, else 2;
+    ValueError where 2 do not fit."""
+    BM, BN, BK, WM, WN, _ = CONFIGS[config]
+    a_km = layout == "tn"
+    b_km = layout in ("nn", "tn")
+    if not a_km and not b_km:
+        SA = SB = BK
+        adims, bdims = (BM, SA), (BN, SB)
+    else:
+        SA = BM + 8 if a_km else BK + 4
+        SB = BN + 8 if b_km else BK + 4
+        adims = (BK, SA) if a_km else (BM, SA)
+        bdims = (BK, SB) if b_km else (BN, SB)
+    stage = 4 * (adims[0] * adims[1] + bdims[0] * bdims[1])
+    room = 48 * 1024 - (4 * (BM // WM) * (BN // WN) * 192 if emulate else 0)
+    stages = 2 if pipeline == "regs" else max(2, min(3, room // stage))
+    if stages * stage > room:
+        raise ValueError(f"gemm_tf32 config {config!r}, layout {layout!r}: {stages} shared stages of "
+                         f"{stage} bytes exceed the {room} a block may declare")
+    return SA, SB, adims, bdims, stages
+
+
+def fits(layout: str, config: str, emulate: bool = False) -> bool:
+    """Whether a tile configuration's shared stages fit a block for ``layout``."""
+    try:
+        _shared_plan(layout, config, emulate or SIMULATOR, "regs")
+    except ValueError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool = True,
                    vec_b: bool = True, emulate: bool = False, splitk: bool = False,
@@ -342,18 +376,7 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
     if pipeline is None:
         pipeline = "async" if vec_a and vec_b else "regs"
     assert pipeline in ("async", "regs") and (pipeline == "regs" or (vec_a and vec_b))
-    if perm:
-        SA = SB = BK
-        adims, bdims = (BM, SA), (BN, SB)
-    else:
-        SA = BM + 8 if a_km else BK + 4
-        SB = BN + 8 if b_km else BK + 4
-        adims = (BK, SA) if a_km else (BM, SA)
-        bdims = (BK, SB) if b_km else (BN, SB)
-    stage = 4 * (adims[0] * adims[1] + bdims[0] * bdims[1])
-    room = 48 * 1024 - (4 * NW * 192 if emulate else 0)
-    STAGES = 2 if pipeline == "regs" else max(2, min(3, room // stage))
-    assert STAGES * stage <= room, (config, layout, STAGES, stage)
+    (SA, SB, adims, bdims, STAGES) = _shared_plan(layout, config, emulate, pipeline)
     ashape, bshape = (STAGES,) + adims, (STAGES,) + bdims
     ageo, aload, astore, aissue, LA = _operand("a", "M", "m0", BM, a_km, BK, NT, vec_a, perm)
     bgeo, bload, bstore, bissue, LB = _operand("b", "N", "n0", BN, b_km, BK, NT, vec_b, perm)
@@ -558,6 +581,7 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
         raise ValueError(f"gemm_tf32 config {config!r}: expected one of {tuple(CONFIGS)}")
     if pipeline not in (None, "async", "regs"):
         raise ValueError(f"gemm_tf32 pipeline {pipeline!r}: expected 'async' or 'regs'")
+    _shared_plan(layout, config, emulate or SIMULATOR, "regs")     # ValueError where it does not fit
     vec_a = _vec(a, M if layout == "tn" else K)
     vec_b = _vec(b, N if layout in ("nn", "tn") else K)
     if pipeline == "async" and not (vec_a and vec_b):
