@@ -11,7 +11,9 @@ Every time is the median of 20 event-timed runs after a warm-up; graph rows repl
 graph 20 times between two events (per-run time).  The host row is the wall time of 200 calls of
 ``gemm()`` without synchronising (the CPU's cost of one call, launches included), through Numba's
 dispatcher, through :mod:`refopt.kernels.cuda.launch` (``launch.FAST``) without ``gemm``'s plans and
-with them (``gemm.PLANS``: the launches of a call repeated with the same arguments, bound once).
+with them (``gemm.PLANS``: the launches of a call repeated with the same arguments, bound once),
+the bound launches through ``cuda.core.launch`` ("plans") or ``cuLaunchKernel`` ("direct",
+``launch.DIRECT``, the default).
 """
 from __future__ import annotations
 
@@ -60,8 +62,9 @@ def main():
         f = 2 * M * N * K
         name = f"{layout} {M}x{N}x{K}"
         host, py = {}, {}
-        for fast in (False, True, "plans"):        # Numba's dispatcher, launch.launcher, + plans
-            L.FAST, G.PLANS = bool(fast), fast == "plans"
+        for fast in (False, True, "plans", "direct"):   # Numba's dispatcher, launch.launcher, + plans
+            L.FAST, G.PLANS = bool(fast), fast in ("plans", "direct")   # (through cuda.core.launch
+            L.DIRECT = fast == "direct"                                 # or cuLaunchKernel)
             G._PLANS.clear()
             py[fast] = event_time(lambda: G.gemm(dA, dB, layout, out=o), 20)
             cuda.synchronize()
@@ -73,11 +76,13 @@ def main():
             got = torch.as_tensor(o, device="cuda").double()
             print(f"  fast={fast}: rel err {float((got - want).norm() / want.norm()):.1e}", flush=True)
         ms_py, host_us = py["plans"], host["plans"]
+        ms_d, host_d = py["direct"], host["direct"]
         ms_g = graph_time(lambda s: G.gemm(dA, dB, layout, out=o, stream=s), 20)
         print(f"{name}: cuBLAS {ms_t:.3f} ms ({f / ms_t / 1e9:.1f} TFLOP/s); python dispatcher "
               f"{py[False]:.3f} ms ({ms_t / py[False]:.2f}x, host {host[False]:.0f} us/call), fast "
               f"{py[True]:.3f} ms ({ms_t / py[True]:.2f}x, host {host[True]:.0f} us/call), plans "
-              f"{ms_py:.3f} ms ({ms_t / ms_py:.2f}x, host {host_us:.0f} us/call), graph {ms_g:.3f} ms "
+              f"{ms_py:.3f} ms ({ms_t / ms_py:.2f}x, host {host_us:.0f} us/call), direct {ms_d:.3f} ms "
+              f"({ms_t / ms_d:.2f}x, host {host_d:.0f} us/call), graph {ms_g:.3f} ms "
               f"({ms_t / ms_g:.2f}x)", flush=True)
         best = (1e9, "", 0)
         for variant, config in ((v, c) for v in variants for c in configs):
@@ -99,6 +104,7 @@ def main():
         line = (f"{name:22s} cuBLAS {ms_t:.3f}  dispatcher {py[False]:.3f} ({ms_t / py[False]:.2f}x, "
                 f"host {host[False]:.0f}us)  fast {py[True]:.3f} ({ms_t / py[True]:.2f}x, host {host[True]:.0f}us)  "
                 f"plans {ms_py:.3f} ({ms_t / ms_py:.2f}x, host {host_us:.0f}us)  "
+                f"direct {ms_d:.3f} ({ms_t / ms_d:.2f}x, host {host_d:.0f}us)  "
                 f"graph {ms_g:.3f} ({ms_t / ms_g:.2f}x)")
         if best[1]:
             line += f"  best {best[1]} x{best[2]} {best[0]:.3f} ({ms_t / best[0]:.2f}x)"

@@ -217,17 +217,20 @@ def test_gemm_launch_paths(fast, splits, monkeypatch):
     close(got[1], A.T[::-1] @ B + R, np.float32, f"fast={fast} batch 1", scale)
 
 
-def test_gemm_plans_replay(monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_gemm_plans_replay(monkeypatch, direct):
     # a product repeated with the same arguments replays its bound launches (gemm's plans): new
     # contents at the same addresses give the new product, a different output or epilogue is
     # another plan, and a split-K workspace that grows (a larger split product in between)
-    # invalidates the plans holding the old one
+    # invalidates the plans holding the old one; the same again with the launches through
+    # cuda.core.launch (launch.DIRECT off)
     from refopt.kernels.cuda import launch
 
     if SIM:
         pytest.skip("gemm's plans are kept on the fast launch path, a GPU only")
     monkeypatch.setattr(ggemm, "_PLANS", {})
     monkeypatch.setattr(ggemm, "_WORKSPACE", {})
+    monkeypatch.setattr(launch, "DIRECT", direct)
     rng = np.random.default_rng(5)
     M, N, K = 96, 80, 1024
     A, B = arrays(rng, (M, K), np.float32), arrays(rng, (N, K), np.float32)
@@ -237,6 +240,8 @@ def test_gemm_plans_replay(monkeypatch):
         ggemm.gemm(dA, dB, "nt", out=out, splits=splits)
         close(out.copy_to_host(), A @ B.T, np.float32, f"first call, splits {splits}", scale)
         assert launch.FAST and len(ggemm._PLANS) >= 1
+        # the bound launches go to cuLaunchKernel directly (launch.DIRECT), not through cuda.core
+        assert all(hasattr(go, "keep") == launch.DIRECT for plan in ggemm._PLANS.values() for go in plan)
         A2 = arrays(rng, (M, K), np.float32)
         dA.copy_to_device(A2)                            # same address, new contents
         ggemm.gemm(dA, dB, "nt", out=out, splits=splits)

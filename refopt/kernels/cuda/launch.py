@@ -162,11 +162,51 @@ class _Launcher:
         the fast path it calls the dispatcher each time, as ``__call__`` does."""
         if not FAST:
             return lambda: self.dispatcher[grid, block, stream](*args)
+        kernel, s, marshalled = self._kernel(args), _core_stream(stream), _marshal(args)
+        direct = _direct(kernel, s, grid, block, marshalled)
+        if direct is not None:
+            return direct
         from cuda.core import launch
 
-        kernel, s, config, marshalled = (self._kernel(args), _core_stream(stream), _config(grid, block),
-                                         _marshal(args))
+        config = _config(grid, block)
         return lambda: launch(s, config, kernel, *marshalled)
+
+
+#: bound launches call the driver's ``cuLaunchKernel`` directly (``REFOPT_DIRECT_LAUNCH=0``: through
+#: ``cuda.core.launch``, which marshals the arguments and converts the configuration every call)
+DIRECT = os.environ.get("REFOPT_DIRECT_LAUNCH", "1") != "0"
+
+
+def _direct(kernel, stream, grid, block, marshalled):
+    """A launch of ``kernel`` bound once: the arguments marshalled by ``cuda.core``'s own
+    ``ParamHolder`` (so exactly as ``cuda.core.launch`` passes them) into an array of pointers that
+    the returned function hands to ``cuLaunchKernel`` with the grid, block and stream as plain
+    values.  None where ``cuda.core`` or ``cuda.bindings`` lack what it needs (then the caller
+    launches through ``cuda.core.launch``)."""
+    if not DIRECT:
+        return None
+    try:
+        from cuda.bindings import driver as cu
+        try:
+            from cuda.core._kernel_arg_handler import ParamHolder
+        except ImportError:
+            from cuda.core.experimental._kernel_arg_handler import ParamHolder
+        holder = ParamHolder(marshalled)
+        f = cu.CUfunction(int(kernel.handle))
+        h = stream.handle
+        ok = cu.CUresult.CUDA_SUCCESS
+        launch_kernel = cu.cuLaunchKernel
+    except Exception:            # another cuda.core / cuda.bindings layout: the general path
+        return None
+    ptr = holder.ptr
+    (gx, gy, gz), (bx, by, bz) = (tuple(int(v) for v in grid), tuple(int(v) for v in block))
+
+    def go():
+        err = launch_kernel(f, gx, gy, gz, bx, by, bz, 0, h, ptr, 0)[0]
+        if err != ok:
+            raise RuntimeError(f"cuLaunchKernel failed: {err!r}")
+    go.keep = (holder, marshalled, kernel, stream)       # what the pointers point into
+    return go
 
 
 def launcher(dispatcher) -> _Launcher:
