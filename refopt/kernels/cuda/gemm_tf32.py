@@ -8,8 +8,8 @@ caller asks; TF32 is never a default.
 The layouts are :mod:`.gemm`'s (``"nt"``: ``x @ W.T``; ``"nn"``: ``d_y @ W``; ``"tn"``:
 ``d_y.T @ x``), 2-D operands, C-contiguous.
 
-Design (the shape of CUTLASS's Ampere "multistage" SIMT-to-tensor-op kernels and of the public
-write-ups of ``mma.sync`` GEMMs, written here for Numba):
+Design (the shape of CUTLASS's Ampere "multistage" tensor-op kernels and of the public write-ups of
+``mma.sync`` GEMMs, written here for Numba):
 
 * A block computes a ``BM x BN`` tile of C with ``NW`` warps, each warp a ``WM x WN`` warp tile:
   ``WM / 16 x WN / 8`` fragments of ``m16n8``, whose accumulators (4 a lane each) stay in
@@ -29,15 +29,19 @@ write-ups of ``mma.sync`` GEMMs, written here for Numba):
   lane reads its four consecutive k ``4t .. 4t+3`` of a row as one 16-byte shared load and uses
   ``(4t, 4t+1)`` as logical ``(t, t+4)`` of the chunk's first ``k8`` step and ``(4t+2, 4t+3)`` of
   the second -- the same permutation for A and B, so the product is unchanged.  A quarter-warp's
-  eight 16-byte loads cover two consecutive 64-byte rows: no bank conflicts.  (The permuted-k
-  fragment trick of fast TF32 ``mma.sync`` kernels; CUTLASS reaches the same with ``ldmatrix``
-  over swizzled tiles.)
+  eight 16-byte loads cover two consecutive 64-byte rows: no bank conflicts.  (CUTLASS instead
+  swizzles its shared tiles and reads fragments with ``ldmatrix``.)
 * ``"nn"`` / ``"tn"`` (an operand stored k-major, ``[K, rows]``): natural fragments, one 4-byte
   shared load an element, K-contiguous rows padded to ``BK + 4`` and k-major rows to ``rows + 8``
   floats, which puts the eight groups' four lanes of a fragment load in 32 distinct banks.
-* Too few output tiles for the GPU (the training shapes' ``[1024, 768]`` outputs): the product is
-  split over K (grid z), partial products summed in order by :mod:`.gemm`'s split-K kernel, which
-  applies the bias.
+* Too few output tiles for the GPU (the training shapes' ``[1024, 768]`` outputs): 64 x 64 tiles,
+  and the product split over K (grid z), partial products summed in order by :mod:`.gemm`'s
+  split-K kernel, which applies the bias.
+
+Measured (one H200, ``benchmarks/gemm_tf32.py``, ``benchmarks/GPU.md`` session 13): 113-140
+TFLOP/s at 4096^3 (the default tile, graph-replayed) against cuBLAS TF32's 226-378, 0.31-0.62x;
+at the training shapes 0.58-0.87x cuBLAS TF32's per-call rate (this kernel graph-replayed);
+normwise error against float64 2.9e-4, as cuBLAS TF32's.
 
 Under Numba's CUDA simulator inline PTX cannot run: there (and on a GPU with ``emulate=True``) the
 fragment op is :func:`make_mma_emulated`'s: each lane posts its fragments to a per-warp shared
@@ -58,7 +62,6 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda import launch as _launch
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel
 from refopt.kernels.cuda.gemm import LAYOUTS, ldg4
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
@@ -530,13 +533,20 @@ def make_gemm_tf32(layout: str, config: str, has_bias: bool = False, vec_a: bool
 
 # ----------------------------------------------------------------------------- the entry point
 def default_config(M: int, N: int) -> str:
-    """The tile for an ``M x N`` product: 128 x 128 with enough tiles for the GPU, smaller
-    otherwise (those short products are split over K as well); the simulator's two-warp tile."""
+    """The tile for an ``M x N`` product: ``"square"`` (128 x 128, four warps of 64 x 64) where
+    its tiles fill the GPU once, ``"medium"`` (64 x 64, split over K as well) otherwise; the
+    simulator's two-warp tile.  Chosen from H200 sweeps (``benchmarks/GPU.md``, session 13):
+    ``"square"`` was the fastest tile at 4096^3 and 1024x3072x768 in every layout, ``"medium"``
+    split in two at 1024x768x3072."""
     if SIM:
         return "tiny"
     if M * N >= 128 * 128 * 132:
-        return "large"
-    return "wide"
+        return "square"
+    return "medium"
+
+
+#: blocks per multiprocessor a split product of the ``"medium"`` tile aims at
+SPLIT_TARGET = 4
 
 
 def _vec(x, contiguous: int) -> bool:
@@ -547,15 +557,17 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
               splits: int | None = None, stream=0, emulate: bool = False, pipeline: str | None = None):
     """``op(a) @ op(b)`` (+ ``bias``) with TF32 operands on the tensor cores, float32 sums: ``a``,
     ``b`` C-contiguous 2-D float32 device arrays in one of :data:`.gemm.LAYOUTS`, ``out`` an
-    ``[M, N]`` float32 device array (allocated when None; returned).  The product is split over K
-    (``splits``, default :func:`.gemm.split_count`'s choice) when its tiles are too few for the
-    GPU.  ``emulate``: the fragment op in plain CUDA instead of ``mma.sync`` (what the simulator
+    ``[M, N]`` float32 device array (allocated when None; returned).  ``config``: a key of
+    :data:`CONFIGS` (default :func:`default_config`).  The product is split over K into
+    ``splits`` partial products summed in order (default: products given the ``"medium"`` tile
+    whose tiles are too few for :data:`SPLIT_TARGET` blocks a multiprocessor, else none).  ``emulate``: the fragment op in plain CUDA instead of ``mma.sync`` (what the simulator
     always runs; on a GPU, to check the kernel's indexing apart from the instruction).
     ``pipeline``: ``"async"`` / ``"regs"`` (:func:`make_gemm_tf32`; default ``"async"`` where both
     operands take 16-byte loads).
 
     The error against a float64 product is TF32's: each operand's relative rounding error is up to
-    2**-11, so a product of K terms lands near 1e-4..1e-3 relative (``benchmarks/GPU.md``)."""
+    2**-11; measured on standard normal operands, ||C - C64|| / ||C64|| = 2.9e-4 and max|C - C64| /
+    max|C64| = 2.6-3.3e-4 at K = 768..4096, as cuBLAS TF32's (``benchmarks/GPU.md``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
     if a.ndim != 2 or b.ndim != 2:
@@ -587,10 +599,12 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
     if pipeline == "async" and not (vec_a and vec_b):
         pipeline = None                 # cp.async needs 16-byte aligned groups: registers instead
     BM, BN, BK = CONFIGS[config][:3]
-    if splits is None:
+    if splits is None:          # only the short products' tile is split (what was measured)
         tiles = cdiv(M, BM) * cdiv(N, BN)
-        target = 2 * _gemm._multiprocessors()
-        splits = 1 if SIM or tiles * 2 > target else max(1, min(target // tiles, K // 256))
+        target = SPLIT_TARGET * _gemm._multiprocessors()
+        splits = 1
+        if config == "medium" and not SIM and tiles * 2 <= target:
+            splits = max(1, min(target // tiles, K // 256))
     Kc = cdiv(cdiv(max(K, 1), splits), BK) * BK
     splits = max(1, cdiv(K, Kc))
     one = as_shape(out, (1,))
