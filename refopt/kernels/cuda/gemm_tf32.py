@@ -66,8 +66,9 @@ from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, gene
 from refopt.kernels.cuda.gemm import LAYOUTS, ldg4
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
 
-#: Tile configurations: (BM, BN, BK, WM, WN, resident blocks a multiprocessor).  ``"tiny"`` is
-#: the simulator's (two warps); BK a multiple of 16.
+#: Tile configurations: (BM, BN, BK, WM, WN, the launch bounds' resident blocks a multiprocessor,
+#: which caps the registers).  ``"square"`` and ``"medium"`` are :func:`default_config`'s;
+#: ``"tiny"`` is the simulator's (two warps); BK a multiple of 16.
 CONFIGS = {
     "large": (128, 128, 16, 64, 32, 1),
     "large2": (128, 128, 16, 64, 32, 2),
