@@ -254,3 +254,33 @@ def test_gemm_precision_tf32():
         ggemm.gemm(dA, dB, "nn", precision="bf16")
     with pytest.raises(ValueError, match="relu"):
         ggemm.gemm(dA, dB, "nn", relu=True, precision="tf32")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gemm_tf32_plans_replay(monkeypatch, splits):
+    # a repeated call replays its bound launches (gemm's plans): new contents at the same addresses
+    # give the new product, another bias is another plan
+    from refopt.kernels.cuda import launch
+
+    if SIMULATOR:
+        pytest.skip("plans are kept on the fast launch path, a GPU only")
+    monkeypatch.setattr(ggemm, "_PLANS", {})
+    rng = np.random.default_rng(23)
+    M, N, K = 70, 90, 200
+    A, B = operands(rng, "nt", M, N, K)
+    b = rng.standard_normal(N).astype(np.float32)
+    dA, dB, db = cuda.to_device(A), cuda.to_device(B), cuda.to_device(b)
+    out = cuda.device_array((M, N), np.float32)
+    T.gemm_tf32(dA, dB, "nt", out=out, splits=splits)
+    want, scale = reference(A, B, "nt")
+    close(out.copy_to_host(), want, np.float32, f"first call, splits {splits}", scale)
+    assert launch.FAST and len(ggemm._PLANS) == 1
+    A2 = rng.standard_normal(A.shape).astype(np.float32)
+    dA.copy_to_device(A2)                                # same address, new contents
+    T.gemm_tf32(dA, dB, "nt", out=out, splits=splits)
+    want, scale = reference(A2, B, "nt")
+    close(out.copy_to_host(), want, np.float32, f"replayed, splits {splits}", scale)
+    T.gemm_tf32(dA, dB, "nt", out=out, splits=splits, bias=db)
+    want, scale = reference(A2, B, "nt", b)
+    close(out.copy_to_host(), want, np.float32, f"with a bias, splits {splits}", scale)
+    assert len(ggemm._PLANS) == 2

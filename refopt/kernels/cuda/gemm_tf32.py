@@ -62,6 +62,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
+from refopt.kernels.cuda import launch as _launch
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel
 from refopt.kernels.cuda.gemm import LAYOUTS, ldg4
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
@@ -568,7 +569,20 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
 
     The error against a float64 product is TF32's: each operand's relative rounding error is up to
     2**-11; measured on standard normal operands, ||C - C64|| / ||C64|| = 2.9e-4 and max|C - C64| /
-    max|C64| = 2.6-3.3e-4 at K = 768..4096, as cuBLAS TF32's (``benchmarks/GPU.md``)."""
+    max|C64| = 2.6-3.3e-4 at K = 768..4096, as cuBLAS TF32's (``benchmarks/GPU.md``).
+
+    A call repeated with the same operands (addresses, shapes, dtypes), ``out``, bias, tiles,
+    splits, stream and kernel choice replays its launches bound once, as :func:`.gemm.gemm`'s
+    plans (kept in the same table: cleared when it is full or a split-K workspace grows)."""
+    plan_key = None
+    if _gemm.PLANS and _launch.FAST and out is not None:
+        plan_key = ("tf32", layout, _gemm._address(a), _gemm._address(b), _gemm._address(out),
+                    _gemm._address(bias), config, splits, stream, bool(emulate), pipeline)
+        plan = _gemm._PLANS.get(plan_key)
+        if plan is not None:
+            for go in plan:
+                go()
+            return out
     if layout not in LAYOUTS:
         raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
     if a.ndim != 2 or b.ndim != 2:
@@ -609,20 +623,31 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
     Kc = cdiv(cdiv(max(K, 1), splits), BK) * BK
     splits = max(1, cdiv(K, Kc))
     one = as_shape(out, (1,))
+    calls = []                                 # (launcher, grid, block, arguments)
     if splits == 1:
         k = make_gemm_tf32(layout, config, bias is not None, vec_a, vec_b, emulate, False, pipeline)
-        launcher(k)((cdiv(N, BN), cdiv(M, BM), 1), (k.threads, 1, 1), stream,
-                    as_shape(a, a.shape), as_shape(b, b.shape), as_shape(out, (1, M, N)),
-                    as_shape(bias, (N,)) if bias is not None else one,
-                    int32(M), int32(N), int32(K), int32(K))
+        calls.append((launcher(k), (cdiv(N, BN), cdiv(M, BM), 1), (k.threads, 1, 1),
+                      (as_shape(a, a.shape), as_shape(b, b.shape), as_shape(out, (1, M, N)),
+                       as_shape(bias, (N,)) if bias is not None else one,
+                       int32(M), int32(N), int32(K), int32(K))))
+    else:
+        parts = as_shape(_gemm._workspace(splits * M * N, np.float32), (splits, M, N))
+        k = make_gemm_tf32(layout, config, False, vec_a, vec_b, emulate, True, pipeline)
+        calls.append((launcher(k), (cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1),
+                      (as_shape(a, a.shape), as_shape(b, b.shape), parts, one,
+                       int32(M), int32(N), int32(K), int32(Kc))))
+        o2 = as_shape(out, (M, N))
+        calls.append((launcher(_gemm._make_sum_splits(np.dtype(np.float32), bias is not None)),
+                      (cdiv(M * N, 256), 1, 1), (256, 1, 1),
+                      (parts, o2, as_shape(bias, (N,)) if bias is not None else one, o2, o2, o2)))
+    if plan_key is None:
+        for go, grid, block, args in calls:
+            go(grid, block, stream, *args)
         return out
-    parts = as_shape(_gemm._workspace(splits * M * N, np.float32), (splits, M, N))
-    k = make_gemm_tf32(layout, config, False, vec_a, vec_b, emulate, True, pipeline)
-    launcher(k)((cdiv(N, BN), cdiv(M, BM), splits), (k.threads, 1, 1), stream,
-                as_shape(a, a.shape), as_shape(b, b.shape), parts, one,
-                int32(M), int32(N), int32(K), int32(Kc))
-    o2 = as_shape(out, (M, N))
-    launcher(_gemm._make_sum_splits(np.dtype(np.float32), bias is not None))(
-        (cdiv(M * N, 256), 1, 1), (256, 1, 1), stream, parts, o2,
-        as_shape(bias, (N,)) if bias is not None else one, o2, o2, o2)
+    plan = [go.bind(grid, block, stream, *args) for go, grid, block, args in calls]
+    if len(_gemm._PLANS) >= _gemm.MAX_PLANS:
+        _gemm._PLANS.clear()
+    _gemm._PLANS[plan_key] = plan
+    for go in plan:
+        go()
     return out
