@@ -582,16 +582,10 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
     if precision != "float32":
         return _gemm_precision(precision, a, b, layout, bias, relu, out, accumulate, config, stream,
                                residual, gate, keep, splits, variant)
-    plan_key = None
-    if PLANS and _launch.FAST and out is not None:
-        plan_key = (layout, _address(a), _address(b), _address(out), _address(bias), _address(residual),
-                    _address(gate), _address(keep), bool(relu), bool(accumulate), config, stream, splits,
-                    variant or VARIANT)
-        plan = _PLANS.get(plan_key)
-        if plan is not None:
-            for go in plan:
-                go()
-            return out
+    plan_key = plan_key_of(out, (a, b, bias, residual, gate, keep), layout, bool(relu), bool(accumulate),
+                           config, stream, splits, variant or VARIANT)
+    if replay(plan_key):
+        return out
     if layout not in LAYOUTS:
         raise ValueError(f"gemm layout {layout!r}: expected one of {LAYOUTS}")
     batched = a.ndim == 3
@@ -662,17 +656,43 @@ def gemm(a, b, layout: str = "nt", bias=None, relu: bool = False, out=None, accu
                       (as_shape(a, ash), as_shape(b, bsh), o3, as_shape(bias, bias.shape) if has_bias else one,
                        like_out(residual), like_out(gate), like_out(keep), int32(M), int32(N), int32(K),
                        int32(K))))
+    run_calls(calls, stream, plan_key)
+    return out
+
+
+def plan_key_of(out, operands, *parts):
+    """The key of a call's plan (the address, shape and dtype of ``out`` and of each of
+    ``operands``, None for an absent one, then ``parts``: everything else that decides the
+    launches), or None where plans are not kept (off, off the fast launch path -- the simulator's
+    arrays have no addresses -- or no ``out`` given: a new output each call)."""
+    if not (PLANS and _launch.FAST and out is not None):
+        return None
+    return (_address(out),) + tuple(_address(x) for x in operands) + parts
+
+
+def replay(plan_key) -> bool:
+    """Make the launches of the plan under ``plan_key`` again; False when there is none."""
+    plan = None if plan_key is None else _PLANS.get(plan_key)
+    if plan is None:
+        return False
+    for go in plan:
+        go()
+    return True
+
+
+def run_calls(calls, stream, plan_key=None):
+    """Launch ``calls`` (``(launcher, grid, block, arguments)``) on ``stream``; with a plan key,
+    bound once and kept as that key's plan (the table cleared when full)."""
     if plan_key is None:
         for go, grid, block, args in calls:
             go(grid, block, stream, *args)
-        return out
+        return
     plan = [go.bind(grid, block, stream, *args) for go, grid, block, args in calls]
     if len(_PLANS) >= MAX_PLANS:
         _PLANS.clear()
     _PLANS[plan_key] = plan
     for go in plan:
         go()
-    return out
 
 
 def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, **kwargs):

@@ -62,7 +62,6 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 from refopt.kernels.cuda import gemm as _gemm
-from refopt.kernels.cuda import launch as _launch
 from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, generated, kernel
 from refopt.kernels.cuda.gemm import LAYOUTS, ldg4
 from refopt.kernels.cuda.launch import as_shape, launcher, pointer
@@ -574,15 +573,10 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
     A call repeated with the same operands (addresses, shapes, dtypes), ``out``, bias, tiles,
     splits, stream and kernel choice replays its launches bound once, as :func:`.gemm.gemm`'s
     plans (kept in the same table: cleared when it is full or a split-K workspace grows)."""
-    plan_key = None
-    if _gemm.PLANS and _launch.FAST and out is not None:
-        plan_key = ("tf32", layout, _gemm._address(a), _gemm._address(b), _gemm._address(out),
-                    _gemm._address(bias), config, splits, stream, bool(emulate), pipeline)
-        plan = _gemm._PLANS.get(plan_key)
-        if plan is not None:
-            for go in plan:
-                go()
-            return out
+    plan_key = _gemm.plan_key_of(out, (a, b, bias), "tf32", layout, config, splits, stream, bool(emulate),
+                                 pipeline)
+    if _gemm.replay(plan_key):
+        return out
     if layout not in LAYOUTS:
         raise ValueError(f"gemm_tf32 layout {layout!r}: expected one of {LAYOUTS}")
     if a.ndim != 2 or b.ndim != 2:
@@ -640,14 +634,5 @@ def gemm_tf32(a, b, layout: str = "nt", out=None, bias=None, config: str | None 
         calls.append((launcher(_gemm._make_sum_splits(np.dtype(np.float32), bias is not None)),
                       (cdiv(M * N, 256), 1, 1), (256, 1, 1),
                       (parts, o2, as_shape(bias, (N,)) if bias is not None else one, o2, o2, o2)))
-    if plan_key is None:
-        for go, grid, block, args in calls:
-            go(grid, block, stream, *args)
-        return out
-    plan = [go.bind(grid, block, stream, *args) for go, grid, block, args in calls]
-    if len(_gemm._PLANS) >= _gemm.MAX_PLANS:
-        _gemm._PLANS.clear()
-    _gemm._PLANS[plan_key] = plan
-    for go in plan:
-        go()
+    _gemm.run_calls(calls, stream, plan_key)
     return out
