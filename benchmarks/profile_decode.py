@@ -1,12 +1,12 @@
 """Profile the persistent decode kernel on the GPU: step time per batch, register budget and
-unrolling, and where a step's time goes (SM clocks of block 0 per stage).
+register tile, and where a step's time goes (SM clocks of block 0 per stage).
 
     python3 benchmarks/profile_decode.py                      # batches 1 and 32
-    BATCHES="1 8 32" MINB="1 2 4" UNR="1 8 32" PROF=1 python3 benchmarks/profile_decode.py
-    WEIGHTS="float32 bfloat16" TILES="2x2 4x4" ATTN="00 11" PHASES=1 python3 benchmarks/profile_decode.py
+    BATCHES="1 8 32" MINB="1 2 4" PROF=1 python3 benchmarks/profile_decode.py
+    WEIGHTS="float32 bfloat16" TILES="4x4 4x8" ATTN="00 11" PHASES=1 python3 benchmarks/profile_decode.py
 
 BATCHES: batch sizes; MINB: ``decode.MIN_BLOCKS`` values (blocks per SM the kernel's registers must
-allow); UNR: ``decode.UNROLL`` values (tiled products only); TILES: ``decode_products.TILE``
+allow); TILES: ``decode_products.TILE``
 values (a thread's register tile for every batch pass, tiled products only; default: the plan's own); ATTN: ``decode.ATTENTION_VARIANT`` values
 (two digits: the attention's scores a thread a position, its weighted values four positions a
 pass); WEIGHTS: how the matrices are stored; PROF=1 adds the per-stage profile (and the SM clock rate it ran at: the cycles of one launch over
@@ -40,7 +40,6 @@ def main():
     P, N = 8, 64
     batches = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
     mins = [int(r) for r in os.environ.get("MINB", "1").split()]
-    unrs = [int(r) for r in os.environ.get("UNR", str(decode.UNROLL)).split()]
     tiles = [tuple(int(v) for v in t.split("x")) for t in os.environ.get("TILES", "").split()] or [None]
     attns = [tuple(c == "1" for c in a) for a in os.environ.get(
         "ATTN", "".join(str(int(v)) for v in decode.ATTENTION_VARIANT)).split()]
@@ -53,9 +52,8 @@ def main():
         print(f"B={B} weights={kind} plan={dm.plan(B)}", flush=True)
         ref = None
         tiled = dm.plan(B).tiled
-        for mb, ur, tile, attn in itertools.product(mins, unrs if tiled else unrs[:1],
-                                                    tiles if tiled else tiles[:1], attns):
-            decode.UNROLL, decode.MIN_BLOCKS, decode.BLOCKS_PER_SM = ur, mb, max(2, mb)
+        for mb, tile, attn in itertools.product(mins, tiles if tiled else tiles[:1], attns):
+            decode.MIN_BLOCKS, decode.BLOCKS_PER_SM = mb, max(2, mb)
             if tile is not None:                 # this tile for every batch pass
                 decode_products.TILE, decode_products.TILE_BY_ROWS = tile, {}
             decode.ATTENTION_VARIANT = attn
@@ -72,7 +70,7 @@ def main():
                 cuda.synchronize()
                 times.append(time.perf_counter() - t)
             ref = out if ref is None else ref
-            print(f"B={B:2d} {kind} min_blocks={mb} unroll={ur} tile={dm.plan(B).tile} attention={attn}: registers {first(step.get_regs_per_thread())}, "
+            print(f"B={B:2d} {kind} min_blocks={mb} tile={dm.plan(B).tile} attention={attn}: registers {first(step.get_regs_per_thread())}, "
                   f"local bytes {first(step.get_local_mem_per_thread())}, shared bytes "
                   f"{first(step.get_shared_mem_per_block())}, first call {compile_s:.1f} s | "
                   f"{min(times) / N * 1e3:.3f} ms/step, {B * N / min(times):.0f} tok/s, "

@@ -551,6 +551,65 @@ def test_device_decode_tiled_batches(B):
                        seed=[100 + b for b in range(B)])                # one seed per row
 
 
+@pytest.mark.parametrize("act", [False, True])
+@pytest.mark.parametrize("by4", [False, True])
+@settings(max_examples=EX // 2, deadline=None)
+@given(kind=st.sampled_from(["float32", "bfloat16"]), RB=st.sampled_from([8, 16, 32]),
+       rows=st.integers(1, 40), I=st.integers(1, big(40)), N=st.integers(1, big(70)),
+       XS=st.integers(1, 3), split=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_decode_tile_stage(by4, act, kind, RB, rows, I, N, XS, split, seed):
+    # the decode kernel's tiled product (decode_products.make_tile_stage) alone, against NumPy:
+    # inputs that are sums of XS partial sums (with fc1's bias and ReLU when act), any row count
+    # (several batch passes), widths that are not multiples of the tile or the chunk, rows a
+    # multiple of 4 long (by4: 16-byte loads) or not, split-K
+    from refopt.kernels.cuda import decode_products as dp
+    from refopt.io.safetensors_io import float32_to_bfloat16
+
+    I = 4 * I if by4 else I + (I % 4 == 0)
+    if SIM and RB > 8:
+        RB = 8                    # the simulator's 8-thread blocks take 8-row passes
+    tile = dp.TILE_BY_ROWS.get(RB, dp.TILE)
+    KC = dp.tile_chunk(RB, tile)
+    NCH = -(-I // KC)
+    CPS = -(-NCH // min(split, NCH))
+    S = -(-NCH // CPS)
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((N, I)).astype(np.float32)
+    if kind == "bfloat16":
+        Wm = float32_to_bfloat16(W)
+        W = (Wm.astype(np.uint32) << 16).view(np.float32)
+    else:
+        Wm = W
+    wbase, xbias = 8, 16
+    Wflat = np.zeros(wbase + W.size + 8, Wm.dtype)
+    Wflat[wbase:wbase + W.size] = Wm.ravel()
+    Wt = rng.standard_normal(xbias + I + 8).astype(np.float32)
+    parts = rng.standard_normal((XS, rows, I)).astype(np.float32)
+    x = parts.sum(0)
+    if act:
+        x = np.maximum(x + Wt[xbias:xbias + I], 0)
+    XSH, WSH = dp.tile_shared(RB, tile)
+    stage = dp.make_tile_stage(I, N, S, CPS, XS, act, RB, kind, tile)
+
+    @cuda.jit
+    def run(Wt, Wm, X, B, dst):
+        Xs = cuda.shared.array(XSH, np.float32)
+        Ws = cuda.shared.array(WSH, np.float32)
+        red = cuda.shared.array((1, 1, 1), np.float32)
+        stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red)
+
+    dst = cuda.to_device(np.full((S, rows, N), np.nan, np.float32))
+    blocks = 3 if SIM else 40
+    run[blocks, dp.THREADS](cuda.to_device(Wt), cuda.to_device(Wflat), cuda.to_device(parts.ravel()),
+                            rows, dst.reshape(dst.size))
+    got = dst.copy_to_host()
+    # split s sums inputs [s CPS KC, (s + 1) CPS KC)
+    want = np.stack([x[:, s * CPS * KC:(s + 1) * CPS * KC] @ W[:, s * CPS * KC:(s + 1) * CPS * KC].T
+                     for s in range(S)])
+    scale = (np.abs(x) @ np.abs(W).T).max() + 1e-30
+    close(got, want, np.float32, f"tile stage {kind} RB{RB} {rows}x{I}x{N} S{S} XS{XS}", scale)
+
+
 @settings(max_examples=EX, deadline=None)
 @given(kind=st.sampled_from(["bfloat16", "float16"]), n=st.integers(1, big(300)), seed=st.integers(0, 2**31))
 def test_half_weights_widen_exactly(kind, n, seed):

@@ -57,9 +57,9 @@ from refopt.kernels.cuda import attention as _attn
 from refopt.kernels.cuda import gemm as _gemm
 from refopt.kernels.cuda import halves as _halves
 from refopt.kernels.cuda import rows as _rows
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, empty, kernel
+from refopt.kernels.cuda._common import ALIGN, SIM, SIMULATOR, cdiv, empty, kernel
 from refopt.kernels.cuda.decode_products import (
-    KC, make_tile_stage, make_warp_stage, product_plan, split_target, tile_shape)
+    make_tile_stage, make_warp_stage, product_plan, split_target, tile_chunk, tile_shared)
 from refopt.kernels.cuda.halves import KINDS, make_load
 from refopt.io.safetensors_io import float32_to_bfloat16
 from refopt.kernels.cuda.decode_stages import (
@@ -76,8 +76,6 @@ STAGES = ("embed", "norm 1", "q k v", "attention", "out", "norm 2", "fc1", "fc2"
  SAMPLE, NEXT, SOFTMAX) = range(len(STAGES))
 MIN_BLOCKS = 1                        # blocks per SM the step kernel's registers must allow
 PROFILE = False                       # record stage times (see make_step_kernel)
-UNROLL = 8                            # inputs per pass of a tiled product's loop (8: fastest of
-                                      # 1, 8, 32 at batch 32 on an H100)
 BLOCKS_PER_SM = 2                     # most resident blocks per SM the cooperative grid takes
 PROMPT_STEPS = 32                     # prompts up to this long run through the step kernel (prompt_steps)
 ATTENTION_VARIANT = (False, False)    # the attention stage's variant (decode_stages.make_attention)
@@ -200,15 +198,14 @@ def pack_weights(params, cfg, kind: str = "float32"):
 @functools.lru_cache(maxsize=None)
 def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, sampler, eps,
                      layer_stride, layer_offsets, glob_offsets, plan, min_blocks=1, profile=False,
-                     unroll=1, kind="float32", matrix_stride=None, attention_variant=(False, False)):
+                     kind="float32", matrix_stride=None, attention_variant=(False, False)):
     """The persistent decode kernel for one model shape, cache length ``T``, batch pass ``RB``,
     sampler kind, product :class:`Plan` and weight storage ``kind`` (:mod:`.halves`: the
     matrices read from ``Wm`` at ``matrix_stride`` a layer, everything else from ``Wt``; with
     float32 weights ``Wm`` is ``Wt``) -- everything the loops and offsets depend on is a
     compile-time constant.  ``min_blocks``: blocks per SM the compiler must leave room for (its
     register budget, through the launch bounds); ``profile``: record the SM clock of block 0 after
-    every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`);
-    ``unroll``: the tiled products' ``U``."""
+    every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`)."""
     LS = layer_stride
     LM = layer_stride if matrix_stride is None else matrix_stride
     o_ln1g, o_ln1b, o_wqkv, o_bqkv, o_wo, o_bo, o_ln2g, o_ln2b, o_w1, o_b1, o_w2, o_b2 = layer_offsets
@@ -217,15 +214,15 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     tiled = plan.tiled
     So, S1, S2 = plan.out[0], plan.fc1[0], plan.fc2[0]
     if tiled:
-        TM, TN = tile_shape(RB, plan.tile)[:2]
-        XSH, WSH = TM * (KC + 1), TN * (KC + 1)            # shared staging of a tile's inputs
-        qkv = make_tile_stage(D, 3 * D, *plan.qkv, 1, False, RB, unroll, kind, plan.tile)
-        out = make_tile_stage(D, D, *plan.out, 1, False, RB, unroll, kind, plan.tile)
-        fc1 = make_tile_stage(D, F, *plan.fc1, 1, False, RB, unroll, kind, plan.tile)
-        fc2 = make_tile_stage(F, D, *plan.fc2, S1, True, RB, unroll, kind, plan.tile)   # + fc1's bias and ReLU
-        head = make_tile_stage(E, V, 1, cdiv(E, KC), 1, False, RB, unroll, kind, plan.tile)
-        project_in = make_tile_stage(E, D, 1, cdiv(E, KC), 1, False, RB, unroll, kind, plan.tile)
-        project_out = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, unroll, kind, plan.tile)
+        XSH, WSH = tile_shared(RB, plan.tile)               # shared staging of a tile's inputs
+        KC = tile_chunk(RB, plan.tile)
+        qkv = make_tile_stage(D, 3 * D, *plan.qkv, 1, False, RB, kind, plan.tile)
+        out = make_tile_stage(D, D, *plan.out, 1, False, RB, kind, plan.tile)
+        fc1 = make_tile_stage(D, F, *plan.fc1, 1, False, RB, kind, plan.tile)
+        fc2 = make_tile_stage(F, D, *plan.fc2, S1, True, RB, kind, plan.tile)   # + fc1's bias and ReLU
+        head = make_tile_stage(E, V, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile)
+        project_in = make_tile_stage(E, D, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile)
+        project_out = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, kind, plan.tile)
     else:
         XSH = WSH = 1
         qkv = make_warp_stage(RB, D, 3 * D, "store", kind)
@@ -251,8 +248,8 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         # logits, probs [B, V]; wts, cidx, cval, keep, svals, sidx: the sampler's rows; gpart, gidx:
         # the softmax's slice partials; state_i, params_f, params_i: make_sample's; prof: the profile
         red = cuda.shared.array(RED, float32)
-        Xs = cuda.shared.array(XSH, float32)
-        Ws = cuda.shared.array(WSH, float32)
+        Xs = cuda.shared.array(XSH, float32, alignment=ALIGN)
+        Ws = cuda.shared.array(WSH, float32, alignment=ALIGN)
         fbuf = cuda.shared.array(NT, float32)
         dbuf = cuda.shared.array(NT, float64)
         ibuf = cuda.shared.array(NT, int64)
@@ -493,7 +490,7 @@ class DeviceModel:
             tuple(o[n] for n in ("ln1_g", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_g", "ln2_b", "w1",
                                  "b1", "w2", "b2")),
             tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
-            self.plan(B), MIN_BLOCKS, PROFILE and not SIMULATOR, UNROLL, self.kind, lay.matrix_stride,
+            self.plan(B), MIN_BLOCKS, PROFILE and not SIMULATOR, self.kind, lay.matrix_stride,
             tuple(ATTENTION_VARIANT))
 
     def decode(self, token_ids, prompt_mask, index, sampler_kind="greedy", **kwargs):

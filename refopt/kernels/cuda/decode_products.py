@@ -11,11 +11,12 @@ rounded up to a power of two, at most 32 rows a pass):
   simulator).
 * ``RB >= 8``, **tiled products** (:func:`make_tile_stage`): a block computes a tile of ``RB``
   rows by ``TN`` outputs, staging ``KC`` inputs of the rows and of the weights at a time through
-  shared memory, with the next chunk's loads in flight during the current chunk's products; a
-  product with fewer tiles than the grid has blocks is split over its inputs (split-K, the
-  :class:`Plan`), and the stage that reads it adds the partial sums in a fixed order (so the
-  result does not depend on timing).  Per-output warps at batch 32 re-read every activation row
-  for every weight row and were bound by those loads.
+  shared memory (k-major, read back as 16-byte loads), with the next chunk's loads in flight
+  during the current chunk's products, as :mod:`.gemm`'s second kernel does; a product with fewer
+  tiles than the grid has blocks is split over its inputs (split-K, the :class:`Plan`), and the
+  stage that reads it adds the partial sums in a fixed order (so the result does not depend on
+  timing).  Per-output warps at batch 32 re-read every activation row for every weight row and
+  were bound by those loads.
 
 Both kinds are generated per shape (the widths written in as constants) and take the same
 arguments, ``(Wt, Wm, wbase, X, eoff, B, dst, Xs, Ws, red)``, so that the kernel calls either
@@ -23,24 +24,23 @@ alike: the weights are read from ``Wm`` (float32, or bfloat16 / float16 widened 
 :mod:`.halves`), biases from the float32 buffer ``Wt``.
 
 Names: ``RB`` rows of a batch pass, ``I`` inputs and ``N`` outputs of a product, ``TM x TN`` a
-tile (rows x outputs), ``TY x TX`` its threads, ``RM x CN`` the sums a thread keeps, ``KC``
-inputs staged a pass, ``S`` split-K slices, ``CPS`` input chunks a slice, ``U`` unrolling of the
-tile loop, ``XS`` partial sums the inputs are made of, ``XACT`` the inputs' bias and ReLU
-(fc2 reading fc1's sums), ``WL`` lanes of a warp, ``NW`` warps of a block, ``NT`` threads a
-block, ``NCH`` chunks of ``KC`` inputs, ``TILES`` tiles of outputs, ``KP = KC + 1`` a staged row's
-padded length, ``RS`` rows the block stages at once (``NXE`` / ``NWE`` staging rounds for the
-inputs / weights).
+tile (rows x outputs), ``TY x TX`` its threads, ``RM x CN`` the sums a thread keeps (``GN = CN /
+4`` groups of four outputs, ``HN`` apart), ``KC`` inputs staged a pass (``Q = KC / 4`` groups of
+four), ``S`` split-K slices, ``CPS`` input chunks a slice, ``XS`` partial sums the inputs are made
+of, ``XACT`` the inputs' bias and ReLU (fc2 reading fc1's sums), ``WL`` lanes of a warp, ``NW``
+warps of a block, ``NT`` threads a block, ``NCH`` chunks of ``KC`` inputs, ``TILES`` tiles of
+outputs, ``SX`` / ``SW`` a staged k row's length (``TM`` / ``TN`` plus ``PAD``), ``PX`` / ``PW``
+staging groups a thread loads per chunk.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 from numba import cuda, float32
 
-from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv
+from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, generated
 from refopt.kernels.cuda.decode_stages import THREADS, WL
 from refopt.kernels.cuda.halves import make_load
 
@@ -177,31 +177,52 @@ def make_warp_stage(RB: int, I: int, N: int, epilogue: str = "store", kind: str 
 
 
 # ----------------------------------------------------------------------------- tiled products
-KC = 4 if SIM else 32                 # inputs staged through shared memory per pass of a tile
 TILED_FROM = 8                        # batch passes of at least this many rows take tiled products
+PAD = 4                               # floats padding a staged k row (16 bytes: see make_tile_stage)
+#: floats of shared memory a tiled product may stage (both buffers, 24 KB): the kernel's other
+#: shared arrays take about 10.5 KB of the 48 KB a block may have statically, and a larger chunk
+#: means more staging registers (tiles 256 outputs wide spilled with 16-input chunks)
+STAGE_FLOATS = 6144
+
+#: ``(rows, outputs)`` of the sums one thread of a tiled product keeps (its register tile): per
+#: staged input a thread reads its rows as one 16-byte shared load (four rows; a warp's threads
+#: share them, a broadcast), its outputs as ``outputs / 4`` 16-byte loads, and makes ``rows x
+#: outputs`` multiply-adds.  :data:`TILE_BY_ROWS` names the tile of each batch pass.
+TILE = (4, 4)
+TILE_BY_ROWS = {8: (2, 4), 16: (4, 4), 32: (4, 4)}
 
 
-#: ``(rows, outputs)`` of the sums one thread of a tiled product keeps (the register tile): each
-#: input staged in shared memory is read by a thread once per row and once per output, so the
-#: shared-memory loads per multiply-add are ``1 / rows + 1 / outputs``.  Two rows by four outputs
-#: (0.75 loads a multiply-add) unless :data:`TILE_BY_ROWS` names the batch pass's rows.
-TILE = (2, 4)
-#: register tiles of particular batch passes (``RB`` rows).  On an H200 (``benchmarks/GPU.md``,
-#: 2026-12-02) batch 32 ran 3.55 ms a step with 2 x 2, 3.38-3.48 with 2 x 4, 3.33 with 4 x 4 (56
-#: bytes of spills); passes of 8 rows keep 2 x 2: their tiles are wide (``TN = 4 * THREADS /
-#: (RB / rows)``), so 2 x 4 needs 46.6 KB of shared memory and 4 x 4 more than the 48 KB allowed.
-TILE_BY_ROWS = {8: (2, 2), 32: (4, 4)}
-
-
-def tile_shape(RB: int, tile=(2, 2)):
+def tile_shape(RB: int, tile=TILE):
     """``(TM, TN, TY, TX, RM, CN)`` of a tiled product for a batch pass of ``RB`` rows and a
-    thread's register tile ``tile`` (:data:`TILE`): a tile is ``TM = RB`` rows by ``TN`` outputs;
-    thread ``(tx, ty)`` of the block (``TX * TY`` threads) computes rows ``ty + i * TY`` (``i <
-    RM``) and outputs ``tx + j * TX`` (``j < CN``)."""
-    rows, CN = tile
-    TY = max(1, min(RB // rows, THREADS // 2))
+    thread's register tile ``tile`` (rows, outputs): a tile is ``TM = RB`` rows by ``TN``
+    outputs; thread ``tid`` of the block (``TX * TY`` threads) computes rows ``RM * ty + i`` (``i
+    < RM``, ``ty = tid // TX``) and outputs ``g * 4 * TX + 4 * tx + j`` (``j < 4``, ``g < CN / 4``,
+    ``tx = tid % TX``)."""
+    RM, CN = tile
+    RM = min(RM, RB)
+    assert CN % 4 == 0 and RB % RM == 0
+    TY = RB // RM
+    assert THREADS % TY == 0
     TX = THREADS // TY
-    return RB, CN * TX, TY, TX, RB // TY, CN
+    return RB, CN * TX, TY, TX, RM, CN
+
+
+def tile_chunk(RB: int, tile=TILE) -> int:
+    """``KC``, the inputs a tiled product stages per pass: the most of 32, 16, 8 (4 under the
+    simulator) whose two staging buffers fit in :data:`STAGE_FLOATS`."""
+    TM, TN = tile_shape(RB, tile)[:2]
+    for kc in ((4,) if SIM else (32, 16, 8)):
+        if 2 * kc * (TM + PAD + TN + PAD) <= STAGE_FLOATS:
+            return kc
+    raise ValueError(f"tile {tile} of {RB} rows: no staging chunk fits")
+
+
+def tile_shared(RB: int, tile=TILE) -> tuple[int, int]:
+    """Floats of the shared arrays ``Xs``, ``Ws`` a tiled product of ``RB`` rows stages through
+    (two buffers of ``KC`` input rows, each ``TM + PAD`` / ``TN + PAD`` long)."""
+    TM, TN = tile_shape(RB, tile)[:2]
+    KC = tile_chunk(RB, tile)
+    return 2 * KC * (TM + PAD), 2 * KC * (TN + PAD)
 
 
 class Plan(NamedTuple):
@@ -215,7 +236,7 @@ class Plan(NamedTuple):
     out: tuple
     fc1: tuple
     fc2: tuple
-    tile: tuple = (2, 2)              # a thread's register tile (:func:`tile_shape`)
+    tile: tuple = TILE                # a thread's register tile (:func:`tile_shape`)
 
 
 def split_target() -> int:
@@ -233,6 +254,7 @@ def product_plan(D: int, F: int, RB: int, target: int, tile=None) -> Plan:
         return Plan(False, (1, 1), (1, 1), (1, 1), (1, 1))
     tile = tuple(TILE_BY_ROWS.get(RB, TILE) if tile is None else tile)
     TN = tile_shape(RB, tile)[1]
+    KC = tile_chunk(RB, tile)
 
     def split(N, I):
         tiles, chunks = cdiv(N, TN), cdiv(I, KC)
@@ -241,83 +263,161 @@ def product_plan(D: int, F: int, RB: int, target: int, tile=None) -> Plan:
     return Plan(True, split(3 * D, D), split(D, D), split(F, D), split(D, F), tile)
 
 
+if SIMULATOR:
+    def ld4(arr, off):
+        """Elements ``off .. off + 3`` of a flat array (the simulator's stand-in for one 16-byte
+        load)."""
+        return arr[off], arr[off + 1], arr[off + 2], arr[off + 3]
+else:
+    from refopt.kernels.cuda.gemm import ldg4 as ld4      # one 16-byte load (global or shared)
+
+
 @functools.lru_cache(maxsize=None)
-def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int, U: int = 1,
-                    kind: str = "float32", tile=(2, 2)):
-    """``tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red)``: one stage of the persistent kernel,
-    ``dst[s, b, n] = sum over split s's inputs k of X[b, k] * W[n, k]`` for every row ``b < B``,
-    output ``n < N`` and split ``s < S``, with ``W = Wm[wbase:]`` as ``[N, I]`` (one contiguous row
-    per output, stored as ``kind``: :mod:`.halves`).  Each work item (batch pass, tile of ``TN`` outputs, split) is one block's: it
-    stages ``TM x KC`` inputs and ``TN x KC`` weights at a time through shared memory (``Xs``,
-    ``Ws``; rows padded to ``KC + 1`` against bank conflicts, every global load a contiguous run)
-    and keeps ``RM x CN`` sums in registers (the chunk's products unrolled, at constant offsets);
-    the next chunk's loads are issued into registers before the current chunk's products, so their
-    latency overlaps the arithmetic.  The inputs ``X[b, k]`` are themselves the sum of ``XS``
-    partial sums (``X`` as ``[XS, B, I]``), plus ``Wt[xbias + k]`` and a ReLU when
-    ``XACT`` (fc2 reading fc1's split sums).  ``U``: inputs per pass of the product loop (unrolled).
-    Generated with the shapes written in as constants."""
+def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int,
+                    kind: str = "float32", tile=TILE):
+    """``tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red)``: one stage of the persistent
+    kernel, ``dst[s, b, n] = sum over split s's inputs k of X[b, k] * W[n, k]`` for every row ``b
+    < B``, output ``n < N`` and split ``s < S``, with ``W = Wm[wbase:]`` as ``[N, I]`` (one
+    contiguous row per output, stored as ``kind``: :mod:`.halves`).  The inputs ``X[b, k]`` are
+    themselves the sum of ``XS`` partial sums (``X`` as ``[XS, B, I]``), plus ``Wt[xbias + k]``
+    and a ReLU when ``XACT`` (fc2 reading fc1's split sums).
+
+    A work item (batch pass, tile of ``TN`` outputs, split) is one block's; the block stages
+    ``KC`` inputs of its ``TM`` rows and ``TN`` weight rows at a time in shared memory, k-major
+    (``Xs[k][m]``, ``Ws[k][n]``: the transposes of how they lie in memory), so that a thread reads
+    four consecutive rows or outputs of one input as one 16-byte shared load; its ``RM x CN`` sums
+    stay in registers.  As in :mod:`.gemm`'s second kernel: the next chunk's global loads (16
+    bytes each for float32 data whose rows are multiples of 4 long, element by element otherwise)
+    are in flight in registers while the current chunk's products run from the other of two
+    shared buffers (one barrier a chunk); the chunk's ``KC`` steps are written out, each step's
+    shared loads at constant offsets.  Staging: consecutive threads take the two 16-byte halves of
+    one 32-byte sector of a row, then the next row -- a warp reads 16 rows' sectors whole, and its
+    transposing shared stores (rows ``TM + PAD`` / ``TN + PAD`` long, 4 mod 8 floats) fall in 32
+    distinct banks.  Generated with the shapes written in as constants."""
     TM, TN, TY, TX, RM, CN = tile_shape(RB, tile)
-    NCH, TILES, NT, KP = cdiv(I, KC), cdiv(N, TN), THREADS, KC + 1
-    assert NT % KC == 0
-    U = math.gcd(U, KC)
-    RS = NT // KC                     # staging: thread tid fills column tid % KC of rows tid // KC + RS m
-    NXE, NWE = cdiv(TM, RS), cdiv(TN, RS)
+    KC = tile_chunk(RB, tile)
+    NCH, TILES, NT = cdiv(I, KC), cdiv(N, TN), THREADS
+    SX, SW = TM + PAD, TN + PAD               # a staged k row's length (floats)
+    Q = KC // 4                               # 4-input groups of a staged row
+    GN = CN // 4                              # a thread's groups of 4 outputs
+    HN = 4 * TX                               # distance between them
+    vec_w = kind == "float32" and I % 4 == 0  # 16-byte weight loads
+    vec_x = I % 4 == 0                        # 16-byte input loads
+
+    def geometry(R, name):
+        # staging of an R x KC operand tile: group e = tid + p * NT (p < P) is row r = (e // 2) %
+        # R, inputs 4 * (2 * (e // (2 R)) + e % 2) ..  + 3 of the chunk (in-chunk offset 'k')
+        P = cdiv(R * Q, NT)
+        out = []
+        for p in range(P):
+            out += [f"e = tid + {p * NT}", f"{name}v{p} = e < {R * Q}"]
+            if Q == 1:                        # (the simulator's 4-input chunks)
+                out += [f"{name}r{p} = e % {R}", f"{name}k{p} = 0"]
+            else:
+                out += [f"{name}r{p} = (e // 2) % {R}", f"{name}k{p} = 4 * (2 * (e // {2 * R}) + e % 2)"]
+        return P, out
+
+    PX, geo_x = geometry(TM, "x")
+    PW, geo_w = geometry(TN, "w")
 
     def fetch(ind):
-        # chunk c's inputs and weights into registers px*, pw* (issued a chunk ahead)
-        out = [f"{ind}k = c * {KC} + tcol"]
-        for m in range(NXE):
-            out += [f"{ind}px{m} = float32(0)", f"{ind}b = r0 + trow + {m * RS}",
-                    f"{ind}if trow + {m * RS} < {TM} and b < B and k < {I}:",
-                    f"{ind}    px{m} = X[b * {I} + k]"]
-            out += [f"{ind}    px{m} += X[({q} * B + b) * {I} + k]" for q in range(1, XS)]
-            if XACT:
-                out += [f"{ind}    px{m} = max(px{m} + Wt[xbias + k], float32(0))"]
-        for m in range(NWE):
-            out += [f"{ind}pw{m} = float32(0)", f"{ind}n = n0 + trow + {m * RS}",
-                    f"{ind}if trow + {m * RS} < {TN} and n < {N} and k < {I}:",
-                    f"{ind}    pw{m} = ld(Wm, wbase + n * {I} + k)"]
+        # chunk c's groups into registers px{p}_{j}, pw{p}_{j} (zeros outside the product)
+        out = []
+        for p in range(PX):
+            out += [f"{ind}b = r0 + xr{p}", f"{ind}k = c * {KC} + xk{p}",
+                    f"{ind}ok = xv{p} and b < B and k < {I}"]
+            if vec_x:
+                out += [f"{ind}o = (b * {I} + k) if ok else 0"]
+                out += [f"{ind}v = ld4(X, o)"] + [f"{ind}px{p}_{j} = v[{j}]" for j in range(4)]
+                for q in range(1, XS):
+                    out += [f"{ind}v = ld4(X, o + {q} * B * {I})"]
+                    out += [f"{ind}px{p}_{j} += v[{j}]" for j in range(4)]
+                if XACT:
+                    out += [f"{ind}v = ld4(Wt, (xbias + k) if ok else 0)"]
+                    out += [f"{ind}px{p}_{j} = max(px{p}_{j} + v[{j}], float32(0))" for j in range(4)]
+                out += [f"{ind}px{p}_{j} = px{p}_{j} if ok else float32(0)" for j in range(4)]
+            else:
+                for j in range(4):
+                    out += [f"{ind}px{p}_{j} = float32(0)", f"{ind}if ok and k + {j} < {I}:"]
+                    out += [f"{ind}    px{p}_{j} += X[({q} * B + b) * {I} + k + {j}]" for q in range(XS)]
+                    if XACT:
+                        out += [f"{ind}    px{p}_{j} = max(px{p}_{j} + Wt[xbias + k + {j}], float32(0))"]
+        for p in range(PW):
+            out += [f"{ind}n = n0 + wr{p}", f"{ind}k = c * {KC} + wk{p}",
+                    f"{ind}ok = wv{p} and n < {N} and k < {I}"]
+            if vec_w:
+                out += [f"{ind}v = ld4(Wm, (wbase + n * {I} + k) if ok else 0)"]
+                out += [f"{ind}pw{p}_{j} = v[{j}] if ok else float32(0)" for j in range(4)]
+            else:
+                for j in range(4):
+                    out += [f"{ind}pw{p}_{j} = float32(0)", f"{ind}if ok and k + {j} < {I}:",
+                            f"{ind}    pw{p}_{j} = ld(Wm, wbase + n * {I} + k + {j})"]
         return out
 
-    src = ["def tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red):     # red: unused",
-           "    tid = cuda.threadIdx.x",
-           f"    tx = tid % {TX}",
-           f"    ty = tid // {TX}",
-           f"    tcol = tid % {KC}",
-           f"    trow = tid // {KC}",
-           f"    tslot = trow * {KP} + tcol",
-           f"    items = ((B + {TM - 1}) // {TM}) * {TILES * S}",
-           "    item = cuda.blockIdx.x",
-           "    while item < items:",
-           f"        s = item % {S}",
-           f"        t = item // {S}",
-           f"        n0 = (t % {TILES}) * {TN}",
-           f"        r0 = (t // {TILES}) * {TM}"]
-    src += [f"        a{i}_{j} = float32(0)" for i in range(RM) for j in range(CN)]
-    src += [f"        c = s * {CPS}", f"        c_end = min(c + {CPS}, {NCH})"]
-    src += fetch("        ")
-    src += ["        while c < c_end:"]
-    for m in range(NXE):
-        src += [f"            if trow + {m * RS} < {TM}:", f"                Xs[tslot + {m * RS * KP}] = px{m}"]
-    for m in range(NWE):
-        src += [f"            if trow + {m * RS} < {TN}:", f"                Ws[tslot + {m * RS * KP}] = pw{m}"]
-    src += ["            cuda.syncthreads()",
-            "            c += 1",
-            "            if c < c_end:"]
-    src += fetch("                ")
-    src += [f"            for kb in range(0, {KC}, {U}):"]
-    for u in range(U):                        # U inputs a pass, at constant offsets
-        src += [f"                x{i} = Xs[(ty + {i * TY}) * {KP} + kb + {u}]" for i in range(RM)]
-        src += [f"                w{j} = Ws[(tx + {j * TX}) * {KP} + kb + {u}]" for j in range(CN)]
-        src += [f"                a{i}_{j} += x{i} * w{j}" for i in range(RM) for j in range(CN)]
-    src += ["            cuda.syncthreads()"]
+    def store(ind, buf):
+        # the registers into shared buffer 'buf', transposed (k-major)
+        out = []
+        for name, P, SR, arr in (("x", PX, SX, "Xs"), ("w", PW, SW, "Ws")):
+            for p in range(P):
+                out += [f"{ind}if {name}v{p}:"]
+                out += [f"{ind}    {arr}[({buf} * {KC} + {name}k{p} + {j}) * {SR} + {name}r{p}] = p{name}{p}_{j}"
+                        for j in range(4)]
+        return out
+
+    def frag(ind, s, k):
+        # step k's fragments into slot s: RM rows (one 16-byte load when four), CN outputs
+        if RM == 4:
+            out = [f"{ind}v = ld4(Xs, xs + {k * SX})"] + [f"{ind}fa{s}_{i} = v[{i}]" for i in range(4)]
+        else:
+            out = [f"{ind}fa{s}_{i} = Xs[xs + {k * SX + i}]" for i in range(RM)]
+        for g in range(GN):
+            out += [f"{ind}v = ld4(Ws, ws + {k * SW + g * HN})"]
+            out += [f"{ind}fb{s}_{4 * g + j} = v[{j}]" for j in range(4)]
+        return out
+
+    L = ["def tile_stage(Wt, Wm, wbase, X, xbias, B, dst, Xs, Ws, red):     # red: unused",
+         "    tid = cuda.threadIdx.x & 1023",
+         f"    tx4 = (tid % {TX}) * 4",
+         f"    ty = (tid // {TX}) * {RM}"]
+    L += ["    " + x for x in geo_x + geo_w]
+    L += [f"    items = ((B + {TM - 1}) // {TM}) * {TILES * S}",
+          "    item = cuda.blockIdx.x & 0x7FFFFFFF",
+          "    while item < items:",
+          f"        s = item % {S}",
+          f"        t = item // {S}",
+          f"        n0 = (t % {TILES}) * {TN}",
+          f"        r0 = (t // {TILES}) * {TM}"]
+    L += [f"        a{i}_{j} = float32(0)" for i in range(RM) for j in range(CN)]
+    L += [f"        c = s * {CPS}", f"        c_end = min(c + {CPS}, {NCH})", "        buf = 0"]
+    L += fetch("        ")
+    L += store("        ", "0")
+    L += ["        cuda.syncthreads()",
+          "        while c < c_end:",
+          f"            xs = buf * {KC * SX} + ty",
+          f"            ws = buf * {KC * SW} + tx4",
+          "            c += 1",
+          "            more = c < c_end",
+          "            if more:"]
+    L += fetch("                ")
+    L += frag("            ", 0, 0)
+    for k in range(KC):
+        s = k & 1
+        if k + 1 < KC:
+            L += frag("            ", s ^ 1, k + 1)
+        L += [f"            a{i}_{j} += fa{s}_{i} * fb{s}_{j}" for i in range(RM) for j in range(CN)]
+    L += ["            if more:"]
+    L += store("                ", "(buf ^ 1)")
+    L += ["            cuda.syncthreads()",
+          "            buf ^= 1"]
     for i in range(RM):
-        for j in range(CN):
-            src += [f"        b = r0 + ty + {i * TY}",
-                    f"        n = n0 + tx + {j * TX}",
-                    f"        if b < B and n < {N}:",
-                    f"            dst[(s * B + b) * {N} + n] = a{i}_{j}"]
-    src += ["        item += cuda.gridDim.x"]
-    scope = {"cuda": cuda, "float32": float32, "ld": make_load(kind)}
-    exec("\n".join(src), scope)                              # noqa: S102  (generated, no input)
+        L += [f"        b = r0 + ty + {i}"]
+        for g in range(GN):
+            for j in range(4):
+                L += [f"        n = n0 + {g * HN} + tx4 + {j}",
+                      f"        if b < B and n < {N}:",
+                      f"            dst[(s * B + b) * {N} + n] = a{i}_{4 * g + j}"]
+    L += ["        item += cuda.gridDim.x"]
+    scope = {"cuda": cuda, "float32": float32, "ld": make_load(kind), "ld4": ld4}
+    generated(L, f"decode tile_stage {I}x{N} S{S} XS{XS}{' act' if XACT else ''} RB{RB} {kind} {tile}",
+              scope)
     return cuda.jit(device=True)(scope["tile_stage"])
