@@ -103,7 +103,8 @@ def step_kernel(decode, cfg, B, sampler, T, kind="float32"):
         tuple(o[n] for n in ("ln1_g", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_g", "ln2_b", "w1", "b1",
                              "w2", "b2")),
         tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
-        plan, decode.MIN_BLOCKS, False, kind, lay.matrix_stride)
+        plan, decode.MIN_BLOCKS, False, kind, lay.matrix_stride, tuple(decode.ATTENTION_VARIANT),
+        RB >= decode.WARP_ATTENTION_FROM)
     return kern, plan
 
 

@@ -6,7 +6,11 @@ register tile, and where a step's time goes (SM clocks of block 0 per stage).
     WEIGHTS="float32 bfloat16" TILES="4x4 4x8" ATTN="00 11" PHASES=1 python3 benchmarks/profile_decode.py
 
 BATCHES: batch sizes; MINB: ``decode.MIN_BLOCKS`` values (blocks per SM the kernel's registers must
-allow); TILES: ``decode_products.TILE``
+allow); SPLITS: ``decode_products.SPLIT_PER_SM`` values (split products' work items per SM);
+PREFETCH: ``decode_products.PREFETCH`` values (chunks of weights asked of the L2 ahead); WATT:
+``decode.WARP_ATTENTION_FROM`` values (batch passes of that many rows take a warp an attention
+item; 64: never); TILES:
+``decode_products.TILE``
 values (a thread's register tile for every batch pass, tiled products only; default: the plan's own); ATTN: ``decode.ATTENTION_VARIANT`` values
 (two digits: the attention's scores a thread a position, its weighted values four positions a
 pass); WEIGHTS: how the matrices are stored; PROF=1 adds the per-stage profile (and the SM clock rate it ran at: the cycles of one launch over
@@ -41,6 +45,9 @@ def main():
     batches = [int(b) for b in os.environ.get("BATCHES", "1 32").split()]
     mins = [int(r) for r in os.environ.get("MINB", "1").split()]
     tiles = [tuple(int(v) for v in t.split("x")) for t in os.environ.get("TILES", "").split()] or [None]
+    splits = [int(v) for v in os.environ.get("SPLITS", str(decode_products.SPLIT_PER_SM)).split()]
+    fetches = [int(v) for v in os.environ.get("PREFETCH", str(decode_products.PREFETCH)).split()]
+    watts = [int(v) for v in os.environ.get("WATT", str(decode.WARP_ATTENTION_FROM)).split()]
     attns = [tuple(c == "1" for c in a) for a in os.environ.get(
         "ATTN", "".join(str(int(v)) for v in decode.ATTENTION_VARIANT)).split()]
     for kind, B in itertools.product(os.environ.get("WEIGHTS", "float32").split(), batches):
@@ -52,8 +59,12 @@ def main():
         print(f"B={B} weights={kind} plan={dm.plan(B)}", flush=True)
         ref = None
         tiled = dm.plan(B).tiled
-        for mb, tile, attn in itertools.product(mins, tiles if tiled else tiles[:1], attns):
+        for mb, tile, attn, split, fetch, watt in itertools.product(
+                mins, tiles if tiled else tiles[:1], attns, splits if tiled else splits[:1],
+                fetches if tiled else fetches[:1], watts):
             decode.MIN_BLOCKS, decode.BLOCKS_PER_SM = mb, max(2, mb)
+            decode.WARP_ATTENTION_FROM = watt
+            decode_products.SPLIT_PER_SM, decode_products.PREFETCH = split, fetch
             if tile is not None:                 # this tile for every batch pass
                 decode_products.TILE, decode_products.TILE_BY_ROWS = tile, {}
             decode.ATTENTION_VARIANT = attn
@@ -70,7 +81,7 @@ def main():
                 cuda.synchronize()
                 times.append(time.perf_counter() - t)
             ref = out if ref is None else ref
-            print(f"B={B:2d} {kind} min_blocks={mb} tile={dm.plan(B).tile} attention={attn}: registers {first(step.get_regs_per_thread())}, "
+            print(f"B={B:2d} {kind} min_blocks={mb} tile={dm.plan(B).tile} attention={attn} splits/SM={split} prefetch={fetch} warp attention from {watt} rows: registers {first(step.get_regs_per_thread())}, "
                   f"local bytes {first(step.get_local_mem_per_thread())}, shared bytes "
                   f"{first(step.get_shared_mem_per_block())}, first call {compile_s:.1f} s | "
                   f"{min(times) / N * 1e3:.3f} ms/step, {B * N / min(times):.0f} tok/s, "

@@ -556,12 +556,13 @@ def test_device_decode_tiled_batches(B):
 @settings(max_examples=EX // 2, deadline=None)
 @given(kind=st.sampled_from(["float32", "bfloat16"]), RB=st.sampled_from([8, 16, 32]),
        rows=st.integers(1, 40), I=st.integers(1, big(40)), N=st.integers(1, big(70)),
-       XS=st.integers(1, 3), split=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_decode_tile_stage(by4, act, kind, RB, rows, I, N, XS, split, seed):
+       XS=st.integers(1, 3), split=st.integers(1, 4), prefetch=st.sampled_from([0, 3]),
+       seed=st.integers(0, 2**16))
+def test_decode_tile_stage(by4, act, kind, RB, rows, I, N, XS, split, prefetch, seed):
     # the decode kernel's tiled product (decode_products.make_tile_stage) alone, against NumPy:
     # inputs that are sums of XS partial sums (with fc1's bias and ReLU when act), any row count
     # (several batch passes), widths that are not multiples of the tile or the chunk, rows a
-    # multiple of 4 long (by4: 16-byte loads) or not, split-K
+    # multiple of 4 long (by4: 16-byte loads) or not, split-K, L2 prefetches or none
     from refopt.kernels.cuda import decode_products as dp
     from refopt.io.safetensors_io import float32_to_bfloat16
 
@@ -589,7 +590,7 @@ def test_decode_tile_stage(by4, act, kind, RB, rows, I, N, XS, split, seed):
     if act:
         x = np.maximum(x + Wt[xbias:xbias + I], 0)
     XSH, WSH = dp.tile_shared(RB, tile)
-    stage = dp.make_tile_stage(I, N, S, CPS, XS, act, RB, kind, tile)
+    stage = dp.make_tile_stage(I, N, S, CPS, XS, act, RB, kind, tile, prefetch)
 
     @cuda.jit
     def run(Wt, Wm, X, B, dst):

@@ -63,7 +63,8 @@ from refopt.kernels.cuda.decode_products import (
 from refopt.kernels.cuda.halves import KINDS, make_load
 from refopt.io.safetensors_io import float32_to_bfloat16
 from refopt.kernels.cuda.decode_stages import (
-    CHUNK, NW, THREADS, WL, make_attention, make_embed, make_norm, make_sample, make_softmax, make_sync)
+    CHUNK, NW, THREADS, WL, make_attention, make_embed, make_norm, make_sample, make_softmax, make_sync,
+    make_warp_attention)
 from refopt.kernels.cuda.sampling import pow2
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p")
@@ -79,6 +80,7 @@ PROFILE = False                       # record stage times (see make_step_kernel
 BLOCKS_PER_SM = 2                     # most resident blocks per SM the cooperative grid takes
 PROMPT_STEPS = 32                     # prompts up to this long run through the step kernel (prompt_steps)
 ATTENTION_VARIANT = (False, False)    # the attention stage's variant (decode_stages.make_attention)
+WARP_ATTENTION_FROM = 8               # batch passes of this many rows take a warp an attention item
 
 
 def _align8(n: int) -> int:
@@ -198,14 +200,16 @@ def pack_weights(params, cfg, kind: str = "float32"):
 @functools.lru_cache(maxsize=None)
 def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, sampler, eps,
                      layer_stride, layer_offsets, glob_offsets, plan, min_blocks=1, profile=False,
-                     kind="float32", matrix_stride=None, attention_variant=(False, False)):
+                     kind="float32", matrix_stride=None, attention_variant=(False, False),
+                     warp_attention=False):
     """The persistent decode kernel for one model shape, cache length ``T``, batch pass ``RB``,
     sampler kind, product :class:`Plan` and weight storage ``kind`` (:mod:`.halves`: the
     matrices read from ``Wm`` at ``matrix_stride`` a layer, everything else from ``Wt``; with
     float32 weights ``Wm`` is ``Wt``) -- everything the loops and offsets depend on is a
     compile-time constant.  ``min_blocks``: blocks per SM the compiler must leave room for (its
     register budget, through the launch bounds); ``profile``: record the SM clock of block 0 after
-    every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`)."""
+    every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`);
+    ``warp_attention``: the attention stage a warp an item (:func:`.make_warp_attention`)."""
     LS = layer_stride
     LM = layer_stride if matrix_stride is None else matrix_stride
     o_ln1g, o_ln1b, o_wqkv, o_bqkv, o_wo, o_bo, o_ln2g, o_ln2b, o_w1, o_b1, o_w2, o_b2 = layer_offsets
@@ -216,13 +220,13 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     if tiled:
         XSH, WSH = tile_shared(RB, plan.tile)               # shared staging of a tile's inputs
         KC = tile_chunk(RB, plan.tile)
-        qkv = make_tile_stage(D, 3 * D, *plan.qkv, 1, False, RB, kind, plan.tile)
-        out = make_tile_stage(D, D, *plan.out, 1, False, RB, kind, plan.tile)
-        fc1 = make_tile_stage(D, F, *plan.fc1, 1, False, RB, kind, plan.tile)
-        fc2 = make_tile_stage(F, D, *plan.fc2, S1, True, RB, kind, plan.tile)   # + fc1's bias and ReLU
-        head = make_tile_stage(E, V, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile)
-        project_in = make_tile_stage(E, D, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile)
-        project_out = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, kind, plan.tile)
+        qkv = make_tile_stage(D, 3 * D, *plan.qkv, 1, False, RB, kind, plan.tile, plan.prefetch)
+        out = make_tile_stage(D, D, *plan.out, 1, False, RB, kind, plan.tile, plan.prefetch)
+        fc1 = make_tile_stage(D, F, *plan.fc1, 1, False, RB, kind, plan.tile, plan.prefetch)
+        fc2 = make_tile_stage(F, D, *plan.fc2, S1, True, RB, kind, plan.tile, plan.prefetch)   # + fc1's bias and ReLU
+        head = make_tile_stage(E, V, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile, plan.prefetch)
+        project_in = make_tile_stage(E, D, 1, cdiv(E, KC), 1, False, RB, kind, plan.tile, plan.prefetch)
+        project_out = make_tile_stage(D, E, 1, cdiv(D, KC), 1, False, RB, kind, plan.tile, plan.prefetch)
     else:
         XSH = WSH = 1
         qkv = make_warp_stage(RB, D, 3 * D, "store", kind)
@@ -235,8 +239,10 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     RED = (NW, WL, RB) if SIM else (1, 1, 1)   # the simulator's warp reductions go through here
     grid_sync, mark, sync = make_sync(profile)
     embed = make_embed(D, E, g_embed, g_pos, kind)
-    norm = make_norm(D, eps)
-    attention = make_attention(D, H, L, T, plan.qkv[0], attention_variant)
+    norm_o = make_norm(D, eps, So)                 # adding the attention output's partial sums
+    norm_2 = make_norm(D, eps, S2)                 # adding fc2's
+    attention = (make_warp_attention(D, H, L, T, plan.qkv[0]) if warp_attention
+                 else make_attention(D, H, L, T, plan.qkv[0], attention_variant))
     softmax = make_softmax(V, sampler == "greedy")
     sample, advance = make_sample(V, sampler)
 
@@ -281,7 +287,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 mbase = l * LM
                 # ------------------------------------------------------------ attention block
                 if pre_ln:      # the previous layer's fc2 sums join the residual (none at layer 0)
-                    norm(x, part, S2 if l > 0 else 0, base - LS + o_b2, True, base + o_ln1g,
+                    norm_2(x, part, l > 0, base - LS + o_b2, True, base + o_ln1g,
                          base + o_ln1b, xn, Wt, B, fbuf)
                     ps = sync(prof, ps, NORM_1)
                 src = xn if pre_ln else x
@@ -292,9 +298,9 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 out(Wt, Wm, mbase + o_wo, ctx, 0, B, part, Xs, Ws, red)
                 ps = sync(prof, ps, OUT)
                 if pre_ln:      # out's sums join the residual, then the MLP's norm
-                    norm(x, part, So, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn, Wt, B, fbuf)
+                    norm_o(x, part, True, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn, Wt, B, fbuf)
                 else:           # post-LN: the attention's norm, in place
-                    norm(x, part, So, base + o_bo, True, base + o_ln1g, base + o_ln1b, x, Wt, B, fbuf)
+                    norm_o(x, part, True, base + o_bo, True, base + o_ln1g, base + o_ln1b, x, Wt, B, fbuf)
                 ps = sync(prof, ps, NORM_2)
                 # ------------------------------------------------------------ MLP block
                 fc1(Wt, Wm, mbase + o_w1, src, base + o_b1, B, part1, Xs, Ws, red)
@@ -302,12 +308,12 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                 fc2(Wt, Wm, mbase + o_w2, part1, base + o_b1, B, part, Xs, Ws, red)
                 ps = sync(prof, ps, FC2)
                 if not pre_ln:  # fc2's sums join the residual, the MLP's norm in place
-                    norm(x, part, S2, base + o_b2, True, base + o_ln2g, base + o_ln2b, x, Wt, B, fbuf)
+                    norm_2(x, part, True, base + o_b2, True, base + o_ln2g, base + o_ln2b, x, Wt, B, fbuf)
                     ps = sync(prof, ps, NORM_2_POST)
 
             # ---------------------------------------------------------------- head
             if pre_ln or final_ln:  # the last fc2's sums (pre-LN), the final norm
-                norm(x, part, S2 if pre_ln else 0, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb, xn,
+                norm_2(x, part, pre_ln, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb, xn,
                      Wt, B, fbuf)
                 ps = sync(prof, ps, FINAL_NORM)
             hsrc = xn if final_ln else x
@@ -491,7 +497,7 @@ class DeviceModel:
                                  "b1", "w2", "b2")),
             tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
             self.plan(B), MIN_BLOCKS, PROFILE and not SIMULATOR, self.kind, lay.matrix_stride,
-            tuple(ATTENTION_VARIANT))
+            tuple(ATTENTION_VARIANT), RB >= WARP_ATTENTION_FROM and not SIM)
 
     def decode(self, token_ids, prompt_mask, index, sampler_kind="greedy", **kwargs):
         """Decode ``token_ids [B, T]`` (host ints, prompt tokens where ``prompt_mask``) from

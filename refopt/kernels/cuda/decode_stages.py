@@ -144,24 +144,26 @@ def make_embed(D: int, E: int, g_embed: int, g_pos: int, kind: str = "float32") 
 
 # ----------------------------------------------------------------------------- norm
 @functools.lru_cache(maxsize=None)
-def make_norm(D: int, eps: float):
-    """``norm(x, part, nparts, bias_off, ln, gamma_off, beta_off, dst, Wt, B, fbuf)``, one block a
-    row: ``x[b] += sum of the nparts partial sums part[s, b] + Wt[bias_off:]`` (nothing when
-    ``nparts`` is 0), then ``dst[b] = LayerNorm(x[b])`` with the gain and offset at
-    ``gamma_off``, ``beta_off`` when ``ln`` (``dst`` may be ``x``)."""
+def make_norm(D: int, eps: float, NP: int = 0):
+    """``norm(x, part, add, bias_off, ln, gamma_off, beta_off, dst, Wt, B, fbuf)``, one block a
+    row: ``x[b] += sum of the NP partial sums part[s, b] + Wt[bias_off:]`` when ``add``, then
+    ``dst[b] = LayerNorm(x[b])`` with the gain and offset at ``gamma_off``, ``beta_off`` when
+    ``ln`` (``dst`` may be ``x``).  ``NP`` is written in (a kernel has one norm per partial-sum
+    count): the sum's loop unrolls and its loads are in flight together (a loop over a count
+    known only at run time waited on each load: 16 us a norm at batch 32 with 39 partials)."""
     NT = THREADS
     EPS = float32(eps)
     layernorm = _rows.row_functions(np.float32).layernorm
 
     @cuda.jit(device=True)
-    def norm(x, part, nparts, bias_off, ln, gamma_off, beta_off, dst, Wt, B, fbuf):
+    def norm(x, part, add, bias_off, ln, gamma_off, beta_off, dst, Wt, B, fbuf):
         b = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         while b < B:
-            if nparts > 0:
+            if add:
                 for d in range(tid, D, NT):
                     v = float32(0)
-                    for s in range(nparts):
+                    for s in range(NP):
                         v += part[(s * B + b) * D + d]
                     x[b * D + d] = x[b * D + d] + (v + Wt[bias_off + d])
             if ln:
@@ -290,6 +292,99 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, Fals
                 ctx[b * D + hh * K + tid] = acc_d / total
             cuda.syncthreads()
             item += cuda.gridDim.x
+    return attention
+
+
+@functools.lru_cache(maxsize=None)
+def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
+    """The attention stage with one **warp** an item (row, head) instead of a block -- the
+    arguments and results of :func:`make_attention`'s, for batch passes with many items (a block
+    an item at batch 32 ran its 384 items in three rounds, each a dozen barriers deep: 35 us a
+    layer).  The warp adds up its head's q, k, v (lane ``j`` columns ``j, j + WL, ...``; ``q``
+    kept in the block's ``scores`` buffer, ``K`` floats a warp), stores k and v in the cache, then
+    takes the positions ``WL`` at a time: lane ``u`` scores position ``t0 + u`` (its key row read
+    whole, ``q`` broadcast from shared memory), an online softmax through shuffles (the chunk's
+    maximum, the running total rescaled), and every lane adds the chunk's weighted values of its
+    columns, position by position (each position's weight shuffled from its lane).  Every warp
+    runs the same number of rounds (shuffles are uniform over the block; items past ``B * H``
+    compute nothing)."""
+    K = D // H
+    NT = THREADS
+    KJ = -(-K // WL)                  # a lane's columns
+    scale = float32(K ** -0.5)
+    assert NW * K <= CHUNK
+
+    @cuda.jit(device=True)
+    def attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf):
+        tid = cuda.threadIdx.x
+        lane = tid % WL
+        warp = tid // WL
+        pos = index - 1
+        qw = warp * K                                  # this warp's q: scores[qw:qw + K]
+        nwarps = cuda.gridDim.x * NW
+        acc = cuda.local.array(KJ, float32)
+        for r in range((B * H + nwarps - 1) // nwarps):
+            item = r * nwarps + cuda.blockIdx.x * NW + warp
+            live = item < B * H
+            b = item // H if live else 0
+            hh = item % H if live else 0
+            kbase = (b * L + l) * 2 * T * H * K
+            vbase = kbase + T * H * K
+            for j in range(KJ):
+                d = lane + j * WL
+                acc[j] = float32(0)
+                if live and d < K:
+                    f = hh * K + d
+                    qv = float32(0)
+                    kv = float32(0)
+                    vv = float32(0)
+                    for s_ in range(Sq):
+                        pb = (s_ * B + b) * 3 * D
+                        qv += part[pb + f]
+                        kv += part[pb + D + f]
+                        vv += part[pb + 2 * D + f]
+                    scores[qw + d] = (qv + Wt[bias_off + f]) * scale
+                    cache[kbase + (pos * H + hh) * K + d] = kv + Wt[bias_off + D + f]
+                    cache[vbase + (pos * H + hh) * K + d] = vv + Wt[bias_off + 2 * D + f]
+            cuda.syncthreads()                         # q, and this position's k and v, visible
+            top = float32(-math.inf)
+            total = float32(0)
+            for t0 in range(0, index, WL):
+                t = t0 + lane
+                sc = float32(-math.inf)
+                if live and t < index:
+                    kp = kbase + (t * H + hh) * K
+                    sc = float32(0)
+                    for d in range(K):
+                        sc += scores[qw + d] * cache[kp + d]
+                m = sc
+                for w in (16, 8, 4, 2, 1):
+                    if w < WL:
+                        m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, w))
+                m_new = max(top, m)
+                alpha = math.exp(top - m_new) if live else float32(0)
+                e = math.exp(sc - m_new) if live and t < index else float32(0)
+                psum = e
+                for w in (16, 8, 4, 2, 1):
+                    if w < WL:
+                        psum += cuda.shfl_xor_sync(0xFFFFFFFF, psum, w)
+                total = total * alpha + psum
+                top = m_new
+                for j in range(KJ):
+                    acc[j] *= alpha
+                for u in range(WL):
+                    p = cuda.shfl_xor_sync(0xFFFFFFFF, e, lane ^ u)      # lane u's weight
+                    if live and t0 + u < index:
+                        vp = vbase + ((t0 + u) * H + hh) * K
+                        for j in range(KJ):
+                            d = lane + j * WL
+                            if d < K:
+                                acc[j] += p * cache[vp + d]
+            for j in range(KJ):
+                d = lane + j * WL
+                if live and d < K:
+                    ctx[b * D + hh * K + d] = acc[j] / total
+            cuda.syncthreads()                         # before the next round's q
     return attention
 
 
