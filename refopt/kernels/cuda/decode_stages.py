@@ -296,23 +296,47 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, Fals
 
 
 @functools.lru_cache(maxsize=None)
+def _make_chunk_scores(K: int, HK: int):
+    """``score = chunk_scores(cache, kb, t0, last, q0, q1, q2, q3, lane)``: the scores of the
+    ``WL`` positions ``t0 .. t0 + WL - 1`` against one head's ``q`` (lane ``j`` holds ``q[j + WL
+    i]`` as ``qi``; positions past ``last`` read ``last``'s key row), lane ``u`` returning position
+    ``t0 + u``'s.  Every lane multiplies its columns of every position's key row (coalesced rows,
+    all the loads in flight), then a transposing butterfly of shuffles leaves each position's sum
+    in its lane (:func:`.decode_products.reduction_source`: 31 shuffles for 32 sums).  Generated:
+    ``K`` and ``HK`` (the cache's distance between positions) written in."""
+    from refopt.kernels.cuda.decode_products import reduction_source
+
+    KJ = -(-K // WL)
+    assert KJ <= 4
+    L = ["def chunk_scores(cache, kb, t0, last, q0, q1, q2, q3, lane):     # q{KJ}..q3: unused"]
+    L += [f"    c{i} = min(lane + {i * WL}, {K - 1})" for i in range(KJ)]      # (q is 0 past K)
+    for u in range(WL):
+        L += [f"    r = kb + min(t0 + {u}, last) * {HK}"]
+        L += [f"    a{u} = " + " + ".join(f"q{i} * cache[r + c{i}]" for i in range(KJ))]
+    L += ["    " + x for x in reduction_source(WL)]
+    L += ["    return a0"]
+    scope = {"cuda": cuda, "float32": float32, "min": min}
+    exec("\n".join(L), scope)                          # noqa: S102  (generated, no input)
+    return cuda.jit(device=True)(scope["chunk_scores"])
+
+
+@functools.lru_cache(maxsize=None)
 def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
     """The attention stage with one **warp** an item (row, head) instead of a block -- the
     arguments and results of :func:`make_attention`'s, for batch passes with many items (a block
-    an item at batch 32 ran its 384 items in three rounds, each a dozen barriers deep: 35 us a
-    layer).  The warp adds up its head's q, k, v (lane ``j`` columns ``j, j + WL, ...``; ``q``
-    kept in the block's ``scores`` buffer, ``K`` floats a warp), stores k and v in the cache, then
-    takes the positions ``WL`` at a time: lane ``u`` scores position ``t0 + u`` (its key row read
-    whole, ``q`` broadcast from shared memory), an online softmax through shuffles (the chunk's
-    maximum, the running total rescaled), and every lane adds the chunk's weighted values of its
-    columns, position by position (each position's weight shuffled from its lane).  Every warp
-    runs the same number of rounds (shuffles are uniform over the block; items past ``B * H``
-    compute nothing)."""
+    an item at batch 32 ran its 384 items in three rounds, each a dozen barriers deep).  Lane
+    ``j`` adds up the head's q, k, v of columns ``j, j + WL, ...`` (keeping its q in registers),
+    stores k and v in the cache, then the warp takes the positions ``WL`` at a time: their scores
+    (:func:`_make_chunk_scores`: lane ``u`` ends with position ``t0 + u``'s), an online softmax
+    through shuffles (the chunk's maximum, the running total rescaled), and every lane adds the
+    chunk's weighted values of its columns position by position (each weight shuffled from its
+    lane; the value rows read coalesced).  Every warp runs the same number of rounds (shuffles are
+    uniform over the block; items past ``B * H`` compute nothing).  Needs 32-lane warps."""
     K = D // H
-    NT = THREADS
     KJ = -(-K // WL)                  # a lane's columns
     scale = float32(K ** -0.5)
-    assert NW * K <= CHUNK
+    assert WL == 32 and KJ <= 4
+    chunk_scores = _make_chunk_scores(K, H * K)
 
     @cuda.jit(device=True)
     def attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf):
@@ -320,9 +344,9 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
         lane = tid % WL
         warp = tid // WL
         pos = index - 1
-        qw = warp * K                                  # this warp's q: scores[qw:qw + K]
         nwarps = cuda.gridDim.x * NW
         acc = cuda.local.array(KJ, float32)
+        qr = cuda.local.array(4, float32)
         for r in range((B * H + nwarps - 1) // nwarps):
             item = r * nwarps + cuda.blockIdx.x * NW + warp
             live = item < B * H
@@ -330,6 +354,8 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
             hh = item % H if live else 0
             kbase = (b * L + l) * 2 * T * H * K
             vbase = kbase + T * H * K
+            for j in range(4):
+                qr[j] = float32(0)
             for j in range(KJ):
                 d = lane + j * WL
                 acc[j] = float32(0)
@@ -343,31 +369,26 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
                         qv += part[pb + f]
                         kv += part[pb + D + f]
                         vv += part[pb + 2 * D + f]
-                    scores[qw + d] = (qv + Wt[bias_off + f]) * scale
+                    qr[j] = (qv + Wt[bias_off + f]) * scale
                     cache[kbase + (pos * H + hh) * K + d] = kv + Wt[bias_off + D + f]
                     cache[vbase + (pos * H + hh) * K + d] = vv + Wt[bias_off + 2 * D + f]
-            cuda.syncthreads()                         # q, and this position's k and v, visible
+            cuda.syncthreads()                         # this position's k and v visible
             top = float32(-math.inf)
             total = float32(0)
             for t0 in range(0, index, WL):
-                t = t0 + lane
-                sc = float32(-math.inf)
-                if live and t < index:
-                    kp = kbase + (t * H + hh) * K
-                    sc = float32(0)
-                    for d in range(K):
-                        sc += scores[qw + d] * cache[kp + d]
+                sc = chunk_scores(cache, kbase + hh * K, t0, pos, qr[0], qr[1], qr[2], qr[3], lane)
+                valid = live and t0 + lane < index
+                if not valid:
+                    sc = float32(-math.inf)
                 m = sc
                 for w in (16, 8, 4, 2, 1):
-                    if w < WL:
-                        m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, w))
+                    m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, w))
                 m_new = max(top, m)
                 alpha = math.exp(top - m_new) if live else float32(0)
-                e = math.exp(sc - m_new) if live and t < index else float32(0)
+                e = math.exp(sc - m_new) if valid else float32(0)
                 psum = e
                 for w in (16, 8, 4, 2, 1):
-                    if w < WL:
-                        psum += cuda.shfl_xor_sync(0xFFFFFFFF, psum, w)
+                    psum += cuda.shfl_xor_sync(0xFFFFFFFF, psum, w)
                 total = total * alpha + psum
                 top = m_new
                 for j in range(KJ):
@@ -384,7 +405,6 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
                 d = lane + j * WL
                 if live and d < K:
                     ctx[b * D + hh * K + d] = acc[j] / total
-            cuda.syncthreads()                         # before the next round's q
     return attention
 
 
