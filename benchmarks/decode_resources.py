@@ -16,7 +16,7 @@ runtime) gives the linked kernel whose ``cuobjdump -res-usage`` reports static s
 ``benchmarks/GPU.md``; a GPU session confirms them with ``profile_decode.py`` and ``bench_gpu.py``.
 
 Batch 1 takes the warp products, batch 32 the tiled ones (``decode_products.TILED_FROM``); the split-K plan
-is the one of a 132-multiprocessor GPU (H100 SXM, H200); ``T`` (cache positions) is 72, as in
+is the one of a 132-multiprocessor GPU (H100 SXM, H200), ``decode_products.SPLIT_PER_SM`` items an SM; ``T`` (cache positions) is 72, as in
 ``profile_decode.py``.
 """
 from __future__ import annotations
@@ -94,7 +94,9 @@ def step_signature(kind="float32"):
 def step_kernel(decode, cfg, B, sampler, T, kind="float32"):
     lay = decode.Layout(cfg, kind)
     RB = min(32, decode.pow2(B))
-    plan = decode.product_plan(lay.D, lay.F, RB, 2 * SMS, TILE)
+    from refopt.kernels.cuda import decode_products
+
+    plan = decode.product_plan(lay.D, lay.F, RB, decode_products.SPLIT_PER_SM * SMS, TILE)
     o, g = lay.layer, lay.glob
     kern = decode.make_step_kernel(
         lay.D, lay.E, lay.F, lay.V, lay.L, lay.H, lay.P, T, RB, bool(cfg.do_layer_norm_before),
