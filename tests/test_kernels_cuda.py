@@ -551,6 +551,76 @@ def test_device_decode_tiled_batches(B):
                        seed=[100 + b for b in range(B)])                # one seed per row
 
 
+def _attention_stage_case(make, seed, B, H, K, L, T, index, Sq):
+    # one attention stage of the decode kernel (make: decode_stages.make_attention or
+    # make_warp_attention) against NumPy: q, k, v summed from Sq partial sums plus the bias, k and
+    # v stored at position index - 1 of layer l's cache, softmax(q k / sqrt(K)) v over positions
+    # 0 .. index - 1
+    from refopt.kernels.cuda import decode_stages as ds
+
+    D = H * K
+    rng = np.random.default_rng(seed)
+    part = rng.standard_normal((Sq, B, 3 * D)).astype(np.float32)
+    boff = 5
+    Wt = rng.standard_normal(boff + 3 * D).astype(np.float32)
+    cache = rng.standard_normal((B, L, 2, T, H, K)).astype(np.float32)
+    l, pos = L - 1, index - 1
+    qkv = part.sum(0) + Wt[boff:]
+    q, k, v = (qkv[:, i * D:(i + 1) * D].reshape(B, H, K) for i in range(3))
+    want_cache = cache.copy()
+    want_cache[:, l, 0, pos], want_cache[:, l, 1, pos] = k, v
+    keys, vals = want_cache[:, l, 0, :index], want_cache[:, l, 1, :index]      # [B, index, H, K]
+    sc = np.einsum("bhk,bthk->bht", q.astype(np.float64), keys) / np.sqrt(K)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bht,bthk->bhk", p, vals).reshape(B, D)
+    stage = make(D, H, L, T, Sq)
+    NT = ds.THREADS
+
+    @cuda.jit
+    def run(Wt, part, cache, index, B, ctx):
+        q = cuda.shared.array(128, np.float32)
+        scores = cuda.shared.array(ds.CHUNK, np.float32)
+        pv = cuda.shared.array(NT, np.float32)
+        fbuf = cuda.shared.array(NT, np.float32)
+        stage(Wt, boff, part, cache, l, index, B, ctx, q, scores, pv, fbuf)
+
+    ctx = cuda.to_device(np.full(B * D, np.nan, np.float32))
+    dcache = cuda.to_device(cache.ravel())
+    run[3, NT](cuda.to_device(Wt), cuda.to_device(part.ravel()), dcache, index, B, ctx)
+    np.testing.assert_array_equal(dcache.copy_to_host().reshape(cache.shape)[:, l, :, pos],
+                                  want_cache[:, l, :, pos])
+    close(ctx.copy_to_host().reshape(B, D), want, np.float32, f"attention stage {make.__name__}",
+          np.abs(vals).max())
+
+
+def test_decode_warp_attention_stage():
+    # the attention a warp an item (decode_stages.make_warp_attention, batch passes of 8 rows or
+    # more on the GPU) and the block attention, against NumPy: items past B * H in the last round,
+    # positions past one and two chunks of 32, head widths of one and two 32-lane passes. It needs
+    # the GPU's 32-lane warps and shuffles: under the simulator it runs in a subprocess with the
+    # GPU's code paths (REFOPT_CUDASIM_GPU_PATHS=1, shuffles emulated)
+    import os
+    import subprocess
+    import sys
+
+    if SIM:
+        env = dict(os.environ, REFOPT_CUDASIM_GPU_PATHS="1")
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-p", "no:randomly", f"{__file__}::test_decode_warp_attention_stage"],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return
+    from refopt.kernels.cuda import decode_stages as ds
+
+    cases = [(0, 3, 2, 64, 2, 40, 33, 2), (1, 2, 3, 32, 1, 80, 70, 1), (2, 1, 1, 40, 1, 8, 5, 3)]
+    for seed, B, H, K, L, T, index, Sq in cases:
+        for make in (ds.make_warp_attention, ds.make_attention):
+            if make is ds.make_attention and K > ds.THREADS:
+                continue          # (a block attention's thread a column: the simulator's 32-thread blocks)
+            _attention_stage_case(make, seed, B, H, K, L, T, index, Sq)
+
+
 @pytest.mark.parametrize("act", [False, True])
 @pytest.mark.parametrize("by4", [False, True])
 @settings(max_examples=EX // 2, deadline=None)
