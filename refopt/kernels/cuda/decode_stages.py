@@ -9,11 +9,15 @@ every stage, and all threads of a block call it (they synchronise inside).
 ==============  ==========================================================================
 embed           ``x[b] = embed[token] + positions[index - 1]`` (projection models: the token
                 rows ``xe``, then ``project_in``'s product, then the positions)
-norm            one block per row: a product's partial sums and its bias join the residual
-                ``x``, then LayerNorm -> ``xn`` (or in place: post-LN models)
+norm            one block per row: a product's partial sums (their count written in) and its
+                bias join the residual ``x``, then LayerNorm -> ``xn`` (or in place: post-LN
+                models)
 attention       one block per (row, head): q/k/v from the product's partial sums and bias,
                 k and v stored in the cache at the position, then the scores against the
-                cached keys, an online softmax over chunks of positions, the weighted values
+                cached keys, an online softmax over chunks of positions, the weighted values;
+                batch passes of ``decode.WARP_ATTENTION_FROM`` rows or more: one **warp** per
+                (row, head), 32 positions at a time, shuffles instead of barriers
+                (:func:`make_warp_attention`)
 softmax         ``softmax(logits / temperature)`` over the grid in three steps (slice maxima,
                 slice sums, normalisation), each row's vocabulary cut into slices, one block a
                 slice; the partial maxima and sums are combined in slice order
