@@ -42,7 +42,7 @@ from numba import cuda, float32
 
 from refopt.kernels.cuda._common import SIM, SIMULATOR, cdiv, generated
 from refopt.kernels.cuda.decode_stages import THREADS, WL
-from refopt.kernels.cuda.halves import make_load
+from refopt.kernels.cuda.halves import bf16_to_f32, f16_to_f32, make_load
 
 
 # ----------------------------------------------------------------------------- warp products
@@ -306,6 +306,15 @@ else:
         return sig, codegen
 
 
+@cuda.jit(device=True)
+def _same(v):
+    return v
+
+
+#: a stored weight element -> float32, by storage kind (:mod:`.halves`)
+WIDEN = {"float32": _same, "bfloat16": bf16_to_f32, "float16": f16_to_f32}
+
+
 @functools.lru_cache(maxsize=None)
 def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: int,
                     kind: str = "float32", tile=TILE, prefetch: int = 0):
@@ -320,8 +329,9 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
     ``KC`` inputs of its ``TM`` rows and ``TN`` weight rows at a time in shared memory, k-major
     (``Xs[k][m]``, ``Ws[k][n]``: the transposes of how they lie in memory), so that a thread reads
     four consecutive rows or outputs of one input as one 16-byte shared load; its ``RM x CN`` sums
-    stay in registers.  As in :mod:`.gemm`'s second kernel: the next chunk's global loads (16
-    bytes each for float32 data whose rows are multiples of 4 long, element by element otherwise)
+    stay in registers.  As in :mod:`.gemm`'s second kernel: the next chunk's global loads (four
+    elements at once -- 16 bytes, 8 for half weights, widened as they arrive -- where rows are
+    multiples of 4 long, element by element otherwise)
     are in flight in registers while the current chunk's products run from the other of two
     shared buffers (one barrier a chunk); the chunk's ``KC`` steps are written out, each step's
     shared loads at constant offsets.  Staging: consecutive threads take the two 16-byte halves of
@@ -337,7 +347,7 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
     Q = KC // 4                               # 4-input groups of a staged row
     GN = CN // 4                              # a thread's groups of 4 outputs
     HN = 4 * TX                               # distance between them
-    vec_w = kind == "float32" and I % 4 == 0  # 16-byte weight loads
+    vec_w = I % 4 == 0                        # 16-byte weight loads (8 for half weights)
     vec_x = I % 4 == 0                        # 16-byte input loads
 
     def geometry(R, name):
@@ -383,7 +393,7 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
                     f"{ind}ok = wv{p} and n < {N} and k < {I}"]
             if vec_w:
                 out += [f"{ind}v = ld4(Wm, (wbase + n * {I} + k) if ok else 0)"]
-                out += [f"{ind}pw{p}_{j} = v[{j}] if ok else float32(0)" for j in range(4)]
+                out += [f"{ind}pw{p}_{j} = wid(v[{j}]) if ok else float32(0)" for j in range(4)]
             else:
                 for j in range(4):
                     out += [f"{ind}pw{p}_{j} = float32(0)", f"{ind}if ok and k + {j} < {I}:",
@@ -466,7 +476,8 @@ def make_tile_stage(I: int, N: int, S: int, CPS: int, XS: int, XACT: bool, RB: i
                       f"        if b < B and n < {N}:",
                       f"            dst[(s * B + b) * {N} + n] = a{i}_{4 * g + j}"]
     L += ["        item += cuda.gridDim.x"]
-    scope = {"cuda": cuda, "float32": float32, "ld": make_load(kind), "ld4": ld4, "prefetch_l2": prefetch_l2}
+    scope = {"cuda": cuda, "float32": float32, "ld": make_load(kind), "ld4": ld4, "prefetch_l2": prefetch_l2,
+             "wid": WIDEN[kind]}
     generated(L, f"decode tile_stage {I}x{N} S{S} XS{XS}{' act' if XACT else ''} RB{RB} {kind} {tile} "
               f"prefetch {prefetch}",
               scope)

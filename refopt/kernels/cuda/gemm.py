@@ -259,8 +259,9 @@ else:
 
     @_intrinsic
     def ldg4(typingctx, arr, off):
-        """Four consecutive elements of ``arr`` from flat element ``off`` as one 16-byte load
-        (``ld.v4.f32``; ``off`` a multiple of 4 and the data 16-byte aligned: the caller checks)."""
+        """Four consecutive elements of ``arr`` from flat element ``off`` as one vector load
+        (``ld.v4.f32``: 16 bytes; 8 for 16-bit elements) -- ``off`` a multiple of 4 and the data
+        aligned to the load's size (at most 16 bytes): the caller checks."""
         dt = arr.dtype
         sig = _signature(_types.UniTuple(dt, 4), arr, _types.int64)
 
@@ -270,7 +271,7 @@ else:
             ptr = builder.gep(ary.data, [off64])
             lty = context.get_data_type(dt)
             vptr = builder.bitcast(ptr, _ir.VectorType(lty, 4).as_pointer())
-            vec = builder.load(vptr, align=16)
+            vec = builder.load(vptr, align=min(16, 4 * context.get_abi_sizeof(lty)))
             vals = [builder.extract_element(vec, _ir.Constant(_ir.IntType(32), i)) for i in range(4)]
             return context.make_tuple(builder, sig.return_type, vals)
         return sig, codegen
