@@ -595,8 +595,8 @@ def _attention_stage_case(make, seed, B, H, K, L, T, index, Sq):
 
 
 def test_decode_warp_attention_stage():
-    # the attention a warp an item (decode_stages.make_warp_attention, batch passes of 8 rows or
-    # more on the GPU) and the block attention, against NumPy: items past B * H in the last round,
+    # the attention a warp an item (decode_stages.make_warp_attention, batch passes of
+    # decode.WARP_ATTENTION_FROM rows or more on the GPU) and the block attention, against NumPy: items past B * H in the last round,
     # positions past one and two chunks of 32, head widths of one and two 32-lane passes. It needs
     # the GPU's 32-lane warps and shuffles: under the simulator it runs in a subprocess with the
     # GPU's code paths (REFOPT_CUDASIM_GPU_PATHS=1, shuffles emulated)

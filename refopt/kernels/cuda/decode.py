@@ -80,7 +80,11 @@ PROFILE = False                       # record stage times (see make_step_kernel
 BLOCKS_PER_SM = 2                     # most resident blocks per SM the cooperative grid takes
 PROMPT_STEPS = 32                     # prompts up to this long run through the step kernel (prompt_steps)
 ATTENTION_VARIANT = (False, False)    # the attention stage's variant (decode_stages.make_attention)
-WARP_ATTENTION_FROM = 8               # batch passes of this many rows take a warp an attention item
+#: batch passes of this many rows take a warp an attention item (:func:`.make_warp_attention`):
+#: at batch 32 (384 items at 125m) 2.245 against 2.364 ms a step on an H200 (benchmarks/GPU.md,
+#: session 14); smaller passes keep a block an item (not measured with warps; a warp walks all of
+#: an item's positions itself, so with few items and long contexts it would leave the grid idle)
+WARP_ATTENTION_FROM = 32
 
 
 def _align8(n: int) -> int:
