@@ -179,6 +179,33 @@ def make_norm(D: int, eps: float, NP: int = 0):
 
 # ----------------------------------------------------------------------------- attention
 @functools.lru_cache(maxsize=None)
+def _make_head_input(D: int, H: int, L: int, T: int, Sq: int):
+    """``q = head_input(Wt, bias_off, part, cache, l, pos, B, b, hh, d)``: column ``d`` of head
+    ``hh``'s q, k, v for row ``b`` -- the ``Sq`` partial sums ``part [Sq, B, 3D]`` added in order,
+    plus the bias at ``bias_off`` -- with k and v stored in layer ``l``'s cache at position
+    ``pos``; returns q scaled by ``K ** -0.5``.  Both attention stages start with it."""
+    K = D // H
+    scale = float32(K ** -0.5)
+
+    @cuda.jit(device=True)
+    def head_input(Wt, bias_off, part, cache, l, pos, B, b, hh, d):
+        kbase = (b * L + l) * 2 * T * H * K
+        f = hh * K + d
+        qv = float32(0)
+        kv = float32(0)
+        vv = float32(0)
+        for s_ in range(Sq):
+            pb = (s_ * B + b) * 3 * D
+            qv += part[pb + f]
+            kv += part[pb + D + f]
+            vv += part[pb + 2 * D + f]
+        cache[kbase + (pos * H + hh) * K + d] = kv + Wt[bias_off + D + f]
+        cache[kbase + T * H * K + (pos * H + hh) * K + d] = vv + Wt[bias_off + 2 * D + f]
+        return (qv + Wt[bias_off + f]) * scale
+    return head_input
+
+
+@functools.lru_cache(maxsize=None)
 def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, False)):
     """``attention(Wt, bias_off, part, cache, l, index, B, ctx, q, scores, pv, fbuf)``: layer
     ``l``'s attention of each (row, head) over cache positions ``0 .. index - 1``, one block an
@@ -192,7 +219,7 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, Fals
     K = D // H
     NT = THREADS
     GV = max(1, NT // K)
-    scale = float32(K ** -0.5)
+    head_input = _make_head_input(D, H, L, T, Sq)
     # variant: (scores a thread a position instead of a warp a position, the weighted values
     # four positions a pass into four sums so that their loads are in flight together)
     ATTENTION_SCORES_BY_THREAD, ATTENTION_VALUES_UNROLLED = variant
@@ -210,18 +237,7 @@ def make_attention(D: int, H: int, L: int, T: int, Sq: int, variant=(False, Fals
             kbase = (b * L + l) * 2 * T * H * K
             vbase = kbase + T * H * K
             for d in range(tid, K, NT):
-                f = hh * K + d
-                qv = float32(0)
-                kv = float32(0)
-                vv = float32(0)
-                for s_ in range(Sq):
-                    pb = (s_ * B + b) * 3 * D
-                    qv += part[pb + f]
-                    kv += part[pb + D + f]
-                    vv += part[pb + 2 * D + f]
-                q[d] = (qv + Wt[bias_off + f]) * scale
-                cache[kbase + (pos * H + hh) * K + d] = kv + Wt[bias_off + D + f]
-                cache[vbase + (pos * H + hh) * K + d] = vv + Wt[bias_off + 2 * D + f]
+                q[d] = head_input(Wt, bias_off, part, cache, l, pos, B, b, hh, d)
             cuda.syncthreads()
             top = float32(-math.inf)
             total = float32(0)
@@ -338,7 +354,7 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
     uniform over the block; items past ``B * H`` compute nothing).  Needs 32-lane warps."""
     K = D // H
     KJ = -(-K // WL)                  # a lane's columns
-    scale = float32(K ** -0.5)
+    head_input = _make_head_input(D, H, L, T, Sq)
     assert WL == 32 and KJ <= 4
     chunk_scores = _make_chunk_scores(K, H * K)
 
@@ -364,18 +380,7 @@ def make_warp_attention(D: int, H: int, L: int, T: int, Sq: int):
                 d = lane + j * WL
                 acc[j] = float32(0)
                 if live and d < K:
-                    f = hh * K + d
-                    qv = float32(0)
-                    kv = float32(0)
-                    vv = float32(0)
-                    for s_ in range(Sq):
-                        pb = (s_ * B + b) * 3 * D
-                        qv += part[pb + f]
-                        kv += part[pb + D + f]
-                        vv += part[pb + 2 * D + f]
-                    qr[j] = (qv + Wt[bias_off + f]) * scale
-                    cache[kbase + (pos * H + hh) * K + d] = kv + Wt[bias_off + D + f]
-                    cache[vbase + (pos * H + hh) * K + d] = vv + Wt[bias_off + 2 * D + f]
+                    qr[j] = head_input(Wt, bias_off, part, cache, l, pos, B, b, hh, d)
             cuda.syncthreads()                         # this position's k and v visible
             top = float32(-math.inf)
             total = float32(0)
