@@ -10,18 +10,22 @@ transformers' PyTorch names (so :mod:`refopt.io.huggingface` applies unchanged),
 transposed views.
 
 Datasets stored contiguously and uncompressed (as Keras writes them) are memory-mapped; others are
-read.  Only hard links to datasets inside the file are followed; a listed weight that is missing,
-is not a float dataset, or is an external or soft link is refused with a named error.
+read, once the bytes their declared shapes imply are known to fit in the memory available.  Only
+hard links to datasets inside the file are followed; a listed weight that is missing, is not a
+float16/32/64 dataset, or is an external, virtual or soft link is refused with a named error, and
+so is anything h5py raises on a damaged file.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
 from refopt.errors import CheckpointError
 from refopt.io import stored
+from refopt.limits import check_allocation
 
 _MAX_WEIGHTS = 100_000
 _RENAME = {"kernel": "weight", "gamma": "weight", "beta": "bias", "embeddings": "weight"}
@@ -45,61 +49,88 @@ def _text(values):
 
 def load(path) -> dict[str, np.ndarray]:
     """``{transformers name: array}`` of a ``tf_model.h5`` (views of the mapped file where the
-    dataset is stored contiguously; Keras kernels transposed to ``[out, in]`` views)."""
+    dataset is stored contiguously; Keras kernels transposed to ``[out, in]`` views).  Every error
+    h5py raises on a damaged file (``OSError``, ``ValueError``, ``RuntimeError``, ``KeyError`` ...,
+    from any call: opening, a link, an attribute, a dtype, a read) is a :class:`CheckpointError`."""
     import h5py
 
     path = os.fspath(path)
-    os.close(stored.open_regular(path))
+    fd = stored.open_regular(path)
+    # HDF5 opens the very file checked above (through /proc/self/fd where there is one)
+    by_fd = f"/proc/self/fd/{fd}"
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from None
-    out = {}
-    buf = None
+        f = h5py.File(by_fd if os.path.exists(by_fd) else path, "r")
+    except Exception as e:               # h5py raises OSError, ValueError, RuntimeError ... here
+        raise CheckpointError(f"{path}: not a readable HDF5 file ({_reason(e)})") from None
+    finally:
+        os.close(fd)
     with f:
         try:
-            layers = _text(f.attrs["layer_names"])
-            if len(layers) != 1:
-                raise KeyError
-            group = f[layers[0]]
-            names = _text(group.attrs["weight_names"])
-        except (KeyError, TypeError, ValueError, OSError):
-            raise CheckpointError(f"{path}: not TensorFlow Keras weights (no layer_names / weight_names "
-                                  "attributes naming one model layer)") from None
-        if len(names) > _MAX_WEIGHTS:
-            raise CheckpointError(f"{path}: lists more than {_MAX_WEIGHTS} weights")
-        for weight in names:
-            name, kernel = torch_name(weight)
-            try:
-                link = group.get(weight, getlink=True)
-                ds = group.get(weight) if isinstance(link, h5py.HardLink) else None
-            except (KeyError, OSError, ValueError):
-                link = ds = None
-            if link is None:
-                raise CheckpointError(f"{path}: weight {weight} is listed but missing")
-            if not isinstance(ds, h5py.Dataset):
-                raise CheckpointError(f"{path}: weight {weight} is not a dataset stored in the file "
-                                      f"({type(link).__name__})")
-            if ds.dtype.kind != "f" or ds.external:
-                raise CheckpointError(f"{path}: weight {weight} has dtype {ds.dtype}"
-                                      f"{' and external storage' if ds.external else ''}; expected floats")
-            if name in out:
-                raise CheckpointError(f"{path}: two weights map to {name}")
-            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
-            if offset is not None and ds.dtype.byteorder in "<=|":
-                buf = stored.map_file(path) if buf is None else buf
-                nbytes = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
-                if offset + nbytes > buf.shape[0]:
-                    raise CheckpointError(f"{path}: weight {weight} lies past the end of the file")
-                arr = buf[offset:offset + nbytes].view(ds.dtype.newbyteorder("<")).reshape(ds.shape)
-            else:
-                try:
-                    arr = np.asarray(ds[()])
-                except (OSError, ValueError) as e:
-                    raise CheckpointError(f"{path}: weight {weight} cannot be read ({e})") from None
-            if kernel:
-                if arr.ndim != 2:
-                    raise CheckpointError(f"{path}: kernel {weight} has shape {list(arr.shape)}, expected 2 axes")
-                arr = arr.T
-            out[name] = arr
+            return _read(f, path)
+        except CheckpointError:
+            raise
+        except Exception as e:           # a damaged header, heap, link or datatype, anywhere
+            raise CheckpointError(f"{path}: the HDF5 file cannot be read ({_reason(e)}); it is "
+                                  "truncated or corrupted") from None
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _read(f, path) -> dict[str, np.ndarray]:
+    # load()'s work on the open file ``f``
+    import h5py
+
+    out = {}
+    buf = None
+    held = 0                             # bytes of the datasets read into memory so far
+    try:
+        layers = _text(f.attrs["layer_names"])
+        if len(layers) != 1:
+            raise KeyError
+        group = f[layers[0]]
+        names = _text(group.attrs["weight_names"])
+    except (KeyError, TypeError, ValueError, OSError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not TensorFlow Keras weights (no layer_names / weight_names "
+                              "attributes naming one model layer)") from None
+    if len(names) > _MAX_WEIGHTS:
+        raise CheckpointError(f"{path}: lists more than {_MAX_WEIGHTS} weights")
+    for weight in names:
+        name, kernel = torch_name(weight)
+        try:
+            link = group.get(weight, getlink=True)
+            ds = group.get(weight) if isinstance(link, h5py.HardLink) else None
+        except (KeyError, OSError, ValueError):
+            link = ds = None
+        if link is None:
+            raise CheckpointError(f"{path}: weight {weight} is listed but missing")
+        if not isinstance(ds, h5py.Dataset):
+            raise CheckpointError(f"{path}: weight {weight} is not a dataset stored in the file "
+                                  f"({type(link).__name__})")
+        if ds.external or ds.is_virtual:
+            raise CheckpointError(f"{path}: weight {weight} keeps its data outside the file (external "
+                                  "or virtual storage); refopt refuses it")
+        if ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
+            raise CheckpointError(f"{path}: weight {weight} has dtype {ds.dtype}; expected float16, "
+                                  "float32 or float64")
+        if name in out:
+            raise CheckpointError(f"{path}: two weights map to {name}")
+        nbytes = math.prod(int(d) for d in ds.shape) * ds.dtype.itemsize   # exact: no wrap-around
+        offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+        if offset is not None and ds.dtype.byteorder in "<=|":
+            buf = stored.map_file(path) if buf is None else buf
+            if offset + nbytes > buf.shape[0]:
+                raise CheckpointError(f"{path}: weight {weight} lies past the end of the file")
+            arr = buf[offset:offset + nbytes].view(ds.dtype.newbyteorder("<")).reshape(ds.shape)
+        else:                            # chunked, compressed or big-endian: read (a shape the
+            held += nbytes               # file declares is checked against the memory first)
+            check_allocation(held, f"{path}: reading weight {weight} (and those before it)",
+                             CheckpointError)
+            arr = np.asarray(ds[()])
+        if kernel:
+            if arr.ndim != 2:
+                raise CheckpointError(f"{path}: kernel {weight} has shape {list(arr.shape)}, expected 2 axes")
+            arr = arr.T
+        out[name] = arr
     return out
