@@ -62,9 +62,9 @@ def backbone_class(preset):
     key = data.get("class_name") or data.get("model_type")
     if key is None:
         return None
-    if key not in FAMILIES:
+    if not isinstance(key, str) or key not in FAMILIES:   # a list or object there: no family either
         raise ConfigError(f"preset {str(preset)!r}: its config.json is for "
-                          f"{key or 'an unknown model'!r}; refopt has classes for "
+                          f"{(key or 'an unknown model') if isinstance(key, str) else str(key)[:100]!r}; refopt has classes for "
                           f"{sorted(k for k in FAMILIES if k[0].isupper())} (KerasHub) and "
                           f"model_type {sorted(k for k in FAMILIES if k[0].islower())} (transformers)")
     module, name = FAMILIES[key]

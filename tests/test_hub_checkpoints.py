@@ -314,3 +314,28 @@ def test_untied_head_equal_to_embedding_loads(tmp_path):
                                   _logits(tmp_path / "st", dtype="float64"))
 
 
+
+
+def test_shard_name_with_nul_byte_is_named(tmp_path):
+    """An index naming a shard file with a NUL byte in it (os.open's ValueError escaped)."""
+    d = tmp_path / "x"
+    shutil.copytree(DATA / "hub_opt_tiny_sharded", d)
+    index = json.loads((d / "pytorch_model.bin.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "pytorch_model-00001\x00-of-00002.bin"
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="NUL"):
+        OPTBackbone.from_preset(d)
+
+
+@pytest.mark.parametrize("key", ["model_type", "class_name"])
+@pytest.mark.parametrize("value", [["opt"], {"opt": 1}, 3])
+def test_config_model_name_not_a_string_is_named(tmp_path, key, value):
+    """A config.json whose model_type / class_name is a list or an object (the registry's lookup
+    raised TypeError: unhashable)."""
+    d = _only(DATA / "hub_opt_tiny", tmp_path / "x", "model.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError):
+        OPTCausalLM.from_preset(d, preprocessor=None)

@@ -51,6 +51,9 @@ def open_regular(path, what: str = "file") -> int:
                             _errno.EISDIR, path) from None
     except PermissionError:
         raise FileReadError(f"{path}: no permission to read the {what}", _errno.EACCES, path) from None
+    except ValueError:                        # a NUL byte in the name
+        raise FileReadError(f"{path!r}: not a file name (the {what}'s name holds a NUL byte)",
+                            _errno.EINVAL, path) from None
     except OSError as e:
         if e.errno == _errno.ENXIO:           # a socket, or a FIFO opened for writing only
             raise FileReadError(f"{path}: {what} is not a regular file", e.errno, path) from None

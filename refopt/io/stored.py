@@ -57,6 +57,8 @@ def open_regular(path) -> int:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+    except ValueError:                   # a NUL byte in the name (as a file's index may hold)
+        raise CheckpointError(f"{path!r}: not a file name (it holds a NUL byte)") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointError(f"{path}: not a regular file")
