@@ -106,7 +106,7 @@ def step_kernel(decode, cfg, B, sampler, T, kind="float32"):
                              "w2", "b2")),
         tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
         plan, decode.MIN_BLOCKS, False, kind, lay.matrix_stride, tuple(decode.ATTENTION_VARIANT),
-        RB >= decode.WARP_ATTENTION_FROM)
+        RB >= decode.WARP_ATTENTION_FROM, RB * lay.D <= decode.FOLD_NORMS_FLOATS)
     return kern, plan
 
 

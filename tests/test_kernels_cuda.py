@@ -492,7 +492,13 @@ def _lm(pre_ln, proj, seed=1):
     from refopt.models import OPTBackbone, OPTCausalLM
 
     cfg = _config(pre_ln=pre_ln, proj=proj)
-    return OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg, seed=seed, std=0.6)))
+    params = init_params(cfg, seed=seed, std=0.6)
+    rng = np.random.default_rng(seed)
+    for name, value in params.items():   # biases, offsets and gains that are not 0 and 1: an offset
+        if name.endswith(("bias", "beta", "gamma")):   # or gain read from the wrong place shows
+            params[name] = (rng.standard_normal(np.shape(value)) * 0.3
+                            + name.endswith("gamma")).astype(np.asarray(value).dtype)
+    return OPTCausalLM(OPTBackbone.from_opt_config(cfg, params))
 
 
 def _samplers():
@@ -537,6 +543,18 @@ def test_device_decode_matches_generate(pre_ln, proj):
     _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask}, samplers)
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_device_decode_norms_folded_or_not(fold, monkeypatch):
+    # pre-LN passes of warp products fold each LayerNorm into the product after it (every block
+    # normalising the rows itself, decode.FOLD_NORMS_FLOATS); unfolded, the norms are stages of
+    # their own (wider models): both give the host loop's tokens, rows of several prompt lengths
+    from refopt.kernels.cuda import decode
+
+    monkeypatch.setattr(decode, "FOLD_NORMS_FLOATS", decode.FOLD_NORMS_FLOATS if fold else 0)
+    lm = _lm(True, False, seed=4)
+    _generate_as_numpy(lm, _staggered_prompts(lm, 3, 8, 4, 2), _samplers()[:2])
+
+
 @pytest.mark.parametrize("B", [6, 35] if FULL else [6])
 def test_device_decode_tiled_batches(B):
     # batches of 8 rows or more take the tiled, split-K products (and 35 rows, two row passes);
@@ -575,12 +593,12 @@ def _attention_stage_case(make, seed, B, H, K, L, T, index, Sq):
     p /= p.sum(-1, keepdims=True)
     want = np.einsum("bht,bthk->bhk", p, vals).reshape(B, D)
     stage = make(D, H, L, T, Sq)
-    NT = ds.THREADS
+    NT, CHUNK = ds.THREADS, ds.CHUNK     # plain ints: a shared array's shape must be a constant
 
     @cuda.jit
     def run(Wt, part, cache, index, B, ctx):
         q = cuda.shared.array(128, np.float32)
-        scores = cuda.shared.array(ds.CHUNK, np.float32)
+        scores = cuda.shared.array(CHUNK, np.float32)
         pv = cuda.shared.array(NT, np.float32)
         fbuf = cuda.shared.array(NT, np.float32)
         stage(Wt, boff, part, cache, l, index, B, ctx, q, scores, pv, fbuf)

@@ -63,8 +63,8 @@ from refopt.kernels.cuda.decode_products import (
 from refopt.kernels.cuda.halves import KINDS, make_load
 from refopt.io.safetensors_io import float32_to_bfloat16
 from refopt.kernels.cuda.decode_stages import (
-    CHUNK, NW, THREADS, WL, make_attention, make_embed, make_norm, make_sample, make_softmax, make_sync,
-    make_warp_attention)
+    CHUNK, NW, THREADS, WL, make_attention, make_block_norm, make_embed, make_norm, make_sample,
+    make_softmax, make_sync, make_warp_attention)
 from refopt.kernels.cuda.sampling import pow2
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "min_p")
@@ -85,6 +85,11 @@ ATTENTION_VARIANT = (False, False)    # the attention stage's variant (decode_st
 #: session 14); smaller passes keep a block an item (not measured with warps; a warp walks all of
 #: an item's positions itself, so with few items and long contexts it would leave the grid idle)
 WARP_ATTENTION_FROM = 32
+#: pre-LN batch passes of warp products (below ``TILED_FROM`` rows) whose rows fit in this many
+#: floats of shared memory fold each LayerNorm into the product that reads it
+#: (:func:`.make_block_norm`: every block normalises the rows itself; 24 fewer grid
+#: synchronisations a step at 12 layers); 0: never
+FOLD_NORMS_FLOATS = 4096
 
 
 def _align8(n: int) -> int:
@@ -205,7 +210,7 @@ def pack_weights(params, cfg, kind: str = "float32"):
 def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, sampler, eps,
                      layer_stride, layer_offsets, glob_offsets, plan, min_blocks=1, profile=False,
                      kind="float32", matrix_stride=None, attention_variant=(False, False),
-                     warp_attention=False):
+                     warp_attention=False, fold=False):
     """The persistent decode kernel for one model shape, cache length ``T``, batch pass ``RB``,
     sampler kind, product :class:`Plan` and weight storage ``kind`` (:mod:`.halves`: the
     matrices read from ``Wm`` at ``matrix_stride`` a layer, everything else from ``Wt``; with
@@ -213,7 +218,10 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
     compile-time constant.  ``min_blocks``: blocks per SM the compiler must leave room for (its
     register budget, through the launch bounds); ``profile``: record the SM clock of block 0 after
     every grid synchronisation (``prof[i] = (clock, stage)``, for :func:`stage_times`);
-    ``warp_attention``: the attention stage a warp an item (:func:`.make_warp_attention`)."""
+    ``warp_attention``: the attention stage a warp an item (:func:`.make_warp_attention`);
+    ``fold`` (pre-LN warp products only): each LayerNorm folded into the product after it
+    (:func:`.make_block_norm`; the residual stream alternates between ``x`` and ``xn``, fc2's
+    sums go to ``ctx``), the final one into the head's when there is no ``project_out``."""
     LS = layer_stride
     LM = layer_stride if matrix_stride is None else matrix_stride
     o_ln1g, o_ln1b, o_wqkv, o_bqkv, o_wo, o_bo, o_ln2g, o_ln2b, o_w1, o_b1, o_w2, o_b2 = layer_offsets
@@ -241,6 +249,10 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         project_in = make_warp_stage(RB, E, D, "add", kind)     # + the position embedding
         project_out = make_warp_stage(RB, D, E, "store", kind)
     RED = (NW, WL, RB) if SIM else (1, 1, 1)   # the simulator's warp reductions go through here
+    fold = bool(fold) and pre_ln and not tiled
+    fold_final = fold and final_ln and not projection
+    FSH = RB * D if fold else 1                 # a block's normalised rows (fold)
+    block_norm = make_block_norm(D, eps)
     grid_sync, mark, sync = make_sync(profile)
     embed = make_embed(D, E, g_embed, g_pos, kind)
     norm_o = make_norm(D, eps, So)                 # adding the attention output's partial sums
@@ -266,6 +278,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         scores = cuda.shared.array(CHUNK, float32)
         q = cuda.shared.array(128, float32)
         pv = cuda.shared.array(NT, float32)
+        xf = cuda.shared.array(FSH, float32)
         ps = mark(prof, 0, NEXT)
         for _step in range(nsteps):
             index = state_i[0]                                 # the position to decide
@@ -289,6 +302,24 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
             for l in range(L):
                 base = l * LS
                 mbase = l * LM
+                if fold:        # the same stages, each norm done by every block for itself
+                    # the previous layer's fc2 sums (in ctx) join the residual, x -> xn
+                    block_norm(x, ctx, l > 0, base - LS + o_b2, base + o_ln1g, base + o_ln1b, xn, xf,
+                               Wt, B, fbuf)
+                    qkv(Wt, Wm, mbase + o_wqkv, xf, 0, B, part, Xs, Ws, red)
+                    ps = sync(prof, ps, QKV)
+                    attention(Wt, base + o_bqkv, part, cache, l, index, B, ctx, q, scores, pv, fbuf)
+                    ps = sync(prof, ps, ATTENTION)
+                    out(Wt, Wm, mbase + o_wo, ctx, 0, B, part, Xs, Ws, red)
+                    ps = sync(prof, ps, OUT)
+                    # out's sums join the residual, xn -> x
+                    block_norm(xn, part, True, base + o_bo, base + o_ln2g, base + o_ln2b, x, xf, Wt, B,
+                               fbuf)
+                    fc1(Wt, Wm, mbase + o_w1, xf, base + o_b1, B, part1, Xs, Ws, red)
+                    ps = sync(prof, ps, FC1)
+                    fc2(Wt, Wm, mbase + o_w2, part1, base + o_b1, B, ctx, Xs, Ws, red)
+                    ps = sync(prof, ps, FC2)
+                    continue
                 # ------------------------------------------------------------ attention block
                 if pre_ln:      # the previous layer's fc2 sums join the residual (none at layer 0)
                     norm_2(x, part, l > 0, base - LS + o_b2, True, base + o_ln1g,
@@ -316,17 +347,22 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
                     ps = sync(prof, ps, NORM_2_POST)
 
             # ---------------------------------------------------------------- head
-            if pre_ln or final_ln:  # the last fc2's sums (pre-LN), the final norm
-                norm_2(x, part, pre_ln, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb, xn,
-                     Wt, B, fbuf)
+            if fold_final:          # the last fc2's sums and the final norm, in every block
+                block_norm(x, ctx, True, (L - 1) * LS + o_b2, g_lnfg, g_lnfb, xn, xf, Wt, B, fbuf)
+                head(Wt, Wm, g_embed, xf, 0, B, logits, Xs, Ws, red)
+                ps = sync(prof, ps, HEAD)
+            elif pre_ln or final_ln:  # the last fc2's sums (pre-LN; in ctx when folded), the final norm
+                norm_2(x, ctx if fold else part, pre_ln, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb,
+                       xn, Wt, B, fbuf)
                 ps = sync(prof, ps, FINAL_NORM)
             hsrc = xn if final_ln else x
             if projection:
                 project_out(Wt, Wm, g_pout, hsrc, 0, B, part, Xs, Ws, red)
                 ps = sync(prof, ps, PROJECTION_OUT)
                 hsrc = part
-            head(Wt, Wm, g_embed, hsrc, 0, B, logits, Xs, Ws, red)
-            ps = sync(prof, ps, HEAD)
+            if not fold_final:
+                head(Wt, Wm, g_embed, hsrc, 0, B, logits, Xs, Ws, red)
+                ps = sync(prof, ps, HEAD)
 
             # ---------------------------------------------------------------- softmax, sample
             nsl = softmax.slices(B)
@@ -501,7 +537,8 @@ class DeviceModel:
                                  "b1", "w2", "b2")),
             tuple(g[n] for n in ("embed", "pos", "lnf_g", "lnf_b", "proj_in", "proj_out")),
             self.plan(B), MIN_BLOCKS, PROFILE and not SIMULATOR, self.kind, lay.matrix_stride,
-            tuple(ATTENTION_VARIANT), RB >= WARP_ATTENTION_FROM and not SIM)
+            tuple(ATTENTION_VARIANT), RB >= WARP_ATTENTION_FROM and not SIM,
+            RB * lay.D <= FOLD_NORMS_FLOATS)
 
     def decode(self, token_ids, prompt_mask, index, sampler_kind="greedy", **kwargs):
         """Decode ``token_ids [B, T]`` (host ints, prompt tokens where ``prompt_mask``) from

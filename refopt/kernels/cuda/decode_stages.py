@@ -177,6 +177,38 @@ def make_norm(D: int, eps: float, NP: int = 0):
     return norm
 
 
+@functools.lru_cache(maxsize=None)
+def make_block_norm(D: int, eps: float):
+    """``block_norm(x, src, add, bias_off, gamma_off, beta_off, x_out, xs, Wt, B, fbuf)``: the
+    norm of small batch passes folded into the product that reads it.  EVERY block computes the
+    ``B`` rows ``v = x[b] + (src[b] + Wt[bias_off:])`` (``v = x[b]`` when not ``add``) and their
+    LayerNorm (gain and offset at ``gamma_off``, ``beta_off``) into its own shared ``xs [B, D]``,
+    which its product then reads; block 0 alone also stores ``v`` in ``x_out`` (the residual
+    stream's other buffer: the other blocks are still reading ``x``).  The arithmetic is
+    :func:`make_norm`'s with one partial sum (``0 + p`` is ``p``), so the same bits: a grid
+    synchronisation and a stage run by one block a row are saved at the cost of every block
+    normalising ``B`` short rows itself."""
+    NT = THREADS
+    EPS = float32(eps)
+    layernorm = _rows.row_functions(np.float32).layernorm
+
+    @cuda.jit(device=True)
+    def block_norm(x, src, add, bias_off, gamma_off, beta_off, x_out, xs, Wt, B, fbuf):
+        tid = cuda.threadIdx.x
+        first = cuda.blockIdx.x == 0
+        for b in range(B):
+            for d in range(tid, D, NT):
+                v = x[b * D + d]
+                if add:
+                    v = v + (src[b * D + d] + Wt[bias_off + d])
+                xs[b * D + d] = v
+                if first:
+                    x_out[b * D + d] = v
+            layernorm(xs, xs, b * D, D, Wt, gamma_off, Wt, beta_off, True, True, EPS, NT, fbuf)
+        cuda.syncthreads()
+    return block_norm
+
+
 # ----------------------------------------------------------------------------- attention
 @functools.lru_cache(maxsize=None)
 def _make_head_input(D: int, H: int, L: int, T: int, Sq: int):
