@@ -15,7 +15,10 @@ embed, norm, the products (q/k/v, out, fc1, fc2, the LM head over the tied token
 products or tiled ones, :mod:`.decode_products`), attention, softmax and sample
 (:mod:`.decode_stages`), with a grid synchronisation between two stages that exchange data.
 fc1's bias and ReLU are applied where fc2 reads its sums (tiled) or in fc1's own stage (warp);
-the residual additions happen in the norm stage after out and after fc2.
+the residual additions happen in the norm stage after out and after fc2 -- or, in pre-LN batch
+passes of warp products (a step bound by its synchronisations, not its bytes), in the product
+after it: every block adds and normalises the few rows itself (:func:`.make_block_norm`,
+:data:`FOLD_NORMS_FLOATS`; batch 1 on an H200 went from 1,042 to 1,196 tok/s).
 
 Where the time goes (step times, per-stage shares, what was tried) is measured by
 ``benchmarks/profile_decode.py`` and recorded in ``benchmarks/GPU.md``; the kernel's compiled
