@@ -543,15 +543,16 @@ def test_device_decode_matches_generate(pre_ln, proj):
     _generate_as_numpy(lm, {"token_ids": ids, "padding_mask": mask}, samplers)
 
 
-@pytest.mark.parametrize("fold", [True, False])
-def test_device_decode_norms_folded_or_not(fold, monkeypatch):
+@pytest.mark.parametrize("fold,proj", [(True, False), (False, False), (True, True)])
+def test_device_decode_norms_folded_or_not(fold, proj, monkeypatch):
     # pre-LN passes of warp products fold each LayerNorm into the product after it (every block
-    # normalising the rows itself, decode.FOLD_NORMS_FLOATS); unfolded, the norms are stages of
-    # their own (wider models): both give the host loop's tokens, rows of several prompt lengths
+    # normalising the rows itself, decode.FOLD_NORMS_FLOATS; the final norm into the head's, or,
+    # with project_out between them, a stage of its own); unfolded, the norms are stages of their
+    # own (wider models): each gives the host loop's tokens, rows of several prompt lengths
     from refopt.kernels.cuda import decode
 
     monkeypatch.setattr(decode, "FOLD_NORMS_FLOATS", decode.FOLD_NORMS_FLOATS if fold else 0)
-    lm = _lm(True, False, seed=4)
+    lm = _lm(True, proj, seed=4)
     _generate_as_numpy(lm, _staggered_prompts(lm, 3, 8, 4, 2), _samplers()[:2])
 
 
