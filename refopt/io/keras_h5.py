@@ -114,20 +114,15 @@ class KerasWeightsFile:
     :meth:`validate` checks the whole tree against :func:`layout` before any weight is read."""
 
     def __init__(self, path):
-        import h5py
-
         self.path = os.fspath(path)
         fd = files.open_regular(self.path, "KerasHub weights file")
         self._raw = os.fdopen(fd, "rb")
-        # HDF5 opens the very file checked above (through /proc/self/fd where there is one), with
-        # its own driver, as h5py and Keras open a path
-        by_fd = f"/proc/self/fd/{fd}"
         try:
-            self.file = h5py.File(by_fd if os.path.exists(by_fd) else self.path, "r")
+            self.file = open_h5(fd, self.path)
         except Exception as e:          # h5py raises OSError, ValueError, RuntimeError ... here
             self._raw.close()
             raise CheckpointError(f"{self.path}: not a readable HDF5 weights file "
-                                  f"({_h5_reason(e)}); the file is truncated or corrupted") from None
+                                  f"({h5_reason(e)}); the file is truncated or corrupted") from None
 
     def _entries(self):
         """(path, kind, dataset or None) of every link in the file, in visit order."""
@@ -150,7 +145,7 @@ class KerasWeightsFile:
             self.file.visititems_links(visit)
             self.file.visititems(lambda name, obj: None)     # every object's header readable
         except Exception as e:
-            raise CheckpointError(f"{self.path}: the HDF5 tree cannot be read ({_h5_reason(e)}); "
+            raise CheckpointError(f"{self.path}: the HDF5 tree cannot be read ({h5_reason(e)}); "
                                   "the file is truncated or corrupted") from None
         return found
 
@@ -188,7 +183,7 @@ class KerasWeightsFile:
                     ds.is_virtual
             except Exception as e:
                 raise CheckpointError(f"{self.path}: tensor {where} cannot be read "
-                                      f"({_h5_reason(e)})") from None
+                                      f"({h5_reason(e)})") from None
             if external or virtual:
                 raise CheckpointError(f"{self.path}: tensor {where} keeps its data outside the "
                                       "file (external or virtual storage); refopt refuses it")
@@ -214,7 +209,7 @@ class KerasWeightsFile:
             ds = self.datasets[where]
             out = ds[()] if index is None else ds[index]
         except Exception as e:
-            raise CheckpointError(f"{self.path}: tensor {where} cannot be read ({_h5_reason(e)}): "
+            raise CheckpointError(f"{self.path}: tensor {where} cannot be read ({h5_reason(e)}): "
                                   "the file is truncated or corrupted") from None
         out = np.asarray(out)
         return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
@@ -226,7 +221,18 @@ class KerasWeightsFile:
             self._raw.close()
 
 
-def _h5_reason(e: Exception) -> str:
+def open_h5(fd: int, path: str):
+    """h5py's read-only ``File`` of the very file behind the checked descriptor ``fd`` (through
+    ``/proc/self/fd`` where there is one; else ``path``), opened with HDF5's own driver as h5py and
+    Keras open a path.  h5py's errors are the caller's to name."""
+    import h5py
+
+    by_fd = f"/proc/self/fd/{fd}"
+    return h5py.File(by_fd if os.path.exists(by_fd) else path, "r")
+
+
+def h5_reason(e: Exception) -> str:
+    """An h5py error in one line: its type and the first line of its message."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 

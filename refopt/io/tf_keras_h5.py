@@ -25,6 +25,7 @@ import numpy as np
 
 from refopt.errors import CheckpointError
 from refopt.io import stored
+from refopt.io.keras_h5 import h5_reason, open_h5
 from refopt.limits import check_allocation
 
 _MAX_WEIGHTS = 100_000
@@ -52,16 +53,12 @@ def load(path) -> dict[str, np.ndarray]:
     dataset is stored contiguously; Keras kernels transposed to ``[out, in]`` views).  Every error
     h5py raises on a damaged file (``OSError``, ``ValueError``, ``RuntimeError``, ``KeyError`` ...,
     from any call: opening, a link, an attribute, a dtype, a read) is a :class:`CheckpointError`."""
-    import h5py
-
     path = os.fspath(path)
     fd = stored.open_regular(path)
-    # HDF5 opens the very file checked above (through /proc/self/fd where there is one)
-    by_fd = f"/proc/self/fd/{fd}"
     try:
-        f = h5py.File(by_fd if os.path.exists(by_fd) else path, "r")
+        f = open_h5(fd, path)
     except Exception as e:               # h5py raises OSError, ValueError, RuntimeError ... here
-        raise CheckpointError(f"{path}: not a readable HDF5 file ({_reason(e)})") from None
+        raise CheckpointError(f"{path}: not a readable HDF5 file ({h5_reason(e)})") from None
     finally:
         os.close(fd)
     with f:
@@ -70,12 +67,8 @@ def load(path) -> dict[str, np.ndarray]:
         except CheckpointError:
             raise
         except Exception as e:           # a damaged header, heap, link or datatype, anywhere
-            raise CheckpointError(f"{path}: the HDF5 file cannot be read ({_reason(e)}); it is "
+            raise CheckpointError(f"{path}: the HDF5 file cannot be read ({h5_reason(e)}); it is "
                                   "truncated or corrupted") from None
-
-
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _read(f, path) -> dict[str, np.ndarray]:
