@@ -375,44 +375,27 @@ def test_fuzz_mutated_object_pickle(tmp_path, edits):
     _check_outcome(path)
 
 
-FLAX = (Path(__file__).parent / "data" / "hub_opt_tiny" / "flax_model.msgpack").read_bytes()
+HUB = Path(__file__).parent / "data" / "hub_opt_tiny"
+HUB_WEIGHTS = {name: (HUB / name).read_bytes() for name in ("flax_model.msgpack", "tf_model.h5")}
 
 
-@settings(max_examples=int(os.environ.get("REFOPT_FUZZ_EXAMPLES", 150)), deadline=2000,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)),
-                      min_size=1, max_size=4))
-def test_fuzz_mutated_flax_msgpack(tmp_path, edits):
-    """The MessagePack decoder of flax_model.msgpack: only named errors or loads."""
-    from refopt.io import flax_msgpack
-
-    path = tmp_path / "flax_model.msgpack"
-    path.write_bytes(_mutate(FLAX, edits))
-    try:
-        got = flax_msgpack.load(path)
-    except CheckpointError:
-        return
-    assert all(isinstance(v, np.ndarray) for v in got.values())
-
-
-TF_H5 = (Path(__file__).parent / "data" / "hub_opt_tiny" / "tf_model.h5").read_bytes()
-
-
+@pytest.mark.parametrize("name", sorted(HUB_WEIGHTS))
 @settings(max_examples=int(os.environ.get("REFOPT_FUZZ_EXAMPLES", 150)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 17), st.integers(0, 255)),
                       min_size=1, max_size=4))
-def test_fuzz_mutated_tf_h5(tmp_path, edits):
-    """transformers' TensorFlow weights (tf_model.h5) mutated: only named errors or loads whose
-    arrays read end to end.  (Before the reader caught h5py's errors on every call, one mutated
-    file in six escaped as h5py's RuntimeError -- a damaged heap or link -- or ValueError -- a
-    datatype of no NumPy dtype.)"""
-    from refopt.io import tf_keras_h5
+def test_fuzz_mutated_flax_and_tf_weights(tmp_path, name, edits):
+    """flax_model.msgpack (refopt's MessagePack decoder) and tf_model.h5 (transformers' TensorFlow
+    weights, through h5py) mutated: only named errors or loads whose arrays read end to end.
+    (Before the TensorFlow reader caught h5py's errors on every call, one mutated file in six
+    escaped as h5py's RuntimeError -- a damaged heap or link -- or ValueError -- a datatype of no
+    NumPy dtype.)"""
+    from refopt.io import flax_msgpack, tf_keras_h5
 
-    path = tmp_path / "tf_model.h5"
-    path.write_bytes(_mutate(TF_H5, edits))
+    path = tmp_path / name
+    path.write_bytes(_mutate(HUB_WEIGHTS[name], edits))
     try:
-        got = tf_keras_h5.load(path)
+        got = {"flax_model.msgpack": flax_msgpack.load, "tf_model.h5": tf_keras_h5.load}[name](path)
     except CheckpointError:
         return
     for v in got.values():
