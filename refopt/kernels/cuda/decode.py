@@ -282,6 +282,7 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
         q = cuda.shared.array(128, float32)
         pv = cuda.shared.array(NT, float32)
         xf = cuda.shared.array(FSH, float32)
+        fc2_out = ctx if fold else part                       # where fc2's sums go (see fold)
         ps = mark(prof, 0, NEXT)
         for _step in range(nsteps):
             index = state_i[0]                                 # the position to decide
@@ -305,45 +306,36 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
             for l in range(L):
                 base = l * LS
                 mbase = l * LM
-                if fold:        # the same stages, each norm done by every block for itself
-                    # the previous layer's fc2 sums (in ctx) join the residual, x -> xn
-                    block_norm(x, ctx, l > 0, base - LS + o_b2, base + o_ln1g, base + o_ln1b, xn, xf,
-                               Wt, B, fbuf)
-                    qkv(Wt, Wm, mbase + o_wqkv, xf, 0, B, part, Xs, Ws, red)
-                    ps = sync(prof, ps, QKV)
-                    attention(Wt, base + o_bqkv, part, cache, l, index, B, ctx, q, scores, pv, fbuf)
-                    ps = sync(prof, ps, ATTENTION)
-                    out(Wt, Wm, mbase + o_wo, ctx, 0, B, part, Xs, Ws, red)
-                    ps = sync(prof, ps, OUT)
-                    # out's sums join the residual, xn -> x
-                    block_norm(xn, part, True, base + o_bo, base + o_ln2g, base + o_ln2b, x, xf, Wt, B,
-                               fbuf)
-                    fc1(Wt, Wm, mbase + o_w1, xf, base + o_b1, B, part1, Xs, Ws, red)
-                    ps = sync(prof, ps, FC1)
-                    fc2(Wt, Wm, mbase + o_w2, part1, base + o_b1, B, ctx, Xs, Ws, red)
-                    ps = sync(prof, ps, FC2)
-                    continue
                 # ------------------------------------------------------------ attention block
-                if pre_ln:      # the previous layer's fc2 sums join the residual (none at layer 0)
+                if fold:        # every block: the previous layer's fc2 sums (in ctx) join the
+                    block_norm(x, fc2_out, l > 0, base - LS + o_b2, base + o_ln1g, base + o_ln1b, xn,
+                               xf, Wt, B, fbuf)                       # residual, x -> xn, LN1 in xf
+                elif pre_ln:    # the previous layer's fc2 sums join the residual (none at layer 0)
                     norm_2(x, part, l > 0, base - LS + o_b2, True, base + o_ln1g,
                          base + o_ln1b, xn, Wt, B, fbuf)
                     ps = sync(prof, ps, NORM_1)
-                src = xn if pre_ln else x
+                src = xf if fold else xn if pre_ln else x
                 qkv(Wt, Wm, mbase + o_wqkv, src, 0, B, part, Xs, Ws, red)
                 ps = sync(prof, ps, QKV)
                 attention(Wt, base + o_bqkv, part, cache, l, index, B, ctx, q, scores, pv, fbuf)
                 ps = sync(prof, ps, ATTENTION)
                 out(Wt, Wm, mbase + o_wo, ctx, 0, B, part, Xs, Ws, red)
                 ps = sync(prof, ps, OUT)
-                if pre_ln:      # out's sums join the residual, then the MLP's norm
-                    norm_o(x, part, True, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn, Wt, B, fbuf)
-                else:           # post-LN: the attention's norm, in place
-                    norm_o(x, part, True, base + o_bo, True, base + o_ln1g, base + o_ln1b, x, Wt, B, fbuf)
-                ps = sync(prof, ps, NORM_2)
+                if fold:        # every block: out's sums join the residual, xn -> x, LN2 in xf
+                    block_norm(xn, part, True, base + o_bo, base + o_ln2g, base + o_ln2b, x, xf, Wt,
+                               B, fbuf)
+                else:
+                    if pre_ln:  # out's sums join the residual, then the MLP's norm
+                        norm_o(x, part, True, base + o_bo, True, base + o_ln2g, base + o_ln2b, xn, Wt,
+                               B, fbuf)
+                    else:       # post-LN: the attention's norm, in place
+                        norm_o(x, part, True, base + o_bo, True, base + o_ln1g, base + o_ln1b, x, Wt,
+                               B, fbuf)
+                    ps = sync(prof, ps, NORM_2)
                 # ------------------------------------------------------------ MLP block
                 fc1(Wt, Wm, mbase + o_w1, src, base + o_b1, B, part1, Xs, Ws, red)
                 ps = sync(prof, ps, FC1)
-                fc2(Wt, Wm, mbase + o_w2, part1, base + o_b1, B, part, Xs, Ws, red)
+                fc2(Wt, Wm, mbase + o_w2, part1, base + o_b1, B, fc2_out, Xs, Ws, red)
                 ps = sync(prof, ps, FC2)
                 if not pre_ln:  # fc2's sums join the residual, the MLP's norm in place
                     norm_2(x, part, True, base + o_b2, True, base + o_ln2g, base + o_ln2b, x, Wt, B, fbuf)
@@ -351,12 +343,12 @@ def make_step_kernel(D, E, F, V, L, H, P, T, RB, pre_ln, final_ln, projection, s
 
             # ---------------------------------------------------------------- head
             if fold_final:          # the last fc2's sums and the final norm, in every block
-                block_norm(x, ctx, True, (L - 1) * LS + o_b2, g_lnfg, g_lnfb, xn, xf, Wt, B, fbuf)
+                block_norm(x, fc2_out, True, (L - 1) * LS + o_b2, g_lnfg, g_lnfb, xn, xf, Wt, B, fbuf)
                 head(Wt, Wm, g_embed, xf, 0, B, logits, Xs, Ws, red)
                 ps = sync(prof, ps, HEAD)
             elif pre_ln or final_ln:  # the last fc2's sums (pre-LN; in ctx when folded), the final norm
-                norm_2(x, ctx if fold else part, pre_ln, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb,
-                       xn, Wt, B, fbuf)
+                norm_2(x, fc2_out, pre_ln, (L - 1) * LS + o_b2, final_ln, g_lnfg, g_lnfb, xn, Wt, B,
+                       fbuf)
                 ps = sync(prof, ps, FINAL_NORM)
             hsrc = xn if final_ln else x
             if projection:
