@@ -183,14 +183,17 @@ class Adapter:
         raise NotSupported(f"{self.name} has no tokenizer")
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        """Text of each id list, special tokens (``<s>``, ``<pad>``, ``</s>``, ``<unk>``) left out."""
+        """Text of each id list, ``<pad>`` and ``</s>`` left out, bytes that are not UTF-8 (ids cut
+        inside a character) written as U+FFFD (transformers' and KerasHub's decoding).  The checks
+        never decode ``<s>`` or ``<unk>``, which no text encodes to and the peers treat differently."""
         raise NotSupported(f"{self.name} has no tokenizer")
 
     # ------------------------------------------------------------------ the samplers
     def sample(self, spec: SamplerSpec, probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Token ids ``[B]`` for ``probabilities [B, V]`` (the model's softmax, before temperature)
         and ``uniforms [B]`` in ``[0, 1)``: the port's filtering, then :func:`refopt.philox.choose`
-        (greedy ignores the uniforms)."""
+        -- the first token whose partial sum of the weights exceeds ``u`` times their total, so
+        never a token of weight 0, even at ``u = 0`` (greedy ignores the uniforms)."""
         raise NotSupported(f"{self.name} has no samplers")
 
     def close(self) -> None:

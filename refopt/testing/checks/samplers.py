@@ -4,7 +4,13 @@ Every row gets its own uniforms (stratified over ``[0, 1)`` with a random offset
 part of the distribution is reached), and the rows are sent in a random order -- twice, in two
 orders -- so a port whose choice depends on a row's place in the batch (one uniform for the whole
 batch, uniforms read in another order, rows sorted) is caught, and the report names the batch
-position, the row and the draw.
+position, the row and the draw.  The exact rows (probabilities that are sums of powers of two) also
+get the draw ``u = 0``: :func:`refopt.philox.choose` takes the first token whose partial sum
+*exceeds* ``u * total``, so never a token of weight 0, where a port comparing with ``>=`` takes the
+first token, removed by its filter or not -- a draw stratified uniforms never make and a long
+generation eventually does (one in 2^32 with 32-bit uniforms).  Draws on the other steps of the
+cumulative weights are not made: a port that computes its weights in float32 or renormalises them
+puts a step a rounding to either side, and either choice is right.
 """
 
 from __future__ import annotations
@@ -67,15 +73,19 @@ def _support(weights_row):
     return sorted(int(i) for i in np.flatnonzero(weights_row > 0))
 
 
-def draws(rows, rng, per_row: int = UNIFORMS_PER_ROW):
+def draws(rows, rng, per_row: int = UNIFORMS_PER_ROW, extra=None):
     """``(row [N], u [N])``: ``per_row`` stratified uniforms for each of ``rows``, each row with its
-    own random offset, in a random order."""
+    own random offset, and the uniforms ``extra[row]`` (when given), in a random order."""
     rows = np.asarray(rows)
     offsets = rng.uniform(0.0, 1.0, (len(rows), 1))
     u = (np.arange(per_row)[None, :] + offsets) / per_row                   # [R, M] in [0, 1)
-    which = np.repeat(rows, per_row)
+    which, u = list(np.repeat(rows, per_row)), list(u.reshape(-1))
+    for r in rows if extra is not None else ():
+        which += [r] * len(extra[r])
+        u += list(extra[r])
+    which, u = np.array(which, dtype=np.int64), np.array(u, dtype=np.float64)
     order = rng.permutation(len(which))
-    return which[order], u.reshape(-1)[order]
+    return which[order], u[order]
 
 
 def check_sampler(adapter, cases, seed: int = 0) -> CheckResult:
@@ -94,8 +104,9 @@ def check_sampler(adapter, cases, seed: int = 0) -> CheckResult:
         skipped_rows += P.shape[0] - len(rows)
         if len(rows) == 0:
             continue
+        extra = {int(r): [0.0] for r in rows} if exact else None
         for order in range(2):                                  # two random orders of the batch
-            which, U = draws(rows, rng)
+            which, U = draws(rows, rng, extra=extra)
             got = np.asarray(adapter.sample(spec, P[which].copy(), U.copy()))
             total += len(which)
             expected = [choose(w[which], U) for w in alternatives]

@@ -1,5 +1,15 @@
-"""The tokenizer checks: the leading ``</s>``, special tokens written in text, every id of every
+r"""The tokenizer checks: the leading ``</s>``, special tokens written in text, every id of every
 text, every byte value UTF-8 can carry in every context, and decoding.
+
+``tokenizer.encode`` also encodes every whitespace run GPT-2's split regex treats by what follows it
+(``\s+(?!\S)``: ``"\n\n"``, ``"  "``, ``"\t\n"``, ...) after 0 to 47 characters of words: a port
+that cuts a text into pieces and pre-tokenizes each piece alone splits a run that ends a piece
+otherwise, at the offsets where its cuts fall.  ``tokenizer.decode`` decodes the ids of every text,
+and id lists no text encodes to: cut inside a multi-byte character (bytes that are not UTF-8, which
+become U+FFFD, as when generation stops inside a character), holding ``<pad>`` and ``</s>`` (left
+out) at the start, inside and at the end, and drawn at random from the whole vocabulary.  ``<s>``
+and ``<unk>`` are not decoded: no text encodes to them, and the peers differ (transformers leaves
+``<unk>`` out and writes ``<s>``, KerasHub writes both).
 
 ``tokenizer.bytes`` encodes one character for every byte value UTF-8 can hold (all of 00-7F, every
 continuation byte 80-BF, every lead byte C2-DF, E0-EF, F0-F4: every UTF-8 length from 1 to 4) alone,
@@ -31,6 +41,18 @@ _POOL = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789     \n\
          "éèüößñçøåæœ—–…«»€£¥§°±×÷αβγδλμπσωЖжЯя東京日本語中文한국어🚀🙂👍✨")
 
 
+#: whitespace runs that GPT-2's pre-tokenizer splits by what follows them (``\s+(?!\S)``)
+WHITESPACE_RUNS = ("\n\n", "  ", "   ", " \n", "\n ", "\t\n", "\r\n\r\n", "\n\n\n", "\t ")
+_WORDS = "the quick brown fox jumps over a lazy dog, again and again and again"
+
+
+def whitespace_texts(offsets: int = 48) -> list[str]:
+    """Each of :data:`WHITESPACE_RUNS` after the first 0 to ``offsets - 1`` characters of a
+    sentence and before a word, a digit or punctuation."""
+    tails = ("word", "7", "!?")
+    return [_WORDS[:k] + run + tails[k % 3] for run in WHITESPACE_RUNS for k in range(offsets)]
+
+
 def random_texts(rng: np.random.Generator, n: int = 24, max_len: int = 40) -> list[str]:
     """Texts drawn from a pool of ASCII, punctuation, accented Latin, Greek, Cyrillic, CJK, Hangul
     and emoji, with words and whitespace runs of random lengths."""
@@ -45,6 +67,7 @@ class TokenizerCase:
     def __init__(self, vocabulary, merges, texts=None, seed: int = 0):
         self.vocabulary, self.merges = Path(vocabulary), Path(merges)
         self.texts = list(TEXTS if texts is None else texts) + random_texts(np.random.default_rng(seed))
+        self.seed = seed
         self.reference = RefoptAdapter("numpy", "float64")
         self.reference.load_tokenizer(self.vocabulary, self.merges)
         self._ids: dict = {}
@@ -63,6 +86,38 @@ class TokenizerCase:
     def special_ids(self):
         tok = self.reference.tokenizer
         return {tok.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<unk>") if t in tok.vocabulary}
+
+    def decode_id_lists(self, limit: int = 240) -> list[list[int]]:
+        """Id lists for ``tokenizer.decode`` that no text encodes to (see the module docstring):
+        the ids of texts cut where the bytes so far end inside a character (and the rest after
+        that cut), ``<pad>`` and ``</s>`` put at the start, inside and at the end of a text's ids,
+        and random ids of the vocabulary (not ``<s>`` or ``<unk>``)."""
+        tok = self.reference.tokenizer
+        out = []
+        multibyte = [t for t in self.texts + byte_texts() if any(ord(c) > 0x7F for c in t)]
+        for ids in self.ids(multibyte):
+            data = b""
+            for k in range(1, len(ids)):
+                data += tok.id_bytes(ids[k - 1])
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:             # the bytes so far end inside a character
+                    out += [ids[:k], ids[k:]]
+            if len(out) >= limit:
+                break
+        out = out[:limit]
+        specials = sorted(tok.token_to_id(t) for t in ("<pad>", "</s>") if t in tok.vocabulary)
+        unjudged = {tok.token_to_id(t) for t in ("<s>", "<unk>") if t in tok.vocabulary}
+        for ids in self.ids(["Hello world", "naïve café — 東京 🚀", ""]):
+            for s in specials:
+                mid = len(ids) // 2
+                out += [[s] + ids, ids[:mid] + [s] + ids[mid:], ids + [s], [s]]
+        out.append(specials + specials[::-1])
+        rng = np.random.default_rng(self.seed)
+        known = sorted(set(tok.vocabulary.values()) - unjudged)
+        for _ in range(48):
+            out.append([known[int(j)] for j in rng.integers(0, len(known), int(rng.integers(1, 13)))])
+        return [[int(i) for i in ids] for ids in out]
 
 
 def find_tokenizer_files(path) -> tuple[Path, Path] | None:
@@ -130,7 +185,7 @@ def check_special_tokens(adapter, case: TokenizerCase) -> CheckResult:
 
 def check_encode(adapter, case: TokenizerCase) -> CheckResult:
     _ensure_tokenizer(adapter, case)
-    texts = case.texts + SPECIAL_TEXTS
+    texts = case.texts + SPECIAL_TEXTS + whitespace_texts()
     got = adapter.encode(texts)
     want = case.ids(texts)
     tok = case.reference.tokenizer
@@ -196,13 +251,17 @@ def check_bytes(adapter, case: TokenizerCase) -> CheckResult:
 def check_decode(adapter, case: TokenizerCase) -> CheckResult:
     _ensure_tokenizer(adapter, case)
     texts = case.texts + SPECIAL_TEXTS + byte_texts()
-    ids = case.ids(texts)
+    extra = case.decode_id_lists()
+    ids = case.ids(texts) + extra
     got = adapter.decode(ids)
     want = case.reference.decode(ids)
-    bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
-    detail = f"text {bad[0][0]!r}: decoded {bad[0][1]!r}, expected {bad[0][2]!r}" if bad else ""
+    tok = case.reference.tokenizer
+    labels = [f"text {t!r}" for t in texts] + [f"ids {_show(tok, i)}" for i in extra]
+    bad = [(label, g, w) for label, g, w in zip(labels, got, want) if g != w]
+    detail = f"{bad[0][0]}: decoded {bad[0][1]!r}, expected {bad[0][2]!r}" if bad else ""
     return CheckResult("tokenizer", "", FAIL if bad else PASS,
-                       f"{len(texts)} texts, {len(bad)} differ", detail)
+                       f"{len(texts)} texts and {len(extra)} id lists (cut inside characters, special "
+                       f"tokens, random ids), {len(bad)} differ", detail)
 
 
 def tokenizer_checks(adapter, case: TokenizerCase | None, reason: str = "") -> list[Check]:

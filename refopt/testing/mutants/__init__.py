@@ -20,8 +20,10 @@ top-p masking every token), and the classes that only show at real magnitudes or
 positions counted from the row start under left padding, a KV cache read before it is written or
 stepped at the cache index, a softmax (attention or loss) without its maximum subtracted, a residual
 stream stored in float16, the tied head's gradient dropped, the softmax backward without its row
-term, a byte the tokenizer's byte table gets wrong (DEL), and sampler draws taken in another row
-order; and half-precision ports (:mod:`.half`, declared bfloat16): a float16 port declared
+term, a byte the tokenizer's byte table gets wrong (DEL), sampler draws taken in another row order, a
+tokenizer that splits a text into pieces before pre-tokenizing, a decoder that drops bytes that are
+not UTF-8, and a draw that takes the token before a step of the
+cumulative weights; and half-precision ports (:mod:`.half`, declared bfloat16): a float16 port declared
 bfloat16, LayerNorm statistics and the attention softmax's row sum accumulated in bfloat16.
 """
 
@@ -38,12 +40,13 @@ from refopt.testing.mutants.gradients import (  # noqa: F401
     GradientMissingResidual, CrossEntropyWithoutMaxSubtraction, TiedHeadGradientDropped,
     SoftmaxBackwardWithoutRowTerm)
 from refopt.testing.mutants.tokenizer import (  # noqa: F401
-    TokenizerMergesByFrequency, LeadingEosDropped, LeadingEosDoubled, PadSplit, TokenizerDelByte)
+    TokenizerMergesByFrequency, LeadingEosDropped, LeadingEosDoubled, PadSplit, TokenizerDelByte,
+    DecodeDropsInvalidBytes, TokenizerInPieces)
 from refopt.testing.mutants.half import (  # noqa: F401
     LayerNormWithoutFloat32Statistics, SoftmaxWithoutFloat32Sum, Float16DeclaredBfloat16, half_cases)
 from refopt.testing.mutants.samplers import (  # noqa: F401
     TopPOneTooMany, TopPTieStrict, TopPZeroNaN, TopKThenTopPMasksAll, TemperatureAfterTopK,
-    SamplerRowsOutOfOrder)
+    SamplerRowsOutOfOrder, ChooseOnTheStep)
 
 
 class Mutant(NamedTuple):
@@ -83,6 +86,9 @@ MUTANTS = [
     Mutant(SoftmaxBackwardWithoutRowTerm, "preln", "gradients", "layers.1.q_proj.weight"),
     Mutant(TokenizerDelByte, "tokenizer", "tokenizer.bytes", "U+007F"),
     Mutant(SamplerRowsOutOfOrder, "samplers", "samplers.random", None),
+    Mutant(DecodeDropsInvalidBytes, "tokenizer", "tokenizer.decode", None),
+    Mutant(TokenizerInPieces, "tokenizer", "tokenizer.encode", None),
+    Mutant(ChooseOnTheStep, "samplers", "samplers.greedy", None),
     # half-precision ports (declared bfloat16, held to refopt's bfloat16 reference)
     Mutant(Float16DeclaredBfloat16, "stress-scores", "logits", "layers.0.attention_output"),
     Mutant(LayerNormWithoutFloat32Statistics, "half-wide", "activations", "layers.0.attention_input"),

@@ -105,3 +105,15 @@ class SamplerRowsOutOfOrder(_Mutant):
 
     def sample(self, spec, probabilities, uniforms):
         return super().sample(spec, probabilities, np.asarray(uniforms)[::-1].copy())
+
+
+class ChooseOnTheStep(_Mutant):
+    bug = ("the draw takes the first token whose partial sum reaches u * total (``>=``) instead of "
+           "exceeding it: at u = 0 a leading token of weight 0 -- one the filter removed -- and at a "
+           "draw exactly on a step the token before it")
+
+    def sample(self, spec, probabilities, uniforms):
+        w = sampler_distribution(spec, probabilities, "keras_hub", backend=self.backend)
+        c = np.cumsum(w, axis=-1)
+        t = np.asarray(uniforms, np.float64) * c[:, -1]
+        return np.minimum((c < t[:, None]).sum(axis=-1), w.shape[-1] - 1).astype(np.int64)

@@ -51,3 +51,47 @@ class TokenizerDelByte(_Mutant):
         tok = self._tok()
         unk = tok.token_to_id("<unk>")
         return [[unk if "ġ" in tok.id_to_token(i) else i for i in ids] for ids in super().encode(texts)]
+
+
+class DecodeDropsInvalidBytes(_Mutant):
+    bug = ("decoding drops bytes that are not UTF-8 (``errors='ignore'``) instead of writing U+FFFD: "
+           "ids cut inside a character -- generation stopped mid-character -- lose it silently")
+
+    def decode(self, ids):
+        tok = self._tok()
+        special = set(tok.special_token_ids) | {tok.token_to_id(t) for t in ("<s>", "<unk>")}
+        return [b"".join(tok.id_bytes(int(i)) for i in row if int(i) not in special).decode("utf-8", "ignore")
+                for row in ids]
+
+
+class TokenizerInPieces(_Mutant):
+    bug = ("text encoded in pieces of at least 8 characters cut between pre-tokens, each piece split "
+           "alone: a whitespace run that ends a piece no longer sees the character after it, which "
+           "GPT-2's split regex looks at (``\\s+(?!\\S)``)")
+
+    PIECE = 8
+
+    def encode(self, texts):
+        import regex
+
+        from refopt.tokenizers import pretokenize
+
+        tok = self._tok()
+        specials = regex.compile("(<pad>|</s>)")
+        out = []
+        for text in texts:
+            ids = [tok.start_token_id]
+            for part in specials.split(text):
+                if part in ("<pad>", "</s>"):
+                    ids.append(tok.token_to_id(part))
+                    continue
+                piece = ""
+                for pre in pretokenize(part) + [None]:
+                    if pre is None or len(piece) >= self.PIECE:
+                        if piece:
+                            ids += [int(i) for i in tok([piece])[0]]
+                        piece = ""
+                    if pre is not None:
+                        piece += pre
+            out.append(ids)
+        return out
