@@ -184,7 +184,8 @@ class Adapter:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Text of each id list, ``<pad>`` and ``</s>`` left out, bytes that are not UTF-8 (ids cut
-        inside a character) written as U+FFFD (transformers' and KerasHub's decoding).  The checks
+        inside a character) written as U+FFFD, one per maximal invalid subsequence (Python's
+        ``errors="replace"``: transformers' and KerasHub's decoding).  The checks
         never decode ``<s>`` or ``<unk>``, which no text encodes to and the peers treat differently."""
         raise NotSupported(f"{self.name} has no tokenizer")
 
