@@ -320,10 +320,14 @@ class RefoptAdapter(Adapter):
         tok = self._tok()
         return [[tok.start_token_id] + [int(i) for i in ids] for ids in tok(list(texts))]
 
-    def decode(self, ids):
+    def _left_out(self) -> set:
+        # the ids decode leaves out: the special tokens, <s> and <unk>
         tok = self._tok()
-        special = set(tok.special_token_ids) | {tok.token_to_id(t) for t in ("<s>", "<unk>")
-                                                if t in tok.vocabulary}
+        return set(tok.special_token_ids) | {tok.token_to_id(t) for t in ("<s>", "<unk>")
+                                             if t in tok.vocabulary}
+
+    def decode(self, ids):
+        tok, special = self._tok(), self._left_out()
         return [tok.detokenize([int(i) for i in row if int(i) not in special]) for row in ids]
 
     # samplers

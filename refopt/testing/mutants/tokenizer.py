@@ -58,8 +58,7 @@ class DecodeDropsInvalidBytes(_Mutant):
            "ids cut inside a character -- generation stopped mid-character -- lose it silently")
 
     def decode(self, ids):
-        tok = self._tok()
-        special = set(tok.special_token_ids) | {tok.token_to_id(t) for t in ("<s>", "<unk>")}
+        tok, special = self._tok(), self._left_out()
         return [b"".join(tok.id_bytes(int(i)) for i in row if int(i) not in special).decode("utf-8", "ignore")
                 for row in ids]
 
