@@ -1,7 +1,7 @@
 """Products of int8 weights with activations quantised to int8 per row (the ``activations="int8"``
 mode; its NumPy reference is :func:`refopt.quant.int8_matmul`): integer dot products in int32,
-through AVX-512 VNNI's ``vpdpbusd`` where the CPU has it, then one float scale per row and per
-output.  Compared with the exact path (:mod:`.matmul`: int8 widened to float32 inside the product,
+through AVX-512 VNNI's ``vpdpbusd`` where the CPU has it (else AVX2's ``vpmaddwd``, 16 products
+an instruction), then one float scale per row and per output.  Compared with the exact path (:mod:`.matmul`: int8 widened to float32 inside the product,
 three vector instructions per 16 weights), one ``vpdpbusd`` multiplies and sums 64 weights: batch-1
 decoding is left bound by memory alone, and batch 8 by far less arithmetic.
 
@@ -46,23 +46,30 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
     ``xu [M, I]`` uint8 and ``w [O, I]`` int8, C-contiguous; ``k1 - k0`` a multiple of
     ``STEP * unroll`` (the caller's: ``unroll`` independent accumulators per pair, for the latency
     of the multiply-adds) and at most BLOCK.  ``vnni``: ``vpdpbusd`` (AVX-512 VNNI), else the same
-    sums in plain LLVM vector IR (widen, multiply, add groups of four: the instruction's
-    definition), for CPUs without it.  ``ahead``: also prefetch, for each 64 bytes read of a
+    sums in plain LLVM vector IR for CPUs without it: 16 bytes at a time widened to 32 bits,
+    multiplied, and adjacent pairs added into eight int32 lanes, the pattern LLVM lowers to one
+    ``pmaddwd`` (AVX2's ``vpmaddwd``: 16 products a step).  ``ahead``: also prefetch, for each 64 bytes read of a
     weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
     i8, i32 = ir.IntType(8), ir.IntType(32)
-    v64i8, v64i32, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i32, 64), ir.VectorType(i32, 16)
+    v64i8, v16i8, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i8, 16), ir.VectorType(i32, 16)
+    # the accumulators: 16 int32 lanes (one zmm) for vpdpbusd, else eight (one ymm) for pmaddwd
+    vacc = v16i32 if vnni else ir.VectorType(i32, 8)
+    even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
+    odd = ir.Constant(ir.VectorType(i32, 8), list(range(1, 16, 2)))
 
     def dpbusd(builder, acc, xv, wv):
         # acc [16 x i32] + per lane j: sum_{t<4} zext(xv[4j+t]) * sext(wv[4j+t])
-        if vnni:
-            fnty = ir.FunctionType(v16i32, [v16i32, v16i32, v16i32])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-            return builder.call(fn, [acc, builder.bitcast(xv, v16i32), builder.bitcast(wv, v16i32)])
-        prod = builder.mul(builder.zext(xv, v64i32), builder.sext(wv, v64i32))
-        for t in range(4):
-            lanes = ir.Constant(ir.VectorType(i32, 16), [4 * j + t for j in range(16)])
-            acc = builder.add(acc, builder.shuffle_vector(prod, prod, lanes))
-        return acc
+        fnty = ir.FunctionType(v16i32, [v16i32, v16i32, v16i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(xv, v16i32), builder.bitcast(wv, v16i32)])
+
+    def pmaddwd(builder, acc, xw, ww):
+        # acc [8 x i32] + per lane j: xw[2j] * ww[2j] + xw[2j+1] * ww[2j+1], for xw, ww 16 bytes
+        # widened to [16 x i32] (zext and sext: each product fits 16 by 16 bits, pmaddwd's)
+        prod = builder.mul(xw, ww)
+        pair = builder.add(builder.shuffle_vector(prod, prod, even),
+                           builder.shuffle_vector(prod, prod, odd))
+        return builder.add(acc, pair)
 
     @intrinsic
     def tile(typingctx, xu, m, w, o, k0, k1, far):
@@ -85,7 +92,7 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
                     for r in range(rows)]
             wrow = [builder.gep(wdata, [builder.mul(builder.add(o_, ir.Constant(intp, c)), ws)])
                     for c in range(cols)]
-            zero = ir.Constant(v16i32, None)
+            zero = ir.Constant(vacc, None)
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
                 "llvm.prefetch.p0")
@@ -96,23 +103,35 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
                 for u in range(unroll):
                     ku = builder.add(k, ir.Constant(intp, STEP * u))
 
-                    def load(base):
-                        ptr = builder.bitcast(builder.gep(base, [ku]), v64i8.as_pointer())
+                    def load(base, at, vt):
+                        ptr = builder.bitcast(builder.gep(base, [at]), vt.as_pointer())
                         return builder.load(ptr, align=1)
 
-                    xv = [load(p) for p in xrow]
-                    wv = [load(p) for p in wrow]
                     if ahead:
                         for p in wrow:
                             builder.call(prefetch, [builder.gep(builder.gep(p, [ku]), [far]),
                                                     ir.Constant(i32, 0), ir.Constant(i32, 3),
                                                     ir.Constant(i32, 1)])
-                    for r in range(rows):
-                        for c in range(cols):
-                            slot = accs[r][c][u]
-                            builder.store(dpbusd(builder, builder.load(slot), xv[r], wv[c]), slot)
-            fnty = ir.FunctionType(i32, [v16i32])
-            reduce = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.add.v16i32")
+                    if vnni:
+                        xv = [load(p, ku, v64i8) for p in xrow]
+                        wv = [load(p, ku, v64i8) for p in wrow]
+                        for r in range(rows):
+                            for c in range(cols):
+                                slot = accs[r][c][u]
+                                builder.store(dpbusd(builder, builder.load(slot), xv[r], wv[c]), slot)
+                        continue
+                    for q in range(0, STEP, 16):       # the 64 bytes as four pmaddwd steps
+                        kq = builder.add(ku, ir.Constant(intp, q))
+                        xw = [builder.zext(load(p, kq, v16i8), v16i32) for p in xrow]
+                        ww = [builder.sext(load(p, kq, v16i8), v16i32) for p in wrow]
+                        for r in range(rows):
+                            for c in range(cols):
+                                slot = accs[r][c][u]
+                                builder.store(pmaddwd(builder, builder.load(slot), xw[r], ww[c]), slot)
+            lanes = vacc.count
+            fnty = ir.FunctionType(i32, [vacc])
+            reduce = cgutils.get_or_insert_function(builder.module, fnty,
+                                                    f"llvm.vector.reduce.add.v{lanes}i32")
             out = []
             for r in range(rows):
                 for c in range(cols):
@@ -178,7 +197,15 @@ def quantize_rows(x, xu, sx):
 # prefetch distance (0-32 KB), one row by one output 19.2-20.5 (four accumulators, no prefetching;
 # 18.2-19.5 with it), four outputs 9.4 -- two weight rows read side by side are two streams that
 # each jump every row, and this CPU's prefetcher does not follow them.  Rows left over below
-# four (all of batch-1 decoding) therefore take one output at a time, one stream
+# four (all of batch-1 decoding) therefore take one output at a time, one stream.
+# Without VNNI (AMD EPYC Zen 3, AVX2 only, session 17): the plain-IR tiles first added groups of
+# four lanes as vpdpbusd does, which LLVM lowered to vpmaddwd plus two shuffles (vpermd, vpblendd)
+# per product; summed in adjacent pairs (pmaddwd's own lanes: the lanes' order is free, the sums
+# are integers) each product is one vpmaddwd and one vpaddd.  One thread, 40 random 3072 x 768
+# matrices from memory (a plain read of them 15-20 GB/s): one row 3.7-3.9 -> 9.6-11.2 GB/s of
+# weights, eight rows 0.4 -> 3.8-5.8 GB/s (30-46 GMAC/s).  Eight rows by two outputs kept for
+# eight rows (16 ymm accumulators): faster than two four-row tiles in 19 of 20 alternations
+# (47.0 against 45.8 GMAC/s at 3072 x 768, 45.7 against 43.3 at 768 x 3072, matrices in cache)
 FAR_BLOCK = 8192
 _tile8 = _tile(8, 2, 1, HAVE_VNNI, ahead=True)
 _tile4 = _tile(4, 2, 1, HAVE_VNNI, ahead=True)
