@@ -14,6 +14,8 @@ ops serve: :func:`warm_up` (:mod:`.warmup`).
 
 import functools
 
+# first, before any kernel is decorated: the cache's stamps cover the whole package (see _cache)
+from refopt.kernels.cpu import _cache  # noqa: F401  (installs its locators on import)
 import refopt.ops as _reference
 from refopt.ops import (  # noqa: F401  (NumPy ops reused as they are)
     accuracy, add, attention_backward, attention_mask, descending_order, dropout_backward, dropout_forward,
