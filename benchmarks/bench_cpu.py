@@ -25,7 +25,8 @@ The table gives each figure's median over the runs and, with several runs, its r
 batch-1 ratio to transformers the largest deviation from the median.  ``uptime``'s load is printed
 for every run.  ``--under-load`` runs a competing busy process (one Python loop, one core) during
 the decode measurements.  Afterwards: prefill tokens/s (batch 4 x 128) and one training step
-(batch 2 x 128, forward + backward + Adam) for refopt (Numba, float32) and transformers; and the
+(batch 2 x 128, forward + backward + Adam) for refopt (Numba, float32) and transformers, each
+best of ``--repeats`` after a warm-up call, as the decode figures are; and the
 cold start of ``refopt generate "ROMEO:" --max-length 64`` on the bundled model: seconds from the
 command's start to its first generated character, with an empty Numba cache (``NUMBA_CACHE_DIR``
 pointed at a new directory) and again with the cache that run left.
@@ -304,6 +305,7 @@ def main(argv=None):
         if lm is not None:   # prefill and training: the float32 Numba model
             ids = rng.integers(3, cfg.vocabulary_size, (4, 128))
             x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+            lm.predict(x)    # warm-up: a kernel compiled (or its cache reloaded) is not timed
             t_ours = best(lambda: lm.predict(x), args.repeats)
             line = f"{'prefill 4x128 tok/s':24s}{512 / t_ours:12.0f}"
             if hf is not None:
@@ -315,6 +317,7 @@ def main(argv=None):
                     with torch.no_grad():
                         hf(input_ids=tid, attention_mask=torch.ones_like(tid))
 
+                fwd()
                 t_hf = best(fwd, args.repeats)
                 line += f"{512 / t_hf:12.0f} (transformers)  ratio {t_hf / t_ours:.2f}x"
             print(line)
@@ -332,6 +335,7 @@ def main(argv=None):
                     _, grads = lm.loss_and_gradients(xt, y, sw)
                     opt.apply(grads, lm.backbone.params, ops=lm.backbone.ops)
 
+                step()           # warm-up, as the prefill's (Adam's state is made here too)
                 t_ours = best(step, args.repeats)
                 line = f"{'train step 2x128 (s)':24s}{t_ours:12.3f}"
                 if hf is not None:
@@ -345,6 +349,7 @@ def main(argv=None):
                         out.loss.backward()
                         topt.step()
 
+                    tstep()
                     t_hf = best(tstep, args.repeats)
                     line += f"{t_hf:12.3f} (transformers)  ratio {t_hf / t_ours:.2f}x"
                 print(line)
