@@ -9,9 +9,10 @@ from other files: :func:`.matmul.product` compiles in :mod:`.int8`'s tiles, the 
 ``matmul.product``, loaded as before, until the cache was deleted by hand).  A learner who edits a
 kernel to see what happens meets the same silence.
 
-:func:`install` (run when this module is imported, first thing in the package) puts a locator in front of each of Numba's file-backed ones that stamps every
-kernel of this package with the contents of all the package's modules (their SHA-256, as Numba
-hashes one file); one edit anywhere here makes every kernel here compile again.  Where the cache
+:func:`install` (run when this module is imported, first thing in the package) puts a locator
+in front of each of Numba's file-backed ones that stamps every kernel of this package with the
+contents of all the package's modules (their SHA-256, as Numba hashes one file); one edit anywhere
+here makes every kernel here compile again.  Where the cache
 lives is Numba's choice as before (``NUMBA_CACHE_DIR``, the package's ``__pycache__``, or the
 user-wide directory); functions outside this package keep Numba's own locators.
 """

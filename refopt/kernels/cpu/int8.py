@@ -1,9 +1,10 @@
 """Products of int8 weights with activations quantised to int8 per row (the ``activations="int8"``
 mode; its NumPy reference is :func:`refopt.quant.int8_matmul`): integer dot products in int32,
 through AVX-512 VNNI's ``vpdpbusd`` where the CPU has it (else AVX2's ``vpmaddwd``, 16 products
-an instruction), then one float scale per row and per output.  Compared with the exact path (:mod:`.matmul`: int8 widened to float32 inside the product,
-three vector instructions per 16 weights), one ``vpdpbusd`` multiplies and sums 64 weights: batch-1
-decoding is left bound by memory alone, and batch 8 by far less arithmetic.
+an instruction), then one float scale per row and per output.  Compared with the exact path
+(:mod:`.matmul`: int8 widened to float32 inside the product, three vector instructions per 16
+weights), one ``vpdpbusd`` multiplies and sums 64 weights: batch-1 decoding is left bound by
+memory alone, and batch 8 by far less arithmetic.
 
 The arithmetic, for a row ``x [I]`` of activations and an output row ``w [I]`` (int8, scale ``sw``)::
 
@@ -48,8 +49,8 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
     of the multiply-adds) and at most BLOCK.  ``vnni``: ``vpdpbusd`` (AVX-512 VNNI), else the same
     sums in plain LLVM vector IR for CPUs without it: 16 bytes at a time widened to 32 bits,
     multiplied, and adjacent pairs added into eight int32 lanes, the pattern LLVM lowers to one
-    ``pmaddwd`` (AVX2's ``vpmaddwd``: 16 products a step).  ``ahead``: also prefetch, for each 64 bytes read of a
-    weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
+    ``pmaddwd`` (AVX2's ``vpmaddwd``: 16 products a step).  ``ahead``: also prefetch, for each 64
+    bytes read of a weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
     i8, i32 = ir.IntType(8), ir.IntType(32)
     v64i8, v16i8, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i8, 16), ir.VectorType(i32, 16)
     # the accumulators: 16 int32 lanes (one zmm) for vpdpbusd, else eight (one ymm) for pmaddwd
