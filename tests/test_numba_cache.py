@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from refopt.kernels.cpu import _cache, decode, int8, matmul

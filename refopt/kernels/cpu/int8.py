@@ -52,7 +52,7 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
     ``pmaddwd`` (AVX2's ``vpmaddwd``: 16 products a step).  ``ahead``: also prefetch, for each 64
     bytes read of a weight row, the byte ``far`` bytes further on (else ``far`` is ignored)."""
     i8, i32 = ir.IntType(8), ir.IntType(32)
-    v64i8, v16i8, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i8, 16), ir.VectorType(i32, 16)
+    v16i32 = ir.VectorType(i32, 16)
     # the accumulators: 16 int32 lanes (one zmm) for vpdpbusd, else eight (one ymm) for pmaddwd
     vacc = v16i32 if vnni else ir.VectorType(i32, 8)
     even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
@@ -71,6 +71,10 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
         pair = builder.add(builder.shuffle_vector(prod, prod, even),
                            builder.shuffle_vector(prod, prod, odd))
         return builder.add(acc, pair)
+
+    # a step: 64 bytes of each operand for vpdpbusd, else 16 widened to 32 bits for pmaddwd
+    mac, width = (dpbusd, STEP) if vnni else (pmaddwd, 16)
+    vload = ir.VectorType(i8, width)
 
     @intrinsic
     def tile(typingctx, xu, m, w, o, k0, k1, far):
@@ -113,26 +117,20 @@ def _tile(rows, cols, unroll, vnni, ahead=False):
                             builder.call(prefetch, [builder.gep(builder.gep(p, [ku]), [far]),
                                                     ir.Constant(i32, 0), ir.Constant(i32, 3),
                                                     ir.Constant(i32, 1)])
-                    if vnni:
-                        xv = [load(p, ku, v64i8) for p in xrow]
-                        wv = [load(p, ku, v64i8) for p in wrow]
-                        for r in range(rows):
-                            for c in range(cols):
-                                slot = accs[r][c][u]
-                                builder.store(dpbusd(builder, builder.load(slot), xv[r], wv[c]), slot)
-                        continue
-                    for q in range(0, STEP, 16):       # the 64 bytes as four pmaddwd steps
+                    for q in range(0, STEP, width):    # one vpdpbusd, or four pmaddwd steps
                         kq = builder.add(ku, ir.Constant(intp, q))
-                        xw = [builder.zext(load(p, kq, v16i8), v16i32) for p in xrow]
-                        ww = [builder.sext(load(p, kq, v16i8), v16i32) for p in wrow]
+                        xv = [load(p, kq, vload) for p in xrow]
+                        wv = [load(p, kq, vload) for p in wrow]
+                        if not vnni:
+                            xv = [builder.zext(v, v16i32) for v in xv]
+                            wv = [builder.sext(v, v16i32) for v in wv]
                         for r in range(rows):
                             for c in range(cols):
                                 slot = accs[r][c][u]
-                                builder.store(pmaddwd(builder, builder.load(slot), xw[r], ww[c]), slot)
-            lanes = vacc.count
+                                builder.store(mac(builder, builder.load(slot), xv[r], wv[c]), slot)
             fnty = ir.FunctionType(i32, [vacc])
             reduce = cgutils.get_or_insert_function(builder.module, fnty,
-                                                    f"llvm.vector.reduce.add.v{lanes}i32")
+                                                    f"llvm.vector.reduce.add.v{vacc.count}i32")
             out = []
             for r in range(rows):
                 for c in range(cols):
