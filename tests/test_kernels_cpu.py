@@ -171,6 +171,21 @@ def test_quantized_products(kind, M, I, O, seed):
     assert np.array_equal(nb.embedding_forward(table, ids), np.asarray(table)[ids])
 
 
+@settings(max_examples=40)
+@given(kind=st.sampled_from(["bfloat16", "float16", "int8"]), M=st.integers(1, 3), I=st.integers(1, 400),
+       O=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_streamed_rows(kind, M, I, O, seed):
+    # rows below four take one weight row at a time through matmul's streaming tile (64 inputs a
+    # step, the rest one by one): rows 64-400 wide cover its steps and the inputs past them.  The
+    # error is measured against the sum of |terms|, the scale a float32 dot product's rounding has
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (M, I), np.float32)
+    kernel = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind)
+    w = np.asarray(kernel).astype(np.float64)
+    want = x.astype(np.float64) @ w.T
+    close(nb.linear_forward(x, kernel, None), want, np.float32, "rows", scale=(np.abs(x) @ np.abs(w).T).max())
+
+
 def test_quantization_error_is_small():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 96)).astype(np.float32)

@@ -23,6 +23,7 @@ and :func:`product_range` hands them to :mod:`.int8` (integer products, VNNI) at
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from refopt.kernels.cpu import int8
@@ -78,6 +79,111 @@ def _widen(v):
     if v == types.int8:
         return lambda v: np.float32(v)
     return None
+
+
+# ----------------------------------------------------------------------------- one row, streamed
+# Batch-1 decoding dots one row of activations with each weight row in turn.  LLVM's loop for it
+# (dot_one: widen, multiply-add, four accumulators) is ideal as arithmetic, but on an AVX2-only
+# CPU (AMD EPYC Zen 3, session 18) int8 weights widen at about the rate memory delivers them
+# (vpmovsxbd + vcvtdq2ps + vfmadd: 15-21 GB/s of weights on one thread with the matrix in L1, a
+# plain read from memory 15-19), and the two did not overlap: 9-11 GB/s from memory.  _stream is
+# the same arithmetic as an IR tile that also hints the weights 4 KB ahead into the cache, one
+# prefetch per 64 bytes.  Measured (one thread, 40 random int8 matrices of 3072 x 768, 768 x 3072
+# and 2048 x 2048 from memory, seven alternations in one process, two sittings): 9.0-11.6 ->
+# 10.7-12.9 GB/s; in the 125m int8 decode step on two threads (benchmarks/profile_cpu_step.py,
+# the old and new code alternated, two rounds of two runs) the best step 5.85-7.04 -> 4.90-5.49
+# ms, the head 1.62-2.40 -> 1.29-1.43 ms.  bfloat16 and float16 weights stream as fast as
+# through dot_one from memory (10-12 GB/s either way) and as fast or faster from cache.  The
+# Zen 4 of sessions 9-16 (AVX-512) measured an IR tile with prefetching within the noise of
+# LLVM's loop (16-25 against 13-24 GB/s).
+STREAM = 64           # inputs one step of the streaming tile takes (four vectors of 16)
+FAR = 4096            # bytes ahead of its reads that the streaming tile prefetches
+_STREAMED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
+
+
+def _widen_vector(builder, v, dtype):
+    # a vector of stored elements -> as many float32, as widen() does one
+    n = v.type.count
+    f32s = ir.VectorType(ir.FloatType(), n)
+    if dtype == types.int8:
+        return builder.sitofp(v, f32s)
+    i32s = ir.VectorType(ir.IntType(32), n)
+    if dtype == types.uint16:                    # bfloat16: the bits become a float32's top half
+        return builder.bitcast(builder.shl(builder.zext(v, i32s), ir.Constant(i32s, [16] * n)), f32s)
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)), f32s)   # float16
+
+
+@intrinsic
+def _stream(typingctx, x, m, w, o, n, far):
+    # sum_{k < n} x[m, k] * widen(w[o, k]) for float32 x [M, I] and w [O, I] of a _STREAMED dtype,
+    # both C-contiguous, n a multiple of STREAM: four accumulators of 16 lanes (eight ymm
+    # registers where the CPU has no 512-bit ones: the same sums in the same order), each step
+    # hinting the weight row's bytes ``far`` ahead of it into the cache (past the row: the next rows)
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2 and x.layout == "C"
+            and isinstance(w, types.Array) and w.dtype in _STREAMED and w.ndim == 2 and w.layout == "C"):
+        return None
+    sig = types.float32(x, m, w, o, n, far)
+    size = w.dtype.bitwidth // 8
+
+    def codegen(context, builder, signature, args):
+        intp = context.get_value_type(types.intp)
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        f32v = ir.VectorType(f32, 16)
+        stored = ir.VectorType(context.get_value_type(signature.args[2].dtype), 16)
+        xa = context.make_array(signature.args[0])(context, builder, args[0])
+        wa = context.make_array(signature.args[2])(context, builder, args[2])
+        m_, o_, n_, far_ = (context.cast(builder, args[j], signature.args[j], types.intp) for j in (1, 3, 4, 5))
+        xs, ws = (cgutils.unpack_tuple(builder, a.strides)[0] for a in (xa, wa))
+        xrow = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [builder.mul(m_, xs)]),
+                               f32.as_pointer())
+        wbytes = builder.gep(builder.bitcast(wa.data, i8.as_pointer()), [builder.mul(o_, ws)])
+        wrow = builder.bitcast(wbytes, stored.element.as_pointer())
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32v, [f32v] * 3), "llvm.fma.v16f32")
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(f32v, None)) for _ in range(4)]
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_, ir.Constant(intp, STREAM), intp) as (k, _):
+            ahead = builder.gep(wbytes, [builder.add(builder.mul(k, ir.Constant(intp, size)), far_)])
+            for b in range(0, STREAM * size, 64):          # one hint per 64 bytes (a cache line)
+                builder.call(prefetch, [builder.gep(ahead, [ir.Constant(intp, b)]),
+                                        ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            for u in range(4):
+                at = builder.add(k, ir.Constant(intp, 16 * u))
+                xv = builder.load(builder.bitcast(builder.gep(xrow, [at]), f32v.as_pointer()), align=4)
+                wv = builder.load(builder.bitcast(builder.gep(wrow, [at]), stored.as_pointer()), align=1)
+                acc = builder.load(accs[u])
+                builder.store(builder.call(fma, [xv, _widen_vector(builder, wv, signature.args[2].dtype), acc]),
+                              accs[u])
+        vals = [builder.load(a) for a in accs]
+        while len(vals) > 1:                                # pairwise, then across the lanes
+            vals = [builder.fadd(vals[j], vals[j + 1]) for j in range(0, len(vals), 2)]
+        v = vals[0]
+        for half in (8, 4, 2, 1):                           # lane[j] += lane[j + half]
+            v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16),
+                                                                         [(j + half) % 16 for j in range(16)])))
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    return sig, codegen
+
+
+def dot_row(x, m, w, o):
+    """``x[m] . widen(w[o])``: :func:`_stream` for float32 activations and int8/bfloat16/float16
+    weights, C-contiguous, else :func:`dot_one`."""
+
+
+@overload(dot_row, inline="always")
+def _dot_row(x, m, w, o):
+    if (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"
+            and isinstance(w, types.Array) and w.dtype in _STREAMED and w.layout == "C"):
+        def streamed(x, m, w, o):
+            I = x.shape[1]
+            e = I - I % STREAM
+            acc = _stream(x, m, w, o, e, FAR)
+            for i in range(e, I):                  # the inputs past the last whole step
+                acc += x[m, i] * widen(w[o, i])
+            return acc
+        return streamed
+    return lambda x, m, w, o: dot_one(x, m, w, o)
 
 
 @njit(inline="always", fastmath=True)
@@ -136,8 +242,9 @@ def _dots(x, w, o0, o1, raw):
     # four outputs side by side (dot_four) where that streams faster -- float32/float64 weights
     # (+34% at 768 wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for
     # int8 and float16: the row of x, 64 KB, no longer stays in L1 and dot_four reads it once for
-    # four weight rows) -- else one output at a time (dot_one: faster for narrow weights at
-    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10).
+    # four weight rows) -- else one output at a time (dot_row: faster for narrow weights at
+    # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10;
+    # through the prefetching tile _stream since session 18, see there).
     # int8 rows, measured again (one thread, random 1.3b/125m layers from memory, load 1-5, the
     # read 29-33 GB/s): LLVM's loop is already the ideal one (zmm vpmovsxbd + vcvtdq2ps + vfmadd,
     # four accumulators, 64 weights a step, nothing scalar); dot_one streams 13-24 GB/s (30 in
@@ -167,7 +274,7 @@ def _dots(x, w, o0, o1, raw):
                 raw[m, c], raw[m, c + 1], raw[m, c + 2], raw[m, c + 3] = a0, a1, a2, a3
                 o += 4
         while o < o1:
-            raw[m, o - o0] = dot_one(x, m, w, o)
+            raw[m, o - o0] = dot_row(x, m, w, o)
             o += 1
 
 
