@@ -12,6 +12,7 @@ import refopt.kernels.cpu as nb
 import refopt.ops as ref
 from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
+from refopt.kernels.cpu.matmul import STREAM
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
 from kernel_checks import check_cross_entropy, check_embedding, check_layernorm, probabilities
@@ -183,7 +184,31 @@ def test_streamed_rows(kind, M, I, O, seed):
     kernel = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind)
     w = np.asarray(kernel).astype(np.float64)
     want = x.astype(np.float64) @ w.T
-    close(nb.linear_forward(x, kernel, None), want, np.float32, "rows", scale=(np.abs(x) @ np.abs(w).T).max())
+    scale = (np.abs(x) @ np.abs(w).T).max()
+    close(nb.linear_forward(x, kernel, None), want, np.float32, "rows", scale=scale)
+    # the tile itself, on each kind it widens (batch-1 rows take it for int8 alone)
+    e = I - I % STREAM
+    if e:
+        data = kernel.data.view(np.int16) if kind == "float16" else kernel.data
+        got = [[_stream_rows(x, data, m, o, e) for o in range(O)] for m in range(M)]
+        raw = kernel.data.astype(np.float64) if kind == "int8" else w      # int8: before its scale
+        close(got, x[:, :e].astype(np.float64) @ raw[:, :e].T, np.float32, "tile",
+              scale=(np.abs(x[:, :e]) @ np.abs(raw[:, :e]).T).max())
+
+
+@functools.cache
+def _stream_compiled():
+    from numba import njit
+    from refopt.kernels.cpu.matmul import FAR, _stream
+
+    @njit
+    def run(x, w, m, o, n):
+        return _stream(x, m, w, o, n, FAR)
+    return run
+
+
+def _stream_rows(x, w, m, o, n):
+    return _stream_compiled()(np.ascontiguousarray(x), np.ascontiguousarray(w), m, o, n)
 
 
 def test_quantization_error_is_small():

@@ -92,13 +92,17 @@ def _widen(v):
 # and 2048 x 2048 from memory, seven alternations in one process, two sittings): 9.0-11.6 ->
 # 10.7-12.9 GB/s; in the 125m int8 decode step on two threads (benchmarks/profile_cpu_step.py,
 # the old and new code alternated, two rounds of two runs) the best step 5.85-7.04 -> 4.90-5.49
-# ms, the head 1.62-2.40 -> 1.29-1.43 ms.  bfloat16 and float16 weights stream as fast as
-# through dot_one from memory (10-12 GB/s either way) and as fast or faster from cache.  The
-# Zen 4 of sessions 9-16 (AVX-512) measured an IR tile with prefetching within the noise of
-# LLVM's loop (16-25 against 13-24 GB/s).
+# ms, the head 1.62-2.40 -> 1.29-1.43 ms; in a second sitting (three variants, old and new
+# alternated twice) 6.44-7.85 -> 6.10-7.45 ms, a 32-token generation 96-118 -> 102-137 tok/s.
+# bfloat16 and float16 weights streamed from memory as fast through either (10-12 GB/s, one
+# thread), but the 125m bfloat16 step was slower through _stream in that sitting (10.7-11.5
+# against 9.4-11.3 ms), so only int8 takes it (_STREAMED; the tile itself takes all three
+# kinds, and the tests check it on each).  The Zen 4 of sessions 9-16 (AVX-512) measured an IR tile with
+# prefetching within the noise of LLVM's loop (16-25 against 13-24 GB/s).
 STREAM = 64           # inputs one step of the streaming tile takes (four vectors of 16)
 FAR = 4096            # bytes ahead of its reads that the streaming tile prefetches
-_STREAMED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
+_WIDENED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
+_STREAMED = (types.int8,)                               # the kinds batch-1 rows stream through it
 
 
 def _widen_vector(builder, v, dtype):
@@ -115,12 +119,12 @@ def _widen_vector(builder, v, dtype):
 
 @intrinsic
 def _stream(typingctx, x, m, w, o, n, far):
-    # sum_{k < n} x[m, k] * widen(w[o, k]) for float32 x [M, I] and w [O, I] of a _STREAMED dtype,
+    # sum_{k < n} x[m, k] * widen(w[o, k]) for float32 x [M, I] and w [O, I] of a _WIDENED dtype,
     # both C-contiguous, n a multiple of STREAM: four accumulators of 16 lanes (eight ymm
     # registers where the CPU has no 512-bit ones: the same sums in the same order), each step
     # hinting the weight row's bytes ``far`` ahead of it into the cache (past the row: the next rows)
     if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2 and x.layout == "C"
-            and isinstance(w, types.Array) and w.dtype in _STREAMED and w.ndim == 2 and w.layout == "C"):
+            and isinstance(w, types.Array) and w.dtype in _WIDENED and w.ndim == 2 and w.layout == "C"):
         return None
     sig = types.float32(x, m, w, o, n, far)
     size = w.dtype.bitwidth // 8
@@ -167,8 +171,8 @@ def _stream(typingctx, x, m, w, o, n, far):
 
 
 def dot_row(x, m, w, o):
-    """``x[m] . widen(w[o])``: :func:`_stream` for float32 activations and int8/bfloat16/float16
-    weights, C-contiguous, else :func:`dot_one`."""
+    """``x[m] . widen(w[o])``: :func:`_stream` for float32 activations and weights of a
+    ``_STREAMED`` kind (int8), C-contiguous, else :func:`dot_one`."""
 
 
 @overload(dot_row, inline="always")
@@ -244,7 +248,7 @@ def _dots(x, w, o0, o1, raw):
     # int8 and float16: the row of x, 64 KB, no longer stays in L1 and dot_four reads it once for
     # four weight rows) -- else one output at a time (dot_row: faster for narrow weights at
     # 768-4096 wide: at 4096, 1.3-1.6x for int8 and 1.3x for float16; one thread, load 6-10;
-    # through the prefetching tile _stream since session 18, see there).
+    # int8 through the prefetching tile _stream since session 18, see there).
     # int8 rows, measured again (one thread, random 1.3b/125m layers from memory, load 1-5, the
     # read 29-33 GB/s): LLVM's loop is already the ideal one (zmm vpmovsxbd + vcvtdq2ps + vfmadd,
     # four accumulators, 64 weights a step, nothing scalar); dot_one streams 13-24 GB/s (30 in
