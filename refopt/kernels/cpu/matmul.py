@@ -82,23 +82,23 @@ def _widen(v):
 
 
 # ----------------------------------------------------------------------------- one row, streamed
-# Batch-1 decoding dots one row of activations with each weight row in turn.  LLVM's loop for it
-# (dot_one: widen, multiply-add, four accumulators) is ideal as arithmetic, but on an AVX2-only
-# CPU (AMD EPYC Zen 3, session 18) int8 weights widen at about the rate memory delivers them
-# (vpmovsxbd + vcvtdq2ps + vfmadd: 15-21 GB/s of weights on one thread with the matrix in L1, a
-# plain read from memory 15-19), and the two did not overlap: 9-11 GB/s from memory.  _stream is
-# the same arithmetic as an IR tile that also hints the weights 4 KB ahead into the cache, one
-# prefetch per 64 bytes.  Measured (one thread, 40 random int8 matrices of 3072 x 768, 768 x 3072
-# and 2048 x 2048 from memory, seven alternations in one process, two sittings): 9.0-11.6 ->
-# 10.7-12.9 GB/s; in the 125m int8 decode step on two threads (benchmarks/profile_cpu_step.py,
-# the old and new code alternated, two rounds of two runs) the best step 5.85-7.04 -> 4.90-5.49
-# ms, the head 1.62-2.40 -> 1.29-1.43 ms; in a second sitting (three variants, old and new
-# alternated twice) 6.44-7.85 -> 6.10-7.45 ms, a 32-token generation 96-118 -> 102-137 tok/s.
-# bfloat16 and float16 weights streamed from memory as fast through either (10-12 GB/s, one
-# thread), but the 125m bfloat16 step was slower through _stream in that sitting (10.7-11.5
-# against 9.4-11.3 ms), so only int8 takes it (_STREAMED; the tile itself takes all three
-# kinds, and the tests check it on each).  The Zen 4 of sessions 9-16 (AVX-512) measured an IR tile with
-# prefetching within the noise of LLVM's loop (16-25 against 13-24 GB/s).
+# Batch-1 decoding dots one row of activations with each weight row in turn. LLVM's loop for it
+# (dot_one: widen, multiply-add, four accumulators) is ideal as arithmetic, but on an AVX2-only CPU
+# (AMD EPYC Zen 3, session 18) int8 weights widen at about the rate memory delivers them (vpmovsxbd
+# + vcvtdq2ps + vfmadd: 15-21 GB/s of weights on one thread with the matrix in L1, a plain read from
+# memory 15-19), and the two did not overlap: 9-11 GB/s from memory. _stream is the same arithmetic
+# as an IR tile that also hints the weights 4 KB ahead into the cache, one prefetch per 64 bytes.
+# Measured (one thread, 40 random int8 matrices of 3072 x 768, 768 x 3072 and 2048 x 2048 from
+# memory, seven alternations in one process, two sittings): 9.0-11.6 -> 10.7-12.9 GB/s; in the 125m
+# int8 decode step on two threads (benchmarks/profile_cpu_step.py, the old and new code alternated,
+# two rounds of two runs) the best step 5.85-7.04 -> 4.90-5.49 ms, the head 1.62-2.40 -> 1.29-1.43
+# ms; in a second sitting (three variants, old and new alternated twice) 6.44-7.85 -> 6.10-7.45 ms,
+# a 32-token generation 96-118 -> 102-137 tok/s. bfloat16 and float16 weights streamed from memory
+# as fast through either (10-12 GB/s, one thread), but the 125m bfloat16 step was slower through
+# _stream in that sitting (10.7-11.5 against 9.4-11.3 ms), so only int8 takes it (_STREAMED; the
+# tile itself takes all three kinds, and the tests check it on each). The Zen 4 of sessions 9-16
+# (AVX-512) measured an IR tile with prefetching within the noise of LLVM's loop (16-25 against
+# 13-24 GB/s).
 STREAM = 64           # inputs one step of the streaming tile takes (four vectors of 16)
 FAR = 4096            # bytes ahead of its reads that the streaming tile prefetches
 _WIDENED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
@@ -113,7 +113,8 @@ def _widen_vector(builder, v, dtype):
         return builder.sitofp(v, f32s)
     i32s = ir.VectorType(ir.IntType(32), n)
     if dtype == types.uint16:                    # bfloat16: the bits become a float32's top half
-        return builder.bitcast(builder.shl(builder.zext(v, i32s), ir.Constant(i32s, [16] * n)), f32s)
+        top = builder.shl(builder.zext(v, i32s), ir.Constant(i32s, [16] * n))
+        return builder.bitcast(top, f32s)
     return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), n)), f32s)   # float16
 
 
@@ -136,17 +137,20 @@ def _stream(typingctx, x, m, w, o, n, far):
         stored = ir.VectorType(context.get_value_type(signature.args[2].dtype), 16)
         xa = context.make_array(signature.args[0])(context, builder, args[0])
         wa = context.make_array(signature.args[2])(context, builder, args[2])
-        m_, o_, n_, far_ = (context.cast(builder, args[j], signature.args[j], types.intp) for j in (1, 3, 4, 5))
+        m_, o_, n_, far_ = (context.cast(builder, args[j], signature.args[j], types.intp)
+                            for j in (1, 3, 4, 5))
         xs, ws = (cgutils.unpack_tuple(builder, a.strides)[0] for a in (xa, wa))
-        xrow = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [builder.mul(m_, xs)]),
-                               f32.as_pointer())
+        xbytes = builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [builder.mul(m_, xs)])
+        xrow = builder.bitcast(xbytes, f32.as_pointer())
         wbytes = builder.gep(builder.bitcast(wa.data, i8.as_pointer()), [builder.mul(o_, ws)])
         wrow = builder.bitcast(wbytes, stored.element.as_pointer())
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32v, [f32v] * 3), "llvm.fma.v16f32")
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32v, [f32v] * 3),
+                                             "llvm.fma.v16f32")
+        hint = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
+        prefetch = cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0")
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f32v, None)) for _ in range(4)]
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_, ir.Constant(intp, STREAM), intp) as (k, _):
+        step = ir.Constant(intp, STREAM)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n_, step, intp) as (k, _):
             ahead = builder.gep(wbytes, [builder.add(builder.mul(k, ir.Constant(intp, size)), far_)])
             for b in range(0, STREAM * size, 64):          # one hint per 64 bytes (a cache line)
                 builder.call(prefetch, [builder.gep(ahead, [ir.Constant(intp, b)]),
@@ -156,15 +160,15 @@ def _stream(typingctx, x, m, w, o, n, far):
                 xv = builder.load(builder.bitcast(builder.gep(xrow, [at]), f32v.as_pointer()), align=4)
                 wv = builder.load(builder.bitcast(builder.gep(wrow, [at]), stored.as_pointer()), align=1)
                 acc = builder.load(accs[u])
-                builder.store(builder.call(fma, [xv, _widen_vector(builder, wv, signature.args[2].dtype), acc]),
-                              accs[u])
+                wf = _widen_vector(builder, wv, signature.args[2].dtype)
+                builder.store(builder.call(fma, [xv, wf, acc]), accs[u])
         vals = [builder.load(a) for a in accs]
         while len(vals) > 1:                                # pairwise, then across the lanes
             vals = [builder.fadd(vals[j], vals[j + 1]) for j in range(0, len(vals), 2)]
         v = vals[0]
         for half in (8, 4, 2, 1):                           # lane[j] += lane[j + half]
-            v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16),
-                                                                         [(j + half) % 16 for j in range(16)])))
+            turn = ir.Constant(ir.VectorType(i32, 16), [(j + half) % 16 for j in range(16)])
+            v = builder.fadd(v, builder.shuffle_vector(v, v, turn))
         return builder.extract_element(v, ir.Constant(i32, 0))
 
     return sig, codegen
