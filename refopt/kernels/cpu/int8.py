@@ -207,8 +207,8 @@ def quantize_rows(x, xu, sx):
 # (47.0 against 45.8 GMAC/s at 3072 x 768, 45.7 against 43.3 at 768 x 3072, matrices in cache)
 # The same one-row tile with and without prefetching, on that AVX2-only Zen 3 (session 18, one
 # thread, 40 random int8 matrices of 3072 x 768, 768 x 3072 and 2048 x 2048 from memory, seven
-# alternations): 12.1-13.4 GB/s without, 13.7-15.5 with the byte 1 KB ahead hinted (14.2-14.4 at
-# 4 KB, 13.3-13.9 at 8 KB).  So the one-row tile prefetches where the CPU has no VNNI, as on that
+# alternations, the medians of the three shapes): 12.1-13.4 GB/s without, 13.7-15.5 with the byte
+# 1 KB ahead hinted (14.2-14.4 at 4 KB, 13.3-13.9 at 8 KB).  So the one-row tile prefetches where the CPU has no VNNI, as on that
 # Zen 3, and not where it has (the Zen 4 figures above).
 FAR_BLOCK = 8192
 FAR_ROW = 1024

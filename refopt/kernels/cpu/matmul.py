@@ -86,19 +86,19 @@ def _widen(v):
 # (dot_one: widen, multiply-add, four accumulators) is ideal as arithmetic, but on an AVX2-only CPU
 # (AMD EPYC Zen 3, session 18) int8 weights widen at about the rate memory delivers them (vpmovsxbd
 # + vcvtdq2ps + vfmadd: 15-21 GB/s of weights on one thread with the matrix in L1, a plain read from
-# memory 15-19), and the two did not overlap: 9-11 GB/s from memory. _stream is the same arithmetic
-# as an IR tile that also hints the weights 4 KB ahead into the cache, one prefetch per 64 bytes.
-# Measured (one thread, 40 random int8 matrices of 3072 x 768, 768 x 3072 and 2048 x 2048 from
-# memory, seven alternations in one process, two sittings): 9.0-11.6 -> 10.7-12.9 GB/s; in the 125m
-# int8 decode step on two threads (benchmarks/profile_cpu_step.py, the old and new code alternated,
-# two rounds of two runs) the best step 5.85-7.04 -> 4.90-5.49 ms, the head 1.62-2.40 -> 1.29-1.43
-# ms; in a second sitting (three variants, old and new alternated twice) 6.44-7.85 -> 6.10-7.45 ms,
-# a 32-token generation 96-118 -> 102-137 tok/s. bfloat16 and float16 weights streamed from memory
-# as fast through either (10-12 GB/s, one thread), but the 125m bfloat16 step was slower through
-# _stream in that sitting (10.7-11.5 against 9.4-11.3 ms), so only int8 takes it (_STREAMED; the
-# tile itself takes all three kinds, and the tests check it on each). The Zen 4 of sessions 9-16
-# (AVX-512) measured an IR tile with prefetching within the noise of LLVM's loop (16-25 against
-# 13-24 GB/s).
+# memory 15-20), and the two overlapped poorly: 9-12 GB/s from memory. _stream is the same
+# arithmetic as an IR tile that also hints the weights 4 KB ahead into the cache, one prefetch per
+# 64 bytes. Measured (one thread, 40 random int8 matrices of 3072 x 768, 768 x 3072 and 2048 x 2048
+# from memory, seven alternations in one process; the medians of the three shapes): 10.9-11.6 ->
+# 12.1-12.9 GB/s. The 125m int8 decode step on two threads (benchmarks/profile_cpu_step.py, the old
+# and new code alternated, four runs each; median (range) of the best steps): 6.37 (5.85-7.04) ->
+# 5.36 (4.90-8.34) ms in one sitting, 7.11 (6.44-7.85) -> 6.84 (6.10-7.45) in another, where a
+# 32-token generation went 96-118 -> 102-137 tok/s. bfloat16 and float16 weights streamed from
+# memory as fast through either (10-12 GB/s, one thread), and the 125m bfloat16 step was slower
+# through _stream in the second sitting (10.7-11.5 against 9.4-11.3 ms), so only int8 takes it
+# (_STREAMED; the tile itself takes all three kinds, and the tests check it on each). The Zen 4 of
+# sessions 9-16 (AVX-512) measured an IR tile with prefetching within the noise of LLVM's loop
+# (16-25 against 13-24 GB/s).
 STREAM = 64           # inputs one step of the streaming tile takes (four vectors of 16)
 FAR = 4096            # bytes ahead of its reads that the streaming tile prefetches
 _WIDENED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
