@@ -95,6 +95,60 @@ def test_lanes_dot_and_axpy(dtype, n, offset, strided, seed):
         assert total == want
 
 
+@functools.cache
+def _blocks_run():
+    from numba import njit
+
+    from refopt.kernels.cpu.lanes import BLOCK, axpy, axpys, dot, dots
+
+    @njit
+    def blocked(q, keys, t0, n, w, y):
+        # BLOCK keys' scores into w[1, t0:], then y[1] += those weights times BLOCK values
+        stride = keys.shape[1] * keys.shape[2]
+        dots(q, (0, 1), keys, (t0, 1, 0), n, stride, w, (1, t0))
+        axpys(w, (1, t0), keys, (t0, 0, 0), stride, y, (1, 0), n)
+
+    @njit
+    def one_by_one(q, keys, t0, n, w, y):
+        for k in range(BLOCK):
+            w[1, t0 + k] = dot(q, (0, 1), keys, (t0 + k, 1, 0), n)
+        for k in range(BLOCK):
+            wt = w[1, t0 + k]
+            if wt != 0:
+                axpy(wt, keys, (t0 + k, 0, 0), y, (1, 0), n)
+    return blocked, one_by_one, BLOCK
+
+
+@settings(max_examples=60)
+@given(dtype=DTYPES, n=st.integers(0, 100), heads=st.integers(2, 4), t0=st.integers(0, 3),
+       special=st.sampled_from(["none", "zero weight", "negative zero", "inf", "nan", "tiny"]),
+       seed=st.integers(0, 2**16))
+def test_lanes_blocks(dtype, n, heads, t0, special, seed):
+    # dots and axpys (BLOCK keys a call, the decode attention's) give exactly the bits of BLOCK
+    # calls of dot and axpy -- every score, every context value -- for every length (whole blocks
+    # of lanes and the values past them), zero weights skipped as axpy's callers skip them
+    blocked, one_by_one, BLOCK = _blocks_run()
+    rng = np.random.default_rng(seed)
+    q = arrays(rng, (1, n + 1), dtype)
+    keys = arrays(rng, (t0 + BLOCK + 1, heads, n), dtype)
+    y = arrays(rng, (2, n), dtype)
+    if special != "none" and n > 0:                  # one key's score or one of its values special
+        k, v = int(rng.integers(t0, t0 + BLOCK)), int(rng.integers(0, n))
+        if special in ("zero weight", "negative zero"):
+            keys[k, 1, :] = 0.0                      # a score, so a weight, of 0: skipped, so
+            keys[k, 0, v] = np.inf if special == "zero weight" else 0.0   # no 0 * inf = nan,
+            y[1, v] = -0.0                           # and -0 stays -0 (-0 + 0 * 0 is +0)
+        else:
+            keys[k, 0, v] = {"inf": np.inf, "nan": np.nan, "tiny": 1e-40}[special]
+    w1, w2 = np.full((2, t0 + BLOCK + 2), np.nan, dtype), np.full((2, t0 + BLOCK + 2), np.nan, dtype)
+    y1, y2 = y.copy(), y.copy()
+    blocked(q, keys, t0, n, w1, y1)
+    one_by_one(q, keys, t0, n, w2, y2)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    assert np.array_equal(w1.view(bits), w2.view(bits))
+    assert np.array_equal(y1.view(bits), y2.view(bits))
+
+
 @settings(max_examples=40)
 @given(dtype=DTYPES, B=st.integers(1, 3), H=st.integers(1, 13), K=st.integers(1, 70), index=st.integers(0, 40),
        groups=st.integers(1, 5), seed=st.integers(0, 2**16))

@@ -1,5 +1,6 @@
 """Dot products in a fixed order of lanes, and ``y += w x``, written as LLVM vector IR (the decode
-step's attention, :mod:`.decode`).
+step's attention, :mod:`.decode`), one key at a time (:func:`dot`, :func:`axpy`) or BLOCK keys
+at a time with the same bits (:func:`dots`, :func:`axpys`).
 
 A dot product is a sum, and a compiler may vectorise a sum only by reordering it (``fastmath``),
 which Numba leaves to LLVM and the CPU at hand.  :func:`dot` fixes the order instead: for ``n``
@@ -173,6 +174,157 @@ def _axpy_impl(w, x, i, y, j, n):
         for k in range(n):
             ys[j[-1] + k] += w * xs[i[-1] + k]
     return plain
+
+
+# ----------------------------------------------------------------------------- keys in blocks
+# The decode step's attention dots one query with each key of a head and adds each value, weighted,
+# into the context: per (key, head), 64 products and a reduction of the 16 lanes (four rounds of a
+# shuffle across the lanes and a sum), then 64 multiply-adds through memory.  :func:`dots` and
+# :func:`axpys` take BLOCK keys a call and do exactly the same operations on the same operands, so
+# every score and every context value keeps its bits: the BLOCK keys' lane reductions run side by
+# side (each round halves every key's lanes, the keys' halves packed into full vectors, so a round
+# is a few shuffles and ONE sum for all of them), and the context's values stay in registers while
+# the BLOCK weighted values are added to them in order.
+BLOCK = 8             # keys one call of dots / axpys takes
+
+
+def _halves(builder, vec, keys, width):
+    # a vector of ``keys`` segments of ``width`` lanes -> (first halves, second halves) of every segment
+    i32 = ir.IntType(32)
+    first = [k * width + j for k in range(keys) for j in range(width // 2)]
+    second = [k * width + width // 2 + j for k in range(keys) for j in range(width // 2)]
+    return tuple(builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, len(ix)), ix))
+                 for ix in (first, second))
+
+
+def _reduce_keys(builder, accs, L):
+    # the lane sums of each accumulator [L lanes] in the order of dot's reduction (lane[j] +=
+    # lane[j + w] for w = L/2, .., 1; lane 0 is the sum), all accumulators side by side -> scalars
+    i32 = ir.IntType(32)
+    vecs, keys, width = list(accs), 1, L
+    while width > 1:
+        if len(vecs) > 1 and keys * width < L:            # pack two vectors' keys into one
+            vecs = [builder.shuffle_vector(vecs[m], vecs[m + 1], ir.Constant(
+                ir.VectorType(i32, 2 * keys * width), list(range(2 * keys * width))))
+                for m in range(0, len(vecs), 2)]
+            keys *= 2
+        halves = [_halves(builder, v, keys, width) for v in vecs]
+        vecs = [builder.fadd(a, b) for a, b in halves]   # lane j of a segment + lane j + width/2
+        width //= 2
+    return [builder.extract_element(v, ir.Constant(i32, k)) for v in vecs for k in range(keys)]
+
+
+@intrinsic
+def _dots_vector(typingctx, x, i, y, j, n, stride, out, o):
+    # out[o][k] = dot(x[i], y[j] + k * stride, n) for k < BLOCK (the flat offsets of y's keys)
+    if not (_vector_arg(x, i) and _vector_arg(y, j) and _vector_arg(out, o) and x.dtype == y.dtype
+            and out.dtype == x.dtype and isinstance(n, types.Integer) and isinstance(stride, types.Integer)):
+        return None
+    dt = x.dtype
+    sig = types.none(x, i, y, j, n, stride, out, o)
+    L = LANES[dt]
+
+    def codegen(context, builder, signature, args):
+        intp = context.get_value_type(types.intp)
+        vt = ir.VectorType(context.get_value_type(dt), L)
+        px, py, count, whole = _operands(context, builder, signature, args, 0, L)
+        step = context.cast(builder, args[5], signature.args[5], types.intp)
+        keys = [builder.gep(py, [builder.mul(step, ir.Constant(intp, k))]) for k in range(BLOCK)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(BLOCK)]
+        with _steps(builder, ir.Constant(intp, 0), whole, L) as (e, _):
+            xv = builder.load(builder.bitcast(builder.gep(px, [e]), vt.as_pointer()), align=1)
+            for k in range(BLOCK):
+                yv = builder.load(builder.bitcast(builder.gep(keys[k], [e]), vt.as_pointer()), align=1)
+                builder.store(builder.fadd(builder.load(accs[k]), builder.fmul(xv, yv)), accs[k])
+        sums = _reduce_keys(builder, [builder.load(a) for a in accs], L)
+        totals = [cgutils.alloca_once_value(builder, v) for v in sums]
+        with _steps(builder, whole, count, 1) as (e, _):      # the products past the whole blocks
+            xs = builder.load(builder.gep(px, [e]))
+            for k in range(BLOCK):
+                ys = builder.load(builder.gep(keys[k], [e]))
+                builder.store(builder.fadd(builder.load(totals[k]), builder.fmul(xs, ys)), totals[k])
+        po = _pointer(context, builder, signature.args[6], args[6], args[7], signature.args[7])
+        for k in range(BLOCK):
+            builder.store(builder.load(totals[k]), builder.gep(po, [ir.Constant(intp, k)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def dots(x, i, y, j, n, stride, out, o):
+    """``out[o + (k,)] = dot(x, i, y, j + k * stride, n)`` for ``k < BLOCK`` (``j + k * stride``:
+    ``stride`` values past index tuple ``j`` of ``y``, flat): BLOCK dot products of one vector,
+    each the bits :func:`dot` gives (C-contiguous arrays of one float dtype; within the arrays:
+    unchecked)."""
+
+
+@overload(dots)
+def _dots_impl(x, i, y, j, n, stride, out, o):
+    if _vector_arg(x, i) and _vector_arg(y, j) and _vector_arg(out, o):
+        return lambda x, i, y, j, n, stride, out, o: _dots_vector(x, i, y, j, n, stride, out, o)
+    return None
+
+
+@intrinsic
+def _axpys_vector(typingctx, w, wi, x, i, stride, y, j, n):
+    # for k < BLOCK, in order: y[j][:n] += w[wi][k] * (x[i] + k * stride)[:n] where w[wi][k] != 0
+    if not (_vector_arg(w, wi) and _vector_arg(x, i) and _vector_arg(y, j) and x.dtype == y.dtype
+            and w.dtype == x.dtype and isinstance(n, types.Integer) and isinstance(stride, types.Integer)):
+        return None
+    dt = x.dtype
+    sig = types.none(w, wi, x, i, stride, y, j, n)
+    L = LANES[dt]
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        intp = context.get_value_type(types.intp)
+        ft = context.get_value_type(dt)
+        vt = ir.VectorType(ft, L)
+        tys = signature.args
+        pw = _pointer(context, builder, tys[0], args[0], args[1], tys[1])
+        px = _pointer(context, builder, tys[2], args[2], args[3], tys[3])
+        py = _pointer(context, builder, tys[5], args[5], args[6], tys[6])
+        count = context.cast(builder, args[7], tys[7], types.intp)
+        whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
+        step = context.cast(builder, args[4], tys[4], types.intp)
+        rows = [builder.gep(px, [builder.mul(step, ir.Constant(intp, k))]) for k in range(BLOCK)]
+        weights = [builder.load(builder.gep(pw, [ir.Constant(intp, k)])) for k in range(BLOCK)]
+        used = [builder.fcmp_unordered("!=", wk, ir.Constant(ft, 0)) for wk in weights]   # wk != 0
+        spread = []
+        for wk in weights:                                 # each weight in every lane
+            v = builder.insert_element(ir.Constant(vt, None), wk, ir.Constant(i32, 0))
+            spread.append(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, L), [0] * L)))
+        with _steps(builder, ir.Constant(intp, 0), whole, L) as (e, _):
+            yp = builder.bitcast(builder.gep(py, [e]), vt.as_pointer())
+            yv = builder.load(yp, align=1)
+            for k in range(BLOCK):
+                xv = builder.load(builder.bitcast(builder.gep(rows[k], [e]), vt.as_pointer()), align=1)
+                yv = builder.select(used[k], builder.fadd(yv, builder.fmul(spread[k], xv)), yv)
+            builder.store(yv, yp, align=1)
+        with _steps(builder, whole, count, 1) as (e, _):      # the values past the whole blocks
+            yp = builder.gep(py, [e])
+            ys = builder.load(yp)
+            for k in range(BLOCK):
+                xs = builder.load(builder.gep(rows[k], [e]))
+                ys = builder.select(used[k], builder.fadd(ys, builder.fmul(weights[k], xs)), ys)
+            builder.store(ys, yp)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def axpys(w, wi, x, i, stride, y, j, n):
+    """For ``k < BLOCK`` in order, where ``wk = w[wi + (k,)]`` is not 0: ``y[j + (m,)] += wk *
+    x[i + (k * stride + m,)]`` for ``m < n`` (flat offsets as :func:`dots`'): BLOCK calls of
+    :func:`axpy`, skipping zero weights, with the same bits (C-contiguous arrays of one float
+    dtype; within the arrays: unchecked)."""
+
+
+@overload(axpys)
+def _axpys_impl(w, wi, x, i, stride, y, j, n):
+    if _vector_arg(w, wi) and _vector_arg(x, i) and _vector_arg(y, j):
+        return lambda w, wi, x, i, stride, y, j, n: _axpys_vector(w, wi, x, i, stride, y, j, n)
+    return None
 
 
 @intrinsic
