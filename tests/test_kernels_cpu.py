@@ -500,6 +500,42 @@ def test_governor_follows_the_faster_thread_count():
     speed[1], speed[2] = 3.0, 0.5                 # the count in use slows down 3x: the next
     assert run(6)[-2:] == [2, 2]                  # comparison comes after three calls, not 256
     assert g.threads("other", 1, 1) == 1          # one thread allowed: nothing to choose
+    assert not g.probing("k", 2) and g.probing("k", 1) and not g.probing("never called", 2)
+
+
+def test_greedy_comparisons_run_one_step(monkeypatch):
+    # a greedy call that the governor runs on the other thread count (a comparison) commits one
+    # step, not ``steps``: a slow count costs one token's time, not eight
+    import numba
+
+    from refopt.config import OPTConfig
+    from refopt.kernels.cpu import _threads, decode
+    from refopt.model import init_params, new_cache
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one Numba thread: nothing to compare")
+    seen = []
+
+    class Recording(_threads.Governor):
+        def threads(self, key, most, start):
+            n = super().threads(key, most, start)
+            seen.append(self.probing(key, n))
+            return n
+
+    monkeypatch.setattr(decode, "governor", Recording())
+    cfg = OPTConfig(vocabulary_size=40, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+                    max_sequence_length=24)
+    params = init_params(cfg, seed=0, std=0.5)
+    seq = np.ones((1, 24), np.int64)
+    prompt = np.arange(24)[None, :] < 2
+    committed = []
+    for _ in range(40):                              # comparisons come now and then among these
+        cache = new_cache(cfg, 1, 24, np.float32)
+        index, _ = decode.decode_greedy(params, cfg, seq.copy(), prompt, ~prompt, None, np.zeros(1, bool),
+                                        cache, 2, steps=8)
+        committed.append((seen[-1], index - 2))
+    assert any(p for p, _ in committed) and all(c <= 1 for p, c in committed if p)
+    assert max(c for p, c in committed if not p) == 8
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])

@@ -158,6 +158,11 @@ class Governor:
             st["interval"] = min(2 * st["interval"], self.LAST)
         st["wait"] = st["interval"]
 
+    def probing(self, key, threads: int) -> bool:
+        """Whether a call of ``key`` on ``threads`` is a comparison (not on the count in use)."""
+        st = self._state.get(key)
+        return st is not None and threads != st["use"]
+
     @staticmethod
     def _other(st) -> int:
         return 1 if st["use"] > 1 else st["most"]

@@ -841,9 +841,14 @@ def decode_greedy(params, cfg, seq, prompt_mask, generated, stop, finished, cach
         return None
     B, T = seq.shape
     if threads is None:                  # timed per token: the steps committed, and an uncertain one
-        return _governed(plan, (id(plan), B, "greedy"), lambda n: decode_greedy(
-            params, cfg, seq, prompt_mask, generated, stop, finished, cache, index, temperature, steps,
-            n, min_bytes), units=lambda got: got[0] - index + (got[1] is not None) if got[0] > index else 0)
+        # A comparison on the other thread count runs ONE step: eight steps on one thread, the
+        # first comparison of a 125m int8 generation, cost it 36-57 ms (of 450-500 ms for 64 tokens;
+        # session 19, /tmp script: 5.5-6.5 ms a step on two threads, 12.0-13.2 on one)
+        key = (id(plan), B, "greedy")
+        return _governed(plan, key, lambda n: decode_greedy(
+            params, cfg, seq, prompt_mask, generated, stop, finished, cache, index, temperature,
+            1 if governor.probing(key, n) else steps, n, min_bytes),
+            units=lambda got: got[0] - index + (got[1] is not None) if got[0] > index else 0)
     if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
         threads = 1
     steps = max(1, min(int(steps), T - index))
