@@ -176,10 +176,10 @@ def prepare(model):
     cfg = model.backbone.config
 
     def exercise():
-        # small calls of the types a generation makes: a one-token step (the compiled decode
-        # step), prompts of 2 and 9 tokens (per-op kernels; attention on BLAS from 8 queries), and
-        # the samplers' selection steps
-        for length in (1, 2, 9):
+        # small calls of the types a generation makes: a one-token step and a prompt of 2 tokens
+        # (the compiled decode step), a prompt of 17 (more rows than the step takes: per-op
+        # kernels, attention on BLAS), and the samplers' selection steps
+        for length in (1, 2, 17):
             length = min(length, cfg.max_sequence_length)
             model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
         p = np.full((1, 4), 0.25)

@@ -155,7 +155,8 @@ def test_lanes_blocks(dtype, n, heads, t0, special, seed):
 def test_decode_attention_heads(dtype, B, H, K, index, groups, seed):
     # the decode step's attention (one new query per row against the cache, heads walked in
     # groups, four at a time, keys in memory order) against the reference attention, with key
-    # padding; the random configurations of test_decode_step have at most 3 heads
+    # padding, the query at the last key or (a prompt's token) before it, and its row of qkv
+    # apart from its cache row; the random configurations of test_decode_step have at most 3 heads
     from refopt.kernels.cpu.decode import _attend_heads
 
     rng = np.random.default_rng(seed)
@@ -167,13 +168,18 @@ def test_decode_attention_heads(dtype, B, H, K, index, groups, seed):
     probs = np.full((B * H, T), np.nan, dtype)
     ctx = np.full((B, H * K), np.nan, dtype)
     G = min(groups, H)
+    at = index if rng.random() < 0.5 else int(rng.integers(0, index + 1))   # the query's own index
+    rows = rng.permutation(B)                            # cache row b's query at qkv row rows[b]
     for b in range(B):
         for g in range(G):
-            _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, g * H // G, (g + 1) * H // G)
+            _attend_heads(qkv, cache, layer, index, at, key_mask, probs, ctx, rows[b], b, g * H // G,
+                          (g + 1) * H // G)
+    qkv, ctx = qkv[rows], ctx[rows]
+    probs = probs.reshape(B, H, T)[rows].reshape(B * H, T)
     q = qkv[:, :H * K].reshape(B, H, 1, K)
     k = cache[:, layer, 0, :index + 1].transpose(0, 2, 1, 3)
     v = cache[:, layer, 1, :index + 1].transpose(0, 2, 1, 3)
-    mask = ref.attention_mask(key_mask[:, :index + 1], np.array([index]))
+    mask = ref.attention_mask(key_mask[:, :index + 1], np.array([at]))
     want, want_probs = ref.attention_forward(q, k, v, mask)
     close(ctx, want.reshape(B, H * K), dtype, "ctx")
     close(probs[:, :index + 1], want_probs.reshape(B * H, index + 1), dtype, "probs")
@@ -307,12 +313,14 @@ def test_choose_rejects_bad_weights():
 # ---------------------------------------------------------------------------------- decode step
 @settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))
 @given(cfg=random_config(max_len=12), dtype=DTYPES, kind=st.sampled_from([None, "bfloat16", "float16", "int8"]),
-       B=st.integers(1, 6), extra=st.integers(0, 6), padded=st.booleans(), threads=st.sampled_from([1, 2]),
-       logits=st.booleans(), seed=st.integers(0, 2**16))
-def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, logits, seed):
+       B=st.integers(1, 6), S=st.sampled_from([1, 1, 2, 3, 5]), extra=st.integers(0, 6), padded=st.booleans(),
+       threads=st.sampled_from([1, 2]), logits=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_step(cfg, dtype, kind, B, S, extra, padded, threads, logits, seed):
     # the compiled step (every layer, final norm, LM head) against the reference forward + head
-    # with the KV cache (logits=False: the hidden states alone); B up to 6 takes the blocks of four
-    # rows and the remainder; min_bytes 0 sends every stage to the threads when threads == 2
+    # with the KV cache (logits=False: the hidden states alone), for one token per row (a decode
+    # step) or S tokens (a prompt's prefill: each attends to the keys up to its own, written by
+    # the same call); B up to 6 takes the blocks of four rows and the remainder; min_bytes 0
+    # sends every stage to the threads when threads == 2
     from dataclasses import replace
 
     from refopt.kernels.cpu.decode import decode_step
@@ -330,14 +338,15 @@ def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, logits, seed):
     params = init_params(cfg, seed=seed, std=0.5)
     if kind:
         params = quantize_params(params, kind)
-    index = min(extra, cfg.max_sequence_length - 1)
-    mask = np.ones((B, index + 1), bool)
+    S = min(S, 16 // B)                               # rows the step takes (STEP_ROWS)
+    index = min(extra, cfg.max_sequence_length - S)
+    mask = np.ones((B, index + S), bool)
     if padded:                                        # left padding: rows start later
         for b in range(B):
-            mask[b, :rng.integers(0, index + 1)] = False
-    T = index + 1 + int(rng.integers(0, 3))
+            mask[b, :rng.integers(0, index + S)] = False
+    T = index + S + int(rng.integers(0, 3))
     cache = arrays(rng, (B, cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim), dtype)
-    ids = rng.integers(0, cfg.vocabulary_size, (B, 1))
+    ids = rng.integers(0, cfg.vocabulary_size, (B, S))
     want_cache = cache.copy()
     want_hidden = forward(params, cfg, ids, mask, cache=want_cache, cache_index=index, ops=ref)
     got, hidden = decode_step(params, cfg, ids, mask, cache, index, threads=threads, min_bytes=0,
@@ -348,6 +357,32 @@ def test_decode_step(cfg, dtype, kind, B, extra, padded, threads, logits, seed):
         assert got is None
     close(hidden, want_hidden, dtype, "hidden")
     close(cache, want_cache, dtype, "cache")
+
+
+def test_decode_step_declines_what_it_cannot_take():
+    # None (the caller's per-op path then runs, and names the error) for a cache of another batch
+    # or too short for the tokens, a padding mask short of them, or a prompt of more rows than
+    # STEP_ROWS; the compiled step never writes past the cache
+    from refopt.config import OPTConfig
+    from refopt.kernels.cpu.decode import STEP_ROWS, decode_step
+    from refopt.model import init_params, new_cache
+
+    cfg = OPTConfig(vocabulary_size=11, num_layers=1, num_heads=2, hidden_dim=4, intermediate_dim=8,
+                    max_sequence_length=40, dtype="float32")
+    params = init_params(cfg, seed=0)
+    ids = np.ones((2, 3), np.int64)
+    mask = np.ones((2, 8), bool)
+    assert decode_step(params, cfg, ids, mask, new_cache(cfg, 2, 8, np.float32), 5, threads=1) is not None
+    for cache, index, m in ((new_cache(cfg, 2, 7, np.float32), 5, mask),      # 5 + 3 > 7
+                            (new_cache(cfg, 3, 8, np.float32), 5, mask),      # three rows
+                            (new_cache(cfg, 2, 8, np.float32), -1, mask),
+                            (new_cache(cfg, 2, 8, np.float32), 5, mask[:, :7])):
+        before = cache.copy()
+        assert decode_step(params, cfg, ids, m, cache, index, threads=1) is None
+        assert np.array_equal(cache, before)
+    long = np.ones((2, STEP_ROWS // 2 + 1), np.int64)
+    assert decode_step(params, cfg, long, np.ones((2, 40), bool), new_cache(cfg, 2, 40, np.float32), 0,
+                       threads=1) is None
 
 
 @settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))

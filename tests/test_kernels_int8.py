@@ -133,10 +133,11 @@ def test_int32_blocks_do_not_overflow():
 
 
 @settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 8)), deadline=None)
-@given(cfg=random_config(max_len=12), B=st.integers(1, 6), extra=st.integers(0, 6), threads=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2**16))
-def test_decode_step(cfg, B, extra, threads, seed):
-    # the compiled step against the reference forward with the same int8 numerics.  The two paths'
+@given(cfg=random_config(max_len=12), B=st.integers(1, 6), S=st.sampled_from([1, 1, 3]), extra=st.integers(0, 6),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_decode_step(cfg, B, S, extra, threads, seed):
+    # the compiled step (one token per row, or S: a prompt's) against the reference forward with
+    # the same int8 numerics.  The two paths'
     # float32 activations differ by rounding (~1e-7 relative) and an activation sitting on a
     # rounding boundary of its row's int8 grid may round the other way: the logits agree to
     # within a few steps of that grid, checked against the int8-activation error itself
@@ -150,11 +151,12 @@ def test_decode_step(cfg, B, extra, threads, seed):
     params = init_params(cfg, seed=seed, std=0.5)
     exact = quantize_params(params, "int8")
     params = set_activations(exact, "int8")
-    index = min(extra, cfg.max_sequence_length - 1)
-    mask = np.ones((B, index + 1), bool)
-    T = index + 1
+    S = min(S, 16 // B)                                       # rows the step takes (STEP_ROWS)
+    index = min(extra, cfg.max_sequence_length - S)
+    mask = np.ones((B, index + S), bool)
+    T = index + S
     cache = arrays(rng, (B, cfg.num_layers, 2, T, cfg.num_heads, cfg.head_dim), np.float32)
-    ids = rng.integers(0, cfg.vocabulary_size, (B, 1))
+    ids = rng.integers(0, cfg.vocabulary_size, (B, S))
     want = logits_forward(params, cfg, ids, mask, cache=cache.copy(), cache_index=index, ops=ref)
     floats = logits_forward(exact, cfg, ids, mask, cache=cache.copy(), cache_index=index, ops=ref)
     logits, _ = decode_step(params, cfg, ids, mask, cache, index, threads=threads, min_bytes=0)

@@ -64,12 +64,13 @@ class OPTCausalLM(CausalLM):
         if padding_mask is None:
             padding_mask = np.ones((token_ids.shape[0], end), bool)
         ops = self.backbone.ops
-        # a backend's compiled one-token step: the base weights in float32, so not with adapters
-        # (a half-precision policy's ops have none: refopt.dtype_policies)
+        # a backend's compiled step (one token per row, or a short prompt's tokens; None where it
+        # does not take the call): the base weights in float32, so not with adapters (a
+        # half-precision policy's ops have none: refopt.dtype_policies)
         step = None if self.backbone.lora_enabled else getattr(ops, "decode_step", None)
-        if step is not None and cache is not None and token_ids.shape[1] == 1 and logits:
+        if step is not None and cache is not None:
             out = step(self.backbone.params, self.backbone.config, token_ids, padding_mask, cache,
-                       cache_update_index)
+                       cache_update_index, logits=logits)
             if out is not None:
                 return out[0], out[1], cache
         hidden = _model.forward(self.backbone.params, self.backbone.config, token_ids, padding_mask,

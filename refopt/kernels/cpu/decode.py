@@ -1,6 +1,6 @@
 """One decode step of OPT compiled whole: every decoder layer, the final norm and the tied LM head
 for one new token per row, in ONE compiled call and at most one parallel region (the Numba
-backend's ``decode_step``).
+backend's ``decode_step``; a short prompt's prefill runs through it too, its tokens as rows).
 
 Why a fused step: a decode step multiplies a few rows by every weight once.  Run op by op it is
 about 25 Python-level calls per layer and a parallel region per product; the Python costs as much
@@ -119,10 +119,12 @@ AHEAD_BYTES = 16384     # how far ahead of its reads the decode attention prefet
 
 
 @njit(fastmath=False, cache=True)
-def _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, h0, h1):
-    # heads h0..h1 of batch row b: each head's query (qkv[b, :D], heads side by side) against keys
-    # 0..index of the layer's cache -> ctx[b, h0 * K:h1 * K]; masked keys score the dtype's lowest
-    # finite number (a fully masked row is uniform and finite, as the reference).
+def _attend_heads(qkv, cache, layer, index, causal, key_mask, probs, ctx, r, b, h0, h1):
+    # heads h0..h1 of step row r: each head's query (qkv[r, :D], heads side by side) against keys
+    # 0..index of the layer's cache row b -> ctx[r, h0 * K:h1 * K]; the keys past ``causal`` and
+    # those key_mask[b] masks score the dtype's lowest finite number (a fully masked row is uniform
+    # over keys 0..index and finite, as the reference's).  A decode step's rows are its batch rows
+    # (r == b, causal == index); a prompt's, its tokens (causal: the token's own index).
     #
     # The keys and values are walked in memory order: the cache holds a key's heads side by side
     # ([t, h, d]), so key t of heads h0..h1 is one run of (h1 - h0) * K values, and the runs of
@@ -157,16 +159,16 @@ def _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, h0, h1):
             prefetch(cache, (b, layer, 0, t, h0, 0), (h1 - h0) * K)
         if t0 + BLOCK <= index + 1:
             for h in range(h0, h1):
-                dots(qkv, (b, h * K), cache, (b, layer, 0, t0, h, 0), K, H * K, probs, (b * H + h, t0))
+                dots(qkv, (r, h * K), cache, (b, layer, 0, t0, h, 0), K, H * K, probs, (r * H + h, t0))
         else:
             for t in range(t0, index + 1):
                 for h in range(h0, h1):
-                    probs[b * H + h, t] = dot(qkv, (b, h * K), cache, (b, layer, 0, t, h, 0), K)
+                    probs[r * H + h, t] = dot(qkv, (r, h * K), cache, (b, layer, 0, t, h, 0), K)
     for h in range(h0, h1):                            # softmax
-        p = probs[b * H + h]
+        p = probs[r * H + h]
         top = lowest
         for t in range(index + 1):
-            if not key_mask[b, t]:
+            if t > causal or not key_mask[b, t]:
                 p[t] = lowest
             top = max(top, p[t])
         total = zero
@@ -176,19 +178,28 @@ def _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, b, h0, h1):
         for t in range(index + 1):
             p[t] = p[t] / total
         for d in range(K):
-            ctx[b, h * K + d] = 0
+            ctx[r, h * K + d] = 0
     for t0 in range(0, index + 1, BLOCK):             # the values, BLOCK keys at a time
         for t in range(t0 + AHEAD, min(t0 + BLOCK + AHEAD, index + 1)):
             prefetch(cache, (b, layer, 1, t, h0, 0), (h1 - h0) * K)
         if t0 + BLOCK <= index + 1:
             for h in range(h0, h1):
-                axpys(probs, (b * H + h, t0), cache, (b, layer, 1, t0, h, 0), H * K, ctx, (b, h * K), K)
+                axpys(probs, (r * H + h, t0), cache, (b, layer, 1, t0, h, 0), H * K, ctx, (r, h * K), K)
         else:
             for t in range(t0, index + 1):
                 for h in range(h0, h1):
-                    wt = probs[b * H + h, t]
+                    wt = probs[r * H + h, t]
                     if wt != 0:
-                        axpy(wt, cache, (b, layer, 1, t, h, 0), ctx, (b, h * K), K)
+                        axpy(wt, cache, (b, layer, 1, t, h, 0), ctx, (r, h * K), K)
+
+
+@njit(cache=True)
+def _any(key_mask, b, last):
+    # whether key_mask[b, :last + 1] allows a key
+    for t in range(last + 1):
+        if key_mask[b, t]:
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- the step
@@ -336,10 +347,13 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
                      key_mask, pre_ln, eps, alpha, qkv, ctx, h, probs, hidden, logits, xt, xn_all,
                      xq_all, sx_all, rawf_all, rawi_all, sync, s):
     """Thread ``tid``'s share of one decode step (every layer, then the head) from stage ``s``,
-    ``x [B, D]`` updated in place; returns the next stage.  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
+    ``x [B, D]`` updated in place; returns the next stage.  Row r of ``x`` is token r % S of
+    cache row r // S, at cache index ``index + r % S`` (S = 1: a decode step's batch rows, S > 1:
+    a prompt's tokens, whose keys and values are all written before any row attends).
+    ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
     vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
     and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out,
-    chunk bytes), V = 0 for no logits.  Shared scratch: qkv
+    chunk bytes, S), V = 0 for no logits.  Shared scratch: qkv
     [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
     ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
     rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
@@ -348,7 +362,7 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
     F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
-    chunk = dims[5]
+    chunk, S = dims[5], dims[6]
     one = x.dtype.type(1)
     STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
     xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
@@ -371,9 +385,9 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
                     _range(inp, xq, sx, w, sc, bias, qkv, part * D, STORE, alpha if part == 0 else one,
                            o0, o1, rawf, rawi)
                     if part > 0:
-                        for b in range(B):
+                        for r in range(B):             # row r: cache row r // S, index + r % S
                             for o in range(o0, o1):
-                                cache[b, layer, part - 1, index, o // K, o % K] = qkv[b, part * D + o]
+                                cache[r // S, layer, part - 1, index + r % S, o // K, o % K] = qkv[r, part * D + o]
             k += 1
             c = claim(sync, s, n, tid, parts)
         done(sync, s, parts, k)
@@ -385,8 +399,11 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
         k = 0
         c = claim(sync, s, n, tid, parts)
         while c >= 0:
-            g = c % G
-            _attend_heads(qkv, cache, layer, index, key_mask, probs, ctx, c // G, g * H // G,
+            g, r = c % G, c // G
+            at, last = index + r % S, index + r % S     # row r's own index; the last key it reads
+            if S > 1 and not _any(key_mask, r // S, at):
+                last = index + S - 1                     # no key allowed: uniform over them all
+            _attend_heads(qkv, cache, layer, last, at, key_mask, probs, ctx, r, r // S, g * H // G,
                           (g + 1) * H // G)
             k += 1
             c = claim(sync, s, n, tid, parts)
@@ -696,7 +713,7 @@ class _Plan:
             *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
         self.E, self.V = table.shape[1], table.shape[0]
         self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
-                              has_out, CHUNK_BYTES], np.int64)
+                              has_out, CHUNK_BYTES, 1], np.int64)
         self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
         seen = {}
@@ -775,42 +792,59 @@ def _stages(cfg):
     return cfg.num_layers * (5 if cfg.do_layer_norm_before else 7) + 2
 
 
+STEP_ROWS = 16          # rows (batch rows times tokens) above which a prompt goes op by op
+
+
 def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None,
                 min_bytes=PARALLEL_BYTES, logits=True):
-    """Logits ``[B, 1, V]`` and hidden states ``[B, 1, E]`` of one token per row (``token_ids [B,
-    1]`` at cache index ``index``; ``padding_mask [B, >= index + 1]``), with the KV cache updated in
-    place: :func:`refopt.model.logits_forward` for that call, compiled (``logits=False``: the
-    hidden states only, None in the logits' place -- no LM head).  ``threads``: the count
-    to run on (default: the :class:`._threads.Governor`'s choice, at most Numba's current count);
-    the step runs on them (one parallel region) when its weight bytes times max(1, rows // 2)
-    reach ``min_bytes``, else on the calling thread.
-    None when this model cannot take the compiled step (weights of mixed storage kinds)."""
+    """Logits ``[B, S, V]`` and hidden states ``[B, S, E]`` of ``token_ids [B, S]`` at cache
+    indices ``index .. index + S`` (``padding_mask [B, >= index + S]``), with the KV cache updated
+    in place: :func:`refopt.model.logits_forward` for that call, compiled (``logits=False``: the
+    hidden states only, None in the logits' place -- no LM head).  One token per row is a decode
+    step; several are a prompt (its prefill), its B * S rows through the same stages as one
+    step's rows, each token attending to the keys up to its own (the causal mask).
+    ``threads``: the count to run on (default: the :class:`._threads.Governor`'s choice, at most
+    Numba's current count); the step runs on them (one parallel region) when its weight bytes
+    times max(1, rows // 2) reach ``min_bytes``, else on the calling thread.
+    None when this model cannot take the compiled step (weights of mixed storage kinds), or for a
+    prompt of more than STEP_ROWS rows (compute-bound: the per-op path, BLAS for float32 weights).
+
+    Measured (session 20, AMD EPYC Zen 3 (AVX2), two threads, a 125m int8 model): the prefill of
+    an 8-token prompt, op by op (72 products, six per layer, each its own call; q/k/v and the
+    output projection on one thread, below the size that a parallel region pays for) 29.5-47.7 ms,
+    eight rows through the compiled step 14.6-18.4 ms (``/tmp`` script, four alternations); a
+    whole 64-token greedy generate after that prompt, the two prefills alternated in one process
+    (median of the rounds' ratios): int8 1.085x (20 rounds, 128.5 -> 137.8 tok/s, faster in 16),
+    bfloat16 1.071x (12 rounds), float32 1.029x (12), int8 at batch 2 (16 rows) 1.059x (10)."""
     plan = _plan_for(params, cfg)
-    if not plan.ok:
+    B, S = token_ids.shape
+    if not plan.ok or (S > 1 and B * S > STEP_ROWS):
         return None
+    if (cache.shape[:3] != (B, cfg.num_layers, 2) or not 0 <= index <= cache.shape[3] - S
+            or np.shape(padding_mask)[1] < index + S):
+        return None                    # the reference path names what does not fit
     if threads is None:
-        return _governed(plan, (id(plan), token_ids.shape[0], logits), lambda n: decode_step(
+        return _governed(plan, (id(plan), B, S, logits), lambda n: decode_step(
             params, cfg, token_ids, padding_mask, cache, index, n, min_bytes, logits))
-    B = token_ids.shape[0]
-    if threads > 1 and plan.nbytes * max(1, B // 2) < min_bytes:
+    M = B * S                                                               # the step's rows
+    if threads > 1 and plan.nbytes * max(1, M // 2) < min_bytes:
         threads = 1
     dtype = plan.dtype
-    key_mask = np.ascontiguousarray(np.asarray(padding_mask)[:, :index + 1], dtype=np.bool_)
-    position = np.maximum(key_mask.sum(axis=1) - 1, 0)                      # [B]
-    tokens = np.asarray(token_ids).reshape(B)
-    x = np.asarray(params["embed_tokens"][tokens], dtype)                   # [B, E]
+    key_mask = np.ascontiguousarray(np.asarray(padding_mask)[:, :index + S], dtype=np.bool_)
+    # positions: the real tokens counted, padding at 0 (refopt.model.positions_from_mask)
+    position = np.maximum(np.cumsum(key_mask, axis=1, dtype=np.int64) - 1, 0)[:, index:].reshape(M)
+    tokens = np.asarray(token_ids).reshape(M)
+    x = np.asarray(params["embed_tokens"][tokens], dtype)                   # [M, E]
     if cfg.has_projection:
-        x = x @ np.asarray(params["project_in.weight"], dtype).T            # [B, D]
+        x = x @ np.asarray(params["project_in.weight"], dtype).T            # [M, D]
     x = np.ascontiguousarray(x + params["embed_positions"][position], dtype=dtype)
     E, V = plan.E, plan.V if logits else 0
-    dims = plan.dims
-    if not logits:                                  # a head of no rows: the final norm only
-        dims = dims.copy()
-        dims[2] = 0
-    hidden = np.empty((B, E), dtype)
-    out = np.empty((B, V), dtype)
-    _run(plan, cfg, B, threads, x, cache, index, key_mask, dims, hidden, out, _stages(cfg))
-    return (out[:, None] if logits else None), hidden[:, None]
+    dims = plan.dims.copy()
+    dims[2], dims[6] = V, S                          # V = 0: a head of no rows, the final norm only
+    hidden = np.empty((M, E), dtype)
+    out = np.empty((M, V), dtype)
+    _run(plan, cfg, M, threads, x, cache, index, key_mask, dims, hidden, out, _stages(cfg))
+    return (out.reshape(B, S, V) if logits else None), hidden.reshape(B, S, E)
 
 
 GREEDY_STEPS = 8        # greedy steps one call of decode_greedy runs at most
