@@ -40,12 +40,23 @@ def _operands(context, builder, signature, args, first, L):
     # pointers to x[i] and y[j] (the arguments x, i, y, j, n from position ``first``), the count n
     # and where its whole blocks of L lanes end
     tys = signature.args
-    intp = context.get_value_type(types.intp)
     px = _pointer(context, builder, tys[first], args[first], args[first + 1], tys[first + 1])
     py = _pointer(context, builder, tys[first + 2], args[first + 2], args[first + 3], tys[first + 3])
     count = context.cast(builder, args[first + 4], tys[first + 4], types.intp)
-    whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
-    return px, py, count, whole
+    return px, py, count, _whole(builder, count, L)
+
+
+def _whole(builder, count, L):
+    # where the whole blocks of L lanes of ``count`` (intp) values end
+    lanes = ir.Constant(count.type, L)
+    return builder.mul(builder.sdiv(count, lanes), lanes)
+
+
+def _block(context, builder, p, stride, ty):
+    # the BLOCK pointers p, p + stride, .., p + (BLOCK - 1) * stride (stride: an argument of type ty)
+    intp = context.get_value_type(types.intp)
+    step = context.cast(builder, stride, ty, types.intp)
+    return [builder.gep(p, [builder.mul(step, ir.Constant(intp, k))]) for k in range(BLOCK)]
 
 
 def _steps(builder, start, stop, step):
@@ -228,8 +239,7 @@ def _dots_vector(typingctx, x, i, y, j, n, stride, out, o):
         intp = context.get_value_type(types.intp)
         vt = ir.VectorType(context.get_value_type(dt), L)
         px, py, count, whole = _operands(context, builder, signature, args, 0, L)
-        step = context.cast(builder, args[5], signature.args[5], types.intp)
-        keys = [builder.gep(py, [builder.mul(step, ir.Constant(intp, k))]) for k in range(BLOCK)]
+        keys = _block(context, builder, py, args[5], signature.args[5])
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(BLOCK)]
         with _steps(builder, ir.Constant(intp, 0), whole, L) as (e, _):
             xv = builder.load(builder.bitcast(builder.gep(px, [e]), vt.as_pointer()), align=1)
@@ -285,9 +295,8 @@ def _axpys_vector(typingctx, w, wi, x, i, stride, y, j, n):
         px = _pointer(context, builder, tys[2], args[2], args[3], tys[3])
         py = _pointer(context, builder, tys[5], args[5], args[6], tys[6])
         count = context.cast(builder, args[7], tys[7], types.intp)
-        whole = builder.mul(builder.sdiv(count, ir.Constant(intp, L)), ir.Constant(intp, L))
-        step = context.cast(builder, args[4], tys[4], types.intp)
-        rows = [builder.gep(px, [builder.mul(step, ir.Constant(intp, k))]) for k in range(BLOCK)]
+        whole = _whole(builder, count, L)
+        rows = _block(context, builder, px, args[4], tys[4])
         weights = [builder.load(builder.gep(pw, [ir.Constant(intp, k)])) for k in range(BLOCK)]
         used = [builder.fcmp_unordered("!=", wk, ir.Constant(ft, 0)) for wk in weights]   # wk != 0
         spread = []
