@@ -177,11 +177,18 @@ def prepare(model):
 
     def exercise():
         # small calls of the types a generation makes: a one-token step and a prompt of 2 tokens
-        # (the compiled decode step), a prompt of 17 (more rows than the step takes: per-op
-        # kernels, attention on BLAS), and the samplers' selection steps
-        for length in (1, 2, 17):
-            length = min(length, cfg.max_sequence_length)
+        # (the compiled decode step), a prompt of 9 op by op as one longer than the step takes
+        # goes (refopt.model.forward: per-op kernels, attention on BLAS from 8 queries, the LM
+        # head), and the samplers' selection steps
+        from refopt import model as _model
+
+        for length in (1, min(2, cfg.max_sequence_length)):
             model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
+        length = min(9, cfg.max_sequence_length)
+        params = model.backbone.params
+        hidden = _model.forward(params, cfg, np.zeros((1, length), np.int64), np.ones((1, length), bool),
+                                cache=model.new_cache(1, length), cache_index=0, ops=ops)
+        ops.lm_head_forward(hidden, params["embed_tokens"])
         p = np.full((1, 4), 0.25)
         ops.choose(p, ops.uniform(np.zeros(1, np.uint64), 0))
         ops.top_k_mask(p, 2)

@@ -15,8 +15,10 @@ uniforms of a row are a function of its seed and the position only -- not of its
 batch, nor of the other rows -- so a row's tokens are a function of its prompt and its seed
 wherever its probabilities are the same.  The model computes a row's probabilities from that row
 alone; other rows change them only by rounding (whether a prompt token goes through the prefill or
-the one-token decode depends on the batch's shortest prompt, and batches of more than 16 rows use
-BLAS products), and a rounding difference changes a draw only when the uniform lies within it of
+the one-token decode depends on the batch's shortest prompt, and the prefill's path on the batch's
+size: on the Numba backend the compiled step up to 32 rows of batch times prompt (256 for int8,
+bfloat16 and float16 weights), op by op beyond, float32 products of more than 16 rows on BLAS),
+and a rounding difference changes a draw only when the uniform lies within it of
 a boundary ``c[i]`` of the selection rule below.
 
 Philox-4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC'11;

@@ -338,7 +338,7 @@ def test_decode_step(cfg, dtype, kind, B, S, extra, padded, threads, logits, see
     params = init_params(cfg, seed=seed, std=0.5)
     if kind:
         params = quantize_params(params, kind)
-    S = min(S, 16 // B)                               # rows the step takes (STEP_ROWS)
+    S = min(S, 32 // B)                               # rows the step takes (STEP_ROWS)
     index = min(extra, cfg.max_sequence_length - S)
     mask = np.ones((B, index + S), bool)
     if padded:                                        # left padding: rows start later
@@ -362,10 +362,12 @@ def test_decode_step(cfg, dtype, kind, B, S, extra, padded, threads, logits, see
 def test_decode_step_declines_what_it_cannot_take():
     # None (the caller's per-op path then runs, and names the error) for a cache of another batch
     # or too short for the tokens, a padding mask short of them, or a prompt of more rows than
-    # STEP_ROWS; the compiled step never writes past the cache
+    # STEP_ROWS (float weights) / STORED_STEP_ROWS (int8 and half weights); the compiled step never
+    # writes past the cache
     from refopt.config import OPTConfig
-    from refopt.kernels.cpu.decode import STEP_ROWS, decode_step
+    from refopt.kernels.cpu.decode import STEP_ROWS, STORED_STEP_ROWS, decode_step
     from refopt.model import init_params, new_cache
+    from refopt.quant import quantize_params
 
     cfg = OPTConfig(vocabulary_size=11, num_layers=1, num_heads=2, hidden_dim=4, intermediate_dim=8,
                     max_sequence_length=40, dtype="float32")
@@ -380,9 +382,14 @@ def test_decode_step_declines_what_it_cannot_take():
         before = cache.copy()
         assert decode_step(params, cfg, ids, m, cache, index, threads=1) is None
         assert np.array_equal(cache, before)
-    long = np.ones((2, STEP_ROWS // 2 + 1), np.int64)
-    assert decode_step(params, cfg, long, np.ones((2, 40), bool), new_cache(cfg, 2, 40, np.float32), 0,
-                       threads=1) is None
+    int8 = quantize_params(params, "int8")
+    for S, floats, stored in ((STEP_ROWS // 2, True, True), (STEP_ROWS // 2 + 1, False, True),
+                              (STORED_STEP_ROWS // 2 + 1, False, False)):
+        long, T = np.ones((2, S), np.int64), S + 1
+        for p, takes in ((params, floats), (int8, stored)):
+            got = decode_step(p, cfg, long, np.ones((2, T), bool), new_cache(cfg, 2, T, np.float32), 0,
+                              threads=1)
+            assert (got is not None) == takes, (S, p is int8)
 
 
 @settings(max_examples=int(os.environ.get("REFOPT_DECODE_EXAMPLES", 12)))

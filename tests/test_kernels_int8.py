@@ -151,7 +151,7 @@ def test_decode_step(cfg, B, S, extra, threads, seed):
     params = init_params(cfg, seed=seed, std=0.5)
     exact = quantize_params(params, "int8")
     params = set_activations(exact, "int8")
-    S = min(S, 16 // B)                                       # rows the step takes (STEP_ROWS)
+    S = min(S, 32 // B)                                       # within the rows the step takes
     index = min(extra, cfg.max_sequence_length - S)
     mask = np.ones((B, index + S), bool)
     T = index + S

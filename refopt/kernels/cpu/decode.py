@@ -792,7 +792,15 @@ def _stages(cfg):
     return cfg.num_layers * (5 if cfg.do_layer_norm_before else 7) + 2
 
 
-STEP_ROWS = 16          # rows (batch rows times tokens) above which a prompt goes op by op
+# Rows (batch rows times tokens) of a prompt that the compiled step takes; a longer one goes op by
+# op.  Float32/float64 weights: the per-op products of more than 16 rows run on BLAS, which wins
+# from ~64 rows; weights stored narrower never go to BLAS.  Measured (session 20, Zen 3, two
+# threads, 125m, batch 1, best of 3 per round, two rounds), the compiled step against op by op:
+# float32 16 / 32 / 64 / 128 tokens 37.9 / 70.7 / 130.5 / 266.8 ms against 58.6 / 94.1 / 132.3 /
+# 206.4; bfloat16 35.1 / 58.8 / 116.9 / 252.3 against 53.1 / 87.4 / 161.9 / 483.4; int8 32.1 /
+# 58.4 / 117.2 / 256.3 against 47.0 / 79.4 / 142.5 / 485.2, and 256 tokens 530.6 against 1,033.1.
+STEP_ROWS = 32
+STORED_STEP_ROWS = 256
 
 
 def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None,
@@ -807,7 +815,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     Numba's current count); the step runs on them (one parallel region) when its weight bytes
     times max(1, rows // 2) reach ``min_bytes``, else on the calling thread.
     None when this model cannot take the compiled step (weights of mixed storage kinds), or for a
-    prompt of more than STEP_ROWS rows (compute-bound: the per-op path, BLAS for float32 weights).
+    prompt of more rows than STEP_ROWS (float weights: the per-op path's products go to BLAS) or
+    STORED_STEP_ROWS (bfloat16, float16, int8 weights).
 
     Measured (session 20, AMD EPYC Zen 3 (AVX2), two threads, a 125m int8 model): the prefill of
     an 8-token prompt, op by op (72 products, six per layer, each its own call; q/k/v and the
@@ -818,7 +827,7 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     bfloat16 1.071x (12 rounds), float32 1.029x (12), int8 at batch 2 (16 rows) 1.059x (10)."""
     plan = _plan_for(params, cfg)
     B, S = token_ids.shape
-    if not plan.ok or (S > 1 and B * S > STEP_ROWS):
+    if not plan.ok or (S > 1 and B * S > (STEP_ROWS if plan.w_like.dtype.kind == "f" else STORED_STEP_ROWS)):
         return None
     if (cache.shape[:3] != (B, cfg.num_layers, 2) or not 0 <= index <= cache.shape[3] - S
             or np.shape(padding_mask)[1] < index + S):
