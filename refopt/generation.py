@@ -177,14 +177,16 @@ def prepare(model):
 
     def exercise():
         # small calls of the types a generation makes: a one-token step and a prompt of 2 tokens
-        # (the compiled decode step), a prompt of 9 op by op as one longer than the step takes
-        # goes (refopt.model.forward: per-op kernels, attention on BLAS from 8 queries, the LM
-        # head), and the samplers' selection steps
+        # (the compiled decode step), a prompt of 17 op by op as one longer than the step takes
+        # goes (refopt.model.forward: per-op kernels, attention on BLAS from 8 queries, float32
+        # products on BLAS from 17 rows -- 9 rows compiled a float32 product no generation then
+        # used, 20 s more of background compiling -- and the LM head), and the samplers'
+        # selection steps
         from refopt import model as _model
 
         for length in (1, min(2, cfg.max_sequence_length)):
             model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
-        length = min(9, cfg.max_sequence_length)
+        length = min(17, cfg.max_sequence_length)
         params = model.backbone.params
         hidden = _model.forward(params, cfg, np.zeros((1, length), np.int64), np.ones((1, length), bool),
                                 cache=model.new_cache(1, length), cache_index=0, ops=ops)
