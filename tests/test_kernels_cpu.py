@@ -360,8 +360,8 @@ def test_decode_step(cfg, dtype, kind, B, S, extra, padded, threads, logits, see
 
 
 def test_decode_step_declines_what_it_cannot_take():
-    # None (the caller's per-op path then runs, and names the error) for a cache of another batch
-    # or too short for the tokens, a padding mask short of them, or a prompt of more rows than
+    # None (the caller's per-op path then runs, and names the error) for no tokens, a cache of
+    # another batch or too short for the tokens, a padding mask short of them, or a prompt of more rows than
     # STEP_ROWS (float weights) / STORED_STEP_ROWS (int8 and half weights); the compiled step never
     # writes past the cache
     from refopt.config import OPTConfig
@@ -375,6 +375,7 @@ def test_decode_step_declines_what_it_cannot_take():
     ids = np.ones((2, 3), np.int64)
     mask = np.ones((2, 8), bool)
     assert decode_step(params, cfg, ids, mask, new_cache(cfg, 2, 8, np.float32), 5, threads=1) is not None
+    assert decode_step(params, cfg, ids[:, :0], mask, new_cache(cfg, 2, 8, np.float32), 5, threads=1) is None
     for cache, index, m in ((new_cache(cfg, 2, 7, np.float32), 5, mask),      # 5 + 3 > 7
                             (new_cache(cfg, 3, 8, np.float32), 5, mask),      # three rows
                             (new_cache(cfg, 2, 8, np.float32), -1, mask),

@@ -814,8 +814,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     ``threads``: the count to run on (default: the :class:`._threads.Governor`'s choice, at most
     Numba's current count); the step runs on them (one parallel region) when its weight bytes
     times max(1, rows // 2) reach ``min_bytes``, else on the calling thread.
-    None when this model cannot take the compiled step (weights of mixed storage kinds), or for a
-    prompt of more rows than STEP_ROWS (float weights: the per-op path's products go to BLAS) or
+    None when this model cannot take the compiled step (weights of mixed storage kinds), for no
+    tokens, or for a prompt of more rows than STEP_ROWS (float weights: the per-op path's products go to BLAS) or
     STORED_STEP_ROWS (bfloat16, float16, int8 weights).
 
     Measured (session 20, AMD EPYC Zen 3 (AVX2), two threads, a 125m int8 model): the prefill of
@@ -827,7 +827,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     bfloat16 1.071x (12 rounds), float32 1.029x (12), int8 at batch 2 (16 rows) 1.059x (10)."""
     plan = _plan_for(params, cfg)
     B, S = token_ids.shape
-    if not plan.ok or (S > 1 and B * S > (STEP_ROWS if plan.w_like.dtype.kind == "f" else STORED_STEP_ROWS)):
+    rows = STEP_ROWS if plan.w_like.dtype.kind == "f" else STORED_STEP_ROWS   # a prompt's at most
+    if not plan.ok or S < 1 or (S > 1 and B * S > rows):
         return None
     if (cache.shape[:3] != (B, cfg.num_layers, 2) or not 0 <= index <= cache.shape[3] - S
             or np.shape(padding_mask)[1] < index + S):
