@@ -193,15 +193,6 @@ def _attend_heads(qkv, cache, layer, index, causal, key_mask, probs, ctx, r, b, 
                         axpy(wt, cache, (b, layer, 1, t, h, 0), ctx, (r, h * K), K)
 
 
-@njit(cache=True)
-def _any(key_mask, b, last):
-    # whether key_mask[b, :last + 1] allows a key
-    for t in range(last + 1):
-        if key_mask[b, t]:
-            return True
-    return False
-
-
 # ----------------------------------------------------------------------------- the step
 # The whole step runs in ONE parallel region (or on the calling thread alone), its work cut into
 # stages of chunks that the threads claim (:mod:`.sync`).  The weights reach it as addresses
@@ -348,12 +339,12 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
                      xq_all, sx_all, rawf_all, rawi_all, sync, s):
     """Thread ``tid``'s share of one decode step (every layer, then the head) from stage ``s``,
     ``x [B, D]`` updated in place; returns the next stage.  Row r of ``x`` is token r % S of
-    cache row r // S, at cache index ``index + r % S`` (S = 1: a decode step's batch rows, S > 1:
-    a prompt's tokens, whose keys and values are all written before any row attends).
-    ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
+    cache row r // S (S = B / the cache's rows), at cache index ``index + r % S`` (S = 1: a
+    decode step's batch rows, S > 1: a prompt's tokens, whose keys and values are all written
+    before any row attends).  ``addr``/``lens``/``head``/``head_lens``: the weights' addresses and
     vector lengths (see :class:`_Plan`), viewed like ``w_like`` (matrices), ``s_like`` (scales)
     and ``f_like`` (vectors); ``dims``: (F, E, V, has_final, has_out,
-    chunk bytes, S), V = 0 for no logits.  Shared scratch: qkv
+    chunk bytes), V = 0 for no logits.  Shared scratch: qkv
     [B, 3D], ctx [B, D], h [B, F], probs [B * H, T], xt [B, D]; per thread (first index
     ``tid``): xn_all [P, B, D], xq_all [P * B * max(D, F, E)] uint8, sx_all [P, B],
     rawf_all [P, B, CHUNK], rawi_all [P, B, CHUNK] int64; ``sync``: the stages' counters.
@@ -362,7 +353,8 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
     B, D = x.shape
     H, K = cache.shape[4], cache.shape[5]
     F, E, V, has_final, has_out = dims[0], dims[1], dims[2], dims[3] != 0, dims[4] != 0
-    chunk, S = dims[5], dims[6]
+    chunk = dims[5]
+    S = B // cache.shape[0]                            # tokens a cache row (1: a decode step)
     one = x.dtype.type(1)
     STORE, RELU, ADD = np.int64(0), np.int64(1), np.int64(2)
     xn, rawf, rawi = xn_all[tid], rawf_all[tid], rawi_all[tid]
@@ -400,9 +392,10 @@ def _layers_and_head(tid, x, addr, lens, head, head_lens, w_like, s_like, f_like
         c = claim(sync, s, n, tid, parts)
         while c >= 0:
             g, r = c % G, c // G
-            at, last = index + r % S, index + r % S     # row r's own index; the last key it reads
-            if S > 1 and not _any(key_mask, r // S, at):
-                last = index + S - 1                     # no key allowed: uniform over them all
+            at = index + r % S                           # row r's own index
+            last = at                                    # the last key it reads; no key allowed:
+            if S > 1 and not key_mask[r // S, :at + 1].any():
+                last = index + S - 1                     # uniform over them all
             _attend_heads(qkv, cache, layer, last, at, key_mask, probs, ctx, r, r // S, g * H // G,
                           (g + 1) * H // G)
             k += 1
@@ -713,7 +706,7 @@ class _Plan:
             *_, self.head_lens[0] = matrix("project_out.weight", self.head, OUT)
         self.E, self.V = table.shape[1], table.shape[0]
         self.dims = np.array([cfg.intermediate_dim, self.E, self.V, bool(cfg.has_final_layer_norm),
-                              has_out, CHUNK_BYTES, 1], np.int64)
+                              has_out, CHUNK_BYTES], np.int64)
         self.keep = keep
         self.ok = len(kinds) == 1          # one storage kind throughout (QuantizedMatrix mixes not)
         seen = {}
@@ -815,8 +808,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     Numba's current count); the step runs on them (one parallel region) when its weight bytes
     times max(1, rows // 2) reach ``min_bytes``, else on the calling thread.
     None when this model cannot take the compiled step (weights of mixed storage kinds), for no
-    tokens, or for a prompt of more rows than STEP_ROWS (float weights: the per-op path's products go to BLAS) or
-    STORED_STEP_ROWS (bfloat16, float16, int8 weights).
+    tokens, or for a prompt of more rows than STEP_ROWS (float weights: the per-op path's products
+    go to BLAS) or STORED_STEP_ROWS (bfloat16, float16, int8 weights).
 
     Measured (session 20, AMD EPYC Zen 3 (AVX2), two threads, a 125m int8 model): the prefill of
     an 8-token prompt, op by op (72 products, six per layer, each its own call; q/k/v and the
@@ -825,6 +818,8 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
     whole 64-token greedy generate after that prompt, the two prefills alternated in one process
     (median of the rounds' ratios): int8 1.085x (20 rounds, 128.5 -> 137.8 tok/s, faster in 16),
     bfloat16 1.071x (12 rounds), float32 1.029x (12), int8 at batch 2 (16 rows) 1.059x (10)."""
+    from refopt.model import positions_from_mask    # (at call time: the model imports the kernels)
+
     plan = _plan_for(params, cfg)
     B, S = token_ids.shape
     rows = STEP_ROWS if plan.w_like.dtype.kind == "f" else STORED_STEP_ROWS   # a prompt's at most
@@ -841,16 +836,17 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
         threads = 1
     dtype = plan.dtype
     key_mask = np.ascontiguousarray(np.asarray(padding_mask)[:, :index + S], dtype=np.bool_)
-    # positions: the real tokens counted, padding at 0 (refopt.model.positions_from_mask)
-    position = np.maximum(np.cumsum(key_mask, axis=1, dtype=np.int64) - 1, 0)[:, index:].reshape(M)
+    position = positions_from_mask(key_mask)[:, index:].reshape(M)          # as the reference
     tokens = np.asarray(token_ids).reshape(M)
     x = np.asarray(params["embed_tokens"][tokens], dtype)                   # [M, E]
     if cfg.has_projection:
         x = x @ np.asarray(params["project_in.weight"], dtype).T            # [M, D]
     x = np.ascontiguousarray(x + params["embed_positions"][position], dtype=dtype)
     E, V = plan.E, plan.V if logits else 0
-    dims = plan.dims.copy()
-    dims[2], dims[6] = V, S                          # V = 0: a head of no rows, the final norm only
+    dims = plan.dims
+    if not logits:                                  # a head of no rows: the final norm only
+        dims = dims.copy()
+        dims[2] = 0
     hidden = np.empty((M, E), dtype)
     out = np.empty((M, V), dtype)
     _run(plan, cfg, M, threads, x, cache, index, key_mask, dims, hidden, out, _stages(cfg))
