@@ -12,7 +12,6 @@ import refopt.kernels.cpu as nb
 import refopt.ops as ref
 from refopt import philox
 from refopt.kernels.cpu.attention import BLAS_QUERIES
-from refopt.kernels.cpu.matmul import STREAM
 from refopt.quant import QuantizedMatrix
 from refopt.ops.sampling import top_k_mask as ref_top_k_mask
 from kernel_checks import check_cross_entropy, check_embedding, check_layernorm, probabilities
@@ -236,9 +235,10 @@ def test_quantized_products(kind, M, I, O, seed):
 @given(kind=st.sampled_from(["bfloat16", "float16", "int8"]), M=st.integers(1, 3), I=st.integers(1, 400),
        O=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_streamed_rows(kind, M, I, O, seed):
-    # rows below four take one weight row at a time through matmul's streaming tile (64 inputs a
-    # step, the rest one by one): rows 64-400 wide cover its steps and the inputs past them.  The
-    # error is measured against the sum of |terms|, the scale a float32 dot product's rounding has
+    # rows below four take the weight rows four at a time through matmul's streaming tile (16 inputs
+    # a step, the rest one by one) and the outputs past a multiple of four one at a time: rows 1-400
+    # wide cover its steps and the inputs past them.  The error is measured against the sum of
+    # |terms|, the scale a float32 dot product's rounding has
     rng = np.random.default_rng(seed)
     x = arrays(rng, (M, I), np.float32)
     kernel = QuantizedMatrix.quantize(arrays(rng, (O, I), np.float32), kind)
@@ -246,29 +246,64 @@ def test_streamed_rows(kind, M, I, O, seed):
     want = x.astype(np.float64) @ w.T
     scale = (np.abs(x) @ np.abs(w).T).max()
     close(nb.linear_forward(x, kernel, None), want, np.float32, "rows", scale=scale)
-    # the tile itself, on each kind it widens (batch-1 rows take it for int8 alone)
-    e = I - I % STREAM
-    if e:
-        data = kernel.data.view(np.int16) if kind == "float16" else kernel.data
-        got = [[_stream_rows(x, data, m, o, e) for o in range(O)] for m in range(M)]
-        raw = kernel.data.astype(np.float64) if kind == "int8" else w      # int8: before its scale
-        close(got, x[:, :e].astype(np.float64) @ raw[:, :e].T, np.float32, "tile",
-              scale=(np.abs(x[:, :e]) @ np.abs(raw[:, :e]).T).max())
+    # the tile itself, on each kind it widens (batch-1 rows take it for int8 alone): four rows side
+    # by side give each output the bits one row alone gives
+    data = kernel.data.view(np.int16) if kind == "float16" else kernel.data
+    one, four = _tiles(np.ascontiguousarray(x), np.ascontiguousarray(data))
+    raw = kernel.data.astype(np.float64) if kind == "int8" else w      # int8: before its scale
+    close(one, x.astype(np.float64) @ raw.T, np.float32, "tile", scale=(np.abs(x) @ np.abs(raw).T).max())
+    whole = O - O % 4
+    assert np.array_equal(four[:, :whole], one[:, :whole])
 
 
 @functools.cache
-def _stream_compiled():
+def _tiles_compiled():
     from numba import njit
-    from refopt.kernels.cpu.matmul import FAR, _stream
+    from refopt.kernels.cpu.matmul import _tile, _tile1
 
     @njit
-    def run(x, w, m, o, n):
-        return _stream(x, m, w, o, n, FAR)
+    def run(x, w):
+        M, O = x.shape[0], w.shape[0]
+        one, four = np.zeros((M, O), np.float32), np.zeros((M, O), np.float32)
+        for m in range(M):
+            for o in range(O):
+                one[m, o] = _tile1(x, m, w, o)[0]
+            for o in range(0, O - 3, 4):
+                t = _tile(x, m, w, o)
+                for r in range(4):
+                    four[m, o + r] = t[r]
+        return one, four
     return run
 
 
-def _stream_rows(x, w, m, o, n):
-    return _stream_compiled()(np.ascontiguousarray(x), np.ascontiguousarray(w), m, o, n)
+def _tiles(x, w):
+    """Every output of ``x @ widen(w).T`` through the streaming tile one weight row at a time and
+    four at a time (the outputs past a multiple of four: zero)."""
+    return _tiles_compiled()(x, w)
+
+
+@settings(max_examples=20)
+@given(M=st.integers(1, 3), O=st.integers(1, 90), seed=st.integers(0, 2**16))
+def test_streamed_rows_do_not_depend_on_the_cut(M, O, seed):
+    # int8 rows below four: an output's bits are the same whatever range of outputs it is computed
+    # in (the threads of a product and the chunks of the decode step cut them differently)
+    from refopt.kernels.cpu.matmul import float_range, readonly, split
+    rng = np.random.default_rng(seed)
+    x = arrays(rng, (M, 96), np.float32)
+    kernel = QuantizedMatrix.quantize(arrays(rng, (O, 96), np.float32), "int8")
+    w, sc = readonly(kernel.data), readonly(kernel.scale)
+    nobias = readonly(np.zeros(0, np.float32))
+    outs = []
+    for parts in (1, 2, 3, 5):
+        out = np.zeros((M, O), np.float32)
+        for c in range(parts):
+            o0, o1 = split(O, parts, c)
+            if o0 < o1:
+                float_range(x, w, sc, nobias, out, 0, np.int64(0), np.float32(1), o0, o1,
+                            np.empty((M, 64), np.float32))
+        outs.append(out)
+    for out in outs[1:]:
+        assert np.array_equal(out, outs[0])
 
 
 def test_quantization_error_is_small():
