@@ -97,12 +97,14 @@ def _widen(v):
 # stall showed.  _tile now takes ROWS = 4 weight rows side by side against one row of activations
 # (each vector of activations loaded once for four rows: 23-25 GB/s in cache, 1.07 cycles a
 # vector), one accumulator of 16 lanes per weight row, and hints the weights whole blocks of four
-# rows ahead (at least AHEAD bytes) in address order, one hint per 64 bytes it reads (hints
-# spread over the four rows' next blocks, or a fixed distance past the block, lost to the wide rows
-# of fc2: their hints fell behind the reads of the later rows).  Measured on two threads, each its
+# rows ahead (at least AHEAD bytes) in address order, one hint per 64 bytes it reads (two other
+# placements lost: hints taking the next block's four rows in turn, on 768-wide rows; hints a
+# fixed 4 KB ahead, on fc2's 3072-wide rows, where they fell behind the later rows' reads).
+# Measured on two threads, each its
 # half of the outputs, 40 random int8 matrices from memory, 15 alternations in one process
-# (/tmp script, 2026-12-04, against the one-row tile as it was): 768 x 768 1.31x (15 of 15
-# faster), 3072 x 768 1.10x (12 of 15), 768 x 3072 1.24x (15 of 15).
+# (/tmp script, 2026-12-04, against the one-row tile as it was; the medians of the rounds' ratios):
+# 768 x 768 1.31x (15 of 15 faster) and 3072 x 768 1.10x (12 of 15) hinting two blocks (6 KB)
+# ahead, 768 x 3072 1.25x (14 of 15) one block (12 KB) ahead, as AHEAD makes them.
 #
 # One output's sum is the same whatever rows sit beside it: lane j of its accumulator sums the
 # products j, j + 16, j + 32, .. of the whole steps of 16 inputs, in order, each a fused
@@ -111,9 +113,10 @@ def _widen(v):
 # (the outputs left over past a multiple of four) gives the bits _tile of four gives, and a
 # product's bits do not depend on how its outputs are cut into ranges (threads, chunks): only on
 # the shapes.  No fastmath: the same bits on any CPU with or without 512-bit registers.
-# bfloat16 and float16 weights streamed from memory as fast through LLVM's loop (session 18), so
-# only int8 takes the tile (_STREAMED; the tile itself takes all three kinds, and the tests check it
-# on each).
+# bfloat16 and float16 weights streamed from memory as fast through LLVM's loop (session 18; the
+# four-row tile on bfloat16, two threads, 10 alternations: 0.95-1.07x by shape, on a host whose
+# two-thread read had fallen to ~18 GB/s), so only int8 takes the tile (_STREAMED; the tile itself
+# takes all three kinds, and the tests check it on each).
 STREAM = 16           # inputs one step of the streaming tile takes (one vector of 16 lanes a row)
 ROWS = 4              # weight rows the tile takes side by side
 AHEAD = 6144          # bytes ahead of its reads (rounded up to whole blocks of ROWS rows) it hints
