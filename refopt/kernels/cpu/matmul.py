@@ -100,11 +100,11 @@ def _widen(v):
 # rows ahead (at least AHEAD bytes) in address order, one hint per 64 bytes it reads (two other
 # placements lost: hints taking the next block's four rows in turn, on 768-wide rows; hints a
 # fixed 4 KB ahead, on fc2's 3072-wide rows, where they fell behind the later rows' reads).
-# Measured on two threads, each its
-# half of the outputs, 40 random int8 matrices from memory, 15 alternations in one process
-# (/tmp script, 2026-12-04, against the one-row tile as it was; the medians of the rounds' ratios):
-# 768 x 768 1.31x (15 of 15 faster) and 3072 x 768 1.10x (12 of 15) hinting two blocks (6 KB)
-# ahead, 768 x 3072 1.25x (14 of 15) one block (12 KB) ahead, as AHEAD makes them.
+# Measured on two threads, each its half of the outputs, 40 random int8 matrices from memory, 15
+# alternations in one process (/tmp script, 2026-12-04, against the one-row tile as it was; the
+# medians of the rounds' ratios): 768 x 768 1.31x (15 of 15 faster) and 3072 x 768 1.10x (12 of
+# 15) hinting two blocks (6 KB) ahead, 768 x 3072 1.25x (14 of 15) one block (12 KB) ahead, as
+# AHEAD makes them.
 #
 # One output's sum is the same whatever rows sit beside it: lane j of its accumulator sums the
 # products j, j + 16, j + 32, .. of the whole steps of 16 inputs, in order, each a fused
@@ -195,9 +195,10 @@ def _tile_of(R):
                 w_ = STREAM
                 while w_ > 1:                    # lane[j] += lane[j + w], w = 8, 4, 2, 1
                     w_ //= 2
-                    turn = ir.Constant(ir.VectorType(i32, STREAM), [(j + w_) % STREAM for j in range(STREAM)])
-                    v = builder.fadd(v, builder.shuffle_vector(v, v, turn))
-                totals.append(cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(i32, 0))))
+                    turn = [(j + w_) % STREAM for j in range(STREAM)]
+                    v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, STREAM), turn)))
+                first = builder.extract_element(v, ir.Constant(i32, 0))
+                totals.append(cgutils.alloca_once_value(builder, first))
             one = ir.VectorType(elem, 1)
             with cgutils.for_range_slice(builder, whole, n, c(1), intp) as (k, _):   # the rest, in order
                 xk = builder.load(builder.gep(xrow, [k]))
