@@ -855,13 +855,14 @@ def decode_step(params, cfg, token_ids, padding_mask, cache, index, threads=None
 
 # Greedy steps one call of decode_greedy runs at most.  Between calls the process runs Python and
 # the workers sleep (passive waiting, :mod:`._threads`); on this VM a call cost ~3 ms beyond its
-# steps (the figures below: 0.28 ms a token at 32 steps, over six calls fewer a generate).  Measured (session 21, AMD EPYC Zen 3, two threads, 125m, a 64-token greedy generate
-# after a prompt of 8; the values alternated in one process, median of the rounds' ratios to 8):
-# int8 weights 16 steps 1.004x (11 of 20 rounds faster), 32 steps 1.047x (14 of 20; 1.034x, 12
-# of 16, in another sitting), 64 steps 1.054x (11 of 16); with a busy process on one core, 32
-# steps 1.003x (6 of 12); int8 at batch 8 1.034x (6 of 10); bfloat16 1.018x (8 of 12).  The
-# thread governor compares counts once per call, so a change of load is followed after a few
-# calls (three slow ones): more steps a call follow it later, hence 32, not more.
+# steps (the figures below: 0.28 ms a token at 32 steps, over six calls fewer a generate).
+# Measured (session 21, AMD EPYC Zen 3, two threads, 125m, a 64-token greedy generate after a
+# prompt of 8; the values alternated in one process, median of the rounds' ratios to 8): int8
+# weights 16 steps 1.004x (11 of 20 rounds faster), 32 steps 1.047x (14 of 20; 1.034x, 12 of 16,
+# in another sitting), 64 steps 1.054x (11 of 16); with a busy process on one core, 32 steps
+# 1.003x (6 of 12); int8 at batch 8 1.034x (6 of 10); bfloat16 1.018x (8 of 12).  The thread
+# governor compares counts once per call, so a change of load is followed after a few calls
+# (three slow ones): more steps a call follow it later, hence 32, not more.
 GREEDY_STEPS = 32
 
 

@@ -186,17 +186,18 @@ def _tile_of(R):
                                         ir.Constant(i32, 1)])
                 xv = builder.load(builder.bitcast(builder.gep(xrow, [k]), f32v.as_pointer()), align=4)
                 for r in range(R):
-                    wv = builder.load(builder.bitcast(builder.gep(rows[r], [k]), stored.as_pointer()), align=1)
-                    wf = _widen_vector(builder, wv, signature.args[2].dtype)
+                    wp = builder.bitcast(builder.gep(rows[r], [k]), stored.as_pointer())
+                    wf = _widen_vector(builder, builder.load(wp, align=1), signature.args[2].dtype)
                     builder.store(builder.call(fma, [xv, wf, builder.load(accs[r])]), accs[r])
             totals = []
+            lanes = ir.VectorType(i32, STREAM)
             for r in range(R):
                 v = builder.load(accs[r])
                 w_ = STREAM
                 while w_ > 1:                    # lane[j] += lane[j + w], w = 8, 4, 2, 1
                     w_ //= 2
-                    turn = [(j + w_) % STREAM for j in range(STREAM)]
-                    v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, STREAM), turn)))
+                    turn = ir.Constant(lanes, [(j + w_) % STREAM for j in range(STREAM)])
+                    v = builder.fadd(v, builder.shuffle_vector(v, v, turn))
                 first = builder.extract_element(v, ir.Constant(i32, 0))
                 totals.append(cgutils.alloca_once_value(builder, first))
             one = ir.VectorType(elem, 1)
