@@ -282,19 +282,28 @@ def _tiles(x, w):
     return _tiles_compiled()(x, w)
 
 
-@settings(max_examples=20)
-@given(M=st.integers(1, 3), O=st.integers(1, 90), seed=st.integers(0, 2**16))
-def test_streamed_rows_do_not_depend_on_the_cut(M, O, seed):
-    # int8 rows below four: an output's bits are the same whatever range of outputs it is computed
-    # in (the threads of a product and the chunks of the decode step cut them differently)
+@settings(max_examples=40)
+@given(kind=st.sampled_from(["float32", "bfloat16", "float16", "int8"]), M=st.integers(1, 9),
+       O=st.integers(1, 90), I=st.sampled_from([96, 97, 4100]), seed=st.integers(0, 2**16))
+def test_products_do_not_depend_on_the_cut(kind, M, O, I, seed):
+    # an output's bits are the same whatever range of outputs it is computed in (the threads of a
+    # product and the chunks of the decode step cut them differently): rows four at a time (three
+    # outputs by four rows), the rows left over through int8's streaming tile, four float outputs
+    # side by side (float32, or rows over 4096) or one output at a time
     from refopt.kernels.cpu.matmul import float_range, readonly, split
     rng = np.random.default_rng(seed)
-    x = arrays(rng, (M, 96), np.float32)
-    kernel = QuantizedMatrix.quantize(arrays(rng, (O, 96), np.float32), "int8")
-    w, sc = readonly(kernel.data), readonly(kernel.scale)
+    x = arrays(rng, (M, I), np.float32)
+    wf = arrays(rng, (O, I), np.float32)
+    if kind == "float32":
+        w, sc = readonly(wf), readonly(np.zeros(0, np.float32))
+    else:
+        kernel = QuantizedMatrix.quantize(wf, kind)
+        data = kernel.data.view(np.int16) if kind == "float16" else kernel.data
+        w = readonly(data)
+        sc = readonly(kernel.scale if kind == "int8" else np.zeros(0, np.float32))
     nobias = readonly(np.zeros(0, np.float32))
     outs = []
-    for parts in (1, 2, 3, 5):
+    for parts in (1, 2, 3, 5, 7):
         out = np.zeros((M, O), np.float32)
         for c in range(parts):
             o0, o1 = split(O, parts, c)

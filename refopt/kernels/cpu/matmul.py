@@ -255,7 +255,7 @@ def dot_rows(x, m, w, o):
 def _dot_rows(x, m, w, o):
     if _streamed(x, w):
         return lambda x, m, w, o: _tile(x, m, w, o)
-    return lambda x, m, w, o: dot_four(x, m, w, o)
+    return lambda x, m, w, o: dot_four(x, m, w, o, o + 1, o + 2, o + 3)
 
 
 @njit(inline="always", fastmath=True)
@@ -268,15 +268,18 @@ def dot_one(x, m, w, o):
 
 
 @njit(inline="always", fastmath=True)
-def dot_block(x, m, w, o):
-    # rows m..m+3 of x against outputs o, o+1 of w: each weight widened once and used four times,
+def dot_block(x, m, w, o, p):
+    # rows m..m+3 of x against outputs o, p of w: each weight widened once and used four times,
     # eight accumulators (LLVM vectorises the loop over i with one vector per accumulator) ->
-    # (x[m].w[o], x[m].w[o+1], x[m+1].w[o], ..., x[m+3].w[o+1])
+    # (x[m].w[o], x[m].w[p], x[m+1].w[o], ..., x[m+3].w[p]).  (Twelve accumulators, three
+    # outputs by four rows, ran a batch of 8 25-40% faster on one thread with the weights in
+    # cache, but not on two threads from memory: a 125m step of 8 rows 1.2x slower, its head
+    # 50,272 x 768 0.75x; session 22)
     z = x.dtype.type(0)
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
     for i in range(x.shape[1]):
         w0 = widen(w[o, i])
-        w1 = widen(w[o + 1, i])
+        w1 = widen(w[p, i])
         x0 = x[m, i]
         x1 = x[m + 1, i]
         x2 = x[m + 2, i]
@@ -293,17 +296,17 @@ def dot_block(x, m, w, o):
 
 
 @njit(inline="always", fastmath=True)
-def dot_four(x, m, w, o):
-    # row m of x against outputs o..o+3: four weight rows streamed side by side, so more memory
-    # requests are in flight than with one
+def dot_four(x, m, w, o, p, q, r):
+    # row m of x against outputs o, p, q, r: four weight rows streamed side by side, so more
+    # memory requests are in flight than with one
     z = x.dtype.type(0)
     a0 = a1 = a2 = a3 = z
     for i in range(x.shape[1]):
         xv = x[m, i]
         a0 += xv * widen(w[o, i])
-        a1 += xv * widen(w[o + 1, i])
-        a2 += xv * widen(w[o + 2, i])
-        a3 += xv * widen(w[o + 3, i])
+        a1 += xv * widen(w[p, i])
+        a2 += xv * widen(w[q, i])
+        a3 += xv * widen(w[r, i])
     return a0, a1, a2, a3
 
 
@@ -317,32 +320,43 @@ def _dots(x, w, o0, o1, raw):
     # wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for float16: the row
     # of x, 64 KB, no longer stays in L1 and dot_four reads it once for four weight rows) -- else
     # one output at a time (dot_one: faster for narrow weights at 768-4096 wide: at 4096, 1.3x for
-    # float16; one thread, load 6-10).
+    # float16; one thread, load 6-10).  Each kernel has one call site, and the outputs past the
+    # last whole pair (dot_block) or four (dot_four) fill the slots left with the last output:
+    # an output's bits depend on the shapes and the kind alone, not on how threads or the decode
+    # step's chunks cut the outputs into ranges (before session 22 they did, for the rows past a
+    # multiple of four of float32 weights, and for ranges of odd length).
     M, I = x.shape
     Mb = M - M % 4
     for o in range(o0, o1, 2):
-        n = min(2, o1 - o)
+        p = min(o + 1, o1 - 1)       # past the last whole pair, the last output takes both slots
         for m in range(0, Mb, 4):
-            if n == 2:
-                a00, a01, a10, a11, a20, a21, a30, a31 = dot_block(x, m, w, o)
-                c = o - o0
-                raw[m, c], raw[m, c + 1], raw[m + 1, c], raw[m + 1, c + 1] = a00, a01, a10, a11
-                raw[m + 2, c], raw[m + 2, c + 1], raw[m + 3, c], raw[m + 3, c + 1] = a20, a21, a30, a31
-            else:
-                for mm in range(m, m + 4):
-                    raw[mm, o - o0] = dot_one(x, mm, w, o)
-    four = _streams(x, w) or w.itemsize >= 4 or I > 4096
+            a00, a01, a10, a11, a20, a21, a30, a31 = dot_block(x, m, w, o, p)
+            c, d = o - o0, p - o0
+            raw[m, c], raw[m, d], raw[m + 1, c], raw[m + 1, d] = a00, a01, a10, a11
+            raw[m + 2, c], raw[m + 2, d], raw[m + 3, c], raw[m + 3, d] = a20, a21, a30, a31
+    tile = _streams(x, w)
+    four = w.itemsize >= 4 or I > 4096
     for m in range(Mb, M):
         o = o0
-        if four:
+        if tile:
             while o + 4 <= o1:
                 a0, a1, a2, a3 = dot_rows(x, m, w, o)
                 c = o - o0
                 raw[m, c], raw[m, c + 1], raw[m, c + 2], raw[m, c + 3] = a0, a1, a2, a3
                 o += 4
-        while o < o1:
-            raw[m, o - o0] = dot_row(x, m, w, o)
-            o += 1
+            while o < o1:
+                raw[m, o - o0] = dot_row(x, m, w, o)
+                o += 1
+        elif four:
+            while o < o1:        # past the last whole four, the last output takes the slots left
+                p, q, r = min(o + 1, o1 - 1), min(o + 2, o1 - 1), min(o + 3, o1 - 1)
+                a0, a1, a2, a3 = dot_four(x, m, w, o, p, q, r)
+                raw[m, o - o0], raw[m, p - o0], raw[m, q - o0], raw[m, r - o0] = a0, a1, a2, a3
+                o += 4
+        else:
+            while o < o1:
+                raw[m, o - o0] = dot_one(x, m, w, o)
+                o += 1
 
 
 @njit(fastmath=True, cache=True)
