@@ -272,9 +272,9 @@ def dot_block(x, m, w, o, p):
     # rows m..m+3 of x against outputs o, p of w: each weight widened once and used four times,
     # eight accumulators (LLVM vectorises the loop over i with one vector per accumulator) ->
     # (x[m].w[o], x[m].w[p], x[m+1].w[o], ..., x[m+3].w[p]).  (Twelve accumulators, three
-    # outputs by four rows, ran a batch of 8 25-40% faster on one thread with the weights in
-    # cache, but not on two threads from memory: a 125m step of 8 rows 1.2x slower, its head
-    # 50,272 x 768 0.75x; session 22)
+    # outputs by four rows, ran 8 rows of int8 or bfloat16 weights 1.20-1.34x faster on one
+    # thread with the weights in cache, but not on two threads from memory: the 50,272 x 768
+    # head 0.75x, a 125m step of 8 rows 0.83x; session 22, see the README)
     z = x.dtype.type(0)
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
     for i in range(x.shape[1]):
