@@ -16,7 +16,11 @@ thread count (``--threads``, default all cores).  Then, ``--runs`` times:
 
 * the memory-bandwidth bound of decode: a streaming read of an array the size of the float32
   weights (Numba parallel sum), divided by the bytes of weights one token reads; the batch-1
-  figures are also given as a percentage of the bound measured in that run;
+  figures are also given as a percentage of the bound measured at the start of that run, and of
+  the same read measured again just before each Numba variant's batch-1 timing ("% of read
+  beside": on a shared host the read moves between runs and within one, 24-32 GB/s in session
+  22, and the read beside a timing is the nearer yardstick; with ``--under-load`` it is measured
+  with the busy process running, as the timing is);
 * greedy decode tokens/s at each batch (prompt 8, ``--new`` new tokens; new tokens / wall time of
   a whole ``generate`` call, best of ``--repeats`` after a warm-up), every engine measured back to
   back at one batch before the next batch, so the ratios compare engines under the same load.
@@ -206,11 +210,12 @@ def spread(values):
     return med, min(values), max(values)
 
 
-def report(decode, ratios, bounds, args):
+def report(decode, ratios, bounds, args, beside=None):
     runs = len(next(iter(decode.values())))
+    beside = beside or {}
     head = f"{'greedy decode tok/s':24s}" + "".join(
         f"{'batch ' + str(B):>22s}{'vs transformers':>22s}" for B in args.batch) + (
-        f"{'% of bound (b1)':>20s}" if args.batch[0] == 1 else "")
+        f"{'% of bound (b1)':>20s}{'% of read beside':>20s}" if args.batch[0] == 1 else "")
     print(head)
     labels = [k[0] for k in decode if k[1] == args.batch[0]]
     for label in labels:
@@ -223,13 +228,17 @@ def report(decode, ratios, bounds, args):
                 line += f"{rmed:9.2f}x" + (f" ({rlo:.2f}-{rhi:.2f})" if runs > 1 else "").rjust(13)
             else:
                 line += " " * 22
-        if label in bounds and args.batch[0] == 1:   # the bound is one token's read: batch 1
-            pct = [100 * d / b for d, b in zip(decode[(label, args.batch[0])], bounds[label])]
-            med, lo, hi = spread(pct)
-            line += f"{med:8.0f}%" + (f" ({lo:.0f}-{hi:.0f})" if runs > 1 else "").rjust(11)
+        for table in (bounds, beside):
+            if label in table and args.batch[0] == 1:   # the bound is one token's read: batch 1
+                pct = [100 * d / b for d, b in zip(decode[(label, args.batch[0])], table[label])]
+                med, lo, hi = spread(pct)
+                line += f"{med:8.0f}%" + (f" ({lo:.0f}-{hi:.0f})" if runs > 1 else "").rjust(11)
         print(line)
     for label, b in bounds.items():
         print(f"  bandwidth bound {label:20s} {statistics.median(b):8.1f} tok/s (median of {runs})")
+    for label, b in beside.items():
+        print(f"  read beside     {label:20s} {statistics.median(b):8.1f} tok/s (median of {runs}; "
+              f"{min(b):.1f}-{max(b):.1f})")
     if runs > 1:
         for label in labels:
             key = (label, args.batch[0])
@@ -272,7 +281,7 @@ def main(argv=None):
         mine = refopt_engines(path, args.weights)
         hf = hf_engine(path, args.threads)
         ct2 = ct2_engines(path, tmp, args.threads)
-        decode, ratios, bounds = {}, {}, {}
+        decode, ratios, bounds, beside = {}, {}, {}, {}
         for run in range(args.runs):
             bw = stream_bandwidth(4 * cfg.parameter_count())
             for label, lm, nbytes in mine:
@@ -282,7 +291,10 @@ def main(argv=None):
                 for B in args.batch:
                     ids = rng.integers(3, cfg.vocabulary_size, (B, args.prompt))
                     rates = {}
-                    for label, lm, _ in mine:
+                    for label, lm, nbytes in mine:
+                        if B == 1 and "numba" in label:     # the read just before, as it is now
+                            beside.setdefault(label, []).append(
+                                stream_bandwidth(4 * cfg.parameter_count()) / nbytes)
                         rates[label] = B * args.new / best(refopt_run(lm, ids, args.new), args.repeats)
                     if hf is not None:
                         rates["transformers f32"] = B * args.new / best(hf_run(hf, ids, args.new),
@@ -298,7 +310,7 @@ def main(argv=None):
                       f"{label} {decode[(label, args.batch[0])][-1]:.1f}" for label in
                       [m[0] for m in mine] + ["transformers f32"] + [c[0] for c in ct2]
                       if (label, args.batch[0]) in decode), flush=True)
-        report(decode, ratios, bounds, args)
+        report(decode, ratios, bounds, args, beside)
 
         # ---------------------------------------------------------------- prefill and training
         lm = next((m[1] for m in mine if m[0] == "refopt numba f32"), None)
