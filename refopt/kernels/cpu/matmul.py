@@ -11,7 +11,9 @@ in loads.  Accumulation is in the activations' dtype (float32 or float64).
 Weights are ``[O, I]``, one contiguous row per output (refopt's float weights, the token table of
 the tied head, a :class:`refopt.quant.QuantizedMatrix`'s data).  Float weights multiplied by more
 than :data:`SMALL_M` rows go to BLAS (compute-bound, and BLAS is the fastest there is); stored
-kinds never do, so their weights are never widened into a float copy.
+kinds never do, so their weights are never widened into a float copy.  The products computed
+here give each output the bits its shapes and storage kind decide, whatever the thread count or
+the decode step's chunks cut the outputs into (:func:`_dots`; BLAS's products are BLAS's).
 
 :func:`products` is the one kernel (one to three products of a shape at once: the decode step's
 queries, keys and values in one parallel stage), called by the per-op path (:func:`matmul_rows`)
