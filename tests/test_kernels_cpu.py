@@ -287,7 +287,7 @@ def _tiles(x, w):
        O=st.integers(1, 90), I=st.sampled_from([96, 97, 4100]), seed=st.integers(0, 2**16))
 def test_products_do_not_depend_on_the_cut(kind, M, O, I, seed):
     # an output's bits are the same whatever range of outputs it is computed in (the threads of a
-    # product and the chunks of the decode step cut them differently): rows four at a time (three
+    # product and the chunks of the decode step cut them differently): rows four at a time (two
     # outputs by four rows), the rows left over through int8's streaming tile, four float outputs
     # side by side (float32, or rows over 4096) or one output at a time
     from refopt.kernels.cpu.matmul import float_range, readonly, split
