@@ -186,6 +186,13 @@ def prepare(model):
 
         for length in (1, min(2, cfg.max_sequence_length)):
             model.call_with_cache(np.zeros((1, length), np.int64), model.new_cache(1, length), 0)
+        # the compiled step on the calling thread alone too: a step the governor runs on one thread
+        # (its comparisons, a busy machine) calls it directly, and its first such call loaded it
+        # from the cache in the middle of a generation (47-56 ms where a step takes 8-11; session 22)
+        step = getattr(ops, "decode_step", None)
+        if step is not None and not getattr(model.backbone, "lora_enabled", False):
+            step(model.backbone.params, cfg, np.zeros((1, 1), np.int64), np.ones((1, 1), bool),
+                 model.new_cache(1, 1), 0, threads=1)
         length = min(17, cfg.max_sequence_length)
         params = model.backbone.params
         hidden = _model.forward(params, cfg, np.zeros((1, length), np.int64), np.ones((1, length), bool),

@@ -563,6 +563,31 @@ def test_background_warm_up_serves_the_numpy_ops_meanwhile():
     assert seen["inside"] is False and not warmup.busy()
 
 
+def test_warm_up_loads_the_step_on_one_thread_too(monkeypatch):
+    # the governor runs a step on the calling thread alone now and then (and on a busy machine):
+    # generation.prepare loads that entry of the compiled step too, in the background -- its first
+    # call otherwise loaded it from Numba's cache mid-generation (47-56 ms against a step's 8-11)
+    from refopt import generation
+    from refopt.config import OPTConfig
+    from refopt.model import init_params
+    from refopt.models.opt_backbone import OPTBackbone
+    from refopt.models.opt_causal_lm import OPTCausalLM
+
+    cfg = OPTConfig(vocabulary_size=11, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=4,
+                    max_sequence_length=4, dropout=0.0, dtype="float32")
+    lm = OPTCausalLM(OPTBackbone.from_opt_config(cfg, init_params(cfg)), preprocessor=None)
+    lm.backbone.backend = "numba"
+    calls, step = [], nb.decode_step
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("threads"))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(nb, "decode_step", recording)
+    job = generation.prepare(lm)
+    assert job is not None and job.wait(120) and job.error is None
+    assert 1 in calls
+
+
 def test_governor_follows_the_faster_thread_count():
     from refopt.kernels.cpu._threads import Governor
 
