@@ -238,7 +238,7 @@ def _streams_impl(x, w):
 
 def dot_row(x, m, w, o):
     """``x[m] . widen(w[o])``: the streaming tile of one row where :func:`_streams`, else
-    :func:`dot_one`."""
+    :func:`dot_one` (typed for every kind; :func:`_dots` runs it for the tile's kinds alone)."""
 
 
 @overload(dot_row, inline="always")
@@ -250,7 +250,7 @@ def _dot_row(x, m, w, o):
 
 def dot_rows(x, m, w, o):
     """``x[m] . widen(w[o + r])`` for r < 4: the streaming tile where :func:`_streams`, else
-    :func:`dot_four`."""
+    :func:`dot_four` (typed for every kind; :func:`_dots` runs it for the tile's kinds alone)."""
 
 
 @overload(dot_rows, inline="always")
