@@ -246,14 +246,18 @@ def test_streamed_rows(kind, M, I, O, seed):
     want = x.astype(np.float64) @ w.T
     scale = (np.abs(x) @ np.abs(w).T).max()
     close(nb.linear_forward(x, kernel, None), want, np.float32, "rows", scale=scale)
-    # the tile itself, on each kind it widens (batch-1 rows take it for int8 alone): four rows side
-    # by side give each output the bits one row alone gives
+    # the tile itself, on each kind it widens (batch-1 rows take it for every stored kind): four
+    # rows side by side give each output the bits one row alone gives
     data = kernel.data.view(np.int16) if kind == "float16" else kernel.data
     one, four = _tiles(np.ascontiguousarray(x), np.ascontiguousarray(data))
     raw = kernel.data.astype(np.float64) if kind == "int8" else w      # int8: before its scale
     close(one, x.astype(np.float64) @ raw.T, np.float32, "tile", scale=(np.abs(x) @ np.abs(raw).T).max())
     whole = O - O % 4
     assert np.array_equal(four[:, :whole], one[:, :whole])
+    # and the product of rows below four is the tile's, bit for bit, for every stored kind (its
+    # fixed lane order, not LLVM's fastmath choice for the CPU at hand)
+    tiled = one * kernel.scale[None] if kind == "int8" else one
+    assert np.array_equal(nb.linear_forward(x, kernel, None), tiled)
 
 
 @functools.cache
@@ -288,8 +292,8 @@ def _tiles(x, w):
 def test_products_do_not_depend_on_the_cut(kind, M, O, I, seed):
     # an output's bits are the same whatever range of outputs it is computed in (the threads of a
     # product and the chunks of the decode step cut them differently): rows four at a time (two
-    # outputs by four rows), the rows left over through int8's streaming tile, four float outputs
-    # side by side (float32, or rows over 4096) or one output at a time
+    # outputs by four rows), the rows left over through the streaming tile (stored kinds), four
+    # float32 outputs side by side
     from refopt.kernels.cpu.matmul import float_range, readonly, split
     rng = np.random.default_rng(seed)
     x = arrays(rng, (M, I), np.float32)

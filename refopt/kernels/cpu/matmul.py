@@ -115,15 +115,20 @@ def _widen(v):
 # (the outputs left over past a multiple of four) gives the bits _tile of four gives, and a
 # product's bits do not depend on how its outputs are cut into ranges (threads, chunks): only on
 # the shapes.  No fastmath: the same bits on any CPU with or without 512-bit registers.
-# bfloat16 and float16 weights streamed from memory as fast through LLVM's loop (session 18; the
-# four-row tile on bfloat16, two threads, 10 alternations: 0.95-1.07x by shape, on a host whose
-# two-thread read had fallen to ~18 GB/s), so only int8 takes the tile (_STREAMED; the tile itself
-# takes all three kinds, and the tests check it on each).
+# bfloat16 and float16 weights streamed from memory as fast through LLVM's loop on an AVX2-only
+# Zen 3 (session 18; the four-row tile on bfloat16, two threads, 10 alternations: 0.95-1.07x by
+# shape, on a host whose two-thread read had fallen to ~18 GB/s), but not on an Intel Xeon with
+# AVX-512 (session 23, 2026-12-04: a 125m-shaped model's whole greedy generate, prompt 8, 64 new
+# tokens, batch 1, two threads, processes alternated with separate Numba caches): bfloat16 76.3-80.3
+# -> 96.5-109.2 tok/s over 9 rounds (56-58% -> 70-78% of a read of the same bytes; 1.27x in each
+# of three paired rounds), float16 71.4-73.9 -> 103.8-105.2 (1.43x, two rounds).  So every stored
+# kind takes the tile (_STREAMED), and a batch-1 product of stored weights gets the tile's fixed
+# lane order: the same bits on any CPU, not LLVM's fastmath choice for the CPU at hand.
 STREAM = 16           # inputs one step of the streaming tile takes (one vector of 16 lanes a row)
 ROWS = 4              # weight rows the tile takes side by side
 AHEAD = 6144          # bytes ahead of its reads (rounded up to whole blocks of ROWS rows) it hints
 _WIDENED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
-_STREAMED = (types.int8,)                               # the kinds batch-1 rows stream through it
+_STREAMED = _WIDENED                                    # the kinds batch-1 rows stream through it
 
 
 def _widen_vector(builder, v, dtype):
@@ -316,13 +321,14 @@ def dot_four(x, m, w, o, p, q, r):
 def _dots(x, w, o0, o1, raw):
     # raw[:, :o1-o0] <- x [M, I] @ widen(w[o0:o1]).T.  Rows four at a time: pairs of outputs by
     # four rows (dot_block).  The rows left over (all of them below four rows, as in decoding):
-    # int8 weights through the streaming tile, four outputs a call (dot_rows) and the last ones
-    # one by one (dot_row, the same bits; see the tile's comment).  Other kinds: four outputs
+    # stored weights (int8, bfloat16, float16) against float32 rows through the streaming tile,
+    # four outputs a call (dot_rows) and the last ones one by one (dot_row, the same bits; see the
+    # tile's comment).  Otherwise (float weights, or float64 rows): four outputs
     # side by side (dot_four) where that streams faster -- float32/float64 weights (+34% at 768
     # wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for float16: the row
     # of x, 64 KB, no longer stays in L1 and dot_four reads it once for four weight rows) -- else
-    # one output at a time (dot_one: faster for narrow weights at 768-4096 wide: at 4096, 1.3x for
-    # float16; one thread, load 6-10).  Each kernel has one call site, and the outputs past the
+    # one output at a time (dot_one: faster for narrow weights at 768-4096 wide, measured before
+    # they took the tile: at 4096, 1.3x for float16; one thread, load 6-10).  Each kernel has one call site, and the outputs past the
     # last whole pair (dot_block) or four (dot_four) fill the slots left with the last output:
     # an output's bits depend on the shapes and the kind alone, not on how threads or the decode
     # step's chunks cut the outputs into ranges (before session 22 they did, for the rows past a
