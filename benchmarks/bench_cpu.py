@@ -24,6 +24,9 @@ thread count (``--threads``, default all cores).  Then, ``--runs`` times:
 * greedy decode tokens/s at each batch (prompt 8, ``--new`` new tokens; new tokens / wall time of
   a whole ``generate`` call, best of ``--repeats`` after a warm-up), every engine measured back to
   back at one batch before the next batch, so the ratios compare engines under the same load.
+  Every engine is called once at every batch before the first run, so every run finds the engines
+  in the same state (a CTranslate2 call slows transformers' later calls in the same process, for
+  good, on some CPUs: see ``main``).
 
 The table gives each figure's median over the runs and, with several runs, its range, and for the
 batch-1 ratio to transformers the largest deviation from the median.  ``uptime``'s load is printed
@@ -292,6 +295,25 @@ def main(argv=None):
         mine = refopt_engines(path, args.weights)
         hf = hf_engine(path, args.threads)
         ct2 = ct2_engines(path, tmp, args.threads)
+        # every engine called once at every batch before the first run, so that every run finds the
+        # engines in the same state: on an Intel Xeon (session 23) the process's first CTranslate2
+        # call slowed transformers' later calls 1.3-1.4x for good (42 -> 30 tok/s at batch 1; its
+        # small in-cache products lost the speed they get from OpenMP threads that spin between
+        # regions), so run 1 had measured another transformers than runs 2-5.  transformers' batch-1
+        # speed before that call is printed, to show what the in-process ratios are measured against
+        for B in args.batch:
+            ids = rng.integers(3, cfg.vocabulary_size, (B, args.prompt))
+            for label, lm, nbytes in mine:
+                refopt_run(lm, ids, args.new)()
+            if hf is not None:
+                if B == args.batch[0] and ct2:
+                    alone = B * args.new / best(hf_run(hf, ids, args.new), args.repeats)
+                    print(f"transformers f32 at batch {B} before the first CTranslate2 call: {alone:.1f} tok/s",
+                          flush=True)
+                else:
+                    hf_run(hf, ids, args.new)()
+            for label, gen, inv in ct2:
+                ct2_run(gen, inv, ids, args.new)()
         decode, ratios, bounds, beside = {}, {}, {}, {}
         for run in range(args.runs):
             bw = stream_bandwidth(4 * cfg.parameter_count())
