@@ -619,6 +619,39 @@ def test_governor_follows_the_faster_thread_count():
     assert not g.probing("k", 2) and g.probing("k", 1) and not g.probing("never called", 2)
 
 
+def test_governor_returns_to_all_threads_soon_after_the_load_goes():
+    # greedy calls of 32 steps: a busy core makes one thread the faster count, and the comparisons
+    # that lose meanwhile must not push the next one minutes away -- at most Governor.SECONDS of
+    # calls (here 8 calls of 0.32 s; without the cap, 256 calls after a long busy spell)
+    from refopt.kernels.cpu._threads import Governor
+
+    g = Governor()
+    per_step = {1: 0.010, 2: 0.005}
+
+    def run(n_calls, steps=32):
+        used = []
+        for _ in range(n_calls):
+            n = g.threads("k", 2, 2)
+            g.record("k", n, per_step[n], per_step[n] * steps)
+            used.append(n)
+        return used
+
+    use = lambda: g._state["k"]["use"]            # noqa: E731
+    run(20)
+    assert use() == 2
+    per_step[2] = 0.030                            # a core busy: two threads 3x slower than one
+    assert run(400).count(2) < 60 and use() == 1   # a long busy spell, on one thread
+    per_step[2] = 0.005                            # the core is free again
+    run(Governor.FIRST + 2)
+    assert use() == 2
+    # calls that are short take the interval to its cap of 256 calls as before
+    g2, speed = Governor(), {1: 1e-4, 2: 5e-4}
+    for _ in range(2000):
+        n = g2.threads("k", 2, 1)
+        g2.record("k", n, speed[n], speed[n])
+    assert g2._state["k"]["interval"] == Governor.LAST
+
+
 def test_greedy_comparisons_run_one_step(monkeypatch):
     # a greedy call that the governor runs on the other thread count (a comparison) commits one
     # step, not ``steps``: a slow count costs one token's time, not eight

@@ -27,7 +27,8 @@ all with the default spin, 3.3 s with GOMP_SPINCOUNT=20000, 0.24 s with OMP_WAIT
 3. **Threads by measurement** -- :class:`Governor` times every decode step and compares, now and
    then, one step on the other thread count (one thread or all of them): the faster one is kept,
    so a step slowed by a busy core falls back to one thread, and goes back to all of them when
-   they are free again.  A comparison that loses makes the next one rarer.  One thread reads
+   they are free again.  A comparison that loses makes the next one rarer (up to 256 calls
+   apart, and no more than about two seconds of calls apart).  One thread reads
    memory almost as fast as two here (32 against 37 GB/s), so batch-1 decoding loses little on
    one thread; batches of 8 are compute-bound and gain from two.
 
@@ -112,13 +113,18 @@ class Governor:
     the first time); ``record(key, threads, seconds)`` reports how long it took.  The count in use
     is kept while it is the faster one: every ``interval`` calls one call runs on the other count
     (one thread, or ``most``), and when it beats the median of the last calls by 10% it becomes the
-    count in use.  A comparison that loses doubles the interval (from 8 calls up to 256), one that
-    wins resets it.  Three calls in a row that take over ``SLOWER`` times the recent median (a
-    core got busy) bring the comparison forward to the next call, against those three, so a
-    change of load is followed within a few calls, not after up to 256."""
+    count in use.  A comparison that loses doubles the interval (from 8 calls up to 256, and, when
+    ``record`` is told how long calls take, no further than ``SECONDS`` of calls on the count in
+    use), one that wins resets it.  Three calls in a row that take over ``SLOWER`` times the
+    recent median (a core got busy) bring the comparison forward to the next call, against those
+    three, so a change of load is followed within a few calls, not after up to 256.  The load
+    going away makes nothing slower, so only the comparisons find it: the time cap bounds how long
+    decoding stays on one thread after a busy core is free again (without it, 256 greedy calls of
+    32 steps: over a minute of a 125m int8 model decoding at half speed; session 23)."""
 
     FIRST, LAST = 8, 256
     SLOWER = 1.5
+    SECONDS = 2.0
 
     def __init__(self):
         self._state: dict = {}
@@ -136,7 +142,9 @@ class Governor:
             return self._other(st)
         return st["use"]
 
-    def record(self, key, threads: int, seconds: float) -> None:
+    def record(self, key, threads: int, seconds: float, call_seconds: float | None = None) -> None:
+        """Report a call of ``key`` on ``threads``: ``seconds`` per unit of work (what is compared)
+        and, optionally, ``call_seconds``, the whole call's (what caps the interval)."""
         st = self._state.get(key)
         if st is None:
             return
@@ -147,6 +155,8 @@ class Governor:
             slow = len(recent) >= 3 and seconds > self.SLOWER * sorted(recent)[len(recent) // 2]
             st["slow"] = st.get("slow", 0) + 1 if slow else 0
             st["recent"] = (recent + [seconds])[-5:]
+            if call_seconds is not None:
+                st["calls"] = (st.get("calls", []) + [call_seconds])[-5:]
             if st["slow"] >= 3:                      # the load changed: compare on the next call,
                 st["slow"], st["wait"] = 0, 0        # against the calls since the change
                 st["recent"] = st["recent"][-3:]
@@ -156,6 +166,10 @@ class Governor:
             st["use"], st["recent"], st["interval"] = threads, [seconds], self.FIRST
         else:
             st["interval"] = min(2 * st["interval"], self.LAST)
+            calls = st.get("calls")
+            if calls:                                # at most SECONDS of calls on the count in use
+                call = sorted(calls)[len(calls) // 2]
+                st["interval"] = min(st["interval"], max(self.FIRST, int(self.SECONDS / max(call, 1e-9))))
         st["wait"] = st["interval"]
 
     def probing(self, key, threads: int) -> bool:
@@ -175,7 +189,8 @@ class Governor:
         out = fn(n)
         count = 1 if units is None else units(out)
         if count > 0:
-            self.record(key, n, (time.perf_counter() - t0) / count)
+            took = time.perf_counter() - t0
+            self.record(key, n, took / count, took)
         return out
 
 
