@@ -124,6 +124,15 @@ def _widen(v):
 # of three paired rounds), float16 71.4-73.9 -> 103.8-105.2 (1.43x, two rounds).  So every stored
 # kind takes the tile (_STREAMED), and a batch-1 product of stored weights gets the tile's fixed
 # lane order: the same bits on any CPU, not LLVM's fastmath choice for the CPU at hand.
+# Where the hints bring the weights (session 23, the Intel Xeon, variants of the tile compiled side
+# by side in one process and alternated, 12 rounds, 141 MB int8 / 70 MB 2-byte rows from memory,
+# 768 and 3072 wide, the medians of the ratios): 2-byte weights hinted into L2 (prefetcht1) rather
+# than L1 (prefetcht0) 1.11x / 1.34x on two threads and 1.33x / 1.26x on one (11-12 of 12 rounds
+# each; the tile streamed them at 23-28 GB/s on two threads, 12-13 on one, against a read's 35 and
+# 19); int8 weights 1.02-1.05x at 768 wide but 0.90-0.91x at 3072 wide on two threads (every
+# round), so int8 keeps prefetcht0.  The distance (2-24 KB) mattered less (0.95-1.05x).  A 125m
+# generate, batch 1, 64 tokens, processes alternated: bfloat16 89.6-99.2 -> 104.3-108.2 tok/s (three
+# rounds, each faster), float16 105.6 -> 118.9 (one round).
 STREAM = 16           # inputs one step of the streaming tile takes (one vector of 16 lanes a row)
 ROWS = 4              # weight rows the tile takes side by side
 AHEAD = 6144          # bytes ahead of its reads (rounded up to whole blocks of ROWS rows) it hints
@@ -176,6 +185,7 @@ def _tile_of(R):
             rows = [builder.bitcast(builder.gep(base, [builder.mul(c(r), ws)]), elem.as_pointer())
                     for r in range(R)]
             block = builder.mul(ws, c(R))        # the bytes of R rows; hint whole blocks ahead
+            locality = 3 if size == 1 else 2     # int8: into L1 (prefetcht0); 2-byte kinds: L2
             ahead = builder.mul(builder.sdiv(builder.add(c(AHEAD - 1), block), block), block)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32v, [f32v] * 3),
                                                  "llvm.fma.v%df32" % STREAM)
@@ -189,7 +199,7 @@ def _tile_of(R):
             with cgutils.for_range_slice(builder, c(0), whole, c(STREAM), intp) as (k, _):
                 at = builder.gep(base, [builder.add(builder.mul(k, c(R * size)), ahead)])
                 for b in range(0, max(1, R * STREAM * size // 64) * 64, 64):   # a hint per 64 bytes
-                    builder.call(hint, [builder.gep(at, [c(b)]), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                    builder.call(hint, [builder.gep(at, [c(b)]), ir.Constant(i32, 0), ir.Constant(i32, locality),
                                         ir.Constant(i32, 1)])
                 xv = builder.load(builder.bitcast(builder.gep(xrow, [k]), f32v.as_pointer()), align=4)
                 for r in range(R):
