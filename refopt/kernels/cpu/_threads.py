@@ -164,6 +164,7 @@ class Governor:
         usual = sorted(st["recent"])[len(st["recent"]) // 2]
         if seconds < 0.9 * usual:                    # the other count is faster now: switch
             st["use"], st["recent"], st["interval"] = threads, [seconds], self.FIRST
+            st["calls"] = []                         # the old count's call times cap nothing now
         else:
             st["interval"] = min(2 * st["interval"], self.LAST)
             calls = st.get("calls")

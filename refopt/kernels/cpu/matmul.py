@@ -122,7 +122,7 @@ def _widen(v):
 # tokens, batch 1, two threads, processes alternated with separate Numba caches): bfloat16 76.3-80.3
 # -> 96.5-109.2 tok/s over 9 rounds (56-58% -> 70-78% of a read of the same bytes; 1.27x in each
 # of three paired rounds), float16 71.4-73.9 -> 103.8-105.2 (1.43x, two rounds).  So every stored
-# kind takes the tile (_STREAMED), and a batch-1 product of stored weights gets the tile's fixed
+# kind takes the tile (all of _WIDENED), and a batch-1 product of stored weights gets the tile's fixed
 # lane order: the same bits on any CPU, not LLVM's fastmath choice for the CPU at hand.
 # Where the hints bring the weights (session 23, the Intel Xeon, variants of the tile compiled side
 # by side in one process and alternated, 12 rounds, 141 MB int8 / 70 MB 2-byte rows from memory,
@@ -137,7 +137,6 @@ STREAM = 16           # inputs one step of the streaming tile takes (one vector 
 ROWS = 4              # weight rows the tile takes side by side
 AHEAD = 6144          # bytes ahead of its reads (rounded up to whole blocks of ROWS rows) it hints
 _WIDENED = (types.int8, types.uint16, types.int16)     # int8, bfloat16 bits, float16 bits
-_STREAMED = _WIDENED                                    # the kinds batch-1 rows stream through it
 
 
 def _widen_vector(builder, v, dtype):
@@ -239,7 +238,7 @@ _tile1 = _tile_of(1)
 def _streamed(x, w):
     # whether rows x against weights w (Numba types) take the streaming tile
     return (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"
-            and isinstance(w, types.Array) and w.dtype in _STREAMED and w.layout == "C")
+            and isinstance(w, types.Array) and w.dtype in _WIDENED and w.layout == "C")
 
 
 def _streams(x, w):
@@ -253,7 +252,7 @@ def _streams_impl(x, w):
 
 def dot_row(x, m, w, o):
     """``x[m] . widen(w[o])``: the streaming tile of one row where :func:`_streams`, else
-    :func:`dot_one` (typed for every kind; :func:`_dots` runs it for the tile's kinds alone)."""
+    :func:`dot_one` (typed for every kind; :func:`_dots` calls it only where the tile applies)."""
 
 
 @overload(dot_row, inline="always")
@@ -265,7 +264,7 @@ def _dot_row(x, m, w, o):
 
 def dot_rows(x, m, w, o):
     """``x[m] . widen(w[o + r])`` for r < 4: the streaming tile where :func:`_streams`, else
-    :func:`dot_four` (typed for every kind; :func:`_dots` runs it for the tile's kinds alone)."""
+    :func:`dot_four` (typed for every kind; :func:`_dots` calls it only where the tile applies)."""
 
 
 @overload(dot_rows, inline="always")
@@ -338,8 +337,9 @@ def _dots(x, w, o0, o1, raw):
     # wide), or rows over 4096 (+20% for float16 at 8192; at 16384, 1.6-2.3x for float16: the row
     # of x, 64 KB, no longer stays in L1 and dot_four reads it once for four weight rows) -- else
     # one output at a time (dot_one: faster for narrow weights at 768-4096 wide, measured before
-    # they took the tile: at 4096, 1.3x for float16; one thread, load 6-10).  Each kernel has one call site, and the outputs past the
-    # last whole pair (dot_block) or four (dot_four) fill the slots left with the last output:
+    # they took the tile: at 4096, 1.3x for float16; one thread, load 6-10).  Each kernel has one
+    # call site, and the outputs past the last whole pair (dot_block) or four (dot_four) fill the
+    # slots left with the last output:
     # an output's bits depend on the shapes and the kind alone, not on how threads or the decode
     # step's chunks cut the outputs into ranges (before session 22 they did, for the rows past a
     # multiple of four of float32 weights, and for ranges of odd length).
